@@ -1,0 +1,120 @@
+//! Disks: the small positional storage trait every layer above uses, and its
+//! backends.
+//!
+//! The trait is `&self` and positional so that one disk can serve many
+//! threads, and so that wrappers (fault injection, crash images) are a page
+//! each. Backends:
+//!
+//! - [`file::FileDisk`]: regular files and block devices (loop devices too).
+//! - [`memory::MemDisk`]: a byte vector, for unit tests.
+//! - [`faulty::FaultyDisk`]: wraps another disk and fails on cue; disks that
+//!   share a [`faulty::Controller`] fail together.
+//! - [`cursor::DiskCursor`]: `Read + Write + Seek` over a disk, for crates
+//!   (gptman, mbrman) that want a stream.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+pub mod cursor;
+pub mod faulty;
+pub mod file;
+pub mod memory;
+
+pub use cursor::DiskCursor;
+pub use faulty::{Controller, FaultyDisk};
+pub use file::{FileDisk, OpenOptions};
+pub use memory::MemDisk;
+
+/// What a disk can tell about itself; every field is a hint and may be absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskIdentity {
+    /// The I/O path the disk sits behind (for block devices, from sysfs; for
+    /// files, the device of the filesystem that holds them).
+    pub controller: Option<String>,
+    /// True for spinning disks.
+    pub rotational: Option<bool>,
+    /// Vendor and model, for the "same size and model" advice of the seed.
+    pub model: Option<String>,
+}
+
+/// A disk: a fixed-size array of bytes addressed by offset.
+///
+/// Reads and writes must cover the whole buffer or fail; short transfers are
+/// retried inside the backend. Offsets and lengths handed down by the layers
+/// above are multiples of [`Disk::sector_size`].
+pub trait Disk: Send + Sync + fmt::Debug {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+
+    /// Logical sector size in bytes (512 or 4096).
+    fn sector_size(&self) -> u32 {
+        512
+    }
+
+    /// Fills `buf` from `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Makes the range read back as zeroes, the cheap way where the backend
+    /// can (punching holes in files, BLKZEROOUT on devices).
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Tells the disk the range is unused. Contents afterwards are unspecified.
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// Identity hints: controller, rotational, model.
+    fn identity(&self) -> DiskIdentity {
+        DiskIdentity::default()
+    }
+}
+
+impl<D: Disk + ?Sized> Disk for Arc<D> {
+    fn size(&self) -> u64 {
+        (**self).size()
+    }
+    fn sector_size(&self) -> u32 {
+        (**self).sector_size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).write_zeroes(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn identity(&self) -> DiskIdentity {
+        (**self).identity()
+    }
+}
+
+/// The error a backend returns for an access past the end of the disk.
+pub fn out_of_range(offset: u64, len: usize, size: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("access of {len} bytes at offset {offset} is past the end of the disk ({size} bytes)"),
+    )
+}
+
+/// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.
+pub fn check_range(offset: u64, len: usize, size: u64) -> io::Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(out_of_range(offset, len, size)),
+    }
+}

@@ -1,0 +1,120 @@
+//! The group config: what disks the group has, and where each volume's plexes
+//! live. It is stored as JSON text in the config slots of every disk, as LVM
+//! stores its metadata as text: an admin can read it with `examine`.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::Style;
+
+/// The whole group config. Every change raises `seqno` and is written to all
+/// online disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupConfig {
+    pub name: String,
+    pub uuid: Uuid,
+    pub seqno: u64,
+    pub disks: Vec<DiskEntry>,
+    pub volumes: Vec<VolumeEntry>,
+}
+
+/// A disk's state as recorded in the config. `online-errors` and `offline`
+/// are runtime states and are never stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskState {
+    Online,
+    /// Marked failed by `fail` or by the I/O engine; `reactivate` brings it back.
+    Failed,
+    /// Absent when a config change was written; it has missed that change.
+    Missing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskEntry {
+    pub uuid: Uuid,
+    /// Where the disk was last seen; assembly finds disks by label, not path.
+    pub path: String,
+    pub controller: String,
+    pub style: Style,
+    /// Size of the whole disk in bytes.
+    pub size: u64,
+    /// Size of the data area in bytes (whole MiB); plexes are carved from it.
+    pub data_size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    pub state: DiskState,
+    /// The config seqno at which `state` last changed. A disk that is missing
+    /// or failed since seqno `m` and comes back with a config of its own at
+    /// seqno `m` or later has moved on without the group: split brain.
+    #[serde(default)]
+    pub state_seqno: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlexState {
+    /// Holds every write the volume acknowledged.
+    InSync,
+    /// Missed writes; must be resynced before it serves reads.
+    Stale,
+    /// Being copied onto; holds valid data only below the resync position.
+    Resyncing,
+    /// Failed an I/O; holds nothing trustworthy until repaired or reactivated.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeEntry {
+    pub name: String,
+    pub uuid: Uuid,
+    /// Size in bytes the users see.
+    pub size: u64,
+    pub plexes: Vec<PlexEntry>,
+}
+
+impl VolumeEntry {
+    /// A volume with more than one plex is a mirror.
+    pub fn is_mirror(&self) -> bool {
+        self.plexes.len() > 1
+    }
+}
+
+/// One complete copy of a volume: a contiguous extent of one disk's data area.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlexEntry {
+    pub disk: Uuid,
+    /// Offset of the extent from the start of the disk's data area (whole MiB).
+    pub offset: u64,
+    /// Length of the extent (whole MiB, at least the volume's size).
+    pub length: u64,
+    pub state: PlexState,
+}
+
+impl GroupConfig {
+    pub fn to_text(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("config serializes");
+        s.push('\n');
+        s
+    }
+
+    pub fn from_text(text: &[u8]) -> Result<GroupConfig, serde_json::Error> {
+        serde_json::from_slice(text)
+    }
+
+    pub fn disk(&self, uuid: Uuid) -> Option<&DiskEntry> {
+        self.disks.iter().find(|d| d.uuid == uuid)
+    }
+
+    pub fn disk_mut(&mut self, uuid: Uuid) -> Option<&mut DiskEntry> {
+        self.disks.iter_mut().find(|d| d.uuid == uuid)
+    }
+
+    pub fn volume(&self, name: &str) -> Option<&VolumeEntry> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+
+    pub fn volume_mut(&mut self, name: &str) -> Option<&mut VolumeEntry> {
+        self.volumes.iter_mut().find(|v| v.name == name)
+    }
+}

@@ -1,0 +1,22 @@
+//! mirrorvol: mirrored volumes (RAID-1) in user space.
+//!
+//! The layers, from the bottom up (each depends only on those below it):
+//!
+//! - [`disk`]: the [`disk::Disk`] trait and its backends (files, block devices,
+//!   memory, fault injection).
+//! - [`format`]: partition tables, labels, config slots: encode and decode.
+//! - [`volume`]: the mirror I/O engine: fan-out writes, reads with fallback, copy.
+//! - [`group`]: the group config, extent allocation and the operations on it.
+//! - [`cli`]: argument parsing, text and JSON output, progress bars, the demo.
+
+pub mod cli;
+pub mod disk;
+pub mod error;
+pub mod format;
+pub mod group;
+pub mod volume;
+
+pub use error::{Error, Result};
+
+/// One mebibyte: plexes and data areas are allocated in whole MiB.
+pub const MIB: u64 = 1024 * 1024;
