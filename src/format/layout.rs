@@ -126,7 +126,7 @@ mod tests {
             let l = Layout::for_member(MIB, mib * MIB + 12345).unwrap();
             assert_eq!(l.data_offset() % MIB, 0);
             assert_eq!(l.data_size % MIB, 0);
-            assert!(l.checksum_size * 1024 / 4 >= l.data_size);
+            assert!(l.checksum_size * (CHECKSUM_BLOCK / 4) >= l.data_size);
             assert!(l.checksum_offset() + l.checksum_size + TAIL_SIZE <= l.end());
             // No MiB is wasted beyond what the checksum area needs.
             assert!(l.checksum_offset() + l.checksum_size + TAIL_SIZE + 2 * MIB > l.end());
