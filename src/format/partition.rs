@@ -32,7 +32,9 @@ impl FromStr for Style {
             "gpt" => Ok(Style::Gpt),
             "mbr" => Ok(Style::Mbr),
             "raw" => Ok(Style::Raw),
-            _ => Err(format!("unknown partition style {s:?}: use gpt, mbr or raw")),
+            _ => Err(format!(
+                "unknown partition style {s:?}: use gpt, mbr or raw"
+            )),
         }
     }
 }
