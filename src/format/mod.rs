@@ -20,3 +20,6 @@ pub use partition::Style;
 /// The format version written by this build. Every format change bumps it,
 /// and `tests/data` keeps an image of each released version.
 pub const FORMAT_VERSION: u32 = 1;
+
+#[cfg(test)]
+mod test_tools;
