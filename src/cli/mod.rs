@@ -1,1 +1,427 @@
-pub fn main() -> i32 { 0 }
+//! The command line (DESIGN.md §6): argument parsing, text and JSON output,
+//! progress bars. Every error leaves as one sentence on stderr with the exit
+//! status of its kind.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::format::Style;
+use crate::group::ops::{self, Endpoint, InitOptions, human};
+use crate::group::{DiskSet, Group, Lookup, Progress};
+use crate::{Error, Result};
+
+pub mod demo;
+pub mod examine;
+pub mod show;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mirrorvol",
+    version,
+    about = "Mirrored volumes (RAID-1) in user space",
+    long_about = "Mirrored volumes (RAID-1) in user space: disks are image files or block devices, \
+                  grouped and labelled by `init`; volumes are simple or mirrored across disks."
+)]
+pub struct Cli {
+    /// The group's disks: paths, comma-separated; a directory stands for every
+    /// file and block device directly inside it.
+    #[arg(long, env = "MIRRORVOL_DISKS", value_delimiter = ',', global = true)]
+    pub disks: Vec<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Label disks for a new group, or add them to the group of --disks.
+    Init {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Partition style: gpt, mbr or raw.
+        #[arg(long, default_value = "gpt")]
+        style: Style,
+        /// The controller (I/O path) the disks sit behind; detected when absent.
+        #[arg(long)]
+        controller: Option<String>,
+        /// The name of a new group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Overwrite a partition table, filesystem or label already there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create a simple or mirrored volume.
+    Create {
+        name: String,
+        /// Size in bytes, or with a K, M, G or T suffix (powers of 1024).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Make a mirrored volume.
+        #[arg(long)]
+        mirror: bool,
+        /// Number of copies of a mirror (default 2).
+        #[arg(long, requires = "mirror")]
+        copies: Option<usize>,
+        /// Put a plex on this disk (repeat for each plex).
+        #[arg(long = "disk", id = "disk")]
+        disk: Vec<PathBuf>,
+    },
+    /// Add a plex to a volume and copy the volume onto it.
+    AddMirror {
+        name: String,
+        #[arg(long)]
+        disk: Option<PathBuf>,
+    },
+    /// Remove the plex on a disk from a mirror and free its space.
+    RemoveMirror {
+        name: String,
+        #[arg(long)]
+        disk: PathBuf,
+    },
+    /// Split the plex on a disk off into a simple volume of its own.
+    Break {
+        name: String,
+        #[arg(long)]
+        disk: PathBuf,
+        /// Name of the split-off volume (default NAME-broken).
+        #[arg(long)]
+        new_name: Option<String>,
+        /// Free the split-off plex instead of keeping it as a volume.
+        #[arg(long)]
+        nokeep: bool,
+    },
+    /// Replace failed or missing plexes with new space; resync stale ones.
+    Repair {
+        name: String,
+        #[arg(long)]
+        disk: Option<PathBuf>,
+    },
+    /// Bring a returned or failed disk back; its stale plexes resync.
+    Reactivate { path: PathBuf },
+    /// Grow a simple volume into the free space that follows it.
+    Extend {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume and free its space.
+    Delete { name: String },
+    /// Mark a disk failed (maintenance, tests).
+    Fail {
+        path: PathBuf,
+        /// Fail it even if it holds a volume's last in-sync plex.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Copy between a file or device and a volume (vol:NAME).
+    Copy { src: String, dst: String },
+    /// Show the group, its disks and volumes.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the label and config on one disk.
+    Examine {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A self-contained tour on image files in a temporary directory.
+    Demo {
+        /// Work in this directory instead of a new temporary one (kept).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// Parses a size: bytes, or a number with a K, M, G or T suffix (powers of
+/// 1024; "KiB" and "k" are accepted too).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?} is not a number with an optional K, M, G or T suffix"))?;
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        _ => {
+            return Err(format!(
+                "size {s:?} has an unknown suffix: use K, M, G or T"
+            ));
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// A progress bar on stderr when it is a terminal, nothing otherwise.
+struct Bar(Mutex<Option<ProgressBar>>);
+
+impl Bar {
+    fn new() -> Bar {
+        Bar(Mutex::new(None))
+    }
+}
+
+impl Progress for Bar {
+    fn start(&self, what: &str, total: u64) {
+        let target = if std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let bar = ProgressBar::with_draw_target(Some(total), target);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("template is valid")
+            .progress_chars("=> "),
+        );
+        bar.set_message(what.to_string());
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(bar);
+    }
+
+    fn set(&self, done: u64) {
+        if let Some(bar) = &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
+            bar.set_position(done);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The entry point of the binary: parses the process arguments, runs, and
+/// returns the exit status.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    run(cli)
+}
+
+/// Runs one parsed command, reporting errors on stderr.
+pub fn run(cli: Cli) -> i32 {
+    match execute(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn warn(lines: &[String]) {
+    for w in lines {
+        eprintln!("warning: {w}");
+    }
+}
+
+/// Assembles the group of `--disks`, or refuses when none was given.
+fn assemble(disks: &[PathBuf]) -> Result<Group> {
+    if disks.is_empty() {
+        return Err(Error::refused(
+            "no disks given: name the group's disks with --disks or MIRRORVOL_DISKS",
+        ));
+    }
+    let set = DiskSet::expand(disks)?;
+    let mut group = Group::assemble(&set, Lookup::Required)?.expect("required");
+    flush_warnings(&mut group);
+    Ok(group)
+}
+
+/// Prints the warnings an operation added to the group.
+fn flush_warnings(group: &mut Group) {
+    warn(&group.warnings.split_off(0));
+}
+
+fn execute(cli: Cli) -> Result<()> {
+    let bar = Bar::new();
+    match cli.command {
+        Command::Init {
+            paths,
+            style,
+            controller,
+            group,
+            force,
+        } => {
+            let existing = if cli.disks.is_empty() {
+                None
+            } else {
+                let set = DiskSet::expand(&cli.disks)?;
+                let mut g = Group::assemble(&set, Lookup::Optional)?;
+                if let Some(g) = &mut g {
+                    flush_warnings(g);
+                }
+                g
+            };
+            let opts = InitOptions {
+                style,
+                controller,
+                group,
+                force,
+            };
+            let joined = existing.is_some();
+            let g = ops::init(existing, &paths, &opts)?;
+            let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            println!(
+                "initialized {} as {style} disk{} of {} group {}",
+                names.join(", "),
+                if names.len() > 1 { "s" } else { "" },
+                if joined { "existing" } else { "new" },
+                g.config.name
+            );
+        }
+        Command::Create {
+            name,
+            size,
+            mirror,
+            copies,
+            disk,
+        } => {
+            let mut g = assemble(&cli.disks)?;
+            let copies = if mirror { copies.unwrap_or(2) } else { 1 };
+            if mirror && copies < 2 {
+                return Err(Error::refused(format!(
+                    "mirror {name} needs at least 2 copies, not {copies}"
+                )));
+            }
+            let warnings = g.create(&name, size, copies, &disk)?;
+            let v = g.volume(&name)?;
+            let on: Vec<String> = v.plexes.iter().map(|p| g.disk_path(p.disk)).collect();
+            println!(
+                "created {} volume {name} ({}) on {}",
+                if mirror { "mirrored" } else { "simple" },
+                human(size),
+                on.join(", ")
+            );
+            warn(&warnings);
+        }
+        Command::AddMirror { name, disk } => {
+            let mut g = assemble(&cli.disks)?;
+            let warnings = g.add_mirror(&name, disk.as_deref(), &bar)?;
+            flush_warnings(&mut g);
+            println!("added a mirror to volume {name}; it is in sync");
+            warn(&warnings);
+        }
+        Command::RemoveMirror { name, disk } => {
+            let mut g = assemble(&cli.disks)?;
+            g.remove_mirror(&name, &disk)?;
+            println!("removed the plex on {} from volume {name}", disk.display());
+        }
+        Command::Break {
+            name,
+            disk,
+            new_name,
+            nokeep,
+        } => {
+            let mut g = assemble(&cli.disks)?;
+            match g.break_mirror(&name, &disk, new_name.as_deref(), nokeep)? {
+                Some(n) => println!(
+                    "broke volume {name}: the plex on {} is now volume {n}",
+                    disk.display()
+                ),
+                None => println!(
+                    "broke volume {name}: the plex on {} was freed",
+                    disk.display()
+                ),
+            }
+        }
+        Command::Repair { name, disk } => {
+            let mut g = assemble(&cli.disks)?;
+            let warnings = g.repair(&name, disk.as_deref(), &bar)?;
+            flush_warnings(&mut g);
+            println!(
+                "repaired volume {name}: {}",
+                g.volume_state(g.volume(&name)?)
+            );
+            warn(&warnings);
+        }
+        Command::Reactivate { path } => {
+            let mut g = assemble(&cli.disks)?;
+            let notes = g.reactivate(&path, &bar)?;
+            flush_warnings(&mut g);
+            println!("reactivated disk {}", path.display());
+            warn(&notes);
+        }
+        Command::Extend { name, size } => {
+            let mut g = assemble(&cli.disks)?;
+            g.extend(&name, size)?;
+            println!("extended volume {name} to {}", human(size));
+        }
+        Command::Delete { name } => {
+            let mut g = assemble(&cli.disks)?;
+            g.delete(&name)?;
+            println!("deleted volume {name}");
+        }
+        Command::Fail { path, force } => {
+            let mut g = assemble(&cli.disks)?;
+            g.fail(&path, force)?;
+            flush_warnings(&mut g);
+            println!("marked disk {} failed", path.display());
+        }
+        Command::Copy { src, dst } => {
+            let mut g = assemble(&cli.disks)?;
+            let n = g.copy(&Endpoint::parse(&src), &Endpoint::parse(&dst), &bar)?;
+            flush_warnings(&mut g);
+            println!("copied {} from {src} to {dst}", human(n));
+        }
+        Command::Status { json } => {
+            let g = assemble(&cli.disks)?;
+            let report = g.status();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("status serializes")
+                );
+            } else {
+                print!("{}", show::status_text(&report));
+            }
+        }
+        Command::Examine { path, json } => examine::examine(&path, json)?,
+        Command::Demo { dir } => demo::demo(dir)?,
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("3KiB"), Ok(3 << 10));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-5M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

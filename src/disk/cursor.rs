@@ -46,7 +46,10 @@ impl Seek for DiskCursor<'_> {
             SeekFrom::Current(d) => self.pos.checked_add_signed(d),
         };
         self.pos = target.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "seek before the start of the disk")
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start of the disk",
+            )
         })?;
         Ok(self.pos)
     }

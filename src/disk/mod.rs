@@ -22,7 +22,7 @@ pub mod file;
 pub mod memory;
 
 pub use cursor::DiskCursor;
-pub use faulty::{Controller, FaultyDisk};
+pub use faulty::{Controller, FaultyDisk, Op};
 pub use file::{FileDisk, OpenOptions};
 pub use memory::MemDisk;
 
@@ -107,7 +107,9 @@ impl<D: Disk + ?Sized> Disk for Arc<D> {
 pub fn out_of_range(offset: u64, len: usize, size: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
-        format!("access of {len} bytes at offset {offset} is past the end of the disk ({size} bytes)"),
+        format!(
+            "access of {len} bytes at offset {offset} is past the end of the disk ({size} bytes)"
+        ),
     )
 }
 

@@ -223,6 +223,8 @@ pub struct SlotRead {
     pub newest: Option<(usize, ConfigSlot)>,
     /// Which slots hold a valid config of this label's group.
     pub valid: [bool; 2],
+    /// Which slots were never written (all zero): not valid, yet not damaged.
+    pub empty: [bool; 2],
 }
 
 /// Reads both config slots. A slot is valid when it decodes and belongs to
@@ -231,12 +233,18 @@ pub fn read_config(disk: &dyn Disk, label: &Label) -> Result<SlotRead, FormatErr
     let mut read_slots = SlotRead {
         newest: None,
         valid: [false; 2],
+        empty: [false; 2],
     };
     for i in 0..2 {
         let at = label.layout.config_slot_offset(i);
         let buf = read(disk, "read a config slot", at, CONFIG_SLOT_SIZE)?;
-        let Ok(slot) = ConfigSlot::decode(&buf) else {
-            continue;
+        let slot = match ConfigSlot::decode(&buf) {
+            Ok(slot) => slot,
+            Err(SlotError::Empty) => {
+                read_slots.empty[i] = true;
+                continue;
+            }
+            Err(_) => continue,
         };
         if slot.group_uuid != label.group_uuid {
             continue;

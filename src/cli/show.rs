@@ -1,0 +1,108 @@
+//! The text view of `status`: Windows' words for states, one table for the
+//! disks and one for the volumes.
+
+use crate::group::ops::human;
+use crate::group::status::StatusReport;
+
+/// Windows' capitalised words for the JSON states.
+fn word(state: &str) -> &str {
+    match state {
+        "healthy" => "Healthy",
+        "resynching" => "Resynching",
+        "failed-redundancy" => "Failed Redundancy",
+        "failed-redundancy-at-risk" => "Failed Redundancy (At Risk)",
+        "failed" => "Failed",
+        "online" => "Online",
+        "online-errors" => "Online (Errors)",
+        "missing" => "Missing",
+        "offline" => "Offline",
+        other => other,
+    }
+}
+
+/// Lays out rows as left-aligned columns.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map(|s| s.chars().count()).unwrap_or(0))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn status_text(r: &StatusReport) -> String {
+    let mut out = format!(
+        "Group {} ({}), config {}\n\n",
+        r.group.name, r.group.uuid, r.group.seqno
+    );
+    let mut disks = vec![vec![
+        "DISK".to_string(),
+        "STATE".into(),
+        "CONTROLLER".into(),
+        "STYLE".into(),
+        "SIZE".into(),
+        "FREE".into(),
+    ]];
+    for d in &r.disks {
+        disks.push(vec![
+            d.path.clone(),
+            word(d.state).to_string(),
+            d.controller.clone(),
+            d.style.clone(),
+            human(d.size),
+            human(d.free),
+        ]);
+    }
+    out.push_str(&table(&disks));
+    if r.volumes.is_empty() {
+        out.push_str("\nNo volumes.\n");
+        return out;
+    }
+    let mut vols = vec![vec![
+        "VOLUME".to_string(),
+        "LAYOUT".into(),
+        "SIZE".into(),
+        "STATE".into(),
+        "DUPLEXED".into(),
+        "PLEXES".into(),
+    ]];
+    for v in &r.volumes {
+        let plexes: Vec<String> = v
+            .plexes
+            .iter()
+            .map(|p| match (p.state, p.resync_percent) {
+                ("resyncing", Some(pct)) => format!("{} (resyncing {pct:.0}%)", p.disk),
+                (state, _) => format!("{} ({state})", p.disk),
+            })
+            .collect();
+        vols.push(vec![
+            v.name.clone(),
+            v.layout.to_string(),
+            human(v.size),
+            word(v.state).to_string(),
+            if v.layout == "mirror" {
+                if v.duplexed { "yes" } else { "no" }.to_string()
+            } else {
+                "-".to_string()
+            },
+            plexes.join(", "),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&table(&vols));
+    out
+}

@@ -1,0 +1,1155 @@
+//! The operations on a group (DESIGN.md §6). Each one checks everything it
+//! can before it changes anything, so a refusal leaves every disk as it was;
+//! then it changes the config in memory, writes data where it must, and
+//! commits.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use super::alloc::{extent_len, first_fit, free_after, largest_free};
+use super::{Group, Progress, open_disk};
+use crate::disk::{Disk, FileDisk, OpenOptions};
+use crate::format::layout::Layout;
+use crate::format::ondisk;
+use crate::format::{DiskEntry, DiskState, GroupConfig, PlexEntry, PlexState, Style, VolumeEntry};
+use crate::volume::{COPY_CHUNK, IoReport, PlexIo, Volume, copy_to_plex};
+use crate::{Error, Result};
+
+/// The name a new group gets when `init` is not given `--group`.
+pub const DEFAULT_GROUP_NAME: &str = "mirrorvol";
+
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    pub style: Style,
+    pub controller: Option<String>,
+    pub group: Option<String>,
+    pub force: bool,
+}
+
+/// Formats `paths` as disks of `existing`, or of a new group when there is
+/// none. Returns the group after the change.
+pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> Result<Group> {
+    if paths.is_empty() {
+        return Err(Error::refused("init needs at least one disk path"));
+    }
+    if let Some(name) = &opts.group {
+        check_name("group", name)?;
+    }
+    if let (Some(g), Some(name)) = (&existing, &opts.group)
+        && g.config.name != *name
+    {
+        return Err(Error::refused(format!(
+            "the disks given with --disks belong to group {}, not {name}",
+            g.config.name
+        )));
+    }
+    let mut canon = Vec::new();
+    let mut disks = Vec::new();
+    for path in paths {
+        let c = fs::canonicalize(path).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::refused(format!("disk {} does not exist", path.display()))
+            } else {
+                Error::io_path("open", path, e)
+            }
+        })?;
+        if canon.contains(&c) {
+            return Err(Error::refused(format!(
+                "disk {} is named twice",
+                path.display()
+            )));
+        }
+        canon.push(c);
+        if let Some(g) = &existing
+            && g.resolve_disk(path).is_ok()
+        {
+            return Err(Error::refused(format!(
+                "{} is already a disk of group {}",
+                path.display(),
+                g.config.name
+            )));
+        }
+        let disk = open_disk(path)?;
+        check_room(path, &*disk, opts.style)?;
+        if !opts.force {
+            if let Ok(Some(read)) = ondisk::read_label(&*disk) {
+                return Err(Error::refused(format!(
+                    "{} is already a mirrorvol disk of group {}; use --force to re-initialize it",
+                    path.display(),
+                    read.label.group_uuid
+                )));
+            }
+            if let Some(what) =
+                crate::format::probe::probe(&*disk).map_err(|e| Error::io_path("read", path, e))?
+            {
+                return Err(Error::refused(format!(
+                    "{} holds {what}; use --force to overwrite it",
+                    path.display()
+                )));
+            }
+        }
+        disks.push((path.clone(), disk));
+    }
+
+    let mut group = match existing {
+        Some(g) => g,
+        None => Group {
+            config: GroupConfig {
+                name: opts
+                    .group
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_GROUP_NAME.to_string()),
+                uuid: Uuid::new_v4(),
+                seqno: 0,
+                disks: Vec::new(),
+                volumes: Vec::new(),
+            },
+            members: Default::default(),
+            warnings: Vec::new(),
+        },
+    };
+    for (path, disk) in disks {
+        let uuid = Uuid::new_v4();
+        let label = ondisk::format_disk(&*disk, opts.style, uuid, group.config.uuid)
+            .map_err(|e| Error::failed(format!("formatting {} failed: {e}", path.display())))?;
+        let identity = disk.identity();
+        group.config.disks.push(DiskEntry {
+            uuid,
+            path: path.display().to_string(),
+            controller: opts
+                .controller
+                .clone()
+                .or(identity.controller)
+                .unwrap_or_else(|| "default".to_string()),
+            style: opts.style,
+            size: disk.size(),
+            data_size: label.layout.data_size,
+            model: identity.model,
+            state: DiskState::Online,
+            state_seqno: group.config.seqno + 1,
+        });
+        group.members.insert(
+            uuid,
+            super::Member {
+                path,
+                disk,
+                label,
+                seqno: 0,
+                damaged: Vec::new(),
+            },
+        );
+    }
+    group.commit()?;
+    Ok(group)
+}
+
+/// Refuses a disk too small for the style, or too large for MBR, before
+/// anything is written.
+fn check_room(path: &Path, disk: &dyn Disk, style: Style) -> Result<()> {
+    use crate::format::partition::{PartitionError, member_for};
+    let too_small = |min: u64| {
+        Error::refused(format!(
+            "{} is too small for a mirrorvol disk: it has {} and style {style} needs at least {}",
+            path.display(),
+            human(disk.size()),
+            human(min)
+        ))
+    };
+    match member_for(disk.size(), disk.sector_size(), style) {
+        Ok((offset, size)) => match Layout::for_member(offset, size) {
+            Some(_) => Ok(()),
+            None => Err(too_small(
+                disk.size() - size + crate::format::partition::MIN_MEMBER_SIZE,
+            )),
+        },
+        Err(PartitionError::TooSmall { min, .. }) => Err(too_small(min)),
+        Err(PartitionError::TooLargeForMbr { .. }) => Err(Error::refused(format!(
+            "{} is larger than 2 TiB, which an MBR partition table cannot address; use --style gpt",
+            path.display()
+        ))),
+        Err(e) => Err(Error::refused(format!(
+            "{} cannot hold a mirrorvol disk: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Checks a volume or group name: it is also an NBD export name and a word in
+/// the config, so it is kept to letters, digits, `.`, `_` and `-`.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::refused(format!(
+            "{what} name {name:?} is not valid: use 1 to 64 letters, digits, '.', '_' or '-', not starting with '-'"
+        )))
+    }
+}
+
+/// Checks a volume size: positive and a whole number of sectors.
+pub fn check_size(name: &str, size: u64) -> Result<()> {
+    if size == 0 {
+        return Err(Error::refused(format!(
+            "the size of volume {name} must be larger than zero"
+        )));
+    }
+    if !size.is_multiple_of(512) {
+        return Err(Error::refused(format!(
+            "the size of volume {name} ({size} bytes) is not a whole number of 512-byte sectors"
+        )));
+    }
+    Ok(())
+}
+
+/// Renders a byte count for messages: "64 MiB", "1.5 GiB", "4096 bytes".
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+impl Group {
+    fn controller(&self, disk: Uuid) -> &str {
+        self.config
+            .disk(disk)
+            .map(|d| d.controller.as_str())
+            .unwrap_or("")
+    }
+
+    /// Refuses a disk that cannot take new plexes.
+    fn require_online(&self, disk: Uuid) -> Result<()> {
+        match self.disk_state(disk) {
+            "online" => Ok(()),
+            state => Err(Error::refused(format!(
+                "disk {} is {state} and cannot take a plex",
+                self.disk_path(disk)
+            ))),
+        }
+    }
+
+    /// Picks `count` disks with a free extent of `len` bytes for a volume,
+    /// after the ones the user named: distinct disks, and distinct
+    /// controllers where possible (duplexing), then the most free space.
+    fn choose_disks(
+        &self,
+        volume: &str,
+        count: usize,
+        len: u64,
+        named: &[PathBuf],
+        exclude: &[Uuid],
+    ) -> Result<Vec<(Uuid, u64)>> {
+        let mut chosen: Vec<(Uuid, u64)> = Vec::new();
+        if named.len() > count {
+            return Err(Error::refused(format!(
+                "{} disks were named for volume {volume}, which needs {count}",
+                named.len()
+            )));
+        }
+        for path in named {
+            let uuid = self.resolve_disk(path)?;
+            if chosen.iter().any(|(u, _)| *u == uuid) {
+                return Err(Error::refused(format!(
+                    "disk {} is named twice",
+                    path.display()
+                )));
+            }
+            if exclude.contains(&uuid) {
+                return Err(Error::refused(format!(
+                    "volume {volume} already has a plex on disk {}",
+                    path.display()
+                )));
+            }
+            self.require_online(uuid)?;
+            let Some(offset) = first_fit(&self.config, uuid, len) else {
+                return Err(Error::refused(format!(
+                    "disk {} has no free extent of {} for volume {volume} (largest free extent: {})",
+                    path.display(),
+                    human(len),
+                    human(largest_free(&self.config, uuid))
+                )));
+            };
+            chosen.push((uuid, offset));
+        }
+        let mut candidates: Vec<Uuid> = self
+            .config
+            .disks
+            .iter()
+            .map(|d| d.uuid)
+            .filter(|u| self.is_online(*u) && !exclude.contains(u))
+            .filter(|u| !chosen.iter().any(|(c, _)| c == u))
+            .filter(|u| first_fit(&self.config, *u, len).is_some())
+            .collect();
+        while chosen.len() < count {
+            let used: Vec<&str> = exclude
+                .iter()
+                .chain(chosen.iter().map(|(u, _)| u))
+                .map(|u| self.controller(*u))
+                .collect();
+            candidates.sort_by_key(|u| {
+                (
+                    used.contains(&self.controller(*u)),
+                    std::cmp::Reverse(largest_free(&self.config, *u)),
+                )
+            });
+            if candidates.is_empty() {
+                return Err(Error::refused(format!(
+                    "volume {volume} needs {count} disks with a free extent of {}, but group {} has only {} such disks",
+                    human(len),
+                    self.config.name,
+                    chosen.len()
+                        + self
+                            .config
+                            .disks
+                            .iter()
+                            .filter(|d| self.is_online(d.uuid)
+                                && !exclude.contains(&d.uuid)
+                                && first_fit(&self.config, d.uuid, len).is_some())
+                            .count()
+                        - chosen.len()
+                )));
+            }
+            let uuid = candidates.remove(0);
+            let offset = first_fit(&self.config, uuid, len).expect("filtered on free space");
+            chosen.push((uuid, offset));
+        }
+        Ok(chosen)
+    }
+
+    /// The warnings the seed's advice calls for on a mirror's disks.
+    pub fn mirror_warnings(&self, name: &str) -> Vec<String> {
+        let Some(v) = self.config.volume(name) else {
+            return Vec::new();
+        };
+        if v.plexes.len() < 2 {
+            return Vec::new();
+        }
+        let mut warnings = Vec::new();
+        let mut controllers: Vec<&str> = v.plexes.iter().map(|p| self.controller(p.disk)).collect();
+        controllers.sort();
+        controllers.dedup();
+        if controllers.len() < v.plexes.len() {
+            warnings.push(format!(
+                "mirror {name} is not duplexed: some of its plexes share a controller ({}), so a failure of that controller makes those copies inaccessible at once",
+                controllers.join(", ")
+            ));
+        }
+        let disks: Vec<&DiskEntry> = v
+            .plexes
+            .iter()
+            .filter_map(|p| self.config.disk(p.disk))
+            .collect();
+        let sizes_differ = disks.iter().any(|d| d.size != disks[0].size);
+        let models_differ = disks.iter().any(|d| d.model != disks[0].model);
+        if sizes_differ || models_differ {
+            let list: Vec<String> = disks
+                .iter()
+                .map(|d| {
+                    format!(
+                        "{}: {}{}",
+                        d.path,
+                        human(d.size),
+                        d.model
+                            .as_deref()
+                            .map(|m| format!(", {m}"))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect();
+            warnings.push(format!(
+                "the disks of mirror {name} differ in {} ({}); identical disks are best for a mirror",
+                if sizes_differ { "size" } else { "model" },
+                list.join("; ")
+            ));
+        }
+        warnings
+    }
+
+    /// Creates a volume: simple (`copies` = 1) or a mirror. Its plexes are
+    /// zeroed the cheap way, so a new mirror starts in sync without a copy.
+    pub fn create(
+        &mut self,
+        name: &str,
+        size: u64,
+        copies: usize,
+        disks: &[PathBuf],
+    ) -> Result<Vec<String>> {
+        check_name("volume", name)?;
+        check_size(name, size)?;
+        if self.config.volume(name).is_some() {
+            return Err(Error::refused(format!(
+                "volume {name} already exists in group {}",
+                self.config.name
+            )));
+        }
+        if copies == 0 {
+            return Err(Error::refused(format!(
+                "volume {name} needs at least one copy"
+            )));
+        }
+        let len = extent_len(size);
+        let chosen = self.choose_disks(name, copies, len, disks, &[])?;
+        for (disk, offset) in &chosen {
+            self.zero_extent(*disk, *offset, len)?;
+        }
+        self.config.volumes.push(VolumeEntry {
+            name: name.to_string(),
+            uuid: Uuid::new_v4(),
+            size,
+            plexes: chosen
+                .iter()
+                .map(|(disk, offset)| PlexEntry {
+                    disk: *disk,
+                    offset: *offset,
+                    length: len,
+                    state: PlexState::InSync,
+                })
+                .collect(),
+        });
+        self.commit()?;
+        Ok(self.mirror_warnings(name))
+    }
+
+    fn zero_extent(&self, disk: Uuid, offset: u64, len: u64) -> Result<()> {
+        let m = self.members.get(&disk).ok_or_else(|| {
+            Error::failed(format!("disk {} is not present", self.disk_path(disk)))
+        })?;
+        let at = m.label.layout.data_offset() + offset;
+        m.disk
+            .write_zeroes(at, len)
+            .and_then(|()| m.disk.flush())
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot zero {} at offset {at}", m.path.display()),
+                    e,
+                )
+            })
+    }
+
+    /// A volume that has an in-sync plex to copy from, or a refusal.
+    fn require_source(&self, name: &str) -> Result<()> {
+        let v = self.volume(name)?;
+        if v.plexes
+            .iter()
+            .any(|p| self.plex_state(p.disk, p.state) == "in-sync")
+        {
+            Ok(())
+        } else {
+            Err(Error::refused(format!(
+                "volume {name} has no in-sync plex to copy from"
+            )))
+        }
+    }
+
+    /// Adds a plex to a volume and copies the volume onto it.
+    pub fn add_mirror(
+        &mut self,
+        name: &str,
+        disk: Option<&Path>,
+        progress: &dyn Progress,
+    ) -> Result<Vec<String>> {
+        let v = self.volume(name)?.clone();
+        self.require_source(name)?;
+        let exclude: Vec<Uuid> = v.plexes.iter().map(|p| p.disk).collect();
+        let named: Vec<PathBuf> = disk.map(|d| vec![d.to_path_buf()]).unwrap_or_default();
+        let len = extent_len(v.size);
+        let (target, offset) = self.choose_disks(name, 1, len, &named, &exclude)?[0];
+        self.config
+            .volume_mut(name)
+            .expect("checked")
+            .plexes
+            .push(PlexEntry {
+                disk: target,
+                offset,
+                length: len,
+                state: PlexState::Resyncing,
+            });
+        self.commit()?;
+        self.resync_plex(name, target, progress)?;
+        Ok(self.mirror_warnings(name))
+    }
+
+    /// Copies a volume onto its plex on `disk` (which is resyncing), then
+    /// records the plex in sync. A failure of the new plex fails it; a read
+    /// error on a source plex that cannot be rewritten fails that plex.
+    pub fn resync_plex(&mut self, name: &str, disk: Uuid, progress: &dyn Progress) -> Result<u64> {
+        let plex = self
+            .volume(name)?
+            .plexes
+            .iter()
+            .find(|p| p.disk == disk)
+            .cloned()
+            .ok_or_else(|| Error::failed(format!("volume {name} has no plex on that disk")))?;
+        if plex.state != PlexState::Resyncing {
+            self.set_plex_state(name, disk, PlexState::Resyncing);
+            self.commit()?;
+        }
+        self.zero_extent(disk, plex.offset, plex.length)?;
+        let mut io = self.volume_io(name)?;
+        // The target is written directly by the copy, not through the volume.
+        io.plexes.retain(|p| p.disk_uuid != disk);
+        let m = &self.members[&disk];
+        let target = PlexIo {
+            disk_uuid: disk,
+            disk: m.disk.clone(),
+            offset: m.label.layout.data_offset() + plex.offset,
+            readable: false,
+            writable: true,
+        };
+        progress.start(&format!("resync {name} onto {}", m.path.display()), io.size);
+        let result = copy_to_plex(&io, &target, &|done| progress.set(done));
+        progress.finish();
+        match result {
+            Ok((report, written)) => {
+                self.settle_report(&io, report)?;
+                self.set_plex_state(name, disk, PlexState::InSync);
+                self.commit()?;
+                Ok(written)
+            }
+            Err(crate::volume::CopyError::Target { offset, error }) => {
+                self.set_plex_state(name, disk, PlexState::Failed);
+                self.commit()?;
+                Err(Error::io(
+                    format!(
+                        "the new plex of volume {name} on {} failed at volume offset {offset}; it is marked failed",
+                        self.disk_path(disk)
+                    ),
+                    error,
+                ))
+            }
+            Err(crate::volume::CopyError::Source(e)) => Err(Error::from(e)),
+        }
+    }
+
+    fn set_plex_state(&mut self, name: &str, disk: Uuid, state: PlexState) {
+        if let Some(v) = self.config.volume_mut(name) {
+            for p in &mut v.plexes {
+                if p.disk == disk {
+                    p.state = state;
+                }
+            }
+        }
+    }
+
+    /// Records what an I/O report says: plexes whose errors could not be
+    /// repaired are failed (and the change committed) before the caller goes
+    /// on; repaired read errors become warnings.
+    pub fn settle_report(&mut self, io: &Volume, report: IoReport) -> Result<()> {
+        if report.failed.is_empty() {
+            return Ok(());
+        }
+        let mut changed = false;
+        for e in report.failed {
+            let disk = io.plexes[e.plex].disk_uuid;
+            let path = self.disk_path(disk);
+            if e.repaired {
+                self.warnings.push(format!(
+                    "disk {path}: a read error ({}) was repaired from another plex of volume {}",
+                    e.error, io.name
+                ));
+            } else {
+                self.warnings.push(format!(
+                    "disk {path}: I/O error ({}); its plex of volume {} is marked failed",
+                    e.error, io.name
+                ));
+                self.mark_plex_failed(&io.name, disk);
+                changed = true;
+            }
+        }
+        if changed {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Removes the plex on `disk` from a mirror; its space becomes free.
+    pub fn remove_mirror(&mut self, name: &str, disk: &Path) -> Result<()> {
+        let uuid = self.resolve_disk(disk)?;
+        let v = self.volume(name)?;
+        let Some(index) = v.plexes.iter().position(|p| p.disk == uuid) else {
+            return Err(Error::refused(format!(
+                "volume {name} has no plex on disk {}",
+                disk.display()
+            )));
+        };
+        if v.plexes.len() == 1 {
+            return Err(Error::refused(format!(
+                "disk {} holds the only plex of volume {name}; use `delete` to remove the volume",
+                disk.display()
+            )));
+        }
+        self.refuse_losing_last_copy(name, uuid, "removing")?;
+        self.config
+            .volume_mut(name)
+            .expect("checked")
+            .plexes
+            .remove(index);
+        self.commit()
+    }
+
+    /// Refuses an operation that takes away the last in-sync plex.
+    fn refuse_losing_last_copy(&self, name: &str, disk: Uuid, doing: &str) -> Result<()> {
+        let v = self.volume(name)?;
+        let others = v
+            .plexes
+            .iter()
+            .filter(|p| p.disk != disk && self.plex_state(p.disk, p.state) == "in-sync")
+            .count();
+        if others == 0 {
+            return Err(Error::refused(format!(
+                "{doing} the plex on disk {} would leave volume {name} without an in-sync plex; it holds the volume's only good copy",
+                self.disk_path(disk)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Breaks a mirror: the plex on `disk` leaves the volume and becomes a
+    /// simple volume of its own (a new UUID, `new_name` or a derived name), or
+    /// is freed with `nokeep`. The other plexes keep the name and UUID.
+    pub fn break_mirror(
+        &mut self,
+        name: &str,
+        disk: &Path,
+        new_name: Option<&str>,
+        nokeep: bool,
+    ) -> Result<Option<String>> {
+        let uuid = self.resolve_disk(disk)?;
+        let v = self.volume(name)?;
+        if !v.is_mirror() {
+            return Err(Error::refused(format!(
+                "volume {name} is not mirrored; there is no mirror to break"
+            )));
+        }
+        let Some(index) = v.plexes.iter().position(|p| p.disk == uuid) else {
+            return Err(Error::refused(format!(
+                "volume {name} has no plex on disk {}",
+                disk.display()
+            )));
+        };
+        self.refuse_losing_last_copy(name, uuid, "breaking off")?;
+        let new_name = if nokeep {
+            if new_name.is_some() {
+                return Err(Error::refused(
+                    "--new-name and --nokeep contradict each other: --nokeep frees the plex instead of keeping it as a volume",
+                ));
+            }
+            None
+        } else {
+            let n = match new_name {
+                Some(n) => {
+                    check_name("volume", n)?;
+                    if self.config.volume(n).is_some() {
+                        return Err(Error::refused(format!(
+                            "volume {n} already exists in group {}",
+                            self.config.name
+                        )));
+                    }
+                    n.to_string()
+                }
+                None => self.derived_name(name),
+            };
+            Some(n)
+        };
+        let v = self.config.volume_mut(name).expect("checked");
+        let plex = v.plexes.remove(index);
+        let size = v.size;
+        if let Some(n) = &new_name {
+            self.config.volumes.push(VolumeEntry {
+                name: n.clone(),
+                uuid: Uuid::new_v4(),
+                size,
+                plexes: vec![plex],
+            });
+        }
+        self.commit()?;
+        Ok(new_name)
+    }
+
+    /// `NAME-broken`, or `NAME-broken2`, ... when that is taken.
+    fn derived_name(&self, name: &str) -> String {
+        let base: String = format!("{name}-broken").chars().take(64).collect();
+        let mut candidate = base.clone();
+        let mut n = 2;
+        while self.config.volume(&candidate).is_some() {
+            candidate = format!("{base}{n}");
+            n += 1;
+        }
+        candidate
+    }
+
+    /// Replaces failed or missing plexes with new space on other disks, and
+    /// resyncs stale plexes in place.
+    pub fn repair(
+        &mut self,
+        name: &str,
+        disk: Option<&Path>,
+        progress: &dyn Progress,
+    ) -> Result<Vec<String>> {
+        let v = self.volume(name)?.clone();
+        let bad: Vec<&PlexEntry> = v
+            .plexes
+            .iter()
+            .filter(|p| matches!(self.plex_state(p.disk, p.state), "failed" | "missing"))
+            .collect();
+        let stale: Vec<Uuid> = v
+            .plexes
+            .iter()
+            .filter(|p| matches!(self.plex_state(p.disk, p.state), "stale" | "resyncing"))
+            .map(|p| p.disk)
+            .collect();
+        if bad.is_empty() && stale.is_empty() {
+            if let Some(d) = disk {
+                return Err(Error::refused(format!(
+                    "volume {name} has no failed or missing plex to replace with {}",
+                    d.display()
+                )));
+            }
+            return Err(Error::refused(format!(
+                "volume {name} has no failed, missing or stale plex; there is nothing to repair"
+            )));
+        }
+        self.require_source(name)?;
+        if disk.is_some() && bad.is_empty() {
+            return Err(Error::refused(format!(
+                "volume {name} has no failed or missing plex to replace with {}",
+                disk.map(|d| d.display().to_string()).unwrap_or_default()
+            )));
+        }
+        // Plan every replacement before changing anything.
+        let len = extent_len(v.size);
+        let mut exclude: Vec<Uuid> = v.plexes.iter().map(|p| p.disk).collect();
+        let mut plan = Vec::new();
+        for (i, old) in bad.iter().enumerate() {
+            let named: Vec<PathBuf> = match (i, disk) {
+                (0, Some(d)) => vec![d.to_path_buf()],
+                _ => Vec::new(),
+            };
+            let (target, offset) = self.choose_disks(name, 1, len, &named, &exclude)?[0];
+            exclude.push(target);
+            plan.push((old.disk, target, offset));
+        }
+        let vol = self.config.volume_mut(name).expect("checked");
+        for (old, target, offset) in &plan {
+            let p = vol
+                .plexes
+                .iter_mut()
+                .find(|p| p.disk == *old)
+                .expect("planned from this volume");
+            *p = PlexEntry {
+                disk: *target,
+                offset: *offset,
+                length: len,
+                state: PlexState::Resyncing,
+            };
+        }
+        if !plan.is_empty() {
+            self.commit()?;
+        }
+        for disk in plan.iter().map(|(_, t, _)| *t).chain(stale) {
+            self.resync_plex(name, disk, progress)?;
+        }
+        Ok(self.mirror_warnings(name))
+    }
+
+    /// Brings a returned or failed disk back into service and resyncs the
+    /// plexes that may have missed writes.
+    pub fn reactivate(&mut self, path: &Path, progress: &dyn Progress) -> Result<Vec<String>> {
+        let uuid = self.resolve_disk(path)?;
+        if !self.members.contains_key(&uuid) {
+            return Err(Error::refused(format!(
+                "disk {} is not present; attach it and name it with --disks",
+                path.display()
+            )));
+        }
+        if self.is_online(uuid) && self.members[&uuid].seqno == self.config.seqno {
+            return Err(Error::refused(format!(
+                "disk {} is already online",
+                path.display()
+            )));
+        }
+        let next = self.config.seqno + 1;
+        let entry = self.config.disk_mut(uuid).expect("resolved");
+        entry.state = DiskState::Online;
+        entry.state_seqno = next;
+        let mut affected = Vec::new();
+        for v in &mut self.config.volumes {
+            for p in &mut v.plexes {
+                if p.disk == uuid {
+                    if p.state != PlexState::InSync {
+                        p.state = PlexState::Stale;
+                    }
+                    affected.push(v.name.clone());
+                }
+            }
+        }
+        self.commit()?;
+        let mut notes = Vec::new();
+        affected.dedup();
+        for name in affected {
+            let stale: Vec<Uuid> = self
+                .volume(&name)?
+                .plexes
+                .iter()
+                .filter(|p| matches!(self.plex_state(p.disk, p.state), "stale" | "resyncing"))
+                .map(|p| p.disk)
+                .collect();
+            if stale.is_empty() {
+                continue;
+            }
+            if self.require_source(&name).is_err() {
+                notes.push(format!(
+                    "volume {name} has no in-sync plex to resync from; reactivate the disk that holds its last good copy"
+                ));
+                continue;
+            }
+            for disk in stale {
+                self.resync_plex(&name, disk, progress)?;
+            }
+        }
+        Ok(notes)
+    }
+
+    /// Grows a simple volume into the free space that follows its plex.
+    pub fn extend(&mut self, name: &str, size: u64) -> Result<()> {
+        let v = self.volume(name)?.clone();
+        if v.is_mirror() {
+            return Err(Error::refused(format!(
+                "volume {name} is mirrored, and a mirrored volume cannot be extended; break the mirror, extend the remaining simple volume, then add a mirror again"
+            )));
+        }
+        check_size(name, size)?;
+        if size <= v.size {
+            return Err(Error::refused(format!(
+                "volume {name} is already {}; the new size must be larger (volumes do not shrink)",
+                human(v.size)
+            )));
+        }
+        let plex = &v.plexes[0];
+        self.require_online(plex.disk)?;
+        let len = extent_len(size);
+        let extra = len.saturating_sub(plex.length);
+        if extra > 0 {
+            let free = free_after(&self.config, plex.disk, plex.offset, plex.length);
+            if free < extra {
+                return Err(Error::refused(format!(
+                    "disk {} has {} free right after volume {name}, and growing it to {} needs {}",
+                    self.disk_path(plex.disk),
+                    human(free),
+                    human(size),
+                    human(extra)
+                )));
+            }
+            self.zero_extent(plex.disk, plex.offset + plex.length, extra)?;
+        }
+        let v = self.config.volume_mut(name).expect("checked");
+        v.size = size;
+        v.plexes[0].length = len.max(v.plexes[0].length);
+        self.commit()
+    }
+
+    /// Deletes a volume; its space becomes free.
+    pub fn delete(&mut self, name: &str) -> Result<()> {
+        self.volume(name)?;
+        self.config.volumes.retain(|v| v.name != name);
+        self.commit()
+    }
+
+    /// Marks a disk failed, and its plexes. Refused when it would take away a
+    /// volume's last in-sync plex, unless `force`.
+    pub fn fail(&mut self, path: &Path, force: bool) -> Result<()> {
+        let uuid = self.resolve_disk(path)?;
+        if self.disk_state(uuid) == "failed" {
+            return Err(Error::refused(format!(
+                "disk {} is already failed",
+                path.display()
+            )));
+        }
+        if !force {
+            for v in &self.config.volumes {
+                if v.plexes.iter().any(|p| p.disk == uuid)
+                    && self.plex_state(
+                        uuid,
+                        v.plexes.iter().find(|p| p.disk == uuid).unwrap().state,
+                    ) == "in-sync"
+                {
+                    self.refuse_losing_last_copy(&v.name, uuid, "failing")
+                        .map_err(|e| {
+                            Error::refused(format!("{e}; use --force to fail it anyway"))
+                        })?;
+                }
+            }
+        }
+        self.mark_disk_failed(uuid);
+        self.commit()
+    }
+
+    /// Writes `data` to a volume at `offset` through the mirror engine;
+    /// plexes that fail the write are failed in the config before it returns.
+    pub fn write(&mut self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
+        self.prepare_write(name)?;
+        let io = self.volume_io(name)?;
+        let r = io.write_at(data, offset).map_err(Error::from)?;
+        self.settle_report(&io, r)
+    }
+
+    /// Reads from a volume at `offset`, falling back across plexes.
+    pub fn read(&mut self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.require_source(name)?;
+        let io = self.volume_io(name)?;
+        let r = io.read_at(buf, offset).map_err(Error::from)?;
+        self.settle_report(&io, r)
+    }
+
+    /// Copies between a file or device and a volume, or between volumes.
+    pub fn copy(&mut self, src: &Endpoint, dst: &Endpoint, progress: &dyn Progress) -> Result<u64> {
+        match (src, dst) {
+            (Endpoint::Path(_), Endpoint::Path(_)) => Err(Error::refused(
+                "copy needs a volume on at least one side: write it as vol:NAME",
+            )),
+            (Endpoint::Volume(a), Endpoint::Volume(b)) if a == b => Err(Error::refused(format!(
+                "volume {a} cannot be copied onto itself"
+            ))),
+            _ => {
+                let source = self.open_source(src)?;
+                let size = source.size();
+                let target = self.open_target(dst, size, &source)?;
+                let (target, written) = self.copy_between(source, target, size, progress)?;
+                if let EndpointIo::Volume(io) = &target {
+                    let r = io.flush().map_err(Error::from)?;
+                    self.settle_report(io, r)?;
+                }
+                Ok(written)
+            }
+        }
+    }
+
+    fn refuse_group_disk(&self, path: &Path) -> Result<()> {
+        if self.resolve_disk(path).is_ok() {
+            return Err(Error::refused(format!(
+                "{} is a disk of group {}; copying to or from it directly would bypass the mirror",
+                path.display(),
+                self.config.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn open_source(&self, e: &Endpoint) -> Result<EndpointIo> {
+        match e {
+            Endpoint::Volume(name) => {
+                self.require_source(name)?;
+                Ok(EndpointIo::Volume(self.volume_io(name)?))
+            }
+            Endpoint::Path(path) => {
+                self.refuse_group_disk(path)?;
+                let opts = OpenOptions {
+                    read_only: true,
+                    ..OpenOptions::default()
+                };
+                let disk = FileDisk::open(path, opts).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Error::refused(format!("{} does not exist", path.display()))
+                    } else {
+                        Error::io_path("open", path, e)
+                    }
+                })?;
+                Ok(EndpointIo::Path(path.clone(), disk))
+            }
+        }
+    }
+
+    /// Opens the target of a copy of `size` bytes, after checking that it
+    /// can take them: nothing is created or changed before that.
+    fn open_target(&mut self, e: &Endpoint, size: u64, source: &EndpointIo) -> Result<EndpointIo> {
+        match e {
+            Endpoint::Volume(name) => {
+                let v = self.volume(name)?;
+                if v.size < size {
+                    return Err(Error::refused(format!(
+                        "volume {name} ({}) is smaller than {} ({})",
+                        human(v.size),
+                        source.describe(),
+                        human(size)
+                    )));
+                }
+                self.prepare_write(name)?;
+                Ok(EndpointIo::Volume(self.volume_io(name)?))
+            }
+            Endpoint::Path(path) => {
+                self.refuse_group_disk(path)?;
+                use std::os::unix::fs::FileTypeExt;
+                let is_device = fs::metadata(path)
+                    .map(|m| m.file_type().is_block_device())
+                    .unwrap_or(false);
+                if is_device {
+                    let disk = FileDisk::open(path, OpenOptions::default())
+                        .map_err(|e| Error::io_path("open", path, e))?;
+                    if disk.size() < size {
+                        return Err(Error::refused(format!(
+                            "{} ({}) is smaller than {} ({})",
+                            path.display(),
+                            human(disk.size()),
+                            source.describe(),
+                            human(size)
+                        )));
+                    }
+                    return Ok(EndpointIo::Path(path.clone(), disk));
+                }
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)
+                    .map_err(|e| Error::io_path("create", path, e))?;
+                f.set_len(size)
+                    .map_err(|e| Error::io_path("resize", path, e))?;
+                let disk = FileDisk::open(path, OpenOptions::default())
+                    .map_err(|e| Error::io_path("open", path, e))?;
+                Ok(EndpointIo::Path(path.clone(), disk))
+            }
+        }
+    }
+
+    /// Before data is written to a volume, plexes that cannot receive it (on
+    /// absent disks) are recorded stale, so they are known to be behind.
+    fn prepare_write(&mut self, name: &str) -> Result<()> {
+        let v = self.volume(name)?.clone();
+        let mut changed = false;
+        for p in &v.plexes {
+            if p.state == PlexState::InSync && self.plex_state(p.disk, p.state) == "missing" {
+                self.set_plex_state(name, p.disk, PlexState::Stale);
+                changed = true;
+            }
+        }
+        if !v
+            .plexes
+            .iter()
+            .any(|p| self.plex_state(p.disk, p.state) == "in-sync")
+        {
+            return Err(Error::refused(format!(
+                "volume {name} is {} and has no in-sync plex to write to",
+                self.volume_state(&v)
+            )));
+        }
+        if changed {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    fn copy_between(
+        &mut self,
+        source: EndpointIo,
+        mut target: EndpointIo,
+        size: u64,
+        progress: &dyn Progress,
+    ) -> Result<(EndpointIo, u64)> {
+        progress.start(
+            &format!("copy {} to {}", source.describe(), target.describe()),
+            size,
+        );
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(COPY_CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            match &source {
+                EndpointIo::Volume(io) => {
+                    let r = io.read_at(chunk, pos).map_err(Error::from)?;
+                    self.settle_report(io, r)?;
+                }
+                EndpointIo::Path(p, d) => d.read_at(chunk, pos).map_err(|e| {
+                    Error::io(format!("cannot read {} at offset {pos}", p.display()), e)
+                })?,
+            }
+            match &mut target {
+                EndpointIo::Volume(io) => {
+                    let r = io.write_at(chunk, pos).map_err(Error::from)?;
+                    if !r.failed.is_empty() {
+                        let failed: Vec<Uuid> = r
+                            .failed
+                            .iter()
+                            .map(|e| io.plexes[e.plex].disk_uuid)
+                            .collect();
+                        self.settle_report(io, r)?;
+                        // Later chunks skip the plexes that were just failed.
+                        for p in &mut io.plexes {
+                            if failed.contains(&p.disk_uuid) {
+                                p.readable = false;
+                                p.writable = false;
+                            }
+                        }
+                    }
+                }
+                EndpointIo::Path(p, d) => d.write_at(chunk, pos).map_err(|e| {
+                    Error::io(format!("cannot write {} at offset {pos}", p.display()), e)
+                })?,
+            }
+            pos += n as u64;
+            progress.set(pos);
+        }
+        if let EndpointIo::Path(p, d) = &target {
+            d.flush().map_err(|e| Error::io_path("flush", p, e))?;
+        }
+        progress.finish();
+        Ok((target, size))
+    }
+}
+
+/// One side of `copy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Path(PathBuf),
+    Volume(String),
+}
+
+impl Endpoint {
+    /// `vol:NAME` names a volume; anything else is a path.
+    pub fn parse(s: &str) -> Endpoint {
+        match s.strip_prefix("vol:") {
+            Some(name) => Endpoint::Volume(name.to_string()),
+            None => Endpoint::Path(PathBuf::from(s)),
+        }
+    }
+}
+
+enum EndpointIo {
+    Path(PathBuf, FileDisk),
+    Volume(Volume),
+}
+
+impl EndpointIo {
+    fn size(&self) -> u64 {
+        match self {
+            EndpointIo::Path(_, d) => d.size(),
+            EndpointIo::Volume(v) => v.size,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            EndpointIo::Path(p, _) => p.display().to_string(),
+            EndpointIo::Volume(v) => format!("volume {}", v.name),
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The group's state as `status` shows it: one serializable report, printed
+//! as JSON (DESIGN.md §6 schema) or as text.
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::Group;
+use super::alloc::free_bytes;
+use crate::format::PlexState;
+
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub group: GroupStatus,
+    pub disks: Vec<DiskStatus>,
+    pub volumes: Vec<VolumeStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GroupStatus {
+    pub name: String,
+    pub uuid: Uuid,
+    pub seqno: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DiskStatus {
+    pub path: String,
+    pub uuid: Uuid,
+    pub state: &'static str,
+    pub controller: String,
+    pub style: String,
+    pub size: u64,
+    pub free: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VolumeStatus {
+    pub name: String,
+    pub uuid: Uuid,
+    pub size: u64,
+    pub layout: &'static str,
+    pub state: &'static str,
+    pub duplexed: bool,
+    pub plexes: Vec<PlexStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlexStatus {
+    pub disk: String,
+    pub state: &'static str,
+    /// 100 when in sync, 0 when stale, the copy's progress while resyncing;
+    /// null when the plex is failed or missing.
+    pub resync_percent: Option<f64>,
+}
+
+impl Group {
+    pub fn status(&self) -> StatusReport {
+        let disks = self
+            .config
+            .disks
+            .iter()
+            .map(|d| DiskStatus {
+                path: self.disk_path(d.uuid),
+                uuid: d.uuid,
+                state: self.disk_state(d.uuid),
+                controller: d.controller.clone(),
+                style: d.style.to_string(),
+                size: d.size,
+                free: free_bytes(&self.config, d.uuid),
+            })
+            .collect();
+        let volumes = self
+            .config
+            .volumes
+            .iter()
+            .map(|v| {
+                let mut controllers: Vec<&str> = v
+                    .plexes
+                    .iter()
+                    .filter_map(|p| self.config.disk(p.disk))
+                    .map(|d| d.controller.as_str())
+                    .collect();
+                controllers.sort();
+                controllers.dedup();
+                VolumeStatus {
+                    name: v.name.clone(),
+                    uuid: v.uuid,
+                    size: v.size,
+                    layout: if v.is_mirror() { "mirror" } else { "simple" },
+                    state: self.volume_state(v),
+                    duplexed: v.is_mirror() && controllers.len() == v.plexes.len(),
+                    plexes: v
+                        .plexes
+                        .iter()
+                        .map(|p| {
+                            let state = self.plex_state(p.disk, p.state);
+                            PlexStatus {
+                                disk: self.disk_path(p.disk),
+                                state,
+                                resync_percent: match (state, p.state) {
+                                    ("in-sync", _) => Some(100.0),
+                                    ("stale", _) | ("resyncing", PlexState::Resyncing) => Some(0.0),
+                                    _ => None,
+                                },
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        StatusReport {
+            group: GroupStatus {
+                name: self.config.name.clone(),
+                uuid: self.config.uuid,
+                seqno: self.config.seqno,
+            },
+            disks,
+            volumes,
+        }
+    }
+}

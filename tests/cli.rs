@@ -1,0 +1,797 @@
+//! The command line on image files: every command of DESIGN.md §6 (but
+//! `serve` and `scrub`), and every refusal, which must leave every disk byte
+//! for byte as it was.
+
+mod common;
+
+use common::*;
+use std::fs;
+
+/// Three disks on three controllers: a.img (gpt), b.img (mbr), c.img (raw).
+fn three_disks(sb: &Sandbox, mib: u64) {
+    let a = sb.image("a.img", mib);
+    let b = sb.image("b.img", mib);
+    let c = sb.image("c.img", mib);
+    sb.mv_plain(&[
+        "init",
+        &a,
+        "--style",
+        "gpt",
+        "--controller",
+        "c0",
+        "--group",
+        "g",
+    ])
+    .ok();
+    sb.mv(&["init", &b, "--style", "mbr", "--controller", "c1"])
+        .ok();
+    sb.mv(&["init", &c, "--style", "raw", "--controller", "c2"])
+        .ok();
+}
+
+#[test]
+fn init_makes_a_group_and_adds_disks_to_it() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    let s = sb.status();
+    assert_eq!(s["group"]["name"], "g");
+    assert_eq!(s["disks"].as_array().unwrap().len(), 3);
+    for (file, style, ctrl) in [
+        ("a.img", "gpt", "c0"),
+        ("b.img", "mbr", "c1"),
+        ("c.img", "raw", "c2"),
+    ] {
+        let d = disk(&s, file);
+        assert_eq!(d["state"], "online");
+        assert_eq!(d["style"], style);
+        assert_eq!(d["controller"], ctrl);
+        assert_eq!(d["size"], 64 * MIB);
+        assert!(d["free"].as_u64().unwrap() >= 40 * MIB, "{d}");
+        assert_eq!(d["free"].as_u64().unwrap() % MIB, 0);
+    }
+    // Every disk holds the same config.
+    assert!(s["group"]["seqno"].as_u64().unwrap() >= 3);
+}
+
+#[test]
+fn status_json_follows_the_schema() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "m", "--size", "8M", "--mirror"]).ok();
+    sb.mv(&["create", "s", "--size", "4M"]).ok();
+    let s = sb.status();
+    for k in ["name", "uuid", "seqno"] {
+        assert!(!s["group"][k].is_null(), "group.{k}");
+    }
+    for d in s["disks"].as_array().unwrap() {
+        for k in [
+            "path",
+            "uuid",
+            "state",
+            "controller",
+            "style",
+            "size",
+            "free",
+        ] {
+            assert!(!d[k].is_null(), "disk.{k} in {d}");
+        }
+    }
+    let m = volume(&s, "m");
+    for k in [
+        "name", "uuid", "size", "layout", "state", "duplexed", "plexes",
+    ] {
+        assert!(!m[k].is_null(), "volume.{k}");
+    }
+    assert_eq!(m["layout"], "mirror");
+    assert_eq!(m["state"], "healthy");
+    assert_eq!(m["duplexed"], true);
+    assert_eq!(m["size"], 8 * MIB);
+    for p in m["plexes"].as_array().unwrap() {
+        assert_eq!(p["state"], "in-sync");
+        assert_eq!(p["resync_percent"], 100.0);
+        assert!(p["disk"].as_str().unwrap().ends_with(".img"));
+    }
+    let s1 = volume(&s, "s");
+    assert_eq!(s1["layout"], "simple");
+    assert_eq!(s1["duplexed"], false);
+    assert_eq!(s1["plexes"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn status_text_uses_windows_words() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "m", "--size", "8M", "--mirror"]).ok();
+    let out = sb.mv(&["status"]).ok().stdout;
+    assert!(out.contains("Healthy"), "{out}");
+    assert!(out.contains("Online"), "{out}");
+    assert!(out.contains("mirror"), "{out}");
+}
+
+#[test]
+fn mirror_data_survives_losing_a_disk() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&[
+        "create",
+        "m",
+        "--size",
+        "16M",
+        "--mirror",
+        "--disk",
+        &sb.p("disks/a.img"),
+        "--disk",
+        &sb.p("disks/b.img"),
+    ])
+    .ok();
+    let (src, data) = sb.data_file("in.bin", 10 * MIB as usize + 512, 1);
+    sb.mv(&["copy", &src, "vol:m"]).ok();
+    fs::create_dir(sb.path("away")).unwrap();
+    fs::rename(sb.path("disks/a.img"), sb.path("away/a.img")).unwrap();
+    let s = sb.status();
+    let m = volume(&s, "m");
+    assert_eq!(m["state"], "failed-redundancy");
+    assert_eq!(disk(&s, "a.img")["state"], "missing");
+    let got = sb.read_volume("m");
+    assert_eq!(got.len() as u64, 16 * MIB);
+    assert_eq!(&got[..data.len()], &data[..]);
+    assert!(got[data.len()..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn new_mirror_starts_in_sync_with_zeroed_plexes() {
+    let sb = Sandbox::new();
+    let a = sb.image("a.img", 64);
+    let b = sb.image("b.img", 64);
+    // Garbage where the data areas will be: create must zero the plexes.
+    for p in [&a, &b] {
+        use std::os::unix::fs::FileExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .write_all_at(&pattern(40 * MIB as usize, 9), 20 * MIB)
+            .unwrap();
+    }
+    sb.mv_plain(&["init", &a, &b, "--style", "raw", "--force"])
+        .ok();
+    sb.mv(&["create", "m", "--size", "20M", "--mirror"]).ok();
+    assert_eq!(volume(&sb.status(), "m")["state"], "healthy");
+    let got = sb.read_volume("m");
+    assert!(got.iter().all(|&x| x == 0), "a new volume reads as zeroes");
+}
+
+#[test]
+fn create_three_copies_puts_each_on_its_own_disk() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "m", "--size", "10M", "--mirror", "--copies", "3"])
+        .ok();
+    let s = sb.status();
+    let plexes: Vec<String> = volume(&s, "m")["plexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["disk"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(plexes.len(), 3);
+    let mut unique = plexes.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 3);
+}
+
+#[test]
+fn create_warns_when_not_duplexed_or_disks_differ() {
+    let sb = Sandbox::new();
+    let a = sb.image("a.img", 64);
+    let b = sb.image("b.img", 96);
+    sb.mv_plain(&["init", &a, &b, "--controller", "same"]).ok();
+    let r = sb.mv(&["create", "m", "--size", "8M", "--mirror"]).ok();
+    assert!(r.stderr.contains("not duplexed"), "{}", r.stderr);
+    assert!(r.stderr.contains("differ in size"), "{}", r.stderr);
+    assert_eq!(volume(&sb.status(), "m")["duplexed"], false);
+}
+
+#[test]
+fn mixed_mbr_and_gpt_plexes_are_the_same_size() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&[
+        "create",
+        "m",
+        "--size",
+        "3000K",
+        "--mirror",
+        "--disk",
+        &sb.p("disks/a.img"),
+        "--disk",
+        &sb.p("disks/b.img"),
+    ])
+    .ok();
+    let (src, data) = sb.data_file("in.bin", 3000 * 1024, 2);
+    sb.mv(&["copy", &src, "vol:m"]).ok();
+    // Each plex alone must hold the volume: break, then read both halves.
+    sb.mv(&[
+        "break",
+        "m",
+        "--disk",
+        &sb.p("disks/b.img"),
+        "--new-name",
+        "half",
+    ])
+    .ok();
+    assert_eq!(sb.read_volume("m"), data);
+    assert_eq!(sb.read_volume("half"), data);
+}
+
+#[test]
+fn add_mirror_copies_the_data_onto_the_new_plex() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&[
+        "create",
+        "v",
+        "--size",
+        "12M",
+        "--disk",
+        &sb.p("disks/a.img"),
+    ])
+    .ok();
+    let (src, data) = sb.data_file("in.bin", 12 * MIB as usize, 3);
+    sb.mv(&["copy", &src, "vol:v"]).ok();
+    sb.mv(&["add-mirror", "v", "--disk", &sb.p("disks/c.img")])
+        .ok();
+    let s = sb.status();
+    let v = volume(&s, "v");
+    assert_eq!(v["layout"], "mirror");
+    assert_eq!(v["state"], "healthy");
+    // The new plex alone holds the data: remove the old one and read.
+    sb.mv(&["remove-mirror", "v", "--disk", &sb.p("disks/a.img")])
+        .ok();
+    let s = sb.status();
+    let v = volume(&s, "v");
+    assert_eq!(v["layout"], "simple");
+    assert!(v["plexes"][0]["disk"].as_str().unwrap().ends_with("c.img"));
+    assert_eq!(sb.read_volume("v"), data);
+}
+
+#[test]
+fn remove_mirror_frees_the_space() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    let before = disk(&sb.status(), "b.img")["free"].as_u64().unwrap();
+    sb.mv(&[
+        "create",
+        "m",
+        "--size",
+        "8M",
+        "--mirror",
+        "--disk",
+        &sb.p("disks/a.img"),
+        "--disk",
+        &sb.p("disks/b.img"),
+    ])
+    .ok();
+    assert_eq!(
+        disk(&sb.status(), "b.img")["free"].as_u64().unwrap(),
+        before - 8 * MIB
+    );
+    sb.mv(&["remove-mirror", "m", "--disk", &sb.p("disks/b.img")])
+        .ok();
+    assert_eq!(
+        disk(&sb.status(), "b.img")["free"].as_u64().unwrap(),
+        before
+    );
+}
+
+#[test]
+fn break_keeps_name_on_remaining_plex() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&[
+        "create",
+        "m",
+        "--size",
+        "8M",
+        "--mirror",
+        "--disk",
+        &sb.p("disks/a.img"),
+        "--disk",
+        &sb.p("disks/b.img"),
+    ])
+    .ok();
+    let uuid = volume(&sb.status(), "m")["uuid"].clone();
+    sb.mv(&["break", "m", "--disk", &sb.p("disks/b.img")]).ok();
+    let s = sb.status();
+    let m = volume(&s, "m");
+    assert_eq!(m["uuid"], uuid);
+    assert_eq!(m["layout"], "simple");
+    assert!(m["plexes"][0]["disk"].as_str().unwrap().ends_with("a.img"));
+    let broken = volume(&s, "m-broken");
+    assert_ne!(broken["uuid"], uuid);
+    assert!(
+        broken["plexes"][0]["disk"]
+            .as_str()
+            .unwrap()
+            .ends_with("b.img")
+    );
+}
+
+#[test]
+fn break_with_nokeep_frees_the_plex() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    let before = disk(&sb.status(), "b.img")["free"].as_u64().unwrap();
+    sb.mv(&[
+        "create",
+        "m",
+        "--size",
+        "8M",
+        "--mirror",
+        "--disk",
+        &sb.p("disks/a.img"),
+        "--disk",
+        &sb.p("disks/b.img"),
+    ])
+    .ok();
+    sb.mv(&["break", "m", "--disk", &sb.p("disks/b.img"), "--nokeep"])
+        .ok();
+    let s = sb.status();
+    assert_eq!(s["volumes"].as_array().unwrap().len(), 1);
+    assert_eq!(disk(&s, "b.img")["free"].as_u64().unwrap(), before);
+}
+
+#[test]
+fn repair_replaces_a_failed_plex_on_another_disk() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&[
+        "create",
+        "m",
+        "--size",
+        "8M",
+        "--mirror",
+        "--disk",
+        &sb.p("disks/a.img"),
+        "--disk",
+        &sb.p("disks/b.img"),
+    ])
+    .ok();
+    let (src, data) = sb.data_file("in.bin", 8 * MIB as usize, 4);
+    sb.mv(&["copy", &src, "vol:m"]).ok();
+    sb.mv(&["fail", &sb.p("disks/b.img")]).ok();
+    let s = sb.status();
+    assert_eq!(disk(&s, "b.img")["state"], "failed");
+    assert_eq!(volume(&s, "m")["state"], "failed-redundancy");
+    sb.mv(&["repair", "m"]).ok();
+    let s = sb.status();
+    let m = volume(&s, "m");
+    assert_eq!(m["state"], "healthy");
+    let disks: Vec<&str> = m["plexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["disk"].as_str().unwrap())
+        .collect();
+    assert!(disks.iter().any(|d| d.ends_with("c.img")), "{disks:?}");
+    assert!(!disks.iter().any(|d| d.ends_with("b.img")), "{disks:?}");
+    // The repaired plex alone holds the data.
+    sb.mv(&["break", "m", "--disk", &sb.p("disks/a.img"), "--nokeep"])
+        .ok();
+    assert_eq!(sb.read_volume("m"), data);
+}
+
+#[test]
+fn reactivate_brings_a_failed_disk_back_and_resyncs() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&[
+        "create",
+        "m",
+        "--size",
+        "8M",
+        "--mirror",
+        "--disk",
+        &sb.p("disks/a.img"),
+        "--disk",
+        &sb.p("disks/b.img"),
+    ])
+    .ok();
+    sb.mv(&["fail", &sb.p("disks/b.img")]).ok();
+    let (src, data) = sb.data_file("in.bin", 8 * MIB as usize, 5);
+    sb.mv(&["copy", &src, "vol:m"]).ok();
+    sb.mv(&["reactivate", &sb.p("disks/b.img")]).ok();
+    let s = sb.status();
+    assert_eq!(disk(&s, "b.img")["state"], "online");
+    assert_eq!(volume(&s, "m")["state"], "healthy");
+    sb.mv(&["break", "m", "--disk", &sb.p("disks/a.img"), "--nokeep"])
+        .ok();
+    assert_eq!(
+        sb.read_volume("m"),
+        data,
+        "the reactivated plex holds the new data"
+    );
+}
+
+#[test]
+fn a_disk_that_missed_writes_comes_back_offline_until_reactivated() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&[
+        "create",
+        "m",
+        "--size",
+        "8M",
+        "--mirror",
+        "--disk",
+        &sb.p("disks/a.img"),
+        "--disk",
+        &sb.p("disks/b.img"),
+    ])
+    .ok();
+    fs::create_dir(sb.path("away")).unwrap();
+    fs::rename(sb.path("disks/b.img"), sb.path("away/b.img")).unwrap();
+    let (src, data) = sb.data_file("in.bin", 8 * MIB as usize, 6);
+    sb.mv(&["copy", &src, "vol:m"]).ok();
+    fs::rename(sb.path("away/b.img"), sb.path("disks/b.img")).unwrap();
+    let s = sb.status();
+    assert_eq!(disk(&s, "b.img")["state"], "offline");
+    assert_eq!(volume(&s, "m")["state"], "failed-redundancy");
+    sb.mv(&["reactivate", &sb.p("disks/b.img")]).ok();
+    let s = sb.status();
+    assert_eq!(volume(&s, "m")["state"], "healthy");
+    sb.mv(&["break", "m", "--disk", &sb.p("disks/a.img"), "--nokeep"])
+        .ok();
+    assert_eq!(sb.read_volume("m"), data);
+}
+
+#[test]
+fn extend_grows_a_simple_volume_into_following_space() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&[
+        "create",
+        "s",
+        "--size",
+        "4M",
+        "--disk",
+        &sb.p("disks/c.img"),
+    ])
+    .ok();
+    let (src, data) = sb.data_file("in.bin", 4 * MIB as usize, 7);
+    sb.mv(&["copy", &src, "vol:s"]).ok();
+    sb.mv(&["extend", "s", "--size", "10M"]).ok();
+    let s = sb.status();
+    assert_eq!(volume(&s, "s")["size"], 10 * MIB);
+    let got = sb.read_volume("s");
+    assert_eq!(&got[..data.len()], &data[..]);
+    assert!(got[data.len()..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn delete_frees_the_space() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    let before = sb.status();
+    sb.mv(&["create", "m", "--size", "8M", "--mirror"]).ok();
+    sb.mv(&["delete", "m"]).ok();
+    let after = sb.status();
+    assert!(after["volumes"].as_array().unwrap().is_empty());
+    for f in ["a.img", "b.img", "c.img"] {
+        assert_eq!(disk(&after, f)["free"], disk(&before, f)["free"]);
+    }
+}
+
+#[test]
+fn examine_shows_label_and_config_of_one_disk() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "m", "--size", "8M", "--mirror"]).ok();
+    let r = sb
+        .mv_plain(&["examine", &sb.p("disks/b.img"), "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["label"]["style"], "mbr");
+    assert_eq!(v["config"]["name"], "g");
+    assert_eq!(v["config"]["volumes"][0]["name"], "m");
+    let text = sb.mv_plain(&["examine", &sb.p("disks/a.img")]).ok().stdout;
+    assert!(text.contains("gpt"), "{text}");
+}
+
+#[test]
+fn copy_round_trips_through_a_volume_on_a_terminal_free_run() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "v", "--size", "5M", "--mirror"]).ok();
+    let (src, data) = sb.data_file("in.bin", 5 * MIB as usize, 8);
+    sb.mv(&["copy", &src, "vol:v"]).ok();
+    sb.mv(&["create", "w", "--size", "5M"]).ok();
+    sb.mv(&["copy", "vol:v", "vol:w"]).ok();
+    assert_eq!(sb.read_volume("w"), data);
+}
+
+// ---- refusals: exit 2, one sentence naming the object, nothing changed ----
+
+/// Runs a command that must be refused and checks every disk is unchanged.
+#[track_caller]
+fn refused_unchanged(sb: &Sandbox, args: &[&str], needle: &str) {
+    let before = sb.fingerprint();
+    sb.mv(args).refused(needle);
+    assert_eq!(
+        sb.fingerprint(),
+        before,
+        "a refusal changed a disk: {args:?}"
+    );
+}
+
+fn setup_refusals() -> Sandbox {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&[
+        "create",
+        "m",
+        "--size",
+        "8M",
+        "--mirror",
+        "--disk",
+        &sb.p("disks/a.img"),
+        "--disk",
+        &sb.p("disks/b.img"),
+    ])
+    .ok();
+    sb.mv(&[
+        "create",
+        "s",
+        "--size",
+        "4M",
+        "--disk",
+        &sb.p("disks/c.img"),
+    ])
+    .ok();
+    sb
+}
+
+#[test]
+fn refuses_too_little_free_space() {
+    let sb = setup_refusals();
+    refused_unchanged(&sb, &["create", "big", "--size", "1G"], "big");
+    refused_unchanged(
+        &sb,
+        &[
+            "create", "big", "--size", "60M", "--mirror", "--copies", "3",
+        ],
+        "big",
+    );
+}
+
+#[test]
+fn refuses_the_same_disk_twice() {
+    let sb = setup_refusals();
+    let c = sb.p("disks/c.img");
+    refused_unchanged(
+        &sb,
+        &[
+            "create", "x", "--size", "1M", "--mirror", "--disk", &c, "--disk", &c,
+        ],
+        "c.img",
+    );
+    refused_unchanged(
+        &sb,
+        &["add-mirror", "m", "--disk", &sb.p("disks/a.img")],
+        "a.img",
+    );
+}
+
+#[test]
+fn refuses_a_disk_of_another_group() {
+    let sb = setup_refusals();
+    let other = Sandbox::new();
+    let x = other.image("x.img", 64);
+    other.mv_plain(&["init", &x, "--group", "other"]).ok();
+    refused_unchanged(&sb, &["create", "x", "--size", "1M", "--disk", &x], "x.img");
+    // Both groups named together: refused.
+    let before = sb.fingerprint();
+    Run::refused_from(
+        std::process::Command::new(bin())
+            .args(["--disks", &format!("{},{}", sb.disks_dir(), x), "status"])
+            .output()
+            .unwrap(),
+        "groups",
+    );
+    assert_eq!(sb.fingerprint(), before);
+}
+
+#[test]
+fn refuses_a_path_that_is_not_a_mirrorvol_disk() {
+    let sb = setup_refusals();
+    let blank = sb.path("blank.img");
+    fs::File::create(&blank).unwrap().set_len(64 * MIB).unwrap();
+    let before = sb.fingerprint();
+    Run::refused_from(
+        std::process::Command::new(bin())
+            .args(["--disks", &blank.display().to_string(), "status"])
+            .output()
+            .unwrap(),
+        "blank.img",
+    );
+    assert_eq!(sb.fingerprint(), before);
+    sb.mv_plain(&["examine", &blank.display().to_string()])
+        .refused("blank.img");
+}
+
+#[test]
+fn refuses_init_over_a_partition_table_or_filesystem() {
+    let sb = Sandbox::new();
+    let a = sb.image("a.img", 64);
+    // An MBR with one partition, written by the real sfdisk when present.
+    if have_tool("sfdisk") {
+        let out = std::process::Command::new("sh")
+            .args(["-c", &format!("echo 'start=2048, type=83' | sfdisk -q {a}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let before = sb.fingerprint();
+        sb.mv_plain(&["init", &a]).refused("a.img");
+        assert_eq!(sb.fingerprint(), before);
+    } else {
+        skip_or_fail("sfdisk is not installed");
+    }
+    let b = sb.image("b.img", 64);
+    if have_tool("mkfs.ext4") {
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", &b])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let before = sb.fingerprint();
+        sb.mv_plain(&["init", &b]).refused("ext");
+        assert_eq!(sb.fingerprint(), before);
+        sb.mv_plain(&["init", &b, "--force"]).ok();
+    } else {
+        skip_or_fail("mkfs.ext4 is not installed");
+    }
+}
+
+#[test]
+fn refuses_init_of_a_disk_already_in_the_group_or_another() {
+    let sb = setup_refusals();
+    refused_unchanged(&sb, &["init", &sb.p("disks/a.img")], "a.img");
+    let other = Sandbox::new();
+    let x = other.image("x.img", 64);
+    other.mv_plain(&["init", &x]).ok();
+    let before = other.fingerprint();
+    other.mv_plain(&["init", &x]).refused("x.img");
+    assert_eq!(other.fingerprint(), before);
+}
+
+#[test]
+fn refuses_a_volume_name_already_in_use() {
+    let sb = setup_refusals();
+    refused_unchanged(&sb, &["create", "m", "--size", "1M"], "m");
+    refused_unchanged(
+        &sb,
+        &[
+            "break",
+            "m",
+            "--disk",
+            &sb.p("disks/b.img"),
+            "--new-name",
+            "s",
+        ],
+        "s",
+    );
+}
+
+#[test]
+fn refuses_sizes_that_are_zero_or_not_whole_sectors() {
+    let sb = setup_refusals();
+    refused_unchanged(&sb, &["create", "z", "--size", "0"], "z");
+    refused_unchanged(&sb, &["create", "z", "--size", "1000"], "sectors");
+    refused_unchanged(&sb, &["extend", "s", "--size", "5000001"], "sectors");
+    refused_unchanged(&sb, &["create", "z", "--size", "12Q"], "size");
+}
+
+#[test]
+fn refuses_to_extend_a_mirror_and_says_what_to_do() {
+    let sb = setup_refusals();
+    refused_unchanged(&sb, &["extend", "m", "--size", "16M"], "cannot be extended");
+    let r = sb.mv(&["extend", "m", "--size", "16M"]);
+    assert!(r.stderr.contains("break the mirror"), "{}", r.stderr);
+}
+
+#[test]
+fn refuses_to_extend_without_following_free_space_or_to_shrink() {
+    let sb = setup_refusals();
+    sb.mv(&[
+        "create",
+        "after",
+        "--size",
+        "1M",
+        "--disk",
+        &sb.p("disks/c.img"),
+    ])
+    .ok();
+    refused_unchanged(&sb, &["extend", "s", "--size", "8M"], "c.img");
+    refused_unchanged(&sb, &["extend", "s", "--size", "2M"], "larger");
+}
+
+#[test]
+fn refuses_unknown_volumes_and_disks() {
+    let sb = setup_refusals();
+    refused_unchanged(&sb, &["delete", "nope"], "nope");
+    refused_unchanged(
+        &sb,
+        &["break", "m", "--disk", "/nonexistent.img"],
+        "nonexistent.img",
+    );
+    refused_unchanged(
+        &sb,
+        &["remove-mirror", "m", "--disk", &sb.p("disks/c.img")],
+        "c.img",
+    );
+    refused_unchanged(
+        &sb,
+        &["break", "s", "--disk", &sb.p("disks/c.img")],
+        "not mirrored",
+    );
+    refused_unchanged(&sb, &["create", "bad name", "--size", "1M"], "bad name");
+}
+
+#[test]
+fn refuses_to_take_away_the_last_good_copy() {
+    let sb = setup_refusals();
+    refused_unchanged(
+        &sb,
+        &["remove-mirror", "s", "--disk", &sb.p("disks/c.img")],
+        "delete",
+    );
+    sb.mv(&["fail", &sb.p("disks/b.img")]).ok();
+    refused_unchanged(&sb, &["fail", &sb.p("disks/a.img")], "--force");
+    refused_unchanged(
+        &sb,
+        &["remove-mirror", "m", "--disk", &sb.p("disks/a.img")],
+        "a.img",
+    );
+    refused_unchanged(&sb, &["fail", &sb.p("disks/b.img")], "already failed");
+}
+
+#[test]
+fn refuses_copies_that_do_not_fit_or_make_no_sense() {
+    let sb = setup_refusals();
+    let (big, _) = sb.data_file("big.bin", 9 * MIB as usize, 1);
+    refused_unchanged(&sb, &["copy", &big, "vol:m"], "m");
+    refused_unchanged(&sb, &["copy", &big, &sb.p("other.bin")], "vol:");
+    refused_unchanged(&sb, &["copy", "vol:m", &sb.p("disks/c.img")], "c.img");
+    refused_unchanged(&sb, &["copy", "vol:m", "vol:m"], "itself");
+    refused_unchanged(&sb, &["copy", &sb.p("nothere.bin"), "vol:m"], "nothere.bin");
+}
+
+#[test]
+fn refuses_commands_without_disks() {
+    let sb = Sandbox::new();
+    sb.mv_plain(&["status"]).refused("--disks");
+}
+
+#[test]
+fn refuses_repair_of_a_healthy_volume() {
+    let sb = setup_refusals();
+    refused_unchanged(&sb, &["repair", "m"], "nothing to repair");
+    refused_unchanged(&sb, &["reactivate", &sb.p("disks/a.img")], "already online");
+}
+
+#[test]
+fn refuses_init_of_a_tiny_disk_and_mbr_over_2tib() {
+    let sb = Sandbox::new();
+    let tiny = sb.image("tiny.img", 8);
+    let before = sb.fingerprint();
+    sb.mv_plain(&["init", &tiny]).refused("too small");
+    assert_eq!(sb.fingerprint(), before);
+    let huge = sb.image("huge.img", 3 * 1024 * 1024);
+    let before = sb.fingerprint_sizes();
+    sb.mv_plain(&["init", &huge, "--style", "mbr"])
+        .refused("2 TiB");
+    assert_eq!(sb.fingerprint_sizes(), before);
+    sb.mv_plain(&["init", "/nonexistent/disk.img"])
+        .refused("disk.img");
+}
