@@ -22,6 +22,7 @@ use crate::volume::{PlexIo, Volume};
 use crate::{Error, Result};
 
 pub mod alloc;
+pub mod live;
 pub mod ops;
 pub mod status;
 

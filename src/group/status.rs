@@ -1,6 +1,8 @@
 //! The group's state as `status` shows it: one serializable report, printed
 //! as JSON (DESIGN.md §6 schema) or as text.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -31,6 +33,8 @@ pub struct DiskStatus {
     pub style: String,
     pub size: u64,
     pub free: u64,
+    /// I/O errors seen since the group was put in service.
+    pub errors: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,6 +59,14 @@ pub struct PlexStatus {
 
 impl Group {
     pub fn status(&self) -> StatusReport {
+        self.status_with(&BTreeMap::new())
+    }
+
+    /// Status, with the I/O errors a running engine has counted per disk: a
+    /// disk with errors is `online-errors`, and a volume with a plex on such
+    /// a disk is `failed-redundancy-at-risk`.
+    pub fn status_with(&self, errors: &BTreeMap<Uuid, u64>) -> StatusReport {
+        let errors_on = |disk: Uuid| errors.get(&disk).copied().unwrap_or(0);
         let disks = self
             .config
             .disks
@@ -62,11 +74,15 @@ impl Group {
             .map(|d| DiskStatus {
                 path: self.disk_path(d.uuid),
                 uuid: d.uuid,
-                state: self.disk_state(d.uuid),
+                state: match self.disk_state(d.uuid) {
+                    "online" if errors_on(d.uuid) > 0 => "online-errors",
+                    state => state,
+                },
                 controller: d.controller.clone(),
                 style: d.style.to_string(),
                 size: d.size,
                 free: free_bytes(&self.config, d.uuid),
+                errors: errors_on(d.uuid),
             })
             .collect();
         let volumes = self
@@ -87,7 +103,16 @@ impl Group {
                     uuid: v.uuid,
                     size: v.size,
                     layout: if v.is_mirror() { "mirror" } else { "simple" },
-                    state: self.volume_state(v),
+                    state: match self.volume_state(v) {
+                        "healthy" | "failed-redundancy"
+                            if v.plexes
+                                .iter()
+                                .any(|p| errors_on(p.disk) > 0 && self.is_online(p.disk)) =>
+                        {
+                            "failed-redundancy-at-risk"
+                        }
+                        state => state,
+                    },
                     duplexed: v.is_mirror() && controllers.len() == v.plexes.len(),
                     plexes: v
                         .plexes

@@ -13,6 +13,10 @@ use uuid::Uuid;
 
 use crate::disk::Disk;
 
+pub mod engine;
+pub mod queue;
+pub mod range_lock;
+
 /// Bytes moved per step by [`copy_to_plex`] and by volume copies.
 pub const COPY_CHUNK: usize = 4 << 20;
 

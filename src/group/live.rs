@@ -1,0 +1,181 @@
+//! A group in service: the assembled group, a queue per disk, the mirror
+//! engine of every volume, and the failure handling that keeps the config
+//! true while I/O runs.
+//!
+//! The engine reports failures through [`FailureSink`]; each report takes the
+//! group lock, changes the config and commits it to the surviving disks
+//! before the engine acknowledges the I/O that saw the failure.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+
+use uuid::Uuid;
+
+use super::Group;
+use super::status::StatusReport;
+use crate::format::PlexState;
+use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode};
+use crate::volume::queue::{DiskQueue, Watchdog};
+
+pub struct LiveGroup {
+    group: Mutex<Group>,
+    queues: BTreeMap<Uuid, Arc<DiskQueue>>,
+    volumes: RwLock<BTreeMap<String, Arc<MirrorVolume>>>,
+    /// I/O errors seen per disk since the group was started.
+    errors: Mutex<BTreeMap<Uuid, u64>>,
+    _watchdog: Watchdog,
+}
+
+impl LiveGroup {
+    /// Puts an assembled group in service: a queue for every online disk, an
+    /// engine for every volume.
+    pub fn start(group: Group, opts: EngineOptions) -> Arc<LiveGroup> {
+        let mut queues = BTreeMap::new();
+        for (uuid, m) in &group.members {
+            if group.is_online(*uuid) {
+                let name = m.path.display().to_string();
+                queues.insert(
+                    *uuid,
+                    DiskQueue::start(&name, m.disk.clone(), opts.threads_per_disk),
+                );
+            }
+        }
+        let watchdog = Watchdog::start(
+            queues.values().map(Arc::downgrade).collect(),
+            opts.io_timeout,
+        );
+        Arc::new_cyclic(|me: &Weak<LiveGroup>| {
+            let sink: Weak<dyn FailureSink> = me.clone();
+            let mut volumes = BTreeMap::new();
+            for v in &group.config.volumes {
+                let plexes = v
+                    .plexes
+                    .iter()
+                    .filter_map(|p| {
+                        let queue = queues.get(&p.disk)?;
+                        let mode = match p.state {
+                            PlexState::InSync => Mode::InSync,
+                            PlexState::Resyncing => Mode::WriteOnly,
+                            PlexState::Stale | PlexState::Failed => return None,
+                        };
+                        let offset = group.members[&p.disk].label.layout.data_offset() + p.offset;
+                        Some(EnginePlex::new(p.disk, queue.clone(), offset, mode))
+                    })
+                    .collect();
+                volumes.insert(
+                    v.name.clone(),
+                    MirrorVolume::new(&v.name, v.size, plexes, sink.clone(), opts.clone()),
+                );
+            }
+            LiveGroup {
+                group: Mutex::new(group),
+                queues,
+                volumes: RwLock::new(volumes),
+                errors: Mutex::new(BTreeMap::new()),
+                _watchdog: watchdog,
+            }
+        })
+    }
+
+    /// The engine of a volume.
+    pub fn volume(&self, name: &str) -> Option<Arc<MirrorVolume>> {
+        self.volumes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The names of the volumes in service.
+    pub fn volume_names(&self) -> Vec<String> {
+        self.volumes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// The group, locked.
+    pub fn group(&self) -> MutexGuard<'_, Group> {
+        self.group.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Status with what the running engine knows: error counts make a disk
+    /// `online-errors` and its volumes `failed-redundancy-at-risk`.
+    pub fn status(&self) -> StatusReport {
+        let errors = self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        self.group().status_with(&errors)
+    }
+
+    fn count_error(&self, disk: Uuid) {
+        *self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(disk)
+            .or_default() += 1;
+    }
+
+    fn commit(&self, g: &mut Group, what: &str) {
+        if let Err(e) = g.commit() {
+            tracing::error!(error = %e, "the config change for {what} could not be written");
+        }
+    }
+
+    /// Stops the disk queues after the work queued on them.
+    pub fn stop(&self) {
+        for q in self.queues.values() {
+            q.stop();
+        }
+    }
+}
+
+impl FailureSink for LiveGroup {
+    fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
+        self.count_error(disk);
+        let mut g = self.group();
+        let path = g.disk_path(disk);
+        tracing::error!(%volume, disk = %path, %error, "plex failed");
+        g.mark_plex_failed(volume, disk);
+        self.commit(&mut g, &format!("the failed plex of {volume} on {path}"));
+    }
+
+    fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
+        self.count_error(disk);
+        let mut g = self.group();
+        let path = g.disk_path(disk);
+        tracing::error!(%volume, disk = %path, %error, "the last in-sync plex failed; its disk is taken out of service");
+        g.mark_disk_failed(disk);
+        // Every volume loses its plex on that disk, not only this one.
+        for v in self
+            .volumes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            for p in v.plexes() {
+                if p.disk == disk {
+                    p.set_mode(Mode::Out);
+                }
+            }
+        }
+        self.commit(&mut g, &format!("failed disk {path}"));
+    }
+
+    fn read_error(&self, volume: &str, disk: Uuid, error: &io::Error, repaired: bool) {
+        self.count_error(disk);
+        tracing::warn!(%volume, %disk, %error, repaired, "read error");
+    }
+}
+
+impl Drop for LiveGroup {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,645 @@
+//! The concurrent mirror engine (DESIGN.md §5).
+//!
+//! Many callers submit reads, writes and flushes at once; each returns through
+//! a callback, or waits with the blocking wrappers.
+//!
+//! - A write holds its range in the [`RangeLock`] and fans out to every
+//!   writable plex through the plexes' disk queues in parallel; it completes
+//!   when all have answered. Overlapping writes start in arrival order, one
+//!   after the other, so every plex applies them in the same order.
+//! - A plex that fails a write is failed (the [`FailureSink`] records it in
+//!   the config on the surviving disks) before the write is acknowledged.
+//!   The last in-sync plex is never failed: when no in-sync plex took a write,
+//!   the error goes back to the caller, and that plex's disk is taken out of
+//!   service with the plex's data kept (`reactivate` brings it back).
+//! - A read goes to one in-sync plex: the one whose last read ended where this
+//!   one starts (a sequential stream stays on its plex), else the one with the
+//!   fewest requests pending. On an error it is served from another plex, and
+//!   the range is rewritten on the plex that failed, under the range lock, and
+//!   read back. Errors are counted; past `max_read_errors` the plex is failed.
+//! - Requests to a plex have a deadline while another in-sync plex remains: a
+//!   hung disk is failed instead of stalling the volume.
+//! - Decisions to fail a plex are taken one at a time, against the plex
+//!   states of that moment, so two failures racing on two plexes can never
+//!   fail both and lose what each alone had taken.
+
+use std::io;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::queue::{DiskQueue, Op, Outcome};
+use super::range_lock::RangeLock;
+
+/// Tunables of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Worker threads per disk: how many requests one disk serves at once.
+    pub threads_per_disk: usize,
+    /// A request slower than this fails its disk while another in-sync plex
+    /// remains (default 30 s, the SCSI layer's default command timeout).
+    pub io_timeout: Duration,
+    /// Read errors a plex may show (each repaired) before it is failed
+    /// (default 20, md's `max_read_errors`).
+    pub max_read_errors: u64,
+}
+
+impl Default for EngineOptions {
+    fn default() -> EngineOptions {
+        EngineOptions {
+            threads_per_disk: 32,
+            io_timeout: Duration::from_secs(30),
+            max_read_errors: 20,
+        }
+    }
+}
+
+/// Where the engine reports what the config must record.
+pub trait FailureSink: Send + Sync {
+    /// The plex on `disk` failed and is out of service; returns once the
+    /// config on the surviving disks says so.
+    fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error);
+    /// The last in-sync plex, on `disk`, failed a write: its disk is taken out
+    /// of service with the plex's data kept.
+    fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error);
+    /// A read error on `disk`; `repaired` when the range was rewritten from a
+    /// good copy and read back correctly.
+    fn read_error(&self, volume: &str, disk: Uuid, error: &io::Error, repaired: bool);
+}
+
+/// A sink that records nothing (benchmarks, unit tests).
+pub struct NoSink;
+
+impl FailureSink for NoSink {
+    fn plex_failed(&self, _: &str, _: Uuid, _: &io::Error) {}
+    fn last_copy_failed(&self, _: &str, _: Uuid, _: &io::Error) {}
+    fn read_error(&self, _: &str, _: Uuid, _: &io::Error, _: bool) {}
+}
+
+/// What a plex does in the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// Serves reads and takes every write.
+    InSync = 0,
+    /// Takes every write, serves no reads (being resynced).
+    WriteOnly = 1,
+    /// Out of service.
+    Out = 2,
+}
+
+impl Mode {
+    fn from_u8(v: u8) -> Mode {
+        match v {
+            0 => Mode::InSync,
+            1 => Mode::WriteOnly,
+            _ => Mode::Out,
+        }
+    }
+}
+
+/// One plex in the engine.
+#[derive(Debug)]
+pub struct EnginePlex {
+    pub disk: Uuid,
+    pub queue: Arc<DiskQueue>,
+    /// Absolute offset of the volume's first byte on the disk.
+    pub offset: u64,
+    mode: AtomicU8,
+    last_read_end: AtomicU64,
+    read_errors: AtomicU64,
+}
+
+impl EnginePlex {
+    pub fn new(disk: Uuid, queue: Arc<DiskQueue>, offset: u64, mode: Mode) -> EnginePlex {
+        EnginePlex {
+            disk,
+            queue,
+            offset,
+            mode: AtomicU8::new(mode as u8),
+            last_read_end: AtomicU64::new(u64::MAX),
+            read_errors: AtomicU64::new(0),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        Mode::from_u8(self.mode.load(Ordering::Acquire))
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.store(mode as u8, Ordering::Release);
+    }
+
+    pub fn read_errors(&self) -> u64 {
+        self.read_errors.load(Ordering::Relaxed)
+    }
+}
+
+type Done<T> = Box<dyn FnOnce(io::Result<T>) + Send>;
+
+/// A callback that gets every outcome of a fan-out.
+type FanDone = Box<dyn FnOnce(Outcomes) + Send>;
+
+/// Every plex's outcome of one fanned-out request.
+type Outcomes = Vec<(Arc<EnginePlex>, Outcome)>;
+
+fn eio(msg: String) -> io::Error {
+    io::Error::other(msg)
+}
+
+/// A volume served by the engine.
+pub struct MirrorVolume {
+    pub name: String,
+    pub size: u64,
+    plexes: RwLock<Vec<Arc<EnginePlex>>>,
+    lock: RangeLock,
+    sink: Weak<dyn FailureSink>,
+    opts: EngineOptions,
+    /// Serializes decisions to fail plexes.
+    decide: Mutex<()>,
+    rotate: AtomicUsize,
+}
+
+impl std::fmt::Debug for MirrorVolume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorVolume")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl MirrorVolume {
+    pub fn new(
+        name: &str,
+        size: u64,
+        plexes: Vec<EnginePlex>,
+        sink: Weak<dyn FailureSink>,
+        opts: EngineOptions,
+    ) -> Arc<MirrorVolume> {
+        Arc::new(MirrorVolume {
+            name: name.to_string(),
+            size,
+            plexes: RwLock::new(plexes.into_iter().map(Arc::new).collect()),
+            lock: RangeLock::new(),
+            sink,
+            opts,
+            decide: Mutex::new(()),
+            rotate: AtomicUsize::new(0),
+        })
+    }
+
+    /// A snapshot of the plexes.
+    pub fn plexes(&self) -> Vec<Arc<EnginePlex>> {
+        self.plexes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn add_plex(&self, plex: EnginePlex) {
+        self.plexes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::new(plex));
+    }
+
+    fn in_sync(&self) -> usize {
+        self.plexes()
+            .iter()
+            .filter(|p| p.mode() == Mode::InSync)
+            .count()
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{len} bytes at offset {offset} lie past the end of volume {} ({} bytes)",
+                    self.name, self.size
+                ),
+            )),
+        }
+    }
+
+    fn with_sink(&self, f: impl FnOnce(&dyn FailureSink)) {
+        if let Some(sink) = self.sink.upgrade() {
+            f(&*sink);
+        }
+    }
+
+    /// Fails `plex` unless it is the last in-sync plex or already out.
+    /// Returns whether it was failed. The caller holds `decide`.
+    fn fail_plex_locked(&self, plex: &EnginePlex, error: &io::Error) -> bool {
+        match plex.mode() {
+            Mode::Out => false,
+            Mode::WriteOnly => {
+                plex.set_mode(Mode::Out);
+                self.with_sink(|s| s.plex_failed(&self.name, plex.disk, error));
+                true
+            }
+            Mode::InSync if self.in_sync() > 1 => {
+                plex.set_mode(Mode::Out);
+                tracing::error!(volume = %self.name, disk = %plex.queue.name(), %error, "plex failed");
+                self.with_sink(|s| s.plex_failed(&self.name, plex.disk, error));
+                true
+            }
+            Mode::InSync => false,
+        }
+    }
+
+    // ---- writes ----
+
+    /// Writes `data` at `offset` on every writable plex; `done` runs once
+    /// every plex has answered and failures are recorded.
+    pub fn submit_write(self: &Arc<Self>, offset: u64, data: Arc<[u8]>, fua: bool, done: Done<()>) {
+        if let Err(e) = self.check(offset, data.len() as u64) {
+            return done(Err(e));
+        }
+        let len = data.len() as u64;
+        self.submit_fanned(
+            offset,
+            len,
+            move |p| Op::Write {
+                offset: p.offset + offset,
+                data: data.clone(),
+                fua,
+            },
+            done,
+        );
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes on every writable plex.
+    pub fn submit_write_zeroes(self: &Arc<Self>, offset: u64, len: u64, fua: bool, done: Done<()>) {
+        if let Err(e) = self.check(offset, len) {
+            return done(Err(e));
+        }
+        self.submit_fanned(
+            offset,
+            len,
+            move |p| Op::WriteZeroes {
+                offset: p.offset + offset,
+                len,
+                fua,
+            },
+            done,
+        );
+    }
+
+    fn submit_fanned(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        op: impl Fn(&EnginePlex) -> Op + Send + 'static,
+        done: Done<()>,
+    ) {
+        if len == 0 {
+            return done(Ok(()));
+        }
+        let this = self.clone();
+        self.lock.acquire(offset..offset + len, move |guard| {
+            let targets: Vec<Arc<EnginePlex>> = this
+                .plexes()
+                .into_iter()
+                .filter(|p| p.mode() != Mode::Out)
+                .collect();
+            let ops: Vec<Op> = targets.iter().map(|p| op(p)).collect();
+            let after = this.clone();
+            this.fan_out(targets, ops, move |results| {
+                let r = after.settle_writes(results, "write", offset);
+                after.lock.release(guard);
+                done(r);
+            });
+        });
+    }
+
+    /// Flushes every writable plex.
+    pub fn submit_flush(self: &Arc<Self>, done: Done<()>) {
+        let targets: Vec<Arc<EnginePlex>> = self
+            .plexes()
+            .into_iter()
+            .filter(|p| p.mode() != Mode::Out)
+            .collect();
+        let ops = vec![Op::Flush; targets.len()];
+        let this = self.clone();
+        self.fan_out(targets, ops, move |results| {
+            done(this.settle_writes(results, "flush", 0))
+        });
+    }
+
+    /// Sends `ops[i]` to `targets[i]` in parallel; `all_done` gets every
+    /// outcome once the last one is in.
+    fn fan_out(
+        &self,
+        targets: Vec<Arc<EnginePlex>>,
+        ops: Vec<Op>,
+        all_done: impl FnOnce(Outcomes) + Send + 'static,
+    ) {
+        if targets.is_empty() {
+            return all_done(Vec::new());
+        }
+        struct Fan {
+            remaining: AtomicUsize,
+            results: Mutex<Outcomes>,
+            all_done: Mutex<Option<FanDone>>,
+        }
+        let fan = Arc::new(Fan {
+            remaining: AtomicUsize::new(targets.len()),
+            results: Mutex::new(Vec::with_capacity(targets.len())),
+            all_done: Mutex::new(Some(Box::new(all_done))),
+        });
+        let deadline = self.in_sync() > 1;
+        for (plex, op) in targets.into_iter().zip(ops) {
+            let fan = fan.clone();
+            let p = plex.clone();
+            plex.queue.submit(
+                op,
+                deadline,
+                Box::new(move |outcome| {
+                    fan.results
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((p, outcome));
+                    if fan.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        let results = std::mem::take(
+                            &mut *fan.results.lock().unwrap_or_else(|e| e.into_inner()),
+                        );
+                        let cb = fan
+                            .all_done
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .take();
+                        if let Some(cb) = cb {
+                            cb(results);
+                        }
+                    }
+                }),
+            );
+        }
+    }
+
+    /// Decides what a fanned-out write's outcomes mean: success when a plex
+    /// that is in sync now took it; the plexes that failed are failed first.
+    fn settle_writes(&self, results: Outcomes, op: &str, offset: u64) -> io::Result<()> {
+        if results.is_empty() {
+            return Err(eio(format!("volume {} has no plex to {op} to", self.name)));
+        }
+        if results.iter().all(|(_, r)| r.is_ok()) {
+            return Ok(());
+        }
+        let _decide = self.decide.lock().unwrap_or_else(|e| e.into_inner());
+        let took_it = results
+            .iter()
+            .any(|(p, r)| r.is_ok() && p.mode() == Mode::InSync);
+        let mut last_error = None;
+        for (plex, r) in &results {
+            let Err(error) = r else { continue };
+            if !self.fail_plex_locked(plex, error) && !took_it && plex.mode() == Mode::InSync {
+                // The last in-sync plex failed and nothing else took the write.
+                plex.set_mode(Mode::Out);
+                tracing::error!(volume = %self.name, disk = %plex.queue.name(), %error, "last in-sync plex failed a {op}; the volume is failed");
+                self.with_sink(|s| s.last_copy_failed(&self.name, plex.disk, error));
+            }
+            last_error = Some(error);
+        }
+        if took_it {
+            Ok(())
+        } else {
+            let e = last_error.expect("some result failed");
+            Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "{op} at offset {offset} of volume {} failed on every plex: {e}",
+                    self.name
+                ),
+            ))
+        }
+    }
+
+    // ---- reads ----
+
+    /// Reads `len` bytes at `offset`; `done` gets the bytes.
+    pub fn submit_read(self: &Arc<Self>, offset: u64, len: usize, done: Done<Vec<u8>>) {
+        if let Err(e) = self.check(offset, len as u64) {
+            return done(Err(e));
+        }
+        self.read_from(offset, len, Vec::new(), done);
+    }
+
+    fn pick_reader(
+        &self,
+        offset: u64,
+        tried: &[(Arc<EnginePlex>, io::Error)],
+    ) -> Option<Arc<EnginePlex>> {
+        let candidates: Vec<Arc<EnginePlex>> = self
+            .plexes()
+            .into_iter()
+            .filter(|p| p.mode() == Mode::InSync)
+            .filter(|p| !tried.iter().any(|(t, _)| Arc::ptr_eq(t, p)))
+            .collect();
+        if let Some(p) = candidates
+            .iter()
+            .find(|p| p.last_read_end.load(Ordering::Relaxed) == offset)
+        {
+            return Some(p.clone());
+        }
+        let least = candidates.iter().map(|p| p.queue.pending()).min()?;
+        let idle: Vec<&Arc<EnginePlex>> = candidates
+            .iter()
+            .filter(|p| p.queue.pending() == least)
+            .collect();
+        let turn = self.rotate.fetch_add(1, Ordering::Relaxed);
+        Some(idle[turn % idle.len()].clone())
+    }
+
+    fn read_from(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        mut tried: Vec<(Arc<EnginePlex>, io::Error)>,
+        done: Done<Vec<u8>>,
+    ) {
+        let Some(plex) = self.pick_reader(offset, &tried) else {
+            let e = match tried.pop() {
+                Some((_, e)) => io::Error::new(
+                    e.kind(),
+                    format!(
+                        "read at offset {offset} of volume {} failed on every plex: {e}",
+                        self.name
+                    ),
+                ),
+                None => eio(format!(
+                    "volume {} has no in-sync plex to read from",
+                    self.name
+                )),
+            };
+            return done(Err(e));
+        };
+        let this = self.clone();
+        let p = plex.clone();
+        let deadline = self.in_sync() > 1;
+        plex.queue.submit(
+            Op::Read {
+                offset: plex.offset + offset,
+                len,
+            },
+            deadline,
+            Box::new(move |outcome| match outcome {
+                Ok(buf) => {
+                    p.last_read_end
+                        .store(offset + len as u64, Ordering::Relaxed);
+                    if !tried.is_empty() {
+                        this.repair_after_read(offset, len, p, tried);
+                    }
+                    done(Ok(buf));
+                }
+                Err(e) => {
+                    p.read_errors.fetch_add(1, Ordering::Relaxed);
+                    tried.push((p, e));
+                    this.read_from(offset, len, tried, done);
+                }
+            }),
+        );
+    }
+
+    /// Rewrites a range that failed to read on some plexes from the plex
+    /// `good`, under the range lock, and reads it back; plexes where that
+    /// fails, that hung, or that passed `max_read_errors`, are failed.
+    fn repair_after_read(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        good: Arc<EnginePlex>,
+        bad: Vec<(Arc<EnginePlex>, io::Error)>,
+    ) {
+        let this = self.clone();
+        self.lock
+            .acquire(offset..offset + len as u64, move |guard| {
+                std::thread::spawn(move || {
+                    for (plex, error) in bad {
+                        let repaired = error.kind() != io::ErrorKind::TimedOut
+                            && this.rewrite(&good, &plex, offset, len).is_ok();
+                        this.with_sink(|s| s.read_error(&this.name, plex.disk, &error, repaired));
+                        if !repaired || plex.read_errors() > this.opts.max_read_errors {
+                            let _decide = this.decide.lock().unwrap_or_else(|e| e.into_inner());
+                            this.fail_plex_locked(&plex, &error);
+                        }
+                    }
+                    this.lock.release(guard);
+                });
+            });
+    }
+
+    /// Copies a range from `good` to `bad` and checks it reads back equal.
+    fn rewrite(
+        &self,
+        good: &EnginePlex,
+        bad: &EnginePlex,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<()> {
+        let data = wait(|cb| {
+            good.queue.submit(
+                Op::Read {
+                    offset: good.offset + offset,
+                    len,
+                },
+                false,
+                cb,
+            )
+        })?;
+        let data: Arc<[u8]> = Arc::from(data);
+        wait(|cb| {
+            bad.queue.submit(
+                Op::Write {
+                    offset: bad.offset + offset,
+                    data: data.clone(),
+                    fua: true,
+                },
+                true,
+                cb,
+            )
+        })?;
+        let back = wait(|cb| {
+            bad.queue.submit(
+                Op::Read {
+                    offset: bad.offset + offset,
+                    len,
+                },
+                true,
+                cb,
+            )
+        })?;
+        if back[..] != data[..] {
+            return Err(eio(format!(
+                "disk {} read back other data than was rewritten at offset {offset}",
+                bad.queue.name()
+            )));
+        }
+        Ok(())
+    }
+
+    // ---- blocking wrappers ----
+
+    pub fn write(self: &Arc<Self>, offset: u64, data: &[u8]) -> io::Result<()> {
+        let data: Arc<[u8]> = Arc::from(data);
+        wait(|cb| {
+            self.submit_write(
+                offset,
+                data,
+                false,
+                Box::new(move |r| cb(r.map(|()| Vec::new()))),
+            )
+        })
+        .map(|_| ())
+    }
+
+    pub fn write_fua(self: &Arc<Self>, offset: u64, data: &[u8]) -> io::Result<()> {
+        let data: Arc<[u8]> = Arc::from(data);
+        wait(|cb| {
+            self.submit_write(
+                offset,
+                data,
+                true,
+                Box::new(move |r| cb(r.map(|()| Vec::new()))),
+            )
+        })
+        .map(|_| ())
+    }
+
+    pub fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let got = wait(|cb| self.submit_read(offset, buf.len(), cb))?;
+        buf.copy_from_slice(&got);
+        Ok(())
+    }
+
+    pub fn flush(self: &Arc<Self>) -> io::Result<()> {
+        wait(|cb| self.submit_flush(Box::new(move |r| cb(r.map(|()| Vec::new()))))).map(|_| ())
+    }
+
+    pub fn write_zeroes(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<()> {
+        wait(|cb| {
+            self.submit_write_zeroes(
+                offset,
+                len,
+                false,
+                Box::new(move |r| cb(r.map(|()| Vec::new()))),
+            )
+        })
+        .map(|_| ())
+    }
+}
+
+/// Submits with a callback and waits for it.
+fn wait(submit: impl FnOnce(Box<dyn FnOnce(Outcome) + Send>)) -> Outcome {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    submit(Box::new(move |o| {
+        let _ = tx.send(o);
+    }));
+    rx.recv()
+        .unwrap_or_else(|_| Err(eio("the request was dropped without an answer".into())))
+}

@@ -1,0 +1,423 @@
+//! Per-disk submission queues.
+//!
+//! Every disk gets its own queue and its own worker threads, so a slow or
+//! hung disk never delays submission to another (duplexing carried down to
+//! the I/O path). Submitting never blocks: the request goes into the disk's
+//! channel, and its completion runs on the worker that finished it.
+//!
+//! A watchdog ([`Watchdog`]) completes requests that have waited longer than
+//! the timeout with `TimedOut`, so the mirror above can fail the disk and go
+//! on with the other plexes; the stuck worker's own completion, if it ever
+//! comes, is then ignored.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::disk::Disk;
+
+/// One I/O request to one disk, at absolute disk offsets.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Read {
+        offset: u64,
+        len: usize,
+    },
+    /// Writes `data`; with `fua`, makes it durable before completing.
+    Write {
+        offset: u64,
+        data: Arc<[u8]>,
+        fua: bool,
+    },
+    Flush,
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+}
+
+/// What a completed request yields: the bytes of a read, nothing otherwise.
+pub type Outcome = io::Result<Vec<u8>>;
+
+/// A completion callback.
+pub type Callback = Box<dyn FnOnce(Outcome) + Send>;
+
+/// Runs a completion once: by the worker, or by the watchdog on a timeout,
+/// whichever comes first.
+struct Ticket {
+    callback: Mutex<Option<Callback>>,
+}
+
+impl Ticket {
+    fn complete(&self, outcome: Outcome) {
+        let cb = self
+            .callback
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(cb) = cb {
+            cb(outcome);
+        }
+    }
+}
+
+type InFlight = (Instant, bool, Arc<Ticket>);
+
+struct Job {
+    id: u64,
+    op: Op,
+    /// Whether the watchdog may time this request out.
+    deadline: bool,
+    ticket: Arc<Ticket>,
+}
+
+/// A disk's queue and workers.
+pub struct DiskQueue {
+    name: String,
+    disk: Arc<dyn Disk>,
+    tx: Mutex<Option<Sender<Job>>>,
+    pending: AtomicUsize,
+    next_id: AtomicU64,
+    /// Requests being served: id to (start, has a deadline, ticket).
+    in_flight: Mutex<HashMap<u64, InFlight>>,
+    timed_out: AtomicBool,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for DiskQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskQueue")
+            .field("name", &self.name)
+            .field("pending", &self.pending())
+            .finish()
+    }
+}
+
+fn execute(disk: &dyn Disk, op: &Op) -> Outcome {
+    match op {
+        Op::Read { offset, len } => {
+            let mut buf = vec![0u8; *len];
+            disk.read_at(&mut buf, *offset)?;
+            Ok(buf)
+        }
+        Op::Write { offset, data, fua } => {
+            disk.write_at(data, *offset)?;
+            if *fua {
+                disk.flush()?;
+            }
+            Ok(Vec::new())
+        }
+        Op::Flush => disk.flush().map(|()| Vec::new()),
+        Op::WriteZeroes { offset, len, fua } => {
+            disk.write_zeroes(*offset, *len)?;
+            if *fua {
+                disk.flush()?;
+            }
+            Ok(Vec::new())
+        }
+    }
+}
+
+impl DiskQueue {
+    /// Starts a queue with `threads` workers over `disk`; `name` (its path)
+    /// names the threads and the errors.
+    pub fn start(name: &str, disk: Arc<dyn Disk>, threads: usize) -> Arc<DiskQueue> {
+        let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let q = Arc::new(DiskQueue {
+            name: name.to_string(),
+            disk,
+            tx: Mutex::new(Some(tx)),
+            pending: AtomicUsize::new(0),
+            next_id: AtomicU64::new(0),
+            in_flight: Mutex::new(HashMap::new()),
+            timed_out: AtomicBool::new(false),
+            workers: Mutex::new(Vec::new()),
+        });
+        let mut workers = Vec::new();
+        for i in 0..threads.max(1) {
+            let rx: Receiver<Job> = rx.clone();
+            let q = Arc::downgrade(&q);
+            let handle = std::thread::Builder::new()
+                .name(format!("mv-disk-{i}"))
+                .spawn(move || worker(q, rx))
+                .expect("spawn a disk worker");
+            workers.push(handle);
+        }
+        *q.workers.lock().unwrap_or_else(|e| e.into_inner()) = workers;
+        q
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn disk(&self) -> &Arc<dyn Disk> {
+        &self.disk
+    }
+
+    /// Requests submitted and not yet completed.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// True once a request on this disk has timed out.
+    pub fn has_timed_out(&self) -> bool {
+        self.timed_out.load(Ordering::Relaxed)
+    }
+
+    /// Queues `op`; `done` runs when it completes (or times out, when
+    /// `deadline` allows it).
+    pub fn submit(&self, op: Op, deadline: bool, done: Callback) {
+        let ticket = Arc::new(Ticket {
+            callback: Mutex::new(Some(done)),
+        });
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            id,
+            op,
+            deadline,
+            ticket: ticket.clone(),
+        };
+        let sent = match &*self.tx.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(tx) => tx.send(job).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            ticket.complete(Err(io::Error::other(format!(
+                "the queue of disk {} is stopped",
+                self.name
+            ))));
+        }
+    }
+
+    /// Times out the requests of this queue older than `timeout`.
+    fn expire(&self, timeout: Duration) {
+        let now = Instant::now();
+        let expired: Vec<Arc<Ticket>> = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<u64> = in_flight
+                .iter()
+                .filter(|(_, (start, deadline, _))| *deadline && now - *start > timeout)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter()
+                .filter_map(|id| in_flight.remove(id))
+                .map(|(_, _, t)| t)
+                .collect()
+        };
+        if expired.is_empty() {
+            return;
+        }
+        self.timed_out.store(true, Ordering::Relaxed);
+        tracing::error!(disk = %self.name, count = expired.len(), "I/O timed out");
+        for t in expired {
+            t.complete(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "I/O on disk {} did not complete within {} ms",
+                    self.name,
+                    timeout.as_millis()
+                ),
+            )));
+        }
+    }
+
+    /// Stops accepting requests; workers finish what is queued and exit.
+    /// Workers stuck in a hung disk are left behind, not joined.
+    pub fn stop(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        if self.has_timed_out() {
+            return;
+        }
+        for w in workers {
+            let _ = w.join();
+        }
+    }
+}
+
+fn worker(q: Weak<DiskQueue>, rx: Receiver<Job>) {
+    while let Ok(job) = rx.recv() {
+        let Some(queue) = q.upgrade() else {
+            job.ticket
+                .complete(Err(io::Error::other("the disk queue was stopped")));
+            continue;
+        };
+        queue
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job.id, (Instant::now(), job.deadline, job.ticket.clone()));
+        let disk = queue.disk.clone();
+        drop(queue);
+        let outcome = execute(&*disk, &job.op);
+        if let Some(queue) = q.upgrade() {
+            queue
+                .in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&job.id);
+            queue.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        job.ticket.complete(outcome);
+    }
+}
+
+/// Times out requests on a set of queues: one thread that looks every quarter
+/// of the timeout. It stops when dropped.
+pub struct Watchdog {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Watchdog {
+    pub fn start(queues: Vec<Weak<DiskQueue>>, timeout: Duration) -> Watchdog {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let tick = (timeout / 4).max(Duration::from_millis(5));
+        let handle = std::thread::Builder::new()
+            .name("mv-watchdog".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::park_timeout(tick);
+                    for q in queues.iter().filter_map(Weak::upgrade) {
+                        q.expire(timeout);
+                    }
+                }
+            })
+            .expect("spawn the watchdog");
+        Watchdog {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            h.thread().unpark();
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{FaultyDisk, MemDisk};
+    use std::sync::mpsc;
+
+    fn wait(q: &DiskQueue, op: Op, deadline: bool) -> Outcome {
+        let (tx, rx) = mpsc::channel();
+        q.submit(
+            op,
+            deadline,
+            Box::new(move |o| {
+                let _ = tx.send(o);
+            }),
+        );
+        rx.recv().unwrap()
+    }
+
+    #[test]
+    fn requests_complete_with_their_results() {
+        let q = DiskQueue::start("mem", Arc::new(MemDisk::new(1 << 20)), 4);
+        let data: Arc<[u8]> = Arc::from(vec![3u8; 4096]);
+        wait(
+            &q,
+            Op::Write {
+                offset: 8192,
+                data,
+                fua: true,
+            },
+            true,
+        )
+        .unwrap();
+        let got = wait(
+            &q,
+            Op::Read {
+                offset: 8192,
+                len: 4096,
+            },
+            true,
+        )
+        .unwrap();
+        assert_eq!(got, vec![3u8; 4096]);
+        assert!(
+            wait(
+                &q,
+                Op::Read {
+                    offset: 1 << 20,
+                    len: 1
+                },
+                true
+            )
+            .is_err()
+        );
+        assert_eq!(q.pending(), 0);
+        q.stop();
+    }
+
+    #[test]
+    fn a_hung_request_times_out_and_its_late_completion_is_ignored() {
+        let disk = Arc::new(FaultyDisk::new(Arc::new(MemDisk::new(1 << 20))));
+        let q = DiskQueue::start("hung", disk.clone(), 2);
+        let _dog = Watchdog::start(vec![Arc::downgrade(&q)], Duration::from_millis(40));
+        disk.hang();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        let c = calls.clone();
+        q.submit(
+            Op::Read {
+                offset: 0,
+                len: 512,
+            },
+            true,
+            Box::new(move |o| {
+                c.fetch_add(1, Ordering::SeqCst);
+                let _ = tx.send(o);
+            }),
+        );
+        let err = rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(q.has_timed_out());
+        disk.release();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn requests_without_deadline_wait_for_a_slow_disk() {
+        let disk = Arc::new(FaultyDisk::new(Arc::new(MemDisk::new(1 << 20))));
+        let q = DiskQueue::start("slow", disk.clone(), 2);
+        let _dog = Watchdog::start(vec![Arc::downgrade(&q)], Duration::from_millis(20));
+        disk.hang();
+        let (tx, rx) = mpsc::channel();
+        q.submit(
+            Op::Read {
+                offset: 0,
+                len: 512,
+            },
+            false,
+            Box::new(move |o| {
+                let _ = tx.send(o);
+            }),
+        );
+        assert!(rx.recv_timeout(Duration::from_millis(150)).is_err());
+        disk.release();
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap().is_ok());
+    }
+}
