@@ -136,23 +136,11 @@ impl LiveGroup {
     }
 }
 
-impl FailureSink for LiveGroup {
-    fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
-        self.count_error(disk);
-        let mut g = self.group();
-        let path = g.disk_path(disk);
-        tracing::error!(%volume, disk = %path, %error, "plex failed");
-        g.mark_plex_failed(volume, disk);
-        self.commit(&mut g, &format!("the failed plex of {volume} on {path}"));
-    }
-
-    fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
-        self.count_error(disk);
-        let mut g = self.group();
-        let path = g.disk_path(disk);
-        tracing::error!(%volume, disk = %path, %error, "the last in-sync plex failed; its disk is taken out of service");
+impl LiveGroup {
+    /// Takes a whole disk out of service: in the config (its last in-sync
+    /// plexes keep their data and state) and in every volume's engine.
+    fn fail_disk(&self, g: &mut Group, disk: Uuid) {
         g.mark_disk_failed(disk);
-        // Every volume loses its plex on that disk, not only this one.
         for v in self
             .volumes
             .read()
@@ -165,6 +153,32 @@ impl FailureSink for LiveGroup {
                 }
             }
         }
+    }
+}
+
+impl FailureSink for LiveGroup {
+    fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
+        self.count_error(disk);
+        let mut g = self.group();
+        let path = g.disk_path(disk);
+        if error.kind() == io::ErrorKind::TimedOut {
+            // A hung disk answers nothing, config writes included: the whole
+            // disk goes out of service, so no commit waits on it.
+            tracing::error!(%volume, disk = %path, %error, "disk hung; it is failed");
+            self.fail_disk(&mut g, disk);
+        } else {
+            tracing::error!(%volume, disk = %path, %error, "plex failed");
+            g.mark_plex_failed(volume, disk);
+        }
+        self.commit(&mut g, &format!("the failed plex of {volume} on {path}"));
+    }
+
+    fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
+        self.count_error(disk);
+        let mut g = self.group();
+        let path = g.disk_path(disk);
+        tracing::error!(%volume, disk = %path, %error, "the last in-sync plex failed; its disk is taken out of service");
+        self.fail_disk(&mut g, disk);
         self.commit(&mut g, &format!("failed disk {path}"));
     }
 

@@ -358,6 +358,14 @@ impl Group {
         }))
     }
 
+    /// Replaces every member's disk with `wrap(uuid, disk)`: fault injection
+    /// in tests, instrumentation in benchmarks.
+    pub fn wrap_disks(&mut self, mut wrap: impl FnMut(Uuid, Arc<dyn Disk>) -> Arc<dyn Disk>) {
+        for (uuid, m) in &mut self.members {
+            m.disk = wrap(*uuid, m.disk.clone());
+        }
+    }
+
     /// The disk's state as users see it (DESIGN.md §2).
     pub fn disk_state(&self, uuid: Uuid) -> &'static str {
         let present = self.members.contains_key(&uuid);
