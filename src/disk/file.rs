@@ -16,15 +16,14 @@
 //! transfer that is not aligned to the device's I/O granularity becomes a
 //! read-modify-write of the covering aligned range (see [`FileDisk::write_at`]).
 
-use std::alloc::{self, Layout};
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
 use std::sync::RwLock;
 
+use super::buf::AlignedBuf;
 use super::{Disk, DiskIdentity, check_range, out_of_range};
 
 /// How to open a [`FileDisk`].
@@ -37,6 +36,15 @@ pub struct OpenOptions {
     /// Take an exclusive `flock` for as long as the disk is open, so that two
     /// mirrorvol processes never drive the same member.
     pub lock: bool,
+}
+
+/// True when a transfer can go to `O_DIRECT` as it is, without a bounce
+/// buffer: memory, offset and length all aligned.
+fn direct_ready(ptr: *const u8, len: usize, offset: u64, align: u64) -> bool {
+    let mem = FileDisk::bounce_align(align);
+    (ptr as usize).is_multiple_of(mem)
+        && (len as u64).is_multiple_of(align)
+        && offset.is_multiple_of(align)
 }
 
 /// The largest bounce buffer one transfer uses; longer transfers are split.
@@ -165,11 +173,14 @@ impl FileDisk {
     }
 
     fn read_direct(&self, buf: &mut [u8], offset: u64, align: u64) -> io::Result<()> {
+        if direct_ready(buf.as_ptr(), buf.len(), offset, align) {
+            return self.file.read_exact_at(buf, offset);
+        }
         let end = offset + buf.len() as u64;
         let chunk_max = BOUNCE_MAX.max(align);
         let covering = align_up(end, align) - align_down(offset, align);
         let mut bounce =
-            AlignedBuf::new(covering.min(chunk_max) as usize, Self::bounce_align(align))?;
+            AlignedBuf::new(covering.min(chunk_max) as usize, Self::bounce_align(align));
         let mut pos = offset;
         while pos < end {
             let start = align_down(pos, align);
@@ -191,11 +202,14 @@ impl FileDisk {
         let needs_rmw = !offset.is_multiple_of(align) || !end.is_multiple_of(align);
         let _alone = needs_rmw.then(|| self.rmw.write().unwrap_or_else(|e| e.into_inner()));
         let _shared = (!needs_rmw).then(|| self.rmw.read().unwrap_or_else(|e| e.into_inner()));
+        if direct_ready(buf.as_ptr(), buf.len(), offset, align) {
+            return self.file.write_all_at(buf, offset);
+        }
 
         let chunk_max = BOUNCE_MAX.max(align);
         let covering = align_up(end, align) - align_down(offset, align);
         let mut bounce =
-            AlignedBuf::new(covering.min(chunk_max) as usize, Self::bounce_align(align))?;
+            AlignedBuf::new(covering.min(chunk_max) as usize, Self::bounce_align(align));
         let a = align as usize;
         let mut pos = offset;
         while pos < end {
@@ -632,40 +646,6 @@ fn is_class_dir(part: &str) -> bool {
 fn numbered(part: &str, prefix: &str) -> bool {
     part.strip_prefix(prefix)
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit() || b == b':'))
-}
-
-/// A zeroed heap buffer with a chosen alignment, for `O_DIRECT` transfers.
-struct AlignedBuf {
-    ptr: NonNull<u8>,
-    layout: Layout,
-}
-
-impl AlignedBuf {
-    fn new(len: usize, align: usize) -> io::Result<AlignedBuf> {
-        let layout = Layout::from_size_align(len.max(1), align).map_err(|e| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("bounce buffer: {e}"))
-        })?;
-        // SAFETY: the layout has a non-zero size (`len.max(1)`).
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout);
-        };
-        Ok(AlignedBuf { ptr, layout })
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` points at `layout.size()` initialised (zeroed) bytes
-        // that this value owns exclusively; `&mut self` keeps the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` came from `alloc_zeroed` with this very layout and is
-        // freed only here.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
-    }
 }
 
 #[cfg(test)]

@@ -16,11 +16,13 @@ use std::fmt;
 use std::io;
 use std::sync::Arc;
 
+pub mod buf;
 pub mod cursor;
 pub mod faulty;
 pub mod file;
 pub mod memory;
 
+pub use buf::AlignedBuf;
 pub use cursor::DiskCursor;
 pub use faulty::{Controller, FaultyDisk, Op};
 pub use file::{FileDisk, OpenOptions};

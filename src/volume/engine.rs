@@ -32,6 +32,7 @@ use uuid::Uuid;
 
 use super::queue::{DiskQueue, Op, Outcome};
 use super::range_lock::RangeLock;
+use crate::disk::AlignedBuf;
 
 /// Tunables of the engine.
 #[derive(Debug, Clone)]
@@ -139,6 +140,24 @@ impl EnginePlex {
 
 type Done<T> = Box<dyn FnOnce(io::Result<T>) + Send>;
 
+/// Where a request's I/O runs: all on the disks' workers (callers that must
+/// not block, such as a network server), or one part on the calling thread
+/// (blocking callers, which save a hand-off to a worker that way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Run {
+    Queued,
+    Here,
+}
+
+impl DiskQueue {
+    fn dispatch(&self, run: Run, op: Op, deadline: bool, done: super::queue::Callback) {
+        match run {
+            Run::Queued => self.submit(op, deadline, done),
+            Run::Here => self.submit_here(op, deadline, done),
+        }
+    }
+}
+
 /// A callback that gets every outcome of a fan-out.
 type FanDone = Box<dyn FnOnce(Outcomes) + Send>;
 
@@ -207,7 +226,9 @@ impl MirrorVolume {
     }
 
     fn in_sync(&self) -> usize {
-        self.plexes()
+        self.plexes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|p| p.mode() == Mode::InSync)
             .count()
@@ -256,7 +277,14 @@ impl MirrorVolume {
 
     /// Writes `data` at `offset` on every writable plex; `done` runs once
     /// every plex has answered and failures are recorded.
-    pub fn submit_write(self: &Arc<Self>, offset: u64, data: Arc<[u8]>, fua: bool, done: Done<()>) {
+    pub fn submit_write(
+        self: &Arc<Self>,
+        offset: u64,
+        data: Arc<AlignedBuf>,
+        fua: bool,
+        run: Run,
+        done: Done<()>,
+    ) {
         if let Err(e) = self.check(offset, data.len() as u64) {
             return done(Err(e));
         }
@@ -264,6 +292,7 @@ impl MirrorVolume {
         self.submit_fanned(
             offset,
             len,
+            run,
             move |p| Op::Write {
                 offset: p.offset + offset,
                 data: data.clone(),
@@ -274,13 +303,21 @@ impl MirrorVolume {
     }
 
     /// Makes `len` bytes at `offset` read as zeroes on every writable plex.
-    pub fn submit_write_zeroes(self: &Arc<Self>, offset: u64, len: u64, fua: bool, done: Done<()>) {
+    pub fn submit_write_zeroes(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        run: Run,
+        done: Done<()>,
+    ) {
         if let Err(e) = self.check(offset, len) {
             return done(Err(e));
         }
         self.submit_fanned(
             offset,
             len,
+            run,
             move |p| Op::WriteZeroes {
                 offset: p.offset + offset,
                 len,
@@ -294,6 +331,7 @@ impl MirrorVolume {
         self: &Arc<Self>,
         offset: u64,
         len: u64,
+        run: Run,
         op: impl Fn(&EnginePlex) -> Op + Send + 'static,
         done: Done<()>,
     ) {
@@ -301,7 +339,15 @@ impl MirrorVolume {
             return done(Ok(()));
         }
         let this = self.clone();
+        let caller = std::thread::current().id();
         self.lock.acquire(offset..offset + len, move |guard| {
+            // A write that waited for an overlapping one starts on the thread
+            // that released the range: never do I/O there.
+            let run = if std::thread::current().id() == caller {
+                run
+            } else {
+                Run::Queued
+            };
             let targets: Vec<Arc<EnginePlex>> = this
                 .plexes()
                 .into_iter()
@@ -309,7 +355,7 @@ impl MirrorVolume {
                 .collect();
             let ops: Vec<Op> = targets.iter().map(|p| op(p)).collect();
             let after = this.clone();
-            this.fan_out(targets, ops, move |results| {
+            this.fan_out(targets, ops, run, move |results| {
                 let r = after.settle_writes(results, "write", offset);
                 after.lock.release(guard);
                 done(r);
@@ -318,7 +364,7 @@ impl MirrorVolume {
     }
 
     /// Flushes every writable plex.
-    pub fn submit_flush(self: &Arc<Self>, done: Done<()>) {
+    pub fn submit_flush(self: &Arc<Self>, run: Run, done: Done<()>) {
         let targets: Vec<Arc<EnginePlex>> = self
             .plexes()
             .into_iter()
@@ -326,17 +372,19 @@ impl MirrorVolume {
             .collect();
         let ops = vec![Op::Flush; targets.len()];
         let this = self.clone();
-        self.fan_out(targets, ops, move |results| {
+        self.fan_out(targets, ops, run, move |results| {
             done(this.settle_writes(results, "flush", 0))
         });
     }
 
     /// Sends `ops[i]` to `targets[i]` in parallel; `all_done` gets every
-    /// outcome once the last one is in.
+    /// outcome once the last one is in. With [`Run::Here`] the last target's
+    /// I/O runs on this thread, after the others are queued.
     fn fan_out(
         &self,
         targets: Vec<Arc<EnginePlex>>,
         ops: Vec<Op>,
+        run: Run,
         all_done: impl FnOnce(Outcomes) + Send + 'static,
     ) {
         if targets.is_empty() {
@@ -353,10 +401,12 @@ impl MirrorVolume {
             all_done: Mutex::new(Some(Box::new(all_done))),
         });
         let deadline = self.in_sync() > 1;
-        for (plex, op) in targets.into_iter().zip(ops) {
+        let last = targets.len() - 1;
+        for (i, (plex, op)) in targets.into_iter().zip(ops).enumerate() {
             let fan = fan.clone();
             let p = plex.clone();
-            plex.queue.submit(
+            plex.queue.dispatch(
+                if i == last { run } else { Run::Queued },
                 op,
                 deadline,
                 Box::new(move |outcome| {
@@ -423,45 +473,66 @@ impl MirrorVolume {
     // ---- reads ----
 
     /// Reads `len` bytes at `offset`; `done` gets the bytes.
-    pub fn submit_read(self: &Arc<Self>, offset: u64, len: usize, done: Done<Vec<u8>>) {
+    pub fn submit_read(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        run: Run,
+        done: Done<AlignedBuf>,
+    ) {
         if let Err(e) = self.check(offset, len as u64) {
             return done(Err(e));
         }
-        self.read_from(offset, len, Vec::new(), done);
+        self.read_from(offset, len, run, Vec::new(), done);
     }
 
+    /// The in-sync plex to read from: the one whose last read ended at
+    /// `offset`, else one of those with the fewest requests pending, in turn.
+    /// Runs on every read, so it allocates nothing.
     fn pick_reader(
         &self,
         offset: u64,
         tried: &[(Arc<EnginePlex>, io::Error)],
     ) -> Option<Arc<EnginePlex>> {
-        let candidates: Vec<Arc<EnginePlex>> = self
-            .plexes()
-            .into_iter()
-            .filter(|p| p.mode() == Mode::InSync)
-            .filter(|p| !tried.iter().any(|(t, _)| Arc::ptr_eq(t, p)))
-            .collect();
-        if let Some(p) = candidates
-            .iter()
-            .find(|p| p.last_read_end.load(Ordering::Relaxed) == offset)
-        {
-            return Some(p.clone());
+        let plexes = self.plexes.read().unwrap_or_else(|e| e.into_inner());
+        let usable = |p: &&Arc<EnginePlex>| {
+            p.mode() == Mode::InSync && !tried.iter().any(|(t, _)| Arc::ptr_eq(t, p))
+        };
+        let mut least = usize::MAX;
+        let mut ties = 0;
+        for p in plexes.iter().filter(usable) {
+            if p.last_read_end.load(Ordering::Relaxed) == offset {
+                return Some(p.clone());
+            }
+            let load = p.queue.pending();
+            if load < least {
+                least = load;
+                ties = 1;
+            } else if load == least {
+                ties += 1;
+            }
         }
-        let least = candidates.iter().map(|p| p.queue.pending()).min()?;
-        let idle: Vec<&Arc<EnginePlex>> = candidates
+        if ties == 0 {
+            return None;
+        }
+        let turn = self.rotate.fetch_add(1, Ordering::Relaxed) % ties;
+        // Loads move under our feet; fall back to the first usable plex.
+        plexes
             .iter()
-            .filter(|p| p.queue.pending() == least)
-            .collect();
-        let turn = self.rotate.fetch_add(1, Ordering::Relaxed);
-        Some(idle[turn % idle.len()].clone())
+            .filter(usable)
+            .filter(|p| p.queue.pending() <= least)
+            .nth(turn)
+            .or_else(|| plexes.iter().find(usable))
+            .cloned()
     }
 
     fn read_from(
         self: &Arc<Self>,
         offset: u64,
         len: usize,
+        run: Run,
         mut tried: Vec<(Arc<EnginePlex>, io::Error)>,
-        done: Done<Vec<u8>>,
+        done: Done<AlignedBuf>,
     ) {
         let Some(plex) = self.pick_reader(offset, &tried) else {
             let e = match tried.pop() {
@@ -482,7 +553,8 @@ impl MirrorVolume {
         let this = self.clone();
         let p = plex.clone();
         let deadline = self.in_sync() > 1;
-        plex.queue.submit(
+        plex.queue.dispatch(
+            run,
             Op::Read {
                 offset: plex.offset + offset,
                 len,
@@ -495,12 +567,14 @@ impl MirrorVolume {
                     if !tried.is_empty() {
                         this.repair_after_read(offset, len, p, tried);
                     }
-                    done(Ok(buf));
+                    done(Ok(buf.unwrap_or_else(|| AlignedBuf::new(0, 1))));
                 }
                 Err(e) => {
                     p.read_errors.fetch_add(1, Ordering::Relaxed);
                     tried.push((p, e));
-                    this.read_from(offset, len, tried, done);
+                    // Retries go through the queues: this may be the
+                    // watchdog's thread.
+                    this.read_from(offset, len, Run::Queued, tried, done);
                 }
             }),
         );
@@ -552,7 +626,7 @@ impl MirrorVolume {
                 cb,
             )
         })?;
-        let data: Arc<[u8]> = Arc::from(data);
+        let data = Arc::new(data.ok_or_else(|| eio("a read returned no data".into()))?);
         wait(|cb| {
             bad.queue.submit(
                 Op::Write {
@@ -574,7 +648,7 @@ impl MirrorVolume {
                 cb,
             )
         })?;
-        if back[..] != data[..] {
+        if back.as_deref() != Some(&data[..]) {
             return Err(eio(format!(
                 "disk {} read back other data than was rewritten at offset {offset}",
                 bad.queue.name()
@@ -583,42 +657,45 @@ impl MirrorVolume {
         Ok(())
     }
 
-    // ---- blocking wrappers ----
+    // ---- blocking wrappers: one part of the I/O runs on the calling thread ----
 
     pub fn write(self: &Arc<Self>, offset: u64, data: &[u8]) -> io::Result<()> {
-        let data: Arc<[u8]> = Arc::from(data);
-        wait(|cb| {
-            self.submit_write(
-                offset,
-                data,
-                false,
-                Box::new(move |r| cb(r.map(|()| Vec::new()))),
-            )
-        })
-        .map(|_| ())
+        self.write_with(offset, data, false)
     }
 
     pub fn write_fua(self: &Arc<Self>, offset: u64, data: &[u8]) -> io::Result<()> {
-        let data: Arc<[u8]> = Arc::from(data);
+        self.write_with(offset, data, true)
+    }
+
+    fn write_with(self: &Arc<Self>, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
+        let data = Arc::new(AlignedBuf::from_slice(data));
         wait(|cb| {
             self.submit_write(
                 offset,
                 data,
-                true,
-                Box::new(move |r| cb(r.map(|()| Vec::new()))),
+                fua,
+                Run::Here,
+                Box::new(move |r| cb(r.map(|()| None))),
             )
         })
         .map(|_| ())
     }
 
     pub fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let got = wait(|cb| self.submit_read(offset, buf.len(), cb))?;
-        buf.copy_from_slice(&got);
+        let got = wait(|cb| {
+            self.submit_read(
+                offset,
+                buf.len(),
+                Run::Here,
+                Box::new(move |r| cb(r.map(Some))),
+            )
+        })?;
+        buf.copy_from_slice(got.as_deref().unwrap_or_default());
         Ok(())
     }
 
     pub fn flush(self: &Arc<Self>) -> io::Result<()> {
-        wait(|cb| self.submit_flush(Box::new(move |r| cb(r.map(|()| Vec::new()))))).map(|_| ())
+        wait(|cb| self.submit_flush(Run::Here, Box::new(move |r| cb(r.map(|()| None))))).map(|_| ())
     }
 
     pub fn write_zeroes(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<()> {
@@ -627,7 +704,8 @@ impl MirrorVolume {
                 offset,
                 len,
                 false,
-                Box::new(move |r| cb(r.map(|()| Vec::new()))),
+                Run::Here,
+                Box::new(move |r| cb(r.map(|()| None))),
             )
         })
         .map(|_| ())

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::disk::Disk;
+use crate::disk::buf::IO_ALIGN;
+use crate::disk::{AlignedBuf, Disk};
 
 /// One I/O request to one disk, at absolute disk offsets.
 #[derive(Debug, Clone)]
@@ -31,7 +32,7 @@ pub enum Op {
     /// Writes `data`; with `fua`, makes it durable before completing.
     Write {
         offset: u64,
-        data: Arc<[u8]>,
+        data: Arc<AlignedBuf>,
         fua: bool,
     },
     Flush,
@@ -43,7 +44,7 @@ pub enum Op {
 }
 
 /// What a completed request yields: the bytes of a read, nothing otherwise.
-pub type Outcome = io::Result<Vec<u8>>;
+pub type Outcome = io::Result<Option<AlignedBuf>>;
 
 /// A completion callback.
 pub type Callback = Box<dyn FnOnce(Outcome) + Send>;
@@ -102,24 +103,24 @@ impl std::fmt::Debug for DiskQueue {
 fn execute(disk: &dyn Disk, op: &Op) -> Outcome {
     match op {
         Op::Read { offset, len } => {
-            let mut buf = vec![0u8; *len];
+            let mut buf = AlignedBuf::new(*len, IO_ALIGN);
             disk.read_at(&mut buf, *offset)?;
-            Ok(buf)
+            Ok(Some(buf))
         }
         Op::Write { offset, data, fua } => {
             disk.write_at(data, *offset)?;
             if *fua {
                 disk.flush()?;
             }
-            Ok(Vec::new())
+            Ok(None)
         }
-        Op::Flush => disk.flush().map(|()| Vec::new()),
+        Op::Flush => disk.flush().map(|()| None),
         Op::WriteZeroes { offset, len, fua } => {
             disk.write_zeroes(*offset, *len)?;
             if *fua {
                 disk.flush()?;
             }
-            Ok(Vec::new())
+            Ok(None)
         }
     }
 }
@@ -196,6 +197,30 @@ impl DiskQueue {
                 self.name
             ))));
         }
+    }
+
+    /// Runs `op` on the calling thread, with the same bookkeeping as a queued
+    /// request: it counts as pending, and the watchdog may time it out, in
+    /// which case `done` runs (from the watchdog) with `TimedOut` and the
+    /// late result is dropped. Blocking callers use it to save the hand-off
+    /// to a worker thread.
+    pub fn submit_here(&self, op: Op, deadline: bool, done: Callback) {
+        let ticket = Arc::new(Ticket {
+            callback: Mutex::new(Some(done)),
+        });
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (Instant::now(), deadline, ticket.clone()));
+        let outcome = execute(&*self.disk, &op);
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+        ticket.complete(outcome);
     }
 
     /// Times out the requests of this queue older than `timeout`.
@@ -332,7 +357,7 @@ mod tests {
     #[test]
     fn requests_complete_with_their_results() {
         let q = DiskQueue::start("mem", Arc::new(MemDisk::new(1 << 20)), 4);
-        let data: Arc<[u8]> = Arc::from(vec![3u8; 4096]);
+        let data = Arc::new(AlignedBuf::from_slice(&[3u8; 4096]));
         wait(
             &q,
             Op::Write {
@@ -352,7 +377,7 @@ mod tests {
             true,
         )
         .unwrap();
-        assert_eq!(got, vec![3u8; 4096]);
+        assert_eq!(&got.unwrap()[..], &[3u8; 4096][..]);
         assert!(
             wait(
                 &q,

@@ -1,0 +1,330 @@
+//! In-process benchmark of the mirror engine against plain pread/pwrite on
+//! the same two files at the same concurrency (issue 3). Not a test: it
+//! prints a table of medians and ratios.
+//!
+//!   cargo bench --bench engine -- [--direct] [--seconds S] [--runs N] [--dir DIR]
+//!
+//! Workloads: 4 KiB random writes and reads, 1 MiB sequential writes, at
+//! queue depth 1 and 32 (QD threads each with one request in flight).
+//! Baselines:
+//! - writes: the same data written to both files by hand, in parallel: QD
+//!   threads on file A and QD threads on file B, each pwrite on its own, no
+//!   coupling between the two (the ceiling of any mirror); one op = the block
+//!   on both files.
+//! - reads: QD threads pread on one file.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use mirrorvol::disk::{Disk, FileDisk, OpenOptions as DiskOpen};
+use mirrorvol::volume::engine::{
+    EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode, NoSink,
+};
+use mirrorvol::volume::queue::DiskQueue;
+use uuid::Uuid;
+
+const FILE_SIZE: u64 = 1 << 30;
+const ALIGN: usize = 4096;
+
+struct Args {
+    direct: bool,
+    seconds: f64,
+    runs: usize,
+    dir: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        direct: false,
+        seconds: 2.0,
+        runs: 3,
+        dir: std::env::temp_dir(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--direct" => a.direct = true,
+            "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(2.0),
+            "--runs" => a.runs = it.next().and_then(|v| v.parse().ok()).unwrap_or(3),
+            "--dir" => a.dir = it.next().map(PathBuf::from).unwrap_or(a.dir),
+            "--bench" => {}
+            _ => {}
+        }
+    }
+    a
+}
+
+/// A buffer aligned for O_DIRECT.
+struct Aligned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is owned by one thread at a time.
+unsafe impl Send for Aligned {}
+
+impl Aligned {
+    fn new(len: usize, fill: u8) -> Aligned {
+        let layout = std::alloc::Layout::from_size_align(len, ALIGN).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        assert!(!ptr.is_null());
+        // SAFETY: ptr points to len writable bytes.
+        unsafe { std::ptr::write_bytes(ptr, fill, len) };
+        Aligned { ptr, len }
+    }
+    fn slice(&self) -> &[u8] {
+        // SAFETY: ptr points to len initialized bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+    fn slice_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr points to len initialized bytes owned exclusively by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, ALIGN).unwrap();
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) };
+    }
+}
+
+fn open(path: &Path, direct: bool) -> File {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path).unwrap()
+}
+
+/// Creates a file of FILE_SIZE filled with data (so reads hit real blocks).
+fn prepare(path: &Path) {
+    if std::fs::metadata(path)
+        .map(|m| m.len() == FILE_SIZE)
+        .unwrap_or(false)
+    {
+        return;
+    }
+    let f = File::create(path).unwrap();
+    let chunk: Vec<u8> = (0..(8 << 20)).map(|i| (i * 7 + 3) as u8).collect();
+    let mut off = 0;
+    while off < FILE_SIZE {
+        f.write_all_at(&chunk, off).unwrap();
+        off += chunk.len() as u64;
+    }
+    f.sync_all().unwrap();
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    RandWrite,
+    RandRead,
+    SeqWrite,
+}
+
+struct Workload {
+    name: &'static str,
+    kind: Kind,
+    bs: usize,
+    qd: usize,
+}
+
+/// Offset of the n-th request of worker w.
+fn offset(kind: Kind, bs: usize, w: usize, qd: usize, n: u64, rng: &mut u64) -> u64 {
+    let blocks = FILE_SIZE / bs as u64;
+    match kind {
+        Kind::SeqWrite => {
+            // Each worker streams through its own slice of the file.
+            let per = blocks / qd as u64;
+            (w as u64 * per + n % per) * bs as u64
+        }
+        _ => {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            (*rng % blocks) * bs as u64
+        }
+    }
+}
+
+/// Runs `qd` threads of `op` for `secs`; returns ops per second.
+fn drive<F>(qd: usize, secs: f64, op: F) -> f64
+where
+    F: Fn(usize, u64, &mut u64) + Sync,
+{
+    let stop = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..qd {
+            let (stop, done, op) = (&stop, &done, &op);
+            s.spawn(move || {
+                let mut rng = 0x2545_f491_4f6c_dd1d ^ ((w as u64 + 1) * 0x9e37_79b9);
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    op(w, n, &mut rng);
+                    n += 1;
+                }
+                done.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        stop.store(true, Ordering::Relaxed);
+    });
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn baseline(w: &Workload, a: &File, b: &File, secs: f64) -> f64 {
+    match w.kind {
+        Kind::RandRead => drive(w.qd, secs, |wk, n, rng| {
+            let mut buf = Aligned::new(w.bs, 0);
+            let off = offset(w.kind, w.bs, wk, w.qd, n, rng);
+            a.read_exact_at(buf.slice_mut(), off).unwrap();
+        }),
+        _ => {
+            // QD writers on each file, independently; one op = both files.
+            let files = [a, b];
+            let total = drive(2 * w.qd, secs, |wk, n, rng| {
+                let buf = Aligned::new(w.bs, 0x5a);
+                let f = files[wk % 2];
+                let off = offset(w.kind, w.bs, wk / 2, w.qd, n, rng);
+                f.write_all_at(buf.slice(), off).unwrap();
+            });
+            total / 2.0
+        }
+    }
+}
+
+fn mirror(w: &Workload, vol: &Arc<MirrorVolume>, secs: f64) -> f64 {
+    drive(w.qd, secs, |wk, n, rng| {
+        let off = offset(w.kind, w.bs, wk, w.qd, n, rng);
+        match w.kind {
+            Kind::RandRead => {
+                let mut buf = vec![0u8; w.bs];
+                vol.read(off, &mut buf).unwrap();
+            }
+            _ => {
+                let buf = vec![0x5au8; w.bs];
+                vol.write(off, &buf).unwrap();
+            }
+        }
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let a = args();
+    let pa = a.dir.join("mirrorvol-bench-a.img");
+    let pb = a.dir.join("mirrorvol-bench-b.img");
+    prepare(&pa);
+    prepare(&pb);
+    let fa = open(&pa, a.direct);
+    let fb = open(&pb, a.direct);
+    let opts = DiskOpen {
+        direct: a.direct,
+        ..DiskOpen::default()
+    };
+    let da: Arc<dyn Disk> = Arc::new(FileDisk::open(&pa, opts).unwrap());
+    let db: Arc<dyn Disk> = Arc::new(FileDisk::open(&pb, opts).unwrap());
+    let sink: Arc<dyn FailureSink> = Arc::new(NoSink);
+    let workloads = [
+        Workload {
+            name: "randwrite 4k qd1",
+            kind: Kind::RandWrite,
+            bs: 4096,
+            qd: 1,
+        },
+        Workload {
+            name: "randwrite 4k qd32",
+            kind: Kind::RandWrite,
+            bs: 4096,
+            qd: 32,
+        },
+        Workload {
+            name: "randread 4k qd1",
+            kind: Kind::RandRead,
+            bs: 4096,
+            qd: 1,
+        },
+        Workload {
+            name: "randread 4k qd32",
+            kind: Kind::RandRead,
+            bs: 4096,
+            qd: 32,
+        },
+        Workload {
+            name: "seqwrite 1M qd1",
+            kind: Kind::SeqWrite,
+            bs: 1 << 20,
+            qd: 1,
+        },
+        Workload {
+            name: "seqwrite 1M qd32",
+            kind: Kind::SeqWrite,
+            bs: 1 << 20,
+            qd: 32,
+        },
+    ];
+    println!(
+        "mirror engine vs pread/pwrite on two {} GiB files in {} ({}), {} runs of {} s, medians",
+        FILE_SIZE >> 30,
+        a.dir.display(),
+        if a.direct { "O_DIRECT" } else { "page cache" },
+        a.runs,
+        a.seconds
+    );
+    println!(
+        "{:<20} {:>14} {:>14} {:>8}  target",
+        "workload", "baseline op/s", "mirror op/s", "ratio"
+    );
+    for w in &workloads {
+        let eopts = EngineOptions {
+            threads_per_disk: w.qd,
+            ..EngineOptions::default()
+        };
+        let qa = DiskQueue::start("a", da.clone(), eopts.threads_per_disk);
+        let qb = DiskQueue::start("b", db.clone(), eopts.threads_per_disk);
+        let vol = MirrorVolume::new(
+            "bench",
+            FILE_SIZE,
+            vec![
+                EnginePlex::new(Uuid::new_v4(), qa.clone(), 0, Mode::InSync),
+                EnginePlex::new(Uuid::new_v4(), qb.clone(), 0, Mode::InSync),
+            ],
+            Arc::downgrade(&sink) as Weak<dyn FailureSink>,
+            eopts,
+        );
+        let mut base = Vec::new();
+        let mut mine = Vec::new();
+        for _ in 0..a.runs {
+            base.push(baseline(w, &fa, &fb, a.seconds));
+            mine.push(mirror(w, &vol, a.seconds));
+        }
+        let (b, m) = (median(base), median(mine));
+        let target = match w.kind {
+            Kind::RandWrite => ">= 0.80",
+            Kind::RandRead => ">= 1.00",
+            Kind::SeqWrite => "",
+        };
+        println!(
+            "{:<20} {:>14.0} {:>14.0} {:>8.2}  {target}",
+            w.name,
+            b,
+            m,
+            m / b
+        );
+        qa.stop();
+        qb.stop();
+    }
+}
