@@ -280,7 +280,8 @@ fn execute(cli: Cli) -> Result<()> {
                 force,
             };
             let joined = existing.is_some();
-            let g = ops::init(existing, &paths, &opts)?;
+            let mut g = ops::init(existing, &paths, &opts)?;
+            flush_warnings(&mut g);
             let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
             println!(
                 "initialized {} as {style} disk{} of {} group {}",
@@ -305,6 +306,7 @@ fn execute(cli: Cli) -> Result<()> {
                 )));
             }
             let warnings = g.create(&name, size, copies, &disk)?;
+            flush_warnings(&mut g);
             let v = g.volume(&name)?;
             let on: Vec<String> = v.plexes.iter().map(|p| g.disk_path(p.disk)).collect();
             println!(
@@ -325,6 +327,7 @@ fn execute(cli: Cli) -> Result<()> {
         Command::RemoveMirror { name, disk } => {
             let mut g = assemble(&cli.disks)?;
             g.remove_mirror(&name, &disk)?;
+            flush_warnings(&mut g);
             println!("removed the plex on {} from volume {name}", disk.display());
         }
         Command::Break {
@@ -334,7 +337,9 @@ fn execute(cli: Cli) -> Result<()> {
             nokeep,
         } => {
             let mut g = assemble(&cli.disks)?;
-            match g.break_mirror(&name, &disk, new_name.as_deref(), nokeep)? {
+            let kept = g.break_mirror(&name, &disk, new_name.as_deref(), nokeep)?;
+            flush_warnings(&mut g);
+            match kept {
                 Some(n) => println!(
                     "broke volume {name}: the plex on {} is now volume {n}",
                     disk.display()
@@ -365,11 +370,13 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Extend { name, size } => {
             let mut g = assemble(&cli.disks)?;
             g.extend(&name, size)?;
+            flush_warnings(&mut g);
             println!("extended volume {name} to {}", human(size));
         }
         Command::Delete { name } => {
             let mut g = assemble(&cli.disks)?;
             g.delete(&name)?;
+            flush_warnings(&mut g);
             println!("deleted volume {name}");
         }
         Command::Fail { path, force } => {
