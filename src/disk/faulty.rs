@@ -96,6 +96,8 @@ struct Countdown {
 #[derive(Debug, Default)]
 struct Rules {
     read_ranges: Vec<Range<u64>>,
+    /// Unreadable until rewritten, like a disk's pending sectors.
+    bad_sectors: Vec<Range<u64>>,
     write_ranges: Vec<Range<u64>>,
     countdown: Option<Countdown>,
     /// `write_at` calls still to pass before the torn one.
@@ -147,6 +149,12 @@ impl FaultyDisk {
     /// Reads overlapping `range` (bytes) fail.
     pub fn fail_reads(&self, range: Range<u64>) {
         self.rules().read_ranges.push(range);
+    }
+
+    /// Reads overlapping `range` fail until a write covers it: a bad sector
+    /// that the disk remaps when it is rewritten.
+    pub fn bad_sectors(&self, range: Range<u64>) {
+        self.rules().bad_sectors.push(range);
     }
 
     /// Writes (and write-zeroes, discards) overlapping `range` (bytes) fail.
@@ -250,13 +258,20 @@ impl FaultyDisk {
         }
 
         let end = offset.saturating_add(len);
-        let ranges = if op == Op::Read {
-            &rules.read_ranges
+        let hits = |ranges: &[Range<u64>]| ranges.iter().any(|r| r.start < end && offset < r.end);
+        let hit = if op == Op::Read {
+            hits(&rules.read_ranges) || hits(&rules.bad_sectors)
         } else {
-            &rules.write_ranges
+            hits(&rules.write_ranges)
         };
-        if ranges.iter().any(|r| r.start < end && offset < r.end) || self.controller_failed() {
+        if hit || self.controller_failed() {
             verdict = Verdict::Fail;
+        }
+        if op != Op::Read && matches!(verdict, Verdict::Pass) {
+            // A write that lands remaps the bad sectors it covers.
+            rules
+                .bad_sectors
+                .retain(|r| !(offset <= r.start && r.end <= end));
         }
         verdict
     }

@@ -721,3 +721,246 @@ fn wait(submit: impl FnOnce(Box<dyn FnOnce(Outcome) + Send>)) -> Outcome {
     rx.recv()
         .unwrap_or_else(|_| Err(eio("the request was dropped without an answer".into())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{Disk, FaultyDisk, MemDisk};
+    use std::time::Instant;
+
+    /// Records what the engine reports.
+    #[derive(Default)]
+    struct Record {
+        failed: Mutex<Vec<Uuid>>,
+        last: Mutex<Vec<Uuid>>,
+        read_errors: Mutex<Vec<(Uuid, bool)>>,
+    }
+
+    impl FailureSink for Record {
+        fn plex_failed(&self, _: &str, disk: Uuid, _: &io::Error) {
+            self.failed.lock().unwrap().push(disk);
+        }
+        fn last_copy_failed(&self, _: &str, disk: Uuid, _: &io::Error) {
+            self.last.lock().unwrap().push(disk);
+        }
+        fn read_error(&self, _: &str, disk: Uuid, _: &io::Error, repaired: bool) {
+            self.read_errors.lock().unwrap().push((disk, repaired));
+        }
+    }
+
+    const SIZE: u64 = 4 << 20;
+
+    struct Rig {
+        vol: Arc<MirrorVolume>,
+        disks: Vec<Arc<FaultyDisk>>,
+        record: Arc<Record>,
+        _sink: Arc<dyn FailureSink>,
+    }
+
+    fn rig(copies: usize, opts: EngineOptions) -> Rig {
+        let record = Arc::new(Record::default());
+        let sink: Arc<dyn FailureSink> = record.clone();
+        let mut disks = Vec::new();
+        let mut plexes = Vec::new();
+        for i in 0..copies {
+            let d = Arc::new(FaultyDisk::new(Arc::new(MemDisk::new(SIZE + (1 << 20)))));
+            let q = DiskQueue::start(&format!("d{i}"), d.clone(), 4);
+            // Each plex at its own offset, as on real disks.
+            plexes.push(EnginePlex::new(
+                Uuid::new_v4(),
+                q,
+                (i as u64) * 4096,
+                Mode::InSync,
+            ));
+            disks.push(d);
+        }
+        let vol = MirrorVolume::new("v", SIZE, plexes, Arc::downgrade(&sink), opts);
+        Rig {
+            vol,
+            disks,
+            record,
+            _sink: sink,
+        }
+    }
+
+    fn plex_bytes(r: &Rig, i: usize) -> Vec<u8> {
+        let mut buf = vec![0; SIZE as usize];
+        r.disks[i].read_at(&mut buf, i as u64 * 4096).unwrap();
+        buf
+    }
+
+    #[test]
+    fn overlapping_concurrent_writes_leave_the_plexes_identical() {
+        let r = rig(3, EngineOptions::default());
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let vol = r.vol.clone();
+                s.spawn(move || {
+                    let mut x = t + 1;
+                    for _ in 0..200 {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        // Overlapping ranges inside the first 64 KiB.
+                        let off = (x >> 33) % 60 * 1024 / 512 * 512;
+                        let len = ((x >> 20) % 8 + 1) as usize * 512;
+                        let data = vec![(x >> 56) as u8; len];
+                        if x & 1 == 0 {
+                            vol.write(off, &data).unwrap();
+                        } else {
+                            let (tx, rx) = std::sync::mpsc::channel();
+                            vol.submit_write(
+                                off,
+                                Arc::new(AlignedBuf::from_slice(&data)),
+                                false,
+                                Run::Queued,
+                                Box::new(move |r| tx.send(r).unwrap()),
+                            );
+                            rx.recv().unwrap().unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        let a = plex_bytes(&r, 0);
+        assert_eq!(a, plex_bytes(&r, 1));
+        assert_eq!(a, plex_bytes(&r, 2));
+    }
+
+    #[test]
+    fn a_failed_write_fails_that_plex_and_the_write_succeeds() {
+        let r = rig(2, EngineOptions::default());
+        r.disks[1].fail_writes(0..SIZE + (1 << 20));
+        r.vol.write(8192, &[1u8; 4096]).unwrap();
+        assert_eq!(r.vol.plexes()[1].mode(), Mode::Out);
+        assert_eq!(r.vol.plexes()[0].mode(), Mode::InSync);
+        assert_eq!(r.record.failed.lock().unwrap().len(), 1);
+        // Later writes go to the survivor only, without errors.
+        r.vol.write(0, &[2u8; 4096]).unwrap();
+        let mut got = vec![0; 4096];
+        r.vol.read(0, &mut got).unwrap();
+        assert_eq!(got, vec![2u8; 4096]);
+    }
+
+    #[test]
+    fn when_every_plex_fails_a_write_the_last_is_kept_and_the_caller_gets_the_error() {
+        let r = rig(2, EngineOptions::default());
+        for d in &r.disks {
+            d.fail_writes(0..SIZE + (1 << 20));
+        }
+        assert!(r.vol.write(0, &[1u8; 4096]).is_err());
+        assert_eq!(r.record.failed.lock().unwrap().len(), 1);
+        assert_eq!(r.record.last.lock().unwrap().len(), 1);
+        assert_ne!(
+            r.record.failed.lock().unwrap()[0],
+            r.record.last.lock().unwrap()[0]
+        );
+        assert!(
+            r.vol.write(0, &[1u8; 4096]).is_err(),
+            "a failed volume takes no writes"
+        );
+    }
+
+    #[test]
+    fn a_read_error_is_served_from_another_plex_and_repaired() {
+        let r = rig(2, EngineOptions::default());
+        r.vol.write(0, &[7u8; 65536]).unwrap();
+        // Corrupt plex 0's copy, then make its reads fail there.
+        r.disks[0].write_at(&[0u8; 4096], 0).unwrap();
+        r.disks[0].bad_sectors(0..4096);
+        for _ in 0..4 {
+            let mut got = vec![0; 4096];
+            r.vol.read(0, &mut got).unwrap();
+            assert_eq!(got, vec![7u8; 4096]);
+        }
+        // The repair runs in the background, under the range lock.
+        let start = Instant::now();
+        while r.record.read_errors.lock().unwrap().is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        while r.vol.lock.busy() > 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(&plex_bytes(&r, 0)[..4096], &[7u8; 4096][..]);
+        assert_eq!(r.vol.plexes()[0].mode(), Mode::InSync);
+        assert!(
+            r.record
+                .read_errors
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|(_, repaired)| *repaired)
+        );
+    }
+
+    #[test]
+    fn too_many_read_errors_fail_the_plex() {
+        let opts = EngineOptions {
+            max_read_errors: 2,
+            ..EngineOptions::default()
+        };
+        let r = rig(2, opts);
+        r.disks[0].fail_reads(0..SIZE + (1 << 20));
+        let mut got = vec![0; 4096];
+        let start = Instant::now();
+        while r.vol.plexes()[0].mode() != Mode::Out {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "plex 0 never failed"
+            );
+            r.vol.read(0, &mut got).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(!r.record.failed.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_hung_disk_is_failed_and_writes_go_on() {
+        let opts = EngineOptions {
+            io_timeout: Duration::from_millis(100),
+            ..EngineOptions::default()
+        };
+        let r = rig(2, opts.clone());
+        let _dog = crate::volume::queue::Watchdog::start(
+            r.vol
+                .plexes()
+                .iter()
+                .map(|p| Arc::downgrade(&p.queue))
+                .collect(),
+            opts.io_timeout,
+        );
+        r.disks[1].hang();
+        let start = Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        r.vol.submit_write(
+            0,
+            Arc::new(AlignedBuf::from_slice(&[5u8; 4096])),
+            false,
+            Run::Queued,
+            Box::new(move |r| tx.send(r).unwrap()),
+        );
+        rx.recv_timeout(Duration::from_secs(5)).unwrap().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(r.vol.plexes()[1].mode(), Mode::Out);
+        r.vol.write(4096, &[6u8; 4096]).unwrap();
+        r.disks[1].release();
+    }
+
+    #[test]
+    fn sequential_reads_stay_on_one_plex() {
+        let r = rig(2, EngineOptions::default());
+        let before: Vec<u64> = r.disks.iter().map(|d| d.reads()).collect();
+        let mut buf = vec![0; 4096];
+        for i in 0..64 {
+            r.vol.read(i * 4096, &mut buf).unwrap();
+        }
+        let reads: Vec<u64> = r
+            .disks
+            .iter()
+            .zip(&before)
+            .map(|(d, b)| d.reads() - b)
+            .collect();
+        assert!(reads.contains(&64) && reads.contains(&0), "{reads:?}");
+    }
+}
