@@ -18,10 +18,10 @@ use uuid::Uuid;
 use crate::disk::{Disk, FileDisk, OpenOptions};
 use crate::format::ondisk::{self, LabelRead};
 use crate::format::{DiskState, GroupConfig, Label, PlexState, VolumeEntry};
-use crate::volume::{PlexIo, Volume};
 use crate::{Error, Result};
 
 pub mod alloc;
+pub mod io;
 pub mod live;
 pub mod ops;
 pub mod status;
@@ -458,29 +458,6 @@ impl Group {
                 self.config.name
             ))
         })
-    }
-
-    /// The data path of a volume: every plex on a present disk, readable if
-    /// in sync, writable if in sync or being resynced.
-    pub fn volume_io(&self, name: &str) -> Result<Volume> {
-        let v = self.volume(name)?;
-        let mut plexes = Vec::new();
-        for p in &v.plexes {
-            let Some(m) = self.members.get(&p.disk) else {
-                continue;
-            };
-            if !self.is_online(p.disk) {
-                continue;
-            }
-            plexes.push(PlexIo {
-                disk_uuid: p.disk,
-                disk: m.disk.clone(),
-                offset: m.label.layout.data_offset() + p.offset,
-                readable: p.state == PlexState::InSync,
-                writable: matches!(p.state, PlexState::InSync | PlexState::Resyncing),
-            });
-        }
-        Ok(Volume::new(&v.name, v.size, plexes))
     }
 
     /// Writes the config, with a raised seqno, to every online disk. Disks

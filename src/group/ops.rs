@@ -9,12 +9,15 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use super::alloc::{extent_len, first_fit, free_after, largest_free};
+use super::io::{VolumeIo, io_refusal};
 use super::{Group, Progress, open_disk};
+use crate::disk::AlignedBuf;
+use crate::disk::buf::IO_ALIGN;
 use crate::disk::{Disk, FileDisk, OpenOptions};
 use crate::format::layout::Layout;
 use crate::format::ondisk;
 use crate::format::{DiskEntry, DiskState, GroupConfig, PlexEntry, PlexState, Style, VolumeEntry};
-use crate::volume::{COPY_CHUNK, IoReport, PlexIo, Volume, copy_to_plex};
+use crate::volume::{COPY_CHUNK, CopyError, copy_to_plex};
 use crate::{Error, Result};
 
 /// The name a new group gets when `init` is not given `--group`.
@@ -446,7 +449,7 @@ impl Group {
     }
 
     /// A volume that has an in-sync plex to copy from, or a refusal.
-    fn require_source(&self, name: &str) -> Result<()> {
+    pub(super) fn require_source(&self, name: &str) -> Result<()> {
         let v = self.volume(name)?;
         if v.plexes
             .iter()
@@ -504,28 +507,26 @@ impl Group {
             self.commit()?;
         }
         self.zero_extent(disk, plex.offset, plex.length)?;
-        let mut io = self.volume_io(name)?;
-        // The target is written directly by the copy, not through the volume.
-        io.plexes.retain(|p| p.disk_uuid != disk);
+        // The engine reads from the in-sync plexes; the target is written
+        // directly by the copy (the engine only has it write-only).
+        let io = self.open_volume(name)?;
         let m = &self.members[&disk];
-        let target = PlexIo {
-            disk_uuid: disk,
-            disk: m.disk.clone(),
-            offset: m.label.layout.data_offset() + plex.offset,
-            readable: false,
-            writable: true,
-        };
-        progress.start(&format!("resync {name} onto {}", m.path.display()), io.size);
-        let result = copy_to_plex(&io, &target, &|done| progress.set(done));
+        let (target, at) = (m.disk.clone(), m.label.layout.data_offset() + plex.offset);
+        progress.start(
+            &format!("resync {name} onto {}", m.path.display()),
+            io.engine.size,
+        );
+        let result = copy_to_plex(&io.engine, &*target, at, &|done| progress.set(done));
         progress.finish();
+        self.settle(&io)?;
+        drop(io);
         match result {
-            Ok((report, written)) => {
-                self.settle_report(&io, report)?;
+            Ok(written) => {
                 self.set_plex_state(name, disk, PlexState::InSync);
                 self.commit()?;
                 Ok(written)
             }
-            Err(crate::volume::CopyError::Target { offset, error }) => {
+            Err(CopyError::Target { offset, error }) => {
                 self.set_plex_state(name, disk, PlexState::Failed);
                 self.commit()?;
                 Err(Error::io(
@@ -536,7 +537,10 @@ impl Group {
                     error,
                 ))
             }
-            Err(crate::volume::CopyError::Source(e)) => Err(Error::from(e)),
+            Err(CopyError::Source { offset, error }) => Err(Error::io(
+                format!("reading volume {name} at offset {offset} for the resync failed"),
+                error,
+            )),
         }
     }
 
@@ -548,37 +552,6 @@ impl Group {
                 }
             }
         }
-    }
-
-    /// Records what an I/O report says: plexes whose errors could not be
-    /// repaired are failed (and the change committed) before the caller goes
-    /// on; repaired read errors become warnings.
-    pub fn settle_report(&mut self, io: &Volume, report: IoReport) -> Result<()> {
-        if report.failed.is_empty() {
-            return Ok(());
-        }
-        let mut changed = false;
-        for e in report.failed {
-            let disk = io.plexes[e.plex].disk_uuid;
-            let path = self.disk_path(disk);
-            if e.repaired {
-                self.warnings.push(format!(
-                    "disk {path}: a read error ({}) was repaired from another plex of volume {}",
-                    e.error, io.name
-                ));
-            } else {
-                self.warnings.push(format!(
-                    "disk {path}: I/O error ({}); its plex of volume {} is marked failed",
-                    e.error, io.name
-                ));
-                self.mark_plex_failed(&io.name, disk);
-                changed = true;
-            }
-        }
-        if changed {
-            self.commit()?;
-        }
-        Ok(())
     }
 
     /// Removes the plex on `disk` from a mirror; its space becomes free.
@@ -903,23 +876,6 @@ impl Group {
         self.commit()
     }
 
-    /// Writes `data` to a volume at `offset` through the mirror engine;
-    /// plexes that fail the write are failed in the config before it returns.
-    pub fn write(&mut self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
-        self.prepare_write(name)?;
-        let io = self.volume_io(name)?;
-        let r = io.write_at(data, offset).map_err(Error::from)?;
-        self.settle_report(&io, r)
-    }
-
-    /// Reads from a volume at `offset`, falling back across plexes.
-    pub fn read(&mut self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.require_source(name)?;
-        let io = self.volume_io(name)?;
-        let r = io.read_at(buf, offset).map_err(Error::from)?;
-        self.settle_report(&io, r)
-    }
-
     /// Copies between a file or device and a volume, or between volumes.
     pub fn copy(&mut self, src: &Endpoint, dst: &Endpoint, progress: &dyn Progress) -> Result<u64> {
         match (src, dst) {
@@ -935,8 +891,9 @@ impl Group {
                 let target = self.open_target(dst, size, &source)?;
                 let (target, written) = self.copy_between(source, target, size, progress)?;
                 if let EndpointIo::Volume(io) = &target {
-                    let r = io.flush().map_err(Error::from)?;
-                    self.settle_report(io, r)?;
+                    let r = io.engine.flush();
+                    self.settle(io)?;
+                    r.map_err(|e| io_refusal(&io.engine.name, e))?;
                 }
                 Ok(written)
             }
@@ -958,7 +915,7 @@ impl Group {
         match e {
             Endpoint::Volume(name) => {
                 self.require_source(name)?;
-                Ok(EndpointIo::Volume(self.volume_io(name)?))
+                Ok(EndpointIo::Volume(self.open_volume(name)?))
             }
             Endpoint::Path(path) => {
                 self.refuse_group_disk(path)?;
@@ -993,7 +950,7 @@ impl Group {
                     )));
                 }
                 self.prepare_write(name)?;
-                Ok(EndpointIo::Volume(self.volume_io(name)?))
+                Ok(EndpointIo::Volume(self.open_volume(name)?))
             }
             Endpoint::Path(path) => {
                 self.refuse_group_disk(path)?;
@@ -1032,7 +989,7 @@ impl Group {
 
     /// Before data is written to a volume, plexes that cannot receive it (on
     /// absent disks) are recorded stale, so they are known to be behind.
-    fn prepare_write(&mut self, name: &str) -> Result<()> {
+    pub(super) fn prepare_write(&mut self, name: &str) -> Result<()> {
         let v = self.volume(name)?.clone();
         let mut changed = false;
         for p in &v.plexes {
@@ -1068,15 +1025,16 @@ impl Group {
             &format!("copy {} to {}", source.describe(), target.describe()),
             size,
         );
-        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut buf = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
         let mut pos = 0;
         while pos < size {
             let n = (size - pos).min(COPY_CHUNK as u64) as usize;
             let chunk = &mut buf[..n];
             match &source {
                 EndpointIo::Volume(io) => {
-                    let r = io.read_at(chunk, pos).map_err(Error::from)?;
-                    self.settle_report(io, r)?;
+                    let r = io.engine.read(pos, chunk);
+                    self.settle(io)?;
+                    r.map_err(|e| io_refusal(&io.engine.name, e))?;
                 }
                 EndpointIo::Path(p, d) => d.read_at(chunk, pos).map_err(|e| {
                     Error::io(format!("cannot read {} at offset {pos}", p.display()), e)
@@ -1084,22 +1042,11 @@ impl Group {
             }
             match &mut target {
                 EndpointIo::Volume(io) => {
-                    let r = io.write_at(chunk, pos).map_err(Error::from)?;
-                    if !r.failed.is_empty() {
-                        let failed: Vec<Uuid> = r
-                            .failed
-                            .iter()
-                            .map(|e| io.plexes[e.plex].disk_uuid)
-                            .collect();
-                        self.settle_report(io, r)?;
-                        // Later chunks skip the plexes that were just failed.
-                        for p in &mut io.plexes {
-                            if failed.contains(&p.disk_uuid) {
-                                p.readable = false;
-                                p.writable = false;
-                            }
-                        }
-                    }
+                    // Failed plexes leave the engine at once; the config
+                    // records them before the next chunk.
+                    let r = io.engine.write(pos, chunk);
+                    self.settle(io)?;
+                    r.map_err(|e| io_refusal(&io.engine.name, e))?;
                 }
                 EndpointIo::Path(p, d) => d.write_at(chunk, pos).map_err(|e| {
                     Error::io(format!("cannot write {} at offset {pos}", p.display()), e)
@@ -1135,21 +1082,21 @@ impl Endpoint {
 
 enum EndpointIo {
     Path(PathBuf, FileDisk),
-    Volume(Volume),
+    Volume(VolumeIo),
 }
 
 impl EndpointIo {
     fn size(&self) -> u64 {
         match self {
             EndpointIo::Path(_, d) => d.size(),
-            EndpointIo::Volume(v) => v.size,
+            EndpointIo::Volume(v) => v.engine.size,
         }
     }
 
     fn describe(&self) -> String {
         match self {
             EndpointIo::Path(p, _) => p.display().to_string(),
-            EndpointIo::Volume(v) => format!("volume {}", v.name),
+            EndpointIo::Volume(v) => format!("volume {}", v.engine.name),
         }
     }
 }

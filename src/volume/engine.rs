@@ -225,6 +225,12 @@ impl MirrorVolume {
             .push(Arc::new(plex));
     }
 
+    /// Ranges held or waited for in the range lock: writes in flight and
+    /// read repairs; 0 once the volume is idle.
+    pub fn ranges_busy(&self) -> usize {
+        self.lock.busy()
+    }
+
     fn in_sync(&self) -> usize {
         self.plexes
             .read()

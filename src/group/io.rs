@@ -1,0 +1,194 @@
+//! Volume I/O for one command: the engine of a volume, started on the disks
+//! the group has at hand, with a sink that records what happened so the
+//! command can put it in the config before it goes on ([`Group::settle`]).
+//! `serve` keeps the engines running instead ([`super::live`]).
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::Group;
+use crate::format::PlexState;
+use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode};
+use crate::volume::queue::DiskQueue;
+use crate::{Error, Result};
+
+/// What the engine reported during a command.
+#[derive(Debug)]
+enum Event {
+    PlexFailed(Uuid, String),
+    LastCopyFailed(Uuid, String),
+    ReadError(Uuid, String, bool),
+}
+
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<Event>>,
+}
+
+impl FailureSink for Recorder {
+    fn plex_failed(&self, _: &str, disk: Uuid, error: &io::Error) {
+        self.push(Event::PlexFailed(disk, error.to_string()));
+    }
+    fn last_copy_failed(&self, _: &str, disk: Uuid, error: &io::Error) {
+        self.push(Event::LastCopyFailed(disk, error.to_string()));
+    }
+    fn read_error(&self, _: &str, disk: Uuid, error: &io::Error, repaired: bool) {
+        self.push(Event::ReadError(disk, error.to_string(), repaired));
+    }
+}
+
+impl Recorder {
+    fn push(&self, e: Event) {
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(e);
+    }
+}
+
+/// A volume's engine for the length of one command.
+pub struct VolumeIo {
+    pub engine: Arc<MirrorVolume>,
+    recorder: Arc<Recorder>,
+    _sink: Arc<dyn FailureSink>,
+    queues: Vec<Arc<DiskQueue>>,
+}
+
+impl VolumeIo {
+    /// Waits for background read repairs to finish.
+    fn quiesce(&self) {
+        while self.engine.ranges_busy() > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for VolumeIo {
+    fn drop(&mut self) {
+        self.quiesce();
+        for q in &self.queues {
+            q.stop();
+        }
+    }
+}
+
+impl Group {
+    /// Starts the engine of a volume on its plexes that are present: in-sync
+    /// plexes serve reads and take writes, resyncing ones take writes.
+    pub fn open_volume(&self, name: &str) -> Result<VolumeIo> {
+        let v = self.volume(name)?;
+        let recorder = Arc::new(Recorder::default());
+        let sink: Arc<dyn FailureSink> = recorder.clone();
+        let mut queues = Vec::new();
+        let mut plexes = Vec::new();
+        for p in &v.plexes {
+            let Some(m) = self.members.get(&p.disk) else {
+                continue;
+            };
+            if !self.is_online(p.disk) {
+                continue;
+            }
+            let mode = match p.state {
+                PlexState::InSync => Mode::InSync,
+                PlexState::Resyncing => Mode::WriteOnly,
+                PlexState::Stale | PlexState::Failed => continue,
+            };
+            let q = DiskQueue::start(&m.path.display().to_string(), m.disk.clone(), 4);
+            queues.push(q.clone());
+            plexes.push(EnginePlex::new(
+                p.disk,
+                q,
+                m.label.layout.data_offset() + p.offset,
+                mode,
+            ));
+        }
+        let engine = MirrorVolume::new(
+            &v.name,
+            v.size,
+            plexes,
+            Arc::downgrade(&sink),
+            EngineOptions::default(),
+        );
+        Ok(VolumeIo {
+            engine,
+            recorder,
+            _sink: sink,
+            queues,
+        })
+    }
+
+    /// Records in the config what the engine reported, and commits when that
+    /// changed anything. Repaired read errors become warnings.
+    pub fn settle(&mut self, io: &VolumeIo) -> Result<()> {
+        io.quiesce();
+        let events =
+            std::mem::take(&mut *io.recorder.events.lock().unwrap_or_else(|e| e.into_inner()));
+        let name = io.engine.name.clone();
+        let mut changed = false;
+        for e in events {
+            match e {
+                Event::PlexFailed(disk, error) => {
+                    self.warnings.push(format!(
+                        "disk {}: I/O error ({error}); its plex of volume {name} is marked failed",
+                        self.disk_path(disk)
+                    ));
+                    self.mark_plex_failed(&name, disk);
+                    changed = true;
+                }
+                Event::LastCopyFailed(disk, error) => {
+                    self.warnings.push(format!(
+                        "disk {}: I/O error ({error}) on the last in-sync plex of volume {name}; the disk is marked failed",
+                        self.disk_path(disk)
+                    ));
+                    self.mark_disk_failed(disk);
+                    changed = true;
+                }
+                Event::ReadError(disk, error, repaired) => self.warnings.push(format!(
+                    "disk {}: a read error ({error}) {} from another plex of volume {name}",
+                    self.disk_path(disk),
+                    if repaired {
+                        "was repaired"
+                    } else {
+                        "could not be repaired"
+                    }
+                )),
+            }
+        }
+        if changed {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` to a volume at `offset` through the engine; plexes that
+    /// fail the write are failed in the config before it returns.
+    pub fn write(&mut self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
+        self.prepare_write(name)?;
+        let io = self.open_volume(name)?;
+        let r = io.engine.write(offset, data);
+        self.settle(&io)?;
+        r.map_err(|e| io_refusal(name, e))
+    }
+
+    /// Reads from a volume at `offset`, falling back across plexes.
+    pub fn read(&mut self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.require_source(name)?;
+        let io = self.open_volume(name)?;
+        let r = io.engine.read(offset, buf);
+        self.settle(&io)?;
+        r.map_err(|e| io_refusal(name, e))
+    }
+}
+
+/// An engine error as a command's error: a request outside the volume is
+/// refused; anything else is an I/O failure.
+pub fn io_refusal(name: &str, e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::InvalidInput {
+        Error::refused(e.to_string())
+    } else {
+        Error::io(format!("I/O on volume {name} failed"), e)
+    }
+}
