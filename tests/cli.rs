@@ -29,6 +29,15 @@ fn three_disks(sb: &Sandbox, mib: u64) {
         .ok();
 }
 
+/// A mirror NAME of SIZE with its plexes on a.img and b.img.
+fn mirror_ab(sb: &Sandbox, name: &str, size: &str) {
+    let (a, b) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
+    sb.mv(&[
+        "create", name, "--size", size, "--mirror", "--disk", &a, "--disk", &b,
+    ])
+    .ok();
+}
+
 #[test]
 fn init_makes_a_group_and_adds_disks_to_it() {
     let sb = Sandbox::new();
@@ -112,18 +121,7 @@ fn status_text_uses_windows_words() {
 fn mirror_data_survives_losing_a_disk() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
-    sb.mv(&[
-        "create",
-        "m",
-        "--size",
-        "16M",
-        "--mirror",
-        "--disk",
-        &sb.p("disks/a.img"),
-        "--disk",
-        &sb.p("disks/b.img"),
-    ])
-    .ok();
+    mirror_ab(&sb, "m", "16M");
     let (src, data) = sb.data_file("in.bin", 10 * MIB as usize + 512, 1);
     sb.mv(&["copy", &src, "vol:m"]).ok();
     fs::create_dir(sb.path("away")).unwrap();
@@ -197,18 +195,7 @@ fn create_warns_when_not_duplexed_or_disks_differ() {
 fn mixed_mbr_and_gpt_plexes_are_the_same_size() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
-    sb.mv(&[
-        "create",
-        "m",
-        "--size",
-        "3000K",
-        "--mirror",
-        "--disk",
-        &sb.p("disks/a.img"),
-        "--disk",
-        &sb.p("disks/b.img"),
-    ])
-    .ok();
+    mirror_ab(&sb, "m", "3000K");
     let (src, data) = sb.data_file("in.bin", 3000 * 1024, 2);
     sb.mv(&["copy", &src, "vol:m"]).ok();
     // Each plex alone must hold the volume: break, then read both halves.
@@ -261,18 +248,7 @@ fn remove_mirror_frees_the_space() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
     let before = disk(&sb.status(), "b.img")["free"].as_u64().unwrap();
-    sb.mv(&[
-        "create",
-        "m",
-        "--size",
-        "8M",
-        "--mirror",
-        "--disk",
-        &sb.p("disks/a.img"),
-        "--disk",
-        &sb.p("disks/b.img"),
-    ])
-    .ok();
+    mirror_ab(&sb, "m", "8M");
     assert_eq!(
         disk(&sb.status(), "b.img")["free"].as_u64().unwrap(),
         before - 8 * MIB
@@ -289,18 +265,7 @@ fn remove_mirror_frees_the_space() {
 fn break_keeps_name_on_remaining_plex() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
-    sb.mv(&[
-        "create",
-        "m",
-        "--size",
-        "8M",
-        "--mirror",
-        "--disk",
-        &sb.p("disks/a.img"),
-        "--disk",
-        &sb.p("disks/b.img"),
-    ])
-    .ok();
+    mirror_ab(&sb, "m", "8M");
     let uuid = volume(&sb.status(), "m")["uuid"].clone();
     sb.mv(&["break", "m", "--disk", &sb.p("disks/b.img")]).ok();
     let s = sb.status();
@@ -323,18 +288,7 @@ fn break_with_nokeep_frees_the_plex() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
     let before = disk(&sb.status(), "b.img")["free"].as_u64().unwrap();
-    sb.mv(&[
-        "create",
-        "m",
-        "--size",
-        "8M",
-        "--mirror",
-        "--disk",
-        &sb.p("disks/a.img"),
-        "--disk",
-        &sb.p("disks/b.img"),
-    ])
-    .ok();
+    mirror_ab(&sb, "m", "8M");
     sb.mv(&["break", "m", "--disk", &sb.p("disks/b.img"), "--nokeep"])
         .ok();
     let s = sb.status();
@@ -346,18 +300,7 @@ fn break_with_nokeep_frees_the_plex() {
 fn repair_replaces_a_failed_plex_on_another_disk() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
-    sb.mv(&[
-        "create",
-        "m",
-        "--size",
-        "8M",
-        "--mirror",
-        "--disk",
-        &sb.p("disks/a.img"),
-        "--disk",
-        &sb.p("disks/b.img"),
-    ])
-    .ok();
+    mirror_ab(&sb, "m", "8M");
     let (src, data) = sb.data_file("in.bin", 8 * MIB as usize, 4);
     sb.mv(&["copy", &src, "vol:m"]).ok();
     sb.mv(&["fail", &sb.p("disks/b.img")]).ok();
@@ -386,18 +329,7 @@ fn repair_replaces_a_failed_plex_on_another_disk() {
 fn reactivate_brings_a_failed_disk_back_and_resyncs() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
-    sb.mv(&[
-        "create",
-        "m",
-        "--size",
-        "8M",
-        "--mirror",
-        "--disk",
-        &sb.p("disks/a.img"),
-        "--disk",
-        &sb.p("disks/b.img"),
-    ])
-    .ok();
+    mirror_ab(&sb, "m", "8M");
     sb.mv(&["fail", &sb.p("disks/b.img")]).ok();
     let (src, data) = sb.data_file("in.bin", 8 * MIB as usize, 5);
     sb.mv(&["copy", &src, "vol:m"]).ok();
@@ -418,18 +350,7 @@ fn reactivate_brings_a_failed_disk_back_and_resyncs() {
 fn a_disk_that_missed_writes_comes_back_offline_until_reactivated() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
-    sb.mv(&[
-        "create",
-        "m",
-        "--size",
-        "8M",
-        "--mirror",
-        "--disk",
-        &sb.p("disks/a.img"),
-        "--disk",
-        &sb.p("disks/b.img"),
-    ])
-    .ok();
+    mirror_ab(&sb, "m", "8M");
     fs::create_dir(sb.path("away")).unwrap();
     fs::rename(sb.path("disks/b.img"), sb.path("away/b.img")).unwrap();
     let (src, data) = sb.data_file("in.bin", 8 * MIB as usize, 6);
@@ -528,18 +449,7 @@ fn refused_unchanged(sb: &Sandbox, args: &[&str], needle: &str) {
 fn setup_refusals() -> Sandbox {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
-    sb.mv(&[
-        "create",
-        "m",
-        "--size",
-        "8M",
-        "--mirror",
-        "--disk",
-        &sb.p("disks/a.img"),
-        "--disk",
-        &sb.p("disks/b.img"),
-    ])
-    .ok();
+    mirror_ab(&sb, "m", "8M");
     sb.mv(&[
         "create",
         "s",

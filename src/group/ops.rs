@@ -1017,7 +1017,7 @@ impl Group {
     fn copy_between(
         &mut self,
         source: EndpointIo,
-        mut target: EndpointIo,
+        target: EndpointIo,
         size: u64,
         progress: &dyn Progress,
     ) -> Result<(EndpointIo, u64)> {
@@ -1030,28 +1030,10 @@ impl Group {
         while pos < size {
             let n = (size - pos).min(COPY_CHUNK as u64) as usize;
             let chunk = &mut buf[..n];
-            match &source {
-                EndpointIo::Volume(io) => {
-                    let r = io.engine.read(pos, chunk);
-                    self.settle(io)?;
-                    r.map_err(|e| io_refusal(&io.engine.name, e))?;
-                }
-                EndpointIo::Path(p, d) => d.read_at(chunk, pos).map_err(|e| {
-                    Error::io(format!("cannot read {} at offset {pos}", p.display()), e)
-                })?,
-            }
-            match &mut target {
-                EndpointIo::Volume(io) => {
-                    // Failed plexes leave the engine at once; the config
-                    // records them before the next chunk.
-                    let r = io.engine.write(pos, chunk);
-                    self.settle(io)?;
-                    r.map_err(|e| io_refusal(&io.engine.name, e))?;
-                }
-                EndpointIo::Path(p, d) => d.write_at(chunk, pos).map_err(|e| {
-                    Error::io(format!("cannot write {} at offset {pos}", p.display()), e)
-                })?,
-            }
+            self.transfer(&source, pos, chunk, false)?;
+            // Plexes that fail a write leave the engine at once; the config
+            // records them before the next chunk.
+            self.transfer(&target, pos, chunk, true)?;
             pos += n as u64;
             progress.set(pos);
         }
@@ -1060,6 +1042,40 @@ impl Group {
         }
         progress.finish();
         Ok((target, size))
+    }
+}
+
+impl Group {
+    /// Reads (or writes) one chunk of a copy at `pos` on one side, and
+    /// settles what the engine reported.
+    fn transfer(
+        &mut self,
+        side: &EndpointIo,
+        pos: u64,
+        chunk: &mut [u8],
+        write: bool,
+    ) -> Result<()> {
+        match side {
+            EndpointIo::Volume(io) => {
+                let r = if write {
+                    io.engine.write(pos, chunk)
+                } else {
+                    io.engine.read(pos, chunk)
+                };
+                self.settle(io)?;
+                r.map_err(|e| io_refusal(&io.engine.name, e))
+            }
+            EndpointIo::Path(p, d) => {
+                let (r, verb) = if write {
+                    (d.write_at(chunk, pos), "write")
+                } else {
+                    (d.read_at(chunk, pos), "read")
+                };
+                r.map_err(|e| {
+                    Error::io(format!("cannot {verb} {} at offset {pos}", p.display()), e)
+                })
+            }
+        }
     }
 }
 
