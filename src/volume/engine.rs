@@ -447,10 +447,15 @@ impl MirrorVolume {
         {
             return Some(p.clone());
         }
-        let least = candidates.iter().map(|p| p.queue.pending()).min()?;
+        // One snapshot of the loads: counts read twice may move in between
+        // and leave no plex at the minimum.
+        let loads: Vec<usize> = candidates.iter().map(|p| p.queue.pending()).collect();
+        let least = *loads.iter().min()?;
         let idle: Vec<&Arc<EnginePlex>> = candidates
             .iter()
-            .filter(|p| p.queue.pending() == least)
+            .zip(&loads)
+            .filter(|(_, load)| **load == least)
+            .map(|(p, _)| p)
             .collect();
         let turn = self.rotate.fetch_add(1, Ordering::Relaxed);
         Some(idle[turn % idle.len()].clone())
