@@ -62,3 +62,39 @@ fn concurrent_reads_always_find_a_plex_to_read_from() {
         t.join().expect("a reader panicked");
     }
 }
+
+/// The watchdog timed out only the requests a worker had started: with every
+/// worker of a disk stuck in a hang, the requests queued behind them had no
+/// clock and never completed, and the writes waiting on them blocked until
+/// the disk came back, although the disk had been failed long before.
+#[test]
+fn requests_queued_behind_a_hung_disk_time_out_too() {
+    use mirrorvol::disk::FaultyDisk;
+    use mirrorvol::volume::queue::{Op, Watchdog};
+
+    let disk = Arc::new(FaultyDisk::new(Arc::new(MemDisk::new(MIB))));
+    let q = DiskQueue::start("hung", disk.clone(), 1);
+    let _dog = Watchdog::start(vec![Arc::downgrade(&q)], Duration::from_millis(50));
+    disk.hang();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..3u64 {
+        let tx = tx.clone();
+        q.submit(
+            Op::Read {
+                offset: i * 4096,
+                len: 4096,
+            },
+            true,
+            Box::new(move |o| {
+                let _ = tx.send(o);
+            }),
+        );
+    }
+    for _ in 0..3 {
+        let outcome = rx
+            .recv_timeout(Duration::from_secs(2))
+            .expect("a request queued behind the hung one never completed");
+        assert_eq!(outcome.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+    }
+    disk.release();
+}
