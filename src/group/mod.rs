@@ -71,6 +71,8 @@ pub struct DiskSet {
     pub explicit: Vec<PathBuf>,
     /// Paths found inside a directory: those without a label are skipped.
     pub scanned: Vec<PathBuf>,
+    /// Open the disks `O_DIRECT`, bypassing the page cache (block devices).
+    pub direct: bool,
 }
 
 impl DiskSet {
@@ -109,8 +111,14 @@ impl DiskSet {
 /// Opens a disk path for the group: exclusively, so two mirrorvol processes
 /// never change one group at once.
 pub fn open_disk(path: &Path) -> Result<Arc<dyn Disk>> {
+    open_disk_with(path, false)
+}
+
+/// [`open_disk`], `O_DIRECT` when `direct`.
+pub fn open_disk_with(path: &Path, direct: bool) -> Result<Arc<dyn Disk>> {
     let opts = OpenOptions {
         lock: true,
+        direct,
         ..OpenOptions::default()
     };
     match FileDisk::open(path, opts) {
@@ -202,7 +210,7 @@ impl Group {
                 // An absent disk: reported as missing once the config is known.
                 continue;
             }
-            let disk = open_disk(path)?;
+            let disk = open_disk_with(path, set.direct)?;
             let read = ondisk::read_label(&*disk).map_err(|e| {
                 Error::corrupt(format!("disk {} cannot be read: {e}", path.display()))
             })?;

@@ -600,8 +600,14 @@ impl MirrorVolume {
         self.lock
             .acquire(offset..offset + len as u64, move |guard| {
                 std::thread::spawn(move || {
+                    // `good` served the read, but a write to the range may
+                    // have failed it since: then it lacks that write and
+                    // must not be copied from. Holding the range, a plex
+                    // still in sync has every write to it.
+                    let source_ok = good.mode() == Mode::InSync;
                     for (plex, error) in bad {
-                        let repaired = error.kind() != io::ErrorKind::TimedOut
+                        let repaired = source_ok
+                            && error.kind() != io::ErrorKind::TimedOut
                             && this.rewrite(&good, &plex, offset, len).is_ok();
                         this.with_sink(|s| s.read_error(&this.name, plex.disk, &error, repaired));
                         if !repaired || plex.read_errors() > this.opts.max_read_errors {

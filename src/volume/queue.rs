@@ -73,8 +73,6 @@ type InFlight = (Instant, bool, Arc<Ticket>);
 struct Job {
     id: u64,
     op: Op,
-    /// Whether the watchdog may time this request out.
-    deadline: bool,
     ticket: Arc<Ticket>,
 }
 
@@ -85,7 +83,8 @@ pub struct DiskQueue {
     tx: Mutex<Option<Sender<Job>>>,
     pending: AtomicUsize,
     next_id: AtomicU64,
-    /// Requests being served: id to (start, has a deadline, ticket).
+    /// Requests submitted and not completed: id to (submission time, has a
+    /// deadline, ticket).
     in_flight: Mutex<HashMap<u64, InFlight>>,
     timed_out: AtomicBool,
     workers: Mutex<Vec<JoinHandle<()>>>,
@@ -180,10 +179,15 @@ impl DiskQueue {
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending.fetch_add(1, Ordering::Relaxed);
+        // The clock starts now, not when a worker takes the request: behind
+        // workers stuck in a hung disk, a queued request must time out too.
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (Instant::now(), deadline, ticket.clone()));
         let job = Job {
             id,
             op,
-            deadline,
             ticket: ticket.clone(),
         };
         let sent = match &*self.tx.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -191,6 +195,10 @@ impl DiskQueue {
             None => false,
         };
         if !sent {
+            self.in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
             self.pending.fetch_sub(1, Ordering::Relaxed);
             ticket.complete(Err(io::Error::other(format!(
                 "the queue of disk {} is stopped",
@@ -276,11 +284,6 @@ fn worker(q: Weak<DiskQueue>, rx: Receiver<Job>) {
                 .complete(Err(io::Error::other("the disk queue was stopped")));
             continue;
         };
-        queue
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(job.id, (Instant::now(), job.deadline, job.ticket.clone()));
         let disk = queue.disk.clone();
         drop(queue);
         let outcome = execute(&*disk, &job.op);
