@@ -29,8 +29,11 @@ struct Recorder {
 }
 
 impl FailureSink for Recorder {
-    fn plex_failed(&self, _: &str, disk: Uuid, error: &io::Error) {
+    /// Recorded in memory: the command commits it before it reports
+    /// success, and fails if it cannot.
+    fn plex_failed(&self, _: &str, disk: Uuid, error: &io::Error) -> bool {
         self.push(Event::PlexFailed(disk, error.to_string()));
+        true
     }
     fn last_copy_failed(&self, _: &str, disk: Uuid, error: &io::Error) {
         self.push(Event::LastCopyFailed(disk, error.to_string()));

@@ -122,10 +122,39 @@ impl LiveGroup {
             .or_default() += 1;
     }
 
-    fn commit(&self, g: &mut Group, what: &str) {
-        if let Err(e) = g.commit() {
-            tracing::error!(error = %e, "the config change for {what} could not be written");
+    /// Commits a change the engine reported, then takes out of the engines
+    /// whatever the config no longer has in service (a disk that failed its
+    /// config write is marked failed by the commit itself). Returns whether
+    /// any disk took the config.
+    fn commit(&self, g: &mut Group, what: &str) -> bool {
+        let ok = match g.commit() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "the config change for {what} could not be written");
+                false
+            }
+        };
+        for v in self
+            .volumes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            let Some(entry) = g.config.volume(&v.name) else {
+                continue;
+            };
+            for p in v.plexes() {
+                let state = entry
+                    .plexes
+                    .iter()
+                    .find(|e| e.disk == p.disk)
+                    .map(|e| g.plex_state(e.disk, e.state));
+                if !matches!(state, Some("in-sync" | "resyncing")) {
+                    p.set_mode(Mode::Out);
+                }
+            }
         }
+        ok
     }
 
     /// Stops the disk queues after the work queued on them.
@@ -157,7 +186,7 @@ impl LiveGroup {
 }
 
 impl FailureSink for LiveGroup {
-    fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
+    fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error) -> bool {
         self.count_error(disk);
         let mut g = self.group();
         let path = g.disk_path(disk);
@@ -170,7 +199,7 @@ impl FailureSink for LiveGroup {
             tracing::error!(%volume, disk = %path, %error, "plex failed");
             g.mark_plex_failed(volume, disk);
         }
-        self.commit(&mut g, &format!("the failed plex of {volume} on {path}"));
+        self.commit(&mut g, &format!("the failed plex of {volume} on {path}"))
     }
 
     fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {

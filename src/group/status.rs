@@ -63,8 +63,9 @@ impl Group {
     }
 
     /// Status, with the I/O errors a running engine has counted per disk: a
-    /// disk with errors is `online-errors`, and a volume with a plex on such
-    /// a disk is `failed-redundancy-at-risk`.
+    /// disk with errors is `online-errors`, and a volume whose in-sync plex
+    /// sits on such a disk is `failed-redundancy-at-risk` (a plex already
+    /// failed puts nothing more at risk).
     pub fn status_with(&self, errors: &BTreeMap<Uuid, u64>) -> StatusReport {
         let errors_on = |disk: Uuid| errors.get(&disk).copied().unwrap_or(0);
         let disks = self
@@ -105,9 +106,10 @@ impl Group {
                     layout: if v.is_mirror() { "mirror" } else { "simple" },
                     state: match self.volume_state(v) {
                         "healthy" | "failed-redundancy"
-                            if v.plexes
-                                .iter()
-                                .any(|p| errors_on(p.disk) > 0 && self.is_online(p.disk)) =>
+                            if v.plexes.iter().any(|p| {
+                                errors_on(p.disk) > 0
+                                    && self.plex_state(p.disk, p.state) == "in-sync"
+                            }) =>
                         {
                             "failed-redundancy-at-risk"
                         }

@@ -60,8 +60,10 @@ impl Default for EngineOptions {
 /// Where the engine reports what the config must record.
 pub trait FailureSink: Send + Sync {
     /// The plex on `disk` failed and is out of service; returns once the
-    /// config on the surviving disks says so.
-    fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error);
+    /// config on the surviving disks says so, with `false` when no disk took
+    /// that config (then no write that plex missed may be acknowledged: after
+    /// a restart the config would still call it in sync).
+    fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error) -> bool;
     /// The last in-sync plex, on `disk`, failed a write: its disk is taken out
     /// of service with the plex's data kept.
     fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error);
@@ -74,7 +76,9 @@ pub trait FailureSink: Send + Sync {
 pub struct NoSink;
 
 impl FailureSink for NoSink {
-    fn plex_failed(&self, _: &str, _: Uuid, _: &io::Error) {}
+    fn plex_failed(&self, _: &str, _: Uuid, _: &io::Error) -> bool {
+        true
+    }
     fn last_copy_failed(&self, _: &str, _: Uuid, _: &io::Error) {}
     fn read_error(&self, _: &str, _: Uuid, _: &io::Error, _: bool) {}
 }
@@ -139,6 +143,16 @@ impl EnginePlex {
 }
 
 type Done<T> = Box<dyn FnOnce(io::Result<T>) + Send>;
+
+/// What [`MirrorVolume::fail_plex_locked`] did.
+enum Failing {
+    /// The plex stays: it is out already, or the last in-sync one.
+    No,
+    /// Failed, and the config says so.
+    Recorded,
+    /// Failed, but no disk took the config that says so.
+    Unrecorded,
+}
 
 /// Where a request's I/O runs: all on the disks' workers (callers that must
 /// not block, such as a network server), or one part on the calling thread
@@ -253,29 +267,28 @@ impl MirrorVolume {
         }
     }
 
-    fn with_sink(&self, f: impl FnOnce(&dyn FailureSink)) {
-        if let Some(sink) = self.sink.upgrade() {
-            f(&*sink);
+    fn with_sink<T: Default>(&self, f: impl FnOnce(&dyn FailureSink) -> T) -> T {
+        match self.sink.upgrade() {
+            Some(sink) => f(&*sink),
+            None => T::default(),
         }
     }
 
-    /// Fails `plex` unless it is the last in-sync plex or already out.
-    /// Returns whether it was failed. The caller holds `decide`.
-    fn fail_plex_locked(&self, plex: &EnginePlex, error: &io::Error) -> bool {
+    /// Fails `plex` unless it is the last in-sync plex or already out. The
+    /// caller holds `decide`.
+    fn fail_plex_locked(&self, plex: &EnginePlex, error: &io::Error) -> Failing {
         match plex.mode() {
-            Mode::Out => false,
-            Mode::WriteOnly => {
-                plex.set_mode(Mode::Out);
-                self.with_sink(|s| s.plex_failed(&self.name, plex.disk, error));
-                true
-            }
-            Mode::InSync if self.in_sync() > 1 => {
+            Mode::Out => Failing::No,
+            Mode::InSync if self.in_sync() <= 1 => Failing::No,
+            Mode::WriteOnly | Mode::InSync => {
                 plex.set_mode(Mode::Out);
                 tracing::error!(volume = %self.name, disk = %plex.queue.name(), %error, "plex failed");
-                self.with_sink(|s| s.plex_failed(&self.name, plex.disk, error));
-                true
+                if self.with_sink(|s| s.plex_failed(&self.name, plex.disk, error)) {
+                    Failing::Recorded
+                } else {
+                    Failing::Unrecorded
+                }
             }
-            Mode::InSync => false,
         }
     }
 
@@ -452,17 +465,23 @@ impl MirrorVolume {
             .iter()
             .any(|(p, r)| r.is_ok() && p.mode() == Mode::InSync);
         let mut last_error = None;
+        let mut unrecorded = false;
         for (plex, r) in &results {
             let Err(error) = r else { continue };
-            if !self.fail_plex_locked(plex, error) && !took_it && plex.mode() == Mode::InSync {
-                // The last in-sync plex failed and nothing else took the write.
-                plex.set_mode(Mode::Out);
-                tracing::error!(volume = %self.name, disk = %plex.queue.name(), %error, "last in-sync plex failed a {op}; the volume is failed");
-                self.with_sink(|s| s.last_copy_failed(&self.name, plex.disk, error));
+            match self.fail_plex_locked(plex, error) {
+                Failing::Recorded => {}
+                Failing::Unrecorded => unrecorded = true,
+                Failing::No if !took_it && plex.mode() == Mode::InSync => {
+                    // The last in-sync plex failed and nothing else took it.
+                    plex.set_mode(Mode::Out);
+                    tracing::error!(volume = %self.name, disk = %plex.queue.name(), %error, "last in-sync plex failed a {op}; the volume is failed");
+                    self.with_sink(|s| s.last_copy_failed(&self.name, plex.disk, error));
+                }
+                Failing::No => {}
             }
             last_error = Some(error);
         }
-        if took_it {
+        if took_it && !unrecorded {
             Ok(())
         } else {
             let e = last_error.expect("some result failed");
@@ -628,13 +647,15 @@ impl MirrorVolume {
         offset: u64,
         len: usize,
     ) -> io::Result<()> {
+        // With a deadline: a source that hangs now must not hold the range
+        // (and every write to it) forever.
         let data = wait(|cb| {
             good.queue.submit(
                 Op::Read {
                     offset: good.offset + offset,
                     len,
                 },
-                false,
+                true,
                 cb,
             )
         })?;
@@ -743,14 +764,17 @@ mod tests {
     /// Records what the engine reports.
     #[derive(Default)]
     struct Record {
+        /// Answer that no disk took the config (every commit failed).
+        cannot_record: std::sync::atomic::AtomicBool,
         failed: Mutex<Vec<Uuid>>,
         last: Mutex<Vec<Uuid>>,
         read_errors: Mutex<Vec<(Uuid, bool)>>,
     }
 
     impl FailureSink for Record {
-        fn plex_failed(&self, _: &str, disk: Uuid, _: &io::Error) {
+        fn plex_failed(&self, _: &str, disk: Uuid, _: &io::Error) -> bool {
             self.failed.lock().unwrap().push(disk);
+            !self.cannot_record.load(Ordering::SeqCst)
         }
         fn last_copy_failed(&self, _: &str, disk: Uuid, _: &io::Error) {
             self.last.lock().unwrap().push(disk);
@@ -852,6 +876,15 @@ mod tests {
         let mut got = vec![0; 4096];
         r.vol.read(0, &mut got).unwrap();
         assert_eq!(got, vec![2u8; 4096]);
+    }
+
+    #[test]
+    fn a_write_is_not_acknowledged_when_the_failed_plex_cannot_be_recorded() {
+        let r = rig(2, EngineOptions::default());
+        r.record.cannot_record.store(true, Ordering::SeqCst);
+        r.disks[1].fail_writes(0..SIZE + (1 << 20));
+        assert!(r.vol.write(8192, &[1u8; 4096]).is_err());
+        assert_eq!(r.vol.plexes()[1].mode(), Mode::Out);
     }
 
     #[test]
