@@ -117,14 +117,20 @@ fn ext4_on_nbdfuse_and_loop_survives_fsck_and_remount() {
     }
     let start = Instant::now();
     while !pidfile.exists() {
-        assert!(start.elapsed() < Duration::from_secs(20), "nbdfuse not ready");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nbdfuse not ready"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let image = fuse_dir.join("nbd");
 
-    let lo = ok(&mut sh("losetup", &["--find", "--show", &image.display().to_string()]))
-        .trim()
-        .to_string();
+    let lo = ok(&mut sh(
+        "losetup",
+        &["--find", "--show", &image.display().to_string()],
+    ))
+    .trim()
+    .to_string();
     {
         let lo = lo.clone();
         cleanup.push(move || {
@@ -146,7 +152,14 @@ fn ext4_on_nbdfuse_and_loop_survives_fsck_and_remount() {
     }
     let tree = sb.path("tree");
     make_tree(&tree);
-    ok(&mut sh("cp", &["-a", &format!("{}/.", tree.display()), &mnt.display().to_string()]));
+    ok(&mut sh(
+        "cp",
+        &[
+            "-a",
+            &format!("{}/.", tree.display()),
+            &mnt.display().to_string(),
+        ],
+    ));
     let want = checksums(&tree);
     assert_eq!(want.len(), 72);
     ok(&mut sh("sync", &[]));
