@@ -181,6 +181,7 @@ fn fio_args(uri: &str, size_mib: u64, extra: &[&str]) -> Vec<String> {
         &format!("--offset_increment={size_mib}M"),
         "--verify=crc32c",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--do_verify=1",
         "--randrepeat=0",
         "--group_reporting",
