@@ -7,13 +7,17 @@
 //! - [`format`]: partition tables, labels, config slots: encode and decode.
 //! - [`volume`]: the mirror I/O engine: fan-out writes, reads with fallback, copy.
 //! - [`group`]: the group config, extent allocation and the operations on it.
+//! - [`nbd`]: the NBD protocol codec and server (knows nothing of mirrors).
+//! - [`daemon`]: `serve`: a group in service, exported over NBD.
 //! - [`cli`]: argument parsing, text and JSON output, progress bars, the demo.
 
 pub mod cli;
+pub mod daemon;
 pub mod disk;
 pub mod error;
 pub mod format;
 pub mod group;
+pub mod nbd;
 pub mod volume;
 
 pub use error::{Error, Result};

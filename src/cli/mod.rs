@@ -131,6 +131,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Export every volume of the group over NBD (export name = volume name)
+    /// until SIGINT or SIGTERM.
+    Serve {
+        /// unix:PATH, HOST:PORT or PORT (loopback); repeat for several
+        /// listeners. Default 127.0.0.1:10809.
+        #[arg(long)]
+        listen: Vec<String>,
+    },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
         /// Work in this directory instead of a new temporary one (kept).
@@ -404,6 +412,7 @@ fn execute(cli: Cli) -> Result<()> {
             }
         }
         Command::Examine { path, json } => examine::examine(&path, json)?,
+        Command::Serve { listen } => crate::daemon::serve(&cli.disks, &listen)?,
         Command::Demo { dir } => demo::demo(dir)?,
     }
     Ok(())

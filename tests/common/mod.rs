@@ -6,6 +6,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod serve;
+
 pub const MIB: u64 = 1024 * 1024;
 
 /// True when tests that need root or external tools must run (CI).

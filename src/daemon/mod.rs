@@ -1,0 +1,216 @@
+//! `serve`: puts the group in service and exports every volume over NBD.
+//!
+//! The daemon holds the group exclusively (the `flock` on every disk) while
+//! it runs: it assembles the group, starts the engine ([`LiveGroup`]),
+//! binds every listener, and serves until SIGINT or SIGTERM. Then it stops
+//! accepting, stops reading requests, answers every request in flight,
+//! flushes every volume, stops the disk queues and returns.
+//!
+//! A disk that fails while serving is handled by the engine: its plexes are
+//! failed in the config on the surviving disks, and the volumes go on.
+//! `mirrorvol fail` cannot open the disks while `serve` holds them; until
+//! the control socket exists, tests fail a disk with the test hook
+//! [`FAULT_DISK_ENV`].
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::iterator::Signals;
+
+use crate::disk::{AlignedBuf, Disk, FaultyDisk};
+use crate::group::live::LiveGroup;
+use crate::group::{DiskSet, Group, Lookup};
+use crate::nbd::server::{self, Done, Export, Listen, Server};
+use crate::volume::engine::{EngineOptions, MirrorVolume, Run};
+use crate::{Error, Result};
+
+/// Test hook: the path of one disk of the group. `serve` puts that disk
+/// behind a fault injector, and SIGUSR1 makes every later I/O to it fail
+/// with EIO, as a disk that dies while clients write.
+pub const FAULT_DISK_ENV: &str = "MIRRORVOL_TEST_FAULT_DISK";
+
+/// The address `serve` listens on when none is given.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+
+/// A volume of the running engine as an NBD export.
+struct VolumeExport(Arc<MirrorVolume>);
+
+impl Export for VolumeExport {
+    fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+
+    fn read(&self, offset: u64, len: usize, done: Done<AlignedBuf>) {
+        self.0.submit_read(offset, len, Run::Queued, done);
+    }
+
+    fn write(&self, offset: u64, data: AlignedBuf, fua: bool, done: Done<()>) {
+        self.0
+            .submit_write(offset, Arc::new(data), fua, Run::Queued, done);
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, done: Done<()>) {
+        self.0
+            .submit_write_zeroes(offset, len, fua, Run::Queued, done);
+    }
+
+    fn flush(&self, done: Done<()>) {
+        self.0.submit_flush(Run::Queued, done);
+    }
+}
+
+/// Puts the disk named by [`FAULT_DISK_ENV`] behind a fault injector.
+fn wrap_fault_disk(group: &mut Group, path: &Path) -> Result<Arc<FaultyDisk>> {
+    let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let uuid = group
+        .members
+        .iter()
+        .find(|(_, m)| std::fs::canonicalize(&m.path).unwrap_or_else(|_| m.path.clone()) == want)
+        .map(|(u, _)| *u)
+        .ok_or_else(|| {
+            Error::refused(format!(
+                "{FAULT_DISK_ENV} names {}, which is not a disk of the group",
+                path.display()
+            ))
+        })?;
+    let mut faulty = None;
+    group.wrap_disks(|u, disk| {
+        if u != uuid {
+            return disk;
+        }
+        let f = Arc::new(FaultyDisk::new(disk));
+        faulty = Some(f.clone());
+        f as Arc<dyn Disk>
+    });
+    Ok(faulty.expect("the disk is a member"))
+}
+
+/// Runs `serve` until SIGINT or SIGTERM.
+pub fn serve(disks: &[PathBuf], listen: &[String]) -> Result<()> {
+    let listen: Vec<Listen> = if listen.is_empty() {
+        vec![Listen::parse(DEFAULT_LISTEN).expect("the default parses")]
+    } else {
+        listen
+            .iter()
+            .map(|s| Listen::parse(s).map_err(Error::refused))
+            .collect::<Result<_>>()?
+    };
+    if disks.is_empty() {
+        return Err(Error::refused(
+            "no disks given: name the group's disks with --disks or MIRRORVOL_DISKS",
+        ));
+    }
+    // Signals first, so a SIGTERM during start-up still shuts down cleanly.
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])
+        .map_err(|e| Error::io("cannot install signal handlers", e))?;
+
+    // Bind before assembling: a taken address is refused before any disk
+    // is opened.
+    let mut bound = Vec::new();
+    for l in &listen {
+        match server::bind(l) {
+            Ok(b) => bound.push(b),
+            Err(e) => {
+                cleanup(&bound);
+                return Err(match e {
+                    server::BindError::InUse(_) => Error::refused(e.to_string()),
+                    server::BindError::Other(_, _) => Error::failed(e.to_string()),
+                });
+            }
+        }
+    }
+
+    let assembled = (|| -> Result<(Group, Option<Arc<FaultyDisk>>)> {
+        let set = DiskSet::expand(disks)?;
+        let mut group = Group::assemble(&set, Lookup::Required)?.expect("required");
+        for w in group.warnings.split_off(0) {
+            eprintln!("warning: {w}");
+        }
+        let faulty = match std::env::var_os(FAULT_DISK_ENV) {
+            Some(p) => Some(wrap_fault_disk(&mut group, Path::new(&p))?),
+            None => None,
+        };
+        Ok((group, faulty))
+    })();
+    let (group, faulty) = match assembled {
+        Ok(g) => g,
+        Err(e) => {
+            cleanup(&bound);
+            return Err(e);
+        }
+    };
+
+    let live = LiveGroup::start(group, EngineOptions::default());
+    let names = live.volume_names();
+    let exports: Vec<Arc<dyn Export>> = names
+        .iter()
+        .filter_map(|n| live.volume(n))
+        .map(|v| Arc::new(VolumeExport(v)) as Arc<dyn Export>)
+        .collect();
+    let server = Server::new(exports);
+    let count = names.len();
+    for b in bound {
+        let addr = b.describe();
+        server.serve(b);
+        eprintln!(
+            "serving {count} volume{} ({}) on {addr}",
+            if count == 1 { "" } else { "s" },
+            names.join(", ")
+        );
+    }
+
+    for sig in signals.forever() {
+        match sig {
+            SIGUSR1 => match &faulty {
+                Some(f) => {
+                    eprintln!(
+                        "test hook: failing disk {:?}",
+                        std::env::var_os(FAULT_DISK_ENV).unwrap_or_default()
+                    );
+                    f.fail_reads(0..u64::MAX);
+                    f.fail_writes(0..u64::MAX);
+                }
+                None => eprintln!("SIGUSR1 ignored: no {FAULT_DISK_ENV} was set"),
+            },
+            _ => break,
+        }
+    }
+
+    eprintln!("stopping: finishing the requests in flight");
+    server.shutdown();
+    let mut failed = Vec::new();
+    for n in &names {
+        if let Some(v) = live.volume(n)
+            && let Err(e) = v.flush()
+        {
+            failed.push(format!("{n}: {e}"));
+        }
+    }
+    live.stop();
+    if !failed.is_empty() {
+        return Err(Error::io(
+            format!(
+                "flushing volumes on shutdown failed ({})",
+                failed.join("; ")
+            ),
+            io::Error::other("flush failed"),
+        ));
+    }
+    eprintln!("stopped; every volume is flushed");
+    Ok(())
+}
+
+/// Removes the socket files of listeners bound before a failure.
+fn cleanup(bound: &[server::Bound]) {
+    for b in bound {
+        if let server::Bound::Unix(_, p) = b {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

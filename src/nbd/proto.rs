@@ -1,0 +1,895 @@
+//! The NBD wire protocol as a pure codec: constants from `doc/proto.md` of
+//! the NetworkBlockDevice/nbd project, decoders that turn client bytes into
+//! options and requests, and encoders for every server message. No I/O
+//! happens here, so the fuzzer and the property tests drive it directly.
+//!
+//! Decoders take the bytes received so far and answer with
+//! [`Decoded::NeedMore`] (the total number of bytes they need), or
+//! [`Decoded::Done`] with the value and how many bytes it took, or a
+//! [`ProtoError`] for bytes that break the protocol (the connection closes).
+//!
+//! ```text
+//!  handshake   S: NBDMAGIC  IHAVEOPT  u16 handshake flags
+//!              C: u32 client flags
+//!  option      C: IHAVEOPT  u32 option  u32 length  data[length]
+//!  opt. reply  S: 0x3e889045565a9  u32 option  u32 type  u32 length  data
+//!  request     C: 0x25609513  u16 flags  u16 type  u64 handle  u64 offset
+//!                 u32 length  (data[length] for WRITE)
+//!  reply       S: 0x67446698  u32 error  u64 handle  (data for READ)
+//! ```
+
+/// `NBDMAGIC`: the first eight bytes the server sends.
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+/// `IHAVEOPT`: the newstyle magic, also the prefix of every client option.
+pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+/// The magic of an option reply.
+pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// `NBD_REQUEST_MAGIC`.
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// `NBD_SIMPLE_REPLY_MAGIC`.
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+// Handshake flags (server) and client flags.
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+
+// Transmission flags.
+pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
+pub const FLAG_READ_ONLY: u16 = 1 << 1;
+pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const FLAG_SEND_FUA: u16 = 1 << 3;
+pub const FLAG_ROTATIONAL: u16 = 1 << 4;
+pub const FLAG_SEND_TRIM: u16 = 1 << 5;
+pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const FLAG_SEND_DF: u16 = 1 << 7;
+pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+
+// Options.
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
+pub const OPT_INFO: u32 = 6;
+pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+
+// Option reply types.
+pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
+pub const REP_INFO: u32 = 3;
+const REP_ERR: u32 = 1 << 31;
+pub const REP_ERR_UNSUP: u32 = REP_ERR + 1;
+pub const REP_ERR_POLICY: u32 = REP_ERR + 2;
+pub const REP_ERR_INVALID: u32 = REP_ERR + 3;
+pub const REP_ERR_UNKNOWN: u32 = REP_ERR + 6;
+pub const REP_ERR_SHUTDOWN: u32 = REP_ERR + 7;
+
+// Information types of NBD_REP_INFO.
+pub const INFO_EXPORT: u16 = 0;
+pub const INFO_NAME: u16 = 1;
+pub const INFO_DESCRIPTION: u16 = 2;
+pub const INFO_BLOCK_SIZE: u16 = 3;
+
+// Command flags.
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+
+// Commands.
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
+
+// Error values of a reply (the spec's fixed set).
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const ENOMEM: u32 = 12;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
+pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
+
+/// Bytes of the server's first message.
+pub const HANDSHAKE_LEN: usize = 18;
+/// Bytes of an option header (magic, option, length).
+pub const OPTION_HEADER_LEN: usize = 16;
+/// Bytes of a request header.
+pub const REQUEST_LEN: usize = 28;
+/// Bytes of a simple reply header.
+pub const SIMPLE_REPLY_LEN: usize = 16;
+/// The longest option data this server reads. The longest valid option
+/// here carries one name of at most 4096 bytes (the spec's string limit)
+/// plus a few fields; anything longer is a broken or hostile client.
+pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// The longest string (export name) the spec allows.
+pub const MAX_STRING_LEN: usize = 4096;
+
+/// The largest READ or WRITE this server takes, advertised as the maximum
+/// block size: 32 MiB, the size the spec says clients may always use.
+pub const MAX_REQUEST: u32 = 32 * 1024 * 1024;
+/// The minimum block size advertised.
+pub const MIN_BLOCK: u32 = 512;
+/// The preferred block size advertised.
+pub const PREFERRED_BLOCK: u32 = 4096;
+
+/// What a decoder made of the bytes so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded<T> {
+    /// At least this many bytes (counted from the start) are needed.
+    NeedMore(usize),
+    /// The value, and the number of bytes it took.
+    Done(T, usize),
+}
+
+/// Bytes that break the protocol: the connection is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    #[error("the client sent unknown flags {0:#x}")]
+    UnknownClientFlags(u32),
+    #[error("the client sent an option with bad magic {0:#018x}")]
+    BadOptionMagic(u64),
+    #[error(
+        "the client sent option {option} with {len} bytes of data, more than the {MAX_OPTION_LEN} allowed"
+    )]
+    OptionTooLong { option: u32, len: u32 },
+    #[error("the client sent a request with bad magic {0:#010x}")]
+    BadRequestMagic(u32),
+}
+
+fn be_u16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+// ---- handshake ----
+
+/// The server's greeting: fixed newstyle, and no zeroes if the client wants.
+pub fn encode_greeting() -> [u8; HANDSHAKE_LEN] {
+    let mut out = [0u8; HANDSHAKE_LEN];
+    out[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    out[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    out[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    out
+}
+
+/// What the client answered to the greeting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientFlags {
+    pub fixed_newstyle: bool,
+    pub no_zeroes: bool,
+}
+
+/// Decodes the client's 32-bit flags; unknown flags end the session (the
+/// spec says the server MUST drop the connection).
+pub fn decode_client_flags(buf: &[u8]) -> Result<Decoded<ClientFlags>, ProtoError> {
+    if buf.len() < 4 {
+        return Ok(Decoded::NeedMore(4));
+    }
+    let flags = be_u32(buf);
+    if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(ProtoError::UnknownClientFlags(flags));
+    }
+    Ok(Decoded::Done(
+        ClientFlags {
+            fixed_newstyle: flags & FLAG_C_FIXED_NEWSTYLE != 0,
+            no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
+        },
+        4,
+    ))
+}
+
+/// One option of the handshake, decoded with its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientOption {
+    /// `NBD_OPT_EXPORT_NAME`: enter transmission with this export.
+    ExportName(Vec<u8>),
+    Abort,
+    List,
+    /// `NBD_OPT_INFO` (`go == false`) or `NBD_OPT_GO`.
+    Info {
+        go: bool,
+        name: Vec<u8>,
+        requests: Vec<u16>,
+    },
+    /// A known option whose data is malformed: answer `NBD_REP_ERR_INVALID`.
+    Invalid {
+        option: u32,
+        why: &'static str,
+    },
+    /// An option this server does not implement: `NBD_REP_ERR_UNSUP`.
+    Unsupported(u32),
+}
+
+/// Decodes one option: the 16-byte header and its data.
+pub fn decode_option(buf: &[u8]) -> Result<Decoded<ClientOption>, ProtoError> {
+    if buf.len() < OPTION_HEADER_LEN {
+        return Ok(Decoded::NeedMore(OPTION_HEADER_LEN));
+    }
+    let magic = be_u64(&buf[0..8]);
+    if magic != IHAVEOPT {
+        return Err(ProtoError::BadOptionMagic(magic));
+    }
+    let option = be_u32(&buf[8..12]);
+    let len = be_u32(&buf[12..16]);
+    if len > MAX_OPTION_LEN {
+        return Err(ProtoError::OptionTooLong { option, len });
+    }
+    let total = OPTION_HEADER_LEN + len as usize;
+    if buf.len() < total {
+        return Ok(Decoded::NeedMore(total));
+    }
+    let data = &buf[OPTION_HEADER_LEN..total];
+    Ok(Decoded::Done(option_from(option, data), total))
+}
+
+fn option_from(option: u32, data: &[u8]) -> ClientOption {
+    let invalid = |why| ClientOption::Invalid { option, why };
+    match option {
+        OPT_EXPORT_NAME => ClientOption::ExportName(data.to_vec()),
+        OPT_ABORT => ClientOption::Abort,
+        OPT_LIST if data.is_empty() => ClientOption::List,
+        OPT_LIST => invalid("NBD_OPT_LIST carries no data"),
+        OPT_INFO | OPT_GO => {
+            if data.len() < 6 {
+                return invalid("the option is shorter than its name length and request count");
+            }
+            let name_len = be_u32(data) as usize;
+            if name_len > data.len() - 6 {
+                return invalid("the export name runs past the option data");
+            }
+            if name_len > MAX_STRING_LEN {
+                return invalid("the export name is longer than 4096 bytes");
+            }
+            let name = data[4..4 + name_len].to_vec();
+            let rest = &data[4 + name_len..];
+            let n = be_u16(rest) as usize;
+            if rest.len() != 2 + 2 * n {
+                return invalid("the information request count does not match the option length");
+            }
+            let requests = rest[2..].chunks_exact(2).map(be_u16).collect();
+            ClientOption::Info {
+                go: option == OPT_GO,
+                name,
+                requests,
+            }
+        }
+        other => ClientOption::Unsupported(other),
+    }
+}
+
+/// An option reply: header and data.
+pub fn encode_option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(20 + data.len());
+    out.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&reply.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// `NBD_REP_SERVER` for one export of `NBD_OPT_LIST`.
+pub fn encode_rep_server(name: &str) -> Vec<u8> {
+    let mut data = Vec::with_capacity(4 + name.len());
+    data.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    data.extend_from_slice(name.as_bytes());
+    encode_option_reply(OPT_LIST, REP_SERVER, &data)
+}
+
+/// `NBD_REP_INFO` with `NBD_INFO_EXPORT`.
+pub fn encode_info_export(option: u32, size: u64, flags: u16) -> Vec<u8> {
+    let mut data = Vec::with_capacity(12);
+    data.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+    data.extend_from_slice(&size.to_be_bytes());
+    data.extend_from_slice(&flags.to_be_bytes());
+    encode_option_reply(option, REP_INFO, &data)
+}
+
+/// `NBD_REP_INFO` with `NBD_INFO_BLOCK_SIZE`.
+pub fn encode_info_block_size(option: u32, min: u32, preferred: u32, max: u32) -> Vec<u8> {
+    let mut data = Vec::with_capacity(14);
+    data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    data.extend_from_slice(&min.to_be_bytes());
+    data.extend_from_slice(&preferred.to_be_bytes());
+    data.extend_from_slice(&max.to_be_bytes());
+    encode_option_reply(option, REP_INFO, &data)
+}
+
+/// `NBD_REP_INFO` with `NBD_INFO_NAME`.
+pub fn encode_info_name(option: u32, name: &str) -> Vec<u8> {
+    let mut data = Vec::with_capacity(2 + name.len());
+    data.extend_from_slice(&INFO_NAME.to_be_bytes());
+    data.extend_from_slice(name.as_bytes());
+    encode_option_reply(option, REP_INFO, &data)
+}
+
+/// The answer to `NBD_OPT_EXPORT_NAME`: size, flags, and 124 zero bytes
+/// unless the client negotiated `NBD_FLAG_C_NO_ZEROES`.
+pub fn encode_export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(134);
+    out.extend_from_slice(&size.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    if !no_zeroes {
+        out.extend_from_slice(&[0u8; 124]);
+    }
+    out
+}
+
+// ---- transmission ----
+
+/// A request header as sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u16,
+    pub kind: u16,
+    pub handle: u64,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl Request {
+    /// Bytes of data that follow this header on the wire.
+    pub fn payload_len(&self) -> u32 {
+        if self.kind == CMD_WRITE { self.len } else { 0 }
+    }
+}
+
+/// Decodes one request header (its WRITE data, if any, follows it).
+pub fn decode_request(buf: &[u8]) -> Result<Decoded<Request>, ProtoError> {
+    if buf.len() < REQUEST_LEN {
+        return Ok(Decoded::NeedMore(REQUEST_LEN));
+    }
+    let magic = be_u32(buf);
+    if magic != REQUEST_MAGIC {
+        return Err(ProtoError::BadRequestMagic(magic));
+    }
+    Ok(Decoded::Done(
+        Request {
+            flags: be_u16(&buf[4..6]),
+            kind: be_u16(&buf[6..8]),
+            handle: be_u64(&buf[8..16]),
+            offset: be_u64(&buf[16..24]),
+            len: be_u32(&buf[24..28]),
+        },
+        REQUEST_LEN,
+    ))
+}
+
+/// Encodes a request header (tests and the fuzzer build streams with it).
+pub fn encode_request(r: &Request) -> [u8; REQUEST_LEN] {
+    let mut out = [0u8; REQUEST_LEN];
+    out[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&r.flags.to_be_bytes());
+    out[6..8].copy_from_slice(&r.kind.to_be_bytes());
+    out[8..16].copy_from_slice(&r.handle.to_be_bytes());
+    out[16..24].copy_from_slice(&r.offset.to_be_bytes());
+    out[24..28].copy_from_slice(&r.len.to_be_bytes());
+    out
+}
+
+/// What the server does with a well-formed request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Flush,
+    /// TRIM and WRITE_ZEROES (with or without NO_HOLE) both make the range
+    /// read as zeroes on every copy.
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Disconnect,
+    /// Answer with this error; for a WRITE the payload is read and dropped.
+    Reject {
+        errno: u32,
+    },
+}
+
+/// Flags each command may carry (FUA is valid on every command once
+/// `NBD_FLAG_SEND_FUA` is advertised, and some clients set it on reads).
+fn allowed_flags(kind: u16) -> u16 {
+    match kind {
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        _ => CMD_FLAG_FUA,
+    }
+}
+
+/// Checks a request against an export of `size` bytes and decides what to
+/// do with it. Errors follow the spec: an unknown command or flag and a
+/// length over the maximum block size get `EINVAL`; a read past the end
+/// gets `EINVAL`, a write past the end `ENOSPC`.
+pub fn classify(r: &Request, size: u64) -> Command {
+    let reject = |errno| Command::Reject { errno };
+    let known = matches!(
+        r.kind,
+        CMD_READ | CMD_WRITE | CMD_DISC | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES
+    );
+    if !known {
+        return reject(EINVAL);
+    }
+    if r.flags & !allowed_flags(r.kind) != 0 {
+        return reject(EINVAL);
+    }
+    let fua = r.flags & CMD_FLAG_FUA != 0;
+    let in_range = r
+        .offset
+        .checked_add(u64::from(r.len))
+        .is_some_and(|end| end <= size);
+    let writes = matches!(r.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    match r.kind {
+        CMD_DISC => Command::Disconnect,
+        CMD_FLUSH => Command::Flush,
+        _ if matches!(r.kind, CMD_READ | CMD_WRITE) && r.len > MAX_REQUEST => reject(EINVAL),
+        _ if !in_range && writes => reject(ENOSPC),
+        _ if !in_range => reject(EINVAL),
+        CMD_READ => Command::Read {
+            offset: r.offset,
+            len: r.len,
+        },
+        CMD_WRITE => Command::Write {
+            offset: r.offset,
+            len: r.len,
+            fua,
+        },
+        _ => Command::WriteZeroes {
+            offset: r.offset,
+            len: r.len,
+            fua,
+        },
+    }
+}
+
+/// A simple reply header; a successful READ's data follows it.
+pub fn encode_simple_reply(errno: u32, handle: u64) -> [u8; SIMPLE_REPLY_LEN] {
+    let mut out = [0u8; SIMPLE_REPLY_LEN];
+    out[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out[4..8].copy_from_slice(&errno.to_be_bytes());
+    out[8..16].copy_from_slice(&handle.to_be_bytes());
+    out
+}
+
+/// The NBD error value for an I/O error: the one place errors become wire
+/// codes.
+pub fn errno_of(e: &std::io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EROFS) => EPERM,
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
+        Some(libc::ENOMEM) => ENOMEM,
+        Some(libc::EINVAL) => EINVAL,
+        Some(libc::EOVERFLOW) => EOVERFLOW,
+        Some(libc::ESHUTDOWN) => ESHUTDOWN,
+        Some(_) => EIO,
+        None => match e.kind() {
+            std::io::ErrorKind::InvalidInput => EINVAL,
+            std::io::ErrorKind::PermissionDenied => EPERM,
+            _ => EIO,
+        },
+    }
+}
+
+/// Everything a client stream of bytes decodes to, for the fuzzer and the
+/// property tests: runs the handshake decoders, then the request decoder,
+/// skipping WRITE payloads, until the bytes end or break the protocol.
+/// Returns the number of messages decoded.
+pub fn decode_stream(mut buf: &[u8], size: u64) -> usize {
+    let mut n = 0;
+    match decode_client_flags(buf) {
+        Ok(Decoded::Done(_, used)) => buf = &buf[used..],
+        _ => return n,
+    }
+    loop {
+        match decode_option(buf) {
+            Ok(Decoded::Done(opt, used)) => {
+                n += 1;
+                buf = &buf[used..];
+                match opt {
+                    ClientOption::ExportName(_) | ClientOption::Info { go: true, .. } => break,
+                    ClientOption::Abort => return n,
+                    _ => {}
+                }
+            }
+            _ => return n,
+        }
+    }
+    loop {
+        match decode_request(buf) {
+            Ok(Decoded::Done(r, used)) => {
+                n += 1;
+                let _ = classify(&r, size);
+                let skip = used.saturating_add(r.payload_len() as usize);
+                if skip > buf.len() {
+                    return n;
+                }
+                buf = &buf[skip..];
+            }
+            _ => return n,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+        let mut v = IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&opt.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        v
+    }
+
+    fn info_data(name: &str, reqs: &[u16]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(reqs.len() as u16).to_be_bytes());
+        for r in reqs {
+            d.extend_from_slice(&r.to_be_bytes());
+        }
+        d
+    }
+
+    fn req(kind: u16, flags: u16, offset: u64, len: u32) -> Request {
+        Request {
+            flags,
+            kind,
+            handle: 7,
+            offset,
+            len,
+        }
+    }
+
+    #[test]
+    fn greeting_is_nbdmagic_ihaveopt_and_fixed_newstyle() {
+        let g = encode_greeting();
+        assert_eq!(&g[0..8], b"NBDMAGIC");
+        assert_eq!(&g[8..16], b"IHAVEOPT");
+        assert_eq!(be_u16(&g[16..]), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    }
+
+    #[test]
+    fn client_flags_need_four_bytes_and_refuse_unknown_bits() {
+        assert_eq!(decode_client_flags(&[0, 0]), Ok(Decoded::NeedMore(4)));
+        assert_eq!(
+            decode_client_flags(&[0, 0, 0, 3]),
+            Ok(Decoded::Done(
+                ClientFlags {
+                    fixed_newstyle: true,
+                    no_zeroes: true
+                },
+                4
+            ))
+        );
+        assert_eq!(
+            decode_client_flags(&[0, 0, 0, 4]),
+            Err(ProtoError::UnknownClientFlags(4))
+        );
+    }
+
+    #[test]
+    fn options_decode_after_enough_bytes() {
+        let bytes = option(OPT_GO, &info_data("data", &[INFO_BLOCK_SIZE]));
+        for cut in 0..bytes.len() {
+            assert!(matches!(
+                decode_option(&bytes[..cut]),
+                Ok(Decoded::NeedMore(n)) if n > cut
+            ));
+        }
+        assert_eq!(
+            decode_option(&bytes),
+            Ok(Decoded::Done(
+                ClientOption::Info {
+                    go: true,
+                    name: b"data".to_vec(),
+                    requests: vec![INFO_BLOCK_SIZE]
+                },
+                bytes.len()
+            ))
+        );
+    }
+
+    #[test]
+    fn every_option_kind_decodes() {
+        let d = |b: Vec<u8>| match decode_option(&b) {
+            Ok(Decoded::Done(o, _)) => o,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            d(option(OPT_EXPORT_NAME, b"v")),
+            ClientOption::ExportName(b"v".to_vec())
+        );
+        assert_eq!(d(option(OPT_ABORT, b"")), ClientOption::Abort);
+        assert_eq!(d(option(OPT_LIST, b"")), ClientOption::List);
+        assert!(matches!(
+            d(option(OPT_LIST, b"x")),
+            ClientOption::Invalid { .. }
+        ));
+        assert!(matches!(
+            d(option(OPT_INFO, &info_data("a", &[]))),
+            ClientOption::Info { go: false, .. }
+        ));
+        assert_eq!(
+            d(option(OPT_STRUCTURED_REPLY, b"")),
+            ClientOption::Unsupported(OPT_STRUCTURED_REPLY)
+        );
+        assert_eq!(d(option(99, b"abc")), ClientOption::Unsupported(99));
+    }
+
+    #[test]
+    fn malformed_info_is_invalid_not_fatal() {
+        let d = |data: &[u8]| match decode_option(&option(OPT_INFO, data)) {
+            Ok(Decoded::Done(o, _)) => o,
+            other => panic!("{other:?}"),
+        };
+        assert!(matches!(d(&[0, 0, 0]), ClientOption::Invalid { .. }));
+        // Name length past the end.
+        assert!(matches!(
+            d(&[0, 0, 0, 9, b'a', 0, 0]),
+            ClientOption::Invalid { .. }
+        ));
+        // Request count that does not match.
+        let mut bad = info_data("a", &[1, 2]);
+        bad.pop();
+        assert!(matches!(d(&bad), ClientOption::Invalid { .. }));
+    }
+
+    #[test]
+    fn bad_option_magic_and_huge_options_end_the_session() {
+        let mut b = option(OPT_LIST, b"");
+        b[0] ^= 1;
+        assert!(matches!(
+            decode_option(&b),
+            Err(ProtoError::BadOptionMagic(_))
+        ));
+        let mut h = IHAVEOPT.to_be_bytes().to_vec();
+        h.extend_from_slice(&OPT_LIST.to_be_bytes());
+        h.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            decode_option(&h),
+            Err(ProtoError::OptionTooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn option_replies_encode_header_and_data() {
+        let r = encode_option_reply(OPT_LIST, REP_ACK, &[]);
+        assert_eq!(r.len(), 20);
+        assert_eq!(be_u64(&r), REPLY_MAGIC);
+        assert_eq!(be_u32(&r[8..]), OPT_LIST);
+        assert_eq!(be_u32(&r[12..]), REP_ACK);
+        assert_eq!(be_u32(&r[16..]), 0);
+
+        let s = encode_rep_server("data");
+        assert_eq!(be_u32(&s[12..]), REP_SERVER);
+        assert_eq!(be_u32(&s[16..]), 8);
+        assert_eq!(be_u32(&s[20..]), 4);
+        assert_eq!(&s[24..], b"data");
+
+        let e = encode_info_export(OPT_GO, 1 << 30, 0x1ed);
+        assert_eq!(be_u32(&e[12..]), REP_INFO);
+        assert_eq!(be_u32(&e[16..]), 12);
+        assert_eq!(be_u16(&e[20..]), INFO_EXPORT);
+        assert_eq!(be_u64(&e[22..]), 1 << 30);
+        assert_eq!(be_u16(&e[30..]), 0x1ed);
+
+        let b = encode_info_block_size(OPT_INFO, 512, 4096, MAX_REQUEST);
+        assert_eq!(be_u32(&b[16..]), 14);
+        assert_eq!(be_u16(&b[20..]), INFO_BLOCK_SIZE);
+        assert_eq!(be_u32(&b[22..]), 512);
+        assert_eq!(be_u32(&b[26..]), 4096);
+        assert_eq!(be_u32(&b[30..]), MAX_REQUEST);
+
+        let n = encode_info_name(OPT_GO, "v");
+        assert_eq!(be_u32(&n[16..]), 3);
+        assert_eq!(be_u16(&n[20..]), INFO_NAME);
+
+        let u = encode_option_reply(42, REP_ERR_UNSUP, b"no");
+        assert_eq!(be_u32(&u[8..]), 42);
+        assert_eq!(be_u32(&u[12..]), 0x8000_0001);
+        assert_eq!(REP_ERR_UNKNOWN, 0x8000_0006);
+        assert_eq!(REP_ERR_INVALID, 0x8000_0003);
+    }
+
+    #[test]
+    fn export_name_reply_pads_unless_no_zeroes() {
+        assert_eq!(encode_export_name_reply(1, 1, false).len(), 134);
+        let r = encode_export_name_reply(4096, 3, true);
+        assert_eq!(r.len(), 10);
+        assert_eq!(be_u64(&r), 4096);
+        assert_eq!(be_u16(&r[8..]), 3);
+    }
+
+    #[test]
+    fn requests_round_trip_and_bad_magic_is_fatal() {
+        let r = req(CMD_WRITE, CMD_FLAG_FUA, 4096, 512);
+        let b = encode_request(&r);
+        assert_eq!(decode_request(&b[..27]), Ok(Decoded::NeedMore(28)));
+        assert_eq!(decode_request(&b), Ok(Decoded::Done(r, 28)));
+        assert_eq!(r.payload_len(), 512);
+        assert_eq!(req(CMD_READ, 0, 0, 512).payload_len(), 0);
+        let mut bad = b;
+        bad[3] ^= 0xff;
+        assert!(matches!(
+            decode_request(&bad),
+            Err(ProtoError::BadRequestMagic(_))
+        ));
+    }
+
+    #[test]
+    fn classify_accepts_in_range_requests() {
+        let size = 1 << 20;
+        assert_eq!(
+            classify(&req(CMD_READ, 0, 0, 4096), size),
+            Command::Read {
+                offset: 0,
+                len: 4096
+            }
+        );
+        assert_eq!(
+            classify(&req(CMD_WRITE, CMD_FLAG_FUA, size - 512, 512), size),
+            Command::Write {
+                offset: size - 512,
+                len: 512,
+                fua: true
+            }
+        );
+        assert_eq!(classify(&req(CMD_FLUSH, 0, 0, 0), size), Command::Flush);
+        assert_eq!(classify(&req(CMD_DISC, 0, 0, 0), size), Command::Disconnect);
+        for (kind, flags) in [
+            (CMD_TRIM, 0),
+            (CMD_WRITE_ZEROES, 0),
+            (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE),
+        ] {
+            assert_eq!(
+                classify(&req(kind, flags, 0, 8192), size),
+                Command::WriteZeroes {
+                    offset: 0,
+                    len: 8192,
+                    fua: false
+                }
+            );
+        }
+        // Large zeroing is fine: no payload travels.
+        assert!(matches!(
+            classify(&req(CMD_WRITE_ZEROES, 0, 0, u32::MAX), 1 << 40),
+            Command::WriteZeroes { .. }
+        ));
+        // FUA on a read is tolerated (clients are known to set it).
+        assert!(matches!(
+            classify(&req(CMD_READ, CMD_FLAG_FUA, 0, 512), size),
+            Command::Read { .. }
+        ));
+    }
+
+    #[test]
+    fn classify_rejects_per_the_spec() {
+        let size = 1 << 20;
+        let rej = |r| classify(&r, size);
+        let e = |errno| Command::Reject { errno };
+        assert_eq!(rej(req(CMD_READ, 0, size, 512)), e(EINVAL));
+        assert_eq!(rej(req(CMD_READ, 0, u64::MAX, 512)), e(EINVAL));
+        assert_eq!(rej(req(CMD_WRITE, 0, size - 511, 512)), e(ENOSPC));
+        assert_eq!(rej(req(CMD_TRIM, 0, size, 1)), e(ENOSPC));
+        assert_eq!(rej(req(CMD_WRITE_ZEROES, 0, u64::MAX, 1)), e(ENOSPC));
+        assert_eq!(
+            classify(&req(CMD_READ, 0, 0, MAX_REQUEST + 1), 1 << 40),
+            e(EINVAL)
+        );
+        assert_eq!(
+            classify(&req(CMD_WRITE, 0, 0, MAX_REQUEST + 1), 1 << 40),
+            e(EINVAL)
+        );
+        assert_eq!(rej(req(CMD_BLOCK_STATUS, 0, 0, 512)), e(EINVAL));
+        assert_eq!(rej(req(CMD_CACHE, 0, 0, 512)), e(EINVAL));
+        assert_eq!(rej(req(99, 0, 0, 0)), e(EINVAL));
+        assert_eq!(rej(req(CMD_READ, CMD_FLAG_DF, 0, 512)), e(EINVAL));
+        assert_eq!(rej(req(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 512)), e(EINVAL));
+        assert_eq!(
+            rej(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512)),
+            e(EINVAL)
+        );
+    }
+
+    #[test]
+    fn simple_reply_and_errno_mapping() {
+        let r = encode_simple_reply(EIO, 0xdead_beef);
+        assert_eq!(be_u32(&r), SIMPLE_REPLY_MAGIC);
+        assert_eq!(be_u32(&r[4..]), EIO);
+        assert_eq!(be_u64(&r[8..]), 0xdead_beef);
+        use std::io::{Error, ErrorKind};
+        assert_eq!(errno_of(&Error::from_raw_os_error(libc::EIO)), EIO);
+        assert_eq!(errno_of(&Error::from_raw_os_error(libc::ENOSPC)), ENOSPC);
+        assert_eq!(errno_of(&Error::from_raw_os_error(libc::EDQUOT)), ENOSPC);
+        assert_eq!(errno_of(&Error::from_raw_os_error(libc::EROFS)), EPERM);
+        assert_eq!(errno_of(&Error::from_raw_os_error(libc::ENXIO)), EIO);
+        assert_eq!(errno_of(&Error::new(ErrorKind::InvalidInput, "x")), EINVAL);
+        assert_eq!(errno_of(&Error::other("x")), EIO);
+    }
+
+    #[test]
+    fn stream_decoder_walks_handshake_and_requests() {
+        let mut s = vec![0, 0, 0, 1];
+        s.extend(option(OPT_LIST, b""));
+        s.extend(option(OPT_GO, &info_data("", &[])));
+        s.extend(encode_request(&req(CMD_WRITE, 0, 0, 4)));
+        s.extend([1, 2, 3, 4]);
+        s.extend(encode_request(&req(CMD_READ, 0, 0, 4)));
+        assert_eq!(decode_stream(&s, 1 << 20), 4);
+    }
+}
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary bytes never panic any decoder, and a decoder asks for
+        /// more bytes only when it has fewer than it asks for.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_codec(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode_stream(&bytes, 1 << 30);
+            if let Ok(Decoded::NeedMore(n)) = decode_option(&bytes) {
+                prop_assert!(n > bytes.len());
+            }
+            if let Ok(Decoded::NeedMore(n)) = decode_request(&bytes) {
+                prop_assert!(n > bytes.len());
+            }
+            if let Ok(Decoded::Done(_, used)) = decode_option(&bytes) {
+                prop_assert!(used <= bytes.len());
+            }
+        }
+
+        /// Streams built from valid-looking pieces with random fields never
+        /// panic, and every classified request is either in range or rejected.
+        #[test]
+        fn random_requests_are_in_range_or_rejected(
+            kind in 0u16..10, flags in any::<u16>(), offset in any::<u64>(),
+            len in any::<u32>(), size in 0u64..(1 << 40)
+        ) {
+            let r = Request { flags, kind, handle: 1, offset, len };
+            let b = encode_request(&r);
+            prop_assert_eq!(decode_request(&b), Ok(Decoded::Done(r, REQUEST_LEN)));
+            match classify(&r, size) {
+                Command::Read { offset, len } | Command::Write { offset, len, .. } => {
+                    prop_assert!(len <= MAX_REQUEST);
+                    prop_assert!(offset + u64::from(len) <= size);
+                }
+                Command::WriteZeroes { offset, len, .. } => {
+                    prop_assert!(offset + u64::from(len) <= size);
+                }
+                _ => {}
+            }
+        }
+    }
+}

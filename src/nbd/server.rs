@@ -1,0 +1,716 @@
+//! The NBD server: listeners, the handshake, and the transmission phase.
+//!
+//! Each connection has one reader thread. It decodes requests with
+//! [`proto`](super::proto) and submits them to the export's asynchronous
+//! calls, so requests pipeline; each completion writes its reply through the
+//! connection's writer lock, so replies go out in completion order. A
+//! connection keeps at most [`MAX_IN_FLIGHT`] requests and
+//! [`MAX_IN_FLIGHT_BYTES`] of write data in flight; past that the reader
+//! waits, which pushes back on the client through the socket.
+//!
+//! What a client sends can only end its own connection: bad magic or a
+//! broken handshake closes it; requests out of range or too large get an
+//! error reply and the connection goes on.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use super::proto::{self, ClientOption, Command, Decoded, ProtoError};
+use crate::disk::AlignedBuf;
+use crate::disk::buf::IO_ALIGN;
+
+/// Requests one connection may have in flight.
+pub const MAX_IN_FLIGHT: usize = 128;
+/// Write data one connection may have in flight (a single request larger
+/// than this still goes, alone).
+pub const MAX_IN_FLIGHT_BYTES: u64 = 128 * 1024 * 1024;
+/// A rejected WRITE's payload up to this size is read and dropped so the
+/// connection goes on; a larger one is taken as a denial of service (the
+/// spec allows a hard disconnect) and closes the connection.
+pub const MAX_DISCARD: u64 = 256 * 1024 * 1024;
+
+/// A completion callback.
+pub type Done<T> = Box<dyn FnOnce(io::Result<T>) + Send>;
+
+/// A block device the server exports: a byte range with asynchronous I/O.
+/// The server knows nothing else about it.
+pub trait Export: Send + Sync {
+    fn name(&self) -> &str;
+    fn size(&self) -> u64;
+    fn read(&self, offset: u64, len: usize, done: Done<AlignedBuf>);
+    fn write(&self, offset: u64, data: AlignedBuf, fua: bool, done: Done<()>);
+    /// Makes the range read as zeroes (TRIM and WRITE_ZEROES).
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, done: Done<()>);
+    fn flush(&self, done: Done<()>);
+}
+
+/// The transmission flags every export advertises: all connections share
+/// one engine with no cache of its own, so a flush covers every completed
+/// write whatever connection sent it (CAN_MULTI_CONN).
+pub const TRANSMISSION_FLAGS: u16 = proto::FLAG_HAS_FLAGS
+    | proto::FLAG_SEND_FLUSH
+    | proto::FLAG_SEND_FUA
+    | proto::FLAG_SEND_TRIM
+    | proto::FLAG_SEND_WRITE_ZEROES
+    | proto::FLAG_CAN_MULTI_CONN;
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Unix(PathBuf),
+    /// `HOST:PORT`, or a bare port (`PORT`, `:PORT`) on loopback.
+    Tcp(String),
+}
+
+impl Listen {
+    /// Parses `unix:PATH`, `HOST:PORT`, `:PORT` or `PORT`.
+    pub fn parse(s: &str) -> Result<Listen, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("listen address {s:?} names no socket path"));
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        let port_only = s.strip_prefix(':').unwrap_or(s);
+        if !port_only.is_empty() && port_only.bytes().all(|b| b.is_ascii_digit()) {
+            return port_only
+                .parse::<u16>()
+                .map(|p| Listen::Tcp(format!("127.0.0.1:{p}")))
+                .map_err(|_| format!("listen address {s:?} has a port out of range"));
+        }
+        match s.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Listen::Tcp(s.to_string()))
+            }
+            _ => Err(format!(
+                "listen address {s:?} is neither unix:PATH nor HOST:PORT"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// A bound listening socket.
+pub enum Bound {
+    Unix(UnixListener, PathBuf),
+    Tcp(TcpListener),
+}
+
+impl Bound {
+    fn fd(&self) -> RawFd {
+        match self {
+            Bound::Unix(l, _) => l.as_raw_fd(),
+            Bound::Tcp(l) => l.as_raw_fd(),
+        }
+    }
+
+    /// The address as users write it (the real port for port 0).
+    pub fn describe(&self) -> String {
+        match self {
+            Bound::Unix(_, p) => format!("unix:{}", p.display()),
+            Bound::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+        }
+    }
+
+    fn accept(&self) -> io::Result<Sock> {
+        match self {
+            Bound::Unix(l, _) => l.accept().map(|(s, _)| Sock::Unix(s)),
+            Bound::Tcp(l) => l.accept().map(|(s, _)| {
+                // Replies are small and latency-bound: no Nagle.
+                let _ = s.set_nodelay(true);
+                Sock::Tcp(s)
+            }),
+        }
+    }
+}
+
+/// Why a listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen on {0}: the address is already in use")]
+    InUse(String),
+    #[error("cannot listen on {0}: {1}")]
+    Other(String, io::Error),
+}
+
+/// Binds a listener. A Unix socket path left over by a server that is gone
+/// (nobody accepts on it) is replaced; one that answers is in use.
+pub fn bind(listen: &Listen) -> Result<Bound, BindError> {
+    let name = listen.to_string();
+    match listen {
+        Listen::Unix(path) => {
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if !meta.file_type().is_socket() {
+                    return Err(BindError::Other(
+                        name,
+                        io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            "a file that is not a socket is there",
+                        ),
+                    ));
+                }
+                if UnixStream::connect(path).is_ok() {
+                    return Err(BindError::InUse(name));
+                }
+                let _ = std::fs::remove_file(path);
+            }
+            match UnixListener::bind(path) {
+                Ok(l) => Ok(Bound::Unix(l, path.clone())),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(BindError::InUse(name)),
+                Err(e) => Err(BindError::Other(name, e)),
+            }
+        }
+        Listen::Tcp(addr) => {
+            let addrs: Vec<_> = addr
+                .to_socket_addrs()
+                .map_err(|e| BindError::Other(name.clone(), e))?
+                .collect();
+            match TcpListener::bind(&addrs[..]) {
+                Ok(l) => Ok(Bound::Tcp(l)),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(BindError::InUse(name)),
+                Err(e) => Err(BindError::Other(name, e)),
+            }
+        }
+    }
+}
+
+/// A connected stream of either kind.
+enum Sock {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Sock {
+    fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        let _ = match self {
+            Sock::Unix(s) => s.shutdown(how),
+            Sock::Tcp(s) => s.shutdown(how),
+        };
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.read(buf),
+            Sock::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write(buf),
+            Sock::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Sock::Unix(s) => s.write_vectored(bufs),
+            Sock::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The state the listeners and connections share.
+struct Shared {
+    exports: BTreeMap<String, Arc<dyn Export>>,
+    stopping: AtomicBool,
+    /// Open connections, by id: a handle to shut their reading side.
+    conns: Mutex<HashMap<u64, Sock>>,
+    idle: Condvar,
+    next_id: AtomicU64,
+}
+
+/// An NBD server over a fixed set of exports.
+pub struct Server {
+    shared: Arc<Shared>,
+    acceptors: Mutex<Vec<(JoinHandle<()>, Option<PathBuf>)>>,
+}
+
+impl Server {
+    pub fn new(exports: Vec<Arc<dyn Export>>) -> Server {
+        Server {
+            shared: Arc::new(Shared {
+                exports: exports
+                    .into_iter()
+                    .map(|e| (e.name().to_string(), e))
+                    .collect(),
+                stopping: AtomicBool::new(false),
+                conns: Mutex::new(HashMap::new()),
+                idle: Condvar::new(),
+                next_id: AtomicU64::new(0),
+            }),
+            acceptors: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Starts accepting connections on `bound`.
+    pub fn serve(&self, bound: Bound) {
+        let shared = self.shared.clone();
+        let path = match &bound {
+            Bound::Unix(_, p) => Some(p.clone()),
+            Bound::Tcp(_) => None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || accept_loop(shared, bound))
+            .expect("spawn an accept thread");
+        lock(&self.acceptors).push((handle, path));
+    }
+
+    /// Connections currently open.
+    pub fn connections(&self) -> usize {
+        lock(&self.shared.conns).len()
+    }
+
+    /// Stops accepting, stops reading new requests on every connection,
+    /// waits until every request in flight has been answered and every
+    /// connection is closed, and removes Unix socket files.
+    pub fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        for (handle, path) in lock(&self.acceptors).drain(..) {
+            let _ = handle.join();
+            if let Some(p) = path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let mut conns = lock(&self.shared.conns);
+        for s in conns.values() {
+            s.shutdown(Shutdown::Read);
+        }
+        while !conns.is_empty() {
+            conns = self
+                .shared
+                .idle
+                .wait(conns)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits for a listener to become readable, waking every 100 ms to see
+/// whether the server is stopping.
+fn wait_readable(fd: RawFd, stopping: &AtomicBool) -> bool {
+    loop {
+        if stopping.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 100) };
+        if rc > 0 {
+            return true;
+        }
+    }
+}
+
+fn accept_loop(shared: Arc<Shared>, bound: Bound) {
+    while wait_readable(bound.fd(), &shared.stopping) {
+        let sock = match bound.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let Ok(handle) = sock.try_clone() else {
+            continue;
+        };
+        lock(&shared.conns).insert(id, handle);
+        // A connection accepted while stopping gets no request read.
+        if shared.stopping.load(Ordering::SeqCst) {
+            sock.shutdown(Shutdown::Read);
+        }
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || {
+                if let Err(e) = connection(&s, sock) {
+                    tracing::info!(connection = id, error = %e, "connection closed");
+                }
+                let mut conns = lock(&s.conns);
+                conns.remove(&id);
+                s.idle.notify_all();
+            });
+        if spawned.is_err() {
+            lock(&shared.conns).remove(&id);
+        }
+    }
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    #[error("{0}")]
+    Closed(String),
+}
+
+/// Reads exactly what `decode` asks for, and decodes it. Never reads past
+/// the message, so nothing of the next one is lost.
+fn read_decoded<T>(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    decode: impl Fn(&[u8]) -> Result<Decoded<T>, ProtoError>,
+) -> Result<T, ConnError> {
+    buf.clear();
+    loop {
+        match decode(buf)? {
+            Decoded::Done(v, _) => return Ok(v),
+            Decoded::NeedMore(n) => {
+                let have = buf.len();
+                buf.resize(n, 0);
+                r.read_exact(&mut buf[have..])?;
+            }
+        }
+    }
+}
+
+fn connection(shared: &Arc<Shared>, sock: Sock) -> Result<(), ConnError> {
+    let mut writer = sock.try_clone()?;
+    let mut reader = BufReader::with_capacity(256 * 1024, sock);
+    let export = handshake(shared, &mut reader, &mut writer)?;
+    let Some(export) = export else {
+        return Ok(());
+    };
+    transmission(export, reader, writer)
+}
+
+/// Looks up an export: by name, or the only one for the empty name.
+fn find_export(shared: &Shared, name: &[u8]) -> Option<Arc<dyn Export>> {
+    if name.is_empty() && shared.exports.len() == 1 {
+        return shared.exports.values().next().cloned();
+    }
+    let name = std::str::from_utf8(name).ok()?;
+    shared.exports.get(name).cloned()
+}
+
+/// Option haggling; returns the export chosen, or None when the client
+/// aborted.
+fn handshake(
+    shared: &Shared,
+    reader: &mut impl Read,
+    w: &mut Sock,
+) -> Result<Option<Arc<dyn Export>>, ConnError> {
+    w.write_all(&proto::encode_greeting())?;
+    let mut buf = Vec::new();
+    let flags = read_decoded(reader, &mut buf, proto::decode_client_flags)?;
+    loop {
+        let option = read_decoded(reader, &mut buf, proto::decode_option)?;
+        match option {
+            ClientOption::ExportName(name) => {
+                let Some(e) = find_export(shared, &name) else {
+                    // This option cannot carry an error: the spec says
+                    // to end the session.
+                    return Err(ConnError::Closed(format!(
+                        "the client asked for unknown export {:?}",
+                        String::from_utf8_lossy(&name)
+                    )));
+                };
+                w.write_all(&proto::encode_export_name_reply(
+                    e.size(),
+                    TRANSMISSION_FLAGS,
+                    flags.no_zeroes,
+                ))?;
+                return Ok(Some(e));
+            }
+            ClientOption::Abort => {
+                let _ = w.write_all(&proto::encode_option_reply(
+                    proto::OPT_ABORT,
+                    proto::REP_ACK,
+                    &[],
+                ));
+                return Ok(None);
+            }
+            ClientOption::List => {
+                let mut out = Vec::new();
+                for name in shared.exports.keys() {
+                    out.extend(proto::encode_rep_server(name));
+                }
+                out.extend(proto::encode_option_reply(
+                    proto::OPT_LIST,
+                    proto::REP_ACK,
+                    &[],
+                ));
+                w.write_all(&out)?;
+            }
+            ClientOption::Info { go, name, requests } => {
+                let opt = if go { proto::OPT_GO } else { proto::OPT_INFO };
+                let Some(e) = find_export(shared, &name) else {
+                    let msg = format!(
+                        "no export named {:?} (exports: {})",
+                        String::from_utf8_lossy(&name),
+                        shared
+                            .exports
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    w.write_all(&proto::encode_option_reply(
+                        opt,
+                        proto::REP_ERR_UNKNOWN,
+                        msg.as_bytes(),
+                    ))?;
+                    continue;
+                };
+                let mut out = proto::encode_info_export(opt, e.size(), TRANSMISSION_FLAGS);
+                // Block sizes go out whether asked for or not: a client
+                // must ignore what it does not understand, and the limits
+                // hold either way.
+                out.extend(proto::encode_info_block_size(
+                    opt,
+                    proto::MIN_BLOCK,
+                    proto::PREFERRED_BLOCK,
+                    proto::MAX_REQUEST,
+                ));
+                if requests.contains(&proto::INFO_NAME) {
+                    out.extend(proto::encode_info_name(opt, e.name()));
+                }
+                out.extend(proto::encode_option_reply(opt, proto::REP_ACK, &[]));
+                w.write_all(&out)?;
+                if go {
+                    return Ok(Some(e));
+                }
+            }
+            ClientOption::Invalid { option, why } => {
+                w.write_all(&proto::encode_option_reply(
+                    option,
+                    proto::REP_ERR_INVALID,
+                    why.as_bytes(),
+                ))?;
+            }
+            ClientOption::Unsupported(option) => {
+                w.write_all(&proto::encode_option_reply(
+                    option,
+                    proto::REP_ERR_UNSUP,
+                    b"option not supported by this server",
+                ))?;
+            }
+        }
+    }
+}
+
+/// Requests in flight on one connection, and the write bytes they carry.
+struct InFlight {
+    state: Mutex<(usize, u64)>,
+    changed: Condvar,
+}
+
+impl InFlight {
+    fn acquire(&self, bytes: u64) {
+        let mut s = lock(&self.state);
+        while s.0 > 0 && (s.0 >= MAX_IN_FLIGHT || s.1 + bytes > MAX_IN_FLIGHT_BYTES) {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        s.0 += 1;
+        s.1 += bytes;
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut s = lock(&self.state);
+        s.0 -= 1;
+        s.1 -= bytes;
+        self.changed.notify_all();
+    }
+
+    fn drain(&self) {
+        let mut s = lock(&self.state);
+        while s.0 > 0 {
+            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// The writing side of a connection, shared by the completions.
+struct Replies {
+    sock: Mutex<Sock>,
+    broken: AtomicBool,
+}
+
+impl Replies {
+    /// Writes a reply header and its data as one message.
+    fn send(&self, header: &[u8], data: &[u8]) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut s = lock(&self.sock);
+        if let Err(e) = write_all_vectored(&mut *s, header, data) {
+            tracing::info!(error = %e, "a reply could not be sent; closing the connection");
+            self.broken.store(true, Ordering::Relaxed);
+            s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn write_all_vectored(w: &mut impl Write, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
+    while !a.is_empty() || !b.is_empty() {
+        let n = w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
+}
+
+fn transmission(
+    export: Arc<dyn Export>,
+    mut reader: BufReader<Sock>,
+    writer: Sock,
+) -> Result<(), ConnError> {
+    let replies = Arc::new(Replies {
+        sock: Mutex::new(writer),
+        broken: AtomicBool::new(false),
+    });
+    let inflight = Arc::new(InFlight {
+        state: Mutex::new((0, 0)),
+        changed: Condvar::new(),
+    });
+    let r = requests(&export, &mut reader, &replies, &inflight);
+    // Answer everything already accepted before the socket closes.
+    inflight.drain();
+    r
+}
+
+fn requests(
+    export: &Arc<dyn Export>,
+    reader: &mut BufReader<Sock>,
+    replies: &Arc<Replies>,
+    inflight: &Arc<InFlight>,
+) -> Result<(), ConnError> {
+    let size = export.size();
+    let mut header = Vec::with_capacity(proto::REQUEST_LEN);
+    loop {
+        let req = match read_decoded(reader, &mut header, proto::decode_request) {
+            Ok(r) => r,
+            // The client went away (or we stopped reading): not an error.
+            Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let handle = req.handle;
+        let reply = {
+            let replies = replies.clone();
+            move |errno: u32| replies.send(&proto::encode_simple_reply(errno, handle), &[])
+        };
+        match proto::classify(&req, size) {
+            Command::Disconnect => return Ok(()),
+            Command::Reject { errno } => {
+                let skip = u64::from(req.payload_len());
+                if skip > MAX_DISCARD {
+                    return Err(ConnError::Closed(format!(
+                        "the client sent a {skip}-byte write, too large to skip"
+                    )));
+                }
+                io::copy(&mut reader.by_ref().take(skip), &mut io::sink())?;
+                reply(errno);
+            }
+            Command::Read { offset, len } => {
+                inflight.acquire(0);
+                let (replies, inflight) = (replies.clone(), inflight.clone());
+                export.read(
+                    offset,
+                    len as usize,
+                    Box::new(move |r| {
+                        match r {
+                            Ok(data) => replies.send(&proto::encode_simple_reply(0, handle), &data),
+                            Err(e) => replies.send(
+                                &proto::encode_simple_reply(proto::errno_of(&e), handle),
+                                &[],
+                            ),
+                        }
+                        inflight.release(0);
+                    }),
+                );
+            }
+            Command::Write { offset, len, fua } => {
+                let bytes = u64::from(len);
+                inflight.acquire(bytes);
+                let mut data = AlignedBuf::new(len as usize, IO_ALIGN);
+                if let Err(e) = reader.read_exact(&mut data) {
+                    inflight.release(bytes);
+                    return Err(e.into());
+                }
+                let inflight = inflight.clone();
+                export.write(
+                    offset,
+                    data,
+                    fua,
+                    Box::new(move |r| {
+                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0));
+                        inflight.release(bytes);
+                    }),
+                );
+            }
+            Command::WriteZeroes { offset, len, fua } => {
+                inflight.acquire(0);
+                let inflight = inflight.clone();
+                export.write_zeroes(
+                    offset,
+                    u64::from(len),
+                    fua,
+                    Box::new(move |r| {
+                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0));
+                        inflight.release(0);
+                    }),
+                );
+            }
+            Command::Flush => {
+                inflight.acquire(0);
+                let inflight = inflight.clone();
+                export.flush(Box::new(move |r| {
+                    reply(r.as_ref().map_or_else(proto::errno_of, |_| 0));
+                    inflight.release(0);
+                }));
+            }
+        }
+    }
+}

@@ -1,0 +1,180 @@
+//! `mirrorvol serve` in the background for a test: started on a Unix socket
+//! in the sandbox, ready once it has printed its "serving" line, and
+//! stopped (SIGTERM, then SIGKILL if it lingers) when the guard drops.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Sandbox, bin};
+
+/// A group of two raw image files with one mirrored volume `data`.
+pub fn mirror_group(sb: &Sandbox, disk_mib: u64, vol_mib: u64) {
+    sb.image("a.img", disk_mib);
+    sb.image("b.img", disk_mib);
+    let (a, b) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
+    sb.mv(&["init", &a, &b, "--style", "raw", "--group", "g"])
+        .ok();
+    sb.mv(&[
+        "create",
+        "data",
+        "--size",
+        &format!("{vol_mib}M"),
+        "--mirror",
+    ])
+    .ok();
+}
+
+pub struct Served {
+    child: Option<Child>,
+    pub sock: PathBuf,
+    stderr: Arc<Mutex<String>>,
+    /// The listener lines printed at start-up ("... on ADDR").
+    pub addrs: Vec<String>,
+}
+
+impl Served {
+    /// Serves the sandbox's group on `SANDBOX/nbd.sock` (and `extra`
+    /// listeners), with `env` set.
+    pub fn start(sb: &Sandbox, extra: &[&str], env: &[(&str, &str)]) -> Served {
+        let sock = sb.path("nbd.sock");
+        let mut cmd = Command::new(bin());
+        cmd.env("MIRRORVOL_DISKS", sb.disks_dir())
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()));
+        for l in extra {
+            cmd.arg("--listen").arg(l);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mirrorvol serve");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let log = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut s = Served {
+            child: Some(child),
+            sock,
+            stderr,
+            addrs: Vec::new(),
+        };
+        let want = 1 + extra.len();
+        let start = Instant::now();
+        loop {
+            let text = s.stderr();
+            let lines: Vec<String> = text
+                .lines()
+                .filter(|l| l.starts_with("serving "))
+                .map(|l| l.rsplit(" on ").next().unwrap().to_string())
+                .collect();
+            if lines.len() >= want {
+                s.addrs = lines;
+                break;
+            }
+            if let Some(st) = s.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("serve exited with {st} before it was ready:\n{text}");
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "serve not ready after 30 s:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// The NBD URI of a volume.
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd+unix:///{volume}?socket={}", self.sock.display())
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill takes integers; the pid is our own child's.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// SIGTERM, then waits; returns the exit code and stderr.
+    pub fn stop(mut self) -> (i32, String) {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("serve did not stop within 60 s:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let the stderr reader catch the last lines.
+        std::thread::sleep(Duration::from_millis(50));
+        (status.code().unwrap_or(-1), self.stderr())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs a command; returns (exit code, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let o = cmd.output().expect("run a tool");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Runs a command that must succeed; returns stdout.
+#[track_caller]
+pub fn ok(cmd: &mut Command) -> String {
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "{cmd:?} failed:\nstdout:\n{out}\nstderr:\n{err}");
+    out
+}
+
+/// True when every tool is installed; otherwise skips (or fails under
+/// MIRRORVOL_E2E=require).
+pub fn tools(names: &[&str]) -> bool {
+    for n in names {
+        if !super::have_tool(n) {
+            super::skip_or_fail(&format!("{n} is not installed"));
+            return false;
+        }
+    }
+    true
+}

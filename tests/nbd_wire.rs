@@ -1,0 +1,404 @@
+//! The server at the byte level: every handshake reply path, malformed and
+//! out-of-range requests (each gets its error and the connection goes on),
+//! bad magic (only that connection closes), pipelining, and shutdown.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use common::serve::{Served, mirror_group};
+use common::{MIB, Sandbox, pattern};
+use mirrorvol::nbd::proto::{self, Request};
+
+/// A raw NBD client for tests.
+struct Client {
+    s: UnixStream,
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+
+impl Client {
+    /// Connects and completes the greeting with the given client flags.
+    fn connect(sock: &Path, flags: u32) -> Client {
+        let s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = Client { s };
+        let mut g = [0u8; 18];
+        c.s.read_exact(&mut g).unwrap();
+        assert_eq!(g, proto::encode_greeting());
+        c.s.write_all(&flags.to_be_bytes()).unwrap();
+        c
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut m = proto::IHAVEOPT.to_be_bytes().to_vec();
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        m.extend_from_slice(data);
+        self.s.write_all(&m).unwrap();
+    }
+
+    /// Reads one option reply: (option, type, data).
+    fn option_reply(&mut self) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u64::from_be_bytes(h[..8].try_into().unwrap()),
+            proto::REPLY_MAGIC
+        );
+        let mut data = vec![0u8; be32(&h[16..]) as usize];
+        self.s.read_exact(&mut data).unwrap();
+        (be32(&h[8..]), be32(&h[12..]), data)
+    }
+
+    fn info_data(name: &str, reqs: &[u16]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(reqs.len() as u16).to_be_bytes());
+        for r in reqs {
+            d.extend_from_slice(&r.to_be_bytes());
+        }
+        d
+    }
+
+    /// Enters transmission with NBD_OPT_GO; returns the export size.
+    fn go(sock: &Path, name: &str) -> (Client, u64) {
+        let mut c = Client::connect(sock, 3);
+        c.option(proto::OPT_GO, &Client::info_data(name, &[]));
+        let mut size = None;
+        loop {
+            let (_, kind, data) = c.option_reply();
+            match kind {
+                proto::REP_INFO => {
+                    if u16::from_be_bytes([data[0], data[1]]) == proto::INFO_EXPORT {
+                        size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()));
+                    }
+                }
+                proto::REP_ACK => return (c, size.unwrap()),
+                other => panic!("GO answered {other:#x}"),
+            }
+        }
+    }
+
+    fn send(&mut self, kind: u16, flags: u16, handle: u64, offset: u64, len: u32, data: &[u8]) {
+        let r = Request {
+            flags,
+            kind,
+            handle,
+            offset,
+            len,
+        };
+        let mut m = proto::encode_request(&r).to_vec();
+        m.extend_from_slice(data);
+        self.s.write_all(&m).unwrap();
+    }
+
+    /// Reads a simple reply: (error, handle).
+    fn reply(&mut self) -> (u32, u64) {
+        let mut h = [0u8; 16];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(be32(&h), proto::SIMPLE_REPLY_MAGIC);
+        (
+            be32(&h[4..]),
+            u64::from_be_bytes(h[8..].try_into().unwrap()),
+        )
+    }
+
+    fn write(&mut self, handle: u64, offset: u64, data: &[u8]) -> u32 {
+        self.send(proto::CMD_WRITE, 0, handle, offset, data.len() as u32, data);
+        let (err, h) = self.reply();
+        assert_eq!(h, handle);
+        err
+    }
+
+    fn read(&mut self, handle: u64, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+        self.send(proto::CMD_READ, 0, handle, offset, len, &[]);
+        let (err, h) = self.reply();
+        assert_eq!(h, handle);
+        if err != 0 {
+            return Err(err);
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.s.read_exact(&mut buf).unwrap();
+        Ok(buf)
+    }
+
+    /// True when the server closed the connection.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.s.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+fn served(vols: &[&str]) -> (Sandbox, Served) {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 16);
+    for v in vols {
+        sb.mv(&["create", v, "--size", "4M"]).ok();
+    }
+    let s = Served::start(&sb, &[], &[]);
+    (sb, s)
+}
+
+#[test]
+fn handshake_answers_every_option_and_reads_on_after_errors() {
+    let (_sb, s) = served(&["small"]);
+    let mut c = Client::connect(&s.sock, 3);
+
+    // Unknown option: ERR_UNSUP, and the next option is still read.
+    c.option(99, b"whatever");
+    assert_eq!(c.option_reply().1, proto::REP_ERR_UNSUP);
+    c.option(proto::OPT_STRUCTURED_REPLY, b"");
+    assert_eq!(c.option_reply().1, proto::REP_ERR_UNSUP);
+    c.option(proto::OPT_STARTTLS, b"");
+    assert_eq!(c.option_reply().1, proto::REP_ERR_UNSUP);
+
+    // LIST: one SERVER reply per volume, then ACK.
+    c.option(proto::OPT_LIST, b"");
+    let mut names = Vec::new();
+    loop {
+        let (opt, kind, data) = c.option_reply();
+        assert_eq!(opt, proto::OPT_LIST);
+        match kind {
+            proto::REP_SERVER => names.push(String::from_utf8(data[4..].to_vec()).unwrap()),
+            proto::REP_ACK => break,
+            k => panic!("LIST answered {k:#x}"),
+        }
+    }
+    assert_eq!(names, ["data", "small"]);
+    c.option(proto::OPT_LIST, b"junk");
+    assert_eq!(c.option_reply().1, proto::REP_ERR_INVALID);
+
+    // INFO on an unknown name, and on the empty name with two volumes.
+    c.option(proto::OPT_INFO, &Client::info_data("nosuch", &[]));
+    let (_, kind, msg) = c.option_reply();
+    assert_eq!(kind, proto::REP_ERR_UNKNOWN);
+    assert!(String::from_utf8_lossy(&msg).contains("nosuch"));
+    c.option(proto::OPT_INFO, &Client::info_data("", &[]));
+    assert_eq!(c.option_reply().1, proto::REP_ERR_UNKNOWN);
+    // Malformed INFO data.
+    c.option(proto::OPT_INFO, &[0, 0, 0, 50, b'x', 0, 0]);
+    assert_eq!(c.option_reply().1, proto::REP_ERR_INVALID);
+
+    // INFO on a volume: EXPORT, BLOCK_SIZE, NAME when asked, then ACK.
+    c.option(
+        proto::OPT_INFO,
+        &Client::info_data("small", &[proto::INFO_BLOCK_SIZE, proto::INFO_NAME]),
+    );
+    let mut seen = Vec::new();
+    loop {
+        let (opt, kind, d) = c.option_reply();
+        assert_eq!(opt, proto::OPT_INFO);
+        if kind == proto::REP_ACK {
+            break;
+        }
+        assert_eq!(kind, proto::REP_INFO);
+        let info = u16::from_be_bytes([d[0], d[1]]);
+        match info {
+            proto::INFO_EXPORT => {
+                assert_eq!(u64::from_be_bytes(d[2..10].try_into().unwrap()), 4 * MIB);
+                let flags = u16::from_be_bytes([d[10], d[11]]);
+                assert_eq!(flags, mirrorvol::nbd::server::TRANSMISSION_FLAGS);
+                assert!(flags & proto::FLAG_CAN_MULTI_CONN != 0);
+            }
+            proto::INFO_BLOCK_SIZE => {
+                assert_eq!(be32(&d[2..]), 512);
+                assert_eq!(be32(&d[6..]), 4096);
+                assert_eq!(be32(&d[10..]), proto::MAX_REQUEST);
+            }
+            proto::INFO_NAME => assert_eq!(&d[2..], b"small"),
+            other => panic!("unexpected info {other}"),
+        }
+        seen.push(info);
+    }
+    seen.sort();
+    assert_eq!(seen, [0, 1, 3]);
+
+    // ABORT: ACK, then the server closes.
+    c.option(proto::OPT_ABORT, b"");
+    assert_eq!(c.option_reply().1, proto::REP_ACK);
+    assert!(c.closed());
+    assert_eq!(s.stop().0, 0);
+}
+
+#[test]
+fn export_name_option_enters_transmission_with_or_without_zeroes() {
+    let (_sb, s) = served(&[]);
+    for (flags, pad) in [(1u32, 124usize), (3, 0)] {
+        let mut c = Client::connect(&s.sock, flags);
+        // Empty name: the only volume.
+        c.option(proto::OPT_EXPORT_NAME, b"");
+        let mut r = vec![0u8; 10 + pad];
+        c.s.read_exact(&mut r).unwrap();
+        assert_eq!(u64::from_be_bytes(r[..8].try_into().unwrap()), 16 * MIB);
+        assert!(r[10..].iter().all(|&b| b == 0));
+        assert_eq!(c.write(1, 0, &[7u8; 512]), 0);
+        assert_eq!(c.read(2, 0, 512).unwrap(), vec![7u8; 512]);
+        c.send(proto::CMD_DISC, 0, 3, 0, 0, &[]);
+        assert!(c.closed());
+    }
+    // Unknown name with EXPORT_NAME: the spec says to close.
+    let mut c = Client::connect(&s.sock, 3);
+    c.option(proto::OPT_EXPORT_NAME, b"nosuch");
+    assert!(c.closed());
+    // Unknown client flags: closed.
+    let mut c = Client::connect(&s.sock, 0x80);
+    assert!(c.closed());
+    assert_eq!(s.stop().0, 0);
+}
+
+#[test]
+fn malformed_and_out_of_range_requests_get_errors_and_other_clients_go_on() {
+    let (_sb, s) = served(&[]);
+    let (mut other, size) = Client::go(&s.sock, "data");
+    assert_eq!(other.write(1, 0, &pattern(4096, 1)), 0);
+
+    let (mut c, _) = Client::go(&s.sock, "data");
+    // Past the end: EINVAL for a read, ENOSPC for writes (the spec's SHOULD).
+    assert_eq!(c.read(10, size, 512), Err(proto::EINVAL));
+    assert_eq!(c.read(11, u64::MAX - 10, 512), Err(proto::EINVAL));
+    assert_eq!(c.write(12, size - 512, &[1u8; 1024]), proto::ENOSPC);
+    c.send(proto::CMD_TRIM, 0, 13, size, 4096, &[]);
+    assert_eq!(c.reply(), (proto::ENOSPC, 13));
+    c.send(proto::CMD_WRITE_ZEROES, 0, 14, u64::MAX, 1, &[]);
+    assert_eq!(c.reply(), (proto::ENOSPC, 14));
+    // Over the maximum size: EINVAL; the write's payload is skipped.
+    let big = vec![0x5au8; proto::MAX_REQUEST as usize + 4096];
+    assert_eq!(c.write(15, 0, &big), proto::EINVAL);
+    assert_eq!(c.read(16, 0, proto::MAX_REQUEST + 1), Err(proto::EINVAL));
+    // Unknown command, unknown and misplaced flags: EINVAL.
+    c.send(99, 0, 17, 0, 0, &[]);
+    assert_eq!(c.reply(), (proto::EINVAL, 17));
+    c.send(proto::CMD_BLOCK_STATUS, 0, 18, 0, 4096, &[]);
+    assert_eq!(c.reply(), (proto::EINVAL, 18));
+    c.send(proto::CMD_READ, proto::CMD_FLAG_DF, 19, 0, 512, &[]);
+    assert_eq!(c.reply(), (proto::EINVAL, 19));
+    c.send(
+        proto::CMD_WRITE,
+        proto::CMD_FLAG_NO_HOLE,
+        20,
+        0,
+        512,
+        &[9u8; 512],
+    );
+    assert_eq!(c.reply(), (proto::EINVAL, 20));
+    c.send(proto::CMD_WRITE, 0x8000, 21, 0, 512, &[9u8; 512]);
+    assert_eq!(c.reply(), (proto::EINVAL, 21));
+    // The connection still works, and nothing of the rejected writes landed.
+    assert_eq!(c.read(22, 0, 4096).unwrap(), pattern(4096, 1));
+    assert_eq!(c.write(23, size - 512, &[3u8; 512]), 0);
+    assert_eq!(c.read(24, size - 512, 512).unwrap(), vec![3u8; 512]);
+    // Bad magic closes this connection only.
+    c.s.write_all(&[0xde; 28]).unwrap();
+    assert!(c.closed());
+
+    // A client that hangs up mid-write, and one that sends garbage.
+    let (mut d, _) = Client::go(&s.sock, "data");
+    d.send(proto::CMD_WRITE, 0, 1, 0, 65536, &[1u8; 100]);
+    drop(d);
+    let mut g = UnixStream::connect(&s.sock).unwrap();
+    let _ = g.write_all(&pattern(5000, 9));
+    drop(g);
+
+    // The first client and a new one both work.
+    assert_eq!(other.read(2, 0, 4096).unwrap(), pattern(4096, 1));
+    let (mut n, _) = Client::go(&s.sock, "");
+    assert_eq!(n.read(1, 0, 4096).unwrap(), pattern(4096, 1));
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn pipelined_requests_each_get_their_reply() {
+    let (_sb, s) = served(&[]);
+    let (mut c, _) = Client::go(&s.sock, "data");
+    // 200 writes (more than the in-flight limit) sent without waiting.
+    let mut burst = Vec::new();
+    for i in 0..200u64 {
+        let r = Request {
+            flags: if i % 7 == 0 { proto::CMD_FLAG_FUA } else { 0 },
+            kind: proto::CMD_WRITE,
+            handle: 1000 + i,
+            offset: i * 8192,
+            len: 8192,
+        };
+        burst.extend_from_slice(&proto::encode_request(&r));
+        burst.extend_from_slice(&pattern(8192, i));
+    }
+    let mut w = c.s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&burst).unwrap());
+    let mut handles: Vec<u64> = (0..200)
+        .map(|_| {
+            let (err, h) = c.reply();
+            assert_eq!(err, 0);
+            h
+        })
+        .collect();
+    writer.join().unwrap();
+    handles.sort();
+    assert_eq!(handles, (1000..1200).collect::<Vec<_>>());
+    c.send(proto::CMD_FLUSH, 0, 5, 0, 0, &[]);
+    assert_eq!(c.reply(), (0, 5));
+    for i in (0..200u64).step_by(37) {
+        assert_eq!(c.read(i, i * 8192, 8192).unwrap(), pattern(8192, i));
+    }
+    assert_eq!(s.stop().0, 0);
+}
+
+#[test]
+fn sigterm_answers_writes_in_flight_flushes_and_exits_zero() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 16);
+    let s = Served::start(&sb, &[], &[]);
+    let (mut c, _) = Client::go(&s.sock, "data");
+    for i in 0..64u64 {
+        c.send(proto::CMD_WRITE, 0, i, i * 65536, 65536, &pattern(65536, i));
+    }
+    s.signal(libc::SIGTERM);
+    // Every write the server took is answered before it closes.
+    let mut answered = Vec::new();
+    let mut h = [0u8; 16];
+    while c.s.read_exact(&mut h).is_ok() {
+        assert_eq!(be32(&h[4..]), 0);
+        answered.push(u64::from_be_bytes(h[8..].try_into().unwrap()));
+    }
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("stopped; every volume is flushed"), "{log}");
+    assert!(!s_sock_exists(&sb), "the socket file is removed");
+    let data = sb.read_volume("data");
+    for i in answered {
+        let at = (i * 65536) as usize;
+        assert!(
+            data[at..at + 65536] == pattern(65536, i)[..],
+            "write {i} lost"
+        );
+    }
+}
+
+fn s_sock_exists(sb: &Sandbox) -> bool {
+    sb.path("nbd.sock").exists()
+}
+
+#[test]
+fn a_taken_address_is_refused_in_one_sentence() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 16);
+    let s = Served::start(&sb, &["127.0.0.1:0"], &[]);
+    let tcp = s.addrs[1].clone();
+    // The same Unix socket, then the same TCP port.
+    let sock = format!("unix:{}", s.sock.display());
+    sb.mv(&["serve", "--listen", &sock])
+        .refused("already in use");
+    sb.mv(&["serve", "--listen", &tcp])
+        .refused("already in use");
+    sb.mv(&["serve", "--listen", "nonsense"])
+        .refused("nonsense");
+    assert_eq!(s.stop().0, 0);
+}
