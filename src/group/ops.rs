@@ -906,6 +906,19 @@ impl Group {
     /// Writes `data` to a volume at `offset` through the mirror engine;
     /// plexes that fail the write are failed in the config before it returns.
     pub fn write(&mut self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
+        // Refuse a range past the end before prepare_write commits anything.
+        let size = self.volume(name)?.size;
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > size)
+        {
+            return Err(Error::from(crate::volume::VolumeError::OutOfRange {
+                volume: name.to_string(),
+                offset,
+                len: data.len(),
+                size,
+            }));
+        }
         self.prepare_write(name)?;
         let io = self.volume_io(name)?;
         let r = io.write_at(data, offset).map_err(Error::from)?;
