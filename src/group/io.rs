@@ -169,6 +169,17 @@ impl Group {
     /// Writes `data` to a volume at `offset` through the engine; plexes that
     /// fail the write are failed in the config before it returns.
     pub fn write(&mut self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
+        // Refuse a range past the end before prepare_write commits anything.
+        let size = self.volume(name)?.size;
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > size)
+        {
+            return Err(Error::refused(format!(
+                "{} bytes at offset {offset} lie past the end of volume {name} ({size} bytes)",
+                data.len()
+            )));
+        }
         self.prepare_write(name)?;
         let io = self.open_volume(name)?;
         let r = io.engine.write(offset, data);

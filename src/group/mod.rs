@@ -16,7 +16,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use crate::disk::{Disk, FileDisk, OpenOptions};
-use crate::format::ondisk::{self, LabelRead};
+use crate::format::ondisk::{self, FormatError, LabelRead};
 use crate::format::{DiskState, GroupConfig, Label, PlexState, VolumeEntry};
 use crate::{Error, Result};
 
@@ -195,6 +195,7 @@ impl Group {
         let mut found: Vec<Found> = Vec::new();
         let mut warnings = Vec::new();
         let mut seen = Vec::new();
+        let mut damaged_labels = Vec::new();
         let candidates = set
             .explicit
             .iter()
@@ -211,9 +212,26 @@ impl Group {
                 continue;
             }
             let disk = open_disk_with(path, set.direct)?;
-            let read = ondisk::read_label(&*disk).map_err(|e| {
-                Error::corrupt(format!("disk {} cannot be read: {e}", path.display()))
-            })?;
+            let read = match ondisk::read_label(&*disk) {
+                Ok(read) => read,
+                // A member whose every label copy is damaged cannot say which
+                // disk it is: it is treated as absent, so the group (and the
+                // other plexes of its mirrors) keeps working without it.
+                Err(FormatError::Damaged) => {
+                    warnings.push(format!(
+                        "disk {}: every label copy is damaged; treated as missing",
+                        path.display()
+                    ));
+                    damaged_labels.push(path.display().to_string());
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Error::corrupt(format!(
+                        "disk {} cannot be read: {e}",
+                        path.display()
+                    )));
+                }
+            };
             match read {
                 Some(read) => found.push(read_found(path, disk, read)),
                 None if explicit && lookup == Lookup::Required => {
@@ -224,6 +242,12 @@ impl Group {
                 }
                 None => {}
             }
+        }
+        if found.is_empty() && !damaged_labels.is_empty() {
+            return Err(Error::corrupt(format!(
+                "every label copy is damaged on {}; no group can be assembled from the disks given",
+                damaged_labels.join(", ")
+            )));
         }
         if found.is_empty() {
             return match lookup {

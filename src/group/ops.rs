@@ -857,6 +857,20 @@ impl Group {
                 path.display()
             )));
         }
+        // The config records the failure on the disks that stay online; with
+        // none left, there is nowhere to record it.
+        if !self
+            .config
+            .disks
+            .iter()
+            .any(|d| d.uuid != uuid && self.is_online(d.uuid))
+        {
+            return Err(Error::refused(format!(
+                "disk {} is the last online disk of group {}; failing it would leave no disk to record the group config on",
+                path.display(),
+                self.config.name
+            )));
+        }
         if !force {
             for v in &self.config.volumes {
                 if v.plexes.iter().any(|p| p.disk == uuid)
