@@ -138,6 +138,10 @@ pub enum Command {
         /// listeners. Default 127.0.0.1:10809.
         #[arg(long)]
         listen: Vec<String>,
+        /// none: O_DIRECT, bypassing the page cache (as qemu's --cache=none);
+        /// writeback: through the page cache, made durable on flush.
+        #[arg(long, default_value = "none", value_parser = ["none", "writeback"])]
+        cache: String,
     },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
@@ -412,7 +416,9 @@ fn execute(cli: Cli) -> Result<()> {
             }
         }
         Command::Examine { path, json } => examine::examine(&path, json)?,
-        Command::Serve { listen } => crate::daemon::serve(&cli.disks, &listen)?,
+        Command::Serve { listen, cache } => {
+            crate::daemon::serve(&cli.disks, &listen, cache == "none")?
+        }
         Command::Demo { dir } => demo::demo(dir)?,
     }
     Ok(())

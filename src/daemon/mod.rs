@@ -91,8 +91,9 @@ fn wrap_fault_disk(group: &mut Group, path: &Path) -> Result<Arc<FaultyDisk>> {
     Ok(faulty.expect("the disk is a member"))
 }
 
-/// Runs `serve` until SIGINT or SIGTERM.
-pub fn serve(disks: &[PathBuf], listen: &[String]) -> Result<()> {
+/// Runs `serve` until SIGINT or SIGTERM. With `direct`, the disks are
+/// opened `O_DIRECT` (where the filesystem allows it).
+pub fn serve(disks: &[PathBuf], listen: &[String], direct: bool) -> Result<()> {
     let listen: Vec<Listen> = if listen.is_empty() {
         vec![Listen::parse(DEFAULT_LISTEN).expect("the default parses")]
     } else {
@@ -127,7 +128,8 @@ pub fn serve(disks: &[PathBuf], listen: &[String]) -> Result<()> {
     }
 
     let assembled = (|| -> Result<(Group, Option<Arc<FaultyDisk>>)> {
-        let set = DiskSet::expand(disks)?;
+        let mut set = DiskSet::expand(disks)?;
+        set.direct = direct;
         let mut group = Group::assemble(&set, Lookup::Required)?.expect("required");
         for w in group.warnings.split_off(0) {
             eprintln!("warning: {w}");

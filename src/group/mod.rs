@@ -114,13 +114,24 @@ pub fn open_disk(path: &Path) -> Result<Arc<dyn Disk>> {
     open_disk_with(path, false)
 }
 
-/// [`open_disk`], `O_DIRECT` when `direct`.
+/// [`open_disk`], `O_DIRECT` when `direct`; where the filesystem refuses
+/// `O_DIRECT` (tmpfs), through the page cache, with a warning in the log.
 pub fn open_disk_with(path: &Path, direct: bool) -> Result<Arc<dyn Disk>> {
-    let opts = OpenOptions {
+    let mut opts = OpenOptions {
         lock: true,
         direct,
         ..OpenOptions::default()
     };
+    if direct {
+        match FileDisk::open(path, opts) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(path = %path.display(), "O_DIRECT refused; using the page cache");
+                opts.direct = false;
+            }
+            Ok(d) => return Ok(Arc::new(d)),
+            Err(_) => {}
+        }
+    }
     match FileDisk::open(path, opts) {
         Ok(d) => Ok(Arc::new(d)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::refused(format!(
