@@ -265,3 +265,49 @@ fn a_throttled_scrub_takes_as_long_as_its_rate_says() {
         t.elapsed()
     );
 }
+
+#[test]
+fn a_read_error_stops_the_scrub_with_exit_1_and_fails_that_plex() {
+    use mirrorvol::disk::{Disk, FaultyDisk};
+    use mirrorvol::group::{DiskSet, Group, Lookup, NoProgress};
+    use mirrorvol::volume::scrub::ScrubOptions;
+    use std::sync::Arc;
+
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    mirror(&sb, "m", SIZE, &["a.img", "b.img"]);
+    let bad_at = plex_start(&sb, "b.img", "m") + MIB + 4096;
+    let set = DiskSet::expand(&[sb.path("disks")]).unwrap();
+    {
+        let mut g = Group::assemble(&set, Lookup::Required).unwrap().unwrap();
+        let b = g.resolve_disk(&sb.path("disks/b.img")).unwrap();
+        g.wrap_disks(|uuid, disk| {
+            if uuid != b {
+                return disk;
+            }
+            let f = Arc::new(FaultyDisk::new(disk));
+            f.fail_reads(bad_at..bad_at + 512);
+            f as Arc<dyn Disk>
+        });
+        let e = g
+            .scrub("m", &ScrubOptions::default(), &NoProgress)
+            .unwrap_err();
+        assert_eq!(e.exit_code(), 1, "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("stopped at volume offset {MIB}")),
+            "{e}"
+        );
+        assert!(g.warnings.iter().any(|w| w.contains("marked failed")));
+    }
+    let s = sb.status();
+    let m = volume(&s, "m");
+    assert_eq!(m["state"], "failed-redundancy");
+    let states: Vec<&str> = m["plexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["in-sync", "failed"]);
+}
