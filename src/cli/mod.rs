@@ -12,10 +12,12 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::format::Style;
 use crate::group::ops::{self, Endpoint, InitOptions, human};
 use crate::group::{DiskSet, Group, Lookup, Progress};
+use crate::volume::scrub::ScrubOptions;
 use crate::{Error, Result};
 
 pub mod demo;
 pub mod examine;
+pub mod scrub;
 pub mod show;
 
 #[derive(Debug, Parser)]
@@ -128,6 +130,21 @@ pub enum Command {
     /// Show the label and config on one disk.
     Examine {
         path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare the plexes of a mirror and report where they differ; with
+    /// --repair, make them equal (per sector the majority wins, ties and
+    /// two-way mirrors going to the first in-sync plex).
+    Scrub {
+        name: String,
+        /// Write the winning copy over the differing ones.
+        #[arg(long)]
+        repair: bool,
+        /// Compare at most this many bytes per second (K, M, G suffixes);
+        /// default: as fast as the disks go.
+        #[arg(long, value_parser = parse_size)]
+        rate: Option<u64>,
         #[arg(long)]
         json: bool,
     },
@@ -416,6 +433,29 @@ fn execute(cli: Cli) -> Result<()> {
             }
         }
         Command::Examine { path, json } => examine::examine(&path, json)?,
+        Command::Scrub {
+            name,
+            repair,
+            rate,
+            json,
+        } => {
+            let mut g = assemble(&cli.disks)?;
+            let opts = ScrubOptions {
+                repair,
+                max_rate: rate,
+            };
+            let report = g.scrub(&name, &opts, &bar)?;
+            flush_warnings(&mut g);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&scrub::scrub_json(&report))
+                        .expect("scrub report serializes")
+                );
+            } else {
+                print!("{}", scrub::scrub_text(&report));
+            }
+        }
         Command::Serve { listen, cache } => {
             crate::daemon::serve(&cli.disks, &listen, cache == "none")?
         }

@@ -24,6 +24,7 @@ pub mod alloc;
 pub mod io;
 pub mod live;
 pub mod ops;
+pub mod scrub;
 pub mod status;
 
 /// Shows the progress of a long copy (a progress bar on a terminal).

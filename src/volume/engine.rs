@@ -245,6 +245,45 @@ impl MirrorVolume {
         self.lock.busy()
     }
 
+    /// Runs `f` with `range` held in the range lock, blocking until it is
+    /// free: no write to the range is in flight while `f` runs, and none
+    /// starts before it returns. Scrub compares and repairs plexes this way,
+    /// so a write racing it can cause neither a false mismatch nor a lost
+    /// update.
+    pub fn with_range_locked<T>(&self, range: std::ops::Range<u64>, f: impl FnOnce() -> T) -> T {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.lock.acquire(range, move |guard| {
+            let _ = tx.send(guard);
+        });
+        let guard = rx
+            .recv()
+            .expect("a waiting range is started once the ranges ahead of it are released");
+        // Released on unwind too: a panic in `f` must not wedge the range.
+        struct Held<'a>(&'a RangeLock, Option<super::range_lock::RangeGuard>);
+        impl Drop for Held<'_> {
+            fn drop(&mut self) {
+                if let Some(g) = self.1.take() {
+                    self.0.release(g);
+                }
+            }
+        }
+        let _held = Held(&self.lock, Some(guard));
+        f()
+    }
+
+    /// Fails the plex on `disk` after an I/O error seen outside the engine's
+    /// own requests (scrub), with the engine's rules: never the last in-sync
+    /// plex, and the config records it through the [`FailureSink`]. Returns
+    /// true when the plex is out of service now.
+    pub fn fail_plex(&self, disk: Uuid, error: &io::Error) -> bool {
+        let Some(plex) = self.plexes().into_iter().find(|p| p.disk == disk) else {
+            return false;
+        };
+        let _decide = self.decide.lock().unwrap_or_else(|e| e.into_inner());
+        self.fail_plex_locked(&plex, error);
+        plex.mode() == Mode::Out
+    }
+
     fn in_sync(&self) -> usize {
         self.plexes
             .read()

@@ -1,7 +1,8 @@
 //! The mirror I/O engine: a volume's plexes, fan-out writes, reads with
 //! fallback and repair ([`engine`]), per-disk queues with a hang watchdog
 //! ([`queue`]), the range lock that orders overlapping writes
-//! ([`range_lock`]), and copying a volume onto a plex (resync).
+//! ([`range_lock`]), copying a volume onto a plex (resync), and comparing
+//! and repairing the plexes ([`scrub`]).
 //!
 //! The engine owns no config. It reports what the config must record through
 //! [`engine::FailureSink`]; the group layer records it on the surviving
@@ -15,6 +16,7 @@ use crate::disk::{AlignedBuf, Disk};
 pub mod engine;
 pub mod queue;
 pub mod range_lock;
+pub mod scrub;
 
 use engine::MirrorVolume;
 

@@ -1,0 +1,133 @@
+//! `scrub NAME [--repair]` for one command: checks that the volume has
+//! something to compare, runs the engine's scrub ([`crate::volume::scrub`])
+//! in the foreground with a progress bar, records plex failures it met in
+//! the config ([`Group::settle`]), and names the plexes by their disks.
+
+use super::{Group, Progress};
+use crate::volume::scrub::{self, ScrubError, ScrubOptions};
+use crate::{Error, Result};
+
+/// A byte range where the plexes differ, with the plexes named by disk path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScrubRange {
+    pub offset: u64,
+    pub length: u64,
+    /// The plex whose copy wins (and was copied, with `repaired`).
+    pub kept: String,
+    /// The plexes whose copy differs from the winning one.
+    pub outvoted: Vec<String>,
+    pub repaired: bool,
+}
+
+impl ScrubRange {
+    /// The plexes that differ in this range: the winner and those it
+    /// outvotes, in config order of the winner first.
+    pub fn plexes(&self) -> Vec<String> {
+        std::iter::once(self.kept.clone())
+            .chain(self.outvoted.iter().cloned())
+            .collect()
+    }
+}
+
+/// What `scrub` found on one volume.
+#[derive(Debug, Clone)]
+pub struct VolumeScrub {
+    pub volume: String,
+    pub repair: bool,
+    /// The disks of the in-sync plexes compared, in config order.
+    pub compared: Vec<String>,
+    pub checked_bytes: u64,
+    pub ranges: Vec<ScrubRange>,
+}
+
+impl VolumeScrub {
+    pub fn mismatched_bytes(&self) -> u64 {
+        self.ranges.iter().map(|r| r.length).sum()
+    }
+
+    pub fn repaired(&self) -> usize {
+        self.ranges.iter().filter(|r| r.repaired).count()
+    }
+}
+
+impl Group {
+    /// Compares the in-sync plexes of a volume and, with `opts.repair`,
+    /// makes them equal. Refused for a volume with fewer than two in-sync
+    /// plexes; a plex that fails I/O meanwhile is marked failed and the
+    /// scrub stops with an I/O error.
+    pub fn scrub(
+        &mut self,
+        name: &str,
+        opts: &ScrubOptions,
+        progress: &dyn Progress,
+    ) -> Result<VolumeScrub> {
+        let v = self.volume(name)?;
+        let in_sync = v
+            .plexes
+            .iter()
+            .filter(|p| self.plex_state(p.disk, p.state) == "in-sync")
+            .count();
+        if in_sync < 2 {
+            return Err(Error::refused(format!(
+                "volume {name} has fewer than two in-sync plexes: there is nothing to compare"
+            )));
+        }
+        let io = self.open_volume(name)?;
+        progress.start(
+            &format!(
+                "{} {name}",
+                if opts.repair {
+                    "scrub --repair"
+                } else {
+                    "scrub"
+                }
+            ),
+            io.engine.size,
+        );
+        let result = scrub::scrub(&io.engine, opts, &|done| progress.set(done));
+        progress.finish();
+        self.settle(&io)?;
+        drop(io);
+        let report = match result {
+            Ok(report) => report,
+            Err(ScrubError::TooFewPlexes { .. }) => {
+                return Err(Error::failed(format!(
+                    "scrub of volume {name} stopped: fewer than two of its plexes remain in sync"
+                )));
+            }
+            Err(ScrubError::Plex {
+                disk,
+                op,
+                offset,
+                error,
+                ..
+            }) => {
+                // `settle` has recorded the plex's failure and warns of it.
+                return Err(Error::io(
+                    format!(
+                        "scrub of volume {name} stopped at volume offset {offset}: {op} on disk {disk} failed"
+                    ),
+                    error,
+                ));
+            }
+        };
+        let path = |u| self.disk_path(u);
+        Ok(VolumeScrub {
+            volume: name.to_string(),
+            repair: opts.repair,
+            compared: report.compared.iter().map(|u| path(*u)).collect(),
+            checked_bytes: report.checked_bytes,
+            ranges: report
+                .mismatches
+                .iter()
+                .map(|m| ScrubRange {
+                    offset: m.offset,
+                    length: m.length,
+                    kept: path(m.kept),
+                    outvoted: m.outvoted.iter().map(|u| path(*u)).collect(),
+                    repaired: m.repaired,
+                })
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,313 @@
+//! `scrub` on image files: mismatches injected straight into one plex's
+//! image are found at their exact offsets, `--repair` keeps the copy the
+//! documented rule picks, and a volume with nothing to compare is refused.
+
+mod common;
+
+use common::*;
+use std::fs;
+use std::os::unix::fs::FileExt;
+
+/// Disks a.img, b.img and c.img on three controllers.
+fn three_disks(sb: &Sandbox) {
+    for (i, f) in ["a.img", "b.img", "c.img"].iter().enumerate() {
+        let p = sb.image(f, 64);
+        let ctrl = format!("c{i}");
+        let mut args = vec!["init", p.as_str(), "--controller", &ctrl];
+        if i == 0 {
+            sb.mv_plain(&[args.as_slice(), &["--group", "g"]].concat())
+                .ok();
+        } else {
+            args.truncate(4);
+            sb.mv(&args).ok();
+        }
+    }
+}
+
+/// A mirror NAME of SIZE with plexes on `files` in that order, filled with
+/// pseudo-random data; returns the data.
+fn mirror(sb: &Sandbox, name: &str, size: u64, files: &[&str]) -> Vec<u8> {
+    let size_arg = size.to_string();
+    let copies = files.len().to_string();
+    let disks: Vec<String> = files.iter().map(|f| sb.p(&format!("disks/{f}"))).collect();
+    let mut args = vec![
+        "create", name, "--size", &size_arg, "--mirror", "--copies", &copies,
+    ];
+    for d in &disks {
+        args.extend(["--disk", d.as_str()]);
+    }
+    sb.mv(&args).ok();
+    let (src, data) = sb.data_file("fill.bin", size as usize, 42);
+    sb.mv(&["copy", &src, &format!("vol:{name}")]).ok();
+    data
+}
+
+/// Where volume `name`'s plex starts in the image file `file`: the disk's
+/// data offset (its label) plus the plex's offset (the config), both from
+/// `examine --json`.
+fn plex_start(sb: &Sandbox, file: &str, name: &str) -> u64 {
+    let r = sb
+        .mv_plain(&["examine", &sb.p(&format!("disks/{file}")), "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let uuid = v["label"]["disk_uuid"].clone();
+    let vol = v["config"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name)
+        .unwrap();
+    let plex = vol["plexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["disk"] == uuid)
+        .unwrap_or_else(|| panic!("volume {name} has no plex on {file}"));
+    v["label"]["data_offset"].as_u64().unwrap() + plex["offset"].as_u64().unwrap()
+}
+
+/// `len` bytes of volume `name` at volume offset `at`, as the plex on
+/// `file` holds them.
+fn plex_read(sb: &Sandbox, file: &str, name: &str, at: u64, len: usize) -> Vec<u8> {
+    let start = plex_start(sb, file, name);
+    read_range(&sb.path("disks").join(file), start + at, len)
+}
+
+/// Flips every byte of `len` bytes at volume offset `at` on one plex only.
+fn corrupt(sb: &Sandbox, file: &str, name: &str, at: u64, len: usize) -> Vec<u8> {
+    let bad: Vec<u8> = plex_read(sb, file, name, at, len)
+        .iter()
+        .map(|b| !b)
+        .collect();
+    let start = plex_start(sb, file, name);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(sb.path("disks").join(file))
+        .unwrap();
+    f.write_all_at(&bad, start + at).unwrap();
+    bad
+}
+
+fn scrub_json(sb: &Sandbox, args: &[&str]) -> serde_json::Value {
+    let r = sb.mv(&[&["scrub"], args, &["--json"]].concat()).ok();
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+}
+
+/// (offset, length, plexes' file names) of each reported range.
+fn ranges(report: &serde_json::Value) -> Vec<(u64, u64, Vec<String>)> {
+    report["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let plexes = r["plexes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap().rsplit('/').next().unwrap().to_string())
+                .collect();
+            (
+                r["offset"].as_u64().unwrap(),
+                r["length"].as_u64().unwrap(),
+                plexes,
+            )
+        })
+        .collect()
+}
+
+const SIZE: u64 = 3 * MIB;
+
+/// One sector, a 4 KiB block across the first 1 MiB chunk boundary, and
+/// the volume's last sector.
+const INJECTED: [(u64, usize); 3] = [(7 * 512, 512), (MIB - 2048, 4096), (SIZE - 512, 512)];
+
+#[test]
+fn a_clean_mirror_scrubs_with_no_mismatch_over_its_whole_size() {
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    mirror(&sb, "m", SIZE, &["a.img", "b.img"]);
+    let r = scrub_json(&sb, &["m"]);
+    for k in [
+        "volume",
+        "checked_bytes",
+        "mismatches",
+        "repaired",
+        "ranges",
+    ] {
+        assert!(!r[k].is_null(), "scrub --json lacks {k}: {r}");
+    }
+    assert_eq!(r["volume"], "m");
+    assert_eq!(r["checked_bytes"], SIZE);
+    assert_eq!(r["mismatches"], 0);
+    assert_eq!(r["repaired"], 0);
+    assert_eq!(r["ranges"], serde_json::json!([]));
+    let text = sb.mv(&["scrub", "m"]).ok().stdout;
+    assert!(text.contains("identical"), "{text}");
+}
+
+#[test]
+fn scrub_reports_injected_mismatches_at_their_exact_offsets_and_changes_nothing() {
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    mirror(&sb, "m", SIZE, &["a.img", "b.img"]);
+    for (at, len) in INJECTED {
+        corrupt(&sb, "b.img", "m", at, len);
+    }
+    let before = sb.fingerprint();
+    let r = scrub_json(&sb, &["m"]);
+    let ab = vec!["a.img".to_string(), "b.img".to_string()];
+    assert_eq!(
+        ranges(&r),
+        INJECTED
+            .iter()
+            .map(|(at, len)| (*at, *len as u64, ab.clone()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(r["mismatches"], 3);
+    assert_eq!(r["repaired"], 0);
+    assert_eq!(r["checked_bytes"], SIZE);
+    assert_eq!(sb.fingerprint(), before, "a scrub without --repair wrote");
+    let text = sb.mv(&["scrub", "m"]).ok().stdout;
+    assert!(
+        text.contains(&format!(
+            "mismatch at offset {}, 4096 bytes: plexes on {} and {} differ",
+            MIB - 2048,
+            sb.p("disks/a.img"),
+            sb.p("disks/b.img")
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn repair_of_a_two_way_mirror_keeps_the_first_plex_and_a_second_scrub_is_clean() {
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    mirror(&sb, "m", SIZE, &["a.img", "b.img"]);
+    // The first plex holds the odd bytes: with two copies it still wins.
+    let kept: Vec<Vec<u8>> = INJECTED
+        .iter()
+        .map(|(at, len)| corrupt(&sb, "a.img", "m", *at, *len))
+        .collect();
+    let r = scrub_json(&sb, &["m", "--repair"]);
+    assert_eq!(r["mismatches"], 3);
+    assert_eq!(r["repaired"], 3);
+    assert_eq!(
+        plex_read(&sb, "a.img", "m", 0, SIZE as usize),
+        plex_read(&sb, "b.img", "m", 0, SIZE as usize)
+    );
+    for ((at, len), want) in INJECTED.iter().zip(&kept) {
+        assert_eq!(&plex_read(&sb, "b.img", "m", *at, *len), want);
+    }
+    let again = scrub_json(&sb, &["m"]);
+    assert_eq!(again["mismatches"], 0);
+    assert_eq!(sb.status()["volumes"][0]["state"], "healthy");
+}
+
+#[test]
+fn repair_of_a_three_way_mirror_keeps_the_majority_copy() {
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    let data = mirror(&sb, "m", SIZE, &["a.img", "b.img", "c.img"]);
+    // The odd plex is the first one: the majority outvotes it.
+    for (at, len) in INJECTED {
+        corrupt(&sb, "a.img", "m", at, len);
+    }
+    let r = scrub_json(&sb, &["m", "--repair"]);
+    let ba = vec!["b.img".to_string(), "a.img".to_string()];
+    assert_eq!(
+        ranges(&r),
+        INJECTED
+            .iter()
+            .map(|(at, len)| (*at, *len as u64, ba.clone()))
+            .collect::<Vec<_>>()
+    );
+    for f in ["a.img", "b.img", "c.img"] {
+        assert_eq!(plex_read(&sb, f, "m", 0, SIZE as usize), data, "{f}");
+    }
+    assert_eq!(scrub_json(&sb, &["m"])["mismatches"], 0);
+}
+
+#[test]
+fn scrub_of_a_simple_volume_is_refused_and_changes_nothing() {
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    sb.mv(&["create", "s", "--size", "2M"]).ok();
+    let before = sb.fingerprint();
+    sb.mv(&["scrub", "s", "--repair"])
+        .refused("volume s has fewer than two in-sync plexes: there is nothing to compare");
+    sb.mv(&["scrub", "nosuch"])
+        .refused("volume nosuch does not exist");
+    assert_eq!(sb.fingerprint(), before);
+}
+
+#[test]
+fn scrub_compares_only_the_in_sync_plexes() {
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    mirror(&sb, "m", SIZE, &["a.img", "b.img"]);
+    sb.mv(&["fail", &sb.p("disks/b.img")]).ok();
+    sb.mv(&["scrub", "m"])
+        .refused("volume m has fewer than two in-sync plexes");
+}
+
+#[test]
+fn a_throttled_scrub_takes_as_long_as_its_rate_says() {
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    mirror(&sb, "m", SIZE, &["a.img", "b.img"]);
+    let t = std::time::Instant::now();
+    let r = scrub_json(&sb, &["m", "--rate", "6M"]);
+    assert_eq!(r["checked_bytes"], SIZE);
+    assert!(
+        t.elapsed() >= std::time::Duration::from_millis(450),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn a_read_error_stops_the_scrub_with_exit_1_and_fails_that_plex() {
+    use mirrorvol::disk::{Disk, FaultyDisk};
+    use mirrorvol::group::{DiskSet, Group, Lookup, NoProgress};
+    use mirrorvol::volume::scrub::ScrubOptions;
+    use std::sync::Arc;
+
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    mirror(&sb, "m", SIZE, &["a.img", "b.img"]);
+    let bad_at = plex_start(&sb, "b.img", "m") + MIB + 4096;
+    let set = DiskSet::expand(&[sb.path("disks")]).unwrap();
+    {
+        let mut g = Group::assemble(&set, Lookup::Required).unwrap().unwrap();
+        let b = g.resolve_disk(&sb.path("disks/b.img")).unwrap();
+        g.wrap_disks(|uuid, disk| {
+            if uuid != b {
+                return disk;
+            }
+            let f = Arc::new(FaultyDisk::new(disk));
+            f.fail_reads(bad_at..bad_at + 512);
+            f as Arc<dyn Disk>
+        });
+        let e = g
+            .scrub("m", &ScrubOptions::default(), &NoProgress)
+            .unwrap_err();
+        assert_eq!(e.exit_code(), 1, "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("stopped at volume offset {MIB}")),
+            "{e}"
+        );
+        assert!(g.warnings.iter().any(|w| w.contains("marked failed")));
+    }
+    let s = sb.status();
+    let m = volume(&s, "m");
+    assert_eq!(m["state"], "failed-redundancy");
+    let states: Vec<&str> = m["plexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["in-sync", "failed"]);
+}
