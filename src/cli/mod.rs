@@ -159,6 +159,9 @@ pub enum Command {
         /// writeback: through the page cache, made durable on flush.
         #[arg(long, default_value = "none", value_parser = ["none", "writeback"])]
         cache: String,
+        /// Requests each disk serves at once (worker threads per disk).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        disk_threads: u16,
     },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
@@ -456,9 +459,11 @@ fn execute(cli: Cli) -> Result<()> {
                 print!("{}", scrub::scrub_text(&report));
             }
         }
-        Command::Serve { listen, cache } => {
-            crate::daemon::serve(&cli.disks, &listen, cache == "none")?
-        }
+        Command::Serve {
+            listen,
+            cache,
+            disk_threads,
+        } => crate::daemon::serve(&cli.disks, &listen, cache == "none", disk_threads.into())?,
         Command::Demo { dir } => demo::demo(dir)?,
     }
     Ok(())

@@ -93,7 +93,12 @@ fn wrap_fault_disk(group: &mut Group, path: &Path) -> Result<Arc<FaultyDisk>> {
 
 /// Runs `serve` until SIGINT or SIGTERM. With `direct`, the disks are
 /// opened `O_DIRECT` (where the filesystem allows it).
-pub fn serve(disks: &[PathBuf], listen: &[String], direct: bool) -> Result<()> {
+pub fn serve(
+    disks: &[PathBuf],
+    listen: &[String],
+    direct: bool,
+    disk_threads: usize,
+) -> Result<()> {
     let listen: Vec<Listen> = if listen.is_empty() {
         vec![Listen::parse(DEFAULT_LISTEN).expect("the default parses")]
     } else {
@@ -148,7 +153,11 @@ pub fn serve(disks: &[PathBuf], listen: &[String], direct: bool) -> Result<()> {
         }
     };
 
-    let live = LiveGroup::start(group, EngineOptions::default());
+    let opts = EngineOptions {
+        threads_per_disk: disk_threads,
+        ..EngineOptions::default()
+    };
+    let live = LiveGroup::start(group, opts);
     let names = live.volume_names();
     let exports: Vec<Arc<dyn Export>> = names
         .iter()

@@ -37,7 +37,10 @@ use crate::disk::AlignedBuf;
 /// Tunables of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Worker threads per disk: how many requests one disk serves at once.
+    /// Worker threads per disk: how many requests one disk serves at once
+    /// (default 16: over NBD on this project's 2-core machines, 8 to 16
+    /// served 4 KiB random reads at queue depth 32 about 1.5 to 2 times
+    /// faster than 32, and writes alike).
     pub threads_per_disk: usize,
     /// A request slower than this fails its disk while another in-sync plex
     /// remains (default 30 s, the SCSI layer's default command timeout).
@@ -50,7 +53,7 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> EngineOptions {
         EngineOptions {
-            threads_per_disk: 32,
+            threads_per_disk: 16,
             io_timeout: Duration::from_secs(30),
             max_read_errors: 20,
         }
