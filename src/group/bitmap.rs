@@ -99,7 +99,7 @@ impl Group {
         let mut out = Vec::new();
         for p in v.plexes.iter().filter(|p| disks.contains(&p.disk)) {
             if matches!(self.bitmap_found.get(&p.disk), Some(Found::Damaged(_))) {
-                return vec![0..v.size];
+                return std::iter::once(0..v.size).collect();
             }
             if let Some(b) = self.bitmap(p.disk) {
                 out.extend(to_volume(p, v.size, &b.dirty_ranges()));
@@ -302,6 +302,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::single_range_in_vec_init)]
     fn ranges_merge_and_map_onto_volumes() {
         assert_eq!(merge(vec![5..7, 0..2, 2..3, 6..9]), vec![0..3, 5..9]);
         let p = PlexEntry {
