@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use common::serve;
 use common::*;
 use mirrorvol::disk::{Disk, MemDisk};
 use mirrorvol::format::Style;
@@ -364,4 +365,50 @@ fn a_plex_failed_by_io_errors_gets_a_full_resync_and_status_says_why() {
         "{:?}",
         g.resynced
     );
+}
+
+#[test]
+fn a_serve_killed_during_fio_writes_resyncs_about_the_dirty_regions_only() {
+    if !serve::tools(&["fio"]) {
+        return skip_or_fail("fio is not installed");
+    }
+    let sb = Sandbox::new();
+    serve::mirror_group(&sb, 300, 256);
+    let s = serve::Served::start(&sb, &[], &[]);
+    // 8 MiB of random 4 KiB writes, from 64 MiB on, running when killed.
+    let mut fio = std::process::Command::new("fio")
+        .args([
+            "--name=dirty",
+            "--ioengine=nbd",
+            &format!("--uri={}", s.uri("data")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--offset=64M",
+            "--size=8M",
+            "--time_based",
+            "--runtime=30",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    s.signal(libc::SIGKILL);
+    let _ = fio.kill();
+    let _ = fio.wait();
+    drop(s);
+    // The next command that opens the group for writing resyncs.
+    let r = sb.mv(&["extend", "nothing", "--size", "1M"]);
+    let resynced = resynced_bytes(&r.stderr);
+    eprintln!("resynced {resynced} bytes after the kill");
+    assert!(
+        resynced > 0 && resynced <= 3 * (8 << 20),
+        "resynced {resynced} bytes after 8 MiB of writes to a 256 MiB volume:\n{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("after an unclean stop"), "{}", r.stderr);
+    // Nothing is left dirty: the next start resyncs nothing.
+    let r = sb.mv(&["extend", "nothing", "--size", "1M"]);
+    assert_eq!(resynced_bytes(&r.stderr), 0, "{}", r.stderr);
 }
