@@ -179,6 +179,7 @@ impl World {
                 controller: Some(CONTROLLERS[i].to_string()),
                 group: if i == 0 { Some("g".into()) } else { None },
                 force: false,
+                region_size: 0,
             };
             ops::init(existing, &[w.disks[i].clone()], &opts).unwrap();
         }

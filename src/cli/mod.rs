@@ -56,6 +56,10 @@ pub enum Command {
         /// Overwrite a partition table, filesystem or label already there.
         #[arg(long)]
         force: bool,
+        /// Bytes of data one write-intent bitmap bit covers, for a new group
+        /// (a power of two, at least 4K; default 64K).
+        #[arg(long, value_parser = parse_size)]
+        region_size: Option<u64>,
     },
     /// Create a simple or mirrored volume.
     Create {
@@ -280,6 +284,22 @@ fn assemble(disks: &[PathBuf]) -> Result<Group> {
     Ok(group)
 }
 
+/// [`assemble`] for a command that may write: the bitmaps are loaded, and
+/// regions an unclean stop left dirty are resynced first.
+fn assemble_rw(disks: &[PathBuf]) -> Result<Group> {
+    let mut group = assemble(disks)?;
+    group.start_bitmaps()?;
+    flush_warnings(&mut group);
+    Ok(group)
+}
+
+/// Prints the resyncs an operation did, one line each, on stdout.
+fn print_resynced(group: &mut Group) {
+    for line in group.resynced.split_off(0) {
+        println!("{line}");
+    }
+}
+
 /// Prints the warnings an operation added to the group.
 fn flush_warnings(group: &mut Group) {
     warn(&group.warnings.split_off(0));
@@ -294,7 +314,15 @@ fn execute(cli: Cli) -> Result<()> {
             controller,
             group,
             force,
+            region_size,
         } => {
+            if let Some(r) = region_size
+                && (r < 4096 || !r.is_power_of_two())
+            {
+                return Err(Error::refused(format!(
+                    "region size {r} is not a power of two of at least 4096 bytes"
+                )));
+            }
             let existing = if cli.disks.is_empty() {
                 None
             } else {
@@ -310,6 +338,7 @@ fn execute(cli: Cli) -> Result<()> {
                 controller,
                 group,
                 force,
+                region_size: region_size.unwrap_or(0),
             };
             let joined = existing.is_some();
             let mut g = ops::init(existing, &paths, &opts)?;
@@ -330,7 +359,7 @@ fn execute(cli: Cli) -> Result<()> {
             copies,
             disk,
         } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble_rw(&cli.disks)?;
             let copies = if mirror { copies.unwrap_or(2) } else { 1 };
             if mirror && copies < 2 {
                 return Err(Error::refused(format!(
@@ -350,14 +379,15 @@ fn execute(cli: Cli) -> Result<()> {
             warn(&warnings);
         }
         Command::AddMirror { name, disk } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble_rw(&cli.disks)?;
             let warnings = g.add_mirror(&name, disk.as_deref(), &bar)?;
             flush_warnings(&mut g);
             println!("added a mirror to volume {name}; it is in sync");
+            print_resynced(&mut g);
             warn(&warnings);
         }
         Command::RemoveMirror { name, disk } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble_rw(&cli.disks)?;
             g.remove_mirror(&name, &disk)?;
             flush_warnings(&mut g);
             println!("removed the plex on {} from volume {name}", disk.display());
@@ -368,7 +398,7 @@ fn execute(cli: Cli) -> Result<()> {
             new_name,
             nokeep,
         } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble_rw(&cli.disks)?;
             let kept = g.break_mirror(&name, &disk, new_name.as_deref(), nokeep)?;
             flush_warnings(&mut g);
             match kept {
@@ -383,42 +413,44 @@ fn execute(cli: Cli) -> Result<()> {
             }
         }
         Command::Repair { name, disk } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble_rw(&cli.disks)?;
             let warnings = g.repair(&name, disk.as_deref(), &bar)?;
             flush_warnings(&mut g);
             println!(
                 "repaired volume {name}: {}",
                 g.volume_state(g.volume(&name)?)
             );
+            print_resynced(&mut g);
             warn(&warnings);
         }
         Command::Reactivate { path } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble_rw(&cli.disks)?;
             let notes = g.reactivate(&path, &bar)?;
             flush_warnings(&mut g);
             println!("reactivated disk {}", path.display());
+            print_resynced(&mut g);
             warn(&notes);
         }
         Command::Extend { name, size } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble_rw(&cli.disks)?;
             g.extend(&name, size)?;
             flush_warnings(&mut g);
             println!("extended volume {name} to {}", human(size));
         }
         Command::Delete { name } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble_rw(&cli.disks)?;
             g.delete(&name)?;
             flush_warnings(&mut g);
             println!("deleted volume {name}");
         }
         Command::Fail { path, force } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble_rw(&cli.disks)?;
             g.fail(&path, force)?;
             flush_warnings(&mut g);
             println!("marked disk {} failed", path.display());
         }
         Command::Copy { src, dst } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble_rw(&cli.disks)?;
             let n = g.copy(&Endpoint::parse(&src), &Endpoint::parse(&dst), &bar)?;
             flush_warnings(&mut g);
             println!("copied {} from {src} to {dst}", human(n));

@@ -31,6 +31,10 @@ use crate::{Error, Result};
 /// with EIO, as a disk that dies while clients write.
 pub const FAULT_DISK_ENV: &str = "MIRRORVOL_TEST_FAULT_DISK";
 
+/// How long a region must stay idle before its write-intent bit is cleared
+/// (between one and two periods; md's bitmap daemon sleeps 5 s too).
+pub const BITMAP_CLEAR_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The address `serve` listens on when none is given.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
@@ -136,6 +140,10 @@ pub fn serve(
         let mut set = DiskSet::expand(disks)?;
         set.direct = direct;
         let mut group = Group::assemble(&set, Lookup::Required)?.expect("required");
+        group.record_absent_plexes()?;
+        // Regions an unclean stop left dirty are resynced before the first
+        // client connects.
+        group.start_bitmaps()?;
         for w in group.warnings.split_off(0) {
             eprintln!("warning: {w}");
         }
@@ -158,6 +166,7 @@ pub fn serve(
         ..EngineOptions::default()
     };
     let live = LiveGroup::start(group, opts);
+    live.start_bitmap_clearing(BITMAP_CLEAR_PERIOD);
     let names = live.volume_names();
     let exports: Vec<Arc<dyn Export>> = names
         .iter()
@@ -202,6 +211,10 @@ pub fn serve(
         {
             failed.push(format!("{n}: {e}"));
         }
+    }
+    if failed.is_empty() {
+        // A clean stop leaves no dirty region where the plexes are in sync.
+        live.clear_bitmaps(true);
     }
     live.stop();
     if !failed.is_empty() {

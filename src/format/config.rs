@@ -16,6 +16,11 @@ pub struct GroupConfig {
     pub seqno: u64,
     pub disks: Vec<DiskEntry>,
     pub volumes: Vec<VolumeEntry>,
+    /// Bytes of data area one write-intent bitmap bit covers (0: the
+    /// default). A disk too large for it to fit uses the next power of two
+    /// that does; its bitmap header records the size it uses.
+    #[serde(default)]
+    pub region_size: u64,
 }
 
 /// A disk's state as recorded in the config. `online-errors` and `offline`
@@ -89,6 +94,11 @@ pub struct PlexEntry {
     /// Length of the extent (whole MiB, at least the volume's size).
     pub length: u64,
     pub state: PlexState,
+    /// Why this plex needs (or is getting) a full resync rather than a copy
+    /// of the regions its twins' bitmaps name: it failed an I/O, it is new,
+    /// or the bitmaps cannot vouch for the time it was away.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_reason: Option<String>,
 }
 
 impl GroupConfig {

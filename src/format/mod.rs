@@ -4,6 +4,7 @@
 //! functions in [`ondisk`] read and write metadata on one disk, and leave it
 //! to the group layer to decide which copy of the config is current.
 
+pub mod bitmap;
 pub mod config;
 pub mod label;
 pub mod layout;

@@ -93,6 +93,7 @@ mod tests {
                     offset: o * MIB,
                     length: l * MIB,
                     state: PlexState::InSync,
+                    resync_reason: None,
                 }],
             })
             .collect();
@@ -112,6 +113,7 @@ mod tests {
                 state_seqno: 0,
             }],
             volumes,
+            region_size: 0,
         };
         (c, disk)
     }

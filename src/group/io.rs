@@ -115,6 +115,9 @@ impl Group {
             Arc::downgrade(&sink),
             EngineOptions::default(),
         );
+        if let Some(b) = &self.bitmaps {
+            engine.set_intent(b.clone());
+        }
         Ok(VolumeIo {
             engine,
             recorder,
@@ -146,7 +149,10 @@ impl Group {
                         "disk {}: I/O error ({error}) on the last in-sync plex of volume {name}; the disk is marked failed",
                         self.disk_path(disk)
                     ));
-                    self.mark_disk_failed(disk);
+                    self.mark_disk_failed(
+                        disk,
+                        Some("it failed an I/O, so its data cannot be trusted"),
+                    );
                     changed = true;
                 }
                 Event::ReadError(disk, error, repaired) => self.warnings.push(format!(

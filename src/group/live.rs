@@ -63,10 +63,11 @@ impl LiveGroup {
                         Some(EnginePlex::new(p.disk, queue.clone(), offset, mode))
                     })
                     .collect();
-                volumes.insert(
-                    v.name.clone(),
-                    MirrorVolume::new(&v.name, v.size, plexes, sink.clone(), opts.clone()),
-                );
+                let engine = MirrorVolume::new(&v.name, v.size, plexes, sink.clone(), opts.clone());
+                if let Some(b) = &group.bitmaps {
+                    engine.set_intent(b.clone());
+                }
+                volumes.insert(v.name.clone(), engine);
             }
             LiveGroup {
                 group: Mutex::new(group),
@@ -157,6 +158,83 @@ impl LiveGroup {
         ok
     }
 
+    /// Starts the thread that clears the write-intent bits of regions idle
+    /// for `period` (between one and two periods, as md's bitmap daemon).
+    /// It ends with the group.
+    pub fn start_bitmap_clearing(self: &Arc<Self>, period: std::time::Duration) {
+        let me = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("bitmap-clear".into())
+            .spawn(move || {
+                let step = std::time::Duration::from_millis(100);
+                loop {
+                    let mut slept = std::time::Duration::ZERO;
+                    while slept < period {
+                        std::thread::sleep(step);
+                        slept += step;
+                        if me.strong_count() == 0 {
+                            return;
+                        }
+                    }
+                    match me.upgrade() {
+                        Some(live) => live.clear_bitmaps(false),
+                        None => return,
+                    }
+                }
+            })
+            .expect("spawn the bitmap clearing thread");
+    }
+
+    /// One clearing pass over every disk's bitmap (`now`: every idle region
+    /// at once, as on a clean shutdown). Regions of volumes with a plex out
+    /// of sync, in the config or in the engine, keep their bits.
+    pub fn clear_bitmaps(&self, now: bool) {
+        let work = {
+            let g = self.group();
+            let Some(set) = g.bitmaps.clone() else {
+                return;
+            };
+            let volumes = self.volumes.read().unwrap_or_else(|e| e.into_inner());
+            let degraded: Vec<&str> = volumes
+                .values()
+                .filter(|v| v.plexes().iter().any(|p| p.mode() == Mode::Out))
+                .map(|v| v.name.as_str())
+                .collect();
+            let mut work = Vec::new();
+            for (uuid, b) in &set.disks {
+                if !g.is_online(*uuid) {
+                    continue;
+                }
+                let mut pinned = g.pinned_extents(*uuid);
+                for v in &g.config.volumes {
+                    if degraded.contains(&v.name.as_str())
+                        || v.plexes.len() > volumes.get(&v.name).map_or(0, |e| e.plexes().len())
+                    {
+                        pinned.extend(
+                            v.plexes
+                                .iter()
+                                .filter(|p| p.disk == *uuid)
+                                .map(|p| p.offset..p.offset + p.length),
+                        );
+                    }
+                }
+                work.push((b.clone(), pinned, g.disk_path(*uuid)));
+            }
+            work
+        };
+        for (b, pinned, path) in work {
+            let overlaps =
+                |r: std::ops::Range<u64>| pinned.iter().any(|p| p.start < r.end && r.start < p.end);
+            match b.clear_idle(now, &overlaps) {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(disk = %path, regions = n, "write-intent bits cleared"),
+                Err(e) => {
+                    tracing::warn!(disk = %path, error = %e, "cannot clear write-intent bits")
+                }
+            }
+        }
+    }
+
     /// Stops the disk queues after the work queued on them.
     pub fn stop(&self) {
         for q in self.queues.values() {
@@ -169,7 +247,10 @@ impl LiveGroup {
     /// Takes a whole disk out of service: in the config (its last in-sync
     /// plexes keep their data and state) and in every volume's engine.
     fn fail_disk(&self, g: &mut Group, disk: Uuid) {
-        g.mark_disk_failed(disk);
+        g.mark_disk_failed(
+            disk,
+            Some("it failed an I/O, so its data cannot be trusted"),
+        );
         for v in self
             .volumes
             .read()

@@ -21,6 +21,7 @@ use crate::format::{DiskState, GroupConfig, Label, PlexState, VolumeEntry};
 use crate::{Error, Result};
 
 pub mod alloc;
+pub mod bitmap;
 pub mod io;
 pub mod live;
 pub mod ops;
@@ -62,6 +63,20 @@ pub struct Group {
     pub members: BTreeMap<Uuid, Member>,
     /// Things the operator should know that did not stop assembly.
     pub warnings: Vec<String>,
+    /// The write-intent bitmaps, once [`Group::start_bitmaps`] loaded them.
+    pub bitmaps: Option<Arc<crate::volume::bitmap::BitmapSet>>,
+    /// What loading found on each disk's bitmap area.
+    pub bitmap_found: BTreeMap<Uuid, crate::volume::bitmap::Found>,
+    /// One line per resync done: what was copied, and why in full.
+    pub resynced: Vec<String>,
+}
+
+/// At the end of every command (and of `serve`), the bits of regions in
+/// sync everywhere are cleared, so that the next start finds nothing dirty.
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.clean_bitmaps(true);
+    }
 }
 
 /// Where to look for the group's disks, from `--disks`.
@@ -399,6 +414,9 @@ impl Group {
             config,
             members,
             warnings,
+            bitmaps: None,
+            bitmap_found: BTreeMap::new(),
+            resynced: Vec::new(),
         }))
     }
 
@@ -560,7 +578,7 @@ impl Group {
                 self.warnings.push(format!(
                     "disk {path} failed a config write ({e}) and is marked failed"
                 ));
-                self.mark_disk_failed(uuid);
+                self.mark_disk_failed(uuid, Some("its disk failed a config write"));
             }
         }
     }
@@ -568,7 +586,9 @@ impl Group {
     /// Records a disk as failed, and its plexes; except that a volume's last
     /// in-sync plex keeps its recorded state: it still holds every write the
     /// volume acknowledged, and `reactivate` puts it back in service as it is.
-    pub fn mark_disk_failed(&mut self, uuid: Uuid) {
+    /// `io_error` says why, when an I/O error did it: those plexes then get
+    /// a full resync when they return.
+    pub fn mark_disk_failed(&mut self, uuid: Uuid, io_error: Option<&str>) {
         let mut keep = Vec::new();
         for v in &self.config.volumes {
             let others = v
@@ -589,17 +609,48 @@ impl Group {
             for p in &mut v.plexes {
                 if p.disk == uuid && !(keep.contains(&v.name) && p.state == PlexState::InSync) {
                     p.state = PlexState::Failed;
+                    if let Some(why) = io_error {
+                        p.resync_reason.get_or_insert_with(|| why.to_string());
+                    }
                 }
             }
         }
     }
 
-    /// Records one plex of a volume as failed (after an I/O error).
+    /// Before a volume is put in service, its in-sync plexes on absent disks
+    /// are recorded stale and their disks missing, so that they are known to
+    /// be behind (and since when) when they return.
+    pub fn record_absent_plexes(&mut self) -> Result<()> {
+        let names: Vec<String> = self
+            .config
+            .volumes
+            .iter()
+            .filter(|v| {
+                v.plexes.iter().any(|p| {
+                    p.state == PlexState::InSync && self.plex_state(p.disk, p.state) == "missing"
+                })
+            })
+            .map(|v| v.name.clone())
+            .collect();
+        for name in names {
+            match self.prepare_write(&name) {
+                Err(Error::Refused(_)) | Ok(()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records one plex of a volume as failed (after an I/O error): its data
+    /// cannot be trusted, so it gets a full resync when it returns.
     pub fn mark_plex_failed(&mut self, volume: &str, disk: Uuid) {
         if let Some(v) = self.config.volume_mut(volume) {
             for p in &mut v.plexes {
                 if p.disk == disk {
                     p.state = PlexState::Failed;
+                    p.resync_reason.get_or_insert_with(|| {
+                        "it failed an I/O, so its data cannot be trusted".to_string()
+                    });
                 }
             }
         }

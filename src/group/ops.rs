@@ -29,6 +29,8 @@ pub struct InitOptions {
     pub controller: Option<String>,
     pub group: Option<String>,
     pub force: bool,
+    /// Region size of a new group's write-intent bitmaps (0: the default).
+    pub region_size: u64,
 }
 
 /// Formats `paths` as disks of `existing`, or of a new group when there is
@@ -108,15 +110,29 @@ pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> R
                 seqno: 0,
                 disks: Vec::new(),
                 volumes: Vec::new(),
+                region_size: opts.region_size,
             },
             members: Default::default(),
             warnings: Vec::new(),
+            bitmaps: None,
+            bitmap_found: Default::default(),
+            resynced: Vec::new(),
         },
     };
     for (path, disk) in disks {
         let uuid = Uuid::new_v4();
         let label = ondisk::format_disk(&*disk, opts.style, uuid, group.config.uuid)
             .map_err(|e| Error::failed(format!("formatting {} failed: {e}", path.display())))?;
+        // A new disk's bitmap tracks from the start: its plexes can always
+        // be resynced from it.
+        crate::volume::bitmap::DiskBitmap::load(
+            disk.clone(),
+            &label.layout,
+            group.config.region_size,
+            0,
+        )
+        .and_then(|(b, _)| b.persist_header())
+        .map_err(|e| Error::io(format!("cannot write the bitmap of {}", path.display()), e))?;
         let identity = disk.identity();
         group.config.disks.push(DiskEntry {
             uuid,
@@ -425,6 +441,7 @@ impl Group {
                     offset: *offset,
                     length: len,
                     state: PlexState::InSync,
+                    resync_reason: None,
                 })
                 .collect(),
         });
@@ -485,6 +502,7 @@ impl Group {
                 offset,
                 length: len,
                 state: PlexState::Resyncing,
+                resync_reason: Some("a new plex".to_string()),
             });
         self.commit()?;
         self.resync_plex(name, target, progress)?;
@@ -522,8 +540,18 @@ impl Group {
         drop(io);
         match result {
             Ok(written) => {
+                let why = plex
+                    .resync_reason
+                    .clone()
+                    .unwrap_or_else(|| "it was stale".to_string());
                 self.set_plex_state(name, disk, PlexState::InSync);
                 self.commit()?;
+                let line = format!(
+                    "resynced {written} bytes of volume {name} onto {} (full resync: {why})",
+                    self.disk_path(disk)
+                );
+                tracing::info!("{line}");
+                self.resynced.push(line);
                 Ok(written)
             }
             Err(CopyError::Target { offset, error }) => {
@@ -549,6 +577,9 @@ impl Group {
             for p in &mut v.plexes {
                 if p.disk == disk {
                     p.state = state;
+                    if state == PlexState::InSync {
+                        p.resync_reason = None;
+                    }
                 }
             }
         }
@@ -721,8 +752,12 @@ impl Group {
             exclude.push(target);
             plan.push((old.disk, target, offset));
         }
+        let old_paths: Vec<String> = plan
+            .iter()
+            .map(|(old, _, _)| self.disk_path(*old))
+            .collect();
         let vol = self.config.volume_mut(name).expect("checked");
-        for (old, target, offset) in &plan {
+        for ((old, target, offset), old_path) in plan.iter().zip(&old_paths) {
             let p = vol
                 .plexes
                 .iter_mut()
@@ -733,6 +768,7 @@ impl Group {
                 offset: *offset,
                 length: len,
                 state: PlexState::Resyncing,
+                resync_reason: Some(format!("a new plex replacing the one on {old_path}")),
             };
         }
         if !plan.is_empty() {
@@ -760,25 +796,33 @@ impl Group {
                 path.display()
             )));
         }
+        // Decided before the config changes: the seqno at which the disk
+        // left is what its twins' bitmaps must cover.
+        let mut full: Vec<(String, Option<String>)> = Vec::new();
+        for v in &self.config.volumes {
+            if v.plexes.iter().any(|p| p.disk == uuid) {
+                full.push((v.name.clone(), self.full_resync_reason(&v.name, uuid)));
+            }
+        }
         let next = self.config.seqno + 1;
         let entry = self.config.disk_mut(uuid).expect("resolved");
         entry.state = DiskState::Online;
         entry.state_seqno = next;
-        let mut affected = Vec::new();
         for v in &mut self.config.volumes {
+            let reason = full
+                .iter()
+                .find(|(n, _)| *n == v.name)
+                .and_then(|(_, r)| r.clone());
             for p in &mut v.plexes {
-                if p.disk == uuid {
-                    if p.state != PlexState::InSync {
-                        p.state = PlexState::Stale;
-                    }
-                    affected.push(v.name.clone());
+                if p.disk == uuid && p.state != PlexState::InSync {
+                    p.state = PlexState::Stale;
+                    p.resync_reason = reason.clone();
                 }
             }
         }
         self.commit()?;
         let mut notes = Vec::new();
-        affected.dedup();
-        for name in affected {
+        for (name, _) in full {
             let stale: Vec<Uuid> = self
                 .volume(&name)?
                 .plexes
@@ -796,10 +840,39 @@ impl Group {
                 continue;
             }
             for disk in stale {
-                self.resync_plex(&name, disk, progress)?;
+                if self.full_resync_reason(&name, disk).is_none() {
+                    self.resync_regions(&name, disk)?;
+                } else {
+                    self.resync_plex(&name, disk, progress)?;
+                }
             }
         }
         Ok(notes)
+    }
+
+    /// Resyncs a stale plex that its twins' bitmaps vouch for: only the
+    /// regions they name are copied.
+    fn resync_regions(&mut self, name: &str, disk: Uuid) -> Result<u64> {
+        let ranges = self.returning_plex_ranges(name, disk);
+        let source = self
+            .volume(name)?
+            .plexes
+            .iter()
+            .find(|p| self.plex_state(p.disk, p.state) == "in-sync")
+            .map(|p| p.disk)
+            .ok_or_else(|| Error::failed(format!("volume {name} has no in-sync plex")))?;
+        let copied = self.copy_ranges(name, source, disk, &ranges)?;
+        self.set_plex_state(name, disk, PlexState::InSync);
+        self.commit()?;
+        let line = format!(
+            "resynced {copied} bytes of volume {name} onto {} ({} dirty region{} from the write-intent bitmaps)",
+            self.disk_path(disk),
+            ranges.len(),
+            if ranges.len() == 1 { "" } else { "s" }
+        );
+        tracing::info!("{line}");
+        self.resynced.push(line);
+        Ok(copied)
     }
 
     /// Grows a simple volume into the free space that follows its plex.
@@ -886,7 +959,7 @@ impl Group {
                 }
             }
         }
-        self.mark_disk_failed(uuid);
+        self.mark_disk_failed(uuid, None);
         self.commit()
     }
 

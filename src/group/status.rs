@@ -55,6 +55,10 @@ pub struct PlexStatus {
     /// 100 when in sync, 0 when stale, the copy's progress while resyncing;
     /// null when the plex is failed or missing.
     pub resync_percent: Option<f64>,
+    /// Why the plex needs or gets a full resync instead of a copy of the
+    /// regions the write-intent bitmaps name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync_reason: Option<String>,
 }
 
 impl Group {
@@ -129,6 +133,7 @@ impl Group {
                                     ("stale", _) | ("resyncing", PlexState::Resyncing) => Some(0.0),
                                     _ => None,
                                 },
+                                resync_reason: p.resync_reason.clone(),
                             }
                         })
                         .collect(),

@@ -75,6 +75,23 @@ pub trait FailureSink: Send + Sync {
     fn read_error(&self, volume: &str, disk: Uuid, error: &io::Error, repaired: bool);
 }
 
+/// The write-intent bitmap as the engine sees it (see [`super::bitmap`]).
+pub trait WriteIntent: Send + Sync {
+    /// Makes durable, on the disk of each of `plexes`, that volume bytes
+    /// `[offset, offset + len)` may be about to differ between plexes; blocks
+    /// until it is. Dropping the guard tells the bitmap the write is over.
+    fn mark(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<IntentGuard>;
+}
+
+/// Ends a marked write when dropped.
+pub struct IntentGuard(#[allow(dead_code)] Box<dyn Send>);
+
+impl IntentGuard {
+    pub fn new(inner: impl Send + 'static) -> IntentGuard {
+        IntentGuard(Box::new(inner))
+    }
+}
+
 /// A sink that records nothing (benchmarks, unit tests).
 pub struct NoSink;
 
@@ -196,6 +213,8 @@ pub struct MirrorVolume {
     /// Serializes decisions to fail plexes.
     decide: Mutex<()>,
     rotate: AtomicUsize,
+    /// The write-intent bitmap, when the volume has one.
+    intent: std::sync::OnceLock<Arc<dyn WriteIntent>>,
 }
 
 impl std::fmt::Debug for MirrorVolume {
@@ -224,7 +243,15 @@ impl MirrorVolume {
             opts,
             decide: Mutex::new(()),
             rotate: AtomicUsize::new(0),
+            intent: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives the volume a write-intent bitmap: from now on every write's
+    /// regions are durable in it before the write reaches any plex. Set
+    /// once, before the first write.
+    pub fn set_intent(&self, intent: Arc<dyn WriteIntent>) {
+        let _ = self.intent.set(intent);
     }
 
     /// A snapshot of the plexes.
@@ -399,6 +426,31 @@ impl MirrorVolume {
         if len == 0 {
             return done(Ok(()));
         }
+        // The bits go first, on the submitting thread: it may block on a
+        // bitmap write, which the range lock's callback (possibly another
+        // request's completion thread) must never do.
+        let intent = match self.intent.get() {
+            Some(intent) => {
+                let writable: Vec<Arc<EnginePlex>> = self
+                    .plexes()
+                    .into_iter()
+                    .filter(|p| p.mode() != Mode::Out)
+                    .collect();
+                match intent.mark(&writable, offset, len) {
+                    Ok(g) => Some(g),
+                    Err(e) => {
+                        return done(Err(io::Error::new(
+                            e.kind(),
+                            format!(
+                                "write at offset {offset} of volume {}: no disk took its write-intent bit: {e}",
+                                self.name
+                            ),
+                        )));
+                    }
+                }
+            }
+            None => None,
+        };
         let this = self.clone();
         let caller = std::thread::current().id();
         self.lock.acquire(offset..offset + len, move |guard| {
@@ -418,6 +470,7 @@ impl MirrorVolume {
             let after = this.clone();
             this.fan_out(targets, ops, run, move |results| {
                 let r = after.settle_writes(results, "write", offset);
+                drop(intent);
                 after.lock.release(guard);
                 done(r);
             });

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::disk::{AlignedBuf, Disk};
 
+pub mod bitmap;
 pub mod engine;
 pub mod queue;
 pub mod range_lock;

@@ -174,6 +174,7 @@ impl Rig {
                     controller: Some(d.controller.to_string()),
                     group: Some("g".to_string()),
                     force: false,
+                    region_size: 0,
                 },
             )
             .expect("init");

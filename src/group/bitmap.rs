@@ -1,0 +1,325 @@
+//! The group's write-intent bitmaps: loading them, resyncing the regions they
+//! name after an unclean stop, deciding whether a returning plex can be
+//! resynced from them or needs a full copy, and clearing them once the
+//! volumes are in sync.
+//!
+//! A disk's bitmap covers its data area; a volume range maps to a region of
+//! each disk it has a plex on. A set bit says "the plexes of the volume there
+//! may differ". While a volume has a plex out of sync its bits are pinned,
+//! so the survivors' bitmaps name every region the absent plex missed.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::Group;
+use crate::disk::AlignedBuf;
+use crate::disk::buf::IO_ALIGN;
+use crate::format::PlexEntry;
+use crate::volume::COPY_CHUNK;
+use crate::volume::bitmap::{BitmapSet, DiskBitmap, Found};
+use crate::{Error, Result};
+
+/// Merges overlapping or touching ranges.
+fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Volume bytes that the data-area `ranges` of a plex's disk cover.
+fn to_volume(plex: &PlexEntry, size: u64, ranges: &[Range<u64>]) -> Vec<Range<u64>> {
+    ranges
+        .iter()
+        .filter_map(|r| {
+            let start = r.start.max(plex.offset) - plex.offset;
+            let end = r.end.min(plex.offset + size).saturating_sub(plex.offset);
+            (start < end).then_some(start..end)
+        })
+        .collect()
+}
+
+impl Group {
+    /// Loads the bitmap of every disk present, resyncs what an unclean stop
+    /// left dirty, and from then on gives every volume opened a bitmap.
+    /// Commands that write (and `serve`) call it once after assembly.
+    pub fn start_bitmaps(&mut self) -> Result<()> {
+        if self.bitmaps.is_some() {
+            return Ok(());
+        }
+        let mut set = BitmapSet::default();
+        for (uuid, m) in &self.members {
+            let (b, found) = DiskBitmap::load(
+                m.disk.clone(),
+                &m.label.layout,
+                self.config.region_size,
+                self.config.seqno,
+            )
+            .map_err(|e| Error::io(format!("cannot read the bitmap of {}", m.path.display()), e))?;
+            if let Found::Damaged(e) = &found {
+                self.warnings.push(format!(
+                    "disk {}: its write-intent bitmap is damaged ({e}); its mirrors are resynced in full",
+                    m.path.display()
+                ));
+            }
+            self.bitmap_found.insert(*uuid, found);
+            set.disks.insert(*uuid, Arc::new(b));
+        }
+        self.bitmaps = Some(Arc::new(set));
+        let bytes = self.resync_dirty_regions()?;
+        if bytes > 0 {
+            let line = format!(
+                "resynced {bytes} bytes of dirty regions after an unclean stop of group {}",
+                self.config.name
+            );
+            tracing::warn!("{line}");
+            self.warnings.push(line);
+        }
+        self.clean_bitmaps(true);
+        Ok(())
+    }
+
+    fn bitmap(&self, disk: Uuid) -> Option<&Arc<DiskBitmap>> {
+        self.bitmaps.as_ref()?.disks.get(&disk)
+    }
+
+    /// The volume bytes the bitmaps of the plexes on `disks` name as dirty;
+    /// the whole volume for a disk whose bitmap was damaged.
+    fn dirty_volume_ranges(&self, name: &str, disks: &[Uuid]) -> Vec<Range<u64>> {
+        let Some(v) = self.config.volume(name) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for p in v.plexes.iter().filter(|p| disks.contains(&p.disk)) {
+            if matches!(self.bitmap_found.get(&p.disk), Some(Found::Damaged(_))) {
+                return std::iter::once(0..v.size).collect();
+            }
+            if let Some(b) = self.bitmap(p.disk) {
+                out.extend(to_volume(p, v.size, &b.dirty_ranges()));
+            }
+        }
+        merge(out)
+    }
+
+    /// After an unclean stop: in every mirror with two or more in-sync
+    /// plexes at hand, copies the dirty regions from the first in-sync plex
+    /// to the others. Returns the volume bytes resynced.
+    fn resync_dirty_regions(&mut self) -> Result<u64> {
+        let mut total = 0;
+        for v in self.config.volumes.clone() {
+            let in_sync: Vec<Uuid> = v
+                .plexes
+                .iter()
+                .filter(|p| self.plex_state(p.disk, p.state) == "in-sync")
+                .map(|p| p.disk)
+                .collect();
+            if in_sync.len() < 2 {
+                continue;
+            }
+            let ranges = self.dirty_volume_ranges(&v.name, &in_sync);
+            if ranges.is_empty() {
+                continue;
+            }
+            for target in &in_sync[1..] {
+                self.copy_ranges(&v.name, in_sync[0], *target, &ranges)?;
+            }
+            total += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+        }
+        Ok(total)
+    }
+
+    /// Copies volume `ranges` of `name` from its plex on `from` to its plex
+    /// on `to`, directly between the disks (nothing else runs), and flushes.
+    pub(super) fn copy_ranges(
+        &self,
+        name: &str,
+        from: Uuid,
+        to: Uuid,
+        ranges: &[Range<u64>],
+    ) -> Result<u64> {
+        let v = self.volume(name)?;
+        let at = |disk: Uuid| -> Result<(Arc<dyn crate::disk::Disk>, u64, String)> {
+            let p =
+                v.plexes.iter().find(|p| p.disk == disk).ok_or_else(|| {
+                    Error::failed(format!("volume {name} has no plex on that disk"))
+                })?;
+            let m = self.members.get(&disk).ok_or_else(|| {
+                Error::failed(format!("disk {} is not present", self.disk_path(disk)))
+            })?;
+            Ok((
+                m.disk.clone(),
+                m.label.layout.data_offset() + p.offset,
+                m.path.display().to_string(),
+            ))
+        };
+        let (src, src_at, src_path) = at(from)?;
+        let (dst, dst_at, dst_path) = at(to)?;
+        let mut buf = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
+        let mut copied = 0;
+        for r in ranges {
+            let mut pos = r.start;
+            while pos < r.end {
+                let n = (r.end - pos).min(COPY_CHUNK as u64) as usize;
+                let chunk = &mut buf[..n];
+                src.read_at(chunk, src_at + pos).map_err(|e| {
+                    Error::io(
+                        format!("resync of volume {name}: cannot read {src_path}"),
+                        e,
+                    )
+                })?;
+                dst.write_at(chunk, dst_at + pos).map_err(|e| {
+                    Error::io(
+                        format!("resync of volume {name}: cannot write {dst_path}"),
+                        e,
+                    )
+                })?;
+                pos += n as u64;
+                copied += n as u64;
+            }
+        }
+        dst.flush().map_err(|e| {
+            Error::io(
+                format!("resync of volume {name}: cannot flush {dst_path}"),
+                e,
+            )
+        })?;
+        Ok(copied)
+    }
+
+    /// Why the plex of `name` on `disk` cannot be resynced from the
+    /// bitmaps, or `None` when it can: the regions they name are then all
+    /// it may lack ([`Group::returning_plex_ranges`]).
+    pub(super) fn full_resync_reason(&self, name: &str, disk: Uuid) -> Option<String> {
+        let v = self.config.volume(name)?;
+        let plex = v.plexes.iter().find(|p| p.disk == disk)?;
+        if let Some(r) = &plex.resync_reason {
+            return Some(r.clone());
+        }
+        if plex.state == crate::format::PlexState::Resyncing {
+            return Some("an earlier resync of it did not finish".to_string());
+        }
+        if self.bitmaps.is_none() {
+            return Some("the group's bitmaps are not loaded".to_string());
+        }
+        let left = self.config.disk(disk).map(|d| d.state_seqno).unwrap_or(0);
+        for p in v.plexes.iter().filter(|p| p.disk != disk) {
+            if self.plex_state(p.disk, p.state) != "in-sync" {
+                continue;
+            }
+            let path = self.disk_path(p.disk);
+            match self.bitmap_found.get(&p.disk) {
+                Some(Found::Valid) => {}
+                Some(Found::Absent) => {
+                    return Some(format!(
+                        "disk {path} had no write-intent bitmap (format 1) while it was away"
+                    ));
+                }
+                Some(Found::Damaged(e)) => {
+                    return Some(format!(
+                        "the write-intent bitmap of disk {path} is damaged ({e})"
+                    ));
+                }
+                None => return Some(format!("disk {path} has no bitmap loaded")),
+            }
+            let since = self
+                .bitmap(p.disk)
+                .map(|b| b.header().since)
+                .unwrap_or(u64::MAX);
+            if since >= left {
+                return Some(format!(
+                    "the write-intent bitmap of disk {path} started at config {since}, after the plex left at config {left}"
+                ));
+            }
+        }
+        None
+    }
+
+    /// The volume bytes a returning plex on `disk` may lack: what the
+    /// bitmaps of the in-sync plexes, and its own, name.
+    pub(super) fn returning_plex_ranges(&self, name: &str, disk: Uuid) -> Vec<Range<u64>> {
+        let Some(v) = self.config.volume(name) else {
+            return Vec::new();
+        };
+        let mut disks: Vec<Uuid> = v
+            .plexes
+            .iter()
+            .filter(|p| self.plex_state(p.disk, p.state) == "in-sync")
+            .map(|p| p.disk)
+            .collect();
+        if matches!(self.bitmap_found.get(&disk), Some(Found::Valid)) {
+            disks.push(disk);
+        }
+        self.dirty_volume_ranges(name, &disks)
+    }
+
+    /// Data-area extents of `disk` whose bits must stay: plexes of volumes
+    /// that have a plex out of sync.
+    pub fn pinned_extents(&self, disk: Uuid) -> Vec<Range<u64>> {
+        self.config
+            .volumes
+            .iter()
+            .filter(|v| {
+                v.plexes
+                    .iter()
+                    .any(|p| self.plex_state(p.disk, p.state) != "in-sync")
+            })
+            .flat_map(|v| v.plexes.iter())
+            .filter(|p| p.disk == disk)
+            .map(|p| p.offset..p.offset + p.length)
+            .collect()
+    }
+
+    /// Clears the bits of idle regions of volumes that are in sync
+    /// everywhere (`now`: without waiting for a clearing period). Errors are
+    /// logged: a bit left set costs a resync of its region, no more.
+    pub fn clean_bitmaps(&self, now: bool) {
+        let Some(set) = &self.bitmaps else {
+            return;
+        };
+        for (uuid, b) in &set.disks {
+            if !self.is_online(*uuid) {
+                continue;
+            }
+            let pinned = self.pinned_extents(*uuid);
+            let overlaps =
+                |r: Range<u64>| pinned.iter().any(|p| p.start < r.end && r.start < p.end);
+            if let Err(e) = b.clear_idle(now, &overlaps) {
+                tracing::warn!(disk = %self.disk_path(*uuid), error = %e, "cannot clear write-intent bits");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)]
+    fn ranges_merge_and_map_onto_volumes() {
+        assert_eq!(merge(vec![5..7, 0..2, 2..3, 6..9]), vec![0..3, 5..9]);
+        let p = PlexEntry {
+            disk: Uuid::nil(),
+            offset: 1 << 20,
+            length: 2 << 20,
+            state: crate::format::PlexState::InSync,
+            resync_reason: None,
+        };
+        let size = (1 << 20) + 512;
+        assert_eq!(
+            to_volume(&p, size, &[0..(1 << 20) + 4096, (3 << 20)..(4 << 20)]),
+            vec![0..4096]
+        );
+        assert_eq!(
+            to_volume(&p, size, &[(2 << 20) - 4096..(3 << 20)]),
+            vec![(1 << 20) - 4096..size]
+        );
+    }
+}

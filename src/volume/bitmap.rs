@@ -1,0 +1,412 @@
+//! The write-intent bitmap at work: one [`DiskBitmap`] per disk keeps the
+//! disk's bitmap in memory and on disk; a [`BitmapSet`] (every disk of a
+//! group) is the [`WriteIntent`] the engine asks before each write.
+//!
+//! The rules, for every region of a disk's data area:
+//! - its bit is durable on the disk before the first write to it is
+//!   submitted to that disk's plex ([`DiskBitmap::mark`]); later writes find
+//!   the bit set in memory and cost a mutex and a map lookup;
+//! - the bit is cleared lazily ([`DiskBitmap::clear_idle`]): only when no
+//!   write to the region is in flight, none arrived during a whole clearing
+//!   period, the disk was flushed after the last one, and the caller does not
+//!   pin the region (a volume there has a plex out of sync: the bit then
+//!   records what the absent plex missed);
+//! - bits are set by concurrent writers in memory and written out by one of
+//!   them for all (group commit): a write waits only until the generation
+//!   that set its bit is durable.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use uuid::Uuid;
+
+use super::engine::{EnginePlex, IntentGuard, WriteIntent};
+use crate::disk::Disk;
+use crate::format::Layout;
+use crate::format::bitmap::{
+    BITMAP_BLOCK, BITS_PER_BLOCK, BitmapError, BitmapHeader, bit, set_bit,
+};
+
+/// What loading found in a disk's bitmap area.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// A valid bitmap.
+    Valid,
+    /// An all-zero area: a disk from format version 1, or one whose bitmap
+    /// was never written. A fresh bitmap tracks from now on.
+    Absent,
+    /// A damaged header: a fresh bitmap tracks from now on, and nothing is
+    /// known about the past.
+    Damaged(BitmapError),
+}
+
+/// Activity of one region whose bit is set.
+#[derive(Debug, Clone, Copy)]
+struct Use {
+    /// Writes marked and not finished.
+    inflight: u32,
+    /// Written since the last clearing pass.
+    hot: bool,
+    /// Chosen by a clearing pass, waiting for its flush.
+    clearing: bool,
+    /// Generation of the bitmap that first holds this bit.
+    set_gen: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    header: BitmapHeader,
+    header_dirty: bool,
+    bits: Vec<u8>,
+    uses: HashMap<u64, Use>,
+    /// Bumped on every change in memory.
+    generation: u64,
+    /// Bit blocks changed since they were last written.
+    dirty: BTreeSet<u64>,
+}
+
+/// One disk's bitmap.
+#[derive(Debug)]
+pub struct DiskBitmap {
+    pub disk: Arc<dyn Disk>,
+    /// Absolute offset of the bitmap area.
+    area: u64,
+    /// Absolute offset of the data area.
+    pub data_offset: u64,
+    state: Mutex<State>,
+    /// Serializes writing out; holds nothing else.
+    io: Mutex<()>,
+    /// The newest generation known durable.
+    durable: AtomicU64,
+    /// Bitmap blocks written, for tests and benchmarks.
+    pub writes: AtomicU64,
+}
+
+impl DiskBitmap {
+    /// Reads the bitmap of a disk with `layout`. An absent or damaged one is
+    /// replaced in memory by a clean bitmap with `wanted_region` bytes per
+    /// bit that tracks from config seqno `since`; nothing is written until
+    /// the first bit is set (or [`DiskBitmap::persist_header`]).
+    pub fn load(
+        disk: Arc<dyn Disk>,
+        layout: &Layout,
+        wanted_region: u64,
+        since: u64,
+    ) -> io::Result<(DiskBitmap, Found)> {
+        let area = layout.bitmap_offset();
+        let mut head = vec![0u8; BITMAP_BLOCK as usize];
+        disk.read_at(&mut head, area)?;
+        let fresh = BitmapHeader::new(layout.data_size, wanted_region, since);
+        let (header, found) = match BitmapHeader::decode(&head) {
+            Ok(Some(h)) if h.regions == layout.data_size.div_ceil(h.region_size) => {
+                (h, Found::Valid)
+            }
+            Ok(Some(_)) => (
+                fresh,
+                Found::Damaged(BitmapError::Inconsistent("region count")),
+            ),
+            Ok(None) => (fresh, Found::Absent),
+            Err(e) => (fresh, Found::Damaged(e)),
+        };
+        let mut bits = vec![0u8; (header.blocks() * BITMAP_BLOCK) as usize];
+        let mut uses = HashMap::new();
+        if found == Found::Valid {
+            disk.read_at(&mut bits, area + BITMAP_BLOCK)?;
+            for i in 0..header.regions {
+                if bit(&bits, i) {
+                    uses.insert(
+                        i,
+                        Use {
+                            inflight: 0,
+                            hot: false,
+                            clearing: false,
+                            set_gen: 0,
+                        },
+                    );
+                }
+            }
+        }
+        let b = DiskBitmap {
+            disk,
+            area,
+            data_offset: layout.data_offset(),
+            state: Mutex::new(State {
+                header,
+                header_dirty: found != Found::Valid,
+                bits,
+                uses,
+                generation: 0,
+                dirty: BTreeSet::new(),
+            }),
+            io: Mutex::new(()),
+            durable: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        };
+        if found != Found::Valid {
+            // A fresh bitmap replaces whatever was there, bits included.
+            let mut s = b.lock();
+            s.generation = 1;
+            s.dirty = (0..header.blocks()).collect();
+        }
+        Ok((b, found))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn header(&self) -> BitmapHeader {
+        self.lock().header
+    }
+
+    /// Data-area byte ranges whose bits are set, merged, in order.
+    pub fn dirty_ranges(&self) -> Vec<Range<u64>> {
+        let s = self.lock();
+        let mut regions: Vec<u64> = s.uses.keys().copied().collect();
+        regions.sort_unstable();
+        let r = s.header.region_size;
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for i in regions {
+            match out.last_mut() {
+                Some(last) if last.end == i * r => last.end += r,
+                _ => out.push(i * r..(i + 1) * r),
+            }
+        }
+        out
+    }
+
+    /// Regions with a set bit.
+    pub fn dirty_count(&self) -> u64 {
+        self.lock().uses.len() as u64
+    }
+
+    /// Sets the bits of data-area bytes `[start, end)` and returns once they
+    /// are durable. The returned guard ends the write ([`DiskBitmap::done`]).
+    pub fn mark(&self, start: u64, end: u64) -> io::Result<Range<u64>> {
+        let mut need = 0;
+        let regions = {
+            let mut s = self.lock();
+            let regions = s.header.regions_of(start, end);
+            let mut bumped = false;
+            for i in regions.clone() {
+                if let Some(u) = s.uses.get_mut(&i) {
+                    u.inflight += 1;
+                    u.hot = true;
+                    u.clearing = false;
+                    need = need.max(u.set_gen);
+                    continue;
+                }
+                if !bumped {
+                    s.generation += 1;
+                    bumped = true;
+                }
+                let gen_now = s.generation;
+                set_bit(&mut s.bits, i, true);
+                s.dirty.insert(i / BITS_PER_BLOCK);
+                s.uses.insert(
+                    i,
+                    Use {
+                        inflight: 1,
+                        hot: true,
+                        clearing: false,
+                        set_gen: gen_now,
+                    },
+                );
+                need = gen_now;
+            }
+            regions
+        };
+        if need > self.durable.load(Ordering::Acquire)
+            && let Err(e) = self.persist(need)
+        {
+            self.done(regions);
+            return Err(e);
+        }
+        Ok(regions)
+    }
+
+    /// Ends writes to `regions` that [`DiskBitmap::mark`] began.
+    pub fn done(&self, regions: Range<u64>) {
+        let mut s = self.lock();
+        for i in regions {
+            if let Some(u) = s.uses.get_mut(&i) {
+                u.inflight = u.inflight.saturating_sub(1);
+                u.hot = true;
+            }
+        }
+    }
+
+    /// Writes out every change up to generation `need` (and any made since),
+    /// then flushes. One caller writes for all who wait.
+    fn persist(&self, need: u64) -> io::Result<()> {
+        let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+        if self.durable.load(Ordering::Acquire) >= need {
+            return Ok(());
+        }
+        let (header, blocks, snap) = {
+            let mut s = self.lock();
+            let header = s.header_dirty.then(|| s.header.encode());
+            s.header_dirty = false;
+            let dirty = std::mem::take(&mut s.dirty);
+            let blocks: Vec<(u64, Vec<u8>)> = dirty
+                .into_iter()
+                .map(|b| {
+                    let at = (b * BITMAP_BLOCK) as usize;
+                    (b, s.bits[at..at + BITMAP_BLOCK as usize].to_vec())
+                })
+                .collect();
+            (header, blocks, s.generation)
+        };
+        let r = (|| {
+            for (b, data) in &blocks {
+                self.disk
+                    .write_at(data, self.area + (b + 1) * BITMAP_BLOCK)?;
+                self.writes.fetch_add(1, Ordering::Relaxed);
+            }
+            if let Some(h) = &header {
+                self.disk.write_at(h, self.area)?;
+            }
+            self.disk.flush()
+        })();
+        match r {
+            Ok(()) => {
+                self.durable.store(snap, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => {
+                let mut s = self.lock();
+                s.dirty.extend(blocks.iter().map(|(b, _)| *b));
+                s.header_dirty |= header.is_some();
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the header (and any pending change) now: a new disk's bitmap
+    /// starts tracking at once.
+    pub fn persist_header(&self) -> io::Result<()> {
+        let need = {
+            let mut s = self.lock();
+            s.header_dirty = true;
+            s.generation += 1;
+            s.generation
+        };
+        self.persist(need)
+    }
+
+    /// One pass of lazy clearing: regions that were idle for a whole period
+    /// since the previous pass lose their bits, unless a write is in flight
+    /// or `pinned(data-area range)` says so. With `now`, every idle region
+    /// goes at once (clean shutdown). Returns the regions cleared.
+    pub fn clear_idle(&self, now: bool, pinned: &dyn Fn(Range<u64>) -> bool) -> io::Result<u64> {
+        let candidates: Vec<u64> = {
+            let mut s = self.lock();
+            let r = s.header.region_size;
+            let mut out = Vec::new();
+            for (i, u) in s.uses.iter_mut() {
+                if u.inflight > 0 || pinned(i * r..(i + 1) * r) {
+                    continue;
+                }
+                if u.hot && !now {
+                    u.hot = false;
+                    continue;
+                }
+                u.hot = false;
+                u.clearing = true;
+                out.push(*i);
+            }
+            out
+        };
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        // Every write that finished before the pass is made durable before
+        // its bit may go; writes since then make their region hot again.
+        self.disk.flush()?;
+        let need = {
+            let mut s = self.lock();
+            let mut cleared = 0;
+            for i in &candidates {
+                let Some(u) = s.uses.get(i).copied() else {
+                    continue;
+                };
+                if u.clearing && !u.hot && u.inflight == 0 {
+                    s.uses.remove(i);
+                    set_bit(&mut s.bits, *i, false);
+                    s.dirty.insert(i / BITS_PER_BLOCK);
+                    cleared += 1;
+                }
+            }
+            if cleared == 0 {
+                return Ok(0);
+            }
+            s.generation += 1;
+            (s.generation, cleared)
+        };
+        self.persist(need.0)?;
+        Ok(need.1)
+    }
+
+    /// Clears the bits of data-area bytes `[start, end)` after a resync made
+    /// them equal everywhere (the caller flushed the copies). Offline use:
+    /// no write may be in flight.
+    pub fn clear_range(&self, start: u64, end: u64) -> io::Result<()> {
+        let need = {
+            let mut s = self.lock();
+            for i in s.header.regions_of(start, end) {
+                if s.uses.remove(&i).is_some() {
+                    set_bit(&mut s.bits, i, false);
+                    s.dirty.insert(i / BITS_PER_BLOCK);
+                }
+            }
+            s.generation += 1;
+            s.generation
+        };
+        self.persist(need)
+    }
+}
+
+/// The bitmaps of a group's disks: the engine's [`WriteIntent`].
+#[derive(Debug, Default)]
+pub struct BitmapSet {
+    pub disks: BTreeMap<Uuid, Arc<DiskBitmap>>,
+}
+
+struct Marked(Vec<(Arc<DiskBitmap>, Range<u64>)>);
+
+impl Drop for Marked {
+    fn drop(&mut self) {
+        for (b, regions) in self.0.drain(..) {
+            b.done(regions);
+        }
+    }
+}
+
+impl WriteIntent for BitmapSet {
+    fn mark(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<IntentGuard> {
+        let mut marked = Marked(Vec::with_capacity(plexes.len()));
+        let mut first_error = None;
+        for p in plexes {
+            let Some(b) = self.disks.get(&p.disk) else {
+                continue;
+            };
+            let start = p.offset - b.data_offset + offset;
+            match b.mark(start, start + len) {
+                Ok(regions) => marked.0.push((b.clone(), regions)),
+                // That disk's data write will likely fail too and fail its
+                // plex; the bits on the other disks cover the region.
+                Err(e) => {
+                    tracing::error!(disk = %p.queue.name(), error = %e, "cannot set a write-intent bit");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) if marked.0.is_empty() => Err(e),
+            _ => Ok(IntentGuard::new(marked)),
+        }
+    }
+}

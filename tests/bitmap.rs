@@ -1,0 +1,414 @@
+//! The write-intent bitmap (issue 5): crash consistency under a seeded
+//! workload cut at every disk write and flush, a `serve` killed with SIGKILL
+//! during fio writes, and `reactivate` copying only what was written while a
+//! disk was away.
+
+mod common;
+
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::serve;
+use common::*;
+use mirrorvol::disk::{Disk, MemDisk};
+use mirrorvol::format::Style;
+use mirrorvol::group::ops::{self, InitOptions};
+use mirrorvol::group::{DiskSet, Group, Lookup};
+
+/// Power is cut after this many disk operations (writes and flushes, over
+/// every disk of the group).
+#[derive(Debug)]
+struct Cut {
+    ops: AtomicU64,
+    at: u64,
+    off: AtomicBool,
+}
+
+impl Cut {
+    /// Counts one operation; false once the power is off.
+    fn tick(&self) -> bool {
+        if self.off.load(Ordering::SeqCst) {
+            return false;
+        }
+        if self.ops.fetch_add(1, Ordering::SeqCst) >= self.at {
+            self.off.store(true, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+}
+
+/// A crash disk: writes land in a live image at once and in the durable
+/// image only on flush, as in a volatile disk cache. After a cut, every
+/// operation fails, and [`CrashDisk::after_crash`] is what the platters
+/// hold: the durable image plus each unflushed write or not, by a seeded
+/// coin.
+#[derive(Debug)]
+struct CrashDisk {
+    live: MemDisk,
+    durable: Mutex<Vec<u8>>,
+    pending: Mutex<Vec<(u64, Vec<u8>)>>,
+    cut: Arc<Cut>,
+}
+
+impl CrashDisk {
+    fn new(image: Vec<u8>, cut: Arc<Cut>) -> CrashDisk {
+        let live = MemDisk::new(image.len() as u64);
+        live.write_at(&image, 0).unwrap();
+        CrashDisk {
+            live,
+            durable: Mutex::new(image),
+            pending: Mutex::new(Vec::new()),
+            cut,
+        }
+    }
+
+    fn tick(&self) -> io::Result<()> {
+        if self.cut.tick() {
+            Ok(())
+        } else {
+            Err(io::Error::other("power cut"))
+        }
+    }
+
+    fn after_crash(&self, seed: &mut u64) -> Vec<u8> {
+        let mut image = self.durable.lock().unwrap().clone();
+        for (at, data) in self.pending.lock().unwrap().iter() {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if *seed >> 63 == 1 {
+                image[*at as usize..*at as usize + data.len()].copy_from_slice(data);
+            }
+        }
+        image
+    }
+}
+
+impl Disk for CrashDisk {
+    fn size(&self) -> u64 {
+        self.live.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.live.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.tick()?;
+        self.live.write_at(buf, offset)?;
+        self.pending.lock().unwrap().push((offset, buf.to_vec()));
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.tick()?;
+        let mut durable = self.durable.lock().unwrap();
+        for (at, data) in self.pending.lock().unwrap().drain(..) {
+            durable[at as usize..at as usize + data.len()].copy_from_slice(&data);
+        }
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_at(&vec![0; len as usize], offset)
+    }
+}
+
+const DISK_MIB: u64 = 16;
+const VOL: u64 = 2 * MIB;
+
+fn assemble(paths: &[PathBuf]) -> Group {
+    let set = DiskSet {
+        explicit: paths.to_vec(),
+        ..DiskSet::default()
+    };
+    Group::assemble(&set, Lookup::Required).unwrap().unwrap()
+}
+
+/// Two raw disks with a 2 MiB mirror `m`, 4 KiB regions (so that a small
+/// volume has many), and the pristine image bytes.
+fn crash_group(dir: &std::path::Path) -> (Vec<PathBuf>, Vec<Vec<u8>>) {
+    let paths: Vec<PathBuf> = ["a.img", "b.img"].iter().map(|n| dir.join(n)).collect();
+    for p in &paths {
+        fs::File::create(p)
+            .unwrap()
+            .set_len(DISK_MIB * MIB)
+            .unwrap();
+    }
+    let opts = InitOptions {
+        style: Style::Raw,
+        controller: None,
+        group: Some("g".into()),
+        force: false,
+        region_size: 4096,
+    };
+    let mut g = ops::init(None, &paths, &opts).unwrap();
+    g.create("m", VOL, 2, &[]).unwrap();
+    drop(g);
+    let images = paths.iter().map(|p| fs::read(p).unwrap()).collect();
+    (paths, images)
+}
+
+/// A seeded workload: (offset, len, fill byte) writes, a flush every few.
+fn workload(seed: u64) -> Vec<Option<(u64, usize, u8)>> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..24)
+        .map(|i| {
+            if i % 4 == 3 {
+                None
+            } else {
+                let sectors = next() % 24 + 1;
+                let off = next() % (VOL / 512 - sectors) * 512;
+                Some((off, sectors as usize * 512, (next() % 250 + 1) as u8))
+            }
+        })
+        .collect()
+}
+
+/// Crash images, the volume as of the last completed flush, the ranges
+/// written since, and whether the workload ran to its end.
+type AfterCut = (Vec<Vec<u8>>, Vec<u8>, Vec<(u64, usize)>, bool);
+
+/// Runs the workload on a group whose disks lose power after `cut_at`
+/// operations; returns the crash images, the volume as of the last
+/// completed flush, and the ranges written after it (acknowledged or not).
+fn run_until_cut(paths: &[PathBuf], images: &[Vec<u8>], cut_at: u64, seed: u64) -> AfterCut {
+    for (p, img) in paths.iter().zip(images) {
+        fs::write(p, img).unwrap();
+    }
+    let cut = Arc::new(Cut {
+        ops: AtomicU64::new(0),
+        at: cut_at,
+        off: AtomicBool::new(false),
+    });
+    let mut g = assemble(paths);
+    let mut crash = Vec::new();
+    g.wrap_disks(|_, d| {
+        let mut image = vec![0; d.size() as usize];
+        d.read_at(&mut image, 0).unwrap();
+        let c = Arc::new(CrashDisk::new(image, cut.clone()));
+        crash.push(c.clone());
+        c as Arc<dyn Disk>
+    });
+    let mut flushed = vec![0u8; VOL as usize];
+    let mut model = flushed.clone();
+    let mut later: Vec<(u64, usize)> = Vec::new();
+    let mut completed = true;
+    if g.start_bitmaps().is_ok() {
+        let io = g.open_volume("m").unwrap();
+        for step in workload(seed) {
+            match step {
+                Some((off, len, fill)) => {
+                    later.push((off, len));
+                    // Done once the engine answered and the config records
+                    // what it reported (a command settles before it
+                    // reports success).
+                    let r = io.engine.write(off, &vec![fill; len]);
+                    if r.is_err() || g.settle(&io).is_err() {
+                        completed = false;
+                        break;
+                    }
+                    model[off as usize..off as usize + len].fill(fill);
+                }
+                None => {
+                    let r = io.engine.flush();
+                    if r.is_err() || g.settle(&io).is_err() {
+                        completed = false;
+                        break;
+                    }
+                    flushed.copy_from_slice(&model);
+                    later.clear();
+                }
+            }
+        }
+        drop(io);
+    } else {
+        completed = false;
+    }
+    // A crash: no clean shutdown, whatever the cut left undone.
+    cut.off.store(true, Ordering::SeqCst);
+    g.bitmaps = None;
+    drop(g);
+    let mut coin = seed ^ cut_at;
+    let out = crash.iter().map(|c| c.after_crash(&mut coin)).collect();
+    (out, flushed, later, completed)
+}
+
+#[test]
+fn a_crash_at_every_write_and_flush_leaves_equal_plexes_with_every_flushed_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, images) = crash_group(dir.path());
+    let g = assemble(&paths);
+    let offsets: Vec<u64> = g
+        .volume("m")
+        .unwrap()
+        .plexes
+        .iter()
+        .map(|p| g.members[&p.disk].label.layout.data_offset() + p.offset)
+        .collect();
+    let order: Vec<PathBuf> = g
+        .volume("m")
+        .unwrap()
+        .plexes
+        .iter()
+        .map(|p| g.members[&p.disk].path.clone())
+        .collect();
+    drop(g);
+    let mut cuts = 0;
+    for seed in [1u64, 2] {
+        let mut cut_at = 0;
+        loop {
+            let (crashed, flushed, later, completed) = run_until_cut(&paths, &images, cut_at, seed);
+            for (p, img) in paths.iter().zip(&crashed) {
+                fs::write(p, img).unwrap();
+            }
+            let mut g = assemble(&paths);
+            g.start_bitmaps().unwrap();
+            drop(g);
+            let plex = |i: usize| read_range(&order[i], offsets[i], VOL as usize);
+            let (a, b) = (plex(0), plex(1));
+            assert!(a == b, "seed {seed}, cut at op {cut_at}: plexes differ");
+            for (i, (got, want)) in a.iter().zip(&flushed).enumerate() {
+                let i = i as u64;
+                let overwritten = later.iter().any(|(o, l)| *o <= i && i < *o + *l as u64);
+                assert!(
+                    overwritten || got == want,
+                    "seed {seed}, cut at op {cut_at}: byte {i} lost a flushed write"
+                );
+            }
+            cuts += 1;
+            if completed {
+                break;
+            }
+            cut_at += 1;
+        }
+    }
+    eprintln!("{cuts} cut points tried");
+    assert!(cuts > 100, "only {cuts} cut points were tried");
+}
+
+/// The `resynced N bytes` figure of a line, or 0.
+fn resynced_bytes(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split("resynced ").nth(1))
+        .filter_map(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn reactivate_copies_only_what_was_written_while_the_disk_was_away() {
+    let sb = Sandbox::new();
+    sb.image("a.img", 80);
+    sb.image("b.img", 80);
+    sb.mv(&[
+        "init",
+        &sb.p("disks/a.img"),
+        &sb.p("disks/b.img"),
+        "--style",
+        "raw",
+    ])
+    .ok();
+    sb.mv(&["create", "m", "--size", "64M", "--mirror"]).ok();
+    let (before, _) = sb.data_file("before.bin", 4 << 20, 1);
+    sb.mv(&["copy", &before, "vol:m"]).ok();
+    // b goes away; 1 MiB is written meanwhile.
+    fs::create_dir_all(sb.path("away")).unwrap();
+    fs::rename(sb.path("disks/b.img"), sb.path("away/b.img")).unwrap();
+    let (while_away, data) = sb.data_file("away.bin", 1 << 20, 2);
+    sb.mv(&["copy", &while_away, "vol:m"]).ok();
+    fs::rename(sb.path("away/b.img"), sb.path("disks/b.img")).unwrap();
+    let r = sb.mv(&["reactivate", &sb.p("disks/b.img")]).ok();
+    let copied = resynced_bytes(&r.stdout);
+    assert!(
+        (1 << 20..=(1 << 20) + (128 << 10)).contains(&copied),
+        "copied {copied} bytes for 1 MiB written while away:\n{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("dirty region"), "{}", r.stdout);
+    // b alone holds the volume: the 1 MiB and what was there before.
+    sb.mv(&["fail", &sb.p("disks/a.img")]).ok();
+    let got = sb.read_volume("m");
+    assert_eq!(&got[..1 << 20], &data[..]);
+    assert_eq!(
+        &got[1 << 20..4 << 20],
+        &pattern(4 << 20, 1)[1 << 20..],
+        "what b held before it left"
+    );
+}
+
+#[test]
+fn a_plex_failed_by_io_errors_gets_a_full_resync_and_status_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, _) = crash_group(dir.path());
+    let mut g = assemble(&paths);
+    let b = g.volume("m").unwrap().plexes[1].disk;
+    g.mark_disk_failed(b, Some("it failed an I/O, so its data cannot be trusted"));
+    g.commit().unwrap();
+    let s = serde_json::to_value(g.status()).unwrap();
+    assert_eq!(
+        s["volumes"][0]["plexes"][1]["resync_reason"],
+        "it failed an I/O, so its data cannot be trusted"
+    );
+    drop(g);
+    let mut g = assemble(&paths);
+    g.start_bitmaps().unwrap();
+    let path = g.members[&b].path.clone();
+    g.reactivate(&path, &mirrorvol::group::NoProgress).unwrap();
+    assert!(
+        g.resynced[0].contains("full resync: it failed an I/O"),
+        "{:?}",
+        g.resynced
+    );
+}
+
+#[test]
+fn a_serve_killed_during_fio_writes_resyncs_about_the_dirty_regions_only() {
+    if !serve::tools(&["fio"]) {
+        return skip_or_fail("fio is not installed");
+    }
+    let sb = Sandbox::new();
+    serve::mirror_group(&sb, 300, 256);
+    let s = serve::Served::start(&sb, &[], &[]);
+    // 8 MiB of random 4 KiB writes, from 64 MiB on, running when killed.
+    let mut fio = std::process::Command::new("fio")
+        .args([
+            "--name=dirty",
+            "--ioengine=nbd",
+            &format!("--uri={}", s.uri("data")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--offset=64M",
+            "--size=8M",
+            "--time_based",
+            "--runtime=30",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    s.signal(libc::SIGKILL);
+    let _ = fio.kill();
+    let _ = fio.wait();
+    drop(s);
+    // The next command that opens the group for writing resyncs.
+    let r = sb.mv(&["extend", "nothing", "--size", "1M"]);
+    let resynced = resynced_bytes(&r.stderr);
+    eprintln!("resynced {resynced} bytes after the kill");
+    assert!(
+        resynced > 0 && resynced <= 3 * (8 << 20),
+        "resynced {resynced} bytes after 8 MiB of writes to a 256 MiB volume:\n{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("after an unclean stop"), "{}", r.stderr);
+    // Nothing is left dirty: the next start resyncs nothing.
+    let r = sb.mv(&["extend", "nothing", "--size", "1M"]);
+    assert_eq!(resynced_bytes(&r.stderr), 0, "{}", r.stderr);
+}
