@@ -171,20 +171,35 @@ impl DiskQueue {
         self.timed_out.load(Ordering::Relaxed)
     }
 
-    /// Queues `op`; `done` runs when it completes (or times out, when
-    /// `deadline` allows it).
-    pub fn submit(&self, op: Op, deadline: bool, done: Callback) {
+    /// Books a request in: it counts as pending, and the watchdog's clock
+    /// for it starts now, not when a worker takes it (behind workers stuck in
+    /// a hung disk, a queued request must time out too).
+    fn begin(&self, deadline: bool, done: Callback) -> (u64, Arc<Ticket>) {
         let ticket = Arc::new(Ticket {
             callback: Mutex::new(Some(done)),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.pending.fetch_add(1, Ordering::Relaxed);
-        // The clock starts now, not when a worker takes the request: behind
-        // workers stuck in a hung disk, a queued request must time out too.
         self.in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, (Instant::now(), deadline, ticket.clone()));
+        (id, ticket)
+    }
+
+    /// Books a request out, whoever completes it.
+    fn end(&self, id: u64) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Queues `op`; `done` runs when it completes (or times out, when
+    /// `deadline` allows it).
+    pub fn submit(&self, op: Op, deadline: bool, done: Callback) {
+        let (id, ticket) = self.begin(deadline, done);
         let job = Job {
             id,
             op,
@@ -195,11 +210,7 @@ impl DiskQueue {
             None => false,
         };
         if !sent {
-            self.in_flight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
-            self.pending.fetch_sub(1, Ordering::Relaxed);
+            self.end(id);
             ticket.complete(Err(io::Error::other(format!(
                 "the queue of disk {} is stopped",
                 self.name
@@ -213,21 +224,9 @@ impl DiskQueue {
     /// late result is dropped. Blocking callers use it to save the hand-off
     /// to a worker thread.
     pub fn submit_here(&self, op: Op, deadline: bool, done: Callback) {
-        let ticket = Arc::new(Ticket {
-            callback: Mutex::new(Some(done)),
-        });
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, (Instant::now(), deadline, ticket.clone()));
+        let (id, ticket) = self.begin(deadline, done);
         let outcome = execute(&*self.disk, &op);
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
-        self.pending.fetch_sub(1, Ordering::Relaxed);
+        self.end(id);
         ticket.complete(outcome);
     }
 
@@ -288,12 +287,7 @@ fn worker(q: Weak<DiskQueue>, rx: Receiver<Job>) {
         drop(queue);
         let outcome = execute(&*disk, &job.op);
         if let Some(queue) = q.upgrade() {
-            queue
-                .in_flight
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&job.id);
-            queue.pending.fetch_sub(1, Ordering::Relaxed);
+            queue.end(job.id);
         }
         job.ticket.complete(outcome);
     }
