@@ -331,6 +331,24 @@ impl MirrorVolume {
         f()
     }
 
+    /// Holds `range` in the range lock, blocking until it is free, until the
+    /// returned hold is dropped (on any thread: a resync drops it in the
+    /// completion of its write, so that it can take the next range while
+    /// that write is in flight without waiting on a write queued behind it).
+    pub fn hold_range(self: &Arc<Self>, range: std::ops::Range<u64>) -> RangeHold {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.lock.acquire(range, move |guard| {
+            let _ = tx.send(guard);
+        });
+        let guard = rx
+            .recv()
+            .expect("a waiting range is started once the ranges ahead of it are released");
+        RangeHold {
+            volume: self.clone(),
+            guard: Some(guard),
+        }
+    }
+
     /// Fails the plex on `disk` after an I/O error seen outside the engine's
     /// own requests (scrub), with the engine's rules: never the last in-sync
     /// plex, and the config records it through the [`FailureSink`]. Returns
@@ -888,6 +906,20 @@ impl MirrorVolume {
             )
         })
         .map(|_| ())
+    }
+}
+
+/// A range held in a volume's range lock; released when dropped.
+pub struct RangeHold {
+    volume: Arc<MirrorVolume>,
+    guard: Option<super::range_lock::RangeGuard>,
+}
+
+impl Drop for RangeHold {
+    fn drop(&mut self) {
+        if let Some(g) = self.guard.take() {
+            self.volume.lock.release(g);
+        }
     }
 }
 

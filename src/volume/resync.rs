@@ -202,10 +202,15 @@ pub fn resync(
     let mut meter = (Instant::now(), 0u64);
     let mut pos = ranges.first().map_or(0, |r| r.start);
     progress.position.store(pos, Ordering::Relaxed);
+    // The write of the previous chunk, still in flight while this one is
+    // read: the copy keeps the source and the target busy at once.
+    let mut inflight: Option<Inflight> = None;
+    let mut pool: Vec<AlignedBuf> = Vec::new();
     for r in ranges {
         pos = pos.max(r.start);
         while pos < r.end {
             if progress.stopping() {
+                settle(&mut inflight, progress, &mut pool)?;
                 flush_target(target, pos)?;
                 checkpoint(pos).map_err(|error| ResyncError::Checkpoint {
                     position: pos,
@@ -221,11 +226,17 @@ pub fn resync(
             } as u64;
             let n = (r.end - pos).min(chunk);
             let started = Instant::now();
-            copy_chunk(volume, target, pos, n as usize)?;
+            let chunk = match start_chunk(volume, target, pos, n as usize, &mut pool) {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = settle(&mut inflight, progress, &mut pool);
+                    return Err(e);
+                }
+            };
+            settle(&mut inflight, progress, &mut pool)?;
+            inflight = Some(chunk);
             pos += n;
             copied += n;
-            progress.done.fetch_add(n, Ordering::Relaxed);
-            progress.position.store(pos, Ordering::Relaxed);
             meter.1 += n;
             let span = meter.0.elapsed();
             if span >= Duration::from_millis(500) {
@@ -262,6 +273,7 @@ pub fn resync(
                 std::thread::sleep((next - now).min(Duration::from_millis(20)));
             }
             if last_checkpoint.elapsed() >= opts.checkpoint_every {
+                settle(&mut inflight, progress, &mut pool)?;
                 flush_target(target, pos)?;
                 checkpoint(pos).map_err(|error| ResyncError::Checkpoint {
                     position: pos,
@@ -271,42 +283,113 @@ pub fn resync(
             }
         }
     }
+    settle(&mut inflight, progress, &mut pool)?;
     flush_target(target, pos)?;
     Ok(copied)
 }
 
-/// Copies one chunk under the range lock.
-fn copy_chunk(
+/// A chunk's write to the target, in flight.
+struct Inflight {
+    write: std::sync::mpsc::Receiver<Outcome>,
+    buf: Arc<AlignedBuf>,
+    start: u64,
+    end: u64,
+}
+
+/// Waits for the chunk in flight, if any, counts it done, and gives its
+/// buffer back to `pool`.
+fn settle(
+    inflight: &mut Option<Inflight>,
+    progress: &ResyncProgress,
+    pool: &mut Vec<AlignedBuf>,
+) -> Result<(), ResyncError> {
+    let Some(f) = inflight.take() else {
+        return Ok(());
+    };
+    f.write
+        .recv()
+        .unwrap_or_else(|_| Err(io::Error::other("the request was dropped")))
+        .map_err(|error| ResyncError::Target {
+            offset: f.start,
+            error,
+        })?;
+    progress.done.fetch_add(f.end - f.start, Ordering::Relaxed);
+    progress.position.store(f.end, Ordering::Relaxed);
+    if let Ok(b) = Arc::try_unwrap(f.buf) {
+        pool.push(b);
+    }
+    Ok(())
+}
+
+/// Takes a chunk's range in the range lock, reads it from an in-sync plex
+/// and submits its write to the target; the range is released when that
+/// write completes. No foreground write to the chunk runs in between, so the
+/// copy never puts older data over a newer write.
+///
+/// The read goes straight to the first in-sync plex's disk, into a buffer
+/// used again and again (a fresh 4 MiB buffer per chunk costs a thousand
+/// page faults, a quarter of the copy's time on this project's VMs); on an
+/// error the engine reads instead, with its fallback to another plex and
+/// repair of the one that failed.
+fn start_chunk(
     volume: &Arc<MirrorVolume>,
     target: &EnginePlex,
     pos: u64,
     n: usize,
-) -> Result<(), ResyncError> {
-    volume.with_range_locked(pos..pos + n as u64, || {
-        if target.mode() != Mode::WriteOnly {
-            return Err(ResyncError::Target {
-                offset: pos,
-                error: io::Error::other("the plex left service during the resync"),
-            });
-        }
+    pool: &mut Vec<AlignedBuf>,
+) -> Result<Inflight, ResyncError> {
+    let hold = volume.hold_range(pos..pos + n as u64);
+    if target.mode() != Mode::WriteOnly {
+        return Err(ResyncError::Target {
+            offset: pos,
+            error: io::Error::other("the plex left service during the resync"),
+        });
+    }
+    let mut buf = match pool.pop() {
+        Some(b) if b.capacity() >= n => b,
+        _ => AlignedBuf::new(n, crate::disk::buf::IO_ALIGN),
+    };
+    buf.set_len(n);
+    let source = volume
+        .plexes()
+        .into_iter()
+        .find(|p| p.mode() == Mode::InSync);
+    let direct = source.map(|p| p.queue.disk().read_at(&mut buf, p.offset + pos));
+    if !matches!(direct, Some(Ok(()))) {
         let data = volume
             .read_for_resync(pos, n)
             .map_err(|error| ResyncError::Source { offset: pos, error })?;
-        // Zeroes cost no data transfer (a hole in a file, BLKZEROOUT).
-        let op = if data.iter().all(|&b| b == 0) {
-            Op::WriteZeroes {
-                offset: target.offset + pos,
-                len: n as u64,
-                fua: false,
-            }
-        } else {
-            Op::Write {
-                offset: target.offset + pos,
-                data: Arc::new(data),
-                fua: false,
-            }
-        };
-        run_on(target, op).map_err(|error| ResyncError::Target { offset: pos, error })
+        buf.copy_from_slice(&data);
+    }
+    // Zeroes cost no data transfer (a hole in a file, BLKZEROOUT).
+    let buf = Arc::new(buf);
+    let op = if buf.iter().all(|&b| b == 0) {
+        Op::WriteZeroes {
+            offset: target.offset + pos,
+            len: n as u64,
+            fua: false,
+        }
+    } else {
+        Op::Write {
+            offset: target.offset + pos,
+            data: buf.clone(),
+            fua: false,
+        }
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Outcome>(1);
+    target.queue.submit(
+        op,
+        true,
+        Box::new(move |o| {
+            drop(hold);
+            let _ = tx.send(o);
+        }),
+    );
+    Ok(Inflight {
+        write: rx,
+        buf,
+        start: pos,
+        end: pos + n as u64,
     })
 }
 
@@ -575,8 +658,14 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert!(matches!(err, ResyncError::Stopped { position } if position == 5 << 20));
-        assert_eq!(points, vec![5 << 20]);
-        assert!(plex_bytes(&r, 0)[..5 << 20] == plex_bytes(&r, 1)[..5 << 20]);
+        // The chunk in flight when it was asked to stop completes too.
+        let ResyncError::Stopped { position } = err else {
+            panic!("{err}");
+        };
+        assert!((5 << 20..=6 << 20).contains(&position), "{position}");
+        assert_eq!(p.position(), position);
+        assert_eq!(points, vec![position]);
+        let at = position as usize;
+        assert!(plex_bytes(&r, 0)[..at] == plex_bytes(&r, 1)[..at]);
     }
 }
