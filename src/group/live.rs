@@ -303,8 +303,13 @@ impl LiveGroup {
     /// Stops the background resyncs (each records its checkpoint) and waits
     /// for them.
     pub fn stop_resyncs(&self) {
-        self.stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        {
+            // Under the group lock: a thread preparing its next resync
+            // either sees the flag or is registered below, and stopped.
+            let _g = self.group();
+            self.stopping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         for r in self.running().values() {
             r.progress.stop();
         }
