@@ -219,3 +219,36 @@ fn serve_killed_during_a_resync_resumes_it_from_the_checkpoint() {
     let a = g.volume("v").unwrap().plexes[0].disk;
     assert!(plex_bytes(&g, a) == plex_bytes(&g, b), "the plexes differ");
 }
+
+#[test]
+fn a_stale_plex_is_resynced_in_the_background_from_the_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, _) = group(dir.path(), VOL);
+    let mut g = assemble(&paths);
+    let b = g.add_resyncing_plex("v", Some(&paths[1])).unwrap();
+    g.resync_plex("v", b, &NoProgress).unwrap();
+    // The plex on b falls behind: recorded stale, then 3 MiB written to a
+    // alone (their regions' bits stay set on a while b is stale).
+    g.config.volume_mut("v").unwrap().plexes[1].state = PlexState::Stale;
+    g.commit().unwrap();
+    g.write("v", 5 * MIB, &pattern(3 * MIB as usize, 9))
+        .unwrap();
+    let a = g.volume("v").unwrap().plexes[0].disk;
+    assert!(plex_bytes(&g, a) != plex_bytes(&g, b));
+    drop(g);
+
+    let g = assemble(&paths);
+    let live = LiveGroup::start(g, EngineOptions::default());
+    live.start_resyncs(ResyncOptions::default());
+    let start = Instant::now();
+    while live.resyncing() {
+        assert!(start.elapsed() < Duration::from_secs(10), "resync hangs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = serde_json::to_value(live.status()).unwrap();
+    assert_eq!(s["volumes"][0]["plexes"][1]["state"], "in-sync", "{s}");
+    live.stop();
+    drop(live);
+    let g = assemble(&paths);
+    assert!(plex_bytes(&g, a) == plex_bytes(&g, b), "the plexes differ");
+}
