@@ -166,6 +166,14 @@ pub enum Command {
         /// Requests each disk serves at once (worker threads per disk).
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
         disk_threads: u16,
+        /// Background resyncs keep up this rate (bytes/s, K/M/G suffixes)
+        /// even while clients do I/O (md's speed_limit_min). Default 1M.
+        #[arg(long, value_parser = parse_size, default_value = "1M")]
+        resync_min_rate: u64,
+        /// Background resyncs never exceed this rate; 0: unlimited, the
+        /// default (md's speed_limit_max).
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        resync_max_rate: u64,
     },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
@@ -495,7 +503,19 @@ fn execute(cli: Cli) -> Result<()> {
             listen,
             cache,
             disk_threads,
-        } => crate::daemon::serve(&cli.disks, &listen, cache == "none", disk_threads.into())?,
+            resync_min_rate,
+            resync_max_rate,
+        } => crate::daemon::serve(
+            &cli.disks,
+            &listen,
+            cache == "none",
+            disk_threads.into(),
+            crate::volume::resync::ResyncOptions {
+                min_rate: resync_min_rate,
+                max_rate: resync_max_rate,
+                ..Default::default()
+            },
+        )?,
         Command::Demo { dir } => demo::demo(dir)?,
     }
     Ok(())

@@ -6,6 +6,10 @@
 //! accepting, stops reading requests, answers every request in flight,
 //! flushes every volume, stops the disk queues and returns.
 //!
+//! Plexes left resyncing (a resync interrupted, `add-mirror` stopped) or
+//! stale are resynced in the background while clients do I/O, from their
+//! checkpoints ([`LiveGroup::start_resyncs`]).
+//!
 //! A disk that fails while serving is handled by the engine: its plexes are
 //! failed in the config on the surviving disks, and the volumes go on.
 //! `mirrorvol fail` cannot open the disks while `serve` holds them; until
@@ -24,6 +28,7 @@ use crate::group::live::LiveGroup;
 use crate::group::{DiskSet, Group, Lookup};
 use crate::nbd::server::{self, Done, Export, Listen, Server};
 use crate::volume::engine::{EngineOptions, MirrorVolume, Run};
+use crate::volume::resync::ResyncOptions;
 use crate::{Error, Result};
 
 /// Test hook: the path of one disk of the group. `serve` puts that disk
@@ -102,6 +107,7 @@ pub fn serve(
     listen: &[String],
     direct: bool,
     disk_threads: usize,
+    resync: ResyncOptions,
 ) -> Result<()> {
     let listen: Vec<Listen> = if listen.is_empty() {
         vec![Listen::parse(DEFAULT_LISTEN).expect("the default parses")]
@@ -167,6 +173,8 @@ pub fn serve(
     };
     let live = LiveGroup::start(group, opts);
     live.start_bitmap_clearing(BITMAP_CLEAR_PERIOD);
+    // Plexes left resyncing or stale are resynced while clients do I/O.
+    live.start_resyncs(resync);
     let names = live.volume_names();
     let exports: Vec<Arc<dyn Export>> = names
         .iter()
@@ -204,6 +212,8 @@ pub fn serve(
 
     eprintln!("stopping: finishing the requests in flight");
     server.shutdown();
+    // Resyncs stop after recording their checkpoints; the next start resumes.
+    live.stop_resyncs();
     let mut failed = Vec::new();
     for n in &names {
         if let Some(v) = live.volume(n)

@@ -46,6 +46,20 @@ impl AlignedBuf {
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         self
     }
+
+    /// Bytes the allocation holds (the largest length [`AlignedBuf::set_len`]
+    /// accepts).
+    pub fn capacity(&self) -> usize {
+        self.layout.size()
+    }
+
+    /// Makes the buffer `len` bytes long, within its allocation, so that
+    /// one buffer serves requests of several sizes. Bytes past the old
+    /// length keep what the allocation held (zeroes, or earlier data).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.capacity(), "{len} bytes do not fit the buffer");
+        self.len = len;
+    }
 }
 
 impl Deref for AlignedBuf {

@@ -99,6 +99,16 @@ pub struct PlexEntry {
     /// or the bitmaps cannot vouch for the time it was away.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_reason: Option<String>,
+    /// While the plex is resyncing in full: the resync's checkpoint. Below
+    /// it the plex holds the volume, except the regions the write-intent
+    /// bitmaps of its in-sync twins name (their bits stay set while it is
+    /// out of sync); a restart resumes the copy here.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub resync_offset: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl GroupConfig {

@@ -94,6 +94,7 @@ mod tests {
                     length: l * MIB,
                     state: PlexState::InSync,
                     resync_reason: None,
+                    resync_offset: 0,
                 }],
             })
             .collect();

@@ -92,7 +92,7 @@ impl Group {
 
     /// The volume bytes the bitmaps of the plexes on `disks` name as dirty;
     /// the whole volume for a disk whose bitmap was damaged.
-    fn dirty_volume_ranges(&self, name: &str, disks: &[Uuid]) -> Vec<Range<u64>> {
+    pub(super) fn dirty_volume_ranges(&self, name: &str, disks: &[Uuid]) -> Vec<Range<u64>> {
         let Some(v) = self.config.volume(name) else {
             return Vec::new();
         };
@@ -311,6 +311,7 @@ mod tests {
             length: 2 << 20,
             state: crate::format::PlexState::InSync,
             resync_reason: None,
+            resync_offset: 0,
         };
         let size = (1 << 20) + 512;
         assert_eq!(

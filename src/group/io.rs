@@ -82,6 +82,13 @@ impl Group {
     /// Starts the engine of a volume on its plexes that are present: in-sync
     /// plexes serve reads and take writes, resyncing ones take writes.
     pub fn open_volume(&self, name: &str) -> Result<VolumeIo> {
+        self.open_volume_with(name, None)
+    }
+
+    /// Starts the engine of a volume as [`Group::open_volume`] does, with the
+    /// plex on `resync` write-only whatever its state (stale included): the
+    /// engine a resync of that plex runs in.
+    pub fn open_volume_with(&self, name: &str, resync: Option<Uuid>) -> Result<VolumeIo> {
         let v = self.volume(name)?;
         let recorder = Arc::new(Recorder::default());
         let sink: Arc<dyn FailureSink> = recorder.clone();
@@ -95,6 +102,7 @@ impl Group {
                 continue;
             }
             let mode = match p.state {
+                _ if resync == Some(p.disk) => Mode::WriteOnly,
                 PlexState::InSync => Mode::InSync,
                 PlexState::Resyncing => Mode::WriteOnly,
                 PlexState::Stale | PlexState::Failed => continue,

@@ -5,6 +5,11 @@
 //! The engine reports failures through [`FailureSink`]; each report takes the
 //! group lock, changes the config and commits it to the surviving disks
 //! before the engine acknowledges the I/O that saw the failure.
+//!
+//! Plexes to resync (resyncing, or stale on a disk in service) are resynced
+//! in the background while the volumes serve I/O ([`LiveGroup::start_resyncs`]):
+//! one thread per volume, one plex at a time, throttled, with checkpoints in
+//! the config.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -17,6 +22,13 @@ use super::status::StatusReport;
 use crate::format::PlexState;
 use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode};
 use crate::volume::queue::{DiskQueue, Watchdog};
+use crate::volume::resync::{ResyncError, ResyncOptions, ResyncProgress, resync};
+
+/// A background resync under way.
+struct Running {
+    disk: Uuid,
+    progress: Arc<ResyncProgress>,
+}
 
 pub struct LiveGroup {
     group: Mutex<Group>,
@@ -24,6 +36,10 @@ pub struct LiveGroup {
     volumes: RwLock<BTreeMap<String, Arc<MirrorVolume>>>,
     /// I/O errors seen per disk since the group was started.
     errors: Mutex<BTreeMap<Uuid, u64>>,
+    /// Background resyncs under way, by volume.
+    resyncs: Mutex<BTreeMap<String, Running>>,
+    resync_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    stopping: std::sync::atomic::AtomicBool,
     _watchdog: Watchdog,
 }
 
@@ -74,6 +90,9 @@ impl LiveGroup {
                 queues,
                 volumes: RwLock::new(volumes),
                 errors: Mutex::new(BTreeMap::new()),
+                resyncs: Mutex::new(BTreeMap::new()),
+                resync_threads: Mutex::new(Vec::new()),
+                stopping: std::sync::atomic::AtomicBool::new(false),
                 _watchdog: watchdog,
             }
         })
@@ -111,7 +130,44 @@ impl LiveGroup {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        self.group().status_with(&errors)
+        let g = self.group();
+        let mut report = g.status_with(&errors);
+        for (name, r) in self.running().iter() {
+            let path = g.disk_path(r.disk);
+            let plex = report
+                .volumes
+                .iter_mut()
+                .filter(|v| v.name == *name)
+                .flat_map(|v| v.plexes.iter_mut())
+                .find(|p| p.disk == path);
+            if let Some(p) = plex {
+                p.state = "resyncing";
+                p.resync_percent = Some((r.progress.percent() * 10.0).floor() / 10.0);
+                p.resync_rate = Some(r.progress.rate());
+                p.resync_eta_seconds = r.progress.eta_seconds();
+            }
+        }
+        report
+    }
+
+    fn running(&self) -> MutexGuard<'_, BTreeMap<String, Running>> {
+        self.resyncs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The progress of the background resync of `volume`, if one runs.
+    pub fn resync_progress(&self, volume: &str) -> Option<Arc<ResyncProgress>> {
+        self.running().get(volume).map(|r| r.progress.clone())
+    }
+
+    /// Whether a background resync runs or waits to run.
+    pub fn resyncing(&self) -> bool {
+        !self.running().is_empty()
+            || self
+                .resync_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|t| !t.is_finished())
     }
 
     fn count_error(&self, disk: Uuid) {
@@ -135,6 +191,7 @@ impl LiveGroup {
                 false
             }
         };
+        let running = self.running();
         for v in self
             .volumes
             .read()
@@ -144,13 +201,21 @@ impl LiveGroup {
             let Some(entry) = g.config.volume(&v.name) else {
                 continue;
             };
+            let target = running.get(&v.name).map(|r| r.disk);
             for p in v.plexes() {
                 let state = entry
                     .plexes
                     .iter()
                     .find(|e| e.disk == p.disk)
                     .map(|e| g.plex_state(e.disk, e.state));
-                if !matches!(state, Some("in-sync" | "resyncing")) {
+                let kept = match state {
+                    Some("in-sync" | "resyncing") => true,
+                    // A stale plex takes writes while the bitmaps' regions
+                    // are copied onto it.
+                    Some("stale") => target == Some(p.disk),
+                    _ => false,
+                };
+                if !kept {
                     p.set_mode(Mode::Out);
                 }
             }
@@ -235,8 +300,36 @@ impl LiveGroup {
         }
     }
 
-    /// Stops the disk queues after the work queued on them.
+    /// Stops the background resyncs (each records its checkpoint) and waits
+    /// for them.
+    pub fn stop_resyncs(&self) {
+        {
+            // Under the group lock: a thread preparing its next resync
+            // either sees the flag or is registered below, and stopped.
+            let _g = self.group();
+            self.stopping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        for r in self.running().values() {
+            r.progress.stop();
+        }
+        let threads = std::mem::take(
+            &mut *self
+                .resync_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for t in threads {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Stops the background resyncs, then the disk queues after the work
+    /// queued on them.
     pub fn stop(&self) {
+        self.stop_resyncs();
         for q in self.queues.values() {
             q.stop();
         }
@@ -262,6 +355,226 @@ impl LiveGroup {
                     p.set_mode(Mode::Out);
                 }
             }
+        }
+    }
+}
+
+/// One plex resync a volume's thread is about to run.
+struct ResyncJob {
+    disk: Uuid,
+    engine: Arc<MirrorVolume>,
+    target: Arc<EnginePlex>,
+    plan: super::resync::ResyncPlan,
+    progress: Arc<ResyncProgress>,
+    why: String,
+}
+
+impl LiveGroup {
+    /// Starts a background resync thread for every volume that has a plex
+    /// to resync (resyncing, or stale on a disk in service) and an in-sync
+    /// plex to copy from. Each thread resyncs its volume's plexes one after
+    /// the other, paced by `opts`, and records each in sync when done.
+    pub fn start_resyncs(self: &Arc<Self>, opts: ResyncOptions) {
+        let names: Vec<String> = {
+            let g = self.group();
+            g.config
+                .volumes
+                .iter()
+                .filter(|v| Self::next_target(&g, &self.queues, &v.name).is_some())
+                .map(|v| v.name.clone())
+                .collect()
+        };
+        for name in names {
+            let me = Arc::downgrade(self);
+            let opts = opts.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("resync-{name}"))
+                .spawn(move || resync_volume(me, &name, &opts))
+                .expect("spawn a resync thread");
+            self.resync_threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(t);
+        }
+    }
+
+    /// The plex of `name` to resync next: resyncing or stale, on a disk in
+    /// service, with an in-sync plex to copy from.
+    fn next_target(g: &Group, queues: &BTreeMap<Uuid, Arc<DiskQueue>>, name: &str) -> Option<Uuid> {
+        let v = g.config.volume(name)?;
+        g.require_source(name).ok()?;
+        v.plexes
+            .iter()
+            .find(|p| {
+                queues.contains_key(&p.disk)
+                    && matches!(g.plex_state(p.disk, p.state), "resyncing" | "stale")
+            })
+            .map(|p| p.disk)
+    }
+
+    /// Prepares the next resync of `name`: records a plex that needs a full
+    /// copy as resyncing, puts the plex in the engine write-only, plans the
+    /// copy (after that, so every write the plex misses is in the plan) and
+    /// registers it.
+    fn next_resync(&self, name: &str) -> Option<ResyncJob> {
+        let mut g = self.group();
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        let disk = Self::next_target(&g, &self.queues, name)?;
+        let engine = self.volume(name)?;
+        let entry = g
+            .config
+            .volume(name)?
+            .plexes
+            .iter()
+            .find(|p| p.disk == disk)?
+            .clone();
+        let why = entry
+            .resync_reason
+            .clone()
+            .unwrap_or_else(|| "it was stale".to_string());
+        let full = g.resync_plan(name, disk).ok()?.full;
+        if full && entry.state != PlexState::Resyncing {
+            g.set_plex_state(name, disk, PlexState::Resyncing);
+            if !self.commit(&mut g, &format!("the resync of {name}")) {
+                return None;
+            }
+        }
+        let progress = ResyncProgress::new(0, 0);
+        // Registered before the plex joins the engine, so a commit meanwhile
+        // keeps a stale target in service.
+        self.running().insert(
+            name.to_string(),
+            Running {
+                disk,
+                progress: progress.clone(),
+            },
+        );
+        let target = match engine.plex(disk) {
+            Some(p) if p.mode() == Mode::WriteOnly => p,
+            Some(_) => {
+                self.running().remove(name);
+                return None;
+            }
+            None => {
+                let offset = g.members[&disk].label.layout.data_offset() + entry.offset;
+                engine.add_plex(EnginePlex::new(
+                    disk,
+                    self.queues[&disk].clone(),
+                    offset,
+                    Mode::WriteOnly,
+                ));
+                engine.plex(disk)?
+            }
+        };
+        let plan = match g.resync_plan(name, disk) {
+            Ok(p) => p,
+            Err(_) => {
+                self.running().remove(name);
+                return None;
+            }
+        };
+        progress.reset(plan.total, plan.done);
+        tracing::info!(volume = %name, disk = %g.disk_path(disk), bytes = plan.total - plan.done, resumed_at = ?plan.resumed_at, "resync started");
+        Some(ResyncJob {
+            disk,
+            engine,
+            target,
+            plan,
+            progress,
+            why,
+        })
+    }
+
+    /// Records a resync's checkpoint.
+    fn checkpoint(&self, name: &str, disk: Uuid, position: u64) -> io::Result<()> {
+        let mut g = self.group();
+        g.set_resync_offset(name, disk, position);
+        if self.commit(&mut g, &format!("the resync checkpoint of {name}")) {
+            Ok(())
+        } else {
+            Err(io::Error::other("no disk took the config"))
+        }
+    }
+
+    /// Ends a resync: a finished one puts its plex in sync, in the config
+    /// and then in the engine. Returns whether the volume's thread goes on.
+    fn end_resync(
+        &self,
+        name: &str,
+        job: &ResyncJob,
+        result: std::result::Result<u64, ResyncError>,
+    ) -> bool {
+        let mut g = self.group();
+        self.running().remove(name);
+        let path = g.disk_path(job.disk);
+        match result {
+            Ok(copied) => {
+                // A plex that failed meanwhile stays out: the failure is
+                // being recorded.
+                if job.target.mode() != Mode::WriteOnly {
+                    return true;
+                }
+                g.set_plex_state(name, job.disk, PlexState::InSync);
+                if self.commit(&mut g, &format!("the end of the resync of {name}")) {
+                    job.target.promote();
+                    let line =
+                        super::resync::resynced_line(name, &path, copied, &job.plan, &job.why);
+                    tracing::info!("{line}");
+                    eprintln!("{line}");
+                }
+                true
+            }
+            Err(ResyncError::Stopped { position }) => {
+                tracing::info!(volume = %name, disk = %path, position, "resync stopped; it resumes from its checkpoint");
+                false
+            }
+            Err(ResyncError::Target { offset, error }) => {
+                drop(g);
+                tracing::error!(volume = %name, disk = %path, offset, %error, "the plex being resynced failed");
+                job.engine.fail_plex(job.disk, &error);
+                true
+            }
+            Err(e) => {
+                tracing::error!(volume = %name, disk = %path, error = %e, "resync failed");
+                eprintln!("error: the resync of volume {name} onto {path} failed: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// A volume's resync thread: resyncs its plexes one at a time until none is
+/// left, the group stops, or a resync fails.
+fn resync_volume(me: Weak<LiveGroup>, name: &str, opts: &ResyncOptions) {
+    loop {
+        let Some(job) = me.upgrade().and_then(|live| live.next_resync(name)) else {
+            return;
+        };
+        let result = resync(
+            &job.engine,
+            &job.target,
+            &job.plan.ranges,
+            opts,
+            &job.progress,
+            &mut |position| {
+                if !job.plan.full {
+                    return Ok(());
+                }
+                match me.upgrade() {
+                    Some(live) => live.checkpoint(name, job.disk, position),
+                    None => Err(io::Error::other("the group is out of service")),
+                }
+            },
+            &|_| {},
+        );
+        let go_on = match me.upgrade() {
+            Some(live) => live.end_resync(name, &job, result),
+            None => false,
+        };
+        if !go_on {
+            return;
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod bitmap;
 pub mod io;
 pub mod live;
 pub mod ops;
+pub mod resync;
 pub mod scrub;
 pub mod status;
 

@@ -17,7 +17,7 @@ use crate::disk::{Disk, FileDisk, OpenOptions};
 use crate::format::layout::Layout;
 use crate::format::ondisk;
 use crate::format::{DiskEntry, DiskState, GroupConfig, PlexEntry, PlexState, Style, VolumeEntry};
-use crate::volume::{COPY_CHUNK, CopyError, copy_to_plex};
+use crate::volume::COPY_CHUNK;
 use crate::{Error, Result};
 
 /// The name a new group gets when `init` is not given `--group`.
@@ -442,6 +442,7 @@ impl Group {
                     length: len,
                     state: PlexState::InSync,
                     resync_reason: None,
+                    resync_offset: 0,
                 })
                 .collect(),
         });
@@ -487,6 +488,15 @@ impl Group {
         disk: Option<&Path>,
         progress: &dyn Progress,
     ) -> Result<Vec<String>> {
+        let target = self.add_resyncing_plex(name, disk)?;
+        self.resync_plex(name, target, progress)?;
+        Ok(self.mirror_warnings(name))
+    }
+
+    /// The first half of `add-mirror`: allocates a new plex for a volume
+    /// and records it resyncing (a resync then fills it, here or in
+    /// `serve`). Returns the disk it is on.
+    pub fn add_resyncing_plex(&mut self, name: &str, disk: Option<&Path>) -> Result<Uuid> {
         let v = self.volume(name)?.clone();
         self.require_source(name)?;
         let exclude: Vec<Uuid> = v.plexes.iter().map(|p| p.disk).collect();
@@ -503,80 +513,20 @@ impl Group {
                 length: len,
                 state: PlexState::Resyncing,
                 resync_reason: Some("a new plex".to_string()),
+                resync_offset: 0,
             });
         self.commit()?;
-        self.resync_plex(name, target, progress)?;
-        Ok(self.mirror_warnings(name))
+        Ok(target)
     }
 
-    /// Copies a volume onto its plex on `disk` (which is resyncing), then
-    /// records the plex in sync. A failure of the new plex fails it; a read
-    /// error on a source plex that cannot be rewritten fails that plex.
-    pub fn resync_plex(&mut self, name: &str, disk: Uuid, progress: &dyn Progress) -> Result<u64> {
-        let plex = self
-            .volume(name)?
-            .plexes
-            .iter()
-            .find(|p| p.disk == disk)
-            .cloned()
-            .ok_or_else(|| Error::failed(format!("volume {name} has no plex on that disk")))?;
-        if plex.state != PlexState::Resyncing {
-            self.set_plex_state(name, disk, PlexState::Resyncing);
-            self.commit()?;
-        }
-        self.zero_extent(disk, plex.offset, plex.length)?;
-        // The engine reads from the in-sync plexes; the target is written
-        // directly by the copy (the engine only has it write-only).
-        let io = self.open_volume(name)?;
-        let m = &self.members[&disk];
-        let (target, at) = (m.disk.clone(), m.label.layout.data_offset() + plex.offset);
-        progress.start(
-            &format!("resync {name} onto {}", m.path.display()),
-            io.engine.size,
-        );
-        let result = copy_to_plex(&io.engine, &*target, at, &|done| progress.set(done));
-        progress.finish();
-        self.settle(&io)?;
-        drop(io);
-        match result {
-            Ok(written) => {
-                let why = plex
-                    .resync_reason
-                    .clone()
-                    .unwrap_or_else(|| "it was stale".to_string());
-                self.set_plex_state(name, disk, PlexState::InSync);
-                self.commit()?;
-                let line = format!(
-                    "resynced {written} bytes of volume {name} onto {} (full resync: {why})",
-                    self.disk_path(disk)
-                );
-                tracing::info!("{line}");
-                self.resynced.push(line);
-                Ok(written)
-            }
-            Err(CopyError::Target { offset, error }) => {
-                self.set_plex_state(name, disk, PlexState::Failed);
-                self.commit()?;
-                Err(Error::io(
-                    format!(
-                        "the new plex of volume {name} on {} failed at volume offset {offset}; it is marked failed",
-                        self.disk_path(disk)
-                    ),
-                    error,
-                ))
-            }
-            Err(CopyError::Source { offset, error }) => Err(Error::io(
-                format!("reading volume {name} at offset {offset} for the resync failed"),
-                error,
-            )),
-        }
-    }
-
-    fn set_plex_state(&mut self, name: &str, disk: Uuid, state: PlexState) {
+    pub(super) fn set_plex_state(&mut self, name: &str, disk: Uuid, state: PlexState) {
         if let Some(v) = self.config.volume_mut(name) {
             for p in &mut v.plexes {
                 if p.disk == disk {
                     p.state = state;
+                    if state != PlexState::Resyncing {
+                        p.resync_offset = 0;
+                    }
                     if state == PlexState::InSync {
                         p.resync_reason = None;
                     }
@@ -769,6 +719,7 @@ impl Group {
                 length: len,
                 state: PlexState::Resyncing,
                 resync_reason: Some(format!("a new plex replacing the one on {old_path}")),
+                resync_offset: 0,
             };
         }
         if !plan.is_empty() {
@@ -840,39 +791,10 @@ impl Group {
                 continue;
             }
             for disk in stale {
-                if self.full_resync_reason(&name, disk).is_none() {
-                    self.resync_regions(&name, disk)?;
-                } else {
-                    self.resync_plex(&name, disk, progress)?;
-                }
+                self.resync_plex(&name, disk, progress)?;
             }
         }
         Ok(notes)
-    }
-
-    /// Resyncs a stale plex that its twins' bitmaps vouch for: only the
-    /// regions they name are copied.
-    fn resync_regions(&mut self, name: &str, disk: Uuid) -> Result<u64> {
-        let ranges = self.returning_plex_ranges(name, disk);
-        let source = self
-            .volume(name)?
-            .plexes
-            .iter()
-            .find(|p| self.plex_state(p.disk, p.state) == "in-sync")
-            .map(|p| p.disk)
-            .ok_or_else(|| Error::failed(format!("volume {name} has no in-sync plex")))?;
-        let copied = self.copy_ranges(name, source, disk, &ranges)?;
-        self.set_plex_state(name, disk, PlexState::InSync);
-        self.commit()?;
-        let line = format!(
-            "resynced {copied} bytes of volume {name} onto {} ({} dirty region{} from the write-intent bitmaps)",
-            self.disk_path(disk),
-            ranges.len(),
-            if ranges.len() == 1 { "" } else { "s" }
-        );
-        tracing::info!("{line}");
-        self.resynced.push(line);
-        Ok(copied)
     }
 
     /// Grows a simple volume into the free space that follows its plex.

@@ -59,6 +59,12 @@ pub struct PlexStatus {
     /// regions the write-intent bitmaps name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resync_reason: Option<String>,
+    /// While a resync runs (under `serve`): its rate in bytes/s, a moving
+    /// average, and the seconds left at that rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync_rate: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync_eta_seconds: Option<u64>,
 }
 
 impl Group {
@@ -130,10 +136,20 @@ impl Group {
                                 state,
                                 resync_percent: match (state, p.state) {
                                     ("in-sync", _) => Some(100.0),
-                                    ("stale", _) | ("resyncing", PlexState::Resyncing) => Some(0.0),
+                                    // Where its checkpoint says a resync
+                                    // resumes.
+                                    ("resyncing", PlexState::Resyncing) => Some(
+                                        (p.resync_offset.min(v.size) as f64 * 1000.0
+                                            / v.size.max(1) as f64)
+                                            .floor()
+                                            / 10.0,
+                                    ),
+                                    ("stale", _) => Some(0.0),
                                     _ => None,
                                 },
                                 resync_reason: p.resync_reason.clone(),
+                                resync_rate: None,
+                                resync_eta_seconds: None,
                             }
                         })
                         .collect(),

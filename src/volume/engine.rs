@@ -160,6 +160,20 @@ impl EnginePlex {
     pub fn read_errors(&self) -> u64 {
         self.read_errors.load(Ordering::Relaxed)
     }
+
+    /// Puts a write-only plex in sync (a resync of it ended); false when it
+    /// is no longer write-only (it failed meanwhile), and then nothing
+    /// changes.
+    pub fn promote(&self) -> bool {
+        self.mode
+            .compare_exchange(
+                Mode::WriteOnly as u8,
+                Mode::InSync as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
 }
 
 type Done<T> = Box<dyn FnOnce(io::Result<T>) + Send>;
@@ -215,6 +229,9 @@ pub struct MirrorVolume {
     rotate: AtomicUsize,
     /// The write-intent bitmap, when the volume has one.
     intent: std::sync::OnceLock<Arc<dyn WriteIntent>>,
+    /// Requests submitted by users of the volume (not by a resync): a
+    /// resync backs off while it moves.
+    foreground: AtomicU64,
 }
 
 impl std::fmt::Debug for MirrorVolume {
@@ -244,6 +261,7 @@ impl MirrorVolume {
             decide: Mutex::new(()),
             rotate: AtomicUsize::new(0),
             intent: std::sync::OnceLock::new(),
+            foreground: AtomicU64::new(0),
         })
     }
 
@@ -267,6 +285,18 @@ impl MirrorVolume {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .push(Arc::new(plex));
+    }
+
+    /// Requests submitted so far by users of the volume (reads, writes,
+    /// flushes; a resync's own reads are not counted): a resync compares two
+    /// samples to tell whether foreground I/O is going on.
+    pub fn foreground_requests(&self) -> u64 {
+        self.foreground.load(Ordering::Relaxed)
+    }
+
+    /// The plex on `disk`, if the engine has it.
+    pub fn plex(&self, disk: Uuid) -> Option<Arc<EnginePlex>> {
+        self.plexes().into_iter().find(|p| p.disk == disk)
     }
 
     /// Ranges held or waited for in the range lock: writes in flight and
@@ -299,6 +329,24 @@ impl MirrorVolume {
         }
         let _held = Held(&self.lock, Some(guard));
         f()
+    }
+
+    /// Holds `range` in the range lock, blocking until it is free, until the
+    /// returned hold is dropped (on any thread: a resync drops it in the
+    /// completion of its write, so that it can take the next range while
+    /// that write is in flight without waiting on a write queued behind it).
+    pub fn hold_range(self: &Arc<Self>, range: std::ops::Range<u64>) -> RangeHold {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.lock.acquire(range, move |guard| {
+            let _ = tx.send(guard);
+        });
+        let guard = rx
+            .recv()
+            .expect("a waiting range is started once the ranges ahead of it are released");
+        RangeHold {
+            volume: self.clone(),
+            guard: Some(guard),
+        }
     }
 
     /// Fails the plex on `disk` after an I/O error seen outside the engine's
@@ -373,6 +421,7 @@ impl MirrorVolume {
         run: Run,
         done: Done<()>,
     ) {
+        self.foreground.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.check(offset, data.len() as u64) {
             return done(Err(e));
         }
@@ -399,6 +448,7 @@ impl MirrorVolume {
         run: Run,
         done: Done<()>,
     ) {
+        self.foreground.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.check(offset, len) {
             return done(Err(e));
         }
@@ -479,6 +529,7 @@ impl MirrorVolume {
 
     /// Flushes every writable plex.
     pub fn submit_flush(self: &Arc<Self>, run: Run, done: Done<()>) {
+        self.foreground.fetch_add(1, Ordering::Relaxed);
         let targets: Vec<Arc<EnginePlex>> = self
             .plexes()
             .into_iter()
@@ -600,10 +651,28 @@ impl MirrorVolume {
         run: Run,
         done: Done<AlignedBuf>,
     ) {
+        self.foreground.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.check(offset, len as u64) {
             return done(Err(e));
         }
         self.read_from(offset, len, run, Vec::new(), done);
+    }
+
+    /// Reads for a resync, on the calling thread: as [`MirrorVolume::read`]
+    /// (fallback to another in-sync plex, repair of the one that failed),
+    /// but not counted as foreground I/O.
+    pub fn read_for_resync(self: &Arc<Self>, offset: u64, len: usize) -> io::Result<AlignedBuf> {
+        self.check(offset, len as u64)?;
+        let got = wait(|cb| {
+            self.read_from(
+                offset,
+                len,
+                Run::Here,
+                Vec::new(),
+                Box::new(move |r| cb(r.map(Some))),
+            )
+        })?;
+        got.ok_or_else(|| eio("a read returned no data".into()))
     }
 
     /// The in-sync plex to read from: the one whose last read ended at
@@ -837,6 +906,20 @@ impl MirrorVolume {
             )
         })
         .map(|_| ())
+    }
+}
+
+/// A range held in a volume's range lock; released when dropped.
+pub struct RangeHold {
+    volume: Arc<MirrorVolume>,
+    guard: Option<super::range_lock::RangeGuard>,
+}
+
+impl Drop for RangeHold {
+    fn drop(&mut self) {
+        if let Some(g) = self.guard.take() {
+            self.volume.lock.release(g);
+        }
     }
 }
 
