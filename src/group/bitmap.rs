@@ -22,7 +22,7 @@ use crate::volume::bitmap::{BitmapSet, DiskBitmap, Found};
 use crate::{Error, Result};
 
 /// Merges overlapping or touching ranges.
-fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+pub(super) fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     ranges.sort_by_key(|r| r.start);
     let mut out: Vec<Range<u64>> = Vec::new();
     for r in ranges {
@@ -35,7 +35,7 @@ fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
 }
 
 /// Volume bytes that the data-area `ranges` of a plex's disk cover.
-fn to_volume(plex: &PlexEntry, size: u64, ranges: &[Range<u64>]) -> Vec<Range<u64>> {
+pub(super) fn to_volume(plex: &PlexEntry, size: u64, ranges: &[Range<u64>]) -> Vec<Range<u64>> {
     ranges
         .iter()
         .filter_map(|r| {

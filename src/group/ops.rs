@@ -117,6 +117,7 @@ pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> R
             bitmaps: None,
             bitmap_found: Default::default(),
             resynced: Vec::new(),
+            split: None,
         },
     };
     for (path, disk) in disks {
@@ -572,7 +573,7 @@ impl Group {
         }
     }
 
-    fn set_plex_state(&mut self, name: &str, disk: Uuid, state: PlexState) {
+    pub(super) fn set_plex_state(&mut self, name: &str, disk: Uuid, state: PlexState) {
         if let Some(v) = self.config.volume_mut(name) {
             for p in &mut v.plexes {
                 if p.disk == disk {
