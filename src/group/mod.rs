@@ -538,6 +538,11 @@ impl Group {
             let text = config.to_text();
             let mut wrote = 0;
             let mut failed = Vec::new();
+            let versions: BTreeMap<Uuid, u32> = self
+                .members
+                .keys()
+                .filter_map(|u| Some((*u, self.label_version(*u)?)))
+                .collect();
             for (uuid, m) in &mut self.members {
                 if config.disk(*uuid).map(|d| d.state) != Some(DiskState::Online) {
                     continue;
@@ -545,7 +550,10 @@ impl Group {
                 let mut result =
                     ondisk::write_config(&*m.disk, &m.label, seqno, text.as_bytes()).map(|_| ());
                 if result.is_ok() && m.damaged.iter().any(|d| d.contains("label")) {
-                    result = ondisk::write_labels(&*m.disk, &m.label);
+                    // A healed label keeps the version the disk is at now.
+                    let mut label = m.label.clone();
+                    label.version = versions.get(uuid).copied().unwrap_or(label.version);
+                    result = ondisk::write_labels(&*m.disk, &label);
                 }
                 match result {
                     Ok(()) => {
