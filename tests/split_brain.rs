@@ -64,19 +64,27 @@ fn copied_bytes(stdout: &str) -> u64 {
         .unwrap_or_else(|| panic!("no copied bytes in: {stdout}"))
 }
 
+/// A mirror `data` of base data whose disks were each written alone: a.img
+/// 1 MiB of 0xa1 at 4 MiB, b.img 2 MiB of 0xb2 at 16 MiB. Returns the base
+/// data.
+fn split_group(sb: &Sandbox) -> (String, Vec<u8>) {
+    serve::mirror_group(sb, 80, VOL_MIB);
+    let (base, want) = sb.data_file("base.bin", (VOL_MIB * MIB) as usize, 1);
+    sb.mv(&["copy", &base, "vol:data"]).ok();
+
+    // a alone writes 1 MiB at 4 MiB; b alone writes 2 MiB at 16 MiB.
+    write_alone(sb, "a.img", "b.img", 4 * MIB, MIB, 0xa1);
+    write_alone(sb, "b.img", "a.img", 16 * MIB, 2 * MIB, 0xb2);
+    (base, want)
+}
+
 #[test]
 fn split_brain_is_reported_refused_and_resolved_by_keeping_one_side() {
     if !serve::tools(&["qemu-io"]) {
         return;
     }
     let sb = Sandbox::new();
-    serve::mirror_group(&sb, 80, VOL_MIB);
-    let (base, mut want) = sb.data_file("base.bin", (VOL_MIB * MIB) as usize, 1);
-    sb.mv(&["copy", &base, "vol:data"]).ok();
-
-    // a alone writes 1 MiB at 4 MiB; b alone writes 2 MiB at 16 MiB.
-    write_alone(&sb, "a.img", "b.img", 4 * MIB, MIB, 0xa1);
-    write_alone(&sb, "b.img", "a.img", 16 * MIB, 2 * MIB, 0xb2);
+    let (base, mut want) = split_group(&sb);
 
     let s = sb.status();
     assert_eq!(s["split_brain"].as_array().unwrap().len(), 2, "{s:#}");
@@ -136,4 +144,59 @@ fn split_brain_is_reported_refused_and_resolved_by_keeping_one_side() {
 
     sb.mv(&["resolve-split-brain", "--keep", &sb.p("disks/a.img")])
         .refused("no split brain");
+}
+
+#[test]
+fn keeping_the_other_side_undoes_the_first_sides_writes() {
+    if !serve::tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (_, mut want) = split_group(&sb);
+    let r = sb
+        .mv(&["resolve-split-brain", "--keep", &sb.p("disks/b.img")])
+        .ok();
+    let copied = copied_bytes(&r.stdout);
+    assert!(
+        (3 * MIB..=3 * MIB + 128 * 1024).contains(&copied),
+        "copied {copied} bytes:\n{}",
+        r.stdout
+    );
+    want[(16 * MIB) as usize..(18 * MIB) as usize].fill(0xb2);
+    assert!(sb.read_volume("data") == want, "the volume is b's side");
+    sb.mv(&["fail", &sb.p("disks/b.img")]).ok();
+    assert!(sb.read_volume("data") == want, "a's plex holds b's side");
+}
+
+#[test]
+fn a_side_whose_bitmap_cannot_vouch_gets_a_full_resync() {
+    if !serve::tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (_, mut want) = split_group(&sb);
+    // Damage the bitmap header of b.img (a raw disk: the member is the
+    // whole file).
+    let layout = mirrorvol::format::Layout::for_member(0, 80 * MIB).unwrap();
+    let b = sb.path("disks/b.img");
+    let mut head = read_range(&b, layout.bitmap_offset(), 64);
+    head[20] ^= 0xff;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = fs::OpenOptions::new().write(true).open(&b).unwrap();
+        f.write_all_at(&head, layout.bitmap_offset()).unwrap();
+    }
+    let s = sb.status();
+    let v = &side(&s, "b.img")["volumes"][0];
+    assert!(v["regions"].is_null(), "{s:#}");
+    assert!(v["unknown"].as_str().unwrap().contains("damaged"), "{s:#}");
+    assert_eq!(side(&s, "a.img")["volumes"][0]["bytes"], MIB);
+    let r = sb
+        .mv(&["resolve-split-brain", "--keep", &sb.p("disks/a.img")])
+        .ok();
+    assert_eq!(copied_bytes(&r.stdout), VOL_MIB * MIB, "{}", r.stdout);
+    assert!(r.stdout.contains("full resync"), "{}", r.stdout);
+    want[(4 * MIB) as usize..(5 * MIB) as usize].fill(0xa1);
+    sb.mv(&["fail", &sb.p("disks/a.img")]).ok();
+    assert!(sb.read_volume("data") == want, "b's plex holds a's side");
 }
