@@ -2,6 +2,10 @@
 //! keeps a small group under tests/data (gzip-compressed image files): a
 //! mirror across a GPT and an MBR disk, and a simple volume on a raw disk,
 //! each filled with a pattern that names its sectors.
+//!
+//! The v2 images come from `generate_format_images` below (ignored; run it
+//! with `MIRRORVOL_COMPAT_OUT=tests/data cargo test --test compat --
+//! --ignored generate` on a build whose FORMAT_VERSION is the new one).
 
 mod common;
 
@@ -9,12 +13,17 @@ use common::*;
 use std::fs;
 use std::process::Command;
 
-/// The pattern the images were filled with: each 512-byte sector repeats
+/// The pattern the v1 images were filled with: each 512-byte sector repeats
 /// "mirrorvol v1 NAME sector NNNNNNNN\n".
 fn sector_pattern(name: &str, len: usize) -> Vec<u8> {
+    sector_pattern_of(1, name, len)
+}
+
+/// The pattern of the images of format `version`.
+fn sector_pattern_of(version: u32, name: &str, len: usize) -> Vec<u8> {
     let mut out = Vec::with_capacity(len);
     for i in 0..len / 512 {
-        let line = format!("mirrorvol v1 {name} sector {i:08}\n");
+        let line = format!("mirrorvol v{version} {name} sector {i:08}\n");
         let sector: Vec<u8> = line.bytes().cycle().take(512).collect();
         out.extend_from_slice(&sector);
     }
@@ -22,16 +31,32 @@ fn sector_pattern(name: &str, len: usize) -> Vec<u8> {
 }
 
 fn unpack_v1(sb: &Sandbox) {
+    unpack(sb, 1);
+}
+
+fn unpack(sb: &Sandbox, version: u32) {
     fs::create_dir_all(sb.path("disks")).unwrap();
     for style in ["gpt", "mbr", "raw"] {
         let src = format!(
-            "{}/tests/data/v1-{style}.img.gz",
+            "{}/tests/data/v{version}-{style}.img.gz",
             env!("CARGO_MANIFEST_DIR")
         );
         let out = Command::new("gzip").args(["-dc", &src]).output().unwrap();
         assert!(out.status.success(), "gzip -dc {src}: {out:?}");
-        fs::write(sb.path(&format!("disks/v1-{style}.img")), out.stdout).unwrap();
+        fs::write(
+            sb.path(&format!("disks/v{version}-{style}.img")),
+            out.stdout,
+        )
+        .unwrap();
     }
+}
+
+fn label_version(sb: &Sandbox, file: &str) -> u64 {
+    let r = sb
+        .mv_plain(&["examine", &sb.p(&format!("disks/{file}")), "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    v["label"]["version"].as_u64().unwrap()
 }
 
 #[test]
@@ -73,4 +98,116 @@ fn format_v1_images_accept_changes() {
     sb.mv(&["add-mirror", "mirror", "--disk", &sb.p("disks/v1-raw.img")])
         .ok();
     assert_eq!(volume(&sb.status(), "mirror")["state"], "healthy");
+}
+
+#[test]
+fn a_v1_disk_is_raised_to_v2_when_its_bitmap_is_first_written() {
+    let sb = Sandbox::new();
+    unpack_v1(&sb);
+    // Reading and config changes leave the labels at 1: nothing in the
+    // bitmap area yet.
+    sb.read_volume("mirror");
+    sb.mv(&["delete", "simple"]).ok();
+    for style in ["gpt", "mbr", "raw"] {
+        assert_eq!(label_version(&sb, &format!("v1-{style}.img")), 1);
+    }
+    // A write to the mirror sets bits on both of its disks: their labels
+    // say 2 from then on (a v1 build refuses them), the raw disk's stay 1.
+    let (data, bytes) = sb.data_file("w.bin", 1 << 20, 7);
+    sb.mv(&["copy", &data, "vol:mirror"]).ok();
+    assert_eq!(label_version(&sb, "v1-gpt.img"), 2);
+    assert_eq!(label_version(&sb, "v1-mbr.img"), 2);
+    assert_eq!(label_version(&sb, "v1-raw.img"), 1);
+    let got = sb.read_volume("mirror");
+    assert_eq!(&got[..1 << 20], &bytes[..]);
+    assert_eq!(
+        &got[1 << 20..],
+        &sector_pattern("mirror", 2 << 20)[1 << 20..]
+    );
+    let s = sb.status();
+    assert_eq!(volume(&s, "mirror")["state"], "healthy");
+    // Both copies of the label agree.
+    let r = sb
+        .mv_plain(&["examine", &sb.p("disks/v1-gpt.img"), "--json"])
+        .ok();
+    assert!(!r.stdout.contains("damaged"), "{}", r.stdout);
+}
+
+#[test]
+fn format_v2_images_still_open_with_their_data() {
+    let sb = Sandbox::new();
+    unpack(&sb, 2);
+    let s = sb.status();
+    assert_eq!(s["group"]["name"], "compat");
+    for style in ["gpt", "mbr", "raw"] {
+        let d = disk(&s, &format!("v2-{style}.img"));
+        assert_eq!(d["state"], "online");
+        assert_eq!(d["style"], style);
+        assert_eq!(label_version(&sb, &format!("v2-{style}.img")), 2);
+    }
+    assert_eq!(volume(&s, "mirror")["state"], "healthy");
+    assert_eq!(volume(&s, "simple")["state"], "healthy");
+    assert_eq!(
+        sb.read_volume("mirror"),
+        sector_pattern_of(2, "mirror", 2 << 20)
+    );
+    assert_eq!(
+        sb.read_volume("simple"),
+        sector_pattern_of(2, "simple", 1 << 20)
+    );
+    // The mirror's plexes are equal (the bitmaps left nothing dirty).
+    sb.mv(&["fail", &sb.p("disks/v2-gpt.img")]).ok();
+    assert_eq!(
+        sb.read_volume("mirror"),
+        sector_pattern_of(2, "mirror", 2 << 20)
+    );
+}
+
+/// Writes the compat images of this build's format version into
+/// `$MIRRORVOL_COMPAT_OUT`: three 16 MiB disks (gpt on controller c0, mbr
+/// on c1, raw on c2) of group `compat`, a 2 MiB mirror on the first two and
+/// a 1 MiB simple volume on the third, filled with the sector pattern.
+#[test]
+#[ignore = "writes tests/data images; run by hand when the format changes"]
+fn generate_format_images() {
+    let Ok(out) = std::env::var("MIRRORVOL_COMPAT_OUT") else {
+        eprintln!("set MIRRORVOL_COMPAT_OUT to the directory for the images");
+        return;
+    };
+    let version = mirrorvol::format::FORMAT_VERSION;
+    let sb = Sandbox::new();
+    let disks: Vec<String> = ["gpt", "mbr", "raw"]
+        .iter()
+        .map(|s| sb.image(&format!("v{version}-{s}.img"), 16))
+        .collect();
+    for (i, (style, path)) in ["gpt", "mbr", "raw"].iter().zip(&disks).enumerate() {
+        let c = format!("c{i}");
+        let mut args = vec!["init", path.as_str(), "--style", style, "--controller", &c];
+        if i == 0 {
+            args.extend(["--group", "compat"]);
+        }
+        sb.mv(&args).ok();
+    }
+    sb.mv(&[
+        "create", "mirror", "--size", "2M", "--mirror", "--disk", &disks[0], "--disk", &disks[1],
+    ])
+    .ok();
+    sb.mv(&["create", "simple", "--size", "1M", "--disk", &disks[2]])
+        .ok();
+    for (name, len) in [("mirror", 2usize << 20), ("simple", 1 << 20)] {
+        let p = sb.path(&format!("{name}.bin"));
+        fs::write(&p, sector_pattern_of(version, name, len)).unwrap();
+        sb.mv(&["copy", &p.display().to_string(), &format!("vol:{name}")])
+            .ok();
+    }
+    for style in ["gpt", "mbr", "raw"] {
+        let img = sb.path(&format!("disks/v{version}-{style}.img"));
+        let gz = Command::new("gzip")
+            .args(["-9c"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(gz.status.success());
+        fs::write(format!("{out}/v{version}-{style}.img.gz"), gz.stdout).unwrap();
+    }
 }

@@ -109,6 +109,14 @@ pub enum Command {
     },
     /// Bring a returned or failed disk back; its stale plexes resync.
     Reactivate { path: PathBuf },
+    /// Resolve a split brain: keep the side of the disk at --keep (its
+    /// config becomes the group's); the other side's plexes are resynced
+    /// from it, incrementally where the write-intent bitmaps allow.
+    ResolveSplitBrain {
+        /// A disk of the side to keep.
+        #[arg(long)]
+        keep: PathBuf,
+    },
     /// Grow a simple volume into the free space that follows it.
     Extend {
         name: String,
@@ -296,6 +304,7 @@ fn assemble(disks: &[PathBuf]) -> Result<Group> {
 /// regions an unclean stop left dirty are resynced first.
 fn assemble_rw(disks: &[PathBuf]) -> Result<Group> {
     let mut group = assemble(disks)?;
+    group.refuse_split()?;
     group.start_bitmaps()?;
     flush_warnings(&mut group);
     Ok(group)
@@ -337,6 +346,7 @@ fn execute(cli: Cli) -> Result<()> {
                 let set = DiskSet::expand(&cli.disks)?;
                 let mut g = Group::assemble(&set, Lookup::Optional)?;
                 if let Some(g) = &mut g {
+                    g.refuse_split()?;
                     flush_warnings(g);
                 }
                 g
@@ -439,6 +449,18 @@ fn execute(cli: Cli) -> Result<()> {
             print_resynced(&mut g);
             warn(&notes);
         }
+        Command::ResolveSplitBrain { keep } => {
+            let mut g = assemble(&cli.disks)?;
+            let copied = g.resolve_split_brain(&keep, &bar)?;
+            flush_warnings(&mut g);
+            println!(
+                "resolved the split brain of group {}: kept the side of {}; copied {copied} bytes ({}) onto the other side",
+                g.config.name,
+                keep.display(),
+                human(copied)
+            );
+            print_resynced(&mut g);
+        }
         Command::Extend { name, size } => {
             let mut g = assemble_rw(&cli.disks)?;
             g.extend(&name, size)?;
@@ -483,6 +505,7 @@ fn execute(cli: Cli) -> Result<()> {
             json,
         } => {
             let mut g = assemble(&cli.disks)?;
+            g.refuse_split()?;
             let opts = ScrubOptions {
                 repair,
                 max_rate: rate,

@@ -70,6 +70,7 @@ pub fn status_text(r: &StatusReport) -> String {
     out.push_str(&table(&disks));
     if r.volumes.is_empty() {
         out.push_str("\nNo volumes.\n");
+        out.push_str(&split_text(r));
         return out;
     }
     let mut vols = vec![vec![
@@ -104,5 +105,41 @@ pub fn status_text(r: &StatusReport) -> String {
     }
     out.push('\n');
     out.push_str(&table(&vols));
+    out.push_str(&split_text(r));
+    out
+}
+
+/// The sides of a split group and what each changed.
+fn split_text(r: &StatusReport) -> String {
+    if r.split_brain.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\nSPLIT BRAIN: these sides changed without each other; nothing is served or written until \
+         one is kept with `mirrorvol resolve-split-brain --keep PATH`\n",
+    );
+    for (i, side) in r.split_brain.iter().enumerate() {
+        out.push_str(&format!(
+            "  side {}: {} (config {})\n",
+            i + 1,
+            side.disks.join(", "),
+            side.seqno
+        ));
+        for v in &side.volumes {
+            match (&v.unknown, v.regions, v.bytes) {
+                (None, Some(n), Some(b)) => out.push_str(&format!(
+                    "    volume {}: {n} region{} changed ({})\n",
+                    v.name,
+                    if n == 1 { "" } else { "s" },
+                    human(b)
+                )),
+                (why, _, _) => out.push_str(&format!(
+                    "    volume {}: unknown, assume all of it ({})\n",
+                    v.name,
+                    why.as_deref().unwrap_or("no bitmap")
+                )),
+            }
+        }
+    }
     out
 }

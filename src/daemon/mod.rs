@@ -146,6 +146,9 @@ pub fn serve(
         let mut set = DiskSet::expand(disks)?;
         set.direct = direct;
         let mut group = Group::assemble(&set, Lookup::Required)?.expect("required");
+        // A split group is not served at all: which side's data a client
+        // would see is the admin's choice (`resolve-split-brain`).
+        group.refuse_split()?;
         group.record_absent_plexes()?;
         // Regions an unclean stop left dirty are resynced before the first
         // client connects.

@@ -37,7 +37,9 @@
 //! ```
 //!
 //! The magic and the checksum stay where they are in every format version, so
-//! that any build can tell "damaged" from "newer than me".
+//! that any build can tell "damaged" from "newer than me". The label itself
+//! is the same in versions 1 and 2; the version says what the rest of the
+//! member area holds (see [`super::FORMAT_VERSION`]).
 
 use uuid::Uuid;
 

@@ -20,7 +20,13 @@ pub use partition::Style;
 
 /// The format version written by this build. Every format change bumps it,
 /// and `tests/data` keeps an image of each released version.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// - 1: labels, config slots A and B, a reserved (zeroed) bitmap area.
+/// - 2: the bitmap area holds the write-intent bitmap ([`bitmap`]). A
+///   format-1 disk is opened as it is and raised to 2 just before its
+///   bitmap is first written, so that a format-1 mirrorvol refuses it
+///   ("label format version 2 is newer ...") rather than ignore the bits.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[cfg(test)]
 mod test_tools;

@@ -16,13 +16,13 @@ use uuid::Uuid;
 use super::Group;
 use crate::disk::AlignedBuf;
 use crate::disk::buf::IO_ALIGN;
-use crate::format::PlexEntry;
+use crate::format::{FORMAT_VERSION, PlexEntry, ondisk};
 use crate::volume::COPY_CHUNK;
 use crate::volume::bitmap::{BitmapSet, DiskBitmap, Found};
 use crate::{Error, Result};
 
 /// Merges overlapping or touching ranges.
-fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+pub(super) fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     ranges.sort_by_key(|r| r.start);
     let mut out: Vec<Range<u64>> = Vec::new();
     for r in ranges {
@@ -35,7 +35,7 @@ fn merge(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
 }
 
 /// Volume bytes that the data-area `ranges` of a plex's disk cover.
-fn to_volume(plex: &PlexEntry, size: u64, ranges: &[Range<u64>]) -> Vec<Range<u64>> {
+pub(super) fn to_volume(plex: &PlexEntry, size: u64, ranges: &[Range<u64>]) -> Vec<Range<u64>> {
     ranges
         .iter()
         .filter_map(|r| {
@@ -69,6 +69,16 @@ impl Group {
                     m.path.display()
                 ));
             }
+            if m.label.version < FORMAT_VERSION {
+                // Format 1 reserved the bitmap area and never read it: the
+                // labels say format 2 before the first bit lands there.
+                let (disk, mut label) = (m.disk.clone(), m.label.clone());
+                label.version = FORMAT_VERSION;
+                b.before_first_write(Box::new(move || {
+                    ondisk::write_labels(&*disk, &label)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                }));
+            }
             self.bitmap_found.insert(*uuid, found);
             set.disks.insert(*uuid, Arc::new(b));
         }
@@ -84,6 +94,16 @@ impl Group {
         }
         self.clean_bitmaps(true);
         Ok(())
+    }
+
+    /// The format version of `disk`'s labels as they stand on it: raised to
+    /// the current one once its bitmap was written.
+    pub fn label_version(&self, disk: Uuid) -> Option<u32> {
+        let m = self.members.get(&disk)?;
+        match self.bitmap(disk) {
+            Some(b) if !b.first_write_pending() => Some(FORMAT_VERSION.max(m.label.version)),
+            _ => Some(m.label.version),
+        }
     }
 
     fn bitmap(&self, disk: Uuid) -> Option<&Arc<DiskBitmap>> {

@@ -5,7 +5,8 @@
 //! and sorts the disks it finds into current, behind (missed only the last
 //! write, as after a crash mid-commit), returned (marked missing or failed
 //! and back now: `reactivate`) and split-brain (moved on without the group:
-//! refused). A commit raises the seqno and writes the config to every online
+//! recorded in [`split::SplitBrain`]; commands that write refuse until the
+//! admin keeps one side). A commit raises the seqno and writes the config to every online
 //! disk, each into the slot that does not hold its newest good copy.
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ pub mod live;
 pub mod ops;
 pub mod resync;
 pub mod scrub;
+pub mod split;
 pub mod status;
 
 /// Shows the progress of a long copy (a progress bar on a terminal).
@@ -70,6 +72,9 @@ pub struct Group {
     pub bitmap_found: BTreeMap<Uuid, crate::volume::bitmap::Found>,
     /// One line per resync done: what was copied, and why in full.
     pub resynced: Vec<String>,
+    /// Set when the disks found moved on without each other: nothing is
+    /// written until the admin keeps one side ([`Group::resolve_split_brain`]).
+    pub split: Option<split::SplitBrain>,
 }
 
 /// At the end of every command (and of `serve`), the bits of regions in
@@ -324,11 +329,10 @@ impl Group {
             })?;
         let mut config = newest.config.clone().expect("filtered");
         config.seqno = newest.seqno;
-        let newest_path = newest.path.clone();
 
         // Sort each disk found against the newest config.
         let mut split = Vec::new();
-        for f in &found {
+        for (i, f) in found.iter().enumerate() {
             let uuid = f.read.label.disk_uuid;
             let Some(entry) = config.disk(uuid) else {
                 warnings.push(format!(
@@ -341,12 +345,7 @@ impl Group {
                 && f.seqno >= entry.state_seqno
                 && f.config.is_some()
             {
-                split.push(format!(
-                    "{} (changed up to config {} after the group lost it at config {})",
-                    f.path.display(),
-                    f.seqno,
-                    entry.state_seqno
-                ));
+                split.push(i);
             } else if entry.state == DiskState::Online && f.seqno == config.seqno {
                 let states = |c: &GroupConfig| -> Vec<(Uuid, DiskState)> {
                     c.disks.iter().map(|d| (d.uuid, d.state)).collect()
@@ -356,22 +355,19 @@ impl Group {
                     .as_ref()
                     .map(|c| c.volumes == config.volumes && states(c) == states(&config));
                 if same == Some(false) {
-                    split.push(format!(
-                        "{} (a different config with the same number {})",
-                        f.path.display(),
-                        f.seqno
-                    ));
+                    split.push(i);
                 }
             }
         }
-        if !split.is_empty() {
-            return Err(Error::failed(format!(
-                "split brain in group {}: {} holds config {}, but {} moved on without it; mirrorvol will not merge them silently: assemble one side alone with --disks and remove or re-initialize the other",
-                config.name,
-                newest_path.display(),
-                config.seqno,
-                split.join(" and ")
-            )));
+        // Split brain is recorded, not refused: `status` shows both sides and
+        // what each changed, and commands that write refuse.
+        let split = (!split.is_empty()).then(|| split::build(&found, &split, &config));
+        if let Some(s) = &split {
+            tracing::warn!(
+                sides = s.sides.len(),
+                "split brain in group {}",
+                config.name
+            );
         }
 
         let mut members = BTreeMap::new();
@@ -418,6 +414,7 @@ impl Group {
             bitmaps: None,
             bitmap_found: BTreeMap::new(),
             resynced: Vec::new(),
+            split,
         }))
     }
 
@@ -542,6 +539,11 @@ impl Group {
             let text = config.to_text();
             let mut wrote = 0;
             let mut failed = Vec::new();
+            let versions: BTreeMap<Uuid, u32> = self
+                .members
+                .keys()
+                .filter_map(|u| Some((*u, self.label_version(*u)?)))
+                .collect();
             for (uuid, m) in &mut self.members {
                 if config.disk(*uuid).map(|d| d.state) != Some(DiskState::Online) {
                     continue;
@@ -549,7 +551,10 @@ impl Group {
                 let mut result =
                     ondisk::write_config(&*m.disk, &m.label, seqno, text.as_bytes()).map(|_| ());
                 if result.is_ok() && m.damaged.iter().any(|d| d.contains("label")) {
-                    result = ondisk::write_labels(&*m.disk, &m.label);
+                    // A healed label keeps the version the disk is at now.
+                    let mut label = m.label.clone();
+                    label.version = versions.get(uuid).copied().unwrap_or(label.version);
+                    result = ondisk::write_labels(&*m.disk, &label);
                 }
                 match result {
                     Ok(()) => {

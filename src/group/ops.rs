@@ -117,6 +117,7 @@ pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> R
             bitmaps: None,
             bitmap_found: Default::default(),
             resynced: Vec::new(),
+            split: None,
         },
     };
     for (path, disk) in disks {

@@ -15,6 +15,32 @@ pub struct StatusReport {
     pub group: GroupStatus,
     pub disks: Vec<DiskStatus>,
     pub volumes: Vec<VolumeStatus>,
+    /// The sides of a split group (empty, and left out, when not split).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub split_brain: Vec<SplitSideStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SplitSideStatus {
+    /// The disks of this side, as found.
+    pub disks: Vec<String>,
+    /// The config seqno this side reached.
+    pub seqno: u64,
+    pub volumes: Vec<SplitVolumeStatus>,
+}
+
+/// What one side changed in a volume shared with another side since they
+/// parted, from its write-intent bitmaps.
+#[derive(Debug, Serialize)]
+pub struct SplitVolumeStatus {
+    pub name: String,
+    /// Bitmap regions changed; null when the bitmaps cannot say.
+    pub regions: Option<u64>,
+    /// Bytes those regions cover; null when the bitmaps cannot say.
+    pub bytes: Option<u64>,
+    /// Why the bitmaps cannot say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unknown: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -46,6 +72,10 @@ pub struct VolumeStatus {
     pub state: &'static str,
     pub duplexed: bool,
     pub plexes: Vec<PlexStatus>,
+    /// The volume's plexes sit on both sides of a split group: it is
+    /// `failed` (not served, not written) until the split is resolved.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub split_brain: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -78,6 +108,7 @@ impl Group {
     /// failed puts nothing more at risk).
     pub fn status_with(&self, errors: &BTreeMap<Uuid, u64>) -> StatusReport {
         let errors_on = |disk: Uuid| errors.get(&disk).copied().unwrap_or(0);
+        let split_affected = |v: Uuid| self.split.as_ref().is_some_and(|s| s.is_affected(v));
         let disks = self
             .config
             .disks
@@ -115,6 +146,7 @@ impl Group {
                     size: v.size,
                     layout: if v.is_mirror() { "mirror" } else { "simple" },
                     state: match self.volume_state(v) {
+                        _ if split_affected(v.uuid) => "failed",
                         "healthy" | "failed-redundancy"
                             if v.plexes.iter().any(|p| {
                                 errors_on(p.disk) > 0
@@ -153,7 +185,32 @@ impl Group {
                             }
                         })
                         .collect(),
+                    split_brain: split_affected(v.uuid),
                 }
+            })
+            .collect();
+        let split_brain = self
+            .split
+            .iter()
+            .flat_map(|s| {
+                s.sides.iter().enumerate().map(|(i, side)| SplitSideStatus {
+                    disks: side.paths.clone(),
+                    seqno: side.seqno,
+                    volumes: s
+                        .volumes
+                        .iter()
+                        .map(|v| {
+                            let c = &v.changes[i];
+                            let known = c.unknown.is_none();
+                            SplitVolumeStatus {
+                                name: v.name.clone(),
+                                regions: known.then_some(c.regions),
+                                bytes: known.then_some(c.bytes),
+                                unknown: c.unknown.clone(),
+                            }
+                        })
+                        .collect(),
+                })
             })
             .collect();
         StatusReport {
@@ -164,6 +221,7 @@ impl Group {
             },
             disks,
             volumes,
+            split_brain,
         }
     }
 }

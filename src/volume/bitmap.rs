@@ -83,6 +83,24 @@ pub struct DiskBitmap {
     durable: AtomicU64,
     /// Bitmap blocks written, for tests and benchmarks.
     pub writes: AtomicU64,
+    /// Runs once, before anything of this bitmap is first written.
+    first_write: FirstWrite,
+}
+
+/// A hook run before a disk's bitmap is first written: the group layer
+/// raises a format-1 disk's labels to the current version there.
+pub type FirstWriteHook = Box<dyn Fn() -> io::Result<()> + Send>;
+
+#[derive(Default)]
+struct FirstWrite(Mutex<Option<FirstWriteHook>>);
+
+impl std::fmt::Debug for FirstWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pending = self.0.lock().map(|h| h.is_some()).unwrap_or(false);
+        f.debug_struct("FirstWrite")
+            .field("pending", &pending)
+            .finish()
+    }
 }
 
 impl DiskBitmap {
@@ -144,6 +162,7 @@ impl DiskBitmap {
             io: Mutex::new(()),
             durable: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            first_write: FirstWrite::default(),
         };
         if found != Found::Valid {
             // A fresh bitmap replaces whatever was there, bits included.
@@ -152,6 +171,31 @@ impl DiskBitmap {
             s.dirty = (0..header.blocks()).collect();
         }
         Ok((b, found))
+    }
+
+    /// Sets `hook` to run once, before this bitmap is first written (a
+    /// failure fails that write, and the hook runs again before the next).
+    pub fn before_first_write(&self, hook: FirstWriteHook) {
+        *self.first_write.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    /// True while the hook of [`DiskBitmap::before_first_write`] has not run.
+    pub fn first_write_pending(&self) -> bool {
+        self.first_write
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    fn run_first_write(&self) -> io::Result<()> {
+        let mut slot = self.first_write.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hook) = slot.as_ref() {
+            // On failure the hook stays, and runs again before the next write.
+            hook()?;
+            *slot = None;
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -261,6 +305,7 @@ impl DiskBitmap {
             (header, blocks, s.generation)
         };
         let r = (|| {
+            self.run_first_write()?;
             for (b, data) in &blocks {
                 self.disk
                     .write_at(data, self.area + (b + 1) * BITMAP_BLOCK)?;
