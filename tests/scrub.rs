@@ -311,3 +311,31 @@ fn a_read_error_stops_the_scrub_with_exit_1_and_fails_that_plex() {
         .collect();
     assert_eq!(states, ["in-sync", "failed"]);
 }
+
+#[test]
+fn serve_scrubs_in_the_background_and_reports_the_mismatching_range() {
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    mirror(&sb, "m", 4 << 20, &["a.img", "b.img"]);
+    corrupt(&sb, "b.img", "m", 3 << 20, 4096);
+    let served =
+        serve::Served::start_args(&sb, &["--scrub-interval", "1", "--scrub-rate", "64M"], &[]);
+    let want = format!(
+        "scrub of volume m: plexes differ at offset {}, 4096 bytes",
+        3 << 20
+    );
+    let start = std::time::Instant::now();
+    while !served.stderr().contains(&want) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "no scrub report:\n{}",
+            served.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (code, _) = served.stop();
+    assert_eq!(code, 0);
+    // A background scrub only reports: the plexes still differ.
+    let r = scrub_json(&sb, &["m"]);
+    assert_eq!(ranges(&r).len(), 1);
+}

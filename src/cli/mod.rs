@@ -182,6 +182,13 @@ pub enum Command {
         /// default (md's speed_limit_max).
         #[arg(long, value_parser = parse_size, default_value = "0")]
         resync_max_rate: u64,
+        /// Scrub every mirror in the background every this many seconds
+        /// (compare only; mismatches are logged). 0, the default: never.
+        #[arg(long, default_value_t = 0)]
+        scrub_interval: u64,
+        /// Bytes per second a background scrub compares at most.
+        #[arg(long, value_parser = parse_size, default_value = "32M")]
+        scrub_rate: u64,
     },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
@@ -509,6 +516,7 @@ fn execute(cli: Cli) -> Result<()> {
             let opts = ScrubOptions {
                 repair,
                 max_rate: rate,
+                ..ScrubOptions::default()
             };
             let report = g.scrub(&name, &opts, &bar)?;
             flush_warnings(&mut g);
@@ -528,15 +536,22 @@ fn execute(cli: Cli) -> Result<()> {
             disk_threads,
             resync_min_rate,
             resync_max_rate,
+            scrub_interval,
+            scrub_rate,
         } => crate::daemon::serve(
             &cli.disks,
-            &listen,
-            cache == "none",
-            disk_threads.into(),
-            crate::volume::resync::ResyncOptions {
-                min_rate: resync_min_rate,
-                max_rate: resync_max_rate,
-                ..Default::default()
+            &crate::daemon::ServeOptions {
+                listen,
+                direct: cache == "none",
+                disk_threads: disk_threads.into(),
+                resync: crate::volume::resync::ResyncOptions {
+                    min_rate: resync_min_rate,
+                    max_rate: resync_max_rate,
+                    ..Default::default()
+                },
+                scrub_interval: (scrub_interval > 0)
+                    .then(|| std::time::Duration::from_secs(scrub_interval)),
+                scrub_rate,
             },
         )?,
         Command::Demo { dir } => demo::demo(dir)?,

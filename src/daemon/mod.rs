@@ -100,15 +100,27 @@ fn wrap_fault_disk(group: &mut Group, path: &Path) -> Result<Arc<FaultyDisk>> {
     Ok(faulty.expect("the disk is a member"))
 }
 
-/// Runs `serve` until SIGINT or SIGTERM. With `direct`, the disks are
-/// opened `O_DIRECT` (where the filesystem allows it).
-pub fn serve(
-    disks: &[PathBuf],
-    listen: &[String],
-    direct: bool,
-    disk_threads: usize,
-    resync: ResyncOptions,
-) -> Result<()> {
+/// How `serve` runs.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// `unix:PATH`, `HOST:PORT` or `PORT`; empty: [`DEFAULT_LISTEN`].
+    pub listen: Vec<String>,
+    /// Open the disks `O_DIRECT` (where the filesystem allows it).
+    pub direct: bool,
+    /// Requests each disk serves at once.
+    pub disk_threads: usize,
+    /// Pacing of the background resyncs.
+    pub resync: ResyncOptions,
+    /// Scrub every mirror this often, in the background (None: never).
+    pub scrub_interval: Option<std::time::Duration>,
+    /// Bytes per second a background scrub compares at most.
+    pub scrub_rate: u64,
+}
+
+/// Runs `serve` until SIGINT or SIGTERM.
+pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
+    let (listen, direct, disk_threads) = (&options.listen, options.direct, options.disk_threads);
+    let resync = options.resync.clone();
     let listen: Vec<Listen> = if listen.is_empty() {
         vec![Listen::parse(DEFAULT_LISTEN).expect("the default parses")]
     } else {
@@ -178,6 +190,9 @@ pub fn serve(
     live.start_bitmap_clearing(BITMAP_CLEAR_PERIOD);
     // Plexes left resyncing or stale are resynced while clients do I/O.
     live.start_resyncs(resync);
+    if let Some(every) = options.scrub_interval {
+        live.start_scrubs(every, options.scrub_rate);
+    }
     let names = live.volume_names();
     let exports: Vec<Arc<dyn Export>> = names
         .iter()

@@ -40,6 +40,8 @@ pub struct LiveGroup {
     resyncs: Mutex<BTreeMap<String, Running>>,
     resync_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     stopping: std::sync::atomic::AtomicBool,
+    /// Tells a background scrub to stop between chunks.
+    scrub_stop: Arc<std::sync::atomic::AtomicBool>,
     _watchdog: Watchdog,
 }
 
@@ -93,6 +95,7 @@ impl LiveGroup {
                 resyncs: Mutex::new(BTreeMap::new()),
                 resync_threads: Mutex::new(Vec::new()),
                 stopping: std::sync::atomic::AtomicBool::new(false),
+                scrub_stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 _watchdog: watchdog,
             }
         })
@@ -300,6 +303,90 @@ impl LiveGroup {
         }
     }
 
+    /// Scrubs every mirrored volume in the background, one after the other,
+    /// every `interval`, comparing at most `max_rate` bytes per second (it
+    /// only reports: repairing is the admin's decision, as with md's
+    /// `check`). Mismatching ranges go to the log and to stderr; a plex that
+    /// fails a read during the scrub is failed as on any other I/O.
+    pub fn start_scrubs(self: &Arc<Self>, interval: std::time::Duration, max_rate: u64) {
+        let me = Arc::downgrade(self);
+        let stop = self.scrub_stop.clone();
+        let t = std::thread::Builder::new()
+            .name("scrub".into())
+            .spawn(move || {
+                let opts = crate::volume::scrub::ScrubOptions {
+                    repair: false,
+                    max_rate: Some(max_rate),
+                    stop: Some(stop.clone()),
+                };
+                let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
+                loop {
+                    let started = std::time::Instant::now();
+                    while started.elapsed() < interval {
+                        if stopped() {
+                            return;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    let Some(live) = me.upgrade() else { return };
+                    for name in live.volume_names() {
+                        let Some(vol) = live.volume(&name) else {
+                            continue;
+                        };
+                        let result = crate::volume::scrub::scrub(&vol, &opts, &|_| {});
+                        if stopped() {
+                            return;
+                        }
+                        live.report_scrub(&name, result);
+                    }
+                }
+            })
+            .expect("spawn the scrub thread");
+        self.resync_threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(t);
+    }
+
+    fn report_scrub(
+        &self,
+        name: &str,
+        result: std::result::Result<
+            crate::volume::scrub::ScrubReport,
+            crate::volume::scrub::ScrubError,
+        >,
+    ) {
+        use crate::volume::scrub::ScrubError;
+        match result {
+            Ok(r) if r.mismatches.is_empty() => {
+                tracing::info!(volume = %name, bytes = r.checked_bytes, "scrub found the plexes equal");
+            }
+            Ok(r) => {
+                let g = self.group();
+                for m in &r.mismatches {
+                    let line = format!(
+                        "scrub of volume {name}: plexes differ at offset {}, {} bytes (disk {} against {})",
+                        m.offset,
+                        m.length,
+                        g.disk_path(m.kept),
+                        m.outvoted
+                            .iter()
+                            .map(|d| g.disk_path(*d))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                    tracing::error!("{line}");
+                    eprintln!("{line}");
+                }
+            }
+            Err(ScrubError::TooFewPlexes { .. }) => {}
+            Err(e) => {
+                tracing::error!(volume = %name, error = %e, "scrub stopped");
+                eprintln!("{e}");
+            }
+        }
+    }
+
     /// Stops the background resyncs (each records its checkpoint) and waits
     /// for them.
     pub fn stop_resyncs(&self) {
@@ -308,6 +395,8 @@ impl LiveGroup {
             // either sees the flag or is registered below, and stopped.
             let _g = self.group();
             self.stopping
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.scrub_stop
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
         for r in self.running().values() {

@@ -22,6 +22,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
@@ -43,6 +44,17 @@ pub struct ScrubOptions {
     /// Bytes per second to compare at most (per plex); `None` or 0: as fast
     /// as the disks go.
     pub max_rate: Option<u64>,
+    /// Set to stop between chunks (a daemon shutting down); the report then
+    /// covers what was compared so far.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl ScrubOptions {
+    fn stopped(&self) -> bool {
+        self.stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+    }
 }
 
 /// One byte range where the plexes differ.
@@ -134,7 +146,7 @@ pub fn scrub(
         .collect();
     let started = Instant::now();
     let mut pos = 0u64;
-    while pos < volume.size {
+    while pos < volume.size && !opts.stopped() {
         let n = (volume.size - pos).min(SCRUB_CHUNK as u64) as usize;
         let found = volume.with_range_locked(pos..pos + n as u64, || {
             // A plex failed by a write since the last chunk lacks that write:
@@ -175,9 +187,9 @@ pub fn scrub(
         progress(pos);
         if let Some(rate) = opts.max_rate.filter(|r| *r > 0) {
             let due = Duration::from_secs_f64(pos as f64 / rate as f64);
-            let spent = started.elapsed();
-            if due > spent {
-                std::thread::sleep(due - spent);
+            // Sleep in slices, so a stop request is seen within 100 ms.
+            while started.elapsed() < due && !opts.stopped() {
+                std::thread::sleep((due - started.elapsed()).min(Duration::from_millis(100)));
             }
         }
     }
@@ -472,6 +484,7 @@ mod tests {
         let opts = ScrubOptions {
             repair: false,
             max_rate: Some(SIZE * 5),
+            ..ScrubOptions::default()
         };
         let t = Instant::now();
         scrub(&r.vol, &opts, &|_| {}).unwrap();

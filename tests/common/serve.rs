@@ -40,15 +40,20 @@ impl Served {
     /// Serves the sandbox's group on `SANDBOX/nbd.sock` (and `extra`
     /// listeners), with `env` set.
     pub fn start(sb: &Sandbox, extra: &[&str], env: &[(&str, &str)]) -> Served {
+        let args: Vec<&str> = extra.iter().flat_map(|l| ["--listen", l]).collect();
+        Served::start_args(sb, &args, env)
+    }
+
+    /// Serves like [`Served::start`], with `args` added to `serve`'s
+    /// command line (each `--listen` in them is waited for too).
+    pub fn start_args(sb: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Served {
         let sock = sb.path("nbd.sock");
         let mut cmd = Command::new(bin());
         cmd.env("MIRRORVOL_DISKS", sb.disks_dir())
             .arg("serve")
             .arg("--listen")
-            .arg(format!("unix:{}", sock.display()));
-        for l in extra {
-            cmd.arg("--listen").arg(l);
-        }
+            .arg(format!("unix:{}", sock.display()))
+            .args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -75,7 +80,7 @@ impl Served {
             stderr,
             addrs: Vec::new(),
         };
-        let want = 1 + extra.len();
+        let want = 1 + args.iter().filter(|a| **a == "--listen").count();
         let start = Instant::now();
         loop {
             let text = s.stderr();
