@@ -18,7 +18,6 @@ use crate::{Error, Result};
 pub mod demo;
 pub mod examine;
 pub mod scrub;
-pub mod show;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -189,6 +188,11 @@ pub enum Command {
         /// Bytes per second a background scrub compares at most.
         #[arg(long, value_parser = parse_size, default_value = "32M")]
         scrub_rate: u64,
+        /// The control socket other mirrorvol commands reach the daemon
+        /// through. Default: $MIRRORVOL_RUN_DIR/<group-uuid>.sock, the run
+        /// directory defaulting to /run/mirrorvol.
+        #[arg(long)]
+        control: Option<PathBuf>,
     },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
@@ -501,7 +505,7 @@ fn execute(cli: Cli) -> Result<()> {
                     serde_json::to_string_pretty(&report).expect("status serializes")
                 );
             } else {
-                print!("{}", show::status_text(&report));
+                print!("{}", crate::group::show::status_text(&report));
             }
         }
         Command::Examine { path, json } => examine::examine(&path, json)?,
@@ -538,6 +542,7 @@ fn execute(cli: Cli) -> Result<()> {
             resync_max_rate,
             scrub_interval,
             scrub_rate,
+            control,
         } => crate::daemon::serve(
             &cli.disks,
             &crate::daemon::ServeOptions {
@@ -552,6 +557,7 @@ fn execute(cli: Cli) -> Result<()> {
                 scrub_interval: (scrub_interval > 0)
                     .then(|| std::time::Duration::from_secs(scrub_interval)),
                 scrub_rate,
+                control,
             },
         )?,
         Command::Demo { dir } => demo::demo(dir)?,

@@ -12,9 +12,13 @@
 //!
 //! A disk that fails while serving is handled by the engine: its plexes are
 //! failed in the config on the surviving disks, and the volumes go on.
-//! `mirrorvol fail` cannot open the disks while `serve` holds them; until
-//! the control socket exists, tests fail a disk with the test hook
-//! [`FAULT_DISK_ENV`].
+//!
+//! Other processes reach the group through the control socket
+//! ([`control`]; by default `<run dir>/<group-uuid>.sock`), and find it
+//! through the pid file `serve` writes next to it ([`crate::group::holder`]).
+//! Both go when `serve` stops.
+
+pub mod control;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -24,6 +28,7 @@ use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::disk::{AlignedBuf, Disk, FaultyDisk};
+use crate::group::holder;
 use crate::group::live::LiveGroup;
 use crate::group::{DiskSet, Group, Lookup};
 use crate::nbd::server::{self, Done, Export, Listen, Server};
@@ -115,6 +120,8 @@ pub struct ServeOptions {
     pub scrub_interval: Option<std::time::Duration>,
     /// Bytes per second a background scrub compares at most.
     pub scrub_rate: u64,
+    /// The control socket; None: `<run dir>/<group-uuid>.sock`.
+    pub control: Option<PathBuf>,
 }
 
 /// Runs `serve` until SIGINT or SIGTERM.
@@ -193,6 +200,14 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     if let Some(every) = options.scrub_interval {
         live.start_scrubs(every, options.scrub_rate);
     }
+    let control = match start_control(&live, options) {
+        Ok(c) => c,
+        Err(e) => {
+            cleanup(&bound);
+            live.stop();
+            return Err(e);
+        }
+    };
     let names = live.volume_names();
     let exports: Vec<Arc<dyn Export>> = names
         .iter()
@@ -229,6 +244,8 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     }
 
     eprintln!("stopping: finishing the requests in flight");
+    // No operation starts once the socket is gone.
+    drop(control);
     server.shutdown();
     // Resyncs stop after recording their checkpoints; the next start resumes.
     live.stop_resyncs();
@@ -256,6 +273,89 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     }
     eprintln!("stopped; every volume is flushed");
     Ok(())
+}
+
+/// Binds the control socket and records the daemon in the run directory.
+/// Without `--control`, a run directory that cannot be written (no root)
+/// costs only the socket, with a warning.
+fn start_control(
+    live: &Arc<LiveGroup>,
+    options: &ServeOptions,
+) -> Result<Option<control::ControlSocket>> {
+    let group = live.group().config.uuid;
+    let path = options
+        .control
+        .clone()
+        .unwrap_or_else(|| holder::default_socket(group));
+    let me = Arc::downgrade(live);
+    let resync = options.resync.clone();
+    let handler: control::Handler = Arc::new(move |request| match me.upgrade() {
+        Some(live) => handle(&live, request, &resync),
+        None => control::Response::from_error(&Error::refused("mirrorvol serve is stopping")),
+    });
+    let mut sock = match control::ControlSocket::bind(&path, handler) {
+        Ok(s) => s,
+        Err(e) if options.control.is_none() && !matches!(e, Error::Refused(_)) => {
+            eprintln!("warning: no control socket ({e}); online commands are unavailable");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let pid_file = holder::pid_file(group);
+    let text = holder::pid_file_text(std::process::id(), &path);
+    let written = pid_file
+        .parent()
+        .map_or(Ok(()), |d| {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+        })
+        .and_then(|()| std::fs::write(&pid_file, text));
+    match written {
+        Ok(()) => sock.remove_with(pid_file),
+        Err(e) => eprintln!(
+            "warning: cannot write {} ({e}); other processes will not find the control socket unless it is at its default path",
+            pid_file.display()
+        ),
+    }
+    eprintln!("control socket on {}", path.display());
+    Ok(Some(sock))
+}
+
+/// Runs one control request on the live group.
+fn handle(
+    live: &Arc<LiveGroup>,
+    request: control::Request,
+    resync: &ResyncOptions,
+) -> control::Response {
+    use control::{Request, Response};
+    let result = match request {
+        Request::Status => {
+            let report = live.status();
+            Ok(Response {
+                ok: true,
+                status: Some(serde_json::to_value(&report).expect("status serializes")),
+                text: Some(crate::group::show::status_text(&report)),
+                ..Response::default()
+            })
+        }
+        Request::Fail { path, force } => live
+            .fail_disk_by_path(&path, force)
+            .map(|()| Response::message(format!("marked disk {} failed", path.display()))),
+        Request::Reactivate { path } => {
+            live.reactivate_by_path(&path, resync.clone())
+                .map(|started| {
+                    Response::message(if started {
+                        format!("reactivated disk {}; resync started", path.display())
+                    } else {
+                        format!("reactivated disk {}", path.display())
+                    })
+                })
+        }
+    };
+    result.unwrap_or_else(|e| Response::from_error(&e))
 }
 
 /// Removes the socket files of listeners bound before a failure.

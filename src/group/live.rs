@@ -39,6 +39,10 @@ pub struct LiveGroup {
     /// Background resyncs under way, by volume.
     resyncs: Mutex<BTreeMap<String, Running>>,
     resync_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Volumes with a resync thread; changed under the group lock, so a
+    /// thread that finds nothing left to do and a new resync started meanwhile
+    /// never miss each other.
+    resync_volumes: Mutex<std::collections::BTreeSet<String>>,
     stopping: std::sync::atomic::AtomicBool,
     /// Tells a background scrub to stop between chunks.
     scrub_stop: Arc<std::sync::atomic::AtomicBool>,
@@ -94,6 +98,7 @@ impl LiveGroup {
                 errors: Mutex::new(BTreeMap::new()),
                 resyncs: Mutex::new(BTreeMap::new()),
                 resync_threads: Mutex::new(Vec::new()),
+                resync_volumes: Mutex::new(std::collections::BTreeSet::new()),
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 scrub_stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 _watchdog: watchdog,
@@ -194,6 +199,13 @@ impl LiveGroup {
                 false
             }
         };
+        self.retire_plexes(g);
+        ok
+    }
+
+    /// Takes out of the engines every plex the config no longer has in
+    /// service.
+    fn retire_plexes(&self, g: &Group) {
         let running = self.running();
         for v in self
             .volumes
@@ -223,7 +235,6 @@ impl LiveGroup {
                 }
             }
         }
-        ok
     }
 
     /// Starts the thread that clears the write-intent bits of regions idle
@@ -448,6 +459,90 @@ impl LiveGroup {
     }
 }
 
+/// Operations of the control socket: the offline commands' checks and config
+/// changes, applied to the engines while clients do I/O.
+impl LiveGroup {
+    /// `fail PATH [--force]` while serving: the disk is failed in the config
+    /// (refused as offline when it holds a last in-sync plex, unless
+    /// `force`) and its plexes leave every engine; a resync onto it stops.
+    pub fn fail_disk_by_path(&self, path: &std::path::Path, force: bool) -> crate::Result<()> {
+        let mut g = self.group();
+        let uuid = g.resolve_disk(path)?;
+        g.fail(path, force)?;
+        for w in g.warnings.split_off(0) {
+            eprintln!("warning: {w}");
+        }
+        for r in self.running().values() {
+            if r.disk == uuid {
+                r.progress.stop();
+            }
+        }
+        self.retire_plexes(&g);
+        for v in self
+            .volumes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            for p in v.plexes() {
+                if p.disk == uuid {
+                    p.set_mode(Mode::Out);
+                }
+            }
+        }
+        tracing::info!(disk = %path.display(), "disk failed by the admin");
+        Ok(())
+    }
+
+    /// `reactivate PATH` while serving: the disk is recorded online and
+    /// its plexes stale; the background resyncs bring them in sync (write-
+    /// only in the engine until then). Returns at once, saying whether a
+    /// resync started. Only a disk that was in service when `serve` started
+    /// has a queue to come back to.
+    pub fn reactivate_by_path(
+        self: &Arc<Self>,
+        path: &std::path::Path,
+        opts: ResyncOptions,
+    ) -> crate::Result<bool> {
+        let vols = {
+            let mut g = self.group();
+            let uuid = g.resolve_disk(path)?;
+            if !self.queues.contains_key(&uuid) {
+                return Err(crate::Error::refused(format!(
+                    "disk {} was not in service when mirrorvol serve started; stop serve and reactivate it offline",
+                    path.display()
+                )));
+            }
+            let (_, vols) = g.reactivate_config(path)?;
+            for w in g.warnings.split_off(0) {
+                eprintln!("warning: {w}");
+            }
+            // A plex that kept its in-sync state (a last copy failed with
+            // --force) serves again as it is.
+            for name in &vols {
+                let (Some(engine), Some(entry)) = (self.volume(name), g.config.volume(name)) else {
+                    continue;
+                };
+                for p in &entry.plexes {
+                    if p.disk == uuid
+                        && g.plex_state(p.disk, p.state) == "in-sync"
+                        && let Some(ep) = engine.plex(uuid)
+                    {
+                        ep.set_mode(Mode::InSync);
+                    }
+                }
+            }
+            self.retire_plexes(&g);
+            vols.into_iter()
+                .filter(|n| Self::next_target(&g, &self.queues, n) == Some(uuid))
+                .count()
+        };
+        self.start_resyncs(opts);
+        tracing::info!(disk = %path.display(), "disk reactivated while serving");
+        Ok(vols > 0)
+    }
+}
+
 /// One plex resync a volume's thread is about to run.
 struct ResyncJob {
     disk: Uuid,
@@ -466,12 +561,17 @@ impl LiveGroup {
     pub fn start_resyncs(self: &Arc<Self>, opts: ResyncOptions) {
         let names: Vec<String> = {
             let g = self.group();
-            g.config
+            let mut threads = self.resync_volumes();
+            let names: Vec<String> = g
+                .config
                 .volumes
                 .iter()
+                .filter(|v| !threads.contains(&v.name))
                 .filter(|v| Self::next_target(&g, &self.queues, &v.name).is_some())
                 .map(|v| v.name.clone())
-                .collect()
+                .collect();
+            threads.extend(names.iter().cloned());
+            names
         };
         for name in names {
             let me = Arc::downgrade(self);
@@ -507,10 +607,24 @@ impl LiveGroup {
     /// registers it.
     fn next_resync(&self, name: &str) -> Option<ResyncJob> {
         let mut g = self.group();
+        let job = self.next_resync_locked(&mut g, name);
+        if job.is_none() {
+            self.resync_volumes().remove(name);
+        }
+        job
+    }
+
+    fn resync_volumes(&self) -> MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.resync_volumes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn next_resync_locked(&self, g: &mut Group, name: &str) -> Option<ResyncJob> {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return None;
         }
-        let disk = Self::next_target(&g, &self.queues, name)?;
+        let disk = Self::next_target(g, &self.queues, name)?;
         let engine = self.volume(name)?;
         let entry = g
             .config
@@ -526,7 +640,7 @@ impl LiveGroup {
         let full = g.resync_plan(name, disk).ok()?.full;
         if full && entry.state != PlexState::Resyncing {
             g.set_plex_state(name, disk, PlexState::Resyncing);
-            if !self.commit(&mut g, &format!("the resync of {name}")) {
+            if !self.commit(g, &format!("the resync of {name}")) {
                 return None;
             }
         }
@@ -541,7 +655,11 @@ impl LiveGroup {
             },
         );
         let target = match engine.plex(disk) {
-            Some(p) if p.mode() == Mode::WriteOnly => p,
+            // Out: a plex of a disk failed and reactivated while serving.
+            Some(p) if matches!(p.mode(), Mode::WriteOnly | Mode::Out) => {
+                p.set_mode(Mode::WriteOnly);
+                p
+            }
             Some(_) => {
                 self.running().remove(name);
                 return None;
@@ -617,6 +735,7 @@ impl LiveGroup {
             }
             Err(ResyncError::Stopped { position }) => {
                 tracing::info!(volume = %name, disk = %path, position, "resync stopped; it resumes from its checkpoint");
+                self.resync_volumes().remove(name);
                 false
             }
             Err(ResyncError::Target { offset, error }) => {
@@ -628,6 +747,7 @@ impl LiveGroup {
             Err(e) => {
                 tracing::error!(volume = %name, disk = %path, error = %e, "resync failed");
                 eprintln!("error: the resync of volume {name} onto {path} failed: {e}");
+                self.resync_volumes().remove(name);
                 false
             }
         }

@@ -23,11 +23,13 @@ use crate::{Error, Result};
 
 pub mod alloc;
 pub mod bitmap;
+pub mod holder;
 pub mod io;
 pub mod live;
 pub mod ops;
 pub mod resync;
 pub mod scrub;
+pub mod show;
 pub mod split;
 pub mod status;
 
@@ -160,10 +162,15 @@ pub fn open_disk_with(path: &Path, direct: bool) -> Result<Arc<dyn Disk>> {
             "disk {} does not exist",
             path.display()
         ))),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(Error::refused(format!(
-            "disk {} is in use by another mirrorvol process",
-            path.display()
-        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            Err(Error::refused(match holder::holder_of(path) {
+                Some(h) => format!("disk {} is in use by {}", path.display(), h.describe()),
+                None => format!(
+                    "disk {} is in use by another mirrorvol process",
+                    path.display()
+                ),
+            }))
+        }
         Err(e) => Err(Error::io_path("open", path, e)),
     }
 }

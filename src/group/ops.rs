@@ -735,6 +735,37 @@ impl Group {
     /// Brings a returned or failed disk back into service and resyncs the
     /// plexes that may have missed writes.
     pub fn reactivate(&mut self, path: &Path, progress: &dyn Progress) -> Result<Vec<String>> {
+        let (_, full) = self.reactivate_config(path)?;
+        let mut notes = Vec::new();
+        for name in full {
+            let stale: Vec<Uuid> = self
+                .volume(&name)?
+                .plexes
+                .iter()
+                .filter(|p| matches!(self.plex_state(p.disk, p.state), "stale" | "resyncing"))
+                .map(|p| p.disk)
+                .collect();
+            if stale.is_empty() {
+                continue;
+            }
+            if self.require_source(&name).is_err() {
+                notes.push(format!(
+                    "volume {name} has no in-sync plex to resync from; reactivate the disk that holds its last good copy"
+                ));
+                continue;
+            }
+            for disk in stale {
+                self.resync_plex(&name, disk, progress)?;
+            }
+        }
+        Ok(notes)
+    }
+
+    /// The config half of [`Group::reactivate`]: records the disk online and
+    /// its plexes that are not in sync stale, and commits. Returns the disk
+    /// and the volumes with a plex on it; their resyncs are the caller's
+    /// (in the foreground offline, in the background under `serve`).
+    pub fn reactivate_config(&mut self, path: &Path) -> Result<(Uuid, Vec<String>)> {
         let uuid = self.resolve_disk(path)?;
         if !self.members.contains_key(&uuid) {
             return Err(Error::refused(format!(
@@ -773,29 +804,7 @@ impl Group {
             }
         }
         self.commit()?;
-        let mut notes = Vec::new();
-        for (name, _) in full {
-            let stale: Vec<Uuid> = self
-                .volume(&name)?
-                .plexes
-                .iter()
-                .filter(|p| matches!(self.plex_state(p.disk, p.state), "stale" | "resyncing"))
-                .map(|p| p.disk)
-                .collect();
-            if stale.is_empty() {
-                continue;
-            }
-            if self.require_source(&name).is_err() {
-                notes.push(format!(
-                    "volume {name} has no in-sync plex to resync from; reactivate the disk that holds its last good copy"
-                ));
-                continue;
-            }
-            for disk in stale {
-                self.resync_plex(&name, disk, progress)?;
-            }
-        }
-        Ok(notes)
+        Ok((uuid, full.into_iter().map(|(n, _)| n).collect()))
     }
 
     /// Grows a simple volume into the free space that follows its plex.

@@ -1,0 +1,319 @@
+//! The control socket of `serve`: a Unix socket through which other
+//! processes run operations on the group the daemon holds.
+//!
+//! One JSON request per connection, on one line; one JSON response line:
+//!
+//! ```text
+//! {"op": "status"}                       → {"ok": true, "status": {...}, "text": "..."}
+//! {"op": "fail", "path": P, "force": B}  → {"ok": true, "message": "marked disk P failed"}
+//! {"op": "reactivate", "path": P}        → {"ok": true, "message": "reactivated disk P; ..."}
+//! anything refused or failed             → {"ok": false, "code": 2|1, "error": "sentence"}
+//! ```
+//!
+//! `code` is the exit status the offline command would have had.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// An operation sent to the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Status,
+    Fail {
+        path: PathBuf,
+        #[serde(default)]
+        force: bool,
+    },
+    Reactivate {
+        path: PathBuf,
+    },
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    /// `status`: the report as `status --json` prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+    /// `status`: the report as `status` prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// What an operation did, as the offline command prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The exit status of an error: 2 refused, 1 failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn message(text: impl Into<String>) -> Response {
+        Response {
+            ok: true,
+            message: Some(text.into()),
+            ..Response::default()
+        }
+    }
+
+    pub fn from_error(e: &Error) -> Response {
+        Response {
+            ok: false,
+            code: Some(e.exit_code()),
+            error: Some(e.to_string()),
+            ..Response::default()
+        }
+    }
+
+    /// The error an unsuccessful response carries, with its exit status.
+    pub fn into_result(self) -> Result<Response> {
+        if self.ok {
+            return Ok(self);
+        }
+        let msg = self
+            .error
+            .unwrap_or_else(|| "the daemon refused the request".to_string());
+        Err(match self.code {
+            Some(2) => Error::refused(msg),
+            _ => Error::failed(msg),
+        })
+    }
+}
+
+/// One line of JSON.
+pub fn encode<T: Serialize>(value: &T) -> String {
+    let mut s = serde_json::to_string(value).expect("control messages serialize");
+    s.push('\n');
+    s
+}
+
+pub fn decode_request(line: &str) -> Result<Request> {
+    serde_json::from_str(line.trim())
+        .map_err(|e| Error::refused(format!("malformed control request ({e})")))
+}
+
+pub fn decode_response(line: &str) -> Result<Response> {
+    serde_json::from_str(line.trim())
+        .map_err(|e| Error::failed(format!("malformed answer from the daemon ({e})")))
+}
+
+/// Sends one request; `Err` when nobody answers (a stale socket) or the
+/// answer is cut short.
+pub fn call(socket: &Path, request: &Request) -> io::Result<Response> {
+    let mut stream = UnixStream::connect(socket)?;
+    // Operations answer at once (resyncs run in the background); a config
+    // commit under a slow disk may take a while.
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    stream.write_all(encode(request).as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the daemon closed the connection without answering",
+        ));
+    }
+    decode_response(&line).map_err(io::Error::other)
+}
+
+/// Whether something accepts connections on `socket`.
+pub fn answers(socket: &Path) -> bool {
+    UnixStream::connect(socket).is_ok()
+}
+
+/// A control socket being served; dropping it stops the accepting thread
+/// and removes the socket (and the files in `remove`).
+pub struct ControlSocket {
+    path: PathBuf,
+    remove: Vec<PathBuf>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Handles one request.
+pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
+
+impl ControlSocket {
+    /// Binds `path` (creating its directory 0700) and answers each
+    /// connection on a thread of its own with `handler`. A socket file
+    /// nobody answers on is left over from a daemon that died, and is
+    /// replaced; one that answers is refused.
+    pub fn bind(path: &Path, handler: Handler) -> Result<ControlSocket> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.exists()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io_path("create", dir, e))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io_path("set permissions of", dir, e))?;
+        }
+        if path.exists() {
+            if answers(path) {
+                return Err(Error::refused(format!(
+                    "control socket {} is in use by another mirrorvol serve",
+                    path.display()
+                )));
+            }
+            let _ = std::fs::remove_file(path);
+        }
+        let listener =
+            UnixListener::bind(path).map_err(|e| Error::io_path("bind control socket", path, e))?;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stopped.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let handler = handler.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("control-request".into())
+                        .spawn(move || answer(conn, &*handler));
+                }
+            })
+            .map_err(|e| Error::io("cannot start the control socket thread", e))?;
+        Ok(ControlSocket {
+            path: path.to_path_buf(),
+            remove: Vec::new(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Removes `file` too when the socket goes.
+    pub fn remove_with(&mut self, file: PathBuf) {
+        self.remove.push(file);
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Reads one request from a connection and writes the answer.
+fn answer(conn: UnixStream, handler: &(dyn Fn(Request) -> Response + Send + Sync)) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut line = String::new();
+    if BufReader::new(&conn).read_line(&mut line).is_err() || line.trim().is_empty() {
+        return;
+    }
+    let response = match decode_request(&line) {
+        Ok(request) => handler(request),
+        Err(e) => Response::from_error(&e),
+    };
+    let _ = (&conn).write_all(encode(&response).as_bytes());
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accepting thread so that it sees the flag.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+        for f in &self.remove {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_decode_from_their_documented_lines() {
+        assert_eq!(
+            decode_request(r#"{"op": "status"}"#).unwrap(),
+            Request::Status
+        );
+        assert_eq!(
+            decode_request(r#"{"op": "fail", "path": "/d/a.img"}"#).unwrap(),
+            Request::Fail {
+                path: "/d/a.img".into(),
+                force: false
+            }
+        );
+        assert_eq!(
+            decode_request(r#"{"op":"reactivate","path":"/d/a.img"}"#).unwrap(),
+            Request::Reactivate {
+                path: "/d/a.img".into()
+            }
+        );
+        for r in [
+            Request::Status,
+            Request::Fail {
+                path: "x".into(),
+                force: true,
+            },
+        ] {
+            let line = encode(&r);
+            assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+            assert_eq!(decode_request(&line).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn unknown_or_malformed_requests_are_refused() {
+        for line in [r#"{"op": "create"}"#, "not json", r#"{"op": "fail"}"#] {
+            let e = decode_request(line).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn errors_keep_their_exit_status() {
+        for e in [Error::refused("no"), Error::failed("broken")] {
+            let line = encode(&Response::from_error(&e));
+            let back = decode_response(&line).unwrap();
+            assert!(!back.ok);
+            let again = back.into_result().unwrap_err();
+            assert_eq!(again.exit_code(), e.exit_code());
+            assert_eq!(again.to_string(), e.to_string());
+        }
+        let ok = decode_response(&encode(&Response::message("done"))).unwrap();
+        assert_eq!(ok.into_result().unwrap().message.as_deref(), Some("done"));
+    }
+
+    #[test]
+    fn a_bound_socket_answers_and_is_removed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/ctl.sock");
+        let handler: Handler = Arc::new(|r| match r {
+            Request::Status => Response::message("status"),
+            _ => Response::from_error(&Error::refused("not here")),
+        });
+        let sock = ControlSocket::bind(&path, handler.clone()).unwrap();
+        let mode = std::fs::metadata(dir.path().join("run"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let r = call(&path, &Request::Status).unwrap();
+        assert_eq!(r.message.as_deref(), Some("status"));
+        let r = call(&path, &Request::Reactivate { path: "x".into() }).unwrap();
+        assert_eq!(r.code, Some(2));
+        // A second daemon on the same socket is refused.
+        assert!(ControlSocket::bind(&path, handler).is_err());
+        drop(sock);
+        assert!(!path.exists());
+    }
+}
