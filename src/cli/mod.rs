@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::daemon::control;
 use crate::format::Style;
+use crate::group::holder;
 use crate::group::ops::{self, Endpoint, InitOptions, human};
 use crate::group::{DiskSet, Group, Lookup, Progress};
 use crate::volume::scrub::ScrubOptions;
@@ -333,8 +335,105 @@ fn flush_warnings(group: &mut Group) {
     warn(&group.warnings.split_off(0));
 }
 
+/// The name of a command as typed.
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::Init { .. } => "init",
+        Command::Create { .. } => "create",
+        Command::AddMirror { .. } => "add-mirror",
+        Command::RemoveMirror { .. } => "remove-mirror",
+        Command::Break { .. } => "break",
+        Command::Repair { .. } => "repair",
+        Command::Reactivate { .. } => "reactivate",
+        Command::ResolveSplitBrain { .. } => "resolve-split-brain",
+        Command::Extend { .. } => "extend",
+        Command::Delete { .. } => "delete",
+        Command::Fail { .. } => "fail",
+        Command::Copy { .. } => "copy",
+        Command::Status { .. } => "status",
+        Command::Examine { .. } => "examine",
+        Command::Scrub { .. } => "scrub",
+        Command::Serve { .. } => "serve",
+        Command::Demo { .. } => "demo",
+    }
+}
+
+/// The running daemon that holds the group of `--disks`, if one answers on
+/// its control socket. The group is read from the first labelled disk,
+/// without its lock; a socket nobody answers on is ignored (the command
+/// then runs here, and meets the disks' locks if something holds them).
+fn find_daemon(disks: &[PathBuf]) -> Option<holder::Holder> {
+    let set = DiskSet::expand(disks).ok()?;
+    let group = set
+        .explicit
+        .iter()
+        .chain(set.scanned.iter())
+        .find_map(|p| holder::group_of(p))?;
+    let h = holder::recorded(group)?;
+    if h.pid.is_some_and(|pid| !holder::alive(pid)) {
+        return None;
+    }
+    control::answers(&h.socket).then_some(h)
+}
+
+/// Sends one request to the daemon; its refusals keep their exit status.
+fn ask(h: &holder::Holder, request: &control::Request) -> Result<control::Response> {
+    control::call(&h.socket, request)
+        .map_err(|e| Error::failed(format!("{} did not answer ({e})", h.describe())))?
+        .into_result()
+}
+
+/// Runs a command through the daemon holding the group: the commands it
+/// serves print what they print offline; the others are refused.
+fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
+    use control::Request;
+    match command {
+        Command::Status { json } => {
+            let r = ask(h, &Request::Status)?;
+            if json {
+                let status = r.status.unwrap_or_default();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status).expect("status serializes")
+                );
+            } else {
+                print!("{}", r.text.unwrap_or_default());
+            }
+        }
+        Command::Fail { path, force } => {
+            let r = ask(h, &Request::Fail { path, force })?;
+            println!("{}", r.message.unwrap_or_default());
+        }
+        Command::Reactivate { path } => {
+            let r = ask(h, &Request::Reactivate { path })?;
+            println!("{}", r.message.unwrap_or_default());
+        }
+        other => {
+            let name = command_name(&other);
+            let group = ask(h, &Request::Status)
+                .ok()
+                .and_then(|r| Some(r.status?["group"]["name"].as_str()?.to_string()))
+                .unwrap_or_else(|| h.group.to_string());
+            return Err(Error::refused(if name == "serve" {
+                format!("group {group} is already served by {}", h.describe())
+            } else {
+                format!(
+                    "{name} is not available while {} holds group {group}; stop it first (online: status, fail, reactivate)",
+                    h.short()
+                )
+            }));
+        }
+    }
+    Ok(())
+}
+
 fn execute(cli: Cli) -> Result<()> {
     let bar = Bar::new();
+    let needs_group = !matches!(cli.command, Command::Examine { .. } | Command::Demo { .. })
+        && !cli.disks.is_empty();
+    if needs_group && let Some(h) = find_daemon(&cli.disks) {
+        return execute_online(&h, cli.command);
+    }
     match cli.command {
         Command::Init {
             paths,
