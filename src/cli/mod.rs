@@ -414,14 +414,10 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
                 .ok()
                 .and_then(|r| Some(r.status?["group"]["name"].as_str()?.to_string()))
                 .unwrap_or_else(|| h.group.to_string());
-            return Err(Error::refused(if name == "serve" {
-                format!("group {group} is already served by {}", h.describe())
-            } else {
-                format!(
-                    "{name} is not available while {} holds group {group}; stop it first (online: status, fail, reactivate)",
-                    h.short()
-                )
-            }));
+            return Err(Error::refused(format!(
+                "{name} is not available while {} holds group {group}; stop it first (online: status, fail, reactivate)",
+                h.short()
+            )));
         }
     }
     Ok(())
@@ -429,8 +425,12 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
 
 fn execute(cli: Cli) -> Result<()> {
     let bar = Bar::new();
-    let needs_group = !matches!(cli.command, Command::Examine { .. } | Command::Demo { .. })
-        && !cli.disks.is_empty();
+    // `serve` checks its listen addresses first, then meets the disks'
+    // locks, whose refusal names the daemon holding them.
+    let needs_group = !matches!(
+        cli.command,
+        Command::Examine { .. } | Command::Demo { .. } | Command::Serve { .. }
+    ) && !cli.disks.is_empty();
     if needs_group && let Some(h) = find_daemon(&cli.disks) {
         return execute_online(&h, cli.command);
     }

@@ -1,0 +1,263 @@
+//! The control socket of `mirrorvol serve`: commands run from another
+//! process against the live group, with clients connected and writing.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::serve::{Served, mirror_group, run, tools};
+use common::{Sandbox, bin, disk, volume};
+
+/// `mirrorvol ARGS` with the sandbox's disks and run directory.
+fn mv(sb: &Sandbox, args: &[&str]) -> (i32, String, String) {
+    run(Command::new(bin())
+        .env("MIRRORVOL_DISKS", sb.disks_dir())
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .args(args))
+}
+
+#[track_caller]
+fn mv_ok(sb: &Sandbox, args: &[&str]) -> String {
+    let (code, out, err) = mv(sb, args);
+    assert_eq!(code, 0, "mirrorvol {args:?}:\n{out}\n{err}");
+    out
+}
+
+fn status(sb: &Sandbox) -> serde_json::Value {
+    serde_json::from_str(&mv_ok(sb, &["status", "--json"])).expect("status --json is JSON")
+}
+
+/// `serve` with its control socket at `SANDBOX/ctl.sock` and its pid file
+/// in `SANDBOX/run`.
+fn serve(sb: &Sandbox) -> Served {
+    let run_dir = sb.p("run");
+    let ctl = sb.p("ctl.sock");
+    Served::start_args(
+        sb,
+        &["--control", &ctl, "--cache", "writeback"],
+        &[("MIRRORVOL_RUN_DIR", &run_dir)],
+    )
+}
+
+fn group_uuid(sb: &Sandbox) -> String {
+    sb.status()["group"]["uuid"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn status_runs_against_the_daemon_and_matches_the_schema() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 32);
+    let uuid = group_uuid(&sb);
+    let s = serve(&sb);
+    let pid_file = sb.path(&format!("run/{uuid}.pid"));
+    let text = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(text, format!("{}\n{}\n", s.pid(), sb.p("ctl.sock")));
+
+    let st = status(&sb);
+    assert_eq!(st["group"]["name"], "g");
+    assert_eq!(st["group"]["uuid"], uuid.as_str());
+    assert!(st["group"]["seqno"].is_u64());
+    for d in st["disks"].as_array().unwrap() {
+        for key in [
+            "path",
+            "uuid",
+            "state",
+            "controller",
+            "style",
+            "size",
+            "free",
+        ] {
+            assert!(!d[key].is_null(), "disk key {key}: {d:#}");
+        }
+        assert_eq!(d["state"], "online");
+    }
+    let v = volume(&st, "data");
+    for key in [
+        "name", "uuid", "size", "layout", "state", "duplexed", "plexes",
+    ] {
+        assert!(!v[key].is_null(), "volume key {key}: {v:#}");
+    }
+    assert_eq!(v["state"], "healthy");
+    assert_eq!(v["layout"], "mirror");
+    for p in v["plexes"].as_array().unwrap() {
+        assert!(
+            p.get("disk").is_some()
+                && p.get("state").is_some()
+                && p.get("resync_percent").is_some(),
+            "{p:#}"
+        );
+    }
+    // The text view too, as offline.
+    let text = mv_ok(&sb, &["status"]);
+    assert!(
+        text.contains("Group g") && text.contains("Healthy"),
+        "{text}"
+    );
+
+    let (code, err) = s.stop();
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !sb.path("ctl.sock").exists(),
+        "the control socket is removed"
+    );
+    assert!(!pid_file.exists(), "the pid file is removed");
+    // Offline again: the same command works on the disks themselves.
+    assert_eq!(status(&sb)["group"]["name"], "g");
+}
+
+#[test]
+fn fail_and_reactivate_online_while_a_client_writes() {
+    if !tools(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 32);
+    let b = sb.p("disks/b.img");
+    let s = serve(&sb);
+    let fio = Command::new("fio")
+        .args([
+            "--name=mirror",
+            "--ioengine=nbd",
+            &format!("--uri={}", s.uri("data")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=24M",
+            "--rate_iops=1500",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--do_verify=1",
+            "--randrepeat=0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let mut fio = fio;
+    assert!(
+        fio.try_wait().unwrap().is_none(),
+        "fio ended before the disk failed; the test proves nothing"
+    );
+    let out = mv_ok(&sb, &["fail", &b]);
+    assert_eq!(out.trim(), format!("marked disk {b} failed"));
+    let st = status(&sb);
+    assert_eq!(disk(&st, "b.img")["state"], "failed", "{st:#}");
+    assert_eq!(volume(&st, "data")["state"], "failed-redundancy", "{st:#}");
+    // The last in-sync copy is refused as offline.
+    let a = sb.p("disks/a.img");
+    let (code, _, err) = mv(&sb, &["fail", &a]);
+    assert_eq!(code, 2, "{err}");
+
+    let o = fio.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "fio failed:\n{out}\n{err}");
+    assert!(
+        out.contains("err= 0") && !out.contains("verify:"),
+        "{out}\n{err}"
+    );
+
+    let out = mv_ok(&sb, &["reactivate", &b]);
+    assert_eq!(out.trim(), format!("reactivated disk {b}; resync started"));
+    let start = Instant::now();
+    loop {
+        let st = status(&sb);
+        if volume(&st, "data")["state"] == "healthy" {
+            assert_eq!(disk(&st, "b.img")["state"], "online");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not healthy after 60 s: {st:#}\n{}",
+            s.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("resynced"), "{log}");
+    // Both plexes hold the same data.
+    let out = mv_ok(&sb, &["scrub", "data", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r:#}");
+}
+
+#[test]
+fn commands_not_served_online_are_refused_naming_the_daemon() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 32);
+    let s = serve(&sb);
+    let (code, _, err) = mv(&sb, &["create", "more", "--size", "4M"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "create is not available while mirrorvol serve (pid {}) holds group g; stop it first",
+            s.pid()
+        )),
+        "{err}"
+    );
+    let (code, _, err) = mv(
+        &sb,
+        &[
+            "serve",
+            "--listen",
+            &format!("unix:{}", sb.p("second.sock")),
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "is in use by mirrorvol serve (pid {}, control socket {})",
+            s.pid(),
+            sb.p("ctl.sock")
+        )),
+        "{err}"
+    );
+    // A process that opens a disk itself (here `init` without --disks)
+    // meets the lock, and is told who holds it.
+    let a = sb.p("disks/a.img");
+    let (code, _, err) = run(Command::new(bin())
+        .env_remove("MIRRORVOL_DISKS")
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .args(["init", &a, "--force"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "mirrorvol serve (pid {}, control socket {})",
+            s.pid(),
+            sb.p("ctl.sock")
+        )),
+        "{err}"
+    );
+    // Nothing changed.
+    assert!(volume(&status(&sb), "data")["state"] == "healthy");
+    let (code, err) = s.stop();
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_stale_control_socket_falls_back_to_the_disks() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 32);
+    let s = serve(&sb);
+    s.signal(libc::SIGKILL);
+    drop(s);
+    assert!(
+        Path::new(&sb.p("ctl.sock")).exists(),
+        "SIGKILL leaves the socket"
+    );
+    // Nobody answers: the command runs on the disks, whose locks went
+    // with the process.
+    assert_eq!(volume(&status(&sb), "data")["state"], "healthy");
+    // A new serve takes the stale socket over.
+    let s = serve(&sb);
+    assert_eq!(status(&sb)["group"]["name"], "g");
+    let (code, err) = s.stop();
+    assert_eq!(code, 0, "{err}");
+}
