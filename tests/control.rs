@@ -261,3 +261,66 @@ fn a_stale_control_socket_falls_back_to_the_disks() {
     let (code, err) = s.stop();
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn reactivate_while_a_client_writes_leaves_the_plexes_equal() {
+    if !tools(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 32);
+    let b = sb.p("disks/b.img");
+    let s = serve(&sb);
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=mirror",
+            "--ioengine=nbd",
+            &format!("--uri={}", s.uri("data")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=32M",
+            "--rate_iops=1500",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--do_verify=1",
+            "--randrepeat=0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    mv_ok(&sb, &["fail", &b]);
+    std::thread::sleep(Duration::from_millis(1000));
+    mv_ok(&sb, &["reactivate", &b]);
+    assert!(
+        fio.try_wait().unwrap().is_none(),
+        "fio ended before the disk came back; the test proves nothing"
+    );
+    let o = fio.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "fio failed:\n{out}\n{err}");
+    assert!(
+        out.contains("err= 0") && !out.contains("verify:"),
+        "{out}\n{err}"
+    );
+    let start = Instant::now();
+    while volume(&status(&sb), "data")["state"] != "healthy" {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not healthy after 60 s:\n{}",
+            s.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    let out = mv_ok(&sb, &["scrub", "data", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r:#}\n{log}");
+}

@@ -196,6 +196,7 @@ fn serve_killed_during_a_resync_resumes_it_from_the_checkpoint() {
         .join(",");
     let sock = dir.path().join("nbd.sock");
     let mut child = std::process::Command::new(bin())
+        .env("MIRRORVOL_RUN_DIR", dir.path().join("run"))
         .args(["--disks", &disks, "serve", "--listen"])
         .arg(format!("unix:{}", sock.display()))
         .args(["--resync-max-rate", "8M"])

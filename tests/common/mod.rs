@@ -142,6 +142,7 @@ impl Sandbox {
         Run::from(
             Command::new(bin())
                 .env("MIRRORVOL_DISKS", self.disks_dir())
+                .env("MIRRORVOL_RUN_DIR", self.path("run"))
                 .args(args)
                 .output()
                 .expect("run mirrorvol"),
@@ -153,6 +154,7 @@ impl Sandbox {
         Run::from(
             Command::new(bin())
                 .env_remove("MIRRORVOL_DISKS")
+                .env("MIRRORVOL_RUN_DIR", self.path("run"))
                 .args(args)
                 .output()
                 .expect("run mirrorvol"),

@@ -49,7 +49,9 @@ impl Served {
     pub fn start_args(sb: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Served {
         let sock = sb.path("nbd.sock");
         let mut cmd = Command::new(bin());
+        // The pid file and default control socket stay in the sandbox.
         cmd.env("MIRRORVOL_DISKS", sb.disks_dir())
+            .env("MIRRORVOL_RUN_DIR", sb.path("run"))
             .arg("serve")
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
