@@ -107,24 +107,18 @@ fn status_runs_against_the_daemon_and_matches_the_schema() {
     assert_eq!(status(&sb)["group"]["name"], "g");
 }
 
-#[test]
-fn fail_and_reactivate_online_while_a_client_writes() {
-    if !tools(&["fio"]) {
-        return;
-    }
-    let sb = Sandbox::new();
-    mirror_group(&sb, 96, 32);
-    let b = sb.p("disks/b.img");
-    let s = serve(&sb);
-    let fio = Command::new("fio")
+/// A rate-limited fio job writing `mib` MiB with crc32c verification, in
+/// the background, so that it is still running when the test acts.
+fn fio_verify(uri: &str, mib: u32) -> std::process::Child {
+    Command::new("fio")
         .args([
             "--name=mirror",
             "--ioengine=nbd",
-            &format!("--uri={}", s.uri("data")),
+            &format!("--uri={uri}"),
             "--rw=randwrite",
             "--bs=4k",
             "--iodepth=16",
-            "--size=24M",
+            &format!("--size={mib}M"),
             "--rate_iops=1500",
             "--verify=crc32c",
             "--verify_fatal=1",
@@ -135,7 +129,19 @@ fn fail_and_reactivate_online_while_a_client_writes() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn fail_and_reactivate_online_while_a_client_writes() {
+    if !tools(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 32);
+    let b = sb.p("disks/b.img");
+    let s = serve(&sb);
+    let fio = fio_verify(&s.uri("data"), 24);
     std::thread::sleep(Duration::from_millis(800));
     let mut fio = fio;
     assert!(
@@ -271,26 +277,7 @@ fn reactivate_while_a_client_writes_leaves_the_plexes_equal() {
     mirror_group(&sb, 96, 32);
     let b = sb.p("disks/b.img");
     let s = serve(&sb);
-    let mut fio = Command::new("fio")
-        .args([
-            "--name=mirror",
-            "--ioengine=nbd",
-            &format!("--uri={}", s.uri("data")),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--size=32M",
-            "--rate_iops=1500",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--randrepeat=0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut fio = fio_verify(&s.uri("data"), 32);
     std::thread::sleep(Duration::from_millis(700));
     mv_ok(&sb, &["fail", &b]);
     std::thread::sleep(Duration::from_millis(1000));
