@@ -18,9 +18,9 @@
 //!     dirty (the fixed cost).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mirrorvol::disk::{Disk, FileDisk, OpenOptions as DiskOpen};
 use mirrorvol::format::{Layout, Style};
@@ -33,7 +33,9 @@ use mirrorvol::volume::engine::{
 use mirrorvol::volume::queue::DiskQueue;
 use uuid::Uuid;
 
-const FILE_SIZE: u64 = 1 << 30;
+mod common;
+use common::{FILE_SIZE, drive, median, prepare};
+
 const MIB: u64 = 1 << 20;
 const QD: usize = 32;
 const BS: usize = 4096;
@@ -77,54 +79,6 @@ fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x >> 7;
     *x ^= *x << 17;
     *x
-}
-
-/// Runs `qd` threads of `op` for `secs`; returns ops per second.
-fn drive<F>(qd: usize, secs: f64, op: F) -> f64
-where
-    F: Fn(&mut u64) + Sync,
-{
-    let stop = AtomicBool::new(false);
-    let done = AtomicU64::new(0);
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for w in 0..qd {
-            let (stop, done, op) = (&stop, &done, &op);
-            s.spawn(move || {
-                let mut rng = 0x2545_f491_4f6c_dd1d ^ ((w as u64 + 1) * 0x9e37_79b9);
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    op(&mut rng);
-                    n += 1;
-                }
-                done.fetch_add(n, Ordering::Relaxed);
-            });
-        }
-        std::thread::sleep(Duration::from_secs_f64(secs));
-        stop.store(true, Ordering::Relaxed);
-    });
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// A 1 GiB file of data (so that writes land on allocated blocks).
-fn prepare(path: &Path) {
-    use std::os::unix::fs::FileExt;
-    if std::fs::metadata(path).is_ok_and(|m| m.len() == FILE_SIZE) {
-        return;
-    }
-    let f = std::fs::File::create(path).unwrap();
-    let chunk: Vec<u8> = (0..(8 << 20)).map(|i| (i * 7 + 3) as u8).collect();
-    let mut off = 0;
-    while off < FILE_SIZE {
-        f.write_all_at(&chunk, off).unwrap();
-        off += chunk.len() as u64;
-    }
-    f.sync_all().unwrap();
 }
 
 /// (a): random 4 KiB writes at QD 32, without and with the bitmap.
@@ -190,7 +144,7 @@ fn write_cost(a: &Args) {
     };
     let run = |v: &Arc<MirrorVolume>| {
         let blocks = vol_size / BS as u64;
-        drive(QD, a.seconds, |rng| {
+        drive(QD, a.seconds, |_, _, rng| {
             let off = (xorshift(rng) % blocks) * BS as u64;
             let buf = vec![0x5au8; BS];
             v.write(off, &buf).unwrap();

@@ -16,19 +16,18 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
 
-use mirrorvol::disk::{Disk, FileDisk, OpenOptions as DiskOpen};
+use mirrorvol::disk::buf::IO_ALIGN;
+use mirrorvol::disk::{AlignedBuf, Disk, FileDisk, OpenOptions as DiskOpen};
 use mirrorvol::volume::engine::{
     EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode, NoSink,
 };
 use mirrorvol::volume::queue::DiskQueue;
 use uuid::Uuid;
 
-const FILE_SIZE: u64 = 1 << 30;
-const ALIGN: usize = 4096;
+mod common;
+use common::{FILE_SIZE, drive, median, prepare};
 
 struct Args {
     direct: bool,
@@ -58,43 +57,6 @@ fn args() -> Args {
     a
 }
 
-/// A buffer aligned for O_DIRECT.
-struct Aligned {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the buffer is owned by one thread at a time.
-unsafe impl Send for Aligned {}
-
-impl Aligned {
-    fn new(len: usize, fill: u8) -> Aligned {
-        let layout = std::alloc::Layout::from_size_align(len, ALIGN).unwrap();
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc(layout) };
-        assert!(!ptr.is_null());
-        // SAFETY: ptr points to len writable bytes.
-        unsafe { std::ptr::write_bytes(ptr, fill, len) };
-        Aligned { ptr, len }
-    }
-    fn slice(&self) -> &[u8] {
-        // SAFETY: ptr points to len initialized bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-    fn slice_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr points to len initialized bytes owned exclusively by self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Aligned {
-    fn drop(&mut self) {
-        let layout = std::alloc::Layout::from_size_align(self.len, ALIGN).unwrap();
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.ptr, layout) };
-    }
-}
-
 fn open(path: &Path, direct: bool) -> File {
     let mut o = OpenOptions::new();
     o.read(true).write(true);
@@ -102,24 +64,6 @@ fn open(path: &Path, direct: bool) -> File {
         o.custom_flags(libc::O_DIRECT);
     }
     o.open(path).unwrap()
-}
-
-/// Creates a file of FILE_SIZE filled with data (so reads hit real blocks).
-fn prepare(path: &Path) {
-    if std::fs::metadata(path)
-        .map(|m| m.len() == FILE_SIZE)
-        .unwrap_or(false)
-    {
-        return;
-    }
-    let f = File::create(path).unwrap();
-    let chunk: Vec<u8> = (0..(8 << 20)).map(|i| (i * 7 + 3) as u8).collect();
-    let mut off = 0;
-    while off < FILE_SIZE {
-        f.write_all_at(&chunk, off).unwrap();
-        off += chunk.len() as u64;
-    }
-    f.sync_all().unwrap();
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -154,48 +98,21 @@ fn offset(kind: Kind, bs: usize, w: usize, qd: usize, n: u64, rng: &mut u64) -> 
     }
 }
 
-/// Runs `qd` threads of `op` for `secs`; returns ops per second.
-fn drive<F>(qd: usize, secs: f64, op: F) -> f64
-where
-    F: Fn(usize, u64, &mut u64) + Sync,
-{
-    let stop = AtomicBool::new(false);
-    let done = AtomicU64::new(0);
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for w in 0..qd {
-            let (stop, done, op) = (&stop, &done, &op);
-            s.spawn(move || {
-                let mut rng = 0x2545_f491_4f6c_dd1d ^ ((w as u64 + 1) * 0x9e37_79b9);
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    op(w, n, &mut rng);
-                    n += 1;
-                }
-                done.fetch_add(n, Ordering::Relaxed);
-            });
-        }
-        std::thread::sleep(Duration::from_secs_f64(secs));
-        stop.store(true, Ordering::Relaxed);
-    });
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
-}
-
 fn baseline(w: &Workload, a: &File, b: &File, secs: f64) -> f64 {
     match w.kind {
         Kind::RandRead => drive(w.qd, secs, |wk, n, rng| {
-            let mut buf = Aligned::new(w.bs, 0);
+            let mut buf = AlignedBuf::new(w.bs, IO_ALIGN);
             let off = offset(w.kind, w.bs, wk, w.qd, n, rng);
-            a.read_exact_at(buf.slice_mut(), off).unwrap();
+            a.read_exact_at(&mut buf, off).unwrap();
         }),
         _ => {
             // QD writers on each file, independently; one op = both files.
             let files = [a, b];
             let total = drive(2 * w.qd, secs, |wk, n, rng| {
-                let buf = Aligned::new(w.bs, 0x5a);
+                let buf = AlignedBuf::from_slice(&vec![0x5a; w.bs]);
                 let f = files[wk % 2];
                 let off = offset(w.kind, w.bs, wk / 2, w.qd, n, rng);
-                f.write_all_at(buf.slice(), off).unwrap();
+                f.write_all_at(&buf, off).unwrap();
             });
             total / 2.0
         }
@@ -216,11 +133,6 @@ fn mirror(w: &Workload, vol: &Arc<MirrorVolume>, secs: f64) -> f64 {
             }
         }
     })
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn main() {
