@@ -29,6 +29,13 @@ fn three_disks(sb: &Sandbox, mib: u64) {
         .ok();
 }
 
+/// A simple volume NAME of SIZE on the disk image FILE.
+fn simple_on(sb: &Sandbox, name: &str, size: &str, file: &str) {
+    let disk = sb.p(&format!("disks/{file}"));
+    sb.mv(&["create", name, "--size", size, "--disk", &disk])
+        .ok();
+}
+
 /// A mirror NAME of SIZE with its plexes on a.img and b.img.
 fn mirror_ab(sb: &Sandbox, name: &str, size: &str) {
     let (a, b) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
@@ -216,15 +223,7 @@ fn mixed_mbr_and_gpt_plexes_are_the_same_size() {
 fn add_mirror_copies_the_data_onto_the_new_plex() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
-    sb.mv(&[
-        "create",
-        "v",
-        "--size",
-        "12M",
-        "--disk",
-        &sb.p("disks/a.img"),
-    ])
-    .ok();
+    simple_on(&sb, "v", "12M", "a.img");
     let (src, data) = sb.data_file("in.bin", 12 * MIB as usize, 3);
     sb.mv(&["copy", &src, "vol:v"]).ok();
     sb.mv(&["add-mirror", "v", "--disk", &sb.p("disks/c.img")])
@@ -371,15 +370,7 @@ fn a_disk_that_missed_writes_comes_back_offline_until_reactivated() {
 fn extend_grows_a_simple_volume_into_following_space() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
-    sb.mv(&[
-        "create",
-        "s",
-        "--size",
-        "4M",
-        "--disk",
-        &sb.p("disks/c.img"),
-    ])
-    .ok();
+    simple_on(&sb, "s", "4M", "c.img");
     let (src, data) = sb.data_file("in.bin", 4 * MIB as usize, 7);
     sb.mv(&["copy", &src, "vol:s"]).ok();
     sb.mv(&["extend", "s", "--size", "10M"]).ok();
@@ -450,15 +441,7 @@ fn setup_refusals() -> Sandbox {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
     mirror_ab(&sb, "m", "8M");
-    sb.mv(&[
-        "create",
-        "s",
-        "--size",
-        "4M",
-        "--disk",
-        &sb.p("disks/c.img"),
-    ])
-    .ok();
+    simple_on(&sb, "s", "4M", "c.img");
     sb
 }
 
@@ -613,15 +596,7 @@ fn refuses_to_extend_a_mirror_and_says_what_to_do() {
 #[test]
 fn refuses_to_extend_without_following_free_space_or_to_shrink() {
     let sb = setup_refusals();
-    sb.mv(&[
-        "create",
-        "after",
-        "--size",
-        "1M",
-        "--disk",
-        &sb.p("disks/c.img"),
-    ])
-    .ok();
+    simple_on(&sb, "after", "1M", "c.img");
     refused_unchanged(&sb, &["extend", "s", "--size", "8M"], "c.img");
     refused_unchanged(&sb, &["extend", "s", "--size", "2M"], "larger");
 }
