@@ -437,25 +437,15 @@ impl LiveGroup {
 }
 
 impl LiveGroup {
-    /// Takes a whole disk out of service: in the config (its last in-sync
-    /// plexes keep their data and state) and in every volume's engine.
+    /// Takes a whole disk out of service in the config (its last in-sync
+    /// plexes keep their data and state); the engines follow at the commit
+    /// that records it ([`LiveGroup::commit`] retires every plex the config
+    /// no longer has in service).
     fn fail_disk(&self, g: &mut Group, disk: Uuid) {
         g.mark_disk_failed(
             disk,
             Some("it failed an I/O, so its data cannot be trusted"),
         );
-        for v in self
-            .volumes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
-            for p in v.plexes() {
-                if p.disk == disk {
-                    p.set_mode(Mode::Out);
-                }
-            }
-        }
     }
 }
 
@@ -477,19 +467,8 @@ impl LiveGroup {
                 r.progress.stop();
             }
         }
+        // The config has the disk failed: its plexes leave every engine.
         self.retire_plexes(&g);
-        for v in self
-            .volumes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
-            for p in v.plexes() {
-                if p.disk == uuid {
-                    p.set_mode(Mode::Out);
-                }
-            }
-        }
         tracing::info!(disk = %path.display(), "disk failed by the admin");
         Ok(())
     }
