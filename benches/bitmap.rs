@@ -217,7 +217,7 @@ fn child_dirty(paths: &[PathBuf], pct: f64) -> ! {
         .unwrap();
     g.start_bitmaps().unwrap();
     let io = g.open_volume("v").unwrap();
-    let size = io.engine.size;
+    let size = io.engine.size();
     let region = 64 * 1024;
     let regions = size / region;
     let want = ((regions as f64) * pct / 100.0).round() as u64;

@@ -199,11 +199,12 @@ fn commands_not_served_online_are_refused_naming_the_daemon() {
     let sb = Sandbox::new();
     mirror_group(&sb, 96, 32);
     let s = serve(&sb);
-    let (code, _, err) = mv(&sb, &["create", "more", "--size", "4M"]);
+    let d = sb.image("d.img", 64);
+    let (code, _, err) = mv(&sb, &["init", &d, "--style", "raw"]);
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains(&format!(
-            "create is not available while mirrorvol serve (pid {}) holds group g; stop it first",
+            "init is not available while mirrorvol serve (pid {}) holds group g; stop it first",
             s.pid()
         )),
         "{err}"

@@ -102,7 +102,7 @@ fn a_mirror_on_loop_devices_opened_o_direct_keeps_every_acknowledged_write() {
         assert!(open_direct(d), "{} is not open O_DIRECT", d.display());
     }
     let vol = live.volume("m").unwrap();
-    let blocks = vol.size / BLOCK;
+    let blocks = vol.size() / BLOCK;
     let spec = WorkloadSpec::new(0x100b, blocks);
     let reference = Arc::new(Reference::new(blocks));
     reference.fill(&vol, 0..spec.written.start);

@@ -125,7 +125,13 @@ pub enum Command {
         size: u64,
     },
     /// Delete a volume and free its space.
-    Delete { name: String },
+    Delete {
+        name: String,
+        /// Under serve: disconnect the volume's NBD clients instead of
+        /// refusing.
+        #[arg(long)]
+        force: bool,
+    },
     /// Mark a disk failed (maintenance, tests).
     Fail {
         path: PathBuf,
@@ -383,11 +389,35 @@ fn ask(h: &holder::Holder, request: &control::Request) -> Result<control::Respon
         .into_result()
 }
 
-/// Runs a command through the daemon holding the group: the commands it
-/// serves print what they print offline; the others are refused.
+/// A path as the daemon must see it: absolute (its working directory is
+/// not ours).
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
+}
+
+/// A side of `copy` as the daemon must see it.
+fn absolute_endpoint(s: String) -> String {
+    if s.starts_with("vol:") {
+        s
+    } else {
+        absolute(PathBuf::from(&s)).display().to_string()
+    }
+}
+
+/// Prints what the daemon did: its message on stdout, its warnings on
+/// stderr.
+fn print_done(r: control::Response) {
+    if let Some(m) = r.message {
+        println!("{m}");
+    }
+    warn(&r.warnings);
+}
+
+/// Runs a command through the daemon holding the group: it prints what the
+/// offline command prints, except that resyncs run in the background.
 fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
     use control::Request;
-    match command {
+    let request = match command {
         Command::Status { json } => {
             let r = ask(h, &Request::Status)?;
             if json {
@@ -399,15 +429,85 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             } else {
                 print!("{}", r.text.unwrap_or_default());
             }
+            return Ok(());
         }
-        Command::Fail { path, force } => {
-            let r = ask(h, &Request::Fail { path, force })?;
-            println!("{}", r.message.unwrap_or_default());
+        Command::Scrub {
+            name,
+            repair,
+            rate,
+            json,
+        } => {
+            let r = ask(h, &Request::Scrub { name, repair, rate })?;
+            if json {
+                let report = r.report.unwrap_or_default();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("scrub report serializes")
+                );
+            } else {
+                print!("{}", r.text.unwrap_or_default());
+            }
+            return Ok(());
         }
-        Command::Reactivate { path } => {
-            let r = ask(h, &Request::Reactivate { path })?;
-            println!("{}", r.message.unwrap_or_default());
+        Command::Fail { path, force } => Request::Fail {
+            path: absolute(path),
+            force,
+        },
+        Command::Reactivate { path } => Request::Reactivate {
+            path: absolute(path),
+        },
+        Command::Create {
+            name,
+            size,
+            mirror,
+            copies,
+            disk,
+        } => {
+            let copies = if mirror { copies.unwrap_or(2) } else { 1 };
+            if mirror && copies < 2 {
+                return Err(Error::refused(format!(
+                    "mirror {name} needs at least 2 copies, not {copies}"
+                )));
+            }
+            Request::Create {
+                name,
+                size,
+                copies,
+                disks: disk.into_iter().map(absolute).collect(),
+            }
         }
+        Command::AddMirror { name, disk } => Request::AddMirror {
+            name,
+            disk: disk.map(absolute),
+        },
+        Command::RemoveMirror { name, disk } => Request::RemoveMirror {
+            name,
+            disk: absolute(disk),
+        },
+        Command::Break {
+            name,
+            disk,
+            new_name,
+            nokeep,
+        } => Request::Break {
+            name,
+            disk: absolute(disk),
+            new_name,
+            nokeep,
+        },
+        Command::Repair { name, disk } => Request::Repair {
+            name,
+            disk: disk.map(absolute),
+        },
+        Command::Extend { name, size } => Request::Extend { name, size },
+        Command::Delete { name, force } => Request::Delete { name, force },
+        Command::Copy { src, dst } => Request::Copy {
+            src: absolute_endpoint(src),
+            dst: absolute_endpoint(dst),
+        },
+        Command::ResolveSplitBrain { keep } => Request::ResolveSplitBrain {
+            keep: absolute(keep),
+        },
         other => {
             let name = command_name(&other);
             let group = ask(h, &Request::Status)
@@ -415,11 +515,12 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
                 .and_then(|r| Some(r.status?["group"]["name"].as_str()?.to_string()))
                 .unwrap_or_else(|| h.group.to_string());
             return Err(Error::refused(format!(
-                "{name} is not available while {} holds group {group}; stop it first (online: status, fail, reactivate)",
+                "{name} is not available while {} holds group {group}; stop it first",
                 h.short()
             )));
         }
-    }
+    };
+    print_done(ask(h, &request)?);
     Ok(())
 }
 
@@ -577,7 +678,7 @@ fn execute(cli: Cli) -> Result<()> {
             flush_warnings(&mut g);
             println!("extended volume {name} to {}", human(size));
         }
-        Command::Delete { name } => {
+        Command::Delete { name, force: _ } => {
             let mut g = assemble_rw(&cli.disks)?;
             g.delete(&name)?;
             flush_warnings(&mut g);

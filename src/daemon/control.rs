@@ -7,10 +7,19 @@
 //! {"op": "status"}                       → {"ok": true, "status": {...}, "text": "..."}
 //! {"op": "fail", "path": P, "force": B}  → {"ok": true, "message": "marked disk P failed"}
 //! {"op": "reactivate", "path": P}        → {"ok": true, "message": "reactivated disk P; ..."}
+//! {"op": "create", "name", "size", "copies", "disks"}
+//! {"op": "add-mirror", "name", "disk"?}  {"op": "remove-mirror", "name", "disk"}
+//! {"op": "break", "name", "disk", "new_name"?, "nokeep"}
+//! {"op": "repair", "name", "disk"?}      {"op": "extend", "name", "size"}
+//! {"op": "delete", "name", "force"}      {"op": "copy", "src", "dst"}
+//!                                        → {"ok": true, "message": "...", "warnings": [...]}
+//! {"op": "scrub", "name", "repair", "rate"?}
+//!                                        → {"ok": true, "report": {...}, "text": "..."}
 //! anything refused or failed             → {"ok": false, "code": 2|1, "error": "sentence"}
 //! ```
 //!
-//! `code` is the exit status the offline command would have had.
+//! `code` is the exit status the offline command would have had. Paths are
+//! absolute: the daemon's working directory is not the caller's.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -37,6 +46,72 @@ pub enum Request {
     Reactivate {
         path: PathBuf,
     },
+    Create {
+        name: String,
+        size: u64,
+        copies: usize,
+        #[serde(default)]
+        disks: Vec<PathBuf>,
+    },
+    AddMirror {
+        name: String,
+        #[serde(default)]
+        disk: Option<PathBuf>,
+    },
+    RemoveMirror {
+        name: String,
+        disk: PathBuf,
+    },
+    Break {
+        name: String,
+        disk: PathBuf,
+        #[serde(default)]
+        new_name: Option<String>,
+        #[serde(default)]
+        nokeep: bool,
+    },
+    Repair {
+        name: String,
+        #[serde(default)]
+        disk: Option<PathBuf>,
+    },
+    Extend {
+        name: String,
+        size: u64,
+    },
+    Delete {
+        name: String,
+        /// Disconnect the volume's NBD clients instead of refusing.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Each side a path (absolute) or `vol:NAME`.
+    Copy {
+        src: String,
+        dst: String,
+    },
+    Scrub {
+        name: String,
+        #[serde(default)]
+        repair: bool,
+        #[serde(default)]
+        rate: Option<u64>,
+    },
+    ResolveSplitBrain {
+        keep: PathBuf,
+    },
+}
+
+impl Request {
+    /// How long the caller waits for the answer: operations answer at once
+    /// (resyncs run in the background), but a config commit under a slow
+    /// disk may take a while, and a scrub or copy runs to its end.
+    pub fn timeout(&self) -> Option<Duration> {
+        match self {
+            Request::Scrub { .. } | Request::Copy { .. } => None,
+            _ => Some(Duration::from_secs(120)),
+        }
+    }
 }
 
 /// The daemon's answer.
@@ -52,6 +127,12 @@ pub struct Response {
     /// What an operation did, as the offline command prints it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Warnings the operation gave, one sentence each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    /// `scrub`: the report as `scrub --json` prints it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<serde_json::Value>,
     /// The exit status of an error: 2 refused, 1 failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code: Option<i32>,
@@ -113,9 +194,7 @@ pub fn decode_response(line: &str) -> Result<Response> {
 /// answer is cut short.
 pub fn call(socket: &Path, request: &Request) -> io::Result<Response> {
     let mut stream = UnixStream::connect(socket)?;
-    // Operations answer at once (resyncs run in the background); a config
-    // commit under a slow disk may take a while.
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    stream.set_read_timeout(request.timeout())?;
     stream.write_all(encode(request).as_bytes())?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;
@@ -273,7 +352,12 @@ mod tests {
 
     #[test]
     fn unknown_or_malformed_requests_are_refused() {
-        for line in [r#"{"op": "create"}"#, "not json", r#"{"op": "fail"}"#] {
+        for line in [
+            r#"{"op": "create"}"#,
+            "not json",
+            r#"{"op": "fail"}"#,
+            r#"{"op": "format"}"#,
+        ] {
             let e = decode_request(line).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{line}: {e}");
         }

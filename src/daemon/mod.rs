@@ -57,7 +57,7 @@ impl Export for VolumeExport {
     }
 
     fn size(&self) -> u64 {
-        self.0.size
+        self.0.size()
     }
 
     fn read(&self, offset: u64, len: usize, done: Done<AlignedBuf>) {
@@ -200,7 +200,10 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     if let Some(every) = options.scrub_interval {
         live.start_scrubs(every, options.scrub_rate);
     }
-    let control = match start_control(&live, options) {
+    let names = live.volume_names();
+    let exports: Vec<Arc<dyn Export>> = names.iter().filter_map(|n| export(&live, n)).collect();
+    let server = Arc::new(Server::new(exports));
+    let control = match start_control(&live, &server, options) {
         Ok(c) => c,
         Err(e) => {
             cleanup(&bound);
@@ -208,13 +211,6 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
             return Err(e);
         }
     };
-    let names = live.volume_names();
-    let exports: Vec<Arc<dyn Export>> = names
-        .iter()
-        .filter_map(|n| live.volume(n))
-        .map(|v| Arc::new(VolumeExport(v)) as Arc<dyn Export>)
-        .collect();
-    let server = Server::new(exports);
     let count = names.len();
     for b in bound {
         let addr = b.describe();
@@ -250,7 +246,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     // Resyncs stop after recording their checkpoints; the next start resumes.
     live.stop_resyncs();
     let mut failed = Vec::new();
-    for n in &names {
+    for n in &live.volume_names() {
         if let Some(v) = live.volume(n)
             && let Err(e) = v.flush()
         {
@@ -280,6 +276,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
 /// costs only the socket, with a warning.
 fn start_control(
     live: &Arc<LiveGroup>,
+    server: &Arc<Server>,
     options: &ServeOptions,
 ) -> Result<Option<control::ControlSocket>> {
     let group = live.group().config.uuid;
@@ -288,11 +285,13 @@ fn start_control(
         .clone()
         .unwrap_or_else(|| holder::default_socket(group));
     let me = Arc::downgrade(live);
+    let server = Arc::downgrade(server);
     let resync = options.resync.clone();
-    let handler: control::Handler = Arc::new(move |request| match me.upgrade() {
-        Some(live) => handle(&live, request, &resync),
-        None => control::Response::from_error(&Error::refused("mirrorvol serve is stopping")),
-    });
+    let handler: control::Handler =
+        Arc::new(move |request| match (me.upgrade(), server.upgrade()) {
+            (Some(live), Some(server)) => handle(&live, &server, request, &resync),
+            _ => control::Response::from_error(&Error::refused("mirrorvol serve is stopping")),
+        });
     let mut sock = match control::ControlSocket::bind(&path, handler) {
         Ok(s) => s,
         Err(e) if options.control.is_none() && !matches!(e, Error::Refused(_)) => {
@@ -324,16 +323,46 @@ fn start_control(
     Ok(Some(sock))
 }
 
+/// The NBD export of a volume in service.
+fn export(live: &LiveGroup, name: &str) -> Option<Arc<dyn Export>> {
+    live.volume(name)
+        .map(|v| Arc::new(VolumeExport(v)) as Arc<dyn Export>)
+}
+
+/// An operation's answer: its message and warnings.
+fn done(d: crate::group::live::Done) -> control::Response {
+    control::Response {
+        warnings: d.warnings,
+        ..control::Response::message(d.message)
+    }
+}
+
+/// Refuses to write onto a volume NBD clients are using.
+fn refuse_clients(server: &Server, name: &str, doing: &str) -> Result<()> {
+    match server.clients(name) {
+        0 => Ok(()),
+        n => Err(Error::refused(format!(
+            "volume {name} has {n} NBD client{} connected; disconnect {} before {doing}",
+            if n == 1 { "" } else { "s" },
+            if n == 1 { "it" } else { "them" }
+        ))),
+    }
+}
+
 /// Runs one control request on the live group.
 fn handle(
     live: &Arc<LiveGroup>,
+    server: &Server,
     request: control::Request,
     resync: &ResyncOptions,
 ) -> control::Response {
     use control::{Request, Response};
     let result = match request {
         Request::Status => {
-            let report = live.status();
+            let mut report = live.status();
+            for v in &mut report.volumes {
+                v.clients = Some(server.clients(&v.name));
+            }
             Ok(Response {
                 ok: true,
                 status: Some(serde_json::to_value(&report).expect("status serializes")),
@@ -354,8 +383,112 @@ fn handle(
                     })
                 })
         }
+        Request::Create {
+            name,
+            size,
+            copies,
+            disks,
+        } => live.create_volume(&name, size, copies, &disks).map(|d| {
+            if let Some(e) = export(live, &name) {
+                server.add_export(e);
+            }
+            done(d)
+        }),
+        Request::AddMirror { name, disk } => {
+            live.add_mirror(&name, disk.as_deref(), resync).map(done)
+        }
+        Request::RemoveMirror { name, disk } => live.remove_mirror(&name, &disk, resync).map(done),
+        Request::Break {
+            name,
+            disk,
+            new_name,
+            nokeep,
+        } => live
+            .break_mirror(&name, &disk, new_name.as_deref(), nokeep, resync)
+            .map(|(kept, d)| {
+                if let Some(e) = kept.and_then(|n| export(live, &n)) {
+                    server.add_export(e);
+                }
+                done(d)
+            }),
+        Request::Repair { name, disk } => live.repair(&name, disk.as_deref(), resync).map(done),
+        Request::Extend { name, size } => live.extend(&name, size).map(done),
+        Request::Delete { name, force } => delete(live, server, &name, force, resync),
+        Request::Copy { src, dst } => {
+            use crate::group::ops::{Endpoint, human};
+            let (s, d) = (Endpoint::parse(&src), Endpoint::parse(&dst));
+            match &d {
+                Endpoint::Volume(n) => refuse_clients(server, n, "copying onto it"),
+                Endpoint::Path(_) => Ok(()),
+            }
+            .and_then(|()| live.copy(&s, &d))
+            .map(|n| Response::message(format!("copied {} from {src} to {dst}", human(n))))
+        }
+        Request::Scrub { name, repair, rate } => {
+            live.scrub(&name, repair, rate).map(|r| Response {
+                ok: true,
+                report: Some(crate::cli::scrub::scrub_json(&r)),
+                text: Some(crate::cli::scrub::scrub_text(&r)),
+                ..Response::default()
+            })
+        }
+        Request::ResolveSplitBrain { keep } => {
+            let name = live.group().config.name.clone();
+            Err(Error::refused(format!(
+                "group {name} is not in split brain: mirrorvol serve runs only a group whose disks agree, so there is no side of {} to keep",
+                keep.display()
+            )))
+        }
     };
     result.unwrap_or_else(|e| Response::from_error(&e))
+}
+
+/// `delete` while serving: refused while NBD clients use the volume, unless
+/// `force`, which disconnects them (their requests in flight are answered
+/// first). The export goes before the volume, so no client connects in
+/// between; if the delete fails, the export is back.
+fn delete(
+    live: &Arc<LiveGroup>,
+    server: &Server,
+    name: &str,
+    force: bool,
+    resync: &ResyncOptions,
+) -> Result<control::Response> {
+    live.group().volume(name)?;
+    // Removed first: a client negotiating meanwhile is either counted here
+    // or turned away (see the server's handshake).
+    let removed = server.remove_export(name);
+    let clients = server.clients(name);
+    if clients > 0 {
+        if !force {
+            if let Some(x) = removed.clone() {
+                server.add_export(x);
+            }
+            refuse_clients(
+                server,
+                name,
+                "deleting it, or use --force to disconnect them",
+            )?;
+        }
+        server.disconnect(name);
+    }
+    match live.delete_volume(name, resync) {
+        Ok(mut d) => {
+            if clients > 0 {
+                d.message.push_str(&format!(
+                    "; disconnected {clients} NBD client{}",
+                    if clients == 1 { "" } else { "s" }
+                ));
+            }
+            Ok(done(d))
+        }
+        Err(e) => {
+            if let Some(x) = removed {
+                server.add_export(x);
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Removes the socket files of listeners bound before a failure.

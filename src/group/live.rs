@@ -19,10 +19,13 @@ use uuid::Uuid;
 
 use super::Group;
 use super::status::StatusReport;
+
+mod online;
 use crate::format::PlexState;
 use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode};
 use crate::volume::queue::{DiskQueue, Watchdog};
 use crate::volume::resync::{ResyncError, ResyncOptions, ResyncProgress, resync};
+pub use online::Done;
 
 /// A background resync under way.
 struct Running {
@@ -46,6 +49,12 @@ pub struct LiveGroup {
     stopping: std::sync::atomic::AtomicBool,
     /// Tells a background scrub to stop between chunks.
     scrub_stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Online operations run one at a time.
+    ops: Mutex<()>,
+    /// Volumes a `scrub` through the control socket is comparing.
+    scrubbing: Mutex<std::collections::BTreeSet<String>>,
+    opts: EngineOptions,
+    me: Weak<LiveGroup>,
     _watchdog: Watchdog,
 }
 
@@ -68,27 +77,9 @@ impl LiveGroup {
             opts.io_timeout,
         );
         Arc::new_cyclic(|me: &Weak<LiveGroup>| {
-            let sink: Weak<dyn FailureSink> = me.clone();
             let mut volumes = BTreeMap::new();
             for v in &group.config.volumes {
-                let plexes = v
-                    .plexes
-                    .iter()
-                    .filter_map(|p| {
-                        let queue = queues.get(&p.disk)?;
-                        let mode = match p.state {
-                            PlexState::InSync => Mode::InSync,
-                            PlexState::Resyncing => Mode::WriteOnly,
-                            PlexState::Stale | PlexState::Failed => return None,
-                        };
-                        let offset = group.members[&p.disk].label.layout.data_offset() + p.offset;
-                        Some(EnginePlex::new(p.disk, queue.clone(), offset, mode))
-                    })
-                    .collect();
-                let engine = MirrorVolume::new(&v.name, v.size, plexes, sink.clone(), opts.clone());
-                if let Some(b) = &group.bitmaps {
-                    engine.set_intent(b.clone());
-                }
+                let engine = Self::engine_for(&group, &queues, me, &opts, v);
                 volumes.insert(v.name.clone(), engine);
             }
             LiveGroup {
@@ -101,9 +92,44 @@ impl LiveGroup {
                 resync_volumes: Mutex::new(std::collections::BTreeSet::new()),
                 stopping: std::sync::atomic::AtomicBool::new(false),
                 scrub_stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                ops: Mutex::new(()),
+                scrubbing: Mutex::new(std::collections::BTreeSet::new()),
+                opts,
+                me: me.clone(),
                 _watchdog: watchdog,
             }
         })
+    }
+
+    /// The engine of the volume `v`: its in-sync plexes serve, resyncing
+    /// ones take writes; stale and failed plexes join when a resync starts.
+    fn engine_for(
+        group: &Group,
+        queues: &BTreeMap<Uuid, Arc<DiskQueue>>,
+        me: &Weak<LiveGroup>,
+        opts: &EngineOptions,
+        v: &crate::format::VolumeEntry,
+    ) -> Arc<MirrorVolume> {
+        let sink: Weak<dyn FailureSink> = me.clone();
+        let plexes = v
+            .plexes
+            .iter()
+            .filter_map(|p| {
+                let queue = queues.get(&p.disk)?;
+                let mode = match group.plex_state(p.disk, p.state) {
+                    "in-sync" => Mode::InSync,
+                    "resyncing" => Mode::WriteOnly,
+                    _ => return None,
+                };
+                let offset = group.members[&p.disk].label.layout.data_offset() + p.offset;
+                Some(EnginePlex::new(p.disk, queue.clone(), offset, mode))
+            })
+            .collect();
+        let engine = MirrorVolume::new(&v.name, v.size, plexes, sink, opts.clone());
+        if let Some(b) = &group.bitmaps {
+            engine.set_intent(b.clone());
+        }
+        engine
     }
 
     /// The engine of a volume.

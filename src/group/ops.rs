@@ -660,6 +660,22 @@ impl Group {
         disk: Option<&Path>,
         progress: &dyn Progress,
     ) -> Result<Vec<String>> {
+        let (targets, stale) = self.repair_config(name, disk)?;
+        for disk in targets.into_iter().chain(stale) {
+            self.resync_plex(name, disk, progress)?;
+        }
+        Ok(self.mirror_warnings(name))
+    }
+
+    /// The config half of [`Group::repair`]: records new plexes (resyncing)
+    /// in place of the failed or missing ones, and commits. Returns the new
+    /// plexes' disks and the stale plexes' disks; their resyncs are the
+    /// caller's (in the foreground offline, in the background under `serve`).
+    pub fn repair_config(
+        &mut self,
+        name: &str,
+        disk: Option<&Path>,
+    ) -> Result<(Vec<Uuid>, Vec<Uuid>)> {
         let v = self.volume(name)?.clone();
         let bad: Vec<&PlexEntry> = v
             .plexes
@@ -726,10 +742,7 @@ impl Group {
         if !plan.is_empty() {
             self.commit()?;
         }
-        for disk in plan.iter().map(|(_, t, _)| *t).chain(stale) {
-            self.resync_plex(name, disk, progress)?;
-        }
-        Ok(self.mirror_warnings(name))
+        Ok((plan.iter().map(|(_, t, _)| *t).collect(), stale))
     }
 
     /// Brings a returned or failed disk back into service and resyncs the
@@ -919,7 +932,7 @@ impl Group {
         }
     }
 
-    fn refuse_group_disk(&self, path: &Path) -> Result<()> {
+    pub(crate) fn refuse_group_disk(&self, path: &Path) -> Result<()> {
         if self.resolve_disk(path).is_ok() {
             return Err(Error::refused(format!(
                 "{} is a disk of group {}; copying to or from it directly would bypass the mirror",
@@ -937,21 +950,25 @@ impl Group {
                 Ok(EndpointIo::Volume(self.open_volume(name)?))
             }
             Endpoint::Path(path) => {
-                self.refuse_group_disk(path)?;
-                let opts = OpenOptions {
-                    read_only: true,
-                    ..OpenOptions::default()
-                };
-                let disk = FileDisk::open(path, opts).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        Error::refused(format!("{} does not exist", path.display()))
-                    } else {
-                        Error::io_path("open", path, e)
-                    }
-                })?;
-                Ok(EndpointIo::Path(path.clone(), disk))
+                Ok(EndpointIo::Path(path.clone(), self.open_path_source(path)?))
             }
         }
+    }
+
+    /// Opens a file or device to copy from (not a disk of the group).
+    pub(crate) fn open_path_source(&self, path: &Path) -> Result<FileDisk> {
+        self.refuse_group_disk(path)?;
+        let opts = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        FileDisk::open(path, opts).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::refused(format!("{} does not exist", path.display()))
+            } else {
+                Error::io_path("open", path, e)
+            }
+        })
     }
 
     /// Opens the target of a copy of `size` bytes, after checking that it
@@ -971,39 +988,44 @@ impl Group {
                 self.prepare_write(name)?;
                 Ok(EndpointIo::Volume(self.open_volume(name)?))
             }
-            Endpoint::Path(path) => {
-                self.refuse_group_disk(path)?;
-                use std::os::unix::fs::FileTypeExt;
-                let is_device = fs::metadata(path)
-                    .map(|m| m.file_type().is_block_device())
-                    .unwrap_or(false);
-                if is_device {
-                    let disk = FileDisk::open(path, OpenOptions::default())
-                        .map_err(|e| Error::io_path("open", path, e))?;
-                    if disk.size() < size {
-                        return Err(Error::refused(format!(
-                            "{} ({}) is smaller than {} ({})",
-                            path.display(),
-                            human(disk.size()),
-                            source.describe(),
-                            human(size)
-                        )));
-                    }
-                    return Ok(EndpointIo::Path(path.clone(), disk));
-                }
-                let f = fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(path)
-                    .map_err(|e| Error::io_path("create", path, e))?;
-                f.set_len(size)
-                    .map_err(|e| Error::io_path("resize", path, e))?;
-                let disk = FileDisk::open(path, OpenOptions::default())
-                    .map_err(|e| Error::io_path("open", path, e))?;
-                Ok(EndpointIo::Path(path.clone(), disk))
-            }
+            Endpoint::Path(path) => Ok(EndpointIo::Path(
+                path.clone(),
+                self.open_path_target(path, size, &source.describe())?,
+            )),
         }
+    }
+
+    /// Opens a file or device to copy `size` bytes of `what` onto (not a
+    /// disk of the group): a device must be large enough; a file is created
+    /// or resized to `size`, and only after the checks.
+    pub(crate) fn open_path_target(&self, path: &Path, size: u64, what: &str) -> Result<FileDisk> {
+        self.refuse_group_disk(path)?;
+        use std::os::unix::fs::FileTypeExt;
+        let is_device = fs::metadata(path)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        if is_device {
+            let disk = FileDisk::open(path, OpenOptions::default())
+                .map_err(|e| Error::io_path("open", path, e))?;
+            if disk.size() < size {
+                return Err(Error::refused(format!(
+                    "{} ({}) is smaller than {what} ({})",
+                    path.display(),
+                    human(disk.size()),
+                    human(size)
+                )));
+            }
+            return Ok(disk);
+        }
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| Error::io_path("create", path, e))?;
+        f.set_len(size)
+            .map_err(|e| Error::io_path("resize", path, e))?;
+        FileDisk::open(path, OpenOptions::default()).map_err(|e| Error::io_path("open", path, e))
     }
 
     /// Before data is written to a volume, plexes that cannot receive it (on
@@ -1124,7 +1146,7 @@ impl EndpointIo {
     fn size(&self) -> u64 {
         match self {
             EndpointIo::Path(_, d) => d.size(),
-            EndpointIo::Volume(v) => v.engine.size,
+            EndpointIo::Volume(v) => v.engine.size(),
         }
     }
 

@@ -61,6 +61,28 @@ impl Group {
         opts: &ScrubOptions,
         progress: &dyn Progress,
     ) -> Result<VolumeScrub> {
+        self.refuse_unscrubbable(name)?;
+        let io = self.open_volume(name)?;
+        progress.start(
+            &format!(
+                "{} {name}",
+                if opts.repair {
+                    "scrub --repair"
+                } else {
+                    "scrub"
+                }
+            ),
+            io.engine.size(),
+        );
+        let result = scrub::scrub(&io.engine, opts, &|done| progress.set(done));
+        progress.finish();
+        self.settle(&io)?;
+        drop(io);
+        self.scrub_outcome(name, opts, result)
+    }
+
+    /// Refuses to scrub a volume with fewer than two in-sync plexes.
+    pub fn refuse_unscrubbable(&self, name: &str) -> Result<()> {
         let v = self.volume(name)?;
         let in_sync = v
             .plexes
@@ -72,22 +94,17 @@ impl Group {
                 "volume {name} has fewer than two in-sync plexes: there is nothing to compare"
             )));
         }
-        let io = self.open_volume(name)?;
-        progress.start(
-            &format!(
-                "{} {name}",
-                if opts.repair {
-                    "scrub --repair"
-                } else {
-                    "scrub"
-                }
-            ),
-            io.engine.size,
-        );
-        let result = scrub::scrub(&io.engine, opts, &|done| progress.set(done));
-        progress.finish();
-        self.settle(&io)?;
-        drop(io);
+        Ok(())
+    }
+
+    /// What a scrub of `name` found, with the plexes named by their disks,
+    /// or why it stopped (a plex's failure is recorded by then).
+    pub fn scrub_outcome(
+        &self,
+        name: &str,
+        opts: &ScrubOptions,
+        result: std::result::Result<scrub::ScrubReport, ScrubError>,
+    ) -> Result<VolumeScrub> {
         let report = match result {
             Ok(report) => report,
             Err(ScrubError::TooFewPlexes { .. }) => {
@@ -102,7 +119,6 @@ impl Group {
                 error,
                 ..
             }) => {
-                // `settle` has recorded the plex's failure and warns of it.
                 return Err(Error::io(
                     format!(
                         "scrub of volume {name} stopped at volume offset {offset}: {op} on disk {disk} failed"

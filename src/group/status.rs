@@ -76,6 +76,9 @@ pub struct VolumeStatus {
     /// `failed` (not served, not written) until the split is resolved.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub split_brain: bool,
+    /// Under `serve`: NBD connections using the volume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients: Option<usize>,
 }
 
 #[derive(Debug, Serialize)]
@@ -186,6 +189,7 @@ impl Group {
                         })
                         .collect(),
                     split_brain: split_affected(v.uuid),
+                    clients: None,
                 }
             })
             .collect();

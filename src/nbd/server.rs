@@ -20,7 +20,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use super::proto::{self, ClientOption, Command, Decoded, ProtoError};
@@ -213,7 +213,19 @@ impl Sock {
             Sock::Tcp(s) => s.shutdown(how),
         };
     }
+
+    fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_write_timeout(t),
+            Sock::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
 }
+
+/// How long a reply may wait for a client to read: replies are written by
+/// the threads that complete the I/O, so a client that stops reading must
+/// not hold them; past this it is disconnected.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Read for Sock {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -246,15 +258,23 @@ impl Write for Sock {
 
 /// The state the listeners and connections share.
 struct Shared {
-    exports: BTreeMap<String, Arc<dyn Export>>,
+    exports: RwLock<BTreeMap<String, Arc<dyn Export>>>,
     stopping: AtomicBool,
-    /// Open connections, by id: a handle to shut their reading side.
-    conns: Mutex<HashMap<u64, Sock>>,
+    /// Open connections, by id: a handle to shut their reading side, and
+    /// the export chosen once the handshake is over.
+    conns: Mutex<HashMap<u64, Conn>>,
     idle: Condvar,
     next_id: AtomicU64,
 }
 
-/// An NBD server over a fixed set of exports.
+/// An open connection.
+struct Conn {
+    sock: Sock,
+    export: Option<String>,
+}
+
+/// An NBD server; exports come and go while it serves
+/// ([`Server::add_export`], [`Server::remove_export`]).
 pub struct Server {
     shared: Arc<Shared>,
     acceptors: Mutex<Vec<(JoinHandle<()>, Option<PathBuf>)>>,
@@ -264,10 +284,12 @@ impl Server {
     pub fn new(exports: Vec<Arc<dyn Export>>) -> Server {
         Server {
             shared: Arc::new(Shared {
-                exports: exports
-                    .into_iter()
-                    .map(|e| (e.name().to_string(), e))
-                    .collect(),
+                exports: RwLock::new(
+                    exports
+                        .into_iter()
+                        .map(|e| (e.name().to_string(), e))
+                        .collect(),
+                ),
                 stopping: AtomicBool::new(false),
                 conns: Mutex::new(HashMap::new()),
                 idle: Condvar::new(),
@@ -296,6 +318,52 @@ impl Server {
         lock(&self.shared.conns).len()
     }
 
+    /// Offers `export` to new connections (replacing one of the same name).
+    pub fn add_export(&self, export: Arc<dyn Export>) {
+        self.shared
+            .exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(export.name().to_string(), export);
+    }
+
+    /// Stops offering the export `name` to new connections; connections
+    /// already using it go on until they close ([`Server::disconnect`]).
+    pub fn remove_export(&self, name: &str) -> Option<Arc<dyn Export>> {
+        self.shared
+            .exports
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+    }
+
+    /// Connections using the export `name`.
+    pub fn clients(&self, name: &str) -> usize {
+        lock(&self.shared.conns)
+            .values()
+            .filter(|c| c.export.as_deref() == Some(name))
+            .count()
+    }
+
+    /// Ends the connections using the export `name` at once (both ways: a
+    /// client that does not read its replies cannot hold the server up).
+    /// Returns once their threads are done; requests they had in flight
+    /// still run to their end in the export.
+    pub fn disconnect(&self, name: &str) {
+        let mut conns = lock(&self.shared.conns);
+        let mine = |c: &Conn| c.export.as_deref() == Some(name);
+        for c in conns.values().filter(|c| mine(c)) {
+            c.sock.shutdown(Shutdown::Both);
+        }
+        while conns.values().any(mine) {
+            conns = self
+                .shared
+                .idle
+                .wait(conns)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Stops accepting, stops reading new requests on every connection,
     /// waits until every request in flight has been answered and every
     /// connection is closed, and removes Unix socket files.
@@ -308,8 +376,8 @@ impl Server {
             }
         }
         let mut conns = lock(&self.shared.conns);
-        for s in conns.values() {
-            s.shutdown(Shutdown::Read);
+        for c in conns.values() {
+            c.sock.shutdown(Shutdown::Read);
         }
         while !conns.is_empty() {
             conns = self
@@ -359,7 +427,13 @@ fn accept_loop(shared: Arc<Shared>, bound: Bound) {
         let Ok(handle) = sock.try_clone() else {
             continue;
         };
-        lock(&shared.conns).insert(id, handle);
+        lock(&shared.conns).insert(
+            id,
+            Conn {
+                sock: handle,
+                export: None,
+            },
+        );
         // A connection accepted while stopping gets no request read.
         if shared.stopping.load(Ordering::SeqCst) {
             sock.shutdown(Shutdown::Read);
@@ -368,7 +442,7 @@ fn accept_loop(shared: Arc<Shared>, bound: Bound) {
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                if let Err(e) = connection(&s, sock) {
+                if let Err(e) = connection(&s, id, sock) {
                     tracing::info!(connection = id, error = %e, "connection closed");
                 }
                 let mut conns = lock(&s.conns);
@@ -412,23 +486,50 @@ fn read_decoded<T>(
     }
 }
 
-fn connection(shared: &Arc<Shared>, sock: Sock) -> Result<(), ConnError> {
+fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<(), ConnError> {
     let mut writer = sock.try_clone()?;
     let mut reader = BufReader::with_capacity(256 * 1024, sock);
     let export = handshake(shared, &mut reader, &mut writer)?;
     let Some(export) = export else {
         return Ok(());
     };
+    {
+        let mut conns = lock(&shared.conns);
+        let Some(c) = conns.get_mut(&id) else {
+            return Ok(());
+        };
+        c.export = Some(export.name().to_string());
+        // The export went while the client negotiated (under this lock, so
+        // whoever removed it and then counts its clients counts this one
+        // or sees it go): it is not served.
+        if !is_exported(shared, export.name()) {
+            c.sock.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        if shared.stopping.load(Ordering::SeqCst) {
+            c.sock.shutdown(Shutdown::Read);
+        }
+    }
+    writer.set_write_timeout(Some(REPLY_TIMEOUT))?;
     transmission(export, reader, writer)
+}
+
+fn exports(shared: &Shared) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<dyn Export>>> {
+    shared.exports.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn is_exported(shared: &Shared, name: &str) -> bool {
+    exports(shared).contains_key(name)
 }
 
 /// Looks up an export: by name, or the only one for the empty name.
 fn find_export(shared: &Shared, name: &[u8]) -> Option<Arc<dyn Export>> {
-    if name.is_empty() && shared.exports.len() == 1 {
-        return shared.exports.values().next().cloned();
+    let exports = exports(shared);
+    if name.is_empty() && exports.len() == 1 {
+        return exports.values().next().cloned();
     }
     let name = std::str::from_utf8(name).ok()?;
-    shared.exports.get(name).cloned()
+    exports.get(name).cloned()
 }
 
 /// Option haggling; returns the export chosen, or None when the client
@@ -470,7 +571,7 @@ fn handshake(
             }
             ClientOption::List => {
                 let mut out = Vec::new();
-                for name in shared.exports.keys() {
+                for name in exports(shared).keys() {
                     out.extend(proto::encode_rep_server(name));
                 }
                 out.extend(proto::encode_option_reply(
@@ -486,8 +587,7 @@ fn handshake(
                     let msg = format!(
                         "no export named {:?} (exports: {})",
                         String::from_utf8_lossy(&name),
-                        shared
-                            .exports
+                        exports(shared)
                             .keys()
                             .cloned()
                             .collect::<Vec<_>>()

@@ -219,7 +219,8 @@ fn eio(msg: String) -> io::Error {
 /// A volume served by the engine.
 pub struct MirrorVolume {
     pub name: String,
-    pub size: u64,
+    /// Bytes; grows when a simple volume is extended while it serves.
+    size: AtomicU64,
     plexes: RwLock<Vec<Arc<EnginePlex>>>,
     lock: RangeLock,
     sink: Weak<dyn FailureSink>,
@@ -238,7 +239,7 @@ impl std::fmt::Debug for MirrorVolume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MirrorVolume")
             .field("name", &self.name)
-            .field("size", &self.size)
+            .field("size", &self.size())
             .finish()
     }
 }
@@ -253,7 +254,7 @@ impl MirrorVolume {
     ) -> Arc<MirrorVolume> {
         Arc::new(MirrorVolume {
             name: name.to_string(),
-            size,
+            size: AtomicU64::new(size),
             plexes: RwLock::new(plexes.into_iter().map(Arc::new).collect()),
             lock: RangeLock::new(),
             sink,
@@ -270,6 +271,47 @@ impl MirrorVolume {
     /// once, before the first write.
     pub fn set_intent(&self, intent: Arc<dyn WriteIntent>) {
         let _ = self.intent.set(intent);
+    }
+
+    /// The size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the volume (its plexes have the room): new requests may reach
+    /// up to `size`.
+    pub fn grow(&self, size: u64) {
+        self.size.fetch_max(size, Ordering::AcqRel);
+    }
+
+    /// Takes the plex on `disk` out of the volume, and waits (up to
+    /// `timeout`) until no request in flight holds it any more, so that
+    /// its space can be reused or handed to another volume. Returns the
+    /// plex, or None when the volume has no plex there; `Err` with the plex
+    /// when requests still held it at the timeout (a hung disk).
+    pub fn remove_plex(
+        &self,
+        disk: Uuid,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<Option<Arc<EnginePlex>>, Arc<EnginePlex>> {
+        let plex = {
+            let mut plexes = self.plexes.write().unwrap_or_else(|e| e.into_inner());
+            let Some(i) = plexes.iter().position(|p| p.disk == disk) else {
+                return Ok(None);
+            };
+            plexes.remove(i)
+        };
+        plex.set_mode(Mode::Out);
+        // Every request that picked the plex holds a clone until it is
+        // answered.
+        let started = std::time::Instant::now();
+        while Arc::strong_count(&plex) > 1 {
+            if started.elapsed() > timeout {
+                return Err(plex);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Ok(Some(plex))
     }
 
     /// A snapshot of the plexes.
@@ -373,12 +415,13 @@ impl MirrorVolume {
 
     fn check(&self, offset: u64, len: u64) -> io::Result<()> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
                     "{len} bytes at offset {offset} lie past the end of volume {} ({} bytes)",
-                    self.name, self.size
+                    self.name,
+                    self.size()
                 ),
             )),
         }

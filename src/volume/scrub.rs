@@ -146,8 +146,8 @@ pub fn scrub(
         .collect();
     let started = Instant::now();
     let mut pos = 0u64;
-    while pos < volume.size && !opts.stopped() {
-        let n = (volume.size - pos).min(SCRUB_CHUNK as u64) as usize;
+    while pos < volume.size() && !opts.stopped() {
+        let n = (volume.size() - pos).min(SCRUB_CHUNK as u64) as usize;
         let found = volume.with_range_locked(pos..pos + n as u64, || {
             // A plex failed by a write since the last chunk lacks that write:
             // comparing it would report a false mismatch, and it must never

@@ -547,7 +547,7 @@ impl Workload {
                 writer(spec, w, own, &volume, &reference, &counters, &stop)
             }));
         }
-        let total = volume.size / BLOCK;
+        let total = volume.size() / BLOCK;
         for r in 0..spec.readers {
             let (stop, counters, reference, volume, spec) = (
                 stop.clone(),

@@ -1,0 +1,463 @@
+//! Operations of the control socket that change the volumes while they
+//! serve: the offline commands' checks and config changes
+//! ([`super::super::ops`]), then the engines brought in line with the new
+//! config.
+//!
+//! The rules that keep clients' data whole:
+//! - a plex leaves an engine only once no request holds it
+//!   ([`MirrorVolume::remove_plex`]), so its space is never reused, and a
+//!   split-off plex never exported, while a write to it is in flight;
+//! - a plex joins an engine write-only and is read from only after a resync
+//!   ([`LiveGroup::start_resyncs`]);
+//! - a volume's background resync is stopped (at a checkpoint) before one of
+//!   its plexes leaves, and resumed afterwards;
+//! - operations run one at a time.
+
+use std::path::Path;
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::LiveGroup;
+use crate::disk::buf::IO_ALIGN;
+use crate::disk::{AlignedBuf, Disk, FileDisk};
+use crate::group::Group;
+use crate::group::io::io_refusal;
+use crate::group::ops::{Endpoint, human};
+use crate::group::scrub::VolumeScrub;
+use crate::volume::COPY_CHUNK;
+use crate::volume::engine::{MirrorVolume, Mode};
+use crate::volume::resync::ResyncOptions;
+use crate::volume::scrub::ScrubOptions;
+use crate::{Error, Result};
+
+/// How long a leaving plex may keep requests in flight (a hung disk's are
+/// failed by the watchdog well before).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What an online operation did, for the command to print.
+#[derive(Debug, Default)]
+pub struct Done {
+    pub message: String,
+    pub warnings: Vec<String>,
+}
+
+impl Done {
+    fn new(message: String, g: &mut Group, mut warnings: Vec<String>) -> Done {
+        warnings.extend(g.warnings.split_off(0));
+        Done { message, warnings }
+    }
+}
+
+impl LiveGroup {
+    fn op_lock(&self) -> MutexGuard<'_, ()> {
+        self.ops.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops the background resync of `name` at its next chunk and waits for
+    /// its thread to end (it records its checkpoint); `start_resyncs`
+    /// resumes it.
+    fn pause_resync(&self, name: &str) {
+        let started = Instant::now();
+        while self.resync_volumes().contains(name) && started.elapsed() < DRAIN_TIMEOUT {
+            if let Some(r) = self.running().get(name) {
+                r.progress.stop();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Runs `op` with the resync of `name` paused, then resumes the resyncs
+    /// (whatever `op` returned).
+    fn with_resync_paused<T>(
+        self: &Arc<Self>,
+        name: &str,
+        resync: &ResyncOptions,
+        op: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        self.pause_resync(name);
+        let r = op();
+        self.start_resyncs(resync.clone());
+        r
+    }
+
+    fn refuse_scrubbing(&self, name: &str, doing: &str) -> Result<()> {
+        if self
+            .scrubbing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(name)
+        {
+            return Err(Error::refused(format!(
+                "volume {name} is being scrubbed; {doing} it after the scrub ends"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Takes the plex on `disk` out of the engine of `name` once no request
+    /// holds it.
+    fn drain_plex(&self, name: &str, disk: Uuid) {
+        let Some(engine) = self.volume(name) else {
+            return;
+        };
+        if let Err(p) = engine.remove_plex(disk, DRAIN_TIMEOUT) {
+            tracing::warn!(volume = %name, disk = %p.queue.name(), "requests to a plex that left the volume are still in flight");
+        }
+    }
+
+    /// Starts the engine of a volume the config has and the engines lack.
+    fn add_engine(&self, g: &Group, name: &str) -> Result<Arc<MirrorVolume>> {
+        let entry = g.volume(name)?;
+        let engine = Self::engine_for(g, &self.queues, &self.me, &self.opts, entry);
+        self.volumes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), engine.clone());
+        Ok(engine)
+    }
+
+    /// `create` while serving: the volume is zeroed, recorded, and its
+    /// engine started; the caller exports it.
+    pub fn create_volume(
+        &self,
+        name: &str,
+        size: u64,
+        copies: usize,
+        disks: &[std::path::PathBuf],
+    ) -> Result<Done> {
+        let _op = self.op_lock();
+        let mut g = self.group();
+        let warnings = g.create(name, size, copies, disks)?;
+        self.add_engine(&g, name)?;
+        let on: Vec<String> = g
+            .volume(name)?
+            .plexes
+            .iter()
+            .map(|p| g.disk_path(p.disk))
+            .collect();
+        let message = format!(
+            "created {} volume {name} ({}) on {}",
+            if copies > 1 { "mirrored" } else { "simple" },
+            human(size),
+            on.join(", ")
+        );
+        Ok(Done::new(message, &mut g, warnings))
+    }
+
+    /// `add-mirror` while serving: the new plex is recorded resyncing and
+    /// filled by a background resync.
+    pub fn add_mirror(
+        self: &Arc<Self>,
+        name: &str,
+        disk: Option<&Path>,
+        resync: &ResyncOptions,
+    ) -> Result<Done> {
+        let _op = self.op_lock();
+        let done = {
+            let mut g = self.group();
+            let target = g.add_resyncing_plex(name, disk)?;
+            let warnings = g.mirror_warnings(name);
+            let message = format!(
+                "added a mirror to volume {name} on {}; it resyncs in the background (see `mirrorvol status`)",
+                g.disk_path(target)
+            );
+            Done::new(message, &mut g, warnings)
+        };
+        self.start_resyncs(resync.clone());
+        Ok(done)
+    }
+
+    /// `repair` while serving: failed or missing plexes are replaced with
+    /// new space (resynced in the background), stale ones resync in place.
+    pub fn repair(
+        self: &Arc<Self>,
+        name: &str,
+        disk: Option<&Path>,
+        resync: &ResyncOptions,
+    ) -> Result<Done> {
+        let _op = self.op_lock();
+        self.with_resync_paused(name, resync, || {
+            let (replaced, done) = {
+                let mut g = self.group();
+                let before: Vec<Uuid> = g.volume(name)?.plexes.iter().map(|p| p.disk).collect();
+                let (targets, stale) = g.repair_config(name, disk)?;
+                let after: Vec<Uuid> = g.volume(name)?.plexes.iter().map(|p| p.disk).collect();
+                let replaced: Vec<Uuid> = before
+                    .into_iter()
+                    .filter(|d| !after.contains(d))
+                    .collect();
+                self.retire_plexes(&g);
+                let mut parts: Vec<String> = targets
+                    .iter()
+                    .map(|t| format!("a new plex on {}", g.disk_path(*t)))
+                    .collect();
+                parts.extend(
+                    stale
+                        .iter()
+                        .map(|t| format!("the stale plex on {}", g.disk_path(*t))),
+                );
+                let warnings = g.mirror_warnings(name);
+                let message = format!(
+                    "repairing volume {name}: {} resync{} in the background (see `mirrorvol status`)",
+                    parts.join(" and "),
+                    if parts.len() == 1 { "s" } else { "" }
+                );
+                (replaced, Done::new(message, &mut g, warnings))
+            };
+            for d in replaced {
+                self.drain_plex(name, d);
+            }
+            Ok(done)
+        })
+    }
+
+    /// `remove-mirror` while serving: the plex leaves the config, then the
+    /// engine once no request holds it; clients go on.
+    pub fn remove_mirror(
+        self: &Arc<Self>,
+        name: &str,
+        disk: &Path,
+        resync: &ResyncOptions,
+    ) -> Result<Done> {
+        let _op = self.op_lock();
+        self.refuse_scrubbing(name, "remove a mirror of")?;
+        self.with_resync_paused(name, resync, || {
+            let (uuid, done) = {
+                let mut g = self.group();
+                let uuid = g.resolve_disk(disk)?;
+                g.remove_mirror(name, disk)?;
+                self.retire_plexes(&g);
+                let message = format!("removed the plex on {} from volume {name}", disk.display());
+                (uuid, Done::new(message, &mut g, Vec::new()))
+            };
+            self.drain_plex(name, uuid);
+            Ok(done)
+        })
+    }
+
+    /// `break` while serving: the plex leaves the volume (its clients go
+    /// on with the other plexes) and, kept, becomes a volume of its own with
+    /// the data of the moment it left. Returns the new volume's name; the
+    /// caller exports it.
+    pub fn break_mirror(
+        self: &Arc<Self>,
+        name: &str,
+        disk: &Path,
+        new_name: Option<&str>,
+        nokeep: bool,
+        resync: &ResyncOptions,
+    ) -> Result<(Option<String>, Done)> {
+        let _op = self.op_lock();
+        self.refuse_scrubbing(name, "break")?;
+        self.with_resync_paused(name, resync, || {
+            let (uuid, kept) = {
+                let mut g = self.group();
+                let uuid = g.resolve_disk(disk)?;
+                let kept = g.break_mirror(name, disk, new_name, nokeep)?;
+                self.retire_plexes(&g);
+                (uuid, kept)
+            };
+            // Writes in flight to the plex land before it serves elsewhere.
+            self.drain_plex(name, uuid);
+            let mut g = self.group();
+            let message = match &kept {
+                Some(n) => {
+                    self.add_engine(&g, n)?;
+                    format!(
+                        "broke volume {name}: the plex on {} is now volume {n}",
+                        disk.display()
+                    )
+                }
+                None => format!(
+                    "broke volume {name}: the plex on {} was freed",
+                    disk.display()
+                ),
+            };
+            Ok((kept, Done::new(message, &mut g, Vec::new())))
+        })
+    }
+
+    /// `delete` while serving, once the volume's export and clients are
+    /// gone: its engine is flushed and stopped, then the volume leaves the
+    /// config. If the config cannot be written, the engine is back.
+    pub fn delete_volume(self: &Arc<Self>, name: &str, resync: &ResyncOptions) -> Result<Done> {
+        let _op = self.op_lock();
+        self.refuse_scrubbing(name, "delete")?;
+        self.group().volume(name)?;
+        self.with_resync_paused(name, resync, || {
+            let engine = self
+                .volumes
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(name);
+            if let Some(e) = &engine {
+                let _ = e.flush();
+                let disks: Vec<Uuid> = e.plexes().iter().map(|p| p.disk).collect();
+                for d in disks {
+                    if let Err(p) = e.remove_plex(d, DRAIN_TIMEOUT) {
+                        tracing::warn!(volume = %name, disk = %p.queue.name(), "requests to a deleted volume are still in flight");
+                    }
+                }
+            }
+            let mut g = self.group();
+            if let Err(err) = g.delete(name) {
+                self.add_engine(&g, name)?;
+                return Err(err);
+            }
+            Ok(Done::new(
+                format!("deleted volume {name}"),
+                &mut g,
+                Vec::new(),
+            ))
+        })
+    }
+
+    /// `extend` while serving: the volume grows; clients see the new size
+    /// when they connect again (NBD fixes the size at the handshake).
+    pub fn extend(&self, name: &str, size: u64) -> Result<Done> {
+        let _op = self.op_lock();
+        let mut g = self.group();
+        g.extend(name, size)?;
+        if let Some(e) = self.volume(name) {
+            e.grow(size);
+        }
+        Ok(Done::new(
+            format!(
+                "extended volume {name} to {}; connected clients see the new size when they reconnect",
+                human(size)
+            ),
+            &mut g,
+            Vec::new(),
+        ))
+    }
+
+    /// `scrub` while serving: compares (and with `repair`, fixes) the plexes
+    /// through the running engine, under its range lock, while clients do
+    /// I/O.
+    pub fn scrub(&self, name: &str, repair: bool, rate: Option<u64>) -> Result<VolumeScrub> {
+        self.group().refuse_unscrubbable(name)?;
+        if !self
+            .scrubbing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string())
+        {
+            return Err(Error::refused(format!(
+                "volume {name} is being scrubbed already"
+            )));
+        }
+        struct Unmark<'a>(&'a LiveGroup, &'a str);
+        impl Drop for Unmark<'_> {
+            fn drop(&mut self) {
+                self.0
+                    .scrubbing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(self.1);
+            }
+        }
+        let _unmark = Unmark(self, name);
+        let engine = self
+            .volume(name)
+            .ok_or_else(|| Error::refused(format!("volume {name} is not in service")))?;
+        let opts = ScrubOptions {
+            repair,
+            max_rate: rate,
+            stop: Some(self.scrub_stop.clone()),
+        };
+        let result = crate::volume::scrub::scrub(&engine, &opts, &|_| {});
+        let g = self.group();
+        g.scrub_outcome(name, &opts, result)
+    }
+
+    /// `copy` while serving: through the running engines, so clients of a
+    /// source volume go on (the caller refuses a target volume with
+    /// clients).
+    pub fn copy(&self, src: &Endpoint, dst: &Endpoint) -> Result<u64> {
+        enum Side {
+            Path(std::path::PathBuf, FileDisk),
+            Volume(Arc<MirrorVolume>),
+        }
+        let engine = |name: &str| -> Result<Arc<MirrorVolume>> {
+            let e = self
+                .volume(name)
+                .ok_or_else(|| Error::refused(format!("no volume named {name} is in service")))?;
+            if !e.plexes().iter().any(|p| p.mode() == Mode::InSync) {
+                return Err(Error::refused(format!("volume {name} has no in-sync plex")));
+            }
+            Ok(e)
+        };
+        let (source, target, size) = {
+            let g = self.group();
+            match (src, dst) {
+                (Endpoint::Path(_), Endpoint::Path(_)) => {
+                    return Err(Error::refused(
+                        "copy needs a volume on at least one side: write it as vol:NAME",
+                    ));
+                }
+                (Endpoint::Volume(a), Endpoint::Volume(b)) if a == b => {
+                    return Err(Error::refused(format!(
+                        "volume {a} cannot be copied onto itself"
+                    )));
+                }
+                _ => {}
+            }
+            let (source, size, what) = match src {
+                Endpoint::Volume(n) => {
+                    g.volume(n)?;
+                    let e = engine(n)?;
+                    let size = e.size();
+                    (Side::Volume(e), size, format!("volume {n}"))
+                }
+                Endpoint::Path(p) => {
+                    let d = g.open_path_source(p)?;
+                    let size = d.size();
+                    (Side::Path(p.clone(), d), size, p.display().to_string())
+                }
+            };
+            let target = match dst {
+                Endpoint::Volume(n) => {
+                    let v = g.volume(n)?;
+                    if v.size < size {
+                        return Err(Error::refused(format!(
+                            "volume {n} ({}) is smaller than {what} ({})",
+                            human(v.size),
+                            human(size)
+                        )));
+                    }
+                    Side::Volume(engine(n)?)
+                }
+                Endpoint::Path(p) => Side::Path(p.clone(), g.open_path_target(p, size, &what)?),
+            };
+            (source, target, size)
+        };
+        let mut buf = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(COPY_CHUNK as u64) as usize;
+            let chunk = &mut buf[..n];
+            match &source {
+                Side::Volume(e) => e.read(pos, chunk).map_err(|err| io_refusal(&e.name, err))?,
+                Side::Path(p, d) => d.read_at(chunk, pos).map_err(|err| {
+                    Error::io(format!("cannot read {} at offset {pos}", p.display()), err)
+                })?,
+            }
+            match &target {
+                Side::Volume(e) => e
+                    .write(pos, chunk)
+                    .map_err(|err| io_refusal(&e.name, err))?,
+                Side::Path(p, d) => d.write_at(chunk, pos).map_err(|err| {
+                    Error::io(format!("cannot write {} at offset {pos}", p.display()), err)
+                })?,
+            }
+            pos += n as u64;
+        }
+        match &target {
+            Side::Volume(e) => e.flush().map_err(|err| io_refusal(&e.name, err))?,
+            Side::Path(p, d) => d.flush().map_err(|e| Error::io_path("flush", p, e))?,
+        }
+        Ok(size)
+    }
+}

@@ -1,0 +1,420 @@
+//! Every operation of DESIGN.md §6 against a running `serve`, sent through
+//! its control socket while NBD clients do I/O: the volumes keep serving,
+//! fio's verification finds every block it wrote, and the group ends in the
+//! states the operations asked for.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::serve::{Served, run, tools};
+use common::{Sandbox, bin, disk, volume};
+
+/// `mirrorvol ARGS` with the sandbox's disks and run directory.
+fn mv(sb: &Sandbox, args: &[&str]) -> (i32, String, String) {
+    run(Command::new(bin())
+        .env("MIRRORVOL_DISKS", sb.disks_dir())
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .args(args))
+}
+
+#[track_caller]
+fn mv_ok(sb: &Sandbox, args: &[&str]) -> String {
+    let (code, out, err) = mv(sb, args);
+    assert_eq!(code, 0, "mirrorvol {args:?}:\n{out}\n{err}");
+    out
+}
+
+#[track_caller]
+fn mv_refused(sb: &Sandbox, args: &[&str], needle: &str) -> String {
+    let (code, out, err) = mv(sb, args);
+    assert_eq!(
+        code, 2,
+        "mirrorvol {args:?} should be refused:\n{out}\n{err}"
+    );
+    assert!(err.contains(needle), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
+    err
+}
+
+fn status(sb: &Sandbox) -> serde_json::Value {
+    serde_json::from_str(&mv_ok(sb, &["status", "--json"])).expect("status --json is JSON")
+}
+
+/// Three raw image files (a, b, c) of 128 MiB in group `g`, with the
+/// mirror `data` (32 MiB) on a and b.
+fn three_disks(sb: &Sandbox) {
+    for d in ["a.img", "b.img", "c.img"] {
+        sb.image(d, 128);
+    }
+    let (a, b, c) = (
+        sb.p("disks/a.img"),
+        sb.p("disks/b.img"),
+        sb.p("disks/c.img"),
+    );
+    mv_ok(sb, &["init", &a, &b, &c, "--style", "raw", "--group", "g"]);
+    mv_ok(
+        sb,
+        &[
+            "create", "data", "--size", "32M", "--mirror", "--disk", &a, "--disk", &b,
+        ],
+    );
+}
+
+/// `serve` with resyncs that keep a brisk pace while clients write.
+fn serve(sb: &Sandbox) -> Served {
+    Served::start_args(
+        sb,
+        &["--resync-min-rate", "200M", "--cache", "writeback"],
+        &[],
+    )
+}
+
+/// fio writing the whole volume with crc32c verification, slowly enough to
+/// still be running when the test acts.
+fn fio_verify(uri: &str, mib: u32, iops: u32) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=online",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=8",
+            &format!("--size={mib}M"),
+            &format!("--rate_iops={iops}"),
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--do_verify=1",
+            "--randrepeat=0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fio")
+}
+
+#[track_caller]
+fn fio_passed(fio: Child) {
+    let o = fio.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "fio failed:\n{out}\n{err}");
+    assert!(
+        out.contains("err= 0") && !out.contains("verify:"),
+        "{out}\n{err}"
+    );
+}
+
+/// Waits until every plex of `name` is in sync.
+#[track_caller]
+fn wait_healthy(sb: &Sandbox, s: &Served, name: &str) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let st = status(sb);
+        if volume(&st, name)["state"] == "healthy" {
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{name} not healthy after 60 s: {st:#}\n{}",
+            s.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The disks of a volume's plexes (file names) with their states.
+fn plexes(st: &serde_json::Value, name: &str) -> Vec<(String, String)> {
+    volume(st, name)["plexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let d = p["disk"].as_str().unwrap();
+            (
+                d.rsplit('/').next().unwrap().to_string(),
+                p["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+#[test]
+fn add_break_remove_fail_repair_reactivate_while_fio_verifies() {
+    if !tools(&["fio", "nbdinfo", "qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    let (b, c) = (sb.p("disks/b.img"), sb.p("disks/c.img"));
+    let s = serve(&sb);
+    let mut fio = fio_verify(&s.uri("data"), 32, 700);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // add-mirror: a third plex, filled in the background.
+    let out = mv_ok(&sb, &["add-mirror", "data", "--disk", &c]);
+    assert!(out.contains("resyncs in the background"), "{out}");
+    let st = wait_healthy(&sb, &s, "data");
+    assert_eq!(
+        plexes(&st, "data"),
+        pairs(&[
+            ("a.img", "in-sync"),
+            ("b.img", "in-sync"),
+            ("c.img", "in-sync")
+        ])
+    );
+
+    // break: the plex on c becomes volume `snap`, exported at once.
+    let out = mv_ok(&sb, &["break", "data", "--disk", &c, "--new-name", "snap"]);
+    assert_eq!(
+        out.trim(),
+        format!("broke volume data: the plex on {c} is now volume snap")
+    );
+    let size = common::serve::ok(Command::new("nbdinfo").args(["--size", &s.uri("snap")]));
+    assert_eq!(size.trim(), (32u64 << 20).to_string());
+    let st = status(&sb);
+    assert_eq!(volume(&st, "snap")["layout"], "simple");
+    assert_eq!(plexes(&st, "snap"), pairs(&[("c.img", "in-sync")]));
+
+    // remove-mirror: data is simple on a for a while, then mirrored again.
+    mv_ok(&sb, &["remove-mirror", "data", "--disk", &b]);
+    assert_eq!(plexes(&status(&sb), "data"), pairs(&[("a.img", "in-sync")]));
+    mv_ok(&sb, &["add-mirror", "data", "--disk", &b]);
+    wait_healthy(&sb, &s, "data");
+    assert!(
+        fio.try_wait().unwrap().is_none(),
+        "fio ended before the operations did; the test proves nothing"
+    );
+
+    // fail + repair: the failed plex on b is replaced by a new one on c.
+    mv_ok(&sb, &["fail", &b]);
+    let st = status(&sb);
+    assert_eq!(volume(&st, "data")["state"], "failed-redundancy");
+    let out = mv_ok(&sb, &["repair", "data"]);
+    assert!(out.contains(&format!("a new plex on {c}")), "{out}");
+    let st = wait_healthy(&sb, &s, "data");
+    assert_eq!(
+        plexes(&st, "data"),
+        pairs(&[("a.img", "in-sync"), ("c.img", "in-sync")])
+    );
+
+    // reactivate: b is back, holding no plex now.
+    mv_ok(&sb, &["reactivate", &b]);
+    let st = status(&sb);
+    assert_eq!(disk(&st, "b.img")["state"], "online");
+
+    fio_passed(fio);
+    let st = status(&sb);
+    assert_eq!(volume(&st, "data")["state"], "healthy", "{st:#}");
+    assert_eq!(volume(&st, "snap")["state"], "healthy", "{st:#}");
+    // The snapshot serves reads and writes of its own.
+    common::serve::ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 0 64k",
+        "-c",
+        "read -P 0x5a 0 64k",
+        &s.uri("snap"),
+    ]));
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    // Offline, the plexes of data hold the same bytes.
+    let out = mv_ok(&sb, &["scrub", "data", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r:#}\n{log}");
+}
+
+/// A client that keeps its NBD connection open until killed: nbdcopy
+/// streaming the volume into a pipe nobody reads.
+fn idle_client(uri: &str) -> Child {
+    Command::new("sh")
+        .args(["-c", &format!("nbdcopy '{uri}' - | sleep 60")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .expect("spawn nbdcopy")
+}
+
+use std::os::unix::process::CommandExt;
+
+fn kill_group(child: &mut Child) {
+    // SAFETY: kill takes integers; the group is the child's own.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+#[test]
+fn create_extend_delete_and_copy_online() {
+    if !tools(&["nbdinfo", "nbdcopy", "qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    let s = serve(&sb);
+
+    // create: exported at once, mirrored, zeroed.
+    let out = mv_ok(&sb, &["create", "web", "--size", "8M", "--mirror"]);
+    assert!(
+        out.starts_with("created mirrored volume web (8 MiB) on"),
+        "{out}"
+    );
+    common::serve::ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0 0 8M",
+        "-c",
+        "write -P 0x11 1M 1M",
+        &s.uri("web"),
+    ]));
+    mv_refused(
+        &sb,
+        &["create", "web", "--size", "4M"],
+        "volume web already exists",
+    );
+
+    // extend: a simple volume grows; a new connection sees the new size.
+    mv_ok(&sb, &["create", "logs", "--size", "4M"]);
+    mv_refused(
+        &sb,
+        &["extend", "web", "--size", "16M"],
+        "a mirrored volume cannot be extended",
+    );
+    mv_ok(&sb, &["extend", "logs", "--size", "12M"]);
+    let size = common::serve::ok(Command::new("nbdinfo").args(["--size", &s.uri("logs")]));
+    assert_eq!(size.trim(), (12u64 << 20).to_string());
+
+    // copy: out of a volume in use, into a file; back into an idle volume.
+    let out_img = sb.p("web.img");
+    mv_ok(&sb, &["copy", "vol:web", &out_img]);
+    let bytes = std::fs::read(&out_img).unwrap();
+    assert_eq!(bytes.len(), 8 << 20);
+    assert!(bytes[1 << 20..2 << 20].iter().all(|b| *b == 0x11));
+    assert!(bytes[..1 << 20].iter().all(|b| *b == 0));
+    mv_ok(&sb, &["copy", &out_img, "vol:logs"]);
+    common::serve::ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x11 1M 1M",
+        &s.uri("logs"),
+    ]));
+    // A group disk is never a copy side.
+    mv_refused(
+        &sb,
+        &["copy", "vol:web", &sb.p("disks/c.img")],
+        "is a disk of group g",
+    );
+
+    // delete: refused while a client is connected, forced disconnects it.
+    assert_eq!(volume(&status(&sb), "web")["clients"], 0);
+    let mut client = idle_client(&s.uri("web"));
+    let start = Instant::now();
+    while volume(&status(&sb), "web")["clients"] != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "nbdcopy never connected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    mv_refused(
+        &sb,
+        &["delete", "web"],
+        "volume web has 1 NBD client connected; disconnect it before deleting it, or use --force",
+    );
+    mv_refused(
+        &sb,
+        &["copy", &out_img, "vol:web"],
+        "1 NBD client connected",
+    );
+    assert!(volume(&status(&sb), "web")["name"] == "web");
+    let out = mv_ok(&sb, &["delete", "web", "--force"]);
+    assert_eq!(out.trim(), "deleted volume web; disconnected 1 NBD client");
+    kill_group(&mut client);
+    let st = status(&sb);
+    assert!(
+        st["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["name"] != "web"),
+        "{st:#}"
+    );
+    let (code, _, _) = run(Command::new("nbdinfo").args(["--size", &s.uri("web")]));
+    assert_ne!(code, 0, "the deleted volume is no longer exported");
+    mv_refused(&sb, &["delete", "web"], "web");
+
+    // Split brain cannot arise while serve holds every disk.
+    mv_refused(
+        &sb,
+        &["resolve-split-brain", "--keep", &sb.p("disks/a.img")],
+        "is not in split brain",
+    );
+    // init cannot join a disk to a served group.
+    sb.image("d.img", 64);
+    mv_refused(
+        &sb,
+        &["init", &sb.p("disks/d.img"), "--style", "raw"],
+        "init is not available while mirrorvol serve",
+    );
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    // Offline again, the config says what the daemon did.
+    let st = status(&sb);
+    assert_eq!(volume(&st, "logs")["size"], 12u64 << 20);
+    assert_eq!(volume(&st, "data")["state"], "healthy");
+}
+
+#[test]
+fn scrub_and_repair_online_while_a_client_writes() {
+    if !tools(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    // Corrupt 64 KiB of the plex on b before serving: raw disks keep their
+    // data area at 8 MiB, and data is the first volume on each.
+    let b = sb.path("disks/b.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+        f.write_all_at(&[0xee; 65536], (8 << 20) + (20 << 20))
+            .unwrap();
+    }
+    let s = serve(&sb);
+    // fio writes only the first 16 MiB, away from the damage.
+    let fio = fio_verify(&s.uri("data"), 16, 1500);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = mv_ok(&sb, &["scrub", "data", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["volume"], "data");
+    assert_eq!(r["checked_bytes"], 32u64 << 20);
+    assert_eq!(r["mismatches"], 1, "{r:#}");
+    assert_eq!(r["repaired"], 0, "{r:#}");
+    assert_eq!(r["ranges"][0]["offset"], 20u64 << 20, "{r:#}");
+    assert_eq!(r["ranges"][0]["length"], 65536, "{r:#}");
+    let out = mv_ok(&sb, &["scrub", "data", "--repair"]);
+    assert!(out.contains("repaired"), "{out}");
+    let out = mv_ok(&sb, &["scrub", "data", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r:#}");
+    fio_passed(fio);
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    let out = mv_ok(&sb, &["scrub", "data", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r:#}");
+}
