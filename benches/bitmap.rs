@@ -260,6 +260,7 @@ fn resync_cost(a: &Args) {
         group: Some("bench".into()),
         force: false,
         region_size: 0,
+        spare: false,
     };
     let mut g = ops::init(None, &paths, &opts).unwrap();
     g.create("v", FILE_SIZE, 2, &paths).unwrap();

@@ -52,6 +52,7 @@ fn main() {
         group: Some("bench".into()),
         force: false,
         region_size: 0,
+        spare: false,
     };
     drop(ops::init(None, &paths, &opts).expect("init"));
     let assemble = || {

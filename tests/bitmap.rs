@@ -141,6 +141,7 @@ fn crash_group(dir: &std::path::Path) -> (Vec<PathBuf>, Vec<Vec<u8>>) {
         group: Some("g".into()),
         force: false,
         region_size: 4096,
+        spare: false,
     };
     let mut g = ops::init(None, &paths, &opts).unwrap();
     g.create("m", VOL, 2, &[]).unwrap();

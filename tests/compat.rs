@@ -163,6 +163,36 @@ fn format_v2_images_still_open_with_their_data() {
     );
 }
 
+#[test]
+fn a_v2_group_takes_a_hot_spare_and_repairs_onto_it() {
+    let sb = Sandbox::new();
+    unpack(&sb, 2);
+    // A group without spares keeps the config text older builds write.
+    sb.mv(&["delete", "simple"]).ok();
+    let r = sb
+        .mv_plain(&["examine", &sb.p("disks/v2-gpt.img"), "--json"])
+        .ok();
+    assert!(!r.stdout.contains("spare"), "{}", r.stdout);
+    let spare = sb.image("spare.img", 16);
+    sb.mv(&["init", &spare, "--spare", "--controller", "c3"])
+        .ok();
+    let s = sb.status();
+    assert_eq!(disk(&s, "spare.img")["spare"], true);
+    assert_eq!(volume(&s, "mirror")["state"], "healthy");
+    sb.mv(&["fail", &sb.p("disks/v2-mbr.img")]).ok();
+    sb.mv(&["repair", "mirror"]).ok();
+    let s = sb.status();
+    assert_eq!(volume(&s, "mirror")["state"], "healthy");
+    assert_eq!(disk(&s, "spare.img")["spare"], false);
+    assert_eq!(
+        sb.read_volume("mirror"),
+        sector_pattern_of(2, "mirror", 2 << 20)
+    );
+    for style in ["gpt", "mbr", "raw"] {
+        assert_eq!(label_version(&sb, &format!("v2-{style}.img")), 2);
+    }
+}
+
 /// Writes the compat images of this build's format version into
 /// `$MIRRORVOL_COMPAT_OUT`: three 16 MiB disks (gpt on controller c0, mbr
 /// on c1, raw on c2) of group `compat`, a 2 MiB mirror on the first two and

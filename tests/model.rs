@@ -180,6 +180,7 @@ impl World {
                 group: if i == 0 { Some("g".into()) } else { None },
                 force: false,
                 region_size: 0,
+                spare: false,
             };
             ops::init(existing, &[w.disks[i].clone()], &opts).unwrap();
         }

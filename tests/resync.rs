@@ -46,6 +46,7 @@ fn group(dir: &Path, size: u64) -> (Vec<PathBuf>, Vec<u8>) {
         group: Some("g".into()),
         force: false,
         region_size: 0,
+        spare: false,
     };
     let mut g = ops::init(None, &paths, &opts).unwrap();
     g.start_bitmaps().unwrap();

@@ -61,6 +61,10 @@ pub enum Command {
         /// (a power of two, at least 4K; default 64K).
         #[arg(long, value_parser = parse_size)]
         region_size: Option<u64>,
+        /// Add the disks to the group of --disks as hot spares: they hold no
+        /// plex until `repair` rebuilds a failed or missing plex onto one.
+        #[arg(long)]
+        spare: bool,
     },
     /// Create a simple or mirrored volume.
     Create {
@@ -543,6 +547,7 @@ fn execute(cli: Cli) -> Result<()> {
             group,
             force,
             region_size,
+            spare,
         } => {
             if let Some(r) = region_size
                 && (r < 4096 || !r.is_power_of_two())
@@ -568,14 +573,16 @@ fn execute(cli: Cli) -> Result<()> {
                 group,
                 force,
                 region_size: region_size.unwrap_or(0),
+                spare,
             };
             let joined = existing.is_some();
             let mut g = ops::init(existing, &paths, &opts)?;
             flush_warnings(&mut g);
             let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
             println!(
-                "initialized {} as {style} disk{} of {} group {}",
+                "initialized {} as {style} {}{} of {} group {}",
                 names.join(", "),
+                if spare { "hot spare" } else { "disk" },
                 if names.len() > 1 { "s" } else { "" },
                 if joined { "existing" } else { "new" },
                 g.config.name

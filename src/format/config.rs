@@ -54,6 +54,13 @@ pub struct DiskEntry {
     /// seqno `m` or later has moved on without the group: split brain.
     #[serde(default)]
     pub state_seqno: u64,
+    /// A hot spare: it holds no plex, automatic placement leaves it alone,
+    /// and `repair` rebuilds a failed or missing plex onto it (as md turns a
+    /// spare into an active member). It stops being a spare when a plex is
+    /// placed on it. Written only when true, so a group without spares keeps
+    /// the config text of older builds (which ignore the field).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub spare: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,5 +143,90 @@ impl GroupConfig {
 
     pub fn volume_mut(&mut self, name: &str) -> Option<&mut VolumeEntry> {
         self.volumes.iter_mut().find(|v| v.name == name)
+    }
+
+    /// Keeps the rule that a spare holds no plex: a spare that received one
+    /// has become an active member. Returns the disks that stopped being
+    /// spares.
+    pub fn retire_used_spares(&mut self) -> Vec<Uuid> {
+        let holding: Vec<Uuid> = self
+            .volumes
+            .iter()
+            .flat_map(|v| v.plexes.iter().map(|p| p.disk))
+            .collect();
+        let mut retired = Vec::new();
+        for d in &mut self.disks {
+            if d.spare && holding.contains(&d.uuid) {
+                d.spare = false;
+                retired.push(d.uuid);
+            }
+        }
+        retired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(spare: bool) -> DiskEntry {
+        DiskEntry {
+            uuid: Uuid::nil(),
+            path: "/d".into(),
+            controller: "c0".into(),
+            style: Style::Raw,
+            size: 1 << 30,
+            data_size: 1 << 29,
+            model: None,
+            state: DiskState::Online,
+            state_seqno: 1,
+            spare,
+        }
+    }
+
+    #[test]
+    fn spare_is_written_only_when_set_and_defaults_to_false() {
+        let plain = serde_json::to_string(&disk(false)).unwrap();
+        assert!(!plain.contains("spare"), "{plain}");
+        // Text of a build that knew no spares.
+        assert_eq!(
+            serde_json::from_str::<DiskEntry>(&plain).unwrap(),
+            disk(false)
+        );
+        let spare = serde_json::to_string(&disk(true)).unwrap();
+        assert!(spare.contains("\"spare\":true"), "{spare}");
+        assert_eq!(
+            serde_json::from_str::<DiskEntry>(&spare).unwrap(),
+            disk(true)
+        );
+    }
+
+    #[test]
+    fn a_spare_that_received_a_plex_is_retired() {
+        let mut c = GroupConfig {
+            name: "g".into(),
+            uuid: Uuid::nil(),
+            seqno: 1,
+            disks: vec![disk(true)],
+            volumes: Vec::new(),
+            region_size: 0,
+        };
+        assert!(c.retire_used_spares().is_empty());
+        assert!(c.disks[0].spare);
+        c.volumes.push(VolumeEntry {
+            name: "v".into(),
+            uuid: Uuid::new_v4(),
+            size: 1 << 20,
+            plexes: vec![PlexEntry {
+                disk: Uuid::nil(),
+                offset: 0,
+                length: 1 << 20,
+                state: PlexState::Resyncing,
+                resync_reason: None,
+                resync_offset: 0,
+            }],
+        });
+        assert_eq!(c.retire_used_spares(), vec![Uuid::nil()]);
+        assert!(!c.disks[0].spare);
     }
 }

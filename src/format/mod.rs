@@ -26,6 +26,13 @@ pub use partition::Style;
 ///   format-1 disk is opened as it is and raised to 2 just before its
 ///   bitmap is first written, so that a format-1 mirrorvol refuses it
 ///   ("label format version 2 is newer ...") rather than ignore the bits.
+///
+/// Not bumped for the hot-spare mark (`DiskEntry::spare`): it is written
+/// only when true, so a group without spares keeps its exact config text,
+/// and an older build that meets it ignores it (serde keeps unknown fields
+/// out) and sees an ordinary empty disk: it may place a plex there and
+/// drops the mark at its next commit, but loses no data. Refusing the whole
+/// group to older builds for that would cost more than it saves.
 pub const FORMAT_VERSION: u32 = 2;
 
 #[cfg(test)]

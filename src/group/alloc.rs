@@ -112,6 +112,7 @@ mod tests {
                 model: None,
                 state: DiskState::Online,
                 state_seqno: 0,
+                spare: false,
             }],
             volumes,
             region_size: 0,

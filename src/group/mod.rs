@@ -30,6 +30,7 @@ pub mod ops;
 pub mod resync;
 pub mod scrub;
 pub mod show;
+pub mod spare;
 pub mod split;
 pub mod status;
 
@@ -533,6 +534,8 @@ impl Group {
     /// whose config write fails is marked failed and the commit goes on with
     /// the others; it fails only when no disk took the config.
     pub fn commit(&mut self) -> Result<()> {
+        // A spare that received a plex is an active member from this commit on.
+        self.config.retire_used_spares();
         loop {
             let seqno = self.config.seqno + 1;
             for d in &mut self.config.disks {

@@ -31,6 +31,8 @@ pub struct InitOptions {
     pub force: bool,
     /// Region size of a new group's write-intent bitmaps (0: the default).
     pub region_size: u64,
+    /// Mark the disks hot spares of an existing group (`init --spare`).
+    pub spare: bool,
 }
 
 /// Formats `paths` as disks of `existing`, or of a new group when there is
@@ -38,6 +40,13 @@ pub struct InitOptions {
 pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> Result<Group> {
     if paths.is_empty() {
         return Err(Error::refused("init needs at least one disk path"));
+    }
+    // As md adds spares to an array: a group made only of spares would
+    // have nothing for them to stand in for.
+    if opts.spare && existing.is_none() {
+        return Err(Error::refused(
+            "a hot spare must join an existing group: name the group's disks with --disks",
+        ));
     }
     if let Some(name) = &opts.group {
         check_name("group", name)?;
@@ -149,6 +158,7 @@ pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> R
             model: identity.model,
             state: DiskState::Online,
             state_seqno: group.config.seqno + 1,
+            spare: opts.spare,
         });
         group.members.insert(
             uuid,
@@ -318,6 +328,9 @@ impl Group {
             .filter(|u| self.is_online(*u) && !exclude.contains(u))
             .filter(|u| !chosen.iter().any(|(c, _)| c == u))
             .filter(|u| first_fit(&self.config, *u, len).is_some())
+            // Spares are kept for repairs; only a user's --disk puts a plex
+            // on one (above).
+            .filter(|u| !self.is_spare(*u))
             .collect();
         while chosen.len() < count {
             let used: Vec<&str> = exclude
@@ -332,20 +345,14 @@ impl Group {
                 )
             });
             if candidates.is_empty() {
+                // Every disk that could take a plex is chosen by now.
+                let spares = self.spares_with_room(len, exclude, &chosen);
                 return Err(Error::refused(format!(
-                    "volume {volume} needs {count} disks with a free extent of {}, but group {} has only {} such disks",
+                    "volume {volume} needs {count} disks with a free extent of {}, but group {} has only {} such disks{}",
                     human(len),
                     self.config.name,
-                    chosen.len()
-                        + self
-                            .config
-                            .disks
-                            .iter()
-                            .filter(|d| self.is_online(d.uuid)
-                                && !exclude.contains(&d.uuid)
-                                && first_fit(&self.config, d.uuid, len).is_some())
-                            .count()
-                        - chosen.len()
+                    chosen.len(),
+                    self.spares_note(&spares)
                 )));
             }
             let uuid = candidates.remove(0);
@@ -667,10 +674,14 @@ impl Group {
         Ok(self.mirror_warnings(name))
     }
 
-    /// The config half of [`Group::repair`]: records new plexes (resyncing)
-    /// in place of the failed or missing ones, and commits. Returns the new
-    /// plexes' disks and the stale plexes' disks; their resyncs are the
-    /// caller's (in the foreground offline, in the background under `serve`).
+    /// The config half of [`Group::repair`]: replaces each failed or missing
+    /// plex of a volume by a new plex, recorded resyncing, and commits.
+    /// Without `disk`, a replacement goes to a hot spare while one fits (as
+    /// md rebuilds onto a spare), else to free space as `add-mirror` would
+    /// choose it; `disk` names the disk for the first replacement. Returns
+    /// the new plexes' disks and the disks of stale plexes to resync in
+    /// place; the resyncs are the caller's (in the foreground offline, in
+    /// the background under `serve`).
     pub fn repair_config(
         &mut self,
         name: &str,
@@ -709,22 +720,43 @@ impl Group {
         // Plan every replacement before changing anything.
         let len = extent_len(v.size);
         let mut exclude: Vec<Uuid> = v.plexes.iter().map(|p| p.disk).collect();
+        let bad_disks: Vec<Uuid> = bad.iter().map(|p| p.disk).collect();
         let mut plan = Vec::new();
         for (i, old) in bad.iter().enumerate() {
-            let named: Vec<PathBuf> = match (i, disk) {
-                (0, Some(d)) => vec![d.to_path_buf()],
-                _ => Vec::new(),
+            let (target, offset) = match (i, disk) {
+                (0, Some(d)) => self.choose_disks(name, 1, len, &[d.to_path_buf()], &exclude)?[0],
+                _ => {
+                    // The plexes that stay, and the replacements planned so
+                    // far, are the ones a spare should not share a
+                    // controller with.
+                    let staying: Vec<Uuid> = exclude
+                        .iter()
+                        .copied()
+                        .filter(|u| !bad_disks.contains(u))
+                        .collect();
+                    match self.pick_spare(len, &exclude, &staying) {
+                        Some(spare) => spare,
+                        None => self.choose_disks(name, 1, len, &[], &exclude)?[0],
+                    }
+                }
             };
-            let (target, offset) = self.choose_disks(name, 1, len, &named, &exclude)?[0];
             exclude.push(target);
             plan.push((old.disk, target, offset));
         }
-        let old_paths: Vec<String> = plan
+        let planned: Vec<(Uuid, Uuid, u64, String)> = plan
             .iter()
-            .map(|(old, _, _)| self.disk_path(*old))
+            .map(|(old, target, offset)| {
+                let what = if self.is_spare(*target) {
+                    "a hot spare"
+                } else {
+                    "a new plex"
+                };
+                let reason = format!("{what} replacing the plex on {}", self.disk_path(*old));
+                (*old, *target, *offset, reason)
+            })
             .collect();
         let vol = self.config.volume_mut(name).expect("checked");
-        for ((old, target, offset), old_path) in plan.iter().zip(&old_paths) {
+        for (old, target, offset, reason) in &planned {
             let p = vol
                 .plexes
                 .iter_mut()
@@ -735,14 +767,15 @@ impl Group {
                 offset: *offset,
                 length: len,
                 state: PlexState::Resyncing,
-                resync_reason: Some(format!("a new plex replacing the one on {old_path}")),
+                resync_reason: Some(reason.clone()),
                 resync_offset: 0,
             };
         }
-        if !plan.is_empty() {
+        if !planned.is_empty() {
+            // The commit also retires the spares that received a plex.
             self.commit()?;
         }
-        Ok((plan.iter().map(|(_, t, _)| *t).collect(), stale))
+        Ok((planned.iter().map(|(_, t, _, _)| *t).collect(), stale))
     }
 
     /// Brings a returned or failed disk back into service and resyncs the

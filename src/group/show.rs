@@ -60,7 +60,11 @@ pub fn status_text(r: &StatusReport) -> String {
     for d in &r.disks {
         disks.push(vec![
             d.path.clone(),
-            word(d.state).to_string(),
+            if d.spare {
+                format!("{} (hot spare)", word(d.state))
+            } else {
+                word(d.state).to_string()
+            },
             d.controller.clone(),
             d.style.clone(),
             human(d.size),

@@ -61,6 +61,8 @@ pub struct DiskStatus {
     pub free: u64,
     /// I/O errors seen since the group was put in service.
     pub errors: u64,
+    /// A hot spare: it holds no plex and waits for a repair to need it.
+    pub spare: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -128,6 +130,7 @@ impl Group {
                 size: d.size,
                 free: free_bytes(&self.config, d.uuid),
                 errors: errors_on(d.uuid),
+                spare: d.spare,
             })
             .collect();
         let volumes = self

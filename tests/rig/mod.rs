@@ -175,6 +175,7 @@ impl Rig {
                     group: Some("g".to_string()),
                     force: false,
                     region_size: 0,
+                    spare: false,
                 },
             )
             .expect("init");

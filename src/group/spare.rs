@@ -1,0 +1,293 @@
+//! Hot spares: disks of the group that hold no plex until a plex fails or
+//! goes missing, and `repair` (or, under `serve`, the daemon) rebuilds it onto
+//! one, as md rebuilds onto a spare. Automatic placement leaves spares alone;
+//! a user's `--disk` may still name one. A spare that receives a plex stops
+//! being a spare in the same commit ([`GroupConfig::retire_used_spares`]).
+//!
+//! [`GroupConfig::retire_used_spares`]: crate::format::GroupConfig::retire_used_spares
+
+use uuid::Uuid;
+
+use super::Group;
+use super::alloc::{extent_len, first_fit};
+use crate::format::{PlexEntry, PlexState};
+use crate::{Error, Result};
+
+impl Group {
+    /// True when the config marks the disk a hot spare.
+    pub fn is_spare(&self, disk: Uuid) -> bool {
+        self.config.disk(disk).is_some_and(|d| d.spare)
+    }
+
+    /// The online spares, but those in `exclude` or `chosen`, with a free
+    /// extent of `len` bytes: what a refusal to place a plex should mention.
+    pub(super) fn spares_with_room(
+        &self,
+        len: u64,
+        exclude: &[Uuid],
+        chosen: &[(Uuid, u64)],
+    ) -> Vec<Uuid> {
+        self.config
+            .disks
+            .iter()
+            .map(|d| d.uuid)
+            .filter(|u| self.is_spare(*u) && self.is_online(*u))
+            .filter(|u| !exclude.contains(u) && !chosen.iter().any(|(c, _)| c == u))
+            .filter(|u| first_fit(&self.config, *u, len).is_some())
+            .collect()
+    }
+
+    /// The end of a refusal to place a plex when only spares have room
+    /// (empty when there are none).
+    pub(super) fn spares_note(&self, spares: &[Uuid]) -> String {
+        let paths: Vec<String> = spares.iter().map(|u| self.disk_path(*u)).collect();
+        match paths.as_slice() {
+            [] => String::new(),
+            [one] => format!(
+                "; disk {one} is a hot spare, kept for repairs: name it with --disk to use it anyway"
+            ),
+            many => format!(
+                "; disks {} are hot spares, kept for repairs: name one with --disk to use it anyway",
+                many.join(", ")
+            ),
+        }
+    }
+
+    /// Picks an online spare, not in `exclude`, with a free extent of `len`
+    /// bytes: one behind a controller none of the `staying` disks sit behind
+    /// (so the mirror stays or becomes duplexed), else any, in the order the
+    /// spares joined the group. Returns the spare and the extent's offset.
+    pub(super) fn pick_spare(
+        &self,
+        len: u64,
+        exclude: &[Uuid],
+        staying: &[Uuid],
+    ) -> Option<(Uuid, u64)> {
+        let used: Vec<&str> = staying
+            .iter()
+            .filter_map(|u| self.config.disk(*u))
+            .map(|d| d.controller.as_str())
+            .collect();
+        let fits: Vec<(Uuid, u64, bool)> = self
+            .config
+            .disks
+            .iter()
+            .filter(|d| d.spare && self.is_online(d.uuid) && !exclude.contains(&d.uuid))
+            .filter_map(|d| {
+                let offset = first_fit(&self.config, d.uuid, len)?;
+                Some((d.uuid, offset, used.contains(&d.controller.as_str())))
+            })
+            .collect();
+        fits.iter()
+            .find(|(_, _, shared)| !shared)
+            .or_else(|| fits.first())
+            .map(|(u, o, _)| (*u, *o))
+    }
+
+    /// The spare a failed or missing plex of `volume` would be rebuilt on:
+    /// an online spare with room for a plex of the volume, preferring one
+    /// behind a controller that none of the volume's remaining plexes (those
+    /// neither failed nor missing) use. None when the volume does not exist
+    /// or no spare fits.
+    pub fn spare_for(&self, volume: &str) -> Option<Uuid> {
+        let v = self.config.volume(volume)?;
+        let exclude: Vec<Uuid> = v.plexes.iter().map(|p| p.disk).collect();
+        let staying: Vec<Uuid> = v
+            .plexes
+            .iter()
+            .filter(|p| !matches!(self.plex_state(p.disk, p.state), "failed" | "missing"))
+            .map(|p| p.disk)
+            .collect();
+        self.pick_spare(extent_len(v.size), &exclude, &staying)
+            .map(|(u, _)| u)
+    }
+
+    /// The config half of a repair onto a hot spare, for the daemon: replaces
+    /// one failed or missing plex of `volume` by a new plex on
+    /// [`Group::spare_for`], recorded resyncing, clears the disk's spare mark
+    /// and commits. Nothing is copied: the caller resyncs the new plex.
+    /// Returns the spare, or None when the volume has no failed or missing
+    /// plex or no spare fits. Refused when the volume does not exist or has
+    /// no in-sync plex to resync from.
+    pub fn repair_onto_spare(&mut self, volume: &str) -> Result<Option<Uuid>> {
+        let v = self.volume(volume)?;
+        let Some(old) = v
+            .plexes
+            .iter()
+            .find(|p| matches!(self.plex_state(p.disk, p.state), "failed" | "missing"))
+            .map(|p| p.disk)
+        else {
+            return Ok(None);
+        };
+        let len = extent_len(v.size);
+        let Some(spare) = self.spare_for(volume) else {
+            return Ok(None);
+        };
+        self.require_source(volume)?;
+        let offset = first_fit(&self.config, spare, len).ok_or_else(|| {
+            Error::failed(format!(
+                "spare {} has no room for volume {volume}",
+                self.disk_path(spare)
+            ))
+        })?;
+        let reason = format!("a hot spare replacing the plex on {}", self.disk_path(old));
+        let plex = self
+            .config
+            .volume_mut(volume)
+            .expect("checked")
+            .plexes
+            .iter_mut()
+            .find(|p| p.disk == old)
+            .expect("found above");
+        *plex = PlexEntry {
+            disk: spare,
+            offset,
+            length: len,
+            state: PlexState::Resyncing,
+            resync_reason: Some(reason),
+            resync_offset: 0,
+        };
+        if let Some(d) = self.config.disk_mut(spare) {
+            d.spare = false;
+        }
+        self.commit()?;
+        Ok(Some(spare))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::MIB;
+    use crate::format::Style;
+    use crate::group::NoProgress;
+    use crate::group::ops::{self, InitOptions};
+
+    fn image(dir: &Path, name: &str, mib: u64) -> PathBuf {
+        let p = dir.join(name);
+        fs::File::create(&p).unwrap().set_len(mib * MIB).unwrap();
+        p
+    }
+
+    fn init(existing: Option<Group>, path: &Path, controller: &str, spare: bool) -> Group {
+        let opts = InitOptions {
+            style: Style::Raw,
+            controller: Some(controller.into()),
+            group: Some("g".into()),
+            force: false,
+            region_size: 0,
+            spare,
+        };
+        ops::init(existing, &[path.to_path_buf()], &opts).unwrap()
+    }
+
+    /// a (c0) and b (c1) hold mirror m; spare s0 sits on c0, spare s1 on
+    /// c2, and the small spare s2 (c3) cannot hold m.
+    fn group(dir: &Path) -> (Group, [Uuid; 5]) {
+        let a = image(dir, "a.img", 40);
+        let b = image(dir, "b.img", 40);
+        let s0 = image(dir, "s0.img", 40);
+        let s1 = image(dir, "s1.img", 40);
+        let s2 = image(dir, "s2.img", 20);
+        let g = init(None, &a, "c0", false);
+        let g = init(Some(g), &b, "c1", false);
+        let g = init(Some(g), &s0, "c0", true);
+        let g = init(Some(g), &s1, "c2", true);
+        let mut g = init(Some(g), &s2, "c3", true);
+        g.start_bitmaps().unwrap();
+        g.create("m", 16 * MIB, 2, &[]).unwrap();
+        let uuids = [&a, &b, &s0, &s1, &s2].map(|p| g.resolve_disk(p).unwrap());
+        (g, uuids)
+    }
+
+    #[test]
+    fn automatic_placement_leaves_spares_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (g, [a, b, ..]) = group(dir.path());
+        let mut on: Vec<Uuid> = g
+            .volume("m")
+            .unwrap()
+            .plexes
+            .iter()
+            .map(|p| p.disk)
+            .collect();
+        on.sort();
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!(on, want);
+    }
+
+    #[test]
+    fn spare_for_prefers_another_controller_and_needs_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut g, [_, _, s0, s1, s2]) = group(dir.path());
+        // a sits on c0: s0 shares it, s1 does not; s2 is too small.
+        assert_eq!(g.spare_for("m"), Some(s1));
+        g.config.disk_mut(s1).unwrap().spare = false;
+        assert_eq!(
+            g.spare_for("m"),
+            Some(s0),
+            "any spare when none is elsewhere"
+        );
+        g.config.disk_mut(s0).unwrap().spare = false;
+        assert_eq!(g.spare_for("m"), None, "{s2} is too small for m");
+        assert_eq!(g.spare_for("no-such-volume"), None);
+    }
+
+    #[test]
+    fn repair_onto_spare_replaces_one_failed_plex_and_retires_the_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut g, [_, b, _, s1, _]) = group(dir.path());
+        assert_eq!(g.repair_onto_spare("m").unwrap(), None, "nothing failed");
+        let seqno = g.config.seqno;
+        g.fail(&dir.path().join("b.img"), false).unwrap();
+        assert_eq!(g.repair_onto_spare("m").unwrap(), Some(s1));
+        assert!(g.config.seqno > seqno + 1, "the repair committed");
+        assert!(!g.is_spare(s1));
+        let v = g.volume("m").unwrap();
+        assert!(v.plexes.iter().all(|p| p.disk != b));
+        let p = v.plexes.iter().find(|p| p.disk == s1).unwrap();
+        assert_eq!(p.state, PlexState::Resyncing);
+        assert_eq!(
+            p.resync_reason.as_deref(),
+            Some(
+                format!(
+                    "a hot spare replacing the plex on {}",
+                    dir.path().join("b.img").display()
+                )
+                .as_str()
+            )
+        );
+        assert_eq!(
+            g.repair_onto_spare("m").unwrap(),
+            None,
+            "no failed plex left"
+        );
+        g.resync_plex("m", s1, &NoProgress).unwrap();
+        let states: Vec<PlexState> = g
+            .volume("m")
+            .unwrap()
+            .plexes
+            .iter()
+            .map(|p| p.state)
+            .collect();
+        assert_eq!(states, vec![PlexState::InSync; 2]);
+    }
+
+    #[test]
+    fn repair_onto_spare_without_a_fitting_spare_does_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut g, [_, _, s0, s1, _]) = group(dir.path());
+        for s in [s0, s1] {
+            g.config.disk_mut(s).unwrap().spare = false;
+        }
+        g.fail(&dir.path().join("b.img"), false).unwrap();
+        let seqno = g.config.seqno;
+        assert_eq!(g.repair_onto_spare("m").unwrap(), None);
+        assert_eq!(g.config.seqno, seqno, "nothing committed");
+        assert!(g.repair_onto_spare("nope").is_err());
+    }
+}
