@@ -27,6 +27,10 @@ use uuid::Uuid;
 
 use super::Group;
 
+/// Field names whose environment variable is a setting of mirrorvol itself
+/// (`MIRRORVOL_DISKS`, `MIRRORVOL_RUN_DIR`).
+const RESERVED: [&str; 2] = ["disks", "run_dir"];
+
 /// Events queued for the hook at most; more are dropped (and counted).
 pub const QUEUE_LIMIT: usize = 1024;
 
@@ -132,7 +136,11 @@ impl Event {
         }
     }
 
+    /// Adds a field. Its name must not make the environment variable of a
+    /// setting the hook inherits (`disks`, `run_dir`): a hook that runs
+    /// `mirrorvol status` must still find the group.
     pub fn with(mut self, name: &'static str, value: impl Into<Value>) -> Event {
+        debug_assert!(!RESERVED.contains(&name), "field {name} is reserved");
         self.fields.push((name, value.into()));
         self
     }
@@ -589,18 +597,18 @@ mod tests {
             .with("group", "g")
             .with("volume", "v \"q\"")
             .with("offset", 4096u64)
-            .with("disks", vec!["/a".to_string(), "/b".to_string()]);
+            .with("plexes", vec!["/a".to_string(), "/b".to_string()]);
         let line = e.json_line();
         assert!(line.starts_with("{\"event\":\"scrub-mismatch\",\"time\":"));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["volume"], "v \"q\"");
         assert_eq!(v["offset"], 4096);
-        assert_eq!(v["disks"], serde_json::json!(["/a", "/b"]));
+        assert_eq!(v["plexes"], serde_json::json!(["/a", "/b"]));
         assert!(v["time"].as_f64().unwrap() > 1.6e9);
         let env: BTreeMap<String, String> = e.env().into_iter().collect();
         assert_eq!(env["MIRRORVOL_EVENT"], "scrub-mismatch");
         assert_eq!(env["MIRRORVOL_OFFSET"], "4096");
-        assert_eq!(env["MIRRORVOL_DISKS"], "/a\n/b");
+        assert_eq!(env["MIRRORVOL_PLEXES"], "/a\n/b");
         assert_eq!(env["MIRRORVOL_EVENT_JSON"], line);
     }
 

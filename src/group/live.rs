@@ -401,7 +401,7 @@ impl LiveGroup {
                             .with("volume", name)
                             .with("offset", m.offset)
                             .with("length", m.length)
-                            .with("disks", [vec![kept.clone()], outvoted.clone()].concat())
+                            .with("plexes", [vec![kept.clone()], outvoted.clone()].concat())
                             .with("kept", kept)
                             .with("outvoted", outvoted),
                     );
