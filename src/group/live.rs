@@ -820,6 +820,11 @@ fn resync_volume(me: Weak<LiveGroup>, name: &str, opts: &ResyncOptions) {
             },
             &on_chunk,
         );
+        if result.is_ok() {
+            // The last chunk's steps: the copy is whole before it is
+            // recorded in sync.
+            on_chunk(&job.progress);
+        }
         let go_on = match me.upgrade() {
             Some(live) => live.end_resync(name, &job, result),
             None => false,
