@@ -478,3 +478,47 @@ fn a_background_scrub_runs_the_hook_for_each_mismatching_range() {
         kinds(&events)
     );
 }
+
+#[test]
+fn a_disk_that_fails_under_a_write_runs_the_hook_from_the_engine() {
+    if !serve::tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 32);
+    let b = sb.p("disks/b.img");
+    let ctl = sb.p("ctl.sock");
+    let on_event = hook(&sb, "");
+    let s = Served::start_args(
+        &sb,
+        &["--control", &ctl, "--on-event", &on_event],
+        &[("MIRRORVOL_TEST_FAULT_DISK", &b)],
+    );
+    // Every I/O to b.img fails from now on (the test hook of serve).
+    s.signal(libc::SIGUSR1);
+    let start = Instant::now();
+    while !s.stderr().contains("failing disk") {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", s.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    serve::ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &s.uri("data"),
+        "-c",
+        "write -P 7 0 1M",
+        "-c",
+        "flush",
+    ]));
+    wait_for_event(&sb, &s, "volume-degraded");
+    // Stopped first, so every event queued has reached the hook.
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    let events = received(&sb);
+    // The plex failed on the write; b.img then failed the config write of
+    // that change, so the same commit took the disk out of service.
+    assert_eq!(kinds(&events), ["disk-failed", "volume-degraded"], "{log}");
+    assert_eq!(events[0]["disk"], b.as_str());
+    assert_eq!(events[1]["volume"], "data");
+    assert_eq!(events[1]["state"], "failed-redundancy");
+}
