@@ -205,6 +205,16 @@ pub enum Command {
         /// directory defaulting to /run/mirrorvol.
         #[arg(long)]
         control: Option<PathBuf>,
+        /// Run CMD (with sh -c) for every event: disk-failed, disk-returned,
+        /// volume-degraded, volume-healthy, resync-started, resync-progress,
+        /// resync-finished, scrub-mismatch, split-brain. The fields are in
+        /// MIRRORVOL_* environment variables and in one JSON line on stdin.
+        #[arg(long, value_name = "CMD")]
+        on_event: Option<String>,
+        /// Seconds one run of the --on-event command may take before it is
+        /// killed.
+        #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        on_event_timeout: u64,
     },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
@@ -750,6 +760,8 @@ fn execute(cli: Cli) -> Result<()> {
             scrub_interval,
             scrub_rate,
             control,
+            on_event,
+            on_event_timeout,
         } => crate::daemon::serve(
             &cli.disks,
             &crate::daemon::ServeOptions {
@@ -765,6 +777,8 @@ fn execute(cli: Cli) -> Result<()> {
                     .then(|| std::time::Duration::from_secs(scrub_interval)),
                 scrub_rate,
                 control,
+                on_event,
+                on_event_timeout: Some(std::time::Duration::from_secs(on_event_timeout)),
             },
         )?,
         Command::Demo { dir } => demo::demo(dir)?,

@@ -28,6 +28,7 @@ use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use crate::disk::{AlignedBuf, Disk, FaultyDisk};
+use crate::group::events::{self, Events};
 use crate::group::holder;
 use crate::group::live::LiveGroup;
 use crate::group::{DiskSet, Group, Lookup};
@@ -122,10 +123,33 @@ pub struct ServeOptions {
     pub scrub_rate: u64,
     /// The control socket; None: `<run dir>/<group-uuid>.sock`.
     pub control: Option<PathBuf>,
+    /// Run with `sh -c` for every event ([`crate::group::events`]).
+    pub on_event: Option<String>,
+    /// How long one run of the event hook may take; None: 30 s.
+    pub on_event_timeout: Option<std::time::Duration>,
+}
+
+/// How long `serve` waits at its stop for the event hook to run the events
+/// still queued.
+pub const EVENT_HOOK_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The variable naming what `serve` logs to stderr: a tracing env-filter
+/// (`info`, `warn`, `mirrorvol=debug`). Unset, nothing is logged.
+pub const LOG_ENV: &str = "MIRRORVOL_LOG";
+
+/// Sends the log (events included) to stderr, if [`LOG_ENV`] asks for it.
+fn start_log() {
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env(LOG_ENV) {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
 }
 
 /// Runs `serve` until SIGINT or SIGTERM.
 pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
+    start_log();
     let (listen, direct, disk_threads) = (&options.listen, options.direct, options.disk_threads);
     let resync = options.resync.clone();
     let listen: Vec<Listen> = if listen.is_empty() {
@@ -141,6 +165,13 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
             "no disks given: name the group's disks with --disks or MIRRORVOL_DISKS",
         ));
     }
+    let hook_timeout = options
+        .on_event_timeout
+        .unwrap_or(events::DEFAULT_HOOK_TIMEOUT);
+    let events = Events::start(options.on_event.clone().map(|command| events::Hook {
+        command,
+        timeout: hook_timeout,
+    }));
     // Signals first, so a SIGTERM during start-up still shuts down cleanly.
     let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])
         .map_err(|e| Error::io("cannot install signal handlers", e))?;
@@ -167,7 +198,12 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         let mut group = Group::assemble(&set, Lookup::Required)?.expect("required");
         // A split group is not served at all: which side's data a client
         // would see is the admin's choice (`resolve-split-brain`).
-        group.refuse_split()?;
+        if let Err(e) = group.refuse_split() {
+            if let Some(event) = events::split_brain_event(&group, &e.to_string()) {
+                events.emit(event);
+            }
+            return Err(e);
+        }
         group.record_absent_plexes()?;
         // Regions an unclean stop left dirty are resynced before the first
         // client connects.
@@ -185,6 +221,8 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         Ok(g) => g,
         Err(e) => {
             cleanup(&bound);
+            // The hook learns why (split-brain) before serve exits.
+            events.shutdown(hook_timeout + std::time::Duration::from_secs(1));
             return Err(e);
         }
     };
@@ -194,6 +232,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         ..EngineOptions::default()
     };
     let live = LiveGroup::start(group, opts);
+    live.set_events(events.clone());
     live.start_bitmap_clearing(BITMAP_CLEAR_PERIOD);
     // Plexes left resyncing or stale are resynced while clients do I/O.
     live.start_resyncs(resync);
@@ -258,6 +297,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         live.clear_bitmaps(true);
     }
     live.stop();
+    events.shutdown(EVENT_HOOK_STOP_WAIT);
     if !failed.is_empty() {
         return Err(Error::io(
             format!(

@@ -13,11 +13,12 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 
 use uuid::Uuid;
 
 use super::Group;
+use super::events::{Event, EventKind, Events, Snapshot};
 use super::status::StatusReport;
 
 mod online;
@@ -55,6 +56,8 @@ pub struct LiveGroup {
     scrubbing: Mutex<std::collections::BTreeSet<String>>,
     opts: EngineOptions,
     me: Weak<LiveGroup>,
+    /// Where events go (set by `serve`); unset, they are only logged.
+    events: OnceLock<Events>,
     _watchdog: Watchdog,
 }
 
@@ -96,6 +99,7 @@ impl LiveGroup {
                 scrubbing: Mutex::new(std::collections::BTreeSet::new()),
                 opts,
                 me: me.clone(),
+                events: OnceLock::new(),
                 _watchdog: watchdog,
             }
         })
@@ -414,6 +418,19 @@ impl LiveGroup {
                     );
                     tracing::error!("{line}");
                     eprintln!("{line}");
+                    let kept = g.disk_path(m.kept);
+                    let outvoted: Vec<String> =
+                        m.outvoted.iter().map(|d| g.disk_path(*d)).collect();
+                    self.emit(
+                        Event::new(EventKind::ScrubMismatch)
+                            .with("group", g.config.name.as_str())
+                            .with("volume", name)
+                            .with("offset", m.offset)
+                            .with("length", m.length)
+                            .with("plexes", [vec![kept.clone()], outvoted.clone()].concat())
+                            .with("kept", kept)
+                            .with("outvoted", outvoted),
+                    );
                 }
             }
             Err(ScrubError::TooFewPlexes { .. }) => {}
@@ -484,6 +501,7 @@ impl LiveGroup {
     pub fn fail_disk_by_path(&self, path: &std::path::Path, force: bool) -> crate::Result<()> {
         let mut g = self.group();
         let uuid = g.resolve_disk(path)?;
+        let before = self.snapshot(&g);
         g.fail(path, force)?;
         for w in g.warnings.split_off(0) {
             eprintln!("warning: {w}");
@@ -495,6 +513,7 @@ impl LiveGroup {
         }
         // The config has the disk failed: its plexes leave every engine.
         self.retire_plexes(&g);
+        self.emit_changes(&before, &g);
         tracing::info!(disk = %path.display(), "disk failed by the admin");
         Ok(())
     }
@@ -518,6 +537,7 @@ impl LiveGroup {
                     path.display()
                 )));
             }
+            let before = self.snapshot(&g);
             let (_, vols) = g.reactivate_config(path)?;
             for w in g.warnings.split_off(0) {
                 eprintln!("warning: {w}");
@@ -538,6 +558,7 @@ impl LiveGroup {
                 }
             }
             self.retire_plexes(&g);
+            self.emit_changes(&before, &g);
             vols.into_iter()
                 .filter(|n| Self::next_target(&g, &self.queues, n) == Some(uuid))
                 .count()
@@ -550,6 +571,9 @@ impl LiveGroup {
 
 /// One plex resync a volume's thread is about to run.
 struct ResyncJob {
+    /// The group's name and the target disk's path, for events.
+    group: String,
+    path: String,
     disk: Uuid,
     engine: Arc<MirrorVolume>,
     target: Arc<EnginePlex>,
@@ -644,8 +668,11 @@ impl LiveGroup {
             .unwrap_or_else(|| "it was stale".to_string());
         let full = g.resync_plan(name, disk).ok()?.full;
         if full && entry.state != PlexState::Resyncing {
+            let before = self.snapshot(g);
             g.set_plex_state(name, disk, PlexState::Resyncing);
-            if !self.commit(g, &format!("the resync of {name}")) {
+            let ok = self.commit(g, &format!("the resync of {name}"));
+            self.emit_changes(&before, g);
+            if !ok {
                 return None;
             }
         }
@@ -689,7 +716,18 @@ impl LiveGroup {
         };
         progress.reset(plan.total, plan.done);
         tracing::info!(volume = %name, disk = %g.disk_path(disk), bytes = plan.total - plan.done, resumed_at = ?plan.resumed_at, "resync started");
+        self.emit(
+            Event::new(EventKind::ResyncStarted)
+                .with("group", g.config.name.as_str())
+                .with("volume", name)
+                .with("disk", g.disk_path(disk))
+                .with("bytes", plan.total - plan.done)
+                .with("copy", if plan.full { "full" } else { "bitmap" })
+                .with("reason", why.as_str()),
+        );
         Some(ResyncJob {
+            group: g.config.name.clone(),
+            path: g.disk_path(disk),
             disk,
             engine,
             target,
@@ -702,8 +740,11 @@ impl LiveGroup {
     /// Records a resync's checkpoint.
     fn checkpoint(&self, name: &str, disk: Uuid, position: u64) -> io::Result<()> {
         let mut g = self.group();
+        let before = self.snapshot(&g);
         g.set_resync_offset(name, disk, position);
-        if self.commit(&mut g, &format!("the resync checkpoint of {name}")) {
+        let ok = self.commit(&mut g, &format!("the resync checkpoint of {name}"));
+        self.emit_changes(&before, &g);
+        if ok {
             Ok(())
         } else {
             Err(io::Error::other("no disk took the config"))
@@ -728,6 +769,7 @@ impl LiveGroup {
                 if job.target.mode() != Mode::WriteOnly {
                     return true;
                 }
+                let before = self.snapshot(&g);
                 g.set_plex_state(name, job.disk, PlexState::InSync);
                 if self.commit(&mut g, &format!("the end of the resync of {name}")) {
                     job.target.promote();
@@ -735,7 +777,13 @@ impl LiveGroup {
                         super::resync::resynced_line(name, &path, copied, &job.plan, &job.why);
                     tracing::info!("{line}");
                     eprintln!("{line}");
+                    self.emit(
+                        job.event(EventKind::ResyncFinished, name)
+                            .with("bytes", copied),
+                    );
                 }
+                // After resync-finished: the volume is healthy again.
+                self.emit_changes(&before, &g);
                 true
             }
             Err(ResyncError::Stopped { position }) => {
@@ -766,6 +814,21 @@ fn resync_volume(me: Weak<LiveGroup>, name: &str, opts: &ResyncOptions) {
         let Some(job) = me.upgrade().and_then(|live| live.next_resync(name)) else {
             return;
         };
+        // resync-progress at each 10 % crossed from where the copy starts
+        // (100 % is resync-finished).
+        let decile = std::cell::Cell::new((job.progress.percent() / 10.0).floor() as u64);
+        let on_chunk = |p: &ResyncProgress| {
+            let now = ((p.percent() / 10.0).floor() as u64).min(9);
+            while decile.get() < now {
+                decile.set(decile.get() + 1);
+                if let Some(live) = me.upgrade() {
+                    live.emit(
+                        job.event(EventKind::ResyncProgress, name)
+                            .with("percent", decile.get() * 10),
+                    );
+                }
+            }
+        };
         let result = resync(
             &job.engine,
             &job.target,
@@ -781,8 +844,13 @@ fn resync_volume(me: Weak<LiveGroup>, name: &str, opts: &ResyncOptions) {
                     None => Err(io::Error::other("the group is out of service")),
                 }
             },
-            &|_| {},
+            &on_chunk,
         );
+        if result.is_ok() {
+            // The last chunk's steps: the copy is whole before it is
+            // recorded in sync.
+            on_chunk(&job.progress);
+        }
         let go_on = match me.upgrade() {
             Some(live) => live.end_resync(name, &job, result),
             None => false,
@@ -793,10 +861,52 @@ fn resync_volume(me: Weak<LiveGroup>, name: &str, opts: &ResyncOptions) {
     }
 }
 
+/// Events (see [`super::events`]).
+impl LiveGroup {
+    /// Where the group's events go from now on (once; later calls are
+    /// ignored). Without it they are only logged.
+    pub fn set_events(&self, events: Events) {
+        let _ = self.events.set(events);
+    }
+
+    /// Logs an event and hands it to the hook, without blocking.
+    pub fn emit(&self, event: Event) {
+        match self.events.get() {
+            Some(events) => events.emit(event),
+            None => event.log(),
+        }
+    }
+
+    /// The disk and volume states before a config change; after it,
+    /// [`LiveGroup::emit_changes`] reports what changed.
+    pub fn snapshot(&self, g: &Group) -> Snapshot {
+        Snapshot::of(g)
+    }
+
+    /// Emits disk-failed, disk-returned, volume-degraded and volume-healthy
+    /// for what changed since `before`.
+    pub fn emit_changes(&self, before: &Snapshot, g: &Group) {
+        for e in before.events_to(&Snapshot::of(g)) {
+            self.emit(e);
+        }
+    }
+}
+
+impl ResyncJob {
+    /// An event about this resync.
+    fn event(&self, kind: EventKind, volume: &str) -> Event {
+        Event::new(kind)
+            .with("group", self.group.as_str())
+            .with("volume", volume)
+            .with("disk", self.path.as_str())
+    }
+}
+
 impl FailureSink for LiveGroup {
     fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error) -> bool {
         self.count_error(disk);
         let mut g = self.group();
+        let before = self.snapshot(&g);
         let path = g.disk_path(disk);
         if error.kind() == io::ErrorKind::TimedOut {
             // A hung disk answers nothing, config writes included: the whole
@@ -807,16 +917,20 @@ impl FailureSink for LiveGroup {
             tracing::error!(%volume, disk = %path, %error, "plex failed");
             g.mark_plex_failed(volume, disk);
         }
-        self.commit(&mut g, &format!("the failed plex of {volume} on {path}"))
+        let ok = self.commit(&mut g, &format!("the failed plex of {volume} on {path}"));
+        self.emit_changes(&before, &g);
+        ok
     }
 
     fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
         self.count_error(disk);
         let mut g = self.group();
+        let before = self.snapshot(&g);
         let path = g.disk_path(disk);
         tracing::error!(%volume, disk = %path, %error, "the last in-sync plex failed; its disk is taken out of service");
         self.fail_disk(&mut g, disk);
         self.commit(&mut g, &format!("failed disk {path}"));
+        self.emit_changes(&before, &g);
     }
 
     fn read_error(&self, volume: &str, disk: Uuid, error: &io::Error, repaired: bool) {

@@ -23,6 +23,7 @@ use crate::{Error, Result};
 
 pub mod alloc;
 pub mod bitmap;
+pub mod events;
 pub mod holder;
 pub mod io;
 pub mod live;
