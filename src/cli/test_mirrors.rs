@@ -352,12 +352,14 @@ pub fn test_mirrors(
         )));
     }
     let mut plexes = Vec::new();
+    // (disk, state, outcome) of every plex; a tested one's outcome comes
+    // from the test, at the position `tested` records.
     let mut outcomes = Vec::new();
+    let mut tested = Vec::new();
     for (i, p) in v.plexes.iter().enumerate() {
         let state = group.plex_state(p.disk, p.state);
         let disk = group.disk_path(p.disk);
-        let member = group.members.get(&p.disk);
-        match member {
+        match group.members.get(&p.disk) {
             Some(m) if state == "in-sync" => {
                 plexes.push(Plex {
                     index: i + 1,
@@ -365,6 +367,7 @@ pub fn test_mirrors(
                     path: m.path.clone(),
                     base: m.label.layout.data_offset() + p.offset,
                 });
+                tested.push(i);
                 outcomes.push((disk, state.to_string(), Outcome::Pass));
             }
             _ => outcomes.push((
@@ -393,12 +396,8 @@ pub fn test_mirrors(
         ),
         None => compare(dir.path(), name, v.size, &plexes, progress)?,
     };
-    // Put each tested plex's outcome in its place in the volume's order.
-    let mut results = results.into_iter();
-    for o in outcomes.iter_mut() {
-        if o.2 == Outcome::Pass {
-            o.2 = results.next().expect("one result per tested plex");
-        }
+    for (i, result) in tested.into_iter().zip(results) {
+        outcomes[i].2 = result;
     }
     Ok(Report {
         volume: name.to_string(),
@@ -558,6 +557,18 @@ impl Ranges {
     }
 }
 
+/// A range a plex loses: outvoted, or differing where no majority decides.
+struct Loss {
+    /// Position among the compared plexes.
+    plex: usize,
+    offset: u64,
+    length: u64,
+    /// A majority outvoted it (false: no majority).
+    decided: bool,
+    /// The other plexes that differ here.
+    others: Vec<String>,
+}
+
 /// Reads every plex whole over NBD, one at a time, and compares them.
 fn compare(
     dir: &Path,
@@ -640,9 +651,7 @@ fn compare(
     }
     let name = |k: usize| plexes[compared[k]].disk.clone();
     let mut mismatches = Vec::new();
-    // Per plex: the ranges it loses (outvoted, or no majority), and the
-    // plexes it differs from where nothing decides.
-    let mut lost: Vec<(usize, u64, u64, bool, Vec<String>)> = Vec::new();
+    let mut lost: Vec<Loss> = Vec::new();
     for (start, end, v) in ranges.finish() {
         let all: Vec<usize> = v.groups.iter().flatten().copied().collect();
         let majority: Vec<usize> = v.majority.map(|m| v.groups[m].clone()).unwrap_or_default();
@@ -653,7 +662,13 @@ fn compare(
             .collect();
         for &k in &losers {
             let others = all.iter().filter(|o| **o != k).map(|o| name(*o)).collect();
-            lost.push((k, start, end - start, v.majority.is_some(), others));
+            lost.push(Loss {
+                plex: k,
+                offset: start,
+                length: end - start,
+                decided: v.majority.is_some(),
+                others,
+            });
         }
         let mut plexes_here: Vec<usize> = all.clone();
         plexes_here.sort();
@@ -670,27 +685,27 @@ fn compare(
         });
     }
     for (k, &plex) in compared.iter().enumerate() {
-        let mine: Vec<_> = lost.iter().filter(|l| l.0 == k).collect();
+        let mine: Vec<&Loss> = lost.iter().filter(|l| l.plex == k).collect();
         let Some(first) = mine.first() else {
             continue;
         };
-        let bytes: u64 = mine.iter().map(|l| l.2).sum();
+        let bytes: u64 = mine.iter().map(|l| l.length).sum();
         let n = mine.len();
         let summary = format!(
             "{n} range{} ({}), first at offset {}",
             if n == 1 { "" } else { "s" },
             human(bytes),
-            first.1
+            first.offset
         );
-        outcomes[plex] = if mine.iter().all(|l| l.3) {
+        outcomes[plex] = if mine.iter().all(|l| l.decided) {
             Outcome::Fail(format!(
                 "outvoted by the majority of the plexes in {summary}"
             ))
         } else {
             let mut others: Vec<String> = mine
                 .iter()
-                .filter(|l| !l.3)
-                .flat_map(|l| l.4.clone())
+                .filter(|l| !l.decided)
+                .flat_map(|l| l.others.clone())
                 .collect();
             others.sort();
             others.dedup();
