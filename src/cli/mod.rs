@@ -20,6 +20,7 @@ use crate::{Error, Result};
 pub mod demo;
 pub mod examine;
 pub mod scrub;
+pub mod test_mirrors;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -168,6 +169,18 @@ pub enum Command {
         /// default: as fast as the disks go.
         #[arg(long, value_parser = parse_size)]
         rate: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export each in-sync plex of a mirror alone, read-only, over NBD on a
+    /// temporary Unix socket, and check that it holds the whole volume:
+    /// compared with the other plexes, or by running --exec against it.
+    TestMirrors {
+        name: String,
+        /// A shell command run once per plex; {uri} stands for the plex's
+        /// NBD URI (also in $MIRRORVOL_URI). The plex passes when it exits 0.
+        #[arg(long)]
+        exec: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -373,6 +386,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Status { .. } => "status",
         Command::Examine { .. } => "examine",
         Command::Scrub { .. } => "scrub",
+        Command::TestMirrors { .. } => "test-mirrors",
         Command::Serve { .. } => "serve",
         Command::Demo { .. } => "demo",
     }
@@ -750,6 +764,9 @@ fn execute(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", scrub::scrub_text(&report));
             }
+        }
+        Command::TestMirrors { name, exec, json } => {
+            test_mirrors::run(&cli.disks, &name, exec.as_deref(), json, &bar)?
         }
         Command::Serve {
             listen,

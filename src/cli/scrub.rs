@@ -7,7 +7,7 @@ use crate::group::ops::human;
 use crate::group::scrub::VolumeScrub;
 
 /// "a.img", "a.img and b.img", "a.img, b.img and c.img".
-fn and_list(items: &[String]) -> String {
+pub(super) fn and_list(items: &[String]) -> String {
     match items {
         [] => String::new(),
         [one] => one.clone(),

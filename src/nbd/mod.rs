@@ -1,6 +1,7 @@
-//! NBD: the protocol codec ([`proto`], pure) and the server ([`server`]).
-//! This layer knows nothing of mirrors: it serves anything that implements
-//! [`server::Export`].
+//! NBD: the protocol codec ([`proto`], pure), the server ([`server`]) and a
+//! small blocking client ([`client`]). This layer knows nothing of mirrors:
+//! it serves anything that implements [`server::Export`].
 
+pub mod client;
 pub mod proto;
 pub mod server;

@@ -50,6 +50,12 @@ pub trait Export: Send + Sync {
     /// Makes the range read as zeroes (TRIM and WRITE_ZEROES).
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, done: Done<()>);
     fn flush(&self, done: Done<()>);
+    /// True for an export clients may only read: it is advertised with
+    /// `NBD_FLAG_READ_ONLY`, and the server answers writes, trims and
+    /// write-zeroes with `EPERM` without calling the export.
+    fn read_only(&self) -> bool {
+        false
+    }
 }
 
 /// The transmission flags every export advertises: all connections share
@@ -61,6 +67,16 @@ pub const TRANSMISSION_FLAGS: u16 = proto::FLAG_HAS_FLAGS
     | proto::FLAG_SEND_TRIM
     | proto::FLAG_SEND_WRITE_ZEROES
     | proto::FLAG_CAN_MULTI_CONN;
+
+/// The transmission flags of one export: [`TRANSMISSION_FLAGS`], plus
+/// `NBD_FLAG_READ_ONLY` for a read-only export.
+fn transmission_flags(e: &dyn Export) -> u16 {
+    if e.read_only() {
+        TRANSMISSION_FLAGS | proto::FLAG_READ_ONLY
+    } else {
+        TRANSMISSION_FLAGS
+    }
+}
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -556,7 +572,7 @@ fn handshake(
                 };
                 w.write_all(&proto::encode_export_name_reply(
                     e.size(),
-                    TRANSMISSION_FLAGS,
+                    transmission_flags(&*e),
                     flags.no_zeroes,
                 ))?;
                 return Ok(Some(e));
@@ -600,7 +616,7 @@ fn handshake(
                     ))?;
                     continue;
                 };
-                let mut out = proto::encode_info_export(opt, e.size(), TRANSMISSION_FLAGS);
+                let mut out = proto::encode_info_export(opt, e.size(), transmission_flags(&*e));
                 // Block sizes go out whether asked for or not: a client
                 // must ignore what it does not understand, and the limits
                 // hold either way.
@@ -728,6 +744,7 @@ fn requests(
     inflight: &Arc<InFlight>,
 ) -> Result<(), ConnError> {
     let size = export.size();
+    let read_only = export.read_only();
     let mut header = Vec::with_capacity(proto::REQUEST_LEN);
     loop {
         let req = match read_decoded(reader, &mut header, proto::decode_request) {
@@ -742,6 +759,14 @@ fn requests(
             move |errno: u32| replies.send(&proto::encode_simple_reply(errno, handle), &[])
         };
         match proto::classify(&req, size) {
+            // The spec: a write to a read-only export fails with EPERM.
+            Command::Write { .. } | Command::WriteZeroes { .. } if read_only => {
+                io::copy(
+                    &mut reader.by_ref().take(u64::from(req.payload_len())),
+                    &mut io::sink(),
+                )?;
+                reply(proto::EPERM);
+            }
             Command::Disconnect => return Ok(()),
             Command::Reject { errno } => {
                 let skip = u64::from(req.payload_len());

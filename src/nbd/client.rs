@@ -1,0 +1,296 @@
+//! A small blocking NBD client: fixed newstyle handshake with `NBD_OPT_GO`
+//! over a Unix socket, then one READ at a time with simple replies.
+//!
+//! `test-mirrors` reads each plex through it, so a plex is checked as any
+//! client would see it: through the handshake, the export's advertised size
+//! and flags, and the server's replies. Requests are built with
+//! [`proto::encode_request`]; the few server messages a client reads are
+//! decoded here.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use super::proto::{self, Request};
+
+/// A connection in the transmission phase.
+pub struct Client {
+    sock: UnixStream,
+    size: u64,
+    flags: u16,
+    next_handle: u64,
+}
+
+fn bad(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+impl Client {
+    /// Connects to the server on the Unix socket at `path` and enters
+    /// transmission with `export`. Every read waits at most `timeout`.
+    pub fn connect_unix(path: &Path, export: &str, timeout: Duration) -> io::Result<Client> {
+        let sock = UnixStream::connect(path)?;
+        sock.set_read_timeout(Some(timeout))?;
+        sock.set_write_timeout(Some(timeout))?;
+        let mut c = Client {
+            sock,
+            size: 0,
+            flags: 0,
+            next_handle: 1,
+        };
+        c.handshake(export)?;
+        Ok(c)
+    }
+
+    fn handshake(&mut self, export: &str) -> io::Result<()> {
+        let mut greeting = [0u8; proto::HANDSHAKE_LEN];
+        self.sock.read_exact(&mut greeting)?;
+        if be64(&greeting[0..8]) != proto::NBDMAGIC || be64(&greeting[8..16]) != proto::IHAVEOPT {
+            return Err(bad("the server is not a newstyle NBD server"));
+        }
+        let server_flags = be16(&greeting[16..18]);
+        if server_flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(bad("the server does not speak fixed newstyle NBD"));
+        }
+        let mut flags = proto::FLAG_C_FIXED_NEWSTYLE;
+        if server_flags & proto::FLAG_NO_ZEROES != 0 {
+            flags |= proto::FLAG_C_NO_ZEROES;
+        }
+        let mut data = Vec::with_capacity(6 + export.len());
+        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        let mut out = flags.to_be_bytes().to_vec();
+        out.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(&data);
+        self.sock.write_all(&out)?;
+
+        let mut export_info = None;
+        loop {
+            let mut h = [0u8; 20];
+            self.sock.read_exact(&mut h)?;
+            if be64(&h[0..8]) != proto::REPLY_MAGIC || be32(&h[8..12]) != proto::OPT_GO {
+                return Err(bad("the server sent a malformed option reply"));
+            }
+            let kind = be32(&h[12..16]);
+            let len = be32(&h[16..20]);
+            if len > proto::MAX_OPTION_LEN {
+                return Err(bad(format!("the server sent a {len}-byte option reply")));
+            }
+            let mut body = vec![0u8; len as usize];
+            self.sock.read_exact(&mut body)?;
+            match kind {
+                proto::REP_INFO if body.len() >= 12 && be16(&body) == proto::INFO_EXPORT => {
+                    export_info = Some((be64(&body[2..10]), be16(&body[10..12])));
+                }
+                proto::REP_INFO => {}
+                proto::REP_ACK => break,
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!(
+                            "the server refused export {export:?}: {}",
+                            String::from_utf8_lossy(&body)
+                        ),
+                    ));
+                }
+            }
+        }
+        let (size, flags) = export_info.ok_or_else(|| {
+            bad("the server did not say the export's size before entering transmission")
+        })?;
+        self.size = size;
+        self.flags = flags;
+        Ok(())
+    }
+
+    /// The export's size as the server advertised it.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The transmission flags the server advertised.
+    pub fn flags(&self) -> u16 {
+        self.flags
+    }
+
+    /// True when the server advertised `NBD_FLAG_READ_ONLY`.
+    pub fn read_only(&self) -> bool {
+        self.flags & proto::FLAG_READ_ONLY != 0
+    }
+
+    /// Fills `buf` from `offset`, in requests of at most
+    /// [`proto::MAX_REQUEST`] bytes. An error reply becomes an
+    /// `io::Error` naming the NBD error value.
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        for (i, part) in buf.chunks_mut(proto::MAX_REQUEST as usize).enumerate() {
+            let at = offset + (i as u64) * u64::from(proto::MAX_REQUEST);
+            let errno = self.request(proto::CMD_READ, at, part.len() as u32, &[])?;
+            if errno != 0 {
+                return Err(io::Error::other(format!(
+                    "the server answered a read of {} bytes at offset {at} with NBD error {errno}",
+                    part.len()
+                )));
+            }
+            self.sock.read_exact(part)?;
+        }
+        Ok(())
+    }
+
+    /// Sends one request (with `data` for a WRITE) and reads its reply
+    /// header; returns the NBD error value (0: success). A READ's data
+    /// follows on the socket.
+    pub fn request(&mut self, kind: u16, offset: u64, len: u32, data: &[u8]) -> io::Result<u32> {
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        let mut out = proto::encode_request(&Request {
+            flags: 0,
+            kind,
+            handle,
+            offset,
+            len,
+        })
+        .to_vec();
+        out.extend_from_slice(data);
+        self.sock.write_all(&out)?;
+        let mut h = [0u8; proto::SIMPLE_REPLY_LEN];
+        self.sock.read_exact(&mut h)?;
+        if be32(&h[0..4]) != proto::SIMPLE_REPLY_MAGIC {
+            return Err(bad("the server sent a reply with bad magic"));
+        }
+        if be64(&h[8..16]) != handle {
+            return Err(bad("the server answered a request that was not asked"));
+        }
+        Ok(be32(&h[4..8]))
+    }
+
+    /// Ends the session politely (`NBD_CMD_DISC`).
+    pub fn disconnect(mut self) {
+        let r = proto::encode_request(&Request {
+            flags: 0,
+            kind: proto::CMD_DISC,
+            handle: 0,
+            offset: 0,
+            len: 0,
+        });
+        let _ = self.sock.write_all(&r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::disk::AlignedBuf;
+    use crate::nbd::server::{self, Done, Export, Listen, Server};
+
+    /// Bytes in memory, read-only or not.
+    struct Mem {
+        data: Vec<u8>,
+        read_only: bool,
+    }
+
+    impl Export for Mem {
+        fn name(&self) -> &str {
+            "mem"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read(&self, offset: u64, len: usize, done: Done<AlignedBuf>) {
+            let o = offset as usize;
+            done(Ok(AlignedBuf::from_slice(&self.data[o..o + len])));
+        }
+        fn write(&self, _: u64, _: AlignedBuf, _: bool, done: Done<()>) {
+            done(Ok(()))
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool, done: Done<()>) {
+            done(Ok(()))
+        }
+        fn flush(&self, done: Done<()>) {
+            done(Ok(()))
+        }
+        fn read_only(&self) -> bool {
+            self.read_only
+        }
+    }
+
+    fn serve(read_only: bool) -> (tempfile::TempDir, Server, std::path::PathBuf, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        let server = Server::new(vec![Arc::new(Mem {
+            data: data.clone(),
+            read_only,
+        })]);
+        server.serve(server::bind(&Listen::Unix(sock.clone())).unwrap());
+        (dir, server, sock, data)
+    }
+
+    #[test]
+    fn reads_what_the_export_holds_and_sees_its_flags() {
+        let (_dir, server, sock, data) = serve(false);
+        let mut c = Client::connect_unix(&sock, "mem", Duration::from_secs(10)).unwrap();
+        assert_eq!(c.size(), data.len() as u64);
+        assert!(!c.read_only());
+        let mut buf = vec![0u8; 5000];
+        c.read(1000, &mut buf).unwrap();
+        assert_eq!(buf, data[1000..6000]);
+        c.disconnect();
+        server.shutdown();
+    }
+
+    #[test]
+    fn read_only_export_is_advertised_and_refuses_writes_with_eperm() {
+        let (_dir, server, sock, data) = serve(true);
+        let mut c = Client::connect_unix(&sock, "mem", Duration::from_secs(10)).unwrap();
+        assert!(c.read_only());
+        let payload = vec![0xaau8; 4096];
+        assert_eq!(
+            c.request(proto::CMD_WRITE, 0, 4096, &payload).unwrap(),
+            proto::EPERM
+        );
+        assert_eq!(
+            c.request(proto::CMD_WRITE_ZEROES, 0, 4096, &[]).unwrap(),
+            proto::EPERM
+        );
+        assert_eq!(
+            c.request(proto::CMD_TRIM, 0, 4096, &[]).unwrap(),
+            proto::EPERM
+        );
+        // The connection goes on after the refusals.
+        let mut buf = vec![0u8; 4096];
+        c.read(0, &mut buf).unwrap();
+        assert_eq!(buf, data[..4096]);
+        c.disconnect();
+        server.shutdown();
+    }
+
+    #[test]
+    fn an_unknown_export_is_an_error() {
+        let (_dir, server, sock, _) = serve(true);
+        let e = Client::connect_unix(&sock, "nope", Duration::from_secs(10))
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        server.shutdown();
+    }
+}
