@@ -195,6 +195,10 @@ pub enum Command {
         /// directory defaulting to /run/mirrorvol.
         #[arg(long)]
         control: Option<PathBuf>,
+        /// Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics
+        /// (port 0: any free port, printed at start). Default: none.
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics: Option<String>,
     },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
@@ -642,6 +646,7 @@ fn execute(cli: Cli) -> Result<()> {
             scrub_interval,
             scrub_rate,
             control,
+            metrics,
         } => crate::daemon::serve(
             &cli.disks,
             &crate::daemon::ServeOptions {
@@ -657,6 +662,7 @@ fn execute(cli: Cli) -> Result<()> {
                     .then(|| std::time::Duration::from_secs(scrub_interval)),
                 scrub_rate,
                 control,
+                metrics,
             },
         )?,
         Command::Demo { dir } => demo::demo(dir)?,

@@ -17,8 +17,12 @@
 //! ([`control`]; by default `<run dir>/<group-uuid>.sock`), and find it
 //! through the pid file `serve` writes next to it ([`crate::group::holder`]).
 //! Both go when `serve` stops.
+//!
+//! With `--metrics HOST:PORT`, Prometheus scrapes the group's states and the
+//! disks' I/O statistics at `http://HOST:PORT/metrics` ([`metrics`]).
 
 pub mod control;
+pub mod metrics;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -122,6 +126,8 @@ pub struct ServeOptions {
     pub scrub_rate: u64,
     /// The control socket; None: `<run dir>/<group-uuid>.sock`.
     pub control: Option<PathBuf>,
+    /// `HOST:PORT` of the Prometheus metrics endpoint; None: no endpoint.
+    pub metrics: Option<String>,
 }
 
 /// Runs `serve` until SIGINT or SIGTERM.
@@ -160,6 +166,13 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
             }
         }
     }
+    let metrics_listener = match options.metrics.as_deref().map(metrics::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            cleanup(&bound);
+            return Err(e);
+        }
+    };
 
     let assembled = (|| -> Result<(Group, Option<Arc<FaultyDisk>>)> {
         let mut set = DiskSet::expand(disks)?;
@@ -214,7 +227,21 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         .filter_map(|n| live.volume(n))
         .map(|v| Arc::new(VolumeExport(v)) as Arc<dyn Export>)
         .collect();
-    let server = Server::new(exports);
+    let server = Arc::new(Server::new(exports));
+    let metrics = match metrics_listener
+        .map(|l| metrics::MetricsEndpoint::start(l, metrics::scrape(&live, &server)))
+        .transpose()
+    {
+        Ok(m) => m,
+        Err(e) => {
+            cleanup(&bound);
+            live.stop();
+            return Err(e);
+        }
+    };
+    if let Some(m) = &metrics {
+        eprintln!("metrics on http://{}/metrics", m.addr());
+    }
     let count = names.len();
     for b in bound {
         let addr = b.describe();
@@ -246,6 +273,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     eprintln!("stopping: finishing the requests in flight");
     // No operation starts once the socket is gone.
     drop(control);
+    drop(metrics);
     server.shutdown();
     // Resyncs stop after recording their checkpoints; the next start resumes.
     live.stop_resyncs();
