@@ -303,3 +303,67 @@ fn a_taken_metrics_address_is_refused_before_the_disks_are_opened() {
     assert!(!scrape(&addr).is_empty());
     assert_eq!(s.stop().0, 0);
 }
+
+#[test]
+fn a_resync_shows_its_progress_and_rate() {
+    if !tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    mirror_group(&sb, 64, 16);
+    // Slow enough to be scraped in the middle: 12 MiB at 1 MiB/s.
+    let s = Served::start_args(
+        &sb,
+        &[
+            "--metrics",
+            "127.0.0.1:0",
+            "--resync-min-rate",
+            "512K",
+            "--resync-max-rate",
+            "1M",
+        ],
+        &[],
+    );
+    let addr = metrics_addr(&s);
+    let b = sb.p("disks/b.img");
+    sb.mv(&["fail", &b]).ok();
+    // Written while b is out: its regions must be copied back.
+    ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 0 12M", &s.uri("data")]));
+    sb.mv(&["reactivate", &b]).ok();
+
+    let at = [("volume", "data"), ("disk", "b.img")];
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let m = loop {
+        let m = scrape(&addr);
+        // The rate is a moving average: 0 until the first chunks are timed.
+        if find(&m, "mirrorvol_resync_rate_bytes_per_second", &at)
+            .iter()
+            .any(|s| s.value > 0.0)
+        {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no resync rate after 20 s:\n{m:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The volume shows what `status` shows; for an incremental resync of a
+    // stale plex that is `failed-redundancy` so far, not `resynching`.
+    let healthy = [("volume", "data"), ("state", "healthy")];
+    assert_eq!(value(&m, "mirrorvol_volume_state", &healthy), 0.0);
+    let plex = [
+        ("volume", "data"),
+        ("disk", "b.img"),
+        ("state", "resyncing"),
+    ];
+    assert_eq!(value(&m, "mirrorvol_plex_state", &plex), 1.0);
+    let ratio = value(&m, "mirrorvol_resync_progress_ratio", &at);
+    assert!((0.0..1.0).contains(&ratio), "progress {ratio}");
+    let rate = value(&m, "mirrorvol_resync_rate_bytes_per_second", &at);
+    assert!(rate > 0.0 && rate <= 4.0 * 1048576.0, "rate {rate}");
+    // The in-sync plex has no resync, so no rate.
+    let a = [("volume", "data"), ("disk", "a.img")];
+    assert!(find(&m, "mirrorvol_resync_rate_bytes_per_second", &a).is_empty());
+    assert_eq!(s.stop().0, 0);
+}
