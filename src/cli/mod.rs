@@ -228,6 +228,10 @@ pub enum Command {
         /// killed.
         #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
         on_event_timeout: u64,
+        /// Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics
+        /// (port 0: any free port, printed at start). Default: none.
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics: Option<String>,
     },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
@@ -779,6 +783,7 @@ fn execute(cli: Cli) -> Result<()> {
             control,
             on_event,
             on_event_timeout,
+            metrics,
         } => crate::daemon::serve(
             &cli.disks,
             &crate::daemon::ServeOptions {
@@ -796,6 +801,7 @@ fn execute(cli: Cli) -> Result<()> {
                 control,
                 on_event,
                 on_event_timeout: Some(std::time::Duration::from_secs(on_event_timeout)),
+                metrics,
             },
         )?,
         Command::Demo { dir } => demo::demo(dir)?,

@@ -17,8 +17,12 @@
 //! ([`control`]; by default `<run dir>/<group-uuid>.sock`), and find it
 //! through the pid file `serve` writes next to it ([`crate::group::holder`]).
 //! Both go when `serve` stops.
+//!
+//! With `--metrics HOST:PORT`, Prometheus scrapes the group's states and the
+//! disks' I/O statistics at `http://HOST:PORT/metrics` ([`metrics`]).
 
 pub mod control;
+pub mod metrics;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -127,6 +131,8 @@ pub struct ServeOptions {
     pub on_event: Option<String>,
     /// How long one run of the event hook may take; None: 30 s.
     pub on_event_timeout: Option<std::time::Duration>,
+    /// `HOST:PORT` of the Prometheus metrics endpoint; None: no endpoint.
+    pub metrics: Option<String>,
 }
 
 /// How long `serve` waits at its stop for the event hook to run the events
@@ -191,6 +197,13 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
             }
         }
     }
+    let metrics_listener = match options.metrics.as_deref().map(metrics::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            cleanup(&bound);
+            return Err(e);
+        }
+    };
 
     let assembled = (|| -> Result<(Group, Option<Arc<FaultyDisk>>)> {
         let mut set = DiskSet::expand(disks)?;
@@ -250,6 +263,20 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
             return Err(e);
         }
     };
+    let metrics = match metrics_listener
+        .map(|l| metrics::MetricsEndpoint::start(l, metrics::scrape(&live, &server)))
+        .transpose()
+    {
+        Ok(m) => m,
+        Err(e) => {
+            cleanup(&bound);
+            live.stop();
+            return Err(e);
+        }
+    };
+    if let Some(m) = &metrics {
+        eprintln!("metrics on http://{}/metrics", m.addr());
+    }
     let count = names.len();
     for b in bound {
         let addr = b.describe();
@@ -281,6 +308,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     eprintln!("stopping: finishing the requests in flight");
     // No operation starts once the socket is gone.
     drop(control);
+    drop(metrics);
     server.shutdown();
     // Resyncs stop after recording their checkpoints; the next start resumes.
     live.stop_resyncs();

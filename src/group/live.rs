@@ -155,6 +155,15 @@ impl LiveGroup {
             .collect()
     }
 
+    /// The queue of every disk in service, with the disk's UUID and path:
+    /// the metrics endpoint reads their statistics.
+    pub fn disk_queues(&self) -> Vec<(Uuid, String, Arc<DiskQueue>)> {
+        self.queues
+            .iter()
+            .map(|(u, q)| (*u, q.name().to_string(), q.clone()))
+            .collect()
+    }
+
     /// The group, locked.
     pub fn group(&self) -> MutexGuard<'_, Group> {
         self.group.lock().unwrap_or_else(|e| e.into_inner())
