@@ -158,7 +158,28 @@ fn add_break_remove_fail_repair_reactivate_while_fio_verifies() {
     let sb = Sandbox::new();
     three_disks(&sb);
     let (b, c) = (sb.p("disks/b.img"), sb.p("disks/c.img"));
-    let s = serve(&sb);
+    let events = sb.path("events.jsonl");
+    std::fs::write(
+        sb.path("hook.sh"),
+        format!(
+            "line=$(cat)\nprintf '%s\\n' \"$line\" >> '{}'\n",
+            events.display()
+        ),
+    )
+    .unwrap();
+    let hook = format!("sh '{}'", sb.p("hook.sh"));
+    let s = Served::start_args(
+        &sb,
+        &[
+            "--resync-min-rate",
+            "200M",
+            "--cache",
+            "writeback",
+            "--on-event",
+            &hook,
+        ],
+        &[],
+    );
     let mut fio = fio_verify(&s.uri("data"), 32, 700);
     std::thread::sleep(Duration::from_millis(500));
 
@@ -230,6 +251,39 @@ fn add_break_remove_fail_repair_reactivate_while_fio_verifies() {
     ]));
     let (code, log) = s.stop();
     assert_eq!(code, 0, "{log}");
+    // The hook saw each step, in order (progress events aside).
+    let seen: Vec<String> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let e: serde_json::Value = serde_json::from_str(l).unwrap();
+            let who = e["disk"].as_str().or(e["volume"].as_str()).unwrap_or("");
+            format!(
+                "{} {}",
+                e["event"].as_str().unwrap(),
+                who.rsplit('/').next().unwrap()
+            )
+        })
+        .filter(|l| !l.starts_with("resync-progress"))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "resync-started c.img",
+            "resync-finished c.img",
+            "volume-healthy data",
+            "resync-started b.img",
+            "resync-finished b.img",
+            "volume-healthy data",
+            "disk-failed b.img",
+            "volume-degraded data",
+            "resync-started c.img",
+            "resync-finished c.img",
+            "volume-healthy data",
+            "disk-returned b.img",
+        ],
+        "{log}"
+    );
     // Offline, the plexes of data hold the same bytes.
     let out = mv_ok(&sb, &["scrub", "data", "--json"]);
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -417,4 +471,101 @@ fn scrub_and_repair_online_while_a_client_writes() {
     let out = mv_ok(&sb, &["scrub", "data", "--json"]);
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["mismatches"], 0, "{r:#}");
+}
+
+/// Two disks with the mirror `data` (32 MiB) and a hot spare `s.img`.
+fn mirror_with_spare(sb: &Sandbox) {
+    for d in ["a.img", "b.img", "s.img"] {
+        sb.image(d, 128);
+    }
+    let (a, b, sp) = (
+        sb.p("disks/a.img"),
+        sb.p("disks/b.img"),
+        sb.p("disks/s.img"),
+    );
+    mv_ok(sb, &["init", &a, &b, "--style", "raw", "--group", "g"]);
+    mv_ok(sb, &["init", &sp, "--style", "raw", "--spare"]);
+    mv_ok(sb, &["create", "data", "--size", "32M", "--mirror"]);
+    let st = status(sb);
+    assert_eq!(disk(&st, "s.img")["spare"], true, "{st:#}");
+}
+
+#[test]
+fn a_plex_that_fails_under_serve_is_rebuilt_onto_the_hot_spare() {
+    if !tools(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    mirror_with_spare(&sb);
+    let b = sb.p("disks/b.img");
+    let s = Served::start_args(
+        &sb,
+        &["--resync-min-rate", "200M", "--cache", "writeback"],
+        &[("MIRRORVOL_TEST_FAULT_DISK", &b)],
+    );
+    let fio = fio_verify(&s.uri("data"), 32, 1500);
+    std::thread::sleep(Duration::from_millis(500));
+    // The disk dies under the writes: the engine fails its plex, and the
+    // daemon rebuilds onto the spare by itself.
+    s.signal(libc::SIGUSR1);
+    let start = Instant::now();
+    let st = loop {
+        let st = status(&sb);
+        if plexes(&st, "data") == pairs(&[("a.img", "in-sync"), ("s.img", "in-sync")]) {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not rebuilt onto the spare after 60 s: {st:#}\n{}",
+            s.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(volume(&st, "data")["state"], "healthy", "{st:#}");
+    assert_eq!(disk(&st, "s.img")["spare"], false, "{st:#}");
+    assert_eq!(disk(&st, "b.img")["state"], "failed", "{st:#}");
+    fio_passed(fio);
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains(&format!(
+            "hot spare {} replaces the plex of volume data on {b}",
+            sb.p("disks/s.img")
+        )),
+        "{log}"
+    );
+    let out = mv_ok(&sb, &["scrub", "data", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r:#}");
+}
+
+#[test]
+fn hot_spares_off_leaves_the_spare_to_repair() {
+    let sb = Sandbox::new();
+    mirror_with_spare(&sb);
+    let b = sb.p("disks/b.img");
+    let s = Served::start_args(
+        &sb,
+        &["--resync-min-rate", "200M", "--hot-spares", "off"],
+        &[],
+    );
+    mv_ok(&sb, &["fail", &b]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = status(&sb);
+    assert_eq!(volume(&st, "data")["state"], "failed-redundancy", "{st:#}");
+    assert_eq!(disk(&st, "s.img")["spare"], true, "{st:#}");
+    // `repair` goes to the spare.
+    let out = mv_ok(&sb, &["repair", "data"]);
+    assert!(
+        out.contains(&format!("a new plex on {}", sb.p("disks/s.img"))),
+        "{out}"
+    );
+    let st = wait_healthy(&sb, &s, "data");
+    assert_eq!(
+        plexes(&st, "data"),
+        pairs(&[("a.img", "in-sync"), ("s.img", "in-sync")])
+    );
+    assert_eq!(disk(&st, "s.img")["spare"], false, "{st:#}");
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
 }

@@ -232,6 +232,10 @@ pub enum Command {
         /// (port 0: any free port, printed at start). Default: none.
         #[arg(long, value_name = "HOST:PORT")]
         metrics: Option<String>,
+        /// auto: a plex that fails is rebuilt onto a hot spare of the group
+        /// at once (init --spare), as md does; off: spares wait for `repair`.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
+        hot_spares: String,
     },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
@@ -784,6 +788,7 @@ fn execute(cli: Cli) -> Result<()> {
             on_event,
             on_event_timeout,
             metrics,
+            hot_spares,
         } => crate::daemon::serve(
             &cli.disks,
             &crate::daemon::ServeOptions {
@@ -802,6 +807,7 @@ fn execute(cli: Cli) -> Result<()> {
                 on_event,
                 on_event_timeout: Some(std::time::Duration::from_secs(on_event_timeout)),
                 metrics,
+                hot_spares: hot_spares == "auto",
             },
         )?,
         Command::Demo { dir } => demo::demo(dir)?,

@@ -133,6 +133,8 @@ pub struct ServeOptions {
     pub on_event_timeout: Option<std::time::Duration>,
     /// `HOST:PORT` of the Prometheus metrics endpoint; None: no endpoint.
     pub metrics: Option<String>,
+    /// Rebuild failed plexes onto hot spares without waiting for `repair`.
+    pub hot_spares: bool,
 }
 
 /// How long `serve` waits at its stop for the event hook to run the events
@@ -248,7 +250,10 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     live.set_events(events.clone());
     live.start_bitmap_clearing(BITMAP_CLEAR_PERIOD);
     // Plexes left resyncing or stale are resynced while clients do I/O.
-    live.start_resyncs(resync);
+    live.start_resyncs(resync.clone());
+    if options.hot_spares {
+        live.enable_hot_spares(resync);
+    }
     if let Some(every) = options.scrub_interval {
         live.start_scrubs(every, options.scrub_rate);
     }

@@ -56,6 +56,9 @@ pub struct LiveGroup {
     scrubbing: Mutex<std::collections::BTreeSet<String>>,
     opts: EngineOptions,
     me: Weak<LiveGroup>,
+    /// Set when failed plexes are rebuilt onto hot spares by themselves:
+    /// the pace of those resyncs.
+    hot_spares: OnceLock<ResyncOptions>,
     /// Where events go (set by `serve`); unset, they are only logged.
     events: OnceLock<Events>,
     _watchdog: Watchdog,
@@ -99,6 +102,7 @@ impl LiveGroup {
                 scrubbing: Mutex::new(std::collections::BTreeSet::new()),
                 opts,
                 me: me.clone(),
+                hot_spares: OnceLock::new(),
                 events: OnceLock::new(),
                 _watchdog: watchdog,
             }
@@ -524,6 +528,7 @@ impl LiveGroup {
         self.retire_plexes(&g);
         self.emit_changes(&before, &g);
         tracing::info!(disk = %path.display(), "disk failed by the admin");
+        self.use_spares();
         Ok(())
     }
 
@@ -928,6 +933,7 @@ impl FailureSink for LiveGroup {
         }
         let ok = self.commit(&mut g, &format!("the failed plex of {volume} on {path}"));
         self.emit_changes(&before, &g);
+        self.use_spares();
         ok
     }
 
@@ -940,6 +946,7 @@ impl FailureSink for LiveGroup {
         self.fail_disk(&mut g, disk);
         self.commit(&mut g, &format!("failed disk {path}"));
         self.emit_changes(&before, &g);
+        self.use_spares();
     }
 
     fn read_error(&self, volume: &str, disk: Uuid, error: &io::Error, repaired: bool) {

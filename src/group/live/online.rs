@@ -23,6 +23,7 @@ use super::LiveGroup;
 use crate::disk::buf::IO_ALIGN;
 use crate::disk::{AlignedBuf, Disk, FileDisk};
 use crate::group::Group;
+use crate::group::events::{Event, EventKind};
 use crate::group::io::io_refusal;
 use crate::group::ops::{Endpoint, human};
 use crate::group::scrub::VolumeScrub;
@@ -51,6 +52,15 @@ impl Done {
 }
 
 impl LiveGroup {
+    /// Runs a config change, then emits the events of the states it
+    /// changed.
+    fn changed<T>(&self, g: &mut Group, change: impl FnOnce(&mut Group) -> Result<T>) -> Result<T> {
+        let before = self.snapshot(g);
+        let r = change(g);
+        self.emit_changes(&before, g);
+        r
+    }
+
     fn op_lock(&self) -> MutexGuard<'_, ()> {
         self.ops.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -129,7 +139,7 @@ impl LiveGroup {
     ) -> Result<Done> {
         let _op = self.op_lock();
         let mut g = self.group();
-        let warnings = g.create(name, size, copies, disks)?;
+        let warnings = self.changed(&mut g, |g| g.create(name, size, copies, disks))?;
         self.add_engine(&g, name)?;
         let on: Vec<String> = g
             .volume(name)?
@@ -157,7 +167,7 @@ impl LiveGroup {
         let _op = self.op_lock();
         let done = {
             let mut g = self.group();
-            let target = g.add_resyncing_plex(name, disk)?;
+            let target = self.changed(&mut g, |g| g.add_resyncing_plex(name, disk))?;
             let warnings = g.mirror_warnings(name);
             let message = format!(
                 "added a mirror to volume {name} on {}; it resyncs in the background (see `mirrorvol status`)",
@@ -182,7 +192,7 @@ impl LiveGroup {
             let (replaced, done) = {
                 let mut g = self.group();
                 let before: Vec<Uuid> = g.volume(name)?.plexes.iter().map(|p| p.disk).collect();
-                let (targets, stale) = g.repair_config(name, disk)?;
+                let (targets, stale) = self.changed(&mut g, |g| g.repair_config(name, disk))?;
                 let after: Vec<Uuid> = g.volume(name)?.plexes.iter().map(|p| p.disk).collect();
                 let replaced: Vec<Uuid> = before
                     .into_iter()
@@ -227,7 +237,7 @@ impl LiveGroup {
             let (uuid, done) = {
                 let mut g = self.group();
                 let uuid = g.resolve_disk(disk)?;
-                g.remove_mirror(name, disk)?;
+                self.changed(&mut g, |g| g.remove_mirror(name, disk))?;
                 self.retire_plexes(&g);
                 let message = format!("removed the plex on {} from volume {name}", disk.display());
                 (uuid, Done::new(message, &mut g, Vec::new()))
@@ -255,7 +265,8 @@ impl LiveGroup {
             let (uuid, kept) = {
                 let mut g = self.group();
                 let uuid = g.resolve_disk(disk)?;
-                let kept = g.break_mirror(name, disk, new_name, nokeep)?;
+                let kept =
+                    self.changed(&mut g, |g| g.break_mirror(name, disk, new_name, nokeep))?;
                 self.retire_plexes(&g);
                 (uuid, kept)
             };
@@ -302,7 +313,7 @@ impl LiveGroup {
                 }
             }
             let mut g = self.group();
-            if let Err(err) = g.delete(name) {
+            if let Err(err) = self.changed(&mut g, |g| g.delete(name)) {
                 self.add_engine(&g, name)?;
                 return Err(err);
             }
@@ -319,7 +330,7 @@ impl LiveGroup {
     pub fn extend(&self, name: &str, size: u64) -> Result<Done> {
         let _op = self.op_lock();
         let mut g = self.group();
-        g.extend(name, size)?;
+        self.changed(&mut g, |g| g.extend(name, size))?;
         if let Some(e) = self.volume(name) {
             e.grow(size);
         }
@@ -369,7 +380,21 @@ impl LiveGroup {
         };
         let result = crate::volume::scrub::scrub(&engine, &opts, &|_| {});
         let g = self.group();
-        g.scrub_outcome(name, &opts, result)
+        let report = g.scrub_outcome(name, &opts, result)?;
+        for r in &report.ranges {
+            self.emit(
+                Event::new(EventKind::ScrubMismatch)
+                    .with("group", g.config.name.as_str())
+                    .with("volume", name)
+                    .with("offset", r.offset)
+                    .with("length", r.length)
+                    .with("plexes", r.plexes())
+                    .with("kept", r.kept.as_str())
+                    .with("outvoted", r.outvoted.clone())
+                    .with("repaired", if r.repaired { "yes" } else { "no" }),
+            );
+        }
+        Ok(report)
     }
 
     /// `copy` while serving: through the running engines, so clients of a
@@ -459,5 +484,90 @@ impl LiveGroup {
             Side::Path(p, d) => d.flush().map_err(|e| Error::io_path("flush", p, e))?,
         }
         Ok(size)
+    }
+}
+
+/// Hot spares: a plex that fails is rebuilt onto a spare without the admin
+/// (md's behaviour; `serve --hot-spares off` leaves it to `repair`).
+impl LiveGroup {
+    /// Rebuilds failed plexes onto spares from now on, resynced with
+    /// `resync`; and at once, for plexes failed or missing already.
+    pub fn enable_hot_spares(self: &Arc<Self>, resync: ResyncOptions) {
+        let _ = self.hot_spares.set(resync);
+        self.use_spares();
+    }
+
+    /// Looks, on a thread of its own, for volumes with a failed or missing
+    /// plex and a spare to rebuild it on. Called after every failure; never
+    /// blocks the caller (the engine reports failures holding its locks).
+    pub(super) fn use_spares(&self) {
+        if self.hot_spares.get().is_none() {
+            return;
+        }
+        let me = self.me.clone();
+        let _ = std::thread::Builder::new()
+            .name("hot-spare".into())
+            .spawn(move || {
+                if let Some(live) = me.upgrade() {
+                    live.rebuild_onto_spares();
+                }
+            });
+    }
+
+    fn rebuild_onto_spares(self: &Arc<Self>) {
+        let Some(resync) = self.hot_spares.get().cloned() else {
+            return;
+        };
+        let _op = self.op_lock();
+        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let mut replaced = Vec::new();
+        {
+            let mut g = self.group();
+            let names: Vec<String> = g.config.volumes.iter().map(|v| v.name.clone()).collect();
+            for name in names {
+                while let Ok(before) = g
+                    .volume(&name)
+                    .map(|v| v.plexes.iter().map(|p| p.disk).collect::<Vec<Uuid>>())
+                {
+                    match self.changed(&mut g, |g| g.repair_onto_spare(&name)) {
+                        Ok(Some(spare)) => {
+                            let gone: Vec<Uuid> = match g.volume(&name) {
+                                Ok(v) => before
+                                    .into_iter()
+                                    .filter(|d| !v.plexes.iter().any(|p| p.disk == *d))
+                                    .collect(),
+                                Err(_) => Vec::new(),
+                            };
+                            let line = format!(
+                                "hot spare {} replaces the plex of volume {name} on {}; it resyncs in the background",
+                                g.disk_path(spare),
+                                gone.iter()
+                                    .map(|d| g.disk_path(*d))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            );
+                            tracing::warn!("{line}");
+                            eprintln!("{line}");
+                            replaced.extend(gone.into_iter().map(|d| (name.clone(), d)));
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(volume = %name, error = %e, "no rebuild onto a hot spare");
+                            break;
+                        }
+                    }
+                }
+            }
+            for w in g.warnings.split_off(0) {
+                eprintln!("warning: {w}");
+            }
+            self.retire_plexes(&g);
+        }
+        for (name, disk) in replaced {
+            self.drain_plex(&name, disk);
+        }
+        self.start_resyncs(resync);
     }
 }
