@@ -131,14 +131,14 @@ fn write_cost(a: &Args) {
     };
     // A clear bitmap: the area zeroed, then loaded fresh.
     let fresh = || -> Arc<BitmapSet> {
-        let mut set = BitmapSet::default();
+        let set = BitmapSet::default();
         let zero = vec![0u8; 5 * MIB as usize];
         let zero = mirrorvol::disk::AlignedBuf::from_slice(&zero);
         for (d, u) in disks.iter().zip(uuids) {
             d.write_at(&zero, layout.bitmap_offset()).unwrap();
             d.flush().unwrap();
             let (b, _) = DiskBitmap::load(d.clone(), &layout, 0, 0).unwrap();
-            set.disks.insert(u, Arc::new(b));
+            set.insert(u, Arc::new(b));
         }
         Arc::new(set)
     };
@@ -157,15 +157,15 @@ fn write_cost(a: &Args) {
         let set = fresh();
         cold.push(run(&volume(Some(set.clone()))));
         cold_bit_writes.push(
-            set.disks
-                .values()
-                .map(|b| b.writes.load(Ordering::Relaxed))
+            set.all()
+                .iter()
+                .map(|(_, b)| b.writes.load(Ordering::Relaxed))
                 .sum::<u64>() as f64,
         );
         // Every bit set beforehand: writes find their region's bit set, as
         // in steady state under `serve`, where a region written at least
         // once per 5 s clearing period keeps its bit.
-        for b in set.disks.values() {
+        for (_, b) in set.all() {
             let regions = b.mark(0, layout.data_size).unwrap();
             b.done(regions);
         }

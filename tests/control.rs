@@ -199,12 +199,11 @@ fn commands_not_served_online_are_refused_naming_the_daemon() {
     let sb = Sandbox::new();
     mirror_group(&sb, 96, 32);
     let s = serve(&sb);
-    let d = sb.image("d.img", 64);
-    let (code, _, err) = mv(&sb, &["init", &d, "--style", "raw"]);
+    let (code, _, err) = mv(&sb, &["test-mirrors", "data"]);
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains(&format!(
-            "init is not available while mirrorvol serve (pid {}) holds group g; stop it first",
+            "test-mirrors is not available while mirrorvol serve (pid {}) holds group g; stop it first",
             s.pid()
         )),
         "{err}"

@@ -348,10 +348,12 @@ fn a_resync_shows_its_progress_and_rate() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    // The volume shows what `status` shows; for an incremental resync of a
-    // stale plex that is `failed-redundancy` so far, not `resynching`.
+    // The volume shows what `status` shows: resynching while its stale plex
+    // is resynced.
     let healthy = [("volume", "data"), ("state", "healthy")];
     assert_eq!(value(&m, "mirrorvol_volume_state", &healthy), 0.0);
+    let resynching = [("volume", "data"), ("state", "resynching")];
+    assert_eq!(value(&m, "mirrorvol_volume_state", &resynching), 1.0);
     let plex = [
         ("volume", "data"),
         ("disk", "b.img"),

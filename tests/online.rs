@@ -417,19 +417,101 @@ fn create_extend_delete_and_copy_online() {
         &["resolve-split-brain", "--keep", &sb.p("disks/a.img")],
         "is not in split brain",
     );
-    // init cannot join a disk to a served group.
-    sb.image("d.img", 64);
+    // init joins new disks to the served group; they take plexes at once.
+    let (d, e) = (sb.image("d.img", 64), sb.image("e.img", 64));
+    let out = mv_ok(&sb, &["init", &d, &e, "--style", "raw"]);
+    assert_eq!(
+        out.trim(),
+        format!("initialized {d}, {e} as raw disks of existing group g")
+    );
     mv_refused(
         &sb,
-        &["init", &sb.p("disks/d.img"), "--style", "raw"],
-        "init is not available while mirrorvol serve",
+        &["init", &d, "--style", "raw"],
+        "is already a disk of group g",
     );
+    mv_ok(
+        &sb,
+        &[
+            "create", "fresh", "--size", "8M", "--mirror", "--disk", &d, "--disk", &e,
+        ],
+    );
+    common::serve::ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x77 0 8M",
+        "-c",
+        "read -P 0x77 0 8M",
+        &s.uri("fresh"),
+    ]));
     let (code, log) = s.stop();
     assert_eq!(code, 0, "{log}");
     // Offline again, the config says what the daemon did.
     let st = status(&sb);
     assert_eq!(volume(&st, "logs")["size"], 12u64 << 20);
     assert_eq!(volume(&st, "data")["state"], "healthy");
+    assert_eq!(volume(&st, "fresh")["state"], "healthy");
+    let out = mv_ok(&sb, &["scrub", "fresh", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r:#}");
+}
+
+#[test]
+fn a_disk_absent_at_start_comes_back_while_fio_verifies() {
+    if !tools(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    // b is unplugged before serve starts: data serves from a alone.
+    let (b, away) = (sb.path("disks/b.img"), sb.path("b.img"));
+    std::fs::rename(&b, &away).unwrap();
+    let s = serve(&sb);
+    let st = status(&sb);
+    assert_eq!(volume(&st, "data")["state"], "failed-redundancy", "{st:#}");
+    let fio = fio_verify(&s.uri("data"), 24, 1500);
+    std::thread::sleep(Duration::from_millis(700));
+    // Plugged back in; reactivate finds it, puts it in service, and
+    // resyncs what it missed.
+    std::fs::rename(&away, &b).unwrap();
+    let b = b.display().to_string();
+    let out = mv_ok(&sb, &["reactivate", &b]);
+    assert_eq!(out.trim(), format!("reactivated disk {b}; resync started"));
+    let st = wait_healthy(&sb, &s, "data");
+    assert_eq!(disk(&st, "b.img")["state"], "online");
+    fio_passed(fio);
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    let out = mv_ok(&sb, &["scrub", "data", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r:#}\n{log}");
+}
+
+#[test]
+fn a_disk_that_moved_on_while_away_is_refused_as_split_brain() {
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    // b leaves; the group changes without it (serve records it missing).
+    let (b, away) = (sb.path("disks/b.img"), sb.path("away/b.img"));
+    std::fs::create_dir_all(sb.path("away")).unwrap();
+    std::fs::rename(&b, &away).unwrap();
+    mv_ok(&sb, &["create", "more", "--size", "4M"]);
+    // Meanwhile b, alone, gets a config change of its own.
+    run(Command::new(bin())
+        .env("MIRRORVOL_DISKS", sb.path("away"))
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .args(["create", "solo", "--size", "4M"]));
+    let s = serve(&sb);
+    std::fs::rename(&away, &b).unwrap();
+    let before = sb.fingerprint();
+    mv_refused(
+        &sb,
+        &["reactivate", &b.display().to_string()],
+        "changed on its own while it was away",
+    );
+    assert_eq!(before, sb.fingerprint(), "a refusal changes no disk");
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
 }
 
 #[test]

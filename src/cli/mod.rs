@@ -544,6 +544,29 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
         Command::ResolveSplitBrain { keep } => Request::ResolveSplitBrain {
             keep: absolute(keep),
         },
+        Command::Init {
+            paths,
+            style,
+            controller,
+            group,
+            force,
+            region_size,
+            spare,
+        } => {
+            if region_size.is_some() {
+                return Err(Error::refused(
+                    "--region-size applies to a new group only; the disks join the group mirrorvol serve holds",
+                ));
+            }
+            Request::Init {
+                paths: paths.into_iter().map(absolute).collect(),
+                style,
+                controller,
+                group,
+                force,
+                spare,
+            }
+        }
         other => {
             let name = command_name(&other);
             let group = ask(h, &Request::Status)

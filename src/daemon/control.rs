@@ -12,6 +12,7 @@
 //! {"op": "break", "name", "disk", "new_name"?, "nokeep"}
 //! {"op": "repair", "name", "disk"?}      {"op": "extend", "name", "size"}
 //! {"op": "delete", "name", "force"}      {"op": "copy", "src", "dst"}
+//! {"op": "init", "paths", "style", "controller"?, "group"?, "force", "spare"}
 //!                                        → {"ok": true, "message": "...", "warnings": [...]}
 //! {"op": "scrub", "name", "repair", "rate"?}
 //!                                        → {"ok": true, "report": {...}, "text": "..."}
@@ -99,6 +100,19 @@ pub enum Request {
     },
     ResolveSplitBrain {
         keep: PathBuf,
+    },
+    /// `init` of new disks into the group in service.
+    Init {
+        paths: Vec<PathBuf>,
+        style: crate::format::Style,
+        #[serde(default)]
+        controller: Option<String>,
+        #[serde(default)]
+        group: Option<String>,
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        spare: bool,
     },
 }
 

@@ -247,6 +247,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         ..EngineOptions::default()
     };
     let live = LiveGroup::start(group, opts);
+    live.set_direct(direct);
     live.set_events(events.clone());
     live.start_bitmap_clearing(BITMAP_CLEAR_PERIOD);
     // Plexes left resyncing or stale are resynced while clients do I/O.
@@ -505,6 +506,26 @@ fn handle(
                 ..Response::default()
             })
         }
+        Request::Init {
+            paths,
+            style,
+            controller,
+            group,
+            force,
+            spare,
+        } => live
+            .join(
+                &paths,
+                &crate::group::ops::InitOptions {
+                    style,
+                    controller,
+                    group,
+                    force,
+                    region_size: 0,
+                    spare,
+                },
+            )
+            .map(done),
         Request::ResolveSplitBrain { keep } => {
             let name = live.group().config.name.clone();
             Err(Error::refused(format!(

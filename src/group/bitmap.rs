@@ -47,6 +47,37 @@ pub(super) fn to_volume(plex: &PlexEntry, size: u64, ranges: &[Range<u64>]) -> V
 }
 
 impl Group {
+    /// Loads the bitmap of member `uuid` into `set` (warning when it is
+    /// damaged; a format-1 disk's labels are raised to format 2 just before
+    /// its first bit is written, so an older binary refuses the disk).
+    pub(super) fn load_bitmap(&mut self, set: &BitmapSet, uuid: Uuid) -> Result<()> {
+        let m = &self.members[&uuid];
+        let (b, found) = DiskBitmap::load(
+            m.disk.clone(),
+            &m.label.layout,
+            self.config.region_size,
+            self.config.seqno,
+        )
+        .map_err(|e| Error::io(format!("cannot read the bitmap of {}", m.path.display()), e))?;
+        if let Found::Damaged(e) = &found {
+            self.warnings.push(format!(
+                "disk {}: its write-intent bitmap is damaged ({e}); its mirrors are resynced in full",
+                m.path.display()
+            ));
+        }
+        if m.label.version < FORMAT_VERSION {
+            let (disk, mut label) = (m.disk.clone(), m.label.clone());
+            label.version = FORMAT_VERSION;
+            b.before_first_write(Box::new(move || {
+                ondisk::write_labels(&*disk, &label)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            }));
+        }
+        self.bitmap_found.insert(uuid, found);
+        set.insert(uuid, Arc::new(b));
+        Ok(())
+    }
+
     /// Loads the bitmap of every disk present, resyncs what an unclean stop
     /// left dirty, and from then on gives every volume opened a bitmap.
     /// Commands that write (and `serve`) call it once after assembly.
@@ -54,33 +85,10 @@ impl Group {
         if self.bitmaps.is_some() {
             return Ok(());
         }
-        let mut set = BitmapSet::default();
-        for (uuid, m) in &self.members {
-            let (b, found) = DiskBitmap::load(
-                m.disk.clone(),
-                &m.label.layout,
-                self.config.region_size,
-                self.config.seqno,
-            )
-            .map_err(|e| Error::io(format!("cannot read the bitmap of {}", m.path.display()), e))?;
-            if let Found::Damaged(e) = &found {
-                self.warnings.push(format!(
-                    "disk {}: its write-intent bitmap is damaged ({e}); its mirrors are resynced in full",
-                    m.path.display()
-                ));
-            }
-            if m.label.version < FORMAT_VERSION {
-                // Format 1 reserved the bitmap area and never read it: the
-                // labels say format 2 before the first bit lands there.
-                let (disk, mut label) = (m.disk.clone(), m.label.clone());
-                label.version = FORMAT_VERSION;
-                b.before_first_write(Box::new(move || {
-                    ondisk::write_labels(&*disk, &label)
-                        .map_err(|e| std::io::Error::other(e.to_string()))
-                }));
-            }
-            self.bitmap_found.insert(*uuid, found);
-            set.disks.insert(*uuid, Arc::new(b));
+        let set = BitmapSet::default();
+        let uuids: Vec<Uuid> = self.members.keys().copied().collect();
+        for uuid in uuids {
+            self.load_bitmap(&set, uuid)?;
         }
         self.bitmaps = Some(Arc::new(set));
         let bytes = self.resync_dirty_regions()?;
@@ -106,8 +114,8 @@ impl Group {
         }
     }
 
-    fn bitmap(&self, disk: Uuid) -> Option<&Arc<DiskBitmap>> {
-        self.bitmaps.as_ref()?.disks.get(&disk)
+    fn bitmap(&self, disk: Uuid) -> Option<Arc<DiskBitmap>> {
+        self.bitmaps.as_ref()?.get(disk)
     }
 
     /// The volume bytes the bitmaps of the plexes on `disks` name as dirty;
@@ -303,15 +311,15 @@ impl Group {
         let Some(set) = &self.bitmaps else {
             return;
         };
-        for (uuid, b) in &set.disks {
-            if !self.is_online(*uuid) {
+        for (uuid, b) in set.all() {
+            if !self.is_online(uuid) {
                 continue;
             }
-            let pinned = self.pinned_extents(*uuid);
+            let pinned = self.pinned_extents(uuid);
             let overlaps =
                 |r: Range<u64>| pinned.iter().any(|p| p.start < r.end && r.start < p.end);
             if let Err(e) = b.clear_idle(now, &overlaps) {
-                tracing::warn!(disk = %self.disk_path(*uuid), error = %e, "cannot clear write-intent bits");
+                tracing::warn!(disk = %self.disk_path(uuid), error = %e, "cannot clear write-intent bits");
             }
         }
     }

@@ -36,7 +36,8 @@ struct Running {
 
 pub struct LiveGroup {
     group: Mutex<Group>,
-    queues: BTreeMap<Uuid, Arc<DiskQueue>>,
+    /// A queue per disk in service; disks join while serving.
+    queues: RwLock<BTreeMap<Uuid, Arc<DiskQueue>>>,
     volumes: RwLock<BTreeMap<String, Arc<MirrorVolume>>>,
     /// I/O errors seen per disk since the group was started.
     errors: Mutex<BTreeMap<Uuid, u64>>,
@@ -56,12 +57,14 @@ pub struct LiveGroup {
     scrubbing: Mutex<std::collections::BTreeSet<String>>,
     opts: EngineOptions,
     me: Weak<LiveGroup>,
+    /// Disks that join while serving are opened `O_DIRECT`.
+    direct: std::sync::atomic::AtomicBool,
     /// Set when failed plexes are rebuilt onto hot spares by themselves:
     /// the pace of those resyncs.
     hot_spares: OnceLock<ResyncOptions>,
     /// Where events go (set by `serve`); unset, they are only logged.
     events: OnceLock<Events>,
-    _watchdog: Watchdog,
+    watchdog: Watchdog,
 }
 
 impl LiveGroup {
@@ -90,7 +93,7 @@ impl LiveGroup {
             }
             LiveGroup {
                 group: Mutex::new(group),
-                queues,
+                queues: RwLock::new(queues),
                 volumes: RwLock::new(volumes),
                 errors: Mutex::new(BTreeMap::new()),
                 resyncs: Mutex::new(BTreeMap::new()),
@@ -103,8 +106,9 @@ impl LiveGroup {
                 opts,
                 me: me.clone(),
                 hot_spares: OnceLock::new(),
+                direct: std::sync::atomic::AtomicBool::new(false),
                 events: OnceLock::new(),
-                _watchdog: watchdog,
+                watchdog,
             }
         })
     }
@@ -140,6 +144,37 @@ impl LiveGroup {
         engine
     }
 
+    /// Starts the queue of a member that has none (a disk that joined or
+    /// came back while serving).
+    fn add_queue(&self, g: &Group, disk: Uuid) {
+        let Some(m) = g.members.get(&disk) else {
+            return;
+        };
+        let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
+        if queues.contains_key(&disk) {
+            return;
+        }
+        let q = DiskQueue::start(
+            &m.path.display().to_string(),
+            m.disk.clone(),
+            self.opts.threads_per_disk,
+        );
+        self.watchdog.watch(&q);
+        queues.insert(disk, q);
+    }
+
+    /// Whether disks that join while serving are opened `O_DIRECT` (as
+    /// `serve --cache none` opened the others).
+    pub fn set_direct(&self, direct: bool) {
+        self.direct
+            .store(direct, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The disk queues, read-locked.
+    fn queues(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Uuid, Arc<DiskQueue>>> {
+        self.queues.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The engine of a volume.
     pub fn volume(&self, name: &str) -> Option<Arc<MirrorVolume>> {
         self.volumes
@@ -162,7 +197,7 @@ impl LiveGroup {
     /// The queue of every disk in service, with the disk's UUID and path:
     /// the metrics endpoint reads their statistics.
     pub fn disk_queues(&self) -> Vec<(Uuid, String, Arc<DiskQueue>)> {
-        self.queues
+        self.queues()
             .iter()
             .map(|(u, q)| (*u, q.name().to_string(), q.clone()))
             .collect()
@@ -196,6 +231,14 @@ impl LiveGroup {
                 p.resync_percent = Some((r.progress.percent() * 10.0).floor() / 10.0);
                 p.resync_rate = Some(r.progress.rate());
                 p.resync_eta_seconds = r.progress.eta_seconds();
+            }
+            // A stale plex being resynced makes its volume resynching, as
+            // a plex recorded resyncing does (Group::volume_state).
+            for v in report.volumes.iter_mut().filter(|v| v.name == *name) {
+                if v.state == "failed-redundancy" && v.plexes.iter().any(|p| p.state == "resyncing")
+                {
+                    v.state = "resynching";
+                }
             }
         }
         report
@@ -323,11 +366,11 @@ impl LiveGroup {
                 .map(|v| v.name.as_str())
                 .collect();
             let mut work = Vec::new();
-            for (uuid, b) in &set.disks {
-                if !g.is_online(*uuid) {
+            for (uuid, b) in set.all() {
+                if !g.is_online(uuid) {
                     continue;
                 }
-                let mut pinned = g.pinned_extents(*uuid);
+                let mut pinned = g.pinned_extents(uuid);
                 for v in &g.config.volumes {
                     if degraded.contains(&v.name.as_str())
                         || v.plexes.len() > volumes.get(&v.name).map_or(0, |e| e.plexes().len())
@@ -335,12 +378,12 @@ impl LiveGroup {
                         pinned.extend(
                             v.plexes
                                 .iter()
-                                .filter(|p| p.disk == *uuid)
+                                .filter(|p| p.disk == uuid)
                                 .map(|p| p.offset..p.offset + p.length),
                         );
                     }
                 }
-                work.push((b.clone(), pinned, g.disk_path(*uuid)));
+                work.push((b.clone(), pinned, g.disk_path(uuid)));
             }
             work
         };
@@ -486,7 +529,7 @@ impl LiveGroup {
     /// queued on them.
     pub fn stop(&self) {
         self.stop_resyncs();
-        for q in self.queues.values() {
+        for q in self.queues().values() {
             q.stop();
         }
     }
@@ -544,13 +587,15 @@ impl LiveGroup {
     ) -> crate::Result<bool> {
         let vols = {
             let mut g = self.group();
-            let uuid = g.resolve_disk(path)?;
-            if !self.queues.contains_key(&uuid) {
-                return Err(crate::Error::refused(format!(
-                    "disk {} was not in service when mirrorvol serve started; stop serve and reactivate it offline",
-                    path.display()
-                )));
-            }
+            let direct = self.direct.load(std::sync::atomic::Ordering::Relaxed);
+            // A disk absent until now (hot-plugged back) becomes a member
+            // first: found by its path, or by its label at a new path.
+            let uuid = match g.resolve_disk(path) {
+                Ok(u) if g.members.contains_key(&u) => u,
+                Ok(_) => g.attach(path, direct)?,
+                Err(e) => g.attach(path, direct).map_err(|_| e)?,
+            };
+            self.add_queue(&g, uuid);
             let before = self.snapshot(&g);
             let (_, vols) = g.reactivate_config(path)?;
             for w in g.warnings.split_off(0) {
@@ -574,7 +619,7 @@ impl LiveGroup {
             self.retire_plexes(&g);
             self.emit_changes(&before, &g);
             vols.into_iter()
-                .filter(|n| Self::next_target(&g, &self.queues, n) == Some(uuid))
+                .filter(|n| Self::next_target(&g, &self.queues(), n) == Some(uuid))
                 .count()
         };
         self.start_resyncs(opts);
@@ -610,7 +655,7 @@ impl LiveGroup {
                 .volumes
                 .iter()
                 .filter(|v| !threads.contains(&v.name))
-                .filter(|v| Self::next_target(&g, &self.queues, &v.name).is_some())
+                .filter(|v| Self::next_target(&g, &self.queues(), &v.name).is_some())
                 .map(|v| v.name.clone())
                 .collect();
             threads.extend(names.iter().cloned());
@@ -667,7 +712,7 @@ impl LiveGroup {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return None;
         }
-        let disk = Self::next_target(g, &self.queues, name)?;
+        let disk = Self::next_target(g, &self.queues(), name)?;
         let engine = self.volume(name)?;
         let entry = g
             .config
@@ -714,7 +759,7 @@ impl LiveGroup {
                 let offset = g.members[&disk].label.layout.data_offset() + entry.offset;
                 engine.add_plex(EnginePlex::new(
                     disk,
-                    self.queues[&disk].clone(),
+                    self.queues().get(&disk)?.clone(),
                     offset,
                     Mode::WriteOnly,
                 ));

@@ -22,6 +22,7 @@ use crate::format::{DiskState, GroupConfig, Label, PlexState, VolumeEntry};
 use crate::{Error, Result};
 
 pub mod alloc;
+mod attach;
 pub mod bitmap;
 pub mod events;
 pub mod holder;

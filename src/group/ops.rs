@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use uuid::Uuid;
 
@@ -38,6 +39,113 @@ pub struct InitOptions {
 /// Formats `paths` as disks of `existing`, or of a new group when there is
 /// none. Returns the group after the change.
 pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> Result<Group> {
+    let disks = check_new_disks(existing.as_ref(), paths, opts)?;
+    let mut group = match existing {
+        Some(g) => g,
+        None => Group {
+            config: GroupConfig {
+                name: opts
+                    .group
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_GROUP_NAME.to_string()),
+                uuid: Uuid::new_v4(),
+                seqno: 0,
+                disks: Vec::new(),
+                volumes: Vec::new(),
+                region_size: opts.region_size,
+            },
+            members: Default::default(),
+            warnings: Vec::new(),
+            bitmaps: None,
+            bitmap_found: Default::default(),
+            resynced: Vec::new(),
+            split: None,
+        },
+    };
+    group.add_disks(disks, opts)?;
+    Ok(group)
+}
+
+impl Group {
+    /// `init` with --disks while the group serves: formats `paths` as new
+    /// disks of this group and commits. Returns their UUIDs.
+    pub fn join(&mut self, paths: &[PathBuf], opts: &InitOptions) -> Result<Vec<Uuid>> {
+        let disks = check_new_disks(Some(self), paths, opts)?;
+        self.add_disks(disks, opts)
+    }
+
+    /// Formats checked disks as members of this group (label, empty bitmap,
+    /// config entry) and commits. With the bitmaps loaded, the new disks'
+    /// bitmaps join them.
+    fn add_disks(
+        &mut self,
+        disks: Vec<(PathBuf, Arc<dyn Disk>)>,
+        opts: &InitOptions,
+    ) -> Result<Vec<Uuid>> {
+        let group = self;
+        let mut added = Vec::new();
+        for (path, disk) in disks {
+            let uuid = Uuid::new_v4();
+            let label = ondisk::format_disk(&*disk, opts.style, uuid, group.config.uuid)
+                .map_err(|e| Error::failed(format!("formatting {} failed: {e}", path.display())))?;
+            // A new disk's bitmap tracks from the start: its plexes can always
+            // be resynced from it.
+            let (bitmap, _) = crate::volume::bitmap::DiskBitmap::load(
+                disk.clone(),
+                &label.layout,
+                group.config.region_size,
+                0,
+            )
+            .and_then(|(b, found)| b.persist_header().map(|()| (b, found)))
+            .map_err(|e| Error::io(format!("cannot write the bitmap of {}", path.display()), e))?;
+            if let Some(set) = &group.bitmaps {
+                group
+                    .bitmap_found
+                    .insert(uuid, crate::volume::bitmap::Found::Valid);
+                set.insert(uuid, Arc::new(bitmap));
+            }
+            added.push(uuid);
+            let identity = disk.identity();
+            group.config.disks.push(DiskEntry {
+                uuid,
+                path: path.display().to_string(),
+                controller: opts
+                    .controller
+                    .clone()
+                    .or(identity.controller)
+                    .unwrap_or_else(|| "default".to_string()),
+                style: opts.style,
+                size: disk.size(),
+                data_size: label.layout.data_size,
+                model: identity.model,
+                state: DiskState::Online,
+                state_seqno: group.config.seqno + 1,
+                spare: opts.spare,
+            });
+            group.members.insert(
+                uuid,
+                super::Member {
+                    path,
+                    disk,
+                    label,
+                    seqno: 0,
+                    damaged: Vec::new(),
+                },
+            );
+        }
+        group.commit()?;
+        Ok(added)
+    }
+}
+
+/// Checks and opens the disks `init` would format, before anything is
+/// written: each exists, is named once, is not a disk of `existing`, has
+/// room, and holds nothing (unless `force`).
+fn check_new_disks(
+    existing: Option<&Group>,
+    paths: &[PathBuf],
+    opts: &InitOptions,
+) -> Result<Vec<(PathBuf, Arc<dyn Disk>)>> {
     if paths.is_empty() {
         return Err(Error::refused("init needs at least one disk path"));
     }
@@ -51,7 +159,7 @@ pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> R
     if let Some(name) = &opts.group {
         check_name("group", name)?;
     }
-    if let (Some(g), Some(name)) = (&existing, &opts.group)
+    if let (Some(g), Some(name)) = (existing, &opts.group)
         && g.config.name != *name
     {
         return Err(Error::refused(format!(
@@ -76,7 +184,7 @@ pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> R
             )));
         }
         canon.push(c);
-        if let Some(g) = &existing
+        if let Some(g) = existing
             && g.resolve_disk(path).is_ok()
         {
             return Err(Error::refused(format!(
@@ -107,72 +215,7 @@ pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> R
         disks.push((path.clone(), disk));
     }
 
-    let mut group = match existing {
-        Some(g) => g,
-        None => Group {
-            config: GroupConfig {
-                name: opts
-                    .group
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_GROUP_NAME.to_string()),
-                uuid: Uuid::new_v4(),
-                seqno: 0,
-                disks: Vec::new(),
-                volumes: Vec::new(),
-                region_size: opts.region_size,
-            },
-            members: Default::default(),
-            warnings: Vec::new(),
-            bitmaps: None,
-            bitmap_found: Default::default(),
-            resynced: Vec::new(),
-            split: None,
-        },
-    };
-    for (path, disk) in disks {
-        let uuid = Uuid::new_v4();
-        let label = ondisk::format_disk(&*disk, opts.style, uuid, group.config.uuid)
-            .map_err(|e| Error::failed(format!("formatting {} failed: {e}", path.display())))?;
-        // A new disk's bitmap tracks from the start: its plexes can always
-        // be resynced from it.
-        crate::volume::bitmap::DiskBitmap::load(
-            disk.clone(),
-            &label.layout,
-            group.config.region_size,
-            0,
-        )
-        .and_then(|(b, _)| b.persist_header())
-        .map_err(|e| Error::io(format!("cannot write the bitmap of {}", path.display()), e))?;
-        let identity = disk.identity();
-        group.config.disks.push(DiskEntry {
-            uuid,
-            path: path.display().to_string(),
-            controller: opts
-                .controller
-                .clone()
-                .or(identity.controller)
-                .unwrap_or_else(|| "default".to_string()),
-            style: opts.style,
-            size: disk.size(),
-            data_size: label.layout.data_size,
-            model: identity.model,
-            state: DiskState::Online,
-            state_seqno: group.config.seqno + 1,
-            spare: opts.spare,
-        });
-        group.members.insert(
-            uuid,
-            super::Member {
-                path,
-                disk,
-                label,
-                seqno: 0,
-                damaged: Vec::new(),
-            },
-        );
-    }
-    group.commit()?;
-    Ok(group)
+    Ok(disks)
 }
 
 /// Refuses a disk too small for the style, or too large for MBR, before

@@ -417,7 +417,31 @@ impl DiskBitmap {
 /// The bitmaps of a group's disks: the engine's [`WriteIntent`].
 #[derive(Debug, Default)]
 pub struct BitmapSet {
-    pub disks: BTreeMap<Uuid, Arc<DiskBitmap>>,
+    /// Disks join while the group serves (`init` under `serve`, a disk
+    /// reactivated that was absent at the start).
+    disks: std::sync::RwLock<BTreeMap<Uuid, Arc<DiskBitmap>>>,
+}
+
+impl BitmapSet {
+    pub fn get(&self, disk: Uuid) -> Option<Arc<DiskBitmap>> {
+        self.read().get(&disk).cloned()
+    }
+
+    pub fn insert(&self, disk: Uuid, bitmap: Arc<DiskBitmap>) {
+        self.disks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(disk, bitmap);
+    }
+
+    /// Every disk's bitmap, in disk order.
+    pub fn all(&self) -> Vec<(Uuid, Arc<DiskBitmap>)> {
+        self.read().iter().map(|(u, b)| (*u, b.clone())).collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Uuid, Arc<DiskBitmap>>> {
+        self.disks.read().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 struct Marked(Vec<(Arc<DiskBitmap>, Range<u64>)>);
@@ -434,8 +458,9 @@ impl WriteIntent for BitmapSet {
     fn mark(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<IntentGuard> {
         let mut marked = Marked(Vec::with_capacity(plexes.len()));
         let mut first_error = None;
+        let disks = self.read();
         for p in plexes {
-            let Some(b) = self.disks.get(&p.disk) else {
+            let Some(b) = disks.get(&p.disk) else {
                 continue;
             };
             let start = p.offset - b.data_offset + offset;

@@ -427,6 +427,7 @@ fn worker(q: Weak<DiskQueue>, stats: Arc<DiskStats>, rx: Receiver<Job>) {
 /// of the timeout. It stops when dropped.
 pub struct Watchdog {
     stop: Arc<AtomicBool>,
+    queues: Arc<Mutex<Vec<Weak<DiskQueue>>>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -434,13 +435,21 @@ impl Watchdog {
     pub fn start(queues: Vec<Weak<DiskQueue>>, timeout: Duration) -> Watchdog {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let queues = Arc::new(Mutex::new(queues));
+        let watched = queues.clone();
         let tick = (timeout / 4).max(Duration::from_millis(5));
         let handle = std::thread::Builder::new()
             .name("mv-watchdog".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::park_timeout(tick);
-                    for q in queues.iter().filter_map(Weak::upgrade) {
+                    let now: Vec<Arc<DiskQueue>> = watched
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .filter_map(Weak::upgrade)
+                        .collect();
+                    for q in now {
                         q.expire(timeout);
                     }
                 }
@@ -448,8 +457,17 @@ impl Watchdog {
             .expect("spawn the watchdog");
         Watchdog {
             stop,
+            queues,
             handle: Some(handle),
         }
+    }
+
+    /// Watches one more queue (a disk that joined while serving).
+    pub fn watch(&self, queue: &Arc<DiskQueue>) {
+        self.queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(queue));
     }
 }
 

@@ -120,7 +120,7 @@ impl LiveGroup {
     /// Starts the engine of a volume the config has and the engines lack.
     fn add_engine(&self, g: &Group, name: &str) -> Result<Arc<MirrorVolume>> {
         let entry = g.volume(name)?;
-        let engine = Self::engine_for(g, &self.queues, &self.me, &self.opts, entry);
+        let engine = Self::engine_for(g, &self.queues(), &self.me, &self.opts, entry);
         self.volumes
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -154,6 +154,40 @@ impl LiveGroup {
             on.join(", ")
         );
         Ok(Done::new(message, &mut g, warnings))
+    }
+
+    /// `init PATH... --disks ...` while serving: the disks are formatted as
+    /// new disks of the group (hot spares with `spare`) and put in service.
+    pub fn join(
+        &self,
+        paths: &[std::path::PathBuf],
+        opts: &crate::group::ops::InitOptions,
+    ) -> Result<Done> {
+        let done = {
+            let _op = self.op_lock();
+            let mut g = self.group();
+            let added = self.changed(&mut g, |g| g.join(paths, opts))?;
+            for d in &added {
+                self.add_queue(&g, *d);
+            }
+            let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            let message = format!(
+                "initialized {} as {} {} of existing group {}",
+                names.join(", "),
+                opts.style,
+                match (opts.spare, names.len() > 1) {
+                    (true, true) => "hot spares",
+                    (true, false) => "hot spare",
+                    (false, true) => "disks",
+                    (false, false) => "disk",
+                },
+                g.config.name
+            );
+            Done::new(message, &mut g, Vec::new())
+        };
+        // A new spare may be what a degraded mirror waits for.
+        self.use_spares();
+        Ok(done)
     }
 
     /// `add-mirror` while serving: the new plex is recorded resyncing and
