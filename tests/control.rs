@@ -203,7 +203,7 @@ fn commands_not_served_online_are_refused_naming_the_daemon() {
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains(&format!(
-            "test-mirrors is not available while mirrorvol serve (pid {}) holds group g; stop it first",
+            "test-mirrors reads each plex of data alone and needs the volume quiet, but mirrorvol serve (pid {}) serves it; stop it first, or compare the plexes while serving with `mirrorvol scrub data`",
             s.pid()
         )),
         "{err}"

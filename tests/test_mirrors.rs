@@ -371,6 +371,6 @@ fn refusals_name_the_volume_and_change_nothing() {
     // While `serve` holds the group, the command is refused naming it.
     let served = Served::start(&sb, &[], &[]);
     sb.mv(&["test-mirrors", "data"])
-        .refused("test-mirrors is not available while");
+        .refused("test-mirrors reads each plex of data alone and needs the volume quiet, but mirrorvol serve (pid");
     served.stop();
 }

@@ -567,6 +567,12 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
                 spare,
             }
         }
+        Command::TestMirrors { name, .. } => {
+            return Err(Error::refused(format!(
+                "test-mirrors reads each plex of {name} alone and needs the volume quiet, but {} serves it; stop it first, or compare the plexes while serving with `mirrorvol scrub {name}`",
+                h.short()
+            )));
+        }
         other => {
             let name = command_name(&other);
             let group = ask(h, &Request::Status)

@@ -444,19 +444,8 @@ fn handle(
                 ..Response::default()
             })
         }
-        Request::Fail { path, force } => live
-            .fail_disk_by_path(&path, force)
-            .map(|()| Response::message(format!("marked disk {} failed", path.display()))),
-        Request::Reactivate { path } => {
-            live.reactivate_by_path(&path, resync.clone())
-                .map(|started| {
-                    Response::message(if started {
-                        format!("reactivated disk {}; resync started", path.display())
-                    } else {
-                        format!("reactivated disk {}", path.display())
-                    })
-                })
-        }
+        Request::Fail { path, force } => live.fail_disk_by_path(&path, force).map(done),
+        Request::Reactivate { path } => live.reactivate_by_path(&path, resync.clone()).map(done),
         Request::Create {
             name,
             size,

@@ -554,14 +554,16 @@ impl LiveGroup {
     /// `fail PATH [--force]` while serving: the disk is failed in the config
     /// (refused as offline when it holds a last in-sync plex, unless
     /// `force`) and its plexes leave every engine; a resync onto it stops.
-    pub fn fail_disk_by_path(&self, path: &std::path::Path, force: bool) -> crate::Result<()> {
+    pub fn fail_disk_by_path(&self, path: &std::path::Path, force: bool) -> crate::Result<Done> {
         let mut g = self.group();
         let uuid = g.resolve_disk(path)?;
         let before = self.snapshot(&g);
         g.fail(path, force)?;
-        for w in g.warnings.split_off(0) {
-            eprintln!("warning: {w}");
-        }
+        let done = Done::new(
+            format!("marked disk {} failed", path.display()),
+            &mut g,
+            Vec::new(),
+        );
         for r in self.running().values() {
             if r.disk == uuid {
                 r.progress.stop();
@@ -572,7 +574,7 @@ impl LiveGroup {
         self.emit_changes(&before, &g);
         tracing::info!(disk = %path.display(), "disk failed by the admin");
         self.use_spares();
-        Ok(())
+        Ok(done)
     }
 
     /// `reactivate PATH` while serving: the disk is recorded online and
@@ -584,8 +586,8 @@ impl LiveGroup {
         self: &Arc<Self>,
         path: &std::path::Path,
         opts: ResyncOptions,
-    ) -> crate::Result<bool> {
-        let vols = {
+    ) -> crate::Result<Done> {
+        let (vols, warnings) = {
             let mut g = self.group();
             let direct = self.direct.load(std::sync::atomic::Ordering::Relaxed);
             // A disk absent until now (hot-plugged back) becomes a member
@@ -598,9 +600,7 @@ impl LiveGroup {
             self.add_queue(&g, uuid);
             let before = self.snapshot(&g);
             let (_, vols) = g.reactivate_config(path)?;
-            for w in g.warnings.split_off(0) {
-                eprintln!("warning: {w}");
-            }
+            let warnings = g.warnings.split_off(0);
             // A plex that kept its in-sync state (a last copy failed with
             // --force) serves again as it is.
             for name in &vols {
@@ -618,13 +618,22 @@ impl LiveGroup {
             }
             self.retire_plexes(&g);
             self.emit_changes(&before, &g);
-            vols.into_iter()
+            let vols = vols
+                .into_iter()
                 .filter(|n| Self::next_target(&g, &self.queues(), n) == Some(uuid))
-                .count()
+                .count();
+            (vols, warnings)
         };
         self.start_resyncs(opts);
         tracing::info!(disk = %path.display(), "disk reactivated while serving");
-        Ok(vols > 0)
+        Ok(Done {
+            message: if vols > 0 {
+                format!("reactivated disk {}; resync started", path.display())
+            } else {
+                format!("reactivated disk {}", path.display())
+            },
+            warnings,
+        })
     }
 }
 

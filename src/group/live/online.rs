@@ -45,7 +45,7 @@ pub struct Done {
 }
 
 impl Done {
-    fn new(message: String, g: &mut Group, mut warnings: Vec<String>) -> Done {
+    pub(super) fn new(message: String, g: &mut Group, mut warnings: Vec<String>) -> Done {
         warnings.extend(g.warnings.split_off(0));
         Done { message, warnings }
     }
