@@ -403,6 +403,14 @@ fn export(live: &LiveGroup, name: &str) -> Option<Arc<dyn Export>> {
         .map(|v| Arc::new(VolumeExport(v)) as Arc<dyn Export>)
 }
 
+/// Exports a volume that came into service while serving.
+fn add_export(live: &LiveGroup, server: &Server, name: &str) {
+    if let Some(e) = export(live, name) {
+        server.add_export(e);
+        eprintln!("exporting volume {name}");
+    }
+}
+
 /// An operation's answer: its message and warnings.
 fn done(d: crate::group::live::Done) -> control::Response {
     control::Response {
@@ -452,9 +460,7 @@ fn handle(
             copies,
             disks,
         } => live.create_volume(&name, size, copies, &disks).map(|d| {
-            if let Some(e) = export(live, &name) {
-                server.add_export(e);
-            }
+            add_export(live, server, &name);
             done(d)
         }),
         Request::AddMirror { name, disk } => {
@@ -469,8 +475,8 @@ fn handle(
         } => live
             .break_mirror(&name, &disk, new_name.as_deref(), nokeep, resync)
             .map(|(kept, d)| {
-                if let Some(e) = kept.and_then(|n| export(live, &n)) {
-                    server.add_export(e);
+                if let Some(n) = kept {
+                    add_export(live, server, &n);
                 }
                 done(d)
             }),
@@ -557,6 +563,7 @@ fn delete(
     }
     match live.delete_volume(name, resync) {
         Ok(mut d) => {
+            eprintln!("stopped exporting volume {name}");
             if clients > 0 {
                 d.message.push_str(&format!(
                     "; disconnected {clients} NBD client{}",

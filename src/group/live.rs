@@ -560,7 +560,7 @@ impl LiveGroup {
         let before = self.snapshot(&g);
         g.fail(path, force)?;
         let done = Done::new(
-            format!("marked disk {} failed", path.display()),
+            format!("marked disk {} failed", g.disk_path(uuid)),
             &mut g,
             Vec::new(),
         );
@@ -587,7 +587,7 @@ impl LiveGroup {
         path: &std::path::Path,
         opts: ResyncOptions,
     ) -> crate::Result<Done> {
-        let (vols, warnings) = {
+        let (vols, warnings, shown) = {
             let mut g = self.group();
             let direct = self.direct.load(std::sync::atomic::Ordering::Relaxed);
             // A disk absent until now (hot-plugged back) becomes a member
@@ -622,15 +622,15 @@ impl LiveGroup {
                 .into_iter()
                 .filter(|n| Self::next_target(&g, &self.queues(), n) == Some(uuid))
                 .count();
-            (vols, warnings)
+            (vols, warnings, g.disk_path(uuid))
         };
         self.start_resyncs(opts);
-        tracing::info!(disk = %path.display(), "disk reactivated while serving");
+        tracing::info!(disk = %shown, "disk reactivated while serving");
         Ok(Done {
             message: if vols > 0 {
-                format!("reactivated disk {}; resync started", path.display())
+                format!("reactivated disk {shown}; resync started")
             } else {
-                format!("reactivated disk {}", path.display())
+                format!("reactivated disk {shown}")
             },
             warnings,
         })

@@ -273,7 +273,10 @@ impl LiveGroup {
                 let uuid = g.resolve_disk(disk)?;
                 self.changed(&mut g, |g| g.remove_mirror(name, disk))?;
                 self.retire_plexes(&g);
-                let message = format!("removed the plex on {} from volume {name}", disk.display());
+                let message = format!(
+                    "removed the plex on {} from volume {name}",
+                    g.disk_path(uuid)
+                );
                 (uuid, Done::new(message, &mut g, Vec::new()))
             };
             self.drain_plex(name, uuid);
@@ -312,12 +315,12 @@ impl LiveGroup {
                     self.add_engine(&g, n)?;
                     format!(
                         "broke volume {name}: the plex on {} is now volume {n}",
-                        disk.display()
+                        g.disk_path(uuid)
                     )
                 }
                 None => format!(
                     "broke volume {name}: the plex on {} was freed",
-                    disk.display()
+                    g.disk_path(uuid)
                 ),
             };
             Ok((kept, Done::new(message, &mut g, Vec::new())))
