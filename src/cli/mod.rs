@@ -19,7 +19,6 @@ use crate::{Error, Result};
 
 pub mod demo;
 pub mod examine;
-pub mod scrub;
 pub mod test_mirrors;
 
 #[derive(Debug, Parser)]
@@ -795,11 +794,11 @@ fn execute(cli: Cli) -> Result<()> {
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&scrub::scrub_json(&report))
+                    serde_json::to_string_pretty(&crate::group::scrub::scrub_json(&report))
                         .expect("scrub report serializes")
                 );
             } else {
-                print!("{}", scrub::scrub_text(&report));
+                print!("{}", crate::group::scrub::scrub_text(&report));
             }
         }
         Command::TestMirrors { name, exec, json } => {

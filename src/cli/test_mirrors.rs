@@ -329,7 +329,7 @@ pub fn run(
         return Err(Error::failed(format!(
             "volume {name}: the {} on {} failed the test",
             if failed.len() == 1 { "plex" } else { "plexes" },
-            super::scrub::and_list(&failed.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            crate::group::show::and_list(&failed.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         )));
     }
     Ok(())
@@ -712,7 +712,7 @@ fn compare(
             Outcome::Fail(format!(
                 "its copy differs from the {} on {} in {summary}, and no majority says which copy is right",
                 if others.len() == 1 { "plex" } else { "plexes" },
-                super::scrub::and_list(&others)
+                crate::group::show::and_list(&others)
             ))
         };
     }
@@ -737,7 +737,7 @@ pub fn report_text(r: &Report) -> String {
         if m.outvoted.is_empty() {
             out.push_str(&format!(
                 "the plexes on {} differ and no majority decides\n",
-                super::scrub::and_list(&m.plexes)
+                crate::group::show::and_list(&m.plexes)
             ));
         } else {
             out.push_str(&format!(
@@ -747,14 +747,14 @@ pub fn report_text(r: &Report) -> String {
                 } else {
                     "plexes"
                 },
-                super::scrub::and_list(&m.outvoted),
+                crate::group::show::and_list(&m.outvoted),
                 if m.outvoted.len() == 1 { "is" } else { "are" },
                 if m.majority.len() == 1 {
                     "plex"
                 } else {
                     "plexes"
                 },
-                super::scrub::and_list(&m.majority),
+                crate::group::show::and_list(&m.majority),
             ));
         }
     }

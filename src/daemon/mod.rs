@@ -496,8 +496,8 @@ fn handle(
         Request::Scrub { name, repair, rate } => {
             live.scrub(&name, repair, rate).map(|r| Response {
                 ok: true,
-                report: Some(crate::cli::scrub::scrub_json(&r)),
-                text: Some(crate::cli::scrub::scrub_text(&r)),
+                report: Some(crate::group::scrub::scrub_json(&r)),
+                text: Some(crate::group::scrub::scrub_text(&r)),
                 ..Response::default()
             })
         }

@@ -3,6 +3,9 @@
 //! in the foreground with a progress bar, records plex failures it met in
 //! the config ([`Group::settle`]), and names the plexes by their disks.
 
+use serde_json::{Value, json};
+
+use super::ops::human;
 use super::{Group, Progress};
 use crate::volume::scrub::{self, ScrubError, ScrubOptions};
 use crate::{Error, Result};
@@ -146,4 +149,69 @@ impl Group {
                 .collect(),
         })
     }
+}
+
+/// `scrub`'s text output: a summary line, then one line per mismatching range.
+pub fn scrub_text(r: &VolumeScrub) -> String {
+    let mut out = format!(
+        "scrubbed volume {}: compared {} on the plexes on {}",
+        r.volume,
+        human(r.checked_bytes),
+        super::show::and_list(&r.compared)
+    );
+    if r.ranges.is_empty() {
+        out.push_str("; they are identical\n");
+        return out;
+    }
+    out.push_str(&format!(
+        "; {} mismatching range{} ({})",
+        r.ranges.len(),
+        if r.ranges.len() == 1 { "" } else { "s" },
+        human(r.mismatched_bytes())
+    ));
+    if r.repair {
+        out.push_str(&format!(", {} repaired\n", r.repaired()));
+    } else {
+        out.push_str("; run with --repair to make them equal\n");
+    }
+    for m in &r.ranges {
+        out.push_str(&format!(
+            "mismatch at offset {}, {} bytes: plexes on {} differ",
+            m.offset,
+            m.length,
+            super::show::and_list(&m.plexes())
+        ));
+        if m.repaired {
+            out.push_str(&format!(
+                "; repaired: the copy on {} was written to {}\n",
+                m.kept,
+                super::show::and_list(&m.outvoted)
+            ));
+        } else {
+            out.push_str(&format!("; a repair would keep the copy on {}\n", m.kept));
+        }
+    }
+    out
+}
+
+/// `{"volume", "checked_bytes", "mismatches", "repaired"}` (counts of
+/// ranges), with the ranges themselves and byte totals besides.
+/// `scrub --json`: DESIGN.md §6's keys, plus the ranges.
+pub fn scrub_json(r: &VolumeScrub) -> Value {
+    json!({
+        "volume": r.volume,
+        "checked_bytes": r.checked_bytes,
+        "mismatches": r.ranges.len(),
+        "repaired": r.repaired(),
+        "mismatched_bytes": r.mismatched_bytes(),
+        "compared": r.compared,
+        "ranges": r.ranges.iter().map(|m| json!({
+            "offset": m.offset,
+            "length": m.length,
+            "plexes": m.plexes(),
+            "kept": m.kept,
+            "outvoted": m.outvoted,
+            "repaired": m.repaired,
+        })).collect::<Vec<_>>(),
+    })
 }

@@ -147,3 +147,12 @@ fn split_text(r: &StatusReport) -> String {
     }
     out
 }
+
+/// "a.img", "a.img and b.img", "a.img, b.img and c.img".
+pub fn and_list(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
