@@ -448,6 +448,19 @@ fn print_done(r: control::Response) {
     warn(&r.warnings);
 }
 
+/// Prints a report the daemon made: as JSON, or as text.
+fn print_report(json: bool, value: Option<serde_json::Value>, text: Option<String>) {
+    if json {
+        let value = value.unwrap_or_default();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).expect("a report serializes")
+        );
+    } else {
+        print!("{}", text.unwrap_or_default());
+    }
+}
+
 /// Runs a command through the daemon holding the group: it prints what the
 /// offline command prints, except that resyncs run in the background.
 fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
@@ -455,15 +468,7 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
     let request = match command {
         Command::Status { json } => {
             let r = ask(h, &Request::Status)?;
-            if json {
-                let status = r.status.unwrap_or_default();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&status).expect("status serializes")
-                );
-            } else {
-                print!("{}", r.text.unwrap_or_default());
-            }
+            print_report(json, r.status, r.text);
             return Ok(());
         }
         Command::Scrub {
@@ -473,15 +478,7 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             json,
         } => {
             let r = ask(h, &Request::Scrub { name, repair, rate })?;
-            if json {
-                let report = r.report.unwrap_or_default();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("scrub report serializes")
-                );
-            } else {
-                print!("{}", r.text.unwrap_or_default());
-            }
+            print_report(json, r.report, r.text);
             return Ok(());
         }
         Command::Fail { path, force } => Request::Fail {
