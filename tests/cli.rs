@@ -425,18 +425,6 @@ fn copy_round_trips_through_a_volume_on_a_terminal_free_run() {
 
 // ---- refusals: exit 2, one sentence naming the object, nothing changed ----
 
-/// Runs a command that must be refused and checks every disk is unchanged.
-#[track_caller]
-fn refused_unchanged(sb: &Sandbox, args: &[&str], needle: &str) {
-    let before = sb.fingerprint();
-    sb.mv(args).refused(needle);
-    assert_eq!(
-        sb.fingerprint(),
-        before,
-        "a refusal changed a disk: {args:?}"
-    );
-}
-
 fn setup_refusals() -> Sandbox {
     let sb = Sandbox::new();
     three_disks(&sb, 64);

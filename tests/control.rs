@@ -4,30 +4,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::serve::{Served, mirror_group, run, tools};
+use common::serve::{Served, fio_passed, fio_verify, mirror_group, mv, mv_ok, run, status, tools};
 use common::{Sandbox, bin, disk, volume};
-
-/// `mirrorvol ARGS` with the sandbox's disks and run directory.
-fn mv(sb: &Sandbox, args: &[&str]) -> (i32, String, String) {
-    run(Command::new(bin())
-        .env("MIRRORVOL_DISKS", sb.disks_dir())
-        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
-        .args(args))
-}
-
-#[track_caller]
-fn mv_ok(sb: &Sandbox, args: &[&str]) -> String {
-    let (code, out, err) = mv(sb, args);
-    assert_eq!(code, 0, "mirrorvol {args:?}:\n{out}\n{err}");
-    out
-}
-
-fn status(sb: &Sandbox) -> serde_json::Value {
-    serde_json::from_str(&mv_ok(sb, &["status", "--json"])).expect("status --json is JSON")
-}
 
 /// `serve` with its control socket at `SANDBOX/ctl.sock` and its pid file
 /// in `SANDBOX/run`.
@@ -107,31 +88,6 @@ fn status_runs_against_the_daemon_and_matches_the_schema() {
     assert_eq!(status(&sb)["group"]["name"], "g");
 }
 
-/// A rate-limited fio job writing `mib` MiB with crc32c verification, in
-/// the background, so that it is still running when the test acts.
-fn fio_verify(uri: &str, mib: u32) -> std::process::Child {
-    Command::new("fio")
-        .args([
-            "--name=mirror",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            &format!("--size={mib}M"),
-            "--rate_iops=1500",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--randrepeat=0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
 #[test]
 fn fail_and_reactivate_online_while_a_client_writes() {
     if !tools(&["fio"]) {
@@ -141,7 +97,7 @@ fn fail_and_reactivate_online_while_a_client_writes() {
     mirror_group(&sb, 96, 32);
     let b = sb.p("disks/b.img");
     let s = serve(&sb);
-    let fio = fio_verify(&s.uri("data"), 24);
+    let fio = fio_verify(&s.uri("data"), 24, 16, 1500);
     std::thread::sleep(Duration::from_millis(800));
     let mut fio = fio;
     assert!(
@@ -158,16 +114,7 @@ fn fail_and_reactivate_online_while_a_client_writes() {
     let (code, _, err) = mv(&sb, &["fail", &a]);
     assert_eq!(code, 2, "{err}");
 
-    let o = fio.wait_with_output().unwrap();
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-    );
-    assert!(o.status.success(), "fio failed:\n{out}\n{err}");
-    assert!(
-        out.contains("err= 0") && !out.contains("verify:"),
-        "{out}\n{err}"
-    );
+    fio_passed(fio);
 
     let out = mv_ok(&sb, &["reactivate", &b]);
     assert_eq!(out.trim(), format!("reactivated disk {b}; resync started"));
@@ -277,7 +224,7 @@ fn reactivate_while_a_client_writes_leaves_the_plexes_equal() {
     mirror_group(&sb, 96, 32);
     let b = sb.p("disks/b.img");
     let s = serve(&sb);
-    let mut fio = fio_verify(&s.uri("data"), 32);
+    let mut fio = fio_verify(&s.uri("data"), 32, 16, 1500);
     std::thread::sleep(Duration::from_millis(700));
     mv_ok(&sb, &["fail", &b]);
     std::thread::sleep(Duration::from_millis(1000));
@@ -286,16 +233,7 @@ fn reactivate_while_a_client_writes_leaves_the_plexes_equal() {
         fio.try_wait().unwrap().is_none(),
         "fio ended before the disk came back; the test proves nothing"
     );
-    let o = fio.wait_with_output().unwrap();
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-    );
-    assert!(o.status.success(), "fio failed:\n{out}\n{err}");
-    assert!(
-        out.contains("err= 0") && !out.contains("verify:"),
-        "{out}\n{err}"
-    );
+    fio_passed(fio);
     let start = Instant::now();
     while volume(&status(&sb), "data")["state"] != "healthy" {
         assert!(

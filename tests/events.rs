@@ -6,23 +6,10 @@
 mod common;
 
 use std::fs;
-use std::os::unix::fs::FileExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::serve::{self, Served, mirror_group, run};
-use common::{MIB, Sandbox, bin, volume};
-
-/// `mirrorvol ARGS` with the sandbox's disks and run directory.
-#[track_caller]
-fn mv_ok(sb: &Sandbox, args: &[&str]) -> String {
-    let (code, out, err) = run(Command::new(bin())
-        .env("MIRRORVOL_DISKS", sb.disks_dir())
-        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
-        .args(args));
-    assert_eq!(code, 0, "mirrorvol {args:?}:\n{out}\n{err}");
-    out
-}
+use common::serve::{self, Served, fio_passed, fio_verify, mirror_group, mv_ok, qemu_io, status};
+use common::{MIB, Sandbox, corrupt, volume};
 
 /// Writes `SANDBOX/hook.sh`: it appends its stdin to `events.jsonl` and
 /// `EVENT|GROUP|VOLUME|DISK|PERCENT|SIDE1` from its environment to
@@ -91,45 +78,6 @@ fn serve_with_hook(sb: &Sandbox, on_event: &str, more: &[&str]) -> Served {
     Served::start_args(sb, &args, &[])
 }
 
-/// A rate-limited fio job writing `mib` MiB with crc32c verification, in
-/// the background.
-fn fio_verify(uri: &str, mib: u32) -> std::process::Child {
-    Command::new("fio")
-        .args([
-            "--name=mirror",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            &format!("--size={mib}M"),
-            "--rate_iops=1500",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--randrepeat=0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-#[track_caller]
-fn fio_ok(fio: std::process::Child) {
-    let o = fio.wait_with_output().unwrap();
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-    );
-    assert!(o.status.success(), "fio failed:\n{out}\n{err}");
-    assert!(
-        out.contains("err= 0") && !out.contains("verify:"),
-        "{out}\n{err}"
-    );
-}
-
 #[test]
 fn fail_and_reactivate_while_a_client_writes_run_the_hook_in_order() {
     if !serve::tools(&["fio"]) {
@@ -139,7 +87,7 @@ fn fail_and_reactivate_while_a_client_writes_run_the_hook_in_order() {
     mirror_group(&sb, 96, 32);
     let b = sb.p("disks/b.img");
     let s = serve_with_hook(&sb, &hook(&sb, ""), &[]);
-    let mut fio = fio_verify(&s.uri("data"), 24);
+    let mut fio = fio_verify(&s.uri("data"), 24, 16, 1500);
     std::thread::sleep(Duration::from_millis(800));
     assert!(
         fio.try_wait().unwrap().is_none(),
@@ -147,7 +95,7 @@ fn fail_and_reactivate_while_a_client_writes_run_the_hook_in_order() {
     );
     mv_ok(&sb, &["fail", &b]);
     wait_for_event(&sb, &s, "volume-degraded");
-    fio_ok(fio);
+    fio_passed(fio);
     mv_ok(&sb, &["reactivate", &b]);
     let events = wait_for_event(&sb, &s, "volume-healthy");
     let (code, log) = s.stop();
@@ -280,18 +228,11 @@ case "$MIRRORVOL_EVENT" in disk-failed) sleep 60 ;; *) exit 1 ;; esac"#,
 
     // While the hook hangs: NBD writes complete, flushed, and the control
     // socket answers.
-    serve::ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
+    qemu_io(
         &s.uri("data"),
-        "-c",
-        "write -P 0x5a 0 8M",
-        "-c",
-        "flush",
-        "-c",
-        "read -P 0x5a 0 8M",
-    ]));
-    let st: serde_json::Value = serde_json::from_str(&mv_ok(&sb, &["status", "--json"])).unwrap();
+        &["write -P 0x5a 0 8M", "flush", "read -P 0x5a 0 8M"],
+    );
+    let st = status(&sb);
     assert_eq!(volume(&st, "data")["state"], "failed-redundancy");
     assert!(
         alive(hook_pid),
@@ -339,13 +280,7 @@ fn serve_of_a_split_group_runs_the_hook_with_both_sides_before_refusing() {
         );
         fs::rename(&home, &away).unwrap();
         let s = Served::start(&sb, &[], &[]);
-        serve::ok(Command::new("qemu-io").args([
-            "-f",
-            "raw",
-            &s.uri("data"),
-            "-c",
-            &format!("write -P {byte} 0 1M"),
-        ]));
+        qemu_io(&s.uri("data"), &[&format!("write -P {byte} 0 1M")]);
         let (code, err) = s.stop();
         assert_eq!(code, 0, "serve of {alone} alone:\n{err}");
         fs::rename(&away, &home).unwrap();
@@ -388,29 +323,6 @@ fn serve_of_a_split_group_runs_the_hook_with_both_sides_before_refusing() {
     assert!(fields[5].ends_with(".img"), "{env}");
 }
 
-/// Where volume `name`'s plex starts in the image file `file` (from
-/// `examine --json`).
-fn plex_start(sb: &Sandbox, file: &str, name: &str) -> u64 {
-    let r = sb
-        .mv_plain(&["examine", &sb.p(&format!("disks/{file}")), "--json"])
-        .ok();
-    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let uuid = v["label"]["disk_uuid"].clone();
-    let vol = v["config"]["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["name"] == name)
-        .unwrap();
-    let plex = vol["plexes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["disk"] == uuid)
-        .unwrap();
-    v["label"]["data_offset"].as_u64().unwrap() + plex["offset"].as_u64().unwrap()
-}
-
 #[test]
 fn a_background_scrub_runs_the_hook_for_each_mismatching_range() {
     let sb = Sandbox::new();
@@ -418,17 +330,7 @@ fn a_background_scrub_runs_the_hook_for_each_mismatching_range() {
     let (src, _) = sb.data_file("fill.bin", (4 * MIB) as usize, 7);
     sb.mv(&["copy", &src, "vol:data"]).ok();
     // Flip 4 KiB of b.img's plex at volume offset 3 MiB.
-    let at = plex_start(&sb, "b.img", "data") + 3 * MIB;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(sb.path("disks/b.img"))
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    f.read_exact_at(&mut buf, at).unwrap();
-    let bad: Vec<u8> = buf.iter().map(|b| !b).collect();
-    f.write_all_at(&bad, at).unwrap();
-    drop(f);
+    corrupt(&sb, "b.img", "data", 3 * MIB, 4096);
 
     let ctl = sb.p("ctl.sock");
     let on_event = hook(&sb, "");
@@ -501,15 +403,7 @@ fn a_disk_that_fails_under_a_write_runs_the_hook_from_the_engine() {
         assert!(start.elapsed() < Duration::from_secs(10), "{}", s.stderr());
         std::thread::sleep(Duration::from_millis(20));
     }
-    serve::ok(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        &s.uri("data"),
-        "-c",
-        "write -P 7 0 1M",
-        "-c",
-        "flush",
-    ]));
+    qemu_io(&s.uri("data"), &["write -P 7 0 1M", "flush"]);
     wait_for_event(&sb, &s, "volume-degraded");
     // Stopped first, so every event queued has reached the hook.
     let (code, log) = s.stop();

@@ -8,23 +8,8 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::serve::{Served, run, tools};
+use common::serve::{Served, fio_passed, fio_verify, mv, mv_ok, run, status, tools};
 use common::{Sandbox, bin, disk, volume};
-
-/// `mirrorvol ARGS` with the sandbox's disks and run directory.
-fn mv(sb: &Sandbox, args: &[&str]) -> (i32, String, String) {
-    run(Command::new(bin())
-        .env("MIRRORVOL_DISKS", sb.disks_dir())
-        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
-        .args(args))
-}
-
-#[track_caller]
-fn mv_ok(sb: &Sandbox, args: &[&str]) -> String {
-    let (code, out, err) = mv(sb, args);
-    assert_eq!(code, 0, "mirrorvol {args:?}:\n{out}\n{err}");
-    out
-}
 
 #[track_caller]
 fn mv_refused(sb: &Sandbox, args: &[&str], needle: &str) -> String {
@@ -36,10 +21,6 @@ fn mv_refused(sb: &Sandbox, args: &[&str], needle: &str) -> String {
     assert!(err.contains(needle), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one sentence: {err}");
     err
-}
-
-fn status(sb: &Sandbox) -> serde_json::Value {
-    serde_json::from_str(&mv_ok(sb, &["status", "--json"])).expect("status --json is JSON")
 }
 
 /// Three raw image files (a, b, c) of 128 MiB in group `g`, with the
@@ -69,45 +50,6 @@ fn serve(sb: &Sandbox) -> Served {
         &["--resync-min-rate", "200M", "--cache", "writeback"],
         &[],
     )
-}
-
-/// fio writing the whole volume with crc32c verification, slowly enough to
-/// still be running when the test acts.
-fn fio_verify(uri: &str, mib: u32, iops: u32) -> Child {
-    Command::new("fio")
-        .args([
-            "--name=online",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-            &format!("--size={mib}M"),
-            &format!("--rate_iops={iops}"),
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--randrepeat=0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn fio")
-}
-
-#[track_caller]
-fn fio_passed(fio: Child) {
-    let o = fio.wait_with_output().unwrap();
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-    );
-    assert!(o.status.success(), "fio failed:\n{out}\n{err}");
-    assert!(
-        out.contains("err= 0") && !out.contains("verify:"),
-        "{out}\n{err}"
-    );
 }
 
 /// Waits until every plex of `name` is in sync.
@@ -180,7 +122,7 @@ fn add_break_remove_fail_repair_reactivate_while_fio_verifies() {
         ],
         &[],
     );
-    let mut fio = fio_verify(&s.uri("data"), 32, 700);
+    let mut fio = fio_verify(&s.uri("data"), 32, 8, 700);
     std::thread::sleep(Duration::from_millis(500));
 
     // add-mirror: a third plex, filled in the background.
@@ -469,7 +411,7 @@ fn a_disk_absent_at_start_comes_back_while_fio_verifies() {
     let s = serve(&sb);
     let st = status(&sb);
     assert_eq!(volume(&st, "data")["state"], "failed-redundancy", "{st:#}");
-    let fio = fio_verify(&s.uri("data"), 24, 1500);
+    let fio = fio_verify(&s.uri("data"), 24, 8, 1500);
     std::thread::sleep(Duration::from_millis(700));
     // Plugged back in; reactivate finds it, puts it in service, and
     // resyncs what it missed.
@@ -532,7 +474,7 @@ fn scrub_and_repair_online_while_a_client_writes() {
     }
     let s = serve(&sb);
     // fio writes only the first 16 MiB, away from the damage.
-    let fio = fio_verify(&s.uri("data"), 16, 1500);
+    let fio = fio_verify(&s.uri("data"), 16, 8, 1500);
     std::thread::sleep(Duration::from_millis(300));
     let out = mv_ok(&sb, &["scrub", "data", "--json"]);
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -585,7 +527,7 @@ fn a_plex_that_fails_under_serve_is_rebuilt_onto_the_hot_spare() {
         &["--resync-min-rate", "200M", "--cache", "writeback"],
         &[("MIRRORVOL_TEST_FAULT_DISK", &b)],
     );
-    let fio = fio_verify(&s.uri("data"), 32, 1500);
+    let fio = fio_verify(&s.uri("data"), 32, 8, 1500);
     std::thread::sleep(Duration::from_millis(500));
     // The disk dies under the writes: the engine fails its plex, and the
     // daemon rebuilds onto the spare by itself.

@@ -5,8 +5,6 @@
 mod common;
 
 use common::*;
-use std::fs;
-use std::os::unix::fs::FileExt;
 
 /// Disks a.img, b.img and c.img on three controllers.
 fn three_disks(sb: &Sandbox) {
@@ -40,52 +38,6 @@ fn mirror(sb: &Sandbox, name: &str, size: u64, files: &[&str]) -> Vec<u8> {
     let (src, data) = sb.data_file("fill.bin", size as usize, 42);
     sb.mv(&["copy", &src, &format!("vol:{name}")]).ok();
     data
-}
-
-/// Where volume `name`'s plex starts in the image file `file`: the disk's
-/// data offset (its label) plus the plex's offset (the config), both from
-/// `examine --json`.
-fn plex_start(sb: &Sandbox, file: &str, name: &str) -> u64 {
-    let r = sb
-        .mv_plain(&["examine", &sb.p(&format!("disks/{file}")), "--json"])
-        .ok();
-    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let uuid = v["label"]["disk_uuid"].clone();
-    let vol = v["config"]["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["name"] == name)
-        .unwrap();
-    let plex = vol["plexes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["disk"] == uuid)
-        .unwrap_or_else(|| panic!("volume {name} has no plex on {file}"));
-    v["label"]["data_offset"].as_u64().unwrap() + plex["offset"].as_u64().unwrap()
-}
-
-/// `len` bytes of volume `name` at volume offset `at`, as the plex on
-/// `file` holds them.
-fn plex_read(sb: &Sandbox, file: &str, name: &str, at: u64, len: usize) -> Vec<u8> {
-    let start = plex_start(sb, file, name);
-    read_range(&sb.path("disks").join(file), start + at, len)
-}
-
-/// Flips every byte of `len` bytes at volume offset `at` on one plex only.
-fn corrupt(sb: &Sandbox, file: &str, name: &str, at: u64, len: usize) -> Vec<u8> {
-    let bad: Vec<u8> = plex_read(sb, file, name, at, len)
-        .iter()
-        .map(|b| !b)
-        .collect();
-    let start = plex_start(sb, file, name);
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .open(sb.path("disks").join(file))
-        .unwrap();
-    f.write_all_at(&bad, start + at).unwrap();
-    bad
 }
 
 fn scrub_json(sb: &Sandbox, args: &[&str]) -> serde_json::Value {

@@ -27,18 +27,6 @@ fn group_with_spares(sb: &Sandbox, mib: u64, disks: &[(&str, &str)], spares: &[(
     }
 }
 
-/// Runs a command that must be refused and checks every disk is unchanged.
-#[track_caller]
-fn refused_unchanged(sb: &Sandbox, args: &[&str], needle: &str) {
-    let before = sb.fingerprint();
-    sb.mv(args).refused(needle);
-    assert_eq!(
-        sb.fingerprint(),
-        before,
-        "a refusal changed a disk: {args:?}"
-    );
-}
-
 fn plex_disks(status: &serde_json::Value, name: &str) -> Vec<String> {
     volume(status, name)["plexes"]
         .as_array()
@@ -49,6 +37,30 @@ fn plex_disks(status: &serde_json::Value, name: &str) -> Vec<String> {
             d.rsplit('/').next().unwrap().to_string()
         })
         .collect()
+}
+
+/// The disks of volume `name`'s plexes (file names), sorted.
+fn plex_disks_sorted(status: &serde_json::Value, name: &str) -> Vec<String> {
+    let mut on = plex_disks(status, name);
+    on.sort();
+    on
+}
+
+/// Disks a.img, b.img and c.img of 64 MiB (controllers c0, c1, c2) in
+/// group `g`, and the hot spare s.img (c3).
+fn three_disks_and_a_spare(sb: &Sandbox) {
+    group_with_spares(
+        sb,
+        64,
+        &[("a.img", "c0"), ("b.img", "c1"), ("c.img", "c2")],
+        &[("s.img", "c3")],
+    );
+}
+
+/// Fails the disk `file`, then repairs `m` with `more` arguments.
+fn fail_and_repair(sb: &Sandbox, file: &str, more: &[&str]) {
+    sb.mv(&["fail", &sb.p(&format!("disks/{file}"))]).ok();
+    sb.mv(&[&["repair", "m"], more].concat()).ok();
 }
 
 /// A mirror `m` of 8 MiB on a.img and b.img holding pseudo-random data.
@@ -115,19 +127,12 @@ fn init_spare_refuses_a_group_of_spares_only() {
 #[test]
 fn create_and_add_mirror_never_use_a_spare() {
     let sb = Sandbox::new();
-    group_with_spares(
-        &sb,
-        64,
-        &[("a.img", "c0"), ("b.img", "c1"), ("c.img", "c2")],
-        &[("s.img", "c3")],
-    );
+    three_disks_and_a_spare(&sb);
     sb.mv(&["create", "m", "--size", "8M", "--mirror", "--copies", "3"])
         .ok();
     sb.mv(&["create", "x", "--size", "4M"]).ok();
     let s = sb.status();
-    let mut m = plex_disks(&s, "m");
-    m.sort();
-    assert_eq!(m, ["a.img", "b.img", "c.img"]);
+    assert_eq!(plex_disks_sorted(&s, "m"), ["a.img", "b.img", "c.img"]);
     assert_ne!(plex_disks(&s, "x"), ["s.img"]);
     // Fill every ordinary disk: only the spare has room left.
     for file in ["a.img", "b.img", "c.img"] {
@@ -179,12 +184,7 @@ fn create_on_a_named_spare_uses_it() {
 #[test]
 fn repair_rebuilds_a_failed_plex_onto_the_spare() {
     let sb = Sandbox::new();
-    group_with_spares(
-        &sb,
-        64,
-        &[("a.img", "c0"), ("b.img", "c1"), ("c.img", "c2")],
-        &[("s.img", "c3")],
-    );
+    three_disks_and_a_spare(&sb);
     let data = mirror_with_data(&sb);
     sb.mv(&["fail", &sb.p("disks/b.img")]).ok();
     let c_free = disk(&sb.status(), "c.img")["free"].clone();
@@ -194,10 +194,8 @@ fn repair_rebuilds_a_failed_plex_onto_the_spare() {
     let m = volume(&s, "m");
     assert_eq!(m["state"], "healthy");
     assert_eq!(m["duplexed"], true);
-    let mut on = plex_disks(&s, "m");
-    on.sort();
     // The spare, not the free space on c.img.
-    assert_eq!(on, ["a.img", "s.img"]);
+    assert_eq!(plex_disks_sorted(&s, "m"), ["a.img", "s.img"]);
     assert_eq!(disk(&s, "c.img")["free"], c_free);
     assert_eq!(disk(&s, "s.img")["spare"], false);
     assert_eq!(disk(&s, "s.img")["state"], "online");
@@ -220,23 +218,17 @@ fn repair_prefers_a_spare_behind_another_controller() {
         &[("s0.img", "c0"), ("s1.img", "c2")],
     );
     let data = mirror_with_data(&sb);
-    sb.mv(&["fail", &sb.p("disks/b.img")]).ok();
-    sb.mv(&["repair", "m"]).ok();
+    fail_and_repair(&sb, "b.img", &[]);
     let s = sb.status();
-    let mut on = plex_disks(&s, "m");
-    on.sort();
-    assert_eq!(on, ["a.img", "s1.img"]);
+    assert_eq!(plex_disks_sorted(&s, "m"), ["a.img", "s1.img"]);
     assert_eq!(volume(&s, "m")["duplexed"], true);
     assert_eq!(disk(&s, "s0.img")["spare"], true);
     assert_eq!(disk(&s, "s1.img")["spare"], false);
     assert_eq!(sb.read_volume("m"), data);
     // With only the spare on a's controller left, repair still takes it.
-    sb.mv(&["fail", &sb.p("disks/s1.img")]).ok();
-    sb.mv(&["repair", "m"]).ok();
+    fail_and_repair(&sb, "s1.img", &[]);
     let s = sb.status();
-    let mut on = plex_disks(&s, "m");
-    on.sort();
-    assert_eq!(on, ["a.img", "s0.img"]);
+    assert_eq!(plex_disks_sorted(&s, "m"), ["a.img", "s0.img"]);
     assert_eq!(volume(&s, "m")["duplexed"], false);
     assert_eq!(sb.read_volume("m"), data);
 }
@@ -244,19 +236,11 @@ fn repair_prefers_a_spare_behind_another_controller() {
 #[test]
 fn repair_with_a_named_disk_leaves_the_spare_alone() {
     let sb = Sandbox::new();
-    group_with_spares(
-        &sb,
-        64,
-        &[("a.img", "c0"), ("b.img", "c1"), ("c.img", "c2")],
-        &[("s.img", "c3")],
-    );
+    three_disks_and_a_spare(&sb);
     let data = mirror_with_data(&sb);
-    sb.mv(&["fail", &sb.p("disks/b.img")]).ok();
-    sb.mv(&["repair", "m", "--disk", &sb.p("disks/c.img")]).ok();
+    fail_and_repair(&sb, "b.img", &["--disk", &sb.p("disks/c.img")]);
     let s = sb.status();
-    let mut on = plex_disks(&s, "m");
-    on.sort();
-    assert_eq!(on, ["a.img", "c.img"]);
+    assert_eq!(plex_disks_sorted(&s, "m"), ["a.img", "c.img"]);
     assert_eq!(disk(&s, "s.img")["spare"], true);
     assert_eq!(sb.read_volume("m"), data);
 }
@@ -279,11 +263,8 @@ fn repair_without_a_fitting_spare_uses_free_space() {
         "create", "m", "--size", "16M", "--mirror", "--disk", &a, "--disk", &b,
     ])
     .ok();
-    sb.mv(&["fail", &b]).ok();
-    sb.mv(&["repair", "m"]).ok();
+    fail_and_repair(&sb, "b.img", &[]);
     let s = sb.status();
-    let mut on = plex_disks(&s, "m");
-    on.sort();
-    assert_eq!(on, ["a.img", "c.img"]);
+    assert_eq!(plex_disks_sorted(&s, "m"), ["a.img", "c.img"]);
     assert_eq!(disk(&s, "s.img")["spare"], true);
 }

@@ -8,7 +8,7 @@ use std::fs;
 use std::io::{Seek, SeekFrom, Write};
 
 use common::serve::{Served, tools};
-use common::{MIB, Sandbox, pattern};
+use common::{MIB, Sandbox, pattern, plex_start};
 use serde_json::Value;
 
 /// Three raw 64 MiB disks a, b, c in one group.
@@ -41,24 +41,7 @@ fn mirror_on(sb: &Sandbox, name: &str, size: &str, files: &[&str]) {
 /// Where byte `offset` of volume `name` lies in the plex on `file`:
 /// the disk's data area (from `examine --json`) plus the plex's extent.
 fn plex_byte(sb: &Sandbox, file: &str, name: &str, offset: u64) -> u64 {
-    let r = sb
-        .mv(&["examine", &sb.p(&format!("disks/{file}")), "--json"])
-        .ok();
-    let e: Value = serde_json::from_str(&r.stdout).unwrap();
-    let uuid = &e["label"]["disk_uuid"];
-    let v = e["config"]["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == name)
-        .unwrap();
-    let p = v["plexes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["disk"] == *uuid)
-        .unwrap_or_else(|| panic!("no plex of {name} on {file}"));
-    e["label"]["data_offset"].as_u64().unwrap() + p["offset"].as_u64().unwrap() + offset
+    plex_start(sb, file, name) + offset
 }
 
 /// Overwrites `len` bytes of the plex of `name` on `file` at volume offset

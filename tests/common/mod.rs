@@ -253,3 +253,62 @@ pub fn disk<'a>(status: &'a serde_json::Value, file: &str) -> &'a serde_json::Va
         .find(|d| d["path"].as_str().unwrap().ends_with(file))
         .unwrap_or_else(|| panic!("disk {file} in status: {status:#}"))
 }
+
+/// Runs a command that must be refused and checks every disk is unchanged.
+#[track_caller]
+pub fn refused_unchanged(sb: &Sandbox, args: &[&str], needle: &str) {
+    let before = sb.fingerprint();
+    sb.mv(args).refused(needle);
+    assert_eq!(
+        sb.fingerprint(),
+        before,
+        "a refusal changed a disk: {args:?}"
+    );
+}
+
+/// Where volume `name`'s plex starts in the image file `file`: the disk's
+/// data offset (its label) plus the plex's offset (the config), both from
+/// `examine --json`.
+pub fn plex_start(sb: &Sandbox, file: &str, name: &str) -> u64 {
+    let r = sb
+        .mv_plain(&["examine", &sb.p(&format!("disks/{file}")), "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let uuid = v["label"]["disk_uuid"].clone();
+    let vol = v["config"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == name)
+        .unwrap();
+    let plex = vol["plexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["disk"] == uuid)
+        .unwrap_or_else(|| panic!("volume {name} has no plex on {file}"));
+    v["label"]["data_offset"].as_u64().unwrap() + plex["offset"].as_u64().unwrap()
+}
+
+/// `len` bytes of volume `name` at volume offset `at`, as the plex on
+/// `file` holds them.
+pub fn plex_read(sb: &Sandbox, file: &str, name: &str, at: u64, len: usize) -> Vec<u8> {
+    let start = plex_start(sb, file, name);
+    read_range(&sb.path("disks").join(file), start + at, len)
+}
+
+/// Flips every byte of `len` bytes at volume offset `at` on one plex only.
+pub fn corrupt(sb: &Sandbox, file: &str, name: &str, at: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let bad: Vec<u8> = plex_read(sb, file, name, at, len)
+        .iter()
+        .map(|b| !b)
+        .collect();
+    let start = plex_start(sb, file, name);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(sb.path("disks").join(file))
+        .unwrap();
+    f.write_all_at(&bad, start + at).unwrap();
+    bad
+}

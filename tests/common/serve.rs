@@ -185,3 +185,77 @@ pub fn tools(names: &[&str]) -> bool {
     }
     true
 }
+
+/// `mirrorvol ARGS` with the sandbox's disks and run directory (as
+/// [`Sandbox::mv`]); returns (exit code, stdout, stderr).
+pub fn mv(sb: &Sandbox, args: &[&str]) -> (i32, String, String) {
+    let r = sb.mv(args);
+    (r.code, r.stdout, r.stderr)
+}
+
+/// `mirrorvol ARGS` that must succeed; returns stdout.
+#[track_caller]
+pub fn mv_ok(sb: &Sandbox, args: &[&str]) -> String {
+    let (code, out, err) = mv(sb, args);
+    assert_eq!(code, 0, "mirrorvol {args:?}:\n{out}\n{err}");
+    out
+}
+
+/// `status --json`, parsed (from the daemon while one serves the group).
+#[track_caller]
+pub fn status(sb: &Sandbox) -> serde_json::Value {
+    serde_json::from_str(&mv_ok(sb, &["status", "--json"])).expect("status --json is JSON")
+}
+
+/// fio writing `mib` MiB of a volume over NBD at random, 4 KiB blocks,
+/// `iodepth` deep and at most `iops` a second, with crc32c verification;
+/// started in the background so that it is still running when the test
+/// acts. Check its end with [`fio_passed`]. (The job's name must not end
+/// in "verify": fio prints "NAME: (g=0)", and `fio_passed` looks for
+/// "verify:" to find verification errors.)
+pub fn fio_verify(uri: &str, mib: u32, iodepth: u32, iops: u32) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=mirror",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            &format!("--iodepth={iodepth}"),
+            &format!("--size={mib}M"),
+            &format!("--rate_iops={iops}"),
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--do_verify=1",
+            "--randrepeat=0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fio")
+}
+
+/// Waits for a [`fio_verify`] job: it succeeded, with no I/O error and no
+/// verification failure.
+#[track_caller]
+pub fn fio_passed(fio: Child) {
+    let o = fio.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "fio failed:\n{out}\n{err}");
+    assert!(
+        out.contains("err= 0") && !out.contains("verify:"),
+        "{out}\n{err}"
+    );
+}
+
+/// `qemu-io -f raw URI -c CMD...`, which must succeed; returns stdout.
+#[track_caller]
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    ok(Command::new("qemu-io")
+        .args(["-f", "raw", uri])
+        .args(cmds.iter().flat_map(|c| ["-c", c])))
+}
