@@ -296,6 +296,23 @@ fn break_with_nokeep_frees_the_plex() {
 }
 
 #[test]
+fn break_refuses_to_keep_a_plex_that_is_not_in_sync() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    mirror_ab(&sb, "m", "8M");
+    let b = sb.p("disks/b.img");
+    sb.mv(&["fail", &b]).ok();
+    refused_unchanged(
+        &sb,
+        &["break", "m", "--disk", &b],
+        "is failed, so it does not hold the volume's data and cannot stand alone as a volume",
+    );
+    // Freeing it is fine.
+    sb.mv(&["break", "m", "--disk", &b, "--nokeep"]).ok();
+    assert_eq!(volume(&sb.status(), "m")["layout"], "simple");
+}
+
+#[test]
 fn repair_replaces_a_failed_plex_on_another_disk() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);

@@ -652,6 +652,13 @@ impl Group {
             )));
         };
         self.refuse_losing_last_copy(name, uuid, "breaking off")?;
+        let state = self.plex_state(uuid, v.plexes[index].state);
+        if !nokeep && state != "in-sync" {
+            return Err(Error::refused(format!(
+                "the plex of volume {name} on disk {} is {state}, so it does not hold the volume's data and cannot stand alone as a volume; use remove-mirror (or break --nokeep) to free it",
+                disk.display()
+            )));
+        }
         let new_name = if nokeep {
             if new_name.is_some() {
                 return Err(Error::refused(
