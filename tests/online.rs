@@ -593,3 +593,70 @@ fn hot_spares_off_leaves_the_spare_to_repair() {
     let (code, log) = s.stop();
     assert_eq!(code, 0, "{log}");
 }
+
+#[test]
+fn a_resync_under_way_is_paused_for_a_break_and_stopped_by_a_remove() {
+    if !tools(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    let (b, c) = (sb.p("disks/b.img"), sb.p("disks/c.img"));
+    // Resyncs crawl at 2 MiB/s: a 32 MiB plex takes 16 s.
+    let s = Served::start_args(
+        &sb,
+        &[
+            "--resync-min-rate",
+            "2M",
+            "--resync-max-rate",
+            "2M",
+            "--cache",
+            "writeback",
+        ],
+        &[],
+    );
+    let fio = fio_verify(&s.uri("data"), 16, 8, 1500);
+    mv_ok(&sb, &["add-mirror", "data", "--disk", &c]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        plexes(&status(&sb), "data")[2],
+        ("c.img".to_string(), "resyncing".to_string())
+    );
+    // Removing the plex being resynced stops its resync at once.
+    let started = Instant::now();
+    mv_ok(&sb, &["remove-mirror", "data", "--disk", &c]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let st = status(&sb);
+    assert_eq!(
+        plexes(&st, "data"),
+        pairs(&[("a.img", "in-sync"), ("b.img", "in-sync")])
+    );
+    assert_eq!(volume(&st, "data")["state"], "healthy", "{st:#}");
+    // Breaking off another plex while a resync runs pauses it, and it
+    // resumes from its checkpoint.
+    mv_ok(&sb, &["add-mirror", "data", "--disk", &c]);
+    std::thread::sleep(Duration::from_millis(500));
+    mv_ok(&sb, &["break", "data", "--disk", &b, "--new-name", "snap"]);
+    let st = status(&sb);
+    assert_eq!(
+        plexes(&st, "data"),
+        pairs(&[("a.img", "in-sync"), ("c.img", "resyncing")]),
+        "{st:#}"
+    );
+    let start = Instant::now();
+    loop {
+        let st = status(&sb);
+        let p = volume(&st, "data")["plexes"][1]["resync_percent"].as_f64();
+        if p.is_some_and(|p| p > 0.0) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the resync did not resume: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    fio_passed(fio);
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+}

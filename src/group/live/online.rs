@@ -68,26 +68,37 @@ impl LiveGroup {
     /// Stops the background resync of `name` at its next chunk and waits for
     /// its thread to end (it records its checkpoint); `start_resyncs`
     /// resumes it.
-    fn pause_resync(&self, name: &str) {
+    fn pause_resync(&self, name: &str) -> bool {
         let started = Instant::now();
-        while self.resync_volumes().contains(name) && started.elapsed() < DRAIN_TIMEOUT {
+        while self.resync_volumes().contains(name) {
+            if started.elapsed() > DRAIN_TIMEOUT {
+                return false;
+            }
             if let Some(r) = self.running().get(name) {
                 r.progress.stop();
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        true
     }
 
     /// Runs `op` with the resync of `name` paused, then resumes the resyncs
-    /// (whatever `op` returned).
+    /// (whatever `op` returned). Refused when the resync does not stop (its
+    /// disk hangs): a plex it writes to must not change hands.
     fn with_resync_paused<T>(
         self: &Arc<Self>,
         name: &str,
         resync: &ResyncOptions,
         op: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        self.pause_resync(name);
-        let r = op();
+        let r = if self.pause_resync(name) {
+            op()
+        } else {
+            Err(Error::failed(format!(
+                "the resync of volume {name} did not stop within {} s; try again once its disks answer",
+                DRAIN_TIMEOUT.as_secs()
+            )))
+        };
         self.start_resyncs(resync.clone());
         r
     }
