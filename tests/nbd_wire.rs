@@ -402,3 +402,45 @@ fn a_taken_address_is_refused_in_one_sentence() {
         .refused("nonsense");
     assert_eq!(s.stop().0, 0);
 }
+
+#[test]
+fn a_client_that_stops_reading_its_replies_holds_up_no_other_client() {
+    let (_sb, s) = served(&[]);
+    // A asks for 16 MiB of reads, many times over, and never reads a reply.
+    let (a, _) = Client::go(&s.sock, "data");
+    let mut burst = Vec::new();
+    for i in 0..400u64 {
+        let r = Request {
+            flags: 0,
+            kind: proto::CMD_READ,
+            handle: i,
+            offset: (i % 16) * MIB,
+            len: MIB as u32,
+        };
+        burst.extend_from_slice(&proto::encode_request(&r));
+    }
+    let mut w = a.s.try_clone().unwrap();
+    // The server stops reading A's requests once A's replies fill its
+    // in-flight allowance; this write may block, so it runs aside.
+    std::thread::spawn(move || {
+        let _ = w.write_all(&burst);
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    // B reads and writes as if A were not there.
+    let started = std::time::Instant::now();
+    let (mut b, _) = Client::go(&s.sock, "data");
+    for i in 0..64u64 {
+        assert_eq!(b.write(100 + i, i * 65536, &pattern(65536, i)), 0);
+        assert_eq!(
+            b.read(200 + i, i * 65536, 65536).unwrap(),
+            pattern(65536, i)
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "B took {took:?} while A did not read its replies"
+    );
+    drop(a);
+    assert_eq!(s.stop().0, 0);
+}

@@ -238,9 +238,9 @@ impl Sock {
     }
 }
 
-/// How long a reply may wait for a client to read: replies are written by
-/// the threads that complete the I/O, so a client that stops reading must
-/// not hold them; past this it is disconnected.
+/// How long a reply may wait for a client to read; past this the client is
+/// disconnected (its unread replies hold in-flight shares, so a client that
+/// stops reading soon stops being read from too).
 const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Read for Sock {
@@ -684,36 +684,88 @@ impl InFlight {
     }
 }
 
-/// The writing side of a connection, shared by the completions.
+/// One reply on its way to the client: the header, a read's data, and the
+/// in-flight share to give back once it is written (None for a request that
+/// took none, such as a refusal).
+struct Reply {
+    header: [u8; proto::SIMPLE_REPLY_LEN],
+    data: Option<AlignedBuf>,
+    release: Option<u64>,
+}
+
+/// The writing side of a connection, shared by the completions: replies go
+/// to the connection's writer thread, so the threads that complete I/O never
+/// wait on a client's socket.
 struct Replies {
-    sock: Mutex<Sock>,
-    broken: AtomicBool,
+    tx: crossbeam_channel::Sender<Reply>,
 }
 
 impl Replies {
-    /// Writes a reply header and its data as one message.
-    fn send(&self, header: &[u8], data: &[u8]) {
-        if self.broken.load(Ordering::Relaxed) {
-            return;
-        }
-        let mut s = lock(&self.sock);
-        if let Err(e) = write_all_vectored(&mut *s, header, data) {
-            tracing::info!(error = %e, "a reply could not be sent; closing the connection");
-            self.broken.store(true, Ordering::Relaxed);
-            s.shutdown(Shutdown::Both);
+    fn send(
+        &self,
+        header: [u8; proto::SIMPLE_REPLY_LEN],
+        data: Option<AlignedBuf>,
+        release: Option<u64>,
+    ) {
+        // The writer outlives every completion (the connection drains them
+        // before it lets the writer go); should it not, the share goes back
+        // here.
+        if let Err(e) = self.tx.send(Reply {
+            header,
+            data,
+            release,
+        }) {
+            drop(e);
         }
     }
 }
 
-fn write_all_vectored(w: &mut impl Write, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
-    while !a.is_empty() || !b.is_empty() {
-        let n = w.write_vectored(&[IoSlice::new(a), IoSlice::new(b)])?;
+/// The writer thread of a connection: writes replies in the order they
+/// come, several per system call when they queue up, and gives back their
+/// in-flight shares once written. After a failed write (the client went, or
+/// did not read for [`REPLY_TIMEOUT`]) the connection is shut and the
+/// remaining replies are dropped, their shares given back.
+fn write_replies(mut sock: Sock, rx: crossbeam_channel::Receiver<Reply>, inflight: Arc<InFlight>) {
+    const BATCH: usize = 64;
+    let mut broken = false;
+    let mut batch: Vec<Reply> = Vec::with_capacity(BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        if !broken {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+            for r in &batch {
+                slices.push(IoSlice::new(&r.header));
+                if let Some(d) = &r.data {
+                    slices.push(IoSlice::new(d));
+                }
+            }
+            if let Err(e) = write_all_vectored(&mut sock, &mut slices) {
+                tracing::info!(error = %e, "a reply could not be sent; closing the connection");
+                broken = true;
+                sock.shutdown(Shutdown::Both);
+            }
+        }
+        for r in batch.drain(..) {
+            if let Some(bytes) = r.release {
+                inflight.release(bytes);
+            }
+        }
+    }
+}
+
+fn write_all_vectored(w: &mut impl Write, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        let n = w.write_vectored(slices)?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        let from_a = n.min(a.len());
-        a = &a[from_a..];
-        b = &b[n - from_a..];
+        IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())
 }
@@ -723,17 +775,23 @@ fn transmission(
     mut reader: BufReader<Sock>,
     writer: Sock,
 ) -> Result<(), ConnError> {
-    let replies = Arc::new(Replies {
-        sock: Mutex::new(writer),
-        broken: AtomicBool::new(false),
-    });
     let inflight = Arc::new(InFlight {
         state: Mutex::new((0, 0)),
         changed: Condvar::new(),
     });
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let replies = Arc::new(Replies { tx });
+    let released = inflight.clone();
+    let writer = std::thread::Builder::new()
+        .name("nbd-reply".into())
+        .spawn(move || write_replies(writer, rx, released))
+        .map_err(ConnError::Io)?;
     let r = requests(&export, &mut reader, &replies, &inflight);
-    // Answer everything already accepted before the socket closes.
+    // Answer everything already accepted before the socket closes: every
+    // share comes back once its reply is written (or dropped).
     inflight.drain();
+    drop(replies);
+    let _ = writer.join();
     r
 }
 
@@ -756,7 +814,9 @@ fn requests(
         let handle = req.handle;
         let reply = {
             let replies = replies.clone();
-            move |errno: u32| replies.send(&proto::encode_simple_reply(errno, handle), &[])
+            move |errno: u32, release: Option<u64>| {
+                replies.send(proto::encode_simple_reply(errno, handle), None, release)
+            }
         };
         match proto::classify(&req, size) {
             // The spec: a write to a read-only export fails with EPERM.
@@ -765,7 +825,7 @@ fn requests(
                     &mut reader.by_ref().take(u64::from(req.payload_len())),
                     &mut io::sink(),
                 )?;
-                reply(proto::EPERM);
+                reply(proto::EPERM, None);
             }
             Command::Disconnect => return Ok(()),
             Command::Reject { errno } => {
@@ -776,23 +836,23 @@ fn requests(
                     )));
                 }
                 io::copy(&mut reader.by_ref().take(skip), &mut io::sink())?;
-                reply(errno);
+                reply(errno, None);
             }
             Command::Read { offset, len } => {
                 inflight.acquire(0);
-                let (replies, inflight) = (replies.clone(), inflight.clone());
+                let replies = replies.clone();
                 export.read(
                     offset,
                     len as usize,
-                    Box::new(move |r| {
-                        match r {
-                            Ok(data) => replies.send(&proto::encode_simple_reply(0, handle), &data),
-                            Err(e) => replies.send(
-                                &proto::encode_simple_reply(proto::errno_of(&e), handle),
-                                &[],
-                            ),
+                    Box::new(move |r| match r {
+                        Ok(data) => {
+                            replies.send(proto::encode_simple_reply(0, handle), Some(data), Some(0))
                         }
-                        inflight.release(0);
+                        Err(e) => replies.send(
+                            proto::encode_simple_reply(proto::errno_of(&e), handle),
+                            None,
+                            Some(0),
+                        ),
                     }),
                 );
             }
@@ -804,36 +864,30 @@ fn requests(
                     inflight.release(bytes);
                     return Err(e.into());
                 }
-                let inflight = inflight.clone();
                 export.write(
                     offset,
                     data,
                     fua,
                     Box::new(move |r| {
-                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0));
-                        inflight.release(bytes);
+                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(bytes))
                     }),
                 );
             }
             Command::WriteZeroes { offset, len, fua } => {
                 inflight.acquire(0);
-                let inflight = inflight.clone();
                 export.write_zeroes(
                     offset,
                     u64::from(len),
                     fua,
                     Box::new(move |r| {
-                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0));
-                        inflight.release(0);
+                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
                     }),
                 );
             }
             Command::Flush => {
                 inflight.acquire(0);
-                let inflight = inflight.clone();
                 export.flush(Box::new(move |r| {
-                    reply(r.as_ref().map_or_else(proto::errno_of, |_| 0));
-                    inflight.release(0);
+                    reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
                 }));
             }
         }
