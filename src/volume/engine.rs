@@ -701,16 +701,19 @@ impl MirrorVolume {
         self.read_from(offset, len, run, Vec::new(), done);
     }
 
-    /// Reads for a resync, on the calling thread: as [`MirrorVolume::read`]
+    /// Reads for a resync, and waits: as [`MirrorVolume::read`]
     /// (fallback to another in-sync plex, repair of the one that failed),
     /// but not counted as foreground I/O.
     pub fn read_for_resync(self: &Arc<Self>, offset: u64, len: usize) -> io::Result<AlignedBuf> {
         self.check(offset, len as u64)?;
+        // On the disks' workers, not this thread: a plex that hangs is timed
+        // out by the watchdog (and failed, and the read tried elsewhere)
+        // while the resync waits, instead of holding its range for good.
         let got = wait(|cb| {
             self.read_from(
                 offset,
                 len,
-                Run::Here,
+                Run::Queued,
                 Vec::new(),
                 Box::new(move |r| cb(r.map(Some))),
             )

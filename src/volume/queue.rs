@@ -36,6 +36,14 @@ pub enum Op {
         offset: u64,
         len: usize,
     },
+    /// Reads the first `len` bytes of a buffer the caller lends (it comes
+    /// back as the outcome's buffer, `len` long): resync and scrub reuse
+    /// their buffers, where a fresh one per chunk costs page faults.
+    ReadInto {
+        offset: u64,
+        len: usize,
+        buf: Arc<Mutex<Option<AlignedBuf>>>,
+    },
     /// Writes `data`; with `fua`, makes it durable before completing.
     Write {
         offset: u64,
@@ -54,7 +62,7 @@ impl Op {
     /// The kind of request, as the statistics count it.
     pub fn kind(&self) -> OpKind {
         match self {
-            Op::Read { .. } => OpKind::Read,
+            Op::Read { .. } | Op::ReadInto { .. } => OpKind::Read,
             Op::Write { .. } => OpKind::Write,
             Op::Flush => OpKind::Flush,
             Op::WriteZeroes { .. } => OpKind::Zeroes,
@@ -135,7 +143,7 @@ impl DiskStats {
             (_, Err(_)) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
-            (Op::Read { len, .. }, Ok(_)) => {
+            (Op::Read { len, .. } | Op::ReadInto { len, .. }, Ok(_)) => {
                 self.read_bytes.fetch_add(*len as u64, Ordering::Relaxed);
             }
             (Op::Write { data, .. }, Ok(_)) => {
@@ -216,6 +224,16 @@ fn execute(disk: &dyn Disk, op: &Op) -> Outcome {
             disk.read_at(&mut buf, *offset)?;
             Ok(Some(buf))
         }
+        Op::ReadInto { offset, len, buf } => {
+            let mut buf = buf
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .ok_or_else(|| io::Error::other("the buffer of a read was lent twice"))?;
+            buf.set_len(*len);
+            disk.read_at(&mut buf, *offset)?;
+            Ok(Some(buf))
+        }
         Op::Write { offset, data, fua } => {
             disk.write_at(data, *offset)?;
             if *fua {
@@ -232,6 +250,50 @@ fn execute(disk: &dyn Disk, op: &Op) -> Outcome {
             Ok(None)
         }
     }
+}
+
+/// Submits a read of `len` bytes at `offset` into `buf` to the queue's
+/// workers, under the watchdog (`deadline`); the answer (the buffer, `len`
+/// long) comes on the returned channel.
+pub fn submit_read_into(
+    queue: &DiskQueue,
+    offset: u64,
+    len: usize,
+    buf: AlignedBuf,
+    deadline: bool,
+) -> std::sync::mpsc::Receiver<Outcome> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Outcome>(1);
+    queue.submit(
+        Op::ReadInto {
+            offset,
+            len,
+            buf: Arc::new(Mutex::new(Some(buf))),
+        },
+        deadline,
+        Box::new(move |o| {
+            let _ = tx.send(o);
+        }),
+    );
+    rx
+}
+
+/// The answer to [`submit_read_into`]: the buffer, or why not.
+pub fn read_answer(rx: std::sync::mpsc::Receiver<Outcome>) -> io::Result<AlignedBuf> {
+    rx.recv()
+        .unwrap_or_else(|_| Err(io::Error::other("the read was dropped without an answer")))?
+        .ok_or_else(|| io::Error::other("a read returned no data"))
+}
+
+/// [`submit_read_into`], then waits: the caller's thread never blocks in a
+/// disk that hangs, only here until the watchdog gives up on it.
+pub fn read_into(
+    queue: &DiskQueue,
+    offset: u64,
+    len: usize,
+    buf: AlignedBuf,
+    deadline: bool,
+) -> io::Result<AlignedBuf> {
+    read_answer(submit_read_into(queue, offset, len, buf, deadline))
 }
 
 /// Runs `op` and counts it.

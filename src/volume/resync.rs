@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::engine::{EnginePlex, MirrorVolume, Mode};
-use super::queue::{Op, Outcome};
+use super::queue::{Op, Outcome, read_into};
 use crate::disk::AlignedBuf;
 
 /// How a resync paces itself.
@@ -326,11 +326,12 @@ fn settle(
 /// write completes. No foreground write to the chunk runs in between, so the
 /// copy never puts older data over a newer write.
 ///
-/// The read goes straight to the first in-sync plex's disk, into a buffer
-/// used again and again (a fresh 4 MiB buffer per chunk costs a thousand
-/// page faults, a quarter of the copy's time on this project's VMs); on an
-/// error the engine reads instead, with its fallback to another plex and
-/// repair of the one that failed.
+/// The read goes to the first in-sync plex's disk queue, under the hang
+/// watchdog, into a buffer used again and again (a fresh 4 MiB buffer per
+/// chunk costs a thousand page faults, a quarter of the copy's time on this
+/// project's VMs); on an error the engine reads instead, with its fallback
+/// to another plex and repair of the one that failed. A source that hangs
+/// costs the watchdog's timeout, never a range held for good.
 fn start_chunk(
     volume: &Arc<MirrorVolume>,
     target: &EnginePlex,
@@ -345,22 +346,37 @@ fn start_chunk(
             error: io::Error::other("the plex left service during the resync"),
         });
     }
-    let mut buf = match pool.pop() {
+    let buf = match pool.pop() {
         Some(b) if b.capacity() >= n => b,
         _ => AlignedBuf::new(n, crate::disk::buf::IO_ALIGN),
     };
-    buf.set_len(n);
-    let source = volume
+    let in_sync: Vec<Arc<EnginePlex>> = volume
         .plexes()
         .into_iter()
-        .find(|p| p.mode() == Mode::InSync);
-    let direct = source.map(|p| p.queue.disk().read_at(&mut buf, p.offset + pos));
-    if !matches!(direct, Some(Ok(()))) {
-        let data = volume
+        .filter(|p| p.mode() == Mode::InSync)
+        .collect();
+    let direct = in_sync
+        .first()
+        .map(|p| read_into(&p.queue, p.offset + pos, n, buf, true));
+    let buf = match direct {
+        Some(Ok(buf)) => buf,
+        // The only copy hangs: nothing to fall back on, and the range must
+        // not stay held.
+        Some(Err(error)) if error.kind() == io::ErrorKind::TimedOut && in_sync.len() < 2 => {
+            return Err(ResyncError::Source { offset: pos, error });
+        }
+        // A hung disk is failed, as the engine fails one that times out.
+        Some(Err(error)) if error.kind() == io::ErrorKind::TimedOut => {
+            volume.fail_plex(in_sync[0].disk, &error);
+            volume
+                .read_for_resync(pos, n)
+                .map_err(|error| ResyncError::Source { offset: pos, error })?
+        }
+        // The engine reads instead: another plex, and repair of this one.
+        _ => volume
             .read_for_resync(pos, n)
-            .map_err(|error| ResyncError::Source { offset: pos, error })?;
-        buf.copy_from_slice(&data);
-    }
+            .map_err(|error| ResyncError::Source { offset: pos, error })?,
+    };
     // Zeroes cost no data transfer (a hole in a file, BLKZEROOUT).
     let buf = Arc::new(buf);
     let op = if buf.iter().all(|&b| b == 0) {
@@ -571,6 +587,62 @@ mod tests {
             );
         }
         assert_eq!(progress.percent(), 100.0);
+    }
+
+    #[test]
+    fn a_source_that_hangs_is_timed_out_and_the_copy_goes_on_from_another_plex() {
+        let sink: Arc<dyn FailureSink> = Arc::new(NoSink);
+        let mems: Vec<Arc<MemDisk>> = (0..3)
+            .map(|_| Arc::new(MemDisk::new(SIZE + (1 << 20))))
+            .collect();
+        let fill: Vec<u8> = (0..SIZE).map(|i| (i / 4096 * 5 + 3) as u8).collect();
+        mems[0].write_at(&fill, 0).unwrap();
+        mems[1].write_at(&fill, 0).unwrap();
+        let hung = Arc::new(crate::disk::FaultyDisk::new(mems[0].clone()));
+        let disks: Vec<Arc<dyn Disk>> = vec![hung.clone(), mems[1].clone(), mems[2].clone()];
+        let queues: Vec<Arc<DiskQueue>> = disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DiskQueue::start(&format!("d{i}"), d.clone(), 4))
+            .collect();
+        let _watchdog = crate::volume::queue::Watchdog::start(
+            queues.iter().map(Arc::downgrade).collect(),
+            Duration::from_millis(200),
+        );
+        let modes = [Mode::InSync, Mode::InSync, Mode::WriteOnly];
+        let plexes = queues
+            .iter()
+            .zip(modes)
+            .map(|(q, m)| EnginePlex::new(Uuid::new_v4(), q.clone(), 0, m))
+            .collect();
+        let vol = MirrorVolume::new(
+            "v",
+            SIZE,
+            plexes,
+            Arc::downgrade(&sink),
+            EngineOptions::default(),
+        );
+        let target = vol.plexes()[2].clone();
+        hung.hang();
+        let started = Instant::now();
+        let copied = resync(
+            &vol,
+            &target,
+            &[0..SIZE],
+            &ResyncOptions::unthrottled(),
+            &ResyncProgress::new(SIZE, 0),
+            &mut |_| Ok(()),
+            &|_| {},
+        )
+        .expect("the copy goes on from the plex that answers");
+        let took = started.elapsed();
+        hung.release();
+        assert_eq!(copied, SIZE);
+        assert!(took < Duration::from_secs(5), "the resync took {took:?}");
+        assert_eq!(vol.plexes()[0].mode(), Mode::Out, "the hung plex is failed");
+        let mut got = vec![0; SIZE as usize];
+        mems[2].read_at(&mut got, 0).unwrap();
+        assert!(got == fill, "the target holds the volume");
     }
 
     #[test]

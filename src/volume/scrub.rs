@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::engine::{EnginePlex, MirrorVolume, Mode};
+use super::queue::{read_answer, submit_read_into};
 use crate::disk::AlignedBuf;
 use crate::disk::buf::IO_ALIGN;
 
@@ -255,21 +256,30 @@ fn scrub_chunk(
         }
     };
 
-    // Every plex's copy, read in parallel: one slow disk does not add its
-    // time to the others'.
-    let reads: Vec<io::Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = plexes
-            .iter()
-            .zip(bufs.iter_mut())
-            .map(|(p, b)| s.spawn(move || p.queue.disk().read_at(&mut b[..n], p.offset + pos)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a scrub read does not panic"))
-            .collect()
-    });
-    for (p, r) in plexes.iter().zip(reads) {
-        r.map_err(|e| fail(p, "reading", e))?;
+    // Every plex's copy, read in parallel on the disks' queues, under the
+    // hang watchdog: one slow disk does not add its time to the others',
+    // and one that hangs is timed out (and failed) instead of holding the
+    // chunk's range for good.
+    let pending: Vec<_> = plexes
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|(p, b)| {
+            let buf = std::mem::replace(b, AlignedBuf::new(0, IO_ALIGN));
+            submit_read_into(&p.queue, p.offset + pos, n, buf, true)
+        })
+        .collect();
+    let mut failed = None;
+    for ((p, b), rx) in plexes.iter().zip(bufs.iter_mut()).zip(pending) {
+        match read_answer(rx) {
+            Ok(got) => *b = got,
+            Err(e) => {
+                *b = AlignedBuf::new(SCRUB_CHUNK, IO_ALIGN);
+                failed.get_or_insert((p, e));
+            }
+        }
+    }
+    if let Some((p, e)) = failed {
+        return Err(fail(p, "reading", e));
     }
     if bufs[1..].iter().all(|b| b[..n] == bufs[0][..n]) {
         return Ok(Vec::new());
