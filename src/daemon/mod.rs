@@ -251,9 +251,9 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     live.set_events(events.clone());
     live.start_bitmap_clearing(BITMAP_CLEAR_PERIOD);
     // Plexes left resyncing or stale are resynced while clients do I/O.
-    live.start_resyncs(resync.clone());
+    live.start_resyncs(resync);
     if options.hot_spares {
-        live.enable_hot_spares(resync);
+        live.enable_hot_spares();
     }
     if let Some(every) = options.scrub_interval {
         live.start_scrubs(every, options.scrub_rate);
@@ -360,10 +360,9 @@ fn start_control(
         .unwrap_or_else(|| holder::default_socket(group));
     let me = Arc::downgrade(live);
     let server = Arc::downgrade(server);
-    let resync = options.resync.clone();
     let handler: control::Handler =
         Arc::new(move |request| match (me.upgrade(), server.upgrade()) {
-            (Some(live), Some(server)) => handle(&live, &server, request, &resync),
+            (Some(live), Some(server)) => handle(&live, &server, request),
             _ => control::Response::from_error(&Error::refused("mirrorvol serve is stopping")),
         });
     let mut sock = match control::ControlSocket::bind(&path, handler) {
@@ -432,12 +431,7 @@ fn refuse_clients(server: &Server, name: &str, doing: &str) -> Result<()> {
 }
 
 /// Runs one control request on the live group.
-fn handle(
-    live: &Arc<LiveGroup>,
-    server: &Server,
-    request: control::Request,
-    resync: &ResyncOptions,
-) -> control::Response {
+fn handle(live: &Arc<LiveGroup>, server: &Server, request: control::Request) -> control::Response {
     use control::{Request, Response};
     let result = match request {
         Request::Status => {
@@ -453,7 +447,7 @@ fn handle(
             })
         }
         Request::Fail { path, force } => live.fail_disk_by_path(&path, force).map(done),
-        Request::Reactivate { path } => live.reactivate_by_path(&path, resync.clone()).map(done),
+        Request::Reactivate { path } => live.reactivate_by_path(&path).map(done),
         Request::Create {
             name,
             size,
@@ -463,26 +457,24 @@ fn handle(
             add_export(live, server, &name);
             done(d)
         }),
-        Request::AddMirror { name, disk } => {
-            live.add_mirror(&name, disk.as_deref(), resync).map(done)
-        }
-        Request::RemoveMirror { name, disk } => live.remove_mirror(&name, &disk, resync).map(done),
+        Request::AddMirror { name, disk } => live.add_mirror(&name, disk.as_deref()).map(done),
+        Request::RemoveMirror { name, disk } => live.remove_mirror(&name, &disk).map(done),
         Request::Break {
             name,
             disk,
             new_name,
             nokeep,
         } => live
-            .break_mirror(&name, &disk, new_name.as_deref(), nokeep, resync)
+            .break_mirror(&name, &disk, new_name.as_deref(), nokeep)
             .map(|(kept, d)| {
                 if let Some(n) = kept {
                     add_export(live, server, &n);
                 }
                 done(d)
             }),
-        Request::Repair { name, disk } => live.repair(&name, disk.as_deref(), resync).map(done),
+        Request::Repair { name, disk } => live.repair(&name, disk.as_deref()).map(done),
         Request::Extend { name, size } => live.extend(&name, size).map(done),
-        Request::Delete { name, force } => delete(live, server, &name, force, resync),
+        Request::Delete { name, force } => delete(live, server, &name, force),
         Request::Copy { src, dst } => {
             use crate::group::ops::{Endpoint, human};
             let (s, d) = (Endpoint::parse(&src), Endpoint::parse(&dst));
@@ -541,7 +533,6 @@ fn delete(
     server: &Server,
     name: &str,
     force: bool,
-    resync: &ResyncOptions,
 ) -> Result<control::Response> {
     live.group().volume(name)?;
     // Removed first: a client negotiating meanwhile is either counted here
@@ -561,7 +552,7 @@ fn delete(
         }
         server.disconnect(name);
     }
-    match live.delete_volume(name, resync) {
+    match live.delete_volume(name) {
         Ok(mut d) => {
             eprintln!("stopped exporting volume {name}");
             if clients > 0 {

@@ -59,11 +59,14 @@ pub struct LiveGroup {
     me: Weak<LiveGroup>,
     /// Disks that join while serving are opened `O_DIRECT`.
     direct: std::sync::atomic::AtomicBool,
-    /// Set when failed plexes are rebuilt onto hot spares by themselves:
-    /// the pace of those resyncs.
-    hot_spares: OnceLock<ResyncOptions>,
+    /// The pace of background resyncs ([`LiveGroup::start_resyncs`]).
+    resync_opts: Mutex<ResyncOptions>,
+    /// Set when failed plexes are rebuilt onto hot spares by themselves.
+    hot_spares: std::sync::atomic::AtomicBool,
     /// Where events go (set by `serve`); unset, they are only logged.
     events: OnceLock<Events>,
+    /// The disk and volume states the events last reported.
+    reported: Mutex<Snapshot>,
     watchdog: Watchdog,
 }
 
@@ -91,6 +94,7 @@ impl LiveGroup {
                 let engine = Self::engine_for(&group, &queues, me, &opts, v);
                 volumes.insert(v.name.clone(), engine);
             }
+            let reported = Snapshot::of(&group);
             LiveGroup {
                 group: Mutex::new(group),
                 queues: RwLock::new(queues),
@@ -105,9 +109,11 @@ impl LiveGroup {
                 scrubbing: Mutex::new(std::collections::BTreeSet::new()),
                 opts,
                 me: me.clone(),
-                hot_spares: OnceLock::new(),
+                resync_opts: Mutex::new(ResyncOptions::default()),
+                hot_spares: std::sync::atomic::AtomicBool::new(false),
                 direct: std::sync::atomic::AtomicBool::new(false),
                 events: OnceLock::new(),
+                reported: Mutex::new(reported),
                 watchdog,
             }
         })
@@ -557,7 +563,6 @@ impl LiveGroup {
     pub fn fail_disk_by_path(&self, path: &std::path::Path, force: bool) -> crate::Result<Done> {
         let mut g = self.group();
         let uuid = g.resolve_disk(path)?;
-        let before = self.snapshot(&g);
         g.fail(path, force)?;
         let done = Done::new(
             format!("marked disk {} failed", g.disk_path(uuid)),
@@ -571,7 +576,7 @@ impl LiveGroup {
         }
         // The config has the disk failed: its plexes leave every engine.
         self.retire_plexes(&g);
-        self.emit_changes(&before, &g);
+        self.emit_changes(&g);
         tracing::info!(disk = %path.display(), "disk failed by the admin");
         self.use_spares();
         Ok(done)
@@ -582,11 +587,7 @@ impl LiveGroup {
     /// only in the engine until then). Returns at once, saying whether a
     /// resync started. Only a disk that was in service when `serve` started
     /// has a queue to come back to.
-    pub fn reactivate_by_path(
-        self: &Arc<Self>,
-        path: &std::path::Path,
-        opts: ResyncOptions,
-    ) -> crate::Result<Done> {
+    pub fn reactivate_by_path(self: &Arc<Self>, path: &std::path::Path) -> crate::Result<Done> {
         let (vols, warnings, shown) = {
             let mut g = self.group();
             let direct = self.direct.load(std::sync::atomic::Ordering::Relaxed);
@@ -598,7 +599,6 @@ impl LiveGroup {
                 Err(e) => g.attach(path, direct).map_err(|_| e)?,
             };
             self.add_queue(&g, uuid);
-            let before = self.snapshot(&g);
             let (_, vols) = g.reactivate_config(path)?;
             let warnings = g.warnings.split_off(0);
             // A plex that kept its in-sync state (a last copy failed with
@@ -617,14 +617,14 @@ impl LiveGroup {
                 }
             }
             self.retire_plexes(&g);
-            self.emit_changes(&before, &g);
+            self.emit_changes(&g);
             let vols = vols
                 .into_iter()
                 .filter(|n| Self::next_target(&g, &self.queues(), n) == Some(uuid))
                 .count();
             (vols, warnings, g.disk_path(uuid))
         };
-        self.start_resyncs(opts);
+        self.resume_resyncs();
         tracing::info!(disk = %shown, "disk reactivated while serving");
         Ok(Done {
             message: if vols > 0 {
@@ -651,11 +651,24 @@ struct ResyncJob {
 }
 
 impl LiveGroup {
+    /// Paces the background resyncs with `opts` from now on, and starts
+    /// them ([`LiveGroup::resume_resyncs`]).
+    pub fn start_resyncs(self: &Arc<Self>, opts: ResyncOptions) {
+        *self.resync_opts.lock().unwrap_or_else(|e| e.into_inner()) = opts;
+        self.resume_resyncs();
+    }
+
     /// Starts a background resync thread for every volume that has a plex
     /// to resync (resyncing, or stale on a disk in service) and an in-sync
-    /// plex to copy from. Each thread resyncs its volume's plexes one after
-    /// the other, paced by `opts`, and records each in sync when done.
-    pub fn start_resyncs(self: &Arc<Self>, opts: ResyncOptions) {
+    /// plex to copy from, and none running. Each thread resyncs its volume's
+    /// plexes one after the other, paced by the options of
+    /// [`LiveGroup::start_resyncs`], and records each in sync when done.
+    pub fn resume_resyncs(self: &Arc<Self>) {
+        let opts = self
+            .resync_opts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let names: Vec<String> = {
             let g = self.group();
             let mut threads = self.resync_volumes();
@@ -736,10 +749,9 @@ impl LiveGroup {
             .unwrap_or_else(|| "it was stale".to_string());
         let full = g.resync_plan(name, disk).ok()?.full;
         if full && entry.state != PlexState::Resyncing {
-            let before = self.snapshot(g);
             g.set_plex_state(name, disk, PlexState::Resyncing);
             let ok = self.commit(g, &format!("the resync of {name}"));
-            self.emit_changes(&before, g);
+            self.emit_changes(g);
             if !ok {
                 return None;
             }
@@ -808,10 +820,9 @@ impl LiveGroup {
     /// Records a resync's checkpoint.
     fn checkpoint(&self, name: &str, disk: Uuid, position: u64) -> io::Result<()> {
         let mut g = self.group();
-        let before = self.snapshot(&g);
         g.set_resync_offset(name, disk, position);
         let ok = self.commit(&mut g, &format!("the resync checkpoint of {name}"));
-        self.emit_changes(&before, &g);
+        self.emit_changes(&g);
         if ok {
             Ok(())
         } else {
@@ -837,7 +848,6 @@ impl LiveGroup {
                 if job.target.mode() != Mode::WriteOnly {
                     return true;
                 }
-                let before = self.snapshot(&g);
                 g.set_plex_state(name, job.disk, PlexState::InSync);
                 if self.commit(&mut g, &format!("the end of the resync of {name}")) {
                     job.target.promote();
@@ -851,7 +861,7 @@ impl LiveGroup {
                     );
                 }
                 // After resync-finished: the volume is healthy again.
-                self.emit_changes(&before, &g);
+                self.emit_changes(&g);
                 true
             }
             Err(ResyncError::Stopped { position }) => {
@@ -945,18 +955,17 @@ impl LiveGroup {
         }
     }
 
-    /// The disk and volume states before a config change; after it,
-    /// [`LiveGroup::emit_changes`] reports what changed.
-    pub fn snapshot(&self, g: &Group) -> Snapshot {
-        Snapshot::of(g)
-    }
-
     /// Emits disk-failed, disk-returned, volume-degraded and volume-healthy
-    /// for what changed since `before`.
-    pub fn emit_changes(&self, before: &Snapshot, g: &Group) {
-        for e in before.events_to(&Snapshot::of(g)) {
+    /// for what changed since the states last reported. Called (with the
+    /// group locked) after every config change; a change whose caller
+    /// returned early is reported with the next one.
+    pub fn emit_changes(&self, g: &Group) {
+        let now = Snapshot::of(g);
+        let mut reported = self.reported.lock().unwrap_or_else(|e| e.into_inner());
+        for e in reported.events_to(&now) {
             self.emit(e);
         }
+        *reported = now;
     }
 }
 
@@ -974,7 +983,6 @@ impl FailureSink for LiveGroup {
     fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error) -> bool {
         self.count_error(disk);
         let mut g = self.group();
-        let before = self.snapshot(&g);
         let path = g.disk_path(disk);
         if error.kind() == io::ErrorKind::TimedOut {
             // A hung disk answers nothing, config writes included: the whole
@@ -986,7 +994,7 @@ impl FailureSink for LiveGroup {
             g.mark_plex_failed(volume, disk);
         }
         let ok = self.commit(&mut g, &format!("the failed plex of {volume} on {path}"));
-        self.emit_changes(&before, &g);
+        self.emit_changes(&g);
         self.use_spares();
         ok
     }
@@ -994,12 +1002,11 @@ impl FailureSink for LiveGroup {
     fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
         self.count_error(disk);
         let mut g = self.group();
-        let before = self.snapshot(&g);
         let path = g.disk_path(disk);
         tracing::error!(%volume, disk = %path, %error, "the last in-sync plex failed; its disk is taken out of service");
         self.fail_disk(&mut g, disk);
         self.commit(&mut g, &format!("failed disk {path}"));
-        self.emit_changes(&before, &g);
+        self.emit_changes(&g);
         self.use_spares();
     }
 

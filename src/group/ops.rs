@@ -793,20 +793,35 @@ impl Group {
             exclude.push(target);
             plan.push((old.disk, target, offset));
         }
-        let planned: Vec<(Uuid, Uuid, u64, String)> = plan
+        let targets = self.replace_plexes(name, &plan)?;
+        Ok((targets, stale))
+    }
+
+    /// Puts a new plex, recorded resyncing, in place of each old one of
+    /// `plan` (old disk, new disk, offset), and commits (which also retires
+    /// the spares that received a plex). Returns the new plexes' disks.
+    pub(super) fn replace_plexes(
+        &mut self,
+        name: &str,
+        plan: &[(Uuid, Uuid, u64)],
+    ) -> Result<Vec<Uuid>> {
+        if plan.is_empty() {
+            return Ok(Vec::new());
+        }
+        let len = extent_len(self.volume(name)?.size);
+        let reasons: Vec<String> = plan
             .iter()
-            .map(|(old, target, offset)| {
+            .map(|(old, target, _)| {
                 let what = if self.is_spare(*target) {
                     "a hot spare"
                 } else {
                     "a new plex"
                 };
-                let reason = format!("{what} replacing the plex on {}", self.disk_path(*old));
-                (*old, *target, *offset, reason)
+                format!("{what} replacing the plex on {}", self.disk_path(*old))
             })
             .collect();
-        let vol = self.config.volume_mut(name).expect("checked");
-        for (old, target, offset, reason) in &planned {
+        let vol = self.config.volume_mut(name).expect("checked above");
+        for ((old, target, offset), reason) in plan.iter().zip(reasons) {
             let p = vol
                 .plexes
                 .iter_mut()
@@ -817,15 +832,12 @@ impl Group {
                 offset: *offset,
                 length: len,
                 state: PlexState::Resyncing,
-                resync_reason: Some(reason.clone()),
+                resync_reason: Some(reason),
                 resync_offset: 0,
             };
         }
-        if !planned.is_empty() {
-            // The commit also retires the spares that received a plex.
-            self.commit()?;
-        }
-        Ok((planned.iter().map(|(_, t, _, _)| *t).collect(), stale))
+        self.commit()?;
+        Ok(plan.iter().map(|(_, t, _)| *t).collect())
     }
 
     /// Brings a returned or failed disk back into service and resyncs the

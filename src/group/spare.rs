@@ -10,7 +10,6 @@ use uuid::Uuid;
 
 use super::Group;
 use super::alloc::{extent_len, first_fit};
-use crate::format::{PlexEntry, PlexState};
 use crate::{Error, Result};
 
 impl Group {
@@ -104,12 +103,13 @@ impl Group {
 
     /// The config half of a repair onto a hot spare, for the daemon: replaces
     /// one failed or missing plex of `volume` by a new plex on
-    /// [`Group::spare_for`], recorded resyncing, clears the disk's spare mark
-    /// and commits. Nothing is copied: the caller resyncs the new plex.
-    /// Returns the spare, or None when the volume has no failed or missing
-    /// plex or no spare fits. Refused when the volume does not exist or has
-    /// no in-sync plex to resync from.
-    pub fn repair_onto_spare(&mut self, volume: &str) -> Result<Option<Uuid>> {
+    /// [`Group::spare_for`], recorded resyncing, and commits (the spare is
+    /// an ordinary member from then on). Nothing is copied: the caller
+    /// resyncs the new plex. Returns the spare and the disk of the plex it
+    /// replaces, or None when the volume has no failed or missing plex or no
+    /// spare fits. Refused when the volume does not exist or has no in-sync
+    /// plex to resync from.
+    pub fn repair_onto_spare(&mut self, volume: &str) -> Result<Option<(Uuid, Uuid)>> {
         let v = self.volume(volume)?;
         let Some(old) = v
             .plexes
@@ -119,39 +119,18 @@ impl Group {
         else {
             return Ok(None);
         };
-        let len = extent_len(v.size);
         let Some(spare) = self.spare_for(volume) else {
             return Ok(None);
         };
         self.require_source(volume)?;
-        let offset = first_fit(&self.config, spare, len).ok_or_else(|| {
+        let offset = first_fit(&self.config, spare, extent_len(v.size)).ok_or_else(|| {
             Error::failed(format!(
                 "spare {} has no room for volume {volume}",
                 self.disk_path(spare)
             ))
         })?;
-        let reason = format!("a hot spare replacing the plex on {}", self.disk_path(old));
-        let plex = self
-            .config
-            .volume_mut(volume)
-            .expect("checked")
-            .plexes
-            .iter_mut()
-            .find(|p| p.disk == old)
-            .expect("found above");
-        *plex = PlexEntry {
-            disk: spare,
-            offset,
-            length: len,
-            state: PlexState::Resyncing,
-            resync_reason: Some(reason),
-            resync_offset: 0,
-        };
-        if let Some(d) = self.config.disk_mut(spare) {
-            d.spare = false;
-        }
-        self.commit()?;
-        Ok(Some(spare))
+        self.replace_plexes(volume, &[(old, spare, offset)])?;
+        Ok(Some((spare, old)))
     }
 }
 
@@ -162,6 +141,7 @@ mod tests {
 
     use super::*;
     use crate::MIB;
+    use crate::format::PlexState;
     use crate::format::Style;
     use crate::group::NoProgress;
     use crate::group::ops::{self, InitOptions};
@@ -244,7 +224,7 @@ mod tests {
         assert_eq!(g.repair_onto_spare("m").unwrap(), None, "nothing failed");
         let seqno = g.config.seqno;
         g.fail(&dir.path().join("b.img"), false).unwrap();
-        assert_eq!(g.repair_onto_spare("m").unwrap(), Some(s1));
+        assert_eq!(g.repair_onto_spare("m").unwrap(), Some((s1, b)));
         assert!(g.config.seqno > seqno + 1, "the repair committed");
         assert!(!g.is_spare(s1));
         let v = g.volume("m").unwrap();

@@ -29,13 +29,23 @@ use crate::group::ops::{Endpoint, human};
 use crate::group::scrub::VolumeScrub;
 use crate::volume::COPY_CHUNK;
 use crate::volume::engine::{MirrorVolume, Mode};
-use crate::volume::resync::ResyncOptions;
 use crate::volume::scrub::ScrubOptions;
 use crate::{Error, Result};
 
 /// How long a leaving plex may keep requests in flight (a hung disk's are
 /// failed by the watchdog well before).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Takes the plexes on `disks` out of `engine`, each once no request holds
+/// it (a hung disk's requests are failed by the watchdog well before
+/// [`DRAIN_TIMEOUT`]).
+fn drain(engine: &MirrorVolume, disks: &[Uuid]) {
+    for d in disks {
+        if let Err(p) = engine.remove_plex(*d, DRAIN_TIMEOUT) {
+            tracing::warn!(volume = %engine.name, disk = %p.queue.name(), "requests to a plex that left the volume are still in flight");
+        }
+    }
+}
 
 /// What an online operation did, for the command to print.
 #[derive(Debug, Default)]
@@ -55,9 +65,8 @@ impl LiveGroup {
     /// Runs a config change, then emits the events of the states it
     /// changed.
     fn changed<T>(&self, g: &mut Group, change: impl FnOnce(&mut Group) -> Result<T>) -> Result<T> {
-        let before = self.snapshot(g);
         let r = change(g);
-        self.emit_changes(&before, g);
+        self.emit_changes(g);
         r
     }
 
@@ -66,7 +75,7 @@ impl LiveGroup {
     }
 
     /// Stops the background resync of `name` at its next chunk and waits for
-    /// its thread to end (it records its checkpoint); `start_resyncs`
+    /// its thread to end (it records its checkpoint); `resume_resyncs`
     /// resumes it.
     fn pause_resync(&self, name: &str) -> bool {
         let started = Instant::now();
@@ -88,7 +97,6 @@ impl LiveGroup {
     fn with_resync_paused<T>(
         self: &Arc<Self>,
         name: &str,
-        resync: &ResyncOptions,
         op: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         let r = if self.pause_resync(name) {
@@ -99,7 +107,7 @@ impl LiveGroup {
                 DRAIN_TIMEOUT.as_secs()
             )))
         };
-        self.start_resyncs(resync.clone());
+        self.resume_resyncs();
         r
     }
 
@@ -117,15 +125,24 @@ impl LiveGroup {
         Ok(())
     }
 
-    /// Takes the plex on `disk` out of the engine of `name` once no request
-    /// holds it.
-    fn drain_plex(&self, name: &str, disk: Uuid) {
+    /// Takes out of the engine of `name` every plex the volume's config no
+    /// longer lists, once no request holds it: its space can then be reused,
+    /// or serve another volume.
+    fn drain_departed(&self, name: &str) {
         let Some(engine) = self.volume(name) else {
             return;
         };
-        if let Err(p) = engine.remove_plex(disk, DRAIN_TIMEOUT) {
-            tracing::warn!(volume = %name, disk = %p.queue.name(), "requests to a plex that left the volume are still in flight");
-        }
+        let listed: Vec<Uuid> = match self.group().volume(name) {
+            Ok(v) => v.plexes.iter().map(|p| p.disk).collect(),
+            Err(_) => Vec::new(),
+        };
+        let gone: Vec<Uuid> = engine
+            .plexes()
+            .iter()
+            .map(|p| p.disk)
+            .filter(|d| !listed.contains(d))
+            .collect();
+        drain(&engine, &gone);
     }
 
     /// Starts the engine of a volume the config has and the engines lack.
@@ -203,12 +220,7 @@ impl LiveGroup {
 
     /// `add-mirror` while serving: the new plex is recorded resyncing and
     /// filled by a background resync.
-    pub fn add_mirror(
-        self: &Arc<Self>,
-        name: &str,
-        disk: Option<&Path>,
-        resync: &ResyncOptions,
-    ) -> Result<Done> {
+    pub fn add_mirror(self: &Arc<Self>, name: &str, disk: Option<&Path>) -> Result<Done> {
         let _op = self.op_lock();
         let done = {
             let mut g = self.group();
@@ -220,29 +232,18 @@ impl LiveGroup {
             );
             Done::new(message, &mut g, warnings)
         };
-        self.start_resyncs(resync.clone());
+        self.resume_resyncs();
         Ok(done)
     }
 
     /// `repair` while serving: failed or missing plexes are replaced with
     /// new space (resynced in the background), stale ones resync in place.
-    pub fn repair(
-        self: &Arc<Self>,
-        name: &str,
-        disk: Option<&Path>,
-        resync: &ResyncOptions,
-    ) -> Result<Done> {
+    pub fn repair(self: &Arc<Self>, name: &str, disk: Option<&Path>) -> Result<Done> {
         let _op = self.op_lock();
-        self.with_resync_paused(name, resync, || {
-            let (replaced, done) = {
+        self.with_resync_paused(name, || {
+            let done = {
                 let mut g = self.group();
-                let before: Vec<Uuid> = g.volume(name)?.plexes.iter().map(|p| p.disk).collect();
                 let (targets, stale) = self.changed(&mut g, |g| g.repair_config(name, disk))?;
-                let after: Vec<Uuid> = g.volume(name)?.plexes.iter().map(|p| p.disk).collect();
-                let replaced: Vec<Uuid> = before
-                    .into_iter()
-                    .filter(|d| !after.contains(d))
-                    .collect();
                 self.retire_plexes(&g);
                 let mut parts: Vec<String> = targets
                     .iter()
@@ -259,27 +260,20 @@ impl LiveGroup {
                     parts.join(" and "),
                     if parts.len() == 1 { "s" } else { "" }
                 );
-                (replaced, Done::new(message, &mut g, warnings))
+                Done::new(message, &mut g, warnings)
             };
-            for d in replaced {
-                self.drain_plex(name, d);
-            }
+            self.drain_departed(name);
             Ok(done)
         })
     }
 
     /// `remove-mirror` while serving: the plex leaves the config, then the
     /// engine once no request holds it; clients go on.
-    pub fn remove_mirror(
-        self: &Arc<Self>,
-        name: &str,
-        disk: &Path,
-        resync: &ResyncOptions,
-    ) -> Result<Done> {
+    pub fn remove_mirror(self: &Arc<Self>, name: &str, disk: &Path) -> Result<Done> {
         let _op = self.op_lock();
         self.refuse_scrubbing(name, "remove a mirror of")?;
-        self.with_resync_paused(name, resync, || {
-            let (uuid, done) = {
+        self.with_resync_paused(name, || {
+            let done = {
                 let mut g = self.group();
                 let uuid = g.resolve_disk(disk)?;
                 self.changed(&mut g, |g| g.remove_mirror(name, disk))?;
@@ -288,9 +282,9 @@ impl LiveGroup {
                     "removed the plex on {} from volume {name}",
                     g.disk_path(uuid)
                 );
-                (uuid, Done::new(message, &mut g, Vec::new()))
+                Done::new(message, &mut g, Vec::new())
             };
-            self.drain_plex(name, uuid);
+            self.drain_departed(name);
             Ok(done)
         })
     }
@@ -305,11 +299,10 @@ impl LiveGroup {
         disk: &Path,
         new_name: Option<&str>,
         nokeep: bool,
-        resync: &ResyncOptions,
     ) -> Result<(Option<String>, Done)> {
         let _op = self.op_lock();
         self.refuse_scrubbing(name, "break")?;
-        self.with_resync_paused(name, resync, || {
+        self.with_resync_paused(name, || {
             let (uuid, kept) = {
                 let mut g = self.group();
                 let uuid = g.resolve_disk(disk)?;
@@ -319,7 +312,7 @@ impl LiveGroup {
                 (uuid, kept)
             };
             // Writes in flight to the plex land before it serves elsewhere.
-            self.drain_plex(name, uuid);
+            self.drain_departed(name);
             let mut g = self.group();
             let message = match &kept {
                 Some(n) => {
@@ -341,11 +334,11 @@ impl LiveGroup {
     /// `delete` while serving, once the volume's export and clients are
     /// gone: its engine is flushed and stopped, then the volume leaves the
     /// config. If the config cannot be written, the engine is back.
-    pub fn delete_volume(self: &Arc<Self>, name: &str, resync: &ResyncOptions) -> Result<Done> {
+    pub fn delete_volume(self: &Arc<Self>, name: &str) -> Result<Done> {
         let _op = self.op_lock();
         self.refuse_scrubbing(name, "delete")?;
         self.group().volume(name)?;
-        self.with_resync_paused(name, resync, || {
+        self.with_resync_paused(name, || {
             let engine = self
                 .volumes
                 .write()
@@ -354,11 +347,7 @@ impl LiveGroup {
             if let Some(e) = &engine {
                 let _ = e.flush();
                 let disks: Vec<Uuid> = e.plexes().iter().map(|p| p.disk).collect();
-                for d in disks {
-                    if let Err(p) = e.remove_plex(d, DRAIN_TIMEOUT) {
-                        tracing::warn!(volume = %name, disk = %p.queue.name(), "requests to a deleted volume are still in flight");
-                    }
-                }
+                drain(e, &disks);
             }
             let mut g = self.group();
             if let Err(err) = self.changed(&mut g, |g| g.delete(name)) {
@@ -540,8 +529,9 @@ impl LiveGroup {
 impl LiveGroup {
     /// Rebuilds failed plexes onto spares from now on, resynced with
     /// `resync`; and at once, for plexes failed or missing already.
-    pub fn enable_hot_spares(self: &Arc<Self>, resync: ResyncOptions) {
-        let _ = self.hot_spares.set(resync);
+    pub fn enable_hot_spares(self: &Arc<Self>) {
+        self.hot_spares
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.use_spares();
     }
 
@@ -549,7 +539,7 @@ impl LiveGroup {
     /// plex and a spare to rebuild it on. Called after every failure; never
     /// blocks the caller (the engine reports failures holding its locks).
     pub(super) fn use_spares(&self) {
-        if self.hot_spares.get().is_none() {
+        if !self.hot_spares.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         let me = self.me.clone();
@@ -563,42 +553,26 @@ impl LiveGroup {
     }
 
     fn rebuild_onto_spares(self: &Arc<Self>) {
-        let Some(resync) = self.hot_spares.get().cloned() else {
-            return;
-        };
         let _op = self.op_lock();
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let mut replaced = Vec::new();
+        let mut rebuilt = Vec::new();
         {
             let mut g = self.group();
             let names: Vec<String> = g.config.volumes.iter().map(|v| v.name.clone()).collect();
             for name in names {
-                while let Ok(before) = g
-                    .volume(&name)
-                    .map(|v| v.plexes.iter().map(|p| p.disk).collect::<Vec<Uuid>>())
-                {
+                loop {
                     match self.changed(&mut g, |g| g.repair_onto_spare(&name)) {
-                        Ok(Some(spare)) => {
-                            let gone: Vec<Uuid> = match g.volume(&name) {
-                                Ok(v) => before
-                                    .into_iter()
-                                    .filter(|d| !v.plexes.iter().any(|p| p.disk == *d))
-                                    .collect(),
-                                Err(_) => Vec::new(),
-                            };
+                        Ok(Some((spare, old))) => {
                             let line = format!(
                                 "hot spare {} replaces the plex of volume {name} on {}; it resyncs in the background",
                                 g.disk_path(spare),
-                                gone.iter()
-                                    .map(|d| g.disk_path(*d))
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
+                                g.disk_path(old)
                             );
                             tracing::warn!("{line}");
                             eprintln!("{line}");
-                            replaced.extend(gone.into_iter().map(|d| (name.clone(), d)));
+                            rebuilt.push(name.clone());
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -613,9 +587,10 @@ impl LiveGroup {
             }
             self.retire_plexes(&g);
         }
-        for (name, disk) in replaced {
-            self.drain_plex(&name, disk);
+        rebuilt.dedup();
+        for name in rebuilt {
+            self.drain_departed(&name);
         }
-        self.start_resyncs(resync);
+        self.resume_resyncs();
     }
 }
