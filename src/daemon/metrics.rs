@@ -340,7 +340,7 @@ impl Collector for Snapshot {
                     OpKind::ALL.into_iter().map(|k| {
                         (
                             [("disk", d.path.as_str()), ("op", k.label())],
-                            load(&d.stats.ops[k as usize]),
+                            d.stats.ops(k),
                         )
                     })
                 })
@@ -368,7 +368,14 @@ impl Collector for Snapshot {
             for d in &self.disks {
                 for k in OpKind::ALL {
                     let labels = [("disk", d.path.as_str()), ("op", k.label())];
-                    d.stats.latency[k as usize].encode(m.encode_family(&labels)?)?;
+                    let l = &d.stats.latency[k as usize];
+                    m.encode_family(&labels)?
+                        .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                            l.sum(),
+                            l.count(),
+                            &l.buckets(),
+                            None,
+                        )?;
                 }
             }
         }
@@ -541,9 +548,8 @@ mod tests {
     fn snapshot_encodes_states_counters_and_histograms_as_prometheus_text() {
         let stats = Arc::new(DiskStats::default());
         stats.written_bytes.store(8192, Ordering::Relaxed);
-        stats.ops[OpKind::Write as usize].store(2, Ordering::Relaxed);
-        stats.latency[OpKind::Write as usize].observe(0.0003);
-        stats.latency[OpKind::Write as usize].observe(20.0);
+        stats.latency[OpKind::Write as usize].observe(std::time::Duration::from_micros(300));
+        stats.latency[OpKind::Write as usize].observe(std::time::Duration::from_secs(20));
         let snap = Snapshot {
             status: report(),
             disks: vec![DiskSample {

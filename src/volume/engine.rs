@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::queue::{DiskQueue, Op, Outcome};
+use super::queue::{DiskQueue, Op, Outcome, read_data, wait};
 use super::range_lock::RangeLock;
 use crate::disk::AlignedBuf;
 
@@ -578,7 +578,7 @@ impl MirrorVolume {
             .into_iter()
             .filter(|p| p.mode() != Mode::Out)
             .collect();
-        let ops = vec![Op::Flush; targets.len()];
+        let ops = targets.iter().map(|_| Op::Flush).collect();
         let this = self.clone();
         self.fan_out(targets, ops, run, move |results| {
             done(this.settle_writes(results, "flush", 0))
@@ -709,7 +709,7 @@ impl MirrorVolume {
         // On the disks' workers, not this thread: a plex that hangs is timed
         // out by the watchdog (and failed, and the read tried elsewhere)
         // while the resync waits, instead of holding its range for good.
-        let got = wait(|cb| {
+        read_data(wait(|cb| {
             self.read_from(
                 offset,
                 len,
@@ -717,8 +717,7 @@ impl MirrorVolume {
                 Vec::new(),
                 Box::new(move |r| cb(r.map(Some))),
             )
-        })?;
-        got.ok_or_else(|| eio("a read returned no data".into()))
+        }))
     }
 
     /// The in-sync plex to read from: the one whose last read ended at
@@ -859,7 +858,7 @@ impl MirrorVolume {
     ) -> io::Result<()> {
         // With a deadline: a source that hangs now must not hold the range
         // (and every write to it) forever.
-        let data = wait(|cb| {
+        let data = Arc::new(read_data(wait(|cb| {
             good.queue.submit(
                 Op::Read {
                     offset: good.offset + offset,
@@ -868,8 +867,7 @@ impl MirrorVolume {
                 true,
                 cb,
             )
-        })?;
-        let data = Arc::new(data.ok_or_else(|| eio("a read returned no data".into()))?);
+        }))?);
         wait(|cb| {
             bad.queue.submit(
                 Op::Write {
@@ -967,16 +965,6 @@ impl Drop for RangeHold {
             self.volume.lock.release(g);
         }
     }
-}
-
-/// Submits with a callback and waits for it.
-fn wait(submit: impl FnOnce(Box<dyn FnOnce(Outcome) + Send>)) -> Outcome {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    submit(Box::new(move |o| {
-        let _ = tx.send(o);
-    }));
-    rx.recv()
-        .unwrap_or_else(|_| Err(eio("the request was dropped without an answer".into())))
 }
 
 #[cfg(test)]

@@ -24,13 +24,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use prometheus_client::metrics::histogram::Histogram;
 
 use crate::disk::buf::IO_ALIGN;
 use crate::disk::{AlignedBuf, Disk};
 
 /// One I/O request to one disk, at absolute disk offsets.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Op {
     Read {
         offset: u64,
@@ -42,7 +41,7 @@ pub enum Op {
     ReadInto {
         offset: u64,
         len: usize,
-        buf: Arc<Mutex<Option<AlignedBuf>>>,
+        buf: AlignedBuf,
     },
     /// Writes `data`; with `fua`, makes it durable before completing.
     Write {
@@ -66,6 +65,16 @@ impl Op {
             Op::Write { .. } => OpKind::Write,
             Op::Flush => OpKind::Flush,
             Op::WriteZeroes { .. } => OpKind::Zeroes,
+        }
+    }
+
+    /// The bytes the request moves (read, written or zeroed).
+    fn bytes(&self) -> u64 {
+        match self {
+            Op::Read { len, .. } | Op::ReadInto { len, .. } => *len as u64,
+            Op::Write { data, .. } => data.len() as u64,
+            Op::WriteZeroes { len, .. } => *len,
+            Op::Flush => 0,
         }
     }
 }
@@ -101,8 +110,49 @@ pub const LATENCY_BUCKETS: [f64; 18] = [
     1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
+/// The latency of one kind of request: a count per bucket of
+/// [`LATENCY_BUCKETS`] (and one past the last) and the sum, in
+/// nanoseconds. Lock-free: a request adds to two atomics.
+#[derive(Debug, Default)]
+pub struct Latency {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Latency {
+    pub fn observe(&self, latency: Duration) {
+        let secs = latency.as_secs_f64();
+        let bucket = LATENCY_BUCKETS.partition_point(|&b| b < secs);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(latency.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// Requests observed.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The sum of the latencies, in seconds.
+    pub fn sum(&self) -> f64 {
+        self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+    }
+
+    /// (upper bound in seconds, requests in that bucket alone), the last
+    /// bound infinite.
+    pub fn buckets(&self) -> Vec<(f64, u64)> {
+        LATENCY_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY))
+            .zip(&self.buckets)
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
 /// What a disk's queue has done since it started. Counters only grow.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct DiskStats {
     /// Bytes read by successful reads.
     pub read_bytes: AtomicU64,
@@ -110,52 +160,35 @@ pub struct DiskStats {
     pub written_bytes: AtomicU64,
     /// Bytes zeroed by successful write-zeroes.
     pub zeroed_bytes: AtomicU64,
-    /// Completed requests (successful or not), by [`OpKind`].
-    pub ops: [AtomicU64; 4],
     /// Requests the disk failed.
     pub errors: AtomicU64,
     /// Requests the watchdog completed with `TimedOut`.
     pub timeouts: AtomicU64,
-    /// Latency from submission to completion, by [`OpKind`].
-    pub latency: [Histogram; 4],
-}
-
-impl Default for DiskStats {
-    fn default() -> Self {
-        DiskStats {
-            read_bytes: AtomicU64::new(0),
-            written_bytes: AtomicU64::new(0),
-            zeroed_bytes: AtomicU64::new(0),
-            ops: Default::default(),
-            errors: AtomicU64::new(0),
-            timeouts: AtomicU64::new(0),
-            latency: std::array::from_fn(|_| Histogram::new(LATENCY_BUCKETS)),
-        }
-    }
+    /// Latency from submission to completion of every completed request
+    /// (successful or not), by [`OpKind`]: its count is the request count.
+    pub latency: [Latency; 4],
 }
 
 impl DiskStats {
-    /// Counts one completed request.
-    fn record(&self, op: &Op, outcome: &Outcome, latency: Duration) {
-        let kind = op.kind();
-        self.ops[kind as usize].fetch_add(1, Ordering::Relaxed);
-        match (op, outcome) {
-            (_, Err(_)) => {
-                self.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            (Op::Read { len, .. } | Op::ReadInto { len, .. }, Ok(_)) => {
-                self.read_bytes.fetch_add(*len as u64, Ordering::Relaxed);
-            }
-            (Op::Write { data, .. }, Ok(_)) => {
-                self.written_bytes
-                    .fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
-            (Op::WriteZeroes { len, .. }, Ok(_)) => {
-                self.zeroed_bytes.fetch_add(*len, Ordering::Relaxed);
-            }
-            (Op::Flush, Ok(_)) => {}
+    /// Completed requests (successful or not) of one kind.
+    pub fn ops(&self, kind: OpKind) -> u64 {
+        self.latency[kind as usize].count()
+    }
+
+    /// Counts one completed request of `kind` that moved `bytes` when it
+    /// succeeded.
+    fn record(&self, kind: OpKind, bytes: u64, ok: bool, latency: Duration) {
+        let counter = match kind {
+            _ if !ok => Some((&self.errors, 1)),
+            OpKind::Read => Some((&self.read_bytes, bytes)),
+            OpKind::Write => Some((&self.written_bytes, bytes)),
+            OpKind::Zeroes => Some((&self.zeroed_bytes, bytes)),
+            OpKind::Flush => None,
+        };
+        if let Some((c, n)) = counter {
+            c.fetch_add(n, Ordering::Relaxed);
         }
-        self.latency[kind as usize].observe(latency.as_secs_f64());
+        self.latency[kind as usize].observe(latency);
     }
 }
 
@@ -217,34 +250,39 @@ impl std::fmt::Debug for DiskQueue {
     }
 }
 
-fn execute(disk: &dyn Disk, op: &Op) -> Outcome {
+fn execute(disk: &dyn Disk, op: Op) -> Outcome {
     match op {
         Op::Read { offset, len } => {
-            let mut buf = AlignedBuf::new(*len, IO_ALIGN);
-            disk.read_at(&mut buf, *offset)?;
+            let mut buf = AlignedBuf::new(len, IO_ALIGN);
+            disk.read_at(&mut buf, offset)?;
             Ok(Some(buf))
         }
-        Op::ReadInto { offset, len, buf } => {
-            let mut buf = buf
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-                .ok_or_else(|| io::Error::other("the buffer of a read was lent twice"))?;
-            buf.set_len(*len);
-            disk.read_at(&mut buf, *offset)?;
+        Op::ReadInto {
+            offset,
+            len,
+            mut buf,
+        } => {
+            if len > buf.capacity() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("a {len}-byte read into a {}-byte buffer", buf.capacity()),
+                ));
+            }
+            buf.set_len(len);
+            disk.read_at(&mut buf, offset)?;
             Ok(Some(buf))
         }
         Op::Write { offset, data, fua } => {
-            disk.write_at(data, *offset)?;
-            if *fua {
+            disk.write_at(&data, offset)?;
+            if fua {
                 disk.flush()?;
             }
             Ok(None)
         }
         Op::Flush => disk.flush().map(|()| None),
         Op::WriteZeroes { offset, len, fua } => {
-            disk.write_zeroes(*offset, *len)?;
-            if *fua {
+            disk.write_zeroes(offset, len)?;
+            if fua {
                 disk.flush()?;
             }
             Ok(None)
@@ -252,55 +290,42 @@ fn execute(disk: &dyn Disk, op: &Op) -> Outcome {
     }
 }
 
-/// Submits a read of `len` bytes at `offset` into `buf` to the queue's
-/// workers, under the watchdog (`deadline`); the answer (the buffer, `len`
-/// long) comes on the returned channel.
-pub fn submit_read_into(
-    queue: &DiskQueue,
-    offset: u64,
-    len: usize,
-    buf: AlignedBuf,
-    deadline: bool,
-) -> std::sync::mpsc::Receiver<Outcome> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Outcome>(1);
-    queue.submit(
-        Op::ReadInto {
-            offset,
-            len,
-            buf: Arc::new(Mutex::new(Some(buf))),
-        },
-        deadline,
-        Box::new(move |o| {
-            let _ = tx.send(o);
-        }),
-    );
-    rx
-}
-
-/// The answer to [`submit_read_into`]: the buffer, or why not.
-pub fn read_answer(rx: std::sync::mpsc::Receiver<Outcome>) -> io::Result<AlignedBuf> {
-    rx.recv()
-        .unwrap_or_else(|_| Err(io::Error::other("the read was dropped without an answer")))?
-        .ok_or_else(|| io::Error::other("a read returned no data"))
-}
-
-/// [`submit_read_into`], then waits: the caller's thread never blocks in a
-/// disk that hangs, only here until the watchdog gives up on it.
-pub fn read_into(
-    queue: &DiskQueue,
-    offset: u64,
-    len: usize,
-    buf: AlignedBuf,
-    deadline: bool,
-) -> io::Result<AlignedBuf> {
-    read_answer(submit_read_into(queue, offset, len, buf, deadline))
-}
-
 /// Runs `op` and counts it.
-fn execute_counted(disk: &dyn Disk, stats: &DiskStats, op: &Op, submitted: Instant) -> Outcome {
+fn execute_counted(disk: &dyn Disk, stats: &DiskStats, op: Op, submitted: Instant) -> Outcome {
+    let (kind, bytes) = (op.kind(), op.bytes());
     let outcome = execute(disk, op);
-    stats.record(op, &outcome, submitted.elapsed());
+    stats.record(kind, bytes, outcome.is_ok(), submitted.elapsed());
     outcome
+}
+
+/// A callback that sends the outcome to the receiver returned with it.
+pub fn channel() -> (Callback, std::sync::mpsc::Receiver<Outcome>) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let cb: Callback = Box::new(move |o| {
+        let _ = tx.send(o);
+    });
+    (cb, rx)
+}
+
+/// The outcome that arrives on `rx` (from [`channel`]).
+pub fn received(rx: &std::sync::mpsc::Receiver<Outcome>) -> Outcome {
+    rx.recv().unwrap_or_else(|_| {
+        Err(io::Error::other(
+            "the request was dropped without an answer",
+        ))
+    })
+}
+
+/// Submits with a callback and waits for its outcome.
+pub fn wait(submit: impl FnOnce(Callback)) -> Outcome {
+    let (cb, rx) = channel();
+    submit(cb);
+    received(&rx)
+}
+
+/// The data of a read's outcome.
+pub fn read_data(outcome: Outcome) -> io::Result<AlignedBuf> {
+    outcome?.ok_or_else(|| io::Error::other("a read returned no data"))
 }
 
 impl DiskQueue {
@@ -414,9 +439,25 @@ impl DiskQueue {
     /// to a worker thread.
     pub fn submit_here(&self, op: Op, deadline: bool, done: Callback) {
         let (id, ticket, submitted) = self.begin(deadline, done);
-        let outcome = execute_counted(&*self.disk, &self.stats, &op, submitted);
+        let outcome = execute_counted(&*self.disk, &self.stats, op, submitted);
         self.end(id);
         ticket.complete(outcome);
+    }
+
+    /// Reads `len` bytes at `offset` into `buf` on the workers, under the
+    /// watchdog (`deadline`), and waits: the caller's thread never blocks in
+    /// a disk that hangs, only here until the watchdog gives up on it.
+    /// Returns the buffer, `len` long.
+    pub fn read_into(
+        &self,
+        offset: u64,
+        len: usize,
+        buf: AlignedBuf,
+        deadline: bool,
+    ) -> io::Result<AlignedBuf> {
+        read_data(wait(|cb| {
+            self.submit(Op::ReadInto { offset, len, buf }, deadline, cb)
+        }))
     }
 
     /// Times out the requests of this queue older than `timeout`.
@@ -477,7 +518,7 @@ fn worker(q: Weak<DiskQueue>, stats: Arc<DiskStats>, rx: Receiver<Job>) {
         };
         let disk = queue.disk.clone();
         drop(queue);
-        let outcome = execute_counted(&*disk, &stats, &job.op, job.submitted);
+        let outcome = execute_counted(&*disk, &stats, job.op, job.submitted);
         if let Some(queue) = q.upgrade() {
             queue.end(job.id);
         }
@@ -628,7 +669,7 @@ mod tests {
         };
         assert!(wait(&q, beyond, true).is_err());
         let s = q.stats();
-        let count = |k: OpKind| s.ops[k as usize].load(Ordering::Relaxed);
+        let count = |k: OpKind| s.ops(k);
         assert_eq!(s.written_bytes.load(Ordering::Relaxed), 8192);
         assert_eq!(s.read_bytes.load(Ordering::Relaxed), 4096);
         assert_eq!(s.zeroed_bytes.load(Ordering::Relaxed), 4096);

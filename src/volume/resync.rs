@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::engine::{EnginePlex, MirrorVolume, Mode};
-use super::queue::{Op, Outcome, read_into};
+use super::queue::{Op, Outcome, wait};
 use crate::disk::AlignedBuf;
 
 /// How a resync paces itself.
@@ -357,7 +357,7 @@ fn start_chunk(
         .collect();
     let direct = in_sync
         .first()
-        .map(|p| read_into(&p.queue, p.offset + pos, n, buf, true));
+        .map(|p| p.queue.read_into(p.offset + pos, n, buf, true));
     let buf = match direct {
         Some(Ok(buf)) => buf,
         // The only copy hangs: nothing to fall back on, and the range must
@@ -416,17 +416,7 @@ fn flush_target(target: &EnginePlex, pos: u64) -> Result<(), ResyncError> {
 /// Runs one request on the plex's disk, on this thread, with the engine's
 /// deadline (a hung target is failed instead of stalling the resync).
 fn run_on(plex: &EnginePlex, op: Op) -> io::Result<()> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Outcome>(1);
-    plex.queue.submit_here(
-        op,
-        true,
-        Box::new(move |o| {
-            let _ = tx.send(o);
-        }),
-    );
-    rx.recv()
-        .unwrap_or_else(|_| Err(io::Error::other("the request was dropped")))
-        .map(|_: Option<AlignedBuf>| ())
+    wait(|cb| plex.queue.submit_here(op, true, cb)).map(|_| ())
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::engine::{EnginePlex, MirrorVolume, Mode};
-use super::queue::{read_answer, submit_read_into};
+use super::queue::{Op, channel, read_data, received};
 use crate::disk::AlignedBuf;
 use crate::disk::buf::IO_ALIGN;
 
@@ -265,12 +265,19 @@ fn scrub_chunk(
         .zip(bufs.iter_mut())
         .map(|(p, b)| {
             let buf = std::mem::replace(b, AlignedBuf::new(0, IO_ALIGN));
-            submit_read_into(&p.queue, p.offset + pos, n, buf, true)
+            let (cb, rx) = channel();
+            let op = Op::ReadInto {
+                offset: p.offset + pos,
+                len: n,
+                buf,
+            };
+            p.queue.submit(op, true, cb);
+            rx
         })
         .collect();
     let mut failed = None;
     for ((p, b), rx) in plexes.iter().zip(bufs.iter_mut()).zip(pending) {
-        match read_answer(rx) {
+        match read_data(received(&rx)) {
             Ok(got) => *b = got,
             Err(e) => {
                 *b = AlignedBuf::new(SCRUB_CHUNK, IO_ALIGN);
