@@ -13,7 +13,7 @@
 //! the group and a few kilobytes of text, so requests are answered in turn.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -29,48 +29,43 @@ use prometheus_client::registry::Registry;
 
 use crate::group::live::LiveGroup;
 use crate::group::status::StatusReport;
-use crate::nbd::server::Server;
+use crate::nbd::server::{self, BindError, Bound, Listen, Server};
 use crate::volume::queue::{DiskStats, OpKind};
 use crate::{Error, Result};
 
 /// Every metric name starts with this, and an underscore.
-pub const PREFIX: &str = "mirrorvol";
+const PREFIX: &str = "mirrorvol";
 
 /// The states each kind of object can be in (DESIGN.md §2). A state gauge
 /// has one series per state, 1 for the current one and 0 for the others,
 /// so a query never depends on a series that appears and vanishes.
-pub const VOLUME_STATES: [&str; 5] = [
+const VOLUME_STATES: [&str; 5] = [
     "healthy",
     "resynching",
     "failed-redundancy",
     "failed-redundancy-at-risk",
     "failed",
 ];
-pub const PLEX_STATES: [&str; 5] = ["in-sync", "stale", "resyncing", "failed", "missing"];
-pub const DISK_STATES: [&str; 5] = ["online", "online-errors", "missing", "failed", "offline"];
+const PLEX_STATES: [&str; 5] = ["in-sync", "stale", "resyncing", "failed", "missing"];
+const DISK_STATES: [&str; 5] = ["online", "online-errors", "missing", "failed", "offline"];
 
-/// Parses `HOST:PORT` (or a bare `PORT`, on the loopback, as `--listen`
-/// takes it) and binds it. A taken address is refused.
+/// Parses `HOST:PORT` (or `PORT`/`:PORT`, on the loopback) as `--listen`
+/// does, and binds it with the NBD listeners' code. A taken address is
+/// refused.
 pub fn bind(addr: &str) -> Result<TcpListener> {
-    let spec = if addr.parse::<u16>().is_ok() {
-        format!("127.0.0.1:{addr}")
-    } else {
-        addr.to_string()
-    };
-    let addrs: Vec<SocketAddr> = spec
-        .to_socket_addrs()
-        .map_err(|e| {
-            Error::refused(format!(
-                "cannot serve metrics on {addr}: it is not a HOST:PORT address ({e})"
-            ))
-        })?
-        .collect();
-    TcpListener::bind(&addrs[..]).map_err(|e| match e.kind() {
-        std::io::ErrorKind::AddrInUse => Error::refused(format!(
-            "cannot serve metrics on {addr}: the address is already in use"
-        )),
-        _ => Error::failed(format!("cannot serve metrics on {addr}: {e}")),
-    })
+    let refused = |why: &str| Error::refused(format!("cannot serve metrics on {addr}: {why}"));
+    let listen = Listen::parse(addr).map_err(|e| refused(&e))?;
+    if let Listen::Unix(_) = listen {
+        return Err(refused("metrics are served over HTTP: give HOST:PORT"));
+    }
+    match server::bind(&listen) {
+        Ok(Bound::Tcp(l)) => Ok(l),
+        Ok(Bound::Unix(..)) => unreachable!("a TCP address binds a TCP listener"),
+        Err(BindError::InUse(_)) => Err(refused("the address is already in use")),
+        Err(BindError::Other(_, e)) => Err(Error::failed(format!(
+            "cannot serve metrics on {addr}: {e}"
+        ))),
+    }
 }
 
 /// One disk queue's statistics, with the disk's name.
@@ -97,13 +92,13 @@ impl Snapshot {
         let disks = live
             .disk_queues()
             .into_iter()
-            .map(|(uuid, name, q)| DiskSample {
+            .map(|(uuid, q)| DiskSample {
                 // The name `status` gives the disk, so labels match.
                 path: status
                     .disks
                     .iter()
                     .find(|d| d.uuid == uuid)
-                    .map_or(name, |d| d.path.clone()),
+                    .map_or_else(|| q.name().to_string(), |d| d.path.clone()),
                 stats: q.stats().clone(),
                 in_flight: q.pending(),
             })
@@ -126,21 +121,32 @@ impl Snapshot {
     }
 }
 
-/// Encodes a gauge family; nothing when it has no series.
+/// Encodes one family of series; nothing when it has none.
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: Vec<(L, M)>,
+) -> std::fmt::Result {
+    let Some(kind) = series.first().map(|(_, m)| m.metric_type()) else {
+        return Ok(());
+    };
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, metric) in series {
+        metric.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// Encodes a gauge family.
 fn gauges<L: EncodeLabelSet, V: EncodeGaugeValue + std::fmt::Debug>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     series: Vec<(L, V)>,
 ) -> std::fmt::Result {
-    if series.is_empty() {
-        return Ok(());
-    }
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in series {
-        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+    let series = series.into_iter().map(|(l, v)| (l, ConstGauge::new(v)));
+    family(enc, name, help, series.collect())
 }
 
 /// Encodes a counter family (the encoder adds `_total`).
@@ -150,14 +156,8 @@ fn counters<L: EncodeLabelSet, V: EncodeCounterValue + std::fmt::Debug>(
     help: &str,
     series: Vec<(L, V)>,
 ) -> std::fmt::Result {
-    if series.is_empty() {
-        return Ok(());
-    }
-    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, v) in series {
-        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+    let series = series.into_iter().map(|(l, v)| (l, ConstCounter::new(v)));
+    family(enc, name, help, series.collect())
 }
 
 /// One series per known state (and the current one, should it be new).
@@ -297,38 +297,35 @@ impl Collector for Snapshot {
                 .collect(),
         )?;
 
-        let per_disk = |f: &dyn Fn(&DiskStats) -> u64| -> Vec<([(&str, &str); 1], u64)> {
+        let per_disk = |f: &dyn Fn(&DiskSample) -> u64| -> Vec<([(&str, &str); 1], u64)> {
             self.disks
                 .iter()
-                .map(|d| ([("disk", d.path.as_str())], f(&d.stats)))
+                .map(|d| ([("disk", d.path.as_str())], f(d)))
                 .collect()
         };
         gauges(
             &mut enc,
             "disk_in_flight_requests",
             "Requests submitted to the disk's queue and not completed.",
-            self.disks
-                .iter()
-                .map(|d| ([("disk", d.path.as_str())], d.in_flight as u64))
-                .collect(),
+            per_disk(&|d| d.in_flight as u64),
         )?;
         counters(
             &mut enc,
             "disk_read_bytes",
             "Bytes read from the disk.",
-            per_disk(&|st| load(&st.read_bytes)),
+            per_disk(&|d| load(&d.stats.read_bytes)),
         )?;
         counters(
             &mut enc,
             "disk_written_bytes",
             "Bytes written to the disk (write-zeroes not included).",
-            per_disk(&|st| load(&st.written_bytes)),
+            per_disk(&|d| load(&d.stats.written_bytes)),
         )?;
         counters(
             &mut enc,
             "disk_zeroed_bytes",
             "Bytes zeroed on the disk by write-zeroes (NBD WRITE_ZEROES and TRIM).",
-            per_disk(&|st| load(&st.zeroed_bytes)),
+            per_disk(&|d| load(&d.stats.zeroed_bytes)),
         )?;
         counters(
             &mut enc,
@@ -350,13 +347,13 @@ impl Collector for Snapshot {
             &mut enc,
             "disk_errors",
             "Requests the disk failed with an I/O error.",
-            per_disk(&|st| load(&st.errors)),
+            per_disk(&|d| load(&d.stats.errors)),
         )?;
         counters(
             &mut enc,
             "disk_timeouts",
             "Requests that did not complete within the I/O timeout.",
-            per_disk(&|st| load(&st.timeouts)),
+            per_disk(&|d| load(&d.stats.timeouts)),
         )?;
         if !self.disks.is_empty() {
             let mut m = enc.encode_descriptor(

@@ -200,13 +200,10 @@ impl LiveGroup {
             .collect()
     }
 
-    /// The queue of every disk in service, with the disk's UUID and path:
-    /// the metrics endpoint reads their statistics.
-    pub fn disk_queues(&self) -> Vec<(Uuid, String, Arc<DiskQueue>)> {
-        self.queues()
-            .iter()
-            .map(|(u, q)| (*u, q.name().to_string(), q.clone()))
-            .collect()
+    /// The queue of every disk in service, with the disk's UUID: the
+    /// metrics endpoint reads their statistics.
+    pub fn disk_queues(&self) -> Vec<(Uuid, Arc<DiskQueue>)> {
+        self.queues().iter().map(|(u, q)| (*u, q.clone())).collect()
     }
 
     /// The group, locked.

@@ -546,12 +546,11 @@ impl Watchdog {
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::park_timeout(tick);
-                    let now: Vec<Arc<DiskQueue>> = watched
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .iter()
-                        .filter_map(Weak::upgrade)
-                        .collect();
+                    let now: Vec<Arc<DiskQueue>> = {
+                        let mut watched = watched.lock().unwrap_or_else(|e| e.into_inner());
+                        watched.retain(|q| q.strong_count() > 0);
+                        watched.iter().filter_map(Weak::upgrade).collect()
+                    };
                     for q in now {
                         q.expire(timeout);
                     }
