@@ -366,18 +366,7 @@ impl Server {
     /// Returns once their threads are done; requests they had in flight
     /// still run to their end in the export.
     pub fn disconnect(&self, name: &str) {
-        let mut conns = lock(&self.shared.conns);
-        let mine = |c: &Conn| c.export.as_deref() == Some(name);
-        for c in conns.values().filter(|c| mine(c)) {
-            c.sock.shutdown(Shutdown::Both);
-        }
-        while conns.values().any(mine) {
-            conns = self
-                .shared
-                .idle
-                .wait(conns)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+        self.close(Shutdown::Both, |c| c.export.as_deref() == Some(name));
     }
 
     /// Stops accepting, stops reading new requests on every connection,
@@ -391,11 +380,17 @@ impl Server {
                 let _ = std::fs::remove_file(p);
             }
         }
+        self.close(Shutdown::Read, |_| true);
+    }
+
+    /// Shuts `how` the connections `which` picks, and waits until they are
+    /// closed.
+    fn close(&self, how: Shutdown, which: impl Fn(&Conn) -> bool) {
         let mut conns = lock(&self.shared.conns);
-        for c in conns.values() {
-            c.sock.shutdown(Shutdown::Read);
+        for c in conns.values().filter(|c| which(c)) {
+            c.sock.shutdown(how);
         }
-        while !conns.is_empty() {
+        while conns.values().any(&which) {
             conns = self
                 .shared
                 .idle
@@ -707,16 +702,12 @@ impl Replies {
         data: Option<AlignedBuf>,
         release: Option<u64>,
     ) {
-        // The writer outlives every completion (the connection drains them
-        // before it lets the writer go); should it not, the share goes back
-        // here.
-        if let Err(e) = self.tx.send(Reply {
+        // Cannot fail: the writer reads until every sender is gone.
+        let _ = self.tx.send(Reply {
             header,
             data,
             release,
-        }) {
-            drop(e);
-        }
+        });
     }
 }
 
