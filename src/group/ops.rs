@@ -1005,26 +1005,17 @@ impl Group {
 
     /// Copies between a file or device and a volume, or between volumes.
     pub fn copy(&mut self, src: &Endpoint, dst: &Endpoint, progress: &dyn Progress) -> Result<u64> {
-        match (src, dst) {
-            (Endpoint::Path(_), Endpoint::Path(_)) => Err(Error::refused(
-                "copy needs a volume on at least one side: write it as vol:NAME",
-            )),
-            (Endpoint::Volume(a), Endpoint::Volume(b)) if a == b => Err(Error::refused(format!(
-                "volume {a} cannot be copied onto itself"
-            ))),
-            _ => {
-                let source = self.open_source(src)?;
-                let size = source.size();
-                let target = self.open_target(dst, size, &source)?;
-                let (target, written) = self.copy_between(source, target, size, progress)?;
-                if let EndpointIo::Volume(io) = &target {
-                    let r = io.engine.flush();
-                    self.settle(io)?;
-                    r.map_err(|e| io_refusal(&io.engine.name, e))?;
-                }
-                Ok(written)
-            }
+        Endpoint::refuse_pair(src, dst)?;
+        let source = self.open_source(src)?;
+        let size = source.size();
+        let target = self.open_target(dst, size, &source)?;
+        let (target, written) = self.copy_between(source, target, size, progress)?;
+        if let EndpointIo::Volume(io) = &target {
+            let r = io.engine.flush();
+            self.settle(io)?;
+            r.map_err(|e| io_refusal(&io.engine.name, e))?;
         }
+        Ok(written)
     }
 
     pub(crate) fn refuse_group_disk(&self, path: &Path) -> Result<()> {
@@ -1071,15 +1062,7 @@ impl Group {
     fn open_target(&mut self, e: &Endpoint, size: u64, source: &EndpointIo) -> Result<EndpointIo> {
         match e {
             Endpoint::Volume(name) => {
-                let v = self.volume(name)?;
-                if v.size < size {
-                    return Err(Error::refused(format!(
-                        "volume {name} ({}) is smaller than {} ({})",
-                        human(v.size),
-                        source.describe(),
-                        human(size)
-                    )));
-                }
+                refuse_smaller(name, self.volume(name)?.size, &source.describe(), size)?;
                 self.prepare_write(name)?;
                 Ok(EndpointIo::Volume(self.open_volume(name)?))
             }
@@ -1161,18 +1144,12 @@ impl Group {
             &format!("copy {} to {}", source.describe(), target.describe()),
             size,
         );
-        let mut buf = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
-        let mut pos = 0;
-        while pos < size {
-            let n = (size - pos).min(COPY_CHUNK as u64) as usize;
-            let chunk = &mut buf[..n];
+        copy_chunks(size, progress, |pos, chunk| {
             self.transfer(&source, pos, chunk, false)?;
             // Plexes that fail a write leave the engine at once; the config
             // records them before the next chunk.
-            self.transfer(&target, pos, chunk, true)?;
-            pos += n as u64;
-            progress.set(pos);
-        }
+            self.transfer(&target, pos, chunk, true)
+        })?;
         if let EndpointIo::Path(p, d) = &target {
             d.flush().map_err(|e| Error::io_path("flush", p, e))?;
         }
@@ -1201,18 +1178,61 @@ impl Group {
                 self.settle(io)?;
                 r.map_err(|e| io_refusal(&io.engine.name, e))
             }
-            EndpointIo::Path(p, d) => {
-                let (r, verb) = if write {
-                    (d.write_at(chunk, pos), "write")
-                } else {
-                    (d.read_at(chunk, pos), "read")
-                };
-                r.map_err(|e| {
-                    Error::io(format!("cannot {verb} {} at offset {pos}", p.display()), e)
-                })
-            }
+            EndpointIo::Path(p, d) => path_io(p, d, pos, chunk, write),
         }
     }
+}
+
+/// Reads (or writes) one chunk of a copy on a file or device.
+pub(crate) fn path_io(
+    path: &Path,
+    disk: &FileDisk,
+    pos: u64,
+    chunk: &mut [u8],
+    write: bool,
+) -> Result<()> {
+    let (r, verb) = if write {
+        (disk.write_at(chunk, pos), "write")
+    } else {
+        (disk.read_at(chunk, pos), "read")
+    };
+    r.map_err(|e| {
+        Error::io(
+            format!("cannot {verb} {} at offset {pos}", path.display()),
+            e,
+        )
+    })
+}
+
+/// Copies `size` bytes a chunk at a time: `step` moves the chunk at `pos`
+/// (reads it into the buffer, then writes it out).
+pub(crate) fn copy_chunks(
+    size: u64,
+    progress: &dyn Progress,
+    mut step: impl FnMut(u64, &mut [u8]) -> Result<()>,
+) -> Result<()> {
+    let mut buf = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
+    let mut pos = 0;
+    while pos < size {
+        let n = (size - pos).min(COPY_CHUNK as u64) as usize;
+        step(pos, &mut buf[..n])?;
+        pos += n as u64;
+        progress.set(pos);
+    }
+    Ok(())
+}
+
+/// Refuses to copy `size` bytes of `what` onto the volume `name` of
+/// `volume_size` bytes when they do not fit.
+pub(crate) fn refuse_smaller(name: &str, volume_size: u64, what: &str, size: u64) -> Result<()> {
+    if volume_size < size {
+        return Err(Error::refused(format!(
+            "volume {name} ({}) is smaller than {what} ({})",
+            human(volume_size),
+            human(size)
+        )));
+    }
+    Ok(())
 }
 
 /// One side of `copy`.
@@ -1223,6 +1243,19 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
+    /// Refuses a copy between two files, or of a volume onto itself.
+    pub fn refuse_pair(src: &Endpoint, dst: &Endpoint) -> Result<()> {
+        match (src, dst) {
+            (Endpoint::Path(_), Endpoint::Path(_)) => Err(Error::refused(
+                "copy needs a volume on at least one side: write it as vol:NAME",
+            )),
+            (Endpoint::Volume(a), Endpoint::Volume(b)) if a == b => Err(Error::refused(format!(
+                "volume {a} cannot be copied onto itself"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// `vol:NAME` names a volume; anything else is a path.
     pub fn parse(s: &str) -> Endpoint {
         match s.strip_prefix("vol:") {

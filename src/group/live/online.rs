@@ -20,14 +20,13 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::LiveGroup;
-use crate::disk::buf::IO_ALIGN;
-use crate::disk::{AlignedBuf, Disk, FileDisk};
+use crate::disk::{Disk, FileDisk};
 use crate::group::Group;
+use crate::group::NoProgress;
 use crate::group::events::{Event, EventKind};
 use crate::group::io::io_refusal;
-use crate::group::ops::{Endpoint, human};
+use crate::group::ops::{Endpoint, copy_chunks, human, path_io, refuse_smaller};
 use crate::group::scrub::VolumeScrub;
-use crate::volume::COPY_CHUNK;
 use crate::volume::engine::{MirrorVolume, Mode};
 use crate::volume::scrub::ScrubOptions;
 use crate::{Error, Result};
@@ -451,21 +450,9 @@ impl LiveGroup {
             }
             Ok(e)
         };
+        Endpoint::refuse_pair(src, dst)?;
         let (source, target, size) = {
             let g = self.group();
-            match (src, dst) {
-                (Endpoint::Path(_), Endpoint::Path(_)) => {
-                    return Err(Error::refused(
-                        "copy needs a volume on at least one side: write it as vol:NAME",
-                    ));
-                }
-                (Endpoint::Volume(a), Endpoint::Volume(b)) if a == b => {
-                    return Err(Error::refused(format!(
-                        "volume {a} cannot be copied onto itself"
-                    )));
-                }
-                _ => {}
-            }
             let (source, size, what) = match src {
                 Endpoint::Volume(n) => {
                     g.volume(n)?;
@@ -481,41 +468,22 @@ impl LiveGroup {
             };
             let target = match dst {
                 Endpoint::Volume(n) => {
-                    let v = g.volume(n)?;
-                    if v.size < size {
-                        return Err(Error::refused(format!(
-                            "volume {n} ({}) is smaller than {what} ({})",
-                            human(v.size),
-                            human(size)
-                        )));
-                    }
+                    refuse_smaller(n, g.volume(n)?.size, &what, size)?;
                     Side::Volume(engine(n)?)
                 }
                 Endpoint::Path(p) => Side::Path(p.clone(), g.open_path_target(p, size, &what)?),
             };
             (source, target, size)
         };
-        let mut buf = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
-        let mut pos = 0;
-        while pos < size {
-            let n = (size - pos).min(COPY_CHUNK as u64) as usize;
-            let chunk = &mut buf[..n];
-            match &source {
-                Side::Volume(e) => e.read(pos, chunk).map_err(|err| io_refusal(&e.name, err))?,
-                Side::Path(p, d) => d.read_at(chunk, pos).map_err(|err| {
-                    Error::io(format!("cannot read {} at offset {pos}", p.display()), err)
-                })?,
-            }
-            match &target {
-                Side::Volume(e) => e
-                    .write(pos, chunk)
-                    .map_err(|err| io_refusal(&e.name, err))?,
-                Side::Path(p, d) => d.write_at(chunk, pos).map_err(|err| {
-                    Error::io(format!("cannot write {} at offset {pos}", p.display()), err)
-                })?,
-            }
-            pos += n as u64;
-        }
+        let io = |side: &Side, pos: u64, chunk: &mut [u8], write: bool| match side {
+            Side::Volume(e) if write => e.write(pos, chunk).map_err(|err| io_refusal(&e.name, err)),
+            Side::Volume(e) => e.read(pos, chunk).map_err(|err| io_refusal(&e.name, err)),
+            Side::Path(p, d) => path_io(p, d, pos, chunk, write),
+        };
+        copy_chunks(size, &NoProgress, |pos, chunk| {
+            io(&source, pos, chunk, false)?;
+            io(&target, pos, chunk, true)
+        })?;
         match &target {
             Side::Volume(e) => e.flush().map_err(|err| io_refusal(&e.name, err))?,
             Side::Path(p, d) => d.flush().map_err(|e| Error::io_path("flush", p, e))?,
