@@ -310,6 +310,15 @@ fn serve_of_a_split_group_runs_the_hook_with_both_sides_before_refusing() {
         .collect();
     sides.sort();
     assert_eq!(sides, [sb.p("disks/a.img"), sb.p("disks/b.img")], "{e}");
+    // Every side, however many, is in `sides`.
+    let mut all: Vec<&str> = e["sides"]
+        .as_array()
+        .unwrap_or_else(|| panic!("sides: {e}"))
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    all.sort();
+    assert_eq!(all, sides, "{e}");
     let reason = e["reason"].as_str().unwrap();
     assert!(
         reason.contains("is split") && reason.contains("resolve-split-brain"),

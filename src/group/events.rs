@@ -10,10 +10,10 @@
 //! own events (a full queue drops them, with one warning), never a request.
 //!
 //! Disk and volume state changes are not emitted where they happen but
-//! derived: a [`Snapshot`] of the states `status` shows, taken before a
-//! config change, is compared with the group after it
+//! derived: after every config change, a [`Snapshot`] of the states
+//! `status` shows is compared with the one last reported
 //! ([`Snapshot::events_to`]), so every path that changes the config reports
-//! alike.
+//! alike, and a change nobody reported is caught by the next.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -32,7 +32,7 @@ use super::Group;
 const RESERVED: [&str; 2] = ["disks", "run_dir"];
 
 /// Events queued for the hook at most; more are dropped (and counted).
-pub const QUEUE_LIMIT: usize = 1024;
+const QUEUE_LIMIT: usize = 1024;
 
 /// How long one run of the hook may take before it is killed.
 pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -145,6 +145,7 @@ impl Event {
         self
     }
 
+    #[cfg(test)]
     pub fn field(&self, name: &str) -> Option<&Value> {
         self.fields.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
     }
@@ -238,11 +239,6 @@ pub struct Hook {
 }
 
 impl Events {
-    /// Events that are only logged.
-    pub fn log_only() -> Events {
-        Events::start(None)
-    }
-
     /// Events that are logged and, with a hook, handed to it by a thread of
     /// their own.
     pub fn start(hook: Option<Hook>) -> Events {
@@ -511,7 +507,8 @@ impl Snapshot {
 }
 
 /// The event of a group `serve` refuses as split: each side's disks
-/// (`side1`, `side2`, ...) and the refusal sentence.
+/// (`side1` to `side4`, and every side in `sides`, one "disk, disk" item
+/// per side) and the refusal sentence.
 pub fn split_brain_event(g: &Group, reason: &str) -> Option<Event> {
     let split = g.split.as_ref()?;
     const SIDES: [&str; 4] = ["side1", "side2", "side3", "side4"];
@@ -519,7 +516,8 @@ pub fn split_brain_event(g: &Group, reason: &str) -> Option<Event> {
     for (name, side) in SIDES.iter().zip(&split.sides) {
         e = e.with(name, side.paths.clone());
     }
-    Some(e.with("reason", reason))
+    let sides: Vec<String> = split.sides.iter().map(|s| s.paths.join(", ")).collect();
+    Some(e.with("sides", sides).with("reason", reason))
 }
 
 #[cfg(test)]

@@ -75,38 +75,39 @@ impl Group {
     }
 
     /// Formats checked disks as members of this group (label, empty bitmap,
-    /// config entry) and commits. With the bitmaps loaded, the new disks'
-    /// bitmaps join them.
+    /// config entry) and commits. Every disk is formatted before the group
+    /// changes, and a commit that fails takes them out again, so a group in
+    /// service never keeps a disk half added. With the bitmaps loaded, the
+    /// new disks' bitmaps join them.
     fn add_disks(
         &mut self,
         disks: Vec<(PathBuf, Arc<dyn Disk>)>,
         opts: &InitOptions,
     ) -> Result<Vec<Uuid>> {
-        let group = self;
-        let mut added = Vec::new();
+        let mut formatted = Vec::new();
         for (path, disk) in disks {
             let uuid = Uuid::new_v4();
-            let label = ondisk::format_disk(&*disk, opts.style, uuid, group.config.uuid)
+            let label = ondisk::format_disk(&*disk, opts.style, uuid, self.config.uuid)
                 .map_err(|e| Error::failed(format!("formatting {} failed: {e}", path.display())))?;
             // A new disk's bitmap tracks from the start: its plexes can always
             // be resynced from it.
             let (bitmap, _) = crate::volume::bitmap::DiskBitmap::load(
                 disk.clone(),
                 &label.layout,
-                group.config.region_size,
+                self.config.region_size,
                 0,
             )
-            .and_then(|(b, found)| b.persist_header().map(|()| (b, found)))
-            .map_err(|e| Error::io(format!("cannot write the bitmap of {}", path.display()), e))?;
-            if let Some(set) = &group.bitmaps {
-                group
-                    .bitmap_found
-                    .insert(uuid, crate::volume::bitmap::Found::Valid);
-                set.insert(uuid, Arc::new(bitmap));
-            }
-            added.push(uuid);
+            .map_err(|e| Error::io(format!("cannot read the bitmap of {}", path.display()), e))?;
+            bitmap.persist_header().map_err(|e| {
+                Error::io(format!("cannot write the bitmap of {}", path.display()), e)
+            })?;
+            formatted.push((uuid, path, disk, label, bitmap));
+        }
+        let added: Vec<Uuid> = formatted.iter().map(|f| f.0).collect();
+        let mut bitmaps = Vec::new();
+        for (uuid, path, disk, label, bitmap) in formatted {
             let identity = disk.identity();
-            group.config.disks.push(DiskEntry {
+            self.config.disks.push(DiskEntry {
                 uuid,
                 path: path.display().to_string(),
                 controller: opts
@@ -119,10 +120,10 @@ impl Group {
                 data_size: label.layout.data_size,
                 model: identity.model,
                 state: DiskState::Online,
-                state_seqno: group.config.seqno + 1,
+                state_seqno: self.config.seqno + 1,
                 spare: opts.spare,
             });
-            group.members.insert(
+            self.members.insert(
                 uuid,
                 super::Member {
                     path,
@@ -132,8 +133,20 @@ impl Group {
                     damaged: Vec::new(),
                 },
             );
+            bitmaps.push((uuid, bitmap));
         }
-        group.commit()?;
+        if let Err(e) = self.commit() {
+            self.config.disks.retain(|d| !added.contains(&d.uuid));
+            self.members.retain(|u, _| !added.contains(u));
+            return Err(e);
+        }
+        if let Some(set) = &self.bitmaps {
+            for (uuid, bitmap) in bitmaps {
+                self.bitmap_found
+                    .insert(uuid, crate::volume::bitmap::Found::Valid);
+                set.insert(uuid, Arc::new(bitmap));
+            }
+        }
         Ok(added)
     }
 }
@@ -1283,5 +1296,47 @@ impl EndpointIo {
             EndpointIo::Path(p, _) => p.display().to_string(),
             EndpointIo::Volume(v) => format!("volume {}", v.engine.name),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+    use crate::MIB;
+    use crate::disk::FaultyDisk;
+
+    #[test]
+    fn a_join_that_fails_part_way_leaves_the_group_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = |name: &str| {
+            let p = dir.path().join(name);
+            fs::File::create(&p).unwrap().set_len(40 * MIB).unwrap();
+            p
+        };
+        let opts = InitOptions {
+            style: Style::Raw,
+            controller: None,
+            group: Some("g".into()),
+            force: false,
+            region_size: 0,
+            spare: false,
+        };
+        let mut g = init(None, &[image("a.img")], &opts).unwrap();
+        let (disks, members, seqno) = (g.config.disks.clone(), g.members.len(), g.config.seqno);
+        // The second new disk fails its first write: the first one is
+        // formatted, and must not join on its own.
+        let good = open_disk(&image("b.img")).unwrap();
+        let bad = Arc::new(FaultyDisk::new(open_disk(&image("c.img")).unwrap()));
+        bad.fail_writes(0..u64::MAX);
+        let new: Vec<(PathBuf, Arc<dyn Disk>)> = vec![
+            (dir.path().join("b.img"), good),
+            (dir.path().join("c.img"), bad),
+        ];
+        assert!(g.add_disks(new, &opts).is_err());
+        assert_eq!(g.config.disks, disks);
+        assert_eq!(g.members.len(), members);
+        assert_eq!(g.config.seqno, seqno, "nothing was committed");
     }
 }

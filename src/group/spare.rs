@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::Group;
 use super::alloc::{extent_len, first_fit};
-use crate::{Error, Result};
+use crate::Result;
 
 impl Group {
     /// True when the config marks the disk a hot spare.
@@ -89,6 +89,11 @@ impl Group {
     /// neither failed nor missing) use. None when the volume does not exist
     /// or no spare fits.
     pub fn spare_for(&self, volume: &str) -> Option<Uuid> {
+        self.spare_extent_for(volume).map(|(u, _)| u)
+    }
+
+    /// [`Group::spare_for`], with the offset of the free extent there.
+    fn spare_extent_for(&self, volume: &str) -> Option<(Uuid, u64)> {
         let v = self.config.volume(volume)?;
         let exclude: Vec<Uuid> = v.plexes.iter().map(|p| p.disk).collect();
         let staying: Vec<Uuid> = v
@@ -98,7 +103,6 @@ impl Group {
             .map(|p| p.disk)
             .collect();
         self.pick_spare(extent_len(v.size), &exclude, &staying)
-            .map(|(u, _)| u)
     }
 
     /// The config half of a repair onto a hot spare, for the daemon: replaces
@@ -119,16 +123,10 @@ impl Group {
         else {
             return Ok(None);
         };
-        let Some(spare) = self.spare_for(volume) else {
+        let Some((spare, offset)) = self.spare_extent_for(volume) else {
             return Ok(None);
         };
         self.require_source(volume)?;
-        let offset = first_fit(&self.config, spare, extent_len(v.size)).ok_or_else(|| {
-            Error::failed(format!(
-                "spare {} has no room for volume {volume}",
-                self.disk_path(spare)
-            ))
-        })?;
         self.replace_plexes(volume, &[(old, spare, offset)])?;
         Ok(Some((spare, old)))
     }
