@@ -5,8 +5,8 @@
 //! The group is assembled read-only, as for `status`. Each in-sync plex in
 //! turn is exported alone, read-only, by the project's NBD server on a Unix
 //! socket in a temporary directory (`nbd+unix:///NAME?socket=.../plex-N.sock`).
-//! The export reads the plex's extent through a second, read-only handle on
-//! its disk, and the server refuses every write (`NBD_FLAG_READ_ONLY`,
+//! The export only reads the plex's extent, through the disk the group
+//! opened, and the server refuses every write (`NBD_FLAG_READ_ONLY`,
 //! `EPERM`): nothing this command does can change a disk.
 //!
 //! - With `--exec CMD`, CMD runs under `sh -c` with `{uri}` replaced by the
@@ -35,7 +35,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::disk::buf::IO_ALIGN;
-use crate::disk::{AlignedBuf, Disk, FileDisk, OpenOptions};
+use crate::disk::{AlignedBuf, Disk};
 use crate::group::ops::human;
 use crate::group::{Group, Progress};
 use crate::nbd::client::Client;
@@ -44,10 +44,10 @@ use crate::{Error, Result};
 
 /// The placeholder `--exec` commands name the plex's URI with.
 pub const URI_PLACEHOLDER: &str = "{uri}";
-/// Bytes read and hashed at once when comparing plexes.
-const CHUNK: usize = 1024 * 1024;
+/// Bytes read and hashed at once when comparing plexes (as `scrub` reads).
+const CHUNK: usize = crate::volume::scrub::SCRUB_CHUNK;
 /// Mismatches are located to this many bytes (as `scrub` does).
-const SECTOR: usize = 512;
+const SECTOR: usize = crate::volume::scrub::SCRUB_SECTOR;
 /// Mismatching chunks read a second time to locate the differing sectors;
 /// past this many, the rest are reported per chunk (bounds the memory
 /// held: this many chunks per plex).
@@ -61,7 +61,8 @@ struct Plex {
     index: usize,
     /// The disk as users see it (the path given with --disks).
     disk: String,
-    path: PathBuf,
+    /// The disk as the group opened it (locked; the exports only read it).
+    io: Arc<dyn Disk>,
     /// Absolute offset of the plex's extent on its disk.
     base: u64,
 }
@@ -116,7 +117,7 @@ struct PlexExport {
     name: String,
     size: u64,
     base: u64,
-    disk: FileDisk,
+    disk: Arc<dyn Disk>,
 }
 
 impl Export for PlexExport {
@@ -134,7 +135,7 @@ impl Export for PlexExport {
     }
 
     // The server refuses writes to a read-only export before they get
-    // here, and the disk is open read-only besides.
+    // here.
     fn write(&self, _: u64, _: AlignedBuf, _: bool, done: Done<()>) {
         done(Err(io::Error::from_raw_os_error(libc::EROFS)));
     }
@@ -166,19 +167,11 @@ impl Drop for Exported {
 }
 
 fn export_plex(dir: &Path, volume: &str, size: u64, p: &Plex) -> Result<Exported> {
-    let disk = FileDisk::open(
-        &p.path,
-        OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        },
-    )
-    .map_err(|e| Error::io_path("open", &p.path, e))?;
     let export = PlexExport {
         name: volume.to_string(),
         size,
         base: p.base,
-        disk,
+        disk: p.io.clone(),
     };
     let sock = dir.join(format!("plex-{}.sock", p.index));
     let bound = server::bind(&Listen::Unix(sock.clone()))
@@ -335,16 +328,14 @@ pub fn run(
     Ok(())
 }
 
-/// Runs the test of `name`: the caller assembled `group` read-only.
-pub fn test_mirrors(
+/// Runs the test of `name`: the caller assembled `group` read-only and
+/// checked `exec`.
+fn test_mirrors(
     group: &Group,
     name: &str,
     exec: Option<&str>,
     progress: &dyn Progress,
 ) -> Result<Report> {
-    if let Some(cmd) = exec {
-        check_exec(cmd)?;
-    }
     let v = group.volume(name)?;
     if !v.is_mirror() {
         return Err(Error::refused(format!(
@@ -364,7 +355,7 @@ pub fn test_mirrors(
                 plexes.push(Plex {
                     index: i + 1,
                     disk: disk.clone(),
-                    path: m.path.clone(),
+                    io: m.disk.clone(),
                     base: m.label.layout.data_offset() + p.offset,
                 });
                 tested.push(i);

@@ -103,10 +103,16 @@ impl Client {
                 proto::REP_INFO => {}
                 proto::REP_ACK => break,
                 _ => {
+                    // Only "unknown export" means the export is not there.
+                    let why = if kind == proto::REP_ERR_UNKNOWN {
+                        io::ErrorKind::NotFound
+                    } else {
+                        io::ErrorKind::Other
+                    };
                     return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
+                        why,
                         format!(
-                            "the server refused export {export:?}: {}",
+                            "the server answered option GO for export {export:?} with reply type {kind:#x}: {}",
                             String::from_utf8_lossy(&body)
                         ),
                     ));
@@ -124,11 +130,6 @@ impl Client {
     /// The export's size as the server advertised it.
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// The transmission flags the server advertised.
-    pub fn flags(&self) -> u16 {
-        self.flags
     }
 
     /// True when the server advertised `NBD_FLAG_READ_ONLY`.
