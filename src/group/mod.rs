@@ -468,6 +468,12 @@ impl Group {
     }
 
     /// A volume's state as users see it.
+    /// Whether the plex is lost (failed, or on a missing disk): a repair
+    /// replaces it, where a stale plex resyncs in place.
+    pub fn plex_lost(&self, p: &crate::format::PlexEntry) -> bool {
+        matches!(self.plex_state(p.disk, p.state), "failed" | "missing")
+    }
+
     pub fn volume_state(&self, v: &VolumeEntry) -> &'static str {
         let states: Vec<&str> = v
             .plexes

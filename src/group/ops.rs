@@ -315,7 +315,7 @@ pub fn human(bytes: u64) -> String {
 }
 
 impl Group {
-    fn controller(&self, disk: Uuid) -> &str {
+    pub(super) fn controller(&self, disk: Uuid) -> &str {
         self.config
             .disk(disk)
             .map(|d| d.controller.as_str())
@@ -376,18 +376,23 @@ impl Group {
             };
             chosen.push((uuid, offset));
         }
-        let mut candidates: Vec<Uuid> = self
-            .config
-            .disks
+        let skip: Vec<Uuid> = exclude
             .iter()
-            .map(|d| d.uuid)
-            .filter(|u| self.is_online(*u) && !exclude.contains(u))
-            .filter(|u| !chosen.iter().any(|(c, _)| c == u))
-            .filter(|u| first_fit(&self.config, *u, len).is_some())
-            // Spares are kept for repairs; only a user's --disk puts a plex
-            // on one (above).
-            .filter(|u| !self.is_spare(*u))
+            .copied()
+            .chain(chosen.iter().map(|(u, _)| *u))
             .collect();
+        // Spares are kept for repairs; only a user's --disk puts a plex on
+        // one (above). They are named when only they have room.
+        let (spares, mut candidates): (Vec<Uuid>, Vec<Uuid>) = {
+            let (s, c): (Vec<_>, Vec<_>) = self
+                .disks_with_room(len, &skip)
+                .into_iter()
+                .partition(|(_, _, spare)| *spare);
+            (
+                s.into_iter().map(|(u, _, _)| u).collect(),
+                c.into_iter().map(|(u, _, _)| u).collect(),
+            )
+        };
         while chosen.len() < count {
             let used: Vec<&str> = exclude
                 .iter()
@@ -402,7 +407,6 @@ impl Group {
             });
             if candidates.is_empty() {
                 // Every disk that could take a plex is chosen by now.
-                let spares = self.spares_with_room(len, exclude, &chosen);
                 return Err(Error::refused(format!(
                     "volume {volume} needs {count} disks with a free extent of {}, but group {} has only {} such disks{}",
                     human(len),
@@ -751,11 +755,7 @@ impl Group {
         disk: Option<&Path>,
     ) -> Result<(Vec<Uuid>, Vec<Uuid>)> {
         let v = self.volume(name)?.clone();
-        let bad: Vec<&PlexEntry> = v
-            .plexes
-            .iter()
-            .filter(|p| matches!(self.plex_state(p.disk, p.state), "failed" | "missing"))
-            .collect();
+        let bad: Vec<&PlexEntry> = v.plexes.iter().filter(|p| self.plex_lost(p)).collect();
         let stale: Vec<Uuid> = v
             .plexes
             .iter()

@@ -18,21 +18,14 @@ impl Group {
         self.config.disk(disk).is_some_and(|d| d.spare)
     }
 
-    /// The online spares, but those in `exclude` or `chosen`, with a free
-    /// extent of `len` bytes: what a refusal to place a plex should mention.
-    pub(super) fn spares_with_room(
-        &self,
-        len: u64,
-        exclude: &[Uuid],
-        chosen: &[(Uuid, u64)],
-    ) -> Vec<Uuid> {
+    /// The online disks, but those in `skip`, with a free extent of `len`
+    /// bytes: (disk, the extent's offset, whether it is a spare).
+    pub(super) fn disks_with_room(&self, len: u64, skip: &[Uuid]) -> Vec<(Uuid, u64, bool)> {
         self.config
             .disks
             .iter()
-            .map(|d| d.uuid)
-            .filter(|u| self.is_spare(*u) && self.is_online(*u))
-            .filter(|u| !exclude.contains(u) && !chosen.iter().any(|(c, _)| c == u))
-            .filter(|u| first_fit(&self.config, *u, len).is_some())
+            .filter(|d| self.is_online(d.uuid) && !skip.contains(&d.uuid))
+            .filter_map(|d| Some((d.uuid, first_fit(&self.config, d.uuid, len)?, d.spare)))
             .collect()
     }
 
@@ -68,14 +61,10 @@ impl Group {
             .map(|d| d.controller.as_str())
             .collect();
         let fits: Vec<(Uuid, u64, bool)> = self
-            .config
-            .disks
-            .iter()
-            .filter(|d| d.spare && self.is_online(d.uuid) && !exclude.contains(&d.uuid))
-            .filter_map(|d| {
-                let offset = first_fit(&self.config, d.uuid, len)?;
-                Some((d.uuid, offset, used.contains(&d.controller.as_str())))
-            })
+            .disks_with_room(len, exclude)
+            .into_iter()
+            .filter(|(_, _, spare)| *spare)
+            .map(|(u, offset, _)| (u, offset, used.contains(&self.controller(u))))
             .collect();
         fits.iter()
             .find(|(_, _, shared)| !shared)
@@ -99,7 +88,7 @@ impl Group {
         let staying: Vec<Uuid> = v
             .plexes
             .iter()
-            .filter(|p| !matches!(self.plex_state(p.disk, p.state), "failed" | "missing"))
+            .filter(|p| !self.plex_lost(p))
             .map(|p| p.disk)
             .collect();
         self.pick_spare(extent_len(v.size), &exclude, &staying)
@@ -115,12 +104,7 @@ impl Group {
     /// plex to resync from.
     pub fn repair_onto_spare(&mut self, volume: &str) -> Result<Option<(Uuid, Uuid)>> {
         let v = self.volume(volume)?;
-        let Some(old) = v
-            .plexes
-            .iter()
-            .find(|p| matches!(self.plex_state(p.disk, p.state), "failed" | "missing"))
-            .map(|p| p.disk)
-        else {
+        let Some(old) = v.plexes.iter().find(|p| self.plex_lost(p)).map(|p| p.disk) else {
             return Ok(None);
         };
         let Some((spare, offset)) = self.spare_extent_for(volume) else {
