@@ -12,7 +12,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use super::proto::{self, Request};
+use super::proto::{self, Request, be_u16, be_u32, be_u64};
 
 /// A connection in the transmission phase.
 pub struct Client {
@@ -24,20 +24,6 @@ pub struct Client {
 
 fn bad(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
-}
-
-fn be16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-fn be32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }
 
 impl Client {
@@ -60,10 +46,11 @@ impl Client {
     fn handshake(&mut self, export: &str) -> io::Result<()> {
         let mut greeting = [0u8; proto::HANDSHAKE_LEN];
         self.sock.read_exact(&mut greeting)?;
-        if be64(&greeting[0..8]) != proto::NBDMAGIC || be64(&greeting[8..16]) != proto::IHAVEOPT {
+        if be_u64(&greeting[0..8]) != proto::NBDMAGIC || be_u64(&greeting[8..16]) != proto::IHAVEOPT
+        {
             return Err(bad("the server is not a newstyle NBD server"));
         }
-        let server_flags = be16(&greeting[16..18]);
+        let server_flags = be_u16(&greeting[16..18]);
         if server_flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
             return Err(bad("the server does not speak fixed newstyle NBD"));
         }
@@ -86,19 +73,19 @@ impl Client {
         loop {
             let mut h = [0u8; 20];
             self.sock.read_exact(&mut h)?;
-            if be64(&h[0..8]) != proto::REPLY_MAGIC || be32(&h[8..12]) != proto::OPT_GO {
+            if be_u64(&h[0..8]) != proto::REPLY_MAGIC || be_u32(&h[8..12]) != proto::OPT_GO {
                 return Err(bad("the server sent a malformed option reply"));
             }
-            let kind = be32(&h[12..16]);
-            let len = be32(&h[16..20]);
+            let kind = be_u32(&h[12..16]);
+            let len = be_u32(&h[16..20]);
             if len > proto::MAX_OPTION_LEN {
                 return Err(bad(format!("the server sent a {len}-byte option reply")));
             }
             let mut body = vec![0u8; len as usize];
             self.sock.read_exact(&mut body)?;
             match kind {
-                proto::REP_INFO if body.len() >= 12 && be16(&body) == proto::INFO_EXPORT => {
-                    export_info = Some((be64(&body[2..10]), be16(&body[10..12])));
+                proto::REP_INFO if body.len() >= 12 && be_u16(&body) == proto::INFO_EXPORT => {
+                    export_info = Some((be_u64(&body[2..10]), be_u16(&body[10..12])));
                 }
                 proto::REP_INFO => {}
                 proto::REP_ACK => break,
@@ -173,13 +160,13 @@ impl Client {
         self.sock.write_all(&out)?;
         let mut h = [0u8; proto::SIMPLE_REPLY_LEN];
         self.sock.read_exact(&mut h)?;
-        if be32(&h[0..4]) != proto::SIMPLE_REPLY_MAGIC {
+        if be_u32(&h[0..4]) != proto::SIMPLE_REPLY_MAGIC {
             return Err(bad("the server sent a reply with bad magic"));
         }
-        if be64(&h[8..16]) != handle {
+        if be_u64(&h[8..16]) != handle {
             return Err(bad("the server answered a request that was not asked"));
         }
-        Ok(be32(&h[4..8]))
+        Ok(be_u32(&h[4..8]))
     }
 
     /// Ends the session politely (`NBD_CMD_DISC`).

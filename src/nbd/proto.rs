@@ -146,15 +146,15 @@ pub enum ProtoError {
     BadRequestMagic(u32),
 }
 
-fn be_u16(b: &[u8]) -> u16 {
+pub(crate) fn be_u16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
 }
 
-fn be_u32(b: &[u8]) -> u32 {
+pub(crate) fn be_u32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn be_u64(b: &[u8]) -> u64 {
+pub(crate) fn be_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_be_bytes(a)
