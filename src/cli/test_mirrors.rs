@@ -2,8 +2,8 @@
 //! mirror, alone, holds a usable copy of the volume (the seed's "test that
 //! the system starts from each mirror").
 //!
-//! The group is assembled read-only, as for `status`. Each in-sync plex in
-//! turn is exported alone, read-only, by the project's NBD server on a Unix
+//! The group is assembled read-only, as for `status`. Each in-sync plex is
+//! exported alone, read-only, by the project's NBD server on its own Unix
 //! socket in a temporary directory (`nbd+unix:///NAME?socket=.../plex-N.sock`).
 //! The export only reads the plex's extent, through the disk the group
 //! opened, and the server refuses every write (`NBD_FLAG_READ_ONLY`,
@@ -14,18 +14,17 @@
 //!   `MIRRORVOL_DISK`, `MIRRORVOL_VOLUME` in its environment; the plex passes
 //!   when CMD exits 0. CMD's output goes to stderr, each line prefixed with
 //!   the plex it belongs to.
-//! - Without it, every byte of the volume is read from each plex over a real
-//!   NBD connection ([`crate::nbd::client`]) and hashed per chunk; chunks
-//!   whose hashes differ are read again from each plex and compared per
-//!   512-byte sector, which gives the mismatching byte ranges and, with three
-//!   or more plexes, the plex the majority outvotes.
+//! - Without it, every plex is exported at once (each on its own socket) and
+//!   every byte of the volume is read from each over a real NBD connection
+//!   ([`crate::nbd::client`]), one chunk from all plexes at a time, compared
+//!   per 512-byte sector right away: that gives the mismatching byte ranges
+//!   and, with three or more plexes, the plex the majority outvotes.
 //!
 //! Plexes not in sync (stale, resyncing, failed, missing) are skipped with
 //! the reason. Exit status: 0 when every tested plex passed, 1 when one
 //! failed, 2 for a refusal (unknown or simple volume, no in-sync plex, an
 //! `--exec` command that names neither `{uri}` nor `$MIRRORVOL_URI`).
 
-use std::hash::{DefaultHasher, Hasher};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
@@ -44,14 +43,10 @@ use crate::{Error, Result};
 
 /// The placeholder `--exec` commands name the plex's URI with.
 pub const URI_PLACEHOLDER: &str = "{uri}";
-/// Bytes read and hashed at once when comparing plexes (as `scrub` reads).
+/// Bytes read at once from each plex when comparing them (as `scrub` reads).
 const CHUNK: usize = crate::volume::scrub::SCRUB_CHUNK;
 /// Mismatches are located to this many bytes (as `scrub` does).
 const SECTOR: usize = crate::volume::scrub::SCRUB_SECTOR;
-/// Mismatching chunks read a second time to locate the differing sectors;
-/// past this many, the rest are reported per chunk (bounds the memory
-/// held: this many chunks per plex).
-const DETAIL_CHUNKS: usize = 64;
 /// How long one NBD read may take before the plex fails the test.
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -458,21 +453,9 @@ fn exit_outcome(status: ExitStatus) -> Outcome {
     }
 }
 
-fn chunk_hash(data: &[u8]) -> u64 {
-    let mut h = DefaultHasher::new();
-    h.write(data);
-    h.finish()
-}
-
-/// Reads the given chunks of one plex over NBD, handing each to `each`.
-fn read_plex(
-    exported: &Exported,
-    volume: &str,
-    size: u64,
-    chunks: impl Iterator<Item = u64>,
-    mut each: impl FnMut(u64, &[u8]),
-) -> std::result::Result<(), String> {
-    let mut c = Client::connect_unix(&exported.sock, volume, READ_TIMEOUT)
+/// Opens one plex's export over NBD and checks what it advertises.
+fn connect(exported: &Exported, volume: &str, size: u64) -> std::result::Result<Client, String> {
+    let c = Client::connect_unix(&exported.sock, volume, READ_TIMEOUT)
         .map_err(|e| format!("its export could not be opened: {e}"))?;
     if c.size() != size {
         return Err(format!(
@@ -483,25 +466,49 @@ fn read_plex(
     if !c.read_only() {
         return Err("its export is not read-only".into());
     }
-    let mut buf = vec![0u8; CHUNK];
-    for i in chunks {
-        let offset = i * CHUNK as u64;
-        let len = (size - offset).min(CHUNK as u64) as usize;
-        c.read(offset, &mut buf[..len])
-            .map_err(|e| format!("reading {len} bytes at offset {offset} failed: {e}"))?;
-        each(i, &buf[..len]);
-    }
-    c.disconnect();
-    Ok(())
+    Ok(c)
 }
 
 /// Groups the plexes of one block by content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Verdict {
-    /// Indices of the compared plexes, one group per distinct content.
+    /// The compared plexes (by index), one group per distinct content.
     groups: Vec<Vec<usize>>,
     /// The group holding a strict majority, if any.
     majority: Option<usize>,
+}
+
+impl Verdict {
+    /// The same verdict with position `i` renamed `ids[i]` (`ids`
+    /// ascending, so the groups keep their order).
+    fn relabel(self, ids: &[usize]) -> Verdict {
+        Verdict {
+            groups: self
+                .groups
+                .into_iter()
+                .map(|g| g.into_iter().map(|i| ids[i]).collect())
+                .collect(),
+            majority: self.majority,
+        }
+    }
+
+    /// The verdict over the same plexes but `k`, as [`verdict`] would
+    /// give it: `None` when the others agree.
+    fn without(&self, k: usize) -> Option<Verdict> {
+        let mut groups: Vec<Vec<usize>> = self
+            .groups
+            .iter()
+            .map(|g| g.iter().copied().filter(|x| *x != k).collect::<Vec<_>>())
+            .filter(|g| !g.is_empty())
+            .collect();
+        if groups.len() < 2 {
+            return None;
+        }
+        groups.sort_by_key(|g| g[0]);
+        let total: usize = groups.iter().map(Vec::len).sum();
+        let majority = groups.iter().position(|g| g.len() * 2 > total);
+        Some(Verdict { groups, majority })
+    }
 }
 
 /// `None` when every plex agrees.
@@ -540,6 +547,16 @@ impl Ranges {
         }
     }
 
+    /// Takes plex `k` out of every range found so far, as if it had never
+    /// been compared: ranges where only it differed vanish, the others'
+    /// majorities are recounted, and neighbours left equal merge.
+    fn drop_plex(&mut self, k: usize) {
+        let old = std::mem::take(self).finish();
+        for (start, end, v) in old {
+            self.block(start, end, v.without(k));
+        }
+    }
+
     fn finish(mut self) -> Vec<(u64, u64, Verdict)> {
         if let Some(o) = self.open.take() {
             self.done.push(o);
@@ -550,7 +567,7 @@ impl Ranges {
 
 /// A range a plex loses: outvoted, or differing where no majority decides.
 struct Loss {
-    /// Position among the compared plexes.
+    /// Index in the tested plexes.
     plex: usize,
     offset: u64,
     length: u64,
@@ -560,7 +577,8 @@ struct Loss {
     others: Vec<String>,
 }
 
-/// Reads every plex whole over NBD, one at a time, and compares them.
+/// Exports every plex at once, each alone on its own socket, reads them
+/// over NBD chunk by chunk in lockstep and compares each chunk per sector.
 fn compare(
     dir: &Path,
     volume: &str,
@@ -570,77 +588,72 @@ fn compare(
 ) -> Result<(Vec<Outcome>, Vec<Mismatch>)> {
     let chunks = size.div_ceil(CHUNK as u64);
     let mut outcomes = vec![Outcome::Pass; plexes.len()];
-    // Pass 1: each plex alone serves every byte; a hash per chunk.
-    let mut hashes: Vec<Option<Vec<u64>>> = Vec::new();
-    for (k, p) in plexes.iter().enumerate() {
-        let exported = export_plex(dir, volume, size, p)?;
-        progress.start(&format!("reading the plex on {}", p.disk), size);
-        let mut h = Vec::with_capacity(chunks as usize);
-        let r = read_plex(&exported, volume, size, 0..chunks, |i, data| {
-            h.push(chunk_hash(data));
-            progress.set(((i + 1) * CHUNK as u64).min(size));
-        });
-        progress.finish();
-        match r {
-            Ok(()) => hashes.push(Some(h)),
-            Err(why) => {
-                outcomes[k] = Outcome::Fail(why);
-                hashes.push(None);
-            }
+    let exports = plexes
+        .iter()
+        .map(|p| export_plex(dir, volume, size, p))
+        .collect::<Result<Vec<_>>>()?;
+    // The plexes still read so far: (index in `plexes`, client, chunk).
+    let mut alive: Vec<(usize, Client, Vec<u8>)> = Vec::new();
+    for (k, exported) in exports.iter().enumerate() {
+        match connect(exported, volume, size) {
+            Ok(c) => alive.push((k, c, vec![0u8; CHUNK])),
+            Err(why) => outcomes[k] = Outcome::Fail(why),
         }
     }
-    // Only the plexes read whole are compared.
-    let mut compared: Vec<usize> = (0..plexes.len()).filter(|k| hashes[*k].is_some()).collect();
-    if compared.len() < 2 {
-        return Ok((outcomes, Vec::new()));
-    }
-    let differing: Vec<u64> = (0..chunks)
-        .filter(|i| {
-            let keys: Vec<u64> = compared
-                .iter()
-                .map(|k| hashes[*k].as_ref().expect("compared")[*i as usize])
-                .collect();
-            verdict(&keys).is_some()
-        })
-        .collect();
-    // Pass 2: the first differing chunks again, kept, to find the sectors.
-    let detailed: Vec<u64> = differing.iter().copied().take(DETAIL_CHUNKS).collect();
-    let mut kept: Vec<Vec<Vec<u8>>> = vec![Vec::new(); plexes.len()];
-    if !detailed.is_empty() {
-        for &k in &compared.clone() {
-            let exported = export_plex(dir, volume, size, &plexes[k])?;
-            let r = read_plex(&exported, volume, size, detailed.iter().copied(), |_, d| {
-                kept[k].push(d.to_vec())
-            });
-            if let Err(why) = r {
-                outcomes[k] = Outcome::Fail(format!("on a second read, {why}"));
-                compared.retain(|c| *c != k);
-            }
-        }
-    }
+    let disks: Vec<String> = plexes.iter().map(|p| p.disk.clone()).collect();
+    progress.start(
+        &format!(
+            "reading the {} on {}",
+            if disks.len() == 1 { "plex" } else { "plexes" },
+            crate::group::show::and_list(&disks)
+        ),
+        size,
+    );
+    // Verdicts name plexes by their index in `plexes`.
     let mut ranges = Ranges::default();
     for i in 0..chunks {
         let start = i * CHUNK as u64;
         let end = (start + CHUNK as u64).min(size);
-        match detailed.iter().position(|d| *d == i) {
-            Some(slot) if compared.len() >= 2 => {
-                for s in (start..end).step_by(SECTOR) {
-                    let e = (s + SECTOR as u64).min(end);
-                    let (a, b) = ((s - start) as usize, (e - start) as usize);
-                    let keys: Vec<&[u8]> = compared.iter().map(|k| &kept[*k][slot][a..b]).collect();
-                    ranges.block(s, e, verdict(&keys));
-                }
+        let len = (end - start) as usize;
+        // Only the plexes read whole are compared: one whose read fails
+        // leaves the comparison, also where it was read before.
+        alive.retain_mut(|(k, c, buf)| match c.read(start, &mut buf[..len]) {
+            Ok(()) => true,
+            Err(e) => {
+                outcomes[*k] =
+                    Outcome::Fail(format!("reading {len} bytes at offset {start} failed: {e}"));
+                ranges.drop_plex(*k);
+                false
             }
-            _ => {
-                let keys: Vec<u64> = compared
-                    .iter()
-                    .map(|k| hashes[*k].as_ref().expect("compared")[i as usize])
-                    .collect();
-                ranges.block(start, end, verdict(&keys));
+        });
+        let ids: Vec<usize> = alive.iter().map(|(k, _, _)| *k).collect();
+        let data = |a: usize, b: usize| -> Vec<&[u8]> {
+            alive.iter().map(|(_, _, buf)| &buf[a..b]).collect()
+        };
+        let all_equal = |keys: &[&[u8]]| keys.iter().all(|x| *x == keys[0]);
+        if alive.len() < 2 || all_equal(&data(0, len)) {
+            ranges.block(start, end, None);
+        } else {
+            for a in (0..len).step_by(SECTOR) {
+                let b = (a + SECTOR).min(len);
+                let keys = data(a, b);
+                let v = if all_equal(&keys) {
+                    None
+                } else {
+                    verdict(&keys).map(|v| v.relabel(&ids))
+                };
+                ranges.block(start + a as u64, start + b as u64, v);
             }
         }
+        progress.set(end);
     }
-    let name = |k: usize| plexes[compared[k]].disk.clone();
+    progress.finish();
+    let compared: Vec<usize> = alive.iter().map(|(k, _, _)| *k).collect();
+    for (_, c, _) in alive {
+        c.disconnect();
+    }
+    drop(exports);
+    let name = |k: usize| plexes[k].disk.clone();
     let mut mismatches = Vec::new();
     let mut lost: Vec<Loss> = Vec::new();
     for (start, end, v) in ranges.finish() {
@@ -675,8 +688,8 @@ fn compare(
             },
         });
     }
-    for (k, &plex) in compared.iter().enumerate() {
-        let mine: Vec<&Loss> = lost.iter().filter(|l| l.plex == k).collect();
+    for &plex in &compared {
+        let mine: Vec<&Loss> = lost.iter().filter(|l| l.plex == plex).collect();
         let Some(first) = mine.first() else {
             continue;
         };
@@ -884,5 +897,35 @@ mod tests {
         r.block(2560, 3072, verdict(&[1, 1, 2]));
         let got: Vec<(u64, u64)> = r.finish().iter().map(|x| (x.0, x.1)).collect();
         assert_eq!(got, vec![(512, 1536), (2048, 2560), (2560, 3072)]);
+    }
+
+    #[test]
+    fn a_dropped_plex_leaves_the_ranges_as_if_never_compared() {
+        // Plexes 0..4; content per block, then the same without plex 3.
+        let blocks: [[u8; 4]; 5] = [
+            [1, 1, 2, 2],
+            [1, 1, 1, 2],
+            [1, 2, 1, 1],
+            [1, 2, 1, 2],
+            [3, 1, 2, 3],
+        ];
+        let mut r = Ranges::default();
+        let mut want = Ranges::default();
+        for (i, b) in blocks.iter().enumerate() {
+            let (s, e) = (i as u64 * 512, (i as u64 + 1) * 512);
+            r.block(s, e, verdict(b));
+            want.block(s, e, verdict(&b[..3]));
+        }
+        r.drop_plex(3);
+        let (got, want) = (r.finish(), want.finish());
+        assert_eq!(got, want);
+        assert_eq!(
+            got.iter().map(|x| (x.0, x.1)).collect::<Vec<_>>(),
+            vec![(0, 512), (1024, 2048), (2048, 2560)]
+        );
+        assert_eq!(
+            verdict(&[1, 2, 3]).unwrap().relabel(&[0, 2, 5]).groups,
+            vec![vec![0], vec![2], vec![5]]
+        );
     }
 }
