@@ -30,7 +30,7 @@ use mirrorvol::volume::bitmap::{BitmapSet, DiskBitmap};
 use mirrorvol::volume::engine::{
     EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode, NoSink, WriteIntent,
 };
-use mirrorvol::volume::queue::DiskQueue;
+use mirrorvol::volume::queue::{DEFAULT_IO_TIMEOUT, DiskQueue};
 use uuid::Uuid;
 
 mod common;
@@ -101,15 +101,12 @@ fn write_cost(a: &Args) {
         })
         .collect();
     let sink: Arc<dyn FailureSink> = Arc::new(NoSink);
-    let eopts = EngineOptions {
-        threads_per_disk: QD,
-        ..EngineOptions::default()
-    };
+    let eopts = EngineOptions::default();
     let uuids = [Uuid::new_v4(), Uuid::new_v4()];
     let queues: Vec<Arc<DiskQueue>> = disks
         .iter()
         .zip(["a", "b"])
-        .map(|(d, n)| DiskQueue::start(n, d.clone(), QD))
+        .map(|(d, n)| DiskQueue::start(n, d.clone(), QD, DEFAULT_IO_TIMEOUT))
         .collect();
     let volume = |intent: Option<Arc<dyn WriteIntent>>| {
         let plexes = queues
@@ -204,7 +201,10 @@ fn write_cost(a: &Args) {
 fn disk_set(paths: &[PathBuf]) -> DiskSet {
     DiskSet {
         explicit: paths.to_vec(),
-        direct: true,
+        open: mirrorvol::group::DiskOpen {
+            direct: true,
+            ..Default::default()
+        },
         ..DiskSet::default()
     }
 }

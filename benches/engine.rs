@@ -23,7 +23,7 @@ use mirrorvol::disk::{AlignedBuf, Disk, FileDisk, OpenOptions as DiskOpen};
 use mirrorvol::volume::engine::{
     EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode, NoSink,
 };
-use mirrorvol::volume::queue::DiskQueue;
+use mirrorvol::volume::queue::{DEFAULT_IO_TIMEOUT, DiskQueue};
 use uuid::Uuid;
 
 mod common;
@@ -201,12 +201,9 @@ fn main() {
         "workload", "baseline op/s", "mirror op/s", "ratio"
     );
     for w in &workloads {
-        let eopts = EngineOptions {
-            threads_per_disk: w.qd,
-            ..EngineOptions::default()
-        };
-        let qa = DiskQueue::start("a", da.clone(), eopts.threads_per_disk);
-        let qb = DiskQueue::start("b", db.clone(), eopts.threads_per_disk);
+        let eopts = EngineOptions::default();
+        let qa = DiskQueue::start("a", da.clone(), w.qd, DEFAULT_IO_TIMEOUT);
+        let qb = DiskQueue::start("b", db.clone(), w.qd, DEFAULT_IO_TIMEOUT);
         let vol = MirrorVolume::new(
             "bench",
             FILE_SIZE,

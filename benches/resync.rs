@@ -58,7 +58,10 @@ fn main() {
     let assemble = || {
         let set = DiskSet {
             explicit: paths.clone(),
-            direct: true,
+            open: mirrorvol::group::DiskOpen {
+                direct: true,
+                ..Default::default()
+            },
             ..DiskSet::default()
         };
         let mut g = Group::assemble(&set, Lookup::Required).unwrap().unwrap();

@@ -97,7 +97,7 @@ fn a_mirror_on_loop_devices_opened_o_direct_keeps_every_acknowledged_write() {
 
     let paths: Vec<PathBuf> = devs.iter().map(|d| d.0.clone()).collect();
     let g = assemble_with(&paths, true);
-    let live: Arc<LiveGroup> = LiveGroup::start(g, opts(5000, 20));
+    let live: Arc<LiveGroup> = start_live(g, opts(5000, 20));
     for d in &paths {
         assert!(open_direct(d), "{} is not open O_DIRECT", d.display());
     }

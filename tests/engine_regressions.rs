@@ -15,8 +15,6 @@ const MIB: u64 = 1024 * 1024;
 
 fn opts() -> EngineOptions {
     EngineOptions {
-        threads_per_disk: 4,
-        io_timeout: Duration::from_secs(30),
         max_read_errors: 20,
     }
 }
@@ -28,7 +26,7 @@ fn volume(disks: &[Arc<dyn Disk>], size: u64) -> (Arc<MirrorVolume>, Arc<dyn Fai
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            let q = DiskQueue::start(&format!("d{i}"), d.clone(), 4);
+            let q = DiskQueue::start(&format!("d{i}"), d.clone(), 4, Duration::from_secs(30));
             EnginePlex::new(Uuid::new_v4(), q, 0, Mode::InSync)
         })
         .collect();
@@ -70,11 +68,10 @@ fn concurrent_reads_always_find_a_plex_to_read_from() {
 #[test]
 fn requests_queued_behind_a_hung_disk_time_out_too() {
     use mirrorvol::disk::FaultyDisk;
-    use mirrorvol::volume::queue::{Op, Watchdog};
+    use mirrorvol::volume::queue::Op;
 
     let disk = Arc::new(FaultyDisk::new(Arc::new(MemDisk::new(MIB))));
-    let q = DiskQueue::start("hung", disk.clone(), 1);
-    let _dog = Watchdog::start(vec![Arc::downgrade(&q)], Duration::from_millis(50));
+    let q = DiskQueue::start("hung", disk.clone(), 1, Duration::from_millis(50));
     disk.hang();
     let (tx, rx) = std::sync::mpsc::channel();
     for i in 0..3u64 {

@@ -229,7 +229,7 @@ fn a_read_error_stops_the_scrub_with_exit_1_and_fails_that_plex() {
     three_disks(&sb);
     mirror(&sb, "m", SIZE, &["a.img", "b.img"]);
     let bad_at = plex_start(&sb, "b.img", "m") + MIB + 4096;
-    let set = DiskSet::expand(&[sb.path("disks")]).unwrap();
+    let set = DiskSet::expand(&[sb.path("disks")], Default::default()).unwrap();
     {
         let mut g = Group::assemble(&set, Lookup::Required).unwrap().unwrap();
         let b = g.resolve_disk(&sb.path("disks/b.img")).unwrap();

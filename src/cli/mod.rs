@@ -35,6 +35,19 @@ pub struct Cli {
     #[arg(long, env = "MIRRORVOL_DISKS", value_delimiter = ',', global = true)]
     pub disks: Vec<PathBuf>,
 
+    /// How long any request to a disk may take (data, labels, config,
+    /// bitmaps) before the disk is failed and the group goes on without it:
+    /// seconds, or a number with ms, s or m.
+    #[arg(
+        long,
+        env = "MIRRORVOL_IO_TIMEOUT",
+        global = true,
+        value_name = "DURATION",
+        default_value = "30s",
+        value_parser = parse_duration
+    )]
+    pub io_timeout: std::time::Duration,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -269,6 +282,35 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// Parses a duration: seconds (`30`, `2.5`), or a number with `ms`, `s` or
+/// `m`; it must be more than zero.
+pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("duration {s:?} is not a number with an optional ms, s or m"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        other => {
+            return Err(format!(
+                "duration {s:?} has an unknown unit {other:?}: use ms, s or m"
+            ));
+        }
+    };
+    if !(secs > 0.0 && secs < 1e9) {
+        return Err(format!(
+            "duration {s:?} must be more than zero (and under 30 years)"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 /// A progress bar on stderr when it is a terminal, nothing otherwise.
 struct Bar(Mutex<Option<ProgressBar>>);
 
@@ -340,14 +382,49 @@ fn warn(lines: &[String]) {
     }
 }
 
+/// The group's disks as the command line gives them: `--disks` and how
+/// long a disk may take to answer.
+pub struct Disks {
+    pub paths: Vec<PathBuf>,
+    pub timeout: std::time::Duration,
+    /// The expansion, made once: a path that does not answer costs the
+    /// deadline once per command.
+    set: std::sync::OnceLock<DiskSet>,
+}
+
+impl Disks {
+    fn new(paths: Vec<PathBuf>, timeout: std::time::Duration) -> Disks {
+        Disks {
+            paths,
+            timeout,
+            set: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The disks to look at, opened with the deadline.
+    fn set(&self) -> Result<DiskSet> {
+        if let Some(set) = self.set.get() {
+            return Ok(set.clone());
+        }
+        let set = DiskSet::expand(
+            &self.paths,
+            crate::group::DiskOpen {
+                timeout: self.timeout,
+                ..Default::default()
+            },
+        )?;
+        Ok(self.set.get_or_init(|| set).clone())
+    }
+}
+
 /// Assembles the group of `--disks`, or refuses when none was given.
-fn assemble(disks: &[PathBuf]) -> Result<Group> {
-    if disks.is_empty() {
+fn assemble(disks: &Disks) -> Result<Group> {
+    if disks.paths.is_empty() {
         return Err(Error::refused(
             "no disks given: name the group's disks with --disks or MIRRORVOL_DISKS",
         ));
     }
-    let set = DiskSet::expand(disks)?;
+    let set = disks.set()?;
     let mut group = Group::assemble(&set, Lookup::Required)?.expect("required");
     flush_warnings(&mut group);
     Ok(group)
@@ -355,7 +432,7 @@ fn assemble(disks: &[PathBuf]) -> Result<Group> {
 
 /// [`assemble`] for a command that may write: the bitmaps are loaded, and
 /// regions an unclean stop left dirty are resynced first.
-fn assemble_rw(disks: &[PathBuf]) -> Result<Group> {
+fn assemble_rw(disks: &Disks) -> Result<Group> {
     let mut group = assemble(disks)?;
     group.refuse_split()?;
     group.start_bitmaps()?;
@@ -403,13 +480,19 @@ fn command_name(command: &Command) -> &'static str {
 /// its control socket. The group is read from the first labelled disk,
 /// without its lock; a socket nobody answers on is ignored (the command
 /// then runs here, and meets the disks' locks if something holds them).
-fn find_daemon(disks: &[PathBuf]) -> Option<holder::Holder> {
-    let set = DiskSet::expand(disks).ok()?;
+fn find_daemon(disks: &Disks) -> Option<holder::Holder> {
+    let set = disks.set().ok()?;
+    // A disk that does not answer is passed over: the next one names the
+    // group as well.
     let group = set
         .explicit
         .iter()
         .chain(set.scanned.iter())
-        .find_map(|p| holder::group_of(p))?;
+        .filter(|p| !set.hung.contains(p))
+        .find_map(|p| {
+            let p = p.clone();
+            crate::group::within(disks.timeout, move || holder::group_of(&p)).flatten()
+        })?;
     let h = holder::recorded(group)?;
     if h.pid.is_some_and(|pid| !holder::alive(pid)) {
         return None;
@@ -587,13 +670,14 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
 
 fn execute(cli: Cli) -> Result<()> {
     let bar = Bar::new();
+    let disks = Disks::new(cli.disks.clone(), cli.io_timeout);
     // `serve` checks its listen addresses first, then meets the disks'
     // locks, whose refusal names the daemon holding them.
     let needs_group = !matches!(
         cli.command,
         Command::Examine { .. } | Command::Demo { .. } | Command::Serve { .. }
     ) && !cli.disks.is_empty();
-    if needs_group && let Some(h) = find_daemon(&cli.disks) {
+    if needs_group && let Some(h) = find_daemon(&disks) {
         return execute_online(&h, cli.command);
     }
     match cli.command {
@@ -616,8 +700,7 @@ fn execute(cli: Cli) -> Result<()> {
             let existing = if cli.disks.is_empty() {
                 None
             } else {
-                let set = DiskSet::expand(&cli.disks)?;
-                let mut g = Group::assemble(&set, Lookup::Optional)?;
+                let mut g = Group::assemble(&disks.set()?, Lookup::Optional)?;
                 if let Some(g) = &mut g {
                     g.refuse_split()?;
                     flush_warnings(g);
@@ -652,7 +735,7 @@ fn execute(cli: Cli) -> Result<()> {
             copies,
             disk,
         } => {
-            let mut g = assemble_rw(&cli.disks)?;
+            let mut g = assemble_rw(&disks)?;
             let copies = if mirror { copies.unwrap_or(2) } else { 1 };
             if mirror && copies < 2 {
                 return Err(Error::refused(format!(
@@ -672,7 +755,7 @@ fn execute(cli: Cli) -> Result<()> {
             warn(&warnings);
         }
         Command::AddMirror { name, disk } => {
-            let mut g = assemble_rw(&cli.disks)?;
+            let mut g = assemble_rw(&disks)?;
             let warnings = g.add_mirror(&name, disk.as_deref(), &bar)?;
             flush_warnings(&mut g);
             println!("added a mirror to volume {name}; it is in sync");
@@ -680,7 +763,7 @@ fn execute(cli: Cli) -> Result<()> {
             warn(&warnings);
         }
         Command::RemoveMirror { name, disk } => {
-            let mut g = assemble_rw(&cli.disks)?;
+            let mut g = assemble_rw(&disks)?;
             g.remove_mirror(&name, &disk)?;
             flush_warnings(&mut g);
             println!("removed the plex on {} from volume {name}", disk.display());
@@ -691,7 +774,7 @@ fn execute(cli: Cli) -> Result<()> {
             new_name,
             nokeep,
         } => {
-            let mut g = assemble_rw(&cli.disks)?;
+            let mut g = assemble_rw(&disks)?;
             let kept = g.break_mirror(&name, &disk, new_name.as_deref(), nokeep)?;
             flush_warnings(&mut g);
             match kept {
@@ -706,7 +789,7 @@ fn execute(cli: Cli) -> Result<()> {
             }
         }
         Command::Repair { name, disk } => {
-            let mut g = assemble_rw(&cli.disks)?;
+            let mut g = assemble_rw(&disks)?;
             let warnings = g.repair(&name, disk.as_deref(), &bar)?;
             flush_warnings(&mut g);
             println!(
@@ -717,7 +800,7 @@ fn execute(cli: Cli) -> Result<()> {
             warn(&warnings);
         }
         Command::Reactivate { path } => {
-            let mut g = assemble_rw(&cli.disks)?;
+            let mut g = assemble_rw(&disks)?;
             let notes = g.reactivate(&path, &bar)?;
             flush_warnings(&mut g);
             println!("reactivated disk {}", path.display());
@@ -725,7 +808,7 @@ fn execute(cli: Cli) -> Result<()> {
             warn(&notes);
         }
         Command::ResolveSplitBrain { keep } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble(&disks)?;
             let copied = g.resolve_split_brain(&keep, &bar)?;
             flush_warnings(&mut g);
             println!(
@@ -737,31 +820,31 @@ fn execute(cli: Cli) -> Result<()> {
             print_resynced(&mut g);
         }
         Command::Extend { name, size } => {
-            let mut g = assemble_rw(&cli.disks)?;
+            let mut g = assemble_rw(&disks)?;
             g.extend(&name, size)?;
             flush_warnings(&mut g);
             println!("extended volume {name} to {}", human(size));
         }
         Command::Delete { name, force: _ } => {
-            let mut g = assemble_rw(&cli.disks)?;
+            let mut g = assemble_rw(&disks)?;
             g.delete(&name)?;
             flush_warnings(&mut g);
             println!("deleted volume {name}");
         }
         Command::Fail { path, force } => {
-            let mut g = assemble_rw(&cli.disks)?;
+            let mut g = assemble_rw(&disks)?;
             g.fail(&path, force)?;
             flush_warnings(&mut g);
             println!("marked disk {} failed", path.display());
         }
         Command::Copy { src, dst } => {
-            let mut g = assemble_rw(&cli.disks)?;
+            let mut g = assemble_rw(&disks)?;
             let n = g.copy(&Endpoint::parse(&src), &Endpoint::parse(&dst), &bar)?;
             flush_warnings(&mut g);
             println!("copied {} from {src} to {dst}", human(n));
         }
         Command::Status { json } => {
-            let g = assemble(&cli.disks)?;
+            let g = assemble(&disks)?;
             let report = g.status();
             if json {
                 println!(
@@ -779,7 +862,7 @@ fn execute(cli: Cli) -> Result<()> {
             rate,
             json,
         } => {
-            let mut g = assemble(&cli.disks)?;
+            let mut g = assemble(&disks)?;
             g.refuse_split()?;
             let opts = ScrubOptions {
                 repair,
@@ -799,7 +882,7 @@ fn execute(cli: Cli) -> Result<()> {
             }
         }
         Command::TestMirrors { name, exec, json } => {
-            test_mirrors::run(&cli.disks, &name, exec.as_deref(), json, &bar)?
+            test_mirrors::run(&disks, &name, exec.as_deref(), json, &bar)?
         }
         Command::Serve {
             listen,
@@ -820,6 +903,7 @@ fn execute(cli: Cli) -> Result<()> {
                 listen,
                 direct: cache == "none",
                 disk_threads: disk_threads.into(),
+                io_timeout: cli.io_timeout,
                 resync: crate::volume::resync::ResyncOptions {
                     min_rate: resync_min_rate,
                     max_rate: resync_max_rate,

@@ -291,7 +291,7 @@ fn skip_reason(state: &str) -> String {
 /// bitmaps loaded, nothing committed), tests, prints the report, and fails
 /// (exit 1) when a tested plex failed.
 pub fn run(
-    disks: &[PathBuf],
+    disks: &super::Disks,
     name: &str,
     exec: Option<&str>,
     json: bool,

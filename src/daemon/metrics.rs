@@ -517,6 +517,7 @@ mod tests {
             spare: false,
         };
         StatusReport {
+            unreadable: Vec::new(),
             group: GroupStatus {
                 name: "g".into(),
                 uuid: uuid::Uuid::new_v4(),

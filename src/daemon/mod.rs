@@ -119,6 +119,8 @@ pub struct ServeOptions {
     pub direct: bool,
     /// Requests each disk serves at once.
     pub disk_threads: usize,
+    /// How long any request to a disk may take before the disk is failed.
+    pub io_timeout: std::time::Duration,
     /// Pacing of the background resyncs.
     pub resync: ResyncOptions,
     /// Scrub every mirror this often, in the background (None: never).
@@ -208,8 +210,14 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     };
 
     let assembled = (|| -> Result<(Group, Option<Arc<FaultyDisk>>)> {
-        let mut set = DiskSet::expand(disks)?;
-        set.direct = direct;
+        let set = DiskSet::expand(
+            disks,
+            crate::group::DiskOpen {
+                direct,
+                threads: disk_threads,
+                timeout: options.io_timeout,
+            },
+        )?;
         let mut group = Group::assemble(&set, Lookup::Required)?.expect("required");
         // A split group is not served at all: which side's data a client
         // would see is the admin's choice (`resolve-split-brain`).
@@ -242,12 +250,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         }
     };
 
-    let opts = EngineOptions {
-        threads_per_disk: disk_threads,
-        ..EngineOptions::default()
-    };
-    let live = LiveGroup::start(group, opts);
-    live.set_direct(direct);
+    let live = LiveGroup::start(group, EngineOptions::default());
     live.set_events(events.clone());
     live.start_bitmap_clearing(BITMAP_CLEAR_PERIOD);
     // Plexes left resyncing or stale are resynced while clients do I/O.

@@ -12,13 +12,13 @@ use crate::format::ondisk::{self, FormatError};
 use crate::{Error, Result};
 
 impl Group {
-    /// Opens the disk at `path` (locked; `O_DIRECT` when `direct`) and makes
-    /// it a member again. Refused when it is not a disk of this group's
+    /// Opens the disk at `path` (locked, as the group's disks are opened)
+    /// and makes it a member again. Refused when it is not a disk of this group's
     /// config, when it is present already, or when it moved on without the
     /// group: a config of its own written after it left is a split brain,
     /// which only `resolve-split-brain` (offline) settles.
-    pub fn attach(&mut self, path: &Path, direct: bool) -> Result<Uuid> {
-        let disk = open_disk_with(path, direct)?;
+    pub fn attach(&mut self, path: &Path) -> Result<Uuid> {
+        let disk = open_disk_with(path, &self.open)?;
         let read = match ondisk::read_label(&*disk) {
             Ok(Some(read)) => read,
             Ok(None) => {
@@ -40,7 +40,7 @@ impl Group {
                 )));
             }
         };
-        let found = read_found(path, disk, read);
+        let found = read_found(path, super::canonical(path, self.open.timeout), disk, read);
         let uuid = found.read.label.disk_uuid;
         if found.read.label.group_uuid != self.config.uuid {
             return Err(Error::refused(format!(
@@ -78,6 +78,7 @@ impl Group {
             uuid,
             Member {
                 path: path.to_path_buf(),
+                canonical: found.canonical,
                 disk: found.disk,
                 label: found.read.label,
                 seqno: found.seqno,

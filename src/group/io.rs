@@ -12,7 +12,6 @@ use uuid::Uuid;
 use super::Group;
 use crate::format::PlexState;
 use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode};
-use crate::volume::queue::DiskQueue;
 use crate::{Error, Result};
 
 /// What the engine reported during a command.
@@ -57,7 +56,6 @@ pub struct VolumeIo {
     pub engine: Arc<MirrorVolume>,
     recorder: Arc<Recorder>,
     _sink: Arc<dyn FailureSink>,
-    queues: Vec<Arc<DiskQueue>>,
 }
 
 impl VolumeIo {
@@ -71,10 +69,8 @@ impl VolumeIo {
 
 impl Drop for VolumeIo {
     fn drop(&mut self) {
+        // The queues are the disks': they outlive the engine.
         self.quiesce();
-        for q in &self.queues {
-            q.stop();
-        }
     }
 }
 
@@ -92,7 +88,6 @@ impl Group {
         let v = self.volume(name)?;
         let recorder = Arc::new(Recorder::default());
         let sink: Arc<dyn FailureSink> = recorder.clone();
-        let mut queues = Vec::new();
         let mut plexes = Vec::new();
         for p in &v.plexes {
             let Some(m) = self.members.get(&p.disk) else {
@@ -107,8 +102,7 @@ impl Group {
                 PlexState::Resyncing => Mode::WriteOnly,
                 PlexState::Stale | PlexState::Failed => continue,
             };
-            let q = DiskQueue::start(&m.path.display().to_string(), m.disk.clone(), 4);
-            queues.push(q.clone());
+            let q = m.disk.queue().clone();
             plexes.push(EnginePlex::new(
                 p.disk,
                 q,
@@ -130,7 +124,6 @@ impl Group {
             engine,
             recorder,
             _sink: sink,
-            queues,
         })
     }
 

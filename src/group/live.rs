@@ -24,7 +24,7 @@ use super::status::StatusReport;
 mod online;
 use crate::format::PlexState;
 use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode};
-use crate::volume::queue::{DiskQueue, Watchdog};
+use crate::volume::queue::DiskQueue;
 use crate::volume::resync::{ResyncError, ResyncOptions, ResyncProgress, resync};
 pub use online::Done;
 
@@ -57,8 +57,6 @@ pub struct LiveGroup {
     scrubbing: Mutex<std::collections::BTreeSet<String>>,
     opts: EngineOptions,
     me: Weak<LiveGroup>,
-    /// Disks that join while serving are opened `O_DIRECT`.
-    direct: std::sync::atomic::AtomicBool,
     /// The pace of background resyncs ([`LiveGroup::start_resyncs`]).
     resync_opts: Mutex<ResyncOptions>,
     /// Set when failed plexes are rebuilt onto hot spares by themselves.
@@ -67,27 +65,20 @@ pub struct LiveGroup {
     events: OnceLock<Events>,
     /// The disk and volume states the events last reported.
     reported: Mutex<Snapshot>,
-    watchdog: Watchdog,
 }
 
 impl LiveGroup {
     /// Puts an assembled group in service: a queue for every online disk, an
     /// engine for every volume.
     pub fn start(group: Group, opts: EngineOptions) -> Arc<LiveGroup> {
-        let mut queues = BTreeMap::new();
-        for (uuid, m) in &group.members {
-            if group.is_online(*uuid) {
-                let name = m.path.display().to_string();
-                queues.insert(
-                    *uuid,
-                    DiskQueue::start(&name, m.disk.clone(), opts.threads_per_disk),
-                );
-            }
-        }
-        let watchdog = Watchdog::start(
-            queues.values().map(Arc::downgrade).collect(),
-            opts.io_timeout,
-        );
+        // The engines use the queues the disks were opened behind: data
+        // and metadata meet in one queue per disk, under one deadline.
+        let queues: BTreeMap<Uuid, Arc<DiskQueue>> = group
+            .members
+            .iter()
+            .filter(|(uuid, _)| group.is_online(**uuid))
+            .map(|(uuid, m)| (*uuid, m.disk.queue().clone()))
+            .collect();
         Arc::new_cyclic(|me: &Weak<LiveGroup>| {
             let mut volumes = BTreeMap::new();
             for v in &group.config.volumes {
@@ -111,10 +102,8 @@ impl LiveGroup {
                 me: me.clone(),
                 resync_opts: Mutex::new(ResyncOptions::default()),
                 hot_spares: std::sync::atomic::AtomicBool::new(false),
-                direct: std::sync::atomic::AtomicBool::new(false),
                 events: OnceLock::new(),
                 reported: Mutex::new(reported),
-                watchdog,
             }
         })
     }
@@ -156,24 +145,11 @@ impl LiveGroup {
         let Some(m) = g.members.get(&disk) else {
             return;
         };
-        let mut queues = self.queues.write().unwrap_or_else(|e| e.into_inner());
-        if queues.contains_key(&disk) {
-            return;
-        }
-        let q = DiskQueue::start(
-            &m.path.display().to_string(),
-            m.disk.clone(),
-            self.opts.threads_per_disk,
-        );
-        self.watchdog.watch(&q);
-        queues.insert(disk, q);
-    }
-
-    /// Whether disks that join while serving are opened `O_DIRECT` (as
-    /// `serve --cache none` opened the others).
-    pub fn set_direct(&self, direct: bool) {
-        self.direct
-            .store(direct, std::sync::atomic::Ordering::Relaxed);
+        self.queues
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(disk)
+            .or_insert_with(|| m.disk.queue().clone());
     }
 
     /// The disk queues, read-locked.
@@ -530,11 +506,11 @@ impl LiveGroup {
 
     /// Stops the background resyncs, then the disk queues after the work
     /// queued on them.
+    /// Stops the background work. The disk queues stay: they belong to
+    /// the disks, and the group's last bitmap and config writes go through
+    /// them.
     pub fn stop(&self) {
         self.stop_resyncs();
-        for q in self.queues().values() {
-            q.stop();
-        }
     }
 }
 
@@ -587,13 +563,12 @@ impl LiveGroup {
     pub fn reactivate_by_path(self: &Arc<Self>, path: &std::path::Path) -> crate::Result<Done> {
         let (vols, warnings, shown) = {
             let mut g = self.group();
-            let direct = self.direct.load(std::sync::atomic::Ordering::Relaxed);
             // A disk absent until now (hot-plugged back) becomes a member
             // first: found by its path, or by its label at a new path.
             let uuid = match g.resolve_disk(path) {
                 Ok(u) if g.members.contains_key(&u) => u,
-                Ok(_) => g.attach(path, direct)?,
-                Err(e) => g.attach(path, direct).map_err(|_| e)?,
+                Ok(_) => g.attach(path)?,
+                Err(e) => g.attach(path).map_err(|_| e)?,
             };
             self.add_queue(&g, uuid);
             let (_, vols) = g.reactivate_config(path)?;

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::disk::{Disk, FileDisk, OpenOptions};
 use crate::format::ondisk::{self, FormatError, LabelRead};
 use crate::format::{DiskState, GroupConfig, Label, PlexState, VolumeEntry};
+use crate::volume::queue::{DEFAULT_IO_TIMEOUT, QueuedDisk};
 use crate::{Error, Result};
 
 pub mod alloc;
@@ -56,7 +57,12 @@ impl Progress for NoProgress {
 #[derive(Debug)]
 pub struct Member {
     pub path: PathBuf,
-    pub disk: Arc<dyn Disk>,
+    /// The path's canonical form, found when it was opened: a disk that
+    /// hangs later is still recognised without asking it.
+    pub canonical: PathBuf,
+    /// Every request to the disk, metadata included, goes through its queue
+    /// under the hang deadline.
+    pub disk: Arc<QueuedDisk>,
     pub label: Label,
     /// Seqno of the newest good config on this disk (0: none readable).
     pub seqno: u64,
@@ -80,6 +86,41 @@ pub struct Group {
     /// Set when the disks found moved on without each other: nothing is
     /// written until the admin keeps one side ([`Group::resolve_split_brain`]).
     pub split: Option<split::SplitBrain>,
+    /// Paths given that could not be read at all (an I/O error, a disk that
+    /// does not answer): they say nothing of which disk they are, so the
+    /// group goes on without them, and `status` shows them with the reason.
+    pub unreadable: Vec<Unreadable>,
+    /// How disks are opened: the ones assembled, and those that join later.
+    pub open: DiskOpen,
+}
+
+/// A path given as a disk of the group that could not be read.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Unreadable {
+    pub path: String,
+    pub reason: String,
+}
+
+/// How the group's disks are opened and served.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskOpen {
+    /// `O_DIRECT`, bypassing the page cache (where the filesystem allows it).
+    pub direct: bool,
+    /// Worker threads of each disk's queue: requests it serves at once.
+    pub threads: usize,
+    /// How long any request to a disk may take before the disk is failed
+    /// (`--io-timeout`).
+    pub timeout: std::time::Duration,
+}
+
+impl Default for DiskOpen {
+    fn default() -> DiskOpen {
+        DiskOpen {
+            direct: false,
+            threads: 4,
+            timeout: DEFAULT_IO_TIMEOUT,
+        }
+    }
 }
 
 /// At the end of every command (and of `serve`), the bits of regions in
@@ -98,27 +139,100 @@ pub struct DiskSet {
     pub explicit: Vec<PathBuf>,
     /// Paths found inside a directory: those without a label are skipped.
     pub scanned: Vec<PathBuf>,
-    /// Open the disks `O_DIRECT`, bypassing the page cache (block devices).
-    pub direct: bool,
+    /// How to open them.
+    pub open: DiskOpen,
+    /// Paths whose lookup did not answer within the deadline while they
+    /// were expanded: assembly reports them unreadable without asking again.
+    pub hung: Vec<PathBuf>,
+}
+
+/// Runs `f` on a thread of its own and waits for it at most `timeout`.
+/// Looking a path up (stat, open) reaches the disk behind it on some
+/// backends (a FUSE file, a network filesystem), and a disk that hangs hangs
+/// the lookup in the kernel, where no signal ends it: past the deadline the
+/// thread is left behind, and None says the path did not answer.
+pub fn within<T: Send + 'static>(
+    timeout: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("mv-lookup".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        });
+    match spawned {
+        Ok(_) => rx.recv_timeout(timeout).ok(),
+        Err(_) => None,
+    }
+}
+
+/// The canonical form of `path`, looked up within `timeout`; the path as
+/// given, made absolute, when it has none (absent) or does not answer.
+pub fn canonical(path: &Path, timeout: std::time::Duration) -> PathBuf {
+    let p = path.to_path_buf();
+    within(timeout, move || fs::canonicalize(&p).ok())
+        .flatten()
+        .unwrap_or_else(|| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()))
+}
+
+/// What a path given as a disk turned out to be.
+enum Lookup1 {
+    /// It does not exist.
+    Absent,
+    /// It is a directory.
+    Directory,
+    /// Anything else (a file, a device).
+    Other,
+    /// The lookup did not answer within the deadline.
+    Hung,
+}
+
+fn look_up(path: &Path, timeout: std::time::Duration) -> Lookup1 {
+    let p = path.to_path_buf();
+    match within(timeout, move || fs::metadata(&p)) {
+        None => Lookup1::Hung,
+        Some(Ok(meta)) if meta.is_dir() => Lookup1::Directory,
+        Some(Ok(_)) => Lookup1::Other,
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Lookup1::Absent,
+        // Anything else is left to the open, which names the error.
+        Some(Err(_)) => Lookup1::Other,
+    }
 }
 
 impl DiskSet {
     /// Expands `--disks` entries: a directory stands for every regular file
-    /// and block device directly inside it.
-    pub fn expand(entries: &[PathBuf]) -> Result<DiskSet> {
-        let mut set = DiskSet::default();
+    /// and block device directly inside it. Each path is looked up within
+    /// the deadline of `open`; one that does not answer is kept, and
+    /// assembly reports it unreadable.
+    pub fn expand(entries: &[PathBuf], open: DiskOpen) -> Result<DiskSet> {
+        let mut set = DiskSet {
+            open,
+            ..DiskSet::default()
+        };
         for entry in entries {
-            if entry.is_dir() {
+            let kind = look_up(entry, open.timeout);
+            if matches!(kind, Lookup1::Hung) {
+                set.hung.push(entry.clone());
+            }
+            if matches!(kind, Lookup1::Directory) {
                 let mut found = Vec::new();
                 let dir = fs::read_dir(entry).map_err(|e| Error::io_path("read", entry, e))?;
                 for item in dir.flatten() {
                     let path = item.path();
-                    let Ok(meta) = fs::metadata(&path) else {
-                        continue;
-                    };
-                    use std::os::unix::fs::FileTypeExt;
-                    if meta.is_file() || meta.file_type().is_block_device() {
-                        found.push(path);
+                    let p = path.clone();
+                    let kind = within(open.timeout, move || {
+                        use std::os::unix::fs::FileTypeExt;
+                        fs::metadata(&p)
+                            .map(|meta| meta.is_file() || meta.file_type().is_block_device())
+                    });
+                    match kind {
+                        Some(Ok(true)) => found.push(path),
+                        None => {
+                            set.hung.push(path.clone());
+                            found.push(path);
+                        }
+                        Some(Ok(false)) | Some(Err(_)) => {}
                     }
                 }
                 found.sort();
@@ -137,30 +251,39 @@ impl DiskSet {
 
 /// Opens a disk path for the group: exclusively, so two mirrorvol processes
 /// never change one group at once.
-pub fn open_disk(path: &Path) -> Result<Arc<dyn Disk>> {
-    open_disk_with(path, false)
+pub fn open_disk(path: &Path) -> Result<Arc<QueuedDisk>> {
+    open_disk_with(path, &DiskOpen::default())
 }
 
-/// [`open_disk`], `O_DIRECT` when `direct`; where the filesystem refuses
-/// `O_DIRECT` (tmpfs), through the page cache, with a warning in the log.
-pub fn open_disk_with(path: &Path, direct: bool) -> Result<Arc<dyn Disk>> {
+/// [`open_disk`] with `how`, behind the disk's queue; where the filesystem
+/// refuses `O_DIRECT` (tmpfs), through the page cache, with a warning in
+/// the log.
+pub fn open_disk_with(path: &Path, how: &DiskOpen) -> Result<Arc<QueuedDisk>> {
+    let queued = |d: FileDisk| {
+        QueuedDisk::start(
+            &path.display().to_string(),
+            Arc::new(d),
+            how.threads,
+            how.timeout,
+        )
+    };
     let mut opts = OpenOptions {
         lock: true,
-        direct,
+        direct: how.direct,
         ..OpenOptions::default()
     };
-    if direct {
+    if how.direct {
         match FileDisk::open(path, opts) {
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::warn!(path = %path.display(), "O_DIRECT refused; using the page cache");
                 opts.direct = false;
             }
-            Ok(d) => return Ok(Arc::new(d)),
+            Ok(d) => return Ok(queued(d)),
             Err(_) => {}
         }
     }
     match FileDisk::open(path, opts) {
-        Ok(d) => Ok(Arc::new(d)),
+        Ok(d) => Ok(queued(d)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::refused(format!(
             "disk {} does not exist",
             path.display()
@@ -181,14 +304,15 @@ pub fn open_disk_with(path: &Path, direct: bool) -> Result<Arc<dyn Disk>> {
 /// A disk found with a label, before grouping.
 struct Found {
     path: PathBuf,
-    disk: Arc<dyn Disk>,
+    canonical: PathBuf,
+    disk: Arc<QueuedDisk>,
     read: LabelRead,
     config: Option<GroupConfig>,
     seqno: u64,
     damaged: Vec<String>,
 }
 
-fn read_found(path: &Path, disk: Arc<dyn Disk>, read: LabelRead) -> Found {
+fn read_found(path: &Path, canonical: PathBuf, disk: Arc<QueuedDisk>, read: LabelRead) -> Found {
     let mut damaged = Vec::new();
     if !read.primary_ok {
         damaged.push("primary label".to_string());
@@ -215,12 +339,30 @@ fn read_found(path: &Path, disk: Arc<dyn Disk>, read: LabelRead) -> Found {
     };
     Found {
         path: path.to_path_buf(),
+        canonical,
         disk,
         read,
         config,
         seqno,
         damaged,
     }
+}
+
+/// A deadline as people write it: `2 s`, `500 ms`.
+pub fn show_duration(d: std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+fn describe_unreadable(unreadable: &[Unreadable]) -> String {
+    unreadable
+        .iter()
+        .map(|u| format!("{} ({})", u.path, u.reason))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// How a group is looked for.
@@ -239,22 +381,60 @@ impl Group {
         let mut warnings = Vec::new();
         let mut seen = Vec::new();
         let mut damaged_labels = Vec::new();
+        let mut unreadable: Vec<Unreadable> = Vec::new();
         let candidates = set
             .explicit
             .iter()
             .map(|p| (p, true))
             .chain(set.scanned.iter().map(|p| (p, false)));
+        let timeout = set.open.timeout;
         for (path, explicit) in candidates {
-            let canonical = fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+            let unreadable_because = |reason: String| Unreadable {
+                path: path.display().to_string(),
+                reason,
+            };
+            let kind = if set.hung.contains(path) {
+                Lookup1::Hung
+            } else {
+                look_up(path, timeout)
+            };
+            match kind {
+                // An absent disk: reported as missing once the config is known.
+                Lookup1::Absent if explicit => continue,
+                Lookup1::Hung => {
+                    unreadable.push(unreadable_because(format!(
+                        "it did not answer within {}",
+                        show_duration(timeout)
+                    )));
+                    continue;
+                }
+                _ => {}
+            }
+            let canonical = canonical(path, timeout);
             if seen.contains(&canonical) {
                 continue;
             }
-            seen.push(canonical);
-            if explicit && !path.exists() {
-                // An absent disk: reported as missing once the config is known.
-                continue;
-            }
-            let disk = open_disk_with(path, set.direct)?;
+            seen.push(canonical.clone());
+            let (p, open) = (path.clone(), set.open);
+            let opened = within(timeout, move || open_disk_with(&p, &open)).unwrap_or_else(|| {
+                Err(Error::io(
+                    "open",
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("it did not answer within {}", show_duration(timeout)),
+                    ),
+                ))
+            });
+            let disk = match opened {
+                Ok(disk) => disk,
+                // A path that exists but cannot be opened (an I/O error, a
+                // device gone bad) says nothing of which disk it is.
+                Err(Error::Io { source, .. }) => {
+                    unreadable.push(unreadable_because(format!("cannot be opened: {source}")));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let read = match ondisk::read_label(&*disk) {
                 Ok(read) => read,
                 // A member whose every label copy is damaged cannot say which
@@ -268,6 +448,14 @@ impl Group {
                     damaged_labels.push(path.display().to_string());
                     continue;
                 }
+                // A disk that fails or does not answer its label reads: the
+                // group goes on without it, as without an absent disk.
+                Err(FormatError::Io { source, .. }) => {
+                    unreadable.push(unreadable_because(format!(
+                        "its label cannot be read: {source}"
+                    )));
+                    continue;
+                }
                 Err(e) => {
                     return Err(Error::corrupt(format!(
                         "disk {} cannot be read: {e}",
@@ -276,7 +464,7 @@ impl Group {
                 }
             };
             match read {
-                Some(read) => found.push(read_found(path, disk, read)),
+                Some(read) => found.push(read_found(path, canonical, disk, read)),
                 None if explicit && lookup == Lookup::Required => {
                     return Err(Error::refused(format!(
                         "{} is not a mirrorvol disk (no label found); initialize it with `mirrorvol init`",
@@ -292,12 +480,27 @@ impl Group {
                 damaged_labels.join(", ")
             )));
         }
+        for u in &unreadable {
+            tracing::warn!(path = %u.path, reason = %u.reason, "disk cannot be read");
+            warnings.push(format!(
+                "disk {} cannot be read ({}); the group goes on without it",
+                u.path, u.reason
+            ));
+        }
         if found.is_empty() {
             return match lookup {
-                Lookup::Optional => Ok(None),
-                Lookup::Required => Err(Error::refused(
+                Lookup::Optional if unreadable.is_empty() => Ok(None),
+                Lookup::Optional => Err(Error::failed(format!(
+                    "no disk given could be read: {}",
+                    describe_unreadable(&unreadable)
+                ))),
+                Lookup::Required if unreadable.is_empty() => Err(Error::refused(
                     "no mirrorvol disk was found among the disks given with --disks",
                 )),
+                Lookup::Required => Err(Error::failed(format!(
+                    "no mirrorvol disk could be read among the disks given with --disks: {}",
+                    describe_unreadable(&unreadable)
+                ))),
             };
         }
 
@@ -404,6 +607,7 @@ impl Group {
                     uuid,
                     Member {
                         path: f.path,
+                        canonical: f.canonical,
                         disk: f.disk,
                         label: f.read.label,
                         seqno: f.seqno,
@@ -425,14 +629,22 @@ impl Group {
             bitmap_found: BTreeMap::new(),
             resynced: Vec::new(),
             split,
+            unreadable,
+            open: set.open,
         }))
     }
 
-    /// Replaces every member's disk with `wrap(uuid, disk)`: fault injection
-    /// in tests, instrumentation in benchmarks.
+    /// Replaces every member's disk with `wrap(uuid, disk)`, behind a new
+    /// queue: fault injection in tests, instrumentation in benchmarks.
     pub fn wrap_disks(&mut self, mut wrap: impl FnMut(Uuid, Arc<dyn Disk>) -> Arc<dyn Disk>) {
         for (uuid, m) in &mut self.members {
-            m.disk = wrap(*uuid, m.disk.clone());
+            let wrapped = wrap(*uuid, m.disk.raw().clone());
+            m.disk = QueuedDisk::start(
+                &m.path.display().to_string(),
+                wrapped,
+                self.open.threads,
+                self.open.timeout,
+            );
         }
     }
 
@@ -495,16 +707,15 @@ impl Group {
     /// Finds the disk a user named by path: a present disk by its file, or an
     /// absent one by the path it was last seen at.
     pub fn resolve_disk(&self, path: &Path) -> Result<Uuid> {
-        let want = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        let timeout = self.open.timeout;
+        let want = canonical(path, timeout);
         for (uuid, m) in &self.members {
-            let have = fs::canonicalize(&m.path).unwrap_or_else(|_| m.path.clone());
-            if have == want {
+            if m.canonical == want {
                 return Ok(*uuid);
             }
         }
         for d in &self.config.disks {
-            let have = fs::canonicalize(&d.path).unwrap_or_else(|_| PathBuf::from(&d.path));
-            if have == want || Path::new(&d.path) == path {
+            if Path::new(&d.path) == path || canonical(Path::new(&d.path), timeout) == want {
                 return Ok(d.uuid);
             }
         }
@@ -562,25 +773,58 @@ impl Group {
                 .keys()
                 .filter_map(|u| Some((*u, self.label_version(*u)?)))
                 .collect();
-            for (uuid, m) in &mut self.members {
-                if config.disk(*uuid).map(|d| d.state) != Some(DiskState::Online) {
-                    continue;
-                }
-                let mut result =
-                    ondisk::write_config(&*m.disk, &m.label, seqno, text.as_bytes()).map(|_| ());
-                if result.is_ok() && m.damaged.iter().any(|d| d.contains("label")) {
-                    // A healed label keeps the version the disk is at now.
-                    let mut label = m.label.clone();
-                    label.version = versions.get(uuid).copied().unwrap_or(label.version);
-                    result = ondisk::write_labels(&*m.disk, &label);
-                }
-                match result {
+            // Every disk at once, each through its queue: a disk that hangs
+            // costs the deadline once, not once per disk behind it.
+            let outcomes: Vec<(Uuid, std::result::Result<(), FormatError>)> =
+                std::thread::scope(|scope| {
+                    let writers: Vec<_> = self
+                        .members
+                        .iter()
+                        .filter(|(uuid, _)| {
+                            config.disk(**uuid).map(|d| d.state) == Some(DiskState::Online)
+                        })
+                        .map(|(uuid, m)| {
+                            // A healed label keeps the version the disk is at now.
+                            let heal = m.damaged.iter().any(|d| d.contains("label")).then(|| {
+                                let mut label = m.label.clone();
+                                label.version =
+                                    versions.get(uuid).copied().unwrap_or(label.version);
+                                label
+                            });
+                            let (disk, label, text) = (&m.disk, &m.label, &text);
+                            let writer = scope.spawn(move || {
+                                ondisk::write_config(&**disk, label, seqno, text.as_bytes())?;
+                                match heal {
+                                    Some(label) => ondisk::write_labels(&**disk, &label),
+                                    None => Ok(()),
+                                }
+                            });
+                            (*uuid, writer)
+                        })
+                        .collect();
+                    writers
+                        .into_iter()
+                        .map(|(uuid, w)| {
+                            let outcome = w.join().unwrap_or_else(|_| {
+                                Err(FormatError::Io {
+                                    op: "write the config",
+                                    offset: 0,
+                                    source: std::io::Error::other("the config writer panicked"),
+                                })
+                            });
+                            (uuid, outcome)
+                        })
+                        .collect()
+                });
+            for (uuid, outcome) in outcomes {
+                let m = self.members.get_mut(&uuid).expect("written above");
+                match outcome {
                     Ok(()) => {
                         m.seqno = seqno;
                         m.damaged.clear();
                         wrote += 1;
                     }
-                    Err(e) => failed.push((*uuid, m.path.display().to_string(), e)),
+                    Err(e) => failed.push((uuid, m.path.display().to_string(), e)),
                 }
             }
             if wrote == 0 {

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::alloc::{extent_len, first_fit, free_after, largest_free};
 use super::io::{VolumeIo, io_refusal};
-use super::{Group, Progress, open_disk};
+use super::{Group, Progress, open_disk_with};
 use crate::disk::AlignedBuf;
 use crate::disk::buf::IO_ALIGN;
 use crate::disk::{Disk, FileDisk, OpenOptions};
@@ -19,6 +19,7 @@ use crate::format::layout::Layout;
 use crate::format::ondisk;
 use crate::format::{DiskEntry, DiskState, GroupConfig, PlexEntry, PlexState, Style, VolumeEntry};
 use crate::volume::COPY_CHUNK;
+use crate::volume::queue::QueuedDisk;
 use crate::{Error, Result};
 
 /// The name a new group gets when `init` is not given `--group`.
@@ -60,6 +61,8 @@ pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> R
             bitmap_found: Default::default(),
             resynced: Vec::new(),
             split: None,
+            unreadable: Vec::new(),
+            open: Default::default(),
         },
     };
     group.add_disks(disks, opts)?;
@@ -81,7 +84,7 @@ impl Group {
     /// new disks' bitmaps join them.
     fn add_disks(
         &mut self,
-        disks: Vec<(PathBuf, Arc<dyn Disk>)>,
+        disks: Vec<(PathBuf, Arc<QueuedDisk>)>,
         opts: &InitOptions,
     ) -> Result<Vec<Uuid>> {
         let mut formatted = Vec::new();
@@ -126,6 +129,7 @@ impl Group {
             self.members.insert(
                 uuid,
                 super::Member {
+                    canonical: super::canonical(&path, self.open.timeout),
                     path,
                     disk,
                     label,
@@ -158,7 +162,7 @@ fn check_new_disks(
     existing: Option<&Group>,
     paths: &[PathBuf],
     opts: &InitOptions,
-) -> Result<Vec<(PathBuf, Arc<dyn Disk>)>> {
+) -> Result<Vec<(PathBuf, Arc<QueuedDisk>)>> {
     if paths.is_empty() {
         return Err(Error::refused("init needs at least one disk path"));
     }
@@ -206,7 +210,8 @@ fn check_new_disks(
                 g.config.name
             )));
         }
-        let disk = open_disk(path)?;
+        // Opened as the group's disks are (the same deadline).
+        let disk = open_disk_with(path, &existing.map(|g| g.open).unwrap_or_default())?;
         check_room(path, &*disk, opts.style)?;
         if !opts.force {
             if let Ok(Some(read)) = ondisk::read_label(&*disk) {
@@ -1306,6 +1311,7 @@ mod tests {
     use super::*;
     use crate::MIB;
     use crate::disk::FaultyDisk;
+    use crate::group::open_disk;
 
     #[test]
     fn a_join_that_fails_part_way_leaves_the_group_as_it_was() {
@@ -1330,7 +1336,8 @@ mod tests {
         let good = open_disk(&image("b.img")).unwrap();
         let bad = Arc::new(FaultyDisk::new(open_disk(&image("c.img")).unwrap()));
         bad.fail_writes(0..u64::MAX);
-        let new: Vec<(PathBuf, Arc<dyn Disk>)> = vec![
+        let bad = QueuedDisk::start("c.img", bad, 1, crate::volume::queue::DEFAULT_IO_TIMEOUT);
+        let new: Vec<(PathBuf, Arc<QueuedDisk>)> = vec![
             (dir.path().join("b.img"), good),
             (dir.path().join("c.img"), bad),
         ];

@@ -72,6 +72,9 @@ pub fn status_text(r: &StatusReport) -> String {
         ]);
     }
     out.push_str(&table(&disks));
+    for u in &r.unreadable {
+        out.push_str(&format!("Unreadable: {} ({})\n", u.path, u.reason));
+    }
     if r.volumes.is_empty() {
         out.push_str("\nNo volumes.\n");
         out.push_str(&split_text(r));

@@ -18,6 +18,10 @@ pub struct StatusReport {
     /// The sides of a split group (empty, and left out, when not split).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub split_brain: Vec<SplitSideStatus>,
+    /// Paths given as disks that could not be read at all, with the reason
+    /// (left out when there are none).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<super::Unreadable>,
 }
 
 #[derive(Debug, Serialize)]
@@ -229,6 +233,7 @@ impl Group {
             disks,
             volumes,
             split_brain,
+            unreadable: self.unreadable.clone(),
         }
     }
 }

@@ -26,7 +26,6 @@
 use std::io;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -37,14 +36,6 @@ use crate::disk::AlignedBuf;
 /// Tunables of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Worker threads per disk: how many requests one disk serves at once
-    /// (default 16: over NBD on this project's 2-core machines, 8 to 16
-    /// served 4 KiB random reads at queue depth 32 about 1.5 to 2 times
-    /// faster than 32, and writes alike).
-    pub threads_per_disk: usize,
-    /// A request slower than this fails its disk while another in-sync plex
-    /// remains (default 30 s, the SCSI layer's default command timeout).
-    pub io_timeout: Duration,
     /// Read errors a plex may show (each repaired) before it is failed
     /// (default 20, md's `max_read_errors`).
     pub max_read_errors: u64,
@@ -53,8 +44,6 @@ pub struct EngineOptions {
 impl Default for EngineOptions {
     fn default() -> EngineOptions {
         EngineOptions {
-            threads_per_disk: 16,
-            io_timeout: Duration::from_secs(30),
             max_read_errors: 20,
         }
     }
@@ -198,10 +187,15 @@ pub enum Run {
 }
 
 impl DiskQueue {
+    /// Sends `op` to the disk. [`Run::Here`] runs it on the calling thread
+    /// only when it has no deadline (the volume's last copy, which the
+    /// caller must wait for anyway): a request with a deadline always goes
+    /// to the workers, so the caller is answered when the deadline passes
+    /// even if the disk never returns.
     fn dispatch(&self, run: Run, op: Op, deadline: bool, done: super::queue::Callback) {
         match run {
-            Run::Queued => self.submit(op, deadline, done),
-            Run::Here => self.submit_here(op, deadline, done),
+            Run::Here if !deadline => self.submit_here(op, deadline, done),
+            _ => self.submit(op, deadline, done),
         }
     }
 }
@@ -971,7 +965,7 @@ impl Drop for RangeHold {
 mod tests {
     use super::*;
     use crate::disk::{Disk, FaultyDisk, MemDisk};
-    use std::time::Instant;
+    use std::time::{Duration, Instant};
 
     /// Records what the engine reports.
     #[derive(Default)]
@@ -1006,13 +1000,17 @@ mod tests {
     }
 
     fn rig(copies: usize, opts: EngineOptions) -> Rig {
+        rig_timing_out(copies, opts, crate::volume::queue::DEFAULT_IO_TIMEOUT)
+    }
+
+    fn rig_timing_out(copies: usize, opts: EngineOptions, timeout: Duration) -> Rig {
         let record = Arc::new(Record::default());
         let sink: Arc<dyn FailureSink> = record.clone();
         let mut disks = Vec::new();
         let mut plexes = Vec::new();
         for i in 0..copies {
             let d = Arc::new(FaultyDisk::new(Arc::new(MemDisk::new(SIZE + (1 << 20)))));
-            let q = DiskQueue::start(&format!("d{i}"), d.clone(), 4);
+            let q = DiskQueue::start(&format!("d{i}"), d.clone(), 4, timeout);
             // Each plex at its own offset, as on real disks.
             plexes.push(EnginePlex::new(
                 Uuid::new_v4(),
@@ -1153,10 +1151,7 @@ mod tests {
 
     #[test]
     fn too_many_read_errors_fail_the_plex() {
-        let opts = EngineOptions {
-            max_read_errors: 2,
-            ..EngineOptions::default()
-        };
+        let opts = EngineOptions { max_read_errors: 2 };
         let r = rig(2, opts);
         r.disks[0].fail_reads(0..SIZE + (1 << 20));
         let mut got = vec![0; 4096];
@@ -1174,19 +1169,7 @@ mod tests {
 
     #[test]
     fn a_hung_disk_is_failed_and_writes_go_on() {
-        let opts = EngineOptions {
-            io_timeout: Duration::from_millis(100),
-            ..EngineOptions::default()
-        };
-        let r = rig(2, opts.clone());
-        let _dog = crate::volume::queue::Watchdog::start(
-            r.vol
-                .plexes()
-                .iter()
-                .map(|p| Arc::downgrade(&p.queue))
-                .collect(),
-            opts.io_timeout,
-        );
+        let r = rig_timing_out(2, EngineOptions::default(), Duration::from_millis(100));
         r.disks[1].hang();
         let start = Instant::now();
         let (tx, rx) = std::sync::mpsc::channel();

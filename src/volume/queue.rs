@@ -5,10 +5,15 @@
 //! the I/O path). Submitting never blocks: the request goes into the disk's
 //! channel, and its completion runs on the worker that finished it.
 //!
-//! A watchdog ([`Watchdog`]) completes requests that have waited longer than
-//! the timeout with `TimedOut`, so the mirror above can fail the disk and go
-//! on with the other plexes; the stuck worker's own completion, if it ever
-//! comes, is then ignored.
+//! Every byte a disk sees goes through its queue: the engine's data
+//! requests, and through [`QueuedDisk`] the labels, config slots and
+//! bitmaps too. One watchdog thread for the process completes requests
+//! that have waited longer than their queue's deadline with `TimedOut`, so
+//! the layers above can fail the disk and go on with the others; the stuck
+//! worker's own completion, if it ever comes, is then ignored. A request
+//! past its deadline is abandoned, not cancelled (the kernel cannot cancel
+//! it): the worker keeps its buffer until the disk returns it, and a hung
+//! disk holds at most its queue's workers, never the caller's thread.
 //!
 //! Each queue counts what it does ([`DiskStats`]): bytes, requests by kind,
 //! errors, and the latency of every request from submission to completion
@@ -55,6 +60,11 @@ pub enum Op {
         len: u64,
         fua: bool,
     },
+    /// Tells the disk the range is unused (contents afterwards unspecified).
+    Discard {
+        offset: u64,
+        len: u64,
+    },
 }
 
 impl Op {
@@ -64,7 +74,7 @@ impl Op {
             Op::Read { .. } | Op::ReadInto { .. } => OpKind::Read,
             Op::Write { .. } => OpKind::Write,
             Op::Flush => OpKind::Flush,
-            Op::WriteZeroes { .. } => OpKind::Zeroes,
+            Op::WriteZeroes { .. } | Op::Discard { .. } => OpKind::Zeroes,
         }
     }
 
@@ -73,7 +83,7 @@ impl Op {
         match self {
             Op::Read { len, .. } | Op::ReadInto { len, .. } => *len as u64,
             Op::Write { data, .. } => data.len() as u64,
-            Op::WriteZeroes { len, .. } => *len,
+            Op::WriteZeroes { len, .. } | Op::Discard { len, .. } => *len,
             Op::Flush => 0,
         }
     }
@@ -102,6 +112,10 @@ impl OpKind {
         }
     }
 }
+
+/// The deadline of a disk request unless `--io-timeout` says otherwise: the
+/// SCSI layer's default command timeout.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Upper bounds of the latency histogram buckets, in seconds: 50 µs (a
 /// fast NVMe read) to 10 s (a disk about to time out), 1-2.5-5 steps.
@@ -237,6 +251,9 @@ pub struct DiskQueue {
     /// deadline, ticket).
     in_flight: Mutex<HashMap<u64, InFlight>>,
     timed_out: AtomicBool,
+    /// How long a request with a deadline may take before it is completed
+    /// with `TimedOut` (`--io-timeout`).
+    timeout: Duration,
     workers: Mutex<Vec<JoinHandle<()>>>,
     stats: Arc<DiskStats>,
 }
@@ -287,6 +304,7 @@ fn execute(disk: &dyn Disk, op: Op) -> Outcome {
             }
             Ok(None)
         }
+        Op::Discard { offset, len } => disk.discard(offset, len).map(|()| None),
     }
 }
 
@@ -329,9 +347,15 @@ pub fn read_data(outcome: Outcome) -> io::Result<AlignedBuf> {
 }
 
 impl DiskQueue {
-    /// Starts a queue with `threads` workers over `disk`; `name` (its path)
-    /// names the threads and the errors.
-    pub fn start(name: &str, disk: Arc<dyn Disk>, threads: usize) -> Arc<DiskQueue> {
+    /// Starts a queue with `threads` workers over `disk`, whose requests
+    /// with a deadline time out after `timeout`; `name` (its path) names the
+    /// threads and the errors.
+    pub fn start(
+        name: &str,
+        disk: Arc<dyn Disk>,
+        threads: usize,
+        timeout: Duration,
+    ) -> Arc<DiskQueue> {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let stats = Arc::new(DiskStats::default());
         let q = Arc::new(DiskQueue {
@@ -342,6 +366,7 @@ impl DiskQueue {
             next_id: AtomicU64::new(0),
             in_flight: Mutex::new(HashMap::new()),
             timed_out: AtomicBool::new(false),
+            timeout,
             workers: Mutex::new(Vec::new()),
             stats: stats.clone(),
         });
@@ -357,7 +382,13 @@ impl DiskQueue {
             workers.push(handle);
         }
         *q.workers.lock().unwrap_or_else(|e| e.into_inner()) = workers;
+        watchdog().watch(&q);
         q
+    }
+
+    /// The deadline of this queue's requests.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     pub fn name(&self) -> &str {
@@ -460,8 +491,9 @@ impl DiskQueue {
         }))
     }
 
-    /// Times out the requests of this queue older than `timeout`.
-    fn expire(&self, timeout: Duration) {
+    /// Times out the requests of this queue older than its deadline.
+    fn expire(&self) {
+        let timeout = self.timeout;
         let now = Instant::now();
         let expired: Vec<Arc<Ticket>> = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
@@ -526,60 +558,149 @@ fn worker(q: Weak<DiskQueue>, stats: Arc<DiskStats>, rx: Receiver<Job>) {
     }
 }
 
-/// Times out requests on a set of queues: one thread that looks every quarter
-/// of the timeout. It stops when dropped.
-pub struct Watchdog {
-    stop: Arc<AtomicBool>,
-    queues: Arc<Mutex<Vec<Weak<DiskQueue>>>>,
-    handle: Option<JoinHandle<()>>,
+/// The process's one watchdog: a thread that times out overdue requests of
+/// every queue, looking every quarter of the shortest deadline. Queues join
+/// it when they start and leave it when they are dropped.
+struct Watchdog {
+    queues: Mutex<Vec<Weak<DiskQueue>>>,
+    thread: std::thread::Thread,
 }
 
-impl Watchdog {
-    pub fn start(queues: Vec<Weak<DiskQueue>>, timeout: Duration) -> Watchdog {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let queues = Arc::new(Mutex::new(queues));
-        let watched = queues.clone();
-        let tick = (timeout / 4).max(Duration::from_millis(5));
-        let handle = std::thread::Builder::new()
+fn watchdog() -> &'static Watchdog {
+    static DOG: std::sync::OnceLock<Watchdog> = std::sync::OnceLock::new();
+    DOG.get_or_init(|| {
+        let thread = std::thread::Builder::new()
             .name("mv-watchdog".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::park_timeout(tick);
-                    let now: Vec<Arc<DiskQueue>> = {
-                        let mut watched = watched.lock().unwrap_or_else(|e| e.into_inner());
-                        watched.retain(|q| q.strong_count() > 0);
-                        watched.iter().filter_map(Weak::upgrade).collect()
+            .spawn(|| {
+                loop {
+                    let live: Vec<Arc<DiskQueue>> = {
+                        let mut queues =
+                            watchdog().queues.lock().unwrap_or_else(|e| e.into_inner());
+                        queues.retain(|q| q.strong_count() > 0);
+                        queues.iter().filter_map(Weak::upgrade).collect()
                     };
-                    for q in now {
-                        q.expire(timeout);
+                    let tick = live
+                        .iter()
+                        .map(|q| q.timeout / 4)
+                        .min()
+                        .map(|t| t.max(Duration::from_millis(5)));
+                    for q in &live {
+                        q.expire();
+                    }
+                    drop(live);
+                    match tick {
+                        Some(t) => std::thread::park_timeout(t),
+                        // No queue: nothing to watch until one starts.
+                        None => std::thread::park(),
                     }
                 }
             })
-            .expect("spawn the watchdog");
+            .expect("spawn the watchdog")
+            .thread()
+            .clone();
         Watchdog {
-            stop,
-            queues,
-            handle: Some(handle),
+            queues: Mutex::new(Vec::new()),
+            thread,
         }
-    }
+    })
+}
 
-    /// Watches one more queue (a disk that joined while serving).
-    pub fn watch(&self, queue: &Arc<DiskQueue>) {
+impl Watchdog {
+    fn watch(&self, queue: &Arc<DiskQueue>) {
         self.queues
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(Arc::downgrade(queue));
+        // A new, shorter deadline takes effect at once.
+        self.thread.unpark();
     }
 }
 
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            h.thread().unpark();
-            let _ = h.join();
-        }
+/// A disk whose every request goes through its queue, under the queue's
+/// deadline: labels, config slots and bitmaps take the path the data takes,
+/// so a disk that hangs during a config commit or a bitmap write is timed
+/// out like one that hangs under a data write, and no caller waits on it
+/// longer than the deadline.
+#[derive(Debug)]
+pub struct QueuedDisk {
+    queue: Arc<DiskQueue>,
+}
+
+impl QueuedDisk {
+    /// Starts the queue of `disk` (see [`DiskQueue::start`]).
+    pub fn start(
+        name: &str,
+        disk: Arc<dyn Disk>,
+        threads: usize,
+        timeout: Duration,
+    ) -> Arc<QueuedDisk> {
+        Arc::new(QueuedDisk {
+            queue: DiskQueue::start(name, disk, threads, timeout),
+        })
+    }
+
+    /// The queue every request goes through.
+    pub fn queue(&self) -> &Arc<DiskQueue> {
+        &self.queue
+    }
+
+    /// The backend under the queue.
+    pub fn raw(&self) -> &Arc<dyn Disk> {
+        &self.queue.disk
+    }
+
+    fn run(&self, op: Op) -> Outcome {
+        wait(|cb| self.queue.submit(op, true, cb))
+    }
+}
+
+impl Disk for QueuedDisk {
+    fn size(&self) -> u64 {
+        self.queue.disk.size()
+    }
+
+    fn sector_size(&self) -> u32 {
+        self.queue.disk.sector_size()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let got = read_data(self.run(Op::Read {
+            offset,
+            len: buf.len(),
+        }))?;
+        buf.copy_from_slice(&got);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let data = Arc::new(AlignedBuf::from_slice(buf));
+        self.run(Op::Write {
+            offset,
+            data,
+            fua: false,
+        })
+        .map(|_| ())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.run(Op::Flush).map(|_| ())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.run(Op::WriteZeroes {
+            offset,
+            len,
+            fua: false,
+        })
+        .map(|_| ())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.run(Op::Discard { offset, len }).map(|_| ())
+    }
+
+    fn identity(&self) -> crate::disk::DiskIdentity {
+        self.queue.disk.identity()
     }
 }
 
@@ -603,7 +724,12 @@ mod tests {
 
     #[test]
     fn requests_complete_with_their_results() {
-        let q = DiskQueue::start("mem", Arc::new(MemDisk::new(1 << 20)), 4);
+        let q = DiskQueue::start(
+            "mem",
+            Arc::new(MemDisk::new(1 << 20)),
+            4,
+            DEFAULT_IO_TIMEOUT,
+        );
         let data = Arc::new(AlignedBuf::from_slice(&[3u8; 4096]));
         wait(
             &q,
@@ -642,7 +768,12 @@ mod tests {
 
     #[test]
     fn stats_count_bytes_requests_and_errors_of_both_paths() {
-        let q = DiskQueue::start("mem", Arc::new(MemDisk::new(1 << 20)), 2);
+        let q = DiskQueue::start(
+            "mem",
+            Arc::new(MemDisk::new(1 << 20)),
+            2,
+            DEFAULT_IO_TIMEOUT,
+        );
         let data = Arc::new(AlignedBuf::from_slice(&[7u8; 8192]));
         let write = Op::Write {
             offset: 0,
@@ -685,8 +816,7 @@ mod tests {
     #[test]
     fn a_hung_request_times_out_and_its_late_completion_is_ignored() {
         let disk = Arc::new(FaultyDisk::new(Arc::new(MemDisk::new(1 << 20))));
-        let q = DiskQueue::start("hung", disk.clone(), 2);
-        let _dog = Watchdog::start(vec![Arc::downgrade(&q)], Duration::from_millis(40));
+        let q = DiskQueue::start("hung", disk.clone(), 2, Duration::from_millis(40));
         disk.hang();
         let calls = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
@@ -717,8 +847,7 @@ mod tests {
     #[test]
     fn requests_without_deadline_wait_for_a_slow_disk() {
         let disk = Arc::new(FaultyDisk::new(Arc::new(MemDisk::new(1 << 20))));
-        let q = DiskQueue::start("slow", disk.clone(), 2);
-        let _dog = Watchdog::start(vec![Arc::downgrade(&q)], Duration::from_millis(20));
+        let q = DiskQueue::start("slow", disk.clone(), 2, Duration::from_millis(20));
         disk.hang();
         let (tx, rx) = mpsc::channel();
         q.submit(
@@ -734,5 +863,30 @@ mod tests {
         assert!(rx.recv_timeout(Duration::from_millis(150)).is_err());
         disk.release();
         assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap().is_ok());
+    }
+
+    #[test]
+    fn metadata_io_on_a_hung_disk_times_out_instead_of_waiting() {
+        let disk = Arc::new(FaultyDisk::new(Arc::new(MemDisk::new(1 << 20))));
+        let q = QueuedDisk::start("hung", disk.clone(), 2, Duration::from_millis(50));
+        q.write_at(&[9u8; 512], 4096).unwrap();
+        disk.hang();
+        let start = Instant::now();
+        let err = q.write_at(&[1u8; 512], 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let mut buf = [0u8; 512];
+        assert_eq!(
+            q.read_at(&mut buf, 4096).unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
+        assert!(q.flush().is_err());
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        disk.release();
+        q.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [9u8; 512]);
     }
 }

@@ -413,10 +413,10 @@ fn flush_target(target: &EnginePlex, pos: u64) -> Result<(), ResyncError> {
     run_on(target, Op::Flush).map_err(|error| ResyncError::Target { offset: pos, error })
 }
 
-/// Runs one request on the plex's disk, on this thread, with the engine's
-/// deadline (a hung target is failed instead of stalling the resync).
+/// Runs one request on the plex's disk, on its workers, with the deadline
+/// (a hung target is failed instead of stalling the resync).
 fn run_on(plex: &EnginePlex, op: Op) -> io::Result<()> {
-    wait(|cb| plex.queue.submit_here(op, true, cb)).map(|_| ())
+    wait(|cb| plex.queue.submit(op, true, cb)).map(|_| ())
 }
 
 #[cfg(test)]
@@ -425,7 +425,7 @@ mod tests {
     use super::*;
     use crate::disk::{Disk, MemDisk};
     use crate::volume::engine::{EngineOptions, FailureSink, NoSink};
-    use crate::volume::queue::DiskQueue;
+    use crate::volume::queue::{DEFAULT_IO_TIMEOUT, DiskQueue};
     use uuid::Uuid;
 
     const SIZE: u64 = 16 << 20;
@@ -479,7 +479,7 @@ mod tests {
             .enumerate()
             .map(|(i, d)| {
                 let disk: Arc<dyn Disk> = Arc::new(SlowCopyReads(d.clone()));
-                let q = DiskQueue::start(&format!("d{i}"), disk, 4);
+                let q = DiskQueue::start(&format!("d{i}"), disk, 4, DEFAULT_IO_TIMEOUT);
                 let mode = if i == 0 {
                     Mode::InSync
                 } else {
@@ -593,12 +593,10 @@ mod tests {
         let queues: Vec<Arc<DiskQueue>> = disks
             .iter()
             .enumerate()
-            .map(|(i, d)| DiskQueue::start(&format!("d{i}"), d.clone(), 4))
+            .map(|(i, d)| {
+                DiskQueue::start(&format!("d{i}"), d.clone(), 4, Duration::from_millis(200))
+            })
             .collect();
-        let _watchdog = crate::volume::queue::Watchdog::start(
-            queues.iter().map(Arc::downgrade).collect(),
-            Duration::from_millis(200),
-        );
         let modes = [Mode::InSync, Mode::InSync, Mode::WriteOnly];
         let plexes = queues
             .iter()

@@ -377,7 +377,7 @@ mod tests {
     use super::*;
     use crate::disk::{Disk, MemDisk};
     use crate::volume::engine::{EngineOptions, FailureSink, NoSink};
-    use crate::volume::queue::DiskQueue;
+    use crate::volume::queue::{DEFAULT_IO_TIMEOUT, DiskQueue};
 
     const SIZE: u64 = 3 << 20;
 
@@ -394,7 +394,7 @@ mod tests {
         let mut plexes = Vec::new();
         for i in 0..copies {
             let d = Arc::new(MemDisk::new(SIZE + (1 << 20)));
-            let q = DiskQueue::start(&format!("d{i}"), d.clone(), 2);
+            let q = DiskQueue::start(&format!("d{i}"), d.clone(), 2, DEFAULT_IO_TIMEOUT);
             plexes.push(EnginePlex::new(
                 Uuid::new_v4(),
                 q,

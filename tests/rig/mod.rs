@@ -20,7 +20,7 @@ use mirrorvol::disk::{Controller, Disk, FaultyDisk};
 use mirrorvol::format::{PlexState, Style};
 use mirrorvol::group::live::LiveGroup;
 use mirrorvol::group::ops::{self, InitOptions};
-use mirrorvol::group::{DiskSet, Group, Lookup};
+use mirrorvol::group::{DiskOpen, DiskSet, Group, Lookup};
 use mirrorvol::volume::engine::{EngineOptions, MirrorVolume};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -147,14 +147,34 @@ pub struct Rig {
     pub members: Vec<Member>,
 }
 
-/// Engine options for the tests: few workers per disk (so a hang can occupy
-/// them all) and a short timeout.
-pub fn opts(io_timeout_ms: u64, max_read_errors: u64) -> EngineOptions {
-    EngineOptions {
-        threads_per_disk: 4,
-        io_timeout: Duration::from_millis(io_timeout_ms),
-        max_read_errors,
+/// How the tests run a group: few workers per disk (so a hang can occupy
+/// them all), a short deadline, and the engine's options.
+#[derive(Clone)]
+pub struct Opts {
+    pub open: DiskOpen,
+    pub engine: EngineOptions,
+}
+
+pub fn opts(io_timeout_ms: u64, max_read_errors: u64) -> Opts {
+    Opts {
+        open: DiskOpen {
+            direct: false,
+            threads: 4,
+            timeout: Duration::from_millis(io_timeout_ms),
+        },
+        engine: EngineOptions { max_read_errors },
     }
+}
+
+/// Puts an assembled group in service with `opts`: its disks' queues are
+/// started again with the tests' workers and deadline.
+pub fn start_live(mut g: Group, opts: Opts) -> Arc<LiveGroup> {
+    g.open = DiskOpen {
+        direct: g.open.direct,
+        ..opts.open
+    };
+    g.wrap_disks(|_, disk| disk);
+    LiveGroup::start(g, opts.engine)
 }
 
 impl Rig {
@@ -216,8 +236,9 @@ impl Rig {
 
     /// Assembles the group from the image files and puts it in service with
     /// every disk wrapped for fault injection.
-    pub fn start(&mut self, opts: EngineOptions) -> Arc<LiveGroup> {
+    pub fn start(&mut self, opts: Opts) -> Arc<LiveGroup> {
         let mut g = assemble(&self.paths);
+        g.open = opts.open;
         let mut members: BTreeMap<Uuid, Member> = BTreeMap::new();
         let controller_of: BTreeMap<Uuid, String> = g
             .config
@@ -250,7 +271,7 @@ impl Rig {
             .iter()
             .map(|u| members.remove(u).expect("every disk assembled"))
             .collect();
-        LiveGroup::start(g, opts)
+        LiveGroup::start(g, opts.engine)
     }
 
     /// Drops the fault handles (they keep the image files open and locked).
@@ -289,7 +310,10 @@ pub fn assemble(paths: &[PathBuf]) -> Group {
 pub fn assemble_with(paths: &[PathBuf], direct: bool) -> Group {
     let set = DiskSet {
         explicit: paths.to_vec(),
-        direct,
+        open: DiskOpen {
+            direct,
+            ..DiskOpen::default()
+        },
         ..DiskSet::default()
     };
     let deadline = Instant::now() + Duration::from_secs(10);
