@@ -288,7 +288,10 @@ impl RealFaultyDisk {
                 self.nbdfuse.as_mut()
             };
             if let Some(st) = child.unwrap().try_wait().unwrap() {
-                panic!("{what} exited with {st} before it was ready:\n{}", self.log(what));
+                panic!(
+                    "{what} exited with {st} before it was ready:\n{}",
+                    self.log(what)
+                );
             }
             assert!(
                 start.elapsed() < Duration::from_secs(60),
@@ -1005,7 +1008,10 @@ fn the_rig_fails_hangs_and_delays_real_requests_and_cleans_up() {
     let start = Instant::now();
     let mut b = Aligned::new(4096);
     f.read_exact_at(b.buf(), 0).unwrap();
-    assert!(start.elapsed() >= Duration::from_millis(300), "delayed read");
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "delayed read"
+    );
     drop(f);
     let pids = slow.pids();
     drop(slow);
@@ -1153,7 +1159,10 @@ fn a_disk_hung_before_serve_starts_does_not_stop_the_group_from_serving() {
     // A client reads the data written before the hang, and writes.
     let uri = s.uri("data");
     let got = read_export(&sb, &uri);
-    assert!(got[..data.len()] == data[..], "the data written before the hang");
+    assert!(
+        got[..data.len()] == data[..],
+        "the data written before the hang"
+    );
     qemu_io_t(&uri, &["write -P 0x3c 8M 1M", "read -P 0x3c 8M 1M"]);
     let st = status_t(&sb);
     assert!(
@@ -1319,6 +1328,11 @@ fn a_disk_file_truncated_while_served_is_failed_and_not_grown_back() {
         );
     }
     qemu_io_t(&uri, &["write -P 0x6b 8M 4M", "read -P 0x6b 8M 4M"]);
+    assert_eq!(
+        fs::metadata(&b).unwrap().len(),
+        MIB,
+        "the truncated file was not grown back by the reads and writes"
+    );
     let st = wait_status(&sb, 15, "b.img failed after its truncation", |st| {
         disk_state(st, "b.img") == "failed"
     });
@@ -1384,18 +1398,20 @@ fn a_failed_disk_reactivated_and_resynced_is_online_and_healthy_again() {
 
     b.heal();
     mvt_ok(&sb, &["reactivate", &b.display()]);
-    let st = wait_status(&sb, 30, "data healthy after the resync", |st| {
-        vol_state(st, "data") == "healthy"
+    let st = wait_status(&sb, 30, "both plexes in sync after the resync", |st| {
+        plexes(st, "data")
+            == vec![
+                ("a.img".to_string(), "in-sync".to_string()),
+                ("b.img".to_string(), "in-sync".to_string()),
+            ]
     });
-    assert_eq!(disk_state(&st, "b.img"), "online", "{st:#}");
-    assert_eq!(disk(&st, "b.img")["errors"], 0, "error count reset: {st:#}");
     assert_eq!(
-        plexes(&st, "data"),
-        vec![
-            ("a.img".to_string(), "in-sync".to_string()),
-            ("b.img".to_string(), "in-sync".to_string())
-        ]
+        disk_state(&st, "b.img"),
+        "online",
+        "the resynced disk is online (not online-errors): {st:#}"
     );
+    assert_eq!(disk(&st, "b.img")["errors"], 0, "error count reset: {st:#}");
+    assert_eq!(vol_state(&st, "data"), "healthy", "{st:#}");
     qemu_io_t(&uri, &["read -P 0x5e 0 2M"]);
     let (code, log) = s.stop();
     assert_eq!(code, 0, "{log}");
