@@ -867,6 +867,29 @@ fn fails_under_load(fault: impl Fn(&RealFaultyDisk), fio_extra: &[&str]) {
     assert_eq!(code, 0, "serve's exit status:\n{log}");
 }
 
+/// Asserts that `got` starts with `want`, naming the first byte that
+/// differs (and whether the volume gave zeroes there) when it does not.
+#[track_caller]
+fn assert_holds(got: &[u8], want: &[u8], what: &str) {
+    assert!(
+        got.len() >= want.len(),
+        "{what}: read {} bytes only",
+        got.len()
+    );
+    if let Some(at) = (0..want.len()).find(|&i| got[i] != want[i]) {
+        let end = (at + 4096).min(want.len());
+        let zeroes = got[at..end].iter().all(|&b| b == 0);
+        panic!(
+            "{what}: the volume differs from what was written at offset {at}{}",
+            if zeroes {
+                " (it reads as zeroes there)"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
 // ---- the rig itself ----
 
 /// A buffer aligned for O_DIRECT.
@@ -1089,7 +1112,7 @@ fn a_disk_dead_before_the_first_command_leaves_the_group_working_degraded() {
     mvt_ok(&sb, &["copy", "vol:data", &out]);
     let got = fs::read(&out).unwrap();
     assert_eq!(got.len() as u64, 16 * MIB);
-    assert!(got[..data.len()] == data[..], "copy gives the data written");
+    assert_holds(&got, &data, "copy vol:data with b dead");
 
     // serve: starts, and fio verifies over NBD.
     let s = serve(&sb);
@@ -1159,10 +1182,7 @@ fn a_disk_hung_before_serve_starts_does_not_stop_the_group_from_serving() {
     // A client reads the data written before the hang, and writes.
     let uri = s.uri("data");
     let got = read_export(&sb, &uri);
-    assert!(
-        got[..data.len()] == data[..],
-        "the data written before the hang"
-    );
+    assert_holds(&got, &data, "reading the export with b hung");
     qemu_io_t(&uri, &["write -P 0x3c 8M 1M", "read -P 0x3c 8M 1M"]);
     let st = status_t(&sb);
     assert!(
@@ -1322,10 +1342,7 @@ fn a_disk_file_truncated_while_served_is_failed_and_not_grown_back() {
     // both plexes).
     for _ in 0..2 {
         let got = read_export(&sb, &uri);
-        assert!(
-            got[..data.len()] == data[..],
-            "reads return the written data after the truncation"
-        );
+        assert_holds(&got, &data, "reads through NBD after b.img was truncated");
     }
     qemu_io_t(&uri, &["write -P 0x6b 8M 4M", "read -P 0x6b 8M 4M"]);
     assert_eq!(
