@@ -47,11 +47,23 @@ impl Served {
     /// Serves like [`Served::start`], with `args` added to `serve`'s
     /// command line (each `--listen` in them is waited for too).
     pub fn start_args(sb: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Served {
+        Served::start_with(sb, &[], args, env)
+    }
+
+    /// Serves like [`Served::start_args`], with the global options `global`
+    /// (such as `--io-timeout 2`) before the `serve` subcommand.
+    pub fn start_with(
+        sb: &Sandbox,
+        global: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Served {
         let sock = sb.path("nbd.sock");
         let mut cmd = Command::new(bin());
         // The pid file and default control socket stay in the sandbox.
         cmd.env("MIRRORVOL_DISKS", sb.disks_dir())
             .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+            .args(global)
             .arg("serve")
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
@@ -151,7 +163,18 @@ impl Drop for Served {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
-            let _ = c.wait();
+            // A thread of the server blocked in a request a hung disk never
+            // answers (a FUSE file whose server is paused) keeps even a
+            // killed process from exiting: give up after a while rather
+            // than hang the test.
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                if !matches!(c.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!("serve (pid {}) did not exit 20 s after SIGKILL", c.id());
         }
     }
 }

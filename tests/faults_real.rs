@@ -1,0 +1,1439 @@
+//! mirrorvol against real faulty disks, end to end: each faulty disk is an
+//! nbdkit server (a RAM disk behind the `error`, `pause` and `delay`
+//! filters) exposed as a regular file through `nbdfuse`, and used as a raw
+//! disk image of the group. Errors are switched on and off per operation by
+//! trigger files, hangs by the pause filter's control socket. Disks that fill
+//! up sit on a small tmpfs; others are truncated or deleted while served.
+//!
+//! Every command runs with `--io-timeout 2` (a global option): a disk request
+//! that takes longer fails that disk, so no command and no client request
+//! waits for a hung disk to come back.
+//!
+//! Needs root, /dev/fuse, nbdkit (with nbdkit-plugin-dev and a C compiler for
+//! the small RAM-disk plugin whose flushes can fail: the error filter has no
+//! flush trigger), nbdfuse, qemu-io and fio; otherwise each test skips loudly
+//! (fails under MIRRORVOL_E2E=require).
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::serve::Served;
+use common::{MIB, Sandbox, bin, disk, is_root, pattern, volume};
+
+// ---- the deadline ----
+
+/// The hang deadline every command and `serve` gets (`--io-timeout`).
+const IO_TIMEOUT_SECS: u64 = 2;
+
+/// `--io-timeout 2`, put before the subcommand (a global option).
+const IO_TIMEOUT: [&str; 2] = ["--io-timeout", "2"];
+
+/// How long a command may take when a disk hangs or fails: the deadline
+/// three times over, plus slack for a loaded machine.
+fn limit() -> Duration {
+    Duration::from_secs(3 * IO_TIMEOUT_SECS + 10)
+}
+
+/// The longest a client request may take when a disk hangs under it: the
+/// watchdog fails the disk after the deadline, the request completes on the
+/// other plex.
+fn request_limit() -> Duration {
+    Duration::from_secs(2 * IO_TIMEOUT_SECS + 4)
+}
+
+// ---- the rig: a real faulty disk ----
+
+/// A RAM disk for nbdkit's cc plugin whose flushes fail (EIO) while the file
+/// named by `flush-error-file=` exists. Reads, writes, zeroes and trims are
+/// failed by the error filter in front of it.
+const FAULTMEM_C: &str = r#"
+#define NBDKIT_API_VERSION 2
+#include <nbdkit-plugin.h>
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+
+#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
+
+static int64_t size = -1;
+static char *flush_file = NULL;
+static char *mem = NULL;
+
+static int fm_config(const char *key, const char *value) {
+  if (strcmp(key, "size") == 0) {
+    size = nbdkit_parse_size(value);
+    return size < 0 ? -1 : 0;
+  }
+  if (strcmp(key, "flush-error-file") == 0) {
+    flush_file = nbdkit_absolute_path(value);
+    return flush_file ? 0 : -1;
+  }
+  nbdkit_error("unknown parameter %s", key);
+  return -1;
+}
+
+static int fm_get_ready(void) {
+  if (size < 0) { nbdkit_error("size= is required"); return -1; }
+  mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (mem == MAP_FAILED) { nbdkit_error("mmap: %m"); return -1; }
+  return 0;
+}
+
+static void *fm_open(int readonly) { return NBDKIT_HANDLE_NOT_NEEDED; }
+static int64_t fm_get_size(void *h) { return size; }
+static int fm_can_multi_conn(void *h) { return 1; }
+static int fm_can_flush(void *h) { return 1; }
+static int fm_can_fua(void *h) { return NBDKIT_FUA_NATIVE; }
+static int fm_can_trim(void *h) { return 1; }
+static int fm_can_zero(void *h) { return 1; }
+
+static int fm_pread(void *h, void *buf, uint32_t n, uint64_t off, uint32_t f) {
+  memcpy(buf, mem + off, n);
+  return 0;
+}
+static int fm_pwrite(void *h, const void *buf, uint32_t n, uint64_t off, uint32_t f) {
+  memcpy(mem + off, buf, n);
+  return 0;
+}
+static int fm_zero(void *h, uint32_t n, uint64_t off, uint32_t f) {
+  memset(mem + off, 0, n);
+  return 0;
+}
+static int fm_trim(void *h, uint32_t n, uint64_t off, uint32_t f) {
+  memset(mem + off, 0, n);
+  return 0;
+}
+static int fm_flush(void *h, uint32_t f) {
+  if (flush_file && access(flush_file, F_OK) == 0) {
+    nbdkit_error("injecting EIO into flush");
+    nbdkit_set_error(EIO);
+    return -1;
+  }
+  return 0;
+}
+
+static struct nbdkit_plugin plugin = {
+  .name = "faultmem",
+  .config = fm_config,
+  .get_ready = fm_get_ready,
+  .open = fm_open,
+  .get_size = fm_get_size,
+  .can_multi_conn = fm_can_multi_conn,
+  .can_flush = fm_can_flush,
+  .can_fua = fm_can_fua,
+  .can_trim = fm_can_trim,
+  .can_zero = fm_can_zero,
+  .pread = fm_pread,
+  .pwrite = fm_pwrite,
+  .zero = fm_zero,
+  .trim = fm_trim,
+  .flush = fm_flush,
+};
+NBDKIT_REGISTER_PLUGIN(plugin)
+"#;
+
+/// True when the faulty-disk rig can run here; otherwise skips (or fails
+/// under MIRRORVOL_E2E=require).
+fn rig_available(more_tools: &[&str]) -> bool {
+    if !is_root() || !Path::new("/dev/fuse").exists() {
+        common::skip_or_fail("real faulty disks need root and /dev/fuse (nbdfuse)");
+        return false;
+    }
+    if !Path::new("/usr/include/nbdkit-plugin.h").exists() {
+        common::skip_or_fail("nbdkit-plugin.h is missing (install nbdkit-plugin-dev)");
+        return false;
+    }
+    let mut names = vec!["nbdkit", "nbdfuse", "cc", "umount", "mount"];
+    names.extend(more_tools);
+    common::serve::tools(&names)
+}
+
+/// Which operations of a [`RealFaultyDisk`] fail: each trigger file, while
+/// it exists, makes the error filter (or the plugin, for flushes) answer
+/// that operation with EIO.
+const TRIGGERS: [&str; 3] = ["fail-read", "fail-write", "fail-flush"];
+
+/// One disk that can fail, hang or be slow on demand: nbdkit (RAM disk,
+/// error + pause [+ delay] filters) on a Unix socket, and nbdfuse mounting
+/// the export over a regular file at [`RealFaultyDisk::path`] ("naked"
+/// mount), which the group uses as a raw disk image.
+///
+/// Dropping it resumes the disk, heals it, unmounts the file, ends the two
+/// processes it started (by their pids) and removes its control directory,
+/// even when the test panicked.
+pub struct RealFaultyDisk {
+    /// The FUSE file: the disk image mirrorvol opens.
+    pub path: PathBuf,
+    /// Sockets, trigger files, pid files, the plugin's source.
+    ctl: tempfile::TempDir,
+    nbdkit: Option<Child>,
+    nbdfuse: Option<Child>,
+}
+
+impl RealFaultyDisk {
+    /// A healthy disk of `mib` MiB at `path` (created as a regular file to
+    /// mount over).
+    pub fn start(path: &Path, mib: u64) -> RealFaultyDisk {
+        RealFaultyDisk::start_with(path, mib, None)
+    }
+
+    /// Like [`RealFaultyDisk::start`], every read, write, zero and trim
+    /// delayed by `delay` (the delay filter) when given.
+    pub fn start_with(path: &Path, mib: u64, delay: Option<Duration>) -> RealFaultyDisk {
+        let ctl = tempfile::Builder::new()
+            .prefix("mirrorvol-fault-")
+            .tempdir()
+            .expect("control dir");
+        let c = |name: &str| ctl.path().join(name).display().to_string();
+        fs::write(ctl.path().join("faultmem.c"), FAULTMEM_C).unwrap();
+        let mut args: Vec<String> = vec![
+            "--foreground".into(),
+            "--exit-with-parent".into(),
+            "--unix".into(),
+            c("nbd.sock"),
+            "--pidfile".into(),
+            c("nbdkit.pid"),
+            "--filter=error".into(),
+            "--filter=pause".into(),
+        ];
+        if delay.is_some() {
+            args.push("--filter=delay".into());
+        }
+        args.extend([
+            "cc".into(),
+            c("faultmem.c"),
+            format!("size={}", mib * MIB),
+            format!("flush-error-file={}", c("fail-flush")),
+            format!("pause-control={}", c("pause.sock")),
+        ]);
+        // Per operation: reads (and cache, extents) on fail-read; writes,
+        // zeroes and trims on fail-write.
+        for (op, trigger) in [
+            ("pread", "fail-read"),
+            ("cache", "fail-read"),
+            ("extents", "fail-read"),
+            ("pwrite", "fail-write"),
+            ("zero", "fail-write"),
+            ("trim", "fail-write"),
+        ] {
+            args.push(format!("error-{op}=EIO"));
+            args.push(format!("error-{op}-rate=100%"));
+            args.push(format!("error-{op}-file={}", c(trigger)));
+        }
+        if let Some(d) = delay {
+            for op in ["read", "write", "zero", "trim"] {
+                args.push(format!("delay-{op}={}ms", d.as_millis()));
+            }
+        }
+        let nbdkit = Command::new("nbdkit")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                fs::File::create(ctl.path().join("nbdkit.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("spawn nbdkit");
+        let mut rig = RealFaultyDisk {
+            path: path.to_path_buf(),
+            ctl,
+            nbdkit: Some(nbdkit),
+            nbdfuse: None,
+        };
+        rig.wait_for("nbdkit.pid", "nbdkit");
+
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::File::create(path).unwrap();
+        let nbdfuse = Command::new("nbdfuse")
+            .arg("-P")
+            .arg(rig.ctl.path().join("nbdfuse.pid"))
+            .arg(path)
+            .arg("--unix")
+            .arg(rig.ctl.path().join("nbd.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                fs::File::create(rig.ctl.path().join("nbdfuse.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("spawn nbdfuse");
+        rig.nbdfuse = Some(nbdfuse);
+        rig.wait_for("nbdfuse.pid", "nbdfuse");
+        assert_eq!(
+            fs::metadata(path).unwrap().len(),
+            mib * MIB,
+            "the FUSE file has the disk's size"
+        );
+        rig
+    }
+
+    /// Waits for a pid file the tool writes once it is ready.
+    fn wait_for(&mut self, pidfile: &str, what: &str) {
+        let start = Instant::now();
+        while !self.ctl.path().join(pidfile).exists() {
+            let child = if what == "nbdkit" {
+                self.nbdkit.as_mut()
+            } else {
+                self.nbdfuse.as_mut()
+            };
+            if let Some(st) = child.unwrap().try_wait().unwrap() {
+                panic!(
+                    "{what} exited with {st} before it was ready:\n{}",
+                    self.log(what)
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{what} not ready after 60 s:\n{}",
+                self.log(what)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What nbdkit or nbdfuse printed on stderr.
+    pub fn log(&self, what: &str) -> String {
+        fs::read_to_string(self.ctl.path().join(format!("{what}.log"))).unwrap_or_default()
+    }
+
+    pub fn display(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn trigger(&self, names: &[&str]) {
+        for n in names {
+            fs::write(self.ctl.path().join(n), b"").unwrap();
+        }
+    }
+
+    /// Every request fails with EIO: reads, writes, zeroes, trims, flushes.
+    pub fn fail_all(&self) {
+        self.trigger(&TRIGGERS);
+    }
+
+    /// Writes, zeroes and trims fail with EIO; reads and flushes work.
+    pub fn fail_writes(&self) {
+        self.trigger(&["fail-write"]);
+    }
+
+    /// Reads fail with EIO; writes and flushes work.
+    pub fn fail_reads(&self) {
+        self.trigger(&["fail-read"]);
+    }
+
+    /// Flushes fail with EIO; reads and writes work.
+    pub fn fail_flushes(&self) {
+        self.trigger(&["fail-flush"]);
+    }
+
+    /// No request fails any more.
+    pub fn heal(&self) {
+        for n in TRIGGERS {
+            let _ = fs::remove_file(self.ctl.path().join(n));
+        }
+    }
+
+    /// Every request from now on hangs until [`RealFaultyDisk::resume`]
+    /// (the pause filter; returns once requests in flight have completed).
+    pub fn pause(&self) {
+        let reply = pause_control(&self.ctl.path().join("pause.sock"), b'p')
+            .unwrap_or_else(|e| panic!("pause: {e}"));
+        assert_eq!(reply, b'P', "the pause filter answers P");
+    }
+
+    /// Hung requests go on.
+    pub fn resume(&self) {
+        let reply = pause_control(&self.ctl.path().join("pause.sock"), b'r')
+            .unwrap_or_else(|e| panic!("resume: {e}"));
+        assert_eq!(reply, b'R', "the pause filter answers R");
+    }
+
+    /// A guard that resumes the disk when dropped. Declare it after the
+    /// [`Served`] of the test, so that a panic resumes the disk before the
+    /// server is killed: a process blocked in a FUSE request that was
+    /// already sent cannot exit until that request is answered.
+    pub fn resume_on_drop(&self) -> ResumeOnDrop {
+        ResumeOnDrop(self.ctl.path().join("pause.sock"))
+    }
+
+    /// The pids this rig started (nbdkit, nbdfuse).
+    pub fn pids(&self) -> Vec<u32> {
+        [&self.nbdkit, &self.nbdfuse]
+            .iter()
+            .filter_map(|c| c.as_ref().map(Child::id))
+            .collect()
+    }
+}
+
+/// Sends one command to the pause filter's control socket and reads its
+/// one-byte answer.
+fn pause_control(sock: &Path, cmd: u8) -> std::io::Result<u8> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(&[cmd])?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)?;
+    Ok(b[0])
+}
+
+pub struct ResumeOnDrop(PathBuf);
+
+impl Drop for ResumeOnDrop {
+    fn drop(&mut self) {
+        let _ = pause_control(&self.0, b'r');
+    }
+}
+
+/// True while `path` is a mount point (listed in /proc/self/mounts).
+fn mounted(path: &Path) -> bool {
+    let want = path.display().to_string();
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
+}
+
+/// Unmounts `path`; lazily when it is still busy.
+fn unmount(path: &Path) {
+    if !mounted(path) {
+        return;
+    }
+    let ok = Command::new("umount")
+        .arg(path)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        let _ = Command::new("umount").arg("-l").arg(path).status();
+    }
+}
+
+/// Waits up to `secs` for a child to exit; then SIGTERM, then SIGKILL, each
+/// waited for in bounded time (never blocks for good).
+fn end_child(child: &mut Child, secs: u64) {
+    let wait = |child: &mut Child, d: Duration| {
+        let start = Instant::now();
+        while start.elapsed() < d {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    if wait(child, Duration::from_secs(secs)) {
+        return;
+    }
+    // SAFETY: kill takes integers; the pid is our own unreaped child's.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    if wait(child, Duration::from_secs(5)) {
+        return;
+    }
+    let _ = child.kill();
+    if !wait(child, Duration::from_secs(10)) {
+        eprintln!("pid {} did not exit after SIGKILL", child.id());
+    }
+}
+
+impl Drop for RealFaultyDisk {
+    fn drop(&mut self) {
+        let _ = pause_control(&self.ctl.path().join("pause.sock"), b'r');
+        self.heal();
+        unmount(&self.path);
+        // nbdfuse exits once its file is unmounted (and no longer open).
+        if let Some(mut c) = self.nbdfuse.take() {
+            end_child(&mut c, 5);
+        }
+        if let Some(mut c) = self.nbdkit.take() {
+            end_child(&mut c, 0);
+        }
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+// ---- a tmpfs that fills up ----
+
+/// A small tmpfs mounted on a directory of its own; image files on it are
+/// bind-mounted into the sandbox's disks directory, where the group finds
+/// them. Dropping it unmounts everything it mounted.
+struct SmallTmpfs {
+    dir: tempfile::TempDir,
+    binds: Vec<PathBuf>,
+    mounted: bool,
+}
+
+impl SmallTmpfs {
+    fn mount(mib: u64) -> SmallTmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("mirrorvol-tmpfs-")
+            .tempdir()
+            .unwrap();
+        common::serve::ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}M"), "tmpfs"])
+                .arg(dir.path()),
+        );
+        SmallTmpfs {
+            dir,
+            binds: Vec::new(),
+            mounted: true,
+        }
+    }
+
+    /// A sparse image of `mib` MiB (larger than the tmpfs, so that it fills
+    /// up) on the tmpfs, bind-mounted at `at`.
+    fn image_at(&mut self, name: &str, mib: u64, at: &Path) {
+        let src = self.dir.path().join(name);
+        fs::File::create(&src).unwrap().set_len(mib * MIB).unwrap();
+        fs::create_dir_all(at.parent().unwrap()).unwrap();
+        fs::File::create(at).unwrap();
+        common::serve::ok(Command::new("mount").arg("--bind").arg(&src).arg(at));
+        self.binds.push(at.to_path_buf());
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        for b in self.binds.drain(..).rev() {
+            unmount(&b);
+        }
+        if self.mounted {
+            unmount(self.dir.path());
+        }
+    }
+}
+
+// ---- running mirrorvol with a deadline ----
+
+/// What one bounded run of the binary did.
+struct Timed {
+    code: i32,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+/// Runs `mirrorvol --io-timeout 2 ARGS` (with the sandbox's disks and run
+/// directory) and fails the test if it has not returned within [`limit`]:
+/// a hung disk must never hang a command.
+#[track_caller]
+fn mvt(sb: &Sandbox, args: &[&str]) -> Timed {
+    let mut full: Vec<&str> = IO_TIMEOUT.to_vec();
+    full.extend(args);
+    let child = Command::new(bin())
+        .env("MIRRORVOL_DISKS", sb.disks_dir())
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .args(&full)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mirrorvol");
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit()) {
+        Ok(o) => {
+            let o = o.expect("wait for mirrorvol");
+            Timed {
+                code: o.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+                took: start.elapsed(),
+            }
+        }
+        Err(_) => {
+            // SAFETY: kill takes integers; the pid is our own child's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!(
+                "mirrorvol {} did not return within {:?} (io timeout {IO_TIMEOUT_SECS} s): a hung disk hung the command",
+                full.join(" "),
+                limit()
+            );
+        }
+    }
+}
+
+/// [`mvt`] that must succeed; returns stdout.
+#[track_caller]
+fn mvt_ok(sb: &Sandbox, args: &[&str]) -> String {
+    let r = mvt(sb, args);
+    assert_eq!(
+        r.code, 0,
+        "mirrorvol {args:?} failed after {:?}:\nstdout:\n{}\nstderr:\n{}",
+        r.took, r.stdout, r.stderr
+    );
+    r.stdout
+}
+
+/// `status --json` within the deadline, parsed.
+#[track_caller]
+fn status_t(sb: &Sandbox) -> serde_json::Value {
+    let out = mvt_ok(sb, &["status", "--json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json is JSON ({e}):\n{out}"))
+}
+
+/// Polls `status --json` until `pred` holds, for at most `secs` seconds.
+#[track_caller]
+fn wait_status(
+    sb: &Sandbox,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let st = status_t(sb);
+        if pred(&st) {
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what}: not so after {secs} s: {st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `serve` with `--io-timeout 2`, the page cache off (O_DIRECT, the
+/// default), brisk resyncs, and the control socket in the sandbox.
+fn serve(sb: &Sandbox) -> Served {
+    let ctl = sb.p("ctl.sock");
+    Served::start_with(
+        sb,
+        &IO_TIMEOUT,
+        &["--control", &ctl, "--resync-min-rate", "200M"],
+        &[],
+    )
+}
+
+/// A disk's state in a status report.
+fn disk_state(st: &serde_json::Value, file: &str) -> String {
+    disk(st, file)["state"].as_str().unwrap_or("").to_string()
+}
+
+fn vol_state(st: &serde_json::Value, name: &str) -> String {
+    volume(st, name)["state"].as_str().unwrap_or("").to_string()
+}
+
+fn out_of_service(state: &str) -> bool {
+    state == "failed" || state == "missing"
+}
+
+/// The disks of a volume's plexes (file names) with their states.
+fn plexes(st: &serde_json::Value, name: &str) -> Vec<(String, String)> {
+    volume(st, name)["plexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let d = p["disk"].as_str().unwrap_or("");
+            (
+                d.rsplit('/').next().unwrap().to_string(),
+                p["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+// ---- clients ----
+
+/// `qemu-io -f raw URI -c CMD...` that must succeed within [`limit`];
+/// returns stdout.
+#[track_caller]
+fn qemu_io_t(uri: &str, cmds: &[&str]) -> String {
+    let (code, out, err, took) = qemu_io_run(uri, cmds);
+    assert!(
+        code == 0 && !out.contains("failed") && !out.contains("Pattern verification"),
+        "qemu-io {cmds:?} on {uri} failed (exit {code}, {took:?}):\n{out}\n{err}"
+    );
+    out
+}
+
+/// `qemu-io` bounded by [`limit`]: (exit code, stdout, stderr, time taken).
+#[track_caller]
+fn qemu_io_run(uri: &str, cmds: &[&str]) -> (i32, String, String, Duration) {
+    bounded(
+        Command::new("qemu-io")
+            .args(["-f", "raw", uri])
+            .args(cmds.iter().flat_map(|c| ["-c", c])),
+    )
+}
+
+/// Runs a client tool, failing the test if it has not finished within
+/// [`limit`]: (exit code, stdout, stderr, time taken).
+#[track_caller]
+fn bounded(cmd: &mut Command) -> (i32, String, String, Duration) {
+    let what = format!("{cmd:?}");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let pid = child.id() as i32;
+    let (tx, rx) = mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit()) {
+        Ok(o) => {
+            let o = o.unwrap();
+            (
+                o.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+                start.elapsed(),
+            )
+        }
+        Err(_) => {
+            // SAFETY: kill takes integers; the pid is our own child's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!(
+                "{what} did not complete within {:?}: a client request hung",
+                limit()
+            );
+        }
+    }
+}
+
+/// The whole of an export, read with `qemu-img convert` within [`limit`].
+#[track_caller]
+fn read_export(sb: &Sandbox, uri: &str) -> Vec<u8> {
+    let out = sb.path("export.raw");
+    let _ = fs::remove_file(&out);
+    let (code, o, e, took) = bounded(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", uri])
+            .arg(&out),
+    );
+    assert_eq!(code, 0, "reading {uri} failed after {took:?}:\n{o}\n{e}");
+    fs::read(&out).unwrap()
+}
+
+/// fio writing `mib` MiB of a volume over NBD at random (4 KiB blocks,
+/// `iodepth` deep, at most `iops` a second) with crc32c verification, its
+/// report as JSON; `extra` adds options (`--fsync=N` to send flushes).
+fn fio_start(uri: &str, mib: u32, iodepth: u32, iops: u32, extra: &[&str]) -> Child {
+    Command::new("fio")
+        .args([
+            "--name=mirror",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            &format!("--iodepth={iodepth}"),
+            &format!("--size={mib}M"),
+            &format!("--rate_iops={iops}"),
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--do_verify=1",
+            "--randrepeat=0",
+            "--output-format=json",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn fio")
+}
+
+/// fio ended clean: exit 0, no I/O error, no verification failure, and no
+/// request (write or verifying read) took longer than `max_latency`.
+#[track_caller]
+fn fio_clean(fio: Child, max_latency: Duration) {
+    let o = fio.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "fio failed:\n{out}\n{err}");
+    assert!(!err.contains("verify"), "fio verification failed:\n{err}");
+    let json = &out[out.find('{').unwrap_or(0)..];
+    let r: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("fio JSON ({e}):\n{out}\n{err}"));
+    let job = &r["jobs"][0];
+    assert_eq!(job["error"], 0, "fio reported an error: {job:#}");
+    for dir in ["write", "read"] {
+        let ios = job[dir]["total_ios"].as_u64().unwrap_or(0);
+        assert!(ios > 0, "fio did no {dir}s: {job:#}");
+        let max_ns = job[dir]["lat_ns"]["max"].as_f64().unwrap_or(0.0);
+        assert!(
+            max_ns < max_latency.as_nanos() as f64,
+            "a {dir} took {:.2} s, beyond {max_latency:?} (io timeout {IO_TIMEOUT_SECS} s)",
+            max_ns / 1e9
+        );
+    }
+}
+
+/// Asserts fio is still running (else the fault came after the load).
+#[track_caller]
+fn still_running(fio: &mut Child) {
+    assert!(
+        fio.try_wait().unwrap().is_none(),
+        "fio ended before the fault; the test proves nothing"
+    );
+}
+
+// ---- group layouts ----
+
+/// Ordinary sparse image files of 128 MiB in the disks directory.
+fn plain(sb: &Sandbox, names: &[&str]) {
+    for n in names {
+        sb.image(n, 128);
+    }
+}
+
+/// `init` of every disk in the disks directory as raw, in group `g` (no
+/// fault is on yet).
+fn init_all(sb: &Sandbox, names: &[&str]) {
+    let paths: Vec<String> = names.iter().map(|n| sb.p(&format!("disks/{n}"))).collect();
+    let mut args = vec!["init"];
+    args.extend(paths.iter().map(String::as_str));
+    args.extend(["--style", "raw", "--group", "g"]);
+    sb.mv(&args).ok();
+}
+
+/// A mirrored volume `name` of `mib` MiB on the named disks.
+fn mirror(sb: &Sandbox, name: &str, mib: u64, on: &[&str]) {
+    let size = format!("{mib}M");
+    let paths: Vec<String> = on.iter().map(|n| sb.p(&format!("disks/{n}"))).collect();
+    let mut args = vec!["create", name, "--size", &size, "--mirror"];
+    for p in &paths {
+        args.extend(["--disk", p.as_str()]);
+    }
+    sb.mv(&args).ok();
+}
+
+/// Writes `len` bytes of pattern `seed` to the start of a volume with
+/// `copy` (offline, no fault on); returns them.
+fn fill(sb: &Sandbox, name: &str, len: usize, seed: u64) -> Vec<u8> {
+    let (file, data) = sb.data_file(&format!("fill-{name}.bin"), len, seed);
+    sb.mv(&["copy", &file, &format!("vol:{name}")]).ok();
+    data
+}
+
+/// a.img and c.img ordinary files, b.img a real faulty disk of 64 MiB; the
+/// mirror `data` (16 MiB) on a and b, its first 4 MiB written.
+fn faulty_b(sb: &Sandbox) -> (RealFaultyDisk, Vec<u8>) {
+    plain(sb, &["a.img", "c.img"]);
+    let b = RealFaultyDisk::start(&sb.path("disks").join("b.img"), 64);
+    init_all(sb, &["a.img", "b.img", "c.img"]);
+    mirror(sb, "data", 16, &["a.img", "b.img"]);
+    let data = fill(sb, "data", 4 * MIB as usize, 7);
+    (b, data)
+}
+
+/// Serves the group, starts fio on `data`, fails b with `fault` while fio
+/// runs; fio must end clean, b `failed` and `data` `failed-redundancy`.
+fn fails_under_load(fault: impl Fn(&RealFaultyDisk), fio_extra: &[&str]) {
+    if !rig_available(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (b, _) = faulty_b(&sb);
+    let s = serve(&sb);
+    let _resume = b.resume_on_drop();
+    let mut fio = fio_start(&s.uri("data"), 16, 8, 800, fio_extra);
+    std::thread::sleep(Duration::from_millis(1500));
+    still_running(&mut fio);
+    fault(&b);
+    let st = wait_status(&sb, 30, "b.img failed", |st| {
+        disk_state(st, "b.img") == "failed"
+    });
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+    fio_clean(fio, request_limit());
+    let st = status_t(&sb);
+    assert_eq!(disk_state(&st, "b.img"), "failed", "{st:#}");
+    assert_eq!(disk_state(&st, "a.img"), "online", "{st:#}");
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "serve's exit status:\n{log}");
+}
+
+/// Asserts that `got` starts with `want`, naming the first byte that
+/// differs (and whether the volume gave zeroes there) when it does not.
+#[track_caller]
+fn assert_holds(got: &[u8], want: &[u8], what: &str) {
+    assert!(
+        got.len() >= want.len(),
+        "{what}: read {} bytes only",
+        got.len()
+    );
+    if let Some(at) = (0..want.len()).find(|&i| got[i] != want[i]) {
+        let end = (at + 4096).min(want.len());
+        let zeroes = got[at..end].iter().all(|&b| b == 0);
+        panic!(
+            "{what}: the volume differs from what was written at offset {at}{}",
+            if zeroes {
+                " (it reads as zeroes there)"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+// ---- the rig itself ----
+
+/// A buffer aligned for O_DIRECT.
+struct Aligned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null());
+        Aligned { ptr, len }
+    }
+    fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: ptr holds len initialised bytes, owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, 4096).unwrap();
+        // SAFETY: allocated with this layout in new().
+        unsafe { std::alloc::dealloc(self.ptr, layout) };
+    }
+}
+
+// SAFETY: Aligned owns its allocation like a Vec.
+unsafe impl Send for Aligned {}
+
+fn open_direct(path: &Path) -> fs::File {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .expect("O_DIRECT open of the FUSE file")
+}
+
+fn is_eio(r: std::io::Result<()>) -> bool {
+    matches!(r, Err(e) if e.raw_os_error() == Some(libc::EIO))
+}
+
+/// Proves the rig: through nbdfuse each trigger makes exactly its operation
+/// fail with EIO (O_DIRECT accepted), a paused disk hangs a read until it
+/// is resumed, the delay filter slows requests, and dropping the rig leaves
+/// no mount and no process behind.
+#[test]
+fn the_rig_fails_hangs_and_delays_real_requests_and_cleans_up() {
+    if !rig_available(&[]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let path = sb.path("disks").join("x.img");
+    let rig = RealFaultyDisk::start(&path, 16);
+    let pids = rig.pids();
+    assert_eq!(pids.len(), 2);
+    assert!(mounted(&path), "{} is a FUSE mount", path.display());
+
+    let f = open_direct(&path);
+    let mut buf = Aligned::new(4096);
+    buf.buf().copy_from_slice(&pattern(4096, 3));
+    f.write_all_at(buf.buf(), 8192).unwrap();
+    f.sync_data().unwrap();
+    let mut back = Aligned::new(4096);
+    f.read_exact_at(back.buf(), 8192).unwrap();
+    assert_eq!(back.buf(), &pattern(4096, 3)[..]);
+
+    let read = |f: &fs::File| {
+        let mut b = Aligned::new(4096);
+        f.read_exact_at(b.buf(), 8192)
+    };
+    let write = |f: &fs::File| {
+        let mut b = Aligned::new(4096);
+        f.write_all_at(b.buf(), 16384)
+    };
+    rig.fail_reads();
+    assert!(is_eio(read(&f)), "fail_reads: a read gets EIO");
+    assert!(write(&f).is_ok(), "fail_reads: writes work");
+    assert!(f.sync_data().is_ok(), "fail_reads: flushes work");
+    rig.heal();
+    assert!(read(&f).is_ok(), "healed: reads work");
+
+    rig.fail_writes();
+    assert!(is_eio(write(&f)), "fail_writes: a write gets EIO");
+    assert!(read(&f).is_ok(), "fail_writes: reads work");
+    // A buffered write reaches nbdkit at once (FUSE writes through).
+    let buffered = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    assert!(
+        is_eio(buffered.write_all_at(&[1u8; 4096], 0)),
+        "fail_writes: a buffered write gets EIO at write(2)"
+    );
+    rig.heal();
+
+    rig.fail_flushes();
+    assert!(write(&f).is_ok(), "fail_flushes: writes work");
+    assert!(is_eio(f.sync_data()), "fail_flushes: fdatasync gets EIO");
+    rig.heal();
+    assert!(f.sync_data().is_ok());
+
+    rig.fail_all();
+    assert!(is_eio(read(&f)) && is_eio(write(&f)) && is_eio(f.sync_data()));
+    rig.heal();
+
+    // Pause: a read hangs until resumed.
+    rig.pause();
+    let f2 = f.try_clone().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let mut b = Aligned::new(4096);
+        let r = f2.read_exact_at(b.buf(), 65536);
+        let _ = tx.send((r.is_ok(), start.elapsed()));
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(1500)).is_err(),
+        "a read on a paused disk hangs"
+    );
+    rig.resume();
+    let (ok, took) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(ok && took >= Duration::from_millis(1500), "{ok} {took:?}");
+    drop(f);
+    drop(buffered);
+    drop(rig);
+    assert!(!mounted(&path), "the rig unmounted {}", path.display());
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} of the rig is gone"
+        );
+    }
+
+    // Delay: each request takes the delay.
+    let slow = RealFaultyDisk::start_with(&path, 16, Some(Duration::from_millis(300)));
+    let f = open_direct(&path);
+    let start = Instant::now();
+    let mut b = Aligned::new(4096);
+    f.read_exact_at(b.buf(), 0).unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(300),
+        "delayed read"
+    );
+    drop(f);
+    let pids = slow.pids();
+    drop(slow);
+    assert!(!mounted(&path));
+    for pid in pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid}");
+    }
+}
+
+/// A rig dropped by a panic while paused and busy (a read hung on it)
+/// still resumes, unmounts and ends its processes.
+#[test]
+fn the_rig_cleans_up_after_a_panic_while_paused() {
+    if !rig_available(&[]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let path = sb.path("disks").join("x.img");
+    let (tx, rx) = mpsc::channel();
+    let p = path.clone();
+    let t = std::thread::spawn(move || {
+        let rig = RealFaultyDisk::start(&p, 16);
+        tx.send(rig.pids()).unwrap();
+        rig.pause();
+        let f = open_direct(&p);
+        std::thread::spawn(move || {
+            let mut b = Aligned::new(4096);
+            let _ = f.read_exact_at(b.buf(), 0);
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        panic!("a test failing with the disk paused");
+    });
+    let pids = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(t.join().is_err(), "the thread panicked");
+    assert!(!mounted(&path), "unmounted after the panic");
+    for pid in pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid}");
+    }
+}
+
+// ---- scenarios ----
+
+#[test]
+fn a_disk_dead_before_the_first_command_leaves_the_group_working_degraded() {
+    if !rig_available(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (b, data) = faulty_b(&sb);
+    b.fail_all();
+
+    // status: exit 0, the dead disk listed as unreadable with the I/O error.
+    let st = status_t(&sb);
+    let unreadable = st["unreadable"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status --json has an \"unreadable\" list: {st:#}"));
+    let entry = unreadable
+        .iter()
+        .find(|u| u["path"] == b.display().as_str())
+        .unwrap_or_else(|| panic!("{} is listed unreadable: {st:#}", b.display()));
+    let reason = entry["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("Input/output error") || reason.contains("I/O error"),
+        "the reason names the I/O error: {entry}"
+    );
+    assert!(
+        out_of_service(&disk_state(&st, "b.img")),
+        "b.img's config member is missing or failed: {st:#}"
+    );
+    assert_eq!(disk_state(&st, "a.img"), "online", "{st:#}");
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+
+    // copy out: the data, from a.
+    let out = sb.p("out.img");
+    mvt_ok(&sb, &["copy", "vol:data", &out]);
+    let got = fs::read(&out).unwrap();
+    assert_eq!(got.len() as u64, 16 * MIB);
+    assert_holds(&got, &data, "copy vol:data with b dead");
+
+    // serve: starts, and fio verifies over NBD.
+    let s = serve(&sb);
+    let fio = fio_start(&s.uri("data"), 8, 8, 2000, &[]);
+    fio_clean(fio, request_limit());
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "serve's exit status:\n{log}");
+
+    // repair: the plex moves to c, which has room.
+    mvt_ok(&sb, &["repair", "data"]);
+    let st = status_t(&sb);
+    assert_eq!(vol_state(&st, "data"), "healthy", "{st:#}");
+    assert_eq!(
+        plexes(&st, "data"),
+        vec![
+            ("a.img".to_string(), "in-sync".to_string()),
+            ("c.img".to_string(), "in-sync".to_string())
+        ],
+        "{st:#}"
+    );
+}
+
+#[test]
+fn a_disk_dying_under_load_is_failed_and_clients_see_no_error() {
+    fails_under_load(RealFaultyDisk::fail_all, &[]);
+}
+
+#[test]
+fn a_disk_failing_only_writes_is_failed_and_clients_see_no_error() {
+    fails_under_load(RealFaultyDisk::fail_writes, &[]);
+}
+
+#[test]
+fn a_disk_failing_only_flushes_is_failed_and_clients_see_no_error() {
+    // fio sends a flush after every 16 writes.
+    fails_under_load(RealFaultyDisk::fail_flushes, &["--fsync=16"]);
+}
+
+#[test]
+fn a_disk_hung_before_serve_starts_does_not_stop_the_group_from_serving() {
+    if !rig_available(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (b, data) = faulty_b(&sb);
+    b.pause();
+
+    // Offline status returns within the deadline, the disk out of service.
+    let r = mvt(&sb, &["status", "--json"]);
+    assert_eq!(r.code, 0, "status with a hung disk:\n{}", r.stderr);
+    let st: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(
+        out_of_service(&disk_state(&st, "b.img")),
+        "the hung disk is failed or missing: {st:#}"
+    );
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+
+    // serve exports within the deadline.
+    let start = Instant::now();
+    let s = serve(&sb);
+    let _resume = b.resume_on_drop();
+    assert!(
+        start.elapsed() < limit(),
+        "serve took {:?} to export with a hung disk",
+        start.elapsed()
+    );
+    // A client reads the data written before the hang, and writes.
+    let uri = s.uri("data");
+    let got = read_export(&sb, &uri);
+    assert_holds(&got, &data, "reading the export with b hung");
+    qemu_io_t(&uri, &["write -P 0x3c 8M 1M", "read -P 0x3c 8M 1M"]);
+    let st = status_t(&sb);
+    assert!(
+        out_of_service(&disk_state(&st, "b.img")),
+        "the hung disk is failed or missing under serve: {st:#}"
+    );
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+}
+
+#[test]
+fn a_disk_hanging_under_fio_is_failed_within_the_deadline() {
+    if !rig_available(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (b, _) = faulty_b(&sb);
+    let s = serve(&sb);
+    let _resume = b.resume_on_drop();
+    let mut fio = fio_start(&s.uri("data"), 16, 8, 800, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    still_running(&mut fio);
+    b.pause();
+    fio_clean(fio, request_limit());
+    let st = status_t(&sb);
+    assert!(
+        out_of_service(&disk_state(&st, "b.img")),
+        "the hung disk is out of service: {st:#}"
+    );
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+    b.resume();
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "serve's exit status:\n{log}");
+}
+
+#[test]
+fn an_online_fail_returns_within_the_deadline_while_another_disk_hangs() {
+    if !rig_available(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    plain(&sb, &["a.img", "c.img"]);
+    let b = RealFaultyDisk::start(&sb.path("disks").join("b.img"), 64);
+    init_all(&sb, &["a.img", "b.img", "c.img"]);
+    mirror(&sb, "m1", 8, &["a.img", "b.img"]);
+    mirror(&sb, "m2", 8, &["a.img", "c.img"]);
+    let s = serve(&sb);
+    let _resume = b.resume_on_drop();
+    qemu_io_t(&s.uri("m1"), &["write -P 0x11 0 1M"]);
+    qemu_io_t(&s.uri("m2"), &["write -P 0x22 0 1M"]);
+
+    // b hangs; the first request to reach it is the config write of `fail`.
+    b.pause();
+    let c = sb.p("disks/c.img");
+    let r = mvt(&sb, &["fail", &c]);
+    assert_eq!(
+        r.code, 0,
+        "online fail of c with b hung (took {:?}):\n{}{}",
+        r.took, r.stdout, r.stderr
+    );
+    // Reads and writes keep answering on both mirrors.
+    qemu_io_t(&s.uri("m1"), &["read -P 0x11 0 1M", "write -P 0x33 1M 1M"]);
+    qemu_io_t(&s.uri("m2"), &["read -P 0x22 0 1M", "write -P 0x44 1M 1M"]);
+    qemu_io_t(&s.uri("m1"), &["read -P 0x33 1M 1M"]);
+    qemu_io_t(&s.uri("m2"), &["read -P 0x44 1M 1M"]);
+    let st = status_t(&sb);
+    assert_eq!(disk_state(&st, "c.img"), "failed", "{st:#}");
+    assert!(out_of_service(&disk_state(&st, "b.img")), "{st:#}");
+    assert_eq!(vol_state(&st, "m1"), "failed-redundancy", "{st:#}");
+    assert_eq!(vol_state(&st, "m2"), "failed-redundancy", "{st:#}");
+}
+
+#[test]
+fn a_disk_that_fills_up_is_failed_and_clients_see_no_error() {
+    if !rig_available(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    plain(&sb, &["a.img", "c.img"]);
+    // b: a 128 MiB sparse image on a 6 MiB tmpfs.
+    let mut tmpfs = SmallTmpfs::mount(6);
+    tmpfs.image_at("b.img", 128, &sb.path("disks").join("b.img"));
+    init_all(&sb, &["a.img", "b.img", "c.img"]);
+    mirror(&sb, "data", 24, &["a.img", "b.img"]);
+    let s = serve(&sb);
+    let fio = fio_start(&s.uri("data"), 16, 8, 2000, &[]);
+    fio_clean(fio, request_limit());
+    let st = status_t(&sb);
+    assert_eq!(disk_state(&st, "b.img"), "failed", "{st:#}");
+    assert_eq!(disk_state(&st, "a.img"), "online", "{st:#}");
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "serve's exit status:\n{log}");
+    drop(tmpfs);
+}
+
+#[test]
+fn a_write_when_every_plex_is_full_gets_enospc_not_eio() {
+    if !rig_available(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    // a and b: 128 MiB sparse images on one 8 MiB tmpfs.
+    let mut tmpfs = SmallTmpfs::mount(8);
+    tmpfs.image_at("a.img", 128, &sb.path("disks").join("a.img"));
+    tmpfs.image_at("b.img", 128, &sb.path("disks").join("b.img"));
+    init_all(&sb, &["a.img", "b.img"]);
+    mirror(&sb, "data", 32, &["a.img", "b.img"]);
+    let s = serve(&sb);
+    let (_, out, err, _) = qemu_io_run(&s.uri("data"), &["write -P 0x5a 0 16M"]);
+    assert!(
+        out.contains("No space left on device") || err.contains("No space left on device"),
+        "the client's write fails with ENOSPC:\n{out}\n{err}\n{}",
+        s.stderr()
+    );
+    assert!(
+        !out.contains("Input/output error") && !err.contains("Input/output error"),
+        "ENOSPC, not EIO:\n{out}\n{err}"
+    );
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "serve stopped with SIGTERM exits 0:\n{log}");
+    drop(tmpfs);
+}
+
+#[test]
+fn a_disk_file_truncated_while_served_is_failed_and_not_grown_back() {
+    if !rig_available(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    plain(&sb, &["a.img", "b.img", "c.img"]);
+    init_all(&sb, &["a.img", "b.img", "c.img"]);
+    mirror(&sb, "data", 16, &["a.img", "b.img"]);
+    let s = serve(&sb);
+    let uri = s.uri("data");
+    // 8 MiB of known data, then b.img shrinks to 1 MiB under the server.
+    let data = pattern(8 * MIB as usize, 11);
+    fs::write(sb.path("data.bin"), &data).unwrap();
+    common::serve::ok(Command::new("qemu-img").args([
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        &sb.p("data.bin"),
+        &uri,
+    ]));
+    let b = sb.path("disks").join("b.img");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+
+    // Reads through NBD give what was written (twice: reads spread over
+    // both plexes).
+    for _ in 0..2 {
+        let got = read_export(&sb, &uri);
+        assert_holds(&got, &data, "reads through NBD after b.img was truncated");
+    }
+    qemu_io_t(&uri, &["write -P 0x6b 8M 4M", "read -P 0x6b 8M 4M"]);
+    assert_eq!(
+        fs::metadata(&b).unwrap().len(),
+        MIB,
+        "the truncated file was not grown back by the reads and writes"
+    );
+    let st = wait_status(&sb, 15, "b.img failed after its truncation", |st| {
+        disk_state(st, "b.img") == "failed"
+    });
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+    assert_eq!(
+        fs::metadata(&b).unwrap().len(),
+        MIB,
+        "the truncated file was not grown back"
+    );
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    assert_eq!(fs::metadata(&b).unwrap().len(), MIB, "not grown at stop");
+}
+
+#[test]
+fn a_disk_file_deleted_while_served_is_not_reported_healthy() {
+    if !rig_available(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    plain(&sb, &["a.img", "b.img", "c.img"]);
+    init_all(&sb, &["a.img", "b.img", "c.img"]);
+    mirror(&sb, "data", 16, &["a.img", "b.img"]);
+    let s = serve(&sb);
+    let uri = s.uri("data");
+    qemu_io_t(&uri, &["write -P 0x21 0 1M"]);
+    fs::remove_file(sb.path("disks").join("b.img")).unwrap();
+    qemu_io_t(&uri, &["write -P 0x22 1M 1M", "read -P 0x21 0 1M"]);
+    let st = wait_status(&sb, 10, "the deleted b.img out of service", |st| {
+        disk_state(st, "b.img") != "online"
+    });
+    assert!(
+        out_of_service(&disk_state(&st, "b.img")),
+        "the deleted disk is missing or failed: {st:#}"
+    );
+    assert_ne!(vol_state(&st, "data"), "healthy", "{st:#}");
+    qemu_io_t(&uri, &["read -P 0x22 1M 1M"]);
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+}
+
+#[test]
+fn a_failed_disk_reactivated_and_resynced_is_online_and_healthy_again() {
+    if !rig_available(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (b, _) = faulty_b(&sb);
+    let s = serve(&sb);
+    let _resume = b.resume_on_drop();
+    let uri = s.uri("data");
+    // Read errors first (counted), then every request fails: b is failed.
+    b.fail_reads();
+    for i in 0..8 {
+        qemu_io_t(&uri, &[&format!("read {}M 512k", i)]);
+    }
+    b.fail_all();
+    qemu_io_t(&uri, &["write -P 0x5e 0 2M", "flush"]);
+    let st = wait_status(&sb, 15, "b.img failed", |st| {
+        disk_state(st, "b.img") == "failed"
+    });
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+
+    b.heal();
+    mvt_ok(&sb, &["reactivate", &b.display()]);
+    let st = wait_status(&sb, 30, "both plexes in sync after the resync", |st| {
+        plexes(st, "data")
+            == vec![
+                ("a.img".to_string(), "in-sync".to_string()),
+                ("b.img".to_string(), "in-sync".to_string()),
+            ]
+    });
+    assert_eq!(
+        disk_state(&st, "b.img"),
+        "online",
+        "the resynced disk is online (not online-errors): {st:#}"
+    );
+    assert_eq!(disk(&st, "b.img")["errors"], 0, "error count reset: {st:#}");
+    assert_eq!(vol_state(&st, "data"), "healthy", "{st:#}");
+    qemu_io_t(&uri, &["read -P 0x5e 0 2M"]);
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    // Offline too: the resynced disk and the volume stay as they were.
+    let st = status_t(&sb);
+    assert_eq!(disk_state(&st, "b.img"), "online", "{st:#}");
+    assert_eq!(vol_state(&st, "data"), "healthy", "{st:#}");
+}
