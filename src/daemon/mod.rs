@@ -37,7 +37,7 @@ use crate::group::holder;
 use crate::group::live::LiveGroup;
 use crate::group::{DiskSet, Group, Lookup};
 use crate::nbd::server::{self, Done, Export, Listen, Server};
-use crate::volume::engine::{EngineOptions, MirrorVolume, Run};
+use crate::volume::engine::{EngineOptions, MirrorVolume, Mode, Run};
 use crate::volume::resync::ResyncOptions;
 use crate::{Error, Result};
 
@@ -323,9 +323,14 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     live.stop_resyncs();
     let mut failed = Vec::new();
     for n in &live.volume_names() {
-        if let Some(v) = live.volume(n)
-            && let Err(e) = v.flush()
-        {
+        let Some(v) = live.volume(n) else { continue };
+        // A failed volume has no copy left to flush; its failure was
+        // reported when it happened, and is no failure of the stop.
+        if v.plexes().iter().all(|p| p.mode() == Mode::Out) {
+            eprintln!("warning: volume {n} is failed: nothing of it to flush");
+            continue;
+        }
+        if let Err(e) = v.flush() {
             failed.push(format!("{n}: {e}"));
         }
     }

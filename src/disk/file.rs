@@ -298,11 +298,18 @@ impl Disk for FileDisk {
         if buf.is_empty() {
             return Ok(());
         }
-        match self.direct_align {
+        let r = match self.direct_align {
             Some(align) => self.read_direct(buf, offset, u64::from(align)),
             // Holes of a sparse file read as zeroes; `read_exact_at` retries
             // short reads.
             None => self.file.read_exact_at(buf, offset),
+        };
+        match r {
+            // The end of a file inside the disk: it was truncated under us.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(self.health().err().unwrap_or(e))
+            }
+            r => r,
         }
     }
 
@@ -374,6 +381,31 @@ impl Disk for FileDisk {
         };
         if let Err(e) = result {
             tracing::debug!(path = %self.path.display(), error = %e, "discard refused");
+        }
+        Ok(())
+    }
+
+    fn health(&self) -> io::Result<()> {
+        if self.block_device {
+            return Ok(());
+        }
+        let meta = self.file.metadata()?;
+        if meta.nlink() == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("the file of disk {} was deleted", self.path.display()),
+            ));
+        }
+        if meta.len() < self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file of disk {} shrank from {} to {} bytes",
+                    self.path.display(),
+                    self.size,
+                    meta.len()
+                ),
+            ));
         }
         Ok(())
     }

@@ -76,6 +76,13 @@ pub trait Disk: Send + Sync + fmt::Debug {
     fn identity(&self) -> DiskIdentity {
         DiskIdentity::default()
     }
+
+    /// Whether the disk is still the one opened: an error when it is gone
+    /// (a file deleted, or shrunk under the size it had). Cheap (a stat);
+    /// a running group asks every second, and before a repair writes.
+    fn health(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl<D: Disk + ?Sized> Disk for Arc<D> {
@@ -103,6 +110,9 @@ impl<D: Disk + ?Sized> Disk for Arc<D> {
     fn identity(&self) -> DiskIdentity {
         (**self).identity()
     }
+    fn health(&self) -> io::Result<()> {
+        (**self).health()
+    }
 }
 
 /// The error a backend returns for an access past the end of the disk.
@@ -121,4 +131,25 @@ pub fn check_range(offset: u64, len: usize, size: u64) -> io::Result<()> {
         Some(end) if end <= size => Ok(()),
         _ => Err(out_of_range(offset, len, size)),
     }
+}
+
+/// The errno of the disk's own error underneath `e`, however deeply it is
+/// wrapped.
+pub fn os_error(e: &io::Error) -> Option<i32> {
+    if let Some(n) = e.raw_os_error() {
+        return Some(n);
+    }
+    let mut next: Option<&(dyn std::error::Error + 'static)> = e
+        .get_ref()
+        .map(|inner| inner as &(dyn std::error::Error + 'static));
+    while let Some(err) = next {
+        if let Some(n) = err
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
+            return Some(n);
+        }
+        next = err.source();
+    }
+    None
 }

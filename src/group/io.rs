@@ -17,7 +17,8 @@ use crate::{Error, Result};
 /// What the engine reported during a command.
 #[derive(Debug)]
 enum Event {
-    PlexFailed(Uuid, String),
+    /// The plex failed; `true` when the error is the whole disk's.
+    PlexFailed(Uuid, String, bool),
     LastCopyFailed(Uuid, String),
     ReadError(Uuid, String, bool),
 }
@@ -31,7 +32,11 @@ impl FailureSink for Recorder {
     /// Recorded in memory: the command commits it before it reports
     /// success, and fails if it cannot.
     fn plex_failed(&self, _: &str, disk: Uuid, error: &io::Error) -> bool {
-        self.push(Event::PlexFailed(disk, error.to_string()));
+        self.push(Event::PlexFailed(
+            disk,
+            error.to_string(),
+            crate::volume::error::disk_wide(error),
+        ));
         true
     }
     fn last_copy_failed(&self, _: &str, disk: Uuid, error: &io::Error) {
@@ -137,7 +142,18 @@ impl Group {
         let mut changed = false;
         for e in events {
             match e {
-                Event::PlexFailed(disk, error) => {
+                Event::PlexFailed(disk, error, true) => {
+                    self.warnings.push(format!(
+                        "disk {}: I/O error ({error}); the whole disk is marked failed",
+                        self.disk_path(disk)
+                    ));
+                    self.mark_disk_failed(
+                        disk,
+                        Some("it failed an I/O, so its data cannot be trusted"),
+                    );
+                    changed = true;
+                }
+                Event::PlexFailed(disk, error, false) => {
                     self.warnings.push(format!(
                         "disk {}: I/O error ({error}); its plex of volume {name} is marked failed",
                         self.disk_path(disk)

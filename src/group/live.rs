@@ -302,31 +302,62 @@ impl LiveGroup {
         }
     }
 
-    /// Starts the thread that clears the write-intent bits of regions idle
-    /// for `period` (between one and two periods, as md's bitmap daemon).
-    /// It ends with the group.
+    /// Starts the group's timer thread: every second it asks each disk in
+    /// service whether it is still the one opened ([`LiveGroup::check_disks`]),
+    /// and every `period` it clears the write-intent bits of regions idle for
+    /// that long (between one and two periods, as md's bitmap daemon). It
+    /// ends with the group.
     pub fn start_bitmap_clearing(self: &Arc<Self>, period: std::time::Duration) {
+        const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
         let me = Arc::downgrade(self);
         std::thread::Builder::new()
-            .name("bitmap-clear".into())
+            .name("group-timer".into())
             .spawn(move || {
-                let step = std::time::Duration::from_millis(100);
+                let mut since_clear = std::time::Duration::ZERO;
                 loop {
-                    let mut slept = std::time::Duration::ZERO;
-                    while slept < period {
-                        std::thread::sleep(step);
-                        slept += step;
-                        if me.strong_count() == 0 {
-                            return;
-                        }
-                    }
-                    match me.upgrade() {
-                        Some(live) => live.clear_bitmaps(false),
-                        None => return,
+                    std::thread::sleep(CHECK_EVERY);
+                    since_clear += CHECK_EVERY;
+                    let Some(live) = me.upgrade() else { return };
+                    live.check_disks();
+                    if since_clear >= period {
+                        since_clear = std::time::Duration::ZERO;
+                        live.clear_bitmaps(false);
                     }
                 }
             })
-            .expect("spawn the bitmap clearing thread");
+            .expect("spawn the group timer thread");
+    }
+
+    /// Fails every disk in service that is no longer the one opened (its
+    /// file deleted or truncated) or that does not answer the question
+    /// within the deadline. The disks are asked without the group lock.
+    pub fn check_disks(&self) {
+        let disks: Vec<(Uuid, Arc<crate::volume::queue::QueuedDisk>)> = {
+            let g = self.group();
+            g.members
+                .iter()
+                .filter(|(u, _)| g.is_online(**u))
+                .map(|(u, m)| (*u, m.disk.clone()))
+                .collect()
+        };
+        for (uuid, disk) in disks {
+            let Err(error) = crate::disk::Disk::health(&*disk) else {
+                continue;
+            };
+            self.count_error(uuid);
+            let mut g = self.group();
+            if !g.is_online(uuid) {
+                continue;
+            }
+            let path = g.disk_path(uuid);
+            tracing::error!(disk = %path, %error, "disk failed its check; it is failed");
+            g.warnings.push(format!("disk {path} is failed: {error}"));
+            self.fail_disk(&mut g, uuid);
+            self.commit(&mut g, &format!("failed disk {path}"));
+            self.emit_changes(&g);
+            drop(g);
+            self.use_spares();
+        }
     }
 
     /// One clearing pass over every disk's bitmap (`now`: every idle region
@@ -572,6 +603,13 @@ impl LiveGroup {
             };
             self.add_queue(&g, uuid);
             let (_, vols) = g.reactivate_config(path)?;
+            // The errors that failed it are behind it now (md forgets a
+            // re-added member's errors as well): counted again from zero,
+            // the disk is `online`, not `online-errors`, once back in sync.
+            self.errors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&uuid);
             let warnings = g.warnings.split_off(0);
             // A plex that kept its in-sync state (a last copy failed with
             // --force) serves again as it is.
@@ -956,10 +994,11 @@ impl FailureSink for LiveGroup {
         self.count_error(disk);
         let mut g = self.group();
         let path = g.disk_path(disk);
-        if error.kind() == io::ErrorKind::TimedOut {
-            // A hung disk answers nothing, config writes included: the whole
-            // disk goes out of service, so no commit waits on it.
-            tracing::error!(%volume, disk = %path, %error, "disk hung; it is failed");
+        if crate::volume::error::disk_wide(error) {
+            // A hung, full, read-only or vanished disk fails every plex on
+            // it next, config writes included: the whole disk goes out of
+            // service at once, so no commit waits on it.
+            tracing::error!(%volume, disk = %path, %error, "the disk as a whole failed");
             self.fail_disk(&mut g, disk);
         } else {
             tracing::error!(%volume, disk = %path, %error, "plex failed");

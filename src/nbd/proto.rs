@@ -479,7 +479,8 @@ pub fn encode_simple_reply(errno: u32, handle: u64) -> [u8; SIMPLE_REPLY_LEN] {
 /// The NBD error value for an I/O error: the one place errors become wire
 /// codes.
 pub fn errno_of(e: &std::io::Error) -> u32 {
-    match e.raw_os_error() {
+    // The disk's own errno, however deeply the layers above wrapped it.
+    match crate::disk::os_error(e) {
         Some(libc::EPERM) | Some(libc::EROFS) => EPERM,
         Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
         Some(libc::ENOMEM) => ENOMEM,
@@ -489,7 +490,8 @@ pub fn errno_of(e: &std::io::Error) -> u32 {
         Some(_) => EIO,
         None => match e.kind() {
             std::io::ErrorKind::InvalidInput => EINVAL,
-            std::io::ErrorKind::PermissionDenied => EPERM,
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => EPERM,
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => ENOSPC,
             _ => EIO,
         },
     }
@@ -832,6 +834,16 @@ mod tests {
         assert_eq!(errno_of(&Error::from_raw_os_error(libc::ENXIO)), EIO);
         assert_eq!(errno_of(&Error::new(ErrorKind::InvalidInput, "x")), EINVAL);
         assert_eq!(errno_of(&Error::other("x")), EIO);
+        // Wrapped by the layers above, the disk's errno still decides.
+        let wrapped = Error::new(
+            ErrorKind::StorageFull,
+            Error::other(Error::from_raw_os_error(libc::ENOSPC)),
+        );
+        assert_eq!(errno_of(&wrapped), ENOSPC);
+        assert_eq!(
+            errno_of(&Error::new(ErrorKind::StorageFull, "full")),
+            ENOSPC
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use uuid::Uuid;
 
+use super::error::IoFailure;
 use super::queue::{DiskQueue, Op, Outcome, read_data, wait};
 use super::range_lock::RangeLock;
 use crate::disk::AlignedBuf;
@@ -526,13 +527,15 @@ impl MirrorVolume {
                 match intent.mark(&writable, offset, len) {
                     Ok(g) => Some(g),
                     Err(e) => {
-                        return done(Err(io::Error::new(
-                            e.kind(),
-                            format!(
-                                "write at offset {offset} of volume {}: no disk took its write-intent bit: {e}",
-                                self.name
-                            ),
-                        )));
+                        return done(Err(IoFailure {
+                            op: "write",
+                            volume: self.name.clone(),
+                            disk: None,
+                            offset,
+                            what: "failed: no disk took its write-intent bit",
+                            source: e,
+                        }
+                        .into_io()));
                     }
                 }
             }
@@ -636,7 +639,7 @@ impl MirrorVolume {
 
     /// Decides what a fanned-out write's outcomes mean: success when a plex
     /// that is in sync now took it; the plexes that failed are failed first.
-    fn settle_writes(&self, results: Outcomes, op: &str, offset: u64) -> io::Result<()> {
+    fn settle_writes(&self, results: Outcomes, op: &'static str, offset: u64) -> io::Result<()> {
         if results.is_empty() {
             return Err(eio(format!("volume {} has no plex to {op} to", self.name)));
         }
@@ -649,7 +652,7 @@ impl MirrorVolume {
             .any(|(p, r)| r.is_ok() && p.mode() == Mode::InSync);
         let mut last_error = None;
         let mut unrecorded = false;
-        for (plex, r) in &results {
+        for (i, (plex, r)) in results.iter().enumerate() {
             let Err(error) = r else { continue };
             match self.fail_plex_locked(plex, error) {
                 Failing::Recorded => {}
@@ -662,20 +665,28 @@ impl MirrorVolume {
                 }
                 Failing::No => {}
             }
-            last_error = Some(error);
+            last_error = Some(i);
         }
         if took_it && !unrecorded {
-            Ok(())
-        } else {
-            let e = last_error.expect("some result failed");
-            Err(io::Error::new(
-                e.kind(),
-                format!(
-                    "{op} at offset {offset} of volume {} failed on every plex: {e}",
-                    self.name
-                ),
-            ))
+            return Ok(());
         }
+        let (plex, outcome) = results
+            .into_iter()
+            .nth(last_error.expect("some result failed"))
+            .expect("an index of the results");
+        Err(IoFailure {
+            op,
+            volume: self.name.clone(),
+            disk: Some(plex.queue.name().to_string()),
+            offset,
+            what: if took_it {
+                "was not recorded: no disk took the config that fails its plex"
+            } else {
+                "failed on every plex"
+            },
+            source: outcome.err().expect("the failed result"),
+        }
+        .into_io())
     }
 
     // ---- reads ----
@@ -764,13 +775,15 @@ impl MirrorVolume {
     ) {
         let Some(plex) = self.pick_reader(offset, &tried) else {
             let e = match tried.pop() {
-                Some((_, e)) => io::Error::new(
-                    e.kind(),
-                    format!(
-                        "read at offset {offset} of volume {} failed on every plex: {e}",
-                        self.name
-                    ),
-                ),
+                Some((p, e)) => IoFailure {
+                    op: "read",
+                    volume: self.name.clone(),
+                    disk: Some(p.queue.name().to_string()),
+                    offset,
+                    what: "failed on every plex",
+                    source: e,
+                }
+                .into_io(),
                 None => eio(format!(
                     "volume {} has no in-sync plex to read from",
                     self.name
@@ -850,6 +863,9 @@ impl MirrorVolume {
         offset: u64,
         len: usize,
     ) -> io::Result<()> {
+        // A file truncated under the plex must not be grown back by the
+        // repair, with holes that read as zeroes where its data was.
+        wait(|cb| bad.queue.submit(Op::Check, true, cb))?;
         // With a deadline: a source that hangs now must not hold the range
         // (and every write to it) forever.
         let data = Arc::new(read_data(wait(|cb| {

@@ -10,6 +10,7 @@
 
 pub mod bitmap;
 pub mod engine;
+pub mod error;
 pub mod queue;
 pub mod range_lock;
 pub mod resync;

@@ -65,6 +65,8 @@ pub enum Op {
         offset: u64,
         len: u64,
     },
+    /// Asks whether the disk is still the one opened ([`Disk::health`]).
+    Check,
 }
 
 impl Op {
@@ -73,7 +75,7 @@ impl Op {
         match self {
             Op::Read { .. } | Op::ReadInto { .. } => OpKind::Read,
             Op::Write { .. } => OpKind::Write,
-            Op::Flush => OpKind::Flush,
+            Op::Flush | Op::Check => OpKind::Flush,
             Op::WriteZeroes { .. } | Op::Discard { .. } => OpKind::Zeroes,
         }
     }
@@ -84,7 +86,7 @@ impl Op {
             Op::Read { len, .. } | Op::ReadInto { len, .. } => *len as u64,
             Op::Write { data, .. } => data.len() as u64,
             Op::WriteZeroes { len, .. } | Op::Discard { len, .. } => *len,
-            Op::Flush => 0,
+            Op::Flush | Op::Check => 0,
         }
     }
 }
@@ -305,14 +307,18 @@ fn execute(disk: &dyn Disk, op: Op) -> Outcome {
             Ok(None)
         }
         Op::Discard { offset, len } => disk.discard(offset, len).map(|()| None),
+        Op::Check => disk.health().map(|()| None),
     }
 }
 
 /// Runs `op` and counts it.
 fn execute_counted(disk: &dyn Disk, stats: &DiskStats, op: Op, submitted: Instant) -> Outcome {
-    let (kind, bytes) = (op.kind(), op.bytes());
+    let (kind, bytes, counted) = (op.kind(), op.bytes(), !matches!(op, Op::Check));
     let outcome = execute(disk, op);
-    stats.record(kind, bytes, outcome.is_ok(), submitted.elapsed());
+    // A health check is no request of the disk's users: not counted.
+    if counted {
+        stats.record(kind, bytes, outcome.is_ok(), submitted.elapsed());
+    }
     outcome
 }
 
@@ -543,14 +549,16 @@ impl DiskQueue {
 
 fn worker(q: Weak<DiskQueue>, stats: Arc<DiskStats>, rx: Receiver<Job>) {
     while let Ok(job) = rx.recv() {
-        let Some(queue) = q.upgrade() else {
-            job.ticket
-                .complete(Err(io::Error::other("the disk queue was stopped")));
-            continue;
+        let outcome = {
+            let Some(disk) = q.upgrade().map(|queue| queue.disk.clone()) else {
+                job.ticket
+                    .complete(Err(io::Error::other("the disk queue was stopped")));
+                continue;
+            };
+            execute_counted(&*disk, &stats, job.op, job.submitted)
+            // The disk is let go before the caller hears back: a caller that
+            // drops its last handle next closes the file (and its lock) then.
         };
-        let disk = queue.disk.clone();
-        drop(queue);
-        let outcome = execute_counted(&*disk, &stats, job.op, job.submitted);
         if let Some(queue) = q.upgrade() {
             queue.end(job.id);
         }
@@ -701,6 +709,10 @@ impl Disk for QueuedDisk {
 
     fn identity(&self) -> crate::disk::DiskIdentity {
         self.queue.disk.identity()
+    }
+
+    fn health(&self) -> io::Result<()> {
+        self.run(Op::Check).map(|_| ())
     }
 }
 
