@@ -684,7 +684,10 @@ impl MirrorVolume {
             } else {
                 "failed on every plex"
             },
-            source: outcome.err().expect("the failed result"),
+            source: match outcome {
+                Err(e) => e,
+                Ok(_) => eio("the failed result went missing".to_string()),
+            },
         }
         .into_io())
     }
