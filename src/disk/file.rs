@@ -721,6 +721,28 @@ mod tests {
     }
 
     #[test]
+    fn a_file_truncated_or_deleted_under_the_disk_is_reported_gone() {
+        let f = sized_tempfile(1 << 20);
+        let disk = FileDisk::open(f.path(), rw()).unwrap();
+        disk.health().unwrap();
+        f.as_file().set_len(256 * 1024).unwrap();
+        let err = disk.health().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(err.to_string().contains("shrank"), "{err}");
+        // A read past the new end says why, instead of a bare end of file.
+        let mut buf = vec![0; 4096];
+        let err = disk.read_at(&mut buf, 512 * 1024).unwrap_err();
+        assert!(err.to_string().contains("shrank"), "{err}");
+
+        let g = sized_tempfile(1 << 20);
+        let disk = FileDisk::open(g.path(), rw()).unwrap();
+        std::fs::remove_file(g.path()).unwrap();
+        let err = disk.health().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(err.to_string().contains("deleted"), "{err}");
+    }
+
+    #[test]
     fn file_round_trips_data() {
         let f = sized_tempfile(1 << 20);
         let disk = FileDisk::open(f.path(), rw()).unwrap();

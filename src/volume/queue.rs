@@ -247,6 +247,12 @@ pub struct DiskQueue {
     name: String,
     disk: Arc<dyn Disk>,
     tx: Mutex<Option<Sender<Job>>>,
+    /// The metadata lane: labels, config slots and bitmaps ([`QueuedDisk`])
+    /// have a worker of their own. The data workers run the engine's
+    /// completions, which may record a failure in the config and wait for
+    /// that write: were it queued behind them, a queue whose every worker
+    /// waits so would never serve it.
+    meta_tx: Mutex<Option<Sender<Job>>>,
     pending: AtomicUsize,
     next_id: AtomicU64,
     /// Requests submitted and not completed: id to (submission time, has a
@@ -363,11 +369,13 @@ impl DiskQueue {
         timeout: Duration,
     ) -> Arc<DiskQueue> {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
+        let (meta_tx, meta_rx) = crossbeam_channel::unbounded::<Job>();
         let stats = Arc::new(DiskStats::default());
         let q = Arc::new(DiskQueue {
             name: name.to_string(),
             disk,
             tx: Mutex::new(Some(tx)),
+            meta_tx: Mutex::new(Some(meta_tx)),
             pending: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             in_flight: Mutex::new(HashMap::new()),
@@ -377,12 +385,14 @@ impl DiskQueue {
             stats: stats.clone(),
         });
         let mut workers = Vec::new();
-        for i in 0..threads.max(1) {
-            let rx: Receiver<Job> = rx.clone();
+        let lanes = (0..threads.max(1))
+            .map(|i| (format!("mv-disk-{i}"), rx.clone()))
+            .chain(std::iter::once(("mv-disk-meta".to_string(), meta_rx)));
+        for (name, rx) in lanes {
             let q = Arc::downgrade(&q);
             let stats = stats.clone();
             let handle = std::thread::Builder::new()
-                .name(format!("mv-disk-{i}"))
+                .name(name)
                 .spawn(move || worker(q, stats, rx))
                 .expect("spawn a disk worker");
             workers.push(handle);
@@ -449,6 +459,15 @@ impl DiskQueue {
     /// Queues `op`; `done` runs when it completes (or times out, when
     /// `deadline` allows it).
     pub fn submit(&self, op: Op, deadline: bool, done: Callback) {
+        self.send(&self.tx, op, deadline, done)
+    }
+
+    /// Queues `op` on the metadata lane (see [`DiskQueue::meta_tx`]).
+    pub fn submit_meta(&self, op: Op, deadline: bool, done: Callback) {
+        self.send(&self.meta_tx, op, deadline, done)
+    }
+
+    fn send(&self, lane: &Mutex<Option<Sender<Job>>>, op: Op, deadline: bool, done: Callback) {
         let (id, ticket, submitted) = self.begin(deadline, done);
         let job = Job {
             id,
@@ -456,7 +475,7 @@ impl DiskQueue {
             op,
             ticket: ticket.clone(),
         };
-        let sent = match &*self.tx.lock().unwrap_or_else(|e| e.into_inner()) {
+        let sent = match &*lane.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(tx) => tx.send(job).is_ok(),
             None => false,
         };
@@ -537,6 +556,10 @@ impl DiskQueue {
     /// Workers stuck in a hung disk are left behind, not joined.
     pub fn stop(&self) {
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.meta_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
         if self.has_timed_out() {
             return;
@@ -647,6 +670,12 @@ impl QueuedDisk {
         })
     }
 
+    /// The disk of a queue already started, as a [`Disk`] whose requests go
+    /// through that queue under its deadline.
+    pub fn over(queue: Arc<DiskQueue>) -> QueuedDisk {
+        QueuedDisk { queue }
+    }
+
     /// The queue every request goes through.
     pub fn queue(&self) -> &Arc<DiskQueue> {
         &self.queue
@@ -658,7 +687,7 @@ impl QueuedDisk {
     }
 
     fn run(&self, op: Op) -> Outcome {
-        wait(|cb| self.queue.submit(op, true, cb))
+        wait(|cb| self.queue.submit_meta(op, true, cb))
     }
 }
 

@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::engine::{EnginePlex, MirrorVolume, Mode};
-use super::queue::{Op, channel, read_data, received};
+use super::queue::{Op, QueuedDisk, channel, read_data, received};
 use crate::disk::AlignedBuf;
+use crate::disk::Disk;
 use crate::disk::buf::IO_ALIGN;
 
 /// Bytes compared per step, under one range lock.
@@ -333,7 +334,9 @@ fn scrub_chunk(
             // Writes cover whole sectors of the disk (4 KiB ones too); the
             // bytes around a run are this plex's own, as read under the lock.
             let ss = (p.queue.disk().sector_size() as usize).max(SCRUB_SECTOR);
-            let disk = p.queue.disk();
+            // Through the queue, under the deadline: a plex that hangs during
+            // a repair fails the scrub instead of holding its range for good.
+            let disk = QueuedDisk::over(p.queue.clone());
             for r in &mine {
                 let a = r.start / ss * ss;
                 let b = (r.start + r.len).div_ceil(ss).saturating_mul(ss).min(n);
