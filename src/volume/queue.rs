@@ -564,8 +564,13 @@ impl DiskQueue {
         if self.has_timed_out() {
             return;
         }
+        let me = std::thread::current().id();
         for w in workers {
-            let _ = w.join();
+            // A worker that drops the disk's last handle in a completion
+            // cannot wait for itself.
+            if w.thread().id() != me {
+                let _ = w.join();
+            }
         }
     }
 }
@@ -655,6 +660,19 @@ impl Watchdog {
 #[derive(Debug)]
 pub struct QueuedDisk {
     queue: Arc<DiskQueue>,
+    /// The disk's own handle (not a view of a queue owned elsewhere):
+    /// dropping it stops the queue and waits for its workers, so that when
+    /// a group lets its disks go every file is closed, and its lock
+    /// released, before the next open of the same path.
+    owner: bool,
+}
+
+impl Drop for QueuedDisk {
+    fn drop(&mut self) {
+        if self.owner {
+            self.queue.stop();
+        }
+    }
 }
 
 impl QueuedDisk {
@@ -667,13 +685,17 @@ impl QueuedDisk {
     ) -> Arc<QueuedDisk> {
         Arc::new(QueuedDisk {
             queue: DiskQueue::start(name, disk, threads, timeout),
+            owner: true,
         })
     }
 
     /// The disk of a queue already started, as a [`Disk`] whose requests go
     /// through that queue under its deadline.
     pub fn over(queue: Arc<DiskQueue>) -> QueuedDisk {
-        QueuedDisk { queue }
+        QueuedDisk {
+            queue,
+            owner: false,
+        }
     }
 
     /// The queue every request goes through.
