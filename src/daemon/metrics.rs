@@ -537,6 +537,7 @@ mod tests {
                 ],
                 split_brain: false,
                 clients: None,
+                waiting_on: Vec::new(),
             }],
             split_brain: Vec::new(),
         }

@@ -220,6 +220,25 @@ impl LiveGroup {
                 }
             }
         }
+        // A volume whose every in-sync plex waits on a disk past the
+        // deadline is not answering: its last copy is waited for, and says so.
+        for v in report.volumes.iter_mut() {
+            let Some(engine) = self.volume(&v.name) else {
+                continue;
+            };
+            let serving: Vec<Arc<EnginePlex>> = engine
+                .plexes()
+                .into_iter()
+                .filter(|p| p.mode() == Mode::InSync)
+                .collect();
+            if !serving.is_empty() && serving.iter().all(|p| p.queue.stalled()) {
+                v.state = "not-answering";
+                v.waiting_on = serving
+                    .iter()
+                    .map(|p| g.disk_path(p.disk))
+                    .collect();
+            }
+        }
         report
     }
 
@@ -566,8 +585,10 @@ impl LiveGroup {
     /// `force`) and its plexes leave every engine; a resync onto it stops.
     pub fn fail_disk_by_path(&self, path: &std::path::Path, force: bool) -> crate::Result<Done> {
         let mut g = self.group();
-        let uuid = g.resolve_disk(path)?;
-        g.fail(path, force)?;
+        let uuid = g.check_fail(path, force)?;
+        self.take_out_of_engines(uuid, force, path)?;
+        g.mark_disk_failed(uuid, None);
+        g.commit()?;
         let done = Done::new(
             format!("marked disk {} failed", g.disk_path(uuid)),
             &mut g,
@@ -584,6 +605,42 @@ impl LiveGroup {
         tracing::info!(disk = %path.display(), "disk failed by the admin");
         self.use_spares();
         Ok(done)
+    }
+
+    /// Takes the plexes on `disk` out of every engine at once, under the
+    /// engines' decision locks (taken in volume-name order), unless one is
+    /// a last in-sync plex as the engines see it and `force` is not given.
+    /// The engines may have failed another plex a moment ago without the
+    /// config saying so yet (its record waits for the group lock, which the
+    /// caller holds): checking the config alone could then fail both.
+    fn take_out_of_engines(
+        &self,
+        disk: Uuid,
+        force: bool,
+        path: &std::path::Path,
+    ) -> crate::Result<()> {
+        let volumes: Vec<Arc<MirrorVolume>> = self
+            .volumes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|v| v.plex(disk).is_some())
+            .cloned()
+            .collect();
+        let _decisions: Vec<_> = volumes.iter().map(|v| v.decision()).collect();
+        if !force && let Some(v) = volumes.iter().find(|v| v.last_in_sync(disk)) {
+            return Err(crate::Error::refused(format!(
+                "disk {} holds the last in-sync plex of volume {} (its other plexes failed and are being recorded); use --force to fail it anyway",
+                path.display(),
+                v.name
+            )));
+        }
+        for v in &volumes {
+            if let Some(p) = v.plex(disk) {
+                p.set_mode(Mode::Out);
+            }
+        }
+        Ok(())
     }
 
     /// `reactivate PATH` while serving: the disk is recorded online and

@@ -981,6 +981,15 @@ impl Group {
     /// Marks a disk failed, and its plexes. Refused when it would take away a
     /// volume's last in-sync plex, unless `force`.
     pub fn fail(&mut self, path: &Path, force: bool) -> Result<()> {
+        let uuid = self.check_fail(path, force)?;
+        self.mark_disk_failed(uuid, None);
+        self.commit()
+    }
+
+    /// The refusals of [`Group::fail`], as the config sees the disks: the
+    /// disk that `fail PATH` would fail. A running group asks its engines
+    /// too (a plex they failed a moment ago may not be recorded yet).
+    pub fn check_fail(&self, path: &Path, force: bool) -> Result<Uuid> {
         let uuid = self.resolve_disk(path)?;
         if self.disk_state(uuid) == "failed" {
             return Err(Error::refused(format!(
@@ -1017,8 +1026,7 @@ impl Group {
                 }
             }
         }
-        self.mark_disk_failed(uuid, None);
-        self.commit()
+        Ok(uuid)
     }
 
     /// Copies between a file or device and a volume, or between volumes.

@@ -12,6 +12,7 @@ fn word(state: &str) -> &str {
         "failed-redundancy" => "Failed Redundancy",
         "failed-redundancy-at-risk" => "Failed Redundancy (At Risk)",
         "failed" => "Failed",
+        "not-answering" => "Not Answering",
         "online" => "Online",
         "online-errors" => "Online (Errors)",
         "missing" => "Missing",
@@ -107,7 +108,11 @@ pub fn status_text(r: &StatusReport) -> String {
             } else {
                 "-".to_string()
             },
-            plexes.join(", "),
+            if v.waiting_on.is_empty() {
+                plexes.join(", ")
+            } else {
+                format!("{} (waiting on {})", plexes.join(", "), v.waiting_on.join(", "))
+            },
         ]);
     }
     out.push('\n');

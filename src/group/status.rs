@@ -85,6 +85,11 @@ pub struct VolumeStatus {
     /// Under `serve`: NBD connections using the volume.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clients: Option<usize>,
+    /// Under `serve`, when the volume is `not-answering`: the disks of its
+    /// in-sync plexes, whose requests are waiting past the deadline (a
+    /// volume's last copy is waited for, not failed).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub waiting_on: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -197,6 +202,7 @@ impl Group {
                         .collect(),
                     split_brain: split_affected(v.uuid),
                     clients: None,
+                    waiting_on: Vec::new(),
                 }
             })
             .collect();

@@ -168,14 +168,16 @@ impl EnginePlex {
 
 type Done<T> = Box<dyn FnOnce(io::Result<T>) + Send>;
 
-/// What [`MirrorVolume::fail_plex_locked`] did.
-enum Failing {
-    /// The plex stays: it is out already, or the last in-sync one.
-    No,
-    /// Failed, and the config says so.
-    Recorded,
-    /// Failed, but no disk took the config that says so.
-    Unrecorded,
+/// What the engine decided about a plex that met an error, under the
+/// volume's decision lock; the [`FailureSink`] hears of it after the lock
+/// is released (it takes the group's lock, which an admin operation holds
+/// while it asks the engines through [`MirrorVolume::decision`]).
+enum Verdict {
+    /// Failed: out of service now, the config must record it.
+    Failed,
+    /// The last in-sync plex, and nothing took the write: out of service,
+    /// its disk taken out with the plex's data kept.
+    LastCopy,
 }
 
 /// Where a request's I/O runs: all on the disks' workers (callers that must
@@ -394,9 +396,30 @@ impl MirrorVolume {
         let Some(plex) = self.plexes().into_iter().find(|p| p.disk == disk) else {
             return false;
         };
-        let _decide = self.decide.lock().unwrap_or_else(|e| e.into_inner());
-        self.fail_plex_locked(&plex, error);
+        let failed = {
+            let _decide = self.decision();
+            self.take_out(&plex)
+        };
+        if failed {
+            self.report(&plex, Verdict::Failed, error);
+        }
         plex.mode() == Mode::Out
+    }
+
+    /// The volume's decision lock: whoever holds it sees the plexes' modes
+    /// as they are and may change them, one decision at a time. The one
+    /// rule, that the last in-sync plex is never failed, is applied under
+    /// it ([`MirrorVolume::take_out`], [`MirrorVolume::last_in_sync`]), by
+    /// the engine and by admin operations alike.
+    pub fn decision(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.decide.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the plex on `disk` is the volume's last in-sync plex (as the
+    /// engine sees it: a plex it failed a moment ago counts as failed even
+    /// before the config says so). The caller holds [`MirrorVolume::decision`].
+    pub fn last_in_sync(&self, disk: Uuid) -> bool {
+        self.plex(disk).is_some_and(|p| p.mode() == Mode::InSync) && self.in_sync() <= 1
     }
 
     fn in_sync(&self) -> usize {
@@ -429,20 +452,31 @@ impl MirrorVolume {
         }
     }
 
-    /// Fails `plex` unless it is the last in-sync plex or already out. The
-    /// caller holds `decide`.
-    fn fail_plex_locked(&self, plex: &EnginePlex, error: &io::Error) -> Failing {
+    /// Takes `plex` out of service unless it is the last in-sync plex or
+    /// out already; true when it did. The caller holds `decide`.
+    fn take_out(&self, plex: &EnginePlex) -> bool {
         match plex.mode() {
-            Mode::Out => Failing::No,
-            Mode::InSync if self.in_sync() <= 1 => Failing::No,
+            Mode::Out => false,
+            Mode::InSync if self.in_sync() <= 1 => false,
             Mode::WriteOnly | Mode::InSync => {
                 plex.set_mode(Mode::Out);
+                true
+            }
+        }
+    }
+
+    /// Tells the sink what was decided about `plex`, without the decision
+    /// lock; false when the config could not record a failed plex.
+    fn report(&self, plex: &EnginePlex, verdict: Verdict, error: &io::Error) -> bool {
+        match verdict {
+            Verdict::Failed => {
                 tracing::error!(volume = %self.name, disk = %plex.queue.name(), %error, "plex failed");
-                if self.with_sink(|s| s.plex_failed(&self.name, plex.disk, error)) {
-                    Failing::Recorded
-                } else {
-                    Failing::Unrecorded
-                }
+                self.with_sink(|s| s.plex_failed(&self.name, plex.disk, error))
+            }
+            Verdict::LastCopy => {
+                tracing::error!(volume = %self.name, disk = %plex.queue.name(), %error, "the last in-sync plex failed; the volume is failed");
+                self.with_sink(|s| s.last_copy_failed(&self.name, plex.disk, error));
+                true
             }
         }
     }
@@ -646,26 +680,35 @@ impl MirrorVolume {
         if results.iter().all(|(_, r)| r.is_ok()) {
             return Ok(());
         }
-        let _decide = self.decide.lock().unwrap_or_else(|e| e.into_inner());
-        let took_it = results
-            .iter()
-            .any(|(p, r)| r.is_ok() && p.mode() == Mode::InSync);
         let mut last_error = None;
-        let mut unrecorded = false;
-        for (i, (plex, r)) in results.iter().enumerate() {
-            let Err(error) = r else { continue };
-            match self.fail_plex_locked(plex, error) {
-                Failing::Recorded => {}
-                Failing::Unrecorded => unrecorded = true,
-                Failing::No if !took_it && plex.mode() == Mode::InSync => {
+        let mut verdicts = Vec::new();
+        let took_it = {
+            let _decide = self.decision();
+            let took_it = results
+                .iter()
+                .any(|(p, r)| r.is_ok() && p.mode() == Mode::InSync);
+            for (i, (plex, r)) in results.iter().enumerate() {
+                if r.is_ok() {
+                    continue;
+                }
+                if self.take_out(plex) {
+                    verdicts.push((i, Verdict::Failed));
+                } else if !took_it && plex.mode() == Mode::InSync {
                     // The last in-sync plex failed and nothing else took it.
                     plex.set_mode(Mode::Out);
-                    tracing::error!(volume = %self.name, disk = %plex.queue.name(), %error, "last in-sync plex failed a {op}; the volume is failed");
-                    self.with_sink(|s| s.last_copy_failed(&self.name, plex.disk, error));
+                    verdicts.push((i, Verdict::LastCopy));
                 }
-                Failing::No => {}
+                last_error = Some(i);
             }
-            last_error = Some(i);
+            took_it
+        };
+        // Recorded before the write is answered, outside the lock.
+        let mut unrecorded = false;
+        for (i, verdict) in verdicts {
+            let (plex, r) = &results[i];
+            if let Err(error) = r {
+                unrecorded |= !self.report(plex, verdict, error);
+            }
         }
         if took_it && !unrecorded {
             return Ok(());
@@ -849,8 +892,13 @@ impl MirrorVolume {
                             && this.rewrite(&good, &plex, offset, len).is_ok();
                         this.with_sink(|s| s.read_error(&this.name, plex.disk, &error, repaired));
                         if !repaired || plex.read_errors() > this.opts.max_read_errors {
-                            let _decide = this.decide.lock().unwrap_or_else(|e| e.into_inner());
-                            this.fail_plex_locked(&plex, &error);
+                            let failed = {
+                                let _decide = this.decision();
+                                this.take_out(&plex)
+                            };
+                            if failed {
+                                this.report(&plex, Verdict::Failed, &error);
+                            }
                         }
                     }
                     this.lock.release(guard);

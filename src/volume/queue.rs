@@ -425,6 +425,18 @@ impl DiskQueue {
         self.pending.load(Ordering::Relaxed)
     }
 
+    /// True while a request has waited longer than the deadline and is still
+    /// not answered: one without a deadline (a volume's last copy, which is
+    /// waited for rather than failed), or one the watchdog has yet to see.
+    pub fn stalled(&self) -> bool {
+        let timeout = self.timeout;
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|(start, _, _)| start.elapsed() > timeout)
+    }
+
     /// True once a request on this disk has timed out.
     pub fn has_timed_out(&self) -> bool {
         self.timed_out.load(Ordering::Relaxed)
