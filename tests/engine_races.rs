@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::MIB;
 use mirrorvol::format::PlexState;
 use mirrorvol::volume::engine::Mode;
-use common::MIB;
 use rig::*;
 
 const SEEDS: u64 = 24;
@@ -183,7 +183,10 @@ fn a_volume_whose_last_copy_hangs_is_shown_not_answering_and_others_answer() {
     assert!(waiting.contains("a.img"), "{st:#}");
     assert_eq!(vol("t")["state"], "healthy", "{st:#}");
     t.write(0, &block_data(0, 3)).unwrap();
-    assert!(!writer.is_finished(), "the last copy's write waits for its disk");
+    assert!(
+        !writer.is_finished(),
+        "the last copy's write waits for its disk"
+    );
     rig.members[0].faulty.release();
     writer.join().unwrap().unwrap();
     let st = status_json(&live);

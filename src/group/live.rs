@@ -233,10 +233,7 @@ impl LiveGroup {
                 .collect();
             if !serving.is_empty() && serving.iter().all(|p| p.queue.stalled()) {
                 v.state = "not-answering";
-                v.waiting_on = serving
-                    .iter()
-                    .map(|p| g.disk_path(p.disk))
-                    .collect();
+                v.waiting_on = serving.iter().map(|p| g.disk_path(p.disk)).collect();
             }
         }
         report

@@ -111,7 +111,11 @@ pub fn status_text(r: &StatusReport) -> String {
             if v.waiting_on.is_empty() {
                 plexes.join(", ")
             } else {
-                format!("{} (waiting on {})", plexes.join(", "), v.waiting_on.join(", "))
+                format!(
+                    "{} (waiting on {})",
+                    plexes.join(", "),
+                    v.waiting_on.join(", ")
+                )
             },
         ]);
     }
