@@ -24,3 +24,22 @@ pub use error::{Error, Result};
 
 /// One mebibyte: plexes and data areas are allocated in whole MiB.
 pub const MIB: u64 = 1024 * 1024;
+
+/// Crashes the process on the spot, as a power cut would: the fault points
+/// of `tests/failpoints.rs` use it (`FAILPOINTS="NAME=return"`).
+#[cfg(feature = "failpoints")]
+pub fn crash_here(point: &str) -> ! {
+    eprintln!("fault point {point}: crashing");
+    std::process::abort()
+}
+
+/// A named fault point: with the `failpoints` feature and the point set
+/// (`FAILPOINTS="NAME=return"` for `serve`), the process crashes there;
+/// without the feature it is nothing at all.
+#[macro_export]
+macro_rules! crash_point {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!($name, |_| { $crate::crash_here($name) });
+    };
+}

@@ -25,13 +25,13 @@ pub mod control;
 pub mod metrics;
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::disk::{AlignedBuf, Disk, FaultyDisk};
+use crate::disk::AlignedBuf;
 use crate::group::events::{self, Events};
 use crate::group::holder;
 use crate::group::live::LiveGroup;
@@ -40,11 +40,6 @@ use crate::nbd::server::{self, Done, Export, Listen, Server};
 use crate::volume::engine::{EngineOptions, MirrorVolume, Mode, Run};
 use crate::volume::resync::ResyncOptions;
 use crate::{Error, Result};
-
-/// Test hook: the path of one disk of the group. `serve` puts that disk
-/// behind a fault injector, and SIGUSR1 makes every later I/O to it fail
-/// with EIO, as a disk that dies while clients write.
-pub const FAULT_DISK_ENV: &str = "MIRRORVOL_TEST_FAULT_DISK";
 
 /// How long a region must stay idle before its write-intent bit is cleared
 /// (between one and two periods; md's bitmap daemon sleeps 5 s too).
@@ -82,32 +77,6 @@ impl Export for VolumeExport {
     fn flush(&self, done: Done<()>) {
         self.0.submit_flush(Run::Queued, done);
     }
-}
-
-/// Puts the disk named by [`FAULT_DISK_ENV`] behind a fault injector.
-fn wrap_fault_disk(group: &mut Group, path: &Path) -> Result<Arc<FaultyDisk>> {
-    let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let uuid = group
-        .members
-        .iter()
-        .find(|(_, m)| std::fs::canonicalize(&m.path).unwrap_or_else(|_| m.path.clone()) == want)
-        .map(|(u, _)| *u)
-        .ok_or_else(|| {
-            Error::refused(format!(
-                "{FAULT_DISK_ENV} names {}, which is not a disk of the group",
-                path.display()
-            ))
-        })?;
-    let mut faulty = None;
-    group.wrap_disks(|u, disk| {
-        if u != uuid {
-            return disk;
-        }
-        let f = Arc::new(FaultyDisk::new(disk));
-        faulty = Some(f.clone());
-        f as Arc<dyn Disk>
-    });
-    Ok(faulty.expect("the disk is a member"))
 }
 
 /// How `serve` runs.
@@ -160,6 +129,9 @@ fn start_log() {
 /// Runs `serve` until SIGINT or SIGTERM.
 pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     start_log();
+    // Fault points named in FAILPOINTS (built with the feature only).
+    #[cfg(feature = "failpoints")]
+    let _fault_points = fail::FailScenario::setup();
     let (listen, direct, disk_threads) = (&options.listen, options.direct, options.disk_threads);
     let resync = options.resync.clone();
     let listen: Vec<Listen> = if listen.is_empty() {
@@ -183,7 +155,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         timeout: hook_timeout,
     }));
     // Signals first, so a SIGTERM during start-up still shuts down cleanly.
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1])
+    let mut signals = Signals::new([SIGINT, SIGTERM])
         .map_err(|e| Error::io("cannot install signal handlers", e))?;
 
     // Bind before assembling: a taken address is refused before any disk
@@ -209,7 +181,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         }
     };
 
-    let assembled = (|| -> Result<(Group, Option<Arc<FaultyDisk>>)> {
+    let assembled = (|| -> Result<Group> {
         let set = DiskSet::expand(
             disks,
             crate::group::DiskOpen {
@@ -234,13 +206,9 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         for w in group.warnings.split_off(0) {
             eprintln!("warning: {w}");
         }
-        let faulty = match std::env::var_os(FAULT_DISK_ENV) {
-            Some(p) => Some(wrap_fault_disk(&mut group, Path::new(&p))?),
-            None => None,
-        };
-        Ok((group, faulty))
+        Ok(group)
     })();
-    let (group, faulty) = match assembled {
+    let group = match assembled {
         Ok(g) => g,
         Err(e) => {
             cleanup(&bound);
@@ -297,22 +265,8 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         );
     }
 
-    for sig in signals.forever() {
-        match sig {
-            SIGUSR1 => match &faulty {
-                Some(f) => {
-                    eprintln!(
-                        "test hook: failing disk {:?}",
-                        std::env::var_os(FAULT_DISK_ENV).unwrap_or_default()
-                    );
-                    f.fail_reads(0..u64::MAX);
-                    f.fail_writes(0..u64::MAX);
-                }
-                None => eprintln!("SIGUSR1 ignored: no {FAULT_DISK_ENV} was set"),
-            },
-            _ => break,
-        }
-    }
+    // SIGINT or SIGTERM: stop.
+    let _ = signals.forever().next();
 
     eprintln!("stopping: finishing the requests in flight");
     // No operation starts once the socket is gone.

@@ -280,6 +280,8 @@ impl LiveGroup {
                 false
             }
         };
+        // The config says it; the engines do not yet.
+        crate::crash_point!("live-commit-before-engine");
         self.retire_plexes(g);
         ok
     }
@@ -886,6 +888,8 @@ impl LiveGroup {
         let mut g = self.group();
         g.set_resync_offset(name, disk, position);
         let ok = self.commit(&mut g, &format!("the resync checkpoint of {name}"));
+        // Recorded, while the copy goes on behind it.
+        crate::crash_point!("resync-checkpoint");
         self.emit_changes(&g);
         if ok {
             Ok(())

@@ -311,6 +311,8 @@ impl DiskBitmap {
                     .write_at(data, self.area + (b + 1) * BITMAP_BLOCK)?;
                 self.writes.fetch_add(1, Ordering::Relaxed);
             }
+            // The bits are written, the header and the flush not yet.
+            crate::crash_point!("bitmap-mid-write");
             if let Some(h) = &header {
                 self.disk.write_at(h, self.area)?;
             }

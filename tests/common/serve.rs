@@ -157,6 +157,27 @@ impl Served {
         std::thread::sleep(Duration::from_millis(50));
         (status.code().unwrap_or(-1), self.stderr())
     }
+
+    /// Waits (at most `limit`) for the server to end by itself, as at a
+    /// crash; returns how it ended and its stderr.
+    #[track_caller]
+    pub fn ended(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("serve did not end within {limit:?}:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        (status, self.stderr())
+    }
 }
 
 impl Drop for Served {
