@@ -583,8 +583,10 @@ fn the_rig_fails_hangs_and_delays_real_requests_and_cleans_up() {
     rig.pause();
     let f2 = f.try_clone().unwrap();
     let (tx, rx) = mpsc::channel();
+    // Timed from before the spawn: the wait below starts after it, so a
+    // read that hung until the resume took at least that wait.
+    let start = Instant::now();
     std::thread::spawn(move || {
-        let start = Instant::now();
         let mut b = Aligned::new(4096);
         let r = f2.read_exact_at(b.buf(), 65536);
         let _ = tx.send((r.is_ok(), start.elapsed()));
