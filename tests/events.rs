@@ -1,15 +1,17 @@
 //! `serve --on-event CMD`: a hook script written by the test records every
 //! event it is run for (the JSON line on its stdin and its MIRRORVOL_*
 //! environment), while real clients do I/O over NBD and the disks are
-//! failed and reactivated through the control socket.
+//! failed and reactivated through the control socket, or fail for real
+//! under a write (a real faulty disk, `common::faulty`).
 
 mod common;
 
 use std::fs;
 use std::time::{Duration, Instant};
 
+use common::faulty::{mirror_group_faulty_b, rig_available};
 use common::serve::{self, Served, fio_passed, fio_verify, mirror_group, mv_ok, qemu_io, status};
-use common::{MIB, Sandbox, corrupt, volume};
+use common::{MIB, Sandbox, corrupt, disk, volume};
 
 /// Writes `SANDBOX/hook.sh`: it appends its stdin to `events.jsonl` and
 /// `EVENT|GROUP|VOLUME|DISK|PERCENT|SIDE1` from its environment to
@@ -392,26 +394,23 @@ fn a_background_scrub_runs_the_hook_for_each_mismatching_range() {
 
 #[test]
 fn a_disk_that_fails_under_a_write_runs_the_hook_from_the_engine() {
-    if !serve::tools(&["qemu-io"]) {
+    if !rig_available(&["qemu-io"]) {
         return;
     }
     let sb = Sandbox::new();
-    mirror_group(&sb, 96, 32);
-    let b = sb.p("disks/b.img");
+    // b.img is a real faulty disk, declared before the server so that it
+    // goes after the server has stopped.
+    let fault = mirror_group_faulty_b(&sb, 96, 32);
+    let b = fault.display();
     let ctl = sb.p("ctl.sock");
     let on_event = hook(&sb, "");
-    let s = Served::start_args(
-        &sb,
-        &["--control", &ctl, "--on-event", &on_event],
-        &[("MIRRORVOL_TEST_FAULT_DISK", &b)],
-    );
-    // Every I/O to b.img fails from now on (the test hook of serve).
-    s.signal(libc::SIGUSR1);
-    let start = Instant::now();
-    while !s.stderr().contains("failing disk") {
-        assert!(start.elapsed() < Duration::from_secs(10), "{}", s.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let s = Served::start_args(&sb, &["--control", &ctl, "--on-event", &on_event], &[]);
+    // Nothing has failed yet: the disk fails on the write below, not before.
+    let st = status(&sb);
+    assert_eq!(disk(&st, "b.img")["state"], "online", "{st:#}");
+    assert!(received(&sb).is_empty(), "{:?}", kinds(&received(&sb)));
+    // Every I/O to b.img fails with EIO from now on (in effect on return).
+    fault.fail_all();
     qemu_io(&s.uri("data"), &["write -P 7 0 1M", "flush"]);
     wait_for_event(&sb, &s, "volume-degraded");
     // Stopped first, so every event queued has reached the hook.

@@ -1,5 +1,5 @@
-//! mirrorvol against real faulty disks, end to end: each faulty disk is an
-//! nbdkit server (a RAM disk behind the `error`, `pause` and `delay`
+//! mirrorvol against real faulty disks, end to end: each faulty disk (the
+//! rig of `common::faulty`) is an nbdkit server (a RAM disk behind the `error`, `pause` and `delay`
 //! filters) exposed as a regular file through `nbdfuse`, and used as a raw
 //! disk image of the group. Errors are switched on and off per operation by
 //! trigger files, hangs by the pause filter's control socket. Disks that fill
@@ -17,16 +17,15 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::faulty::{RealFaultyDisk, faulty_disk, mounted, rig_available, unmount};
 use common::serve::Served;
-use common::{MIB, Sandbox, bin, disk, is_root, pattern, volume};
+use common::{MIB, Sandbox, bin, disk, pattern, volume};
 
 // ---- the deadline ----
 
@@ -47,419 +46,6 @@ fn limit() -> Duration {
 /// other plex.
 fn request_limit() -> Duration {
     Duration::from_secs(2 * IO_TIMEOUT_SECS + 4)
-}
-
-// ---- the rig: a real faulty disk ----
-
-/// A RAM disk for nbdkit's cc plugin whose flushes fail (EIO) while the file
-/// named by `flush-error-file=` exists. Reads, writes, zeroes and trims are
-/// failed by the error filter in front of it.
-const FAULTMEM_C: &str = r#"
-#define NBDKIT_API_VERSION 2
-#include <nbdkit-plugin.h>
-#include <errno.h>
-#include <stdint.h>
-#include <string.h>
-#include <unistd.h>
-#include <sys/mman.h>
-
-#define THREAD_MODEL NBDKIT_THREAD_MODEL_PARALLEL
-
-static int64_t size = -1;
-static char *flush_file = NULL;
-static char *mem = NULL;
-
-static int fm_config(const char *key, const char *value) {
-  if (strcmp(key, "size") == 0) {
-    size = nbdkit_parse_size(value);
-    return size < 0 ? -1 : 0;
-  }
-  if (strcmp(key, "flush-error-file") == 0) {
-    flush_file = nbdkit_absolute_path(value);
-    return flush_file ? 0 : -1;
-  }
-  nbdkit_error("unknown parameter %s", key);
-  return -1;
-}
-
-static int fm_get_ready(void) {
-  if (size < 0) { nbdkit_error("size= is required"); return -1; }
-  mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
-             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (mem == MAP_FAILED) { nbdkit_error("mmap: %m"); return -1; }
-  return 0;
-}
-
-static void *fm_open(int readonly) { return NBDKIT_HANDLE_NOT_NEEDED; }
-static int64_t fm_get_size(void *h) { return size; }
-static int fm_can_multi_conn(void *h) { return 1; }
-static int fm_can_flush(void *h) { return 1; }
-static int fm_can_fua(void *h) { return NBDKIT_FUA_NATIVE; }
-static int fm_can_trim(void *h) { return 1; }
-static int fm_can_zero(void *h) { return 1; }
-
-static int fm_pread(void *h, void *buf, uint32_t n, uint64_t off, uint32_t f) {
-  memcpy(buf, mem + off, n);
-  return 0;
-}
-static int fm_pwrite(void *h, const void *buf, uint32_t n, uint64_t off, uint32_t f) {
-  memcpy(mem + off, buf, n);
-  return 0;
-}
-static int fm_zero(void *h, uint32_t n, uint64_t off, uint32_t f) {
-  memset(mem + off, 0, n);
-  return 0;
-}
-static int fm_trim(void *h, uint32_t n, uint64_t off, uint32_t f) {
-  memset(mem + off, 0, n);
-  return 0;
-}
-static int fm_flush(void *h, uint32_t f) {
-  if (flush_file && access(flush_file, F_OK) == 0) {
-    nbdkit_error("injecting EIO into flush");
-    nbdkit_set_error(EIO);
-    return -1;
-  }
-  return 0;
-}
-
-static struct nbdkit_plugin plugin = {
-  .name = "faultmem",
-  .config = fm_config,
-  .get_ready = fm_get_ready,
-  .open = fm_open,
-  .get_size = fm_get_size,
-  .can_multi_conn = fm_can_multi_conn,
-  .can_flush = fm_can_flush,
-  .can_fua = fm_can_fua,
-  .can_trim = fm_can_trim,
-  .can_zero = fm_can_zero,
-  .pread = fm_pread,
-  .pwrite = fm_pwrite,
-  .zero = fm_zero,
-  .trim = fm_trim,
-  .flush = fm_flush,
-};
-NBDKIT_REGISTER_PLUGIN(plugin)
-"#;
-
-/// True when the faulty-disk rig can run here; otherwise skips (or fails
-/// under MIRRORVOL_E2E=require).
-fn rig_available(more_tools: &[&str]) -> bool {
-    if !is_root() || !Path::new("/dev/fuse").exists() {
-        common::skip_or_fail("real faulty disks need root and /dev/fuse (nbdfuse)");
-        return false;
-    }
-    if !Path::new("/usr/include/nbdkit-plugin.h").exists() {
-        common::skip_or_fail("nbdkit-plugin.h is missing (install nbdkit-plugin-dev)");
-        return false;
-    }
-    let mut names = vec!["nbdkit", "nbdfuse", "cc", "umount", "mount"];
-    names.extend(more_tools);
-    common::serve::tools(&names)
-}
-
-/// Which operations of a [`RealFaultyDisk`] fail: each trigger file, while
-/// it exists, makes the error filter (or the plugin, for flushes) answer
-/// that operation with EIO.
-const TRIGGERS: [&str; 3] = ["fail-read", "fail-write", "fail-flush"];
-
-/// One disk that can fail, hang or be slow on demand: nbdkit (RAM disk,
-/// error + pause [+ delay] filters) on a Unix socket, and nbdfuse mounting
-/// the export over a regular file at [`RealFaultyDisk::path`] ("naked"
-/// mount), which the group uses as a raw disk image.
-///
-/// Dropping it resumes the disk, heals it, unmounts the file, ends the two
-/// processes it started (by their pids) and removes its control directory,
-/// even when the test panicked.
-pub struct RealFaultyDisk {
-    /// The FUSE file: the disk image mirrorvol opens.
-    pub path: PathBuf,
-    /// Sockets, trigger files, pid files, the plugin's source.
-    ctl: tempfile::TempDir,
-    nbdkit: Option<Child>,
-    nbdfuse: Option<Child>,
-}
-
-impl RealFaultyDisk {
-    /// A healthy disk of `mib` MiB at `path` (created as a regular file to
-    /// mount over).
-    pub fn start(path: &Path, mib: u64) -> RealFaultyDisk {
-        RealFaultyDisk::start_with(path, mib, None)
-    }
-
-    /// Like [`RealFaultyDisk::start`], every read, write, zero and trim
-    /// delayed by `delay` (the delay filter) when given.
-    pub fn start_with(path: &Path, mib: u64, delay: Option<Duration>) -> RealFaultyDisk {
-        let ctl = tempfile::Builder::new()
-            .prefix("mirrorvol-fault-")
-            .tempdir()
-            .expect("control dir");
-        let c = |name: &str| ctl.path().join(name).display().to_string();
-        fs::write(ctl.path().join("faultmem.c"), FAULTMEM_C).unwrap();
-        let mut args: Vec<String> = vec![
-            "--foreground".into(),
-            "--exit-with-parent".into(),
-            "--unix".into(),
-            c("nbd.sock"),
-            "--pidfile".into(),
-            c("nbdkit.pid"),
-            "--filter=error".into(),
-            "--filter=pause".into(),
-        ];
-        if delay.is_some() {
-            args.push("--filter=delay".into());
-        }
-        args.extend([
-            "cc".into(),
-            c("faultmem.c"),
-            format!("size={}", mib * MIB),
-            format!("flush-error-file={}", c("fail-flush")),
-            format!("pause-control={}", c("pause.sock")),
-        ]);
-        // Per operation: reads (and cache, extents) on fail-read; writes,
-        // zeroes and trims on fail-write.
-        for (op, trigger) in [
-            ("pread", "fail-read"),
-            ("cache", "fail-read"),
-            ("extents", "fail-read"),
-            ("pwrite", "fail-write"),
-            ("zero", "fail-write"),
-            ("trim", "fail-write"),
-        ] {
-            args.push(format!("error-{op}=EIO"));
-            args.push(format!("error-{op}-rate=100%"));
-            args.push(format!("error-{op}-file={}", c(trigger)));
-        }
-        if let Some(d) = delay {
-            for op in ["read", "write", "zero", "trim"] {
-                args.push(format!("delay-{op}={}ms", d.as_millis()));
-            }
-        }
-        let nbdkit = Command::new("nbdkit")
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                fs::File::create(ctl.path().join("nbdkit.log")).unwrap(),
-            ))
-            .spawn()
-            .expect("spawn nbdkit");
-        let mut rig = RealFaultyDisk {
-            path: path.to_path_buf(),
-            ctl,
-            nbdkit: Some(nbdkit),
-            nbdfuse: None,
-        };
-        rig.wait_for("nbdkit.pid", "nbdkit");
-
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::File::create(path).unwrap();
-        let nbdfuse = Command::new("nbdfuse")
-            .arg("-P")
-            .arg(rig.ctl.path().join("nbdfuse.pid"))
-            .arg(path)
-            .arg("--unix")
-            .arg(rig.ctl.path().join("nbd.sock"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                fs::File::create(rig.ctl.path().join("nbdfuse.log")).unwrap(),
-            ))
-            .spawn()
-            .expect("spawn nbdfuse");
-        rig.nbdfuse = Some(nbdfuse);
-        rig.wait_for("nbdfuse.pid", "nbdfuse");
-        assert_eq!(
-            fs::metadata(path).unwrap().len(),
-            mib * MIB,
-            "the FUSE file has the disk's size"
-        );
-        rig
-    }
-
-    /// Waits for a pid file the tool writes once it is ready.
-    fn wait_for(&mut self, pidfile: &str, what: &str) {
-        let start = Instant::now();
-        while !self.ctl.path().join(pidfile).exists() {
-            let child = if what == "nbdkit" {
-                self.nbdkit.as_mut()
-            } else {
-                self.nbdfuse.as_mut()
-            };
-            if let Some(st) = child.unwrap().try_wait().unwrap() {
-                panic!(
-                    "{what} exited with {st} before it was ready:\n{}",
-                    self.log(what)
-                );
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "{what} not ready after 60 s:\n{}",
-                self.log(what)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// What nbdkit or nbdfuse printed on stderr.
-    pub fn log(&self, what: &str) -> String {
-        fs::read_to_string(self.ctl.path().join(format!("{what}.log"))).unwrap_or_default()
-    }
-
-    pub fn display(&self) -> String {
-        self.path.display().to_string()
-    }
-
-    fn trigger(&self, names: &[&str]) {
-        for n in names {
-            fs::write(self.ctl.path().join(n), b"").unwrap();
-        }
-    }
-
-    /// Every request fails with EIO: reads, writes, zeroes, trims, flushes.
-    pub fn fail_all(&self) {
-        self.trigger(&TRIGGERS);
-    }
-
-    /// Writes, zeroes and trims fail with EIO; reads and flushes work.
-    pub fn fail_writes(&self) {
-        self.trigger(&["fail-write"]);
-    }
-
-    /// Reads fail with EIO; writes and flushes work.
-    pub fn fail_reads(&self) {
-        self.trigger(&["fail-read"]);
-    }
-
-    /// Flushes fail with EIO; reads and writes work.
-    pub fn fail_flushes(&self) {
-        self.trigger(&["fail-flush"]);
-    }
-
-    /// No request fails any more.
-    pub fn heal(&self) {
-        for n in TRIGGERS {
-            let _ = fs::remove_file(self.ctl.path().join(n));
-        }
-    }
-
-    /// Every request from now on hangs until [`RealFaultyDisk::resume`]
-    /// (the pause filter; returns once requests in flight have completed).
-    pub fn pause(&self) {
-        let reply = pause_control(&self.ctl.path().join("pause.sock"), b'p')
-            .unwrap_or_else(|e| panic!("pause: {e}"));
-        assert_eq!(reply, b'P', "the pause filter answers P");
-    }
-
-    /// Hung requests go on.
-    pub fn resume(&self) {
-        let reply = pause_control(&self.ctl.path().join("pause.sock"), b'r')
-            .unwrap_or_else(|e| panic!("resume: {e}"));
-        assert_eq!(reply, b'R', "the pause filter answers R");
-    }
-
-    /// A guard that resumes the disk when dropped. Declare it after the
-    /// [`Served`] of the test, so that a panic resumes the disk before the
-    /// server is killed: a process blocked in a FUSE request that was
-    /// already sent cannot exit until that request is answered.
-    pub fn resume_on_drop(&self) -> ResumeOnDrop {
-        ResumeOnDrop(self.ctl.path().join("pause.sock"))
-    }
-
-    /// The pids this rig started (nbdkit, nbdfuse).
-    pub fn pids(&self) -> Vec<u32> {
-        [&self.nbdkit, &self.nbdfuse]
-            .iter()
-            .filter_map(|c| c.as_ref().map(Child::id))
-            .collect()
-    }
-}
-
-/// Sends one command to the pause filter's control socket and reads its
-/// one-byte answer.
-fn pause_control(sock: &Path, cmd: u8) -> std::io::Result<u8> {
-    let mut s = UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(&[cmd])?;
-    let mut b = [0u8; 1];
-    s.read_exact(&mut b)?;
-    Ok(b[0])
-}
-
-pub struct ResumeOnDrop(PathBuf);
-
-impl Drop for ResumeOnDrop {
-    fn drop(&mut self) {
-        let _ = pause_control(&self.0, b'r');
-    }
-}
-
-/// True while `path` is a mount point (listed in /proc/self/mounts).
-fn mounted(path: &Path) -> bool {
-    let want = path.display().to_string();
-    fs::read_to_string("/proc/self/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
-}
-
-/// Unmounts `path`; lazily when it is still busy.
-fn unmount(path: &Path) {
-    if !mounted(path) {
-        return;
-    }
-    let ok = Command::new("umount")
-        .arg(path)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        let _ = Command::new("umount").arg("-l").arg(path).status();
-    }
-}
-
-/// Waits up to `secs` for a child to exit; then SIGTERM, then SIGKILL, each
-/// waited for in bounded time (never blocks for good).
-fn end_child(child: &mut Child, secs: u64) {
-    let wait = |child: &mut Child, d: Duration| {
-        let start = Instant::now();
-        while start.elapsed() < d {
-            if !matches!(child.try_wait(), Ok(None)) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    };
-    if wait(child, Duration::from_secs(secs)) {
-        return;
-    }
-    // SAFETY: kill takes integers; the pid is our own unreaped child's.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    if wait(child, Duration::from_secs(5)) {
-        return;
-    }
-    let _ = child.kill();
-    if !wait(child, Duration::from_secs(10)) {
-        eprintln!("pid {} did not exit after SIGKILL", child.id());
-    }
-}
-
-impl Drop for RealFaultyDisk {
-    fn drop(&mut self) {
-        let _ = pause_control(&self.ctl.path().join("pause.sock"), b'r');
-        self.heal();
-        unmount(&self.path);
-        // nbdfuse exits once its file is unmounted (and no longer open).
-        if let Some(mut c) = self.nbdfuse.take() {
-            end_child(&mut c, 5);
-        }
-        if let Some(mut c) = self.nbdkit.take() {
-            end_child(&mut c, 0);
-        }
-        let _ = fs::remove_file(&self.path);
-    }
 }
 
 // ---- a tmpfs that fills up ----
@@ -595,18 +181,14 @@ fn wait_status(
     what: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let st = status_t(sb);
-        if pred(&st) {
-            return st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "{what}: not so after {secs} s: {st:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    common::serve::poll_status(
+        secs,
+        Duration::from_millis(200),
+        what,
+        || status_t(sb),
+        pred,
+        String::new,
+    )
 }
 
 /// `serve` with `--io-timeout 2`, the page cache off (O_DIRECT, the
@@ -833,7 +415,7 @@ fn fill(sb: &Sandbox, name: &str, len: usize, seed: u64) -> Vec<u8> {
 /// mirror `data` (16 MiB) on a and b, its first 4 MiB written.
 fn faulty_b(sb: &Sandbox) -> (RealFaultyDisk, Vec<u8>) {
     plain(sb, &["a.img", "c.img"]);
-    let b = RealFaultyDisk::start(&sb.path("disks").join("b.img"), 64);
+    let b = faulty_disk(sb, "b.img", 64);
     init_all(sb, &["a.img", "b.img", "c.img"]);
     mirror(sb, "data", 16, &["a.img", "b.img"]);
     let data = fill(sb, "data", 4 * MIB as usize, 7);
@@ -1001,8 +583,10 @@ fn the_rig_fails_hangs_and_delays_real_requests_and_cleans_up() {
     rig.pause();
     let f2 = f.try_clone().unwrap();
     let (tx, rx) = mpsc::channel();
+    // Timed from before the spawn: the wait below starts after it, so a
+    // read that hung until the resume took at least that wait.
+    let start = Instant::now();
     std::thread::spawn(move || {
-        let start = Instant::now();
         let mut b = Aligned::new(4096);
         let r = f2.read_exact_at(b.buf(), 65536);
         let _ = tx.send((r.is_ok(), start.elapsed()));
@@ -1224,7 +808,7 @@ fn an_online_fail_returns_within_the_deadline_while_another_disk_hangs() {
     }
     let sb = Sandbox::new();
     plain(&sb, &["a.img", "c.img"]);
-    let b = RealFaultyDisk::start(&sb.path("disks").join("b.img"), 64);
+    let b = faulty_disk(&sb, "b.img", 64);
     init_all(&sb, &["a.img", "b.img", "c.img"]);
     mirror(&sb, "m1", 8, &["a.img", "b.img"]);
     mirror(&sb, "m2", 8, &["a.img", "c.img"]);

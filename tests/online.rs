@@ -1,13 +1,15 @@
 //! Every operation of DESIGN.md §6 against a running `serve`, sent through
 //! its control socket while NBD clients do I/O: the volumes keep serving,
 //! fio's verification finds every block it wrote, and the group ends in the
-//! states the operations asked for.
+//! states the operations asked for. A disk that dies under the writes is a
+//! real faulty disk (`common::faulty`).
 
 mod common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::faulty::{RealFaultyDisk, faulty_disk, rig_available};
 use common::serve::{Served, fio_passed, fio_verify, mv, mv_ok, run, status, tools};
 use common::{Sandbox, bin, disk, volume};
 
@@ -502,6 +504,23 @@ fn mirror_with_spare(sb: &Sandbox) {
     for d in ["a.img", "b.img", "s.img"] {
         sb.image(d, 128);
     }
+    mirror_with_spare_on(sb);
+}
+
+/// [`mirror_with_spare`] with b.img a real faulty disk (healthy, 128 MiB
+/// like the others); returned, to be declared before the test's `Served`.
+fn mirror_with_faulty_b_and_spare(sb: &Sandbox) -> RealFaultyDisk {
+    for d in ["a.img", "s.img"] {
+        sb.image(d, 128);
+    }
+    let b = faulty_disk(sb, "b.img", 128);
+    mirror_with_spare_on(sb);
+    b
+}
+
+/// The group of [`mirror_with_spare`] on a.img, b.img and s.img already in
+/// the disks directory.
+fn mirror_with_spare_on(sb: &Sandbox) {
     let (a, b, sp) = (
         sb.p("disks/a.img"),
         sb.p("disks/b.img"),
@@ -516,22 +535,21 @@ fn mirror_with_spare(sb: &Sandbox) {
 
 #[test]
 fn a_plex_that_fails_under_serve_is_rebuilt_onto_the_hot_spare() {
-    if !tools(&["fio"]) {
+    if !rig_available(&["fio"]) {
         return;
     }
     let sb = Sandbox::new();
-    mirror_with_spare(&sb);
-    let b = sb.p("disks/b.img");
-    let s = Served::start_args(
-        &sb,
-        &["--resync-min-rate", "200M", "--cache", "writeback"],
-        &[("MIRRORVOL_TEST_FAULT_DISK", &b)],
-    );
+    // b.img is a real faulty disk, declared before the server so that it
+    // goes after the server has stopped.
+    let fault = mirror_with_faulty_b_and_spare(&sb);
+    let b = fault.display();
+    let s = serve(&sb);
     let fio = fio_verify(&s.uri("data"), 32, 8, 1500);
     std::thread::sleep(Duration::from_millis(500));
-    // The disk dies under the writes: the engine fails its plex, and the
-    // daemon rebuilds onto the spare by itself.
-    s.signal(libc::SIGUSR1);
+    // The disk dies under the writes (every I/O to b.img fails with EIO
+    // from now on): the engine fails its plex, and the daemon rebuilds onto
+    // the spare by itself.
+    fault.fail_all();
     let start = Instant::now();
     let st = loop {
         let st = status(&sb);

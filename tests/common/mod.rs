@@ -6,6 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod faulty;
 pub mod serve;
 
 pub const MIB: u64 = 1024 * 1024;

@@ -15,6 +15,12 @@ use super::{Sandbox, bin};
 pub fn mirror_group(sb: &Sandbox, disk_mib: u64, vol_mib: u64) {
     sb.image("a.img", disk_mib);
     sb.image("b.img", disk_mib);
+    mirror_group_on(sb, vol_mib);
+}
+
+/// The group of [`mirror_group`] on the disks `a.img` and `b.img` already
+/// in the disks directory (ordinary files or real faulty disks).
+pub fn mirror_group_on(sb: &Sandbox, vol_mib: u64) {
     let (a, b) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
     sb.mv(&["init", &a, &b, "--style", "raw", "--group", "g"])
         .ok();
@@ -249,6 +255,53 @@ pub fn mv_ok(sb: &Sandbox, args: &[&str]) -> String {
 #[track_caller]
 pub fn status(sb: &Sandbox) -> serde_json::Value {
     serde_json::from_str(&mv_ok(sb, &["status", "--json"])).expect("status --json is JSON")
+}
+
+/// Polls [`status`] (from the daemon `s`) until `pred` holds, for at most
+/// `secs` seconds; returns that status.
+#[track_caller]
+pub fn wait_status(
+    sb: &Sandbox,
+    s: &Served,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    poll_status(
+        secs,
+        Duration::from_millis(50),
+        what,
+        || status(sb),
+        pred,
+        || s.stderr(),
+    )
+}
+
+/// Takes a status report with `fetch` every `every` until `pred` holds, for
+/// at most `secs` seconds (then fails, with the report and `log()`);
+/// returns that report.
+#[track_caller]
+pub fn poll_status(
+    secs: u64,
+    every: Duration,
+    what: &str,
+    fetch: impl Fn() -> serde_json::Value,
+    pred: impl Fn(&serde_json::Value) -> bool,
+    log: impl Fn() -> String,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let st = fetch();
+        if pred(&st) {
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what}: not so after {secs} s: {st:#}\n{}",
+            log()
+        );
+        std::thread::sleep(every);
+    }
 }
 
 /// fio writing `mib` MiB of a volume over NBD at random, 4 KiB blocks,
