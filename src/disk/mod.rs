@@ -63,6 +63,16 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
 
+    /// Writes each `(offset, bytes)` in order, then flushes when `flush`:
+    /// metadata that goes out together (a bitmap's blocks and header) is
+    /// one request to a queued disk, not one hand-off per block.
+    fn write_all_then_flush(&self, writes: &[(u64, &[u8])], flush: bool) -> io::Result<()> {
+        for (offset, data) in writes {
+            self.write_at(data, *offset)?;
+        }
+        if flush { self.flush() } else { Ok(()) }
+    }
+
     /// Makes the range read back as zeroes, the cheap way where the backend
     /// can (punching holes in files, BLKZEROOUT on devices).
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
@@ -100,6 +110,9 @@ impl<D: Disk + ?Sized> Disk for Arc<D> {
     }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()
+    }
+    fn write_all_then_flush(&self, writes: &[(u64, &[u8])], flush: bool) -> io::Result<()> {
+        (**self).write_all_then_flush(writes, flush)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).write_zeroes(offset, len)

@@ -230,6 +230,14 @@ impl DiskBitmap {
     /// Sets the bits of data-area bytes `[start, end)` and returns once they
     /// are durable. The returned guard ends the write ([`DiskBitmap::done`]).
     pub fn mark(&self, start: u64, end: u64) -> io::Result<Range<u64>> {
+        let (regions, need) = self.mark_in_memory(start, end);
+        self.make_durable(regions, need)
+    }
+
+    /// The first half of [`DiskBitmap::mark`]: the bits set in memory, the
+    /// writes counted in; returns the regions and the generation that must
+    /// be durable before the write may go to the disk.
+    fn mark_in_memory(&self, start: u64, end: u64) -> (Range<u64>, u64) {
         let mut need = 0;
         let regions = {
             let mut s = self.lock();
@@ -263,6 +271,13 @@ impl DiskBitmap {
             }
             regions
         };
+        (regions, need)
+    }
+
+    /// The second half of [`DiskBitmap::mark`]: waits until generation
+    /// `need` is durable (writing it out when nobody else is); on an error
+    /// the marked writes are counted out again.
+    fn make_durable(&self, regions: Range<u64>, need: u64) -> io::Result<Range<u64>> {
         if need > self.durable.load(Ordering::Acquire)
             && let Err(e) = self.persist(need)
         {
@@ -270,6 +285,11 @@ impl DiskBitmap {
             return Err(e);
         }
         Ok(regions)
+    }
+
+    /// Whether generation `need` still has to be written out.
+    fn needs_write(&self, need: u64) -> bool {
+        need > self.durable.load(Ordering::Acquire)
     }
 
     /// Ends writes to `regions` that [`DiskBitmap::mark`] began.
@@ -306,17 +326,25 @@ impl DiskBitmap {
         };
         let r = (|| {
             self.run_first_write()?;
-            for (b, data) in &blocks {
-                self.disk
-                    .write_at(data, self.area + (b + 1) * BITMAP_BLOCK)?;
-                self.writes.fetch_add(1, Ordering::Relaxed);
+            let mut writes: Vec<(u64, &[u8])> = blocks
+                .iter()
+                .map(|(b, data)| (self.area + (b + 1) * BITMAP_BLOCK, &data[..]))
+                .collect();
+            // With fault points, the bits go out first on their own, so a
+            // crash can fall between them and the header and flush.
+            if cfg!(feature = "failpoints") && !writes.is_empty() {
+                self.disk.write_all_then_flush(&writes, false)?;
+                crate::crash_point!("bitmap-mid-write");
+                writes.clear();
             }
-            // The bits are written, the header and the flush not yet.
-            crate::crash_point!("bitmap-mid-write");
             if let Some(h) = &header {
-                self.disk.write_at(h, self.area)?;
+                writes.push((self.area, &h[..]));
             }
-            self.disk.flush()
+            // Otherwise one request: the blocks, the header, the flush.
+            self.disk.write_all_then_flush(&writes, true)?;
+            self.writes
+                .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+            Ok(())
         })();
         match r {
             Ok(()) => {
@@ -458,16 +486,53 @@ impl Drop for Marked {
 
 impl WriteIntent for BitmapSet {
     fn mark(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<IntentGuard> {
-        let mut marked = Marked(Vec::with_capacity(plexes.len()));
-        let mut first_error = None;
         let disks = self.read();
-        for p in plexes {
-            let Some(b) = disks.get(&p.disk) else {
-                continue;
-            };
-            let start = p.offset - b.data_offset + offset;
-            match b.mark(start, start + len) {
-                Ok(regions) => marked.0.push((b.clone(), regions)),
+        // Bits first, in memory, on every disk; then every disk that must
+        // write them out does so at once (a cold region costs one bitmap
+        // write and flush, not one per disk in turn).
+        let marking: Vec<(&EnginePlex, Arc<DiskBitmap>, Range<u64>, u64)> = plexes
+            .iter()
+            .filter_map(|p| {
+                let b = disks.get(&p.disk)?;
+                let start = p.offset - b.data_offset + offset;
+                let (regions, need) = b.mark_in_memory(start, start + len);
+                Some((&**p, b.clone(), regions, need))
+            })
+            .collect();
+        drop(disks);
+        let outcomes: Vec<io::Result<Range<u64>>> = if marking
+            .iter()
+            .filter(|(_, b, _, need)| b.needs_write(*need))
+            .count()
+            > 1
+        {
+            std::thread::scope(|scope| {
+                let waits: Vec<_> = marking
+                    .iter()
+                    .map(|(_, b, regions, need)| {
+                        scope.spawn(move || b.make_durable(regions.clone(), *need))
+                    })
+                    .collect();
+                waits
+                    .into_iter()
+                    .map(|w| {
+                        w.join().unwrap_or_else(|_| {
+                            Err(io::Error::other("a write-intent bit writer panicked"))
+                        })
+                    })
+                    .collect()
+            })
+        } else {
+            marking
+                .iter()
+                .map(|(_, b, regions, need)| b.make_durable(regions.clone(), *need))
+                .collect()
+        };
+        let mut marked = Marked(Vec::with_capacity(marking.len()));
+        let mut first_error = None;
+        for ((p, b, _, _), outcome) in marking.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(regions) => marked.0.push((b, regions)),
                 // That disk's data write will likely fail too and fail its
                 // plex; the bits on the other disks cover the region.
                 Err(e) => {

@@ -67,6 +67,12 @@ pub enum Op {
     },
     /// Asks whether the disk is still the one opened ([`Disk::health`]).
     Check,
+    /// Writes each buffer at its offset in order, then flushes when
+    /// `flush`: one request for metadata that goes out together.
+    WriteMany {
+        writes: Vec<(u64, AlignedBuf)>,
+        flush: bool,
+    },
 }
 
 impl Op {
@@ -74,7 +80,7 @@ impl Op {
     pub fn kind(&self) -> OpKind {
         match self {
             Op::Read { .. } | Op::ReadInto { .. } => OpKind::Read,
-            Op::Write { .. } => OpKind::Write,
+            Op::Write { .. } | Op::WriteMany { .. } => OpKind::Write,
             Op::Flush | Op::Check => OpKind::Flush,
             Op::WriteZeroes { .. } | Op::Discard { .. } => OpKind::Zeroes,
         }
@@ -85,6 +91,7 @@ impl Op {
         match self {
             Op::Read { len, .. } | Op::ReadInto { len, .. } => *len as u64,
             Op::Write { data, .. } => data.len() as u64,
+            Op::WriteMany { writes, .. } => writes.iter().map(|(_, d)| d.len() as u64).sum(),
             Op::WriteZeroes { len, .. } | Op::Discard { len, .. } => *len,
             Op::Flush | Op::Check => 0,
         }
@@ -314,6 +321,10 @@ fn execute(disk: &dyn Disk, op: Op) -> Outcome {
         }
         Op::Discard { offset, len } => disk.discard(offset, len).map(|()| None),
         Op::Check => disk.health().map(|()| None),
+        Op::WriteMany { writes, flush } => {
+            let refs: Vec<(u64, &[u8])> = writes.iter().map(|(o, d)| (*o, &d[..])).collect();
+            disk.write_all_then_flush(&refs, flush).map(|()| None)
+        }
     }
 }
 
@@ -776,6 +787,14 @@ impl Disk for QueuedDisk {
 
     fn health(&self) -> io::Result<()> {
         self.run(Op::Check).map(|_| ())
+    }
+
+    fn write_all_then_flush(&self, writes: &[(u64, &[u8])], flush: bool) -> io::Result<()> {
+        let writes = writes
+            .iter()
+            .map(|(o, d)| (*o, AlignedBuf::from_slice(d)))
+            .collect();
+        self.run(Op::WriteMany { writes, flush }).map(|_| ())
     }
 }
 
