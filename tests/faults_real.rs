@@ -24,7 +24,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::faulty::{RealFaultyDisk, faulty_disk, mounted, rig_available, unmount};
-use common::serve::Served;
+use common::serve::{Served, fio_verify_command};
 use common::{MIB, Sandbox, bin, disk, pattern, volume};
 
 // ---- the deadline ----
@@ -312,26 +312,9 @@ fn read_export(sb: &Sandbox, uri: &str) -> Vec<u8> {
 /// `iodepth` deep, at most `iops` a second) with crc32c verification, its
 /// report as JSON; `extra` adds options (`--fsync=N` to send flushes).
 fn fio_start(uri: &str, mib: u32, iodepth: u32, iops: u32, extra: &[&str]) -> Child {
-    Command::new("fio")
-        .args([
-            "--name=mirror",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            &format!("--iodepth={iodepth}"),
-            &format!("--size={mib}M"),
-            &format!("--rate_iops={iops}"),
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--randrepeat=0",
-            "--output-format=json",
-        ])
+    fio_verify_command(uri, mib, iodepth, iops)
+        .arg("--output-format=json")
         .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn fio")
 }

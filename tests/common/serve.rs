@@ -311,26 +311,32 @@ pub fn poll_status(
 /// in "verify": fio prints "NAME: (g=0)", and `fio_passed` looks for
 /// "verify:" to find verification errors.)
 pub fn fio_verify(uri: &str, mib: u32, iodepth: u32, iops: u32) -> Child {
-    Command::new("fio")
-        .args([
-            "--name=mirror",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            &format!("--iodepth={iodepth}"),
-            &format!("--size={mib}M"),
-            &format!("--rate_iops={iops}"),
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--randrepeat=0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    fio_verify_command(uri, mib, iodepth, iops)
         .spawn()
         .expect("spawn fio")
+}
+
+/// The command [`fio_verify`] runs, for callers that add options.
+pub fn fio_verify_command(uri: &str, mib: u32, iodepth: u32, iops: u32) -> Command {
+    let mut fio = Command::new("fio");
+    fio.args([
+        "--name=mirror",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        &format!("--iodepth={iodepth}"),
+        &format!("--size={mib}M"),
+        &format!("--rate_iops={iops}"),
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--verify_state_save=0",
+        "--do_verify=1",
+        "--randrepeat=0",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    fio
 }
 
 /// Waits for a [`fio_verify`] job: it succeeded, with no I/O error and no
