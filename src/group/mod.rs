@@ -177,7 +177,7 @@ pub fn canonical(path: &Path, timeout: std::time::Duration) -> PathBuf {
 }
 
 /// What a path given as a disk turned out to be.
-enum Lookup1 {
+enum PathKind {
     /// It does not exist.
     Absent,
     /// It is a directory.
@@ -188,15 +188,15 @@ enum Lookup1 {
     Hung,
 }
 
-fn look_up(path: &Path, timeout: std::time::Duration) -> Lookup1 {
+fn look_up(path: &Path, timeout: std::time::Duration) -> PathKind {
     let p = path.to_path_buf();
     match within(timeout, move || fs::metadata(&p)) {
-        None => Lookup1::Hung,
-        Some(Ok(meta)) if meta.is_dir() => Lookup1::Directory,
-        Some(Ok(_)) => Lookup1::Other,
-        Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Lookup1::Absent,
+        None => PathKind::Hung,
+        Some(Ok(meta)) if meta.is_dir() => PathKind::Directory,
+        Some(Ok(_)) => PathKind::Other,
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => PathKind::Absent,
         // Anything else is left to the open, which names the error.
-        Some(Err(_)) => Lookup1::Other,
+        Some(Err(_)) => PathKind::Other,
     }
 }
 
@@ -212,10 +212,10 @@ impl DiskSet {
         };
         for entry in entries {
             let kind = look_up(entry, open.timeout);
-            if matches!(kind, Lookup1::Hung) {
+            if matches!(kind, PathKind::Hung) {
                 set.hung.push(entry.clone());
             }
-            if matches!(kind, Lookup1::Directory) {
+            if matches!(kind, PathKind::Directory) {
                 let mut found = Vec::new();
                 let dir = fs::read_dir(entry).map_err(|e| Error::io_path("read", entry, e))?;
                 for item in dir.flatten() {
@@ -394,14 +394,14 @@ impl Group {
                 reason,
             };
             let kind = if set.hung.contains(path) {
-                Lookup1::Hung
+                PathKind::Hung
             } else {
                 look_up(path, timeout)
             };
             match kind {
                 // An absent disk: reported as missing once the config is known.
-                Lookup1::Absent if explicit => continue,
-                Lookup1::Hung => {
+                PathKind::Absent if explicit => continue,
+                PathKind::Hung => {
                     unreadable.push(unreadable_because(format!(
                         "it did not answer within {}",
                         show_duration(timeout)
