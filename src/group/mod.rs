@@ -182,22 +182,24 @@ enum PathKind {
     Absent,
     /// It is a directory.
     Directory,
-    /// Anything else (a file, a device).
-    Other,
+    /// Anything else (a file, a device), with its canonical form.
+    Present(PathBuf),
     /// The lookup did not answer within the deadline.
     Hung,
 }
 
+/// Looks `path` up (one stat, and its canonical form) within `timeout`.
 fn look_up(path: &Path, timeout: std::time::Duration) -> PathKind {
     let p = path.to_path_buf();
-    match within(timeout, move || fs::metadata(&p)) {
-        None => PathKind::Hung,
-        Some(Ok(meta)) if meta.is_dir() => PathKind::Directory,
-        Some(Ok(_)) => PathKind::Other,
-        Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => PathKind::Absent,
+    within(timeout, move || match fs::metadata(&p) {
+        Ok(meta) if meta.is_dir() => PathKind::Directory,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => PathKind::Absent,
         // Anything else is left to the open, which names the error.
-        Some(Err(_)) => PathKind::Other,
-    }
+        _ => PathKind::Present(
+            fs::canonicalize(&p).unwrap_or_else(|_| std::path::absolute(&p).unwrap_or(p)),
+        ),
+    })
+    .unwrap_or(PathKind::Hung)
 }
 
 impl DiskSet {
@@ -398,9 +400,8 @@ impl Group {
             } else {
                 look_up(path, timeout)
             };
-            match kind {
-                // An absent disk: reported as missing once the config is known.
-                PathKind::Absent if explicit => continue,
+            let canonical = match kind {
+                PathKind::Present(canonical) => canonical,
                 PathKind::Hung => {
                     unreadable.push(unreadable_because(format!(
                         "it did not answer within {}",
@@ -408,9 +409,11 @@ impl Group {
                     )));
                     continue;
                 }
-                _ => {}
-            }
-            let canonical = canonical(path, timeout);
+                // An absent disk: reported as missing once the config is
+                // known (a scanned file gone since the directory was read
+                // is no disk of the group's).
+                PathKind::Absent | PathKind::Directory => continue,
+            };
             if seen.contains(&canonical) {
                 continue;
             }
