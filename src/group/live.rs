@@ -36,8 +36,6 @@ struct Running {
 
 pub struct LiveGroup {
     group: Mutex<Group>,
-    /// A queue per disk in service; disks join while serving.
-    queues: RwLock<BTreeMap<Uuid, Arc<DiskQueue>>>,
     volumes: RwLock<BTreeMap<String, Arc<MirrorVolume>>>,
     /// I/O errors seen per disk since the group was started.
     errors: Mutex<BTreeMap<Uuid, u64>>,
@@ -71,24 +69,15 @@ impl LiveGroup {
     /// Puts an assembled group in service: a queue for every online disk, an
     /// engine for every volume.
     pub fn start(group: Group, opts: EngineOptions) -> Arc<LiveGroup> {
-        // The engines use the queues the disks were opened behind: data
-        // and metadata meet in one queue per disk, under one deadline.
-        let queues: BTreeMap<Uuid, Arc<DiskQueue>> = group
-            .members
-            .iter()
-            .filter(|(uuid, _)| group.is_online(**uuid))
-            .map(|(uuid, m)| (*uuid, m.disk.queue().clone()))
-            .collect();
         Arc::new_cyclic(|me: &Weak<LiveGroup>| {
             let mut volumes = BTreeMap::new();
             for v in &group.config.volumes {
-                let engine = Self::engine_for(&group, &queues, me, &opts, v);
+                let engine = Self::engine_for(&group, me, &opts, v);
                 volumes.insert(v.name.clone(), engine);
             }
             let reported = Snapshot::of(&group);
             LiveGroup {
                 group: Mutex::new(group),
-                queues: RwLock::new(queues),
                 volumes: RwLock::new(volumes),
                 errors: Mutex::new(BTreeMap::new()),
                 resyncs: Mutex::new(BTreeMap::new()),
@@ -112,7 +101,6 @@ impl LiveGroup {
     /// ones take writes; stale and failed plexes join when a resync starts.
     fn engine_for(
         group: &Group,
-        queues: &BTreeMap<Uuid, Arc<DiskQueue>>,
         me: &Weak<LiveGroup>,
         opts: &EngineOptions,
         v: &crate::format::VolumeEntry,
@@ -122,7 +110,9 @@ impl LiveGroup {
             .plexes
             .iter()
             .filter_map(|p| {
-                let queue = queues.get(&p.disk)?;
+                // The queue the disk was opened behind: data and metadata
+                // meet in one queue per disk, under one deadline.
+                let queue = group.members.get(&p.disk)?.disk.queue();
                 let mode = match group.plex_state(p.disk, p.state) {
                     "in-sync" => Mode::InSync,
                     "resyncing" => Mode::WriteOnly,
@@ -137,24 +127,6 @@ impl LiveGroup {
             engine.set_intent(b.clone());
         }
         engine
-    }
-
-    /// Starts the queue of a member that has none (a disk that joined or
-    /// came back while serving).
-    fn add_queue(&self, g: &Group, disk: Uuid) {
-        let Some(m) = g.members.get(&disk) else {
-            return;
-        };
-        self.queues
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(disk)
-            .or_insert_with(|| m.disk.queue().clone());
-    }
-
-    /// The disk queues, read-locked.
-    fn queues(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<Uuid, Arc<DiskQueue>>> {
-        self.queues.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The engine of a volume.
@@ -179,7 +151,11 @@ impl LiveGroup {
     /// The queue of every disk in service, with the disk's UUID: the
     /// metrics endpoint reads their statistics.
     pub fn disk_queues(&self) -> Vec<(Uuid, Arc<DiskQueue>)> {
-        self.queues().iter().map(|(u, q)| (*u, q.clone())).collect()
+        self.group()
+            .members
+            .iter()
+            .map(|(u, m)| (*u, m.disk.queue().clone()))
+            .collect()
     }
 
     /// The group, locked.
@@ -359,22 +335,9 @@ impl LiveGroup {
                 .collect()
         };
         for (uuid, disk) in disks {
-            let Err(error) = crate::disk::Disk::health(&*disk) else {
-                continue;
-            };
-            self.count_error(uuid);
-            let mut g = self.group();
-            if !g.is_online(uuid) {
-                continue;
+            if let Err(error) = crate::disk::Disk::health(&*disk) {
+                self.fail_whole_disk(uuid, "the disk failed its check", &error);
             }
-            let path = g.disk_path(uuid);
-            tracing::error!(disk = %path, %error, "disk failed its check; it is failed");
-            g.warnings.push(format!("disk {path} is failed: {error}"));
-            self.fail_disk(&mut g, uuid);
-            self.commit(&mut g, &format!("failed disk {path}"));
-            self.emit_changes(&g);
-            drop(g);
-            self.use_spares();
         }
     }
 
@@ -553,8 +516,6 @@ impl LiveGroup {
         }
     }
 
-    /// Stops the background resyncs, then the disk queues after the work
-    /// queued on them.
     /// Stops the background work. The disk queues stay: they belong to
     /// the disks, and the group's last bitmap and config writes go through
     /// them.
@@ -568,6 +529,24 @@ impl LiveGroup {
     /// plexes keep their data and state); the engines follow at the commit
     /// that records it ([`LiveGroup::commit`] retires every plex the config
     /// no longer has in service).
+    /// Takes a disk in service out of service for an error that is the
+    /// whole disk's: recorded in the config, reported, and a hot spare
+    /// sought for its plexes.
+    fn fail_whole_disk(&self, disk: Uuid, why: &str, error: &dyn std::fmt::Display) {
+        self.count_error(disk);
+        let mut g = self.group();
+        if !g.is_online(disk) {
+            return;
+        }
+        let path = g.disk_path(disk);
+        tracing::error!(disk = %path, %error, "{why}; the disk is taken out of service");
+        self.fail_disk(&mut g, disk);
+        self.commit(&mut g, &format!("failed disk {path}"));
+        self.emit_changes(&g);
+        drop(g);
+        self.use_spares();
+    }
+
     fn fail_disk(&self, g: &mut Group, disk: Uuid) {
         g.mark_disk_failed(
             disk,
@@ -657,7 +636,6 @@ impl LiveGroup {
                 Ok(_) => g.attach(path)?,
                 Err(e) => g.attach(path).map_err(|_| e)?,
             };
-            self.add_queue(&g, uuid);
             let (_, vols) = g.reactivate_config(path)?;
             // The errors that failed it are behind it now (md forgets a
             // re-added member's errors as well): counted again from zero,
@@ -686,7 +664,7 @@ impl LiveGroup {
             self.emit_changes(&g);
             let vols = vols
                 .into_iter()
-                .filter(|n| Self::next_target(&g, &self.queues(), n) == Some(uuid))
+                .filter(|n| Self::next_target(&g, n) == Some(uuid))
                 .count();
             (vols, warnings, g.disk_path(uuid))
         };
@@ -743,7 +721,7 @@ impl LiveGroup {
                 .volumes
                 .iter()
                 .filter(|v| !threads.contains(&v.name))
-                .filter(|v| Self::next_target(&g, &self.queues(), &v.name).is_some())
+                .filter(|v| Self::next_target(&g, &v.name).is_some())
                 .map(|v| v.name.clone())
                 .collect();
             threads.extend(names.iter().cloned());
@@ -765,13 +743,13 @@ impl LiveGroup {
 
     /// The plex of `name` to resync next: resyncing or stale, on a disk in
     /// service, with an in-sync plex to copy from.
-    fn next_target(g: &Group, queues: &BTreeMap<Uuid, Arc<DiskQueue>>, name: &str) -> Option<Uuid> {
+    fn next_target(g: &Group, name: &str) -> Option<Uuid> {
         let v = g.config.volume(name)?;
         g.require_source(name).ok()?;
         v.plexes
             .iter()
             .find(|p| {
-                queues.contains_key(&p.disk)
+                g.members.contains_key(&p.disk)
                     && matches!(g.plex_state(p.disk, p.state), "resyncing" | "stale")
             })
             .map(|p| p.disk)
@@ -800,7 +778,7 @@ impl LiveGroup {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return None;
         }
-        let disk = Self::next_target(g, &self.queues(), name)?;
+        let disk = Self::next_target(g, name)?;
         let engine = self.volume(name)?;
         let entry = g
             .config
@@ -846,7 +824,7 @@ impl LiveGroup {
                 let offset = g.members[&disk].label.layout.data_offset() + entry.offset;
                 engine.add_plex(EnginePlex::new(
                     disk,
-                    self.queues().get(&disk)?.clone(),
+                    g.members.get(&disk)?.disk.queue().clone(),
                     offset,
                     Mode::WriteOnly,
                 ));
@@ -1069,14 +1047,8 @@ impl FailureSink for LiveGroup {
     }
 
     fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
-        self.count_error(disk);
-        let mut g = self.group();
-        let path = g.disk_path(disk);
-        tracing::error!(%volume, disk = %path, %error, "the last in-sync plex failed; its disk is taken out of service");
-        self.fail_disk(&mut g, disk);
-        self.commit(&mut g, &format!("failed disk {path}"));
-        self.emit_changes(&g);
-        self.use_spares();
+        let why = format!("the last in-sync plex of {volume} failed");
+        self.fail_whole_disk(disk, &why, error);
     }
 
     fn read_error(&self, volume: &str, disk: Uuid, error: &io::Error, repaired: bool) {

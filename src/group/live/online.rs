@@ -147,7 +147,7 @@ impl LiveGroup {
     /// Starts the engine of a volume the config has and the engines lack.
     fn add_engine(&self, g: &Group, name: &str) -> Result<Arc<MirrorVolume>> {
         let entry = g.volume(name)?;
-        let engine = Self::engine_for(g, &self.queues(), &self.me, &self.opts, entry);
+        let engine = Self::engine_for(g, &self.me, &self.opts, entry);
         self.volumes
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -193,10 +193,9 @@ impl LiveGroup {
         let done = {
             let _op = self.op_lock();
             let mut g = self.group();
-            let added = self.changed(&mut g, |g| g.join(paths, opts))?;
-            for d in &added {
-                self.add_queue(&g, *d);
-            }
+            // The new disks' queues came with them (each disk is opened
+            // behind one); the engines find them through the members.
+            self.changed(&mut g, |g| g.join(paths, opts))?;
             let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
             let message = format!(
                 "initialized {} as {} {} of existing group {}",
