@@ -75,15 +75,34 @@ fn race(seed: u64, widen: bool) {
     std::thread::sleep(Duration::from_micros(rng.next() % 3000));
 
     let failed = if widen {
-        let g = live.group();
+        // The controller is kept busy here, so the engine's record of X
+        // and the admin's fail of Y both wait for it, in either order.
+        let (gate, gated) = std::sync::mpsc::channel::<()>();
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        let blocker = {
+            let live = live.clone();
+            std::thread::spawn(move || {
+                live.with_group(move |_| {
+                    let _ = entered_tx.send(());
+                    let _ = gated.recv();
+                })
+            })
+        };
+        entered.recv().unwrap();
         rig.members[x].faulty.fail_writes(0..u64::MAX);
         // The engine takes X out under its decision lock, then waits for
-        // the group lock (held here) to record it.
+        // the controller (held here) to record it.
         wait_until("the engine failing X", Duration::from_secs(10), || {
             vol.plex(x_uuid).is_none_or(|p| p.mode() == Mode::Out)
         });
-        drop(g);
-        live.fail_disk_by_path(&rig.paths[y], false)
+        let admin = {
+            let (live, path) = (live.clone(), rig.paths[y].clone());
+            std::thread::spawn(move || live.fail_disk_by_path(&path, false))
+        };
+        std::thread::sleep(Duration::from_micros(rng.next() % 2000));
+        drop(gate);
+        blocker.join().unwrap().unwrap();
+        admin.join().unwrap()
     } else {
         let admin = {
             let (live, path) = (live.clone(), rig.paths[y].clone());
@@ -103,10 +122,12 @@ fn race(seed: u64, widen: bool) {
     writer.join().unwrap();
 
     {
-        let g = live.group();
-        let entry = g.config.volume("m").unwrap();
-        let recorded: Vec<(uuid::Uuid, PlexState)> =
-            entry.plexes.iter().map(|p| (p.disk, p.state)).collect();
+        let recorded: Vec<(uuid::Uuid, PlexState)> = live
+            .with_group(|g| {
+                let entry = g.config.volume("m").unwrap();
+                entry.plexes.iter().map(|p| (p.disk, p.state)).collect()
+            })
+            .unwrap();
         assert!(
             recorded.iter().any(|(_, s)| *s == PlexState::InSync),
             "seed {seed} (widen {widen}): every plex of m is recorded failed: {recorded:?}; fail of Y returned {failed:?}"

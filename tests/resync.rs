@@ -152,7 +152,7 @@ fn a_group_in_service_resyncs_in_the_background_and_status_shows_progress() {
         vol.write((n * 7919 * 4096) % (VOL - 4096), &[n as u8; 4096])
             .unwrap();
         n += 1;
-        let s = serde_json::to_value(live.status()).unwrap();
+        let s = serde_json::to_value(live.status().unwrap()).unwrap();
         let p = &s["volumes"][0]["plexes"][1];
         if let Some(pct) = p["resync_percent"].as_f64()
             && p["state"] == "resyncing"
@@ -168,7 +168,7 @@ fn a_group_in_service_resyncs_in_the_background_and_status_shows_progress() {
     assert!(seen_running, "status never showed the resync under way");
     // 32 MiB at 4 to 16 MiB/s.
     assert!(start.elapsed() >= Duration::from_millis(1900));
-    let s = serde_json::to_value(live.status()).unwrap();
+    let s = serde_json::to_value(live.status().unwrap()).unwrap();
     let p = &s["volumes"][0]["plexes"][1];
     assert_eq!(p["state"], "in-sync", "{s}");
     assert_eq!(p["resync_percent"], 100.0);
@@ -247,7 +247,7 @@ fn a_stale_plex_is_resynced_in_the_background_from_the_bitmaps() {
         assert!(start.elapsed() < Duration::from_secs(10), "resync hangs");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let s = serde_json::to_value(live.status()).unwrap();
+    let s = serde_json::to_value(live.status().unwrap()).unwrap();
     assert_eq!(s["volumes"][0]["plexes"][1]["state"], "in-sync", "{s}");
     live.stop();
     drop(live);

@@ -87,8 +87,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn take(live: &LiveGroup, server: Option<&Server>) -> Snapshot {
-        let status = live.status();
+    /// None when the group is out of service.
+    pub fn take(live: &LiveGroup, server: Option<&Server>) -> Option<Snapshot> {
+        let status = live.status().ok()?;
         let disks = live
             .disk_queues()
             .into_iter()
@@ -103,11 +104,11 @@ impl Snapshot {
                 in_flight: q.pending(),
             })
             .collect();
-        Snapshot {
+        Some(Snapshot {
             status,
             disks,
             nbd_connections: server.map(Server::connections),
-        }
+        })
     }
 
     /// The Prometheus text exposition (format 0.0.4) of this snapshot.
@@ -399,7 +400,7 @@ pub fn scrape(live: &Arc<LiveGroup>, server: &Arc<Server>) -> Scrape {
     Box::new(move || {
         let live = live.upgrade()?;
         let server = server.upgrade();
-        Some(Snapshot::take(&live, server.as_deref()).encode())
+        Some(Snapshot::take(&live, server.as_deref())?.encode())
     })
 }
 

@@ -315,7 +315,7 @@ fn start_control(
     server: &Arc<Server>,
     options: &ServeOptions,
 ) -> Result<Option<control::ControlSocket>> {
-    let group = live.group().config.uuid;
+    let group = live.with_group(|g| g.config.uuid)?;
     let path = options
         .control
         .clone()
@@ -397,7 +397,10 @@ fn handle(live: &Arc<LiveGroup>, server: &Server, request: control::Request) -> 
     use control::{Request, Response};
     let result = match request {
         Request::Status => {
-            let mut report = live.status();
+            let mut report = match live.status() {
+                Ok(r) => r,
+                Err(e) => return Response::from_error(&e),
+            };
             for v in &mut report.volumes {
                 v.clients = Some(server.clients(&v.name));
             }
@@ -476,11 +479,12 @@ fn handle(live: &Arc<LiveGroup>, server: &Server, request: control::Request) -> 
             )
             .map(done),
         Request::ResolveSplitBrain { keep } => {
-            let name = live.group().config.name.clone();
-            Err(Error::refused(format!(
-                "group {name} is not in split brain: mirrorvol serve runs only a group whose disks agree, so there is no side of {} to keep",
-                keep.display()
-            )))
+            live.with_group(|g| g.config.name.clone()).and_then(|name| {
+                Err(Error::refused(format!(
+                    "group {name} is not in split brain: mirrorvol serve runs only a group whose disks agree, so there is no side of {} to keep",
+                    keep.display()
+                )))
+            })
         }
     };
     result.unwrap_or_else(|e| Response::from_error(&e))
@@ -496,7 +500,8 @@ fn delete(
     name: &str,
     force: bool,
 ) -> Result<control::Response> {
-    live.group().volume(name)?;
+    let n = name.to_string();
+    live.with_group(move |g| g.volume(&n).map(|_| ()))??;
     // Removed first: a client negotiating meanwhile is either counted here
     // or turned away (see the server's handshake).
     let removed = server.remove_export(name);

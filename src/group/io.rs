@@ -10,7 +10,6 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::Group;
-use crate::format::PlexState;
 use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode};
 use crate::{Error, Result};
 
@@ -90,46 +89,59 @@ impl Group {
     /// plex on `resync` write-only whatever its state (stale included): the
     /// engine a resync of that plex runs in.
     pub fn open_volume_with(&self, name: &str, resync: Option<Uuid>) -> Result<VolumeIo> {
-        let v = self.volume(name)?;
         let recorder = Arc::new(Recorder::default());
         let sink: Arc<dyn FailureSink> = recorder.clone();
-        let mut plexes = Vec::new();
-        for p in &v.plexes {
-            let Some(m) = self.members.get(&p.disk) else {
-                continue;
-            };
-            if !self.is_online(p.disk) {
-                continue;
-            }
-            let mode = match p.state {
-                _ if resync == Some(p.disk) => Mode::WriteOnly,
-                PlexState::InSync => Mode::InSync,
-                PlexState::Resyncing => Mode::WriteOnly,
-                PlexState::Stale | PlexState::Failed => continue,
-            };
-            let q = m.disk.queue().clone();
-            plexes.push(EnginePlex::new(
-                p.disk,
-                q,
-                m.label.layout.data_offset() + p.offset,
-                mode,
-            ));
-        }
-        let engine = MirrorVolume::new(
-            &v.name,
-            v.size,
-            plexes,
+        let engine = self.build_engine(
+            name,
+            resync,
             Arc::downgrade(&sink),
             EngineOptions::default(),
-        );
-        if let Some(b) = &self.bitmaps {
-            engine.set_intent(b.clone());
-        }
+        )?;
         Ok(VolumeIo {
             engine,
             recorder,
             _sink: sink,
         })
+    }
+
+    /// The engine of a volume, for one command or for `serve`: its in-sync
+    /// plexes serve reads and take writes, resyncing ones take writes, and
+    /// the plex on `resync` (whatever its state, on a disk in service) is
+    /// write-only; stale, failed and missing plexes stay out. Every plex
+    /// goes through the queue its disk was opened behind, so data and
+    /// metadata meet in one queue per disk, under one deadline.
+    pub fn build_engine(
+        &self,
+        name: &str,
+        resync: Option<Uuid>,
+        sink: std::sync::Weak<dyn FailureSink>,
+        opts: EngineOptions,
+    ) -> Result<Arc<MirrorVolume>> {
+        let v = self.volume(name)?;
+        let plexes = v
+            .plexes
+            .iter()
+            .filter_map(|p| {
+                let m = self.members.get(&p.disk)?;
+                let mode = match self.plex_state(p.disk, p.state) {
+                    _ if resync == Some(p.disk) && self.is_online(p.disk) => Mode::WriteOnly,
+                    "in-sync" => Mode::InSync,
+                    "resyncing" => Mode::WriteOnly,
+                    _ => return None,
+                };
+                Some(EnginePlex::new(
+                    p.disk,
+                    m.disk.queue().clone(),
+                    m.label.layout.data_offset() + p.offset,
+                    mode,
+                ))
+            })
+            .collect();
+        let engine = MirrorVolume::new(&v.name, v.size, plexes, sink, opts);
+        if let Some(b) = &self.bitmaps {
+            engine.set_intent(b.clone());
+        }
+        Ok(engine)
     }
 
     /// Records in the config what the engine reported, and commits when that

@@ -125,6 +125,9 @@ pub struct EnginePlex {
     mode: AtomicU8,
     last_read_end: AtomicU64,
     read_errors: AtomicU64,
+    /// Dropped with the plex: its receiver learns that nothing holds the
+    /// plex any more ([`EnginePlex::on_release`]).
+    released: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 impl EnginePlex {
@@ -136,7 +139,17 @@ impl EnginePlex {
             mode: AtomicU8::new(mode as u8),
             last_read_end: AtomicU64::new(u64::MAX),
             read_errors: AtomicU64::new(0),
+            released: Mutex::new(None),
         }
+    }
+
+    /// A receiver that disconnects when the plex is dropped, that is when
+    /// the last request (or job) holding it lets go: whoever waits for a
+    /// plex that left a volume to be free waits on it, without polling.
+    pub fn on_release(&self) -> std::sync::mpsc::Receiver<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.released.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
     }
 
     pub fn mode(&self) -> Mode {
@@ -283,32 +296,27 @@ impl MirrorVolume {
 
     /// Takes the plex on `disk` out of the volume, and waits (up to
     /// `timeout`) until no request in flight holds it any more, so that
-    /// its space can be reused or handed to another volume. Returns the
-    /// plex, or None when the volume has no plex there; `Err` with the plex
-    /// when requests still held it at the timeout (a hung disk).
-    pub fn remove_plex(
-        &self,
-        disk: Uuid,
-        timeout: std::time::Duration,
-    ) -> std::result::Result<Option<Arc<EnginePlex>>, Arc<EnginePlex>> {
+    /// its space can be reused or handed to another volume. False when
+    /// requests still held it at the timeout (a hung disk); true when it is
+    /// free, or the volume had no plex there.
+    pub fn remove_plex(&self, disk: Uuid, timeout: std::time::Duration) -> bool {
         let plex = {
             let mut plexes = self.plexes.write().unwrap_or_else(|e| e.into_inner());
             let Some(i) = plexes.iter().position(|p| p.disk == disk) else {
-                return Ok(None);
+                return true;
             };
             plexes.remove(i)
         };
         plex.set_mode(Mode::Out);
         // Every request that picked the plex holds a clone until it is
-        // answered.
-        let started = std::time::Instant::now();
-        while Arc::strong_count(&plex) > 1 {
-            if started.elapsed() > timeout {
-                return Err(plex);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-        Ok(Some(plex))
+        // answered; the last one to let go drops it, and with it the
+        // sender of `released`.
+        let released = plex.on_release();
+        drop(plex);
+        !matches!(
+            released.recv_timeout(timeout),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        )
     }
 
     /// A snapshot of the plexes.

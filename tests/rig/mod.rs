@@ -287,17 +287,20 @@ impl Rig {
 
     /// Absolute offset on disk `i` of volume `name`'s first byte.
     pub fn plex_offset(live: &LiveGroup, name: &str, disk: Uuid) -> u64 {
-        let g = live.group();
-        let p = g
-            .config
-            .volume(name)
-            .unwrap()
-            .plexes
-            .iter()
-            .find(|p| p.disk == disk)
-            .unwrap()
-            .clone();
-        g.members[&disk].label.layout.data_offset() + p.offset
+        let name = name.to_string();
+        live.with_group(move |g| {
+            let p = g
+                .config
+                .volume(&name)
+                .unwrap()
+                .plexes
+                .iter()
+                .find(|p| p.disk == disk)
+                .unwrap()
+                .clone();
+            g.members[&disk].label.layout.data_offset() + p.offset
+        })
+        .unwrap()
     }
 }
 
@@ -756,7 +759,7 @@ fn reader(
 
 /// A status report as JSON.
 pub fn status_json(live: &LiveGroup) -> Value {
-    serde_json::to_value(live.status()).unwrap()
+    serde_json::to_value(live.status().unwrap()).unwrap()
 }
 
 /// The states of a status report: per disk (by file name), per volume its

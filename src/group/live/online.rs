@@ -14,8 +14,8 @@
 //! - operations run one at a time.
 
 use std::path::Path;
-use std::sync::{Arc, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -40,8 +40,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 /// [`DRAIN_TIMEOUT`]).
 fn drain(engine: &MirrorVolume, disks: &[Uuid]) {
     for d in disks {
-        if let Err(p) = engine.remove_plex(*d, DRAIN_TIMEOUT) {
-            tracing::warn!(volume = %engine.name, disk = %p.queue.name(), "requests to a plex that left the volume are still in flight");
+        if !engine.remove_plex(*d, DRAIN_TIMEOUT) {
+            tracing::warn!(volume = %engine.name, disk = %d, "requests to a plex that left the volume are still in flight");
         }
     }
 }
@@ -61,67 +61,35 @@ impl Done {
 }
 
 impl LiveGroup {
-    /// Runs a config change, then emits the events of the states it
-    /// changed.
-    fn changed<T>(&self, g: &mut Group, change: impl FnOnce(&mut Group) -> Result<T>) -> Result<T> {
-        let r = change(g);
-        self.emit_changes(g);
-        r
-    }
-
-    fn op_lock(&self) -> MutexGuard<'_, ()> {
-        self.ops.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Stops the background resync of `name` at its next chunk and waits for
-    /// its thread to end (it records its checkpoint); `resume_resyncs`
-    /// resumes it.
-    fn pause_resync(&self, name: &str) -> bool {
-        let started = Instant::now();
-        while self.resync_volumes().contains(name) {
-            if started.elapsed() > DRAIN_TIMEOUT {
-                return false;
-            }
-            if let Some(r) = self.running().get(name) {
-                r.progress.stop();
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        true
-    }
-
-    /// Runs `op` with the resync of `name` paused, then resumes the resyncs
-    /// (whatever `op` returned). Refused when the resync does not stop (its
-    /// disk hangs): a plex it writes to must not change hands.
-    fn with_resync_paused<T>(
-        self: &Arc<Self>,
-        name: &str,
-        op: impl FnOnce() -> Result<T>,
-    ) -> Result<T> {
-        let r = if self.pause_resync(name) {
-            op()
-        } else {
-            Err(Error::failed(format!(
+    /// Holds `name` for the length of `op`: its resync stops at its next
+    /// checkpoint (waited for here, off the controller) and none starts
+    /// until `op` returned. Refused when the resync does not stop (its disk
+    /// hangs): a plex it writes to must not change hands.
+    fn with_resync_paused<T>(&self, name: &str, op: impl FnOnce() -> Result<T>) -> Result<T> {
+        let held = name.to_string();
+        let stopped = self.call(move |c| c.hold(&held)).flatten();
+        let r = match stopped.map(|rx| rx.recv_timeout(DRAIN_TIMEOUT)) {
+            Some(Err(std::sync::mpsc::RecvTimeoutError::Timeout)) => Err(Error::failed(format!(
                 "the resync of volume {name} did not stop within {} s; try again once its disks answer",
                 DRAIN_TIMEOUT.as_secs()
-            )))
+            ))),
+            _ => op(),
         };
-        self.resume_resyncs();
+        let held = name.to_string();
+        self.send(move |c| c.release(&held));
         r
     }
 
     fn refuse_scrubbing(&self, name: &str, doing: &str) -> Result<()> {
-        if self
-            .scrubbing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(name)
-        {
-            return Err(Error::refused(format!(
-                "volume {name} is being scrubbed; {doing} it after the scrub ends"
-            )));
-        }
-        Ok(())
+        let (name, doing) = (name.to_string(), doing.to_string());
+        self.ask(move |c| {
+            if c.scrubbing.contains(&name) {
+                return Err(Error::refused(format!(
+                    "volume {name} is being scrubbed; {doing} it after the scrub ends"
+                )));
+            }
+            Ok(())
+        })
     }
 
     /// Takes out of the engine of `name` every plex the volume's config no
@@ -131,10 +99,13 @@ impl LiveGroup {
         let Some(engine) = self.volume(name) else {
             return;
         };
-        let listed: Vec<Uuid> = match self.group().volume(name) {
-            Ok(v) => v.plexes.iter().map(|p| p.disk).collect(),
-            Err(_) => Vec::new(),
-        };
+        let n = name.to_string();
+        let listed: Vec<Uuid> = self
+            .with_group(move |g| match g.volume(&n) {
+                Ok(v) => v.plexes.iter().map(|p| p.disk).collect(),
+                Err(_) => Vec::new(),
+            })
+            .unwrap_or_default();
         let gone: Vec<Uuid> = engine
             .plexes()
             .iter()
@@ -142,17 +113,6 @@ impl LiveGroup {
             .filter(|d| !listed.contains(d))
             .collect();
         drain(&engine, &gone);
-    }
-
-    /// Starts the engine of a volume the config has and the engines lack.
-    fn add_engine(&self, g: &Group, name: &str) -> Result<Arc<MirrorVolume>> {
-        let entry = g.volume(name)?;
-        let engine = Self::engine_for(g, &self.me, &self.opts, entry);
-        self.volumes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), engine.clone());
-        Ok(engine)
     }
 
     /// `create` while serving: the volume is zeroed, recorded, and its
@@ -165,22 +125,25 @@ impl LiveGroup {
         disks: &[std::path::PathBuf],
     ) -> Result<Done> {
         let _op = self.op_lock();
-        let mut g = self.group();
-        let warnings = self.changed(&mut g, |g| g.create(name, size, copies, disks))?;
-        self.add_engine(&g, name)?;
-        let on: Vec<String> = g
-            .volume(name)?
-            .plexes
-            .iter()
-            .map(|p| g.disk_path(p.disk))
-            .collect();
-        let message = format!(
-            "created {} volume {name} ({}) on {}",
-            if copies > 1 { "mirrored" } else { "simple" },
-            human(size),
-            on.join(", ")
-        );
-        Ok(Done::new(message, &mut g, warnings))
+        let (name, disks) = (name.to_string(), disks.to_vec());
+        self.ask(move |c| {
+            let warnings = c.changed(|g| g.create(&name, size, copies, &disks))?;
+            c.add_engine(&name);
+            let g = &mut c.group;
+            let on: Vec<String> = g
+                .volume(&name)?
+                .plexes
+                .iter()
+                .map(|p| g.disk_path(p.disk))
+                .collect();
+            let message = format!(
+                "created {} volume {name} ({}) on {}",
+                if copies > 1 { "mirrored" } else { "simple" },
+                human(size),
+                on.join(", ")
+            );
+            Ok(Done::new(message, g, warnings))
+        })
     }
 
     /// `init PATH... --disks ...` while serving: the disks are formatted as
@@ -190,12 +153,12 @@ impl LiveGroup {
         paths: &[std::path::PathBuf],
         opts: &crate::group::ops::InitOptions,
     ) -> Result<Done> {
-        let done = {
-            let _op = self.op_lock();
-            let mut g = self.group();
+        let _op = self.op_lock();
+        let (paths, opts) = (paths.to_vec(), opts.clone());
+        self.ask(move |c| {
             // The new disks' queues came with them (each disk is opened
             // behind one); the engines find them through the members.
-            self.changed(&mut g, |g| g.join(paths, opts))?;
+            c.changed(|g| g.join(&paths, &opts))?;
             let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
             let message = format!(
                 "initialized {} as {} {} of existing group {}",
@@ -207,42 +170,41 @@ impl LiveGroup {
                     (false, true) => "disks",
                     (false, false) => "disk",
                 },
-                g.config.name
+                c.group.config.name
             );
-            Done::new(message, &mut g, Vec::new())
-        };
-        // A new spare may be what a degraded mirror waits for.
-        self.use_spares();
-        Ok(done)
+            // A new spare may be what a degraded mirror waits for.
+            c.use_spares();
+            Ok(Done::new(message, &mut c.group, Vec::new()))
+        })
     }
 
     /// `add-mirror` while serving: the new plex is recorded resyncing and
     /// filled by a background resync.
-    pub fn add_mirror(self: &Arc<Self>, name: &str, disk: Option<&Path>) -> Result<Done> {
+    pub fn add_mirror(&self, name: &str, disk: Option<&Path>) -> Result<Done> {
         let _op = self.op_lock();
-        let done = {
-            let mut g = self.group();
-            let target = self.changed(&mut g, |g| g.add_resyncing_plex(name, disk))?;
-            let warnings = g.mirror_warnings(name);
+        let (name, disk) = (name.to_string(), disk.map(Path::to_path_buf));
+        self.ask(move |c| {
+            let target = c.changed(|g| g.add_resyncing_plex(&name, disk.as_deref()))?;
+            let warnings = c.group.mirror_warnings(&name);
             let message = format!(
                 "added a mirror to volume {name} on {}; it resyncs in the background (see `mirrorvol status`)",
-                g.disk_path(target)
+                c.group.disk_path(target)
             );
-            Done::new(message, &mut g, warnings)
-        };
-        self.resume_resyncs();
-        Ok(done)
+            c.resume_resyncs();
+            Ok(Done::new(message, &mut c.group, warnings))
+        })
     }
 
     /// `repair` while serving: failed or missing plexes are replaced with
     /// new space (resynced in the background), stale ones resync in place.
-    pub fn repair(self: &Arc<Self>, name: &str, disk: Option<&Path>) -> Result<Done> {
+    pub fn repair(&self, name: &str, disk: Option<&Path>) -> Result<Done> {
         let _op = self.op_lock();
         self.with_resync_paused(name, || {
-            let done = {
-                let mut g = self.group();
-                let (targets, stale) = self.changed(&mut g, |g| g.repair_config(name, disk))?;
-                self.retire_plexes(&g);
+            let (n, disk) = (name.to_string(), disk.map(Path::to_path_buf));
+            let done = self.ask(move |c| {
+                let (targets, stale) = c.changed(|g| g.repair_config(&n, disk.as_deref()))?;
+                c.retire_plexes();
+                let g = &mut c.group;
                 let mut parts: Vec<String> = targets
                     .iter()
                     .map(|t| format!("a new plex on {}", g.disk_path(*t)))
@@ -252,14 +214,14 @@ impl LiveGroup {
                         .iter()
                         .map(|t| format!("the stale plex on {}", g.disk_path(*t))),
                 );
-                let warnings = g.mirror_warnings(name);
+                let warnings = g.mirror_warnings(&n);
                 let message = format!(
-                    "repairing volume {name}: {} resync{} in the background (see `mirrorvol status`)",
+                    "repairing volume {n}: {} resync{} in the background (see `mirrorvol status`)",
                     parts.join(" and "),
                     if parts.len() == 1 { "s" } else { "" }
                 );
-                Done::new(message, &mut g, warnings)
-            };
+                Ok(Done::new(message, g, warnings))
+            })?;
             self.drain_departed(name);
             Ok(done)
         })
@@ -267,21 +229,21 @@ impl LiveGroup {
 
     /// `remove-mirror` while serving: the plex leaves the config, then the
     /// engine once no request holds it; clients go on.
-    pub fn remove_mirror(self: &Arc<Self>, name: &str, disk: &Path) -> Result<Done> {
+    pub fn remove_mirror(&self, name: &str, disk: &Path) -> Result<Done> {
         let _op = self.op_lock();
         self.refuse_scrubbing(name, "remove a mirror of")?;
         self.with_resync_paused(name, || {
-            let done = {
-                let mut g = self.group();
-                let uuid = g.resolve_disk(disk)?;
-                self.changed(&mut g, |g| g.remove_mirror(name, disk))?;
-                self.retire_plexes(&g);
+            let (n, disk) = (name.to_string(), disk.to_path_buf());
+            let done = self.ask(move |c| {
+                let uuid = c.group.resolve_disk(&disk)?;
+                c.changed(|g| g.remove_mirror(&n, &disk))?;
+                c.retire_plexes();
                 let message = format!(
-                    "removed the plex on {} from volume {name}",
-                    g.disk_path(uuid)
+                    "removed the plex on {} from volume {n}",
+                    c.group.disk_path(uuid)
                 );
-                Done::new(message, &mut g, Vec::new())
-            };
+                Ok(Done::new(message, &mut c.group, Vec::new()))
+            })?;
             self.drain_departed(name);
             Ok(done)
         })
@@ -292,7 +254,7 @@ impl LiveGroup {
     /// the data of the moment it left. Returns the new volume's name; the
     /// caller exports it.
     pub fn break_mirror(
-        self: &Arc<Self>,
+        &self,
         name: &str,
         disk: &Path,
         new_name: Option<&str>,
@@ -301,62 +263,68 @@ impl LiveGroup {
         let _op = self.op_lock();
         self.refuse_scrubbing(name, "break")?;
         self.with_resync_paused(name, || {
-            let (uuid, kept) = {
-                let mut g = self.group();
-                let uuid = g.resolve_disk(disk)?;
-                let kept =
-                    self.changed(&mut g, |g| g.break_mirror(name, disk, new_name, nokeep))?;
-                self.retire_plexes(&g);
-                (uuid, kept)
-            };
+            let (n, d, new_name) = (
+                name.to_string(),
+                disk.to_path_buf(),
+                new_name.map(str::to_string),
+            );
+            let (uuid, kept) = self.ask(move |c| {
+                let uuid = c.group.resolve_disk(&d)?;
+                let kept = c.changed(|g| g.break_mirror(&n, &d, new_name.as_deref(), nokeep))?;
+                c.retire_plexes();
+                Ok((uuid, kept))
+            })?;
             // Writes in flight to the plex land before it serves elsewhere.
             self.drain_departed(name);
-            let mut g = self.group();
-            let message = match &kept {
-                Some(n) => {
-                    self.add_engine(&g, n)?;
-                    format!(
-                        "broke volume {name}: the plex on {} is now volume {n}",
-                        g.disk_path(uuid)
-                    )
-                }
-                None => format!(
-                    "broke volume {name}: the plex on {} was freed",
-                    g.disk_path(uuid)
-                ),
-            };
-            Ok((kept, Done::new(message, &mut g, Vec::new())))
+            let (n, k) = (name.to_string(), kept.clone());
+            let done = self.ask(move |c| {
+                let message = match &k {
+                    Some(new) => {
+                        c.add_engine(new);
+                        format!(
+                            "broke volume {n}: the plex on {} is now volume {new}",
+                            c.group.disk_path(uuid)
+                        )
+                    }
+                    None => format!(
+                        "broke volume {n}: the plex on {} was freed",
+                        c.group.disk_path(uuid)
+                    ),
+                };
+                Ok(Done::new(message, &mut c.group, Vec::new()))
+            })?;
+            Ok((kept, done))
         })
     }
 
     /// `delete` while serving, once the volume's export and clients are
     /// gone: its engine is flushed and stopped, then the volume leaves the
     /// config. If the config cannot be written, the engine is back.
-    pub fn delete_volume(self: &Arc<Self>, name: &str) -> Result<Done> {
+    pub fn delete_volume(&self, name: &str) -> Result<Done> {
         let _op = self.op_lock();
         self.refuse_scrubbing(name, "delete")?;
-        self.group().volume(name)?;
+        let n = name.to_string();
+        self.ask(move |c| c.group.volume(&n).map(|_| ()))?;
         self.with_resync_paused(name, || {
-            let engine = self
-                .volumes
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(name);
+            let n = name.to_string();
+            let engine = self.call(move |c| c.remove_engine(&n)).flatten();
             if let Some(e) = &engine {
                 let _ = e.flush();
                 let disks: Vec<Uuid> = e.plexes().iter().map(|p| p.disk).collect();
                 drain(e, &disks);
             }
-            let mut g = self.group();
-            if let Err(err) = self.changed(&mut g, |g| g.delete(name)) {
-                self.add_engine(&g, name)?;
-                return Err(err);
-            }
-            Ok(Done::new(
-                format!("deleted volume {name}"),
-                &mut g,
-                Vec::new(),
-            ))
+            let n = name.to_string();
+            self.ask(move |c| {
+                if let Err(err) = c.changed(|g| g.delete(&n)) {
+                    c.add_engine(&n);
+                    return Err(err);
+                }
+                Ok(Done::new(
+                    format!("deleted volume {n}"),
+                    &mut c.group,
+                    Vec::new(),
+                ))
+            })
         })
     }
 
@@ -364,47 +332,47 @@ impl LiveGroup {
     /// when they connect again (NBD fixes the size at the handshake).
     pub fn extend(&self, name: &str, size: u64) -> Result<Done> {
         let _op = self.op_lock();
-        let mut g = self.group();
-        self.changed(&mut g, |g| g.extend(name, size))?;
-        if let Some(e) = self.volume(name) {
-            e.grow(size);
-        }
-        Ok(Done::new(
-            format!(
-                "extended volume {name} to {}; connected clients see the new size when they reconnect",
-                human(size)
-            ),
-            &mut g,
-            Vec::new(),
-        ))
+        let name = name.to_string();
+        self.ask(move |c| {
+            c.changed(|g| g.extend(&name, size))?;
+            if let Some(e) = c.engine(&name) {
+                e.grow(size);
+            }
+            Ok(Done::new(
+                format!(
+                    "extended volume {name} to {}; connected clients see the new size when they reconnect",
+                    human(size)
+                ),
+                &mut c.group,
+                Vec::new(),
+            ))
+        })
     }
 
     /// `scrub` while serving: compares (and with `repair`, fixes) the plexes
     /// through the running engine, under its range lock, while clients do
-    /// I/O.
+    /// I/O. The comparison runs on the caller's thread.
     pub fn scrub(&self, name: &str, repair: bool, rate: Option<u64>) -> Result<VolumeScrub> {
-        self.group().refuse_unscrubbable(name)?;
-        if !self
-            .scrubbing
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string())
-        {
-            return Err(Error::refused(format!(
-                "volume {name} is being scrubbed already"
-            )));
-        }
-        struct Unmark<'a>(&'a LiveGroup, &'a str);
+        let n = name.to_string();
+        self.ask(move |c| {
+            c.group.refuse_unscrubbable(&n)?;
+            if !c.scrubbing.insert(n.clone()) {
+                return Err(Error::refused(format!(
+                    "volume {n} is being scrubbed already"
+                )));
+            }
+            Ok(())
+        })?;
+        struct Unmark<'a>(&'a LiveGroup, String);
         impl Drop for Unmark<'_> {
             fn drop(&mut self) {
-                self.0
-                    .scrubbing
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(self.1);
+                let n = std::mem::take(&mut self.1);
+                self.0.send(move |c| {
+                    c.scrubbing.remove(&n);
+                });
             }
         }
-        let _unmark = Unmark(self, name);
+        let _unmark = Unmark(self, name.to_string());
         let engine = self
             .volume(name)
             .ok_or_else(|| Error::refused(format!("volume {name} is not in service")))?;
@@ -414,22 +382,23 @@ impl LiveGroup {
             stop: Some(self.scrub_stop.clone()),
         };
         let result = crate::volume::scrub::scrub(&engine, &opts, &|_| {});
-        let g = self.group();
-        let report = g.scrub_outcome(name, &opts, result)?;
-        for r in &report.ranges {
-            self.emit(
-                Event::new(EventKind::ScrubMismatch)
-                    .with("group", g.config.name.as_str())
-                    .with("volume", name)
+        let n = name.to_string();
+        self.ask(move |c| {
+            let report = c.group.scrub_outcome(&n, &opts, result)?;
+            for r in &report.ranges {
+                let event = Event::new(EventKind::ScrubMismatch)
+                    .with("group", c.group.config.name.as_str())
+                    .with("volume", n.as_str())
                     .with("offset", r.offset)
                     .with("length", r.length)
                     .with("plexes", r.plexes())
                     .with("kept", r.kept.as_str())
                     .with("outvoted", r.outvoted.clone())
-                    .with("repaired", if r.repaired { "yes" } else { "no" }),
-            );
-        }
-        Ok(report)
+                    .with("repaired", if r.repaired { "yes" } else { "no" });
+                c.emit(event);
+            }
+            Ok(report)
+        })
     }
 
     /// `copy` while serving: through the running engines, so clients of a
@@ -450,29 +419,33 @@ impl LiveGroup {
             Ok(e)
         };
         Endpoint::refuse_pair(src, dst)?;
-        let (source, target, size) = {
-            let g = self.group();
-            let (source, size, what) = match src {
-                Endpoint::Volume(n) => {
-                    g.volume(n)?;
-                    let e = engine(n)?;
-                    let size = e.size();
-                    (Side::Volume(e), size, format!("volume {n}"))
-                }
-                Endpoint::Path(p) => {
-                    let d = g.open_path_source(p)?;
-                    let size = d.size();
-                    (Side::Path(p.clone(), d), size, p.display().to_string())
-                }
-            };
-            let target = match dst {
-                Endpoint::Volume(n) => {
-                    refuse_smaller(n, g.volume(n)?.size, &what, size)?;
-                    Side::Volume(engine(n)?)
-                }
-                Endpoint::Path(p) => Side::Path(p.clone(), g.open_path_target(p, size, &what)?),
-            };
-            (source, target, size)
+        let (source, size, what) = match src {
+            Endpoint::Volume(n) => {
+                let name = n.clone();
+                self.ask(move |c| c.group.volume(&name).map(|_| ()))?;
+                let e = engine(n)?;
+                let size = e.size();
+                (Side::Volume(e), size, format!("volume {n}"))
+            }
+            Endpoint::Path(p) => {
+                let path = p.clone();
+                let d = self.ask(move |c| c.group.open_path_source(&path))?;
+                let size = d.size();
+                (Side::Path(p.clone(), d), size, p.display().to_string())
+            }
+        };
+        let target = match dst {
+            Endpoint::Volume(n) => {
+                let name = n.clone();
+                let room = self.ask(move |c| c.group.volume(&name).map(|v| v.size))?;
+                refuse_smaller(n, room, &what, size)?;
+                Side::Volume(engine(n)?)
+            }
+            Endpoint::Path(p) => {
+                let path = p.clone();
+                let d = self.ask(move |c| c.group.open_path_target(&path, size, &what))?;
+                Side::Path(p.clone(), d)
+            }
         };
         let io = |side: &Side, pos: u64, chunk: &mut [u8], write: bool| match side {
             Side::Volume(e) if write => e.write(pos, chunk).map_err(|err| io_refusal(&e.name, err)),
@@ -496,68 +469,19 @@ impl LiveGroup {
 impl LiveGroup {
     /// Rebuilds failed plexes onto spares from now on, resynced with
     /// `resync`; and at once, for plexes failed or missing already.
-    pub fn enable_hot_spares(self: &Arc<Self>) {
-        self.hot_spares
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.use_spares();
+    pub fn enable_hot_spares(&self) {
+        self.send(|c| c.enable_hot_spares());
     }
 
-    /// Looks, on a thread of its own, for volumes with a failed or missing
-    /// plex and a spare to rebuild it on. Called after every failure; never
-    /// blocks the caller (the engine reports failures holding its locks).
-    pub(super) fn use_spares(&self) {
-        if !self.hot_spares.load(std::sync::atomic::Ordering::Relaxed) {
-            return;
-        }
-        let me = self.me.clone();
-        let _ = std::thread::Builder::new()
-            .name("hot-spare".into())
-            .spawn(move || {
-                if let Some(live) = me.upgrade() {
-                    live.rebuild_onto_spares();
-                }
-            });
-    }
-
-    fn rebuild_onto_spares(self: &Arc<Self>) {
+    /// Rebuilds what it can onto spares (on the thread the controller
+    /// started for it), drains the plexes that left, and resumes the
+    /// resyncs.
+    pub(super) fn rebuild_onto_spares(&self) {
         let _op = self.op_lock();
-        if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        let mut rebuilt = Vec::new();
-        {
-            let mut g = self.group();
-            let names: Vec<String> = g.config.volumes.iter().map(|v| v.name.clone()).collect();
-            for name in names {
-                loop {
-                    match self.changed(&mut g, |g| g.repair_onto_spare(&name)) {
-                        Ok(Some((spare, old))) => {
-                            let line = format!(
-                                "hot spare {} replaces the plex of volume {name} on {}; it resyncs in the background",
-                                g.disk_path(spare),
-                                g.disk_path(old)
-                            );
-                            tracing::warn!("{line}");
-                            eprintln!("{line}");
-                            rebuilt.push(name.clone());
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(volume = %name, error = %e, "no rebuild onto a hot spare");
-                            break;
-                        }
-                    }
-                }
-            }
-            for w in g.warnings.split_off(0) {
-                eprintln!("warning: {w}");
-            }
-            self.retire_plexes(&g);
-        }
-        rebuilt.dedup();
+        let rebuilt = self.call(|c| c.rebuild_onto_spares()).unwrap_or_default();
         for name in rebuilt {
             self.drain_departed(&name);
         }
-        self.resume_resyncs();
+        self.send(|c| c.resume_resyncs());
     }
 }

@@ -1,0 +1,1012 @@
+//! The controller: the one owner of a group in service.
+//!
+//! One thread owns the group's config and every disk's, plex's, volume's
+//! and job's state. Everyone else sends it a message and, when they need
+//! an answer, waits for the reply: engines (a plex failed, a read error),
+//! the control socket (admin operations), the housekeeper (a disk failed
+//! its check), resync workers (next job, checkpoint, end) and hot-spare
+//! rebuilds. Messages run one at a time, in the order sent, so no decision
+//! ever sees another half made. The I/O hot path never waits on it: it
+//! reads the engines' plex sets, which only the controller changes.
+//!
+//! The controller waits on nothing but config commits, which go through
+//! the disk queues under the hang deadline (a hung disk costs one deadline
+//! and is failed). Whatever waits longer (a plex draining its requests, a
+//! resync stopping at its checkpoint, a scrub, a copy) waits on the thread
+//! that asked, for a channel the controller or the plex closes: never by
+//! polling.
+//!
+//! ```text
+//!  DISK (config + health)                    who moves it
+//!  ──────────────────────
+//!   online ──I/O error, deadline, health──▶ failed     engine, housekeeper
+//!     ▲   ╲                                    │
+//!     │    ╲──admin `fail`─────────────────────┤       control socket
+//!     └──────────────admin `reactivate`────────┘       control socket
+//!   online ──errors counted──▶ online-errors           engine (read errors)
+//!   missing: listed, not found at assembly; offline: found, not usable
+//!
+//!  PLEX (config state / engine mode)
+//!  ─────────────────────────────────
+//!   resyncing/WriteOnly ──resync ends──▶ in-sync/InSync      resync worker
+//!   stale/(absent) ──resync starts──▶ stale|resyncing/WriteOnly  controller
+//!   in-sync|resyncing ──I/O error──▶ failed/Out              engine
+//!   in-sync (last copy) ──write fails──▶ disk failed, plex kept in-sync/Out
+//!   any ──remove-mirror, break, repair──▶ gone (drained, then freed)
+//!
+//!  VOLUME (derived from its plexes; never stored)
+//!  ──────────────────────────────────────────────
+//!   healthy ◀──▶ failed-redundancy ──errors──▶ failed-redundancy-at-risk
+//!   resynching (a plex being copied) · failed (no in-sync plex)
+//!   not-answering (every in-sync plex waits on a disk past the deadline)
+//!
+//!  RESYNC JOB (one slot per volume, in `resyncs`)
+//!  ──────────────────────────────────────────────
+//!   (none) ──resume──▶ planning ──next_resync──▶ copying ──checkpoint──▶ copying
+//!   copying ──end: done──▶ planning (next plex)     ──end: stopped──▶ (none)
+//!   planning ──nothing left, paused, stopping──▶ (none)
+//!   copying ──target failed──▶ planning (the worker fails the plex)
+//! ```
+//!
+//! The rule that the last in-sync plex is never failed is decided in one
+//! place, the engine's decision ([`MirrorVolume::take_out`] under
+//! [`MirrorVolume::decision`]): the engine applies it to its own errors,
+//! and the controller asks it before an admin `fail` takes a plex out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::{Done, LiveGroup, ResyncJob};
+use crate::format::PlexState;
+use crate::group::Group;
+use crate::group::events::{Event, EventKind, Events, Snapshot};
+use crate::group::status::StatusReport;
+use crate::volume::bitmap::DiskBitmap;
+use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume, Mode};
+use crate::volume::queue::QueuedDisk;
+use crate::volume::resync::{ResyncError, ResyncOptions, ResyncProgress};
+
+/// The engines of the volumes in service, as the I/O path sees them.
+pub(super) type Engines = Arc<BTreeMap<String, Arc<MirrorVolume>>>;
+
+/// A piece of work for the controller.
+pub(super) type Job = Box<dyn FnOnce(&mut Controller) + Send>;
+
+/// How often the housekeeper asks every disk whether it is still the one
+/// opened.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+std::thread_local! {
+    /// Set on the controller's thread: a call from it to itself would wait
+    /// for itself.
+    pub(super) static ON_CONTROLLER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A volume's resync slot: a worker thread is planning or copying.
+#[derive(Default)]
+struct Slot {
+    /// The plex being copied, with the copy's progress.
+    copying: Option<(Uuid, Arc<ResyncProgress>)>,
+    /// Asked to stop at its next checkpoint (an admin operation, or the
+    /// group stopping); the worker ends then.
+    pause: bool,
+    /// Dropped when the slot goes: whoever paused the resync waits for it.
+    waiters: Vec<Sender<()>>,
+}
+
+/// What a resync worker does after a job ended.
+pub(super) enum Next {
+    /// Plan the next plex.
+    GoOn,
+    /// Fail the target plex through its engine (the controller does no
+    /// engine I/O and must not wait on the engine's report), then plan.
+    FailTarget(io::Error),
+    /// The worker ends.
+    End,
+}
+
+/// Idle-bitmap clearing of one disk: the bitmap and the extents to keep.
+pub(super) struct ClearWork {
+    bitmap: Arc<DiskBitmap>,
+    pinned: Vec<std::ops::Range<u64>>,
+    path: String,
+}
+
+/// One round of the housekeeper: check these disks, then clear these bits.
+pub(super) struct Chore {
+    pub(super) check: Vec<(Uuid, Arc<QueuedDisk>)>,
+    pub(super) clear: Vec<ClearWork>,
+}
+
+struct Timer {
+    period: Duration,
+    next_check: Instant,
+    next_clear: Instant,
+    chores: std::sync::mpsc::SyncSender<Chore>,
+    /// A chore is out (the housekeeper may be waiting on a hung disk):
+    /// no second one is sent until it reports back.
+    busy: bool,
+}
+
+pub(super) struct Controller {
+    pub(super) group: Group,
+    engines: BTreeMap<String, Arc<MirrorVolume>>,
+    /// The engines as published to the I/O path (replaced, never changed).
+    published: Arc<RwLock<Engines>>,
+    /// I/O errors seen per disk since the group was started.
+    errors: BTreeMap<Uuid, u64>,
+    resyncs: BTreeMap<String, Slot>,
+    /// Volumes an admin operation holds: no resync starts on them.
+    held: BTreeSet<String>,
+    /// Volumes a `scrub` through the control socket is comparing.
+    pub(super) scrubbing: BTreeSet<String>,
+    stopping: bool,
+    /// The disk and volume states the events last reported.
+    reported: Snapshot,
+    resync_opts: ResyncOptions,
+    hot_spares: bool,
+    /// Resync workers and the scrub thread, joined at stop.
+    pub(super) workers: Vec<std::thread::JoinHandle<()>>,
+    opts: EngineOptions,
+    live: Weak<LiveGroup>,
+    events: Arc<OnceLock<Events>>,
+    timer: Option<Timer>,
+}
+
+impl Controller {
+    pub(super) fn new(
+        group: Group,
+        opts: EngineOptions,
+        live: Weak<LiveGroup>,
+        published: Arc<RwLock<Engines>>,
+        events: Arc<OnceLock<Events>>,
+    ) -> Controller {
+        let reported = Snapshot::of(&group);
+        let mut c = Controller {
+            group,
+            engines: BTreeMap::new(),
+            published,
+            errors: BTreeMap::new(),
+            resyncs: BTreeMap::new(),
+            held: BTreeSet::new(),
+            scrubbing: BTreeSet::new(),
+            stopping: false,
+            reported,
+            resync_opts: ResyncOptions::default(),
+            hot_spares: false,
+            workers: Vec::new(),
+            opts,
+            live,
+            events,
+            timer: None,
+        };
+        let names: Vec<String> = c
+            .group
+            .config
+            .volumes
+            .iter()
+            .map(|v| v.name.clone())
+            .collect();
+        for name in names {
+            c.add_engine(&name);
+        }
+        c
+    }
+
+    /// Runs messages until every sender is gone.
+    pub(super) fn run(mut self, inbox: Receiver<Job>) {
+        ON_CONTROLLER.with(|c| c.set(true));
+        loop {
+            let job = match self.timer.as_ref().map(|t| t.next_check.min(t.next_clear)) {
+                Some(due) => {
+                    match inbox.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                        Ok(job) => Some(job),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                None => match inbox.recv() {
+                    Ok(job) => Some(job),
+                    Err(_) => return,
+                },
+            };
+            match job {
+                Some(job) => job(&mut self),
+                None => self.tick(),
+            }
+        }
+    }
+
+    // ---- engines ----
+
+    /// Starts the engine of a volume the config has: its in-sync plexes
+    /// serve, resyncing ones take writes; stale and failed plexes join when
+    /// a resync starts.
+    pub(super) fn add_engine(&mut self, name: &str) -> Option<Arc<MirrorVolume>> {
+        let sink: Weak<dyn FailureSink> = self.live.clone();
+        let engine = self
+            .group
+            .build_engine(name, None, sink, self.opts.clone())
+            .ok()?;
+        self.engines.insert(name.to_string(), engine.clone());
+        self.publish();
+        Some(engine)
+    }
+
+    /// Takes a volume's engine out of the I/O path.
+    pub(super) fn remove_engine(&mut self, name: &str) -> Option<Arc<MirrorVolume>> {
+        let e = self.engines.remove(name);
+        self.publish();
+        e
+    }
+
+    fn publish(&self) {
+        *self.published.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(self.engines.clone());
+    }
+
+    pub(super) fn engine(&self, name: &str) -> Option<Arc<MirrorVolume>> {
+        self.engines.get(name).cloned()
+    }
+
+    // ---- status ----
+
+    /// Status with what the running engines know: error counts make a
+    /// disk `online-errors` and its volumes `failed-redundancy-at-risk`.
+    pub(super) fn status(&self) -> StatusReport {
+        let g = &self.group;
+        let mut report = g.status_with(&self.errors);
+        for (name, slot) in &self.resyncs {
+            let Some((disk, progress)) = &slot.copying else {
+                continue;
+            };
+            let path = g.disk_path(*disk);
+            let plex = report
+                .volumes
+                .iter_mut()
+                .filter(|v| v.name == *name)
+                .flat_map(|v| v.plexes.iter_mut())
+                .find(|p| p.disk == path);
+            if let Some(p) = plex {
+                p.state = "resyncing";
+                p.resync_percent = Some((progress.percent() * 10.0).floor() / 10.0);
+                p.resync_rate = Some(progress.rate());
+                p.resync_eta_seconds = progress.eta_seconds();
+            }
+            // A stale plex being resynced makes its volume resynching, as
+            // a plex recorded resyncing does (Group::volume_state).
+            for v in report.volumes.iter_mut().filter(|v| v.name == *name) {
+                if v.state == "failed-redundancy" && v.plexes.iter().any(|p| p.state == "resyncing")
+                {
+                    v.state = "resynching";
+                }
+            }
+        }
+        // A volume whose every in-sync plex waits on a disk past the
+        // deadline is not answering: its last copy is waited for, and says so.
+        for v in report.volumes.iter_mut() {
+            let Some(engine) = self.engines.get(&v.name) else {
+                continue;
+            };
+            let serving: Vec<Arc<EnginePlex>> = engine
+                .plexes()
+                .into_iter()
+                .filter(|p| p.mode() == Mode::InSync)
+                .collect();
+            if !serving.is_empty() && serving.iter().all(|p| p.queue.stalled()) {
+                v.state = "not-answering";
+                v.waiting_on = serving.iter().map(|p| g.disk_path(p.disk)).collect();
+            }
+        }
+        report
+    }
+
+    pub(super) fn resync_progress(&self, volume: &str) -> Option<Arc<ResyncProgress>> {
+        self.resyncs
+            .get(volume)?
+            .copying
+            .as_ref()
+            .map(|(_, p)| p.clone())
+    }
+
+    pub(super) fn resyncing(&self) -> bool {
+        !self.resyncs.is_empty()
+    }
+
+    // ---- failures ----
+
+    pub(super) fn count_error(&mut self, disk: Uuid) {
+        *self.errors.entry(disk).or_default() += 1;
+    }
+
+    /// Commits the config, then takes out of the engines whatever it no
+    /// longer has in service (a disk that failed its config write is marked
+    /// failed by the commit itself). Returns whether any disk took it.
+    pub(super) fn commit(&mut self, what: &str) -> bool {
+        let ok = match self.group.commit() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "the config change for {what} could not be written");
+                false
+            }
+        };
+        // The config says it; the engines do not yet.
+        crate::crash_point!("live-commit-before-engine");
+        self.retire_plexes();
+        ok
+    }
+
+    /// Takes out of the engines every plex the config no longer has in
+    /// service.
+    pub(super) fn retire_plexes(&self) {
+        let g = &self.group;
+        for v in self.engines.values() {
+            let Some(entry) = g.config.volume(&v.name) else {
+                continue;
+            };
+            let target = self
+                .resyncs
+                .get(&v.name)
+                .and_then(|s| s.copying.as_ref())
+                .map(|(d, _)| *d);
+            for p in v.plexes() {
+                let state = entry
+                    .plexes
+                    .iter()
+                    .find(|e| e.disk == p.disk)
+                    .map(|e| g.plex_state(e.disk, e.state));
+                let kept = match state {
+                    Some("in-sync" | "resyncing") => true,
+                    // A stale plex takes writes while the bitmaps' regions
+                    // are copied onto it.
+                    Some("stale") => target == Some(p.disk),
+                    _ => false,
+                };
+                if !kept {
+                    p.set_mode(Mode::Out);
+                }
+            }
+        }
+    }
+
+    /// A plex the engine failed (it is out of the engine already): recorded
+    /// in the config before the engine acknowledges the I/O that saw it.
+    pub(super) fn plex_failed(
+        &mut self,
+        volume: &str,
+        disk: Uuid,
+        disk_wide: bool,
+        error: &str,
+    ) -> bool {
+        self.count_error(disk);
+        let path = self.group.disk_path(disk);
+        if disk_wide {
+            // A hung, full, read-only or vanished disk fails every plex on
+            // it next, config writes included: the whole disk goes out of
+            // service at once, so no commit waits on it.
+            tracing::error!(%volume, disk = %path, %error, "the disk as a whole failed");
+            self.fail_disk(disk);
+        } else {
+            tracing::error!(%volume, disk = %path, %error, "plex failed");
+            self.group.mark_plex_failed(volume, disk);
+        }
+        let ok = self.commit(&format!("the failed plex of {volume} on {path}"));
+        self.emit_changes();
+        self.use_spares();
+        ok
+    }
+
+    /// Takes a disk in service out of service for an error that is the
+    /// whole disk's: recorded in the config (its last in-sync plexes keep
+    /// their data and state), reported, and a hot spare sought.
+    pub(super) fn fail_whole_disk(&mut self, disk: Uuid, why: &str, error: &str) {
+        self.count_error(disk);
+        if !self.group.is_online(disk) {
+            return;
+        }
+        let path = self.group.disk_path(disk);
+        tracing::error!(disk = %path, %error, "{why}; the disk is taken out of service");
+        self.fail_disk(disk);
+        self.commit(&format!("failed disk {path}"));
+        self.emit_changes();
+        self.use_spares();
+    }
+
+    fn fail_disk(&mut self, disk: Uuid) {
+        self.group.mark_disk_failed(
+            disk,
+            Some("it failed an I/O, so its data cannot be trusted"),
+        );
+    }
+
+    /// `fail PATH [--force]`: the disk is failed in the config (refused as
+    /// offline when it holds a last in-sync plex, unless `force`) and its
+    /// plexes leave every engine; a resync onto it stops.
+    pub(super) fn fail_by_path(
+        &mut self,
+        path: &std::path::Path,
+        force: bool,
+    ) -> crate::Result<Done> {
+        let uuid = self.group.check_fail(path, force)?;
+        self.take_out_of_engines(uuid, force, path)?;
+        self.group.mark_disk_failed(uuid, None);
+        self.group.commit()?;
+        let done = Done::new(
+            format!("marked disk {} failed", self.group.disk_path(uuid)),
+            &mut self.group,
+            Vec::new(),
+        );
+        for slot in self.resyncs.values() {
+            if let Some((d, p)) = &slot.copying
+                && *d == uuid
+            {
+                p.stop();
+            }
+        }
+        // The config has the disk failed: its plexes leave every engine.
+        self.retire_plexes();
+        self.emit_changes();
+        tracing::info!(disk = %path.display(), "disk failed by the admin");
+        self.use_spares();
+        Ok(done)
+    }
+
+    /// Takes the plexes on `disk` out of every engine at once, under the
+    /// engines' decision locks (taken in volume-name order), unless one is
+    /// a last in-sync plex as the engines see it and `force` is not given.
+    /// The engines may have failed another plex a moment ago whose record
+    /// is the next message: checking the config alone could fail both.
+    fn take_out_of_engines(
+        &self,
+        disk: Uuid,
+        force: bool,
+        path: &std::path::Path,
+    ) -> crate::Result<()> {
+        let volumes: Vec<&Arc<MirrorVolume>> = self
+            .engines
+            .values()
+            .filter(|v| v.plex(disk).is_some())
+            .collect();
+        let _decisions: Vec<_> = volumes.iter().map(|v| v.decision()).collect();
+        if !force && let Some(v) = volumes.iter().find(|v| v.last_in_sync(disk)) {
+            return Err(crate::Error::refused(format!(
+                "disk {} holds the last in-sync plex of volume {} (its other plexes failed and are being recorded); use --force to fail it anyway",
+                path.display(),
+                v.name
+            )));
+        }
+        for v in &volumes {
+            if let Some(p) = v.plex(disk) {
+                p.set_mode(Mode::Out);
+            }
+        }
+        Ok(())
+    }
+
+    /// `reactivate PATH`: the disk is recorded online and its plexes stale;
+    /// the background resyncs bring them in sync (write-only in the engine
+    /// until then).
+    pub(super) fn reactivate_by_path(&mut self, path: &std::path::Path) -> crate::Result<Done> {
+        let g = &mut self.group;
+        // A disk absent until now (hot-plugged back) becomes a member
+        // first: found by its path, or by its label at a new path.
+        let uuid = match g.resolve_disk(path) {
+            Ok(u) if g.members.contains_key(&u) => u,
+            Ok(_) => g.attach(path)?,
+            Err(e) => g.attach(path).map_err(|_| e)?,
+        };
+        let (_, vols) = g.reactivate_config(path)?;
+        // The errors that failed it are behind it now (md forgets a
+        // re-added member's errors as well): counted again from zero, the
+        // disk is `online`, not `online-errors`, once back in sync.
+        self.errors.remove(&uuid);
+        let warnings = self.group.warnings.split_off(0);
+        // A plex that kept its in-sync state (a last copy failed with
+        // --force) serves again as it is.
+        for name in &vols {
+            let (Some(engine), Some(entry)) =
+                (self.engines.get(name), self.group.config.volume(name))
+            else {
+                continue;
+            };
+            for p in &entry.plexes {
+                if p.disk == uuid
+                    && self.group.plex_state(p.disk, p.state) == "in-sync"
+                    && let Some(ep) = engine.plex(uuid)
+                {
+                    ep.set_mode(Mode::InSync);
+                }
+            }
+        }
+        self.retire_plexes();
+        self.emit_changes();
+        let shown = self.group.disk_path(uuid);
+        let resyncing = vols
+            .iter()
+            .any(|n| next_target(&self.group, n) == Some(uuid));
+        self.resume_resyncs();
+        tracing::info!(disk = %shown, "disk reactivated while serving");
+        Ok(Done {
+            message: if resyncing {
+                format!("reactivated disk {shown}; resync started")
+            } else {
+                format!("reactivated disk {shown}")
+            },
+            warnings,
+        })
+    }
+
+    // ---- events ----
+
+    pub(super) fn emit(&self, event: Event) {
+        match self.events.get() {
+            Some(events) => events.emit(event),
+            None => event.log(),
+        }
+    }
+
+    /// Emits disk-failed, disk-returned, volume-degraded and volume-healthy
+    /// for what changed since the states last reported. Called after every
+    /// config change.
+    pub(super) fn emit_changes(&mut self) {
+        let now = Snapshot::of(&self.group);
+        for e in self.reported.events_to(&now) {
+            self.emit(e);
+        }
+        self.reported = now;
+    }
+
+    /// Runs a config change, then emits the events of the states it
+    /// changed.
+    pub(super) fn changed<T>(
+        &mut self,
+        change: impl FnOnce(&mut Group) -> crate::Result<T>,
+    ) -> crate::Result<T> {
+        let r = change(&mut self.group);
+        self.emit_changes();
+        r
+    }
+
+    // ---- hot spares ----
+
+    pub(super) fn enable_hot_spares(&mut self) {
+        self.hot_spares = true;
+        self.use_spares();
+    }
+
+    /// Looks, on a thread of its own, for volumes with a failed or missing
+    /// plex and a spare to rebuild it on (the rebuild drains plexes, which
+    /// the controller never waits for).
+    pub(super) fn use_spares(&self) {
+        if !self.hot_spares || self.stopping {
+            return;
+        }
+        let live = self.live.clone();
+        let _ = std::thread::Builder::new()
+            .name("hot-spare".into())
+            .spawn(move || {
+                if let Some(live) = live.upgrade() {
+                    live.rebuild_onto_spares();
+                }
+            });
+    }
+
+    /// Rebuilds every failed or missing plex it can onto a spare; returns
+    /// the volumes rebuilt, whose departed plexes the caller drains.
+    pub(super) fn rebuild_onto_spares(&mut self) -> Vec<String> {
+        let mut rebuilt = Vec::new();
+        if self.stopping {
+            return rebuilt;
+        }
+        let names: Vec<String> = self
+            .group
+            .config
+            .volumes
+            .iter()
+            .map(|v| v.name.clone())
+            .collect();
+        for name in names {
+            loop {
+                match self.changed(|g| g.repair_onto_spare(&name)) {
+                    Ok(Some((spare, old))) => {
+                        let line = format!(
+                            "hot spare {} replaces the plex of volume {name} on {}; it resyncs in the background",
+                            self.group.disk_path(spare),
+                            self.group.disk_path(old)
+                        );
+                        tracing::warn!("{line}");
+                        eprintln!("{line}");
+                        rebuilt.push(name.clone());
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(volume = %name, error = %e, "no rebuild onto a hot spare");
+                        break;
+                    }
+                }
+            }
+        }
+        for w in self.group.warnings.split_off(0) {
+            eprintln!("warning: {w}");
+        }
+        self.retire_plexes();
+        rebuilt.dedup();
+        rebuilt
+    }
+
+    // ---- resync jobs ----
+
+    pub(super) fn set_resync_options(&mut self, opts: ResyncOptions) {
+        self.resync_opts = opts;
+    }
+
+    /// Starts a worker for every volume that has a plex to resync
+    /// (resyncing, or stale on a disk in service) and an in-sync plex to
+    /// copy from, and none running; not for volumes an admin operation
+    /// holds, nor once the group stops.
+    pub(super) fn resume_resyncs(&mut self) {
+        if self.stopping {
+            return;
+        }
+        self.workers.retain(|t| !t.is_finished());
+        let names: Vec<String> = self
+            .group
+            .config
+            .volumes
+            .iter()
+            .filter(|v| !self.resyncs.contains_key(&v.name) && !self.held.contains(&v.name))
+            .filter(|v| next_target(&self.group, &v.name).is_some())
+            .map(|v| v.name.clone())
+            .collect();
+        for name in names {
+            self.resyncs.insert(name.clone(), Slot::default());
+            let live = self.live.clone();
+            let opts = self.resync_opts.clone();
+            let worker = std::thread::Builder::new()
+                .name(format!("resync-{name}"))
+                .spawn(move || super::resync_worker(live, name, opts));
+            match worker {
+                Ok(t) => self.workers.push(t),
+                Err(e) => tracing::error!(error = %e, "cannot start a resync thread"),
+            }
+        }
+    }
+
+    /// Holds `name` for an admin operation: its resync stops at the next
+    /// checkpoint and none starts until [`Controller::release`]. Returns
+    /// what to wait on for a running resync to have stopped.
+    pub(super) fn hold(&mut self, name: &str) -> Option<Receiver<()>> {
+        self.held.insert(name.to_string());
+        let slot = self.resyncs.get_mut(name)?;
+        slot.pause = true;
+        if let Some((_, p)) = &slot.copying {
+            p.stop();
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        slot.waiters.push(tx);
+        Some(rx)
+    }
+
+    /// Ends the hold of [`Controller::hold`]; the resyncs resume.
+    pub(super) fn release(&mut self, name: &str) {
+        self.held.remove(name);
+        self.resume_resyncs();
+    }
+
+    /// Stops every resync at its next checkpoint and the scrub thread;
+    /// returns the workers to join (off this thread: they need it to end).
+    pub(super) fn stop_jobs(&mut self) -> Vec<std::thread::JoinHandle<()>> {
+        self.stopping = true;
+        for slot in self.resyncs.values_mut() {
+            slot.pause = true;
+            if let Some((_, p)) = &slot.copying {
+                p.stop();
+            }
+        }
+        std::mem::take(&mut self.workers)
+    }
+
+    /// The worker of `name` ends: its slot goes, and whoever waits for it
+    /// hears.
+    fn end_slot(&mut self, name: &str) {
+        self.resyncs.remove(name);
+    }
+
+    /// Prepares the next resync of `name`: records a plex that needs a full
+    /// copy as resyncing, puts the plex in the engine write-only, plans the
+    /// copy (after that, so every write the plex misses is in the plan).
+    pub(super) fn next_resync(&mut self, name: &str) -> Option<Arc<ResyncJob>> {
+        let job = self.plan_resync(name);
+        if job.is_none() {
+            self.end_slot(name);
+        }
+        job
+    }
+
+    fn plan_resync(&mut self, name: &str) -> Option<Arc<ResyncJob>> {
+        if self.stopping || self.resyncs.get(name).is_none_or(|s| s.pause) {
+            return None;
+        }
+        let disk = next_target(&self.group, name)?;
+        let engine = self.engines.get(name)?.clone();
+        let entry = self
+            .group
+            .config
+            .volume(name)?
+            .plexes
+            .iter()
+            .find(|p| p.disk == disk)?
+            .clone();
+        let why = entry
+            .resync_reason
+            .clone()
+            .unwrap_or_else(|| "it was stale".to_string());
+        let full = self.group.resync_plan(name, disk).ok()?.full;
+        if full && entry.state != PlexState::Resyncing {
+            self.group.set_plex_state(name, disk, PlexState::Resyncing);
+            let ok = self.commit(&format!("the resync of {name}"));
+            self.emit_changes();
+            if !ok {
+                return None;
+            }
+        }
+        let progress = ResyncProgress::new(0, 0);
+        let target = match engine.plex(disk) {
+            // Out: a plex of a disk failed and reactivated while serving.
+            Some(p) if matches!(p.mode(), Mode::WriteOnly | Mode::Out) => {
+                p.set_mode(Mode::WriteOnly);
+                p
+            }
+            Some(_) => return None,
+            None => {
+                let offset = self.group.members[&disk].label.layout.data_offset() + entry.offset;
+                engine.add_plex(EnginePlex::new(
+                    disk,
+                    self.group.members.get(&disk)?.disk.queue().clone(),
+                    offset,
+                    Mode::WriteOnly,
+                ));
+                engine.plex(disk)?
+            }
+        };
+        let plan = self.group.resync_plan(name, disk).ok()?;
+        progress.reset(plan.total, plan.done);
+        if let Some(slot) = self.resyncs.get_mut(name) {
+            slot.copying = Some((disk, progress.clone()));
+        }
+        let g = &self.group;
+        tracing::info!(volume = %name, disk = %g.disk_path(disk), bytes = plan.total - plan.done, resumed_at = ?plan.resumed_at, "resync started");
+        self.emit(
+            Event::new(EventKind::ResyncStarted)
+                .with("group", g.config.name.as_str())
+                .with("volume", name)
+                .with("disk", g.disk_path(disk))
+                .with("bytes", plan.total - plan.done)
+                .with("copy", if plan.full { "full" } else { "bitmap" })
+                .with("reason", why.as_str()),
+        );
+        Some(Arc::new(ResyncJob {
+            group: g.config.name.clone(),
+            path: g.disk_path(disk),
+            disk,
+            engine,
+            target,
+            plan,
+            progress,
+            why,
+        }))
+    }
+
+    /// Records a resync's checkpoint.
+    pub(super) fn checkpoint(&mut self, name: &str, disk: Uuid, position: u64) -> io::Result<()> {
+        self.group.set_resync_offset(name, disk, position);
+        let ok = self.commit(&format!("the resync checkpoint of {name}"));
+        // Recorded, while the copy goes on behind it.
+        crate::crash_point!("resync-checkpoint");
+        self.emit_changes();
+        if ok {
+            Ok(())
+        } else {
+            Err(io::Error::other("no disk took the config"))
+        }
+    }
+
+    /// Ends a resync: a finished one puts its plex in sync, in the config
+    /// and then in the engine.
+    pub(super) fn end_resync(
+        &mut self,
+        name: &str,
+        job: &ResyncJob,
+        result: std::result::Result<u64, ResyncError>,
+    ) -> Next {
+        if let Some(slot) = self.resyncs.get_mut(name) {
+            slot.copying = None;
+        }
+        let path = self.group.disk_path(job.disk);
+        match result {
+            Ok(copied) => {
+                // A plex that failed meanwhile stays out: the failure is
+                // being recorded.
+                if job.target.mode() != Mode::WriteOnly {
+                    return Next::GoOn;
+                }
+                self.group.set_plex_state(name, job.disk, PlexState::InSync);
+                if self.commit(&format!("the end of the resync of {name}")) {
+                    job.target.promote();
+                    let line = crate::group::resync::resynced_line(
+                        name, &path, copied, &job.plan, &job.why,
+                    );
+                    tracing::info!("{line}");
+                    eprintln!("{line}");
+                    self.emit(
+                        job.event(EventKind::ResyncFinished, name)
+                            .with("bytes", copied),
+                    );
+                }
+                // After resync-finished: the volume is healthy again.
+                self.emit_changes();
+                Next::GoOn
+            }
+            Err(ResyncError::Stopped { position }) => {
+                tracing::info!(volume = %name, disk = %path, position, "resync stopped; it resumes from its checkpoint");
+                self.end_slot(name);
+                Next::End
+            }
+            Err(ResyncError::Target { offset, error }) => {
+                tracing::error!(volume = %name, disk = %path, offset, %error, "the plex being resynced failed");
+                Next::FailTarget(error)
+            }
+            Err(e) => {
+                tracing::error!(volume = %name, disk = %path, error = %e, "resync failed");
+                eprintln!("error: the resync of volume {name} onto {path} failed: {e}");
+                self.end_slot(name);
+                Next::End
+            }
+        }
+    }
+
+    // ---- timers ----
+
+    /// Starts the housekeeper: every second it asks each disk in service
+    /// whether it is still the one opened, and every `period` it clears
+    /// the write-intent bits of regions idle for that long (between one and
+    /// two periods, as md's bitmap daemon).
+    pub(super) fn start_timer(&mut self, period: Duration) {
+        if self.timer.is_some() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let live = self.live.clone();
+        let started = std::thread::Builder::new()
+            .name("housekeeper".into())
+            .spawn(move || super::housekeeper(live, rx));
+        if let Err(e) = started {
+            tracing::error!(error = %e, "cannot start the housekeeper");
+            return;
+        }
+        let now = Instant::now();
+        self.timer = Some(Timer {
+            period,
+            next_check: now + CHECK_EVERY,
+            next_clear: now + period,
+            chores: tx,
+            busy: false,
+        });
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let Some(t) = self.timer.as_mut() else { return };
+        let check = now >= t.next_check;
+        let clear = now >= t.next_clear;
+        if check {
+            t.next_check = now + CHECK_EVERY;
+        }
+        if clear {
+            t.next_clear = now + t.period;
+        }
+        if t.busy || !(check || clear) {
+            return;
+        }
+        let chore = Chore {
+            check: if check {
+                self.disks_in_service()
+            } else {
+                Vec::new()
+            },
+            clear: if clear { self.clear_work() } else { Vec::new() },
+        };
+        if let Some(t) = self.timer.as_mut() {
+            t.busy = t.chores.try_send(chore).is_ok();
+        }
+    }
+
+    /// The housekeeper is done with its chore.
+    pub(super) fn chore_done(&mut self) {
+        if let Some(t) = self.timer.as_mut() {
+            t.busy = false;
+        }
+    }
+
+    fn disks_in_service(&self) -> Vec<(Uuid, Arc<QueuedDisk>)> {
+        let g = &self.group;
+        g.members
+            .iter()
+            .filter(|(u, _)| g.is_online(**u))
+            .map(|(u, m)| (*u, m.disk.clone()))
+            .collect()
+    }
+
+    /// What a bitmap clearing pass does on each disk in service: regions of
+    /// volumes with a plex out of sync, in the config or in the engine,
+    /// keep their bits.
+    pub(super) fn clear_work(&self) -> Vec<ClearWork> {
+        let g = &self.group;
+        let Some(set) = g.bitmaps.clone() else {
+            return Vec::new();
+        };
+        let degraded: Vec<&str> = self
+            .engines
+            .values()
+            .filter(|v| v.plexes().iter().any(|p| p.mode() == Mode::Out))
+            .map(|v| v.name.as_str())
+            .collect();
+        let mut work = Vec::new();
+        for (uuid, b) in set.all() {
+            if !g.is_online(uuid) {
+                continue;
+            }
+            let mut pinned = g.pinned_extents(uuid);
+            for v in &g.config.volumes {
+                if degraded.contains(&v.name.as_str())
+                    || v.plexes.len() > self.engines.get(&v.name).map_or(0, |e| e.plexes().len())
+                {
+                    pinned.extend(
+                        v.plexes
+                            .iter()
+                            .filter(|p| p.disk == uuid)
+                            .map(|p| p.offset..p.offset + p.length),
+                    );
+                }
+            }
+            work.push(ClearWork {
+                bitmap: b.clone(),
+                pinned,
+                path: g.disk_path(uuid),
+            });
+        }
+        work
+    }
+}
+
+/// Clears the idle bits `work` names (`now`: every idle region at once,
+/// as on a clean shutdown). Runs off the controller: it writes the disks.
+pub(super) fn clear_bits(work: Vec<ClearWork>, now: bool) {
+    for w in work {
+        let overlaps =
+            |r: std::ops::Range<u64>| w.pinned.iter().any(|p| p.start < r.end && r.start < p.end);
+        match w.bitmap.clear_idle(now, &overlaps) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(disk = %w.path, regions = n, "write-intent bits cleared"),
+            Err(e) => tracing::warn!(disk = %w.path, error = %e, "cannot clear write-intent bits"),
+        }
+    }
+}
+
+/// The plex of `name` to resync next: resyncing or stale, on a disk in
+/// service, with an in-sync plex to copy from.
+fn next_target(g: &Group, name: &str) -> Option<Uuid> {
+    let v = g.config.volume(name)?;
+    g.require_source(name).ok()?;
+    v.plexes
+        .iter()
+        .find(|p| {
+            g.members.contains_key(&p.disk)
+                && matches!(g.plex_state(p.disk, p.state), "resyncing" | "stale")
+        })
+        .map(|p| p.disk)
+}
