@@ -1,9 +1,11 @@
 //! Engine-detected failures racing admin operations (issue 10): over many
 //! seeded interleavings of a write error on one plex and an online `fail`
-//! of the disk of the other, the last in-sync plex of the mirror is never
-//! failed. The engine decides under the volume's decision lock and records
-//! afterwards; `fail` under `serve` asks the engines under the same lock, so
-//! a plex the engine failed a moment ago (not yet in the config) counts.
+//! of the disk of the other (or a `remove-mirror` or `break` of its plex),
+//! the last in-sync plex of the mirror is never failed nor taken away. The
+//! engine decides under the volume's decision lock and records through the
+//! controller afterwards; the admin operations ask the engine under the
+//! same lock, so a plex the engine failed a moment ago (not yet in the
+//! config) counts.
 
 mod common;
 mod rig;
@@ -44,11 +46,36 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// One interleaving. `widen`: the group lock is held while the engine fails
-/// plex X, so the engine's record of it waits exactly when the admin's
-/// `fail` of Y comes in (the window where checking the config alone fails
-/// both); otherwise the two race freely after seeded delays.
-fn race(seed: u64, widen: bool) {
+/// What the admin does to the plex on Y.
+#[derive(Debug, Clone, Copy)]
+enum Admin {
+    Fail,
+    RemoveMirror,
+    Break,
+}
+
+impl Admin {
+    fn run(
+        self,
+        live: &mirrorvol::group::live::LiveGroup,
+        y: &std::path::Path,
+    ) -> mirrorvol::Result<()> {
+        match self {
+            Admin::Fail => live.fail_disk_by_path(y, false).map(|_| ()),
+            Admin::RemoveMirror => live.remove_mirror("m", y).map(|_| ()),
+            Admin::Break => live.break_mirror("m", y, None, false).map(|_| ()),
+        }
+    }
+}
+
+/// One interleaving. `widen`: the controller is held busy while the admin's
+/// request reaches it and the engine fails plex X, so the engine's record of
+/// X waits behind the admin's `fail` of Y (the window where checking the
+/// config alone fails both). `remove-mirror` and `break` send the
+/// controller a check and a resync hold first, so their change usually
+/// comes after the record, and is refused by the config; the free races
+/// reach the window for them. Otherwise the two race after seeded delays.
+fn race(seed: u64, widen: bool, admin: Admin) {
     let mut rng = Seeded(seed);
     let disks = &[disk("a.img", "c0"), disk("b.img", "c1")];
     let mut rig = Rig::new(disks, 64, &[("m", VOLUME, &[0, 1])]);
@@ -89,16 +116,18 @@ fn race(seed: u64, widen: bool) {
             })
         };
         entered.recv().unwrap();
+        // The admin's request is in the controller's inbox first ...
+        let admin = {
+            let (live, path) = (live.clone(), rig.paths[y].clone());
+            std::thread::spawn(move || admin.run(&live, &path))
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        // ... then the engine takes X out under its decision lock, and its
+        // record of it waits behind the admin's request.
         rig.members[x].faulty.fail_writes(0..u64::MAX);
-        // The engine takes X out under its decision lock, then waits for
-        // the controller (held here) to record it.
         wait_until("the engine failing X", Duration::from_secs(10), || {
             vol.plex(x_uuid).is_none_or(|p| p.mode() == Mode::Out)
         });
-        let admin = {
-            let (live, path) = (live.clone(), rig.paths[y].clone());
-            std::thread::spawn(move || live.fail_disk_by_path(&path, false))
-        };
         std::thread::sleep(Duration::from_micros(rng.next() % 2000));
         drop(gate);
         blocker.join().unwrap().unwrap();
@@ -109,7 +138,7 @@ fn race(seed: u64, widen: bool) {
             let delay = Duration::from_micros(rng.next() % 2000);
             std::thread::spawn(move || {
                 std::thread::sleep(delay);
-                live.fail_disk_by_path(&path, false)
+                admin.run(&live, &path)
             })
         };
         std::thread::sleep(Duration::from_micros(rng.next() % 2000));
@@ -130,14 +159,14 @@ fn race(seed: u64, widen: bool) {
             .unwrap();
         assert!(
             recorded.iter().any(|(_, s)| *s == PlexState::InSync),
-            "seed {seed} (widen {widen}): every plex of m is recorded failed: {recorded:?}; fail of Y returned {failed:?}"
+            "seed {seed} (widen {widen}, {admin:?}): no plex of m is recorded in sync: {recorded:?}; the admin's operation on Y returned {failed:?}"
         );
         if widen {
             // The engine had X out before the admin asked: Y is the last
             // copy, and `fail` without --force is refused.
             assert!(
                 matches!(failed, Err(mirrorvol::Error::Refused(_))),
-                "seed {seed}: fail of the last in-sync plex's disk was not refused: {failed:?}"
+                "seed {seed} ({admin:?}): the operation on the last in-sync plex was not refused: {failed:?}"
             );
             let y_state = recorded.iter().find(|(d, _)| *d == y_uuid).unwrap().1;
             assert_eq!(y_state, PlexState::InSync, "seed {seed}");
@@ -157,14 +186,40 @@ fn race(seed: u64, widen: bool) {
 #[test]
 fn an_engine_failure_and_an_online_fail_never_fail_both_plexes_when_the_record_waits() {
     for seed in 0..SEEDS {
-        race(0x1000 + seed, true);
+        race(0x1000 + seed, true, Admin::Fail);
     }
 }
 
 #[test]
 fn an_engine_failure_and_an_online_fail_racing_freely_never_fail_both_plexes() {
     for seed in 0..SEEDS {
-        race(0x2000 + seed, false);
+        race(0x2000 + seed, false, Admin::Fail);
+    }
+}
+
+#[test]
+fn an_engine_failure_and_a_remove_mirror_never_take_the_last_copy_when_the_record_waits() {
+    for seed in 0..SEEDS / 2 {
+        race(0x3000 + seed, true, Admin::RemoveMirror);
+    }
+}
+
+#[test]
+fn an_engine_failure_and_a_break_never_take_the_last_copy_when_the_record_waits() {
+    for seed in 0..SEEDS / 2 {
+        race(0x4000 + seed, true, Admin::Break);
+    }
+}
+
+#[test]
+fn an_engine_failure_and_a_remove_mirror_or_break_racing_freely_keep_an_in_sync_plex() {
+    for seed in 0..SEEDS / 2 {
+        let admin = if seed % 2 == 0 {
+            Admin::RemoveMirror
+        } else {
+            Admin::Break
+        };
+        race(0x5000 + seed, false, admin);
     }
 }
 

@@ -426,6 +426,10 @@ impl MirrorVolume {
     /// Whether the plex on `disk` is the volume's last in-sync plex (as the
     /// engine sees it: a plex it failed a moment ago counts as failed even
     /// before the config says so). The caller holds [`MirrorVolume::decision`].
+    /// This is the one test of the rule that the last in-sync plex is never
+    /// failed nor taken away: the engine's own failures
+    /// ([`MirrorVolume::take_out`]) and every admin operation that takes a
+    /// plex out of service (`fail`, `break`, `remove-mirror`) ask it.
     pub fn last_in_sync(&self, disk: Uuid) -> bool {
         self.plex(disk).is_some_and(|p| p.mode() == Mode::InSync) && self.in_sync() <= 1
     }
@@ -465,7 +469,7 @@ impl MirrorVolume {
     fn take_out(&self, plex: &EnginePlex) -> bool {
         match plex.mode() {
             Mode::Out => false,
-            Mode::InSync if self.in_sync() <= 1 => false,
+            Mode::InSync if self.last_in_sync(plex.disk) => false,
             Mode::WriteOnly | Mode::InSync => {
                 plex.set_mode(Mode::Out);
                 true

@@ -487,6 +487,35 @@ impl Controller {
         Ok(())
     }
 
+    /// Runs `change`, which takes the plex on `disk` out of volume `name`
+    /// (`remove-mirror`, `break`), under the engine's decision lock and
+    /// only when the engine does not see that plex as the last in-sync
+    /// one: the config may still call another plex in sync whose failure
+    /// the engine decided a moment ago and is the next message. The plex
+    /// leaves the engine before the lock is released.
+    pub(super) fn without_last_copy<T>(
+        &mut self,
+        name: &str,
+        disk: &std::path::Path,
+        doing: &str,
+        change: impl FnOnce(&mut Group) -> crate::Result<T>,
+    ) -> crate::Result<T> {
+        let uuid = self.group.resolve_disk(disk)?;
+        let engine = self.engines.get(name).cloned();
+        let _decision = engine.as_ref().map(|e| e.decision());
+        if let Some(e) = &engine
+            && e.last_in_sync(uuid)
+        {
+            return Err(crate::Error::refused(format!(
+                "the plex of volume {name} on {} is its last in-sync plex (its other plexes failed and are being recorded); {doing} is refused",
+                disk.display()
+            )));
+        }
+        let r = self.changed(change)?;
+        self.retire_plexes();
+        Ok(r)
+    }
+
     /// `reactivate PATH`: the disk is recorded online and its plexes stale;
     /// the background resyncs bring them in sync (write-only in the engine
     /// until then).

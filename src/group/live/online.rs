@@ -236,8 +236,7 @@ impl LiveGroup {
             let (n, disk) = (name.to_string(), disk.to_path_buf());
             let done = self.ask(move |c| {
                 let uuid = c.group.resolve_disk(&disk)?;
-                c.changed(|g| g.remove_mirror(&n, &disk))?;
-                c.retire_plexes();
+                c.without_last_copy(&n, &disk, "removing it", |g| g.remove_mirror(&n, &disk))?;
                 let message = format!(
                     "removed the plex on {} from volume {n}",
                     c.group.disk_path(uuid)
@@ -270,8 +269,9 @@ impl LiveGroup {
             );
             let (uuid, kept) = self.ask(move |c| {
                 let uuid = c.group.resolve_disk(&d)?;
-                let kept = c.changed(|g| g.break_mirror(&n, &d, new_name.as_deref(), nokeep))?;
-                c.retire_plexes();
+                let kept = c.without_last_copy(&n, &d, "breaking it off", |g| {
+                    g.break_mirror(&n, &d, new_name.as_deref(), nokeep)
+                })?;
                 Ok((uuid, kept))
             })?;
             // Writes in flight to the plex land before it serves elsewhere.
