@@ -5,7 +5,6 @@
 
 use std::io;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -65,9 +64,7 @@ pub struct VolumeIo {
 impl VolumeIo {
     /// Waits for background read repairs to finish.
     fn quiesce(&self) {
-        while self.engine.ranges_busy() > 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        self.engine.wait_idle();
     }
 }
 

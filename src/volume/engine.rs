@@ -346,6 +346,11 @@ impl MirrorVolume {
         self.plexes().into_iter().find(|p| p.disk == disk)
     }
 
+    /// Blocks until no write or read repair holds or waits for a range.
+    pub fn wait_idle(&self) {
+        self.lock.wait_idle();
+    }
+
     /// Ranges held or waited for in the range lock: writes in flight and
     /// read repairs; 0 once the volume is idle.
     pub fn ranges_busy(&self) -> usize {

@@ -30,6 +30,8 @@ struct State {
 #[derive(Default)]
 pub struct RangeLock {
     state: Mutex<State>,
+    /// Told when the last range is released ([`RangeLock::wait_idle`]).
+    idle: std::sync::Condvar,
 }
 
 /// Proof of a held range; give it back with [`RangeLock::release`].
@@ -92,9 +94,20 @@ impl RangeLock {
                 s.held.push((w.id, w.range.clone()));
                 ready.push(w);
             }
+            if s.held.is_empty() && s.waiting.is_empty() {
+                self.idle.notify_all();
+            }
         }
         for w in ready {
             (w.start)(RangeGuard { id: w.id });
+        }
+    }
+
+    /// Blocks until no range is held or waited for.
+    pub fn wait_idle(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while !(s.held.is_empty() && s.waiting.is_empty()) {
+            s = self.idle.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
 
@@ -153,5 +166,31 @@ mod tests {
         let g1 = guards.lock().unwrap().pop().unwrap();
         lock.release(g1);
         assert_eq!(*order.lock().unwrap(), vec![0, 3, 1, 2]);
+    }
+
+    #[test]
+    fn wait_idle_returns_once_the_last_range_is_released() {
+        let lock = Arc::new(RangeLock::new());
+        // Idle already: returns at once.
+        lock.wait_idle();
+        let (tx, rx) = std::sync::mpsc::channel();
+        lock.acquire(0..10, move |g| tx.send(g).unwrap());
+        let g = rx.recv().unwrap();
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let t = {
+            let (lock, released) = (lock.clone(), released.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                released.store(true, Ordering::SeqCst);
+                lock.release(g);
+            })
+        };
+        lock.wait_idle();
+        assert!(
+            released.load(Ordering::SeqCst),
+            "wait_idle returned with a range held"
+        );
+        assert_eq!(lock.busy(), 0);
+        t.join().unwrap();
     }
 }
