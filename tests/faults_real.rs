@@ -718,6 +718,69 @@ fn a_disk_failing_only_flushes_is_failed_and_clients_see_no_error() {
     fails_under_load(RealFaultyDisk::fail_flushes, &["--fsync=16"]);
 }
 
+/// `init` of a new group on a disk that hangs answers within the deadline
+/// (the lookup and the open run under it), names the disk, and writes
+/// nothing on it. The answer is its error line: the process itself cannot
+/// end while one of its threads waits in the kernel on the hung FUSE file,
+/// so it is reaped once the disk is resumed.
+#[test]
+fn init_of_a_new_group_on_a_hung_disk_answers_within_the_deadline_and_writes_nothing() {
+    if !rig_available(&[]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let n = faulty_disk(&sb, "n.img", 64);
+    n.pause();
+    let resume = n.resume_on_drop();
+    let path = n.display();
+    // No group to join: the disks to look at are an empty directory's.
+    let none = sb.path("no-disks");
+    fs::create_dir_all(&none).unwrap();
+    let mut child = Command::new(bin())
+        .env("MIRRORVOL_DISKS", &none)
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .args(IO_TIMEOUT)
+        .args(["init", &path])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mirrorvol");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let error = loop {
+        let left = limit().saturating_sub(start.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with("error:") => break line,
+            Ok(_) => {}
+            Err(_) => panic!("init on a hung disk printed no error within {:?}", limit()),
+        }
+    };
+    assert!(error.contains("n.img"), "the error names the disk: {error}");
+    drop(resume);
+    let status = child.wait().expect("mirrorvol ends once the disk answers");
+    assert!(!status.success(), "init on a hung disk succeeded");
+    let head = {
+        let mut f = fs::File::open(&path).unwrap();
+        let mut buf = vec![0u8; MIB as usize];
+        std::io::Read::read_exact(&mut f, &mut buf).unwrap();
+        buf
+    };
+    assert!(
+        head.iter().all(|b| *b == 0),
+        "init wrote on the disk it could not use"
+    );
+}
+
 #[test]
 fn a_disk_hung_before_serve_starts_does_not_stop_the_group_from_serving() {
     if !rig_available(&["qemu-io"]) {

@@ -716,7 +716,11 @@ fn execute(cli: Cli) -> Result<()> {
                 spare,
             };
             let joined = existing.is_some();
-            let mut g = ops::init(existing, &paths, &opts)?;
+            let open = crate::group::DiskOpen {
+                timeout: disks.timeout,
+                ..Default::default()
+            };
+            let mut g = ops::init_with(existing, &paths, &opts, open)?;
             flush_warnings(&mut g);
             let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
             println!(

@@ -40,7 +40,20 @@ pub struct InitOptions {
 /// Formats `paths` as disks of `existing`, or of a new group when there is
 /// none. Returns the group after the change.
 pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> Result<Group> {
-    let disks = check_new_disks(existing.as_ref(), paths, opts)?;
+    init_with(existing, paths, opts, super::DiskOpen::default())
+}
+
+/// [`init`], with the disks of a new group opened as `open` says (the
+/// command's `--io-timeout`); an existing group's disks are opened as its
+/// others were.
+pub fn init_with(
+    existing: Option<Group>,
+    paths: &[PathBuf],
+    opts: &InitOptions,
+    open: super::DiskOpen,
+) -> Result<Group> {
+    let open = existing.as_ref().map_or(open, |g| g.open);
+    let disks = check_new_disks(existing.as_ref(), paths, opts, &open)?;
     let mut group = match existing {
         Some(g) => g,
         None => Group {
@@ -62,7 +75,7 @@ pub fn init(existing: Option<Group>, paths: &[PathBuf], opts: &InitOptions) -> R
             resynced: Vec::new(),
             split: None,
             unreadable: Vec::new(),
-            open: Default::default(),
+            open,
         },
     };
     group.add_disks(disks, opts)?;
@@ -73,7 +86,7 @@ impl Group {
     /// `init` with --disks while the group serves: formats `paths` as new
     /// disks of this group and commits. Returns their UUIDs.
     pub fn join(&mut self, paths: &[PathBuf], opts: &InitOptions) -> Result<Vec<Uuid>> {
-        let disks = check_new_disks(Some(self), paths, opts)?;
+        let disks = check_new_disks(Some(self), paths, opts, &self.open)?;
         self.add_disks(disks, opts)
     }
 
@@ -162,6 +175,7 @@ fn check_new_disks(
     existing: Option<&Group>,
     paths: &[PathBuf],
     opts: &InitOptions,
+    open: &super::DiskOpen,
 ) -> Result<Vec<(PathBuf, Arc<QueuedDisk>)>> {
     if paths.is_empty() {
         return Err(Error::refused("init needs at least one disk path"));
@@ -187,13 +201,24 @@ fn check_new_disks(
     let mut canon = Vec::new();
     let mut disks = Vec::new();
     for path in paths {
-        let c = fs::canonicalize(path).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::refused(format!("disk {} does not exist", path.display()))
-            } else {
-                Error::io_path("open", path, e)
-            }
-        })?;
+        // Looked up under the deadline: a FUSE or network file hangs even
+        // a stat.
+        let p = path.clone();
+        let c = super::within(open.timeout, move || fs::canonicalize(&p))
+            .ok_or_else(|| {
+                Error::failed(format!(
+                    "disk {} did not answer within {} s",
+                    path.display(),
+                    open.timeout.as_secs_f64()
+                ))
+            })?
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Error::refused(format!("disk {} does not exist", path.display()))
+                } else {
+                    Error::io_path("open", path, e)
+                }
+            })?;
         if canon.contains(&c) {
             return Err(Error::refused(format!(
                 "disk {} is named twice",
@@ -211,7 +236,15 @@ fn check_new_disks(
             )));
         }
         // Opened as the group's disks are (the same deadline).
-        let disk = open_disk_with(path, &existing.map(|g| g.open).unwrap_or_default())?;
+        let (p, how) = (path.clone(), *open);
+        let disk =
+            super::within(open.timeout, move || open_disk_with(&p, &how)).ok_or_else(|| {
+                Error::failed(format!(
+                    "disk {} did not answer within {} s",
+                    path.display(),
+                    open.timeout.as_secs_f64()
+                ))
+            })??;
         check_room(path, &*disk, opts.style)?;
         if !opts.force {
             if let Ok(Some(read)) = ondisk::read_label(&*disk) {
