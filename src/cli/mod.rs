@@ -524,6 +524,25 @@ fn absolute_endpoint(s: String) -> String {
 
 /// Prints what the daemon did: its message on stdout, its warnings on
 /// stderr.
+/// Runs an operation offline the way `serve` runs it: the group's
+/// controller, started with no listeners, runs it to completion (one
+/// implementation of the operation for both), and stops with the command.
+fn through_controller<T>(
+    disks: &Disks,
+    op: impl FnOnce(&crate::group::live::LiveGroup) -> Result<T>,
+) -> Result<T> {
+    let mut g = assemble_rw(disks)?;
+    flush_warnings(&mut g);
+    let live = crate::group::live::LiveGroup::start(g, Default::default());
+    op(&live)
+}
+
+/// Prints what an operation run through the controller did.
+fn print_offline(done: crate::group::live::Done) {
+    println!("{}", done.message);
+    warn(&done.warnings);
+}
+
 fn print_done(r: control::Response) {
     if let Some(m) = r.message {
         println!("{m}");
@@ -767,10 +786,8 @@ fn execute(cli: Cli) -> Result<()> {
             warn(&warnings);
         }
         Command::RemoveMirror { name, disk } => {
-            let mut g = assemble_rw(&disks)?;
-            g.remove_mirror(&name, &disk)?;
-            flush_warnings(&mut g);
-            println!("removed the plex on {} from volume {name}", disk.display());
+            let done = through_controller(&disks, |live| live.remove_mirror(&name, &disk))?;
+            print_offline(done);
         }
         Command::Break {
             name,
@@ -778,19 +795,10 @@ fn execute(cli: Cli) -> Result<()> {
             new_name,
             nokeep,
         } => {
-            let mut g = assemble_rw(&disks)?;
-            let kept = g.break_mirror(&name, &disk, new_name.as_deref(), nokeep)?;
-            flush_warnings(&mut g);
-            match kept {
-                Some(n) => println!(
-                    "broke volume {name}: the plex on {} is now volume {n}",
-                    disk.display()
-                ),
-                None => println!(
-                    "broke volume {name}: the plex on {} was freed",
-                    disk.display()
-                ),
-            }
+            let (_, done) = through_controller(&disks, |live| {
+                live.break_mirror(&name, &disk, new_name.as_deref(), nokeep)
+            })?;
+            print_offline(done);
         }
         Command::Repair { name, disk } => {
             let mut g = assemble_rw(&disks)?;
@@ -836,10 +844,8 @@ fn execute(cli: Cli) -> Result<()> {
             println!("deleted volume {name}");
         }
         Command::Fail { path, force } => {
-            let mut g = assemble_rw(&disks)?;
-            g.fail(&path, force)?;
-            flush_warnings(&mut g);
-            println!("marked disk {} failed", path.display());
+            let done = through_controller(&disks, |live| live.fail_disk_by_path(&path, force))?;
+            print_offline(done);
         }
         Command::Copy { src, dst } => {
             let mut g = assemble_rw(&disks)?;

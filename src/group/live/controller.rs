@@ -9,6 +9,9 @@
 //! ever sees another half made. The I/O hot path never waits on it: it
 //! reads the engines' plex sets, which only the controller changes.
 //!
+//! Offline, `fail`, `remove-mirror` and `break` start a controller with no
+//! listeners and run the same operation through it as `serve` does.
+//!
 //! The controller waits on nothing but config commits, which go through
 //! the disk queues under the hang deadline (a hung disk costs one deadline
 //! and is failed). Whatever waits longer (a plex draining its requests, a
@@ -149,6 +152,9 @@ pub(super) struct Controller {
     /// The disk and volume states the events last reported.
     reported: Snapshot,
     resync_opts: ResyncOptions,
+    /// Background resyncs run (`serve`); an offline command's controller
+    /// starts none.
+    resyncs_on: bool,
     hot_spares: bool,
     /// Resync workers and the scrub thread, joined at stop.
     pub(super) workers: Vec<std::thread::JoinHandle<()>>,
@@ -178,6 +184,7 @@ impl Controller {
             stopping: false,
             reported,
             resync_opts: ResyncOptions::default(),
+            resyncs_on: false,
             hot_spares: false,
             workers: Vec::new(),
             opts,
@@ -501,9 +508,19 @@ impl Controller {
         change: impl FnOnce(&mut Group) -> crate::Result<T>,
     ) -> crate::Result<T> {
         let uuid = self.group.resolve_disk(disk)?;
+        // Where the config sees the plex as the last in-sync one (or the
+        // volume as not mirrored), its own refusal says so better.
+        let g = &self.group;
+        let config_last = g.volume(name).is_ok_and(|v| {
+            v.plexes
+                .iter()
+                .filter(|p| g.plex_state(p.disk, p.state) == "in-sync")
+                .all(|p| p.disk == uuid)
+        });
         let engine = self.engines.get(name).cloned();
         let _decision = engine.as_ref().map(|e| e.decision());
-        if let Some(e) = &engine
+        if !config_last
+            && let Some(e) = &engine
             && e.last_in_sync(uuid)
         {
             return Err(crate::Error::refused(format!(
@@ -669,8 +686,10 @@ impl Controller {
 
     // ---- resync jobs ----
 
+    /// Turns background resyncs on, paced by `opts`.
     pub(super) fn set_resync_options(&mut self, opts: ResyncOptions) {
         self.resync_opts = opts;
+        self.resyncs_on = true;
     }
 
     /// Starts a worker for every volume that has a plex to resync
@@ -678,7 +697,7 @@ impl Controller {
     /// copy from, and none running; not for volumes an admin operation
     /// holds, nor once the group stops.
     pub(super) fn resume_resyncs(&mut self) {
-        if self.stopping {
+        if self.stopping || !self.resyncs_on {
             return;
         }
         self.workers.retain(|t| !t.is_finished());
