@@ -758,24 +758,16 @@ fn execute(cli: Cli) -> Result<()> {
             copies,
             disk,
         } => {
-            let mut g = assemble_rw(&disks)?;
             let copies = if mirror { copies.unwrap_or(2) } else { 1 };
             if mirror && copies < 2 {
                 return Err(Error::refused(format!(
                     "mirror {name} needs at least 2 copies, not {copies}"
                 )));
             }
-            let warnings = g.create(&name, size, copies, &disk)?;
-            flush_warnings(&mut g);
-            let v = g.volume(&name)?;
-            let on: Vec<String> = v.plexes.iter().map(|p| g.disk_path(p.disk)).collect();
-            println!(
-                "created {} volume {name} ({}) on {}",
-                if mirror { "mirrored" } else { "simple" },
-                human(size),
-                on.join(", ")
-            );
-            warn(&warnings);
+            let done = through_controller(&disks, |live| {
+                live.create_volume(&name, size, copies, &disk)
+            })?;
+            print_offline(done);
         }
         Command::AddMirror { name, disk } => {
             let mut g = assemble_rw(&disks)?;
@@ -832,16 +824,12 @@ fn execute(cli: Cli) -> Result<()> {
             print_resynced(&mut g);
         }
         Command::Extend { name, size } => {
-            let mut g = assemble_rw(&disks)?;
-            g.extend(&name, size)?;
-            flush_warnings(&mut g);
-            println!("extended volume {name} to {}", human(size));
+            let done = through_controller(&disks, |live| live.extend(&name, size))?;
+            print_offline(done);
         }
         Command::Delete { name, force: _ } => {
-            let mut g = assemble_rw(&disks)?;
-            g.delete(&name)?;
-            flush_warnings(&mut g);
-            println!("deleted volume {name}");
+            let done = through_controller(&disks, |live| live.delete_volume(&name))?;
+            print_offline(done);
         }
         Command::Fail { path, force } => {
             let done = through_controller(&disks, |live| live.fail_disk_by_path(&path, force))?;

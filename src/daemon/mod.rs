@@ -438,7 +438,15 @@ fn handle(live: &Arc<LiveGroup>, server: &Server, request: control::Request) -> 
                 done(d)
             }),
         Request::Repair { name, disk } => live.repair(&name, disk.as_deref()).map(done),
-        Request::Extend { name, size } => live.extend(&name, size).map(done),
+        Request::Extend { name, size } => live
+            .extend(&name, size)
+            .map(|mut d| {
+                // NBD fixes the size at the handshake.
+                d.message
+                    .push_str("; connected clients see the new size when they reconnect");
+                d
+            })
+            .map(done),
         Request::Delete { name, force } => delete(live, server, &name, force),
         Request::Copy { src, dst } => {
             use crate::group::ops::{Endpoint, human};

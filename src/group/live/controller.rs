@@ -9,7 +9,8 @@
 //! ever sees another half made. The I/O hot path never waits on it: it
 //! reads the engines' plex sets, which only the controller changes.
 //!
-//! Offline, `fail`, `remove-mirror` and `break` start a controller with no
+//! Offline, `fail`, `remove-mirror`, `break`, `create`, `extend` and
+//! `delete` start a controller with no
 //! listeners and run the same operation through it as `serve` does.
 //!
 //! The controller waits on nothing but config commits, which go through

@@ -339,10 +339,7 @@ impl LiveGroup {
                 e.grow(size);
             }
             Ok(Done::new(
-                format!(
-                    "extended volume {name} to {}; connected clients see the new size when they reconnect",
-                    human(size)
-                ),
+                format!("extended volume {name} to {}", human(size)),
                 &mut c.group,
                 Vec::new(),
             ))
