@@ -537,6 +537,12 @@ fn through_controller<T>(
     op(&live)
 }
 
+fn print_lines(lines: &[String]) {
+    for line in lines {
+        println!("{line}");
+    }
+}
+
 /// Prints what an operation run through the controller did.
 fn print_offline(done: crate::group::live::Done) {
     println!("{}", done.message);
@@ -770,12 +776,13 @@ fn execute(cli: Cli) -> Result<()> {
             print_offline(done);
         }
         Command::AddMirror { name, disk } => {
-            let mut g = assemble_rw(&disks)?;
-            let warnings = g.add_mirror(&name, disk.as_deref(), &bar)?;
-            flush_warnings(&mut g);
+            let (done, resynced) = through_controller(&disks, |live| {
+                let done = live.add_mirror(&name, disk.as_deref())?;
+                Ok((done, live.resync_in_foreground(&bar)?))
+            })?;
             println!("added a mirror to volume {name}; it is in sync");
-            print_resynced(&mut g);
-            warn(&warnings);
+            print_lines(&resynced);
+            warn(&done.warnings);
         }
         Command::RemoveMirror { name, disk } => {
             let done = through_controller(&disks, |live| live.remove_mirror(&name, &disk))?;
@@ -793,23 +800,25 @@ fn execute(cli: Cli) -> Result<()> {
             print_offline(done);
         }
         Command::Repair { name, disk } => {
-            let mut g = assemble_rw(&disks)?;
-            let warnings = g.repair(&name, disk.as_deref(), &bar)?;
-            flush_warnings(&mut g);
-            println!(
-                "repaired volume {name}: {}",
-                g.volume_state(g.volume(&name)?)
-            );
-            print_resynced(&mut g);
-            warn(&warnings);
+            let (done, resynced, state) = through_controller(&disks, |live| {
+                let done = live.repair(&name, disk.as_deref())?;
+                let resynced = live.resync_in_foreground(&bar)?;
+                let n = name.clone();
+                let state = live.with_group(move |g| g.volume(&n).map(|v| g.volume_state(v)))??;
+                Ok((done, resynced, state))
+            })?;
+            println!("repaired volume {name}: {state}");
+            print_lines(&resynced);
+            warn(&done.warnings);
         }
         Command::Reactivate { path } => {
-            let mut g = assemble_rw(&disks)?;
-            let notes = g.reactivate(&path, &bar)?;
-            flush_warnings(&mut g);
+            let (done, resynced) = through_controller(&disks, |live| {
+                let done = live.reactivate_by_path(&path)?;
+                Ok((done, live.resync_in_foreground(&bar)?))
+            })?;
             println!("reactivated disk {}", path.display());
-            print_resynced(&mut g);
-            warn(&notes);
+            print_lines(&resynced);
+            warn(&done.warnings);
         }
         Command::ResolveSplitBrain { keep } => {
             let mut g = assemble(&disks)?;

@@ -288,6 +288,46 @@ impl LiveGroup {
         self.ask(move |c| c.reactivate_by_path(&path))
     }
 
+    /// Runs every resync the group has to do to its end on the controller's
+    /// workers, unthrottled, showing the copy under way on `progress`: an
+    /// offline command's resync, the same job `serve` runs in the
+    /// background. Returns each finished resync's line; the first failure
+    /// is the error.
+    pub fn resync_in_foreground(
+        &self,
+        progress: &dyn super::Progress,
+    ) -> crate::Result<Vec<String>> {
+        let idle = self
+            .call(|c| c.resync_in_foreground())
+            .ok_or_else(|| crate::Error::failed("the group is out of service"))?;
+        // The bar is redrawn a few times a second; the end is the channel's.
+        let mut shown: Option<String> = None;
+        while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            idle.recv_timeout(std::time::Duration::from_millis(100))
+        {
+            let copying = self.call(|c| c.copying()).unwrap_or_default();
+            if let Some((name, path, p)) = copying.first() {
+                let what = format!("resync {name} onto {path}");
+                if shown.as_deref() != Some(what.as_str()) {
+                    if shown.is_some() {
+                        progress.finish();
+                    }
+                    progress.start(&what, p.total());
+                    shown = Some(what);
+                }
+                progress.set(p.done());
+            }
+        }
+        if shown.is_some() {
+            progress.finish();
+        }
+        let mut lines = Vec::new();
+        for outcome in self.call(|c| c.take_outcomes()).unwrap_or_default() {
+            lines.push(outcome?);
+        }
+        Ok(lines)
+    }
+
     /// Stops the background resyncs (each records its checkpoint) and the
     /// scrub, and waits for them.
     pub fn stop_resyncs(&self) {

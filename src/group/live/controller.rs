@@ -156,6 +156,12 @@ pub(super) struct Controller {
     /// Background resyncs run (`serve`); an offline command's controller
     /// starts none.
     resyncs_on: bool,
+    /// An offline command waits for the resyncs: what each ended with is
+    /// kept for it ([`Controller::take_outcomes`]) instead of printed.
+    foreground: bool,
+    outcomes: Vec<crate::Result<String>>,
+    /// Dropped when the last resync slot goes ([`Controller::when_idle`]).
+    idle_waiters: Vec<Sender<()>>,
     hot_spares: bool,
     /// Resync workers and the scrub thread, joined at stop.
     pub(super) workers: Vec<std::thread::JoinHandle<()>>,
@@ -186,6 +192,9 @@ impl Controller {
             reported,
             resync_opts: ResyncOptions::default(),
             resyncs_on: false,
+            foreground: false,
+            outcomes: Vec::new(),
+            idle_waiters: Vec::new(),
             hot_spares: false,
             workers: Vec::new(),
             opts,
@@ -760,9 +769,42 @@ impl Controller {
     }
 
     /// The worker of `name` ends: its slot goes, and whoever waits for it
-    /// hears.
+    /// (or for every resync to end) hears.
     fn end_slot(&mut self, name: &str) {
         self.resyncs.remove(name);
+        if self.resyncs.is_empty() {
+            self.idle_waiters.clear();
+        }
+    }
+
+    /// Runs the resyncs for an offline command: unthrottled, their outcomes
+    /// kept for it. Returns what disconnects once none is left.
+    pub(super) fn resync_in_foreground(&mut self) -> Receiver<()> {
+        self.foreground = true;
+        self.set_resync_options(ResyncOptions::unthrottled());
+        self.resume_resyncs();
+        let (tx, rx) = std::sync::mpsc::channel();
+        if !self.resyncs.is_empty() {
+            self.idle_waiters.push(tx);
+        }
+        rx
+    }
+
+    /// The resyncs under way, for a progress bar: volume, target disk's
+    /// path, progress.
+    pub(super) fn copying(&self) -> Vec<(String, String, Arc<ResyncProgress>)> {
+        self.resyncs
+            .iter()
+            .filter_map(|(name, s)| {
+                let (disk, p) = s.copying.as_ref()?;
+                Some((name.clone(), self.group.disk_path(*disk), p.clone()))
+            })
+            .collect()
+    }
+
+    /// What the resyncs of an offline command ended with.
+    pub(super) fn take_outcomes(&mut self) -> Vec<crate::Result<String>> {
+        std::mem::take(&mut self.outcomes)
     }
 
     /// Prepares the next resync of `name`: records a plex that needs a full
@@ -890,7 +932,11 @@ impl Controller {
                         name, &path, copied, &job.plan, &job.why,
                     );
                     tracing::info!("{line}");
-                    eprintln!("{line}");
+                    if self.foreground {
+                        self.outcomes.push(Ok(line));
+                    } else {
+                        eprintln!("{line}");
+                    }
                     self.emit(
                         job.event(EventKind::ResyncFinished, name)
                             .with("bytes", copied),
@@ -907,11 +953,33 @@ impl Controller {
             }
             Err(ResyncError::Target { offset, error }) => {
                 tracing::error!(volume = %name, disk = %path, offset, %error, "the plex being resynced failed");
+                if self.foreground {
+                    self.outcomes.push(Err(crate::Error::io(
+                        format!(
+                            "the plex of volume {name} on {path} failed at volume offset {offset} during its resync; it is marked failed"
+                        ),
+                        io::Error::new(error.kind(), error.to_string()),
+                    )));
+                }
                 Next::FailTarget(error)
             }
             Err(e) => {
                 tracing::error!(volume = %name, disk = %path, error = %e, "resync failed");
-                eprintln!("error: the resync of volume {name} onto {path} failed: {e}");
+                if self.foreground {
+                    self.outcomes.push(Err(match e {
+                        ResyncError::Source { offset, error } => crate::Error::io(
+                            format!(
+                                "reading volume {name} at offset {offset} for the resync failed"
+                            ),
+                            error,
+                        ),
+                        e => crate::Error::failed(format!(
+                            "the resync of volume {name} onto {path} failed: {e}"
+                        )),
+                    }));
+                } else {
+                    eprintln!("error: the resync of volume {name} onto {path} failed: {e}");
+                }
                 self.end_slot(name);
                 Next::End
             }
