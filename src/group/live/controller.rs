@@ -9,9 +9,11 @@
 //! ever sees another half made. The I/O hot path never waits on it: it
 //! reads the engines' plex sets, which only the controller changes.
 //!
-//! Offline, `fail`, `remove-mirror`, `break`, `create`, `extend` and
-//! `delete` start a controller with no
-//! listeners and run the same operation through it as `serve` does.
+//! Offline, `fail`, `remove-mirror`, `break`, `create`, `extend`,
+//! `delete`, `add-mirror`, `repair` and `reactivate` start a controller
+//! with no listeners and run the same operation through it as `serve`
+//! does; the last three then run its resync jobs to the end in the
+//! foreground ([`Controller::resync_in_foreground`]).
 //!
 //! The controller waits on nothing but config commits, which go through
 //! the disk queues under the hang deadline (a hung disk costs one deadline
