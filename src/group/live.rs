@@ -1,6 +1,6 @@
 //! A group in service: the handle through which the NBD server, the
 //! control socket, the engines and the background jobs reach the group's
-//! controller ([`controller`], where the states are drawn).
+//! controller (`live/controller.rs`, where the states are drawn).
 //!
 //! The handle holds no state of the group: each of its methods sends the
 //! controller a message and waits for the reply, or reads the engines the
