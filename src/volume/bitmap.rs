@@ -77,14 +77,29 @@ pub struct DiskBitmap {
     /// Absolute offset of the data area.
     pub data_offset: u64,
     state: Mutex<State>,
-    /// Serializes writing out; holds nothing else.
-    io: Mutex<()>,
+    /// Serializes writing out: true while a caller writes ([`Writing`]).
+    io: Mutex<bool>,
+    /// Told when the writer is done.
+    io_done: std::sync::Condvar,
+    /// The disk without a deadline, and how long a caller with one waits
+    /// for another's write ([`DiskBitmap::set_patient`]).
+    patient: std::sync::OnceLock<(Arc<dyn Disk>, std::time::Duration)>,
     /// The newest generation known durable.
     durable: AtomicU64,
     /// Bitmap blocks written, for tests and benchmarks.
     pub writes: AtomicU64,
     /// Runs once, before anything of this bitmap is first written.
     first_write: FirstWrite,
+}
+
+/// The bitmap's writer while it writes; dropping it lets the next one in.
+struct Writing<'a>(&'a DiskBitmap);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        *self.0.io.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.0.io_done.notify_all();
+    }
 }
 
 /// A hook run before a disk's bitmap is first written: the group layer
@@ -159,7 +174,9 @@ impl DiskBitmap {
                 generation: 0,
                 dirty: BTreeSet::new(),
             }),
-            io: Mutex::new(()),
+            io: Mutex::new(false),
+            io_done: std::sync::Condvar::new(),
+            patient: std::sync::OnceLock::new(),
             durable: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             first_write: FirstWrite::default(),
@@ -231,7 +248,7 @@ impl DiskBitmap {
     /// are durable. The returned guard ends the write ([`DiskBitmap::done`]).
     pub fn mark(&self, start: u64, end: u64) -> io::Result<Range<u64>> {
         let (regions, need) = self.mark_in_memory(start, end);
-        self.make_durable(regions, need)
+        self.make_durable(regions, need, false)
     }
 
     /// The first half of [`DiskBitmap::mark`]: the bits set in memory, the
@@ -277,9 +294,14 @@ impl DiskBitmap {
     /// The second half of [`DiskBitmap::mark`]: waits until generation
     /// `need` is durable (writing it out when nobody else is); on an error
     /// the marked writes are counted out again.
-    fn make_durable(&self, regions: Range<u64>, need: u64) -> io::Result<Range<u64>> {
+    fn make_durable(
+        &self,
+        regions: Range<u64>,
+        need: u64,
+        patient: bool,
+    ) -> io::Result<Range<u64>> {
         if need > self.durable.load(Ordering::Acquire)
-            && let Err(e) = self.persist(need)
+            && let Err(e) = self.persist(need, patient)
         {
             self.done(regions);
             return Err(e);
@@ -303,10 +325,54 @@ impl DiskBitmap {
         }
     }
 
+    /// Gives the bitmap its disk without a deadline, for the bits of a
+    /// volume's last in-sync copy, and how long a caller with a deadline
+    /// waits for another caller's write (the queue's deadline).
+    pub fn set_patient(&self, disk: Arc<dyn Disk>, wait: std::time::Duration) {
+        let _ = self.patient.set((disk, wait));
+    }
+
+    /// Waits for the bitmap's writer to be done and becomes it. A patient
+    /// caller (a last copy's bits) waits as long as it takes; any other
+    /// gives up after the deadline, so that a last copy's write held by a
+    /// hung disk stalls only its own volume.
+    fn begin_write(&self, patient: bool) -> io::Result<Writing<'_>> {
+        let limit = match (patient, self.patient.get()) {
+            (false, Some((_, wait))) => Some(*wait),
+            _ => None,
+        };
+        let started = std::time::Instant::now();
+        let mut busy = self.io.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            busy = match limit {
+                None => self.io_done.wait(busy).unwrap_or_else(|e| e.into_inner()),
+                Some(limit) => {
+                    let Some(left) = limit.checked_sub(started.elapsed()) else {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the write-intent bitmap's disk did not answer within the deadline",
+                        ));
+                    };
+                    self.io_done
+                        .wait_timeout(busy, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+        *busy = true;
+        Ok(Writing(self))
+    }
+
     /// Writes out every change up to generation `need` (and any made since),
-    /// then flushes. One caller writes for all who wait.
-    fn persist(&self, need: u64) -> io::Result<()> {
-        let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+    /// then flushes. One caller writes for all who wait; a `patient` one
+    /// (a last copy's bits) without the deadline.
+    fn persist(&self, need: u64, patient: bool) -> io::Result<()> {
+        let _writing = self.begin_write(patient)?;
+        let disk: &dyn Disk = match (patient, self.patient.get()) {
+            (true, Some((d, _))) => &**d,
+            _ => &*self.disk,
+        };
         if self.durable.load(Ordering::Acquire) >= need {
             return Ok(());
         }
@@ -333,7 +399,7 @@ impl DiskBitmap {
             // With fault points, the bits go out first on their own, so a
             // crash can fall between them and the header and flush.
             if cfg!(feature = "failpoints") && !writes.is_empty() {
-                self.disk.write_all_then_flush(&writes, false)?;
+                disk.write_all_then_flush(&writes, false)?;
                 crate::crash_point!("bitmap-mid-write");
                 writes.clear();
             }
@@ -341,7 +407,7 @@ impl DiskBitmap {
                 writes.push((self.area, &h[..]));
             }
             // Otherwise one request: the blocks, the header, the flush.
-            self.disk.write_all_then_flush(&writes, true)?;
+            disk.write_all_then_flush(&writes, true)?;
             self.writes
                 .fetch_add(blocks.len() as u64, Ordering::Relaxed);
             Ok(())
@@ -369,7 +435,7 @@ impl DiskBitmap {
             s.generation += 1;
             s.generation
         };
-        self.persist(need)
+        self.persist(need, false)
     }
 
     /// One pass of lazy clearing: regions that were idle for a whole period
@@ -421,7 +487,7 @@ impl DiskBitmap {
             s.generation += 1;
             (s.generation, cleared)
         };
-        self.persist(need.0)?;
+        self.persist(need.0, false)?;
         Ok(need.1)
     }
 
@@ -440,7 +506,7 @@ impl DiskBitmap {
             s.generation += 1;
             s.generation
         };
-        self.persist(need)
+        self.persist(need, false)
     }
 }
 
@@ -500,6 +566,14 @@ impl WriteIntent for BitmapSet {
             })
             .collect();
         drop(disks);
+        // A last in-sync copy's bits wait for its disk as its data does
+        // (the engine gives it no deadline: there is no other copy).
+        let in_sync = plexes
+            .iter()
+            .filter(|p| p.mode() == crate::volume::engine::Mode::InSync)
+            .count();
+        let patient =
+            |p: &EnginePlex| in_sync == 1 && p.mode() == crate::volume::engine::Mode::InSync;
         let outcomes: Vec<io::Result<Range<u64>>> = if marking
             .iter()
             .filter(|(_, b, _, need)| b.needs_write(*need))
@@ -509,8 +583,9 @@ impl WriteIntent for BitmapSet {
             std::thread::scope(|scope| {
                 let waits: Vec<_> = marking
                     .iter()
-                    .map(|(_, b, regions, need)| {
-                        scope.spawn(move || b.make_durable(regions.clone(), *need))
+                    .map(|(p, b, regions, need)| {
+                        let patient = patient(p);
+                        scope.spawn(move || b.make_durable(regions.clone(), *need, patient))
                     })
                     .collect();
                 waits
@@ -525,7 +600,7 @@ impl WriteIntent for BitmapSet {
         } else {
             marking
                 .iter()
-                .map(|(_, b, regions, need)| b.make_durable(regions.clone(), *need))
+                .map(|(p, b, regions, need)| b.make_durable(regions.clone(), *need, patient(p)))
                 .collect()
         };
         let mut marked = Marked(Vec::with_capacity(marking.len()));

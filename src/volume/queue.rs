@@ -688,6 +688,8 @@ pub struct QueuedDisk {
     /// a group lets its disks go every file is closed, and its lock
     /// released, before the next open of the same path.
     owner: bool,
+    /// Requests carry the queue's deadline (all but [`QueuedDisk::patient`]).
+    deadline: bool,
 }
 
 impl Drop for QueuedDisk {
@@ -709,6 +711,7 @@ impl QueuedDisk {
         Arc::new(QueuedDisk {
             queue: DiskQueue::start(name, disk, threads, timeout),
             owner: true,
+            deadline: true,
         })
     }
 
@@ -718,6 +721,19 @@ impl QueuedDisk {
         QueuedDisk {
             queue,
             owner: false,
+            deadline: true,
+        }
+    }
+
+    /// The disk of a queue already started, whose requests have no
+    /// deadline: they wait as long as the disk takes. Only for what a
+    /// volume's last in-sync copy needs (its write-intent bits), which has
+    /// no other disk to turn to.
+    pub fn patient(queue: Arc<DiskQueue>) -> QueuedDisk {
+        QueuedDisk {
+            queue,
+            owner: false,
+            deadline: false,
         }
     }
 
@@ -732,7 +748,7 @@ impl QueuedDisk {
     }
 
     fn run(&self, op: Op) -> Outcome {
-        wait(|cb| self.queue.submit_meta(op, true, cb))
+        wait(|cb| self.queue.submit_meta(op, self.deadline, cb))
     }
 }
 

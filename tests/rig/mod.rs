@@ -153,6 +153,9 @@ pub struct Rig {
 pub struct Opts {
     pub open: DiskOpen,
     pub engine: EngineOptions,
+    /// Load the write-intent bitmaps (after the disks are wrapped, so their
+    /// writes meet the faults too), as `serve` does.
+    pub bitmaps: bool,
 }
 
 pub fn opts(io_timeout_ms: u64, max_read_errors: u64) -> Opts {
@@ -163,6 +166,7 @@ pub fn opts(io_timeout_ms: u64, max_read_errors: u64) -> Opts {
             timeout: Duration::from_millis(io_timeout_ms),
         },
         engine: EngineOptions { max_read_errors },
+        bitmaps: false,
     }
 }
 
@@ -271,6 +275,9 @@ impl Rig {
             .iter()
             .map(|u| members.remove(u).expect("every disk assembled"))
             .collect();
+        if opts.bitmaps {
+            g.start_bitmaps().expect("load the write-intent bitmaps");
+        }
         LiveGroup::start(g, opts.engine)
     }
 
