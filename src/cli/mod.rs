@@ -14,7 +14,6 @@ use crate::format::Style;
 use crate::group::holder;
 use crate::group::ops::{self, Endpoint, InitOptions, human};
 use crate::group::{DiskSet, Group, Lookup, Progress};
-use crate::volume::scrub::ScrubOptions;
 use crate::{Error, Result};
 
 pub mod demo;
@@ -869,15 +868,7 @@ fn execute(cli: Cli) -> Result<()> {
             rate,
             json,
         } => {
-            let mut g = assemble(&disks)?;
-            g.refuse_split()?;
-            let opts = ScrubOptions {
-                repair,
-                max_rate: rate,
-                ..ScrubOptions::default()
-            };
-            let report = g.scrub(&name, &opts, &bar)?;
-            flush_warnings(&mut g);
+            let report = through_controller(&disks, |live| live.scrub(&name, repair, rate, &bar))?;
             if json {
                 println!(
                     "{}",

@@ -459,7 +459,7 @@ fn handle(live: &Arc<LiveGroup>, server: &Server, request: control::Request) -> 
             .map(|n| Response::message(format!("copied {} from {src} to {dst}", human(n))))
         }
         Request::Scrub { name, repair, rate } => {
-            live.scrub(&name, repair, rate).map(|r| Response {
+            live.scrub(&name, repair, rate, &crate::group::NoProgress).map(|r| Response {
                 ok: true,
                 report: Some(crate::group::scrub::scrub_json(&r)),
                 text: Some(crate::group::scrub::scrub_text(&r)),

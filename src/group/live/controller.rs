@@ -10,7 +10,8 @@
 //! reads the engines' plex sets, which only the controller changes.
 //!
 //! Offline, `fail`, `remove-mirror`, `break`, `create`, `extend`,
-//! `delete`, `add-mirror`, `repair` and `reactivate` start a controller
+//! `delete`, `add-mirror`, `repair`, `reactivate` and `scrub` start a
+//! controller
 //! with no listeners and run the same operation through it as `serve`
 //! does; the last three then run its resync jobs to the end in the
 //! foreground ([`Controller::resync_in_foreground`]).

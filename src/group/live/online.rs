@@ -349,7 +349,13 @@ impl LiveGroup {
     /// `scrub` while serving: compares (and with `repair`, fixes) the plexes
     /// through the running engine, under its range lock, while clients do
     /// I/O. The comparison runs on the caller's thread.
-    pub fn scrub(&self, name: &str, repair: bool, rate: Option<u64>) -> Result<VolumeScrub> {
+    pub fn scrub(
+        &self,
+        name: &str,
+        repair: bool,
+        rate: Option<u64>,
+        progress: &dyn crate::group::Progress,
+    ) -> Result<VolumeScrub> {
         let n = name.to_string();
         self.ask(move |c| {
             c.group.refuse_unscrubbable(&n)?;
@@ -378,7 +384,12 @@ impl LiveGroup {
             max_rate: rate,
             stop: Some(self.scrub_stop.clone()),
         };
-        let result = crate::volume::scrub::scrub(&engine, &opts, &|_| {});
+        progress.start(
+            &format!("{} {name}", if repair { "scrub --repair" } else { "scrub" }),
+            engine.size(),
+        );
+        let result = crate::volume::scrub::scrub(&engine, &opts, &|done| progress.set(done));
+        progress.finish();
         let n = name.to_string();
         self.ask(move |c| {
             let report = c.group.scrub_outcome(&n, &opts, result)?;
