@@ -227,6 +227,8 @@ struct Inner {
     /// and the events left are dropped.
     abort: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Disconnects when the hook thread ends (its sender goes with it).
+    ended: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
 
 /// The hook `serve --on-event` runs.
@@ -243,16 +245,20 @@ impl Events {
     /// their own.
     pub fn start(hook: Option<Hook>) -> Events {
         let abort = Arc::new(AtomicBool::new(false));
-        let (queue, thread) = match hook {
-            None => (None, None),
+        let (queue, thread, ended) = match hook {
+            None => (None, None, None),
             Some(hook) => {
                 let (tx, rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
+                let (ending, ended) = std::sync::mpsc::channel::<()>();
                 let stop = abort.clone();
                 let thread = std::thread::Builder::new()
                     .name("event-hook".into())
-                    .spawn(move || run_hooks(&hook, &rx, &stop))
+                    .spawn(move || {
+                        let _ending = ending;
+                        run_hooks(&hook, &rx, &stop)
+                    })
                     .expect("spawn the event hook thread");
-                (Some(tx), Some(thread))
+                (Some(tx), Some(thread), Some(ended))
             }
         };
         Events {
@@ -261,6 +267,7 @@ impl Events {
                 dropped: AtomicU64::new(0),
                 abort,
                 thread: Mutex::new(thread),
+                ended: Mutex::new(ended),
             }),
         }
     }
@@ -304,9 +311,15 @@ impl Events {
         else {
             return;
         };
-        let deadline = Instant::now() + wait;
-        while !thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+        // The hook thread ends once it has run what was queued.
+        if let Some(ended) = self
+            .inner
+            .ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = ended.recv_timeout(wait);
         }
         self.inner.abort.store(true, Ordering::SeqCst);
         let _ = thread.join();
