@@ -205,17 +205,20 @@ impl Controller {
             events,
             timer: None,
         };
-        let names: Vec<String> = c
-            .group
+        for name in c.volume_names() {
+            c.add_engine(&name);
+        }
+        c
+    }
+
+    /// The names of the group's volumes, as the config lists them.
+    fn volume_names(&self) -> Vec<String> {
+        self.group
             .config
             .volumes
             .iter()
             .map(|v| v.name.clone())
-            .collect();
-        for name in names {
-            c.add_engine(&name);
-        }
-        c
+            .collect()
     }
 
     /// Runs messages until every sender is gone.
@@ -661,14 +664,7 @@ impl Controller {
         if self.stopping {
             return rebuilt;
         }
-        let names: Vec<String> = self
-            .group
-            .config
-            .volumes
-            .iter()
-            .map(|v| v.name.clone())
-            .collect();
-        for name in names {
+        for name in self.volume_names() {
             loop {
                 match self.changed(|g| g.repair_onto_spare(&name)) {
                     Ok(Some((spare, old))) => {
