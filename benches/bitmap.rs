@@ -24,6 +24,7 @@ use std::time::Instant;
 
 use mirrorvol::disk::{Disk, FileDisk, OpenOptions as DiskOpen};
 use mirrorvol::format::{Layout, Style};
+use mirrorvol::group::live::LiveGroup;
 use mirrorvol::group::ops::{self, InitOptions};
 use mirrorvol::group::{DiskSet, Group, Lookup, NoProgress};
 use mirrorvol::volume::bitmap::{BitmapSet, DiskBitmap};
@@ -216,8 +217,9 @@ fn child_dirty(paths: &[PathBuf], pct: f64) -> ! {
         .unwrap()
         .unwrap();
     g.start_bitmaps().unwrap();
-    let io = g.open_volume("v").unwrap();
-    let size = io.engine.size();
+    let live = LiveGroup::start(g, Default::default());
+    let engine = live.volume("v").unwrap();
+    let size = engine.size();
     let region = 64 * 1024;
     let regions = size / region;
     let want = ((regions as f64) * pct / 100.0).round() as u64;
@@ -228,19 +230,21 @@ fn child_dirty(paths: &[PathBuf], pct: f64) -> ! {
     }
     let buf = vec![0xc3u8; BS];
     for r in picked {
-        io.engine.write(r * region, &buf).unwrap();
+        engine.write(r * region, &buf).unwrap();
     }
     // SAFETY: kill takes integers; the pid is this process's own.
     unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     unreachable!("SIGKILL")
 }
 
-/// The bytes a group's warnings say were resynced after an unclean stop.
+/// The bytes a group's warnings say were copied after an unclean stop (the
+/// dirty regions are compared, and copied where the plexes differ).
 fn recovered_bytes(g: &Group) -> u64 {
     g.warnings
         .iter()
-        .filter_map(|w| w.strip_prefix("resynced "))
-        .filter_map(|w| w.split(' ').next()?.parse::<u64>().ok())
+        .filter_map(|w| w.split(": ").nth(1))
+        .filter_map(|w| w.strip_suffix(" bytes differed between the plexes and were copied"))
+        .filter_map(|w| w.parse::<u64>().ok())
         .sum()
 }
 
@@ -271,15 +275,14 @@ fn resync_cost(a: &Args) {
             .unwrap()
             .unwrap();
         g.start_bitmaps().unwrap();
-        let io = g.open_volume("v").unwrap();
+        let live = LiveGroup::start(g, Default::default());
         let chunk: Vec<u8> = (0..(8 << 20)).map(|i| (i * 13 + 1) as u8).collect();
         let mut off = 0;
         while off < FILE_SIZE {
-            io.engine.write(off, &chunk).unwrap();
+            live.write("v", off, &chunk).unwrap();
             off += chunk.len() as u64;
         }
-        io.engine.flush().unwrap();
-        g.settle(&io).unwrap();
+        live.volume("v").unwrap().flush().unwrap();
     }
     let exe = std::env::current_exe().unwrap();
     let (mut recover, mut clean, mut full) = (Vec::new(), Vec::new(), Vec::new());
@@ -309,10 +312,13 @@ fn resync_cost(a: &Args) {
         g.start_bitmaps().unwrap();
         clean.push(t.elapsed().as_secs_f64());
         // A full resync of the same volume: its plex on b.img is removed
-        // and added again, copied whole.
-        g.remove_mirror("v", &paths[1]).unwrap();
+        // and added again, copied whole (through the group's controller,
+        // as `add-mirror` runs it).
+        let live = LiveGroup::start(g, Default::default());
+        live.remove_mirror("v", &paths[1]).unwrap();
         let t = Instant::now();
-        g.add_mirror("v", Some(&paths[1]), &NoProgress).unwrap();
+        live.add_mirror("v", Some(&paths[1])).unwrap();
+        live.resync_in_foreground(&NoProgress).unwrap();
         full.push(t.elapsed().as_secs_f64());
     }
     let (r, c, f) = (median(recover), median(clean), median(full));

@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use mirrorvol::format::Style;
+use mirrorvol::group::live::LiveGroup;
 use mirrorvol::group::ops::{self, InitOptions};
 use mirrorvol::group::{DiskSet, Group, Lookup, NoProgress};
 
@@ -70,6 +71,8 @@ fn main() {
     };
     let mut g = assemble();
     g.create("v", mib * MIB, 1, &paths[..1]).expect("create");
+    // Run by the group's controller, as `add-mirror` runs it.
+    let live = LiveGroup::start(g, Default::default());
     let mut chunk = vec![0u8; (4 * MIB) as usize];
     let mut x = 0x9e3779b97f4a7c15u64;
     for at in (0..mib * MIB).step_by(chunk.len()) {
@@ -79,21 +82,24 @@ fn main() {
             x ^= x << 17;
             b.copy_from_slice(&x.to_le_bytes());
         }
-        g.write("v", at, &chunk).expect("fill the volume");
+        live.write("v", at, &chunk).expect("fill the volume");
     }
     let (mut engine, mut dd) = (Vec::new(), Vec::new());
     for run in 0..runs {
-        let disk = g.add_resyncing_plex("v", Some(&paths[1])).unwrap();
+        live.add_mirror("v", Some(&paths[1])).expect("add-mirror");
         let t = Instant::now();
-        g.resync_plex("v", disk, &NoProgress).expect("resync");
+        live.resync_in_foreground(&NoProgress).expect("resync");
         engine.push(t.elapsed().as_secs_f64());
-        let at = |d| {
-            let v = g.volume("v").unwrap();
-            let p = v.plexes.iter().find(|p| p.disk == d).unwrap();
-            g.members[&d].label.layout.data_offset() + p.offset
-        };
-        let (src, dst) = (at(g.volume("v").unwrap().plexes[0].disk), at(disk));
-        g.remove_mirror("v", &paths[1]).unwrap();
+        let (src, dst) = live
+            .with_group(|g| {
+                let v = g.volume("v").unwrap();
+                let at = |p: &mirrorvol::format::PlexEntry| {
+                    g.members[&p.disk].label.layout.data_offset() + p.offset
+                };
+                (at(&v.plexes[0]), at(&v.plexes[1]))
+            })
+            .unwrap();
+        live.remove_mirror("v", &paths[1]).unwrap();
         let t = Instant::now();
         let status = Command::new("dd")
             .arg(format!("if={}", paths[0].display()))

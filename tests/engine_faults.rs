@@ -353,12 +353,17 @@ fn a_mirror_on_one_controller_fails_with_it_and_comes_back_with_reactivate() {
     shut_down(live);
 
     let mut g = check_after_states(&mut rig, &s);
+    g.start_bitmaps().unwrap();
+    // Reactivated offline, through the group's controller as the command.
+    let live = mirrorvol::group::live::LiveGroup::start(g, Default::default());
     for i in [0, 1] {
-        g.reactivate(&rig.paths[i], &NoProgress)
-            .expect("reactivate");
+        live.reactivate_by_path(&rig.paths[i]).expect("reactivate");
+        live.resync_in_foreground(&NoProgress).expect("resync");
     }
-    let s = states(&serde_json::to_value(g.status()).unwrap());
+    let s = states(&status_json(&live));
     assert_eq!(s.volume("m"), "healthy", "{s:?}");
+    drop(live);
+    let g = assemble(&rig.paths);
     check_plexes(&g, "m", &reference, 2);
 }
 

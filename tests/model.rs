@@ -14,9 +14,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use common::MIB;
 use mirrorvol::format::{GroupConfig, Style, ondisk};
+use mirrorvol::group::live::LiveGroup;
 use mirrorvol::group::ops::{self, InitOptions};
 use mirrorvol::group::{DiskSet, Group, Lookup, NoProgress};
 use proptest::prelude::*;
@@ -191,6 +193,14 @@ impl World {
         assemble(&self.disks)
     }
 
+    /// The group assembled afresh and run by its controller, as every
+    /// offline command runs it.
+    fn live(&self) -> Arc<LiveGroup> {
+        let mut g = self.assemble();
+        g.start_bitmaps().unwrap();
+        LiveGroup::start(g, Default::default())
+    }
+
     /// A volume index: one of the model's volumes or, for index 7 (or when
     /// there is none), a volume that does not exist.
     fn vol(&self, i: usize) -> String {
@@ -249,7 +259,7 @@ impl World {
     /// Applies one operation to a freshly assembled group and updates the
     /// model when it succeeds. Returns a description and the error, if any.
     fn apply(&mut self, op: &Op) -> (String, mirrorvol::Result<()>) {
-        let mut g = self.assemble();
+        let g = self.live();
         match op {
             Op::Create {
                 name,
@@ -258,7 +268,7 @@ impl World {
             } => {
                 let name = NAMES[*name];
                 let size = sectors * 512;
-                let r = g.create(name, size, *copies, &[]).map(|_| {
+                let r = g.create_volume(name, size, *copies, &[]).map(|_| {
                     self.model.insert(name.to_string(), vec![0; size as usize]);
                 });
                 (format!("create {name} {size} x{copies}"), r)
@@ -292,19 +302,22 @@ impl World {
             Op::AddMirror { vol, disk } => {
                 let name = self.vol(*vol);
                 let d = disk.map(|d| self.disk(d).to_path_buf());
-                let r = g.add_mirror(&name, d.as_deref(), &NoProgress).map(|_| ());
+                let r = g
+                    .add_mirror(&name, d.as_deref())
+                    .and_then(|_| g.resync_in_foreground(&NoProgress))
+                    .map(|_| ());
                 (format!("add-mirror {name} {d:?}"), r)
             }
             Op::RemoveMirror { vol, disk } => {
                 let name = self.vol(*vol);
                 let d = self.disk(*disk).to_path_buf();
-                let r = g.remove_mirror(&name, &d);
+                let r = g.remove_mirror(&name, &d).map(|_| ());
                 (format!("remove-mirror {name} {}", d.display()), r)
             }
             Op::Break { vol, disk, nokeep } => {
                 let name = self.vol(*vol);
                 let d = self.disk(*disk).to_path_buf();
-                let r = g.break_mirror(&name, &d, None, *nokeep).map(|new| {
+                let r = g.break_mirror(&name, &d, None, *nokeep).map(|(new, _)| {
                     assert_eq!(
                         new.is_none(),
                         *nokeep,
@@ -320,49 +333,64 @@ impl World {
             Op::Repair { vol } => {
                 // Mostly a volume that has something to repair, when one has.
                 let degraded: Vec<String> = g
-                    .config
-                    .volumes
-                    .iter()
-                    .filter(|v| !matches!(g.volume_state(v), "healthy" | "failed"))
-                    .map(|v| v.name.clone())
-                    .collect();
+                    .with_group(|g| {
+                        g.config
+                            .volumes
+                            .iter()
+                            .filter(|v| !matches!(g.volume_state(v), "healthy" | "failed"))
+                            .map(|v| v.name.clone())
+                            .collect()
+                    })
+                    .unwrap();
                 let name = match degraded.len() {
                     0 => self.vol(*vol),
                     n if *vol < 5 => degraded[*vol % n].clone(),
                     _ => self.vol(*vol),
                 };
-                let r = g.repair(&name, None, &NoProgress).map(|_| ());
+                let r = g
+                    .repair(&name, None)
+                    .and_then(|_| g.resync_in_foreground(&NoProgress))
+                    .map(|_| ());
                 (format!("repair {name}"), r)
             }
             Op::Fail { disk } => {
                 let d = self.disk(*disk).to_path_buf();
-                let r = g.fail(&d, false);
+                let r = g.fail_disk_by_path(&d, false).map(|_| ());
                 (format!("fail {}", d.display()), r)
             }
             Op::Reactivate { disk } => {
                 // Mostly a failed disk, when there is one.
-                let failed: Vec<usize> = (0..DISKS)
-                    .filter(|i| {
-                        g.config.disks.iter().any(|d| {
-                            d.path == self.disks[*i].display().to_string()
-                                && matches!(g.disk_state(d.uuid), "failed" | "offline")
-                        })
+                let paths: Vec<String> =
+                    self.disks.iter().map(|p| p.display().to_string()).collect();
+                let failed: Vec<usize> = g
+                    .with_group(move |g| {
+                        (0..DISKS)
+                            .filter(|i| {
+                                g.config.disks.iter().any(|d| {
+                                    d.path == paths[*i]
+                                        && matches!(g.disk_state(d.uuid), "failed" | "offline")
+                                })
+                            })
+                            .collect()
                     })
-                    .collect();
+                    .unwrap();
                 let i = match failed.len() {
                     0 => *disk,
                     n if *disk < 3 => failed[*disk % n],
                     _ => *disk,
                 };
                 let d = self.disk(i).to_path_buf();
-                let r = g.reactivate(&d, &NoProgress).map(|_| ());
+                let r = g
+                    .reactivate_by_path(&d)
+                    .and_then(|_| g.resync_in_foreground(&NoProgress))
+                    .map(|_| ());
                 (format!("reactivate {}", d.display()), r)
             }
             Op::Extend { vol, grow_sectors } => {
                 let name = self.vol(*vol);
                 let size = self.model.get(&name).map_or(MIB, |v| v.len() as u64);
                 let new = size + grow_sectors * 512;
-                let r = g.extend(&name, new).map(|()| {
+                let r = g.extend(&name, new).map(|_| {
                     self.model
                         .get_mut(&name)
                         .expect("extended volume exists")
@@ -372,7 +400,7 @@ impl World {
             }
             Op::Delete { vol } => {
                 let name = self.vol(*vol);
-                let r = g.delete(&name).map(|()| {
+                let r = g.delete_volume(&name).map(|_| {
                     self.model.remove(&name);
                 });
                 (format!("delete {name}"), r)
@@ -384,7 +412,7 @@ impl World {
     /// Every invariant, on a freshly assembled group. Returns the group's
     /// seqno.
     fn check(&self) -> Result<u64, String> {
-        let mut g = self.assemble();
+        let g = self.assemble();
         let c = g.config.clone();
 
         // The volumes are the model's, with the model's sizes.
@@ -503,24 +531,6 @@ impl World {
             }
         }
 
-        // Every readable volume holds the model's bytes.
-        for v in c.volumes.clone() {
-            let state = g.volume_state(&v);
-            if state == "failed" {
-                continue;
-            }
-            let mut buf = vec![0u8; v.size as usize];
-            g.read(&v.name, 0, &mut buf)
-                .map_err(|e| format!("reading {} ({state}): {e}", v.name))?;
-            let want = &self.model[&v.name];
-            if &buf != want {
-                let at = buf.iter().zip(want).position(|(a, b)| a != b).unwrap();
-                return Err(format!(
-                    "volume {} ({state}) differs from the model first at byte {at}",
-                    v.name
-                ));
-            }
-        }
         // The only thing to warn about is a detached disk.
         let away = self.away.map(|i| self.disks[i].display().to_string());
         let unexpected: Vec<&String> = g
@@ -530,6 +540,48 @@ impl World {
             .collect();
         if !unexpected.is_empty() {
             return Err(format!("warnings after a clean step: {unexpected:?}"));
+        }
+
+        // Every readable volume holds the model's bytes, read through the
+        // group's controller as a command reads it.
+        let states: Vec<(String, u64, &str)> = c
+            .volumes
+            .iter()
+            .map(|v| (v.name.clone(), v.size, g.volume_state(v)))
+            .collect();
+        let live = LiveGroup::start(g, Default::default());
+        for (name, size, state) in states {
+            if state == "failed" {
+                continue;
+            }
+            let mut buf = vec![0u8; size as usize];
+            live.read(&name, 0, &mut buf)
+                .map_err(|e| format!("reading {name} ({state}): {e}"))?;
+            let want = &self.model[&name];
+            if &buf != want {
+                let at = buf.iter().zip(want).position(|(a, b)| a != b).unwrap();
+                return Err(format!(
+                    "volume {name} ({state}) differs from the model first at byte {at}"
+                ));
+            }
+        }
+        // Reading found nothing to record: no plex failed, no error.
+        let after = live.with_group(|g| g.config.seqno).unwrap();
+        if after != c.seqno {
+            return Err(format!(
+                "reading the volumes moved the config from {} to {after}",
+                c.seqno
+            ));
+        }
+        let errors = live.status().map_err(|e| e.to_string())?;
+        let errors: Vec<_> = errors
+            .disks
+            .iter()
+            .filter(|d| d.errors > 0)
+            .map(|d| d.path.clone())
+            .collect();
+        if !errors.is_empty() {
+            return Err(format!("reading the volumes met errors on {errors:?}"));
         }
         Ok(c.seqno)
     }

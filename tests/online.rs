@@ -432,6 +432,39 @@ fn a_disk_absent_at_start_comes_back_while_fio_verifies() {
 }
 
 #[test]
+fn a_last_copy_failed_before_serve_serves_again_once_reactivated() {
+    if !tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    three_disks(&sb);
+    let (a, b) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
+    let src = sb.path("fill.bin");
+    std::fs::write(&src, vec![0x5cu8; 4 << 20]).unwrap();
+    mv_ok(&sb, &["copy", &src.display().to_string(), "vol:data"]);
+    // b fails, then a, the last copy, with --force: data is failed, and
+    // serve starts with no plex of it in service.
+    mv_ok(&sb, &["fail", &b]);
+    mv_ok(&sb, &["fail", &a, "--force"]);
+    let s = serve(&sb);
+    let st = status(&sb);
+    assert_eq!(volume(&st, "data")["state"], "failed", "{st:#}");
+    // a comes back as it was: its in-sync plex serves again at once.
+    mv_ok(&sb, &["reactivate", &a]);
+    let out = common::serve::qemu_io(&s.uri("data"), &["read -P 0x5c 0 4M"]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    // b is resynced from it.
+    mv_ok(&sb, &["reactivate", &b]);
+    let st = wait_healthy(&sb, &s, "data");
+    assert_eq!(disk(&st, "a.img")["state"], "online", "{st:#}");
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    let out = mv_ok(&sb, &["scrub", "data", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r:#}\n{log}");
+}
+
+#[test]
 fn a_disk_that_moved_on_while_away_is_refused_as_split_brain() {
     let sb = Sandbox::new();
     three_disks(&sb);

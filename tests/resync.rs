@@ -7,15 +7,16 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{MIB, bin, pattern};
 use mirrorvol::format::{PlexState, Style};
-use mirrorvol::group::live::LiveGroup;
+use mirrorvol::group::live::{LiveGroup, Resynced};
 use mirrorvol::group::ops::{self, InitOptions};
 use mirrorvol::group::{DiskSet, Group, Lookup, NoProgress};
 use mirrorvol::volume::engine::{EngineOptions, Mode};
-use mirrorvol::volume::resync::{ResyncOptions, ResyncProgress};
+use mirrorvol::volume::resync::ResyncOptions;
 use uuid::Uuid;
 
 const VOL: u64 = 32 * MIB;
@@ -51,9 +52,21 @@ fn group(dir: &Path, size: u64) -> (Vec<PathBuf>, Vec<u8>) {
     let mut g = ops::init(None, &paths, &opts).unwrap();
     g.start_bitmaps().unwrap();
     g.create("v", size, 1, &paths[..1]).unwrap();
+    drop(g);
     let data = pattern(size as usize, 7);
-    g.write("v", 0, &data).unwrap();
+    live(&paths).write("v", 0, &data).unwrap();
     (paths, data)
+}
+
+/// The group of `paths` run by its controller, as a command runs it.
+fn live(paths: &[PathBuf]) -> Arc<LiveGroup> {
+    LiveGroup::start(assemble(paths), EngineOptions::default())
+}
+
+/// Runs the resyncs the group needs to their end, as an offline command
+/// does; returns what each printed and copied.
+fn resync_all(paths: &[PathBuf]) -> Vec<Resynced> {
+    live(paths).resync_in_foreground(&NoProgress).unwrap()
 }
 
 /// The bytes of the plex of `v` on `disk`, read from its image file.
@@ -83,44 +96,42 @@ fn a_stopped_resync_resumes_from_its_checkpoint() {
     let (paths, data) = group(dir.path(), VOL);
     let mut g = assemble(&paths);
     let b = g.add_resyncing_plex("v", Some(&paths[1])).unwrap();
-    let shared = ResyncProgress::new(0, 0);
-    let opts = ResyncOptions {
+    let served = LiveGroup::start(g, EngineOptions::default());
+    served.start_resyncs(ResyncOptions {
         max_rate: 32 * MIB,
         idle_chunk: MIB as usize,
         ..ResyncOptions::unthrottled()
-    };
-    let watcher = {
-        let shared = shared.clone();
-        std::thread::spawn(move || {
-            while shared.done() < VOL / 2 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            shared.stop();
-        })
-    };
-    let err = g
-        .resync_plex_with("v", b, &opts, &shared, &NoProgress)
-        .unwrap_err();
-    watcher.join().unwrap();
-    assert!(err.to_string().contains("resumes there"), "{err}");
-    let at = plex(&g, b).resync_offset;
-    assert_eq!(plex(&g, b).state, PlexState::Resyncing);
+    });
+    let start = Instant::now();
+    while served
+        .resync_progress("v")
+        .is_none_or(|p| p.done() < VOL / 2)
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "resync hangs");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    served.stop_resyncs();
+    let (state, at) = served
+        .with_group(move |g| (plex(g, b).state, plex(g, b).resync_offset))
+        .unwrap();
+    drop(served);
+    assert_eq!(state, PlexState::Resyncing);
     assert!((VOL / 2..VOL).contains(&at), "checkpoint at {at}");
-    drop(g);
 
     // After a restart: a write below the checkpoint, then the rest.
-    let mut g = assemble(&paths);
-    g.write("v", MIB, &[0x5a; 8192]).unwrap();
-    let copied = g.resync_plex("v", b, &NoProgress).unwrap();
+    live(&paths).write("v", MIB, &[0x5a; 8192]).unwrap();
+    let done = resync_all(&paths);
+    assert_eq!(done.len(), 1, "{done:?}");
+    let copied = done[0].bytes;
     assert!(
         copied <= VOL - at + 2 * MIB,
         "copied {copied} bytes after a checkpoint at {at}"
     );
     assert!(
-        g.resynced[0].contains("resumed from the checkpoint"),
-        "{:?}",
-        g.resynced
+        done[0].line.contains("resumed from the checkpoint"),
+        "{done:?}"
     );
+    let g = assemble(&paths);
     assert_eq!(plex(&g, b).state, PlexState::InSync);
     assert_eq!(plex(&g, b).resync_offset, 0);
     let a = g.volume("v").unwrap().plexes[0].disk;
@@ -209,15 +220,19 @@ fn serve_killed_during_a_resync_resumes_it_from_the_checkpoint() {
     std::thread::sleep(Duration::from_millis(6500));
     child.kill().unwrap();
     child.wait().unwrap();
-    let mut g = assemble(&paths);
+    let g = assemble(&paths);
     let at = plex(&g, b).resync_offset;
     assert_eq!(plex(&g, b).state, PlexState::Resyncing);
     assert!(
         (16 * MIB..size).contains(&at),
         "checkpoint at {at} after 6.5 s at 8 MiB/s"
     );
-    let copied = g.resync_plex("v", b, &NoProgress).unwrap();
+    drop(g);
+    let done = resync_all(&paths);
+    assert_eq!(done.len(), 1, "{done:?}");
+    let copied = done[0].bytes;
     assert!(copied <= size - at + 4 * MIB, "copied {copied} after {at}");
+    let g = assemble(&paths);
     let a = g.volume("v").unwrap().plexes[0].disk;
     assert!(plex_bytes(&g, a) == plex_bytes(&g, b), "the plexes differ");
 }
@@ -228,14 +243,18 @@ fn a_stale_plex_is_resynced_in_the_background_from_the_bitmaps() {
     let (paths, _) = group(dir.path(), VOL);
     let mut g = assemble(&paths);
     let b = g.add_resyncing_plex("v", Some(&paths[1])).unwrap();
-    g.resync_plex("v", b, &NoProgress).unwrap();
+    drop(g);
+    resync_all(&paths);
     // The plex on b falls behind: recorded stale, then 3 MiB written to a
     // alone (their regions' bits stay set on a while b is stale).
+    let mut g = assemble(&paths);
     g.config.volume_mut("v").unwrap().plexes[1].state = PlexState::Stale;
     g.commit().unwrap();
-    g.write("v", 5 * MIB, &pattern(3 * MIB as usize, 9))
-        .unwrap();
     let a = g.volume("v").unwrap().plexes[0].disk;
+    LiveGroup::start(g, EngineOptions::default())
+        .write("v", 5 * MIB, &pattern(3 * MIB as usize, 9))
+        .unwrap();
+    let g = assemble(&paths);
     assert!(plex_bytes(&g, a) != plex_bytes(&g, b));
     drop(g);
 

@@ -429,23 +429,6 @@ fn assemble(disks: &Disks) -> Result<Group> {
     Ok(group)
 }
 
-/// [`assemble`] for a command that may write: the bitmaps are loaded, and
-/// regions an unclean stop left dirty are resynced first.
-fn assemble_rw(disks: &Disks) -> Result<Group> {
-    let mut group = assemble(disks)?;
-    group.refuse_split()?;
-    group.start_bitmaps()?;
-    flush_warnings(&mut group);
-    Ok(group)
-}
-
-/// Prints the resyncs an operation did, one line each, on stdout.
-fn print_resynced(group: &mut Group) {
-    for line in group.resynced.split_off(0) {
-        println!("{line}");
-    }
-}
-
 /// Prints the warnings an operation added to the group.
 fn flush_warnings(group: &mut Group) {
     warn(&group.warnings.split_off(0));
@@ -521,8 +504,6 @@ fn absolute_endpoint(s: String) -> String {
     }
 }
 
-/// Prints what the daemon did: its message on stdout, its warnings on
-/// stderr.
 /// Runs an operation offline the way `serve` runs it: the group's
 /// controller, started with no listeners, runs it to completion (one
 /// implementation of the operation for both), and stops with the command.
@@ -530,15 +511,27 @@ fn through_controller<T>(
     disks: &Disks,
     op: impl FnOnce(&crate::group::live::LiveGroup) -> Result<T>,
 ) -> Result<T> {
-    let mut g = assemble_rw(disks)?;
+    let g = assemble(disks)?;
+    g.refuse_split()?;
+    through_group(g, op)
+}
+
+/// Runs `op` on the controller of a group already assembled (and its
+/// bitmaps started, when it writes).
+fn through_group<T>(
+    mut g: Group,
+    op: impl FnOnce(&crate::group::live::LiveGroup) -> Result<T>,
+) -> Result<T> {
+    g.start_bitmaps()?;
     flush_warnings(&mut g);
     let live = crate::group::live::LiveGroup::start(g, Default::default());
     op(&live)
 }
 
-fn print_lines(lines: &[String]) {
-    for line in lines {
-        println!("{line}");
+/// Prints the resyncs an offline command ran, one line each.
+fn print_resyncs(resynced: &[crate::group::live::Resynced]) {
+    for r in resynced {
+        println!("{}", r.line);
     }
 }
 
@@ -548,6 +541,8 @@ fn print_offline(done: crate::group::live::Done) {
     warn(&done.warnings);
 }
 
+/// Prints what the daemon did: its message on stdout, its warnings on
+/// stderr.
 fn print_done(r: control::Response) {
     if let Some(m) = r.message {
         println!("{m}");
@@ -780,7 +775,7 @@ fn execute(cli: Cli) -> Result<()> {
                 Ok((done, live.resync_in_foreground(&bar)?))
             })?;
             println!("added a mirror to volume {name}; it is in sync");
-            print_lines(&resynced);
+            print_resyncs(&resynced);
             warn(&done.warnings);
         }
         Command::RemoveMirror { name, disk } => {
@@ -807,7 +802,7 @@ fn execute(cli: Cli) -> Result<()> {
                 Ok((done, resynced, state))
             })?;
             println!("repaired volume {name}: {state}");
-            print_lines(&resynced);
+            print_resyncs(&resynced);
             warn(&done.warnings);
         }
         Command::Reactivate { path } => {
@@ -816,20 +811,21 @@ fn execute(cli: Cli) -> Result<()> {
                 Ok((done, live.resync_in_foreground(&bar)?))
             })?;
             println!("reactivated disk {}", path.display());
-            print_lines(&resynced);
+            print_resyncs(&resynced);
             warn(&done.warnings);
         }
         Command::ResolveSplitBrain { keep } => {
             let mut g = assemble(&disks)?;
-            let copied = g.resolve_split_brain(&keep, &bar)?;
-            flush_warnings(&mut g);
+            g.keep_split_side(&keep)?;
+            let group = g.config.name.clone();
+            let resynced = through_group(g, |live| live.resync_in_foreground(&bar))?;
+            let copied: u64 = resynced.iter().map(|r| r.bytes).sum();
             println!(
-                "resolved the split brain of group {}: kept the side of {}; copied {copied} bytes ({}) onto the other side",
-                g.config.name,
+                "resolved the split brain of group {group}: kept the side of {}; copied {copied} bytes ({}) onto the other side",
                 keep.display(),
                 human(copied)
             );
-            print_resynced(&mut g);
+            print_resyncs(&resynced);
         }
         Command::Extend { name, size } => {
             let done = through_controller(&disks, |live| live.extend(&name, size))?;
@@ -844,9 +840,8 @@ fn execute(cli: Cli) -> Result<()> {
             print_offline(done);
         }
         Command::Copy { src, dst } => {
-            let mut g = assemble_rw(&disks)?;
-            let n = g.copy(&Endpoint::parse(&src), &Endpoint::parse(&dst), &bar)?;
-            flush_warnings(&mut g);
+            let (s, d) = (Endpoint::parse(&src), Endpoint::parse(&dst));
+            let n = through_controller(&disks, |live| live.copy(&s, &d, &bar))?;
             println!("copied {} from {src} to {dst}", human(n));
         }
         Command::Status { json } => {

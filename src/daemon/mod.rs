@@ -455,7 +455,7 @@ fn handle(live: &Arc<LiveGroup>, server: &Server, request: control::Request) -> 
                 Endpoint::Volume(n) => refuse_clients(server, n, "copying onto it"),
                 Endpoint::Path(_) => Ok(()),
             }
-            .and_then(|()| live.copy(&s, &d))
+            .and_then(|()| live.copy(&s, &d, &crate::group::NoProgress))
             .map(|n| Response::message(format!("copied {} from {src} to {dst}", human(n))))
         }
         Request::Scrub { name, repair, rate } => {

@@ -97,14 +97,20 @@ impl Group {
             self.load_bitmap(&set, uuid)?;
         }
         self.bitmaps = Some(Arc::new(set));
-        let bytes = self.resync_dirty_regions()?;
-        if bytes > 0 {
+        let (compared, copied) = self.resync_dirty_regions()?;
+        if copied > 0 {
             let line = format!(
-                "resynced {bytes} bytes of dirty regions after an unclean stop of group {}",
+                "resynced {compared} bytes of dirty regions after an unclean stop of group {}: {copied} bytes differed between the plexes and were copied",
                 self.config.name
             );
             tracing::warn!("{line}");
             self.warnings.push(line);
+        } else if compared > 0 {
+            tracing::info!(
+                bytes = compared,
+                "the dirty regions of group {} are equal on every in-sync plex",
+                self.config.name
+            );
         }
         self.clean_bitmaps(true);
         Ok(())
@@ -143,10 +149,10 @@ impl Group {
     }
 
     /// After an unclean stop: in every mirror with two or more in-sync
-    /// plexes at hand, copies the dirty regions from the first in-sync plex
-    /// to the others. Returns the volume bytes resynced.
-    fn resync_dirty_regions(&mut self) -> Result<u64> {
-        let mut total = 0;
+    /// plexes at hand, makes the dirty regions of the others equal to the
+    /// first in-sync plex. Returns the volume bytes compared and copied.
+    fn resync_dirty_regions(&mut self) -> Result<(u64, u64)> {
+        let (mut compared, mut copied) = (0, 0);
         for v in self.config.volumes.clone() {
             let in_sync: Vec<Uuid> = v
                 .plexes
@@ -162,22 +168,26 @@ impl Group {
                 continue;
             }
             for target in &in_sync[1..] {
-                self.copy_ranges(&v.name, in_sync[0], *target, &ranges)?;
+                copied += self.sync_ranges(&v.name, in_sync[0], *target, &ranges)?.1;
             }
-            total += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+            compared += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
         }
-        Ok(total)
+        Ok((compared, copied))
     }
 
-    /// Copies volume `ranges` of `name` from its plex on `from` to its plex
-    /// on `to`, directly between the disks (nothing else runs), and flushes.
-    pub(super) fn copy_ranges(
+    /// Makes volume `ranges` of `name` on its plex on `to` equal to its plex
+    /// on `from`, directly between the disks (nothing else runs): each chunk
+    /// is read from both and written only where they differ, so plexes
+    /// already equal (bits left set by a clean stop while a plex was out of
+    /// sync) are not written at all. Returns the bytes compared and the
+    /// bytes copied.
+    pub(super) fn sync_ranges(
         &self,
         name: &str,
         from: Uuid,
         to: Uuid,
         ranges: &[Range<u64>],
-    ) -> Result<u64> {
+    ) -> Result<(u64, u64)> {
         let v = self.volume(name)?;
         let at = |disk: Uuid| -> Result<(Arc<dyn crate::disk::Disk>, u64, String)> {
             let p =
@@ -195,36 +205,33 @@ impl Group {
         };
         let (src, src_at, src_path) = at(from)?;
         let (dst, dst_at, dst_path) = at(to)?;
-        let mut buf = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
-        let mut copied = 0;
+        let mut want = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
+        let mut have = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
+        let (mut compared, mut copied) = (0, 0);
+        let cannot = |verb: &str, path: &str, e| {
+            Error::io(format!("resync of volume {name}: cannot {verb} {path}"), e)
+        };
         for r in ranges {
             let mut pos = r.start;
             while pos < r.end {
                 let n = (r.end - pos).min(COPY_CHUNK as u64) as usize;
-                let chunk = &mut buf[..n];
-                src.read_at(chunk, src_at + pos).map_err(|e| {
-                    Error::io(
-                        format!("resync of volume {name}: cannot read {src_path}"),
-                        e,
-                    )
-                })?;
-                dst.write_at(chunk, dst_at + pos).map_err(|e| {
-                    Error::io(
-                        format!("resync of volume {name}: cannot write {dst_path}"),
-                        e,
-                    )
-                })?;
+                src.read_at(&mut want[..n], src_at + pos)
+                    .map_err(|e| cannot("read", &src_path, e))?;
+                dst.read_at(&mut have[..n], dst_at + pos)
+                    .map_err(|e| cannot("read", &dst_path, e))?;
+                if want[..n] != have[..n] {
+                    dst.write_at(&want[..n], dst_at + pos)
+                        .map_err(|e| cannot("write", &dst_path, e))?;
+                    copied += n as u64;
+                }
                 pos += n as u64;
-                copied += n as u64;
+                compared += n as u64;
             }
         }
-        dst.flush().map_err(|e| {
-            Error::io(
-                format!("resync of volume {name}: cannot flush {dst_path}"),
-                e,
-            )
-        })?;
-        Ok(copied)
+        if copied > 0 {
+            dst.flush().map_err(|e| cannot("flush", &dst_path, e))?;
+        }
+        Ok((compared, copied))
     }
 
     /// Why the plex of `name` on `disk` cannot be resynced from the

@@ -26,6 +26,14 @@ use crate::volume::resync::{ResyncOptions, ResyncProgress, resync};
 use controller::{Chore, Controller, Engines, Job, Next, ON_CONTROLLER};
 pub use online::Done;
 
+/// A resync an offline command ran to its end: the line it prints and the
+/// bytes it copied.
+#[derive(Debug, Clone)]
+pub struct Resynced {
+    pub line: String,
+    pub bytes: u64,
+}
+
 pub struct LiveGroup {
     /// The controller's inbox; taken when the group is dropped.
     inbox: Mutex<Option<Sender<Job>>>,
@@ -296,7 +304,7 @@ impl LiveGroup {
     pub fn resync_in_foreground(
         &self,
         progress: &dyn super::Progress,
-    ) -> crate::Result<Vec<String>> {
+    ) -> crate::Result<Vec<Resynced>> {
         let idle = self
             .call(|c| c.resync_in_foreground())
             .ok_or_else(|| crate::Error::failed("the group is out of service"))?;
@@ -320,6 +328,14 @@ impl LiveGroup {
         }
         if shown.is_some() {
             progress.finish();
+        }
+        // The workers are ending: joined, so that none holds the group
+        // after the command lets go of it (the last holder closes it).
+        for t in self
+            .call(|c| std::mem::take(&mut c.workers))
+            .unwrap_or_default()
+        {
+            let _ = t.join();
         }
         let mut lines = Vec::new();
         for outcome in self.call(|c| c.take_outcomes()).unwrap_or_default() {

@@ -81,10 +81,8 @@ pub struct Group {
     pub bitmaps: Option<Arc<crate::volume::bitmap::BitmapSet>>,
     /// What loading found on each disk's bitmap area.
     pub bitmap_found: BTreeMap<Uuid, crate::volume::bitmap::Found>,
-    /// One line per resync done: what was copied, and why in full.
-    pub resynced: Vec<String>,
     /// Set when the disks found moved on without each other: nothing is
-    /// written until the admin keeps one side ([`Group::resolve_split_brain`]).
+    /// written until the admin keeps one side ([`Group::keep_split_side`]).
     pub split: Option<split::SplitBrain>,
     /// Paths given that could not be read at all (an I/O error, a disk that
     /// does not answer): they say nothing of which disk they are, so the
@@ -630,7 +628,6 @@ impl Group {
             warnings,
             bitmaps: None,
             bitmap_found: BTreeMap::new(),
-            resynced: Vec::new(),
             split,
             unreadable,
             open: set.open,

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::alloc::{extent_len, first_fit, free_after, largest_free};
-use super::io::{VolumeIo, io_refusal};
 use super::{Group, Progress, open_disk_with};
 use crate::disk::AlignedBuf;
 use crate::disk::buf::IO_ALIGN;
@@ -72,7 +71,6 @@ pub fn init_with(
             warnings: Vec::new(),
             bitmaps: None,
             bitmap_found: Default::default(),
-            resynced: Vec::new(),
             split: None,
             unreadable: Vec::new(),
             open,
@@ -593,18 +591,6 @@ impl Group {
         }
     }
 
-    /// Adds a plex to a volume and copies the volume onto it.
-    pub fn add_mirror(
-        &mut self,
-        name: &str,
-        disk: Option<&Path>,
-        progress: &dyn Progress,
-    ) -> Result<Vec<String>> {
-        let target = self.add_resyncing_plex(name, disk)?;
-        self.resync_plex(name, target, progress)?;
-        Ok(self.mirror_warnings(name))
-    }
-
     /// The first half of `add-mirror`: allocates a new plex for a volume
     /// and records it resyncing (a resync then fills it, here or in
     /// `serve`). Returns the disk it is on.
@@ -770,22 +756,7 @@ impl Group {
         candidate
     }
 
-    /// Replaces failed or missing plexes with new space on other disks, and
-    /// resyncs stale plexes in place.
-    pub fn repair(
-        &mut self,
-        name: &str,
-        disk: Option<&Path>,
-        progress: &dyn Progress,
-    ) -> Result<Vec<String>> {
-        let (targets, stale) = self.repair_config(name, disk)?;
-        for disk in targets.into_iter().chain(stale) {
-            self.resync_plex(name, disk, progress)?;
-        }
-        Ok(self.mirror_warnings(name))
-    }
-
-    /// The config half of [`Group::repair`]: replaces each failed or missing
+    /// The config half of `repair`: replaces each failed or missing
     /// plex of a volume by a new plex, recorded resyncing, and commits.
     /// Without `disk`, a replacement goes to a hot spare while one fits (as
     /// md rebuilds onto a spare), else to free space as `add-mirror` would
@@ -897,36 +868,7 @@ impl Group {
         Ok(plan.iter().map(|(_, t, _)| *t).collect())
     }
 
-    /// Brings a returned or failed disk back into service and resyncs the
-    /// plexes that may have missed writes.
-    pub fn reactivate(&mut self, path: &Path, progress: &dyn Progress) -> Result<Vec<String>> {
-        let (_, full) = self.reactivate_config(path)?;
-        let mut notes = Vec::new();
-        for name in full {
-            let stale: Vec<Uuid> = self
-                .volume(&name)?
-                .plexes
-                .iter()
-                .filter(|p| matches!(self.plex_state(p.disk, p.state), "stale" | "resyncing"))
-                .map(|p| p.disk)
-                .collect();
-            if stale.is_empty() {
-                continue;
-            }
-            if self.require_source(&name).is_err() {
-                notes.push(format!(
-                    "volume {name} has no in-sync plex to resync from; reactivate the disk that holds its last good copy"
-                ));
-                continue;
-            }
-            for disk in stale {
-                self.resync_plex(&name, disk, progress)?;
-            }
-        }
-        Ok(notes)
-    }
-
-    /// The config half of [`Group::reactivate`]: records the disk online and
+    /// The config half of `reactivate`: records the disk online and
     /// its plexes that are not in sync stale, and commits. Returns the disk
     /// and the volumes with a plex on it; their resyncs are the caller's
     /// (in the foreground offline, in the background under `serve`).
@@ -1068,21 +1010,6 @@ impl Group {
         Ok(uuid)
     }
 
-    /// Copies between a file or device and a volume, or between volumes.
-    pub fn copy(&mut self, src: &Endpoint, dst: &Endpoint, progress: &dyn Progress) -> Result<u64> {
-        Endpoint::refuse_pair(src, dst)?;
-        let source = self.open_source(src)?;
-        let size = source.size();
-        let target = self.open_target(dst, size, &source)?;
-        let (target, written) = self.copy_between(source, target, size, progress)?;
-        if let EndpointIo::Volume(io) = &target {
-            let r = io.engine.flush();
-            self.settle(io)?;
-            r.map_err(|e| io_refusal(&io.engine.name, e))?;
-        }
-        Ok(written)
-    }
-
     pub(crate) fn refuse_group_disk(&self, path: &Path) -> Result<()> {
         if self.resolve_disk(path).is_ok() {
             return Err(Error::refused(format!(
@@ -1092,18 +1019,6 @@ impl Group {
             )));
         }
         Ok(())
-    }
-
-    fn open_source(&self, e: &Endpoint) -> Result<EndpointIo> {
-        match e {
-            Endpoint::Volume(name) => {
-                self.require_source(name)?;
-                Ok(EndpointIo::Volume(self.open_volume(name)?))
-            }
-            Endpoint::Path(path) => {
-                Ok(EndpointIo::Path(path.clone(), self.open_path_source(path)?))
-            }
-        }
     }
 
     /// Opens a file or device to copy from (not a disk of the group).
@@ -1120,22 +1035,6 @@ impl Group {
                 Error::io_path("open", path, e)
             }
         })
-    }
-
-    /// Opens the target of a copy of `size` bytes, after checking that it
-    /// can take them: nothing is created or changed before that.
-    fn open_target(&mut self, e: &Endpoint, size: u64, source: &EndpointIo) -> Result<EndpointIo> {
-        match e {
-            Endpoint::Volume(name) => {
-                refuse_smaller(name, self.volume(name)?.size, &source.describe(), size)?;
-                self.prepare_write(name)?;
-                Ok(EndpointIo::Volume(self.open_volume(name)?))
-            }
-            Endpoint::Path(path) => Ok(EndpointIo::Path(
-                path.clone(),
-                self.open_path_target(path, size, &source.describe())?,
-            )),
-        }
     }
 
     /// Opens a file or device to copy `size` bytes of `what` onto (not a
@@ -1196,55 +1095,6 @@ impl Group {
             self.commit()?;
         }
         Ok(())
-    }
-
-    fn copy_between(
-        &mut self,
-        source: EndpointIo,
-        target: EndpointIo,
-        size: u64,
-        progress: &dyn Progress,
-    ) -> Result<(EndpointIo, u64)> {
-        progress.start(
-            &format!("copy {} to {}", source.describe(), target.describe()),
-            size,
-        );
-        copy_chunks(size, progress, |pos, chunk| {
-            self.transfer(&source, pos, chunk, false)?;
-            // Plexes that fail a write leave the engine at once; the config
-            // records them before the next chunk.
-            self.transfer(&target, pos, chunk, true)
-        })?;
-        if let EndpointIo::Path(p, d) = &target {
-            d.flush().map_err(|e| Error::io_path("flush", p, e))?;
-        }
-        progress.finish();
-        Ok((target, size))
-    }
-}
-
-impl Group {
-    /// Reads (or writes) one chunk of a copy at `pos` on one side, and
-    /// settles what the engine reported.
-    fn transfer(
-        &mut self,
-        side: &EndpointIo,
-        pos: u64,
-        chunk: &mut [u8],
-        write: bool,
-    ) -> Result<()> {
-        match side {
-            EndpointIo::Volume(io) => {
-                let r = if write {
-                    io.engine.write(pos, chunk)
-                } else {
-                    io.engine.read(pos, chunk)
-                };
-                self.settle(io)?;
-                r.map_err(|e| io_refusal(&io.engine.name, e))
-            }
-            EndpointIo::Path(p, d) => path_io(p, d, pos, chunk, write),
-        }
     }
 }
 
@@ -1326,27 +1176,6 @@ impl Endpoint {
         match s.strip_prefix("vol:") {
             Some(name) => Endpoint::Volume(name.to_string()),
             None => Endpoint::Path(PathBuf::from(s)),
-        }
-    }
-}
-
-enum EndpointIo {
-    Path(PathBuf, FileDisk),
-    Volume(VolumeIo),
-}
-
-impl EndpointIo {
-    fn size(&self) -> u64 {
-        match self {
-            EndpointIo::Path(_, d) => d.size(),
-            EndpointIo::Volume(v) => v.engine.size(),
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            EndpointIo::Path(p, _) => p.display().to_string(),
-            EndpointIo::Volume(v) => format!("volume {}", v.engine.name),
         }
     }
 }

@@ -1,19 +1,17 @@
 //! Resyncs of a group's plexes: what a resync must copy (the whole volume, the
 //! rest of it after a checkpoint, or the regions the write-intent bitmaps
-//! name), and resyncs run by a command in the foreground (`add-mirror`,
-//! `repair`, `reactivate`). `serve` runs the same resyncs in the background
-//! ([`super::live`]). The copy itself is [`crate::volume::resync`].
+//! name). The group's controller runs them ([`super::live`]): in the
+//! background under `serve`, in the foreground for an offline command
+//! (`add-mirror`, `repair`, `reactivate`, `resolve-split-brain`). The copy
+//! itself is [`crate::volume::resync`].
 
-use std::io;
 use std::ops::Range;
-use std::sync::Arc;
 
 use uuid::Uuid;
 
-use super::{Group, Progress};
+use super::Group;
 use crate::format::PlexState;
 use crate::volume::bitmap::Found;
-use crate::volume::resync::{ResyncError, ResyncOptions, ResyncProgress, resync};
 use crate::{Error, Result};
 
 /// What a resync of one plex copies.
@@ -109,105 +107,6 @@ impl Group {
             && p.state == PlexState::Resyncing
         {
             p.resync_offset = p.resync_offset.max(position);
-        }
-    }
-
-    /// Resyncs the plex of `name` on `disk` (new, resyncing or stale) in the
-    /// foreground, unthrottled, with a progress bar, then records it in
-    /// sync. A failure of the plex being resynced fails it.
-    pub fn resync_plex(&mut self, name: &str, disk: Uuid, progress: &dyn Progress) -> Result<u64> {
-        let shared = ResyncProgress::new(0, 0);
-        self.resync_plex_with(name, disk, &ResyncOptions::unthrottled(), &shared, progress)
-    }
-
-    /// [`Group::resync_plex`] with pacing and a shared progress (whoever
-    /// holds it may stop the resync: the plex stays resyncing, and the next
-    /// resync resumes from the checkpoint recorded when it stopped).
-    pub fn resync_plex_with(
-        &mut self,
-        name: &str,
-        disk: Uuid,
-        opts: &ResyncOptions,
-        shared: &Arc<ResyncProgress>,
-        progress: &dyn Progress,
-    ) -> Result<u64> {
-        let plan = self.resync_plan(name, disk)?;
-        let state = self
-            .volume(name)?
-            .plexes
-            .iter()
-            .find(|p| p.disk == disk)
-            .map(|p| p.state);
-        if plan.full && state != Some(PlexState::Resyncing) {
-            self.set_plex_state(name, disk, PlexState::Resyncing);
-            self.commit()?;
-        }
-        let io = self.open_volume_with(name, Some(disk))?;
-        let target = io.engine.plex(disk).ok_or_else(|| {
-            Error::failed(format!(
-                "disk {} is not online; its plex of volume {name} cannot be resynced",
-                self.disk_path(disk)
-            ))
-        })?;
-        shared.reset(plan.total, plan.done);
-        let path = self.disk_path(disk);
-        progress.start(&format!("resync {name} onto {path}"), plan.total);
-        progress.set(plan.done);
-        let full = plan.full;
-        let result = resync(
-            &io.engine,
-            &target,
-            &plan.ranges,
-            opts,
-            shared,
-            &mut |position| {
-                if !full {
-                    return Ok(());
-                }
-                self.set_resync_offset(name, disk, position);
-                self.commit().map_err(|e| io::Error::other(e.to_string()))
-            },
-            &|p| progress.set(p.done()),
-        );
-        progress.finish();
-        self.settle(&io)?;
-        drop(io);
-        match result {
-            Ok(copied) => {
-                let why = self
-                    .volume(name)?
-                    .plexes
-                    .iter()
-                    .find(|p| p.disk == disk)
-                    .and_then(|p| p.resync_reason.clone())
-                    .unwrap_or_else(|| "it was stale".to_string());
-                self.set_plex_state(name, disk, PlexState::InSync);
-                self.commit()?;
-                let line = resynced_line(name, &path, copied, &plan, &why);
-                tracing::info!("{line}");
-                self.resynced.push(line);
-                Ok(copied)
-            }
-            Err(ResyncError::Target { offset, error }) => {
-                self.set_plex_state(name, disk, PlexState::Failed);
-                self.commit()?;
-                Err(Error::io(
-                    format!(
-                        "the plex of volume {name} on {path} failed at volume offset {offset} during its resync; it is marked failed"
-                    ),
-                    error,
-                ))
-            }
-            Err(ResyncError::Source { offset, error }) => Err(Error::io(
-                format!("reading volume {name} at offset {offset} for the resync failed"),
-                error,
-            )),
-            Err(ResyncError::Stopped { position }) => Err(Error::failed(format!(
-                "the resync of volume {name} onto {path} stopped at offset {position}; the next resync resumes there"
-            ))),
-            Err(e @ ResyncError::Checkpoint { .. }) => Err(Error::failed(format!(
-                "the resync of volume {name} onto {path} failed: {e}"
-            ))),
         }
     }
 }

@@ -1,12 +1,12 @@
-//! `scrub NAME [--repair]` for one command: checks that the volume has
-//! something to compare, runs the engine's scrub ([`crate::volume::scrub`])
-//! in the foreground with a progress bar, records plex failures it met in
-//! the config ([`Group::settle`]), and names the plexes by their disks.
+//! What `scrub NAME [--repair]` reports: the check that a volume has
+//! something to compare, and the engine's scrub ([`crate::volume::scrub`],
+//! run by the group's controller) told with the plexes named by their
+//! disks.
 
 use serde_json::{Value, json};
 
+use super::Group;
 use super::ops::human;
-use super::{Group, Progress};
 use crate::volume::scrub::{self, ScrubError, ScrubOptions};
 use crate::{Error, Result};
 
@@ -54,36 +54,6 @@ impl VolumeScrub {
 }
 
 impl Group {
-    /// Compares the in-sync plexes of a volume and, with `opts.repair`,
-    /// makes them equal. Refused for a volume with fewer than two in-sync
-    /// plexes; a plex that fails I/O meanwhile is marked failed and the
-    /// scrub stops with an I/O error.
-    pub fn scrub(
-        &mut self,
-        name: &str,
-        opts: &ScrubOptions,
-        progress: &dyn Progress,
-    ) -> Result<VolumeScrub> {
-        self.refuse_unscrubbable(name)?;
-        let io = self.open_volume(name)?;
-        progress.start(
-            &format!(
-                "{} {name}",
-                if opts.repair {
-                    "scrub --repair"
-                } else {
-                    "scrub"
-                }
-            ),
-            io.engine.size(),
-        );
-        let result = scrub::scrub(&io.engine, opts, &|done| progress.set(done));
-        progress.finish();
-        self.settle(&io)?;
-        drop(io);
-        self.scrub_outcome(name, opts, result)
-    }
-
     /// Refuses to scrub a volume with fewer than two in-sync plexes.
     pub fn refuse_unscrubbable(&self, name: &str) -> Result<()> {
         let v = self.volume(name)?;

@@ -228,14 +228,21 @@ mod tests {
             None,
             "no failed plex left"
         );
-        g.resync_plex("m", s1, &NoProgress).unwrap();
-        let states: Vec<PlexState> = g
-            .volume("m")
-            .unwrap()
-            .plexes
-            .iter()
-            .map(|p| p.state)
-            .collect();
+        // The group's controller resyncs the spare's plex.
+        let live = crate::group::live::LiveGroup::start(g, Default::default());
+        let done = live.resync_in_foreground(&NoProgress).unwrap();
+        assert_eq!(done.len(), 1, "one resync");
+        assert_eq!(done[0].bytes, 16 * MIB, "{}", done[0].line);
+        let states: Vec<PlexState> = live
+            .with_group(|g| {
+                g.volume("m")
+                    .unwrap()
+                    .plexes
+                    .iter()
+                    .map(|p| p.state)
+                    .collect()
+            })
+            .unwrap();
         assert_eq!(states, vec![PlexState::InSync; 2]);
     }
 

@@ -5,9 +5,10 @@
 //! write refuses until the admin keeps one side with
 //! `resolve-split-brain --keep PATH`.
 //!
-//! Resolution makes the kept side's config the group's, brings the other
-//! side's disks back as returning disks, and resyncs their plexes from the
-//! kept side: the regions that either side changed since they parted (the
+//! Resolution makes the kept side's config the group's and brings the other
+//! side's disks back as returning disks; the group's controller then
+//! resyncs their plexes from the kept side as it resyncs any returning
+//! plex: the regions that either side changed since they parted (the
 //! union of both sides' bitmaps), or the whole volume when a bitmap cannot
 //! vouch for that (absent, damaged, or started after the sides parted).
 
@@ -17,7 +18,7 @@ use std::path::Path;
 use uuid::Uuid;
 
 use super::bitmap::{merge, to_volume};
-use super::{Found, Group, Progress};
+use super::{Found, Group};
 use crate::format::{DiskState, GroupConfig, PlexState};
 use crate::volume::bitmap::{DiskBitmap, Found as BitmapFound};
 use crate::{Error, Result};
@@ -63,14 +64,6 @@ pub struct SplitBrain {
     /// The side holding the newest config comes first.
     pub sides: Vec<SplitSide>,
     pub volumes: Vec<SplitVolume>,
-}
-
-/// The resync a returning plex gets: the volume ranges to copy, or `None`
-/// for a full resync.
-struct Planned {
-    volume: String,
-    disk: Uuid,
-    ranges: Option<Vec<Range<u64>>>,
 }
 
 fn same_config(a: &GroupConfig, b: &GroupConfig) -> bool {
@@ -317,10 +310,13 @@ impl Group {
     }
 
     /// Keeps the side of the disk at `keep`: its config becomes the group's,
-    /// the other sides' disks return, and their plexes are resynced from
-    /// the kept side (the regions either side changed, or in full where a
-    /// bitmap cannot vouch). Returns the bytes copied.
-    pub fn resolve_split_brain(&mut self, keep: &Path, progress: &dyn Progress) -> Result<u64> {
+    /// and the other sides' disks return with their plexes stale, each with
+    /// the reason it needs a full copy where a bitmap cannot vouch for what
+    /// either side changed. Committed here; the resyncs are the
+    /// controller's, as for any returning plex: the regions either side's
+    /// bitmaps name (the union of both sides' changes), or the whole volume.
+    /// Returns the volumes to resync.
+    pub fn keep_split_side(&mut self, keep: &Path) -> Result<Vec<String>> {
         let Some(split) = self.split.clone() else {
             return Err(Error::refused(format!(
                 "group {} has no split brain to resolve",
@@ -361,7 +357,7 @@ impl Group {
         let mut config = kept.config.clone();
         config.seqno = split.sides.iter().map(|s| s.seqno).max().unwrap_or(0);
         let next = config.seqno + 1;
-        let mut plan: Vec<Planned> = Vec::new();
+        let mut volumes = Vec::new();
         for v in &mut config.volumes {
             let sv = split.volumes.iter().find(|s| s.uuid == v.uuid);
             for p in v.plexes.iter_mut().filter(|p| returning.contains(&p.disk)) {
@@ -389,19 +385,11 @@ impl Group {
                         Some(sv) => sv.changes.iter().find_map(|c| c.unknown.clone()),
                     }
                 };
-                let ranges = match (&why_full, sv) {
-                    (None, Some(sv)) => Some(merge(
-                        sv.changes.iter().flat_map(|c| c.ranges.clone()).collect(),
-                    )),
-                    _ => None,
-                };
                 p.state = PlexState::Stale;
                 p.resync_reason = why_full;
-                plan.push(Planned {
-                    volume: v.name.clone(),
-                    disk: p.disk,
-                    ranges,
-                });
+                if !volumes.contains(&v.name) {
+                    volumes.push(v.name.clone());
+                }
             }
         }
         for d in &mut config.disks {
@@ -419,46 +407,21 @@ impl Group {
         }
         self.split = None;
         self.commit()?;
-        self.start_bitmaps()?;
-
-        let mut total = 0;
-        for Planned {
-            volume: name,
-            disk,
-            ranges,
-        } in plan
-        {
-            let source = self
-                .volume(&name)?
-                .plexes
-                .iter()
-                .find(|p| self.plex_state(p.disk, p.state) == "in-sync")
-                .map(|p| p.disk);
-            let Some(source) = source else {
+        for name in &volumes {
+            if self.require_source(name).is_err() {
+                let disks: Vec<String> = self
+                    .volume(name)?
+                    .plexes
+                    .iter()
+                    .filter(|p| returning.contains(&p.disk))
+                    .map(|p| self.disk_path(p.disk))
+                    .collect();
                 self.warnings.push(format!(
                     "volume {name} has no in-sync plex on the kept side; its plex on {} stays stale",
-                    self.disk_path(disk)
+                    disks.join(", ")
                 ));
-                continue;
-            };
-            match ranges {
-                Some(ranges) => {
-                    let copied = self.copy_ranges(&name, source, disk, &ranges)?;
-                    self.set_plex_state(&name, disk, PlexState::InSync);
-                    self.commit()?;
-                    let line = format!(
-                        "resynced {copied} bytes of volume {name} onto {} (the {} range{} either side of the split changed, from the write-intent bitmaps)",
-                        self.disk_path(disk),
-                        ranges.len(),
-                        if ranges.len() == 1 { "" } else { "s" }
-                    );
-                    tracing::info!("{line}");
-                    self.resynced.push(line);
-                    total += copied;
-                }
-                None => total += self.resync_plex(&name, disk, progress)?,
             }
         }
-        Ok(total)
+        Ok(volumes)
     }
 }

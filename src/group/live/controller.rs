@@ -162,7 +162,7 @@ pub(super) struct Controller {
     /// An offline command waits for the resyncs: what each ended with is
     /// kept for it ([`Controller::take_outcomes`]) instead of printed.
     foreground: bool,
-    outcomes: Vec<crate::Result<String>>,
+    outcomes: Vec<crate::Result<super::Resynced>>,
     /// Dropped when the last resync slot goes ([`Controller::when_idle`]).
     idle_waiters: Vec<Sender<()>>,
     hot_spares: bool,
@@ -259,6 +259,23 @@ impl Controller {
         self.engines.insert(name.to_string(), engine.clone());
         self.publish();
         Some(engine)
+    }
+
+    /// Puts the plex `entry` (on a member disk) into `engine` in `mode`.
+    fn join_engine(
+        &self,
+        engine: &MirrorVolume,
+        entry: &crate::format::PlexEntry,
+        mode: Mode,
+    ) -> Option<Arc<EnginePlex>> {
+        let m = self.group.members.get(&entry.disk)?;
+        engine.add_plex(EnginePlex::new(
+            entry.disk,
+            m.disk.queue().clone(),
+            m.label.layout.data_offset() + entry.offset,
+            mode,
+        ));
+        engine.plex(entry.disk)
     }
 
     /// Takes a volume's engine out of the I/O path.
@@ -576,11 +593,16 @@ impl Controller {
                 continue;
             };
             for p in &entry.plexes {
-                if p.disk == uuid
-                    && self.group.plex_state(p.disk, p.state) == "in-sync"
-                    && let Some(ep) = engine.plex(uuid)
-                {
-                    ep.set_mode(Mode::InSync);
+                if p.disk != uuid || self.group.plex_state(p.disk, p.state) != "in-sync" {
+                    continue;
+                }
+                match engine.plex(uuid) {
+                    Some(ep) => ep.set_mode(Mode::InSync),
+                    // Out of the engine since the group started (its disk
+                    // was failed then): it joins now.
+                    None => {
+                        self.join_engine(engine, p, Mode::InSync);
+                    }
                 }
             }
         }
@@ -802,7 +824,7 @@ impl Controller {
     }
 
     /// What the resyncs of an offline command ended with.
-    pub(super) fn take_outcomes(&mut self) -> Vec<crate::Result<String>> {
+    pub(super) fn take_outcomes(&mut self) -> Vec<crate::Result<super::Resynced>> {
         std::mem::take(&mut self.outcomes)
     }
 
@@ -852,16 +874,7 @@ impl Controller {
                 p
             }
             Some(_) => return None,
-            None => {
-                let offset = self.group.members[&disk].label.layout.data_offset() + entry.offset;
-                engine.add_plex(EnginePlex::new(
-                    disk,
-                    self.group.members.get(&disk)?.disk.queue().clone(),
-                    offset,
-                    Mode::WriteOnly,
-                ));
-                engine.plex(disk)?
-            }
+            None => self.join_engine(&engine, &entry, Mode::WriteOnly)?,
         };
         let plan = self.group.resync_plan(name, disk).ok()?;
         progress.reset(plan.total, plan.done);
@@ -932,7 +945,10 @@ impl Controller {
                     );
                     tracing::info!("{line}");
                     if self.foreground {
-                        self.outcomes.push(Ok(line));
+                        self.outcomes.push(Ok(super::Resynced {
+                            line,
+                            bytes: copied,
+                        }));
                     } else {
                         eprintln!("{line}");
                     }

@@ -22,7 +22,7 @@ use uuid::Uuid;
 use super::LiveGroup;
 use crate::disk::{Disk, FileDisk};
 use crate::group::Group;
-use crate::group::NoProgress;
+use crate::group::Progress;
 use crate::group::events::{Event, EventKind};
 use crate::group::io::io_refusal;
 use crate::group::ops::{Endpoint, copy_chunks, human, path_io, refuse_smaller};
@@ -409,10 +409,57 @@ impl LiveGroup {
         })
     }
 
+    /// Writes `data` to volume `name` at `offset` through its engine, as a
+    /// client's write would go: plexes on absent disks are recorded stale
+    /// first (under `serve` they were, at its start), and a plex that fails
+    /// the write is failed by the controller.
+    pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<()> {
+        let (n, len) = (name.to_string(), data.len() as u64);
+        // Refuse a range past the end before anything is recorded.
+        let size = self.ask(move |c| c.group.volume(&n).map(|v| v.size))?;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::refused(format!(
+                "{len} bytes at offset {offset} lie past the end of volume {name} ({size} bytes)"
+            )));
+        }
+        self.prepare_write(name)?;
+        let e = self
+            .volume(name)
+            .ok_or_else(|| Error::refused(format!("no volume named {name} is in service")))?;
+        e.write(offset, data).map_err(|err| io_refusal(name, err))
+    }
+
+    /// Before data is written to volume `name` by a command: its plexes on
+    /// absent disks are recorded stale, as they miss it (under `serve` they
+    /// were, at its start).
+    fn prepare_write(&self, name: &str) -> Result<()> {
+        let n = name.to_string();
+        self.ask(move |c| {
+            let r = c.group.prepare_write(&n);
+            c.retire_plexes();
+            c.emit_changes();
+            r
+        })
+    }
+
+    /// Reads volume `name` at `offset` through its engine (from any in-sync
+    /// plex, repairing a plex that fails the read from another).
+    pub fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let n = name.to_string();
+        self.ask(move |c| c.group.require_source(&n))?;
+        let e = self
+            .volume(name)
+            .ok_or_else(|| Error::refused(format!("no volume named {name} is in service")))?;
+        let r = e.read(offset, buf).map_err(|err| io_refusal(name, err));
+        // A read repair runs behind the read: done before the caller looks.
+        e.wait_idle();
+        r
+    }
+
     /// `copy` while serving: through the running engines, so clients of a
     /// source volume go on (the caller refuses a target volume with
     /// clients).
-    pub fn copy(&self, src: &Endpoint, dst: &Endpoint) -> Result<u64> {
+    pub fn copy(&self, src: &Endpoint, dst: &Endpoint, progress: &dyn Progress) -> Result<u64> {
         enum Side {
             Path(std::path::PathBuf, FileDisk),
             Volume(Arc<MirrorVolume>),
@@ -447,6 +494,7 @@ impl LiveGroup {
                 let name = n.clone();
                 let room = self.ask(move |c| c.group.volume(&name).map(|v| v.size))?;
                 refuse_smaller(n, room, &what, size)?;
+                self.prepare_write(n)?;
                 Side::Volume(engine(n)?)
             }
             Endpoint::Path(p) => {
@@ -460,7 +508,15 @@ impl LiveGroup {
             Side::Volume(e) => e.read(pos, chunk).map_err(|err| io_refusal(&e.name, err)),
             Side::Path(p, d) => path_io(p, d, pos, chunk, write),
         };
-        copy_chunks(size, &NoProgress, |pos, chunk| {
+        let describe = |side: &Side| match side {
+            Side::Volume(e) => format!("volume {}", e.name),
+            Side::Path(p, _) => p.display().to_string(),
+        };
+        progress.start(
+            &format!("copy {} to {}", describe(&source), describe(&target)),
+            size,
+        );
+        copy_chunks(size, progress, |pos, chunk| {
             io(&source, pos, chunk, false)?;
             io(&target, pos, chunk, true)
         })?;
@@ -468,6 +524,7 @@ impl LiveGroup {
             Side::Volume(e) => e.flush().map_err(|err| io_refusal(&e.name, err))?,
             Side::Path(p, d) => d.flush().map_err(|e| Error::io_path("flush", p, e))?,
         }
+        progress.finish();
         Ok(size)
     }
 }
