@@ -884,6 +884,115 @@ fn an_online_fail_returns_within_the_deadline_while_another_disk_hangs() {
     assert_eq!(vol_state(&st, "m2"), "failed-redundancy", "{st:#}");
 }
 
+/// A simple volume whose only copy sits on a disk that hangs under `serve`:
+/// a write to a region it never wrote (its write-intent bit must be made
+/// durable on that disk first) waits for the disk, as its data would, since
+/// there is no other copy to take it. Meanwhile `status` shows the volume
+/// `not-answering` with the disk, and a volume on another disk answers;
+/// once the disk returns the write completes, and lands.
+#[test]
+fn a_cold_write_to_a_volume_whose_last_copy_hangs_waits_for_it_while_others_answer() {
+    if !rig_available(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    plain(&sb, &["a.img"]);
+    let b = faulty_disk(&sb, "b.img", 64);
+    init_all(&sb, &["a.img", "b.img"]);
+    let (a_path, b_path) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
+    sb.mv(&["create", "solo", "--size", "16M", "--disk", &b_path])
+        .ok();
+    sb.mv(&["create", "other", "--size", "16M", "--disk", &a_path])
+        .ok();
+    mirror(&sb, "pair", 8, &["a.img", "b.img"]);
+    let s = serve(&sb);
+    let _resume = b.resume_on_drop();
+    qemu_io_t(&s.uri("solo"), &["write -P 0x21 0 64k"]);
+
+    b.pause();
+    // 8 MiB in: a region no write touched since serve started.
+    let mut writer = Command::new("qemu-io")
+        .args(["-f", "raw", &s.uri("solo"), "-c", "write -P 0x5e 8M 1M"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Reap<'a>(&'a mut Child);
+    impl Drop for Reap<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let writer = Reap(&mut writer);
+    // Past the deadline twice over: the write still waits, not failed.
+    std::thread::sleep(Duration::from_secs(2 * IO_TIMEOUT_SECS + 1));
+    assert!(
+        matches!(writer.0.try_wait(), Ok(None)),
+        "the cold write to the hung last copy ended before its disk returned"
+    );
+    let st = status_t(&sb);
+    assert_eq!(vol_state(&st, "solo"), "not-answering", "{st:#}");
+    assert!(
+        volume(&st, "solo")["waiting_on"]
+            .to_string()
+            .contains("b.img"),
+        "{st:#}"
+    );
+    assert_eq!(vol_state(&st, "other"), "healthy", "{st:#}");
+    qemu_io_t(
+        &s.uri("other"),
+        &["write -P 0x3a 8M 1M", "read -P 0x3a 8M 1M"],
+    );
+    // A mirror with a plex on the hung disk goes on without it: that plex
+    // fails, the disk stays in service for the last copy it holds.
+    qemu_io_t(&s.uri("pair"), &["write -P 0x4b 0 1M", "read -P 0x4b 0 1M"]);
+    let st = status_t(&sb);
+    assert_eq!(vol_state(&st, "pair"), "failed-redundancy", "{st:#}");
+    assert_eq!(vol_state(&st, "solo"), "not-answering", "{st:#}");
+    assert!(
+        matches!(writer.0.try_wait(), Ok(None)),
+        "the cold write to the hung last copy ended when the mirror's plex failed"
+    );
+
+    // The disk returns: the write completes without an error, and landed.
+    b.resume();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = writer.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < limit(),
+            "the write did not complete once the disk returned"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(writer.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(
+        status.success() && !out.contains("failed"),
+        "the write after the disk returned: {status:?}\n{out}"
+    );
+    drop(writer);
+    qemu_io_t(
+        &s.uri("solo"),
+        &["read -P 0x5e 8M 1M", "read -P 0x21 0 64k"],
+    );
+    // The disk stayed in service, its hang counted against it: the
+    // volume is at risk, not failed.
+    let st = status_t(&sb);
+    assert_eq!(disk_state(&st, "b.img"), "online-errors", "{st:#}");
+    assert_eq!(
+        vol_state(&st, "solo"),
+        "failed-redundancy-at-risk",
+        "{st:#}"
+    );
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "serve's exit status:\n{log}");
+}
+
 #[test]
 fn a_disk_that_fills_up_is_failed_and_clients_see_no_error() {
     if !rig_available(&["fio"]) {

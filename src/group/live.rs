@@ -439,7 +439,7 @@ fn resync_worker(me: Weak<LiveGroup>, name: String, opts: ResyncOptions) {
 fn housekeeper(me: Weak<LiveGroup>, chores: Receiver<Chore>) {
     for chore in chores {
         // Every disk is asked at once: a hung one costs one deadline.
-        let failed: Vec<(Uuid, String)> = std::thread::scope(|s| {
+        let failed: Vec<(Uuid, String, bool)> = std::thread::scope(|s| {
             let asked: Vec<_> = chore
                 .check
                 .iter()
@@ -447,7 +447,7 @@ fn housekeeper(me: Weak<LiveGroup>, chores: Receiver<Chore>) {
                     s.spawn(move || {
                         crate::disk::Disk::health(&**disk)
                             .err()
-                            .map(|e| (*uuid, e.to_string()))
+                            .map(|e| (*uuid, e.to_string(), e.kind() == io::ErrorKind::TimedOut))
                     })
                 })
                 .collect();
@@ -459,8 +459,8 @@ fn housekeeper(me: Weak<LiveGroup>, chores: Receiver<Chore>) {
         controller::clear_bits(chore.clear, false);
         let Some(live) = me.upgrade() else { return };
         live.send(move |c| {
-            for (uuid, error) in failed {
-                c.fail_whole_disk(uuid, "the disk failed its check", &error);
+            for (uuid, error, hung) in failed {
+                c.fail_whole_disk(uuid, "the disk failed its check", &error, hung);
             }
             c.chore_done();
         });
@@ -511,15 +511,16 @@ impl LiveGroup {
 impl FailureSink for LiveGroup {
     fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error) -> bool {
         let wide = crate::volume::error::disk_wide(error);
+        let hung = error.kind() == io::ErrorKind::TimedOut;
         let (volume, what) = (volume.to_string(), error.to_string());
-        self.call(move |c| c.plex_failed(&volume, disk, wide, &what))
+        self.call(move |c| c.plex_failed(&volume, disk, wide, hung, &what))
             .unwrap_or(false)
     }
 
     fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
         let why = format!("the last in-sync plex of {volume} failed");
         let what = error.to_string();
-        self.call(move |c| c.fail_whole_disk(disk, &why, &what));
+        self.call(move |c| c.fail_whole_disk(disk, &why, &what, false));
     }
 
     fn read_error(&self, volume: &str, disk: Uuid, error: &io::Error, repaired: bool) {

@@ -751,10 +751,15 @@ impl Group {
     /// the config lists as online but that are not present are recorded as
     /// missing first, so they are known to be behind when they return. A disk
     /// whose config write fails is marked failed and the commit goes on with
-    /// the others; it fails only when no disk took the config.
+    /// the others; it fails only when no disk took the config. A disk whose
+    /// write hangs past the deadline while it holds a volume's last in-sync
+    /// plex is not failed (that volume waits for it): the change is recorded
+    /// on the others, and a later commit brings the disk up to date.
     pub fn commit(&mut self) -> Result<()> {
         // A spare that received a plex is an active member from this commit on.
         self.config.retire_used_spares();
+        // Hung disks holding a last copy: not asked again in this commit.
+        let mut behind: std::collections::BTreeSet<Uuid> = Default::default();
         loop {
             let seqno = self.config.seqno + 1;
             for d in &mut self.config.disks {
@@ -782,6 +787,7 @@ impl Group {
                         .iter()
                         .filter(|(uuid, _)| {
                             config.disk(**uuid).map(|d| d.state) == Some(DiskState::Online)
+                                && !behind.contains(*uuid)
                         })
                         .map(|(uuid, m)| {
                             // A healed label keeps the version the disk is at now.
@@ -839,14 +845,28 @@ impl Group {
                 )));
             }
             self.config.seqno = seqno;
-            if failed.is_empty() {
-                return Ok(());
-            }
+            let mut changed = false;
             for (uuid, path, e) in failed {
+                let hung = matches!(&e, FormatError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut);
+                let last = self.last_copies_on(uuid);
+                if hung && !last.is_empty() {
+                    let line = format!(
+                        "disk {path} does not answer ({e}); it holds the last copy of {}, which waits for it; the config change is recorded on the other disks and reaches it when it answers",
+                        last.join(", ")
+                    );
+                    tracing::warn!("{line}");
+                    self.warnings.push(line);
+                    behind.insert(uuid);
+                    continue;
+                }
                 self.warnings.push(format!(
                     "disk {path} failed a config write ({e}) and is marked failed"
                 ));
                 self.mark_disk_failed(uuid, Some("its disk failed a config write"));
+                changed = true;
+            }
+            if !changed {
+                return Ok(());
             }
         }
     }
@@ -857,17 +877,7 @@ impl Group {
     /// `io_error` says why, when an I/O error did it: those plexes then get
     /// a full resync when they return.
     pub fn mark_disk_failed(&mut self, uuid: Uuid, io_error: Option<&str>) {
-        let mut keep = Vec::new();
-        for v in &self.config.volumes {
-            let others = v
-                .plexes
-                .iter()
-                .filter(|p| p.disk != uuid && self.plex_state(p.disk, p.state) == "in-sync")
-                .count();
-            if others == 0 {
-                keep.push(v.name.clone());
-            }
-        }
+        let keep = self.last_copies_on(uuid);
         let next = self.config.seqno + 1;
         if let Some(d) = self.config.disk_mut(uuid) {
             d.state = DiskState::Failed;
@@ -883,6 +893,22 @@ impl Group {
                 }
             }
         }
+    }
+
+    /// The volumes with a plex on `disk` and no in-sync plex elsewhere: the
+    /// disk holds their last copy (if any copy is left at all).
+    pub fn last_copies_on(&self, disk: Uuid) -> Vec<String> {
+        self.config
+            .volumes
+            .iter()
+            .filter(|v| v.plexes.iter().any(|p| p.disk == disk))
+            .filter(|v| {
+                !v.plexes
+                    .iter()
+                    .any(|p| p.disk != disk && self.plex_state(p.disk, p.state) == "in-sync")
+            })
+            .map(|v| v.name.clone())
+            .collect()
     }
 
     /// Before a volume is put in service, its in-sync plexes on absent disks

@@ -540,7 +540,10 @@ impl DiskQueue {
     }
 
     /// Times out the requests of this queue older than its deadline.
-    fn expire(&self) {
+    /// Takes the requests past their deadline out of flight, counted and
+    /// logged, each with the error to complete it with (by the caller, who
+    /// may hold locks the completions must not run under).
+    fn take_expired(&self) -> Vec<(Arc<Ticket>, io::Error)> {
         let timeout = self.timeout;
         let now = Instant::now();
         let expired: Vec<Arc<Ticket>> = {
@@ -556,23 +559,27 @@ impl DiskQueue {
                 .collect()
         };
         if expired.is_empty() {
-            return;
+            return Vec::new();
         }
         self.timed_out.store(true, Ordering::Relaxed);
         self.stats
             .timeouts
             .fetch_add(expired.len() as u64, Ordering::Relaxed);
         tracing::error!(disk = %self.name, count = expired.len(), "I/O timed out");
-        for t in expired {
-            t.complete(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "I/O on disk {} did not complete within {} ms",
-                    self.name,
-                    timeout.as_millis()
-                ),
-            )));
-        }
+        expired
+            .into_iter()
+            .map(|t| {
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "I/O on disk {} did not complete within {} ms",
+                        self.name,
+                        timeout.as_millis()
+                    ),
+                );
+                (t, e)
+            })
+            .collect()
     }
 
     /// Stops accepting requests; workers finish what is queued and exit.
@@ -632,21 +639,26 @@ fn watchdog() -> &'static Watchdog {
             .name("mv-watchdog".into())
             .spawn(|| {
                 loop {
-                    let live: Vec<Arc<DiskQueue>> = {
+                    // The queues are held only under the lock: once a queue
+                    // has left ([`Watchdog::leave`]), the watchdog holds no
+                    // handle to it, so its file is never closed here after
+                    // its owner let go of it.
+                    let (expired, tick) = {
                         let mut queues =
                             watchdog().queues.lock().unwrap_or_else(|e| e.into_inner());
                         queues.retain(|q| q.strong_count() > 0);
-                        queues.iter().filter_map(Weak::upgrade).collect()
+                        let mut expired = Vec::new();
+                        let mut tick: Option<Duration> = None;
+                        for q in queues.iter().filter_map(Weak::upgrade) {
+                            expired.extend(q.take_expired());
+                            let t = q.timeout / 4;
+                            tick = Some(tick.map_or(t, |m| m.min(t)));
+                        }
+                        (expired, tick.map(|t| t.max(Duration::from_millis(5))))
                     };
-                    let tick = live
-                        .iter()
-                        .map(|q| q.timeout / 4)
-                        .min()
-                        .map(|t| t.max(Duration::from_millis(5)));
-                    for q in &live {
-                        q.expire();
+                    for (ticket, error) in expired {
+                        ticket.complete(Err(error));
                     }
-                    drop(live);
                     match tick {
                         Some(t) => std::thread::park_timeout(t),
                         // No queue: nothing to watch until one starts.
@@ -673,6 +685,16 @@ impl Watchdog {
         // A new, shorter deadline takes effect at once.
         self.thread.unpark();
     }
+
+    /// Stops watching `queue`; when this returns the watchdog holds no
+    /// handle to it.
+    fn leave(&self, queue: &Arc<DiskQueue>) {
+        let target = Arc::downgrade(queue);
+        self.queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|q| !q.ptr_eq(&target) && q.strong_count() > 0);
+    }
 }
 
 /// A disk whose every request goes through its queue, under the queue's
@@ -696,6 +718,11 @@ impl Drop for QueuedDisk {
     fn drop(&mut self) {
         if self.owner {
             self.queue.stop();
+            // Every worker was joined (none left in flight) unless the disk
+            // hung: then its stuck requests still need their deadline.
+            if !self.queue.has_timed_out() {
+                watchdog().leave(&self.queue);
+            }
         }
     }
 }

@@ -420,6 +420,7 @@ impl Controller {
         volume: &str,
         disk: Uuid,
         disk_wide: bool,
+        hung: bool,
         error: &str,
     ) -> bool {
         self.count_error(disk);
@@ -429,7 +430,7 @@ impl Controller {
             // it next, config writes included: the whole disk goes out of
             // service at once, so no commit waits on it.
             tracing::error!(%volume, disk = %path, %error, "the disk as a whole failed");
-            self.fail_disk(disk);
+            self.take_disk_out(disk, hung);
         } else {
             tracing::error!(%volume, disk = %path, %error, "plex failed");
             self.group.mark_plex_failed(volume, disk);
@@ -442,18 +443,60 @@ impl Controller {
 
     /// Takes a disk in service out of service for an error that is the
     /// whole disk's: recorded in the config (its last in-sync plexes keep
-    /// their data and state), reported, and a hot spare sought.
-    pub(super) fn fail_whole_disk(&mut self, disk: Uuid, why: &str, error: &str) {
+    /// their data and state), reported, and a hot spare sought. `hung`: the
+    /// error is a request past the deadline.
+    pub(super) fn fail_whole_disk(&mut self, disk: Uuid, why: &str, error: &str, hung: bool) {
         self.count_error(disk);
         if !self.group.is_online(disk) {
             return;
         }
         let path = self.group.disk_path(disk);
+        if !self.take_disk_out(disk, hung) {
+            return;
+        }
         tracing::error!(disk = %path, %error, "{why}; the disk is taken out of service");
-        self.fail_disk(disk);
         self.commit(&format!("failed disk {path}"));
         self.emit_changes();
         self.use_spares();
+    }
+
+    /// The one rule for a disk-wide failure. A disk that failed is failed
+    /// whole. A disk that hangs is not taken from under a volume whose last
+    /// in-sync plex it holds: there is no other copy to serve that volume,
+    /// so its requests wait for the disk (`not-answering` in status) and go
+    /// on when it returns; the disk's other plexes fail, so their volumes go
+    /// on without it. Returns whether anything changed.
+    fn take_disk_out(&mut self, disk: Uuid, hung: bool) -> bool {
+        let last = self.group.last_copies_on(disk);
+        if !hung || last.is_empty() {
+            self.fail_disk(disk);
+            return true;
+        }
+        let others: Vec<String> = self
+            .group
+            .config
+            .volumes
+            .iter()
+            .filter(|v| !last.contains(&v.name))
+            .filter(|v| {
+                v.plexes
+                    .iter()
+                    .any(|p| p.disk == disk && p.state != PlexState::Failed)
+            })
+            .map(|v| v.name.clone())
+            .collect();
+        for name in &others {
+            self.group.mark_plex_failed(name, disk);
+        }
+        if !others.is_empty() {
+            tracing::error!(
+                disk = %self.group.disk_path(disk),
+                waiting = ?last,
+                failed = ?others,
+                "the disk hangs: its plexes with another copy are failed; the volumes whose last copy it holds wait for it"
+            );
+        }
+        !others.is_empty()
     }
 
     fn fail_disk(&mut self, disk: Uuid) {
