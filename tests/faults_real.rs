@@ -702,6 +702,76 @@ fn a_disk_dead_before_the_first_command_leaves_the_group_working_degraded() {
     );
 }
 
+/// The rest of the commands with a disk dead from the start, each within
+/// the deadline: `scrub` and `break` refuse (one in-sync plex is left, on
+/// the live disk), `reactivate` of the dead disk fails and changes nothing,
+/// `fail` records it failed; once the disk works again `reactivate` brings
+/// it back and resyncs it, and a scrub finds the plexes equal.
+#[test]
+fn with_a_dead_disk_every_command_answers_and_reactivate_brings_it_back() {
+    if !rig_available(&[]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (b, data) = faulty_b(&sb);
+    b.fail_all();
+    let b_path = b.display();
+
+    let r = mvt(&sb, &["scrub", "data"]);
+    assert_eq!(r.code, 2, "scrub with b dead:\n{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("fewer than two in-sync plexes"),
+        "{}",
+        r.stderr
+    );
+    let r = mvt(&sb, &["break", "data", "--disk", &b_path]);
+    assert_eq!(
+        r.code, 2,
+        "break off the dead disk:\n{}{}",
+        r.stdout, r.stderr
+    );
+    let before = status_t(&sb);
+    let r = mvt(&sb, &["reactivate", &b_path]);
+    assert_ne!(
+        r.code, 0,
+        "reactivate of a dead disk:\n{}{}",
+        r.stdout, r.stderr
+    );
+    let errors: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert!(
+        errors.len() == 1
+            && errors[0].contains("b.img")
+            && errors[0].contains("Input/output error"),
+        "one error naming the disk and its I/O error: {}",
+        r.stderr
+    );
+    assert_eq!(
+        status_t(&sb)["disks"],
+        before["disks"],
+        "a failed reactivate changed the disks' states"
+    );
+    mvt_ok(&sb, &["fail", &b_path]);
+    let st = status_t(&sb);
+    assert_eq!(disk_state(&st, "b.img"), "failed", "{st:#}");
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+
+    // The disk works again: reactivate resyncs it in full (it failed).
+    b.heal();
+    let out = mvt_ok(&sb, &["reactivate", &b_path]);
+    assert!(out.contains("resynced"), "{out}");
+    let st = status_t(&sb);
+    assert_eq!(disk_state(&st, "b.img"), "online", "{st:#}");
+    assert_eq!(vol_state(&st, "data"), "healthy", "{st:#}");
+    let out = mvt_ok(&sb, &["scrub", "data", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["mismatches"], 0, "{r:#}");
+    assert_holds(&sb.read_volume("data"), &data, "data after b came back");
+}
+
 #[test]
 fn a_disk_dying_under_load_is_failed_and_clients_see_no_error() {
     fails_under_load(RealFaultyDisk::fail_all, &[]);

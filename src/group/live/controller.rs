@@ -9,16 +9,17 @@
 //! ever sees another half made. The I/O hot path never waits on it: it
 //! reads the engines' plex sets, which only the controller changes.
 //!
-//! Offline, `fail`, `remove-mirror`, `break`, `create`, `extend`,
-//! `delete`, `add-mirror`, `repair`, `reactivate` and `scrub` start a
-//! controller
-//! with no listeners and run the same operation through it as `serve`
-//! does; the last three then run its resync jobs to the end in the
-//! foreground ([`Controller::resync_in_foreground`]).
+//! Offline, every command that changes the group (`fail`,
+//! `remove-mirror`, `break`, `create`, `extend`, `delete`, `add-mirror`,
+//! `repair`, `reactivate`, `scrub`, `copy`, `resolve-split-brain`) starts
+//! a controller with no listeners and runs the same operation through it
+//! as `serve` does; those that resync then run its resync jobs to the end
+//! in the foreground ([`Controller::resync_in_foreground`]).
 //!
 //! The controller waits on nothing but config commits, which go through
 //! the disk queues under the hang deadline (a hung disk costs one deadline
-//! and is failed). Whatever waits longer (a plex draining its requests, a
+//! and is failed, unless it holds a volume's last in-sync copy: see
+//! [`Controller::take_disk_out`]). Whatever waits longer (a plex draining its requests, a
 //! resync stopping at its checkpoint, a scrub, a copy) waits on the thread
 //! that asked, for a channel the controller or the plex closes: never by
 //! polling.
@@ -27,6 +28,8 @@
 //!  DISK (config + health)                    who moves it
 //!  ──────────────────────
 //!   online ──I/O error, deadline, health──▶ failed     engine, housekeeper
+//!   online ──hangs holding a last copy──▶ online-errors  engine, housekeeper
+//!     │  (its plexes with another copy fail; that volume waits: not-answering)
 //!     ▲   ╲                                    │
 //!     │    ╲──admin `fail`─────────────────────┤       control socket
 //!     └──────────────admin `reactivate`────────┘       control socket
