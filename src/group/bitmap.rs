@@ -205,28 +205,58 @@ impl Group {
         };
         let (src, src_at, src_path) = at(from)?;
         let (dst, dst_at, dst_path) = at(to)?;
-        let mut want = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
-        let mut have = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
-        let (mut compared, mut copied) = (0, 0);
         let cannot = |verb: &str, path: &str, e| {
             Error::io(format!("resync of volume {name}: cannot {verb} {path}"), e)
         };
-        for r in ranges {
-            let mut pos = r.start;
-            while pos < r.end {
-                let n = (r.end - pos).min(COPY_CHUNK as u64) as usize;
-                src.read_at(&mut want[..n], src_at + pos)
-                    .map_err(|e| cannot("read", &src_path, e))?;
-                dst.read_at(&mut have[..n], dst_at + pos)
-                    .map_err(|e| cannot("read", &dst_path, e))?;
-                if want[..n] != have[..n] {
-                    dst.write_at(&want[..n], dst_at + pos)
-                        .map_err(|e| cannot("write", &dst_path, e))?;
-                    copied += n as u64;
-                }
-                pos += n as u64;
-                compared += n as u64;
-            }
+        // The chunks to compare; dirty regions are small and scattered, so
+        // several go at once (each disk's queue has workers for them).
+        let chunks: Vec<(u64, usize)> = ranges
+            .iter()
+            .flat_map(|r| {
+                (r.start..r.end)
+                    .step_by(COPY_CHUNK)
+                    .map(move |pos| (pos, (r.end - pos).min(COPY_CHUNK as u64) as usize))
+            })
+            .collect();
+        const AT_ONCE: usize = 4;
+        let results: Vec<Result<(u64, u64)>> = std::thread::scope(|s| {
+            let lanes: Vec<_> = (0..AT_ONCE)
+                .map(|lane| {
+                    let (chunks, src, dst, cannot) = (&chunks, &src, &dst, &cannot);
+                    let (src_path, dst_path) = (&src_path, &dst_path);
+                    s.spawn(move || -> Result<(u64, u64)> {
+                        let mut want = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
+                        let mut have = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
+                        let (mut compared, mut copied) = (0, 0);
+                        for &(pos, n) in chunks.iter().skip(lane).step_by(AT_ONCE) {
+                            src.read_at(&mut want[..n], src_at + pos)
+                                .map_err(|e| cannot("read", src_path, e))?;
+                            dst.read_at(&mut have[..n], dst_at + pos)
+                                .map_err(|e| cannot("read", dst_path, e))?;
+                            if want[..n] != have[..n] {
+                                dst.write_at(&want[..n], dst_at + pos)
+                                    .map_err(|e| cannot("write", dst_path, e))?;
+                                copied += n as u64;
+                            }
+                            compared += n as u64;
+                        }
+                        Ok((compared, copied))
+                    })
+                })
+                .collect();
+            lanes
+                .into_iter()
+                .map(|l| {
+                    l.join()
+                        .unwrap_or_else(|_| Err(Error::failed("a resync thread panicked")))
+                })
+                .collect()
+        });
+        let (mut compared, mut copied) = (0, 0);
+        for r in results {
+            let (c, n) = r?;
+            compared += c;
+            copied += n;
         }
         if copied > 0 {
             dst.flush().map_err(|e| cannot("flush", &dst_path, e))?;

@@ -122,10 +122,15 @@ impl Default for DiskOpen {
 }
 
 /// At the end of every command (and of `serve`), the bits of regions in
-/// sync everywhere are cleared, so that the next start finds nothing dirty.
+/// sync everywhere are cleared, so that the next start finds nothing dirty;
+/// then every disk is let go, its file closed and its lock released, even
+/// where a bitmap or an engine still holds its queue.
 impl Drop for Group {
     fn drop(&mut self) {
         self.clean_bitmaps(true);
+        for m in self.members.values() {
+            m.disk.queue().close();
+        }
     }
 }
 
@@ -638,7 +643,10 @@ impl Group {
     /// queue: fault injection in tests, instrumentation in benchmarks.
     pub fn wrap_disks(&mut self, mut wrap: impl FnMut(Uuid, Arc<dyn Disk>) -> Arc<dyn Disk>) {
         for (uuid, m) in &mut self.members {
-            let wrapped = wrap(*uuid, m.disk.raw().clone());
+            let Some(raw) = m.disk.raw() else {
+                continue;
+            };
+            let wrapped = wrap(*uuid, raw);
             m.disk = QueuedDisk::start(
                 &m.path.display().to_string(),
                 wrapped,

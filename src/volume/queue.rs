@@ -252,7 +252,12 @@ struct Job {
 /// A disk's queue and workers.
 pub struct DiskQueue {
     name: String,
-    disk: Arc<dyn Disk>,
+    /// The backend; taken out when the queue closes ([`DiskQueue::close`]),
+    /// so that the file (and its lock) is let go then, whoever still holds
+    /// the queue.
+    disk: Mutex<Option<Arc<dyn Disk>>>,
+    size: u64,
+    sector_size: u32,
     tx: Mutex<Option<Sender<Job>>>,
     /// The metadata lane: labels, config slots and bitmaps ([`QueuedDisk`])
     /// have a worker of their own. The data workers run the engine's
@@ -384,7 +389,9 @@ impl DiskQueue {
         let stats = Arc::new(DiskStats::default());
         let q = Arc::new(DiskQueue {
             name: name.to_string(),
-            disk,
+            size: disk.size(),
+            sector_size: disk.sector_size(),
+            disk: Mutex::new(Some(disk)),
             tx: Mutex::new(Some(tx)),
             meta_tx: Mutex::new(Some(meta_tx)),
             pending: AtomicUsize::new(0),
@@ -422,8 +429,18 @@ impl DiskQueue {
         &self.name
     }
 
-    pub fn disk(&self) -> &Arc<dyn Disk> {
-        &self.disk
+    /// The backend's sector size.
+    pub fn sector_size(&self) -> u32 {
+        self.sector_size
+    }
+
+    /// The backend, until the queue closes.
+    pub fn disk(&self) -> Option<Arc<dyn Disk>> {
+        self.disk.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn closed(&self) -> io::Error {
+        io::Error::other(format!("the queue of disk {} is stopped", self.name))
     }
 
     /// What this queue has done since it started.
@@ -518,7 +535,10 @@ impl DiskQueue {
     /// to a worker thread.
     pub fn submit_here(&self, op: Op, deadline: bool, done: Callback) {
         let (id, ticket, submitted) = self.begin(deadline, done);
-        let outcome = execute_counted(&*self.disk, &self.stats, op, submitted);
+        let outcome = match self.disk() {
+            Some(disk) => execute_counted(&*disk, &self.stats, op, submitted),
+            None => Err(self.closed()),
+        };
         self.end(id);
         ticket.complete(outcome);
     }
@@ -582,6 +602,19 @@ impl DiskQueue {
             .collect()
     }
 
+    /// Stops the queue and lets its backend go: the file is closed (and its
+    /// lock released) once no request holds it, which is at once unless
+    /// the disk hung. Whoever still holds the queue gets errors.
+    pub fn close(&self) {
+        self.stop();
+        self.disk.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // Every worker was joined (none left in flight) unless the disk
+        // hung: then its stuck requests still need their deadline.
+        if !self.has_timed_out() {
+            watchdog().leave(self);
+        }
+    }
+
     /// Stops accepting requests; workers finish what is queued and exit.
     /// Workers stuck in a hung disk are left behind, not joined.
     pub fn stop(&self) {
@@ -608,7 +641,7 @@ impl DiskQueue {
 fn worker(q: Weak<DiskQueue>, stats: Arc<DiskStats>, rx: Receiver<Job>) {
     while let Ok(job) = rx.recv() {
         let outcome = {
-            let Some(disk) = q.upgrade().map(|queue| queue.disk.clone()) else {
+            let Some(disk) = q.upgrade().and_then(|queue| queue.disk()) else {
                 job.ticket
                     .complete(Err(io::Error::other("the disk queue was stopped")));
                 continue;
@@ -688,12 +721,12 @@ impl Watchdog {
 
     /// Stops watching `queue`; when this returns the watchdog holds no
     /// handle to it.
-    fn leave(&self, queue: &Arc<DiskQueue>) {
-        let target = Arc::downgrade(queue);
+    fn leave(&self, queue: &DiskQueue) {
+        let target: *const DiskQueue = queue;
         self.queues
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|q| !q.ptr_eq(&target) && q.strong_count() > 0);
+            .retain(|q| !std::ptr::eq(q.as_ptr(), target) && q.strong_count() > 0);
     }
 }
 
@@ -717,12 +750,7 @@ pub struct QueuedDisk {
 impl Drop for QueuedDisk {
     fn drop(&mut self) {
         if self.owner {
-            self.queue.stop();
-            // Every worker was joined (none left in flight) unless the disk
-            // hung: then its stuck requests still need their deadline.
-            if !self.queue.has_timed_out() {
-                watchdog().leave(&self.queue);
-            }
+            self.queue.close();
         }
     }
 }
@@ -769,9 +797,9 @@ impl QueuedDisk {
         &self.queue
     }
 
-    /// The backend under the queue.
-    pub fn raw(&self) -> &Arc<dyn Disk> {
-        &self.queue.disk
+    /// The backend under the queue, until it closes.
+    pub fn raw(&self) -> Option<Arc<dyn Disk>> {
+        self.queue.disk()
     }
 
     fn run(&self, op: Op) -> Outcome {
@@ -781,11 +809,11 @@ impl QueuedDisk {
 
 impl Disk for QueuedDisk {
     fn size(&self) -> u64 {
-        self.queue.disk.size()
+        self.queue.size
     }
 
     fn sector_size(&self) -> u32 {
-        self.queue.disk.sector_size()
+        self.queue.sector_size
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -825,7 +853,7 @@ impl Disk for QueuedDisk {
     }
 
     fn identity(&self) -> crate::disk::DiskIdentity {
-        self.queue.disk.identity()
+        self.queue.disk().map(|d| d.identity()).unwrap_or_default()
     }
 
     fn health(&self) -> io::Result<()> {
@@ -1025,5 +1053,41 @@ mod tests {
         disk.release();
         q.read_at(&mut buf, 4096).unwrap();
         assert_eq!(buf, [9u8; 512]);
+    }
+
+    /// A queue still held elsewhere (a bitmap's view, an engine) after its
+    /// owner let go does not keep the file open: the next open of the
+    /// same path, which takes the file's lock, succeeds at once.
+    #[test]
+    fn closing_the_owner_lets_the_file_go_while_the_queue_is_still_held() {
+        use crate::disk::{FileDisk, OpenOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let opts = OpenOptions {
+            lock: true,
+            ..OpenOptions::default()
+        };
+        let owner = QueuedDisk::start(
+            "d.img",
+            Arc::new(FileDisk::open(&path, opts).unwrap()),
+            2,
+            Duration::from_secs(5),
+        );
+        let view = owner.queue().clone();
+        assert!(FileDisk::open(&path, opts).is_err(), "locked while open");
+        drop(owner);
+        FileDisk::open(&path, opts).expect("the file was let go with its owner");
+        // The view only gets errors now.
+        let (tx, rx) = std::sync::mpsc::channel();
+        view.submit(
+            Op::Flush,
+            true,
+            Box::new(move |o| tx.send(o.is_err()).unwrap()),
+        );
+        assert!(rx.recv().unwrap(), "a closed queue answers with an error");
     }
 }

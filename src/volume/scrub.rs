@@ -333,7 +333,7 @@ fn scrub_chunk(
             }
             // Writes cover whole sectors of the disk (4 KiB ones too); the
             // bytes around a run are this plex's own, as read under the lock.
-            let ss = (p.queue.disk().sector_size() as usize).max(SCRUB_SECTOR);
+            let ss = (p.queue.sector_size() as usize).max(SCRUB_SECTOR);
             // Through the queue, under the deadline: a plex that hangs during
             // a repair fails the scrub instead of holding its range for good.
             let disk = QueuedDisk::over(p.queue.clone());
