@@ -444,3 +444,149 @@ fn a_client_that_stops_reading_its_replies_holds_up_no_other_client() {
     drop(a);
     assert_eq!(s.stop().0, 0);
 }
+
+/// A line of `/proc/PID/status` ("VmRSS", "Threads"), as a number.
+fn proc_status(pid: i32, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+/// The NBD clients of volume `data`, as `status` counts them.
+fn clients(sb: &Sandbox) -> u64 {
+    let st = sb.status();
+    common::volume(&st, "data")["clients"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_keeps_the_server_within_its_memory_bound() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 160, 64);
+    let s = Served::start(&sb, &[], &[]);
+    let before_kib = proc_status(s.pid(), "VmRSS");
+    // 128 reads of 32 MiB (4 GiB of replies), none of them ever read.
+    let (a, _) = Client::go(&s.sock, "data");
+    let mut burst = Vec::new();
+    for i in 0..128u64 {
+        let r = Request {
+            flags: 0,
+            kind: proto::CMD_READ,
+            handle: i,
+            offset: (i % 2) * 32 * MIB,
+            len: 32 * MIB as u32,
+        };
+        burst.extend_from_slice(&proto::encode_request(&r));
+    }
+    let mut w = a.s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let _ = w.write_all(&burst);
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let grew_mib = proc_status(s.pid(), "VmRSS").saturating_sub(before_kib) / 1024;
+    eprintln!("serve grew by {grew_mib} MiB");
+    // Its share: 128 MiB of replies in flight, the socket's buffers besides.
+    assert!(
+        grew_mib < 192,
+        "serve grew by {grew_mib} MiB for one client that reads nothing"
+    );
+    // Another client is served at once meanwhile.
+    let (mut b, _) = Client::go(&s.sock, "data");
+    assert_eq!(b.read(1, 0, 4096).map(|d| d.len()), Ok(4096));
+    drop(a);
+    assert_eq!(s.stop().0, 0);
+}
+
+#[test]
+fn five_hundred_idle_connections_leave_a_new_client_served_at_once() {
+    let (sb, s) = served(&[]);
+    // 500 connections that never say a word.
+    let idle: Vec<UnixStream> = (0..500)
+        .map(|_| UnixStream::connect(&s.sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    let (mut c, _) = Client::go(&s.sock, "data");
+    assert_eq!(c.write(1, 0, &pattern(4096, 5)), 0);
+    assert_eq!(c.read(2, 0, 4096).unwrap(), pattern(4096, 5));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "a new client took {took:?}");
+    // The idle ones hold at most the handshake slots' threads.
+    let threads = proc_status(s.pid(), "Threads");
+    eprintln!("a new client took {took:?}; serve runs {threads} threads");
+    assert!(
+        threads < 200,
+        "serve runs {threads} threads for 500 idle connections"
+    );
+    assert_eq!(clients(&sb), 1, "only the new client is a client of data");
+    drop(idle);
+    drop(c);
+    assert_eq!(s.stop().0, 0);
+}
+
+#[test]
+fn a_client_silent_in_its_handshake_is_cut_at_the_handshake_timeout() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 16);
+    let s = Served::start_args(&sb, &["--handshake-timeout", "1"], &[]);
+    // Reads the greeting, sends its flags, then one byte of an option
+    // every 300 ms: trickling does not stretch the deadline.
+    let mut c = Client::connect(&s.sock, 3);
+    let started = std::time::Instant::now();
+    let mut w = c.s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for b in proto::IHAVEOPT.to_be_bytes() {
+            if w.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    assert!(c.closed(), "the server closed the connection");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_secs(4),
+        "cut after {took:?}, the handshake timeout is 1 s"
+    );
+    assert_eq!(s.stop().0, 0);
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_at_the_client_timeout() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 16);
+    let s = Served::start_args(&sb, &["--client-timeout", "2"], &[]);
+    let (a, _) = Client::go(&s.sock, "data");
+    let mut burst = Vec::new();
+    for i in 0..400u64 {
+        let r = Request {
+            flags: 0,
+            kind: proto::CMD_READ,
+            handle: i,
+            offset: (i % 16) * MIB,
+            len: MIB as u32,
+        };
+        burst.extend_from_slice(&proto::encode_request(&r));
+    }
+    let mut w = a.s.try_clone().unwrap();
+    let started = std::time::Instant::now();
+    std::thread::spawn(move || {
+        let _ = w.write_all(&burst);
+    });
+    assert_eq!(clients(&sb), 1);
+    while clients(&sb) > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "a client that reads nothing was not cut within 8 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "cut after {took:?}, before the 2 s client timeout"
+    );
+    drop(a);
+    assert_eq!(s.stop().0, 0);
+}

@@ -247,6 +247,20 @@ pub enum Command {
         /// at once (init --spare), as md does; off: spares wait for `repair`.
         #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
         hot_spares: String,
+        /// NBD connections open at once; one more is closed when accepted.
+        #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        max_connections: u32,
+        /// A client must finish the NBD handshake within this.
+        #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        handshake_timeout: u64,
+        /// A client that reads none of its replies for this long is
+        /// disconnected.
+        #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        client_timeout: u64,
+        /// Request and reply data in flight over all clients (each client
+        /// also at most 128M); past it, requests wait unread.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1G")]
+        max_in_flight: u64,
     },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
@@ -890,6 +904,10 @@ fn execute(cli: Cli) -> Result<()> {
             on_event_timeout,
             metrics,
             hot_spares,
+            max_connections,
+            handshake_timeout,
+            client_timeout,
+            max_in_flight,
         } => crate::daemon::serve(
             &cli.disks,
             &crate::daemon::ServeOptions {
@@ -910,6 +928,12 @@ fn execute(cli: Cli) -> Result<()> {
                 on_event_timeout: Some(std::time::Duration::from_secs(on_event_timeout)),
                 metrics,
                 hot_spares: hot_spares == "auto",
+                limits: crate::nbd::server::Limits {
+                    max_connections: max_connections as usize,
+                    handshake_timeout: std::time::Duration::from_secs(handshake_timeout),
+                    reply_timeout: std::time::Duration::from_secs(client_timeout),
+                    total_bytes: max_in_flight.max(1),
+                },
             },
         )?,
         Command::Demo { dir } => demo::demo(dir)?,

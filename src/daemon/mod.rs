@@ -106,6 +106,8 @@ pub struct ServeOptions {
     pub metrics: Option<String>,
     /// Rebuild failed plexes onto hot spares without waiting for `repair`.
     pub hot_spares: bool,
+    /// What NBD clients may take: connections, time, memory.
+    pub limits: crate::nbd::server::Limits,
 }
 
 /// How long `serve` waits at its stop for the event hook to run the events
@@ -231,7 +233,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     }
     let names = live.volume_names();
     let exports: Vec<Arc<dyn Export>> = names.iter().filter_map(|n| export(&live, n)).collect();
-    let server = Arc::new(Server::new(exports));
+    let server = Arc::new(Server::with_limits(exports, options.limits));
     let control = match start_control(&live, &server, options) {
         Ok(c) => c,
         Err(e) => {

@@ -5,8 +5,19 @@
 //! calls, so requests pipeline; each completion writes its reply through the
 //! connection's writer lock, so replies go out in completion order. A
 //! connection keeps at most [`MAX_IN_FLIGHT`] requests and
-//! [`MAX_IN_FLIGHT_BYTES`] of write data in flight; past that the reader
-//! waits, which pushes back on the client through the socket.
+//! [`MAX_IN_FLIGHT_BYTES`] of request and reply data (writes and reads
+//! alike) in flight, and all connections together at most
+//! [`Limits::total_bytes`]; past that the reader stops reading requests,
+//! which pushes back on the client through the socket, instead of
+//! allocating. One request larger than a budget still goes when nothing
+//! else is in flight, so no request size deadlocks.
+//!
+//! The server's memory is bounded whatever clients do: at most
+//! [`Limits::max_connections`] connections (more are closed at once), each
+//! with two threads and a 256 KiB read buffer, a handshake that must end
+//! within [`Limits::handshake_timeout`], replies that a client must keep
+//! reading ([`Limits::reply_timeout`] without progress closes it), and the
+//! data in flight within the budgets above.
 //!
 //! What a client sends can only end its own connection: bad magic or a
 //! broken handshake closes it; requests out of range or too large get an
@@ -22,6 +33,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::proto::{self, ClientOption, Command, Decoded, ProtoError};
 use crate::disk::AlignedBuf;
@@ -29,9 +41,37 @@ use crate::disk::buf::IO_ALIGN;
 
 /// Requests one connection may have in flight.
 pub const MAX_IN_FLIGHT: usize = 128;
-/// Write data one connection may have in flight (a single request larger
-/// than this still goes, alone).
+/// Read and write data one connection may have in flight (a single request
+/// larger than this still goes, alone).
 pub const MAX_IN_FLIGHT_BYTES: u64 = 128 * 1024 * 1024;
+
+/// Connections in their handshake at once; the oldest is closed for a new
+/// one past this.
+const HANDSHAKING: usize = 64;
+
+/// What the server lets clients take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once; one more is closed as soon as accepted.
+    pub max_connections: usize,
+    /// A client must finish its handshake within this.
+    pub handshake_timeout: Duration,
+    /// A client that reads none of its replies for this long is closed.
+    pub reply_timeout: Duration,
+    /// Request and reply data in flight over all connections.
+    pub total_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
+            reply_timeout: Duration::from_secs(30),
+            total_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
 /// A rejected WRITE's payload up to this size is read and dropped so the
 /// connection goes on; a larger one is taken as a denial of service (the
 /// spec allows a hard disconnect) and closes the connection.
@@ -230,18 +270,51 @@ impl Sock {
         };
     }
 
-    fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Sock::Unix(s) => s.set_write_timeout(t),
             Sock::Tcp(s) => s.set_write_timeout(t),
         }
     }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Unix(s) => s.set_read_timeout(t),
+            Sock::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        match self {
+            Sock::Unix(s) => s.as_raw_fd(),
+            Sock::Tcp(s) => s.as_raw_fd(),
+        }
+    }
 }
 
-/// How long a reply may wait for a client to read; past this the client is
-/// disconnected (its unread replies hold in-flight shares, so a client that
-/// stops reading soon stops being read from too).
-const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A connection's reading side: during the handshake every read waits at
+/// most until the handshake's deadline, so a client that trickles bytes
+/// cannot stretch it.
+struct Deadlined {
+    sock: Sock,
+    deadline: Option<Instant>,
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client did not finish its handshake in time",
+                ));
+            }
+            self.sock.set_read_timeout(Some(left))?;
+        }
+        self.sock.read(buf)
+    }
+}
 
 impl Read for Sock {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -274,6 +347,9 @@ impl Write for Sock {
 
 /// The state the listeners and connections share.
 struct Shared {
+    limits: Limits,
+    /// Data in flight over every connection.
+    budget: Arc<Budget>,
     exports: RwLock<BTreeMap<String, Arc<dyn Export>>>,
     stopping: AtomicBool,
     /// Open connections, by id: a handle to shut their reading side, and
@@ -298,8 +374,19 @@ pub struct Server {
 
 impl Server {
     pub fn new(exports: Vec<Arc<dyn Export>>) -> Server {
+        Server::with_limits(exports, Limits::default())
+    }
+
+    /// A server that lets clients take at most `limits`.
+    pub fn with_limits(exports: Vec<Arc<dyn Export>>, limits: Limits) -> Server {
         Server {
             shared: Arc::new(Shared {
+                limits,
+                budget: Arc::new(Budget {
+                    limit: limits.total_bytes,
+                    used: Mutex::new(0),
+                    changed: Condvar::new(),
+                }),
                 exports: RwLock::new(
                     exports
                         .into_iter()
@@ -438,13 +525,42 @@ fn accept_loop(shared: Arc<Shared>, bound: Bound) {
         let Ok(handle) = sock.try_clone() else {
             continue;
         };
-        lock(&shared.conns).insert(
-            id,
-            Conn {
-                sock: handle,
-                export: None,
-            },
-        );
+        {
+            let mut conns = lock(&shared.conns);
+            let serving = conns.values().filter(|c| c.export.is_some()).count();
+            if serving >= shared.limits.max_connections {
+                drop(conns);
+                tracing::warn!(
+                    max = shared.limits.max_connections,
+                    "connection refused: the server has as many clients as it takes"
+                );
+                sock.shutdown(Shutdown::Both);
+                continue;
+            }
+            // Clients still in their handshake hold a thread each: past
+            // HANDSHAKING of them, the oldest goes, so a flood of idle
+            // connections never keeps a new client out.
+            let mut waiting: Vec<u64> = conns
+                .iter()
+                .filter(|(_, c)| c.export.is_none())
+                .map(|(id, _)| *id)
+                .collect();
+            if waiting.len() >= HANDSHAKING {
+                waiting.sort_unstable();
+                for old in &waiting[..=waiting.len() - HANDSHAKING] {
+                    if let Some(c) = conns.get(old) {
+                        c.sock.shutdown(Shutdown::Both);
+                    }
+                }
+            }
+            conns.insert(
+                id,
+                Conn {
+                    sock: handle,
+                    export: None,
+                },
+            );
+        }
         // A connection accepted while stopping gets no request read.
         if shared.stopping.load(Ordering::SeqCst) {
             sock.shutdown(Shutdown::Read);
@@ -499,8 +615,20 @@ fn read_decoded<T>(
 
 fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<(), ConnError> {
     let mut writer = sock.try_clone()?;
-    let mut reader = BufReader::with_capacity(256 * 1024, sock);
+    // The handshake has a deadline: an idle client holds no thread for long.
+    let deadline = Instant::now() + shared.limits.handshake_timeout;
+    writer.set_write_timeout(Some(shared.limits.handshake_timeout))?;
+    let mut reader = BufReader::with_capacity(
+        256 * 1024,
+        Deadlined {
+            sock,
+            deadline: Some(deadline),
+        },
+    );
     let export = handshake(shared, &mut reader, &mut writer)?;
+    reader.get_mut().deadline = None;
+    reader.get_ref().sock.set_read_timeout(None)?;
+    writer.set_write_timeout(None)?;
     let Some(export) = export else {
         return Ok(());
     };
@@ -521,8 +649,7 @@ fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<(), ConnError
             c.sock.shutdown(Shutdown::Read);
         }
     }
-    writer.set_write_timeout(Some(REPLY_TIMEOUT))?;
-    transmission(export, reader, writer)
+    transmission(export, reader, writer, shared)
 }
 
 fn exports(shared: &Shared) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<dyn Export>>> {
@@ -648,23 +775,53 @@ fn handshake(
     }
 }
 
-/// Requests in flight on one connection, and the write bytes they carry.
+/// Data in flight over all connections, against [`Limits::total_bytes`].
+struct Budget {
+    limit: u64,
+    used: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Budget {
+    /// Waits until `bytes` fit (or nothing else is in flight), and takes them.
+    fn acquire(&self, bytes: u64) {
+        let mut used = lock(&self.used);
+        while *used > 0 && *used + bytes > self.limit {
+            used = self.changed.wait(used).unwrap_or_else(|e| e.into_inner());
+        }
+        *used += bytes;
+    }
+
+    fn release(&self, bytes: u64) {
+        let mut used = lock(&self.used);
+        *used -= bytes;
+        self.changed.notify_all();
+    }
+}
+
+/// Requests in flight on one connection, and the read and write data they
+/// carry; each share is also taken from the server's [`Budget`].
 struct InFlight {
     state: Mutex<(usize, u64)>,
     changed: Condvar,
+    budget: Arc<Budget>,
 }
 
 impl InFlight {
     fn acquire(&self, bytes: u64) {
-        let mut s = lock(&self.state);
-        while s.0 > 0 && (s.0 >= MAX_IN_FLIGHT || s.1 + bytes > MAX_IN_FLIGHT_BYTES) {
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+        {
+            let mut s = lock(&self.state);
+            while s.0 > 0 && (s.0 >= MAX_IN_FLIGHT || s.1 + bytes > MAX_IN_FLIGHT_BYTES) {
+                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            }
+            s.0 += 1;
+            s.1 += bytes;
         }
-        s.0 += 1;
-        s.1 += bytes;
+        self.budget.acquire(bytes);
     }
 
     fn release(&self, bytes: u64) {
+        self.budget.release(bytes);
         let mut s = lock(&self.state);
         s.0 -= 1;
         s.1 -= bytes;
@@ -714,9 +871,14 @@ impl Replies {
 /// The writer thread of a connection: writes replies in the order they
 /// come, several per system call when they queue up, and gives back their
 /// in-flight shares once written. After a failed write (the client went, or
-/// did not read for [`REPLY_TIMEOUT`]) the connection is shut and the
-/// remaining replies are dropped, their shares given back.
-fn write_replies(mut sock: Sock, rx: crossbeam_channel::Receiver<Reply>, inflight: Arc<InFlight>) {
+/// read nothing for `stall`) the connection is shut and the remaining
+/// replies are dropped, their shares given back.
+fn write_replies(
+    sock: Sock,
+    rx: crossbeam_channel::Receiver<Reply>,
+    inflight: Arc<InFlight>,
+    stall: Duration,
+) {
     const BATCH: usize = 64;
     let mut broken = false;
     let mut batch: Vec<Reply> = Vec::with_capacity(BATCH);
@@ -736,7 +898,7 @@ fn write_replies(mut sock: Sock, rx: crossbeam_channel::Receiver<Reply>, infligh
                     slices.push(IoSlice::new(d));
                 }
             }
-            if let Err(e) = write_all_vectored(&mut sock, &mut slices) {
+            if let Err(e) = write_all_vectored(&sock, &mut slices, stall) {
                 tracing::info!(error = %e, "a reply could not be sent; closing the connection");
                 broken = true;
                 sock.shutdown(Shutdown::Both);
@@ -750,32 +912,94 @@ fn write_replies(mut sock: Sock, rx: crossbeam_channel::Receiver<Reply>, infligh
     }
 }
 
-fn write_all_vectored(w: &mut impl Write, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Writes every slice, failing with `TimedOut` once the client has taken
+/// no byte for `stall` (measured from its last progress, not per system
+/// call, so a client that stops reading is cut at `stall`).
+fn write_all_vectored(
+    sock: &Sock,
+    mut slices: &mut [IoSlice<'_>],
+    stall: Duration,
+) -> io::Result<()> {
+    let fd = sock.raw_fd();
+    let mut progress = Instant::now();
     while !slices.is_empty() {
-        let n = w.write_vectored(slices)?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+        match send_now(fd, slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                IoSlice::advance_slices(&mut slices, n);
+                progress = Instant::now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = stall.saturating_sub(progress.elapsed());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client read no reply for {} s", stall.as_secs()),
+                    ));
+                }
+                wait_writable(fd, left)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// Sends what the socket takes now, without waiting (`EWOULDBLOCK` when
+/// it takes nothing).
+fn send_now(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is ABI-compatible with iovec on Unix; sendmsg only reads them.
+    msg.msg_iov = slices.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = slices.len().min(1024) as _;
+    // SAFETY: `msg` points at `slices`, alive and unchanged for the call;
+    // `fd` is the connection's open socket.
+    let n = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Waits until the socket takes data, or `within` passes.
+fn wait_writable(fd: RawFd, within: Duration) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let ms = within.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one pollfd, owned by this frame, for the duration of the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
     }
     Ok(())
 }
 
 fn transmission(
     export: Arc<dyn Export>,
-    mut reader: BufReader<Sock>,
+    mut reader: BufReader<Deadlined>,
     writer: Sock,
+    shared: &Shared,
 ) -> Result<(), ConnError> {
     let inflight = Arc::new(InFlight {
         state: Mutex::new((0, 0)),
         changed: Condvar::new(),
+        budget: shared.budget.clone(),
     });
+    let stall = shared.limits.reply_timeout;
     let (tx, rx) = crossbeam_channel::unbounded();
     let replies = Arc::new(Replies { tx });
     let released = inflight.clone();
     let writer = std::thread::Builder::new()
         .name("nbd-reply".into())
-        .spawn(move || write_replies(writer, rx, released))
+        .spawn(move || write_replies(writer, rx, released, stall))
         .map_err(ConnError::Io)?;
     let r = requests(&export, &mut reader, &replies, &inflight);
     // Answer everything already accepted before the socket closes: every
@@ -788,7 +1012,7 @@ fn transmission(
 
 fn requests(
     export: &Arc<dyn Export>,
-    reader: &mut BufReader<Sock>,
+    reader: &mut BufReader<Deadlined>,
     replies: &Arc<Replies>,
     inflight: &Arc<InFlight>,
 ) -> Result<(), ConnError> {
@@ -830,19 +1054,23 @@ fn requests(
                 reply(errno, None);
             }
             Command::Read { offset, len } => {
-                inflight.acquire(0);
+                // The reply's data counts until it is written to the client.
+                let bytes = u64::from(len);
+                inflight.acquire(bytes);
                 let replies = replies.clone();
                 export.read(
                     offset,
                     len as usize,
                     Box::new(move |r| match r {
-                        Ok(data) => {
-                            replies.send(proto::encode_simple_reply(0, handle), Some(data), Some(0))
-                        }
+                        Ok(data) => replies.send(
+                            proto::encode_simple_reply(0, handle),
+                            Some(data),
+                            Some(bytes),
+                        ),
                         Err(e) => replies.send(
                             proto::encode_simple_reply(proto::errno_of(&e), handle),
                             None,
-                            Some(0),
+                            Some(bytes),
                         ),
                     }),
                 );
