@@ -492,3 +492,126 @@ fn every_metadata_copy_destroyed_on_every_disk_is_a_clear_error() {
         assert_eq!(sb.fingerprint(), before, "a failed assembly writes nothing");
     }
 }
+
+/// a.img (gpt), b.img (mbr), c.img (raw); the mirror `m` on a and b and the
+/// simple volume `solo` on a (its only copy), each filled. Returns their data.
+fn group_with_a_sole_copy(sb: &Sandbox) -> (Vec<u8>, Vec<u8>) {
+    let styles = ["gpt", "mbr", "raw"];
+    for (i, file) in FILES.iter().enumerate() {
+        let img = sb.image(file, 64);
+        let ctrl = format!("c{i}");
+        let mut args = vec!["init", &img, "--style", styles[i], "--controller", &ctrl];
+        if i == 0 {
+            args.extend(["--group", "g"]);
+            sb.mv_plain(&args).ok();
+        } else {
+            sb.mv(&args).ok();
+        }
+    }
+    let (a, b) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
+    sb.mv(&[
+        "create", "m", "--size", "4M", "--mirror", "--disk", &a, "--disk", &b,
+    ])
+    .ok();
+    sb.mv(&["create", "solo", "--size", "4M", "--disk", &a])
+        .ok();
+    let (src, m) = sb.data_file("m.bin", 4 * MIB as usize, 7);
+    sb.mv(&["copy", &src, "vol:m"]).ok();
+    let (src, solo) = sb.data_file("solo.bin", 4 * MIB as usize, 8);
+    sb.mv(&["copy", &src, "vol:solo"]).ok();
+    (m, solo)
+}
+
+/// Zeroes everything of a disk but its data area: partition table, both
+/// label copies, config slots and bitmap.
+fn wipe_metadata(path: &Path) {
+    let layout = read_label(path).label.layout;
+    let size = fs::metadata(path).unwrap().len();
+    let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&vec![0u8; layout.data_offset() as usize], 0)
+        .unwrap();
+    let end = layout.data_offset() + layout.data_size;
+    f.write_all_at(&vec![0u8; (size - end) as usize], end)
+        .unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn a_disk_wiped_of_all_metadata_is_reported_repaired_around_and_restored_with_its_data() {
+    let sb = Sandbox::new();
+    let (m, solo) = group_with_a_sole_copy(&sb);
+    let a = sb.p("disks/a.img");
+    wipe_metadata(Path::new(&a));
+
+    // Every command goes on without it: status names it and why.
+    let (st, warnings) = status_warnings(&sb);
+    let entry = st["unreadable"]
+        .as_array()
+        .and_then(|u| u.iter().find(|e| e["path"] == a.as_str()))
+        .unwrap_or_else(|| panic!("a.img is not listed unreadable: {st:#}"));
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no mirrorvol label"),
+        "{entry}"
+    );
+    assert!(warnings.contains("a.img"), "{warnings}");
+    assert_eq!(volume(&st, "m")["state"], "failed-redundancy", "{st:#}");
+    assert_eq!(volume(&st, "solo")["state"], "failed", "{st:#}");
+    assert_eq!(sb.read_volume("m"), m);
+
+    // Plain init refuses the path, naming both ways out; nothing changes.
+    refused_unchanged(&sb, &["init", &a, "--style", "gpt"], "init --restore");
+
+    // repair moves m's plex to c.
+    sb.mv(&["repair", "m"]).ok();
+    let st = sb.status();
+    assert_eq!(volume(&st, "m")["state"], "healthy", "{st:#}");
+
+    // The label comes back from the config the other disks hold; the data
+    // was never touched: reactivate puts solo back as it was.
+    let r = sb.mv(&["init", "--restore", &a]).ok();
+    assert!(r.stdout.contains("restored the label"), "{}", r.stdout);
+    sb.mv(&["reactivate", &a]).ok();
+    let st = sb.status();
+    assert_eq!(disk(&st, "a.img")["state"], "online", "{st:#}");
+    assert_eq!(volume(&st, "solo")["state"], "healthy", "{st:#}");
+    assert_eq!(
+        sb.read_volume("solo"),
+        solo,
+        "solo's data after the restore"
+    );
+    assert_eq!(sb.read_volume("m"), m);
+    // A second restore finds the label and refuses.
+    refused_unchanged(&sb, &["init", "--restore", &a], "nothing to restore");
+}
+
+#[test]
+fn a_wiped_disk_can_be_made_a_new_disk_of_the_group_with_init_force() {
+    let sb = Sandbox::new();
+    let (m, _) = group_with_a_sole_copy(&sb);
+    let a = sb.p("disks/a.img");
+    wipe_metadata(Path::new(&a));
+    sb.mv(&["init", &a, "--style", "raw", "--force"]).ok();
+    let st = sb.status();
+    let states: Vec<&str> = st["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["path"] == a.as_str())
+        .map(|d| d["state"].as_str().unwrap())
+        .collect();
+    let mut sorted = states.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["missing", "online"],
+        "the old member and the new disk: {st:#}"
+    );
+    // m's plex on the old member is repaired onto the new disk or c.
+    sb.mv(&["repair", "m"]).ok();
+    let st = sb.status();
+    assert_eq!(volume(&st, "m")["state"], "healthy", "{st:#}");
+    assert_eq!(sb.read_volume("m"), m);
+}

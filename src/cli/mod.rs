@@ -77,6 +77,12 @@ pub enum Command {
         /// plex until `repair` rebuilds a failed or missing plex onto one.
         #[arg(long)]
         spare: bool,
+        /// Rewrite the lost label of the group's member last recorded at
+        /// each PATH (its disk UUID, style and layout, from the config the
+        /// other disks hold), leaving its data untouched; `reactivate PATH`
+        /// then puts it back in service.
+        #[arg(long, conflicts_with_all = ["force", "spare", "group", "region_size", "controller"])]
+        restore: bool,
     },
     /// Create a simple or mirrored volume.
     Create {
@@ -664,7 +670,14 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             force,
             region_size,
             spare,
+            restore,
         } => {
+            if restore {
+                return Err(Error::refused(format!(
+                    "init --restore rewrites a member's label from the group's config and needs the group at rest, but {} serves it; stop it first",
+                    h.short()
+                )));
+            }
             if region_size.is_some() {
                 return Err(Error::refused(
                     "--region-size applies to a new group only; the disks join the group mirrorvol serve holds",
@@ -716,12 +729,35 @@ fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init {
             paths,
+            style: _,
+            restore: true,
+            ..
+        } => {
+            if cli.disks.is_empty() {
+                return Err(Error::refused(
+                    "init --restore needs the group's other disks: name them with --disks or MIRRORVOL_DISKS",
+                ));
+            }
+            let g = assemble(&disks)?;
+            g.refuse_split()?;
+            for (path, uuid) in paths.iter().zip(ops::restore_labels(&g, &paths)?) {
+                println!(
+                    "restored the label of disk {uuid} of group {} at {}; `mirrorvol reactivate {}` puts it back in service",
+                    g.config.name,
+                    path.display(),
+                    path.display()
+                );
+            }
+        }
+        Command::Init {
+            paths,
             style,
             controller,
             group,
             force,
             region_size,
             spare,
+            restore: _,
         } => {
             if let Some(r) = region_size
                 && (r < 4096 || !r.is_power_of_two())

@@ -393,6 +393,7 @@ impl Group {
             .map(|p| (p, true))
             .chain(set.scanned.iter().map(|p| (p, false)));
         let timeout = set.open.timeout;
+        let mut blank: Vec<(PathBuf, bool)> = Vec::new();
         for (path, explicit) in candidates {
             let unreadable_because = |reason: String| Unreadable {
                 path: path.display().to_string(),
@@ -471,14 +472,21 @@ impl Group {
             };
             match read {
                 Some(read) => found.push(read_found(path, canonical, disk, read)),
-                None if explicit && lookup == Lookup::Required => {
-                    return Err(Error::refused(format!(
-                        "{} is not a mirrorvol disk (no label found); initialize it with `mirrorvol init`",
-                        path.display()
-                    )));
-                }
-                None => {}
+                // Blank: a wiped member, or a disk never initialised. Named
+                // with --disks, or where the config last saw a member, it is
+                // reported once the config is known; the group goes on
+                // without it.
+                None => blank.push((path.clone(), explicit && lookup == Lookup::Required)),
             }
+        }
+        if found.is_empty()
+            && unreadable.is_empty()
+            && let Some((path, _)) = blank.iter().find(|(_, named)| *named)
+        {
+            return Err(Error::refused(format!(
+                "{} is not a mirrorvol disk (no label found); initialize it with `mirrorvol init`",
+                path.display()
+            )));
         }
         if found.is_empty() && !damaged_labels.is_empty() {
             return Err(Error::corrupt(format!(
@@ -620,6 +628,24 @@ impl Group {
                         damaged: f.damaged,
                     },
                 );
+            }
+        }
+        for (path, named) in blank {
+            let was_member = config.disks.iter().any(|d| {
+                !members.contains_key(&d.uuid)
+                    && (Path::new(&d.path) == path
+                        || canonical(Path::new(&d.path), timeout) == canonical(&path, timeout))
+            });
+            if named || was_member {
+                let u = Unreadable {
+                    path: path.display().to_string(),
+                    reason: "it holds no mirrorvol label (wiped, or never initialised; `init --restore` rewrites the label of the member it was, `init --force` makes it a new disk)".to_string(),
+                };
+                warnings.push(format!(
+                    "disk {}: {}; the group goes on without it",
+                    u.path, u.reason
+                ));
+                unreadable.push(u);
             }
         }
         for d in &config.disks {

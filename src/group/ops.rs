@@ -172,6 +172,102 @@ impl Group {
     }
 }
 
+/// `init --restore`: rewrites the labels (and partition table) of members
+/// of `g` whose every metadata copy is gone, from the config the other
+/// disks hold: the disk UUID, style and layout the member had, so that its
+/// data area (untouched) is found where its plexes are. Each path must be
+/// the one the config last recorded for a member not present, hold no
+/// label, and have that member's size. Everything is checked before
+/// anything is written. Returns the members' UUIDs, in the order given.
+pub fn restore_labels(g: &Group, paths: &[PathBuf]) -> Result<Vec<Uuid>> {
+    let open = g.open;
+    let mut plan = Vec::new();
+    for path in paths {
+        let want = super::canonical(path, open.timeout);
+        let entry = g
+            .config
+            .disks
+            .iter()
+            .find(|d| {
+                Path::new(&d.path) == path.as_path()
+                    || super::canonical(Path::new(&d.path), open.timeout) == want
+            })
+            .ok_or_else(|| {
+                Error::refused(format!(
+                    "group {} records no disk at {}; init --restore rewrites the label of a member at the path the group last saw it",
+                    g.config.name,
+                    path.display()
+                ))
+            })?;
+        if g.members.contains_key(&entry.uuid) {
+            return Err(Error::refused(format!(
+                "disk {} of group {} is present with its label; there is nothing to restore",
+                path.display(),
+                g.config.name
+            )));
+        }
+        let (p, how) = (path.clone(), open);
+        let disk = super::within(open.timeout, move || super::open_disk_with(&p, &how))
+            .ok_or_else(|| {
+                Error::failed(format!(
+                    "disk {} did not answer within {} s",
+                    path.display(),
+                    open.timeout.as_secs_f64()
+                ))
+            })??;
+        match ondisk::read_label(&*disk) {
+            Ok(None) => {}
+            Ok(Some(read)) => {
+                return Err(Error::refused(format!(
+                    "{} holds a mirrorvol label (disk {} of group {}); init --restore writes only where every label is gone",
+                    path.display(),
+                    read.label.disk_uuid,
+                    read.label.group_uuid
+                )));
+            }
+            Err(e) => {
+                return Err(Error::refused(format!(
+                    "{} holds a damaged mirrorvol label ({e}); assembly reads its good copy, or init --force makes it a new disk",
+                    path.display()
+                )));
+            }
+        }
+        if disk.size() != entry.size {
+            return Err(Error::refused(format!(
+                "{} has {} and disk {} of group {} had {}: it is not that disk",
+                path.display(),
+                human(disk.size()),
+                entry.uuid,
+                g.config.name,
+                human(entry.size)
+            )));
+        }
+        // The same size and style give the same layout; a different data
+        // area would put the plexes elsewhere.
+        let layout =
+            crate::format::partition::member_for(disk.size(), disk.sector_size(), entry.style)
+                .ok()
+                .and_then(|(offset, size)| Layout::for_member(offset, size));
+        if layout.map(|l| l.data_size) != Some(entry.data_size) {
+            return Err(Error::refused(format!(
+                "{} would not get the data area disk {} of group {} had ({}); it is not that disk",
+                path.display(),
+                entry.uuid,
+                g.config.name,
+                human(entry.data_size)
+            )));
+        }
+        plan.push((path, disk, entry.clone()));
+    }
+    let mut restored = Vec::new();
+    for (path, disk, entry) in plan {
+        ondisk::format_disk(&*disk, entry.style, entry.uuid, g.config.uuid)
+            .map_err(|e| Error::failed(format!("restoring {} failed: {e}", path.display())))?;
+        restored.push(entry.uuid);
+    }
+    Ok(restored)
+}
+
 /// Checks and opens the disks `init` would format, before anything is
 /// written: each exists, is named once, is not a disk of `existing`, has
 /// room, and holds nothing (unless `force`).
@@ -231,13 +327,24 @@ fn check_new_disks(
         }
         canon.push(c);
         if let Some(g) = existing
-            && g.resolve_disk(path).is_ok()
+            && let Ok(uuid) = g.resolve_disk(path)
         {
-            return Err(Error::refused(format!(
-                "{} is already a disk of group {}",
-                path.display(),
-                g.config.name
-            )));
+            // A member whose label is gone may be made a new disk at the
+            // same path (its plexes there are then repaired elsewhere).
+            if g.members.contains_key(&uuid) {
+                return Err(Error::refused(format!(
+                    "{} is already a disk of group {}",
+                    path.display(),
+                    g.config.name
+                )));
+            }
+            if !opts.force {
+                return Err(Error::refused(format!(
+                    "{} was disk {uuid} of group {} and its label is gone; `init --restore` puts its label back (its data untouched), `init --force` makes it a new disk of the group",
+                    path.display(),
+                    g.config.name
+                )));
+            }
         }
         // Opened as the group's disks are (the same deadline).
         let (p, how) = (path.clone(), *open);
