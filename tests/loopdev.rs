@@ -831,3 +831,70 @@ fn o_direct_on_loop_devices_round_trips_unaligned_and_aligned_buffers() {
         drop(disk);
     }
 }
+
+/// A loop device over a group's image file is the same disk: given both,
+/// it is used once (with a warning), and a second `serve` reaching the
+/// disk through the loop device, with its own control socket and run
+/// directory, is refused while the first holds the file.
+#[test]
+fn a_loop_device_over_a_member_is_used_once_and_a_second_serve_through_it_is_refused() {
+    let sb = Sandbox::new();
+    let (a, b) = (sb.image("a.img", 80), sb.image("b.img", 80));
+    sb.mv_plain(&["init", &a, &b, "--style", "raw", "--group", "g"])
+        .ok();
+    let files = format!("{a},{b}");
+    sb.mv_plain(&[
+        "--disks", &files, "create", "m", "--size", "16M", "--mirror",
+    ])
+    .ok();
+    let dir = tempfile::tempdir().unwrap();
+    let mut over_b = Loop {
+        dev: String::new(),
+        backing: PathBuf::from(&b),
+        sector_size: None,
+        read_only: false,
+        _dir: dir,
+    };
+    if let Err(why) = over_b.attach() {
+        return skip_or_fail(&why);
+    }
+    let all = format!("{a},{b},{}", over_b.path());
+    let r = sb.mv_plain(&["--disks", &all, "status", "--json"]).ok();
+    assert!(r.stderr.contains("are the same disk"), "{}", r.stderr);
+    let st: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(st["disks"].as_array().unwrap().len(), 2, "{st:#}");
+    assert_eq!(volume(&st, "m")["state"], "healthy", "{st:#}");
+
+    // The first serve holds the files; the second comes through the loop
+    // device under another run directory and control socket.
+    let sock = sb.path("first.sock");
+    let mut first = Command::new(bin())
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .args(["--disks", &files, "serve", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(started.elapsed().as_secs() < 20, "serve did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let second = Command::new(bin())
+        .env("MIRRORVOL_RUN_DIR", sb.path("run2"))
+        .args(["--disks", over_b.path(), "serve"])
+        .args([
+            "--listen",
+            &format!("unix:{}", sb.path("second.sock").display()),
+        ])
+        .args(["--control", &sb.p("second-ctl.sock")])
+        .output()
+        .unwrap();
+    // SAFETY: kill takes integers; the pid is our own child's.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let _ = first.wait();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "the second serve: {err}");
+    assert!(err.contains("in use"), "{err}");
+}

@@ -615,3 +615,20 @@ fn a_wiped_disk_can_be_made_a_new_disk_of_the_group_with_init_force() {
     assert_eq!(volume(&st, "m")["state"], "healthy", "{st:#}");
     assert_eq!(sb.read_volume("m"), m);
 }
+
+#[test]
+fn a_byte_copy_of_a_disk_is_refused_naming_both_paths() {
+    let sb = Sandbox::new();
+    group(&sb, 2);
+    fs::copy(disk_path(&sb, "b.img"), disk_path(&sb, "b-copy.img")).unwrap();
+    let before = sb.fingerprint();
+    let r = sb.mv(&["status"]).refused("same disk UUID");
+    assert!(
+        r.stderr.contains("b.img") && r.stderr.contains("b-copy.img"),
+        "{}",
+        r.stderr
+    );
+    sb.mv(&["copy", "vol:m", &sb.p("out.img")])
+        .refused("same disk UUID");
+    assert_eq!(sb.fingerprint(), before, "a refusal changed a disk");
+}

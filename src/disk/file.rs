@@ -70,6 +70,10 @@ pub struct FileDisk {
     /// read-modify-write takes it alone, so two writers of neighbouring
     /// sectors in one aligned block cannot undo each other.
     rmw: RwLock<()>,
+    /// For a loop device: its backing file, held locked as well, so that
+    /// a process opening the file and another opening the loop device over
+    /// it cannot both drive the disk.
+    _backing_lock: Option<File>,
 }
 
 impl FileDisk {
@@ -93,8 +97,19 @@ impl FileDisk {
                 ),
             ));
         }
+        let mut backing_lock = None;
         if opts.lock {
             lock_exclusive(&file, path)?;
+            if block_device && let Some(backing) = loop_backing_file(&meta) {
+                let f = fs::OpenOptions::new().read(true).open(&backing)?;
+                lock_exclusive(&f, &backing).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("{} (the file behind {})", e, path.display()),
+                    )
+                })?;
+                backing_lock = Some(f);
+            }
         }
 
         let (size, sector_size) = if block_device {
@@ -135,6 +150,7 @@ impl FileDisk {
         };
 
         Ok(FileDisk {
+            _backing_lock: backing_lock,
             file,
             path: path.to_path_buf(),
             size,
@@ -443,6 +459,18 @@ fn is_unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
     )
+}
+
+/// The file behind a loop device, from sysfs; None for any other device.
+fn loop_backing_file(meta: &fs::Metadata) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = meta.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let text =
+        fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file")).ok()?;
+    let path = PathBuf::from(text.trim());
+    // "(deleted)" and the like: nothing to lock.
+    path.is_file().then_some(path)
 }
 
 /// Takes `flock(LOCK_EX | LOCK_NB)`; the lock goes with the descriptor.

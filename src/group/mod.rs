@@ -317,6 +317,27 @@ struct Found {
     damaged: Vec<String>,
 }
 
+/// What a path stores its bytes in: (device, inode) of a file, or of the
+/// file behind a loop device; the device number of any other block device.
+fn storage_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(path).ok()?;
+    if !m.file_type().is_block_device() {
+        return Some((m.dev(), m.ino()));
+    }
+    let rdev = m.rdev();
+    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
+    let backing =
+        std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file"));
+    match backing {
+        Ok(file) => {
+            let m = std::fs::metadata(file.trim()).ok()?;
+            Some((m.dev(), m.ino()))
+        }
+        Err(_) => Some((u64::MAX, rdev)),
+    }
+}
+
 fn read_found(path: &Path, canonical: PathBuf, disk: Arc<QueuedDisk>, read: LabelRead) -> Found {
     let mut damaged = Vec::new();
     if !read.primary_ok {
@@ -394,6 +415,7 @@ impl Group {
             .chain(set.scanned.iter().map(|p| (p, false)));
         let timeout = set.open.timeout;
         let mut blank: Vec<(PathBuf, bool)> = Vec::new();
+        let mut seen_storage: Vec<((u64, u64), PathBuf)> = Vec::new();
         for (path, explicit) in candidates {
             let unreadable_because = |reason: String| Unreadable {
                 path: path.display().to_string(),
@@ -422,6 +444,24 @@ impl Group {
                 continue;
             }
             seen.push(canonical.clone());
+            // Another path to storage already taken (a loop device over an
+            // image file given too, a second device node): used once.
+            let id = {
+                let c = canonical.clone();
+                within(timeout, move || storage_id(&c)).flatten()
+            };
+            if let Some(id) = id {
+                if let Some((_, first)) = seen_storage.iter().find(|(s, _)| *s == id) {
+                    warnings.push(format!(
+                        "{} and {} are the same disk; it is used once, as {}",
+                        first.display(),
+                        path.display(),
+                        first.display()
+                    ));
+                    continue;
+                }
+                seen_storage.push((id, path.clone()));
+            }
             let (p, open) = (path.clone(), set.open);
             let opened = within(timeout, move || open_disk_with(&p, &open)).unwrap_or_else(|| {
                 Err(Error::io(
@@ -538,6 +578,23 @@ impl Group {
                 groups.len(),
                 names.join(", ")
             )));
+        }
+
+        // One disk UUID on two different disks (the same storage was used
+        // once above): a byte copy. Either could be the one the group
+        // knows, so neither is used: refused, both named.
+        for (i, f) in found.iter().enumerate() {
+            if let Some(k) = found[..i]
+                .iter()
+                .find(|k| k.read.label.disk_uuid == f.read.label.disk_uuid)
+            {
+                return Err(Error::refused(format!(
+                    "{} and {} are two disks with the same disk UUID {} (one is a copy of the other); give only the one that belongs to the group",
+                    k.path.display(),
+                    f.path.display(),
+                    f.read.label.disk_uuid
+                )));
+            }
         }
 
         let newest = found
