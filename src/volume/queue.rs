@@ -391,7 +391,7 @@ impl DiskQueue {
             name: name.to_string(),
             size: disk.size(),
             sector_size: disk.sector_size(),
-            disk: Mutex::new(Some(disk)),
+            disk: Mutex::new(Some(disk.clone())),
             tx: Mutex::new(Some(tx)),
             meta_tx: Mutex::new(Some(meta_tx)),
             pending: AtomicUsize::new(0),
@@ -407,11 +407,11 @@ impl DiskQueue {
             .map(|i| (format!("mv-disk-{i}"), rx.clone()))
             .chain(std::iter::once(("mv-disk-meta".to_string(), meta_rx)));
         for (name, rx) in lanes {
-            let q = Arc::downgrade(&q);
+            let (q, disk) = (Arc::downgrade(&q), disk.clone());
             let stats = stats.clone();
             let handle = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || worker(q, stats, rx))
+                .spawn(move || worker(q, disk, stats, rx))
                 .expect("spawn a disk worker");
             workers.push(handle);
         }
@@ -638,18 +638,12 @@ impl DiskQueue {
     }
 }
 
-fn worker(q: Weak<DiskQueue>, stats: Arc<DiskStats>, rx: Receiver<Job>) {
+/// A worker holds the backend for as long as it runs: [`DiskQueue::close`]
+/// ends and joins the workers before it lets the backend go, so no request
+/// pays for a look-up of it.
+fn worker(q: Weak<DiskQueue>, disk: Arc<dyn Disk>, stats: Arc<DiskStats>, rx: Receiver<Job>) {
     while let Ok(job) = rx.recv() {
-        let outcome = {
-            let Some(disk) = q.upgrade().and_then(|queue| queue.disk()) else {
-                job.ticket
-                    .complete(Err(io::Error::other("the disk queue was stopped")));
-                continue;
-            };
-            execute_counted(&*disk, &stats, job.op, job.submitted)
-            // The disk is let go before the caller hears back: a caller that
-            // drops its last handle next closes the file (and its lock) then.
-        };
+        let outcome = execute_counted(&*disk, &stats, job.op, job.submitted);
         if let Some(queue) = q.upgrade() {
             queue.end(job.id);
         }
