@@ -22,9 +22,9 @@ use mirrorvol::group::{DiskSet, Group, Lookup};
 const FILES: [&str; 3] = ["a.img", "b.img", "c.img"];
 const SLOT_NAMES: [&str; 2] = ["A", "B"];
 
-/// `n` disks of 64 MiB: a.img (gpt, c0), b.img (mbr, c1), c.img (raw, c2),
-/// a mirror `m` of 4 MiB with a plex on each, filled with known data.
-fn group(sb: &Sandbox, n: usize) -> Vec<u8> {
+/// `n` disks of 64 MiB in group `g`: a.img (gpt, c0), b.img (mbr, c1),
+/// c.img (raw, c2).
+fn init_disks(sb: &Sandbox, n: usize) {
     let styles = ["gpt", "mbr", "raw"];
     for i in 0..n {
         let img = sb.image(FILES[i], 64);
@@ -37,6 +37,12 @@ fn group(sb: &Sandbox, n: usize) -> Vec<u8> {
             sb.mv(&args).ok();
         }
     }
+}
+
+/// The disks of [`init_disks`], with a mirror `m` of 4 MiB with a plex on
+/// each, filled with known data.
+fn group(sb: &Sandbox, n: usize) -> Vec<u8> {
+    init_disks(sb, n);
     let copies = n.to_string();
     sb.mv(&[
         "create", "m", "--size", "4M", "--mirror", "--copies", &copies,
@@ -496,18 +502,7 @@ fn every_metadata_copy_destroyed_on_every_disk_is_a_clear_error() {
 /// a.img (gpt), b.img (mbr), c.img (raw); the mirror `m` on a and b and the
 /// simple volume `solo` on a (its only copy), each filled. Returns their data.
 fn group_with_a_sole_copy(sb: &Sandbox) -> (Vec<u8>, Vec<u8>) {
-    let styles = ["gpt", "mbr", "raw"];
-    for (i, file) in FILES.iter().enumerate() {
-        let img = sb.image(file, 64);
-        let ctrl = format!("c{i}");
-        let mut args = vec!["init", &img, "--style", styles[i], "--controller", &ctrl];
-        if i == 0 {
-            args.extend(["--group", "g"]);
-            sb.mv_plain(&args).ok();
-        } else {
-            sb.mv(&args).ok();
-        }
-    }
+    init_disks(sb, FILES.len());
     let (a, b) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
     sb.mv(&[
         "create", "m", "--size", "4M", "--mirror", "--disk", &a, "--disk", &b,

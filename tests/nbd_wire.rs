@@ -135,6 +135,30 @@ impl Client {
     }
 }
 
+/// Sends `n` reads of `len` bytes on `c` (each at the next multiple of
+/// `len`, wrapping at 16 MiB or at twice `len`, whichever is larger) and
+/// reads none of the replies. The server stops reading the requests once
+/// the replies fill its in-flight allowance, so the writing may block: it
+/// runs aside.
+fn flood_reads(c: &Client, n: u64, len: u64) {
+    let span = (16 * MIB).max(2 * len);
+    let mut burst = Vec::new();
+    for i in 0..n {
+        let r = Request {
+            flags: 0,
+            kind: proto::CMD_READ,
+            handle: i,
+            offset: (i * len) % span,
+            len: len as u32,
+        };
+        burst.extend_from_slice(&proto::encode_request(&r));
+    }
+    let mut w = c.s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let _ = w.write_all(&burst);
+    });
+}
+
 fn served(vols: &[&str]) -> (Sandbox, Served) {
     let sb = Sandbox::new();
     mirror_group(&sb, 96, 16);
@@ -408,23 +432,7 @@ fn a_client_that_stops_reading_its_replies_holds_up_no_other_client() {
     let (_sb, s) = served(&[]);
     // A asks for 16 MiB of reads, many times over, and never reads a reply.
     let (a, _) = Client::go(&s.sock, "data");
-    let mut burst = Vec::new();
-    for i in 0..400u64 {
-        let r = Request {
-            flags: 0,
-            kind: proto::CMD_READ,
-            handle: i,
-            offset: (i % 16) * MIB,
-            len: MIB as u32,
-        };
-        burst.extend_from_slice(&proto::encode_request(&r));
-    }
-    let mut w = a.s.try_clone().unwrap();
-    // The server stops reading A's requests once A's replies fill its
-    // in-flight allowance; this write may block, so it runs aside.
-    std::thread::spawn(move || {
-        let _ = w.write_all(&burst);
-    });
+    flood_reads(&a, 400, MIB);
     std::thread::sleep(Duration::from_millis(500));
     // B reads and writes as if A were not there.
     let started = std::time::Instant::now();
@@ -468,21 +476,7 @@ fn a_client_that_never_reads_its_replies_keeps_the_server_within_its_memory_boun
     let before_kib = proc_status(s.pid(), "VmRSS");
     // 128 reads of 32 MiB (4 GiB of replies), none of them ever read.
     let (a, _) = Client::go(&s.sock, "data");
-    let mut burst = Vec::new();
-    for i in 0..128u64 {
-        let r = Request {
-            flags: 0,
-            kind: proto::CMD_READ,
-            handle: i,
-            offset: (i % 2) * 32 * MIB,
-            len: 32 * MIB as u32,
-        };
-        burst.extend_from_slice(&proto::encode_request(&r));
-    }
-    let mut w = a.s.try_clone().unwrap();
-    std::thread::spawn(move || {
-        let _ = w.write_all(&burst);
-    });
+    flood_reads(&a, 128, 32 * MIB);
     std::thread::sleep(Duration::from_secs(3));
     let grew_mib = proc_status(s.pid(), "VmRSS").saturating_sub(before_kib) / 1024;
     eprintln!("serve grew by {grew_mib} MiB");
@@ -558,22 +552,8 @@ fn a_client_that_stops_reading_is_cut_at_the_client_timeout() {
     mirror_group(&sb, 96, 16);
     let s = Served::start_args(&sb, &["--client-timeout", "2"], &[]);
     let (a, _) = Client::go(&s.sock, "data");
-    let mut burst = Vec::new();
-    for i in 0..400u64 {
-        let r = Request {
-            flags: 0,
-            kind: proto::CMD_READ,
-            handle: i,
-            offset: (i % 16) * MIB,
-            len: MIB as u32,
-        };
-        burst.extend_from_slice(&proto::encode_request(&r));
-    }
-    let mut w = a.s.try_clone().unwrap();
     let started = std::time::Instant::now();
-    std::thread::spawn(move || {
-        let _ = w.write_all(&burst);
-    });
+    flood_reads(&a, 400, MIB);
     assert_eq!(clients(&sb), 1);
     while clients(&sb) > 0 {
         assert!(

@@ -729,7 +729,6 @@ fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init {
             paths,
-            style: _,
             restore: true,
             ..
         } => {

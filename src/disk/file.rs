@@ -462,7 +462,7 @@ fn is_unsupported(e: &io::Error) -> bool {
 }
 
 /// The file behind a loop device, from sysfs; None for any other device.
-fn loop_backing_file(meta: &fs::Metadata) -> Option<PathBuf> {
+pub fn loop_backing_file(meta: &fs::Metadata) -> Option<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let rdev = meta.rdev();
     let (major, minor) = (libc::major(rdev), libc::minor(rdev));

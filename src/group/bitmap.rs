@@ -59,12 +59,7 @@ impl Group {
             self.config.seqno,
         )
         .map_err(|e| Error::io(format!("cannot read the bitmap of {}", m.path.display()), e))?;
-        b.set_patient(
-            Arc::new(crate::volume::queue::QueuedDisk::patient(
-                m.disk.queue().clone(),
-            )),
-            m.disk.queue().timeout(),
-        );
+        b.set_patient(m.disk.queue());
         if let Found::Damaged(e) = &found {
             self.warnings.push(format!(
                 "disk {}: its write-intent bitmap is damaged ({e}); its mirrors are resynced in full",

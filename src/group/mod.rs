@@ -325,16 +325,12 @@ fn storage_id(path: &Path) -> Option<(u64, u64)> {
     if !m.file_type().is_block_device() {
         return Some((m.dev(), m.ino()));
     }
-    let rdev = m.rdev();
-    let (major, minor) = (libc::major(rdev), libc::minor(rdev));
-    let backing =
-        std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file"));
-    match backing {
-        Ok(file) => {
-            let m = std::fs::metadata(file.trim()).ok()?;
+    match crate::disk::file::loop_backing_file(&m) {
+        Some(file) => {
+            let m = std::fs::metadata(file).ok()?;
             Some((m.dev(), m.ino()))
         }
-        Err(_) => Some((u64::MAX, rdev)),
+        None => Some((u64::MAX, m.rdev())),
     }
 }
 

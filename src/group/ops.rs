@@ -112,12 +112,7 @@ impl Group {
                 0,
             )
             .map_err(|e| Error::io(format!("cannot read the bitmap of {}", path.display()), e))?;
-            bitmap.set_patient(
-                Arc::new(crate::volume::queue::QueuedDisk::patient(
-                    disk.queue().clone(),
-                )),
-                disk.queue().timeout(),
-            );
+            bitmap.set_patient(disk.queue());
             bitmap.persist_header().map_err(|e| {
                 Error::io(format!("cannot write the bitmap of {}", path.display()), e)
             })?;

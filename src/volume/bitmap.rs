@@ -325,11 +325,13 @@ impl DiskBitmap {
         }
     }
 
-    /// Gives the bitmap its disk without a deadline, for the bits of a
-    /// volume's last in-sync copy, and how long a caller with a deadline
-    /// waits for another caller's write (the queue's deadline).
-    pub fn set_patient(&self, disk: Arc<dyn Disk>, wait: std::time::Duration) {
-        let _ = self.patient.set((disk, wait));
+    /// Gives the bitmap its disk's queue without a deadline, for the bits of
+    /// a volume's last in-sync copy; a caller with a deadline waits for
+    /// another caller's write at most the queue's deadline.
+    pub fn set_patient(&self, queue: &Arc<crate::volume::queue::DiskQueue>) {
+        let disk: Arc<dyn Disk> =
+            Arc::new(crate::volume::queue::QueuedDisk::patient(queue.clone()));
+        let _ = self.patient.set((disk, queue.timeout()));
     }
 
     /// Waits for the bitmap's writer to be done and becomes it. A patient

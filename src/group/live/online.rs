@@ -376,9 +376,7 @@ impl LiveGroup {
             }
         }
         let _unmark = Unmark(self, name.to_string());
-        let engine = self
-            .volume(name)
-            .ok_or_else(|| Error::refused(format!("volume {name} is not in service")))?;
+        let engine = self.in_service(name)?;
         let opts = ScrubOptions {
             repair,
             max_rate: rate,
@@ -423,10 +421,14 @@ impl LiveGroup {
             )));
         }
         self.prepare_write(name)?;
-        let e = self
-            .volume(name)
-            .ok_or_else(|| Error::refused(format!("no volume named {name} is in service")))?;
+        let e = self.in_service(name)?;
         e.write(offset, data).map_err(|err| io_refusal(name, err))
+    }
+
+    /// The engine of volume `name`, or a refusal naming it.
+    fn in_service(&self, name: &str) -> Result<Arc<MirrorVolume>> {
+        self.volume(name)
+            .ok_or_else(|| Error::refused(format!("no volume named {name} is in service")))
     }
 
     /// Before data is written to volume `name` by a command: its plexes on
@@ -447,9 +449,7 @@ impl LiveGroup {
     pub fn read(&self, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
         let n = name.to_string();
         self.ask(move |c| c.group.require_source(&n))?;
-        let e = self
-            .volume(name)
-            .ok_or_else(|| Error::refused(format!("no volume named {name} is in service")))?;
+        let e = self.in_service(name)?;
         let r = e.read(offset, buf).map_err(|err| io_refusal(name, err));
         // A read repair runs behind the read: done before the caller looks.
         e.wait_idle();
@@ -465,9 +465,7 @@ impl LiveGroup {
             Volume(Arc<MirrorVolume>),
         }
         let engine = |name: &str| -> Result<Arc<MirrorVolume>> {
-            let e = self
-                .volume(name)
-                .ok_or_else(|| Error::refused(format!("no volume named {name} is in service")))?;
+            let e = self.in_service(name)?;
             if !e.plexes().iter().any(|p| p.mode() == Mode::InSync) {
                 return Err(Error::refused(format!("volume {name} has no in-sync plex")));
             }
