@@ -101,23 +101,28 @@ fn format_v1_images_accept_changes() {
 }
 
 #[test]
-fn a_v1_disk_is_raised_to_v2_when_its_bitmap_is_first_written() {
+fn a_v1_disk_is_raised_to_the_current_version_when_first_written() {
     let sb = Sandbox::new();
     unpack_v1(&sb);
-    // Reading and config changes leave the labels at 1: nothing in the
-    // bitmap area yet.
+    // Reading leaves the labels at 1, and the new blocks absent.
     sb.read_volume("mirror");
-    sb.mv(&["delete", "simple"]).ok();
     for style in ["gpt", "mbr", "raw"] {
         assert_eq!(label_version(&sb, &format!("v1-{style}.img")), 1);
     }
-    // A write to the mirror sets bits on both of its disks: their labels
-    // say 2 from then on (a v1 build refuses them), the raw disk's stay 1.
+    let r = sb
+        .mv_plain(&["examine", &sb.p("disks/v1-gpt.img"), "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["generation"], serde_json::Value::Null, "{v:#}");
+    assert_eq!(v["claim"]["state"], "absent", "{v:#}");
+    // The first change writes the claim: every disk of the group says 3
+    // from then on (a v1 or v2 build refuses them).
+    sb.mv(&["delete", "simple"]).ok();
+    for style in ["gpt", "mbr", "raw"] {
+        assert_eq!(label_version(&sb, &format!("v1-{style}.img")), 3);
+    }
     let (data, bytes) = sb.data_file("w.bin", 1 << 20, 7);
     sb.mv(&["copy", &data, "vol:mirror"]).ok();
-    assert_eq!(label_version(&sb, "v1-gpt.img"), 2);
-    assert_eq!(label_version(&sb, "v1-mbr.img"), 2);
-    assert_eq!(label_version(&sb, "v1-raw.img"), 1);
     let got = sb.read_volume("mirror");
     assert_eq!(&got[..1 << 20], &bytes[..]);
     assert_eq!(
@@ -126,11 +131,21 @@ fn a_v1_disk_is_raised_to_v2_when_its_bitmap_is_first_written() {
     );
     let s = sb.status();
     assert_eq!(volume(&s, "mirror")["state"], "healthy");
-    // Both copies of the label agree.
+    // Both copies of the label agree; the claim was released and the
+    // mirror's disks hold the same generation.
     let r = sb
         .mv_plain(&["examine", &sb.p("disks/v1-gpt.img"), "--json"])
         .ok();
     assert!(!r.stdout.contains("damaged"), "{}", r.stdout);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["claim"]["state"], "released", "{v:#}");
+    let gpt = v["generation"]["counter"].as_u64().expect("a generation");
+    assert!(gpt >= 1, "{v:#}");
+    let r = sb
+        .mv_plain(&["examine", &sb.p("disks/v1-mbr.img"), "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["generation"]["counter"].as_u64(), Some(gpt), "{v:#}");
 }
 
 #[test]
@@ -189,7 +204,7 @@ fn a_v2_group_takes_a_hot_spare_and_repairs_onto_it() {
         sector_pattern_of(2, "mirror", 2 << 20)
     );
     for style in ["gpt", "mbr", "raw"] {
-        assert_eq!(label_version(&sb, &format!("v2-{style}.img")), 2);
+        assert_eq!(label_version(&sb, &format!("v2-{style}.img")), 3);
     }
 }
 

@@ -281,7 +281,7 @@ fn serve_of_a_split_group_runs_the_hook_with_both_sides_before_refusing() {
             sb.path(&format!("away/{other}")),
         );
         fs::rename(&home, &away).unwrap();
-        let s = Served::start(&sb, &[], &[]);
+        let s = Served::start(&sb, &[], &[("MIRRORVOL_FORCE_CLAIM", "1")]);
         qemu_io(&s.uri("data"), &[&format!("write -P {byte} 0 1M")]);
         let (code, err) = s.stop();
         assert_eq!(code, 0, "serve of {alone} alone:\n{err}");

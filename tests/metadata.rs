@@ -421,7 +421,9 @@ fn both_labels_of_one_disk_damaged_leave_the_mirror_working(keep_magic: bool) {
     // The mirror takes writes, and the damaged disk is left alone.
     let untouched = crc32c::crc32c(&fs::read(&b).unwrap());
     let (src, new) = sb.data_file("new.bin", MIB as usize, 9);
-    sb.mv(&["copy", &src, "vol:m"]).ok();
+    // A disk that cannot say which it is is no disk of the majority.
+    sb.mv(&["copy", &src, "vol:m"]).refused("--force-claim");
+    sb.mv(&["--force-claim", "copy", &src, "vol:m"]).ok();
     let mut want = data;
     want[..MIB as usize].copy_from_slice(&new);
     assert_eq!(sb.read_volume("m"), want);

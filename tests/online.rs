@@ -477,7 +477,7 @@ fn a_disk_that_moved_on_while_away_is_refused_as_split_brain() {
     run(Command::new(bin())
         .env("MIRRORVOL_DISKS", sb.path("away"))
         .env("MIRRORVOL_RUN_DIR", sb.path("run"))
-        .args(["create", "solo", "--size", "4M"]));
+        .args(["--force-claim", "create", "solo", "--size", "4M"]));
     let s = serve(&sb);
     std::fs::rename(&away, &b).unwrap();
     let before = sb.fingerprint();

@@ -23,7 +23,8 @@ fn write_alone(sb: &Sandbox, alone: &str, other: &str, offset: u64, len: u64, by
         sb.path(&format!("away/{other}")),
     )
     .unwrap();
-    let s = Served::start(sb, &[], &[]);
+    // One disk of two is no majority: the admin forces the claim.
+    let s = Served::start(sb, &[], &[("MIRRORVOL_FORCE_CLAIM", "1")]);
     serve::ok(Command::new("qemu-io").args([
         "-f",
         "raw",

@@ -8,6 +8,7 @@ use serde_json::json;
 use crate::disk::{Disk, FileDisk, OpenOptions};
 use crate::format::GroupConfig;
 use crate::format::ondisk;
+use crate::format::state::Read;
 use crate::{Error, Result};
 
 pub fn examine(path: &Path, json: bool) -> Result<()> {
@@ -44,6 +45,35 @@ pub fn examine(path: &Path, json: bool) -> Result<()> {
     };
     let l = &read.label;
     let layout = &l.layout;
+    let generation = match ondisk::read_generation(&disk, layout) {
+        Ok(Read::Good(g)) => json!({
+            "counter": g.counter,
+            "id": g.id,
+            "previous": g.previous,
+            "written_at": g.written_at,
+        }),
+        Ok(Read::Damaged(why)) => json!({ "damaged": why }),
+        Ok(Read::Empty) => serde_json::Value::Null,
+        Err(e) => json!({ "damaged": e.to_string() }),
+    };
+    let claim = match ondisk::read_claim(&disk, layout) {
+        Ok(Read::Good(c)) => json!({
+            "state": if c.held { "held" } else { "released" },
+            "host": c.host,
+            "hostname": c.hostname,
+            "boot": c.boot,
+            "pid": c.pid,
+            "command": c.command,
+            "seq": c.seq,
+            "interval_ms": c.interval_ms,
+            "fence_ms": c.fence_ms,
+            "claimed_at": c.claimed_at,
+            "written_at": c.written_at,
+        }),
+        Ok(Read::Damaged(why)) => json!({ "state": "damaged", "damaged": why }),
+        Ok(Read::Empty) => json!({ "state": "absent" }),
+        Err(e) => json!({ "state": "damaged", "damaged": e.to_string() }),
+    };
     let ok = |b: bool| if b { "ok" } else { "damaged" };
     let slot = |i: usize| match (slots.valid[i], slots.empty[i]) {
         (true, _) => "ok",
@@ -72,6 +102,8 @@ pub fn examine(path: &Path, json: bool) -> Result<()> {
             "config_slot_a": slot(0),
             "config_slot_b": slot(1),
         },
+        "generation": generation,
+        "claim": claim,
         "seqno": seqno,
         "config": config,
     });
@@ -100,6 +132,33 @@ pub fn examine(path: &Path, json: bool) -> Result<()> {
         slot(0),
         slot(1)
     );
+    match &report["generation"] {
+        serde_json::Value::Null => {
+            println!("  data generation: none (format 1 or 2, or never written)")
+        }
+        g if g.get("damaged").is_some() => {
+            println!("  data generation: damaged ({})", g["damaged"])
+        }
+        g => println!(
+            "  data generation {} (id {})",
+            g["counter"],
+            g["id"].as_str().unwrap_or("?")
+        ),
+    }
+    let c = &report["claim"];
+    match c["state"].as_str() {
+        Some("held") | Some("released") => println!(
+            "  claim: {} by mirrorvol {} (pid {}) on host {} ({}), renewal {}",
+            c["state"].as_str().unwrap_or("?"),
+            c["command"].as_str().unwrap_or("?"),
+            c["pid"],
+            c["hostname"].as_str().unwrap_or("?"),
+            c["host"].as_str().unwrap_or("?"),
+            c["seq"]
+        ),
+        Some("damaged") => println!("  claim: damaged ({})", c["damaged"]),
+        _ => println!("  claim: none (format 1 or 2, or never claimed)"),
+    }
     match (seqno, config) {
         (Some(seqno), Some(config)) => {
             println!("  config {seqno}:");

@@ -47,6 +47,17 @@ pub struct Cli {
     )]
     pub io_timeout: std::time::Duration,
 
+    /// Claim the group for writing although fewer than a majority of its
+    /// disks in service are here (the others are gone for good, not on the
+    /// far side of a partition).
+    #[arg(
+        long,
+        env = "MIRRORVOL_FORCE_CLAIM",
+        global = true,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub force_claim: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -406,16 +417,23 @@ fn warn(lines: &[String]) {
 pub struct Disks {
     pub paths: Vec<PathBuf>,
     pub timeout: std::time::Duration,
+    /// How a command that writes claims the group.
+    pub claim: crate::group::claim::ClaimOptions,
     /// The expansion, made once: a path that does not answer costs the
     /// deadline once per command.
     set: std::sync::OnceLock<DiskSet>,
 }
 
 impl Disks {
-    fn new(paths: Vec<PathBuf>, timeout: std::time::Duration) -> Disks {
+    fn new(
+        paths: Vec<PathBuf>,
+        timeout: std::time::Duration,
+        claim: crate::group::claim::ClaimOptions,
+    ) -> Disks {
         Disks {
             paths,
             timeout,
+            claim,
             set: std::sync::OnceLock::new(),
         }
     }
@@ -531,9 +549,17 @@ fn through_controller<T>(
     disks: &Disks,
     op: impl FnOnce(&crate::group::live::LiveGroup) -> Result<T>,
 ) -> Result<T> {
-    let g = assemble(disks)?;
+    let mut g = assemble(disks)?;
     g.refuse_split()?;
+    claim(&mut g, disks)?;
     through_group(g, op)
+}
+
+/// Claims the group of a command that writes (see [`crate::group::claim`]).
+fn claim(g: &mut Group, disks: &Disks) -> Result<()> {
+    g.claim(&disks.claim)?;
+    flush_warnings(g);
+    Ok(())
 }
 
 /// Runs `op` on the controller of a group already assembled (and its
@@ -716,7 +742,22 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
 
 fn execute(cli: Cli) -> Result<()> {
     let bar = Bar::new();
-    let disks = Disks::new(cli.disks.clone(), cli.io_timeout);
+    let disks = Disks::new(
+        cli.disks.clone(),
+        cli.io_timeout,
+        crate::group::claim::ClaimOptions {
+            force: cli.force_claim,
+            command: command_name(&cli.command).to_string(),
+            interval: crate::group::claim::DEFAULT_INTERVAL,
+            // A volume copied out to a file, a scrub that repairs nothing.
+            reads_only: match &cli.command {
+                Command::Copy { dst, .. } => !dst.starts_with("vol:"),
+                Command::Scrub { repair, .. } => !repair,
+                _ => false,
+            },
+            eager: false,
+        },
+    );
     // `serve` checks its listen addresses first, then meets the disks'
     // locks, whose refusal names the daemon holding them.
     let needs_group = !matches!(
@@ -737,8 +778,9 @@ fn execute(cli: Cli) -> Result<()> {
                     "init --restore needs the group's other disks: name them with --disks or MIRRORVOL_DISKS",
                 ));
             }
-            let g = assemble(&disks)?;
+            let mut g = assemble(&disks)?;
             g.refuse_split()?;
+            claim(&mut g, &disks)?;
             for (path, uuid) in paths.iter().zip(ops::restore_labels(&g, &paths)?) {
                 println!(
                     "restored the label of disk {uuid} of group {} at {}; `mirrorvol reactivate {}` puts it back in service",
@@ -771,6 +813,7 @@ fn execute(cli: Cli) -> Result<()> {
                 let mut g = Group::assemble(&disks.set()?, Lookup::Optional)?;
                 if let Some(g) = &mut g {
                     g.refuse_split()?;
+                    claim(g, &disks)?;
                     flush_warnings(g);
                 }
                 g
@@ -865,6 +908,7 @@ fn execute(cli: Cli) -> Result<()> {
         }
         Command::ResolveSplitBrain { keep } => {
             let mut g = assemble(&disks)?;
+            claim(&mut g, &disks)?;
             g.keep_split_side(&keep)?;
             let group = g.config.name.clone();
             let resynced = through_group(g, |live| live.resync_in_foreground(&bar))?;
@@ -946,6 +990,7 @@ fn execute(cli: Cli) -> Result<()> {
         } => crate::daemon::serve(
             &cli.disks,
             &crate::daemon::ServeOptions {
+                force_claim: cli.force_claim,
                 listen,
                 direct: cache == "none",
                 disk_threads: disk_threads.into(),

@@ -82,6 +82,8 @@ impl Export for VolumeExport {
 /// How `serve` runs.
 #[derive(Debug, Clone, Default)]
 pub struct ServeOptions {
+    /// Claim the group with fewer than a majority of its disks here.
+    pub force_claim: bool,
     /// `unix:PATH`, `HOST:PORT` or `PORT`; empty: [`DEFAULT_LISTEN`].
     pub listen: Vec<String>,
     /// Open the disks `O_DIRECT` (where the filesystem allows it).
@@ -183,6 +185,8 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         }
     };
 
+    // Set when the claim fences itself: serve stops, and says why.
+    let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let assembled = (|| -> Result<Group> {
         let set = DiskSet::expand(
             disks,
@@ -200,6 +204,24 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
                 events.emit(event);
             }
             return Err(e);
+        }
+        group.claim(&crate::group::claim::ClaimOptions {
+            force: options.force_claim,
+            command: "serve".into(),
+            interval: crate::group::claim::DEFAULT_INTERVAL,
+            reads_only: false,
+            eager: true,
+        })?;
+        if let Some(claim) = &group.claim {
+            let fenced = fenced.clone();
+            claim.on_fence(Box::new(move || {
+                fenced.store(true, std::sync::atomic::Ordering::SeqCst);
+                // SAFETY: kill(2) with our own pid and a signal that the
+                // handler installed above turns into a clean stop.
+                unsafe {
+                    libc::kill(libc::getpid(), SIGTERM);
+                }
+            }));
         }
         group.record_absent_plexes()?;
         // Regions an unclean stop left dirty are resynced before the first
@@ -296,6 +318,11 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     }
     live.stop();
     events.shutdown(EVENT_HOOK_STOP_WAIT);
+    if fenced.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(Error::failed(
+            "the group's claim could not be renewed on a majority of its disks: serve fenced itself and stopped (another host may hold the group now)",
+        ));
+    }
     if !failed.is_empty() {
         return Err(Error::io(
             format!(

@@ -305,6 +305,23 @@ impl Disk for FileDisk {
         self.size
     }
 
+    fn read_fresh(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.direct_align.is_none() {
+            check_range(offset, buf.len(), self.size)?;
+            // SAFETY: posix_fadvise only drops clean cached pages of our
+            // own descriptor's file in the range; no memory is touched.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    offset as libc::off_t,
+                    buf.len() as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
+        self.read_at(buf, offset)
+    }
+
     fn sector_size(&self) -> u32 {
         self.sector_size
     }

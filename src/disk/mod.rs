@@ -60,6 +60,13 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// Writes all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
 
+    /// Fills `buf` from `offset` with what the storage holds now, not a
+    /// copy this host cached: another host (or another path to the same
+    /// storage) may have written it since. Used for the group's claim.
+    fn read_fresh(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at(buf, offset)
+    }
+
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
 
@@ -107,6 +114,9 @@ impl<D: Disk + ?Sized> Disk for Arc<D> {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
+    }
+    fn read_fresh(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_fresh(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()

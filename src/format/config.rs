@@ -61,6 +61,12 @@ pub struct DiskEntry {
     /// the config text of older builds (which ignore the field).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub spare: bool,
+    /// While the disk is failed or missing: the data generation counter it
+    /// held when it left (0: unknown, left before format 3). A disk that
+    /// comes back with an older one was rolled back further than that, and
+    /// the bitmaps cannot say what it lacks.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub left_generation: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +187,7 @@ mod tests {
             state: DiskState::Online,
             state_seqno: 1,
             spare,
+            left_generation: 0,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod ondisk;
 pub mod partition;
 pub mod probe;
 pub mod slot;
+pub mod state;
 
 pub use config::{DiskEntry, DiskState, GroupConfig, PlexEntry, PlexState, VolumeEntry};
 pub use label::Label;
@@ -27,13 +28,20 @@ pub use partition::Style;
 ///   bitmap is first written, so that a format-1 mirrorvol refuses it
 ///   ("label format version 2 is newer ...") rather than ignore the bits.
 ///
+/// - 3: the area between the label and config slot A holds the claim
+///   block and two generation slots ([`state`]), and the bitmap header
+///   records nothing new. A format-1 or 2 disk opens as it is (no claim,
+///   no generation: reported as absent) and is raised to 3 just before
+///   anything of format 3 is first written to it: the claim of the first
+///   command that writes, or the first bitmap or generation write.
+///
 /// Not bumped for the hot-spare mark (`DiskEntry::spare`): it is written
 /// only when true, so a group without spares keeps its exact config text,
 /// and an older build that meets it ignores it (serde keeps unknown fields
 /// out) and sees an ordinary empty disk: it may place a plex there and
 /// drops the mark at its next commit, but loses no data. Refusing the whole
 /// group to older builds for that would cost more than it saves.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 #[cfg(test)]
 mod test_tools;

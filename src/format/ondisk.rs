@@ -9,6 +9,7 @@ use super::label::LabelError;
 use super::layout::{CONFIG_SLOT_SIZE, LABEL_SIZE, TAIL_SIZE};
 use super::partition::{self, MEMBER_START, MIN_MEMBER_SIZE, PartitionError};
 use super::slot::{ConfigSlot, SlotError};
+use super::state::{CLAIM_OFFSET, ClaimBlock, GENERATION_OFFSET, Generation, Read, STATE_BLOCK};
 use super::{FORMAT_VERSION, Label, Layout, Style};
 use crate::MIB;
 use crate::disk::Disk;
@@ -214,6 +215,35 @@ fn read_both(disk: &dyn Disk, layout: Layout) -> Result<LabelRead, FormatError> 
         },
         (None, None) => return Err(FormatError::Damaged),
     })
+}
+
+/// Reads the claim block of a member (format 3; all zero before).
+pub fn read_claim(disk: &dyn Disk, layout: &Layout) -> Result<Read<ClaimBlock>, FormatError> {
+    let at = layout.member_offset + CLAIM_OFFSET;
+    let mut buf = vec![0u8; STATE_BLOCK as usize];
+    disk.read_fresh(&mut buf, at)
+        .map_err(io_err("read the claim block", at))?;
+    Ok(ClaimBlock::decode(&buf))
+}
+
+/// Writes the claim block of a member and flushes it.
+pub fn write_claim(disk: &dyn Disk, layout: &Layout, claim: &ClaimBlock) -> io::Result<()> {
+    let at = layout.member_offset + CLAIM_OFFSET;
+    disk.write_all_then_flush(&[(at, &claim.encode())], true)
+}
+
+/// Reads the newest data generation of a member (format 3; `Empty` before).
+pub fn read_generation(disk: &dyn Disk, layout: &Layout) -> Result<Read<Generation>, FormatError> {
+    let at = layout.member_offset + GENERATION_OFFSET;
+    let buf = read(disk, "read the generation slots", at, 2 * STATE_BLOCK)?;
+    let (a, b) = buf.split_at(STATE_BLOCK as usize);
+    Ok(Generation::newest(a, b))
+}
+
+/// Writes a data generation into its slot and flushes it.
+pub fn write_generation(disk: &dyn Disk, layout: &Layout, g: &Generation) -> io::Result<()> {
+    let at = layout.member_offset + GENERATION_OFFSET + g.slot() * STATE_BLOCK;
+    disk.write_all_then_flush(&[(at, &g.encode())], true)
 }
 
 /// Both config slots of a disk: which decode, and the newest valid one.

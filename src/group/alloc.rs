@@ -113,6 +113,7 @@ mod tests {
                 state: DiskState::Online,
                 state_seqno: 0,
                 spare: false,
+                left_generation: 0,
             }],
             volumes,
             region_size: 0,

@@ -74,17 +74,9 @@ impl Group {
             )));
         }
         self.config.disk_mut(uuid).expect("checked").path = path.display().to_string();
-        self.members.insert(
-            uuid,
-            Member {
-                path: path.to_path_buf(),
-                canonical: found.canonical,
-                disk: found.disk,
-                label: found.read.label,
-                seqno: found.seqno,
-                damaged: found.damaged,
-            },
-        );
+        let mut found = found;
+        found.path = path.to_path_buf();
+        self.members.insert(uuid, Member::from_found(found));
         if let Some(set) = self.bitmaps.clone()
             && let Err(e) = self.load_bitmap(&set, uuid)
         {

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::Group;
 use crate::disk::AlignedBuf;
 use crate::disk::buf::IO_ALIGN;
-use crate::format::{FORMAT_VERSION, PlexEntry, ondisk};
+use crate::format::{FORMAT_VERSION, PlexEntry};
 use crate::volume::COPY_CHUNK;
 use crate::volume::bitmap::{BitmapSet, DiskBitmap, Found};
 use crate::{Error, Result};
@@ -66,13 +66,9 @@ impl Group {
                 m.path.display()
             ));
         }
-        if m.label.version < FORMAT_VERSION {
-            let (disk, mut label) = (m.disk.clone(), m.label.clone());
-            label.version = FORMAT_VERSION;
-            b.before_first_write(Box::new(move || {
-                ondisk::write_labels(&*disk, &label)
-                    .map_err(|e| std::io::Error::other(e.to_string()))
-            }));
+        if m.raise.is_pending() {
+            let raise = m.raise.clone();
+            b.before_first_write(Box::new(move || raise.ensure()));
         }
         self.bitmap_found.insert(uuid, found);
         set.insert(uuid, Arc::new(b));
@@ -86,11 +82,19 @@ impl Group {
         if self.bitmaps.is_some() {
             return Ok(());
         }
+        // Plexes assembly found stale by their generation are recorded so
+        // before the generation is raised on their disks.
+        if self.generation_stale {
+            self.commit()?;
+            self.generation_stale = false;
+        }
         let set = BitmapSet::default();
         let uuids: Vec<Uuid> = self.members.keys().copied().collect();
         for uuid in uuids {
             self.load_bitmap(&set, uuid)?;
         }
+        let keeper = self.start_generations();
+        set.set_keeper(keeper);
         self.bitmaps = Some(Arc::new(set));
         let (compared, copied) = self.resync_dirty_regions()?;
         if copied > 0 {
@@ -112,13 +116,14 @@ impl Group {
     }
 
     /// The format version of `disk`'s labels as they stand on it: raised to
-    /// the current one once its bitmap was written.
+    /// the current one once anything of it was written.
     pub fn label_version(&self, disk: Uuid) -> Option<u32> {
         let m = self.members.get(&disk)?;
-        match self.bitmap(disk) {
-            Some(b) if !b.first_write_pending() => Some(FORMAT_VERSION.max(m.label.version)),
-            _ => Some(m.label.version),
-        }
+        Some(if m.raise.is_pending() {
+            m.label.version
+        } else {
+            FORMAT_VERSION.max(m.label.version)
+        })
     }
 
     fn bitmap(&self, disk: Uuid) -> Option<Arc<DiskBitmap>> {
@@ -267,6 +272,9 @@ impl Group {
         let plex = v.plexes.iter().find(|p| p.disk == disk)?;
         if let Some(r) = &plex.resync_reason {
             return Some(r.clone());
+        }
+        if let Some(r) = self.returned_older(disk) {
+            return Some(r);
         }
         if plex.state == crate::format::PlexState::Resyncing {
             return Some("an earlier resync of it did not finish".to_string());

@@ -60,6 +60,18 @@ impl LiveGroup {
         let events = Arc::new(OnceLock::new());
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         Arc::new_cyclic(|me: &Weak<LiveGroup>| {
+            // A disk that fails a claim write is failed like after any
+            // failed write.
+            if let Some(claim) = &group.claim {
+                let me = me.clone();
+                claim.on_disk_error(Box::new(move |disk, error, hung| {
+                    if let Some(live) = me.upgrade() {
+                        live.send(move |c| {
+                            c.fail_whole_disk(disk, "it failed a claim write", &error, hung)
+                        });
+                    }
+                }));
+            }
             let c = Controller::new(group, opts, me.clone(), engines.clone(), events.clone());
             let thread = std::thread::Builder::new()
                 .name("controller".into())

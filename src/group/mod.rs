@@ -18,14 +18,18 @@ use uuid::Uuid;
 
 use crate::disk::{Disk, FileDisk, OpenOptions};
 use crate::format::ondisk::{self, FormatError, LabelRead};
+use crate::format::state::{Generation, Read};
 use crate::format::{DiskState, GroupConfig, Label, PlexState, VolumeEntry};
+use crate::volume::generation::{GenerationKeeper, VersionRaise};
 use crate::volume::queue::{DEFAULT_IO_TIMEOUT, QueuedDisk};
 use crate::{Error, Result};
 
 pub mod alloc;
 mod attach;
 pub mod bitmap;
+pub mod claim;
 pub mod events;
+mod generation;
 pub mod holder;
 pub mod io;
 pub mod live;
@@ -68,6 +72,36 @@ pub struct Member {
     pub seqno: u64,
     /// A label copy or config slot is damaged; the next commit heals it.
     pub damaged: Vec<String>,
+    /// The data generation the disk held when it was opened (format 3;
+    /// `Empty` before), never updated: what it says of the disk's past.
+    pub generation: Read<Generation>,
+    /// Raises the disk's labels to the current format version before the
+    /// first write of anything that version adds.
+    pub raise: Arc<VersionRaise>,
+}
+
+impl Member {
+    fn from_found(f: Found) -> Member {
+        let raise = VersionRaise::new(f.disk.clone(), &f.read.label);
+        Member {
+            path: f.path,
+            canonical: f.canonical,
+            disk: f.disk,
+            label: f.read.label,
+            seqno: f.seqno,
+            damaged: f.damaged,
+            generation: f.generation,
+            raise,
+        }
+    }
+
+    /// The generation counter the disk held when opened, if it had one.
+    pub fn generation_counter(&self) -> Option<u64> {
+        match &self.generation {
+            Read::Good(g) => Some(g.counter),
+            _ => None,
+        }
+    }
 }
 
 /// The group as assembled from the disks at hand.
@@ -90,6 +124,14 @@ pub struct Group {
     pub unreadable: Vec<Unreadable>,
     /// How disks are opened: the ones assembled, and those that join later.
     pub open: DiskOpen,
+    /// Raises the data generation before writes, once the bitmaps started.
+    pub keeper: Option<Arc<GenerationKeeper>>,
+    /// Assembly found plexes stale by their generation: recorded in the
+    /// config before anything is written ([`Group::start_bitmaps`]).
+    pub generation_stale: bool,
+    /// The claim on the disks while this process holds the group for
+    /// writing ([`Group::claim`]); released when the group is dropped.
+    pub claim: Option<claim::Claim>,
 }
 
 /// A path given as a disk of the group that could not be read.
@@ -128,6 +170,9 @@ impl Default for DiskOpen {
 impl Drop for Group {
     fn drop(&mut self) {
         self.clean_bitmaps(true);
+        if let Some(claim) = self.claim.take() {
+            claim.release();
+        }
         for m in self.members.values() {
             m.disk.queue().close();
         }
@@ -315,6 +360,7 @@ struct Found {
     config: Option<GroupConfig>,
     seqno: u64,
     damaged: Vec<String>,
+    generation: Read<Generation>,
 }
 
 /// What a path stores its bytes in: (device, inode) of a file, or of the
@@ -359,7 +405,15 @@ fn read_found(path: &Path, canonical: PathBuf, disk: Arc<QueuedDisk>, read: Labe
         }
         Err(_) => (None, 0),
     };
+    let generation = match ondisk::read_generation(&*disk, &read.label.layout) {
+        Ok(g) => g,
+        Err(_) => Read::Damaged("the generation slots cannot be read"),
+    };
+    if let Read::Damaged(why) = &generation {
+        damaged.push(format!("generation slots ({why})"));
+    }
     Found {
+        generation,
         path: path.to_path_buf(),
         canonical,
         disk,
@@ -639,6 +693,22 @@ impl Group {
                 }
             }
         }
+        // Disks at the newest data generation with another id than the
+        // group's line moved on without it (each written alone): split.
+        let gens: Vec<(usize, crate::format::state::Generation, u64)> = found
+            .iter()
+            .enumerate()
+            .filter(|(i, f)| {
+                !split.contains(i)
+                    && config.disk(f.read.label.disk_uuid).map(|d| d.state)
+                        == Some(DiskState::Online)
+            })
+            .filter_map(|(i, f)| match f.generation {
+                Read::Good(g) => Some((i, g, f.seqno)),
+                _ => None,
+            })
+            .collect();
+        split.extend(generation::apart(&gens));
         // Split brain is recorded, not refused: `status` shows both sides and
         // what each changed, and commands that write refuse.
         let split = (!split.is_empty()).then(|| split::build(&found, &split, &config));
@@ -670,17 +740,7 @@ impl Group {
                         f.damaged.join(", ")
                     ));
                 }
-                members.insert(
-                    uuid,
-                    Member {
-                        path: f.path,
-                        canonical: f.canonical,
-                        disk: f.disk,
-                        label: f.read.label,
-                        seqno: f.seqno,
-                        damaged: f.damaged,
-                    },
-                );
+                members.insert(uuid, Member::from_found(f));
             }
         }
         for (path, named) in blank {
@@ -706,7 +766,7 @@ impl Group {
                 warnings.push(format!("disk {} ({}) is missing", d.path, d.uuid));
             }
         }
-        Ok(Some(Group {
+        let mut group = Group {
             config,
             members,
             warnings,
@@ -715,7 +775,12 @@ impl Group {
             split,
             unreadable,
             open: set.open,
-        }))
+            keeper: None,
+            generation_stale: false,
+            claim: None,
+        };
+        group.judge_generations();
+        Ok(Some(group))
     }
 
     /// Replaces every member's disk with `wrap(uuid, disk)`, behind a new
@@ -855,6 +920,7 @@ impl Group {
                     d.state_seqno = seqno;
                 }
             }
+            self.record_left_generations(seqno);
             let mut config = self.config.clone();
             config.seqno = seqno;
             let text = config.to_text();
@@ -953,6 +1019,8 @@ impl Group {
                 changed = true;
             }
             if !changed {
+                self.sync_generation_disks();
+                self.sync_claim_disks();
                 return Ok(());
             }
         }

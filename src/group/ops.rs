@@ -74,6 +74,9 @@ pub fn init_with(
             split: None,
             unreadable: Vec::new(),
             open,
+            keeper: None,
+            generation_stale: false,
+            claim: None,
         },
     };
     group.add_disks(disks, opts)?;
@@ -137,16 +140,19 @@ impl Group {
                 state: DiskState::Online,
                 state_seqno: self.config.seqno + 1,
                 spare: opts.spare,
+                left_generation: 0,
             });
             self.members.insert(
                 uuid,
                 super::Member {
                     canonical: super::canonical(&path, self.open.timeout),
                     path,
+                    raise: crate::volume::generation::VersionRaise::new(disk.clone(), &label),
                     disk,
                     label,
                     seqno: 0,
                     damaged: Vec::new(),
+                    generation: crate::format::state::Read::Empty,
                 },
             );
             bitmaps.push((uuid, bitmap));

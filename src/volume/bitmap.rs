@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 use super::engine::{EnginePlex, IntentGuard, WriteIntent};
+use super::generation::GenerationKeeper;
 use crate::disk::Disk;
 use crate::format::Layout;
 use crate::format::bitmap::{
@@ -518,9 +519,17 @@ pub struct BitmapSet {
     /// Disks join while the group serves (`init` under `serve`, a disk
     /// reactivated that was absent at the start).
     disks: std::sync::RwLock<BTreeMap<Uuid, Arc<DiskBitmap>>>,
+    /// Raises the data generation before the first write after an open or
+    /// an idle period.
+    keeper: std::sync::OnceLock<Arc<GenerationKeeper>>,
 }
 
 impl BitmapSet {
+    /// Every write asks `keeper` first (once; later calls are ignored).
+    pub fn set_keeper(&self, keeper: Arc<GenerationKeeper>) {
+        let _ = self.keeper.set(keeper);
+    }
+
     pub fn get(&self, disk: Uuid) -> Option<Arc<DiskBitmap>> {
         self.read().get(&disk).cloned()
     }
@@ -554,6 +563,9 @@ impl Drop for Marked {
 
 impl WriteIntent for BitmapSet {
     fn mark(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<IntentGuard> {
+        // The data generation first: a copy taken before this write must
+        // not pass for current.
+        let ticket = self.keeper.get().map(|k| k.before_write()).transpose()?;
         let disks = self.read();
         // Bits first, in memory, on every disk; then every disk that must
         // write them out does so at once (a cold region costs one bitmap
@@ -620,7 +632,7 @@ impl WriteIntent for BitmapSet {
         }
         match first_error {
             Some(e) if marked.0.is_empty() => Err(e),
-            _ => Ok(IntentGuard::new(marked)),
+            _ => Ok(IntentGuard::new((marked, ticket))),
         }
     }
 }

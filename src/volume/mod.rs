@@ -11,6 +11,7 @@
 pub mod bitmap;
 pub mod engine;
 pub mod error;
+pub mod generation;
 pub mod queue;
 pub mod range_lock;
 pub mod resync;

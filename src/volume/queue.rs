@@ -33,10 +33,20 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::disk::buf::IO_ALIGN;
 use crate::disk::{AlignedBuf, Disk};
 
+/// What a queue asks before the first request that changes its disk.
+pub trait WriteGate: Send + Sync {
+    fn before_first_write(&self) -> io::Result<()>;
+}
+
 /// One I/O request to one disk, at absolute disk offsets.
 #[derive(Debug)]
 pub enum Op {
     Read {
+        offset: u64,
+        len: usize,
+    },
+    /// A read of what the storage holds now ([`Disk::read_fresh`]).
+    ReadFresh {
         offset: u64,
         len: usize,
     },
@@ -79,7 +89,7 @@ impl Op {
     /// The kind of request, as the statistics count it.
     pub fn kind(&self) -> OpKind {
         match self {
-            Op::Read { .. } | Op::ReadInto { .. } => OpKind::Read,
+            Op::Read { .. } | Op::ReadFresh { .. } | Op::ReadInto { .. } => OpKind::Read,
             Op::Write { .. } | Op::WriteMany { .. } => OpKind::Write,
             Op::Flush | Op::Check => OpKind::Flush,
             Op::WriteZeroes { .. } | Op::Discard { .. } => OpKind::Zeroes,
@@ -89,7 +99,9 @@ impl Op {
     /// The bytes the request moves (read, written or zeroed).
     fn bytes(&self) -> u64 {
         match self {
-            Op::Read { len, .. } | Op::ReadInto { len, .. } => *len as u64,
+            Op::Read { len, .. } | Op::ReadFresh { len, .. } | Op::ReadInto { len, .. } => {
+                *len as u64
+            }
             Op::Write { data, .. } => data.len() as u64,
             Op::WriteMany { writes, .. } => writes.iter().map(|(_, d)| d.len() as u64).sum(),
             Op::WriteZeroes { len, .. } | Op::Discard { len, .. } => *len,
@@ -271,6 +283,12 @@ pub struct DiskQueue {
     /// deadline, ticket).
     in_flight: Mutex<HashMap<u64, InFlight>>,
     timed_out: AtomicBool,
+    /// Set when the group's claim fenced itself: every request fails.
+    fenced: AtomicBool,
+    /// Asked before the first request that changes the disk
+    /// ([`DiskQueue::set_gate`]).
+    gate: std::sync::OnceLock<Arc<dyn WriteGate>>,
+    gate_open: AtomicBool,
     /// How long a request with a deadline may take before it is completed
     /// with `TimedOut` (`--io-timeout`).
     timeout: Duration,
@@ -292,6 +310,11 @@ fn execute(disk: &dyn Disk, op: Op) -> Outcome {
         Op::Read { offset, len } => {
             let mut buf = AlignedBuf::new(len, IO_ALIGN);
             disk.read_at(&mut buf, offset)?;
+            Ok(Some(buf))
+        }
+        Op::ReadFresh { offset, len } => {
+            let mut buf = AlignedBuf::new(len, IO_ALIGN);
+            disk.read_fresh(&mut buf, offset)?;
             Ok(Some(buf))
         }
         Op::ReadInto {
@@ -398,6 +421,9 @@ impl DiskQueue {
             next_id: AtomicU64::new(0),
             in_flight: Mutex::new(HashMap::new()),
             timed_out: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            gate: std::sync::OnceLock::new(),
+            gate_open: AtomicBool::new(false),
             timeout,
             workers: Mutex::new(Vec::new()),
             stats: stats.clone(),
@@ -507,7 +533,58 @@ impl DiskQueue {
         self.send(&self.meta_tx, op, deadline, done)
     }
 
+    /// Fails every request from now on: the group's claim fenced itself
+    /// (another host may take the disk over), so nothing more reaches it.
+    pub fn fence(&self) {
+        self.fenced.store(true, Ordering::SeqCst);
+    }
+
+    fn fenced_error(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "disk {} is fenced: the group's claim could not be renewed",
+                self.name
+            ),
+        )
+    }
+
+    /// Sets what is asked before the first request that changes the disk:
+    /// the group's claim is written to the disks then, so a command refused
+    /// before it writes anything leaves them as they were.
+    pub fn set_gate(&self, gate: Arc<dyn WriteGate>) {
+        let _ = self.gate.set(gate);
+    }
+
+    /// Lets requests through without asking the gate again.
+    pub fn open_gate(&self) {
+        self.gate_open.store(true, Ordering::SeqCst);
+    }
+
+    /// Checks a request before it is queued: fenced, or a first write whose
+    /// gate refuses.
+    fn admit(&self, op: &Op) -> io::Result<()> {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(self.fenced_error());
+        }
+        let changes = matches!(op.kind(), OpKind::Write | OpKind::Zeroes);
+        if changes && !self.gate_open.load(Ordering::SeqCst) {
+            if let Some(gate) = self.gate.get() {
+                gate.before_first_write()?;
+            }
+            self.gate_open.store(true, Ordering::SeqCst);
+            if self.fenced.load(Ordering::SeqCst) {
+                return Err(self.fenced_error());
+            }
+        }
+        Ok(())
+    }
+
     fn send(&self, lane: &Mutex<Option<Sender<Job>>>, op: Op, deadline: bool, done: Callback) {
+        if let Err(e) = self.admit(&op) {
+            done(Err(e));
+            return;
+        }
         let (id, ticket, submitted) = self.begin(deadline, done);
         let job = Job {
             id,
@@ -534,6 +611,10 @@ impl DiskQueue {
     /// late result is dropped. Blocking callers use it to save the hand-off
     /// to a worker thread.
     pub fn submit_here(&self, op: Op, deadline: bool, done: Callback) {
+        if let Err(e) = self.admit(&op) {
+            done(Err(e));
+            return;
+        }
         let (id, ticket, submitted) = self.begin(deadline, done);
         let outcome = match self.disk() {
             Some(disk) => execute_counted(&*disk, &self.stats, op, submitted),
@@ -812,6 +893,15 @@ impl Disk for QueuedDisk {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let got = read_data(self.run(Op::Read {
+            offset,
+            len: buf.len(),
+        }))?;
+        buf.copy_from_slice(&got);
+        Ok(())
+    }
+
+    fn read_fresh(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let got = read_data(self.run(Op::ReadFresh {
             offset,
             len: buf.len(),
         }))?;

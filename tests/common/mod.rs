@@ -144,6 +144,7 @@ impl Sandbox {
             Command::new(bin())
                 .env("MIRRORVOL_DISKS", self.disks_dir())
                 .env("MIRRORVOL_RUN_DIR", self.path("run"))
+                .env("MIRRORVOL_HOST_ID_FILE", self.path("host-id"))
                 .args(args)
                 .output()
                 .expect("run mirrorvol"),
@@ -156,6 +157,7 @@ impl Sandbox {
             Command::new(bin())
                 .env_remove("MIRRORVOL_DISKS")
                 .env("MIRRORVOL_RUN_DIR", self.path("run"))
+                .env("MIRRORVOL_HOST_ID_FILE", self.path("host-id"))
                 .args(args)
                 .output()
                 .expect("run mirrorvol"),

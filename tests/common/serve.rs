@@ -69,6 +69,7 @@ impl Served {
         // The pid file and default control socket stay in the sandbox.
         cmd.env("MIRRORVOL_DISKS", sb.disks_dir())
             .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+            .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
             .args(global)
             .arg("serve")
             .arg("--listen")

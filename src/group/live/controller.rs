@@ -1083,6 +1083,10 @@ impl Controller {
         let clear = now >= t.next_clear;
         if check {
             t.next_check = now + CHECK_EVERY;
+            // Idle long enough, the next write starts a new generation.
+            if let Some(k) = &self.group.keeper {
+                k.tick();
+            }
         }
         if clear {
             t.next_clear = now + t.period;
