@@ -549,17 +549,25 @@ fn through_controller<T>(
     disks: &Disks,
     op: impl FnOnce(&crate::group::live::LiveGroup) -> Result<T>,
 ) -> Result<T> {
-    let mut g = assemble(disks)?;
-    g.refuse_split()?;
-    claim(&mut g, disks)?;
+    let g = assemble_claimed(disks, true)?;
     through_group(g, op)
 }
 
-/// Claims the group of a command that writes (see [`crate::group::claim`]).
-fn claim(g: &mut Group, disks: &Disks) -> Result<()> {
-    g.claim(&disks.claim)?;
-    flush_warnings(g);
-    Ok(())
+/// Assembles and claims the group of a command that writes (see
+/// [`crate::group::claim`]); a split group is refused first when `split`.
+fn assemble_claimed(disks: &Disks, split: bool) -> Result<Group> {
+    let mut g = crate::group::claim::claim_assembled(
+        || {
+            let g = assemble(disks)?;
+            if split {
+                g.refuse_split()?;
+            }
+            Ok(g)
+        },
+        &disks.claim,
+    )?;
+    flush_warnings(&mut g);
+    Ok(g)
 }
 
 /// Runs `op` on the controller of a group already assembled (and its
@@ -750,6 +758,7 @@ fn execute(cli: Cli) -> Result<()> {
             command: command_name(&cli.command).to_string(),
             interval: crate::group::claim::DEFAULT_INTERVAL,
             // A volume copied out to a file, a scrub that repairs nothing.
+            silent: Vec::new(),
             reads_only: match &cli.command {
                 Command::Copy { dst, .. } => !dst.starts_with("vol:"),
                 Command::Scrub { repair, .. } => !repair,
@@ -778,9 +787,7 @@ fn execute(cli: Cli) -> Result<()> {
                     "init --restore needs the group's other disks: name them with --disks or MIRRORVOL_DISKS",
                 ));
             }
-            let mut g = assemble(&disks)?;
-            g.refuse_split()?;
-            claim(&mut g, &disks)?;
+            let g = assemble_claimed(&disks, true)?;
             for (path, uuid) in paths.iter().zip(ops::restore_labels(&g, &paths)?) {
                 println!(
                     "restored the label of disk {uuid} of group {} at {}; `mirrorvol reactivate {}` puts it back in service",
@@ -810,13 +817,12 @@ fn execute(cli: Cli) -> Result<()> {
             let existing = if cli.disks.is_empty() {
                 None
             } else {
-                let mut g = Group::assemble(&disks.set()?, Lookup::Optional)?;
-                if let Some(g) = &mut g {
-                    g.refuse_split()?;
-                    claim(g, &disks)?;
-                    flush_warnings(g);
+                // Looked at first: no group there is a new group.
+                let found = Group::assemble(&disks.set()?, Lookup::Optional)?.is_some();
+                match found {
+                    true => Some(assemble_claimed(&disks, true)?),
+                    false => None,
                 }
-                g
             };
             let opts = InitOptions {
                 style,
@@ -907,8 +913,7 @@ fn execute(cli: Cli) -> Result<()> {
             warn(&done.warnings);
         }
         Command::ResolveSplitBrain { keep } => {
-            let mut g = assemble(&disks)?;
-            claim(&mut g, &disks)?;
+            let mut g = assemble_claimed(&disks, false)?;
             g.keep_split_side(&keep)?;
             let group = g.config.name.clone();
             let resynced = through_group(g, |live| live.resync_in_foreground(&bar))?;

@@ -196,22 +196,29 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
                 timeout: options.io_timeout,
             },
         )?;
-        let mut group = Group::assemble(&set, Lookup::Required)?.expect("required");
-        // A split group is not served at all: which side's data a client
-        // would see is the admin's choice (`resolve-split-brain`).
-        if let Err(e) = group.refuse_split() {
-            if let Some(event) = events::split_brain_event(&group, &e.to_string()) {
-                events.emit(event);
-            }
-            return Err(e);
-        }
-        group.claim(&crate::group::claim::ClaimOptions {
-            force: options.force_claim,
-            command: "serve".into(),
-            interval: crate::group::claim::DEFAULT_INTERVAL,
-            reads_only: false,
-            eager: true,
-        })?;
+        let mut group = crate::group::claim::claim_assembled(
+            || {
+                let group = Group::assemble(&set, Lookup::Required)?.expect("required");
+                // A split group is not served at all: which side's data a
+                // client would see is the admin's choice
+                // (`resolve-split-brain`).
+                if let Err(e) = group.refuse_split() {
+                    if let Some(event) = events::split_brain_event(&group, &e.to_string()) {
+                        events.emit(event);
+                    }
+                    return Err(e);
+                }
+                Ok(group)
+            },
+            &crate::group::claim::ClaimOptions {
+                force: options.force_claim,
+                command: "serve".into(),
+                interval: crate::group::claim::DEFAULT_INTERVAL,
+                reads_only: false,
+                eager: true,
+                silent: Vec::new(),
+            },
+        )?;
         if let Some(claim) = &group.claim {
             let fenced = fenced.clone();
             claim.on_fence(Box::new(move || {

@@ -149,6 +149,53 @@ pub struct ClaimOptions {
     /// The command only reads (a volume copied out): no majority is asked
     /// unless it writes after all.
     pub reads_only: bool,
+    /// Claims of holders watched and found silent: taken over.
+    pub silent: Vec<Read<ClaimBlock>>,
+}
+
+/// Assembles the group with `assemble` and claims it. When a holder that
+/// went silent had to be watched, the disks' cached pages are dropped and
+/// the group assembled again (it may have changed until the holder
+/// stopped), then claimed over that holder's claim, as ZFS imports a pool
+/// after its activity check.
+pub fn claim_assembled(
+    mut assemble: impl FnMut() -> Result<Group>,
+    opts: &ClaimOptions,
+) -> Result<Group> {
+    let mut g = assemble()?;
+    let Some(silent) = g.claim(opts)? else {
+        return Ok(g);
+    };
+    let paths: Vec<PathBuf> = g.members.values().map(|m| m.path.clone()).collect();
+    drop(g);
+    for p in &paths {
+        drop_cached(p);
+    }
+    let mut g = assemble()?;
+    let opts = ClaimOptions {
+        silent,
+        ..opts.clone()
+    };
+    match g.claim(&opts)? {
+        None => Ok(g),
+        Some(_) => Err(Error::refused(format!(
+            "group {} was claimed again while it was being taken over; run the command again",
+            g.config.name
+        ))),
+    }
+}
+
+/// Drops this host's cached pages of the file or device at `path`, so that
+/// the next reads see what the storage holds now.
+fn drop_cached(path: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = std::fs::File::open(path) {
+        // SAFETY: posix_fadvise only drops clean cached pages of the file
+        // behind our own descriptor; no memory of ours is touched.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
 }
 
 /// "mirrorvol serve (pid 42) on host h1 (<uuid>)".
@@ -442,9 +489,13 @@ impl Group {
     }
 
     /// Claims the group for writing (see the module's top), or refuses.
-    pub fn claim(&mut self, opts: &ClaimOptions) -> Result<()> {
+    /// After watching a holder that went silent it claims nothing and
+    /// returns the claims it saw: the holder may have written until it
+    /// stopped, so the caller assembles again from what the disks hold now
+    /// and claims with those as `silent` ([`claim_assembled`]).
+    pub fn claim(&mut self, opts: &ClaimOptions) -> Result<Option<Vec<Read<ClaimBlock>>>> {
         if self.claim.is_some() {
-            return Ok(());
+            return Ok(None);
         }
         let me = Identity::here()?;
         let disks = self.claim_disks();
@@ -476,8 +527,13 @@ impl Group {
         let first = read_all(&disks);
         let mut wait = Duration::ZERO;
         let mut waited_for = Vec::new();
+        let mut silent = false;
         for (u, r) in &first {
             let path = &disks[u].path;
+            if !matches!(look(r, &me), Seen::Free) && opts.silent.contains(r) {
+                silent = true;
+                continue;
+            }
             match look(r, &me) {
                 Seen::Free => {}
                 Seen::Local(c) => {
@@ -532,6 +588,7 @@ impl Group {
                 }
             }
             tracing::warn!("group {name}: the claim was not renewed; taking it over");
+            return Ok(Some(first.into_values().collect()));
         }
         let fence_after = fence_time(self.open.timeout, opts.interval);
         let now = now_secs();
@@ -553,7 +610,7 @@ impl Group {
             name,
             me,
             interval: opts.interval,
-            took_over: !waited_for.is_empty(),
+            took_over: silent,
             seen: first,
             phase: Mutex::new(Phase::Pending),
             heartbeat: Mutex::new(None),
@@ -598,7 +655,7 @@ impl Group {
             }
         }
         self.claim = Some(Claim { inner });
-        Ok(())
+        Ok(None)
     }
 
     /// Tells the claim which disks are in service (after every commit).

@@ -346,7 +346,7 @@ impl RealFaultyDisk {
 
 /// Sends one command to the pause filter's control socket and reads its
 /// one-byte answer.
-fn pause_control(sock: &Path, cmd: u8) -> std::io::Result<u8> {
+pub fn pause_control(sock: &Path, cmd: u8) -> std::io::Result<u8> {
     let mut s = UnixStream::connect(sock)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.write_all(&[cmd])?;
