@@ -3,7 +3,7 @@
 //! mirror across a GPT and an MBR disk, and a simple volume on a raw disk,
 //! each filled with a pattern that names its sectors.
 //!
-//! The v2 images come from `generate_format_images` below (ignored; run it
+//! The v2 and v3 images come from `generate_format_images` below (ignored; run it
 //! with `MIRRORVOL_COMPAT_OUT=tests/data cargo test --test compat --
 //! --ignored generate` on a build whose FORMAT_VERSION is the new one).
 
@@ -206,6 +206,42 @@ fn a_v2_group_takes_a_hot_spare_and_repairs_onto_it() {
     for style in ["gpt", "mbr", "raw"] {
         assert_eq!(label_version(&sb, &format!("v2-{style}.img")), 3);
     }
+}
+
+#[test]
+fn format_v3_images_open_with_their_generation_and_a_released_claim() {
+    let sb = Sandbox::new();
+    unpack(&sb, 3);
+    let s = sb.status();
+    assert_eq!(s["group"]["name"], "compat");
+    assert!(s.get("split_brain").is_none(), "{s:#}");
+    assert!(s["group"].get("held_by").is_none(), "{s:#}");
+    for style in ["gpt", "mbr", "raw"] {
+        let d = disk(&s, &format!("v3-{style}.img"));
+        assert_eq!(d["state"], "online");
+        assert_eq!(label_version(&sb, &format!("v3-{style}.img")), 3);
+        let r = sb
+            .mv_plain(&["examine", &sb.p(&format!("disks/v3-{style}.img")), "--json"])
+            .ok();
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(v["claim"]["state"], "released", "{v:#}");
+        assert!(v["generation"]["counter"].as_u64() >= Some(1), "{v:#}");
+    }
+    assert_eq!(volume(&s, "mirror")["state"], "healthy");
+    assert_eq!(
+        sb.read_volume("mirror"),
+        sector_pattern_of(3, "mirror", 2 << 20)
+    );
+    assert_eq!(
+        sb.read_volume("simple"),
+        sector_pattern_of(3, "simple", 1 << 20)
+    );
+    // The mirror's two plexes hold the same generation and data.
+    sb.mv(&["fail", &sb.p("disks/v3-gpt.img")]).ok();
+    assert_eq!(
+        sb.read_volume("mirror"),
+        sector_pattern_of(3, "mirror", 2 << 20)
+    );
 }
 
 /// Writes the compat images of this build's format version into

@@ -516,10 +516,13 @@ mod tests {
             free: 32 << 20,
             errors: 0,
             spare: false,
+            generation: None,
         };
         StatusReport {
             unreadable: Vec::new(),
             group: GroupStatus {
+                generation: None,
+                held_by: None,
                 name: "g".into(),
                 uuid: uuid::Uuid::new_v4(),
                 seqno: 7,

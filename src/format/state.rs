@@ -34,7 +34,9 @@
 //!  80 written at, Unix seconds (shown, never compared)       (8)
 //!  88 host name, NUL padded                  (64)
 //! 152 command (serve, add-mirror, ...), NUL padded           (32)
-//! 184 reserved, zero
+//! 184 the holder's start time, clock ticks after boot (a pid
+//!     reused by another process does not pass for the holder)  (8)
+//! 192 reserved, zero
 //! 508 crc32c of bytes [0, 508)                (4)
 //! ```
 //!
@@ -142,6 +144,7 @@ pub struct ClaimBlock {
     pub written_at: u64,
     pub hostname: String,
     pub command: String,
+    pub started: u64,
 }
 
 impl ClaimBlock {
@@ -159,6 +162,7 @@ impl ClaimBlock {
         buf[80..88].copy_from_slice(&self.written_at.to_le_bytes());
         put_text(&mut buf, 88, 64, &self.hostname);
         put_text(&mut buf, 152, 32, &self.command);
+        buf[184..192].copy_from_slice(&self.started.to_le_bytes());
         seal(&mut buf);
         buf
     }
@@ -186,6 +190,7 @@ impl ClaimBlock {
             written_at: u64_at(buf, 80),
             hostname: text_at(buf, 88, 64),
             command: text_at(buf, 152, 32),
+            started: u64_at(buf, 184),
         })
     }
 }
@@ -272,6 +277,7 @@ mod tests {
             written_at: 1_700_000_099,
             hostname: "büro-host".into(),
             command: "serve".into(),
+            started: 123_456,
         }
     }
 

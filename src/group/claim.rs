@@ -111,6 +111,15 @@ pub fn host_id() -> Result<Uuid> {
     })
 }
 
+/// When process `pid` started, in clock ticks after boot (field 22 of
+/// /proc/PID/stat): with the boot id, it names one process for good.
+fn started(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// This kernel's boot id.
 fn boot_id() -> Uuid {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -450,7 +459,7 @@ fn look(read: &Read<ClaimBlock>, me: &Identity) -> Seen {
         Read::Damaged(why) => Seen::Unknown(why),
         Read::Good(c) if !c.held => Seen::Free,
         Read::Good(c) if c.host == me.host && c.boot == me.boot => {
-            if c.pid == me.pid || !holder::alive(c.pid) {
+            if c.pid == me.pid || !holder::alive(c.pid) || started(c.pid) != Some(c.started) {
                 Seen::Free
             } else {
                 Seen::Local(c.clone())
@@ -486,6 +495,34 @@ impl Group {
                 )
             })
             .collect()
+    }
+
+    /// Who holds the group's claim, as its disks say: the holder named on
+    /// the disks in service (a released or absent claim: nobody).
+    pub fn held_by(&self) -> Option<String> {
+        let me = Identity::here().ok()?;
+        // Held here: said without asking the disks (status must not wait
+        // on a disk that hangs).
+        if let Some(c) = &self.claim {
+            let block = c
+                .inner
+                .block
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            return c.is_written().then(|| describe(&block, &me));
+        }
+        for d in self.claim_disks().values() {
+            if let Ok(Read::Good(c)) = ondisk::read_claim(&*d.disk, &d.layout)
+                && c.held
+                && !(c.host == me.host
+                    && c.boot == me.boot
+                    && (!holder::alive(c.pid) || started(c.pid) != Some(c.started)))
+            {
+                return Some(describe(&c, &me));
+            }
+        }
+        None
     }
 
     /// Claims the group for writing (see the module's top), or refuses.
@@ -604,6 +641,7 @@ impl Group {
             written_at: now,
             hostname: me.hostname.clone(),
             command: opts.command.clone(),
+            started: started(me.pid).unwrap_or(0),
         };
         let started = Instant::now();
         let inner = Arc::new(Inner {
@@ -875,5 +913,58 @@ impl Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         self.stop_heartbeat();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_start_time_is_read_and_names_this_process() {
+        let me = started(std::process::id()).expect("our own start time");
+        assert!(me > 0);
+        assert_eq!(started(std::process::id()), Some(me));
+        assert_eq!(started(u32::MAX), None);
+    }
+
+    #[test]
+    fn claims_are_judged_by_host_boot_pid_and_start() {
+        let me = Identity {
+            host: Uuid::from_u128(1),
+            boot: boot_id(),
+            pid: std::process::id(),
+            hostname: "h".into(),
+        };
+        let mut c = ClaimBlock {
+            held: true,
+            interval_ms: 1000,
+            host: me.host,
+            boot: me.boot,
+            pid: 1,
+            seq: 5,
+            fence_ms: 7000,
+            claimed_at: 0,
+            written_at: 0,
+            hostname: "h".into(),
+            command: "serve".into(),
+            started: started(1).unwrap_or(0),
+        };
+        // pid 1 of this boot lives: refused by name.
+        assert!(matches!(look(&Read::Good(c.clone()), &me), Seen::Local(_)));
+        // The same pid with another start time is another process: the
+        // holder is gone.
+        c.started += 1;
+        assert!(matches!(look(&Read::Good(c.clone()), &me), Seen::Free));
+        // Another boot of this host may be a clone running now: watched.
+        c.boot = Uuid::from_u128(9);
+        assert!(matches!(
+            look(&Read::Good(c.clone()), &me),
+            Seen::Foreign(_)
+        ));
+        c.held = false;
+        assert!(matches!(look(&Read::Good(c), &me), Seen::Free));
+        assert!(matches!(look(&Read::Empty, &me), Seen::Free));
+        assert!(matches!(look(&Read::Damaged("x"), &me), Seen::Unknown(_)));
     }
 }

@@ -47,9 +47,19 @@ fn table(rows: &[Vec<String>]) -> String {
 
 pub fn status_text(r: &StatusReport) -> String {
     let mut out = format!(
-        "Group {} ({}), config {}\n\n",
-        r.group.name, r.group.uuid, r.group.seqno
+        "Group {} ({}), config {}{}\n",
+        r.group.name,
+        r.group.uuid,
+        r.group.seqno,
+        r.group
+            .generation
+            .map(|g| format!(", data generation {g}"))
+            .unwrap_or_default()
     );
+    if let Some(h) = &r.group.held_by {
+        out.push_str(&format!("Held by {h}\n"));
+    }
+    out.push('\n');
     let mut disks = vec![vec![
         "DISK".to_string(),
         "STATE".into(),

@@ -52,6 +52,14 @@ pub struct GroupStatus {
     pub name: String,
     pub uuid: Uuid,
     pub seqno: u64,
+    /// The newest data generation of the disks in service (left out
+    /// before format 3 wrote one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// Who holds the group's claim on its disks ("mirrorvol serve (pid N)
+    /// on host H"), when someone does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +75,9 @@ pub struct DiskStatus {
     pub errors: u64,
     /// A hot spare: it holds no plex and waits for a repair to need it.
     pub spare: bool,
+    /// The data generation the disk holds (left out when it has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -140,6 +151,7 @@ impl Group {
                 free: free_bytes(&self.config, d.uuid),
                 errors: errors_on(d.uuid),
                 spare: d.spare,
+                generation: Some(self.generation_of(d.uuid)).filter(|g| *g > 0),
             })
             .collect();
         let volumes = self
@@ -235,6 +247,13 @@ impl Group {
                 name: self.config.name.clone(),
                 uuid: self.config.uuid,
                 seqno: self.config.seqno,
+                generation: self
+                    .keeper
+                    .as_ref()
+                    .map(|k| k.current().counter)
+                    .or_else(|| self.assembled_generation().map(|g| g.counter))
+                    .filter(|g| *g > 0),
+                held_by: self.held_by(),
             },
             disks,
             volumes,
