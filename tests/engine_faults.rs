@@ -233,6 +233,15 @@ fn a_hung_disk_is_failed_within_the_timeout_and_no_writer_waits_on_it() {
     let a = rig.members[0].faulty.clone();
     a.hang();
     let hung = Instant::now();
+    // Status asks no disk: it answers at once although a.img hangs (it
+    // once read the claim blocks, and waited on the hung disk).
+    let asked = Instant::now();
+    status_json(&live);
+    assert!(
+        asked.elapsed() < Duration::from_millis(TIMEOUT_MS / 2),
+        "status took {:?} with a disk hung",
+        asked.elapsed()
+    );
     wait_for("a.img to be failed", Duration::from_secs(10), || {
         states(&status_json(&live)).disk("a.img") == "failed"
     });

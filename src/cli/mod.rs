@@ -944,7 +944,8 @@ fn execute(cli: Cli) -> Result<()> {
         }
         Command::Status { json } => {
             let g = assemble(&disks)?;
-            let report = g.status();
+            let mut report = g.status();
+            report.group.held_by = g.held_by_on_disks();
             if json {
                 println!(
                     "{}",

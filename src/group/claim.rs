@@ -497,21 +497,28 @@ impl Group {
             .collect()
     }
 
-    /// Who holds the group's claim, as its disks say: the holder named on
-    /// the disks in service (a released or absent claim: nobody).
+    /// Who holds the group's claim when this process does: said without
+    /// asking the disks (the status of a group in service must never wait
+    /// on a disk that hangs).
     pub fn held_by(&self) -> Option<String> {
+        let c = self.claim.as_ref()?;
         let me = Identity::here().ok()?;
-        // Held here: said without asking the disks (status must not wait
-        // on a disk that hangs).
-        if let Some(c) = &self.claim {
-            let block = c
-                .inner
-                .block
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            return c.is_written().then(|| describe(&block, &me));
+        let block = c
+            .inner
+            .block
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        c.is_written().then(|| describe(&block, &me))
+    }
+
+    /// Who holds the group's claim, as its disks say (offline `status`):
+    /// the holder named on the disks in service, unless it is gone.
+    pub fn held_by_on_disks(&self) -> Option<String> {
+        if self.claim.is_some() {
+            return self.held_by();
         }
+        let me = Identity::here().ok()?;
         for d in self.claim_disks().values() {
             if let Ok(Read::Good(c)) = ondisk::read_claim(&*d.disk, &d.layout)
                 && c.held

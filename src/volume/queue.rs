@@ -764,8 +764,30 @@ fn watchdog() -> &'static Watchdog {
                         }
                         (expired, tick.map(|t| t.max(Duration::from_millis(5))))
                     };
+                    // Each expired request is answered on a thread of its
+                    // own: its callback may wait on whoever waits for
+                    // another expired request (an engine's failure report
+                    // waits on the group's controller, which may itself
+                    // wait on a config write to the same hung disk), and
+                    // the watchdog must never be the one stuck between.
                     for (ticket, error) in expired {
-                        ticket.complete(Err(error));
+                        let late = std::sync::Arc::new(Mutex::new(Some((ticket, error))));
+                        let answer = late.clone();
+                        let spawned = std::thread::Builder::new().name("mv-expired".into()).spawn(
+                            move || {
+                                if let Some((t, e)) =
+                                    answer.lock().unwrap_or_else(|e| e.into_inner()).take()
+                                {
+                                    t.complete(Err(e));
+                                }
+                            },
+                        );
+                        if spawned.is_err()
+                            && let Some((t, e)) =
+                                late.lock().unwrap_or_else(|e| e.into_inner()).take()
+                        {
+                            t.complete(Err(e));
+                        }
                     }
                     match tick {
                         Some(t) => std::thread::park_timeout(t),
