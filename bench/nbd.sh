@@ -99,7 +99,7 @@ EOF
 # 1. mirrorvol serve: a group of the two files, one mirrored volume.
 for cache in none writeback; do
   fresh_images
-  MIRRORVOL_DISKS="$a,$b" "$bin" init "$a" "$b" --style raw --group bench >/dev/null
+  MIRRORVOL_DISKS="$a,$b" "$bin" init "$a" "$b" --style raw --group bench ${MIRRORVOL_BENCH_REGION:+--region-size $MIRRORVOL_BENCH_REGION} >/dev/null
   MIRRORVOL_DISKS="$a,$b" "$bin" create data --size "${vol_mib}M" --mirror >/dev/null 2>&1
   MIRRORVOL_DISKS="$a,$b" "$bin" serve --cache=$cache --listen "unix:$sock" 2>"$dir/serve.log" &
   server_pid=$!

@@ -23,8 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use super::engine::{EnginePlex, IntentGuard, WriteIntent};
-use super::generation::GenerationKeeper;
+use super::engine::{Begun, EnginePlex, IntentGuard, WriteIntent};
+use super::generation::{GenerationKeeper, GenerationTicket};
 use crate::disk::Disk;
 use crate::format::Layout;
 use crate::format::bitmap::{
@@ -561,78 +561,127 @@ impl Drop for Marked {
     }
 }
 
+/// One disk's part of a marked write: its bitmap, the regions counted in,
+/// the bitmap generation that must be durable, and whether it is waited
+/// for without a deadline (a volume's last in-sync copy).
+struct Mark {
+    disk: String,
+    bitmap: Arc<DiskBitmap>,
+    regions: Range<u64>,
+    need: u64,
+    patient: bool,
+}
+
+/// Waits until every disk's bits of a marked write are durable (all disks
+/// at once), after raising the data generation when `raise`.
+fn finish_mark(
+    ticket: Option<GenerationTicket>,
+    raise: bool,
+    marks: Vec<Mark>,
+) -> io::Result<IntentGuard> {
+    if raise
+        && let Some(t) = &ticket
+        && let Err(e) = t.raise()
+    {
+        for m in marks {
+            m.bitmap.done(m.regions);
+        }
+        return Err(e);
+    }
+    let outcomes: Vec<io::Result<Range<u64>>> = if marks
+        .iter()
+        .filter(|m| m.bitmap.needs_write(m.need))
+        .count()
+        > 1
+    {
+        std::thread::scope(|scope| {
+            let waits: Vec<_> = marks
+                .iter()
+                .map(|m| {
+                    scope.spawn(move || m.bitmap.make_durable(m.regions.clone(), m.need, m.patient))
+                })
+                .collect();
+            waits
+                .into_iter()
+                .map(|w| {
+                    w.join().unwrap_or_else(|_| {
+                        Err(io::Error::other("a write-intent bit writer panicked"))
+                    })
+                })
+                .collect()
+        })
+    } else {
+        marks
+            .iter()
+            .map(|m| m.bitmap.make_durable(m.regions.clone(), m.need, m.patient))
+            .collect()
+    };
+    let mut marked = Marked(Vec::with_capacity(marks.len()));
+    let mut first_error = None;
+    for (m, outcome) in marks.into_iter().zip(outcomes) {
+        match outcome {
+            Ok(regions) => marked.0.push((m.bitmap, regions)),
+            // That disk's data write will likely fail too and fail its
+            // plex; the bits on the other disks cover the region.
+            Err(e) => {
+                tracing::error!(disk = %m.disk, error = %e, "cannot set a write-intent bit");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) if marked.0.is_empty() => Err(e),
+        _ => Ok(IntentGuard::new((marked, ticket))),
+    }
+}
+
 impl WriteIntent for BitmapSet {
     fn mark(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<IntentGuard> {
+        match self.begin(plexes, offset, len)? {
+            Begun::Ready(g) => Ok(g),
+            Begun::Pending { wait, .. } => wait(),
+        }
+    }
+
+    fn begin(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<Begun> {
         // The data generation first: a copy taken before this write must
         // not pass for current.
-        let ticket = self.keeper.get().map(|k| k.before_write()).transpose()?;
-        let disks = self.read();
-        // Bits first, in memory, on every disk; then every disk that must
-        // write them out does so at once (a cold region costs one bitmap
-        // write and flush, not one per disk in turn).
-        let marking: Vec<(&EnginePlex, Arc<DiskBitmap>, Range<u64>, u64)> = plexes
-            .iter()
-            .filter_map(|p| {
-                let b = disks.get(&p.disk)?;
-                let start = p.offset - b.data_offset + offset;
-                let (regions, need) = b.mark_in_memory(start, start + len);
-                Some((&**p, b.clone(), regions, need))
-            })
-            .collect();
-        drop(disks);
+        let ticket = self.keeper.get().map(|k| k.enter());
+        let raise = ticket.as_ref().is_some_and(|t| t.needs_raise());
         // A last in-sync copy's bits wait for its disk as its data does
         // (the engine gives it no deadline: there is no other copy).
         let in_sync = plexes
             .iter()
             .filter(|p| p.mode() == crate::volume::engine::Mode::InSync)
             .count();
-        let patient =
-            |p: &EnginePlex| in_sync == 1 && p.mode() == crate::volume::engine::Mode::InSync;
-        let outcomes: Vec<io::Result<Range<u64>>> = if marking
+        let disks = self.read();
+        // Bits first, in memory, on every disk; then every disk that must
+        // write them out does so at once (a cold region costs one bitmap
+        // write and flush, not one per disk in turn).
+        let marks: Vec<Mark> = plexes
             .iter()
-            .filter(|(_, b, _, need)| b.needs_write(*need))
-            .count()
-            > 1
-        {
-            std::thread::scope(|scope| {
-                let waits: Vec<_> = marking
-                    .iter()
-                    .map(|(p, b, regions, need)| {
-                        let patient = patient(p);
-                        scope.spawn(move || b.make_durable(regions.clone(), *need, patient))
-                    })
-                    .collect();
-                waits
-                    .into_iter()
-                    .map(|w| {
-                        w.join().unwrap_or_else(|_| {
-                            Err(io::Error::other("a write-intent bit writer panicked"))
-                        })
-                    })
-                    .collect()
+            .filter_map(|p| {
+                let b = disks.get(&p.disk)?;
+                let start = p.offset - b.data_offset + offset;
+                let (regions, need) = b.mark_in_memory(start, start + len);
+                Some(Mark {
+                    disk: p.queue.name().to_string(),
+                    bitmap: b.clone(),
+                    regions,
+                    need,
+                    patient: in_sync == 1 && p.mode() == crate::volume::engine::Mode::InSync,
+                })
             })
-        } else {
-            marking
-                .iter()
-                .map(|(p, b, regions, need)| b.make_durable(regions.clone(), *need, patient(p)))
-                .collect()
-        };
-        let mut marked = Marked(Vec::with_capacity(marking.len()));
-        let mut first_error = None;
-        for ((p, b, _, _), outcome) in marking.into_iter().zip(outcomes) {
-            match outcome {
-                Ok(regions) => marked.0.push((b, regions)),
-                // That disk's data write will likely fail too and fail its
-                // plex; the bits on the other disks cover the region.
-                Err(e) => {
-                    tracing::error!(disk = %p.queue.name(), error = %e, "cannot set a write-intent bit");
-                    first_error.get_or_insert(e);
-                }
-            }
+            .collect();
+        drop(disks);
+        if !raise && marks.iter().all(|m| !m.bitmap.needs_write(m.need)) {
+            let marked = Marked(marks.into_iter().map(|m| (m.bitmap, m.regions)).collect());
+            return Ok(Begun::Ready(IntentGuard::new((marked, ticket))));
         }
-        match first_error {
-            Some(e) if marked.0.is_empty() => Err(e),
-            _ => Ok(IntentGuard::new((marked, ticket))),
-        }
+        let patient = marks.iter().any(|m| m.patient);
+        Ok(Begun::Pending {
+            wait: Box::new(move || finish_mark(ticket, raise, marks)),
+            patient,
+        })
     }
 }

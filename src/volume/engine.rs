@@ -71,7 +71,56 @@ pub trait WriteIntent: Send + Sync {
     /// `[offset, offset + len)` may be about to differ between plexes; blocks
     /// until it is. Dropping the guard tells the bitmap the write is over.
     fn mark(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<IntentGuard>;
+
+    /// [`WriteIntent::mark`] in two halves: the bits are set in memory at
+    /// once, and when they still have to be written out, the waiting is
+    /// handed back ([`Begun::Pending`]) for the caller to do where it may
+    /// block.
+    fn begin(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<Begun> {
+        self.mark(plexes, offset, len).map(Begun::Ready)
+    }
 }
+
+/// What [`WriteIntent::begin`] found.
+pub enum Begun {
+    /// The bits are durable: the write may go.
+    Ready(IntentGuard),
+    /// A bitmap (or generation) write must be waited for first: `wait`
+    /// blocks until then. `patient`: a volume's last copy, whose bits are
+    /// waited for without a deadline.
+    Pending {
+        wait: Box<dyn FnOnce() -> io::Result<IntentGuard> + Send>,
+        patient: bool,
+    },
+}
+
+/// Where writes wait for their write-intent bits off the submitting thread
+/// (an NBD connection's reader goes on reading): a few threads shared by
+/// every volume. A wait there lasts at most the disks' deadline (a last
+/// copy's bits, waited for without one, are waited for by the submitter).
+fn cold_waits() -> &'static crossbeam_channel::Sender<Box<dyn FnOnce() + Send>> {
+    static POOL: std::sync::OnceLock<crossbeam_channel::Sender<Box<dyn FnOnce() + Send>>> =
+        std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = crossbeam_channel::unbounded::<Box<dyn FnOnce() + Send>>();
+        for i in 0..COLD_WAITERS {
+            let rx = rx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("mv-bit-wait-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        job();
+                    }
+                });
+        }
+        tx
+    })
+}
+
+/// Threads of [`cold_waits`]: one bitmap write covers every bit set while
+/// the previous one was out, so a few waiters keep a deep queue of cold
+/// writes moving.
+const COLD_WAITERS: usize = 8;
 
 /// Ends a marked write when dropped.
 pub struct IntentGuard(#[allow(dead_code)] Box<dyn Send>);
@@ -565,33 +614,74 @@ impl MirrorVolume {
         if len == 0 {
             return done(Ok(()));
         }
-        // The bits go first, on the submitting thread: it may block on a
-        // bitmap write, which the range lock's callback (possibly another
-        // request's completion thread) must never do.
-        let intent = match self.intent.get() {
+        // The bits go first, set in memory on the submitting thread; when a
+        // bitmap write must be waited for, the wait happens elsewhere (a
+        // connection's reader goes on reading), except for a last copy,
+        // which its clients wait for anyway. The range lock's callback
+        // (possibly another request's completion thread) never waits.
+        let begun = match self.intent.get() {
             Some(intent) => {
                 let writable: Vec<Arc<EnginePlex>> = self
                     .plexes()
                     .into_iter()
                     .filter(|p| p.mode() != Mode::Out)
                     .collect();
-                match intent.mark(&writable, offset, len) {
-                    Ok(g) => Some(g),
-                    Err(e) => {
-                        return done(Err(IoFailure {
-                            op: "write",
-                            volume: self.name.clone(),
-                            disk: None,
-                            offset,
-                            what: "failed: no disk took its write-intent bit",
-                            source: e,
-                        }
-                        .into_io()));
-                    }
+                match intent.begin(&writable, offset, len) {
+                    Ok(b) => Some(b),
+                    Err(e) => return done(Err(self.intent_failure(offset, e))),
                 }
             }
             None => None,
         };
+        match begun {
+            None => self.write_locked(None, offset, len, run, op, done),
+            Some(Begun::Ready(g)) => self.write_locked(Some(g), offset, len, run, op, done),
+            Some(Begun::Pending {
+                wait,
+                patient: true,
+            }) => match wait() {
+                Ok(g) => self.write_locked(Some(g), offset, len, run, op, done),
+                Err(e) => done(Err(self.intent_failure(offset, e))),
+            },
+            Some(Begun::Pending {
+                wait,
+                patient: false,
+            }) => {
+                let this = self.clone();
+                let job: Box<dyn FnOnce() + Send> = Box::new(move || match wait() {
+                    Ok(g) => this.write_locked(Some(g), offset, len, Run::Queued, op, done),
+                    Err(e) => done(Err(this.intent_failure(offset, e))),
+                });
+                if let Err(job) = cold_waits().send(job) {
+                    (job.0)();
+                }
+            }
+        }
+    }
+
+    fn intent_failure(&self, offset: u64, e: io::Error) -> io::Error {
+        IoFailure {
+            op: "write",
+            volume: self.name.clone(),
+            disk: None,
+            offset,
+            what: "failed: no disk took its write-intent bit",
+            source: e,
+        }
+        .into_io()
+    }
+
+    /// The second half of a write, once its bits are durable: the range
+    /// lock, then the write to every writable plex.
+    fn write_locked(
+        self: &Arc<Self>,
+        intent: Option<IntentGuard>,
+        offset: u64,
+        len: u64,
+        run: Run,
+        op: impl Fn(&EnginePlex) -> Op + Send + 'static,
+        done: Done<()>,
+    ) {
         let this = self.clone();
         let caller = std::thread::current().id();
         self.lock.acquire(offset..offset + len, move |guard| {

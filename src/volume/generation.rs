@@ -114,6 +114,25 @@ pub struct GenerationKeeper {
 /// A write the keeper counts in; dropping it counts it out.
 pub struct GenerationTicket(Arc<GenerationKeeper>);
 
+impl GenerationTicket {
+    /// True when the group was idle (or just opened): the write must wait
+    /// for a new generation.
+    pub fn needs_raise(&self) -> bool {
+        !self.0.dirty.load(Ordering::SeqCst)
+    }
+
+    /// Raises the generation unless another writer did meanwhile.
+    pub fn raise(&self) -> io::Result<()> {
+        let k = &self.0;
+        let _raising = k.raising.lock().unwrap_or_else(|e| e.into_inner());
+        if !k.dirty.load(Ordering::SeqCst) {
+            k.raise()?;
+            k.dirty.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
 impl Drop for GenerationTicket {
     fn drop(&mut self) {
         let k = &self.0;
@@ -189,17 +208,18 @@ impl GenerationKeeper {
     /// once it is durable on at least one (a disk that fails it is left
     /// behind: its plexes' data writes meet the same disk).
     pub fn before_write(self: &Arc<Self>) -> io::Result<GenerationTicket> {
-        self.inflight.fetch_add(1, Ordering::SeqCst);
-        let ticket = GenerationTicket(self.clone());
-        if self.dirty.load(Ordering::SeqCst) {
-            return Ok(ticket);
-        }
-        let _raising = self.raising.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.dirty.load(Ordering::SeqCst) {
-            self.raise()?;
-            self.dirty.store(true, Ordering::SeqCst);
+        let ticket = self.enter();
+        if ticket.needs_raise() {
+            ticket.raise()?;
         }
         Ok(ticket)
+    }
+
+    /// Counts a write in, without raising: [`GenerationTicket::needs_raise`]
+    /// says whether [`GenerationTicket::raise`] must run before it goes.
+    pub fn enter(self: &Arc<Self>) -> GenerationTicket {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        GenerationTicket(self.clone())
     }
 
     /// The housekeeper's tick: once no write has been in flight for the
