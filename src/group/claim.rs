@@ -60,11 +60,33 @@ pub struct Identity {
     pub hostname: String,
 }
 
+/// Where the host id is kept: `$MIRRORVOL_HOST_ID_FILE`, else
+/// `/var/lib/mirrorvol/host-id`, else (a user who cannot write there, with
+/// groups of image files) `~/.local/state/mirrorvol/host-id`.
 fn host_id_file() -> PathBuf {
-    match std::env::var_os(HOST_ID_ENV) {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from("/var/lib/mirrorvol/host-id"),
+    if let Some(p) = std::env::var_os(HOST_ID_ENV).filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
     }
+    let system = PathBuf::from("/var/lib/mirrorvol/host-id");
+    if system.exists() || system.parent().is_some_and(can_write) {
+        return system;
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/mirrorvol/host-id"),
+        None => system,
+    }
+}
+
+/// Whether this process may create files in `dir` (made when absent).
+fn can_write(dir: &std::path::Path) -> bool {
+    if std::fs::create_dir_all(dir).is_err() {
+        return false;
+    }
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: access(2) only reads the NUL-terminated path we own.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
 /// This host's id: read from the host-id file, made there on first use.
@@ -926,6 +948,13 @@ impl Drop for Claim {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_that_cannot_be_written_is_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(can_write(&dir.path().join("state/mirrorvol")));
+        assert!(!can_write(std::path::Path::new("/proc/mirrorvol")));
+    }
 
     #[test]
     fn a_process_start_time_is_read_and_names_this_process() {
