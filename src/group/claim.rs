@@ -804,46 +804,52 @@ fn heartbeat(inner: Arc<Inner>, interval: Duration) {
             b.clone()
         };
         let now = Instant::now();
-        let (fresh, count) = {
+        // Each renewal goes to its disk's queue and is answered by its
+        // completion: a disk that hangs holds one renewal, and no thread.
+        let (due, fresh, count) = {
             let disks = inner.disks.lock().unwrap_or_else(|e| e.into_inner());
-            for (u, r) in disks.iter() {
-                if r.busy.swap(true, Ordering::SeqCst) {
-                    continue;
-                }
-                let (d, busy, block, inner, u) = (
-                    r.d.clone(),
-                    r.busy.clone(),
-                    block.clone(),
-                    inner.clone(),
-                    *u,
-                );
-                let spawned = std::thread::Builder::new()
-                    .name("mv-claim-write".into())
-                    .spawn(move || {
-                        let r = ondisk::write_claim(&*d.disk, &d.layout, &block);
-                        if let Err(e) = &r {
-                            tracing::warn!(disk = %d.path, error = %e, "cannot renew the claim");
-                            inner.disk_failed(u, e);
-                        } else if let Some(entry) = inner
-                            .disks
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_mut(&u)
-                        {
-                            entry.last_ok = Instant::now();
-                        }
-                        busy.store(false, Ordering::SeqCst);
-                    });
-                if spawned.is_err() {
-                    r.busy.store(false, Ordering::SeqCst);
-                }
-            }
+            let due: Vec<(Uuid, ClaimDisk, Arc<AtomicBool>)> = disks
+                .iter()
+                .filter(|(_, r)| !r.busy.swap(true, Ordering::SeqCst))
+                .map(|(u, r)| (*u, r.d.clone(), r.busy.clone()))
+                .collect();
             let fresh = disks
                 .values()
                 .filter(|r| now.duration_since(r.last_ok) < inner.fence_after)
                 .count() as u64;
-            (fresh, disks.len())
+            (due, fresh, disks.len())
         };
+        for (u, d, busy) in due {
+            let inner = inner.clone();
+            let at = d.layout.member_offset + crate::format::state::CLAIM_OFFSET;
+            let path = d.path.clone();
+            d.disk.queue().submit_meta(
+                crate::volume::queue::Op::WriteMany {
+                    writes: vec![(at, crate::disk::AlignedBuf::from_slice(&block.encode()))],
+                    flush: true,
+                },
+                true,
+                Box::new(move |outcome| {
+                    match outcome {
+                        Err(e) => {
+                            tracing::warn!(disk = %path, error = %e, "cannot renew the claim");
+                            inner.disk_failed(u, &e);
+                        }
+                        Ok(_) => {
+                            if let Some(entry) = inner
+                                .disks
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .get_mut(&u)
+                            {
+                                entry.last_ok = Instant::now();
+                            }
+                        }
+                    }
+                    busy.store(false, Ordering::SeqCst);
+                }),
+            );
+        }
         let total = inner.total.load(Ordering::SeqCst).max(count as u64);
         if fresh * 2 <= total {
             tracing::error!(
