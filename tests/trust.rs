@@ -135,6 +135,14 @@ fn a_restored_snapshot_of_one_disk_of_a_three_way_mirror_is_stale() {
     assert!(sb.read_volume("data") == expect, "c's plex holds v2");
 }
 
+/// Serves the group, runs one qemu-io command on `data`, stops cleanly.
+fn serve_and_write(sb: &Sandbox, cmd: &str) {
+    let s = Served::start(sb, &[], &[]);
+    qemu_io(&s.uri("data"), &[cmd]);
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+}
+
 #[test]
 fn a_rolled_back_copy_swapped_under_a_stopped_serve_is_never_read() {
     if !serve::tools(&["qemu-io"]) {
@@ -142,15 +150,9 @@ fn a_rolled_back_copy_swapped_under_a_stopped_serve_is_never_read() {
     }
     let sb = Sandbox::new();
     group(&sb, &["a.img", "b.img"], 8);
-    let s = Served::start(&sb, &[], &[]);
-    qemu_io(&s.uri("data"), &["write -P 0x11 0 8M"]);
-    let (code, log) = s.stop();
-    assert_eq!(code, 0, "{log}");
+    serve_and_write(&sb, "write -P 0x11 0 8M");
     copy_file(&sb.path("disks/b.img"), &sb.path("b.old"));
-    let s = Served::start(&sb, &[], &[]);
-    qemu_io(&s.uri("data"), &["write -P 0x22 0 8M"]);
-    let (code, log) = s.stop();
-    assert_eq!(code, 0, "{log}");
+    serve_and_write(&sb, "write -P 0x22 0 8M");
     copy_file(&sb.path("b.old"), &sb.path("disks/b.img"));
 
     // Served again: b's plex is stale from the start and resynced in the

@@ -100,15 +100,15 @@ fn style_code(style: Style) -> u8 {
     }
 }
 
-fn u32_at(buf: &[u8], at: usize) -> u32 {
+pub(super) fn u32_at(buf: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
 }
 
-fn u64_at(buf: &[u8], at: usize) -> u64 {
+pub(super) fn u64_at(buf: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
-fn uuid_at(buf: &[u8], at: usize) -> Uuid {
+pub(super) fn uuid_at(buf: &[u8], at: usize) -> Uuid {
     Uuid::from_bytes(buf[at..at + 16].try_into().expect("16 bytes"))
 }
 

@@ -55,6 +55,7 @@
 
 use uuid::Uuid;
 
+use super::label::{u32_at, u64_at, uuid_at};
 use super::layout::LABEL_SIZE;
 
 /// Offset of the claim block from the start of the member area.
@@ -71,18 +72,6 @@ pub const GENERATION_MAGIC: &[u8; 8] = b"MVGENER1";
 
 const CRC: usize = 508;
 const MEANING: usize = 512;
-
-fn u32_at(buf: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(buf: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn uuid_at(buf: &[u8], at: usize) -> Uuid {
-    Uuid::from_bytes(buf[at..at + 16].try_into().expect("16 bytes"))
-}
 
 fn text_at(buf: &[u8], at: usize, len: usize) -> String {
     let raw = &buf[at..at + len];

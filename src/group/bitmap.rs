@@ -48,8 +48,8 @@ pub(super) fn to_volume(plex: &PlexEntry, size: u64, ranges: &[Range<u64>]) -> V
 
 impl Group {
     /// Loads the bitmap of member `uuid` into `set` (warning when it is
-    /// damaged; a format-1 disk's labels are raised to format 2 just before
-    /// its first bit is written, so an older binary refuses the disk).
+    /// damaged; an older disk's labels are raised to the current format just
+    /// before its first bit is written, so an older binary refuses the disk).
     pub(super) fn load_bitmap(&mut self, set: &BitmapSet, uuid: Uuid) -> Result<()> {
         let m = &self.members[&uuid];
         let (b, found) = DiskBitmap::load(
@@ -66,10 +66,7 @@ impl Group {
                 m.path.display()
             ));
         }
-        if m.raise.is_pending() {
-            let raise = m.raise.clone();
-            b.before_first_write(Box::new(move || raise.ensure()));
-        }
+        b.set_version_raise(m.raise.clone());
         self.bitmap_found.insert(uuid, found);
         set.insert(uuid, Arc::new(b));
         Ok(())

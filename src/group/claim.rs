@@ -39,9 +39,9 @@ use uuid::Uuid;
 
 use super::{Group, holder};
 use crate::format::state::{ClaimBlock, Read, now_secs};
-use crate::format::{DiskState, Layout, ondisk};
-use crate::volume::generation::VersionRaise;
-use crate::volume::queue::{QueuedDisk, WriteGate};
+use crate::format::{DiskState, ondisk};
+use crate::volume::generation::GenerationDisk;
+use crate::volume::queue::{DiskQueue, WriteGate};
 use crate::{Error, Result};
 
 /// The environment variable naming the host-id file.
@@ -244,13 +244,19 @@ fn describe(c: &ClaimBlock, me: &Identity) -> String {
     format!("mirrorvol {} (pid {}) {host}", c.command, c.pid)
 }
 
-/// One disk the claim is written to.
+/// One disk the claim is written to: its state-block writer, and its
+/// queue for the heartbeat's renewals (answered by their completions).
 #[derive(Clone)]
 struct ClaimDisk {
-    disk: Arc<QueuedDisk>,
-    layout: Layout,
-    raise: Arc<VersionRaise>,
-    path: String,
+    state: GenerationDisk,
+    queue: Arc<DiskQueue>,
+}
+
+impl std::ops::Deref for ClaimDisk {
+    type Target = GenerationDisk;
+    fn deref(&self) -> &GenerationDisk {
+        &self.state
+    }
 }
 
 struct DiskRenewal {
@@ -393,13 +399,13 @@ impl Inner {
     fn write_claim(&self) -> std::result::Result<(), String> {
         let disks = self.disks();
         let name = &self.name;
-        let mut readable = 0u64;
+        let mut readable = Vec::new();
         for (u, d) in &disks {
             let now = match ondisk::read_claim(&*d.disk, &d.layout) {
                 Ok(r) => r,
                 Err(_) => continue,
             };
-            readable += 1;
+            readable.push(d.path.as_str());
             if let Read::Good(c) = &now
                 && c.held
                 && !matches!(look(&now, &self.me), Seen::Free)
@@ -413,10 +419,8 @@ impl Inner {
             }
         }
         let total = self.total.load(Ordering::SeqCst);
-        if readable * 2 <= total && !self.force {
-            return Err(format!(
-                "group {name}: only {readable} of its {total} disks in service are here; a host that sees no majority of them could be one side of a partition, so it does not claim the group: if the others are gone for good, run again with --force-claim"
-            ));
+        if (readable.len() as u64) * 2 <= total && !self.force {
+            return Err(no_majority(name, &readable, total));
         }
         let block = self.block.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let wrote = write_everywhere(&disks, &block);
@@ -502,19 +506,10 @@ impl Group {
     }
 
     fn claim_disks(&self) -> BTreeMap<Uuid, ClaimDisk> {
-        self.members
-            .iter()
-            .filter(|(u, _)| self.is_online(**u))
+        self.members_in_service()
             .map(|(u, m)| {
-                (
-                    *u,
-                    ClaimDisk {
-                        disk: m.disk.clone(),
-                        layout: m.label.layout,
-                        raise: m.raise.clone(),
-                        path: m.path.display().to_string(),
-                    },
-                )
+                let (state, queue) = (m.state_disk(), m.disk.queue().clone());
+                (u, ClaimDisk { state, queue })
             })
             .collect()
     }
@@ -524,14 +519,13 @@ impl Group {
     /// on a disk that hangs).
     pub fn held_by(&self) -> Option<String> {
         let c = self.claim.as_ref()?;
-        let me = Identity::here().ok()?;
         let block = c
             .inner
             .block
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        c.is_written().then(|| describe(&block, &me))
+        c.is_written().then(|| describe(&block, &c.inner.me))
     }
 
     /// Who holds the group's claim, as its disks say (offline `status`):
@@ -542,13 +536,11 @@ impl Group {
         }
         let me = Identity::here().ok()?;
         for d in self.claim_disks().values() {
-            if let Ok(Read::Good(c)) = ondisk::read_claim(&*d.disk, &d.layout)
-                && c.held
-                && !(c.host == me.host
-                    && c.boot == me.boot
-                    && (!holder::alive(c.pid) || started(c.pid) != Some(c.started)))
+            if let Ok(read) = ondisk::read_claim(&*d.disk, &d.layout)
+                && let Read::Good(c) = &read
+                && !matches!(look(&read, &me), Seen::Free)
             {
-                return Some(describe(&c, &me));
+                return Some(describe(c, &me));
             }
         }
         None
@@ -569,16 +561,7 @@ impl Group {
         let name = self.config.name.clone();
         if (disks.len() as u64) * 2 <= total && !opts.force && !opts.reads_only {
             let here: Vec<&str> = disks.values().map(|d| d.path.as_str()).collect();
-            return Err(Error::refused(format!(
-                "group {name}: only {} of its {total} disks in service {} here{}; a host that sees no majority of them could be one side of a partition, so it does not claim the group: if the others are gone for good, run again with --force-claim",
-                disks.len(),
-                if disks.len() == 1 { "is" } else { "are" },
-                if here.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", here.join(", "))
-                }
-            )));
+            return Err(Error::refused(no_majority(&name, &here, total)));
         }
         let read_all = |disks: &BTreeMap<Uuid, ClaimDisk>| -> BTreeMap<Uuid, Read<ClaimBlock>> {
             disks
@@ -745,6 +728,21 @@ impl Group {
     }
 }
 
+/// Why a claimer that sees only `here` of the group's `total` disks in
+/// service does not claim it.
+fn no_majority(name: &str, here: &[&str], total: u64) -> String {
+    format!(
+        "group {name}: only {} of its {total} disks in service {} here{}; a host that sees no majority of them could be one side of a partition, so it does not claim the group: if the others are gone for good, run again with --force-claim",
+        here.len(),
+        if here.len() == 1 { "is" } else { "are" },
+        if here.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", here.join(", "))
+        }
+    )
+}
+
 /// How long a holder goes on without renewing on a majority before it
 /// fences itself: a disk that hangs must first be taken out of service
 /// (after the I/O deadline), then five intervals more.
@@ -823,7 +821,7 @@ fn heartbeat(inner: Arc<Inner>, interval: Duration) {
             let inner = inner.clone();
             let at = d.layout.member_offset + crate::format::state::CLAIM_OFFSET;
             let path = d.path.clone();
-            d.disk.queue().submit_meta(
+            d.queue.submit_meta(
                 crate::volume::queue::Op::WriteMany {
                     writes: vec![(at, crate::disk::AlignedBuf::from_slice(&block.encode()))],
                     flush: true,

@@ -94,20 +94,8 @@ impl Group {
     pub(super) fn sync_generation_disks(&self) {
         let Some(keeper) = &self.keeper else { return };
         let disks: BTreeMap<Uuid, GenerationDisk> = self
-            .members
-            .iter()
-            .filter(|(u, _)| self.is_online(**u))
-            .map(|(u, m)| {
-                (
-                    *u,
-                    GenerationDisk {
-                        disk: m.disk.clone(),
-                        layout: m.label.layout,
-                        raise: m.raise.clone(),
-                        path: m.path.display().to_string(),
-                    },
-                )
-            })
+            .members_in_service()
+            .map(|(u, m)| (u, m.state_disk()))
             .collect();
         keeper.set_disks(disks);
     }

@@ -95,6 +95,16 @@ impl Member {
         }
     }
 
+    /// The writer of the disk's state blocks (claim, generation).
+    pub(crate) fn state_disk(&self) -> crate::volume::generation::GenerationDisk {
+        crate::volume::generation::GenerationDisk {
+            disk: self.disk.clone(),
+            layout: self.label.layout,
+            raise: self.raise.clone(),
+            path: self.path.display().to_string(),
+        }
+    }
+
     /// The generation counter the disk held when opened, if it had one.
     pub fn generation_counter(&self) -> Option<u64> {
         match &self.generation {
@@ -809,6 +819,14 @@ impl Group {
             (Some(DiskState::Missing), true) => "offline",
             _ => "missing",
         }
+    }
+
+    /// The members present and in service.
+    pub(crate) fn members_in_service(&self) -> impl Iterator<Item = (Uuid, &Member)> {
+        self.members
+            .iter()
+            .filter(|(u, _)| self.is_online(**u))
+            .map(|(u, m)| (*u, m))
     }
 
     /// True when the disk is present and in service.

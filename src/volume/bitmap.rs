@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 use super::engine::{Begun, EnginePlex, IntentGuard, WriteIntent};
-use super::generation::{GenerationKeeper, GenerationTicket};
+use super::generation::{GenerationKeeper, GenerationTicket, VersionRaise};
 use crate::disk::Disk;
 use crate::format::Layout;
 use crate::format::bitmap::{
@@ -90,7 +90,9 @@ pub struct DiskBitmap {
     /// Bitmap blocks written, for tests and benchmarks.
     pub writes: AtomicU64,
     /// Runs once, before anything of this bitmap is first written.
-    first_write: FirstWrite,
+    /// Raises the disk's labels to the current format version before the
+    /// first bitmap write ([`DiskBitmap::set_version_raise`]).
+    raise: std::sync::OnceLock<Arc<VersionRaise>>,
 }
 
 /// The bitmap's writer while it writes; dropping it lets the next one in.
@@ -100,22 +102,6 @@ impl Drop for Writing<'_> {
     fn drop(&mut self) {
         *self.0.io.lock().unwrap_or_else(|e| e.into_inner()) = false;
         self.0.io_done.notify_all();
-    }
-}
-
-/// A hook run before a disk's bitmap is first written: the group layer
-/// raises a format-1 disk's labels to the current version there.
-pub type FirstWriteHook = Box<dyn Fn() -> io::Result<()> + Send>;
-
-#[derive(Default)]
-struct FirstWrite(Mutex<Option<FirstWriteHook>>);
-
-impl std::fmt::Debug for FirstWrite {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pending = self.0.lock().map(|h| h.is_some()).unwrap_or(false);
-        f.debug_struct("FirstWrite")
-            .field("pending", &pending)
-            .finish()
     }
 }
 
@@ -180,7 +166,7 @@ impl DiskBitmap {
             patient: std::sync::OnceLock::new(),
             durable: AtomicU64::new(0),
             writes: AtomicU64::new(0),
-            first_write: FirstWrite::default(),
+            raise: std::sync::OnceLock::new(),
         };
         if found != Found::Valid {
             // A fresh bitmap replaces whatever was there, bits included.
@@ -191,29 +177,10 @@ impl DiskBitmap {
         Ok((b, found))
     }
 
-    /// Sets `hook` to run once, before this bitmap is first written (a
-    /// failure fails that write, and the hook runs again before the next).
-    pub fn before_first_write(&self, hook: FirstWriteHook) {
-        *self.first_write.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
-    }
-
-    /// True while the hook of [`DiskBitmap::before_first_write`] has not run.
-    pub fn first_write_pending(&self) -> bool {
-        self.first_write
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-    }
-
-    fn run_first_write(&self) -> io::Result<()> {
-        let mut slot = self.first_write.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(hook) = slot.as_ref() {
-            // On failure the hook stays, and runs again before the next write.
-            hook()?;
-            *slot = None;
-        }
-        Ok(())
+    /// Has the disk's labels raised by `raise` before the first bitmap write
+    /// (a failure fails that write, and the next one tries again).
+    pub fn set_version_raise(&self, raise: Arc<VersionRaise>) {
+        let _ = self.raise.set(raise);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -394,7 +361,9 @@ impl DiskBitmap {
             (header, blocks, s.generation)
         };
         let r = (|| {
-            self.run_first_write()?;
+            if let Some(raise) = self.raise.get() {
+                raise.ensure()?;
+            }
             let mut writes: Vec<(u64, &[u8])> = blocks
                 .iter()
                 .map(|(b, data)| (self.area + (b + 1) * BITMAP_BLOCK, &data[..]))
@@ -565,7 +534,7 @@ impl Drop for Marked {
 /// the bitmap generation that must be durable, and whether it is waited
 /// for without a deadline (a volume's last in-sync copy).
 struct Mark {
-    disk: String,
+    plex: Arc<EnginePlex>,
     bitmap: Arc<DiskBitmap>,
     regions: Range<u64>,
     need: u64,
@@ -624,7 +593,7 @@ fn finish_mark(
             // That disk's data write will likely fail too and fail its
             // plex; the bits on the other disks cover the region.
             Err(e) => {
-                tracing::error!(disk = %m.disk, error = %e, "cannot set a write-intent bit");
+                tracing::error!(disk = %m.plex.queue.name(), error = %e, "cannot set a write-intent bit");
                 first_error.get_or_insert(e);
             }
         }
@@ -665,7 +634,7 @@ impl WriteIntent for BitmapSet {
                 let start = p.offset - b.data_offset + offset;
                 let (regions, need) = b.mark_in_memory(start, start + len);
                 Some(Mark {
-                    disk: p.queue.name().to_string(),
+                    plex: p.clone(),
                     bitmap: b.clone(),
                     regions,
                     need,
