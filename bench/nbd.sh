@@ -1,33 +1,43 @@
 #!/usr/bin/env bash
 # `mirrorvol serve` against qemu-nbd (quorum over two files, and one raw
-# file), all driven by fio over NBD on a Unix socket (issue 4, DESIGN §7).
-# Same two image files, same filesystem, one run; prints each figure and
-# the ratios against the targets.
+# file), all driven by fio over NBD on a Unix socket, side by side in one
+# run (issues 4 and 12, DESIGN §7). Same image files, same filesystem;
+# every figure is the median of --runs runs, every ratio is taken within a
+# run and then its median printed with its spread.
 #
-#   bash bench/nbd.sh [--dir DIR] [--size MIB] [--seconds S] [--cold]
+#   bash bench/nbd.sh [--dir DIR] [--size MIB] [--seconds S] [--runs N]
+#                     [--engines "uring threads"] [--caches "none writeback"]
 #
-# --cold: only random writes, on the fresh sparse files with nothing
-# written before (a new volume's first writes: every region's write-intent
-# bit is still clear), the case a user meets first.
-#
-# Workloads: randwrite 4 KiB iodepth 32, randread 4 KiB iodepth 32,
-# sequential write 1 MiB iodepth 8. Each server runs with --cache=none
-# (O_DIRECT: the DESIGN recipe) and with --cache=writeback (the page
-# cache, made durable on flush); ratios compare like with like.
+# Each run, for each server and cache mode, in this order:
+#   1. fresh:   new sparse files, a new volume, random 4 KiB writes QD32
+#               over the whole volume with nothing written before (every
+#               write-intent bit clear): what a user meets first;
+#   2. warm:    sequential 1 MiB writes QD8 over the volume (end_fsync=1,
+#               so the page cache is paid for), random 4 KiB writes QD32,
+#               random 4 KiB reads QD32, random 4 KiB writes QD1 (p50
+#               latency);
+#   3. clients: four connections at once (numjobs 4, QD8 each), random
+#               4 KiB writes.
+# qemu-nbd runs with --cache=none|writeback --aio=io_uring; mirrorvol with
+# --cache=none|writeback and each --io-engine of --engines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dir=""
-size_mib=1024
-seconds=10
-cold=0
+size_mib=1088
+seconds=5
+runs=3
+engines="uring threads"
+caches="none writeback"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --cold) cold=1; shift ;;
     --dir) dir="$2"; shift 2 ;;
     --size) size_mib="$2"; shift 2 ;;
     --seconds) seconds="$2"; shift 2 ;;
-    *) echo "usage: $0 [--dir DIR] [--size MIB] [--seconds S] [--cold]" >&2; exit 2 ;;
+    --runs) runs="$2"; shift 2 ;;
+    --engines) engines="$2"; shift 2 ;;
+    --caches) caches="$2"; shift 2 ;;
+    *) echo "usage: $0 [--dir DIR] [--size MIB] [--seconds S] [--runs N] [--engines LIST] [--caches LIST]" >&2; exit 2 ;;
   esac
 done
 for t in fio qemu-nbd python3; do
@@ -39,7 +49,7 @@ bin="${CARGO_TARGET_DIR:-target}/release/mirrorvol"
 
 if [ -z "$dir" ]; then dir=$(mktemp -d /var/tmp/mirrorvol-nbd-bench.XXXXXX); fi
 mkdir -p "$dir"
-a="$dir/a.img" b="$dir/b.img" sock="$dir/nbd.sock" results="$dir/results.txt"
+a="$dir/a.img" b="$dir/b.img" sock="$dir/nbd.sock" results="$dir/results.tsv"
 : > "$results"
 server_pid=""
 stop_server() {
@@ -66,98 +76,115 @@ wait_socket() {
 # target is driven over the same byte range.
 vol_mib=$((size_mib - 64))
 
-run_fio() { # NAME URI
-  local name="$1" uri="$2"
-  local common=(--ioengine=nbd "--uri=$uri" --size="${vol_mib}M" --time_based
-                --runtime="$seconds" --ramp_time=1 --output-format=json --group_reporting)
-  if [ "$cold" = 1 ]; then
-    # No ramp: the first writes are the point.
-    fio --name=randwrite --rw=randwrite --bs=4k --iodepth=32 --randrepeat=0 "${common[@]}" \
-      --ramp_time=0 --output="$dir/rw.json" >/dev/null
-    python3 -c 'import json, sys; print(sys.argv[1], round(json.load(open(sys.argv[2]))["jobs"][0]["write"]["iops"]), 0, 0, sep="\t")' \
-      "$name" "$dir/rw.json" >> "$results"
-    tail -n 1 "$results" | awk -F'\t' '{printf "%-26s cold randwrite %8s IOPS\n", $1, $2}'
-    return
-  fi
-  # Sequential first (lays the data down), then random writes, then reads.
-  # (the nbd engine prints a line of its own on stdout: JSON goes to files)
-  fio --name=seqwrite --rw=write --bs=1M --iodepth=8 "${common[@]}" --output="$dir/sw.json" >/dev/null
-  fio --name=randwrite --rw=randwrite --bs=4k --iodepth=32 --randrepeat=0 "${common[@]}" \
-    --output="$dir/rw.json" >/dev/null
-  fio --name=randread --rw=randread --bs=4k --iodepth=32 --randrepeat=0 "${common[@]}" \
-    --output="$dir/rr.json" >/dev/null
-  python3 - "$name" "$dir/sw.json" "$dir/rw.json" "$dir/rr.json" >> "$results" <<'EOF'
+# fio JOB RUN TARGET [fio args...]: runs one job and appends its figures
+# (IOPS, MiB/s, p50 completion latency in µs) to the results.
+fio_job() {
+  local job="$1" run="$2" target="$3"; shift 3
+  fio --name="$job" --ioengine=nbd "--uri=nbd+unix:///data?socket=$sock" --size="${vol_mib}M" \
+    --time_based --runtime="$seconds" --output-format=json --group_reporting --randrepeat=0 \
+    "$@" --output="$dir/job.json" >/dev/null
+  python3 - "$dir/job.json" "$run" "$target" "$job" >> "$results" <<'EOF'
 import json, sys
-name, sw, rw, rr = sys.argv[1], *(json.load(open(x)) for x in sys.argv[2:])
-w = lambda j: j["jobs"][0]["write"]
-r = lambda j: j["jobs"][0]["read"]
-print(f'{name}\t{w(rw)["iops"]:.0f}\t{r(rr)["iops"]:.0f}\t{w(sw)["bw"] / 1024:.0f}')
+j = json.load(open(sys.argv[1]))["jobs"][0]
+side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
+p50 = side["clat_ns"].get("percentile", {}).get("50.000000", 0) / 1000
+print(sys.argv[2], sys.argv[3], sys.argv[4], f'{side["iops"]:.0f}', f'{side["bw"] / 1024:.1f}', f"{p50:.1f}", sep="\t")
 EOF
-  tail -n 1 "$results" | awk -F'\t' '{printf "%-26s randwrite %8s IOPS  randread %8s IOPS  seqwrite %6s MiB/s\n", $1, $2, $3, $4}'
+  tail -n 1 "$results" | awk -F'\t' '{printf "  run %s %-24s %-10s %9s IOPS %8s MiB/s  p50 %7s us\n", $1, $2, $3, $4, $5, $6}'
 }
 
-# 1. mirrorvol serve: a group of the two files, one mirrored volume.
-for cache in none writeback; do
-  fresh_images
-  MIRRORVOL_DISKS="$a,$b" "$bin" init "$a" "$b" --style raw --group bench ${MIRRORVOL_BENCH_REGION:+--region-size $MIRRORVOL_BENCH_REGION} >/dev/null
-  MIRRORVOL_DISKS="$a,$b" "$bin" create data --size "${vol_mib}M" --mirror >/dev/null 2>&1
-  MIRRORVOL_DISKS="$a,$b" "$bin" serve --cache=$cache --listen "unix:$sock" 2>"$dir/serve.log" &
-  server_pid=$!
-  wait_socket
-  run_fio "mirrorvol-cache=$cache" "nbd+unix:///data?socket=$sock"
-  stop_server
-done
+workloads() { # RUN TARGET
+  local run="$1" target="$2"
+  fio_job fresh "$run" "$target" --rw=randwrite --bs=4k --iodepth=32
+  fio_job seqwrite "$run" "$target" --rw=write --bs=1M --iodepth=8 --end_fsync=1 --time_based=0 --runtime=120
+  fio_job randwrite "$run" "$target" --rw=randwrite --bs=4k --iodepth=32 --ramp_time=1
+  fio_job randread "$run" "$target" --rw=randread --bs=4k --iodepth=32 --ramp_time=1
+  fio_job qd1 "$run" "$target" --rw=randwrite --bs=4k --iodepth=1 --ramp_time=1
+  fio_job clients "$run" "$target" --rw=randwrite --bs=4k --iodepth=8 --numjobs=4 --ramp_time=1
+}
 
-# 2. and 3. qemu-nbd: quorum over the two files, and one raw file.
 quorum="driver=quorum,vote-threshold=1,read-pattern=fifo"
 quorum+=",children.0.driver=raw,children.0.file.driver=file,children.0.file.filename=$a"
 quorum+=",children.1.driver=raw,children.1.file.driver=file,children.1.file.filename=$b"
-for cache in none writeback; do
-  fresh_images
-  qemu-nbd -t -k "$sock" -x data --cache=$cache --aio=io_uring --image-opts "$quorum" &
-  server_pid=$!
-  wait_socket
-  run_fio "qemu-quorum-cache=$cache" "nbd+unix:///data?socket=$sock"
-  stop_server
 
-  fresh_images
-  qemu-nbd -t -k "$sock" -x data --cache=$cache --aio=io_uring -f raw "$a" &
-  server_pid=$!
-  wait_socket
-  run_fio "qemu-raw-cache=$cache" "nbd+unix:///data?socket=$sock"
-  stop_server
+for run in $(seq "$runs"); do
+  for cache in $caches; do
+    for engine in $engines; do
+      fresh_images
+      MIRRORVOL_DISKS="$a,$b" "$bin" init "$a" "$b" --style raw --group bench \
+        ${MIRRORVOL_BENCH_REGION:+--region-size $MIRRORVOL_BENCH_REGION} >/dev/null
+      MIRRORVOL_DISKS="$a,$b" "$bin" create data --size "${vol_mib}M" --mirror >/dev/null 2>&1
+      MIRRORVOL_DISKS="$a,$b" "$bin" serve --cache="$cache" --io-engine="$engine" \
+        --listen "unix:$sock" 2>"$dir/serve.log" &
+      server_pid=$!
+      wait_socket
+      workloads "$run" "mirrorvol-$engine-$cache"
+      stop_server
+    done
+
+    fresh_images
+    qemu-nbd -t -k "$sock" -x data --cache="$cache" --aio=io_uring --image-opts "$quorum" &
+    server_pid=$!
+    wait_socket
+    workloads "$run" "quorum-$cache"
+    stop_server
+
+    fresh_images
+    qemu-nbd -t -k "$sock" -x data --cache="$cache" --aio=io_uring -f raw "$a" &
+    server_pid=$!
+    wait_socket
+    workloads "$run" "raw-$cache"
+    stop_server
+  done
 done
 
 echo
-python3 - "$results" "$cold" <<'EOF'
-import sys
-rows = {}
+python3 - "$results" "$engines" "$caches" <<'EOF'
+import statistics, sys
+from collections import defaultdict
+rows = defaultdict(dict)  # (target, job) -> run -> (iops, mibs, p50)
 for line in open(sys.argv[1]):
-    n, rw, rr, sw = line.rstrip("\n").split("\t")
-    rows[n] = (float(rw), float(rr), float(sw))
-print("| target | randwrite 4k IOPS | randread 4k IOPS | seqwrite 1M MiB/s |")
-print("|---|---:|---:|---:|")
-for n, (rw, rr, sw) in rows.items():
-    print(f"| {n} | {rw:.0f} | {rr:.0f} | {sw:.0f} |")
+    run, target, job, iops, mibs, p50 = line.rstrip("\n").split("\t")
+    rows[(target, job)][run] = (float(iops), float(mibs), float(p50))
+engines, caches = sys.argv[2].split(), sys.argv[3].split()
+jobs = ["fresh", "seqwrite", "randwrite", "randread", "qd1", "clients"]
+med = lambda xs: statistics.median(xs) if xs else float("nan")
+def fig(target, job, k):
+    return med([v[k] for v in rows[(target, job)].values()])
+print("Medians of", len({r for d in rows.values() for r in d}), "runs:")
 print()
-cold = sys.argv[2] == "1"
-for cache in ("none", "writeback"):
-    m = rows[f"mirrorvol-cache={cache}"]
-    if cold:
-        q, r = rows[f"qemu-quorum-cache={cache}"], rows[f"qemu-raw-cache={cache}"]
-        print(f"mirrorvol --cache={cache}, cold (fresh files, first writes):")
-        print(f"  randwrite vs quorum    {m[0] / q[0]:5.2f}x  (target >= 1.3x)")
-        print(f"  randwrite vs raw       {m[0] / r[0]:5.2f}x  (target >= 0.85x)")
-        continue
-    q, r = rows[f"qemu-quorum-cache={cache}"], rows[f"qemu-raw-cache={cache}"]
-    checks = [
-        ("randwrite vs quorum", m[0] / q[0], 1.3),
-        ("randwrite vs raw", m[0] / r[0], 0.85),
-        ("randread vs raw", m[1] / r[1], 1.0),
-        ("seqwrite vs quorum", m[2] / q[2], 1.0),
-    ]
-    print(f"mirrorvol --cache={cache} against qemu-nbd --cache={cache}:")
-    for what, ratio, target in checks:
-        verdict = "ok" if ratio >= target else "MISS"
-        print(f"  {what:22} {ratio:5.2f}x  (target >= {target}x)  {verdict}")
+print("| target | fresh randwrite IOPS | seqwrite 1M MiB/s | randwrite IOPS | randread IOPS | QD1 randwrite p50 µs | 4 clients randwrite IOPS |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+targets = sorted({t for t, _ in rows}, key=lambda t: (t.split("-")[-1], t))
+for t in targets:
+    print(f"| {t} | {fig(t,'fresh',0):.0f} | {fig(t,'seqwrite',1):.0f} | {fig(t,'randwrite',0):.0f} | "
+          f"{fig(t,'randread',0):.0f} | {fig(t,'qd1',2):.0f} | {fig(t,'clients',0):.0f} |")
+print()
+def ratio(m, o, job, k, invert=False):
+    per_run = []
+    for run, v in rows[(m, job)].items():
+        w = rows[(o, job)].get(run)
+        if w and v[k] > 0 and w[k] > 0:
+            per_run.append(w[k] / v[k] if invert else v[k] / w[k])
+    return med(per_run), (min(per_run) if per_run else float("nan")), (max(per_run) if per_run else float("nan"))
+checks = [
+    ("fresh randwrite vs quorum", "fresh", 0, "quorum", 1.0, False),
+    ("warm randwrite vs quorum", "randwrite", 0, "quorum", 1.3, False),
+    ("warm randwrite vs raw", "randwrite", 0, "raw", 0.85, False),
+    ("four clients vs quorum", "clients", 0, "quorum", 1.0, False),
+    ("randread vs raw", "randread", 0, "raw", 1.0, False),
+    ("seqwrite 1M vs quorum", "seqwrite", 1, "quorum", 1.0, False),
+    # Latency: lower is better; the figure is raw's p50 over ours.
+    ("QD1 p50 latency, raw/ours", "qd1", 2, "raw", 1 / 1.1, True),
+]
+for cache in caches:
+    for engine in engines:
+        m = f"mirrorvol-{engine}-{cache}"
+        print(f"mirrorvol --io-engine={engine} --cache={cache} against qemu-nbd --cache={cache} "
+              "(median of per-run ratios, min-max):")
+        for what, job, k, peer, target, inv in checks:
+            r, lo, hi = ratio(m, f"{peer}-{cache}", job, k, inv)
+            verdict = "ok" if r >= target else "MISS"
+            print(f"  {what:28} {r:5.2f}x  ({lo:.2f}-{hi:.2f})  target >= {target:.2f}x  {verdict}")
+        print()
 EOF

@@ -47,6 +47,18 @@ pub struct Cli {
     )]
     pub io_timeout: std::time::Duration,
 
+    /// What runs the disks' reads, writes and flushes: io_uring (one
+    /// reaper thread per disk; worker threads where the kernel refuses
+    /// io_uring), or worker threads alone.
+    #[arg(
+        long,
+        env = "MIRRORVOL_IO_ENGINE",
+        global = true,
+        value_name = "ENGINE",
+        default_value = "uring"
+    )]
+    pub io_engine: crate::volume::queue::IoEngine,
+
     /// Claim the group for writing although fewer than a majority of its
     /// disks in service are here (the others are gone for good, not on the
     /// far side of a partition).
@@ -417,6 +429,7 @@ fn warn(lines: &[String]) {
 pub struct Disks {
     pub paths: Vec<PathBuf>,
     pub timeout: std::time::Duration,
+    pub engine: crate::volume::queue::IoEngine,
     /// How a command that writes claims the group.
     pub claim: crate::group::claim::ClaimOptions,
     /// The expansion, made once: a path that does not answer costs the
@@ -428,11 +441,13 @@ impl Disks {
     fn new(
         paths: Vec<PathBuf>,
         timeout: std::time::Duration,
+        engine: crate::volume::queue::IoEngine,
         claim: crate::group::claim::ClaimOptions,
     ) -> Disks {
         Disks {
             paths,
             timeout,
+            engine,
             claim,
             set: std::sync::OnceLock::new(),
         }
@@ -447,6 +462,7 @@ impl Disks {
             &self.paths,
             crate::group::DiskOpen {
                 timeout: self.timeout,
+                engine: self.engine,
                 ..Default::default()
             },
         )?;
@@ -753,6 +769,7 @@ fn execute(cli: Cli) -> Result<()> {
     let disks = Disks::new(
         cli.disks.clone(),
         cli.io_timeout,
+        cli.io_engine,
         crate::group::claim::ClaimOptions {
             force: cli.force_claim,
             command: command_name(&cli.command).to_string(),
@@ -835,6 +852,7 @@ fn execute(cli: Cli) -> Result<()> {
             let joined = existing.is_some();
             let open = crate::group::DiskOpen {
                 timeout: disks.timeout,
+                engine: disks.engine,
                 ..Default::default()
             };
             let mut g = ops::init_with(existing, &paths, &opts, open)?;
@@ -1001,6 +1019,7 @@ fn execute(cli: Cli) -> Result<()> {
                 direct: cache == "none",
                 disk_threads: disk_threads.into(),
                 io_timeout: cli.io_timeout,
+                io_engine: cli.io_engine,
                 resync: crate::volume::resync::ResyncOptions {
                     min_rate: resync_min_rate,
                     max_rate: resync_max_rate,

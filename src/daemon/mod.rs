@@ -92,6 +92,8 @@ pub struct ServeOptions {
     pub disk_threads: usize,
     /// How long any request to a disk may take before the disk is failed.
     pub io_timeout: std::time::Duration,
+    /// What runs the disks' data requests.
+    pub io_engine: crate::volume::queue::IoEngine,
     /// Pacing of the background resyncs.
     pub resync: ResyncOptions,
     /// Scrub every mirror this often, in the background (None: never).
@@ -194,6 +196,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
                 direct,
                 threads: disk_threads,
                 timeout: options.io_timeout,
+                engine: options.io_engine,
             },
         )?;
         let mut group = crate::group::claim::claim_assembled(

@@ -53,6 +53,32 @@ const BOUNCE_MAX: u64 = 1024 * 1024;
 /// The largest zero buffer the write-zeroes fallback writes at once.
 const ZERO_CHUNK: u64 = 1024 * 1024;
 
+/// The descriptor of a [`FileDisk`] and the rules a transfer on it must
+/// keep to go to the kernel as it is: what an io_uring backend needs. The
+/// descriptor stays open for as long as the `FileDisk` lives.
+#[derive(Debug, Clone, Copy)]
+pub struct RingTarget {
+    pub fd: std::os::fd::RawFd,
+    pub size: u64,
+    pub writable: bool,
+    /// `Some(granularity)` when opened `O_DIRECT`.
+    pub direct_align: Option<u64>,
+}
+
+impl RingTarget {
+    /// True when a transfer of `len` bytes at `offset` from `ptr` can go to
+    /// the kernel as it is: inside the disk, and aligned where `O_DIRECT`
+    /// wants it. Anything else takes [`FileDisk`]'s own path (bounce
+    /// buffers, read-modify-write, its error messages).
+    pub fn takes(&self, ptr: *const u8, len: usize, offset: u64) -> bool {
+        len > 0
+            && check_range(offset, len, self.size).is_ok()
+            && self
+                .direct_align
+                .is_none_or(|align| direct_ready(ptr, len, offset, align))
+    }
+}
+
 /// A regular file or a block device.
 #[derive(Debug)]
 pub struct FileDisk {
@@ -165,6 +191,17 @@ impl FileDisk {
     /// The path the disk was opened by.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What an io_uring backend needs to run this disk's plain reads,
+    /// writes and flushes itself (see [`RingTarget`]).
+    pub fn ring_target(&self) -> RingTarget {
+        RingTarget {
+            fd: self.file.as_raw_fd(),
+            size: self.size,
+            writable: !self.read_only,
+            direct_align: self.direct_align.map(u64::from),
+        }
     }
 
     /// True for a block device (loop devices included), false for a file.
@@ -324,6 +361,10 @@ impl Disk for FileDisk {
 
     fn sector_size(&self) -> u32 {
         self.sector_size
+    }
+
+    fn as_file_disk(&self) -> Option<&FileDisk> {
+        Some(self)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {

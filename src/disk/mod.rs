@@ -94,6 +94,13 @@ pub trait Disk: Send + Sync + fmt::Debug {
         DiskIdentity::default()
     }
 
+    /// The file or device under this disk, when it is one with nothing in
+    /// between (no fault injection, no instrumentation): an io_uring
+    /// backend drives its descriptor directly.
+    fn as_file_disk(&self) -> Option<&FileDisk> {
+        None
+    }
+
     /// Whether the disk is still the one opened: an error when it is gone
     /// (a file deleted, or shrunk under the size it had). Cheap (a stat);
     /// a running group asks every second, and before a repair writes.
@@ -132,6 +139,9 @@ impl<D: Disk + ?Sized> Disk for Arc<D> {
     }
     fn identity(&self) -> DiskIdentity {
         (**self).identity()
+    }
+    fn as_file_disk(&self) -> Option<&FileDisk> {
+        (**self).as_file_disk()
     }
     fn health(&self) -> io::Result<()> {
         (**self).health()

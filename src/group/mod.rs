@@ -161,6 +161,8 @@ pub struct DiskOpen {
     /// How long any request to a disk may take before the disk is failed
     /// (`--io-timeout`).
     pub timeout: std::time::Duration,
+    /// What runs the disks' data requests (`--io-engine`).
+    pub engine: crate::volume::queue::IoEngine,
 }
 
 impl Default for DiskOpen {
@@ -169,6 +171,7 @@ impl Default for DiskOpen {
             direct: false,
             threads: 4,
             timeout: DEFAULT_IO_TIMEOUT,
+            engine: crate::volume::queue::IoEngine::from_env(),
         }
     }
 }
@@ -320,11 +323,12 @@ pub fn open_disk(path: &Path) -> Result<Arc<QueuedDisk>> {
 /// the log.
 pub fn open_disk_with(path: &Path, how: &DiskOpen) -> Result<Arc<QueuedDisk>> {
     let queued = |d: FileDisk| {
-        QueuedDisk::start(
+        QueuedDisk::start_on(
             &path.display().to_string(),
             Arc::new(d),
             how.threads,
             how.timeout,
+            how.engine,
         )
     };
     let mut opts = OpenOptions {
@@ -801,11 +805,12 @@ impl Group {
                 continue;
             };
             let wrapped = wrap(*uuid, raw);
-            m.disk = QueuedDisk::start(
+            m.disk = QueuedDisk::start_on(
                 &m.path.display().to_string(),
                 wrapped,
                 self.open.threads,
                 self.open.timeout,
+                self.open.engine,
             );
         }
     }

@@ -33,6 +33,9 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::disk::buf::IO_ALIGN;
 use crate::disk::{AlignedBuf, Disk};
 
+mod uring;
+pub use uring::{IoEngine, available as uring_available};
+
 /// What a queue asks before the first request that changes its disk.
 pub trait WriteGate: Send + Sync {
     fn before_first_write(&self) -> io::Result<()>;
@@ -293,6 +296,9 @@ pub struct DiskQueue {
     /// with `TimedOut` (`--io-timeout`).
     timeout: Duration,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// The io_uring backend, when the queue runs on one: data requests it
+    /// takes go there, the rest to the workers.
+    ring: std::sync::OnceLock<Arc<uring::Ring>>,
     stats: Arc<DiskStats>,
 }
 
@@ -407,6 +413,20 @@ impl DiskQueue {
         threads: usize,
         timeout: Duration,
     ) -> Arc<DiskQueue> {
+        DiskQueue::start_on(name, disk, threads, timeout, IoEngine::Threads)
+    }
+
+    /// [`DiskQueue::start`] on the backend `engine`: with
+    /// [`IoEngine::Uring`], a plain file or device gets a ring for its data
+    /// requests (the workers take the rest); a wrapped disk, or a process
+    /// where io_uring is refused, keeps the workers alone.
+    pub fn start_on(
+        name: &str,
+        disk: Arc<dyn Disk>,
+        threads: usize,
+        timeout: Duration,
+        engine: IoEngine,
+    ) -> Arc<DiskQueue> {
         let (tx, rx) = crossbeam_channel::unbounded::<Job>();
         let (meta_tx, meta_rx) = crossbeam_channel::unbounded::<Job>();
         let stats = Arc::new(DiskStats::default());
@@ -426,8 +446,20 @@ impl DiskQueue {
             gate_open: AtomicBool::new(false),
             timeout,
             workers: Mutex::new(Vec::new()),
+            ring: std::sync::OnceLock::new(),
             stats: stats.clone(),
         });
+        if engine == IoEngine::Uring && uring_available() {
+            match uring::Ring::start(name, &disk, Arc::downgrade(&q), stats.clone()) {
+                Ok(Some(ring)) => {
+                    let _ = q.ring.set(ring);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(disk = name, error = %e, "no io_uring for this disk; using worker threads");
+                }
+            }
+        }
         let mut workers = Vec::new();
         let lanes = (0..threads.max(1))
             .map(|i| (format!("mv-disk-{i}"), rx.clone()))
@@ -444,6 +476,15 @@ impl DiskQueue {
         *q.workers.lock().unwrap_or_else(|e| e.into_inner()) = workers;
         watchdog().watch(&q);
         q
+    }
+
+    /// The backend its data requests run on.
+    pub fn engine(&self) -> IoEngine {
+        if self.ring.get().is_some() {
+            IoEngine::Uring
+        } else {
+            IoEngine::Threads
+        }
     }
 
     /// The deadline of this queue's requests.
@@ -586,12 +627,20 @@ impl DiskQueue {
             return;
         }
         let (id, ticket, submitted) = self.begin(deadline, done);
-        let job = Job {
+        let mut job = Job {
             id,
             submitted,
             op,
             ticket: ticket.clone(),
         };
+        if let Some(ring) = self.ring.get()
+            && std::ptr::eq(lane, &self.tx)
+        {
+            match ring.take(job) {
+                Ok(()) => return,
+                Err(back) => job = back,
+            }
+        }
         let sent = match &*lane.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(tx) => tx.send(job).is_ok(),
             None => false,
@@ -699,6 +748,9 @@ impl DiskQueue {
     /// Stops accepting requests; workers finish what is queued and exit.
     /// Workers stuck in a hung disk are left behind, not joined.
     pub fn stop(&self) {
+        if let Some(ring) = self.ring.get() {
+            ring.stop(!self.has_timed_out());
+        }
         self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.meta_tx
             .lock()
@@ -860,8 +912,20 @@ impl QueuedDisk {
         threads: usize,
         timeout: Duration,
     ) -> Arc<QueuedDisk> {
+        QueuedDisk::start_on(name, disk, threads, timeout, IoEngine::Threads)
+    }
+
+    /// [`QueuedDisk::start`] on the backend `engine` (see
+    /// [`DiskQueue::start_on`]).
+    pub fn start_on(
+        name: &str,
+        disk: Arc<dyn Disk>,
+        threads: usize,
+        timeout: Duration,
+        engine: IoEngine,
+    ) -> Arc<QueuedDisk> {
         Arc::new(QueuedDisk {
-            queue: DiskQueue::start(name, disk, threads, timeout),
+            queue: DiskQueue::start_on(name, disk, threads, timeout, engine),
             owner: true,
             deadline: true,
         })

@@ -160,10 +160,13 @@ pub struct Opts {
 
 pub fn opts(io_timeout_ms: u64, max_read_errors: u64) -> Opts {
     Opts {
+        // The engine from MIRRORVOL_IO_ENGINE (`.ci/run` runs the suite
+        // under both).
         open: DiskOpen {
             direct: false,
             threads: 4,
             timeout: Duration::from_millis(io_timeout_ms),
+            ..DiskOpen::default()
         },
         engine: EngineOptions { max_read_errors },
         bitmaps: false,

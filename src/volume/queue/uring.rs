@@ -1,0 +1,521 @@
+//! The io_uring backend of a disk queue.
+//!
+//! A disk that is a plain file or block device ([`crate::disk::FileDisk`]
+//! with nothing wrapped around it) can have its data requests run by
+//! io_uring instead of the queue's worker threads: the submitting thread
+//! puts the request in the disk's ring and tells the kernel (one system
+//! call, no thread to wake), and one reaper thread per disk takes the
+//! completions and runs their callbacks.
+//!
+//! What goes to the ring: reads, writes (a FUA write as one `RWF_DSYNC`
+//! write) and flushes (`fdatasync`). What the ring cannot run as it is goes
+//! to the queue's threads as before: write-zeroes and discards (hole
+//! punching, `BLKZEROOUT`), health checks, reads of what the storage holds
+//! now, transfers that `O_DIRECT` would refuse without a bounce buffer,
+//! and every write of a disk whose `O_DIRECT` granularity is larger than a
+//! sector (those may need [`crate::disk::FileDisk`]'s read-modify-write,
+//! which must not race a write of the same block in the ring). Metadata
+//! keeps its own lane and thread (see the queue's `meta_tx`).
+//!
+//! No `IOSQE_IO_DRAIN`: the engine submits a flush only once the writes it
+//! covers have completed, so an `fdatasync` issued then covers them. Short
+//! reads and writes are resubmitted for the rest. At most [`DEPTH`]
+//! requests are in the ring at once; more wait in a backlog that the reaper
+//! feeds from as requests complete, so the completion queue never
+//! overflows. No SQPOLL: an idle disk costs no CPU.
+//!
+//! The ring reads into and writes from the request's own buffers: they are
+//! not registered with the kernel (see the README's io_uring section for
+//! why, measured).
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use io_uring::{IoUring, opcode, squeue, types};
+
+use super::{DiskQueue, DiskStats, Job, Op, OpKind, Outcome, Ticket};
+use crate::disk::buf::IO_ALIGN;
+use crate::disk::file::RingTarget;
+use crate::disk::{AlignedBuf, Disk};
+
+/// Requests in one disk's ring at once; more wait in its backlog.
+pub const DEPTH: u32 = 128;
+
+/// The `user_data` of the no-op that wakes the reaper to stop.
+const STOP: u64 = u64::MAX;
+
+/// How a disk queue runs its data requests (`--io-engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum IoEngine {
+    /// Worker threads doing `pread`/`pwrite`/`fdatasync`.
+    Threads,
+    /// io_uring: submitted from the caller's thread, completed by one
+    /// reaper thread per disk; worker threads where io_uring is refused.
+    #[default]
+    Uring,
+}
+
+impl IoEngine {
+    /// The engine `MIRRORVOL_IO_ENGINE` names (`threads` or `uring`), else
+    /// the default: what a group opened by the library, not the command
+    /// line, runs on (the test suite runs under both this way).
+    pub fn from_env() -> IoEngine {
+        match std::env::var("MIRRORVOL_IO_ENGINE").as_deref() {
+            Ok("threads") => IoEngine::Threads,
+            Ok("uring") => IoEngine::Uring,
+            _ => IoEngine::default(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            IoEngine::Threads => "threads",
+            IoEngine::Uring => "uring",
+        }
+    }
+}
+
+/// Whether this process may use io_uring. Asked once: where the kernel
+/// refuses it (ENOSYS on an old or stripped kernel, EPERM under seccomp or
+/// `kernel.io_uring_disabled`), the log says so once and every disk uses
+/// worker threads.
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| match IoUring::new(2) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "io_uring is refused here; disks use worker threads instead"
+            );
+            false
+        }
+    })
+}
+
+/// The transfer a ring request does, with its progress for resubmitting a
+/// short one.
+enum Io {
+    Read {
+        buf: Option<AlignedBuf>,
+        offset: u64,
+        len: usize,
+        done: usize,
+    },
+    Write {
+        data: Arc<AlignedBuf>,
+        offset: u64,
+        done: usize,
+        dsync: bool,
+    },
+    Flush,
+}
+
+/// A request in the ring (or its backlog): the queue's bookkeeping and the
+/// buffer the kernel reads or writes, kept here until its completion.
+struct Slot {
+    id: u64,
+    submitted: Instant,
+    ticket: Arc<Ticket>,
+    kind: OpKind,
+    bytes: u64,
+    io: Io,
+}
+
+enum Progress {
+    More,
+    Done(Outcome),
+}
+
+impl Slot {
+    /// The submission entry for what is left of the transfer.
+    fn entry(&mut self, fd: types::Fd, index: u64) -> squeue::Entry {
+        let entry = match &mut self.io {
+            Io::Read {
+                buf,
+                offset,
+                len,
+                done,
+            } => {
+                let buf = buf.as_mut().expect("a read in flight has its buffer");
+                let rest = &mut buf.as_mut_slice()[*done..*len];
+                opcode::Read::new(fd, rest.as_mut_ptr(), rest.len() as u32)
+                    .offset(*offset + *done as u64)
+                    .build()
+            }
+            Io::Write {
+                data,
+                offset,
+                done,
+                dsync,
+            } => {
+                let rest = &data[*done..];
+                opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32)
+                    .offset(*offset + *done as u64)
+                    .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
+                    .build()
+            }
+            Io::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        };
+        entry.user_data(index)
+    }
+
+    /// Takes a completion's result: done, or more to transfer.
+    fn progress(&mut self, res: i32, disk: Option<&Arc<dyn Disk>>) -> Progress {
+        if res < 0 {
+            return Progress::Done(Err(io::Error::from_raw_os_error(-res)));
+        }
+        let n = res as usize;
+        match &mut self.io {
+            Io::Flush => Progress::Done(Ok(None)),
+            Io::Read { buf, len, done, .. } => {
+                if n == 0 {
+                    // The end of a file inside the disk: it was truncated
+                    // under us (what `FileDisk::read_at` says too).
+                    let eof = io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "a read met the end of the file inside the disk",
+                    );
+                    let gone = disk.and_then(|d| d.health().err());
+                    return Progress::Done(Err(gone.unwrap_or(eof)));
+                }
+                *done += n;
+                if *done < *len {
+                    Progress::More
+                } else {
+                    Progress::Done(Ok(buf.take()))
+                }
+            }
+            Io::Write { data, done, .. } => {
+                if n == 0 {
+                    return Progress::Done(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "a write made no progress",
+                    )));
+                }
+                *done += n;
+                if *done < data.len() {
+                    Progress::More
+                } else {
+                    Progress::Done(Ok(None))
+                }
+            }
+        }
+    }
+}
+
+struct State {
+    /// The requests in the ring, by `user_data`.
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Requests waiting for room in the ring.
+    backlog: VecDeque<Slot>,
+    stopping: bool,
+}
+
+/// One disk's ring and reaper.
+pub(super) struct Ring {
+    name: String,
+    uring: IoUring,
+    target: RingTarget,
+    fd: types::Fd,
+    /// Keeps the descriptor open while the ring may use it; the reaper lets
+    /// it go when it exits, after the last completion.
+    disk: Mutex<Option<Arc<dyn Disk>>>,
+    state: Mutex<State>,
+    queue: Weak<DiskQueue>,
+    stats: Arc<DiskStats>,
+    reaper: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Ring {
+    /// A ring for `disk` when it is a plain file or device, with its reaper
+    /// running; None when it is not (a wrapped disk keeps the threads), an
+    /// error when the kernel refuses a ring.
+    pub(super) fn start(
+        name: &str,
+        disk: &Arc<dyn Disk>,
+        queue: Weak<DiskQueue>,
+        stats: Arc<DiskStats>,
+    ) -> io::Result<Option<Arc<Ring>>> {
+        let Some(target) = disk.as_file_disk().map(|f| f.ring_target()) else {
+            return Ok(None);
+        };
+        let uring = IoUring::builder().build(DEPTH)?;
+        let ring = Arc::new(Ring {
+            name: name.to_string(),
+            uring,
+            target,
+            fd: types::Fd(target.fd),
+            disk: Mutex::new(Some(disk.clone())),
+            state: Mutex::new(State {
+                slots: (0..DEPTH).map(|_| None).collect(),
+                free: (0..DEPTH as usize).rev().collect(),
+                backlog: VecDeque::new(),
+                stopping: false,
+            }),
+            queue,
+            stats,
+            reaper: Mutex::new(None),
+        });
+        let reaper = ring.clone();
+        let handle = std::thread::Builder::new()
+            .name("mv-uring".into())
+            .spawn(move || reaper.reap())?;
+        *ring.reaper.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(Some(ring))
+    }
+
+    /// Takes `job` into the ring, or gives it back when the ring does not
+    /// run that request (see the module's comment) or is stopping.
+    pub(super) fn take(&self, job: Job) -> Result<(), Job> {
+        let t = &self.target;
+        // Writes of a disk whose O_DIRECT granularity is above a sector may
+        // take FileDisk's read-modify-write path: all of them stay there.
+        let writes = t.writable && t.direct_align.is_none_or(|a| a <= 512);
+        let fits = |len: usize| u32::try_from(len).is_ok();
+        let (kind, bytes) = (job.op.kind(), job.op.bytes());
+        let io = match job.op {
+            Op::Read { offset, len } if fits(len) => {
+                let buf = AlignedBuf::new(len, IO_ALIGN);
+                if !t.takes(buf.as_ptr(), len, offset) {
+                    return Err(Job {
+                        op: Op::Read { offset, len },
+                        ..job
+                    });
+                }
+                Io::Read {
+                    buf: Some(buf),
+                    offset,
+                    len,
+                    done: 0,
+                }
+            }
+            Op::ReadInto {
+                offset,
+                len,
+                mut buf,
+            } if fits(len) && len <= buf.capacity() => {
+                buf.set_len(len);
+                if !t.takes(buf.as_ptr(), len, offset) {
+                    return Err(Job {
+                        op: Op::ReadInto { offset, len, buf },
+                        ..job
+                    });
+                }
+                Io::Read {
+                    buf: Some(buf),
+                    offset,
+                    len,
+                    done: 0,
+                }
+            }
+            Op::Write {
+                offset,
+                ref data,
+                fua,
+            } if writes && fits(data.len()) && t.takes(data.as_ptr(), data.len(), offset) => {
+                Io::Write {
+                    data: data.clone(),
+                    offset,
+                    done: 0,
+                    dsync: fua,
+                }
+            }
+            Op::Flush => Io::Flush,
+            op => return Err(Job { op, ..job }),
+        };
+        let slot = Slot {
+            id: job.id,
+            submitted: job.submitted,
+            ticket: job.ticket,
+            kind,
+            bytes,
+            io,
+        };
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.stopping {
+            drop(st);
+            self.finish(
+                slot,
+                Err(io::Error::other(format!(
+                    "the queue of disk {} is stopped",
+                    self.name
+                ))),
+            );
+            return Ok(());
+        }
+        let queued = self.push(&mut st, slot);
+        drop(st);
+        if queued {
+            self.kick();
+        }
+        Ok(())
+    }
+
+    /// Puts `slot` in the ring when there is room (true), else in the
+    /// backlog.
+    fn push(&self, st: &mut State, mut slot: Slot) -> bool {
+        let Some(index) = st.free.pop() else {
+            st.backlog.push_back(slot);
+            return false;
+        };
+        let entry = slot.entry(self.fd, index as u64);
+        st.slots[index] = Some(slot);
+        if self.push_entry(&entry) {
+            return true;
+        }
+        // Only when submissions have been failing: try again later.
+        let slot = st.slots[index].take().expect("the slot just filled");
+        st.free.push(index);
+        st.backlog.push_front(slot);
+        false
+    }
+
+    /// Puts `entry` in the submission queue; the caller holds the state
+    /// lock.
+    fn push_entry(&self, entry: &squeue::Entry) -> bool {
+        // SAFETY: the submission queue is only ever used under the state
+        // lock, which the caller holds, so no two threads use it at once.
+        // The entry's buffer is owned by its slot in `State::slots`, which
+        // keeps it alive and in place until the completion is reaped.
+        unsafe {
+            let mut sq = self.uring.submission_shared();
+            let pushed = sq.push(entry).is_ok();
+            sq.sync();
+            pushed
+        }
+    }
+
+    /// Tells the kernel about what was pushed.
+    fn kick(&self) {
+        for _ in 0..3 {
+            match self.uring.submit() {
+                Ok(_) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                    std::thread::yield_now();
+                }
+                Err(e) => {
+                    tracing::error!(disk = %self.name, error = %e, "io_uring submit failed");
+                    return;
+                }
+            }
+        }
+        // Left in the submission queue: the next submission carries it,
+        // and the watchdog answers it if none comes.
+        tracing::warn!(disk = %self.name, "io_uring is short of resources; requests wait");
+    }
+
+    /// The reaper: waits for completions, resubmits short transfers, feeds
+    /// the backlog into the room made, and runs the callbacks.
+    fn reap(self: Arc<Ring>) {
+        loop {
+            match self.uring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(e) => {
+                    tracing::error!(disk = %self.name, error = %e, "io_uring wait failed");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+            let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let mut finished = Vec::new();
+            let mut pushed = false;
+            let exit = {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                // SAFETY: only this thread uses the completion queue.
+                let cq = unsafe { self.uring.completion_shared() };
+                for cqe in cq {
+                    let index = cqe.user_data();
+                    let Some(mut slot) = st.slots.get_mut(index as usize).and_then(Option::take)
+                    else {
+                        continue; // STOP
+                    };
+                    match slot.progress(cqe.result(), disk.as_ref()) {
+                        Progress::More => {
+                            let entry = slot.entry(self.fd, index);
+                            st.slots[index as usize] = Some(slot);
+                            if self.push_entry(&entry) {
+                                pushed = true;
+                            } else {
+                                let slot = st.slots[index as usize].take().expect("just filled");
+                                st.free.push(index as usize);
+                                st.backlog.push_front(slot);
+                            }
+                        }
+                        Progress::Done(outcome) => {
+                            st.free.push(index as usize);
+                            finished.push((slot, outcome));
+                        }
+                    }
+                }
+                while !st.free.is_empty()
+                    && let Some(slot) = st.backlog.pop_front()
+                {
+                    pushed |= self.push(&mut st, slot);
+                }
+                st.stopping && st.free.len() == DEPTH as usize && st.backlog.is_empty()
+            };
+            if pushed {
+                self.kick();
+            }
+            for (slot, outcome) in finished {
+                self.finish(slot, outcome);
+            }
+            if exit {
+                break;
+            }
+        }
+        // Nothing of this disk is in flight: its descriptor may close.
+        self.disk.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Counts a completed request and answers it.
+    fn finish(&self, slot: Slot, outcome: Outcome) {
+        self.stats.record(
+            slot.kind,
+            slot.bytes,
+            outcome.is_ok(),
+            slot.submitted.elapsed(),
+        );
+        if let Some(q) = self.queue.upgrade() {
+            q.end(slot.id);
+        }
+        slot.ticket.complete(outcome);
+    }
+
+    /// Refuses new requests and lets the reaper exit once the ring is
+    /// empty; with `join`, waits for it (not when a disk hung: its
+    /// requests may never complete, and the reaper keeps their buffers).
+    pub(super) fn stop(&self, join: bool) {
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.stopping {
+                return;
+            }
+            st.stopping = true;
+            let wake = opcode::Nop::new().build().user_data(STOP);
+            if !self.push_entry(&wake) {
+                tracing::warn!(disk = %self.name, "no room to stop the io_uring reaper");
+            }
+        }
+        self.kick();
+        let handle = self.reaper.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle
+            && join
+            && h.thread().id() != std::thread::current().id()
+        {
+            let _ = h.join();
+        }
+    }
+}
