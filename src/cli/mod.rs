@@ -404,6 +404,8 @@ pub fn main() -> i32 {
             return e.exit_code();
         }
     };
+    // Every command logs to stderr what MIRRORVOL_LOG asks for (serve too).
+    crate::daemon::start_log();
     run(cli)
 }
 

@@ -517,6 +517,7 @@ mod tests {
             errors: 0,
             spare: false,
             generation: None,
+            io_engine: Some("uring"),
         };
         StatusReport {
             unreadable: Vec::new(),

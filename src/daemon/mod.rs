@@ -118,12 +118,12 @@ pub struct ServeOptions {
 /// still queued.
 pub const EVENT_HOOK_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The variable naming what `serve` logs to stderr: a tracing env-filter
+/// The variable naming what a command (`serve` above all) logs to stderr: a tracing env-filter
 /// (`info`, `warn`, `mirrorvol=debug`). Unset, nothing is logged.
 pub const LOG_ENV: &str = "MIRRORVOL_LOG";
 
 /// Sends the log (events included) to stderr, if [`LOG_ENV`] asks for it.
-fn start_log() {
+pub fn start_log() {
     if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env(LOG_ENV) {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)

@@ -78,6 +78,10 @@ pub struct DiskStatus {
     /// The data generation the disk holds (left out when it has none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// What runs the disk's data requests (`uring` or `threads`), while
+    /// it is open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -152,6 +156,10 @@ impl Group {
                 errors: errors_on(d.uuid),
                 spare: d.spare,
                 generation: Some(self.generation_of(d.uuid)).filter(|g| *g > 0),
+                io_engine: self
+                    .members
+                    .get(&d.uuid)
+                    .map(|m| m.disk.queue().engine().name()),
             })
             .collect();
         let volumes = self

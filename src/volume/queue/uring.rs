@@ -519,3 +519,194 @@ impl Ring {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{DiskQueue, Op, QueuedDisk, read_data, wait};
+    use super::*;
+    use crate::disk::{FileDisk, OpenOptions};
+    use std::time::Duration;
+
+    const MIB: u64 = 1 << 20;
+
+    fn file(len: u64) -> tempfile::NamedTempFile {
+        // Next to the build, not on a tmpfs: O_DIRECT needs a real filesystem.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-files");
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = tempfile::NamedTempFile::new_in(dir).unwrap();
+        f.as_file().set_len(len).unwrap();
+        f
+    }
+
+    fn ring_queue(path: &std::path::Path, direct: bool) -> Option<Arc<DiskQueue>> {
+        assert!(available(), "io_uring is refused on this machine");
+        let opts = OpenOptions {
+            direct,
+            ..OpenOptions::default()
+        };
+        let disk = match FileDisk::open(path, opts) {
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                eprintln!("SKIPPED: O_DIRECT refused on {}", path.display());
+                return None;
+            }
+            d => Arc::new(d.unwrap()) as Arc<dyn Disk>,
+        };
+        let q = DiskQueue::start_on("ring", disk, 2, Duration::from_secs(10), IoEngine::Uring);
+        assert_eq!(q.engine(), IoEngine::Uring);
+        Some(q)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Arc<AlignedBuf> {
+        let v: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect();
+        Arc::new(AlignedBuf::from_slice(&v))
+    }
+
+    fn write(q: &DiskQueue, offset: u64, data: &Arc<AlignedBuf>, fua: bool) {
+        let op = Op::Write {
+            offset,
+            data: data.clone(),
+            fua,
+        };
+        wait(|cb| q.submit(op, true, cb)).unwrap();
+    }
+
+    fn read(q: &DiskQueue, offset: u64, len: usize) -> AlignedBuf {
+        read_data(wait(|cb| q.submit(Op::Read { offset, len }, true, cb))).unwrap()
+    }
+
+    #[test]
+    fn reads_writes_and_flushes_round_trip_through_the_ring() {
+        for direct in [false, true] {
+            let f = file(4 * MIB);
+            let Some(q) = ring_queue(f.path(), direct) else {
+                continue;
+            };
+            let a = pattern(64 * 1024, 1);
+            let b = pattern(4096, 2);
+            write(&q, 0, &a, false);
+            write(&q, MIB, &b, true);
+            wait(|cb| q.submit(Op::Flush, true, cb)).unwrap();
+            assert_eq!(&read(&q, 0, a.len())[..], &a[..]);
+            let into = Op::ReadInto {
+                offset: MIB,
+                len: 4096,
+                buf: AlignedBuf::new(8192, 4096),
+            };
+            let got = read_data(wait(|cb| q.submit(into, true, cb))).unwrap();
+            assert_eq!(&got[..], &b[..]);
+            // What the file holds, read around the queue.
+            let mut on_file = vec![0u8; 4096];
+            std::os::unix::fs::FileExt::read_exact_at(f.as_file(), &mut on_file, MIB).unwrap();
+            assert_eq!(&on_file[..], &b[..]);
+            let stats = q.stats();
+            assert_eq!(
+                stats
+                    .written_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                (a.len() + b.len()) as u64
+            );
+            assert_eq!(stats.ops(OpKind::Flush), 1, "direct={direct}");
+            assert_eq!(q.pending(), 0);
+            q.close();
+        }
+    }
+
+    #[test]
+    fn more_requests_than_the_ring_holds_all_complete_in_place() {
+        let f = file(8 * MIB);
+        let q = ring_queue(f.path(), false).unwrap();
+        let n = 4 * DEPTH as usize;
+        let (tx, rx) = std::sync::mpsc::channel();
+        for i in 0..n {
+            let tx = tx.clone();
+            let op = Op::Write {
+                offset: i as u64 * 4096,
+                data: pattern(4096, i as u8),
+                fua: false,
+            };
+            q.submit(op, true, Box::new(move |o| tx.send(o.map(|_| ())).unwrap()));
+        }
+        for _ in 0..n {
+            rx.recv().unwrap().unwrap();
+        }
+        for i in 0..n {
+            assert_eq!(
+                &read(&q, i as u64 * 4096, 4096)[..],
+                &pattern(4096, i as u8)[..]
+            );
+        }
+        q.close();
+    }
+
+    #[test]
+    fn a_file_truncated_under_the_ring_reads_as_gone_not_as_zeroes() {
+        let f = file(4 * MIB);
+        let q = ring_queue(f.path(), false).unwrap();
+        f.as_file().set_len(MIB).unwrap();
+        let e = wait(|cb| {
+            q.submit(
+                Op::Read {
+                    offset: 2 * MIB,
+                    len: 4096,
+                },
+                true,
+                cb,
+            )
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("shrank"), "{e}");
+        q.close();
+    }
+
+    #[test]
+    fn what_the_ring_does_not_take_goes_to_the_workers() {
+        let f = file(4 * MIB);
+        let Some(q) = ring_queue(f.path(), true) else {
+            return;
+        };
+        // An unaligned direct transfer takes FileDisk's bounce buffer.
+        let odd = Arc::new(AlignedBuf::from_slice(&[7u8; 100]));
+        write(&q, 4096 + 12, &odd, false);
+        assert_eq!(&read(&q, 4096 + 12, 100)[..], &[7u8; 100][..]);
+        // Zeroes punch a hole, a check stats the file.
+        let op = Op::WriteZeroes {
+            offset: 4096,
+            len: 4096,
+            fua: false,
+        };
+        wait(|cb| q.submit(op, true, cb)).unwrap();
+        assert!(read(&q, 4096, 4096).iter().all(|b| *b == 0));
+        wait(|cb| q.submit(Op::Check, true, cb)).unwrap();
+        q.close();
+    }
+
+    #[test]
+    fn a_closed_ring_refuses_requests_and_lets_the_file_and_its_lock_go() {
+        let f = file(4 * MIB);
+        let opts = OpenOptions {
+            lock: true,
+            ..OpenOptions::default()
+        };
+        let disk: Arc<dyn Disk> = Arc::new(FileDisk::open(f.path(), opts).unwrap());
+        let owner = QueuedDisk::start_on("ring", disk, 2, Duration::from_secs(10), IoEngine::Uring);
+        let q = owner.queue().clone();
+        assert_eq!(q.engine(), IoEngine::Uring);
+        write(&q, 0, &pattern(4096, 3), false);
+        drop(owner);
+        let e = wait(|cb| {
+            q.submit(
+                Op::Read {
+                    offset: 0,
+                    len: 4096,
+                },
+                true,
+                cb,
+            )
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("stopped"), "{e}");
+        FileDisk::open(f.path(), opts).expect("the lock was let go with the queue");
+    }
+}
