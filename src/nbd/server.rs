@@ -787,6 +787,8 @@ impl Budget {
     fn acquire(&self, bytes: u64) {
         let mut used = lock(&self.used);
         while *used > 0 && *used + bytes > self.limit {
+            // What this thread held back may be what frees the budget.
+            crate::volume::queue::unplug_now();
             used = self.changed.wait(used).unwrap_or_else(|e| e.into_inner());
         }
         *used += bytes;
@@ -812,6 +814,7 @@ impl InFlight {
         {
             let mut s = lock(&self.state);
             while s.0 > 0 && (s.0 >= MAX_IN_FLIGHT || s.1 + bytes > MAX_IN_FLIGHT_BYTES) {
+                crate::volume::queue::unplug_now();
                 s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
             }
             s.0 += 1;
@@ -838,18 +841,59 @@ impl InFlight {
 
 /// One reply on its way to the client: the header, a read's data, and the
 /// in-flight share to give back once it is written (None for a request that
-/// took none, such as a refusal).
+/// took none, such as a refusal). `sent` bytes of it are on the wire.
 struct Reply {
     header: [u8; proto::SIMPLE_REPLY_LEN],
     data: Option<AlignedBuf>,
     release: Option<u64>,
+    sent: usize,
 }
 
-/// The writing side of a connection, shared by the completions: replies go
-/// to the connection's writer thread, so the threads that complete I/O never
-/// wait on a client's socket.
+impl Reply {
+    fn len(&self) -> usize {
+        self.header.len() + self.data.as_ref().map_or(0, |d| d.len())
+    }
+
+    /// Adds what is left of the reply to `slices`.
+    fn unsent<'a>(&'a self, slices: &mut Vec<IoSlice<'a>>) {
+        let mut skip = self.sent;
+        for part in [&self.header[..], self.data.as_deref().unwrap_or(&[])] {
+            if skip < part.len() {
+                slices.push(IoSlice::new(&part[skip..]));
+            }
+            skip = skip.saturating_sub(part.len());
+        }
+    }
+}
+
+/// The socket a connection's replies go out on, and who may write next.
+struct Wire {
+    sock: Sock,
+    state: Mutex<WireState>,
+}
+
+/// Held by whoever writes to the socket: the writer thread, or a
+/// completion sending its reply itself.
+#[derive(Default)]
+struct WireState {
+    /// A reply a completion began to send and the socket did not take
+    /// whole: the writer sends the rest before anything else.
+    partial: Option<Reply>,
+    /// A write failed: the connection is shut, replies are dropped.
+    broken: bool,
+}
+
+/// The writing side of a connection, shared by the completions. A
+/// completion sends its reply itself when nothing else is queued and the
+/// socket takes it at once (no wake-up of another thread: what a reply at
+/// queue depth one waits for); otherwise the reply goes to the
+/// connection's writer thread, so the threads that complete I/O never wait
+/// on a client's socket.
 struct Replies {
-    tx: crossbeam_channel::Sender<Reply>,
+    /// Replies for the writer thread; `None` only wakes it for a partial.
+    tx: crossbeam_channel::Sender<Option<Reply>>,
+    wire: Arc<Wire>,
+    inflight: Arc<InFlight>,
 }
 
 impl Replies {
@@ -859,51 +903,93 @@ impl Replies {
         data: Option<AlignedBuf>,
         release: Option<u64>,
     ) {
-        // Cannot fail: the writer reads until every sender is gone.
-        let _ = self.tx.send(Reply {
+        let mut reply = Reply {
             header,
             data,
             release,
-        });
+            sent: 0,
+        };
+        if self.tx.is_empty()
+            && let Ok(mut wire) = self.wire.state.try_lock()
+            && wire.partial.is_none()
+            && !wire.broken
+        {
+            let mut slices = Vec::with_capacity(2);
+            reply.unsent(&mut slices);
+            match send_now(self.wire.sock.raw_fd(), &slices) {
+                Ok(n) if n == reply.len() => {
+                    drop(wire);
+                    return self.release(reply);
+                }
+                Ok(n) => {
+                    reply.sent = n;
+                    wire.partial = Some(reply);
+                    drop(wire);
+                    // Cannot fail: the writer reads until every sender is gone.
+                    let _ = self.tx.send(None);
+                    return;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    tracing::info!(error = %e, "a reply could not be sent; closing the connection");
+                    wire.broken = true;
+                    self.wire.sock.shutdown(Shutdown::Both);
+                    drop(wire);
+                    return self.release(reply);
+                }
+            }
+        }
+        let _ = self.tx.send(Some(reply));
+    }
+
+    fn release(&self, reply: Reply) {
+        if let Some(bytes) = reply.release {
+            self.inflight.release(bytes);
+        }
     }
 }
 
-/// The writer thread of a connection: writes replies in the order they
-/// come, several per system call when they queue up, and gives back their
-/// in-flight shares once written. After a failed write (the client went, or
-/// read nothing for `stall`) the connection is shut and the remaining
-/// replies are dropped, their shares given back.
+/// The writer thread of a connection: writes the replies queued for it
+/// (after the rest of a partial one), several per system call, and gives
+/// back their in-flight shares once written. After a failed write (the
+/// client went, or read nothing for `stall`) the connection is shut and
+/// the remaining replies are dropped, their shares given back.
 fn write_replies(
-    sock: Sock,
-    rx: crossbeam_channel::Receiver<Reply>,
+    wire: Arc<Wire>,
+    rx: crossbeam_channel::Receiver<Option<Reply>>,
     inflight: Arc<InFlight>,
     stall: Duration,
 ) {
     const BATCH: usize = 64;
-    let mut broken = false;
     let mut batch: Vec<Reply> = Vec::with_capacity(BATCH);
     while let Ok(first) = rx.recv() {
-        batch.push(first);
+        batch.extend(first);
         while batch.len() < BATCH {
             match rx.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok(r) => batch.extend(r),
                 Err(_) => break,
             }
         }
-        if !broken {
+        let mut state = wire.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = state.partial.take() {
+            batch.insert(0, p);
+        }
+        if !state.broken && !batch.is_empty() {
             let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
             for r in &batch {
-                slices.push(IoSlice::new(&r.header));
-                if let Some(d) = &r.data {
-                    slices.push(IoSlice::new(d));
-                }
+                r.unsent(&mut slices);
             }
-            if let Err(e) = write_all_vectored(&sock, &mut slices, stall) {
+            if let Err(e) = write_all_vectored(&wire.sock, &mut slices, stall) {
                 tracing::info!(error = %e, "a reply could not be sent; closing the connection");
-                broken = true;
-                sock.shutdown(Shutdown::Both);
+                state.broken = true;
+                wire.sock.shutdown(Shutdown::Both);
             }
         }
+        drop(state);
         for r in batch.drain(..) {
             if let Some(bytes) = r.release {
                 inflight.release(bytes);
@@ -995,11 +1081,19 @@ fn transmission(
     });
     let stall = shared.limits.reply_timeout;
     let (tx, rx) = crossbeam_channel::unbounded();
-    let replies = Arc::new(Replies { tx });
+    let wire = Arc::new(Wire {
+        sock: writer,
+        state: Mutex::new(WireState::default()),
+    });
+    let replies = Arc::new(Replies {
+        tx,
+        wire: wire.clone(),
+        inflight: inflight.clone(),
+    });
     let released = inflight.clone();
     let writer = std::thread::Builder::new()
         .name("nbd-reply".into())
-        .spawn(move || write_replies(writer, rx, released, stall))
+        .spawn(move || write_replies(wire, rx, released, stall))
         .map_err(ConnError::Io)?;
     let r = requests(&export, &mut reader, &replies, &inflight);
     // Answer everything already accepted before the socket closes: every
@@ -1019,7 +1113,13 @@ fn requests(
     let size = export.size();
     let read_only = export.read_only();
     let mut header = Vec::with_capacity(proto::REQUEST_LEN);
+    // Requests that arrived together reach each disk's ring together: the
+    // kernel hears of them when the reader is about to wait for more.
+    let plug = crate::volume::queue::Plug::new();
     loop {
+        if reader.buffer().len() < proto::REQUEST_LEN {
+            plug.flush();
+        }
         let req = match read_decoded(reader, &mut header, proto::decode_request) {
             Ok(r) => r,
             // The client went away (or we stopped reading): not an error.
@@ -1079,6 +1179,9 @@ fn requests(
                 let bytes = u64::from(len);
                 inflight.acquire(bytes);
                 let mut data = AlignedBuf::new(len as usize, IO_ALIGN);
+                if reader.buffer().len() < len as usize {
+                    plug.flush();
+                }
                 if let Err(e) = reader.read_exact(&mut data) {
                     inflight.release(bytes);
                     return Err(e.into());

@@ -639,10 +639,14 @@ impl MirrorVolume {
             Some(Begun::Pending {
                 wait,
                 patient: true,
-            }) => match wait() {
-                Ok(g) => self.write_locked(Some(g), offset, len, run, op, done),
-                Err(e) => done(Err(self.intent_failure(offset, e))),
-            },
+            }) => {
+                // Requests this thread held back go before it waits.
+                super::queue::unplug_now();
+                match wait() {
+                    Ok(g) => self.write_locked(Some(g), offset, len, run, op, done),
+                    Err(e) => done(Err(self.intent_failure(offset, e))),
+                }
+            }
             Some(Begun::Pending {
                 wait,
                 patient: false,

@@ -34,7 +34,7 @@ use crate::disk::buf::IO_ALIGN;
 use crate::disk::{AlignedBuf, Disk};
 
 mod uring;
-pub use uring::{IoEngine, available as uring_available};
+pub use uring::{IoEngine, Plug, available as uring_available, unplug_now};
 
 /// What a queue asks before the first request that changes its disk.
 pub trait WriteGate: Send + Sync {

@@ -78,6 +78,61 @@ impl IoEngine {
     }
 }
 
+thread_local! {
+    /// While this thread holds a [`Plug`]: the rings it pushed requests to
+    /// and has not told the kernel about yet.
+    static PLUGGED: std::cell::RefCell<Option<Vec<Arc<Ring>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Holds back this thread's io_uring submissions, so that the requests it
+/// submits in a burst (an NBD reader's requests that arrived together) go
+/// to each ring's kernel side in one system call, as the block layer's
+/// plugging does: [`Plug::flush`] (or the drop) tells the kernel. A
+/// plugged thread must flush before it blocks on anything a completion
+/// may be needed for.
+pub struct Plug {
+    _this_thread: std::marker::PhantomData<*const ()>,
+}
+
+impl Plug {
+    pub fn new() -> Plug {
+        PLUGGED.with(|p| {
+            p.borrow_mut().get_or_insert_with(Vec::new);
+        });
+        Plug {
+            _this_thread: std::marker::PhantomData,
+        }
+    }
+
+    /// Tells the kernel about everything held back so far.
+    pub fn flush(&self) {
+        unplug_now();
+    }
+}
+
+impl Default for Plug {
+    fn default() -> Plug {
+        Plug::new()
+    }
+}
+
+impl Drop for Plug {
+    fn drop(&mut self) {
+        unplug_now();
+        PLUGGED.with(|p| *p.borrow_mut() = None);
+    }
+}
+
+/// Flushes the calling thread's [`Plug`], if it holds one: for code about
+/// to wait on a completion.
+pub fn unplug_now() {
+    let rings = PLUGGED.with(|p| p.borrow_mut().as_mut().map(std::mem::take));
+    for ring in rings.unwrap_or_default() {
+        ring.kick();
+    }
+}
+
 /// Whether this process may use io_uring. Asked once: where the kernel
 /// refuses it (ENOSYS on an old or stripped kernel, EPERM under seccomp or
 /// `kernel.io_uring_disabled`), the log says so once and every disk uses
@@ -273,7 +328,7 @@ impl Ring {
 
     /// Takes `job` into the ring, or gives it back when the ring does not
     /// run that request (see the module's comment) or is stopping.
-    pub(super) fn take(&self, job: Job) -> Result<(), Job> {
+    pub(super) fn take(self: &Arc<Self>, job: Job) -> Result<(), Job> {
         let t = &self.target;
         // Writes of a disk whose O_DIRECT granularity is above a sector may
         // take FileDisk's read-modify-write path: all of them stay there.
@@ -352,10 +407,24 @@ impl Ring {
         }
         let queued = self.push(&mut st, slot);
         drop(st);
-        if queued {
+        if queued && !self.held_back() {
             self.kick();
         }
         Ok(())
+    }
+
+    /// True when the calling thread is plugged: the kick waits for its
+    /// flush.
+    fn held_back(self: &Arc<Self>) -> bool {
+        PLUGGED.with(|p| match p.borrow_mut().as_mut() {
+            Some(rings) => {
+                if !rings.iter().any(|r| Arc::ptr_eq(r, self)) {
+                    rings.push(self.clone());
+                }
+                true
+            }
+            None => false,
+        })
     }
 
     /// Puts `slot` in the ring when there is room (true), else in the
