@@ -70,9 +70,10 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// Makes every completed write durable.
     fn flush(&self) -> io::Result<()>;
 
-    /// Writes each `(offset, bytes)` in order, then flushes when `flush`:
-    /// metadata that goes out together (a bitmap's blocks and header) is
-    /// one request to a queued disk, not one hand-off per block.
+    /// Writes each `(offset, bytes)` in order and, when `flush`, makes
+    /// them durable before it returns (other writes need not be): metadata
+    /// that goes out together (a bitmap's blocks and header) is one
+    /// request to a queued disk, not one hand-off per block.
     fn write_all_then_flush(&self, writes: &[(u64, &[u8])], flush: bool) -> io::Result<()> {
         for (offset, data) in writes {
             self.write_at(data, *offset)?;

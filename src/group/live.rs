@@ -450,24 +450,26 @@ fn resync_worker(me: Weak<LiveGroup>, name: String, opts: ResyncOptions) {
 /// clearing), which wait on disks, off the controller's thread.
 fn housekeeper(me: Weak<LiveGroup>, chores: Receiver<Chore>) {
     for chore in chores {
-        // Every disk is asked at once: a hung one costs one deadline.
-        let failed: Vec<(Uuid, String, bool)> = std::thread::scope(|s| {
-            let asked: Vec<_> = chore
-                .check
-                .iter()
-                .map(|(uuid, disk)| {
-                    s.spawn(move || {
-                        crate::disk::Disk::health(&**disk)
-                            .err()
-                            .map(|e| (*uuid, e.to_string(), e.kind() == io::ErrorKind::TimedOut))
-                    })
-                })
-                .collect();
-            asked
-                .into_iter()
-                .filter_map(|h| h.join().ok().flatten())
-                .collect()
-        });
+        // Every disk is asked at once, through its queue (no thread per
+        // disk per check): a hung one costs one deadline.
+        let answers: Vec<_> = chore
+            .check
+            .iter()
+            .map(|(uuid, disk)| {
+                let (cb, rx) = crate::volume::queue::channel();
+                disk.queue()
+                    .submit_meta(crate::volume::queue::Op::Check, true, cb);
+                (*uuid, rx)
+            })
+            .collect();
+        let failed: Vec<(Uuid, String, bool)> = answers
+            .into_iter()
+            .filter_map(|(uuid, rx)| {
+                crate::volume::queue::received(&rx)
+                    .err()
+                    .map(|e| (uuid, e.to_string(), e.kind() == io::ErrorKind::TimedOut))
+            })
+            .collect();
         controller::clear_bits(chore.clear, false);
         let Some(live) = me.upgrade() else { return };
         live.send(move |c| {

@@ -384,7 +384,7 @@ impl Server {
                 limits,
                 budget: Arc::new(Budget {
                     limit: limits.total_bytes,
-                    used: Mutex::new(0),
+                    used: Mutex::new((0, 0)),
                     changed: Condvar::new(),
                 }),
                 exports: RwLock::new(
@@ -778,7 +778,8 @@ fn handshake(
 /// Data in flight over all connections, against [`Limits::total_bytes`].
 struct Budget {
     limit: u64,
-    used: Mutex<u64>,
+    /// Bytes in use, and threads waiting for some.
+    used: Mutex<(u64, usize)>,
     changed: Condvar,
 }
 
@@ -786,25 +787,40 @@ impl Budget {
     /// Waits until `bytes` fit (or nothing else is in flight), and takes them.
     fn acquire(&self, bytes: u64) {
         let mut used = lock(&self.used);
-        while *used > 0 && *used + bytes > self.limit {
+        while used.0 > 0 && used.0 + bytes > self.limit {
             // What this thread held back may be what frees the budget.
             crate::volume::queue::unplug_now();
+            used.1 += 1;
             used = self.changed.wait(used).unwrap_or_else(|e| e.into_inner());
+            used.1 -= 1;
         }
-        *used += bytes;
+        used.0 += bytes;
     }
 
     fn release(&self, bytes: u64) {
         let mut used = lock(&self.used);
-        *used -= bytes;
-        self.changed.notify_all();
+        used.0 -= bytes;
+        // A wake-up is a system call: only when someone waits.
+        if used.1 > 0 {
+            self.changed.notify_all();
+        }
     }
+}
+
+/// What one connection has in flight.
+#[derive(Default)]
+struct Held {
+    requests: usize,
+    bytes: u64,
+    /// Threads waiting for the connection's share (the reader) or for
+    /// nothing to be in flight (the end of the connection).
+    waiting: usize,
 }
 
 /// Requests in flight on one connection, and the read and write data they
 /// carry; each share is also taken from the server's [`Budget`].
 struct InFlight {
-    state: Mutex<(usize, u64)>,
+    state: Mutex<Held>,
     changed: Condvar,
     budget: Arc<Budget>,
 }
@@ -813,12 +829,16 @@ impl InFlight {
     fn acquire(&self, bytes: u64) {
         {
             let mut s = lock(&self.state);
-            while s.0 > 0 && (s.0 >= MAX_IN_FLIGHT || s.1 + bytes > MAX_IN_FLIGHT_BYTES) {
+            while s.requests > 0
+                && (s.requests >= MAX_IN_FLIGHT || s.bytes + bytes > MAX_IN_FLIGHT_BYTES)
+            {
                 crate::volume::queue::unplug_now();
+                s.waiting += 1;
                 s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+                s.waiting -= 1;
             }
-            s.0 += 1;
-            s.1 += bytes;
+            s.requests += 1;
+            s.bytes += bytes;
         }
         self.budget.acquire(bytes);
     }
@@ -826,15 +846,19 @@ impl InFlight {
     fn release(&self, bytes: u64) {
         self.budget.release(bytes);
         let mut s = lock(&self.state);
-        s.0 -= 1;
-        s.1 -= bytes;
-        self.changed.notify_all();
+        s.requests -= 1;
+        s.bytes -= bytes;
+        if s.waiting > 0 {
+            self.changed.notify_all();
+        }
     }
 
     fn drain(&self) {
         let mut s = lock(&self.state);
-        while s.0 > 0 {
+        while s.requests > 0 {
+            s.waiting += 1;
             s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.waiting -= 1;
         }
     }
 }
@@ -1075,7 +1099,7 @@ fn transmission(
     shared: &Shared,
 ) -> Result<(), ConnError> {
     let inflight = Arc::new(InFlight {
-        state: Mutex::new((0, 0)),
+        state: Mutex::new(Held::default()),
         changed: Condvar::new(),
         budget: shared.budget.clone(),
     });

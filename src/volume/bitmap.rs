@@ -8,9 +8,11 @@
 //!   the bit set in memory and cost a mutex and a map lookup;
 //! - the bit is cleared lazily ([`DiskBitmap::clear_idle`]): only when no
 //!   write to the region is in flight, none arrived during a whole clearing
-//!   period, the disk was flushed after the last one, and the caller does not
+//!   period, the disk was flushed after the last one, the caller does not
 //!   pin the region (a volume there has a plex out of sync: the bit then
-//!   records what the absent plex missed);
+//!   records what the absent plex missed), and it is not in the hot set
+//!   (the [`HOT_SET_BYTES`] of idle regions written most recently keep
+//!   their bits up to [`KEEP_PASSES`] periods);
 //! - bits are set by concurrent writers in memory and written out by one of
 //!   them for all (group commit): a write waits only until the generation
 //!   that set its bit is durable.
@@ -31,6 +33,18 @@ use crate::format::bitmap::{
     BITMAP_BLOCK, BITS_PER_BLOCK, BitmapError, BitmapHeader, bit, set_bit,
 };
 
+/// Clearing passes an idle region of the hot set keeps its bit: with
+/// `serve`'s 5 s period, a minute.
+pub const KEEP_PASSES: u32 = 12;
+
+/// The hot set: the bytes of idle regions, the most recently written
+/// first, whose bits are kept up to [`KEEP_PASSES`] (as DRBD's activity
+/// log keeps its hot extents): a write after a pause finds its bit set
+/// instead of waiting for a bitmap write. What it costs: after a crash, up
+/// to this much more is compared between the copies than was being
+/// written when it came.
+pub const HOT_SET_BYTES: u64 = 1 << 30;
+
 /// What loading found in a disk's bitmap area.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
@@ -49,8 +63,9 @@ pub enum Found {
 struct Use {
     /// Writes marked and not finished.
     inflight: u32,
-    /// Written since the last clearing pass.
-    hot: bool,
+    /// Clearing passes since the region was last written (0: written
+    /// since the last pass).
+    idle: u32,
     /// Chosen by a clearing pass, waiting for its flush.
     clearing: bool,
     /// Generation of the bitmap that first holds this bit.
@@ -89,6 +104,8 @@ pub struct DiskBitmap {
     durable: AtomicU64,
     /// Bitmap blocks written, for tests and benchmarks.
     pub writes: AtomicU64,
+    /// Bytes of the hot set ([`HOT_SET_BYTES`]; tests make it smaller).
+    hot_set: AtomicU64,
     /// Runs once, before anything of this bitmap is first written.
     /// Raises the disk's labels to the current format version before the
     /// first bitmap write ([`DiskBitmap::set_version_raise`]).
@@ -141,7 +158,7 @@ impl DiskBitmap {
                         i,
                         Use {
                             inflight: 0,
-                            hot: false,
+                            idle: KEEP_PASSES,
                             clearing: false,
                             set_gen: 0,
                         },
@@ -166,6 +183,7 @@ impl DiskBitmap {
             patient: std::sync::OnceLock::new(),
             durable: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            hot_set: AtomicU64::new(HOT_SET_BYTES),
             raise: std::sync::OnceLock::new(),
         };
         if found != Found::Valid {
@@ -231,7 +249,7 @@ impl DiskBitmap {
             for i in regions.clone() {
                 if let Some(u) = s.uses.get_mut(&i) {
                     u.inflight += 1;
-                    u.hot = true;
+                    u.idle = 0;
                     u.clearing = false;
                     need = need.max(u.set_gen);
                     continue;
@@ -247,7 +265,7 @@ impl DiskBitmap {
                     i,
                     Use {
                         inflight: 1,
-                        hot: true,
+                        idle: 0,
                         clearing: false,
                         set_gen: gen_now,
                     },
@@ -288,7 +306,7 @@ impl DiskBitmap {
         for i in regions {
             if let Some(u) = s.uses.get_mut(&i) {
                 u.inflight = u.inflight.saturating_sub(1);
-                u.hot = true;
+                u.idle = 0;
             }
         }
     }
@@ -410,6 +428,11 @@ impl DiskBitmap {
         self.persist(need, false)
     }
 
+    /// Sets the bytes of the hot set (see [`HOT_SET_BYTES`]).
+    pub fn set_hot_set(&self, bytes: u64) {
+        self.hot_set.store(bytes, Ordering::Relaxed);
+    }
+
     /// One pass of lazy clearing: regions that were idle for a whole period
     /// since the previous pass lose their bits, unless a write is in flight
     /// or `pinned(data-area range)` says so. With `now`, every idle region
@@ -418,18 +441,36 @@ impl DiskBitmap {
         let candidates: Vec<u64> = {
             let mut s = self.lock();
             let r = s.header.region_size;
+            let keep = (self.hot_set.load(Ordering::Relaxed) / r.max(1)) as usize;
             let mut out = Vec::new();
+            let mut idle = Vec::new();
             for (i, u) in s.uses.iter_mut() {
                 if u.inflight > 0 || pinned(i * r..(i + 1) * r) {
                     continue;
                 }
-                if u.hot && !now {
-                    u.hot = false;
+                if now {
+                    u.clearing = true;
+                    out.push(*i);
                     continue;
                 }
-                u.hot = false;
-                u.clearing = true;
-                out.push(*i);
+                u.idle = u.idle.saturating_add(1);
+                // Written during the period that just ended: kept.
+                if u.idle >= 2 {
+                    idle.push((u.idle, *i));
+                }
+            }
+            // The hot set: the most recently written idle regions keep
+            // their bits for a while, so a pause does not make their next
+            // writes cold again.
+            idle.sort_unstable();
+            for (n, (passes, i)) in idle.into_iter().enumerate() {
+                if n < keep && passes < KEEP_PASSES {
+                    continue;
+                }
+                if let Some(u) = s.uses.get_mut(&i) {
+                    u.clearing = true;
+                }
+                out.push(i);
             }
             out
         };
@@ -446,7 +487,7 @@ impl DiskBitmap {
                 let Some(u) = s.uses.get(i).copied() else {
                     continue;
                 };
-                if u.clearing && !u.hot && u.inflight == 0 {
+                if u.clearing && u.inflight == 0 {
                     s.uses.remove(i);
                     set_bit(&mut s.bits, *i, false);
                     s.dirty.insert(i / BITS_PER_BLOCK);
@@ -652,5 +693,70 @@ impl WriteIntent for BitmapSet {
             wait: Box::new(move || finish_mark(ticket, raise, marks)),
             patient,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::MemDisk;
+
+    const MIB: u64 = 1 << 20;
+
+    fn bitmap() -> DiskBitmap {
+        let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(64 * MIB));
+        let layout = Layout::for_member(0, 64 * MIB).unwrap();
+        DiskBitmap::load(disk, &layout, MIB, 1).unwrap().0
+    }
+
+    fn write(b: &DiskBitmap, region: u64) {
+        let r = b.mark(region * MIB, region * MIB + 4096).unwrap();
+        b.done(r);
+    }
+
+    fn pass(b: &DiskBitmap) -> u64 {
+        b.clear_idle(false, &|_| false).unwrap()
+    }
+
+    #[test]
+    fn the_hot_set_keeps_the_newest_idle_regions_for_keep_passes() {
+        let b = bitmap();
+        b.set_hot_set(MIB);
+        for region in [0, 1, 2] {
+            write(&b, region);
+        }
+        // Written during the period: kept, whatever the hot set.
+        assert_eq!(pass(&b), 0);
+        write(&b, 2);
+        // 0 and 1 idle for a whole period, one of them past the hot set of
+        // one region; 2 was written again.
+        assert_eq!(pass(&b), 1);
+        assert_eq!(b.dirty_count(), 2);
+        // Now 2 is idle too and the newest: the older one goes.
+        assert_eq!(pass(&b), 1);
+        assert_eq!(b.dirty_ranges(), vec![2 * MIB..3 * MIB]);
+        // Idle for KEEP_PASSES periods, the rest goes too.
+        let mut cleared = 0;
+        for _ in 0..KEEP_PASSES {
+            cleared += pass(&b);
+        }
+        assert_eq!(cleared, 1);
+        assert_eq!(b.dirty_count(), 0);
+    }
+
+    #[test]
+    fn without_a_hot_set_a_region_goes_after_one_idle_period() {
+        let b = bitmap();
+        b.set_hot_set(0);
+        write(&b, 3);
+        assert_eq!(pass(&b), 0, "written during the period");
+        assert_eq!(pass(&b), 1, "idle for a whole period");
+        // A region in flight is never cleared, and a clean stop clears all.
+        let r = b.mark(5 * MIB, 5 * MIB + 1).unwrap();
+        write(&b, 6);
+        assert_eq!(b.clear_idle(true, &|_| false).unwrap(), 1);
+        b.done(r);
+        assert_eq!(b.clear_idle(true, &|_| false).unwrap(), 1);
+        assert_eq!(b.dirty_count(), 0);
     }
 }
