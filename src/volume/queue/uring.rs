@@ -44,9 +44,6 @@ use crate::disk::{AlignedBuf, Disk};
 /// Requests in one disk's ring at once; more wait in its backlog.
 pub const DEPTH: u32 = 128;
 
-/// The `user_data` of the no-op that wakes the reaper to stop.
-const STOP: u64 = u64::MAX;
-
 /// How a disk queue runs its data requests (`--io-engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum IoEngine {
@@ -264,33 +261,38 @@ impl Slot {
     }
 }
 
+/// What submitters hand the ring's thread.
 struct State {
-    /// The requests in the ring, by `user_data`.
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
-    /// Requests waiting for room in the ring.
-    backlog: VecDeque<Slot>,
+    /// Requests taken and not yet seen by the ring's thread.
+    incoming: Vec<Slot>,
+    /// The eventfd was written since the ring's thread last read it: no
+    /// need to write it again.
+    signalled: bool,
     stopping: bool,
 }
 
-/// One disk's ring and reaper.
+/// One disk's ring and the thread that alone submits to it and reaps it.
 pub(super) struct Ring {
     name: String,
-    uring: IoUring,
     target: RingTarget,
-    fd: types::Fd,
-    /// Keeps the descriptor open while the ring may use it; the reaper lets
-    /// it go when it exits, after the last completion.
+    /// Written to wake the ring's thread, which keeps a read of it in the
+    /// ring.
+    wake: std::os::fd::OwnedFd,
+    /// Keeps the descriptor open while the ring may use it; the ring's
+    /// thread lets it go when it exits, after the last completion.
     disk: Mutex<Option<Arc<dyn Disk>>>,
     state: Mutex<State>,
     queue: Weak<DiskQueue>,
     stats: Arc<DiskStats>,
-    reaper: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// The `user_data` of the eventfd read that wakes the ring's thread.
+const WAKE: u64 = u64::MAX - 1;
+
 impl Ring {
-    /// A ring for `disk` when it is a plain file or device, with its reaper
-    /// running; None when it is not (a wrapped disk keeps the threads), an
+    /// A ring for `disk` when it is a plain file or device, with its thread
+    /// running; None when it is not (a wrapped disk keeps the workers), an
     /// error when the kernel refuses a ring.
     pub(super) fn start(
         name: &str,
@@ -301,33 +303,64 @@ impl Ring {
         let Some(target) = disk.as_file_disk().map(|f| f.ring_target()) else {
             return Ok(None);
         };
-        let uring = IoUring::builder().build(DEPTH)?;
+        // SAFETY: eventfd takes integers and returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        let wake = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let ring = Arc::new(Ring {
             name: name.to_string(),
-            uring,
             target,
-            fd: types::Fd(target.fd),
+            wake,
             disk: Mutex::new(Some(disk.clone())),
             state: Mutex::new(State {
-                slots: (0..DEPTH).map(|_| None).collect(),
-                free: (0..DEPTH as usize).rev().collect(),
-                backlog: VecDeque::new(),
+                incoming: Vec::new(),
+                signalled: false,
                 stopping: false,
             }),
             queue,
             stats,
-            reaper: Mutex::new(None),
+            thread: Mutex::new(None),
         });
-        let reaper = ring.clone();
+        // The ring is made on its thread: with SINGLE_ISSUER, the task
+        // that makes it is the only one that may submit.
+        let (made, built) = std::sync::mpsc::sync_channel(1);
+        let me = ring.clone();
         let handle = std::thread::Builder::new()
             .name("mv-uring".into())
-            .spawn(move || reaper.reap())?;
-        *ring.reaper.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+            .spawn(move || {
+                let uring = IoUring::builder()
+                    .setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .build(DEPTH)
+                    // Kernels before 6.1 refuse those flags.
+                    .or_else(|_| IoUring::builder().build(DEPTH));
+                match uring {
+                    Ok(uring) => {
+                        let _ = made.send(Ok(()));
+                        me.run(uring);
+                    }
+                    Err(e) => {
+                        let _ = made.send(Err(e));
+                        me.disk.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    }
+                }
+            })?;
+        let outcome = built
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the ring's thread ended at its start")));
+        if let Err(e) = outcome {
+            let _ = handle.join();
+            return Err(e);
+        }
+        *ring.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         Ok(Some(ring))
     }
 
-    /// Takes `job` into the ring, or gives it back when the ring does not
-    /// run that request (see the module's comment) or is stopping.
+    /// Takes `job` for the ring, or gives it back when the ring does not
+    /// run that request (see the module's comment).
     pub(super) fn take(self: &Arc<Self>, job: Job) -> Result<(), Job> {
         let t = &self.target;
         // Writes of a disk whose O_DIRECT granularity is above a sector may
@@ -396,24 +429,21 @@ impl Ring {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if st.stopping {
             drop(st);
-            self.finish(
-                slot,
-                Err(io::Error::other(format!(
-                    "the queue of disk {} is stopped",
-                    self.name
-                ))),
-            );
+            let stopped = io::Error::other(format!("the queue of disk {} is stopped", self.name));
+            self.finish(slot, Err(stopped));
             return Ok(());
         }
-        let queued = self.push(&mut st, slot);
+        st.incoming.push(slot);
+        let wake = !st.signalled;
+        st.signalled = true;
         drop(st);
-        if queued && !self.held_back() {
+        if wake && !self.held_back() {
             self.kick();
         }
         Ok(())
     }
 
-    /// True when the calling thread is plugged: the kick waits for its
+    /// True when the calling thread is plugged: the wake waits for its
     /// flush.
     fn held_back(self: &Arc<Self>) -> bool {
         PLUGGED.with(|p| match p.borrow_mut().as_mut() {
@@ -427,65 +457,75 @@ impl Ring {
         })
     }
 
-    /// Puts `slot` in the ring when there is room (true), else in the
-    /// backlog.
-    fn push(&self, st: &mut State, mut slot: Slot) -> bool {
-        let Some(index) = st.free.pop() else {
-            st.backlog.push_back(slot);
-            return false;
-        };
-        let entry = slot.entry(self.fd, index as u64);
-        st.slots[index] = Some(slot);
-        if self.push_entry(&entry) {
-            return true;
-        }
-        // Only when submissions have been failing: try again later.
-        let slot = st.slots[index].take().expect("the slot just filled");
-        st.free.push(index);
-        st.backlog.push_front(slot);
-        false
-    }
-
-    /// Puts `entry` in the submission queue; the caller holds the state
-    /// lock.
-    fn push_entry(&self, entry: &squeue::Entry) -> bool {
-        // SAFETY: the submission queue is only ever used under the state
-        // lock, which the caller holds, so no two threads use it at once.
-        // The entry's buffer is owned by its slot in `State::slots`, which
-        // keeps it alive and in place until the completion is reaped.
-        unsafe {
-            let mut sq = self.uring.submission_shared();
-            let pushed = sq.push(entry).is_ok();
-            sq.sync();
-            pushed
-        }
-    }
-
-    /// Tells the kernel about what was pushed.
+    /// Wakes the ring's thread.
     fn kick(&self) {
-        for _ in 0..3 {
-            match self.uring.submit() {
-                Ok(_) => return,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
-                    std::thread::yield_now();
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from `one`, alive for the call, to the
+        // ring's own eventfd.
+        let n = unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&self.wake),
+                (&one as *const u64).cast(),
+                8,
+            )
+        };
+        if n != 8 {
+            // Only when the counter is about to overflow, which a pending
+            // wake makes moot.
+            tracing::debug!(disk = %self.name, "the ring's eventfd took no wake");
+        }
+    }
+
+    /// The ring's thread: takes what submitters handed over, submits it,
+    /// waits for completions, resubmits short transfers, and runs the
+    /// callbacks. It alone touches the ring.
+    fn run(self: Arc<Ring>, mut uring: IoUring) {
+        let fd = types::Fd(self.target.fd);
+        let wake_fd = types::Fd(std::os::fd::AsRawFd::as_raw_fd(&self.wake));
+        let mut slots: Vec<Option<Slot>> = (0..DEPTH).map(|_| None).collect();
+        let mut free: Vec<usize> = (0..DEPTH as usize).rev().collect();
+        let mut backlog: VecDeque<Slot> = VecDeque::new();
+        let mut wake_buf: Box<u64> = Box::new(0);
+        let mut wake_armed = false;
+        let mut stopping = false;
+        let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        loop {
+            {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                backlog.extend(st.incoming.drain(..));
+                stopping |= st.stopping;
+            }
+            let in_flight = DEPTH as usize - free.len();
+            if stopping && in_flight == 0 && backlog.is_empty() && !wake_armed {
+                break;
+            }
+            {
+                let mut sq = uring.submission();
+                while let Some(index) = free.last().copied() {
+                    let Some(mut slot) = backlog.pop_front() else {
+                        break;
+                    };
+                    let entry = slot.entry(fd, index as u64);
+                    // SAFETY: the entry's buffer is owned by its slot, kept in
+                    // `slots` until the completion is reaped.
+                    if unsafe { sq.push(&entry) }.is_err() {
+                        backlog.push_front(slot);
+                        break;
+                    }
+                    free.pop();
+                    slots[index] = Some(slot);
                 }
-                Err(e) => {
-                    tracing::error!(disk = %self.name, error = %e, "io_uring submit failed");
-                    return;
+                let parked = stopping && backlog.is_empty();
+                if !wake_armed && !parked {
+                    let read = opcode::Read::new(wake_fd, (&mut *wake_buf as *mut u64).cast(), 8)
+                        .build()
+                        .user_data(WAKE);
+                    // SAFETY: `wake_buf` lives until this thread ends, and
+                    // the thread ends only once this read has completed.
+                    wake_armed = unsafe { sq.push(&read) }.is_ok();
                 }
             }
-        }
-        // Left in the submission queue: the next submission carries it,
-        // and the watchdog answers it if none comes.
-        tracing::warn!(disk = %self.name, "io_uring is short of resources; requests wait");
-    }
-
-    /// The reaper: waits for completions, resubmits short transfers, feeds
-    /// the backlog into the room made, and runs the callbacks.
-    fn reap(self: Arc<Ring>) {
-        loop {
-            match self.uring.submit_and_wait(1) {
+            match uring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -497,54 +537,42 @@ impl Ring {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
             }
-            let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let mut finished = Vec::new();
-            let mut pushed = false;
-            let exit = {
-                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                // SAFETY: only this thread uses the completion queue.
-                let cq = unsafe { self.uring.completion_shared() };
-                for cqe in cq {
-                    let index = cqe.user_data();
-                    let Some(mut slot) = st.slots.get_mut(index as usize).and_then(Option::take)
-                    else {
-                        continue; // STOP
-                    };
-                    match slot.progress(cqe.result(), disk.as_ref()) {
-                        Progress::More => {
-                            let entry = slot.entry(self.fd, index);
-                            st.slots[index as usize] = Some(slot);
-                            if self.push_entry(&entry) {
-                                pushed = true;
-                            } else {
-                                let slot = st.slots[index as usize].take().expect("just filled");
-                                st.free.push(index as usize);
-                                st.backlog.push_front(slot);
-                            }
-                        }
-                        Progress::Done(outcome) => {
-                            st.free.push(index as usize);
-                            finished.push((slot, outcome));
-                        }
+            let mut woken = false;
+            for cqe in uring.completion() {
+                let index = cqe.user_data();
+                if index == WAKE {
+                    wake_armed = false;
+                    woken = true;
+                    continue;
+                }
+                let Some(mut slot) = slots.get_mut(index as usize).and_then(Option::take) else {
+                    continue;
+                };
+                match slot.progress(cqe.result(), disk.as_ref()) {
+                    // The rest goes first, in the slot it had.
+                    Progress::More => {
+                        free.push(index as usize);
+                        backlog.push_front(slot);
+                    }
+                    Progress::Done(outcome) => {
+                        free.push(index as usize);
+                        finished.push((slot, outcome));
                     }
                 }
-                while !st.free.is_empty()
-                    && let Some(slot) = st.backlog.pop_front()
-                {
-                    pushed |= self.push(&mut st, slot);
-                }
-                st.stopping && st.free.len() == DEPTH as usize && st.backlog.is_empty()
-            };
-            if pushed {
-                self.kick();
+            }
+            if woken {
+                // The read took the counter; later submitters write again.
+                self.state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .signalled = false;
             }
             for (slot, outcome) in finished {
                 self.finish(slot, outcome);
             }
-            if exit {
-                break;
-            }
         }
+        drop(disk);
         // Nothing of this disk is in flight: its descriptor may close.
         self.disk.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
@@ -563,9 +591,9 @@ impl Ring {
         slot.ticket.complete(outcome);
     }
 
-    /// Refuses new requests and lets the reaper exit once the ring is
-    /// empty; with `join`, waits for it (not when a disk hung: its
-    /// requests may never complete, and the reaper keeps their buffers).
+    /// Refuses new requests and lets the ring's thread exit once the ring
+    /// is empty; with `join`, waits for it (not when a disk hung: its
+    /// requests may never complete, and the thread keeps their buffers).
     pub(super) fn stop(&self, join: bool) {
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -573,13 +601,10 @@ impl Ring {
                 return;
             }
             st.stopping = true;
-            let wake = opcode::Nop::new().build().user_data(STOP);
-            if !self.push_entry(&wake) {
-                tracing::warn!(disk = %self.name, "no room to stop the io_uring reaper");
-            }
+            st.signalled = true;
         }
         self.kick();
-        let handle = self.reaper.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = handle
             && join
             && h.thread().id() != std::thread::current().id()
