@@ -2,10 +2,14 @@
 //!
 //! A disk that is a plain file or block device ([`crate::disk::FileDisk`]
 //! with nothing wrapped around it) can have its data requests run by
-//! io_uring instead of the queue's worker threads: the submitting thread
-//! puts the request in the disk's ring and tells the kernel (one system
-//! call, no thread to wake), and one reaper thread per disk takes the
-//! completions and runs their callbacks.
+//! io_uring instead of the queue's worker threads. Each disk has one ring
+//! and one thread that alone submits to it and reaps it (io_uring's
+//! single-issuer mode, with deferred task work where the kernel has it):
+//! a submitting thread hands the request over and writes the ring's
+//! eventfd, of which the ring's thread keeps a read in the ring, so one
+//! wait covers both new requests and completions. Callbacks run on the
+//! ring's thread. An NBD reader holds a [`Plug`] so the requests that
+//! arrived together cost one wake per ring.
 //!
 //! What goes to the ring: reads, writes (a FUA write as one `RWF_DSYNC`
 //! write) and flushes (`fdatasync`). What the ring cannot run as it is goes
@@ -20,13 +24,16 @@
 //! No `IOSQE_IO_DRAIN`: the engine submits a flush only once the writes it
 //! covers have completed, so an `fdatasync` issued then covers them. Short
 //! reads and writes are resubmitted for the rest. At most [`DEPTH`]
-//! requests are in the ring at once; more wait in a backlog that the reaper
-//! feeds from as requests complete, so the completion queue never
-//! overflows. No SQPOLL: an idle disk costs no CPU.
+//! requests are in the ring at once; more wait in a backlog that the
+//! ring's thread feeds from as requests complete, so the completion queue
+//! never overflows. No SQPOLL: an idle disk costs no CPU (its thread sleeps
+//! in `io_uring_enter`).
 //!
-//! The ring reads into and writes from the request's own buffers: they are
-//! not registered with the kernel (see the README's io_uring section for
-//! why, measured).
+//! The ring reads into and writes from the request's own buffers, which
+//! are not registered with the kernel: the engine allocates a buffer per
+//! request (the NBD reader reads a write's payload straight into it), so
+//! fixed buffers would cost a copy into the ring's pool per request. Not
+//! measured yet; the README says so.
 
 use std::collections::VecDeque;
 use std::io;
