@@ -112,3 +112,33 @@ fn io_uring_refused_by_the_kernel_falls_back_to_threads_and_says_so_once() {
         "said once, not per disk:\n{stderr}"
     );
 }
+
+/// CPU time (user + system, clock ticks) a process has used.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime is the
+    // 14th field of the line, stime the 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_serve_on_each_engine_uses_no_measurable_cpu() {
+    for engine in ["uring", "threads"] {
+        let sb = Sandbox::new();
+        mirror_group(&sb, 64, 32);
+        let s = Served::start_with(&sb, &["--io-engine", engine], &[], &[]);
+        // Past start-up (assembly, the first claim renewal).
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let before = cpu_ticks(s.pid());
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        let used = cpu_ticks(s.pid()) - before;
+        // A thread spinning would use about 500 ticks in 5 s; the
+        // housekeeper's checks and the claim's heartbeat use a few.
+        assert!(
+            used <= 25,
+            "an idle serve on {engine} used {used} clock ticks of CPU in 5 s"
+        );
+    }
+}

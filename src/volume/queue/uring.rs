@@ -311,7 +311,10 @@ impl Ring {
             return Ok(None);
         };
         // SAFETY: eventfd takes integers and returns a new descriptor or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        // Blocking: io_uring then waits on a read of it (on an O_NONBLOCK
+        // descriptor some kernels answer such a read with EAGAIN at once).
+        // A write to it blocks only at a counter near 2^64.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -551,6 +554,11 @@ impl Ring {
                 if index == WAKE {
                     wake_armed = false;
                     woken = true;
+                    if cqe.result() < 0 && cqe.result() != -libc::EINTR {
+                        // Never seen; if it ever comes, no hot loop.
+                        tracing::warn!(disk = %self.name, errno = -cqe.result(), "the ring's wake read failed");
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
                     continue;
                 }
                 let Some(mut slot) = slots.get_mut(index as usize).and_then(Option::take) else {
