@@ -188,7 +188,8 @@ fn main() {
         },
     ];
     println!(
-        "mirror engine vs pread/pwrite on two {} GiB files in {} ({}), {} runs of {} s, medians",
+        "mirror engine ({} queues) vs pread/pwrite on two {} GiB files in {} ({}), {} runs of {} s, medians",
+        mirrorvol::volume::queue::IoEngine::from_env().name(),
         FILE_SIZE >> 30,
         a.dir.display(),
         if a.direct { "O_DIRECT" } else { "page cache" },

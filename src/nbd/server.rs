@@ -874,6 +874,13 @@ struct Reply {
 }
 
 impl Reply {
+    /// Gives back the reply's in-flight share, written or dropped.
+    fn give_back(&self, inflight: &InFlight) {
+        if let Some(bytes) = self.release {
+            inflight.release(bytes);
+        }
+    }
+
     fn len(&self) -> usize {
         self.header.len() + self.data.as_ref().map_or(0, |d| d.len())
     }
@@ -894,6 +901,16 @@ impl Reply {
 struct Wire {
     sock: Sock,
     state: Mutex<WireState>,
+}
+
+impl Wire {
+    /// After a failed write: the connection is shut, and every reply from
+    /// now on dropped.
+    fn fail(&self, state: &mut WireState, e: &io::Error) {
+        tracing::info!(error = %e, "a reply could not be sent; closing the connection");
+        state.broken = true;
+        self.sock.shutdown(Shutdown::Both);
+    }
 }
 
 /// Held by whoever writes to the socket: the writer thread, or a
@@ -943,7 +960,7 @@ impl Replies {
             match send_now(self.wire.sock.raw_fd(), &slices) {
                 Ok(n) if n == reply.len() => {
                     drop(wire);
-                    return self.release(reply);
+                    return reply.give_back(&self.inflight);
                 }
                 Ok(n) => {
                     reply.sent = n;
@@ -959,21 +976,13 @@ impl Replies {
                         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                     ) => {}
                 Err(e) => {
-                    tracing::info!(error = %e, "a reply could not be sent; closing the connection");
-                    wire.broken = true;
-                    self.wire.sock.shutdown(Shutdown::Both);
+                    self.wire.fail(&mut wire, &e);
                     drop(wire);
-                    return self.release(reply);
+                    return reply.give_back(&self.inflight);
                 }
             }
         }
         let _ = self.tx.send(Some(reply));
-    }
-
-    fn release(&self, reply: Reply) {
-        if let Some(bytes) = reply.release {
-            self.inflight.release(bytes);
-        }
     }
 }
 
@@ -1008,16 +1017,12 @@ fn write_replies(
                 r.unsent(&mut slices);
             }
             if let Err(e) = write_all_vectored(&wire.sock, &mut slices, stall) {
-                tracing::info!(error = %e, "a reply could not be sent; closing the connection");
-                state.broken = true;
-                wire.sock.shutdown(Shutdown::Both);
+                wire.fail(&mut state, &e);
             }
         }
         drop(state);
         for r in batch.drain(..) {
-            if let Some(bytes) = r.release {
-                inflight.release(bytes);
-            }
+            r.give_back(&inflight);
         }
     }
 }

@@ -566,12 +566,12 @@ impl DiskQueue {
     /// Queues `op`; `done` runs when it completes (or times out, when
     /// `deadline` allows it).
     pub fn submit(&self, op: Op, deadline: bool, done: Callback) {
-        self.send(&self.tx, op, deadline, done)
+        self.send(&self.tx, self.ring.get(), op, deadline, done)
     }
 
     /// Queues `op` on the metadata lane (see [`DiskQueue::meta_tx`]).
     pub fn submit_meta(&self, op: Op, deadline: bool, done: Callback) {
-        self.send(&self.meta_tx, op, deadline, done)
+        self.send(&self.meta_tx, None, op, deadline, done)
     }
 
     /// Fails every request from now on: the group's claim fenced itself
@@ -621,7 +621,16 @@ impl DiskQueue {
         Ok(())
     }
 
-    fn send(&self, lane: &Mutex<Option<Sender<Job>>>, op: Op, deadline: bool, done: Callback) {
+    /// Books `op` in and hands it to `ring` when one takes it, else to the
+    /// workers of `lane`.
+    fn send(
+        &self,
+        lane: &Mutex<Option<Sender<Job>>>,
+        ring: Option<&Arc<uring::Ring>>,
+        op: Op,
+        deadline: bool,
+        done: Callback,
+    ) {
         if let Err(e) = self.admit(&op) {
             done(Err(e));
             return;
@@ -633,9 +642,7 @@ impl DiskQueue {
             op,
             ticket: ticket.clone(),
         };
-        if let Some(ring) = self.ring.get()
-            && std::ptr::eq(lane, &self.tx)
-        {
+        if let Some(ring) = ring {
             match ring.take(job) {
                 Ok(()) => return,
                 Err(back) => job = back,

@@ -378,22 +378,16 @@ impl Ring {
         let writes = t.writable && t.direct_align.is_none_or(|a| a <= 512);
         let fits = |len: usize| u32::try_from(len).is_ok();
         let (kind, bytes) = (job.op.kind(), job.op.bytes());
-        let io = match job.op {
-            Op::Read { offset, len } if fits(len) => {
-                let buf = AlignedBuf::new(len, IO_ALIGN);
-                if !t.takes(buf.as_ptr(), len, offset) {
-                    return Err(Job {
-                        op: Op::Read { offset, len },
-                        ..job
-                    });
-                }
-                Io::Read {
-                    buf: Some(buf),
-                    offset,
-                    len,
-                    done: 0,
-                }
-            }
+        // A read is a read into a buffer of its own length.
+        let op = match job.op {
+            Op::Read { offset, len } => Op::ReadInto {
+                offset,
+                len,
+                buf: AlignedBuf::new(len, IO_ALIGN),
+            },
+            op => op,
+        };
+        let io = match op {
             Op::ReadInto {
                 offset,
                 len,
