@@ -300,8 +300,44 @@ struct Deadlined {
     deadline: Option<Instant>,
 }
 
+impl Deadlined {
+    /// Reads what the socket holds; while the thread's own ring has
+    /// requests in it, waits for the socket in that ring, answering their
+    /// completions meanwhile, rather than in `read`.
+    fn read_turning(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = self.sock.raw_fd();
+        loop {
+            // SAFETY: receives at most `buf.len()` bytes into `buf`, which
+            // is alive and writable for the call.
+            let n =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => {}
+                io::ErrorKind::Interrupted => continue,
+                _ => return Err(e),
+            }
+            loop {
+                if !crate::volume::queue::busy_here() {
+                    crate::volume::queue::unplug_now();
+                    return self.sock.read(buf);
+                }
+                if crate::volume::queue::turn_here(Some(fd), None) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
 impl Read for Deadlined {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.deadline.is_none() && crate::volume::queue::busy_here() {
+            return self.read_turning(buf);
+        }
         if let Some(d) = self.deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -775,6 +811,26 @@ fn handshake(
     }
 }
 
+/// Waits on `changed` for what `guard` guards to change; while this
+/// thread's own ring holds requests, turns it instead (what the wait is
+/// for may be one of their replies), looking again every few
+/// milliseconds for what another thread changed.
+fn wait_turning<'a, T>(
+    changed: &Condvar,
+    guard: std::sync::MutexGuard<'a, T>,
+    mutex: &'a Mutex<T>,
+) -> std::sync::MutexGuard<'a, T> {
+    if crate::volume::queue::busy_here() {
+        drop(guard);
+        crate::volume::queue::turn_here(None, Some(Duration::from_millis(5)));
+        lock(mutex)
+    } else {
+        // What this thread held back may be what frees the wait.
+        crate::volume::queue::unplug_now();
+        changed.wait(guard).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Data in flight over all connections, against [`Limits::total_bytes`].
 struct Budget {
     limit: u64,
@@ -788,10 +844,8 @@ impl Budget {
     fn acquire(&self, bytes: u64) {
         let mut used = lock(&self.used);
         while used.0 > 0 && used.0 + bytes > self.limit {
-            // What this thread held back may be what frees the budget.
-            crate::volume::queue::unplug_now();
             used.1 += 1;
-            used = self.changed.wait(used).unwrap_or_else(|e| e.into_inner());
+            used = wait_turning(&self.changed, used, &self.used);
             used.1 -= 1;
         }
         used.0 += bytes;
@@ -832,9 +886,8 @@ impl InFlight {
             while s.requests > 0
                 && (s.requests >= MAX_IN_FLIGHT || s.bytes + bytes > MAX_IN_FLIGHT_BYTES)
             {
-                crate::volume::queue::unplug_now();
                 s.waiting += 1;
-                s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+                s = wait_turning(&self.changed, s, &self.state);
                 s.waiting -= 1;
             }
             s.requests += 1;
@@ -857,7 +910,7 @@ impl InFlight {
         let mut s = lock(&self.state);
         while s.requests > 0 {
             s.waiting += 1;
-            s = self.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+            s = wait_turning(&self.changed, s, &self.state);
             s.waiting -= 1;
         }
     }
@@ -1145,6 +1198,9 @@ fn requests(
     // Requests that arrived together reach each disk's ring together: the
     // kernel hears of them when the reader is about to wait for more.
     let plug = crate::volume::queue::Plug::new();
+    // The disk requests of each client request go to this thread's own
+    // ring, which it turns while it waits for the socket.
+    use crate::volume::queue::run_here;
     loop {
         if reader.buffer().len() < proto::REQUEST_LEN {
             plug.flush();
@@ -1187,22 +1243,24 @@ fn requests(
                 let bytes = u64::from(len);
                 inflight.acquire(bytes);
                 let replies = replies.clone();
-                export.read(
-                    offset,
-                    len as usize,
-                    Box::new(move |r| match r {
-                        Ok(data) => replies.send(
-                            proto::encode_simple_reply(0, handle),
-                            Some(data),
-                            Some(bytes),
-                        ),
-                        Err(e) => replies.send(
-                            proto::encode_simple_reply(proto::errno_of(&e), handle),
-                            None,
-                            Some(bytes),
-                        ),
-                    }),
-                );
+                run_here(|| {
+                    export.read(
+                        offset,
+                        len as usize,
+                        Box::new(move |r| match r {
+                            Ok(data) => replies.send(
+                                proto::encode_simple_reply(0, handle),
+                                Some(data),
+                                Some(bytes),
+                            ),
+                            Err(e) => replies.send(
+                                proto::encode_simple_reply(proto::errno_of(&e), handle),
+                                None,
+                                Some(bytes),
+                            ),
+                        }),
+                    )
+                });
             }
             Command::Write { offset, len, fua } => {
                 let bytes = u64::from(len);
@@ -1215,31 +1273,37 @@ fn requests(
                     inflight.release(bytes);
                     return Err(e.into());
                 }
-                export.write(
-                    offset,
-                    data,
-                    fua,
-                    Box::new(move |r| {
-                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(bytes))
-                    }),
-                );
+                run_here(|| {
+                    export.write(
+                        offset,
+                        data,
+                        fua,
+                        Box::new(move |r| {
+                            reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(bytes))
+                        }),
+                    )
+                });
             }
             Command::WriteZeroes { offset, len, fua } => {
                 inflight.acquire(0);
-                export.write_zeroes(
-                    offset,
-                    u64::from(len),
-                    fua,
-                    Box::new(move |r| {
-                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
-                    }),
-                );
+                run_here(|| {
+                    export.write_zeroes(
+                        offset,
+                        u64::from(len),
+                        fua,
+                        Box::new(move |r| {
+                            reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
+                        }),
+                    )
+                });
             }
             Command::Flush => {
                 inflight.acquire(0);
-                export.flush(Box::new(move |r| {
-                    reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
-                }));
+                run_here(|| {
+                    export.flush(Box::new(move |r| {
+                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
+                    }))
+                });
             }
         }
     }

@@ -34,7 +34,9 @@ use crate::disk::buf::IO_ALIGN;
 use crate::disk::{AlignedBuf, Disk};
 
 mod uring;
-pub use uring::{IoEngine, Plug, available as uring_available, unplug_now};
+pub use uring::{
+    IoEngine, Plug, available as uring_available, busy_here, run_here, turn_here, unplug_now,
+};
 
 /// What a queue asks before the first request that changes its disk.
 pub trait WriteGate: Send + Sync {
@@ -384,6 +386,17 @@ pub fn channel() -> (Callback, std::sync::mpsc::Receiver<Outcome>) {
 
 /// The outcome that arrives on `rx` (from [`channel`]).
 pub fn received(rx: &std::sync::mpsc::Receiver<Outcome>) -> Outcome {
+    // A thread with requests in its own ring answers them while it waits:
+    // the outcome may be one of them.
+    while busy_here() {
+        match rx.try_recv() {
+            Ok(outcome) => return outcome,
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                turn_here(None, Some(std::time::Duration::from_millis(5)));
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+        }
+    }
     rx.recv().unwrap_or_else(|_| {
         Err(io::Error::other(
             "the request was dropped without an answer",
