@@ -1082,7 +1082,7 @@ impl MirrorVolume {
 
     fn write_with(self: &Arc<Self>, offset: u64, data: &[u8], fua: bool) -> io::Result<()> {
         let data = Arc::new(AlignedBuf::from_slice(data));
-        wait(|cb| {
+        wait_here(|cb| {
             self.submit_write(
                 offset,
                 data,
@@ -1095,7 +1095,7 @@ impl MirrorVolume {
     }
 
     pub fn read(self: &Arc<Self>, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let got = wait(|cb| {
+        let got = wait_here(|cb| {
             self.submit_read(
                 offset,
                 buf.len(),
@@ -1108,11 +1108,12 @@ impl MirrorVolume {
     }
 
     pub fn flush(self: &Arc<Self>) -> io::Result<()> {
-        wait(|cb| self.submit_flush(Run::Here, Box::new(move |r| cb(r.map(|()| None))))).map(|_| ())
+        wait_here(|cb| self.submit_flush(Run::Here, Box::new(move |r| cb(r.map(|()| None)))))
+            .map(|_| ())
     }
 
     pub fn write_zeroes(self: &Arc<Self>, offset: u64, len: u64) -> io::Result<()> {
-        wait(|cb| {
+        wait_here(|cb| {
             self.submit_write_zeroes(
                 offset,
                 len,
@@ -1123,6 +1124,16 @@ impl MirrorVolume {
         })
         .map(|_| ())
     }
+}
+
+/// Submits through `submit` with the ring requests it makes going to the
+/// calling thread's own ring, and waits for the outcome, turning that ring
+/// meanwhile: a blocking caller's request wakes no other thread (for
+/// writes through the page cache, io_uring completes them at submission).
+fn wait_here(submit: impl FnOnce(super::queue::Callback)) -> Outcome {
+    let (cb, rx) = super::queue::channel();
+    super::queue::run_blocking_here(|| submit(cb));
+    super::queue::received(&rx)
 }
 
 /// A range held in a volume's range lock; released when dropped.
