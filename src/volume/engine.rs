@@ -1128,11 +1128,11 @@ impl MirrorVolume {
 
 /// Submits through `submit` with the ring requests it makes going to the
 /// calling thread's own ring, and waits for the outcome, turning that ring
-/// meanwhile: a blocking caller's request wakes no other thread (for
-/// writes through the page cache, io_uring completes them at submission).
+/// meanwhile: a blocking caller's request wakes no other thread (a read
+/// the page cache holds completes in the submitting system call).
 fn wait_here(submit: impl FnOnce(super::queue::Callback)) -> Outcome {
     let (cb, rx) = super::queue::channel();
-    super::queue::run_blocking_here(|| submit(cb));
+    super::queue::run_here(|| submit(cb));
     super::queue::received(&rx)
 }
 

@@ -35,8 +35,7 @@ use crate::disk::{AlignedBuf, Disk};
 
 mod uring;
 pub use uring::{
-    IoEngine, Plug, available as uring_available, busy_here, run_blocking_here, run_here,
-    turn_here, unplug_now,
+    IoEngine, Plug, available as uring_available, busy_here, run_here, turn_here, unplug_now,
 };
 
 /// What a queue asks before the first request that changes its disk.
@@ -580,9 +579,6 @@ impl DiskQueue {
     /// Queues `op`; `done` runs when it completes (or times out, when
     /// `deadline` allows it).
     pub fn submit(&self, op: Op, deadline: bool, done: Callback) {
-        if self.ring.get().is_some_and(|r| r.runs_inline(&op)) {
-            return self.submit_here(op, deadline, done);
-        }
         self.send(&self.tx, self.ring.get(), op, deadline, done)
     }
 

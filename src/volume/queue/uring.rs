@@ -150,7 +150,12 @@ pub fn unplug_now() {
 }
 
 fn kick_plugged() {
-    let rings = PLUGGED.with(|p| p.borrow_mut().as_mut().map(std::mem::take));
+    // `try_with`: also called while the thread's locals are torn down (a
+    // request left in its own ring is answered then).
+    let rings = PLUGGED
+        .try_with(|p| p.borrow_mut().as_mut().map(std::mem::take))
+        .ok()
+        .flatten();
     for ring in rings.unwrap_or_default() {
         ring.kick();
     }
@@ -556,15 +561,17 @@ impl Ring {
     /// True when the calling thread is plugged: the wake waits for its
     /// flush.
     fn held_back(self: &Arc<Self>) -> bool {
-        PLUGGED.with(|p| match p.borrow_mut().as_mut() {
-            Some(rings) => {
-                if !rings.iter().any(|r| Arc::ptr_eq(r, self)) {
-                    rings.push(self.clone());
+        PLUGGED
+            .try_with(|p| match p.borrow_mut().as_mut() {
+                Some(rings) => {
+                    if !rings.iter().any(|r| Arc::ptr_eq(r, self)) {
+                        rings.push(self.clone());
+                    }
+                    true
                 }
-                true
-            }
-            None => false,
-        })
+                None => false,
+            })
+            .unwrap_or(false)
     }
 
     /// Wakes the ring's thread.
@@ -708,8 +715,6 @@ thread_local! {
     static LOCAL: std::cell::RefCell<Option<Local>> = const { std::cell::RefCell::new(None) };
     /// Inside [`run_here`]: this thread's requests go to its own ring.
     static HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// Inside [`run_blocking_here`]: page-cache writes run on this thread.
-    static INLINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     /// This thread is answering completions of its own ring: what it
     /// submits meanwhile goes to the disks' rings, and it does not turn its
     /// own ring again (no callback runs inside another).
@@ -855,24 +860,10 @@ pub fn run_here<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
-/// As [`run_here`], for a caller that waits for the outcome at once (the
-/// engine's blocking calls): writes through the page cache run on this
-/// thread too ([`Ring::runs_inline`]).
-pub fn run_blocking_here<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            INLINE.set(self.0);
-        }
-    }
-    let _restore = Restore(INLINE.replace(true));
-    run_here(f)
-}
-
 /// Puts `slot` in the calling thread's own ring when it runs inside
 /// [`run_here`] and may (not while answering, not for a closed disk);
 /// else gives it back.
-fn route_here(ring: &Arc<Ring>, mut slot: Slot) -> Option<Slot> {
+fn route_here(ring: &Arc<Ring>, slot: Slot) -> Option<Slot> {
     if !HERE.get() || ANSWERING.get() || ring.closed.load(std::sync::atomic::Ordering::SeqCst) {
         return Some(slot);
     }
@@ -888,51 +879,34 @@ fn route_here(ring: &Arc<Ring>, mut slot: Slot) -> Option<Slot> {
     let Some(disk) = ring.disk.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
         return Some(slot);
     };
-    LOCAL.with(|l| {
+    let mut slot = Some(slot);
+    // `try_with`: not while the thread's locals are torn down.
+    let _ = LOCAL.try_with(|l| {
         let Ok(mut l) = l.try_borrow_mut() else {
-            return Some(slot);
+            return;
         };
         let local = l.get_or_insert_with(Local::new);
         if local.uring.is_none() {
-            return Some(slot);
+            return;
         }
-        slot.owner = Some((ring.clone(), disk));
-        local.flight.backlog.push_back(slot);
-        None
-    })
-}
-
-/// Whether `op` is a write through the page cache that the calling thread,
-/// inside [`run_blocking_here`], does itself: such a write is a copy into
-/// memory, which io_uring cannot start without blocking on most
-/// filesystems (ext4 hands every one to a kernel worker thread, a hand-off
-/// and a wake-up each), while `pwrite` on the submitting thread costs
-/// neither. Only for a caller that waits for the outcome anyway: an NBD
-/// connection's writes stay in the ring, where many can wait out the
-/// kernel's dirty-page throttling at once (measured: inline, random
-/// writes at QD 32 under throttling ran at half the IOPS). A FUA write
-/// waits for the device, and stays in the ring too.
-impl Ring {
-    pub(super) fn runs_inline(&self, op: &Op) -> bool {
-        let t = &self.target;
-        INLINE.get()
-            && HERE.get()
-            && !ANSWERING.get()
-            && t.writable
-            && t.direct_align.is_none()
-            && matches!(op, Op::Write { fua: false, .. })
-            && !self.closed.load(std::sync::atomic::Ordering::SeqCst)
-    }
+        if let Some(mut mine) = slot.take() {
+            mine.owner = Some((ring.clone(), disk));
+            local.flight.backlog.push_back(mine);
+        }
+    });
+    slot
 }
 
 /// Whether the calling thread's own ring holds requests it must turn for.
 pub fn busy_here() -> bool {
     !ANSWERING.get()
-        && LOCAL.with(|l| {
-            l.try_borrow()
-                .map(|l| l.as_ref().is_some_and(Local::busy))
-                .unwrap_or(false)
-        })
+        && LOCAL
+            .try_with(|l| {
+                l.try_borrow()
+                    .map(|l| l.as_ref().is_some_and(Local::busy))
+                    .unwrap_or(false)
+            })
+            .unwrap_or(false)
 }
 
 /// Turns the calling thread's own ring once: submits what waits, waits for
@@ -948,10 +922,13 @@ pub fn turn_here(
     }
     // What this thread held back for the disks' rings goes before it waits.
     kick_plugged();
-    let turned = LOCAL.with(|l| match l.try_borrow_mut() {
-        Ok(mut l) => l.as_mut().map(|local| local.turn(readable, timeout)),
-        Err(_) => None,
-    });
+    let turned = LOCAL
+        .try_with(|l| match l.try_borrow_mut() {
+            Ok(mut l) => l.as_mut().map(|local| local.turn(readable, timeout)),
+            Err(_) => None,
+        })
+        .ok()
+        .flatten();
     let Some((finished, ready)) = turned else {
         return true;
     };
@@ -975,7 +952,7 @@ fn submit_here() {
     if ANSWERING.get() {
         return;
     }
-    LOCAL.with(|l| {
+    let _ = LOCAL.try_with(|l| {
         if let Ok(mut l) = l.try_borrow_mut()
             && let Some(local) = l.as_mut()
         {
@@ -1303,7 +1280,7 @@ mod tests {
     }
 
     #[test]
-    fn page_cache_writes_run_on_a_blocking_caller_and_stay_off_a_connections_ring() {
+    fn page_cache_writes_stay_off_a_threads_own_ring_and_reads_go_there() {
         let f = file(4 * MIB);
         let q = ring_queue(f.path(), false).unwrap();
         let me = std::thread::current().id();
@@ -1313,24 +1290,7 @@ mod tests {
             data: data.clone(),
             fua: false,
         };
-        // A blocking caller writes through the page cache itself, at once.
-        let (tx, rx) = std::sync::mpsc::channel();
-        run_blocking_here(|| {
-            q.submit(
-                write(),
-                true,
-                Box::new(move |o| {
-                    let _ = tx.send((o.is_ok(), std::thread::current().id()));
-                }),
-            )
-        });
-        assert_eq!(
-            rx.try_recv().unwrap(),
-            (true, me),
-            "done before the call returned"
-        );
-        assert!(!busy_here());
-        // A connection's write goes to the disk's ring (see `route_here`).
+        // The write goes to the disk's ring (see `route_here`).
         let done = submit_here_with_thread(&q, write());
         assert!(!busy_here(), "not in this thread's ring");
         let (outcome, on) = done.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -1353,7 +1313,7 @@ mod tests {
         };
         assert_eq!(on, me);
         assert_eq!(&read_data(outcome).unwrap()[..], &data[..]);
-        assert_eq!(q.stats().ops(OpKind::Write), 2);
+        assert_eq!(q.stats().ops(OpKind::Write), 1);
         q.close();
     }
 
