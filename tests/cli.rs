@@ -429,6 +429,35 @@ fn examine_shows_label_and_config_of_one_disk() {
 }
 
 #[test]
+fn output_to_a_reader_that_went_away_ends_quietly_without_a_panic() {
+    // `mirrorvol examine disk.img | head -1`, made certain: the reading end
+    // of the pipe is closed before the command writes anything.
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "m", "--size", "8M", "--mirror"]).ok();
+    for args in [
+        vec!["examine".to_string(), sb.p("disks/a.img")],
+        vec!["status".to_string()],
+        vec!["status".to_string(), "--json".to_string()],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = std::process::Command::new(bin())
+            .env("MIRRORVOL_DISKS", sb.disks_dir())
+            .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+            .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
+            .args(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?} says nothing: {stderr}");
+    }
+}
+
+#[test]
 fn copy_round_trips_through_a_volume_on_a_terminal_free_run() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);

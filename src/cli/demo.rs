@@ -16,13 +16,13 @@ const DISK_SIZE: u64 = 256 * MIB;
 const PAYLOAD: usize = 24 * MIB as usize;
 
 fn step(title: &str) {
-    println!("\n=== {title}");
+    outln!("\n=== {title}");
 }
 
 /// Runs one mirrorvol command line, echoing it, and fails the demo if the
 /// command fails.
 fn sh(line: &str) -> Result<()> {
-    println!("$ mirrorvol {line}");
+    outln!("$ mirrorvol {line}");
     let mut args = vec!["mirrorvol".to_string()];
     args.extend(line.split_whitespace().map(str::to_string));
     let cli = Cli::try_parse_from(args)
@@ -60,7 +60,7 @@ fn check_file(path: &str, want: &[u8]) -> Result<()> {
             "demo check failed: {path} holds non-zero bytes past the data written"
         )));
     }
-    println!(
+    outln!(
         "check: {path} matches the {} MiB written",
         want.len() as u64 / MIB
     );
@@ -83,7 +83,7 @@ pub fn demo(dir: Option<PathBuf>) -> Result<()> {
         }
     };
     std::env::set_current_dir(&root).map_err(|e| Error::io_path("enter", &root, e))?;
-    println!("mirrorvol demo in {}", root.display());
+    outln!("mirrorvol demo in {}", root.display());
     fs::create_dir_all("disks").map_err(|e| Error::io_path("create", Path::new("disks"), e))?;
     fs::create_dir_all("removed").map_err(|e| Error::io_path("create", Path::new("removed"), e))?;
     for name in ["a.img", "b.img", "c.img"] {
@@ -129,6 +129,6 @@ pub fn demo(dir: Option<PathBuf>) -> Result<()> {
     check_file("data.bin", &data)?;
     check_file("data-copy.bin", &data)?;
 
-    println!("\nThe demo finished: every check passed.");
+    outln!("\nThe demo finished: every check passed.");
     Ok(())
 }

@@ -108,24 +108,24 @@ pub fn examine(path: &Path, json: bool) -> Result<()> {
         "config": config,
     });
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report).expect("report serializes")
         );
         return Ok(());
     }
-    println!("Disk {} ({} bytes)", path.display(), disk.size());
-    println!("  label version {}, style {}", l.version, l.style);
-    println!("  disk uuid   {}", l.disk_uuid);
-    println!("  group uuid  {}", l.group_uuid);
-    println!(
+    outln!("Disk {} ({} bytes)", path.display(), disk.size());
+    outln!("  label version {}, style {}", l.version, l.style);
+    outln!("  disk uuid   {}", l.disk_uuid);
+    outln!("  group uuid  {}", l.group_uuid);
+    outln!(
         "  member area {} + {}; data area {} + {}",
         layout.member_offset,
         layout.member_size,
         layout.data_offset(),
         layout.data_size
     );
-    println!(
+    outln!(
         "  copies: primary label {}, backup label {}, config slot A {}, config slot B {}",
         ok(read.primary_ok),
         ok(read.backup_ok),
@@ -134,12 +134,12 @@ pub fn examine(path: &Path, json: bool) -> Result<()> {
     );
     match &report["generation"] {
         serde_json::Value::Null => {
-            println!("  data generation: none (format 1 or 2, or never written)")
+            outln!("  data generation: none (format 1 or 2, or never written)")
         }
         g if g.get("damaged").is_some() => {
-            println!("  data generation: damaged ({})", g["damaged"])
+            outln!("  data generation: damaged ({})", g["damaged"])
         }
-        g => println!(
+        g => outln!(
             "  data generation {} (id {})",
             g["counter"],
             g["id"].as_str().unwrap_or("?")
@@ -147,7 +147,7 @@ pub fn examine(path: &Path, json: bool) -> Result<()> {
     }
     let c = &report["claim"];
     match c["state"].as_str() {
-        Some("held") | Some("released") => println!(
+        Some("held") | Some("released") => outln!(
             "  claim: {} by mirrorvol {} (pid {}) on host {} ({}), renewal {}",
             c["state"].as_str().unwrap_or("?"),
             c["command"].as_str().unwrap_or("?"),
@@ -156,17 +156,17 @@ pub fn examine(path: &Path, json: bool) -> Result<()> {
             c["host"].as_str().unwrap_or("?"),
             c["seq"]
         ),
-        Some("damaged") => println!("  claim: damaged ({})", c["damaged"]),
-        _ => println!("  claim: none (format 1 or 2, or never claimed)"),
+        Some("damaged") => outln!("  claim: damaged ({})", c["damaged"]),
+        _ => outln!("  claim: none (format 1 or 2, or never claimed)"),
     }
     match (seqno, config) {
         (Some(seqno), Some(config)) => {
-            println!("  config {seqno}:");
+            outln!("  config {seqno}:");
             for line in config.to_text().lines() {
-                println!("    {line}");
+                outln!("    {line}");
             }
         }
-        _ => println!("  no readable config"),
+        _ => outln!("  no readable config"),
     }
     Ok(())
 }

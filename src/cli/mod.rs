@@ -16,6 +16,27 @@ use crate::group::ops::{self, Endpoint, InitOptions, human};
 use crate::group::{DiskSet, Group, Lookup, Progress};
 use crate::{Error, Result};
 
+/// `print!` for a command's output on stdout, without its panic when the
+/// reader went away: `mirrorvol examine disk.img | head -1` ends the
+/// command there, quietly and with status 0 (as ripgrep does), since what
+/// was asked of it is done; another write error is reported and ends it
+/// with status 1.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))
+    };
+}
+
+/// `println!` likewise (see [`out!`]).
+macro_rules! outln {
+    () => {
+        $crate::cli::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 pub mod demo;
 pub mod examine;
 pub mod test_mirrors;
@@ -409,6 +430,21 @@ pub fn main() -> i32 {
     run(cli)
 }
 
+/// Writes to stdout for [`out!`] and [`outln!`].
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_fmt(args).and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// Runs one parsed command, reporting errors on stderr.
 pub fn run(cli: Cli) -> i32 {
     match execute(cli) {
@@ -603,13 +639,13 @@ fn through_group<T>(
 /// Prints the resyncs an offline command ran, one line each.
 fn print_resyncs(resynced: &[crate::group::live::Resynced]) {
     for r in resynced {
-        println!("{}", r.line);
+        outln!("{}", r.line);
     }
 }
 
 /// Prints what an operation run through the controller did.
 fn print_offline(done: crate::group::live::Done) {
-    println!("{}", done.message);
+    outln!("{}", done.message);
     warn(&done.warnings);
 }
 
@@ -617,7 +653,7 @@ fn print_offline(done: crate::group::live::Done) {
 /// stderr.
 fn print_done(r: control::Response) {
     if let Some(m) = r.message {
-        println!("{m}");
+        outln!("{m}");
     }
     warn(&r.warnings);
 }
@@ -626,12 +662,12 @@ fn print_done(r: control::Response) {
 fn print_report(json: bool, value: Option<serde_json::Value>, text: Option<String>) {
     if json {
         let value = value.unwrap_or_default();
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&value).expect("a report serializes")
         );
     } else {
-        print!("{}", text.unwrap_or_default());
+        out!("{}", text.unwrap_or_default());
     }
 }
 
@@ -808,7 +844,7 @@ fn execute(cli: Cli) -> Result<()> {
             }
             let g = assemble_claimed(&disks, true)?;
             for (path, uuid) in paths.iter().zip(ops::restore_labels(&g, &paths)?) {
-                println!(
+                outln!(
                     "restored the label of disk {uuid} of group {} at {}; `mirrorvol reactivate {}` puts it back in service",
                     g.config.name,
                     path.display(),
@@ -860,7 +896,7 @@ fn execute(cli: Cli) -> Result<()> {
             let mut g = ops::init_with(existing, &paths, &opts, open)?;
             flush_warnings(&mut g);
             let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-            println!(
+            outln!(
                 "initialized {} as {style} {}{} of {} group {}",
                 names.join(", "),
                 if spare { "hot spare" } else { "disk" },
@@ -892,7 +928,7 @@ fn execute(cli: Cli) -> Result<()> {
                 let done = live.add_mirror(&name, disk.as_deref())?;
                 Ok((done, live.resync_in_foreground(&bar)?))
             })?;
-            println!("added a mirror to volume {name}; it is in sync");
+            outln!("added a mirror to volume {name}; it is in sync");
             print_resyncs(&resynced);
             warn(&done.warnings);
         }
@@ -919,7 +955,7 @@ fn execute(cli: Cli) -> Result<()> {
                 let state = live.with_group(move |g| g.volume(&n).map(|v| g.volume_state(v)))??;
                 Ok((done, resynced, state))
             })?;
-            println!("repaired volume {name}: {state}");
+            outln!("repaired volume {name}: {state}");
             print_resyncs(&resynced);
             warn(&done.warnings);
         }
@@ -928,7 +964,7 @@ fn execute(cli: Cli) -> Result<()> {
                 let done = live.reactivate_by_path(&path)?;
                 Ok((done, live.resync_in_foreground(&bar)?))
             })?;
-            println!("reactivated disk {}", path.display());
+            outln!("reactivated disk {}", path.display());
             print_resyncs(&resynced);
             warn(&done.warnings);
         }
@@ -938,7 +974,7 @@ fn execute(cli: Cli) -> Result<()> {
             let group = g.config.name.clone();
             let resynced = through_group(g, |live| live.resync_in_foreground(&bar))?;
             let copied: u64 = resynced.iter().map(|r| r.bytes).sum();
-            println!(
+            outln!(
                 "resolved the split brain of group {group}: kept the side of {}; copied {copied} bytes ({}) onto the other side",
                 keep.display(),
                 human(copied)
@@ -960,19 +996,19 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Copy { src, dst } => {
             let (s, d) = (Endpoint::parse(&src), Endpoint::parse(&dst));
             let n = through_controller(&disks, |live| live.copy(&s, &d, &bar))?;
-            println!("copied {} from {src} to {dst}", human(n));
+            outln!("copied {} from {src} to {dst}", human(n));
         }
         Command::Status { json } => {
             let g = assemble(&disks)?;
             let mut report = g.status();
             report.group.held_by = g.held_by_on_disks();
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&report).expect("status serializes")
                 );
             } else {
-                print!("{}", crate::group::show::status_text(&report));
+                out!("{}", crate::group::show::status_text(&report));
             }
         }
         Command::Examine { path, json } => examine::examine(&path, json)?,
@@ -984,13 +1020,13 @@ fn execute(cli: Cli) -> Result<()> {
         } => {
             let report = through_controller(&disks, |live| live.scrub(&name, repair, rate, &bar))?;
             if json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&crate::group::scrub::scrub_json(&report))
                         .expect("scrub report serializes")
                 );
             } else {
-                print!("{}", crate::group::scrub::scrub_text(&report));
+                out!("{}", crate::group::scrub::scrub_text(&report));
             }
         }
         Command::TestMirrors { name, exec, json } => {

@@ -305,12 +305,12 @@ pub fn run(
     let report = test_mirrors(&group, name, exec, progress)?;
     super::flush_warnings(&mut group);
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&report_json(&report)).expect("report serializes")
         );
     } else {
-        print!("{}", report_text(&report));
+        out!("{}", report_text(&report));
     }
     let failed = report.failed();
     if !failed.is_empty() {
