@@ -511,6 +511,58 @@ fn refuses_the_same_disk_twice() {
 }
 
 #[test]
+fn add_mirror_when_every_disk_with_room_holds_a_copy_says_so() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "m", "--size", "8M", "--mirror", "--copies", "3"])
+        .ok();
+    let before = sb.fingerprint();
+    let r = sb
+        .mv(&["add-mirror", "m"])
+        .refused("already hold a copy of it");
+    for disk in ["a.img", "b.img", "c.img"] {
+        assert!(r.stderr.contains(disk), "names {disk}: {}", r.stderr);
+    }
+    assert!(
+        !r.stderr.contains("has only 0 such disks"),
+        "not the old message: {}",
+        r.stderr
+    );
+    assert_eq!(sb.fingerprint(), before, "the refusal changed a disk");
+}
+
+#[test]
+fn serve_with_a_port_out_of_range_is_refused_naming_the_port() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "m", "--size", "8M", "--mirror"]).ok();
+    refused_unchanged(
+        &sb,
+        &["serve", "--listen", "127.0.0.1:99999"],
+        "\"127.0.0.1:99999\" has a port out of range",
+    );
+    refused_unchanged(&sb, &["serve", "--listen", "99999"], "port out of range");
+    refused_unchanged(
+        &sb,
+        &["serve", "--listen", "localhost"],
+        "neither unix:PATH nor HOST:PORT",
+    );
+}
+
+#[test]
+fn a_negative_size_is_refused_as_negative() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "m", "--size", "8M"]).ok();
+    refused_unchanged(
+        &sb,
+        &["create", "x", "--size", "-5M", "--mirror"],
+        "size \"-5M\" is negative",
+    );
+    refused_unchanged(&sb, &["extend", "m", "--size", "-1"], "is negative");
+}
+
+#[test]
 fn refuses_a_disk_of_another_group() {
     let sb = setup_refusals();
     let other = Sandbox::new();

@@ -115,7 +115,7 @@ pub enum Command {
         force: bool,
         /// Bytes of data one write-intent bitmap bit covers, for a new group
         /// (a power of two, at least 4K; default 64K).
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         region_size: Option<u64>,
         /// Add the disks to the group of --disks as hot spares: they hold no
         /// plex until `repair` rebuilds a failed or missing plex onto one.
@@ -132,7 +132,7 @@ pub enum Command {
     Create {
         name: String,
         /// Size in bytes, or with a K, M, G or T suffix (powers of 1024).
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         size: u64,
         /// Make a mirrored volume.
         #[arg(long)]
@@ -187,7 +187,9 @@ pub enum Command {
     /// Grow a simple volume into the free space that follows it.
     Extend {
         name: String,
-        #[arg(long, value_parser = parse_size)]
+        /// The volume's new total size (not the amount to add), in bytes or
+        /// with a K, M, G or T suffix.
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         size: u64,
     },
     /// Delete a volume and free its space.
@@ -228,7 +230,7 @@ pub enum Command {
         repair: bool,
         /// Compare at most this many bytes per second (K, M, G suffixes);
         /// default: as fast as the disks go.
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         rate: Option<u64>,
         #[arg(long)]
         json: bool,
@@ -261,18 +263,18 @@ pub enum Command {
         disk_threads: u16,
         /// Background resyncs keep up this rate (bytes/s, K/M/G suffixes)
         /// even while clients do I/O (md's speed_limit_min). Default 1M.
-        #[arg(long, value_parser = parse_size, default_value = "1M")]
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true, default_value = "1M")]
         resync_min_rate: u64,
         /// Background resyncs never exceed this rate; 0: unlimited, the
         /// default (md's speed_limit_max).
-        #[arg(long, value_parser = parse_size, default_value = "0")]
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true, default_value = "0")]
         resync_max_rate: u64,
         /// Scrub every mirror in the background every this many seconds
         /// (compare only; mismatches are logged). 0, the default: never.
         #[arg(long, default_value_t = 0)]
         scrub_interval: u64,
         /// Bytes per second a background scrub compares at most.
-        #[arg(long, value_parser = parse_size, default_value = "32M")]
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true, default_value = "32M")]
         scrub_rate: u64,
         /// The control socket other mirrorvol commands reach the daemon
         /// through. Default: $MIRRORVOL_RUN_DIR/<group-uuid>.sock, the run
@@ -309,7 +311,7 @@ pub enum Command {
         client_timeout: u64,
         /// Request and reply data in flight over all clients (each client
         /// also at most 128M); past it, requests wait unread.
-        #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "1G")]
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "1G")]
         max_in_flight: u64,
     },
     /// A self-contained tour on image files in a temporary directory.
@@ -324,6 +326,11 @@ pub enum Command {
 /// 1024; "KiB" and "k" are accepted too).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!(
+            "size {s:?} is negative: a size is a number of bytes with an optional K, M, G or T suffix"
+        ));
+    }
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits);
     let n: u64 = num

@@ -556,6 +556,24 @@ impl Group {
                 )
             });
             if candidates.is_empty() {
+                // Disks with room that already hold a copy of the volume
+                // are why, when there are any: say so, not "no room".
+                let holders: Vec<String> = exclude
+                    .iter()
+                    .filter(|u| self.is_online(**u) && first_fit(&self.config, **u, len).is_some())
+                    .map(|u| self.disk_path(*u))
+                    .collect();
+                if !holders.is_empty() {
+                    let more = count - chosen.len();
+                    return Err(Error::refused(format!(
+                        "volume {volume} needs {more} more disk{} with a free extent of {}, and the disks of group {} with room ({}) already hold a copy of it: each copy of a mirror needs a disk of its own, so add a disk to the group{}",
+                        if more == 1 { "" } else { "s" },
+                        human(len),
+                        self.config.name,
+                        holders.join(", "),
+                        self.spares_note(&spares)
+                    )));
+                }
                 // Every disk that could take a plex is chosen by now.
                 return Err(Error::refused(format!(
                     "volume {volume} needs {count} disks with a free extent of {}, but group {} has only {} such disks{}",

@@ -146,6 +146,15 @@ impl Listen {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
                 Ok(Listen::Tcp(s.to_string()))
             }
+            Some((host, port))
+                if !host.is_empty()
+                    && !port.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                Err(format!(
+                    "listen address {s:?} has a port out of range (ports go from 0 to 65535)"
+                ))
+            }
             _ => Err(format!(
                 "listen address {s:?} is neither unix:PATH nor HOST:PORT"
             )),
