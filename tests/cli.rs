@@ -563,6 +563,21 @@ fn a_negative_size_is_refused_as_negative() {
 }
 
 #[test]
+fn a_named_disk_that_does_not_exist_is_named_in_a_warning() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    let disks = format!("{},{}", sb.disks_dir(), sb.p("disks/typo.img"));
+    let r = sb.mv_plain(&["status", "--disks", &disks]).ok();
+    assert!(
+        r.stderr
+            .contains("typo.img named in --disks does not exist"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.contains("a.img"), "{}", r.stdout);
+}
+
+#[test]
 fn refuses_a_disk_of_another_group() {
     let sb = setup_refusals();
     let other = Sandbox::new();

@@ -479,6 +479,9 @@ impl Group {
             .chain(set.scanned.iter().map(|p| (p, false)));
         let timeout = set.open.timeout;
         let mut blank: Vec<(PathBuf, bool)> = Vec::new();
+        // Paths named in --disks that do not exist: a member's is reported
+        // missing below; any other is named too, not passed over in silence.
+        let mut absent_named: Vec<PathBuf> = Vec::new();
         let mut seen_storage: Vec<((u64, u64), PathBuf)> = Vec::new();
         for (path, explicit) in candidates {
             let unreadable_because = |reason: String| Unreadable {
@@ -502,7 +505,12 @@ impl Group {
                 // An absent disk: reported as missing once the config is
                 // known (a scanned file gone since the directory was read
                 // is no disk of the group's).
-                PathKind::Absent | PathKind::Directory => continue,
+                PathKind::Absent | PathKind::Directory => {
+                    if explicit && matches!(kind, PathKind::Absent) {
+                        absent_named.push(path.clone());
+                    }
+                    continue;
+                }
             };
             if seen.contains(&canonical) {
                 continue;
@@ -778,6 +786,15 @@ impl Group {
         for d in &config.disks {
             if !members.contains_key(&d.uuid) && d.state == DiskState::Online {
                 warnings.push(format!("disk {} ({}) is missing", d.path, d.uuid));
+            }
+        }
+        for path in absent_named {
+            if !config.disks.iter().any(|d| Path::new(&d.path) == path) {
+                warnings.push(format!(
+                    "disk {} named in --disks does not exist, and no disk of group {} was there",
+                    path.display(),
+                    config.name
+                ));
             }
         }
         let mut group = Group {
