@@ -68,9 +68,9 @@ pub struct Cli {
     )]
     pub io_timeout: std::time::Duration,
 
-    /// What runs the disks' reads, writes and flushes: io_uring (one
-    /// reaper thread per disk; worker threads where the kernel refuses
-    /// io_uring), or worker threads alone.
+    /// What runs the disks' reads, writes and flushes: io_uring (a ring
+    /// per disk with one thread, and one per NBD connection; worker threads
+    /// where the kernel refuses io_uring), or worker threads alone.
     #[arg(
         long,
         env = "MIRRORVOL_IO_ENGINE",
@@ -99,6 +99,7 @@ pub struct Cli {
 pub enum Command {
     /// Label disks for a new group, or add them to the group of --disks.
     Init {
+        /// The disks to label: image files or block devices.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// Partition style: gpt, mbr or raw.
@@ -130,6 +131,7 @@ pub enum Command {
     },
     /// Create a simple or mirrored volume.
     Create {
+        /// The new volume's name.
         name: String,
         /// Size in bytes, or with a K, M, G or T suffix (powers of 1024).
         #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
@@ -146,19 +148,27 @@ pub enum Command {
     },
     /// Add a plex to a volume and copy the volume onto it.
     AddMirror {
+        /// The volume to add a plex to.
         name: String,
+        /// Put the new plex on this disk; default: a disk with room and no
+        /// copy of the volume, behind a controller the others do not use
+        /// where one has room.
         #[arg(long)]
         disk: Option<PathBuf>,
     },
     /// Remove the plex on a disk from a mirror and free its space.
     RemoveMirror {
+        /// The mirrored volume.
         name: String,
+        /// The disk whose plex goes.
         #[arg(long)]
         disk: PathBuf,
     },
     /// Split the plex on a disk off into a simple volume of its own.
     Break {
+        /// The mirrored volume.
         name: String,
+        /// The disk whose plex is split off.
         #[arg(long)]
         disk: PathBuf,
         /// Name of the split-off volume (default NAME-broken).
@@ -170,12 +180,18 @@ pub enum Command {
     },
     /// Replace failed or missing plexes with new space; resync stale ones.
     Repair {
+        /// The volume to repair.
         name: String,
+        /// Rebuild onto this disk; default: a hot spare, else a disk with
+        /// room and no copy of the volume.
         #[arg(long)]
         disk: Option<PathBuf>,
     },
     /// Bring a returned or failed disk back; its stale plexes resync.
-    Reactivate { path: PathBuf },
+    Reactivate {
+        /// The disk to bring back.
+        path: PathBuf,
+    },
     /// Resolve a split brain: keep the side of the disk at --keep (its
     /// config becomes the group's); the other side's plexes are resynced
     /// from it, incrementally where the write-intent bitmaps allow.
@@ -186,6 +202,7 @@ pub enum Command {
     },
     /// Grow a simple volume into the free space that follows it.
     Extend {
+        /// The simple volume to grow.
         name: String,
         /// The volume's new total size (not the amount to add), in bytes or
         /// with a K, M, G or T suffix.
@@ -194,6 +211,7 @@ pub enum Command {
     },
     /// Delete a volume and free its space.
     Delete {
+        /// The volume to delete.
         name: String,
         /// Under serve: disconnect the volume's NBD clients instead of
         /// refusing.
@@ -202,21 +220,31 @@ pub enum Command {
     },
     /// Mark a disk failed (maintenance, tests).
     Fail {
+        /// The disk to mark failed.
         path: PathBuf,
         /// Fail it even if it holds a volume's last in-sync plex.
         #[arg(long)]
         force: bool,
     },
     /// Copy between a file or device and a volume (vol:NAME).
-    Copy { src: String, dst: String },
+    Copy {
+        /// What to read: a file or device, or vol:NAME for a volume.
+        src: String,
+        /// Where to write: a file (created when absent) or device, or
+        /// vol:NAME for a volume.
+        dst: String,
+    },
     /// Show the group, its disks and volumes.
     Status {
+        /// Print one JSON object instead of tables.
         #[arg(long)]
         json: bool,
     },
     /// Show the label and config on one disk.
     Examine {
+        /// The disk to read.
         path: PathBuf,
+        /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -224,6 +252,7 @@ pub enum Command {
     /// --repair, make them equal (per sector the majority wins, ties and
     /// two-way mirrors going to the first in-sync plex).
     Scrub {
+        /// The mirrored volume to compare.
         name: String,
         /// Write the winning copy over the differing ones.
         #[arg(long)]
@@ -232,6 +261,7 @@ pub enum Command {
         /// default: as fast as the disks go.
         #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         rate: Option<u64>,
+        /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
     },
@@ -239,11 +269,13 @@ pub enum Command {
     /// temporary Unix socket, and check that it holds the whole volume:
     /// compared with the other plexes, or by running --exec against it.
     TestMirrors {
+        /// The mirrored volume whose plexes are tested.
         name: String,
         /// A shell command run once per plex; {uri} stands for the plex's
         /// NBD URI (also in $MIRRORVOL_URI). The plex passes when it exits 0.
         #[arg(long)]
         exec: Option<String>,
+        /// Print the report as one JSON object.
         #[arg(long)]
         json: bool,
     },

@@ -69,8 +69,9 @@ pub const DEPTH: u32 = 128;
 pub enum IoEngine {
     /// Worker threads doing `pread`/`pwrite`/`fdatasync`.
     Threads,
-    /// io_uring: submitted from the caller's thread, completed by one
-    /// reaper thread per disk; worker threads where io_uring is refused.
+    /// io_uring: a ring per disk with one thread that submits and reaps,
+    /// and a ring per NBD connection; worker threads where io_uring is
+    /// refused.
     #[default]
     Uring,
 }
