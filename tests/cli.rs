@@ -578,6 +578,37 @@ fn a_named_disk_that_does_not_exist_is_named_in_a_warning() {
 }
 
 #[test]
+fn a_disk_locked_by_another_process_is_refused_naming_its_pid_and_command() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "m", "--size", "8M", "--mirror"]).ok();
+    // Another process holds the disk's lock, as a long offline command does.
+    // --no-fork: flock becomes `sleep` holding the lock, one process.
+    let mut holder = std::process::Command::new("flock")
+        .args(["--no-fork", &sb.p("disks/b.img"), "sleep", "30"])
+        .spawn()
+        .expect("util-linux flock");
+    let pid = holder.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let r = loop {
+        let r = sb.mv(&["status"]);
+        if r.code == 2 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let want = format!(
+        "disk {} is in use by another process (pid {pid}: sleep 30)",
+        sb.p("disks/b.img")
+    );
+    assert!(r.stderr.contains(&want), "want {want:?} in: {}", r.stderr);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    sb.mv(&["status"]).ok();
+}
+
+#[test]
 fn refuses_a_disk_of_another_group() {
     let sb = setup_refusals();
     let other = Sandbox::new();

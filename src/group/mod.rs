@@ -355,10 +355,20 @@ pub fn open_disk_with(path: &Path, how: &DiskOpen) -> Result<Arc<QueuedDisk>> {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
             Err(Error::refused(match holder::holder_of(path) {
                 Some(h) => format!("disk {} is in use by {}", path.display(), h.describe()),
-                None => format!(
-                    "disk {} is in use by another mirrorvol process",
-                    path.display()
-                ),
+                None => match holder::lock_holder(path) {
+                    Some((pid, cmdline)) if !cmdline.is_empty() => format!(
+                        "disk {} is in use by another process (pid {pid}: {cmdline})",
+                        path.display()
+                    ),
+                    Some((pid, _)) => format!(
+                        "disk {} is in use by another process (pid {pid})",
+                        path.display()
+                    ),
+                    None => format!(
+                        "disk {} is in use by another mirrorvol process",
+                        path.display()
+                    ),
+                },
             }))
         }
         Err(e) => Err(Error::io_path("open", path, e)),
