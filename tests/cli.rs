@@ -609,6 +609,31 @@ fn a_disk_locked_by_another_process_is_refused_naming_its_pid_and_command() {
 }
 
 #[test]
+fn status_test_exits_1_naming_what_needs_attention() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "m", "--size", "8M", "--mirror"]).ok();
+    let r = sb.mv(&["status", "--test"]).ok();
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    let b = sb.p("disks/b.img");
+    sb.mv(&["fail", &b]).ok();
+    let r = sb.mv(&["status", "--test"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("VOLUME"),
+        "the report is printed: {}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains(&format!("disk {b} is failed")),
+        "{}",
+        r.stderr
+    );
+    // Without --test, a degraded group is still status 0.
+    sb.mv(&["status"]).ok();
+}
+
+#[test]
 fn refuses_a_disk_of_another_group() {
     let sb = setup_refusals();
     let other = Sandbox::new();

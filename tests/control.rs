@@ -142,6 +142,28 @@ fn fail_and_reactivate_online_while_a_client_writes() {
 }
 
 #[test]
+fn status_test_tells_a_script_when_the_live_group_needs_attention() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 32);
+    let _s = serve(&sb);
+    let (code, _, err) = mv(&sb, &["status", "--test"]);
+    assert_eq!(code, 0, "a healthy group: {err}");
+    let b = sb.p("disks/b.img");
+    mv_ok(&sb, &["fail", &b]);
+    let (code, out, err) = mv(&sb, &["status", "--test", "--json"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        out.contains("\"volumes\""),
+        "the report is printed too: {out}"
+    );
+    assert!(
+        err.contains("volume data is failed-redundancy")
+            && err.contains(&format!("disk {b} is failed")),
+        "{err}"
+    );
+}
+
+#[test]
 fn commands_not_served_online_are_refused_naming_the_daemon() {
     let sb = Sandbox::new();
     mirror_group(&sb, 96, 32);

@@ -239,6 +239,11 @@ pub enum Command {
         /// Print one JSON object instead of tables.
         #[arg(long)]
         json: bool,
+        /// After the report, exit with status 1 and name what needs
+        /// attention when a volume is not healthy or a disk is not online
+        /// (as `mdadm --detail --test`), for scripts and monitoring.
+        #[arg(long)]
+        test: bool,
     },
     /// Show the label and config on one disk.
     Examine {
@@ -698,6 +703,44 @@ fn print_done(r: control::Response) {
 }
 
 /// Prints a report the daemon made: as JSON, or as text.
+/// What in a `status --json` report needs attention: volumes not
+/// healthy, disks not online (errors seen count too).
+fn attention(status: &serde_json::Value) -> Vec<String> {
+    let mut issues = Vec::new();
+    let list = |key: &str| status[key].as_array().cloned().unwrap_or_default();
+    for v in list("volumes") {
+        let state = v["state"].as_str().unwrap_or("unknown");
+        if state != "healthy" {
+            issues.push(format!(
+                "volume {} is {state}",
+                v["name"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    for d in list("disks") {
+        let state = d["state"].as_str().unwrap_or("unknown");
+        if state != "online" {
+            issues.push(format!(
+                "disk {} is {state}",
+                d["path"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    issues
+}
+
+/// `status --test`: status 1, naming what needs attention, when anything
+/// does.
+fn tested(test: bool, issues: Vec<String>) -> Result<()> {
+    if test && !issues.is_empty() {
+        return Err(Error::failed(format!(
+            "the group needs attention: {}",
+            issues.join("; ")
+        )));
+    }
+    Ok(())
+}
+
 fn print_report(json: bool, value: Option<serde_json::Value>, text: Option<String>) {
     if json {
         let value = value.unwrap_or_default();
@@ -715,10 +758,11 @@ fn print_report(json: bool, value: Option<serde_json::Value>, text: Option<Strin
 fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
     use control::Request;
     let request = match command {
-        Command::Status { json } => {
+        Command::Status { json, test } => {
             let r = ask(h, &Request::Status)?;
+            let issues = r.status.as_ref().map(attention).unwrap_or_default();
             print_report(json, r.status, r.text);
-            return Ok(());
+            return tested(test, issues);
         }
         Command::Scrub {
             name,
@@ -1037,10 +1081,11 @@ fn execute(cli: Cli) -> Result<()> {
             let n = through_controller(&disks, |live| live.copy(&s, &d, &bar))?;
             outln!("copied {} from {src} to {dst}", human(n));
         }
-        Command::Status { json } => {
+        Command::Status { json, test } => {
             let g = assemble(&disks)?;
             let mut report = g.status();
             report.group.held_by = g.held_by_on_disks();
+            let issues = attention(&serde_json::to_value(&report).expect("status serializes"));
             if json {
                 outln!(
                     "{}",
@@ -1049,6 +1094,7 @@ fn execute(cli: Cli) -> Result<()> {
             } else {
                 out!("{}", crate::group::show::status_text(&report));
             }
+            tested(test, issues)?;
         }
         Command::Examine { path, json } => examine::examine(&path, json)?,
         Command::Scrub {
