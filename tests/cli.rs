@@ -458,6 +458,33 @@ fn output_to_a_reader_that_went_away_ends_quietly_without_a_panic() {
 }
 
 #[test]
+fn copying_a_mostly_empty_volume_out_makes_a_sparse_file() {
+    use std::os::unix::fs::MetadataExt;
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "v", "--size", "32M", "--mirror"]).ok();
+    let (src, data) = sb.data_file("in.bin", MIB as usize, 9);
+    sb.mv(&["copy", &src, "vol:v"]).ok();
+    // Over an older file full of ones: its bytes past the data must read
+    // as zeroes, not survive.
+    let out = sb.path("out.img");
+    fs::write(&out, vec![1u8; 32 * MIB as usize]).unwrap();
+    sb.mv(&["copy", "vol:v", &sb.p("out.img")]).ok();
+    let got = fs::read(&out).unwrap();
+    assert_eq!(got.len(), 32 * MIB as usize);
+    assert_eq!(&got[..MIB as usize], &data[..]);
+    assert!(
+        got[MIB as usize..].iter().all(|b| *b == 0),
+        "the rest is zeroes"
+    );
+    let allocated = fs::metadata(&out).unwrap().blocks() * 512;
+    assert!(
+        allocated < 8 * MIB,
+        "31 MiB of zeroes are holes: {allocated} bytes allocated"
+    );
+}
+
+#[test]
 fn copy_round_trips_through_a_volume_on_a_terminal_free_run() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);

@@ -1233,7 +1233,13 @@ pub(crate) fn path_io(
     write: bool,
 ) -> Result<()> {
     let (r, verb) = if write {
-        (disk.write_at(chunk, pos), "write")
+        // A chunk of zeroes becomes a hole in a file (zeroes the cheap way
+        // on a device): a copy of a mostly empty volume stays sparse.
+        if chunk.iter().all(|b| *b == 0) {
+            (disk.write_zeroes(pos, chunk.len() as u64), "write")
+        } else {
+            (disk.write_at(chunk, pos), "write")
+        }
     } else {
         (disk.read_at(chunk, pos), "read")
     };
