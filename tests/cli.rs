@@ -485,6 +485,35 @@ fn copying_a_mostly_empty_volume_out_makes_a_sparse_file() {
 }
 
 #[test]
+fn completions_and_the_manual_page_print_without_a_group() {
+    let sb = Sandbox::new();
+    // MIRRORVOL_DISKS names a directory with no disks: nothing is opened.
+    let bash = sb.mv(&["completions", "bash"]).ok().stdout;
+    assert!(
+        bash.contains("add-mirror") && bash.contains("--io-engine"),
+        "{bash}"
+    );
+    fs::write(sb.path("mirrorvol.bash"), &bash).unwrap();
+    let checked = std::process::Command::new("bash")
+        .args(["-n", &sb.p("mirrorvol.bash")])
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "bash parses the script: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    for shell in ["zsh", "fish"] {
+        let script = sb.mv(&["completions", shell]).ok().stdout;
+        assert!(script.contains("resolve-split-brain"), "{shell}: {script}");
+    }
+    sb.mv(&["completions", "tcsh"]).refused("tcsh");
+    let page = sb.mv(&["manpage"]).ok().stdout;
+    assert!(page.contains(".TH mirrorvol 1"), "{page}");
+    assert!(page.contains("add\\-mirror"), "lists the commands: {page}");
+}
+
+#[test]
 fn copy_round_trips_through_a_volume_on_a_terminal_free_run() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);

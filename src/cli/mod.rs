@@ -357,6 +357,15 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Print a shell completion script (for example:
+    /// `mirrorvol completions bash > /etc/bash_completion.d/mirrorvol`).
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, in roff (`mirrorvol manpage > mirrorvol.1;
+    /// man ./mirrorvol.1`).
+    Manpage,
 }
 
 /// Parses a size: bytes, or a number with a K, M, G or T suffix (powers of
@@ -591,6 +600,8 @@ fn command_name(command: &Command) -> &'static str {
         Command::TestMirrors { .. } => "test-mirrors",
         Command::Serve { .. } => "serve",
         Command::Demo { .. } => "demo",
+        Command::Completions { .. } => "completions",
+        Command::Manpage => "manpage",
     }
 }
 
@@ -909,7 +920,11 @@ fn execute(cli: Cli) -> Result<()> {
     // locks, whose refusal names the daemon holding them.
     let needs_group = !matches!(
         cli.command,
-        Command::Examine { .. } | Command::Demo { .. } | Command::Serve { .. }
+        Command::Examine { .. }
+            | Command::Demo { .. }
+            | Command::Serve { .. }
+            | Command::Completions { .. }
+            | Command::Manpage
     ) && !cli.disks.is_empty();
     if needs_group && let Some(h) = find_daemon(&disks) {
         return execute_online(&h, cli.command);
@@ -1165,6 +1180,23 @@ fn execute(cli: Cli) -> Result<()> {
             },
         )?,
         Command::Demo { dir } => demo::demo(dir)?,
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "mirrorvol",
+                &mut script,
+            );
+            out!("{}", String::from_utf8_lossy(&script));
+        }
+        Command::Manpage => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut page)
+                .map_err(|e| Error::io("render the manual page", e))?;
+            out!("{}", String::from_utf8_lossy(&page));
+        }
     }
     Ok(())
 }
