@@ -122,6 +122,10 @@ fn status_text_uses_windows_words() {
     assert!(out.contains("Healthy"), "{out}");
     assert!(out.contains("Online"), "{out}");
     assert!(out.contains("mirror"), "{out}");
+    // One plex a row, not a comma-joined list.
+    let plex_rows = out.lines().filter(|l| l.ends_with("(in-sync)")).count();
+    assert_eq!(plex_rows, 2, "{out}");
+    assert!(!out.contains("(in-sync), "), "{out}");
 }
 
 #[test]

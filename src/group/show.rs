@@ -45,6 +45,34 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A plex in the status table: its disk and state; while it resyncs, the
+/// progress, and under `serve` the rate and the time left.
+fn plex_text(p: &super::status::PlexStatus) -> String {
+    match (p.state, p.resync_percent) {
+        ("resyncing", Some(pct)) => {
+            let mut text = format!("{} (resyncing {pct:.0}%", p.disk);
+            if let Some(rate) = p.resync_rate {
+                text.push_str(&format!(", {}/s", human(rate)));
+            }
+            if let Some(eta) = p.resync_eta_seconds {
+                text.push_str(&format!(", {} left", show_seconds(eta)));
+            }
+            text.push(')');
+            text
+        }
+        (state, _) => format!("{} ({state})", p.disk),
+    }
+}
+
+/// "42 s", "3 min 5 s", "2 h 10 min".
+fn show_seconds(s: u64) -> String {
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}
+
 pub fn status_text(r: &StatusReport) -> String {
     let mut out = format!(
         "Group {} ({}), config {}{}\n",
@@ -91,43 +119,54 @@ pub fn status_text(r: &StatusReport) -> String {
         out.push_str(&split_text(r));
         return out;
     }
-    let mut vols = vec![vec![
+    // Under `serve` the volumes' NBD clients get a column.
+    let served = r.volumes.iter().any(|v| v.clients.is_some());
+    let mut head = vec![
         "VOLUME".to_string(),
         "LAYOUT".into(),
         "SIZE".into(),
         "STATE".into(),
         "DUPLEXED".into(),
-        "PLEXES".into(),
-    ]];
+    ];
+    if served {
+        head.push("CLIENTS".into());
+    }
+    head.push("PLEXES".into());
+    let mut vols = vec![head];
     for v in &r.volumes {
-        let plexes: Vec<String> = v
-            .plexes
-            .iter()
-            .map(|p| match (p.state, p.resync_percent) {
-                ("resyncing", Some(pct)) => format!("{} (resyncing {pct:.0}%)", p.disk),
-                (state, _) => format!("{} ({state})", p.disk),
-            })
-            .collect();
-        vols.push(vec![
-            v.name.clone(),
-            v.layout.to_string(),
-            human(v.size),
-            word(v.state).to_string(),
-            if v.layout == "mirror" {
-                if v.duplexed { "yes" } else { "no" }.to_string()
+        // One plex a row: the volume's columns on the first.
+        let mut plexes: Vec<String> = v.plexes.iter().map(plex_text).collect();
+        if !v.waiting_on.is_empty() {
+            plexes.push(format!("(waiting on {})", v.waiting_on.join(", ")));
+        }
+        if plexes.is_empty() {
+            plexes.push("-".into());
+        }
+        for (i, plex) in plexes.into_iter().enumerate() {
+            let mut row = if i == 0 {
+                vec![
+                    v.name.clone(),
+                    v.layout.to_string(),
+                    human(v.size),
+                    word(v.state).to_string(),
+                    if v.layout == "mirror" {
+                        if v.duplexed { "yes" } else { "no" }.to_string()
+                    } else {
+                        "-".to_string()
+                    },
+                ]
             } else {
-                "-".to_string()
-            },
-            if v.waiting_on.is_empty() {
-                plexes.join(", ")
-            } else {
-                format!(
-                    "{} (waiting on {})",
-                    plexes.join(", "),
-                    v.waiting_on.join(", ")
-                )
-            },
-        ]);
+                vec![String::new(); 5]
+            };
+            if served {
+                row.push(match (i, v.clients) {
+                    (0, Some(n)) => n.to_string(),
+                    _ => String::new(),
+                });
+            }
+            row.push(plex);
+            vols.push(row);
+        }
     }
     out.push('\n');
     out.push_str(&table(&vols));
@@ -176,5 +215,45 @@ pub fn and_list(items: &[String]) -> String {
         [] => String::new(),
         [one] => one.clone(),
         [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::group::status::PlexStatus;
+
+    fn plex(
+        state: &'static str,
+        pct: Option<f64>,
+        rate: Option<u64>,
+        eta: Option<u64>,
+    ) -> PlexStatus {
+        PlexStatus {
+            disk: "b.img".into(),
+            state,
+            resync_percent: pct,
+            resync_reason: None,
+            resync_rate: rate,
+            resync_eta_seconds: eta,
+        }
+    }
+
+    #[test]
+    fn a_resyncing_plex_shows_its_progress_rate_and_time_left() {
+        assert_eq!(
+            plex_text(&plex("in-sync", Some(100.0), None, None)),
+            "b.img (in-sync)"
+        );
+        assert_eq!(
+            plex_text(&plex("resyncing", Some(41.6), None, None)),
+            "b.img (resyncing 42%)"
+        );
+        assert_eq!(
+            plex_text(&plex("resyncing", Some(42.0), Some(35 << 20), Some(185))),
+            "b.img (resyncing 42%, 35 MiB/s, 3 min 5 s left)"
+        );
+        assert_eq!(show_seconds(42), "42 s");
+        assert_eq!(show_seconds(7800), "2 h 10 min");
     }
 }
