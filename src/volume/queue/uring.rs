@@ -793,8 +793,9 @@ impl Local {
                 let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
                     .build()
                     .user_data(POLL);
-                // SAFETY: a poll names no memory; the socket outlives the
-                // ring, which is this thread's and goes with it.
+                // SAFETY: a poll names no memory, and io_uring keeps its
+                // own reference to the socket's file until the poll ends
+                // (or the ring goes, with this thread).
                 self.polling = unsafe { sq.push(&poll) }.is_ok();
             }
         }
