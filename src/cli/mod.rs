@@ -718,32 +718,25 @@ fn print_done(r: control::Response) {
 /// healthy, disks not online (errors seen count too).
 fn attention(status: &serde_json::Value) -> Vec<String> {
     let mut issues = Vec::new();
-    let list = |key: &str| status[key].as_array().cloned().unwrap_or_default();
-    for v in list("volumes") {
-        let state = v["state"].as_str().unwrap_or("unknown");
-        if state != "healthy" {
-            issues.push(format!(
-                "volume {} is {state}",
-                v["name"].as_str().unwrap_or("?")
-            ));
-        }
-    }
-    for d in list("disks") {
-        let state = d["state"].as_str().unwrap_or("unknown");
-        if state != "online" {
-            issues.push(format!(
-                "disk {} is {state}",
-                d["path"].as_str().unwrap_or("?")
-            ));
+    for (list, what, id, fine) in [
+        ("volumes", "volume", "name", "healthy"),
+        ("disks", "disk", "path", "online"),
+    ] {
+        for item in status[list].as_array().into_iter().flatten() {
+            let state = item["state"].as_str().unwrap_or("unknown");
+            if state != fine {
+                let id = item[id].as_str().unwrap_or("?");
+                issues.push(format!("{what} {id} is {state}"));
+            }
         }
     }
     issues
 }
 
 /// `status --test`: status 1, naming what needs attention, when anything
-/// does.
-fn tested(test: bool, issues: Vec<String>) -> Result<()> {
-    if test && !issues.is_empty() {
+/// does (`issues` is empty without `--test`).
+fn tested(issues: Vec<String>) -> Result<()> {
+    if !issues.is_empty() {
         return Err(Error::failed(format!(
             "the group needs attention: {}",
             issues.join("; ")
@@ -771,9 +764,12 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
     let request = match command {
         Command::Status { json, test } => {
             let r = ask(h, &Request::Status)?;
-            let issues = r.status.as_ref().map(attention).unwrap_or_default();
+            let issues = match (test, &r.status) {
+                (true, Some(status)) => attention(status),
+                _ => Vec::new(),
+            };
             print_report(json, r.status, r.text);
-            return tested(test, issues);
+            return tested(issues);
         }
         Command::Scrub {
             name,
@@ -1100,7 +1096,10 @@ fn execute(cli: Cli) -> Result<()> {
             let g = assemble(&disks)?;
             let mut report = g.status();
             report.group.held_by = g.held_by_on_disks();
-            let issues = attention(&serde_json::to_value(&report).expect("status serializes"));
+            let issues = match test {
+                true => attention(&serde_json::to_value(&report).expect("status serializes")),
+                false => Vec::new(),
+            };
             if json {
                 outln!(
                     "{}",
@@ -1109,7 +1108,7 @@ fn execute(cli: Cli) -> Result<()> {
             } else {
                 out!("{}", crate::group::show::status_text(&report));
             }
-            tested(test, issues)?;
+            tested(issues)?;
         }
         Command::Examine { path, json } => examine::examine(&path, json)?,
         Command::Scrub {

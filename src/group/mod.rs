@@ -355,20 +355,16 @@ pub fn open_disk_with(path: &Path, how: &DiskOpen) -> Result<Arc<QueuedDisk>> {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
             Err(Error::refused(match holder::holder_of(path) {
                 Some(h) => format!("disk {} is in use by {}", path.display(), h.describe()),
-                None => match holder::lock_holder(path) {
-                    Some((pid, cmdline)) if !cmdline.is_empty() => format!(
-                        "disk {} is in use by another process (pid {pid}: {cmdline})",
-                        path.display()
-                    ),
-                    Some((pid, _)) => format!(
-                        "disk {} is in use by another process (pid {pid})",
-                        path.display()
-                    ),
-                    None => format!(
-                        "disk {} is in use by another mirrorvol process",
-                        path.display()
-                    ),
-                },
+                None => {
+                    let who = match holder::lock_holder(path) {
+                        Some((pid, cmd)) if !cmd.is_empty() => {
+                            format!("another process (pid {pid}: {cmd})")
+                        }
+                        Some((pid, _)) => format!("another process (pid {pid})"),
+                        None => "another mirrorvol process".to_string(),
+                    };
+                    format!("disk {} is in use by {who}", path.display())
+                }
             }))
         }
         Err(e) => Err(Error::io_path("open", path, e)),

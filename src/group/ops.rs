@@ -1232,14 +1232,12 @@ pub(crate) fn path_io(
     chunk: &mut [u8],
     write: bool,
 ) -> Result<()> {
-    let (r, verb) = if write {
+    let (r, verb) = if write && chunk.iter().all(|b| *b == 0) {
         // A chunk of zeroes becomes a hole in a file (zeroes the cheap way
         // on a device): a copy of a mostly empty volume stays sparse.
-        if chunk.iter().all(|b| *b == 0) {
-            (disk.write_zeroes(pos, chunk.len() as u64), "write")
-        } else {
-            (disk.write_at(chunk, pos), "write")
-        }
+        (disk.write_zeroes(pos, chunk.len() as u64), "write")
+    } else if write {
+        (disk.write_at(chunk, pos), "write")
     } else {
         (disk.read_at(chunk, pos), "read")
     };

@@ -1186,10 +1186,16 @@ fn transmission(
         .name("nbd-reply".into())
         .spawn(move || write_replies(wire, rx, released, stall))
         .map_err(ConnError::Io)?;
-    let r = requests(&export, &mut reader, &replies, &inflight);
-    // Answer everything already accepted before the socket closes: every
-    // share comes back once its reply is written (or dropped).
-    inflight.drain();
+    // The disk requests of the clients' requests go to this thread's own
+    // ring, which it turns while it waits (for the socket, for room in
+    // flight, for the last replies).
+    let r = crate::volume::queue::run_here(|| {
+        let r = requests(&export, &mut reader, &replies, &inflight);
+        // Answer everything already accepted before the socket closes: every
+        // share comes back once its reply is written (or dropped).
+        inflight.drain();
+        r
+    });
     drop(replies);
     let _ = writer.join();
     r
@@ -1207,9 +1213,6 @@ fn requests(
     // Requests that arrived together reach each disk's ring together: the
     // kernel hears of them when the reader is about to wait for more.
     let plug = crate::volume::queue::Plug::new();
-    // The disk requests of each client request go to this thread's own
-    // ring, which it turns while it waits for the socket.
-    use crate::volume::queue::run_here;
     loop {
         if reader.buffer().len() < proto::REQUEST_LEN {
             plug.flush();
@@ -1252,24 +1255,22 @@ fn requests(
                 let bytes = u64::from(len);
                 inflight.acquire(bytes);
                 let replies = replies.clone();
-                run_here(|| {
-                    export.read(
-                        offset,
-                        len as usize,
-                        Box::new(move |r| match r {
-                            Ok(data) => replies.send(
-                                proto::encode_simple_reply(0, handle),
-                                Some(data),
-                                Some(bytes),
-                            ),
-                            Err(e) => replies.send(
-                                proto::encode_simple_reply(proto::errno_of(&e), handle),
-                                None,
-                                Some(bytes),
-                            ),
-                        }),
-                    )
-                });
+                export.read(
+                    offset,
+                    len as usize,
+                    Box::new(move |r| match r {
+                        Ok(data) => replies.send(
+                            proto::encode_simple_reply(0, handle),
+                            Some(data),
+                            Some(bytes),
+                        ),
+                        Err(e) => replies.send(
+                            proto::encode_simple_reply(proto::errno_of(&e), handle),
+                            None,
+                            Some(bytes),
+                        ),
+                    }),
+                );
             }
             Command::Write { offset, len, fua } => {
                 let bytes = u64::from(len);
@@ -1282,37 +1283,31 @@ fn requests(
                     inflight.release(bytes);
                     return Err(e.into());
                 }
-                run_here(|| {
-                    export.write(
-                        offset,
-                        data,
-                        fua,
-                        Box::new(move |r| {
-                            reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(bytes))
-                        }),
-                    )
-                });
+                export.write(
+                    offset,
+                    data,
+                    fua,
+                    Box::new(move |r| {
+                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(bytes))
+                    }),
+                );
             }
             Command::WriteZeroes { offset, len, fua } => {
                 inflight.acquire(0);
-                run_here(|| {
-                    export.write_zeroes(
-                        offset,
-                        u64::from(len),
-                        fua,
-                        Box::new(move |r| {
-                            reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
-                        }),
-                    )
-                });
+                export.write_zeroes(
+                    offset,
+                    u64::from(len),
+                    fua,
+                    Box::new(move |r| {
+                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
+                    }),
+                );
             }
             Command::Flush => {
                 inflight.acquire(0);
-                run_here(|| {
-                    export.flush(Box::new(move |r| {
-                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
-                    }))
-                });
+                export.flush(Box::new(move |r| {
+                    reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
+                }));
             }
         }
     }

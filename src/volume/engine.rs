@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use uuid::Uuid;
 
 use super::error::IoFailure;
-use super::queue::{DiskQueue, Op, Outcome, read_data, wait};
+use super::queue::{DiskQueue, Op, Outcome, read_data, wait, wait_here};
 use super::range_lock::RangeLock;
 use crate::disk::AlignedBuf;
 
@@ -1124,16 +1124,6 @@ impl MirrorVolume {
         })
         .map(|_| ())
     }
-}
-
-/// Submits through `submit` with the ring requests it makes going to the
-/// calling thread's own ring, and waits for the outcome, turning that ring
-/// meanwhile: a blocking caller's request wakes no other thread (a read
-/// the page cache holds completes in the submitting system call).
-fn wait_here(submit: impl FnOnce(super::queue::Callback)) -> Outcome {
-    let (cb, rx) = super::queue::channel();
-    super::queue::run_here(|| submit(cb));
-    super::queue::received(&rx)
 }
 
 /// A range held in a volume's range lock; released when dropped.

@@ -404,6 +404,14 @@ pub fn received(rx: &std::sync::mpsc::Receiver<Outcome>) -> Outcome {
     })
 }
 
+/// [`wait`], with the ring requests `submit` makes going to the calling
+/// thread's own ring ([`run_here`]), which [`received`] turns meanwhile: a
+/// blocking caller's request wakes no other thread (a read the page cache
+/// holds completes in the submitting system call).
+pub fn wait_here(submit: impl FnOnce(Callback)) -> Outcome {
+    wait(|cb| run_here(|| submit(cb)))
+}
+
 /// Submits with a callback and waits for its outcome.
 pub fn wait(submit: impl FnOnce(Callback)) -> Outcome {
     let (cb, rx) = channel();

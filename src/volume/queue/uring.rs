@@ -447,22 +447,14 @@ impl Ring {
         let me = ring.clone();
         let handle = std::thread::Builder::new()
             .name("mv-uring".into())
-            .spawn(move || {
-                let uring = IoUring::builder()
-                    .setup_single_issuer()
-                    .setup_defer_taskrun()
-                    .build(DEPTH)
-                    // Kernels before 6.1 refuse those flags.
-                    .or_else(|_| IoUring::builder().build(DEPTH));
-                match uring {
-                    Ok(uring) => {
-                        let _ = made.send(Ok(()));
-                        me.run(uring);
-                    }
-                    Err(e) => {
-                        let _ = made.send(Err(e));
-                        me.disk.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    }
+            .spawn(move || match single_issuer_ring(DEPTH) {
+                Ok(uring) => {
+                    let _ = made.send(Ok(()));
+                    me.run(uring);
+                }
+                Err(e) => {
+                    let _ = made.send(Err(e));
+                    me.disk.lock().unwrap_or_else(|e| e.into_inner()).take();
                 }
             })?;
         let outcome = built
@@ -698,6 +690,17 @@ impl Ring {
     }
 }
 
+/// A ring that one thread alone submits to and reaps, with its task work
+/// run when that thread asks for completions.
+fn single_issuer_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(entries)
+        // Kernels before 6.1 refuse those flags.
+        .or_else(|_| IoUring::builder().build(entries))
+}
+
 /// Takes a failed wait of a ring: an interrupted or busy one is retried at
 /// once, a timed-out one is what was asked for; anything else is logged
 /// and slowed down so that it cannot spin.
@@ -739,12 +742,8 @@ struct Local {
 
 impl Local {
     fn new() -> Local {
-        let uring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(2 * DEPTH)
-            .or_else(|_| IoUring::builder().build(2 * DEPTH));
-        let uring = match uring {
+        // Room for the poll of the socket next to a full flight.
+        let uring = match single_issuer_ring(2 * DEPTH) {
             Ok(u) => Some(u),
             Err(e) => {
                 tracing::debug!(error = %e, "no ring of its own for this thread; its requests go to the disks' rings");
@@ -1144,6 +1143,16 @@ mod tests {
         rx
     }
 
+    /// Turns this thread's own ring until `rx` has what it waits for.
+    fn turned_until<T>(rx: std::sync::mpsc::Receiver<T>) -> T {
+        loop {
+            turn_here(None, Some(Duration::from_millis(100)));
+            if let Ok(got) = rx.try_recv() {
+                return got;
+            }
+        }
+    }
+
     #[test]
     fn requests_run_in_the_threads_own_ring_and_are_answered_on_that_thread() {
         let f = file(4 * MIB);
@@ -1164,12 +1173,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         assert!(wrote.try_recv().is_err(), "not run before the turn");
         let me = std::thread::current().id();
-        let (outcome, on) = loop {
-            turn_here(None, Some(Duration::from_millis(100)));
-            if let Ok(got) = wrote.try_recv() {
-                break got;
-            }
-        };
+        let (outcome, on) = turned_until(wrote);
         outcome.unwrap();
         assert_eq!(on, me, "answered by the thread that turned its ring");
         assert!(!busy_here());
@@ -1181,12 +1185,7 @@ mod tests {
                 len: 8192,
             },
         );
-        let (outcome, on) = loop {
-            turn_here(None, Some(Duration::from_millis(100)));
-            if let Ok(got) = read_back.try_recv() {
-                break got;
-            }
-        };
+        let (outcome, on) = turned_until(read_back);
         assert_eq!(on, me);
         assert_eq!(&read_data(outcome).unwrap()[..], &data[..]);
         assert_eq!(q.pending(), 0);
@@ -1307,12 +1306,7 @@ mod tests {
             },
         );
         assert!(busy_here());
-        let (outcome, on) = loop {
-            turn_here(None, Some(Duration::from_millis(100)));
-            if let Ok(r) = got.try_recv() {
-                break r;
-            }
-        };
+        let (outcome, on) = turned_until(got);
         assert_eq!(on, me);
         assert_eq!(&read_data(outcome).unwrap()[..], &data[..]);
         assert_eq!(q.stats().ops(OpKind::Write), 1);
