@@ -6,114 +6,19 @@
 mod common;
 
 use std::fs;
-use std::io;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use common::crash::{CrashDisk, Cut};
 use common::serve;
 use common::*;
-use mirrorvol::disk::{Disk, MemDisk};
+use mirrorvol::disk::Disk;
 use mirrorvol::format::Style;
 use mirrorvol::group::live::LiveGroup;
 use mirrorvol::group::ops::{self, InitOptions};
 use mirrorvol::group::{DiskSet, Group, Lookup};
-
-/// Power is cut after this many disk operations (writes and flushes, over
-/// every disk of the group).
-#[derive(Debug)]
-struct Cut {
-    ops: AtomicU64,
-    at: u64,
-    off: AtomicBool,
-}
-
-impl Cut {
-    /// Counts one operation; false once the power is off.
-    fn tick(&self) -> bool {
-        if self.off.load(Ordering::SeqCst) {
-            return false;
-        }
-        if self.ops.fetch_add(1, Ordering::SeqCst) >= self.at {
-            self.off.store(true, Ordering::SeqCst);
-            return false;
-        }
-        true
-    }
-}
-
-/// A crash disk: writes land in a live image at once and in the durable
-/// image only on flush, as in a volatile disk cache. After a cut, every
-/// operation fails, and [`CrashDisk::after_crash`] is what the platters
-/// hold: the durable image plus each unflushed write or not, by a seeded
-/// coin.
-#[derive(Debug)]
-struct CrashDisk {
-    live: MemDisk,
-    durable: Mutex<Vec<u8>>,
-    pending: Mutex<Vec<(u64, Vec<u8>)>>,
-    cut: Arc<Cut>,
-}
-
-impl CrashDisk {
-    fn new(image: Vec<u8>, cut: Arc<Cut>) -> CrashDisk {
-        let live = MemDisk::new(image.len() as u64);
-        live.write_at(&image, 0).unwrap();
-        CrashDisk {
-            live,
-            durable: Mutex::new(image),
-            pending: Mutex::new(Vec::new()),
-            cut,
-        }
-    }
-
-    fn tick(&self) -> io::Result<()> {
-        if self.cut.tick() {
-            Ok(())
-        } else {
-            Err(io::Error::other("power cut"))
-        }
-    }
-
-    fn after_crash(&self, seed: &mut u64) -> Vec<u8> {
-        let mut image = self.durable.lock().unwrap().clone();
-        for (at, data) in self.pending.lock().unwrap().iter() {
-            *seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            if *seed >> 63 == 1 {
-                image[*at as usize..*at as usize + data.len()].copy_from_slice(data);
-            }
-        }
-        image
-    }
-}
-
-impl Disk for CrashDisk {
-    fn size(&self) -> u64 {
-        self.live.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.live.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.tick()?;
-        self.live.write_at(buf, offset)?;
-        self.pending.lock().unwrap().push((offset, buf.to_vec()));
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.tick()?;
-        let mut durable = self.durable.lock().unwrap();
-        for (at, data) in self.pending.lock().unwrap().drain(..) {
-            durable[at as usize..at as usize + data.len()].copy_from_slice(&data);
-        }
-        Ok(())
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.write_at(&vec![0; len as usize], offset)
-    }
-}
 
 const DISK_MIB: u64 = 16;
 const VOL: u64 = 2 * MIB;

@@ -168,6 +168,7 @@ fn run(seed: u64, fault: Fault) {
                     first * BLOCK,
                     n * BLOCK,
                     fua,
+                    first % 2 == 0,
                     Run::Queued,
                     Box::new(unit),
                 ),

@@ -14,6 +14,9 @@ use common::{MIB, Sandbox, pattern};
 use mirrorvol::nbd::proto::{self, Request};
 
 /// A raw NBD client for tests.
+/// One context's id and its extents (length, flags).
+type ContextExtents = (u32, Vec<(u32, u32)>);
+
 struct Client {
     s: UnixStream,
 }
@@ -128,6 +131,131 @@ impl Client {
         Ok(buf)
     }
 
+    /// Reads one structured reply chunk: (flags, type, handle, payload).
+    fn chunk(&mut self) -> (u16, u16, u64, Vec<u8>) {
+        let mut h = [0u8; proto::CHUNK_HEADER_LEN];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(be32(&h), proto::STRUCTURED_REPLY_MAGIC);
+        let mut payload = vec![0u8; be32(&h[16..]) as usize];
+        self.s.read_exact(&mut payload).unwrap();
+        (
+            u16::from_be_bytes([h[4], h[5]]),
+            u16::from_be_bytes([h[6], h[7]]),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            payload,
+        )
+    }
+
+    /// Reads every chunk of one structured reply to `handle`, up to the one
+    /// flagged done.
+    fn chunks(&mut self, handle: u64) -> Vec<(u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        loop {
+            let (flags, kind, h, payload) = self.chunk();
+            assert_eq!(h, handle);
+            out.push((kind, payload));
+            if flags & proto::REPLY_FLAG_DONE != 0 {
+                return out;
+            }
+        }
+    }
+
+    /// A structured read: the bytes (holes filled with zeroes) and how
+    /// many data and hole chunks carried them, or the error and message.
+    fn read_structured(
+        &mut self,
+        handle: u64,
+        flags: u16,
+        offset: u64,
+        len: u32,
+    ) -> Result<(Vec<u8>, usize, usize), (u32, String)> {
+        self.send(proto::CMD_READ, flags, handle, offset, len, &[]);
+        let mut buf = vec![0xeeu8; len as usize];
+        let mut covered = 0u64;
+        let (mut data, mut holes) = (0, 0);
+        for (kind, p) in self.chunks(handle) {
+            match kind {
+                proto::REPLY_TYPE_OFFSET_DATA => {
+                    let at = (u64::from_be_bytes(p[..8].try_into().unwrap()) - offset) as usize;
+                    buf[at..at + p.len() - 8].copy_from_slice(&p[8..]);
+                    covered += (p.len() - 8) as u64;
+                    data += 1;
+                }
+                proto::REPLY_TYPE_OFFSET_HOLE => {
+                    let at = (u64::from_be_bytes(p[..8].try_into().unwrap()) - offset) as usize;
+                    let n = be32(&p[8..]) as usize;
+                    buf[at..at + n].fill(0);
+                    covered += n as u64;
+                    holes += 1;
+                }
+                proto::REPLY_TYPE_ERROR => {
+                    let n = u16::from_be_bytes([p[4], p[5]]) as usize;
+                    return Err((be32(&p), String::from_utf8(p[6..6 + n].to_vec()).unwrap()));
+                }
+                proto::REPLY_TYPE_NONE => {}
+                other => panic!("a read answered with chunk type {other}"),
+            }
+        }
+        assert_eq!(covered, u64::from(len), "the chunks cover the read");
+        Ok((buf, data, holes))
+    }
+
+    /// A block status: each context's (id, extents).
+    fn block_status(
+        &mut self,
+        handle: u64,
+        flags: u16,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<ContextExtents>, u32> {
+        self.send(proto::CMD_BLOCK_STATUS, flags, handle, offset, len, &[]);
+        let mut out = Vec::new();
+        for (kind, p) in self.chunks(handle) {
+            match kind {
+                proto::REPLY_TYPE_BLOCK_STATUS => {
+                    let extents = p[4..]
+                        .chunks_exact(8)
+                        .map(|e| (be32(e), be32(&e[4..])))
+                        .collect();
+                    out.push((be32(&p), extents));
+                }
+                proto::REPLY_TYPE_ERROR => return Err(be32(&p)),
+                other => panic!("a block status answered with chunk type {other}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends a meta context option and reads the contexts it answers
+    /// with: (id, name) each, or the error reply type.
+    fn meta(
+        &mut self,
+        opt: u32,
+        export: &str,
+        queries: &[&str],
+    ) -> Result<Vec<(u32, String)>, u32> {
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        self.option(opt, &d);
+        let mut out = Vec::new();
+        loop {
+            let (o, kind, data) = self.option_reply();
+            assert_eq!(o, opt);
+            match kind {
+                proto::REP_META_CONTEXT => {
+                    out.push((be32(&data), String::from_utf8(data[4..].to_vec()).unwrap()))
+                }
+                proto::REP_ACK => return Ok(out),
+                err => return Err(err),
+            }
+        }
+    }
+
     /// True when the server closed the connection.
     fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
@@ -177,10 +305,12 @@ fn handshake_answers_every_option_and_reads_on_after_errors() {
     // Unknown option: ERR_UNSUP, and the next option is still read.
     c.option(99, b"whatever");
     assert_eq!(c.option_reply().1, proto::REP_ERR_UNSUP);
-    c.option(proto::OPT_STRUCTURED_REPLY, b"");
-    assert_eq!(c.option_reply().1, proto::REP_ERR_UNSUP);
+    // TLS is not configured: refused by policy, and the next option is read.
     c.option(proto::OPT_STARTTLS, b"");
-    assert_eq!(c.option_reply().1, proto::REP_ERR_UNSUP);
+    assert_eq!(c.option_reply().1, proto::REP_ERR_POLICY);
+    // Metadata contexts before structured replies are invalid.
+    c.option(proto::OPT_LIST_META_CONTEXT, &[0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(c.option_reply().1, proto::REP_ERR_INVALID);
 
     // LIST: one SERVER reply per volume, then ACK.
     c.option(proto::OPT_LIST, b"");
@@ -569,4 +699,203 @@ fn a_client_that_stops_reading_is_cut_at_the_client_timeout() {
     );
     drop(a);
     assert_eq!(s.stop().0, 0);
+}
+
+/// Structured replies and block status as a client negotiates them: the
+/// contexts listed and selected, reads in hole and data chunks that carry
+/// the right bytes, `DF` in one chunk, errors with a message, both
+/// contexts' extents, `REQ_ONE`, `CACHE`, and `FAST_ZERO` refused where
+/// zeroing would cost a write.
+#[test]
+fn structured_replies_and_block_status_tell_holes_data_and_dirty_regions() {
+    let (sb, s) = served(&[]);
+    let mut c = Client::connect(&s.sock, 3);
+    // SET before structured replies: invalid.
+    assert_eq!(
+        c.meta(proto::OPT_SET_META_CONTEXT, "data", &["base:allocation"]),
+        Err(proto::REP_ERR_INVALID)
+    );
+    c.option(proto::OPT_STRUCTURED_REPLY, b"");
+    assert_eq!(c.option_reply().1, proto::REP_ACK);
+    let all = c.meta(proto::OPT_LIST_META_CONTEXT, "data", &[]).unwrap();
+    let names: Vec<&str> = all.iter().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(names, ["base:allocation", "mirrorvol:dirty"]);
+    let ours = c
+        .meta(proto::OPT_LIST_META_CONTEXT, "data", &["mirrorvol:"])
+        .unwrap();
+    assert_eq!(ours.len(), 1);
+    assert_eq!(
+        c.meta(proto::OPT_SET_META_CONTEXT, "nosuch", &["base:allocation"]),
+        Err(proto::REP_ERR_UNKNOWN)
+    );
+    let set = c
+        .meta(
+            proto::OPT_SET_META_CONTEXT,
+            "data",
+            &["base:allocation", "x-other:thing", "mirrorvol:dirty"],
+        )
+        .unwrap();
+    assert_eq!(set.len(), 2, "{set:?}");
+    let id_of = |name: &str| set.iter().find(|(_, n)| n == name).unwrap().0;
+    let (alloc, dirty) = (id_of("base:allocation"), id_of("mirrorvol:dirty"));
+    assert_ne!(alloc, dirty);
+    c.option(proto::OPT_GO, &Client::info_data("data", &[]));
+    let mut flags = 0;
+    loop {
+        let (_, kind, data) = c.option_reply();
+        match kind {
+            proto::REP_INFO if u16::from_be_bytes([data[0], data[1]]) == proto::INFO_EXPORT => {
+                flags = u16::from_be_bytes([data[10], data[11]]);
+            }
+            proto::REP_INFO => {}
+            proto::REP_ACK => break,
+            other => panic!("GO answered {other:#x}"),
+        }
+    }
+    for f in [
+        proto::FLAG_SEND_DF,
+        proto::FLAG_SEND_CACHE,
+        proto::FLAG_SEND_FAST_ZERO,
+        proto::FLAG_CAN_MULTI_CONN,
+    ] {
+        assert_ne!(flags & f, 0, "flag {f:#x} in {flags:#x}");
+    }
+
+    // 1 MiB of data at 4 MiB of a fresh 16 MiB volume (its plexes are
+    // sparse files).
+    let data = pattern(MIB as usize, 5);
+    assert_eq!(c.write(1, 4 * MIB, &data), 0);
+    let st = c.block_status(2, 0, 0, (16 * MIB) as u32).unwrap();
+    assert_eq!(st.len(), 2);
+    let (_, a) = st.iter().find(|(id, _)| *id == alloc).unwrap();
+    let hole = proto::STATE_HOLE | proto::STATE_ZERO;
+    assert_eq!(
+        a,
+        &vec![
+            ((4 * MIB) as u32, hole),
+            (MIB as u32, 0),
+            ((11 * MIB) as u32, hole)
+        ],
+        "base:allocation"
+    );
+    let (_, d) = st.iter().find(|(id, _)| *id == dirty).unwrap();
+    assert_eq!(d.iter().map(|e| u64::from(e.0)).sum::<u64>(), 16 * MIB);
+    // The region just written is dirty in the write-intent bitmap.
+    let mut pos = 0u64;
+    let mut dirty_at_write = false;
+    for &(n, f) in d {
+        if f & 1 != 0 && pos <= 4 * MIB && 4 * MIB < pos + u64::from(n) {
+            dirty_at_write = true;
+        }
+        pos += u64::from(n);
+    }
+    assert!(dirty_at_write, "mirrorvol:dirty: {d:?}");
+    // REQ_ONE: one extent each, within the length asked.
+    let one = c
+        .block_status(3, proto::CMD_FLAG_REQ_ONE, 3 * MIB, (2 * MIB) as u32)
+        .unwrap();
+    for (_, e) in &one {
+        assert_eq!(e.len(), 1);
+        assert!(e[0].0 as u64 <= 2 * MIB);
+    }
+    let (_, a1) = one.iter().find(|(id, _)| *id == alloc).unwrap();
+    assert_eq!(a1[0], (MIB as u32, hole));
+
+    // A read over hole and data: hole chunks and a data chunk, right bytes.
+    let (got, nd, nh) = c.read_structured(4, 0, 3 * MIB, (3 * MIB) as u32).unwrap();
+    assert_eq!((nd, nh), (1, 2));
+    assert!(got[..MIB as usize].iter().all(|&b| b == 0));
+    assert_eq!(&got[MIB as usize..2 * MIB as usize], &data[..]);
+    assert!(got[2 * MIB as usize..].iter().all(|&b| b == 0));
+    // DF: the same bytes in one data chunk.
+    let (whole, nd, nh) = c
+        .read_structured(5, proto::CMD_FLAG_DF, 3 * MIB, (3 * MIB) as u32)
+        .unwrap();
+    assert_eq!((nd, nh), (1, 0));
+    assert_eq!(whole, got);
+    // All hole: no data chunk at all.
+    let (zeroes, nd, _) = c.read_structured(6, 0, 8 * MIB, MIB as u32).unwrap();
+    assert_eq!(nd, 0);
+    assert!(zeroes.iter().all(|&b| b == 0));
+    // A small read is one data chunk.
+    let (small, nd, nh) = c.read_structured(7, 0, 4 * MIB, 4096).unwrap();
+    assert_eq!((nd, nh), (1, 0));
+    assert_eq!(&small[..], &data[..4096]);
+    // Errors come as error chunks with a message, even a refused read.
+    let (errno, msg) = c.read_structured(8, 0, 16 * MIB, 4096).unwrap_err();
+    assert_eq!(errno, proto::EINVAL);
+    assert!(msg.contains("past the end"), "{msg}");
+    assert_eq!(c.block_status(9, 0, 16 * MIB, 4096), Err(proto::EINVAL));
+
+    // CACHE succeeds; FAST_ZERO without a hole allowed is refused at once
+    // (zeroing that keeps the blocks may cost a write), and punching is
+    // cheap on image files.
+    c.send(proto::CMD_CACHE, 0, 10, 0, MIB as u32, &[]);
+    assert_eq!(c.reply(), (0, 10));
+    c.send(
+        proto::CMD_WRITE_ZEROES,
+        proto::CMD_FLAG_FAST_ZERO | proto::CMD_FLAG_NO_HOLE,
+        11,
+        4 * MIB,
+        4096,
+        &[],
+    );
+    let chunks = c.chunks(11);
+    assert_eq!(chunks[0].0, proto::REPLY_TYPE_ERROR);
+    assert_eq!(be32(&chunks[0].1), proto::ENOTSUP);
+    assert_eq!(
+        c.read_structured(12, 0, 4 * MIB, 4096).unwrap().0,
+        &data[..4096]
+    );
+    c.send(
+        proto::CMD_WRITE_ZEROES,
+        proto::CMD_FLAG_FAST_ZERO,
+        13,
+        4 * MIB,
+        MIB as u32,
+        &[],
+    );
+    assert_eq!(c.reply(), (0, 13));
+    // Zeroed by a punched hole: a hole again.
+    let st = c.block_status(14, 0, 0, (16 * MIB) as u32).unwrap();
+    let (_, a) = st.iter().find(|(id, _)| *id == alloc).unwrap();
+    assert_eq!(a, &vec![((16 * MIB) as u32, hole)]);
+    // NO_HOLE zeroes keep the blocks on both plexes (the filesystem may
+    // keep them as unwritten extents, which it reports as holes); a trim
+    // gives them back.
+    assert_eq!(c.write(15, 8 * MIB, &data), 0);
+    c.send(proto::CMD_FLUSH, 0, 19, 0, 0, &[]);
+    assert_eq!(c.reply(), (0, 19));
+    let blocks = || {
+        use std::os::unix::fs::MetadataExt;
+        ["a.img", "b.img"].map(|f| {
+            std::fs::metadata(sb.path(&format!("disks/{f}")))
+                .unwrap()
+                .blocks()
+                * 512
+        })
+    };
+    let written = blocks();
+    c.send(
+        proto::CMD_WRITE_ZEROES,
+        proto::CMD_FLAG_NO_HOLE,
+        16,
+        8 * MIB,
+        MIB as u32,
+        &[],
+    );
+    assert_eq!(c.reply(), (0, 16));
+    let kept = blocks();
+    for (w, k) in written.iter().zip(kept) {
+        assert!(k >= *w, "NO_HOLE zeroing freed blocks: {w} then {k}");
+    }
+    c.send(proto::CMD_TRIM, 0, 20, 8 * MIB, MIB as u32, &[]);
+    assert_eq!(c.reply(), (0, 20));
+    for (k, t) in kept.iter().zip(blocks()) {
+        assert!(t + MIB <= *k, "a trim freed no blocks: {k} then {t}");
+    }
+    let (z, _, _) = c.read_structured(18, 0, 8 * MIB, MIB as u32).unwrap();
+    assert!(z.iter().all(|&b| b == 0));
+    let (code, err) = s.stop();
+    assert_eq!(code, 0, "{err}");
 }

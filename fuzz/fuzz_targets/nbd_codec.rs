@@ -20,7 +20,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(used <= data.len());
     }
     if let Ok(Decoded::Done(r, _)) = proto::decode_request(data) {
-        let _ = proto::classify(&r, size);
+        let _ = proto::classify(&r, size, &proto::Negotiated::default());
+        let _ = proto::classify(&r, size, &proto::Negotiated { structured: true, contexts: 2 });
     }
     let _ = proto::decode_client_flags(data);
 });

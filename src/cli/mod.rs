@@ -350,6 +350,23 @@ pub enum Command {
         /// also at most 128M); past it, requests wait unread.
         #[arg(long, value_name = "SIZE", value_parser = parse_size, allow_hyphen_values = true, default_value = "1G")]
         max_in_flight: u64,
+        /// Offer NBD clients TLS (NBD_OPT_STARTTLS) with the X.509 files in
+        /// DIR, named as qemu-nbd names them: ca-cert.pem, server-cert.pem,
+        /// server-key.pem.
+        #[arg(long, value_name = "DIR")]
+        tls_certs: Option<PathBuf>,
+        /// require (the default with --tls-certs): clients must start TLS
+        /// before anything else; allow: clients choose; off: no TLS.
+        #[arg(long, value_parser = ["require", "allow", "off"])]
+        tls: Option<String>,
+        /// yes: a TLS client must show a certificate signed by
+        /// ca-cert.pem (as qemu-nbd's verify-peer); no: any client.
+        #[arg(long, default_value = "yes", value_parser = ["yes", "no"])]
+        tls_verify_peer: String,
+        /// Listen on addresses beyond loopback without requiring TLS:
+        /// anyone who reaches them can read and write every volume.
+        #[arg(long)]
+        insecure_listen: bool,
     },
     /// A self-contained tour on image files in a temporary directory.
     Demo {
@@ -1148,6 +1165,10 @@ fn execute(cli: Cli) -> Result<()> {
             handshake_timeout,
             client_timeout,
             max_in_flight,
+            tls_certs,
+            tls,
+            tls_verify_peer,
+            insecure_listen,
         } => crate::daemon::serve(
             &cli.disks,
             &crate::daemon::ServeOptions {
@@ -1176,6 +1197,12 @@ fn execute(cli: Cli) -> Result<()> {
                     reply_timeout: std::time::Duration::from_secs(client_timeout),
                     total_bytes: max_in_flight.max(1),
                 },
+                tls: crate::daemon::TlsOptions {
+                    certs: tls_certs,
+                    mode: tls,
+                    verify_peer: tls_verify_peer == "yes",
+                },
+                insecure_listen,
             },
         )?,
         Command::Demo { dir } => demo::demo(dir)?,

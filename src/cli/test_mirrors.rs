@@ -135,7 +135,7 @@ impl Export for PlexExport {
         done(Err(io::Error::from_raw_os_error(libc::EROFS)));
     }
 
-    fn write_zeroes(&self, _: u64, _: u64, _: bool, done: Done<()>) {
+    fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool, done: Done<()>) {
         done(Err(io::Error::from_raw_os_error(libc::EROFS)));
     }
 

@@ -37,6 +37,7 @@ use crate::group::holder;
 use crate::group::live::LiveGroup;
 use crate::group::{DiskSet, Group, Lookup};
 use crate::nbd::server::{self, Done, Export, Listen, Server};
+use crate::nbd::tls::{Tls, TlsMode};
 use crate::volume::engine::{EngineOptions, MirrorVolume, Mode, Run};
 use crate::volume::resync::ResyncOptions;
 use crate::{Error, Result};
@@ -50,6 +51,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
 /// A volume of the running engine as an NBD export.
 struct VolumeExport(Arc<MirrorVolume>);
+
+/// The NBD export `serve` makes of a volume of the running engine.
+pub fn volume_export(volume: Arc<MirrorVolume>) -> Arc<dyn Export> {
+    Arc::new(VolumeExport(volume))
+}
 
 impl Export for VolumeExport {
     fn name(&self) -> &str {
@@ -69,15 +75,58 @@ impl Export for VolumeExport {
             .submit_write(offset, Arc::new(data), fua, Run::Queued, done);
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, done: Done<()>) {
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, keep: bool, done: Done<()>) {
         self.0
-            .submit_write_zeroes(offset, len, fua, Run::Queued, done);
+            .submit_write_zeroes(offset, len, fua, keep, Run::Queued, done);
     }
 
     fn flush(&self, done: Done<()>) {
         self.0.submit_flush(Run::Queued, done);
     }
+
+    fn fast_zero(&self, keep: bool) -> bool {
+        self.0.zeroes_cheaply(keep)
+    }
+
+    fn cache(&self, offset: u64, len: u64, done: Done<()>) {
+        done(self.0.will_need(offset, len))
+    }
+
+    fn contexts(&self) -> &[&'static str] {
+        &[SYNC_CONTEXT]
+    }
+
+    fn block_status(&self, which: usize, offset: u64, len: u64, done: Done<Vec<(u64, u32)>>) {
+        use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
+        let extents = if which == 0 {
+            self.0.allocation(offset, len).map(|e| {
+                e.into_iter()
+                    .map(|(n, hole)| (n, if hole { STATE_HOLE | STATE_ZERO } else { 0 }))
+                    .collect()
+            })
+        } else {
+            self.0.sync_state(offset, len).map(|(e, degraded)| {
+                let all = if degraded { SYNC_DEGRADED } else { 0 };
+                e.into_iter()
+                    .map(|(n, dirty)| (n, all | if dirty { SYNC_DIRTY } else { 0 }))
+                    .collect()
+            })
+        };
+        done(extents)
+    }
 }
+
+/// The metadata context of mirrorvol's own, besides `base:allocation`:
+/// for each extent, [`SYNC_DIRTY`] and [`SYNC_DEGRADED`].
+pub const SYNC_CONTEXT: &str = "mirrorvol:dirty";
+/// Bit 0 of `mirrorvol:dirty`: a write-intent bit covers the extent (a
+/// write went there lately, or a copy still lacks it): a crash or a resync
+/// would copy it between the plexes.
+pub const SYNC_DIRTY: u32 = 1 << 0;
+/// Bit 1 of `mirrorvol:dirty`: the volume has a plex that is not in sync
+/// (being rebuilt, or out of service), so the extent may not be on every
+/// copy.
+pub const SYNC_DEGRADED: u32 = 1 << 1;
 
 /// How `serve` runs.
 #[derive(Debug, Clone, Default)]
@@ -112,6 +161,51 @@ pub struct ServeOptions {
     pub hot_spares: bool,
     /// What NBD clients may take: connections, time, memory.
     pub limits: crate::nbd::server::Limits,
+    /// TLS for NBD clients.
+    pub tls: TlsOptions,
+    /// Listen beyond loopback without requiring TLS.
+    pub insecure_listen: bool,
+}
+
+/// `serve --tls-certs`, `--tls` and `--tls-verify-peer`.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// The directory of ca-cert.pem, server-cert.pem and server-key.pem.
+    pub certs: Option<PathBuf>,
+    /// require, allow or off; None: require with certificates, else off.
+    pub mode: Option<String>,
+    /// Clients must show a certificate the CA signed.
+    pub verify_peer: bool,
+}
+
+/// Loads the TLS set-up `options` asks for (None: no TLS), refusing what
+/// does not go together.
+fn load_tls(options: &TlsOptions) -> Result<Option<Tls>> {
+    let mode = match options.mode.as_deref() {
+        Some(m) => m.parse::<TlsMode>().map_err(Error::refused)?,
+        None if options.certs.is_some() => TlsMode::Require,
+        None => TlsMode::Off,
+    };
+    match (&options.certs, mode) {
+        (_, TlsMode::Off) => Ok(None),
+        (None, _) => Err(Error::refused(
+            "--tls require and --tls allow need the certificates: --tls-certs DIR",
+        )),
+        (Some(dir), mode) => Tls::load(dir, mode, options.verify_peer)
+            .map(Some)
+            .map_err(Error::refused),
+    }
+}
+
+/// Whether every address `l` listens on is loopback (or a Unix socket):
+/// nobody on the network reaches it.
+fn local_only(l: &Listen) -> bool {
+    match l {
+        Listen::Unix(_) => true,
+        Listen::Tcp(addr) => std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+            .map(|mut a| a.all(|a| a.ip().is_loopback()))
+            .unwrap_or(false),
+    }
 }
 
 /// How long `serve` waits at its stop for the event hook to run the events
@@ -152,6 +246,20 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
         return Err(Error::refused(
             "no disks given: name the group's disks with --disks or MIRRORVOL_DISKS",
         ));
+    }
+    let tls = load_tls(&options.tls)?;
+    let tls_required = tls.as_ref().is_some_and(|t| t.required());
+    if let Some(open) = listen.iter().find(|l| !local_only(l)) {
+        if !tls_required && !options.insecure_listen {
+            return Err(Error::refused(format!(
+                "listening on {open} would let anyone on the network read and write every volume: require TLS (--tls-certs DIR) or say --insecure-listen"
+            )));
+        }
+        if !tls_required {
+            eprintln!(
+                "warning: listening on {open} without requiring TLS: anyone who reaches it can read and write every volume"
+            );
+        }
     }
     let hook_timeout = options
         .on_event_timeout
@@ -265,7 +373,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     }
     let names = live.volume_names();
     let exports: Vec<Arc<dyn Export>> = names.iter().filter_map(|n| export(&live, n)).collect();
-    let server = Arc::new(Server::with_limits(exports, options.limits));
+    let server = Arc::new(Server::with_tls(exports, options.limits, tls));
     let control = match start_control(&live, &server, options) {
         Ok(c) => c,
         Err(e) => {

@@ -362,6 +362,20 @@ impl Disk for FaultyDisk {
         self.run(Op::Write, offset, len, || self.inner.discard(offset, len))
     }
 
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.run(Op::Write, offset, len, || {
+            self.inner.zero_range(offset, len)
+        })
+    }
+
+    fn zeroes_cheaply(&self, keep: bool) -> bool {
+        self.inner.zeroes_cheaply(keep)
+    }
+
+    fn extent_at(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        self.inner.extent_at(offset, len)
+    }
+
     fn identity(&self) -> DiskIdentity {
         let mut identity = self.inner.identity();
         if let Some(c) = &self.controller {

@@ -292,7 +292,14 @@ impl FileDisk {
 
     /// Deallocates the range of a regular file; it reads back as zeroes.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: fallocate only takes integers; the descriptor is owned by
         // `self.file` and open for the whole call.
         let rc = unsafe {
@@ -320,6 +327,23 @@ impl FileDisk {
             Ok(())
         } else {
             Err(io::Error::last_os_error())
+        }
+    }
+
+    /// `lseek` with `SEEK_DATA` or `SEEK_HOLE` from `offset`; None where
+    /// the file has no more data (`ENXIO`).
+    fn seek(&self, whence: libc::c_int, offset: u64) -> io::Result<Option<u64>> {
+        // SAFETY: lseek only takes integers; the descriptor is owned by
+        // `self.file` and open for the whole call.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
         }
     }
 
@@ -487,6 +511,71 @@ impl Disk for FileDisk {
             }
         }
         self.write_zero_buffers(offset, len)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_span(offset, len, self.size)?;
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.block_device {
+            // BLKZEROOUT leaves the blocks mapped (the kernel passes
+            // NOUNMAP for it).
+            if self.device_range_ioctl(BLKZEROOUT, offset, len).is_ok() {
+                return Ok(());
+            }
+        } else {
+            match self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(e) if is_unsupported(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.write_zero_buffers(offset, len)
+    }
+
+    fn zeroes_cheaply(&self, keep: bool) -> bool {
+        // A hole is punched in a regular file whatever its size; keeping
+        // the blocks, or zeroing a device, may end up writing zeroes.
+        !keep && !self.block_device
+    }
+
+    fn extent_at(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        if self.block_device || len == 0 {
+            return Ok((true, len.max(1)));
+        }
+        let end = offset.saturating_add(len);
+        match self.seek(libc::SEEK_DATA, offset)? {
+            // A hole up to the data, or to the end.
+            None => Ok((false, len)),
+            Some(data) if data > offset => Ok((false, (data.min(end) - offset).max(1))),
+            Some(_) => {
+                let hole = self.seek(libc::SEEK_HOLE, offset)?.unwrap_or(end);
+                Ok((true, (hole.min(end) - offset).max(1)))
+            }
+        }
+    }
+
+    fn will_need(&self, offset: u64, len: u64) {
+        // The page cache is what would be warmed: nothing to do when it is
+        // bypassed.
+        if self.direct_align.is_none() {
+            // SAFETY: posix_fadvise only takes integers; the descriptor is
+            // owned by `self.file` and open for the call.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

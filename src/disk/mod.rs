@@ -90,6 +90,31 @@ pub trait Disk: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Makes the range read back as zeroes and keeps it allocated (NBD's
+    /// `NO_HOLE`: later writes there cannot run out of space). Backends
+    /// without holes do what [`Disk::write_zeroes`] does.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len)
+    }
+
+    /// Whether [`Disk::write_zeroes`] (`keep`: [`Disk::zero_range`]) costs
+    /// less than writing zeroes, whatever the range: NBD's `FAST_ZERO`.
+    fn zeroes_cheaply(&self, _keep: bool) -> bool {
+        false
+    }
+
+    /// Where data lies: whether byte `offset` holds data (true) or lies in
+    /// a hole that reads as zeroes (false), and for how many bytes from
+    /// `offset` (1 to `len`) that stays so. A backend that cannot tell
+    /// says data.
+    fn extent_at(&self, _offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        Ok((true, len))
+    }
+
+    /// The range will be read soon: a backend with a cache may start
+    /// reading it in. A hint; nothing by default.
+    fn will_need(&self, _offset: u64, _len: u64) {}
+
     /// Identity hints: controller, rotational, model.
     fn identity(&self) -> DiskIdentity {
         DiskIdentity::default()
@@ -137,6 +162,18 @@ impl<D: Disk + ?Sized> Disk for Arc<D> {
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).discard(offset, len)
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).zero_range(offset, len)
+    }
+    fn zeroes_cheaply(&self, keep: bool) -> bool {
+        (**self).zeroes_cheaply(keep)
+    }
+    fn extent_at(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        (**self).extent_at(offset, len)
+    }
+    fn will_need(&self, offset: u64, len: u64) {
+        (**self).will_need(offset, len)
     }
     fn identity(&self) -> DiskIdentity {
         (**self).identity()

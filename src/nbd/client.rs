@@ -210,7 +210,7 @@ mod tests {
         fn write(&self, _: u64, _: AlignedBuf, _: bool, done: Done<()>) {
             done(Ok(()))
         }
-        fn write_zeroes(&self, _: u64, _: u64, _: bool, done: Done<()>) {
+        fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool, done: Done<()>) {
             done(Ok(()))
         }
         fn flush(&self, done: Done<()>) {

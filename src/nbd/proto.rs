@@ -16,6 +16,8 @@
 //!  request     C: 0x25609513  u16 flags  u16 type  u64 handle  u64 offset
 //!                 u32 length  (data[length] for WRITE)
 //!  reply       S: 0x67446698  u32 error  u64 handle  (data for READ)
+//!  chunk       S: 0x668e33ef  u16 flags  u16 type  u64 handle  u32 length
+//!                 payload[length]   (structured replies, once negotiated)
 //! ```
 
 /// `NBDMAGIC`: the first eight bytes the server sends.
@@ -28,6 +30,8 @@ pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// `NBD_SIMPLE_REPLY_MAGIC`.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// `NBD_STRUCTURED_REPLY_MAGIC`.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 // Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -45,6 +49,8 @@ pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const FLAG_SEND_DF: u16 = 1 << 7;
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const FLAG_SEND_CACHE: u16 = 1 << 10;
+pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
@@ -54,17 +60,22 @@ pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 // Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR + 1;
 pub const REP_ERR_POLICY: u32 = REP_ERR + 2;
 pub const REP_ERR_INVALID: u32 = REP_ERR + 3;
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR + 5;
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR + 6;
 pub const REP_ERR_SHUTDOWN: u32 = REP_ERR + 7;
+pub const REP_ERR_TOO_BIG: u32 = REP_ERR + 9;
 
 // Information types of NBD_REP_INFO.
 pub const INFO_EXPORT: u16 = 0;
@@ -89,6 +100,18 @@ pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
+// Structured reply flags and chunk types.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+// Flags of the `base:allocation` metadata context.
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+
 // Error values of a reply (the spec's fixed set).
 pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
@@ -107,6 +130,14 @@ pub const OPTION_HEADER_LEN: usize = 16;
 pub const REQUEST_LEN: usize = 28;
 /// Bytes of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Bytes of a structured reply chunk header.
+pub const CHUNK_HEADER_LEN: usize = 20;
+/// Bytes of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk before its data.
+pub const DATA_CHUNK_HEADER_LEN: usize = CHUNK_HEADER_LEN + 8;
+/// Bytes of a whole `NBD_REPLY_TYPE_OFFSET_HOLE` chunk.
+pub const HOLE_CHUNK_LEN: usize = CHUNK_HEADER_LEN + 12;
+/// The most extents one block status chunk carries (the spec's SHOULD).
+pub const MAX_EXTENTS: usize = 1 << 20;
 /// The longest option data this server reads. The longest valid option
 /// here carries one name of at most 4096 bytes (the spec's string limit)
 /// plus a few fields; anything longer is a broken or hostile client.
@@ -210,6 +241,17 @@ pub enum ClientOption {
         name: Vec<u8>,
         requests: Vec<u16>,
     },
+    /// `NBD_OPT_STARTTLS`.
+    StartTls,
+    /// `NBD_OPT_STRUCTURED_REPLY`.
+    StructuredReply,
+    /// `NBD_OPT_LIST_META_CONTEXT` (`set == false`) or
+    /// `NBD_OPT_SET_META_CONTEXT`: the export and the queries.
+    MetaContext {
+        set: bool,
+        name: Vec<u8>,
+        queries: Vec<Vec<u8>>,
+    },
     /// A known option whose data is malformed: answer `NBD_REP_ERR_INVALID`.
     Invalid {
         option: u32,
@@ -272,8 +314,60 @@ fn option_from(option: u32, data: &[u8]) -> ClientOption {
                 requests,
             }
         }
+        OPT_STARTTLS if data.is_empty() => ClientOption::StartTls,
+        OPT_STARTTLS => invalid("NBD_OPT_STARTTLS carries no data"),
+        OPT_STRUCTURED_REPLY if data.is_empty() => ClientOption::StructuredReply,
+        OPT_STRUCTURED_REPLY => invalid("NBD_OPT_STRUCTURED_REPLY carries no data"),
+        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => match meta_queries(data) {
+            Ok((name, queries)) => ClientOption::MetaContext {
+                set: option == OPT_SET_META_CONTEXT,
+                name,
+                queries,
+            },
+            Err(why) => invalid(why),
+        },
         other => ClientOption::Unsupported(other),
     }
+}
+
+/// The export name and queries of a meta context option: a u32 name
+/// length and the name, a u32 query count, and each query as a u32 length
+/// and the string.
+fn meta_queries(data: &[u8]) -> Result<(Vec<u8>, Vec<Vec<u8>>), &'static str> {
+    let mut rest = data;
+    let name = take_string(&mut rest).ok_or("the export name runs past the option data")?;
+    if rest.len() < 4 {
+        return Err("the option has no query count");
+    }
+    let count = be_u32(rest) as usize;
+    rest = &rest[4..];
+    // Each query takes at least its four length bytes.
+    if count > rest.len() / 4 {
+        return Err("the query count does not match the option length");
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        queries.push(take_string(&mut rest).ok_or("a query runs past the option data")?);
+    }
+    if !rest.is_empty() {
+        return Err("the option has bytes after its last query");
+    }
+    Ok((name, queries))
+}
+
+/// Takes a u32-length-prefixed string of at most [`MAX_STRING_LEN`] bytes
+/// off the front of `rest`; None when it does not fit.
+fn take_string(rest: &mut &[u8]) -> Option<Vec<u8>> {
+    if rest.len() < 4 {
+        return None;
+    }
+    let n = be_u32(rest) as usize;
+    if n > MAX_STRING_LEN || n > rest.len() - 4 {
+        return None;
+    }
+    let s = rest[4..4 + n].to_vec();
+    *rest = &rest[4 + n..];
+    Some(s)
 }
 
 /// An option reply: header and data.
@@ -320,6 +414,14 @@ pub fn encode_info_name(option: u32, name: &str) -> Vec<u8> {
     data.extend_from_slice(&INFO_NAME.to_be_bytes());
     data.extend_from_slice(name.as_bytes());
     encode_option_reply(option, REP_INFO, &data)
+}
+
+/// `NBD_REP_META_CONTEXT`: one context, with its id.
+pub fn encode_meta_context(option: u32, id: u32, name: &str) -> Vec<u8> {
+    let mut data = Vec::with_capacity(4 + name.len());
+    data.extend_from_slice(&id.to_be_bytes());
+    data.extend_from_slice(name.as_bytes());
+    encode_option_reply(option, REP_META_CONTEXT, &data)
 }
 
 /// The answer to `NBD_OPT_EXPORT_NAME`: size, flags, and 124 zero bytes
@@ -386,12 +488,23 @@ pub fn encode_request(r: &Request) -> [u8; REQUEST_LEN] {
     out
 }
 
+/// What the handshake settled that changes how requests are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Negotiated {
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
+    pub structured: bool,
+    /// Metadata contexts selected for the export in use.
+    pub contexts: usize,
+}
+
 /// What the server does with a well-formed request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     Read {
         offset: u64,
         len: u32,
+        /// `NBD_CMD_FLAG_DF`: the data goes in one chunk.
+        whole: bool,
     },
     Write {
         offset: u64,
@@ -399,44 +512,74 @@ pub enum Command {
         fua: bool,
     },
     Flush,
-    /// TRIM and WRITE_ZEROES (with or without NO_HOLE) both make the range
-    /// read as zeroes on every copy.
+    /// TRIM and WRITE_ZEROES both make the range read as zeroes on every
+    /// copy; only WRITE_ZEROES with `NBD_CMD_FLAG_NO_HOLE` keeps it
+    /// allocated (`keep`).
     WriteZeroes {
         offset: u64,
         len: u32,
         fua: bool,
+        keep: bool,
+        /// `NBD_CMD_FLAG_FAST_ZERO`: fail at once unless zeroing is cheap.
+        fast: bool,
+    },
+    /// `NBD_CMD_CACHE`: the client will read the range soon.
+    Cache {
+        offset: u64,
+        len: u32,
+    },
+    /// `NBD_CMD_BLOCK_STATUS`; `one`: `NBD_CMD_FLAG_REQ_ONE`.
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        one: bool,
     },
     Disconnect,
-    /// Answer with this error; for a WRITE the payload is read and dropped.
+    /// Answer with this error (and, in a structured reply, `why`); for a
+    /// WRITE the payload is read and dropped.
     Reject {
         errno: u32,
+        why: &'static str,
     },
 }
 
 /// Flags each command may carry (FUA is valid on every command once
 /// `NBD_FLAG_SEND_FUA` is advertised, and some clients set it on reads).
-fn allowed_flags(kind: u16) -> u16 {
+fn allowed_flags(kind: u16, n: &Negotiated) -> u16 {
     match kind {
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_READ if n.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
         _ => CMD_FLAG_FUA,
     }
 }
 
-/// Checks a request against an export of `size` bytes and decides what to
-/// do with it. Errors follow the spec: an unknown command or flag and a
-/// length over the maximum block size get `EINVAL`; a read past the end
-/// gets `EINVAL`, a write past the end `ENOSPC`.
-pub fn classify(r: &Request, size: u64) -> Command {
-    let reject = |errno| Command::Reject { errno };
+/// Checks a request against an export of `size` bytes and what the
+/// handshake settled, and decides what to do with it. Errors follow the
+/// spec: an unknown command or flag, a length over the maximum block size
+/// and a block status nobody negotiated get `EINVAL`; a read, cache or
+/// block status past the end gets `EINVAL`, a write past the end `ENOSPC`.
+pub fn classify(r: &Request, size: u64, n: &Negotiated) -> Command {
+    let reject = |errno, why| Command::Reject { errno, why };
     let known = matches!(
         r.kind,
-        CMD_READ | CMD_WRITE | CMD_DISC | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES
+        CMD_READ
+            | CMD_WRITE
+            | CMD_DISC
+            | CMD_FLUSH
+            | CMD_TRIM
+            | CMD_WRITE_ZEROES
+            | CMD_CACHE
+            | CMD_BLOCK_STATUS
     );
     if !known {
-        return reject(EINVAL);
+        return reject(EINVAL, "the server knows no such command");
     }
-    if r.flags & !allowed_flags(r.kind) != 0 {
-        return reject(EINVAL);
+    if r.flags & !allowed_flags(r.kind, n) != 0 {
+        return reject(
+            EINVAL,
+            "the request carries a flag its command does not take here",
+        );
     }
     let fua = r.flags & CMD_FLAG_FUA != 0;
     let in_range = r
@@ -444,25 +587,39 @@ pub fn classify(r: &Request, size: u64) -> Command {
         .checked_add(u64::from(r.len))
         .is_some_and(|end| end <= size);
     let writes = matches!(r.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    let (offset, len) = (r.offset, r.len);
     match r.kind {
         CMD_DISC => Command::Disconnect,
         CMD_FLUSH => Command::Flush,
-        _ if matches!(r.kind, CMD_READ | CMD_WRITE) && r.len > MAX_REQUEST => reject(EINVAL),
-        _ if !in_range && writes => reject(ENOSPC),
-        _ if !in_range => reject(EINVAL),
+        _ if matches!(r.kind, CMD_READ | CMD_WRITE) && r.len > MAX_REQUEST => reject(
+            EINVAL,
+            "the request is larger than the 32 MiB the server takes at once",
+        ),
+        CMD_BLOCK_STATUS if n.contexts == 0 => reject(
+            EINVAL,
+            "no metadata context was selected during the handshake",
+        ),
+        CMD_BLOCK_STATUS if r.len == 0 => reject(EINVAL, "a block status of no bytes"),
+        _ if !in_range && writes => reject(ENOSPC, "the range reaches past the end of the export"),
+        _ if !in_range => reject(EINVAL, "the range reaches past the end of the export"),
         CMD_READ => Command::Read {
-            offset: r.offset,
-            len: r.len,
+            offset,
+            len,
+            whole: r.flags & CMD_FLAG_DF != 0,
         },
-        CMD_WRITE => Command::Write {
-            offset: r.offset,
-            len: r.len,
-            fua,
+        CMD_WRITE => Command::Write { offset, len, fua },
+        CMD_CACHE => Command::Cache { offset, len },
+        CMD_BLOCK_STATUS => Command::BlockStatus {
+            offset,
+            len,
+            one: r.flags & CMD_FLAG_REQ_ONE != 0,
         },
         _ => Command::WriteZeroes {
-            offset: r.offset,
-            len: r.len,
+            offset,
+            len,
             fua,
+            keep: r.kind == CMD_WRITE_ZEROES && r.flags & CMD_FLAG_NO_HOLE != 0,
+            fast: r.flags & CMD_FLAG_FAST_ZERO != 0,
         },
     }
 }
@@ -473,6 +630,106 @@ pub fn encode_simple_reply(errno: u32, handle: u64) -> [u8; SIMPLE_REPLY_LEN] {
     out[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     out[4..8].copy_from_slice(&errno.to_be_bytes());
     out[8..16].copy_from_slice(&handle.to_be_bytes());
+    out
+}
+
+/// A structured reply chunk's header; `len` bytes of payload follow.
+pub fn encode_chunk_header(flags: u16, kind: u16, handle: u64, len: u32) -> [u8; CHUNK_HEADER_LEN] {
+    let mut out = [0u8; CHUNK_HEADER_LEN];
+    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&flags.to_be_bytes());
+    out[6..8].copy_from_slice(&kind.to_be_bytes());
+    out[8..16].copy_from_slice(&handle.to_be_bytes());
+    out[16..20].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+fn done_flag(done: bool) -> u16 {
+    if done { REPLY_FLAG_DONE } else { 0 }
+}
+
+/// The head of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk: `len` bytes of data
+/// at `offset` follow it.
+pub fn encode_data_chunk(
+    handle: u64,
+    offset: u64,
+    len: u32,
+    done: bool,
+) -> [u8; DATA_CHUNK_HEADER_LEN] {
+    let mut out = [0u8; DATA_CHUNK_HEADER_LEN];
+    out[..CHUNK_HEADER_LEN].copy_from_slice(&encode_chunk_header(
+        done_flag(done),
+        REPLY_TYPE_OFFSET_DATA,
+        handle,
+        len + 8,
+    ));
+    out[CHUNK_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
+    out
+}
+
+/// An `NBD_REPLY_TYPE_OFFSET_HOLE` chunk: `len` bytes at `offset` read as
+/// zeroes.
+pub fn encode_hole_chunk(handle: u64, offset: u64, len: u32, done: bool) -> [u8; HOLE_CHUNK_LEN] {
+    let mut out = [0u8; HOLE_CHUNK_LEN];
+    out[..CHUNK_HEADER_LEN].copy_from_slice(&encode_chunk_header(
+        done_flag(done),
+        REPLY_TYPE_OFFSET_HOLE,
+        handle,
+        12,
+    ));
+    out[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + 8].copy_from_slice(&offset.to_be_bytes());
+    out[CHUNK_HEADER_LEN + 8..].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// The final `NBD_REPLY_TYPE_NONE` chunk.
+pub fn encode_none_chunk(handle: u64) -> [u8; CHUNK_HEADER_LEN] {
+    encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0)
+}
+
+/// A final `NBD_REPLY_TYPE_ERROR` chunk with a message for the user (cut
+/// at [`MAX_STRING_LEN`] bytes, on a character boundary).
+pub fn encode_error_chunk(handle: u64, errno: u32, message: &str) -> Vec<u8> {
+    let mut cut = message.len().min(MAX_STRING_LEN);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let message = &message.as_bytes()[..cut];
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + 6 + message.len());
+    out.extend_from_slice(&encode_chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        handle,
+        6 + message.len() as u32,
+    ));
+    out.extend_from_slice(&errno.to_be_bytes());
+    out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+/// An `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for one context: each extent is
+/// (length, flags), at most [`MAX_EXTENTS`] of them.
+pub fn encode_block_status(
+    handle: u64,
+    context: u32,
+    extents: &[(u32, u32)],
+    done: bool,
+) -> Vec<u8> {
+    let extents = &extents[..extents.len().min(MAX_EXTENTS)];
+    let len = 4 + 8 * extents.len();
+    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + len);
+    out.extend_from_slice(&encode_chunk_header(
+        done_flag(done),
+        REPLY_TYPE_BLOCK_STATUS,
+        handle,
+        len as u32,
+    ));
+    out.extend_from_slice(&context.to_be_bytes());
+    for (l, f) in extents {
+        out.extend_from_slice(&l.to_be_bytes());
+        out.extend_from_slice(&f.to_be_bytes());
+    }
     out
 }
 
@@ -507,6 +764,7 @@ pub fn decode_stream(mut buf: &[u8], size: u64) -> usize {
         Ok(Decoded::Done(_, used)) => buf = &buf[used..],
         _ => return n,
     }
+    let mut negotiated = Negotiated::default();
     loop {
         match decode_option(buf) {
             Ok(Decoded::Done(opt, used)) => {
@@ -514,7 +772,12 @@ pub fn decode_stream(mut buf: &[u8], size: u64) -> usize {
                 buf = &buf[used..];
                 match opt {
                     ClientOption::ExportName(_) | ClientOption::Info { go: true, .. } => break,
-                    ClientOption::Abort => return n,
+                    // What follows is TLS, not NBD.
+                    ClientOption::Abort | ClientOption::StartTls => return n,
+                    ClientOption::StructuredReply => negotiated.structured = true,
+                    ClientOption::MetaContext {
+                        set: true, queries, ..
+                    } => negotiated.contexts = queries.len(),
                     _ => {}
                 }
             }
@@ -525,7 +788,7 @@ pub fn decode_stream(mut buf: &[u8], size: u64) -> usize {
         match decode_request(buf) {
             Ok(Decoded::Done(r, used)) => {
                 n += 1;
-                let _ = classify(&r, size);
+                let _ = classify(&r, size, &negotiated);
                 let skip = used.saturating_add(r.payload_len() as usize);
                 if skip > buf.len() {
                     return n;
@@ -558,6 +821,26 @@ mod tests {
         }
         d
     }
+
+    fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    const PLAIN: Negotiated = Negotiated {
+        structured: false,
+        contexts: 0,
+    };
+    const RICH: Negotiated = Negotiated {
+        structured: true,
+        contexts: 2,
+    };
 
     fn req(kind: u16, flags: u16, offset: u64, len: u32) -> Request {
         Request {
@@ -640,8 +923,28 @@ mod tests {
         ));
         assert_eq!(
             d(option(OPT_STRUCTURED_REPLY, b"")),
-            ClientOption::Unsupported(OPT_STRUCTURED_REPLY)
+            ClientOption::StructuredReply
         );
+        assert!(matches!(
+            d(option(OPT_STRUCTURED_REPLY, b"x")),
+            ClientOption::Invalid { .. }
+        ));
+        assert_eq!(d(option(OPT_STARTTLS, b"")), ClientOption::StartTls);
+        assert_eq!(
+            d(option(
+                OPT_SET_META_CONTEXT,
+                &meta_data("v", &["base:allocation", "mirrorvol:"])
+            )),
+            ClientOption::MetaContext {
+                set: true,
+                name: b"v".to_vec(),
+                queries: vec![b"base:allocation".to_vec(), b"mirrorvol:".to_vec()]
+            }
+        );
+        assert!(matches!(
+            d(option(OPT_LIST_META_CONTEXT, &meta_data("", &[]))),
+            ClientOption::MetaContext { set: false, .. }
+        ));
         assert_eq!(d(option(99, b"abc")), ClientOption::Unsupported(99));
     }
 
@@ -749,44 +1052,53 @@ mod tests {
     fn classify_accepts_in_range_requests() {
         let size = 1 << 20;
         assert_eq!(
-            classify(&req(CMD_READ, 0, 0, 4096), size),
+            classify(&req(CMD_READ, 0, 0, 4096), size, &PLAIN),
             Command::Read {
                 offset: 0,
-                len: 4096
+                len: 4096,
+                whole: false
             }
         );
         assert_eq!(
-            classify(&req(CMD_WRITE, CMD_FLAG_FUA, size - 512, 512), size),
+            classify(&req(CMD_WRITE, CMD_FLAG_FUA, size - 512, 512), size, &PLAIN),
             Command::Write {
                 offset: size - 512,
                 len: 512,
                 fua: true
             }
         );
-        assert_eq!(classify(&req(CMD_FLUSH, 0, 0, 0), size), Command::Flush);
-        assert_eq!(classify(&req(CMD_DISC, 0, 0, 0), size), Command::Disconnect);
+        assert_eq!(
+            classify(&req(CMD_FLUSH, 0, 0, 0), size, &PLAIN),
+            Command::Flush
+        );
+        assert_eq!(
+            classify(&req(CMD_DISC, 0, 0, 0), size, &PLAIN),
+            Command::Disconnect
+        );
         for (kind, flags) in [
             (CMD_TRIM, 0),
             (CMD_WRITE_ZEROES, 0),
             (CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE),
         ] {
             assert_eq!(
-                classify(&req(kind, flags, 0, 8192), size),
+                classify(&req(kind, flags, 0, 8192), size, &PLAIN),
                 Command::WriteZeroes {
                     offset: 0,
                     len: 8192,
-                    fua: false
+                    fua: false,
+                    keep: kind == CMD_WRITE_ZEROES && flags != 0,
+                    fast: false
                 }
             );
         }
         // Large zeroing is fine: no payload travels.
         assert!(matches!(
-            classify(&req(CMD_WRITE_ZEROES, 0, 0, u32::MAX), 1 << 40),
+            classify(&req(CMD_WRITE_ZEROES, 0, 0, u32::MAX), 1 << 40, &PLAIN),
             Command::WriteZeroes { .. }
         ));
         // FUA on a read is tolerated (clients are known to set it).
         assert!(matches!(
-            classify(&req(CMD_READ, CMD_FLAG_FUA, 0, 512), size),
+            classify(&req(CMD_READ, CMD_FLAG_FUA, 0, 512), size, &PLAIN),
             Command::Read { .. }
         ));
     }
@@ -794,30 +1106,152 @@ mod tests {
     #[test]
     fn classify_rejects_per_the_spec() {
         let size = 1 << 20;
-        let rej = |r| classify(&r, size);
-        let e = |errno| Command::Reject { errno };
+        let e = |errno| errno;
+        let rej = |r| match classify(&r, size, &PLAIN) {
+            Command::Reject { errno, .. } => errno,
+            other => panic!("{other:?}"),
+        };
         assert_eq!(rej(req(CMD_READ, 0, size, 512)), e(EINVAL));
         assert_eq!(rej(req(CMD_READ, 0, u64::MAX, 512)), e(EINVAL));
         assert_eq!(rej(req(CMD_WRITE, 0, size - 511, 512)), e(ENOSPC));
         assert_eq!(rej(req(CMD_TRIM, 0, size, 1)), e(ENOSPC));
         assert_eq!(rej(req(CMD_WRITE_ZEROES, 0, u64::MAX, 1)), e(ENOSPC));
-        assert_eq!(
-            classify(&req(CMD_READ, 0, 0, MAX_REQUEST + 1), 1 << 40),
-            e(EINVAL)
-        );
-        assert_eq!(
-            classify(&req(CMD_WRITE, 0, 0, MAX_REQUEST + 1), 1 << 40),
-            e(EINVAL)
-        );
+        assert!(matches!(
+            classify(&req(CMD_READ, 0, 0, MAX_REQUEST + 1), 1 << 40, &PLAIN),
+            Command::Reject { errno: EINVAL, .. }
+        ));
+        assert!(matches!(
+            classify(&req(CMD_WRITE, 0, 0, MAX_REQUEST + 1), 1 << 40, &PLAIN),
+            Command::Reject { errno: EINVAL, .. }
+        ));
+        // Block status without a context selected; DF without structured
+        // replies.
         assert_eq!(rej(req(CMD_BLOCK_STATUS, 0, 0, 512)), e(EINVAL));
-        assert_eq!(rej(req(CMD_CACHE, 0, 0, 512)), e(EINVAL));
         assert_eq!(rej(req(99, 0, 0, 0)), e(EINVAL));
         assert_eq!(rej(req(CMD_READ, CMD_FLAG_DF, 0, 512)), e(EINVAL));
         assert_eq!(rej(req(CMD_WRITE, CMD_FLAG_NO_HOLE, 0, 512)), e(EINVAL));
+        assert_eq!(rej(req(CMD_CACHE, 0, size, 1)), e(EINVAL));
+        let rich = |r| match classify(&r, size, &RICH) {
+            Command::Reject { errno, .. } => errno,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(rich(req(CMD_BLOCK_STATUS, 0, size, 1)), e(EINVAL));
+        assert_eq!(rich(req(CMD_BLOCK_STATUS, 0, 0, 0)), e(EINVAL));
+        assert_eq!(rich(req(CMD_CACHE, CMD_FLAG_DF, 0, 1)), e(EINVAL));
+        assert_eq!(rich(req(CMD_WRITE, CMD_FLAG_REQ_ONE, 0, 1)), e(EINVAL));
+    }
+
+    #[test]
+    fn classify_honours_what_was_negotiated() {
+        let size = 1 << 20;
         assert_eq!(
-            rej(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 0, 512)),
-            e(EINVAL)
+            classify(&req(CMD_READ, CMD_FLAG_DF, 0, 512), size, &RICH),
+            Command::Read {
+                offset: 0,
+                len: 512,
+                whole: true
+            }
         );
+        assert_eq!(
+            classify(
+                &req(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 4096, u32::MAX),
+                1 << 40,
+                &RICH
+            ),
+            Command::BlockStatus {
+                offset: 4096,
+                len: u32::MAX,
+                one: true
+            }
+        );
+        assert_eq!(
+            classify(&req(CMD_CACHE, 0, 0, 8192), size, &PLAIN),
+            Command::Cache {
+                offset: 0,
+                len: 8192
+            }
+        );
+        assert_eq!(
+            classify(
+                &req(
+                    CMD_WRITE_ZEROES,
+                    CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE,
+                    0,
+                    512
+                ),
+                size,
+                &PLAIN
+            ),
+            Command::WriteZeroes {
+                offset: 0,
+                len: 512,
+                fua: false,
+                keep: true,
+                fast: true
+            }
+        );
+    }
+
+    #[test]
+    fn structured_chunks_encode_per_the_spec() {
+        let d = encode_data_chunk(9, 4096, 512, true);
+        assert_eq!(be_u32(&d), STRUCTURED_REPLY_MAGIC);
+        assert_eq!(be_u16(&d[4..]), REPLY_FLAG_DONE);
+        assert_eq!(be_u16(&d[6..]), REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(be_u64(&d[8..]), 9);
+        assert_eq!(be_u32(&d[16..]), 520);
+        assert_eq!(be_u64(&d[20..]), 4096);
+        let h = encode_hole_chunk(9, 0, 65536, false);
+        assert_eq!(be_u16(&h[4..]), 0);
+        assert_eq!(be_u16(&h[6..]), REPLY_TYPE_OFFSET_HOLE);
+        assert_eq!(be_u32(&h[16..]), 12);
+        assert_eq!(be_u32(&h[28..]), 65536);
+        let n = encode_none_chunk(3);
+        assert_eq!(be_u16(&n[4..]), REPLY_FLAG_DONE);
+        assert_eq!(be_u32(&n[16..]), 0);
+        let e = encode_error_chunk(3, EIO, "disk gone");
+        assert_eq!(be_u16(&e[6..]), REPLY_TYPE_ERROR);
+        assert_eq!(be_u32(&e[16..]), 6 + 9);
+        assert_eq!(be_u32(&e[20..]), EIO);
+        assert_eq!(be_u16(&e[24..]), 9);
+        assert_eq!(&e[26..], b"disk gone");
+        // A long message is cut at the spec's string limit, on a character.
+        let long = "é".repeat(3000);
+        let e = encode_error_chunk(3, EIO, &long);
+        let n = be_u16(&e[24..]) as usize;
+        assert!(n <= MAX_STRING_LEN && std::str::from_utf8(&e[26..26 + n]).is_ok());
+        let b = encode_block_status(5, 2, &[(4096, STATE_HOLE | STATE_ZERO), (8192, 0)], true);
+        assert_eq!(be_u16(&b[6..]), REPLY_TYPE_BLOCK_STATUS);
+        assert_eq!(be_u32(&b[16..]), 4 + 16);
+        assert_eq!(be_u32(&b[20..]), 2);
+        assert_eq!(be_u32(&b[24..]), 4096);
+        assert_eq!(be_u32(&b[28..]), 3);
+        assert_eq!(be_u32(&b[32..]), 8192);
+        let m = encode_meta_context(OPT_SET_META_CONTEXT, 7, "base:allocation");
+        assert_eq!(be_u32(&m[12..]), REP_META_CONTEXT);
+        assert_eq!(be_u32(&m[20..]), 7);
+        assert_eq!(&m[24..], b"base:allocation");
+    }
+
+    #[test]
+    fn malformed_meta_context_options_are_invalid() {
+        let d = |data: &[u8]| match decode_option(&option(OPT_SET_META_CONTEXT, data)) {
+            Ok(Decoded::Done(o, _)) => o,
+            other => panic!("{other:?}"),
+        };
+        let good = meta_data("v", &["base:allocation"]);
+        for cut in 0..good.len() {
+            assert!(
+                matches!(d(&good[..cut]), ClientOption::Invalid { .. }),
+                "cut at {cut}"
+            );
+        }
+        let mut extra = good.clone();
+        extra.push(0);
+        assert!(matches!(d(&extra), ClientOption::Invalid { .. }));
+        let mut many = meta_data("v", &[]);
+        many[5..9].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(d(&many), ClientOption::Invalid { .. }));
     }
 
     #[test]
@@ -855,6 +1289,15 @@ mod tests {
         s.extend([1, 2, 3, 4]);
         s.extend(encode_request(&req(CMD_READ, 0, 0, 4)));
         assert_eq!(decode_stream(&s, 1 << 20), 4);
+        let mut t = vec![0, 0, 0, 1];
+        t.extend(option(OPT_STRUCTURED_REPLY, b""));
+        t.extend(option(
+            OPT_SET_META_CONTEXT,
+            &meta_data("", &["base:allocation"]),
+        ));
+        t.extend(option(OPT_GO, &info_data("", &[])));
+        t.extend(encode_request(&req(CMD_BLOCK_STATUS, 0, 0, 4)));
+        assert_eq!(decode_stream(&t, 1 << 20), 4);
     }
 }
 
@@ -892,12 +1335,15 @@ mod props {
             let r = Request { flags, kind, handle: 1, offset, len };
             let b = encode_request(&r);
             prop_assert_eq!(decode_request(&b), Ok(Decoded::Done(r, REQUEST_LEN)));
-            match classify(&r, size) {
-                Command::Read { offset, len } | Command::Write { offset, len, .. } => {
+            let n = Negotiated { structured: flags & 1 == 0, contexts: usize::from(kind % 2) };
+            match classify(&r, size, &n) {
+                Command::Read { offset, len, .. } | Command::Write { offset, len, .. } => {
                     prop_assert!(len <= MAX_REQUEST);
                     prop_assert!(offset + u64::from(len) <= size);
                 }
-                Command::WriteZeroes { offset, len, .. } => {
+                Command::WriteZeroes { offset, len, .. }
+                | Command::Cache { offset, len }
+                | Command::BlockStatus { offset, len, .. } => {
                     prop_assert!(offset + u64::from(len) <= size);
                 }
                 _ => {}

@@ -87,14 +87,38 @@ pub trait Export: Send + Sync {
     fn size(&self) -> u64;
     fn read(&self, offset: u64, len: usize, done: Done<AlignedBuf>);
     fn write(&self, offset: u64, data: AlignedBuf, fua: bool, done: Done<()>);
-    /// Makes the range read as zeroes (TRIM and WRITE_ZEROES).
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, done: Done<()>);
+    /// Makes the range read as zeroes (TRIM and WRITE_ZEROES); `keep`
+    /// keeps it allocated (`NBD_CMD_FLAG_NO_HOLE`), otherwise the export
+    /// may deallocate it.
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, keep: bool, done: Done<()>);
     fn flush(&self, done: Done<()>);
     /// True for an export clients may only read: it is advertised with
     /// `NBD_FLAG_READ_ONLY`, and the server answers writes, trims and
     /// write-zeroes with `EPERM` without calling the export.
     fn read_only(&self) -> bool {
         false
+    }
+    /// Whether zeroing (`keep`: without deallocating) costs less than
+    /// writing zeroes: a write-zeroes with `NBD_CMD_FLAG_FAST_ZERO` fails
+    /// at once with `ENOTSUP` unless it does.
+    fn fast_zero(&self, _keep: bool) -> bool {
+        false
+    }
+    /// `NBD_CMD_CACHE`: the client will read the range soon. Nothing to
+    /// warm unless the export says otherwise.
+    fn cache(&self, _offset: u64, _len: u64, done: Done<()>) {
+        done(Ok(()))
+    }
+    /// The metadata contexts the export answers besides `base:allocation`.
+    fn contexts(&self) -> &[&'static str] {
+        &[]
+    }
+    /// The status of `[offset, offset + len)` in context `which` (0:
+    /// `base:allocation`, `i`: `contexts()[i - 1]`): extents as (bytes,
+    /// flags) from `offset` on, covering at least a first part of the
+    /// range. By default everything is allocated data with no flag set.
+    fn block_status(&self, _which: usize, _offset: u64, len: u64, done: Done<Vec<(u64, u32)>>) {
+        done(Ok(vec![(len, 0)]))
     }
 }
 
@@ -106,17 +130,31 @@ pub const TRANSMISSION_FLAGS: u16 = proto::FLAG_HAS_FLAGS
     | proto::FLAG_SEND_FUA
     | proto::FLAG_SEND_TRIM
     | proto::FLAG_SEND_WRITE_ZEROES
-    | proto::FLAG_CAN_MULTI_CONN;
+    | proto::FLAG_CAN_MULTI_CONN
+    | proto::FLAG_SEND_CACHE
+    | proto::FLAG_SEND_FAST_ZERO;
 
-/// The transmission flags of one export: [`TRANSMISSION_FLAGS`], plus
-/// `NBD_FLAG_READ_ONLY` for a read-only export.
-fn transmission_flags(e: &dyn Export) -> u16 {
+/// The transmission flags of one export for one client:
+/// [`TRANSMISSION_FLAGS`], `NBD_FLAG_READ_ONLY` for a read-only export,
+/// and `NBD_FLAG_SEND_DF` once structured replies are negotiated.
+fn transmission_flags(e: &dyn Export, structured: bool) -> u16 {
+    let mut flags = TRANSMISSION_FLAGS;
     if e.read_only() {
-        TRANSMISSION_FLAGS | proto::FLAG_READ_ONLY
-    } else {
-        TRANSMISSION_FLAGS
+        flags |= proto::FLAG_READ_ONLY;
     }
+    if structured {
+        flags |= proto::FLAG_SEND_DF;
+    }
+    flags
 }
+
+/// A read at least this long, in a structured reply, asks the export where
+/// its holes are and sends them as `NBD_REPLY_TYPE_OFFSET_HOLE` chunks;
+/// shorter reads go as one data chunk (one request to the disks, not two).
+pub const SPARSE_READ_MIN: u32 = 64 * 1024;
+
+/// The name of the one metadata context the spec defines.
+pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,34 +297,34 @@ pub fn bind(listen: &Listen) -> Result<Bound, BindError> {
 }
 
 /// A connected stream of either kind.
-enum Sock {
+pub(super) enum Sock {
     Unix(UnixStream),
     Tcp(TcpStream),
 }
 
 impl Sock {
-    fn try_clone(&self) -> io::Result<Sock> {
+    pub(super) fn try_clone(&self) -> io::Result<Sock> {
         Ok(match self {
             Sock::Unix(s) => Sock::Unix(s.try_clone()?),
             Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
         })
     }
 
-    fn shutdown(&self, how: Shutdown) {
+    pub(super) fn shutdown(&self, how: Shutdown) {
         let _ = match self {
             Sock::Unix(s) => s.shutdown(how),
             Sock::Tcp(s) => s.shutdown(how),
         };
     }
 
-    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+    pub(super) fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Sock::Unix(s) => s.set_write_timeout(t),
             Sock::Tcp(s) => s.set_write_timeout(t),
         }
     }
 
-    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+    pub(super) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Sock::Unix(s) => s.set_read_timeout(t),
             Sock::Tcp(s) => s.set_read_timeout(t),
@@ -396,6 +434,8 @@ struct Shared {
     /// Data in flight over every connection.
     budget: Arc<Budget>,
     exports: RwLock<BTreeMap<String, Arc<dyn Export>>>,
+    /// TLS, when the server offers it.
+    tls: Option<super::tls::Tls>,
     stopping: AtomicBool,
     /// Open connections, by id: a handle to shut their reading side, and
     /// the export chosen once the handshake is over.
@@ -424,6 +464,16 @@ impl Server {
 
     /// A server that lets clients take at most `limits`.
     pub fn with_limits(exports: Vec<Arc<dyn Export>>, limits: Limits) -> Server {
+        Server::with_tls(exports, limits, None)
+    }
+
+    /// A server that lets clients take at most `limits` and offers them
+    /// `tls` (or requires it, as it says).
+    pub fn with_tls(
+        exports: Vec<Arc<dyn Export>>,
+        limits: Limits,
+        tls: Option<super::tls::Tls>,
+    ) -> Server {
         Server {
             shared: Arc::new(Shared {
                 limits,
@@ -438,6 +488,7 @@ impl Server {
                         .map(|e| (e.name().to_string(), e))
                         .collect(),
                 ),
+                tls,
                 stopping: AtomicBool::new(false),
                 conns: Mutex::new(HashMap::new()),
                 idle: Condvar::new(),
@@ -670,13 +721,47 @@ fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<(), ConnError
             deadline: Some(deadline),
         },
     );
-    let export = handshake(shared, &mut reader, &mut writer)?;
+    writer.write_all(&proto::encode_greeting())?;
+    let mut buf = Vec::new();
+    let flags = read_decoded(&mut reader, &mut buf, proto::decode_client_flags)?;
+    let mut secure = false;
+    let (export, session) = loop {
+        match handshake(shared, &mut reader, &mut writer, flags.no_zeroes, secure)? {
+            Handshake::Go(export, session) => break (export, session),
+            Handshake::Abort => return Ok(()),
+            Handshake::StartTls => {
+                // The client waits for the ACK before it starts TLS: a byte
+                // already here is a client that did not.
+                if !reader.buffer().is_empty() {
+                    return Err(ConnError::Closed(
+                        "the client sent data before the TLS handshake".into(),
+                    ));
+                }
+                let Some(tls) = &shared.tls else {
+                    return Err(ConnError::Closed("TLS is not configured".into()));
+                };
+                let plain = super::tls::start(
+                    tls,
+                    &reader.get_ref().sock,
+                    deadline,
+                    shared.limits.reply_timeout,
+                )?;
+                writer = plain.try_clone()?;
+                writer.set_write_timeout(Some(shared.limits.handshake_timeout))?;
+                reader = BufReader::with_capacity(
+                    256 * 1024,
+                    Deadlined {
+                        sock: plain,
+                        deadline: Some(deadline),
+                    },
+                );
+                secure = true;
+            }
+        }
+    };
     reader.get_mut().deadline = None;
     reader.get_ref().sock.set_read_timeout(None)?;
     writer.set_write_timeout(None)?;
-    let Some(export) = export else {
-        return Ok(());
-    };
     {
         let mut conns = lock(&shared.conns);
         let Some(c) = conns.get_mut(&id) else {
@@ -694,7 +779,7 @@ fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<(), ConnError
             c.sock.shutdown(Shutdown::Read);
         }
     }
-    transmission(export, reader, writer, shared)
+    transmission(export, session, reader, writer, shared)
 }
 
 fn exports(shared: &Shared) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<dyn Export>>> {
@@ -715,18 +800,80 @@ fn find_export(shared: &Shared, name: &[u8]) -> Option<Arc<dyn Export>> {
     exports.get(name).cloned()
 }
 
-/// Option haggling; returns the export chosen, or None when the client
-/// aborted.
+/// What one client negotiated for the transmission phase.
+#[derive(Debug, Clone, Default)]
+struct Session {
+    /// Structured replies were negotiated.
+    structured: bool,
+    /// The metadata contexts selected (id, which: 0 for `base:allocation`,
+    /// `i` for the export's `contexts()[i - 1]`), and the export name they
+    /// were selected for.
+    contexts: Vec<(u32, usize)>,
+    contexts_for: Vec<u8>,
+}
+
+/// How the option haggling ended.
+enum Handshake {
+    Go(Arc<dyn Export>, Session),
+    Abort,
+    /// The client asked for TLS and was told yes: the rest of the
+    /// haggling happens inside it.
+    StartTls,
+}
+
+/// Every metadata context of an export, by `which`.
+fn context_names(e: &dyn Export) -> Vec<&'static str> {
+    std::iter::once(BASE_ALLOCATION)
+        .chain(e.contexts().iter().copied())
+        .collect()
+}
+
+/// Whether `query` names the context `name`: exactly, or (when listing) as
+/// its namespace with an empty leaf (`base:`, `mirrorvol:`).
+fn query_matches(query: &[u8], name: &str, list: bool) -> bool {
+    let Ok(q) = std::str::from_utf8(query) else {
+        return false;
+    };
+    q == name || (list && q.ends_with(':') && name.starts_with(q))
+}
+
+/// Option haggling, until the client picks an export, aborts, or starts
+/// TLS. `secure`: TLS is running (options start afresh inside it).
 fn handshake(
     shared: &Shared,
     reader: &mut impl Read,
     w: &mut Sock,
-) -> Result<Option<Arc<dyn Export>>, ConnError> {
-    w.write_all(&proto::encode_greeting())?;
+    no_zeroes: bool,
+    secure: bool,
+) -> Result<Handshake, ConnError> {
     let mut buf = Vec::new();
-    let flags = read_decoded(reader, &mut buf, proto::decode_client_flags)?;
+    let mut session = Session::default();
+    let tls_required = !secure && shared.tls.as_ref().is_some_and(|t| t.required());
+    let reply = |w: &mut Sock, option: u32, kind: u32, msg: &str| -> io::Result<()> {
+        w.write_all(&proto::encode_option_reply(option, kind, msg.as_bytes()))
+    };
     loop {
         let option = read_decoded(reader, &mut buf, proto::decode_option)?;
+        if tls_required {
+            match option {
+                ClientOption::StartTls | ClientOption::Abort => {}
+                ClientOption::ExportName(_) => {
+                    return Err(ConnError::Closed(
+                        "the client asked for an export without TLS, which this server requires"
+                            .into(),
+                    ));
+                }
+                other => {
+                    reply(
+                        w,
+                        option_code(&other),
+                        proto::REP_ERR_TLS_REQD,
+                        "this server requires TLS (NBD_OPT_STARTTLS) first",
+                    )?;
+                    continue;
+                }
+            }
+        }
         match option {
             ClientOption::ExportName(name) => {
                 let Some(e) = find_export(shared, &name) else {
@@ -739,10 +886,11 @@ fn handshake(
                 };
                 w.write_all(&proto::encode_export_name_reply(
                     e.size(),
-                    transmission_flags(&*e),
-                    flags.no_zeroes,
+                    transmission_flags(&*e, session.structured),
+                    no_zeroes,
                 ))?;
-                return Ok(Some(e));
+                session.keep_contexts_for(&name);
+                return Ok(Handshake::Go(e, session));
             }
             ClientOption::Abort => {
                 let _ = w.write_all(&proto::encode_option_reply(
@@ -750,7 +898,7 @@ fn handshake(
                     proto::REP_ACK,
                     &[],
                 ));
-                return Ok(None);
+                return Ok(Handshake::Abort);
             }
             ClientOption::List => {
                 let mut out = Vec::new();
@@ -762,6 +910,74 @@ fn handshake(
                     proto::REP_ACK,
                     &[],
                 ));
+                w.write_all(&out)?;
+            }
+            ClientOption::StartTls => {
+                if secure {
+                    reply(
+                        w,
+                        proto::OPT_STARTTLS,
+                        proto::REP_ERR_INVALID,
+                        "TLS is already running",
+                    )?;
+                } else if shared.tls.is_none() {
+                    reply(
+                        w,
+                        proto::OPT_STARTTLS,
+                        proto::REP_ERR_POLICY,
+                        "this server has no TLS certificates (serve --tls-certs)",
+                    )?;
+                } else {
+                    reply(w, proto::OPT_STARTTLS, proto::REP_ACK, "")?;
+                    return Ok(Handshake::StartTls);
+                }
+            }
+            ClientOption::StructuredReply => {
+                session.structured = true;
+                reply(w, proto::OPT_STRUCTURED_REPLY, proto::REP_ACK, "")?;
+            }
+            ClientOption::MetaContext { set, name, queries } => {
+                let opt = if set {
+                    proto::OPT_SET_META_CONTEXT
+                } else {
+                    proto::OPT_LIST_META_CONTEXT
+                };
+                // A failed SET selects nothing too.
+                if set {
+                    session.contexts.clear();
+                }
+                if !session.structured {
+                    reply(
+                        w,
+                        opt,
+                        proto::REP_ERR_INVALID,
+                        "metadata contexts need structured replies (NBD_OPT_STRUCTURED_REPLY) first",
+                    )?;
+                    continue;
+                }
+                let Some(e) = find_export(shared, &name) else {
+                    let msg = format!("no export named {:?}", String::from_utf8_lossy(&name));
+                    reply(w, opt, proto::REP_ERR_UNKNOWN, &msg)?;
+                    continue;
+                };
+                let mut out = Vec::new();
+                for (which, ctx) in context_names(&*e).into_iter().enumerate() {
+                    let picked = if set {
+                        queries.iter().any(|q| query_matches(q, ctx, false))
+                    } else {
+                        queries.is_empty() || queries.iter().any(|q| query_matches(q, ctx, true))
+                    };
+                    if !picked {
+                        continue;
+                    }
+                    let id = if set { which as u32 + 1 } else { 0 };
+                    if set {
+                        session.contexts.push((id, which));
+                    }
+                    out.extend(proto::encode_meta_context(opt, id, ctx));
+                }
+                session.contexts_for = name;
+                out.extend(proto::encode_option_reply(opt, proto::REP_ACK, &[]));
                 w.write_all(&out)?;
             }
             ClientOption::Info { go, name, requests } => {
@@ -776,14 +992,14 @@ fn handshake(
                             .collect::<Vec<_>>()
                             .join(", ")
                     );
-                    w.write_all(&proto::encode_option_reply(
-                        opt,
-                        proto::REP_ERR_UNKNOWN,
-                        msg.as_bytes(),
-                    ))?;
+                    reply(w, opt, proto::REP_ERR_UNKNOWN, &msg)?;
                     continue;
                 };
-                let mut out = proto::encode_info_export(opt, e.size(), transmission_flags(&*e));
+                let mut out = proto::encode_info_export(
+                    opt,
+                    e.size(),
+                    transmission_flags(&*e, session.structured),
+                );
                 // Block sizes go out whether asked for or not: a client
                 // must ignore what it does not understand, and the limits
                 // hold either way.
@@ -799,24 +1015,48 @@ fn handshake(
                 out.extend(proto::encode_option_reply(opt, proto::REP_ACK, &[]));
                 w.write_all(&out)?;
                 if go {
-                    return Ok(Some(e));
+                    session.keep_contexts_for(&name);
+                    return Ok(Handshake::Go(e, session));
                 }
             }
             ClientOption::Invalid { option, why } => {
-                w.write_all(&proto::encode_option_reply(
-                    option,
-                    proto::REP_ERR_INVALID,
-                    why.as_bytes(),
-                ))?;
+                reply(w, option, proto::REP_ERR_INVALID, why)?;
             }
             ClientOption::Unsupported(option) => {
-                w.write_all(&proto::encode_option_reply(
+                reply(
+                    w,
                     option,
                     proto::REP_ERR_UNSUP,
-                    b"option not supported by this server",
-                ))?;
+                    "option not supported by this server",
+                )?;
             }
         }
+    }
+}
+
+impl Session {
+    /// Contexts selected for another export than the one the client went
+    /// with are dropped (the spec forbids block status then).
+    fn keep_contexts_for(&mut self, export: &[u8]) {
+        if self.contexts_for != export {
+            self.contexts.clear();
+        }
+    }
+}
+
+/// The option code a decoded option came with.
+fn option_code(o: &ClientOption) -> u32 {
+    match o {
+        ClientOption::ExportName(_) => proto::OPT_EXPORT_NAME,
+        ClientOption::Abort => proto::OPT_ABORT,
+        ClientOption::List => proto::OPT_LIST,
+        ClientOption::StartTls => proto::OPT_STARTTLS,
+        ClientOption::StructuredReply => proto::OPT_STRUCTURED_REPLY,
+        ClientOption::MetaContext { set: true, .. } => proto::OPT_SET_META_CONTEXT,
+        ClientOption::MetaContext { set: false, .. } => proto::OPT_LIST_META_CONTEXT,
+        ClientOption::Info { go: true, .. } => proto::OPT_GO,
+        ClientOption::Info { go: false, .. } => proto::OPT_INFO,
+        ClientOption::Invalid { option, .. } | ClientOption::Unsupported(option) => *option,
     }
 }
 
@@ -925,17 +1165,57 @@ impl InFlight {
     }
 }
 
-/// One reply on its way to the client: the header, a read's data, and the
+/// The bytes of a reply or chunk before its data: small ones inline (no
+/// allocation for the replies of every request), larger ones (an error
+/// message, block status) on the heap.
+enum Head {
+    Inline([u8; proto::HOLE_CHUNK_LEN], u8),
+    Heap(Vec<u8>),
+}
+
+impl Head {
+    fn new(bytes: &[u8]) -> Head {
+        if bytes.len() <= proto::HOLE_CHUNK_LEN {
+            let mut b = [0u8; proto::HOLE_CHUNK_LEN];
+            b[..bytes.len()].copy_from_slice(bytes);
+            Head::Inline(b, bytes.len() as u8)
+        } else {
+            Head::Heap(bytes.to_vec())
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Head::Inline(b, n) => &b[..usize::from(*n)],
+            Head::Heap(v) => v,
+        }
+    }
+}
+
+/// One reply on its way to the client: the head, a read's data, and the
 /// in-flight share to give back once it is written (None for a request that
-/// took none, such as a refusal). `sent` bytes of it are on the wire.
+/// took none, such as a refusal). A sparse read's reply is several chunks:
+/// `spans` holds each chunk's head and the part of `data` it carries (none
+/// for a hole). `sent` bytes of it are on the wire.
 struct Reply {
-    header: [u8; proto::SIMPLE_REPLY_LEN],
+    head: Head,
     data: Option<AlignedBuf>,
+    spans: Vec<(Head, std::ops::Range<usize>)>,
     release: Option<u64>,
     sent: usize,
 }
 
 impl Reply {
+    fn new(head: &[u8], data: Option<AlignedBuf>, release: Option<u64>) -> Reply {
+        Reply {
+            head: Head::new(head),
+            data,
+            spans: Vec::new(),
+            release,
+            sent: 0,
+        }
+    }
+
     /// Gives back the reply's in-flight share, written or dropped.
     fn give_back(&self, inflight: &InFlight) {
         if let Some(bytes) = self.release {
@@ -944,17 +1224,35 @@ impl Reply {
     }
 
     fn len(&self) -> usize {
-        self.header.len() + self.data.as_ref().map_or(0, |d| d.len())
+        let mut n = self.head.bytes().len();
+        if self.spans.is_empty() {
+            n += self.data.as_ref().map_or(0, |d| d.len());
+        }
+        for (h, r) in &self.spans {
+            n += h.bytes().len() + r.len();
+        }
+        n
     }
 
     /// Adds what is left of the reply to `slices`.
     fn unsent<'a>(&'a self, slices: &mut Vec<IoSlice<'a>>) {
         let mut skip = self.sent;
-        for part in [&self.header[..], self.data.as_deref().unwrap_or(&[])] {
-            if skip < part.len() {
-                slices.push(IoSlice::new(&part[skip..]));
+        let mut part = |bytes: &'a [u8]| {
+            if skip < bytes.len() {
+                slices.push(IoSlice::new(&bytes[skip..]));
             }
-            skip = skip.saturating_sub(part.len());
+            skip = skip.saturating_sub(bytes.len());
+        };
+        part(self.head.bytes());
+        let data = self.data.as_deref().unwrap_or(&[]);
+        if self.spans.is_empty() {
+            part(data);
+        }
+        for (h, r) in &self.spans {
+            part(h.bytes());
+            if !r.is_empty() {
+                part(&data[r.clone()]);
+            }
         }
     }
 }
@@ -1000,24 +1298,13 @@ struct Replies {
 }
 
 impl Replies {
-    fn send(
-        &self,
-        header: [u8; proto::SIMPLE_REPLY_LEN],
-        data: Option<AlignedBuf>,
-        release: Option<u64>,
-    ) {
-        let mut reply = Reply {
-            header,
-            data,
-            release,
-            sent: 0,
-        };
+    fn send(&self, mut reply: Reply) {
         if self.tx.is_empty()
             && let Ok(mut wire) = self.wire.state.try_lock()
             && wire.partial.is_none()
             && !wire.broken
         {
-            let mut slices = Vec::with_capacity(2);
+            let mut slices = Vec::with_capacity(2 + 2 * reply.spans.len());
             reply.unsent(&mut slices);
             match send_now(self.wire.sock.raw_fd(), &slices) {
                 Ok(n) if n == reply.len() => {
@@ -1161,6 +1448,7 @@ fn wait_writable(fd: RawFd, within: Duration) -> io::Result<()> {
 
 fn transmission(
     export: Arc<dyn Export>,
+    session: Session,
     mut reader: BufReader<Deadlined>,
     writer: Sock,
     shared: &Shared,
@@ -1190,7 +1478,7 @@ fn transmission(
     // ring, which it turns while it waits (for the socket, for room in
     // flight, for the last replies).
     let r = crate::volume::queue::run_here(|| {
-        let r = requests(&export, &mut reader, &replies, &inflight);
+        let r = requests(&export, &session, &mut reader, &replies, &inflight);
         // Answer everything already accepted before the socket closes: every
         // share comes back once its reply is written (or dropped).
         inflight.drain();
@@ -1201,14 +1489,191 @@ fn transmission(
     r
 }
 
+/// Answers one request: simple replies, or structured ones (with the
+/// error's message) once they are negotiated.
+#[derive(Clone)]
+struct Answer {
+    replies: Arc<Replies>,
+    handle: u64,
+    structured: bool,
+}
+
+impl Answer {
+    /// Success of a request that returns no data.
+    fn ok(&self, release: Option<u64>) {
+        let head = proto::encode_simple_reply(0, self.handle);
+        self.replies.send(Reply::new(&head, None, release));
+    }
+
+    fn error(&self, errno: u32, why: &str, release: Option<u64>) {
+        let reply = if self.structured {
+            Reply::new(
+                &proto::encode_error_chunk(self.handle, errno, why),
+                None,
+                release,
+            )
+        } else {
+            Reply::new(
+                &proto::encode_simple_reply(errno, self.handle),
+                None,
+                release,
+            )
+        };
+        self.replies.send(reply);
+    }
+
+    fn outcome(&self, r: io::Result<()>, release: Option<u64>) {
+        match r {
+            Ok(()) => self.ok(release),
+            Err(e) => self.error(proto::errno_of(&e), &e.to_string(), release),
+        }
+    }
+
+    /// A read's data, in one piece.
+    fn data(&self, offset: u64, r: io::Result<AlignedBuf>, release: Option<u64>) {
+        let data = match r {
+            Ok(data) => data,
+            Err(e) => return self.error(proto::errno_of(&e), &e.to_string(), release),
+        };
+        let reply = if self.structured {
+            let head = proto::encode_data_chunk(self.handle, offset, data.len() as u32, true);
+            Reply::new(&head, Some(data), release)
+        } else {
+            Reply::new(
+                &proto::encode_simple_reply(0, self.handle),
+                Some(data),
+                release,
+            )
+        };
+        self.replies.send(reply);
+    }
+
+    /// A sparse read: a chunk per piece of `layout` (bytes, reads as
+    /// zeroes), data chunks carrying their part of `data`.
+    fn sparse(
+        &self,
+        offset: u64,
+        layout: &[(u32, bool)],
+        data: Option<AlignedBuf>,
+        release: Option<u64>,
+    ) {
+        let mut spans = Vec::with_capacity(layout.len());
+        let mut pos = 0usize;
+        for (i, &(n, zero)) in layout.iter().enumerate() {
+            let done = i + 1 == layout.len();
+            let at = offset + pos as u64;
+            let end = pos + n as usize;
+            if zero {
+                let head = proto::encode_hole_chunk(self.handle, at, n, done);
+                spans.push((Head::new(&head), pos..pos));
+            } else {
+                let head = proto::encode_data_chunk(self.handle, at, n, done);
+                spans.push((Head::new(&head), pos..end));
+            }
+            pos = end;
+        }
+        self.replies.send(Reply {
+            head: Head::new(&[]),
+            data,
+            spans,
+            release,
+            sent: 0,
+        });
+    }
+
+    /// A block status reply: one chunk per context (id, extents), or the
+    /// first error.
+    fn block_status(&self, results: ContextResults) {
+        let mut out = Vec::new();
+        let last = results.len().saturating_sub(1);
+        for (i, (id, r)) in results.into_iter().enumerate() {
+            match r {
+                Ok(extents) => out.extend(proto::encode_block_status(
+                    self.handle,
+                    id,
+                    &extents,
+                    i == last,
+                )),
+                Err(e) => return self.error(proto::errno_of(&e), &e.to_string(), Some(0)),
+            }
+        }
+        self.replies.send(Reply::new(&out, None, Some(0)));
+    }
+}
+
+/// Each selected context's id and extents (length, flags) for one block
+/// status request, or why they are missing.
+type ContextResults = Vec<(u32, io::Result<Vec<(u32, u32)>>)>;
+
+/// An export's extents made fit for a block status reply to a request of
+/// `len` bytes: adjacent extents with the same flags merged, none empty,
+/// the total within `len` (a u32, so every length fits), at most
+/// [`proto::MAX_EXTENTS`], and only the first with `one`
+/// (`NBD_CMD_FLAG_REQ_ONE`). An export that reported nothing is an error.
+fn fit_extents(extents: Vec<(u64, u32)>, len: u32, one: bool) -> io::Result<Vec<(u32, u32)>> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut left = u64::from(len);
+    for (n, flags) in extents {
+        let n = n.min(left);
+        if n == 0 {
+            continue;
+        }
+        left -= n;
+        match out.last_mut() {
+            Some((m, f)) if *f == flags => *m += n as u32,
+            _ => out.push((n as u32, flags)),
+        }
+        if left == 0 {
+            break;
+        }
+    }
+    if out.is_empty() {
+        return Err(io::Error::other(
+            "the export reported no extent for the range",
+        ));
+    }
+    out.truncate(if one { 1 } else { proto::MAX_EXTENTS });
+    Ok(out)
+}
+
+/// What a read of `len` bytes meets, from the `base:allocation` extents:
+/// (bytes, reads as zeroes) covering exactly `len`; what the extents do
+/// not cover counts as data.
+fn read_layout(extents: io::Result<Vec<(u64, u32)>>, len: u32) -> Vec<(u32, bool)> {
+    let mut out: Vec<(u32, bool)> = Vec::new();
+    let mut covered = 0u32;
+    if let Ok(fit) = extents.and_then(|e| fit_extents(e, len, false)) {
+        for (n, flags) in fit {
+            let zero = flags & proto::STATE_ZERO != 0;
+            match out.last_mut() {
+                Some((m, z)) if *z == zero => *m += n,
+                _ => out.push((n, zero)),
+            }
+            covered += n;
+        }
+    }
+    if covered < len {
+        match out.last_mut() {
+            Some((m, false)) => *m += len - covered,
+            _ => out.push((len - covered, false)),
+        }
+    }
+    out
+}
+
 fn requests(
     export: &Arc<dyn Export>,
+    session: &Session,
     reader: &mut BufReader<Deadlined>,
     replies: &Arc<Replies>,
     inflight: &Arc<InFlight>,
 ) -> Result<(), ConnError> {
     let size = export.size();
     let read_only = export.read_only();
+    let negotiated = proto::Negotiated {
+        structured: session.structured,
+        contexts: session.contexts.len(),
+    };
     let mut header = Vec::with_capacity(proto::REQUEST_LEN);
     // Requests that arrived together reach each disk's ring together: the
     // kernel hears of them when the reader is about to wait for more.
@@ -1223,24 +1688,22 @@ fn requests(
             Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
-        let handle = req.handle;
-        let reply = {
-            let replies = replies.clone();
-            move |errno: u32, release: Option<u64>| {
-                replies.send(proto::encode_simple_reply(errno, handle), None, release)
-            }
+        let answer = Answer {
+            replies: replies.clone(),
+            handle: req.handle,
+            structured: session.structured,
         };
-        match proto::classify(&req, size) {
+        match proto::classify(&req, size, &negotiated) {
             // The spec: a write to a read-only export fails with EPERM.
             Command::Write { .. } | Command::WriteZeroes { .. } if read_only => {
                 io::copy(
                     &mut reader.by_ref().take(u64::from(req.payload_len())),
                     &mut io::sink(),
                 )?;
-                reply(proto::EPERM, None);
+                answer.error(proto::EPERM, "the export is read-only", None);
             }
             Command::Disconnect => return Ok(()),
-            Command::Reject { errno } => {
+            Command::Reject { errno, why } => {
                 let skip = u64::from(req.payload_len());
                 if skip > MAX_DISCARD {
                     return Err(ConnError::Closed(format!(
@@ -1248,29 +1711,53 @@ fn requests(
                     )));
                 }
                 io::copy(&mut reader.by_ref().take(skip), &mut io::sink())?;
-                reply(errno, None);
+                answer.error(errno, why, None);
             }
-            Command::Read { offset, len } => {
+            Command::Read { offset, len, whole } => {
                 // The reply's data counts until it is written to the client.
                 let bytes = u64::from(len);
                 inflight.acquire(bytes);
-                let replies = replies.clone();
-                export.read(
-                    offset,
-                    len as usize,
-                    Box::new(move |r| match r {
-                        Ok(data) => replies.send(
-                            proto::encode_simple_reply(0, handle),
-                            Some(data),
-                            Some(bytes),
-                        ),
-                        Err(e) => replies.send(
-                            proto::encode_simple_reply(proto::errno_of(&e), handle),
-                            None,
-                            Some(bytes),
-                        ),
-                    }),
-                );
+                if session.structured && !whole && len >= SPARSE_READ_MIN {
+                    let e = export.clone();
+                    export.block_status(
+                        0,
+                        offset,
+                        bytes,
+                        Box::new(move |r| {
+                            let layout = read_layout(r, len);
+                            if layout.iter().all(|&(_, zero)| zero) {
+                                return answer.sparse(offset, &layout, None, Some(bytes));
+                            }
+                            if layout.len() == 1 {
+                                return e.read(
+                                    offset,
+                                    len as usize,
+                                    Box::new(move |r| answer.data(offset, r, Some(bytes))),
+                                );
+                            }
+                            e.read(
+                                offset,
+                                len as usize,
+                                Box::new(move |r| match r {
+                                    Ok(data) => {
+                                        answer.sparse(offset, &layout, Some(data), Some(bytes))
+                                    }
+                                    Err(e) => answer.error(
+                                        proto::errno_of(&e),
+                                        &e.to_string(),
+                                        Some(bytes),
+                                    ),
+                                }),
+                            );
+                        }),
+                    );
+                } else {
+                    export.read(
+                        offset,
+                        len as usize,
+                        Box::new(move |r| answer.data(offset, r, Some(bytes))),
+                    );
+                }
             }
             Command::Write { offset, len, fua } => {
                 let bytes = u64::from(len);
@@ -1287,28 +1774,92 @@ fn requests(
                     offset,
                     data,
                     fua,
-                    Box::new(move |r| {
-                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(bytes))
-                    }),
+                    Box::new(move |r| answer.outcome(r, Some(bytes))),
                 );
             }
-            Command::WriteZeroes { offset, len, fua } => {
+            Command::WriteZeroes {
+                fast: true, keep, ..
+            } if !export.fast_zero(keep) => {
+                answer.error(
+                    proto::ENOTSUP,
+                    "zeroing this export costs as much as writing zeroes",
+                    None,
+                );
+            }
+            Command::WriteZeroes {
+                offset,
+                len,
+                fua,
+                keep,
+                ..
+            } => {
                 inflight.acquire(0);
                 export.write_zeroes(
                     offset,
                     u64::from(len),
                     fua,
-                    Box::new(move |r| {
-                        reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
-                    }),
+                    keep,
+                    Box::new(move |r| answer.outcome(r, Some(0))),
                 );
             }
             Command::Flush => {
                 inflight.acquire(0);
-                export.flush(Box::new(move |r| {
-                    reply(r.as_ref().map_or_else(proto::errno_of, |_| 0), Some(0))
-                }));
+                export.flush(Box::new(move |r| answer.outcome(r, Some(0))));
+            }
+            Command::Cache { offset, len } => {
+                inflight.acquire(0);
+                export.cache(
+                    offset,
+                    u64::from(len),
+                    Box::new(move |r| answer.outcome(r, Some(0))),
+                );
+            }
+            Command::BlockStatus { offset, len, one } => {
+                inflight.acquire(0);
+                block_status(export, &session.contexts, offset, len, one, answer);
             }
         }
+    }
+}
+
+/// Asks the export for every selected context's extents at once, and
+/// answers when the last is in.
+fn block_status(
+    export: &Arc<dyn Export>,
+    contexts: &[(u32, usize)],
+    offset: u64,
+    len: u32,
+    one: bool,
+    answer: Answer,
+) {
+    struct Gather {
+        left: usize,
+        results: ContextResults,
+    }
+    let gather = Arc::new(Mutex::new(Gather {
+        left: contexts.len(),
+        results: contexts
+            .iter()
+            .map(|&(id, _)| (id, Err(io::Error::other("no answer"))))
+            .collect(),
+    }));
+    for (i, &(_, which)) in contexts.iter().enumerate() {
+        let gather = gather.clone();
+        let answer = answer.clone();
+        export.block_status(
+            which,
+            offset,
+            u64::from(len),
+            Box::new(move |r| {
+                let mut g = lock(&gather);
+                g.results[i].1 = r.and_then(|e| fit_extents(e, len, one));
+                g.left -= 1;
+                if g.left == 0 {
+                    let results = std::mem::take(&mut g.results);
+                    drop(g);
+                    answer.block_status(results);
+                }
+            }),
+        );
     }
 }

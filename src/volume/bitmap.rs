@@ -646,6 +646,35 @@ fn finish_mark(
 }
 
 impl WriteIntent for BitmapSet {
+    fn dirty(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> Vec<Range<u64>> {
+        let disks = self.read();
+        let mut all: Vec<Range<u64>> = Vec::new();
+        for p in plexes {
+            let Some(b) = disks.get(&p.disk) else {
+                continue;
+            };
+            // Volume byte v is byte v + shift of the disk's data area;
+            // the disk's other volumes lie outside the window.
+            let shift = p.offset - b.data_offset;
+            let (lo, hi) = (offset + shift, offset + len + shift);
+            for r in b.dirty_ranges() {
+                let (start, end) = (r.start.max(lo), r.end.min(hi));
+                if start < end {
+                    all.push(start - shift..end - shift);
+                }
+            }
+        }
+        all.sort_unstable_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::new();
+        for r in all {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        merged
+    }
+
     fn mark(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<IntentGuard> {
         match self.begin(plexes, offset, len)? {
             Begun::Ready(g) => Ok(g),

@@ -32,7 +32,7 @@ use uuid::Uuid;
 use super::error::IoFailure;
 use super::queue::{DiskQueue, Op, Outcome, read_data, wait, wait_here};
 use super::range_lock::RangeLock;
-use crate::disk::AlignedBuf;
+use crate::disk::{AlignedBuf, Disk};
 
 /// Tunables of the engine.
 #[derive(Debug, Clone)]
@@ -78,6 +78,17 @@ pub trait WriteIntent: Send + Sync {
     /// block.
     fn begin(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<Begun> {
         self.mark(plexes, offset, len).map(Begun::Ready)
+    }
+
+    /// The volume byte ranges within `[offset, offset + len)` whose bits
+    /// are set on the disk of any of `plexes`, merged and in order.
+    fn dirty(
+        &self,
+        _plexes: &[Arc<EnginePlex>],
+        _offset: u64,
+        _len: u64,
+    ) -> Vec<std::ops::Range<u64>> {
+        Vec::new()
     }
 }
 
@@ -274,6 +285,10 @@ type Outcomes = Vec<(Arc<EnginePlex>, Outcome)>;
 fn eio(msg: String) -> io::Error {
     io::Error::other(msg)
 }
+
+/// The most steps one [`MirrorVolume::allocation`] takes through the
+/// disks' extents; a client asks again from where the answer stops.
+const MAX_ALLOCATION_STEPS: usize = 4096;
 
 /// A volume served by the engine.
 pub struct MirrorVolume {
@@ -577,12 +592,14 @@ impl MirrorVolume {
         );
     }
 
-    /// Makes `len` bytes at `offset` read as zeroes on every writable plex.
+    /// Makes `len` bytes at `offset` read as zeroes on every writable plex;
+    /// `keep`: keeps them allocated there ([`crate::disk::Disk::zero_range`]).
     pub fn submit_write_zeroes(
         self: &Arc<Self>,
         offset: u64,
         len: u64,
         fua: bool,
+        keep: bool,
         run: Run,
         done: Done<()>,
     ) {
@@ -598,6 +615,7 @@ impl MirrorVolume {
                 offset: p.offset + offset,
                 len,
                 fua,
+                keep,
             },
             done,
         );
@@ -882,6 +900,109 @@ impl MirrorVolume {
         }))
     }
 
+    // ---- what the volume holds ----
+
+    /// Where the volume holds data: extents (bytes, hole) from `offset`
+    /// covering `len` bytes or a first part of them. A range is a hole only
+    /// where every in-sync plex has one (then every plex that may serve a
+    /// read there returns zeroes); a plex whose disk cannot tell, or fails
+    /// to, counts as data. Asks the disks directly (`lseek`), not through
+    /// their queues.
+    pub fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        self.check(offset, len)?;
+        let disks: Vec<(Arc<dyn Disk>, u64)> = self
+            .plexes()
+            .iter()
+            .filter(|p| p.mode() == Mode::InSync)
+            .filter_map(|p| p.queue.disk().map(|d| (d, p.offset)))
+            .collect();
+        if disks.is_empty() {
+            return Err(eio(format!(
+                "volume {} has no in-sync plex to ask where its data is",
+                self.name
+            )));
+        }
+        let end = offset + len;
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pos = offset;
+        for _ in 0..MAX_ALLOCATION_STEPS {
+            if pos >= end {
+                break;
+            }
+            let mut run = end - pos;
+            let mut data = false;
+            for (disk, base) in &disks {
+                let (is_data, n) = disk.extent_at(base + pos, run).unwrap_or((true, run));
+                data |= is_data;
+                run = run.min(n.max(1));
+            }
+            match out.last_mut() {
+                Some((n, hole)) if *hole != data => *n += run,
+                _ => out.push((run, !data)),
+            }
+            pos += run;
+        }
+        Ok(out)
+    }
+
+    /// What the write-intent bitmaps say of `[offset, offset + len)`:
+    /// extents (bytes, dirty) covering it, dirty where a bit is set on the
+    /// disk of any plex (a write went there lately, or a copy still lacks
+    /// it: a crash or a resync would copy it); and whether any plex of the
+    /// volume is not in sync (being rebuilt, or out of service).
+    pub fn sync_state(&self, offset: u64, len: u64) -> io::Result<(Vec<(u64, bool)>, bool)> {
+        self.check(offset, len)?;
+        let plexes = self.plexes();
+        let degraded = plexes.iter().any(|p| p.mode() != Mode::InSync);
+        let dirty = match self.intent.get() {
+            Some(intent) => intent.dirty(&plexes, offset, len),
+            None => Vec::new(),
+        };
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut push = |n: u64, d: bool| {
+            if n == 0 {
+                return;
+            }
+            match out.last_mut() {
+                Some((m, was)) if *was == d => *m += n,
+                _ => out.push((n, d)),
+            }
+        };
+        let mut pos = offset;
+        for r in dirty {
+            let (start, end) = (r.start.max(pos), r.end.min(offset + len));
+            if start >= end {
+                continue;
+            }
+            push(start - pos, false);
+            push(end - start, true);
+            pos = end;
+        }
+        push(offset + len - pos, false);
+        Ok((out, degraded))
+    }
+
+    /// Whether zeroing (`keep`: keeping the blocks) is cheap on every
+    /// writable plex.
+    pub fn zeroes_cheaply(&self, keep: bool) -> bool {
+        let plexes = self.plexes();
+        let mut writable = plexes.iter().filter(|p| p.mode() != Mode::Out).peekable();
+        writable.peek().is_some()
+            && writable.all(|p| p.queue.disk().is_some_and(|d| d.zeroes_cheaply(keep)))
+    }
+
+    /// The range will be read soon: every in-sync plex (any may serve the
+    /// reads) is told so.
+    pub fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(offset, len)?;
+        for p in self.plexes().iter().filter(|p| p.mode() == Mode::InSync) {
+            if let Some(d) = p.queue.disk() {
+                d.will_need(p.offset + offset, len);
+            }
+        }
+        Ok(())
+    }
+
     /// The in-sync plex to read from: the one whose last read ended at
     /// `offset`, else one of those with the fewest requests pending, in turn.
     /// Runs on every read, so it allocates nothing.
@@ -1117,6 +1238,7 @@ impl MirrorVolume {
             self.submit_write_zeroes(
                 offset,
                 len,
+                false,
                 false,
                 Run::Here,
                 Box::new(move |r| cb(r.map(|()| None))),

@@ -70,10 +70,13 @@ pub enum Op {
         fua: bool,
     },
     Flush,
+    /// Makes the range read as zeroes; `keep`: keeps it allocated
+    /// ([`Disk::zero_range`]), else it may become a hole.
     WriteZeroes {
         offset: u64,
         len: u64,
         fua: bool,
+        keep: bool,
     },
     /// Tells the disk the range is unused (contents afterwards unspecified).
     Discard {
@@ -348,8 +351,17 @@ fn execute(disk: &dyn Disk, op: Op) -> Outcome {
             Ok(None)
         }
         Op::Flush => disk.flush().map(|()| None),
-        Op::WriteZeroes { offset, len, fua } => {
-            disk.write_zeroes(offset, len)?;
+        Op::WriteZeroes {
+            offset,
+            len,
+            fua,
+            keep,
+        } => {
+            if keep {
+                disk.zero_range(offset, len)?;
+            } else {
+                disk.write_zeroes(offset, len)?;
+            }
             if fua {
                 disk.flush()?;
             }
@@ -1042,6 +1054,17 @@ impl Disk for QueuedDisk {
             offset,
             len,
             fua: false,
+            keep: false,
+        })
+        .map(|_| ())
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.run(Op::WriteZeroes {
+            offset,
+            len,
+            fua: false,
+            keep: true,
         })
         .map(|_| ())
     }
@@ -1154,6 +1177,7 @@ mod tests {
             offset: 4096,
             len: 4096,
             fua: false,
+            keep: false,
         };
         wait(&q, zeroes, true).unwrap();
         let beyond = Op::Read {

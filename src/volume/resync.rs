@@ -384,6 +384,7 @@ fn start_chunk(
             offset: target.offset + pos,
             len: n as u64,
             fua: false,
+            keep: false,
         }
     } else {
         Op::Write {

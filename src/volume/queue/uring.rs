@@ -1117,6 +1117,7 @@ mod tests {
             offset: 4096,
             len: 4096,
             fua: false,
+            keep: false,
         };
         wait(|cb| q.submit(op, true, cb)).unwrap();
         assert!(read(&q, 4096, 4096).iter().all(|b| *b == 0));
