@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::faulty::{mirror_group_faulty_b, rig_available};
-use common::serve::{Served, mirror_group, ok, run, tools, wait_status};
+use common::serve::{Served, mirror_group, mirror_group_on, ok, run, tools, wait_status};
 use common::{MIB, Sandbox};
 
 #[test]
@@ -168,6 +168,149 @@ fn nbdcopy_copies_into_and_out_of_the_volume() {
     );
     let (code, err) = s.stop();
     assert_eq!(code, 0, "{err}");
+}
+
+/// Writes `len` bytes of pattern `seed` at `offset` of the volume behind
+/// `uri`, with qemu-io.
+fn qemu_write(uri: &str, offset: u64, len: u64, byte: u8) {
+    ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        &format!("write -P {byte} {offset} {len}"),
+        uri,
+    ]));
+}
+
+/// The (start, length, zero) extents of `qemu-img map --output=json`.
+fn qemu_map(uri: &str) -> Vec<(u64, u64, bool)> {
+    let out = ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", uri]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut extents: Vec<(u64, u64, bool)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let zero = e["zero"] == true && e["data"] == false;
+        match extents.last_mut() {
+            Some(last) if last.2 == zero && last.0 + last.1 == start => last.1 += len,
+            _ => extents.push((start, len, zero)),
+        }
+    }
+    extents
+}
+
+/// Half a volume written, in two places: `nbdinfo --map` and `qemu-img
+/// map` (both through block status, base:allocation) show the holes and
+/// the data where they are; `--map=mirrorvol:dirty` shows the regions just
+/// written as dirty.
+#[test]
+fn nbdinfo_and_qemu_img_map_show_the_holes_and_data_of_a_half_written_volume() {
+    if !tools(&["nbdinfo", "qemu-img", "qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 64);
+    let s = Served::start(&sb, &[], &[]);
+    let uri = s.uri("data");
+    qemu_write(&uri, 0, 16 * MIB, 0x61);
+    qemu_write(&uri, 32 * MIB, 16 * MIB, 0x62);
+    let out = ok(Command::new("nbdinfo").args(["--map", "--json", &uri]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let map: Vec<(u64, u64, u64)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["type"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        map,
+        [
+            (0, 16 * MIB, 0),
+            (16 * MIB, 16 * MIB, 3),
+            (32 * MIB, 16 * MIB, 0),
+            (48 * MIB, 16 * MIB, 3)
+        ],
+        "nbdinfo --map: {out}"
+    );
+    assert_eq!(
+        qemu_map(&uri),
+        [
+            (0, 16 * MIB, false),
+            (16 * MIB, 16 * MIB, true),
+            (32 * MIB, 16 * MIB, false),
+            (48 * MIB, 16 * MIB, true)
+        ]
+    );
+    let out = ok(Command::new("nbdinfo").args(["--map=mirrorvol:dirty", "--json", &uri]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dirty_at = |at: u64| {
+        v.as_array().unwrap().iter().any(|e| {
+            let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            o <= at && at < o + l && e["type"].as_u64().unwrap() & 1 == 1
+        })
+    };
+    assert!(dirty_at(0) && dirty_at(32 * MIB), "mirrorvol:dirty: {out}");
+    assert!(!dirty_at(20 * MIB), "mirrorvol:dirty: {out}");
+    let (code, err) = s.stop();
+    assert_eq!(code, 0, "{err}");
+}
+
+/// A 1 GiB volume holding 24 MiB: nbdcopy on four connections (multi-conn)
+/// and qemu-img convert copy it into files that are equal and as sparse
+/// as the data; nbdcopy on four connections writes it back into another
+/// volume, flushing, and that volume reads back equal and stays sparse on
+/// its plexes.
+#[test]
+fn nbdcopy_and_qemu_img_convert_copy_a_sparse_volume_sparsely() {
+    if !tools(&["nbdcopy", "qemu-img", "qemu-io", "nbdinfo"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    sb.image("a.img", 2200);
+    sb.image("b.img", 2200);
+    mirror_group_on(&sb, 1024);
+    sb.mv(&["create", "copy", "--size", "1G", "--mirror"]).ok();
+    let s = Served::start(&sb, &[], &[]);
+    let uri = s.uri("data");
+    qemu_write(&uri, 100 * MIB, 8 * MIB, 0x71);
+    qemu_write(&uri, 700 * MIB, 16 * MIB, 0x72);
+    assert_eq!(
+        ok(Command::new("nbdinfo").args(["--can", "multi-conn", &uri])).trim(),
+        ""
+    );
+    let allocated = |p: &str| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    };
+    let n = sb.p("nbdcopy.img");
+    ok(Command::new("nbdcopy").args(["--connections=4", &uri, &n]));
+    let q = sb.p("convert.img");
+    ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &uri, &q]));
+    for f in [&n, &q] {
+        ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", f, &uri]));
+        assert_eq!(std::fs::metadata(f).unwrap().len(), 1024 * MIB);
+        let a = allocated(f);
+        assert!(a <= 32 * MIB, "{f} holds {a} bytes for 24 MiB of data");
+    }
+    // Back into the other volume, four connections, flushed.
+    let copy = s.uri("copy");
+    ok(Command::new("nbdcopy").args(["--connections=4", "--flush", &n, &copy]));
+    ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &n, &copy]));
+    let (code, err) = s.stop();
+    assert_eq!(code, 0, "{err}");
+    for disk in ["a.img", "b.img"] {
+        let a = allocated(&sb.p(&format!("disks/{disk}")));
+        assert!(
+            a <= 96 * MIB,
+            "{disk} holds {a} bytes for two volumes of 24 MiB"
+        );
+    }
+    assert!(sb.read_volume("copy") == std::fs::read(&n).unwrap());
 }
 
 fn fio_args(uri: &str, size_mib: u64, extra: &[&str]) -> Vec<String> {

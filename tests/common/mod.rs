@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 pub mod crash;
 pub mod faulty;
 pub mod serve;
+pub mod tls;
 
 pub const MIB: u64 = 1024 * 1024;
 
