@@ -854,6 +854,7 @@ fn handshake(
     };
     loop {
         let option = read_decoded(reader, &mut buf, proto::decode_option)?;
+        tracing::debug!(option = option_code(&option), secure, "NBD option");
         if tls_required {
             match option {
                 ClientOption::StartTls | ClientOption::Abort => {}
