@@ -331,7 +331,7 @@ impl Sock {
         }
     }
 
-    fn raw_fd(&self) -> RawFd {
+    pub(super) fn raw_fd(&self) -> RawFd {
         match self {
             Sock::Unix(s) => s.as_raw_fd(),
             Sock::Tcp(s) => s.as_raw_fd(),
@@ -420,6 +420,64 @@ impl Write for Sock {
         match self {
             Sock::Unix(s) => s.write_vectored(bufs),
             Sock::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Where a connection's answers go: the client's socket, or the TLS
+/// session on it, which encrypts them on the way.
+enum Out {
+    Plain(Sock),
+    Tls(super::tls::TlsOut),
+}
+
+impl Out {
+    /// Sends what the socket takes now, without waiting (`WouldBlock`
+    /// when it takes nothing). Under TLS nothing is sent here: replies go
+    /// to the connection's writer thread, which encrypts them beside the
+    /// thread that reads requests and completes their I/O.
+    fn send_now(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Out::Plain(s) => send_now(s.raw_fd(), slices),
+            Out::Tls(_) => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    /// Sends every slice, failing with `TimedOut` once the client has
+    /// taken nothing for `stall`.
+    fn send_all(&self, slices: &mut [IoSlice<'_>], stall: Duration) -> io::Result<()> {
+        match self {
+            Out::Plain(s) => write_all_vectored(s, slices, stall),
+            Out::Tls(t) => t.send_all(slices, stall),
+        }
+    }
+
+    fn shutdown(&self, how: Shutdown) {
+        match self {
+            Out::Plain(s) => s.shutdown(how),
+            Out::Tls(t) => t.shutdown(how),
+        }
+    }
+
+    /// During the handshake a write waits at most `t` (a TLS write at
+    /// most the client timeout).
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Out::Plain(s) => s.set_write_timeout(t),
+            Out::Tls(_) => Ok(()),
+        }
+    }
+}
+
+impl Write for Out {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Out::Plain(s) => s.write(buf),
+            Out::Tls(t) => t.write(buf),
         }
     }
 
@@ -710,7 +768,7 @@ fn read_decoded<T>(
 }
 
 fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<(), ConnError> {
-    let mut writer = sock.try_clone()?;
+    let mut writer = Out::Plain(sock.try_clone()?);
     // The handshake has a deadline: an idle client holds no thread for long.
     let deadline = Instant::now() + shared.limits.handshake_timeout;
     writer.set_write_timeout(Some(shared.limits.handshake_timeout))?;
@@ -740,14 +798,13 @@ fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<(), ConnError
                 let Some(tls) = &shared.tls else {
                     return Err(ConnError::Closed("TLS is not configured".into()));
                 };
-                let plain = super::tls::start(
+                let (plain, out) = super::tls::start(
                     tls,
                     &reader.get_ref().sock,
                     deadline,
                     shared.limits.reply_timeout,
                 )?;
-                writer = plain.try_clone()?;
-                writer.set_write_timeout(Some(shared.limits.handshake_timeout))?;
+                writer = Out::Tls(out);
                 reader = BufReader::with_capacity(
                     256 * 1024,
                     Deadlined {
@@ -842,14 +899,14 @@ fn query_matches(query: &[u8], name: &str, list: bool) -> bool {
 fn handshake(
     shared: &Shared,
     reader: &mut impl Read,
-    w: &mut Sock,
+    w: &mut Out,
     no_zeroes: bool,
     secure: bool,
 ) -> Result<Handshake, ConnError> {
     let mut buf = Vec::new();
     let mut session = Session::default();
     let tls_required = !secure && shared.tls.as_ref().is_some_and(|t| t.required());
-    let reply = |w: &mut Sock, option: u32, kind: u32, msg: &str| -> io::Result<()> {
+    let reply = |w: &mut Out, option: u32, kind: u32, msg: &str| -> io::Result<()> {
         w.write_all(&proto::encode_option_reply(option, kind, msg.as_bytes()))
     };
     loop {
@@ -1260,7 +1317,7 @@ impl Reply {
 
 /// The socket a connection's replies go out on, and who may write next.
 struct Wire {
-    sock: Sock,
+    out: Out,
     state: Mutex<WireState>,
 }
 
@@ -1270,7 +1327,7 @@ impl Wire {
     fn fail(&self, state: &mut WireState, e: &io::Error) {
         tracing::info!(error = %e, "a reply could not be sent; closing the connection");
         state.broken = true;
-        self.sock.shutdown(Shutdown::Both);
+        self.out.shutdown(Shutdown::Both);
     }
 }
 
@@ -1307,7 +1364,7 @@ impl Replies {
         {
             let mut slices = Vec::with_capacity(2 + 2 * reply.spans.len());
             reply.unsent(&mut slices);
-            match send_now(self.wire.sock.raw_fd(), &slices) {
+            match self.wire.out.send_now(&slices) {
                 Ok(n) if n == reply.len() => {
                     drop(wire);
                     return reply.give_back(&self.inflight);
@@ -1366,7 +1423,7 @@ fn write_replies(
             for r in &batch {
                 r.unsent(&mut slices);
             }
-            if let Err(e) = write_all_vectored(&wire.sock, &mut slices, stall) {
+            if let Err(e) = wire.out.send_all(&mut slices, stall) {
                 wire.fail(&mut state, &e);
             }
         }
@@ -1413,7 +1470,7 @@ fn write_all_vectored(
 
 /// Sends what the socket takes now, without waiting (`EWOULDBLOCK` when
 /// it takes nothing).
-fn send_now(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+pub(super) fn send_now(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
     // SAFETY: an all-zero msghdr is valid (no name, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     // IoSlice is ABI-compatible with iovec on Unix; sendmsg only reads them.
@@ -1429,7 +1486,7 @@ fn send_now(fd: RawFd, slices: &[IoSlice<'_>]) -> io::Result<usize> {
 }
 
 /// Waits until the socket takes data, or `within` passes.
-fn wait_writable(fd: RawFd, within: Duration) -> io::Result<()> {
+pub(super) fn wait_writable(fd: RawFd, within: Duration) -> io::Result<()> {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLOUT,
@@ -1451,7 +1508,7 @@ fn transmission(
     export: Arc<dyn Export>,
     session: Session,
     mut reader: BufReader<Deadlined>,
-    writer: Sock,
+    writer: Out,
     shared: &Shared,
 ) -> Result<(), ConnError> {
     let inflight = Arc::new(InFlight {
@@ -1462,7 +1519,7 @@ fn transmission(
     let stall = shared.limits.reply_timeout;
     let (tx, rx) = crossbeam_channel::unbounded();
     let wire = Arc::new(Wire {
-        sock: writer,
+        out: writer,
         state: Mutex::new(WireState::default()),
     });
     let replies = Arc::new(Replies {

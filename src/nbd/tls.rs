@@ -4,15 +4,17 @@
 //! the CA signed unless peer verification is turned off (as qemu-nbd's
 //! `verify-peer`, on by default for a server).
 //!
-//! Once the TLS handshake is done, two threads carry the connection: one
-//! decrypts what the client sends into one end of a Unix socket pair, the
-//! other encrypts what the server writes on it. The server's transmission
-//! phase reads and writes the other end as it does a plain client's socket,
-//! so everything it does (limits, deadlines, replies written by
-//! completions) holds under TLS unchanged. The kernel here has no kTLS,
-//! which would spare the copies.
+//! Once the TLS handshake is done, a thread decrypts what the client sends
+//! into one end of a Unix socket pair, and the server reads the other end
+//! as it reads a plain client's socket (limits and deadlines hold
+//! unchanged). Replies go to the connection's writer thread, which
+//! encrypts them straight from their buffers onto the client's socket
+//! ([`TlsOut`]), so encryption runs beside the thread that reads requests
+//! and completes their I/O, and a client that takes nothing for the stall
+//! time is cut as a plain one is. The kernel here has no kTLS, which
+//! would spare the copy into the pair.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -24,7 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
-use super::server::Sock;
+use super::server::{Sock, send_now, wait_writable};
 
 /// Whether clients must, may or cannot use TLS (`serve --tls`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -125,19 +127,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Runs the TLS handshake on `sock` (by `deadline`), then starts the two
-/// threads that carry the connection, and returns the plaintext socket the
-/// server goes on with. A client that reads nothing for `stall` is cut.
+/// Runs the TLS handshake on `sock` (by `deadline`), then starts the
+/// thread that decrypts what the client sends, and returns the plaintext
+/// socket the server reads from and the encrypting side it writes to. A
+/// client that takes nothing for `stall` is cut.
 pub(super) fn start(
     tls: &Tls,
     sock: &Sock,
     deadline: Instant,
     stall: Duration,
-) -> io::Result<Sock> {
+) -> io::Result<(Sock, TlsOut)> {
     let mut raw = sock.try_clone()?;
     let mut conn = ServerConnection::new(tls.config.clone()).map_err(io::Error::other)?;
-    // What the server writes is encrypted and sent at once: no limit on
-    // plaintext waiting for that.
+    // Replies are encrypted whole and sent as the socket takes them: no
+    // limit on what waits for that (a reply's share of the in-flight
+    // budget is held until it is all out).
     conn.set_buffer_limit(None);
     while conn.is_handshaking() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -152,49 +156,145 @@ pub(super) fn start(
         conn.complete_io(&mut raw)?;
     }
     raw.set_read_timeout(None)?;
-    raw.set_write_timeout(Some(stall))?;
+    raw.set_write_timeout(None)?;
     let (plain, inner) = UnixStream::pair()?;
     let conn = Arc::new(Mutex::new(conn));
-    let (c, r, i) = (conn.clone(), raw.try_clone()?, inner.try_clone()?);
+    let (c, r) = (conn.clone(), raw.try_clone()?);
     std::thread::Builder::new()
         .name("nbd-tls-in".into())
-        .spawn(move || inbound(c, r, i))?;
-    std::thread::Builder::new()
-        .name("nbd-tls-out".into())
-        .spawn(move || outbound(conn, raw, inner))?;
-    Ok(Sock::Unix(plain))
+        .spawn(move || inbound(c, r, inner, stall))?;
+    Ok((Sock::Unix(plain), TlsOut { conn, raw, stall }))
+}
+
+/// Sends on a socket without waiting (`EWOULDBLOCK` when it takes
+/// nothing): what rustls writes its records to.
+struct NonBlocking<'a>(&'a Sock);
+
+impl Write for NonBlocking<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        send_now(self.0.raw_fd(), &[IoSlice::new(buf)])
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        send_now(self.0.raw_fd(), bufs)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sends everything `conn` has encrypted, waiting for the socket without
+/// holding `conn` (the other direction goes on meanwhile); fails with
+/// `TimedOut` once the client has taken nothing for `stall`.
+fn send_everything(conn: &Mutex<ServerConnection>, raw: &Sock, stall: Duration) -> io::Result<()> {
+    let mut progress = Instant::now();
+    loop {
+        {
+            let mut c = lock(conn);
+            if !c.wants_write() {
+                return Ok(());
+            }
+            match c.write_tls(&mut NonBlocking(raw)) {
+                Ok(_) => {
+                    progress = Instant::now();
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let left = stall.saturating_sub(progress.elapsed());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read nothing for {} s", stall.as_secs()),
+            ));
+        }
+        wait_writable(raw.raw_fd(), left)?;
+    }
+}
+
+/// The writing side of a TLS connection: the connection's writer thread
+/// encrypts replies from their buffers straight onto the client's
+/// socket. The decrypting thread may add TLS's own records (a key update)
+/// in between, in order, under `conn`.
+pub(super) struct TlsOut {
+    conn: Arc<Mutex<ServerConnection>>,
+    raw: Sock,
+    stall: Duration,
+}
+
+impl TlsOut {
+    /// Encrypts all of `slices` and sends everything, waiting for the
+    /// client as [`send_everything`] does.
+    pub(super) fn send_all(&self, slices: &[IoSlice<'_>], stall: Duration) -> io::Result<()> {
+        {
+            let mut c = lock(&self.conn);
+            let mut w = c.writer();
+            for s in slices {
+                w.write_all(s)?;
+            }
+        }
+        send_everything(&self.conn, &self.raw, stall)
+    }
+
+    pub(super) fn shutdown(&self, how: Shutdown) {
+        self.raw.shutdown(how);
+    }
+}
+
+impl Write for TlsOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.send_all(&[IoSlice::new(buf)], self.stall)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for TlsOut {
+    /// The connection is over: `close_notify` if the socket takes it at
+    /// once, then the socket is shut both ways, which ends the decrypting
+    /// thread whatever the client does.
+    fn drop(&mut self) {
+        {
+            let mut c = lock(&self.conn);
+            c.send_close_notify();
+            while c.wants_write() && c.write_tls(&mut NonBlocking(&self.raw)).is_ok() {}
+        }
+        self.raw.shutdown(Shutdown::Both);
+    }
 }
 
 /// Decrypts what the client sends into `inner`, until the client closes
 /// (or breaks TLS); then the server reads the end of the stream. What
 /// came with the end of the TLS handshake (a client may send its first
 /// option in the same packet) goes first.
-fn inbound(conn: Arc<Mutex<ServerConnection>>, mut raw: Sock, mut inner: UnixStream) {
+fn inbound(
+    conn: Arc<Mutex<ServerConnection>>,
+    mut raw: Sock,
+    mut inner: UnixStream,
+    stall: Duration,
+) {
     let mut wire = vec![0u8; 64 * 1024];
     let mut plain = Vec::with_capacity(256 * 1024);
     let mut n = 0;
     loop {
         plain.clear();
-        let pumped = {
-            let mut c = lock(&conn);
-            let r = pump(&mut c, &wire[..n], &mut plain);
-            // Answers of TLS's own (a key update, session tickets) go out
-            // in order with the records the other thread writes: under
-            // the same lock.
-            let mut flushed = true;
-            while flushed && c.wants_write() {
-                flushed = c.write_tls(&mut raw).is_ok();
-            }
-            if let Err(e) = &r {
+        let pumped = pump(&mut lock(&conn), &wire[..n], &mut plain);
+        // Answers of TLS's own (a key update, session tickets; the alert
+        // that says why TLS failed) go out in order with the replies.
+        let sent = send_everything(&conn, &raw, stall).is_ok();
+        let closed = match pumped {
+            Ok(closed) => closed,
+            Err(e) => {
                 tracing::info!(error = %e, "TLS failed; closing the connection");
                 raw.shutdown(Shutdown::Both);
+                break;
             }
-            r.ok().filter(|_| flushed)
         };
-        let Some(closed) = pumped else {
-            break;
-        };
-        if inner.write_all(&plain).is_err() || closed {
+        if !sent || inner.write_all(&plain).is_err() || closed {
             break;
         }
         n = match raw.read(&mut wire) {
@@ -232,44 +332,4 @@ fn pump(
             return Ok(true);
         }
     }
-}
-
-/// Encrypts what the server writes on `inner` to the client. When the
-/// client's side fails, what the server still writes is read and dropped,
-/// so it is never held up by a connection that is gone.
-fn outbound(conn: Arc<Mutex<ServerConnection>>, mut raw: Sock, mut inner: UnixStream) {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut broken = false;
-    loop {
-        let n = match inner.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if broken {
-            continue;
-        }
-        let mut c = lock(&conn);
-        if c.writer().write_all(&buf[..n]).is_err() {
-            broken = true;
-        }
-        while !broken && c.wants_write() {
-            if c.write_tls(&mut raw).is_err() {
-                broken = true;
-            }
-        }
-        if broken {
-            raw.shutdown(Shutdown::Both);
-        }
-    }
-    if !broken {
-        let mut c = lock(&conn);
-        c.send_close_notify();
-        while c.wants_write() {
-            if c.write_tls(&mut raw).is_err() {
-                break;
-            }
-        }
-    }
-    // The inbound thread ends too, whatever the client does.
-    raw.shutdown(Shutdown::Both);
 }
