@@ -94,7 +94,7 @@ impl Client {
             kind,
             handle,
             offset,
-            len,
+            len: len.into(),
         };
         let mut m = proto::encode_request(&r).to_vec();
         m.extend_from_slice(data);
@@ -277,7 +277,7 @@ fn flood_reads(c: &Client, n: u64, len: u64) {
             kind: proto::CMD_READ,
             handle: i,
             offset: (i * len) % span,
-            len: len as u32,
+            len,
         };
         burst.extend_from_slice(&proto::encode_request(&r));
     }
@@ -896,6 +896,174 @@ fn structured_replies_and_block_status_tell_holes_data_and_dirty_regions() {
     }
     let (z, _, _) = c.read_structured(18, 0, 8 * MIB, MIB as u32).unwrap();
     assert!(z.iter().all(|&b| b == 0));
+    let (code, err) = s.stop();
+    assert_eq!(code, 0, "{err}");
+}
+
+/// Extended headers (NBD_OPT_EXTENDED_HEADERS), as qemu 10 negotiates them:
+/// 32-byte requests and replies that repeat the request's offset, 64-bit
+/// effect lengths (a block status and a zeroing over more than 4 GiB), a
+/// WRITE with or without `PAYLOAD_LEN`, `NONE` chunks for success, and
+/// `BLOCK_STATUS_EXT` extents.
+#[test]
+fn extended_headers_carry_64_bit_lengths_and_the_request_offset() {
+    const GIB: u64 = 1 << 30;
+    let sb = Sandbox::new();
+    mirror_group(&sb, 5 * 1024 + 96, 5 * 1024);
+    let s = Served::start(&sb, &[], &[]);
+    let mut c = Client::connect(&s.sock, 3);
+    c.option(proto::OPT_EXTENDED_HEADERS, b"");
+    assert_eq!(c.option_reply().1, proto::REP_ACK);
+    // No way back to structured replies.
+    c.option(proto::OPT_STRUCTURED_REPLY, b"");
+    assert_eq!(c.option_reply().1, proto::REP_ERR_EXT_HEADER_REQD);
+    let set = c
+        .meta(proto::OPT_SET_META_CONTEXT, "data", &["base:allocation"])
+        .unwrap();
+    assert_eq!(set.len(), 1);
+    let alloc = set[0].0;
+    c.option(proto::OPT_GO, &Client::info_data("data", &[]));
+    while c.option_reply().1 != proto::REP_ACK {}
+
+    let send = |c: &mut Client, kind, flags, handle, offset, len: u64, data: &[u8]| {
+        let r = Request {
+            flags,
+            kind,
+            handle,
+            offset,
+            len,
+        };
+        let mut m = proto::encode_extended_request(&r).to_vec();
+        m.extend_from_slice(data);
+        c.s.write_all(&m).unwrap();
+    };
+    // Every chunk of one reply: (flags, type, offset field, payload).
+    let reply = |c: &mut Client, handle: u64| {
+        let mut out = Vec::new();
+        loop {
+            let mut h = [0u8; 32];
+            c.s.read_exact(&mut h).unwrap();
+            assert_eq!(be32(&h), proto::EXTENDED_REPLY_MAGIC);
+            assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), handle);
+            let mut p = vec![0u8; u64::from_be_bytes(h[24..32].try_into().unwrap()) as usize];
+            c.s.read_exact(&mut p).unwrap();
+            let flags = u16::from_be_bytes([h[4], h[5]]);
+            out.push((
+                u16::from_be_bytes([h[6], h[7]]),
+                u64::from_be_bytes(h[16..24].try_into().unwrap()),
+                p,
+            ));
+            if flags & proto::REPLY_FLAG_DONE != 0 {
+                return out;
+            }
+        }
+    };
+    let at = 4 * GIB + MIB;
+    let data = pattern(64 * 1024, 8);
+    send(
+        &mut c,
+        proto::CMD_WRITE,
+        proto::CMD_FLAG_PAYLOAD_LEN,
+        1,
+        at,
+        data.len() as u64,
+        &data,
+    );
+    let r = reply(&mut c, 1);
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].0, r[0].1), (proto::REPLY_TYPE_NONE, at));
+    // qemu's way: no flag, the length is the payload all the same.
+    send(
+        &mut c,
+        proto::CMD_WRITE,
+        0,
+        2,
+        at + 64 * 1024,
+        data.len() as u64,
+        &data,
+    );
+    assert_eq!(reply(&mut c, 2)[0].0, proto::REPLY_TYPE_NONE);
+
+    // Block status over all 5 GiB in one request.
+    send(&mut c, proto::CMD_BLOCK_STATUS, 0, 3, 0, 5 * GIB, &[]);
+    let r = reply(&mut c, 3);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].0, proto::REPLY_TYPE_BLOCK_STATUS_EXT);
+    let p = &r[0].2;
+    assert_eq!(be32(p), alloc);
+    let n = be32(&p[4..]) as usize;
+    let extents: Vec<(u64, u64)> = p[8..]
+        .chunks_exact(16)
+        .map(|e| {
+            (
+                u64::from_be_bytes(e[..8].try_into().unwrap()),
+                u64::from_be_bytes(e[8..].try_into().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(extents.len(), n);
+    let hole = u64::from(proto::STATE_HOLE | proto::STATE_ZERO);
+    assert_eq!(
+        extents,
+        [
+            (at, hole),
+            (128 * 1024, 0),
+            (5 * GIB - at - 128 * 1024, hole)
+        ]
+    );
+
+    // A read over hole and data: chunks whose header repeats the request's
+    // offset, data at its own offset.
+    let from = at - 64 * 1024;
+    send(&mut c, proto::CMD_READ, 0, 4, from, 192 * 1024, &[]);
+    let r = reply(&mut c, 4);
+    let mut got = vec![0xeeu8; 192 * 1024];
+    for (kind, offset, p) in &r {
+        assert_eq!(*offset, from);
+        let start = (u64::from_be_bytes(p[..8].try_into().unwrap()) - from) as usize;
+        match *kind {
+            proto::REPLY_TYPE_OFFSET_HOLE => {
+                got[start..start + be32(&p[8..]) as usize].fill(0);
+            }
+            proto::REPLY_TYPE_OFFSET_DATA => {
+                got[start..start + p.len() - 8].copy_from_slice(&p[8..]);
+            }
+            other => panic!("chunk type {other}"),
+        }
+    }
+    assert!(got[..64 * 1024].iter().all(|&b| b == 0));
+    assert_eq!(&got[64 * 1024..128 * 1024], &data[..]);
+    assert_eq!(&got[128 * 1024..], &data[..]);
+
+    // Zeroing 4.5 GiB in one request (a 64-bit effect length).
+    send(
+        &mut c,
+        proto::CMD_WRITE_ZEROES,
+        0,
+        5,
+        0,
+        4 * GIB + GIB / 2,
+        &[],
+    );
+    assert_eq!(reply(&mut c, 5)[0].0, proto::REPLY_TYPE_NONE);
+    send(
+        &mut c,
+        proto::CMD_BLOCK_STATUS,
+        proto::CMD_FLAG_REQ_ONE,
+        6,
+        0,
+        5 * GIB,
+        &[],
+    );
+    let r = reply(&mut c, 6);
+    let p = &r[0].2;
+    assert_eq!(be32(&p[4..]), 1);
+    assert_eq!(u64::from_be_bytes(p[8..16].try_into().unwrap()), 5 * GIB);
+    // An error: a chunk with the message, after the extended header.
+    send(&mut c, proto::CMD_READ, 0, 7, 5 * GIB, 512, &[]);
+    let r = reply(&mut c, 7);
+    assert_eq!(r[0].0, proto::REPLY_TYPE_ERROR);
+    assert_eq!(be32(&r[0].2), proto::EINVAL);
     let (code, err) = s.stop();
     assert_eq!(code, 0, "{err}");
 }

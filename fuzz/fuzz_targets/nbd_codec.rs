@@ -21,7 +21,22 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(Decoded::Done(r, _)) = proto::decode_request(data) {
         let _ = proto::classify(&r, size, &proto::Negotiated::default());
-        let _ = proto::classify(&r, size, &proto::Negotiated { structured: true, contexts: 2 });
+        let structured = proto::Negotiated {
+            structured: true,
+            extended: false,
+            contexts: 2,
+        };
+        let _ = proto::classify(&r, size, &structured);
+    }
+    if let Ok(Decoded::Done(r, used)) = proto::decode_extended_request(data) {
+        assert!(used <= data.len());
+        let extended = proto::Negotiated {
+            structured: true,
+            extended: true,
+            contexts: 1,
+        };
+        let _ = proto::classify(&r, size, &extended);
+        let _ = r.payload_len(true);
     }
     let _ = proto::decode_client_flags(data);
 });

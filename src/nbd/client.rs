@@ -153,7 +153,7 @@ impl Client {
             kind,
             handle,
             offset,
-            len,
+            len: len.into(),
         })
         .to_vec();
         out.extend_from_slice(data);

@@ -32,6 +32,10 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// `NBD_STRUCTURED_REPLY_MAGIC`.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// `NBD_EXTENDED_REQUEST_MAGIC`.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// `NBD_EXTENDED_REPLY_MAGIC`.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -62,6 +66,7 @@ pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // Option reply types.
 pub const REP_ACK: u32 = 1;
@@ -76,6 +81,7 @@ pub const REP_ERR_TLS_REQD: u32 = REP_ERR + 5;
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR + 6;
 pub const REP_ERR_SHUTDOWN: u32 = REP_ERR + 7;
 pub const REP_ERR_TOO_BIG: u32 = REP_ERR + 9;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_ERR + 10;
 
 // Information types of NBD_REP_INFO.
 pub const INFO_EXPORT: u16 = 0;
@@ -89,6 +95,7 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Commands.
 pub const CMD_READ: u16 = 0;
@@ -106,6 +113,7 @@ pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
 // Flags of the `base:allocation` metadata context.
@@ -128,14 +136,17 @@ pub const HANDSHAKE_LEN: usize = 18;
 pub const OPTION_HEADER_LEN: usize = 16;
 /// Bytes of a request header.
 pub const REQUEST_LEN: usize = 28;
+/// Bytes of an extended request header.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
 /// Bytes of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Bytes of a structured reply chunk header.
 pub const CHUNK_HEADER_LEN: usize = 20;
-/// Bytes of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk before its data.
-pub const DATA_CHUNK_HEADER_LEN: usize = CHUNK_HEADER_LEN + 8;
-/// Bytes of a whole `NBD_REPLY_TYPE_OFFSET_HOLE` chunk.
-pub const HOLE_CHUNK_LEN: usize = CHUNK_HEADER_LEN + 12;
+/// Bytes of an extended reply chunk header.
+pub const EXTENDED_CHUNK_HEADER_LEN: usize = 32;
+/// The most bytes a chunk head encoded here takes before its data (an
+/// extended `NBD_REPLY_TYPE_OFFSET_HOLE` chunk, whole).
+pub const MAX_CHUNK_HEAD_LEN: usize = EXTENDED_CHUNK_HEADER_LEN + 12;
 /// The most extents one block status chunk carries (the spec's SHOULD).
 pub const MAX_EXTENTS: usize = 1 << 20;
 /// The longest option data this server reads. The longest valid option
@@ -245,6 +256,8 @@ pub enum ClientOption {
     StartTls,
     /// `NBD_OPT_STRUCTURED_REPLY`.
     StructuredReply,
+    /// `NBD_OPT_EXTENDED_HEADERS`.
+    ExtendedHeaders,
     /// `NBD_OPT_LIST_META_CONTEXT` (`set == false`) or
     /// `NBD_OPT_SET_META_CONTEXT`: the export and the queries.
     MetaContext {
@@ -318,6 +331,8 @@ fn option_from(option: u32, data: &[u8]) -> ClientOption {
         OPT_STARTTLS => invalid("NBD_OPT_STARTTLS carries no data"),
         OPT_STRUCTURED_REPLY if data.is_empty() => ClientOption::StructuredReply,
         OPT_STRUCTURED_REPLY => invalid("NBD_OPT_STRUCTURED_REPLY carries no data"),
+        OPT_EXTENDED_HEADERS if data.is_empty() => ClientOption::ExtendedHeaders,
+        OPT_EXTENDED_HEADERS => invalid("NBD_OPT_EXTENDED_HEADERS carries no data"),
         OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => match meta_queries(data) {
             Ok((name, queries)) => ClientOption::MetaContext {
                 set: option == OPT_SET_META_CONTEXT,
@@ -438,20 +453,27 @@ pub fn encode_export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u
 
 // ---- transmission ----
 
-/// A request header as sent.
+/// A request header as sent (compact or extended: the length is 64 bits
+/// in the extended header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     pub flags: u16,
     pub kind: u16,
     pub handle: u64,
     pub offset: u64,
-    pub len: u32,
+    pub len: u64,
 }
 
 impl Request {
-    /// Bytes of data that follow this header on the wire.
-    pub fn payload_len(&self) -> u32 {
-        if self.kind == CMD_WRITE { self.len } else { 0 }
+    /// Bytes of data that follow this header on the wire: a WRITE's; with
+    /// extended headers, also those of any request flagged
+    /// `NBD_CMD_FLAG_PAYLOAD_LEN`. (The extension says a WRITE carries the
+    /// flag too; qemu 10.0's client sends its writes without it, so a
+    /// WRITE's length is its payload either way.)
+    pub fn payload_len(&self, extended: bool) -> u64 {
+        let payload =
+            self.kind == CMD_WRITE || (extended && self.flags & CMD_FLAG_PAYLOAD_LEN != 0);
+        if payload { self.len } else { 0 }
     }
 }
 
@@ -470,10 +492,43 @@ pub fn decode_request(buf: &[u8]) -> Result<Decoded<Request>, ProtoError> {
             kind: be_u16(&buf[6..8]),
             handle: be_u64(&buf[8..16]),
             offset: be_u64(&buf[16..24]),
-            len: be_u32(&buf[24..28]),
+            len: u64::from(be_u32(&buf[24..28])),
         },
         REQUEST_LEN,
     ))
+}
+
+/// Decodes one extended request header (its payload, if any, follows).
+pub fn decode_extended_request(buf: &[u8]) -> Result<Decoded<Request>, ProtoError> {
+    if buf.len() < EXTENDED_REQUEST_LEN {
+        return Ok(Decoded::NeedMore(EXTENDED_REQUEST_LEN));
+    }
+    let magic = be_u32(buf);
+    if magic != EXTENDED_REQUEST_MAGIC {
+        return Err(ProtoError::BadRequestMagic(magic));
+    }
+    Ok(Decoded::Done(
+        Request {
+            flags: be_u16(&buf[4..6]),
+            kind: be_u16(&buf[6..8]),
+            handle: be_u64(&buf[8..16]),
+            offset: be_u64(&buf[16..24]),
+            len: be_u64(&buf[24..32]),
+        },
+        EXTENDED_REQUEST_LEN,
+    ))
+}
+
+/// Encodes an extended request header.
+pub fn encode_extended_request(r: &Request) -> [u8; EXTENDED_REQUEST_LEN] {
+    let mut out = [0u8; EXTENDED_REQUEST_LEN];
+    out[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+    out[4..6].copy_from_slice(&r.flags.to_be_bytes());
+    out[6..8].copy_from_slice(&r.kind.to_be_bytes());
+    out[8..16].copy_from_slice(&r.handle.to_be_bytes());
+    out[16..24].copy_from_slice(&r.offset.to_be_bytes());
+    out[24..32].copy_from_slice(&r.len.to_be_bytes());
+    out
 }
 
 /// Encodes a request header (tests and the fuzzer build streams with it).
@@ -484,15 +539,19 @@ pub fn encode_request(r: &Request) -> [u8; REQUEST_LEN] {
     out[6..8].copy_from_slice(&r.kind.to_be_bytes());
     out[8..16].copy_from_slice(&r.handle.to_be_bytes());
     out[16..24].copy_from_slice(&r.offset.to_be_bytes());
-    out[24..28].copy_from_slice(&r.len.to_be_bytes());
+    out[24..28].copy_from_slice(&(r.len as u32).to_be_bytes());
     out
 }
 
 /// What the handshake settled that changes how requests are checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Negotiated {
-    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
+    /// `NBD_OPT_STRUCTURED_REPLY` (or `NBD_OPT_EXTENDED_HEADERS`) was
+    /// acknowledged.
     pub structured: bool,
+    /// `NBD_OPT_EXTENDED_HEADERS` was acknowledged: 32-byte requests and
+    /// replies, 64-bit lengths.
+    pub extended: bool,
     /// Metadata contexts selected for the export in use.
     pub contexts: usize,
 }
@@ -517,7 +576,7 @@ pub enum Command {
     /// allocated (`keep`).
     WriteZeroes {
         offset: u64,
-        len: u32,
+        len: u64,
         fua: bool,
         keep: bool,
         /// `NBD_CMD_FLAG_FAST_ZERO`: fail at once unless zeroing is cheap.
@@ -526,12 +585,12 @@ pub enum Command {
     /// `NBD_CMD_CACHE`: the client will read the range soon.
     Cache {
         offset: u64,
-        len: u32,
+        len: u64,
     },
     /// `NBD_CMD_BLOCK_STATUS`; `one`: `NBD_CMD_FLAG_REQ_ONE`.
     BlockStatus {
         offset: u64,
-        len: u32,
+        len: u64,
         one: bool,
     },
     Disconnect,
@@ -550,6 +609,8 @@ fn allowed_flags(kind: u16, n: &Negotiated) -> u16 {
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
         CMD_READ if n.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
         CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        // With extended headers a WRITE may say its payload length.
+        CMD_WRITE if n.extended => CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN,
         _ => CMD_FLAG_FUA,
     }
 }
@@ -582,16 +643,13 @@ pub fn classify(r: &Request, size: u64, n: &Negotiated) -> Command {
         );
     }
     let fua = r.flags & CMD_FLAG_FUA != 0;
-    let in_range = r
-        .offset
-        .checked_add(u64::from(r.len))
-        .is_some_and(|end| end <= size);
+    let in_range = r.offset.checked_add(r.len).is_some_and(|end| end <= size);
     let writes = matches!(r.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     let (offset, len) = (r.offset, r.len);
     match r.kind {
         CMD_DISC => Command::Disconnect,
         CMD_FLUSH => Command::Flush,
-        _ if matches!(r.kind, CMD_READ | CMD_WRITE) && r.len > MAX_REQUEST => reject(
+        _ if matches!(r.kind, CMD_READ | CMD_WRITE) && r.len > u64::from(MAX_REQUEST) => reject(
             EINVAL,
             "the request is larger than the 32 MiB the server takes at once",
         ),
@@ -604,10 +662,14 @@ pub fn classify(r: &Request, size: u64, n: &Negotiated) -> Command {
         _ if !in_range => reject(EINVAL, "the range reaches past the end of the export"),
         CMD_READ => Command::Read {
             offset,
-            len,
+            len: len as u32,
             whole: r.flags & CMD_FLAG_DF != 0,
         },
-        CMD_WRITE => Command::Write { offset, len, fua },
+        CMD_WRITE => Command::Write {
+            offset,
+            len: len as u32,
+            fua,
+        },
         CMD_CACHE => Command::Cache { offset, len },
         CMD_BLOCK_STATUS => Command::BlockStatus {
             offset,
@@ -633,15 +695,46 @@ pub fn encode_simple_reply(errno: u32, handle: u64) -> [u8; SIMPLE_REPLY_LEN] {
     out
 }
 
-/// A structured reply chunk's header; `len` bytes of payload follow.
-pub fn encode_chunk_header(flags: u16, kind: u16, handle: u64, len: u32) -> [u8; CHUNK_HEADER_LEN] {
-    let mut out = [0u8; CHUNK_HEADER_LEN];
-    out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+/// How the reply chunks of one request are framed: structured chunk
+/// headers (20 bytes), or extended ones (32 bytes, which repeat the
+/// request's offset and give a 64-bit length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    pub handle: u64,
+    /// `Some(request offset)` with extended headers.
+    pub extended: Option<u64>,
+}
+
+/// A chunk head encoded in place: the bytes and how many of them count.
+pub type Head = ([u8; MAX_CHUNK_HEAD_LEN], usize);
+
+/// Encodes a chunk header and then `payload` after it into one head (the
+/// payload here is the fixed part of a chunk, at most 12 bytes).
+fn chunk_head(f: Frame, flags: u16, kind: u16, len: u64, payload: &[u8]) -> Head {
+    let mut out = [0u8; MAX_CHUNK_HEAD_LEN];
+    let n = match f.extended {
+        None => {
+            out[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            out[16..20].copy_from_slice(&(len as u32).to_be_bytes());
+            CHUNK_HEADER_LEN
+        }
+        Some(offset) => {
+            out[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+            out[16..24].copy_from_slice(&offset.to_be_bytes());
+            out[24..32].copy_from_slice(&len.to_be_bytes());
+            EXTENDED_CHUNK_HEADER_LEN
+        }
+    };
     out[4..6].copy_from_slice(&flags.to_be_bytes());
     out[6..8].copy_from_slice(&kind.to_be_bytes());
-    out[8..16].copy_from_slice(&handle.to_be_bytes());
-    out[16..20].copy_from_slice(&len.to_be_bytes());
-    out
+    out[8..16].copy_from_slice(&f.handle.to_be_bytes());
+    out[n..n + payload.len()].copy_from_slice(payload);
+    (out, n + payload.len())
+}
+
+/// A chunk header with `len` bytes of payload to follow.
+pub fn encode_chunk_header(f: Frame, flags: u16, kind: u16, len: u64) -> Head {
+    chunk_head(f, flags, kind, len, &[])
 }
 
 fn done_flag(done: bool) -> u16 {
@@ -650,86 +743,84 @@ fn done_flag(done: bool) -> u16 {
 
 /// The head of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk: `len` bytes of data
 /// at `offset` follow it.
-pub fn encode_data_chunk(
-    handle: u64,
-    offset: u64,
-    len: u32,
-    done: bool,
-) -> [u8; DATA_CHUNK_HEADER_LEN] {
-    let mut out = [0u8; DATA_CHUNK_HEADER_LEN];
-    out[..CHUNK_HEADER_LEN].copy_from_slice(&encode_chunk_header(
+pub fn encode_data_chunk(f: Frame, offset: u64, len: u32, done: bool) -> Head {
+    let kind = REPLY_TYPE_OFFSET_DATA;
+    chunk_head(
+        f,
         done_flag(done),
-        REPLY_TYPE_OFFSET_DATA,
-        handle,
-        len + 8,
-    ));
-    out[CHUNK_HEADER_LEN..].copy_from_slice(&offset.to_be_bytes());
-    out
+        kind,
+        u64::from(len) + 8,
+        &offset.to_be_bytes(),
+    )
 }
 
 /// An `NBD_REPLY_TYPE_OFFSET_HOLE` chunk: `len` bytes at `offset` read as
 /// zeroes.
-pub fn encode_hole_chunk(handle: u64, offset: u64, len: u32, done: bool) -> [u8; HOLE_CHUNK_LEN] {
-    let mut out = [0u8; HOLE_CHUNK_LEN];
-    out[..CHUNK_HEADER_LEN].copy_from_slice(&encode_chunk_header(
-        done_flag(done),
-        REPLY_TYPE_OFFSET_HOLE,
-        handle,
-        12,
-    ));
-    out[CHUNK_HEADER_LEN..CHUNK_HEADER_LEN + 8].copy_from_slice(&offset.to_be_bytes());
-    out[CHUNK_HEADER_LEN + 8..].copy_from_slice(&len.to_be_bytes());
-    out
+pub fn encode_hole_chunk(f: Frame, offset: u64, len: u32, done: bool) -> Head {
+    let mut p = [0u8; 12];
+    p[..8].copy_from_slice(&offset.to_be_bytes());
+    p[8..].copy_from_slice(&len.to_be_bytes());
+    chunk_head(f, done_flag(done), REPLY_TYPE_OFFSET_HOLE, 12, &p)
 }
 
 /// The final `NBD_REPLY_TYPE_NONE` chunk.
-pub fn encode_none_chunk(handle: u64) -> [u8; CHUNK_HEADER_LEN] {
-    encode_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0)
+pub fn encode_none_chunk(f: Frame) -> Head {
+    chunk_head(f, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0, &[])
 }
 
 /// A final `NBD_REPLY_TYPE_ERROR` chunk with a message for the user (cut
 /// at [`MAX_STRING_LEN`] bytes, on a character boundary).
-pub fn encode_error_chunk(handle: u64, errno: u32, message: &str) -> Vec<u8> {
+pub fn encode_error_chunk(f: Frame, errno: u32, message: &str) -> Vec<u8> {
     let mut cut = message.len().min(MAX_STRING_LEN);
     while !message.is_char_boundary(cut) {
         cut -= 1;
     }
     let message = &message.as_bytes()[..cut];
-    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + 6 + message.len());
-    out.extend_from_slice(&encode_chunk_header(
+    let mut p = [0u8; 6];
+    p[..4].copy_from_slice(&errno.to_be_bytes());
+    p[4..].copy_from_slice(&(message.len() as u16).to_be_bytes());
+    let (head, n) = chunk_head(
+        f,
         REPLY_FLAG_DONE,
         REPLY_TYPE_ERROR,
-        handle,
-        6 + message.len() as u32,
-    ));
-    out.extend_from_slice(&errno.to_be_bytes());
-    out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+        6 + message.len() as u64,
+        &p,
+    );
+    let mut out = Vec::with_capacity(n + message.len());
+    out.extend_from_slice(&head[..n]);
     out.extend_from_slice(message);
     out
 }
 
-/// An `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for one context: each extent is
-/// (length, flags), at most [`MAX_EXTENTS`] of them.
-pub fn encode_block_status(
-    handle: u64,
-    context: u32,
-    extents: &[(u32, u32)],
-    done: bool,
-) -> Vec<u8> {
+/// A block status chunk for one context: each extent is (length, flags),
+/// at most [`MAX_EXTENTS`] of them. `NBD_REPLY_TYPE_BLOCK_STATUS` with
+/// 32-bit lengths (each must fit), or with extended headers
+/// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` with 64-bit ones.
+pub fn encode_block_status(f: Frame, context: u32, extents: &[(u64, u32)], done: bool) -> Vec<u8> {
     let extents = &extents[..extents.len().min(MAX_EXTENTS)];
-    let len = 4 + 8 * extents.len();
-    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN + len);
-    out.extend_from_slice(&encode_chunk_header(
-        done_flag(done),
-        REPLY_TYPE_BLOCK_STATUS,
-        handle,
-        len as u32,
-    ));
-    out.extend_from_slice(&context.to_be_bytes());
-    for (l, f) in extents {
-        out.extend_from_slice(&l.to_be_bytes());
-        out.extend_from_slice(&f.to_be_bytes());
-    }
+    let mut body = Vec::with_capacity(8 + 16 * extents.len());
+    body.extend_from_slice(&context.to_be_bytes());
+    let kind = match f.extended {
+        None => {
+            for (l, flags) in extents {
+                body.extend_from_slice(&(*l as u32).to_be_bytes());
+                body.extend_from_slice(&flags.to_be_bytes());
+            }
+            REPLY_TYPE_BLOCK_STATUS
+        }
+        Some(_) => {
+            body.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+            for (l, flags) in extents {
+                body.extend_from_slice(&l.to_be_bytes());
+                body.extend_from_slice(&u64::from(*flags).to_be_bytes());
+            }
+            REPLY_TYPE_BLOCK_STATUS_EXT
+        }
+    };
+    let (head, n) = encode_chunk_header(f, done_flag(done), kind, body.len() as u64);
+    let mut out = Vec::with_capacity(n + body.len());
+    out.extend_from_slice(&head[..n]);
+    out.extend_from_slice(&body);
     out
 }
 
@@ -775,6 +866,10 @@ pub fn decode_stream(mut buf: &[u8], size: u64) -> usize {
                     // What follows is TLS, not NBD.
                     ClientOption::Abort | ClientOption::StartTls => return n,
                     ClientOption::StructuredReply => negotiated.structured = true,
+                    ClientOption::ExtendedHeaders => {
+                        negotiated.structured = true;
+                        negotiated.extended = true;
+                    }
                     ClientOption::MetaContext {
                         set: true, queries, ..
                     } => negotiated.contexts = queries.len(),
@@ -784,12 +879,19 @@ pub fn decode_stream(mut buf: &[u8], size: u64) -> usize {
             _ => return n,
         }
     }
+    let decode = if negotiated.extended {
+        decode_extended_request
+    } else {
+        decode_request
+    };
     loop {
-        match decode_request(buf) {
+        match decode(buf) {
             Ok(Decoded::Done(r, used)) => {
                 n += 1;
                 let _ = classify(&r, size, &negotiated);
-                let skip = used.saturating_add(r.payload_len() as usize);
+                let skip = used.saturating_add(
+                    r.payload_len(negotiated.extended).min(usize::MAX as u64) as usize,
+                );
                 if skip > buf.len() {
                     return n;
                 }
@@ -835,11 +937,18 @@ mod tests {
 
     const PLAIN: Negotiated = Negotiated {
         structured: false,
+        extended: false,
         contexts: 0,
     };
     const RICH: Negotiated = Negotiated {
         structured: true,
+        extended: false,
         contexts: 2,
+    };
+    const EXTENDED: Negotiated = Negotiated {
+        structured: true,
+        extended: true,
+        contexts: 1,
     };
 
     fn req(kind: u16, flags: u16, offset: u64, len: u32) -> Request {
@@ -848,7 +957,7 @@ mod tests {
             kind,
             handle: 7,
             offset,
-            len,
+            len: len.into(),
         }
     }
 
@@ -924,6 +1033,10 @@ mod tests {
         assert_eq!(
             d(option(OPT_STRUCTURED_REPLY, b"")),
             ClientOption::StructuredReply
+        );
+        assert_eq!(
+            d(option(OPT_EXTENDED_HEADERS, b"")),
+            ClientOption::ExtendedHeaders
         );
         assert!(matches!(
             d(option(OPT_STRUCTURED_REPLY, b"x")),
@@ -1038,8 +1151,36 @@ mod tests {
         let b = encode_request(&r);
         assert_eq!(decode_request(&b[..27]), Ok(Decoded::NeedMore(28)));
         assert_eq!(decode_request(&b), Ok(Decoded::Done(r, 28)));
-        assert_eq!(r.payload_len(), 512);
-        assert_eq!(req(CMD_READ, 0, 0, 512).payload_len(), 0);
+        assert_eq!(r.payload_len(false), 512);
+        assert_eq!(req(CMD_READ, 0, 0, 512).payload_len(false), 0);
+        // Extended: the flag says whether a payload follows, 64-bit lengths.
+        let x = Request {
+            flags: CMD_FLAG_PAYLOAD_LEN,
+            kind: CMD_WRITE,
+            handle: 3,
+            offset: 1 << 40,
+            len: 4096,
+        };
+        let b = encode_extended_request(&x);
+        assert_eq!(decode_extended_request(&b[..31]), Ok(Decoded::NeedMore(32)));
+        assert_eq!(decode_extended_request(&b), Ok(Decoded::Done(x, 32)));
+        assert_eq!(x.payload_len(true), 4096);
+        let z = Request {
+            flags: 0,
+            kind: CMD_WRITE_ZEROES,
+            handle: 4,
+            offset: 0,
+            len: 5 << 32,
+        };
+        assert_eq!(
+            decode_extended_request(&encode_extended_request(&z)),
+            Ok(Decoded::Done(z, 32))
+        );
+        assert_eq!(z.payload_len(true), 0);
+        assert!(matches!(
+            decode_extended_request(&encode_request(&r)[..]),
+            Err(_) | Ok(Decoded::NeedMore(_))
+        ));
         let mut bad = b;
         bad[3] ^= 0xff;
         assert!(matches!(
@@ -1160,7 +1301,7 @@ mod tests {
             ),
             Command::BlockStatus {
                 offset: 4096,
-                len: u32::MAX,
+                len: u64::from(u32::MAX),
                 one: true
             }
         );
@@ -1194,22 +1335,30 @@ mod tests {
 
     #[test]
     fn structured_chunks_encode_per_the_spec() {
-        let d = encode_data_chunk(9, 4096, 512, true);
+        let f = Frame {
+            handle: 9,
+            extended: None,
+        };
+        let bytes = |(h, n): Head| h[..n].to_vec();
+        let d = bytes(encode_data_chunk(f, 4096, 512, true));
+        assert_eq!(d.len(), 28);
         assert_eq!(be_u32(&d), STRUCTURED_REPLY_MAGIC);
         assert_eq!(be_u16(&d[4..]), REPLY_FLAG_DONE);
         assert_eq!(be_u16(&d[6..]), REPLY_TYPE_OFFSET_DATA);
         assert_eq!(be_u64(&d[8..]), 9);
         assert_eq!(be_u32(&d[16..]), 520);
         assert_eq!(be_u64(&d[20..]), 4096);
-        let h = encode_hole_chunk(9, 0, 65536, false);
+        let h = bytes(encode_hole_chunk(f, 0, 65536, false));
+        assert_eq!(h.len(), 32);
         assert_eq!(be_u16(&h[4..]), 0);
         assert_eq!(be_u16(&h[6..]), REPLY_TYPE_OFFSET_HOLE);
         assert_eq!(be_u32(&h[16..]), 12);
         assert_eq!(be_u32(&h[28..]), 65536);
-        let n = encode_none_chunk(3);
+        let n = bytes(encode_none_chunk(Frame { handle: 3, ..f }));
+        assert_eq!(n.len(), 20);
         assert_eq!(be_u16(&n[4..]), REPLY_FLAG_DONE);
         assert_eq!(be_u32(&n[16..]), 0);
-        let e = encode_error_chunk(3, EIO, "disk gone");
+        let e = encode_error_chunk(f, EIO, "disk gone");
         assert_eq!(be_u16(&e[6..]), REPLY_TYPE_ERROR);
         assert_eq!(be_u32(&e[16..]), 6 + 9);
         assert_eq!(be_u32(&e[20..]), EIO);
@@ -1217,10 +1366,10 @@ mod tests {
         assert_eq!(&e[26..], b"disk gone");
         // A long message is cut at the spec's string limit, on a character.
         let long = "é".repeat(3000);
-        let e = encode_error_chunk(3, EIO, &long);
+        let e = encode_error_chunk(f, EIO, &long);
         let n = be_u16(&e[24..]) as usize;
         assert!(n <= MAX_STRING_LEN && std::str::from_utf8(&e[26..26 + n]).is_ok());
-        let b = encode_block_status(5, 2, &[(4096, STATE_HOLE | STATE_ZERO), (8192, 0)], true);
+        let b = encode_block_status(f, 2, &[(4096, STATE_HOLE | STATE_ZERO), (8192, 0)], true);
         assert_eq!(be_u16(&b[6..]), REPLY_TYPE_BLOCK_STATUS);
         assert_eq!(be_u32(&b[16..]), 4 + 16);
         assert_eq!(be_u32(&b[20..]), 2);
@@ -1231,6 +1380,103 @@ mod tests {
         assert_eq!(be_u32(&m[12..]), REP_META_CONTEXT);
         assert_eq!(be_u32(&m[20..]), 7);
         assert_eq!(&m[24..], b"base:allocation");
+    }
+
+    #[test]
+    fn extended_chunks_carry_the_request_offset_and_64_bit_lengths() {
+        let f = Frame {
+            handle: 5,
+            extended: Some(1 << 33),
+        };
+        let bytes = |(h, n): Head| h[..n].to_vec();
+        let d = bytes(encode_data_chunk(f, (1 << 33) + 512, 512, true));
+        assert_eq!(d.len(), 40);
+        assert_eq!(be_u32(&d), EXTENDED_REPLY_MAGIC);
+        assert_eq!(be_u16(&d[4..]), REPLY_FLAG_DONE);
+        assert_eq!(be_u16(&d[6..]), REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(be_u64(&d[8..]), 5);
+        assert_eq!(be_u64(&d[16..]), 1 << 33);
+        assert_eq!(be_u64(&d[24..]), 520);
+        assert_eq!(be_u64(&d[32..]), (1 << 33) + 512);
+        let h = bytes(encode_hole_chunk(f, 1 << 33, 4096, false));
+        assert_eq!(h.len(), 44);
+        assert_eq!(be_u64(&h[24..]), 12);
+        assert_eq!(be_u32(&h[40..]), 4096);
+        let n = bytes(encode_none_chunk(f));
+        assert_eq!(
+            (n.len(), be_u16(&n[6..]), be_u64(&n[24..])),
+            (32, REPLY_TYPE_NONE, 0)
+        );
+        let e = encode_error_chunk(f, ENOSPC, "full");
+        assert_eq!(be_u64(&e[24..]), 10);
+        assert_eq!(be_u32(&e[32..]), ENOSPC);
+        assert_eq!(&e[38..], b"full");
+        let b = encode_block_status(f, 1, &[(5 << 32, 0), (4096, STATE_HOLE)], true);
+        assert_eq!(be_u16(&b[6..]), REPLY_TYPE_BLOCK_STATUS_EXT);
+        assert_eq!(be_u64(&b[24..]), 8 + 32);
+        assert_eq!(be_u32(&b[32..]), 1);
+        assert_eq!(be_u32(&b[36..]), 2);
+        assert_eq!(be_u64(&b[40..]), 5 << 32);
+        assert_eq!(be_u64(&b[48..]), 0);
+        assert_eq!(be_u64(&b[56..]), 4096);
+        assert_eq!(be_u64(&b[64..]), u64::from(STATE_HOLE));
+    }
+
+    #[test]
+    fn extended_requests_classify_with_64_bit_lengths() {
+        let size = 8 << 30;
+        let x = |kind, flags, offset, len| Request {
+            flags,
+            kind,
+            handle: 1,
+            offset,
+            len,
+        };
+        assert_eq!(
+            classify(&x(CMD_WRITE_ZEROES, 0, 0, 6 << 30), size, &EXTENDED),
+            Command::WriteZeroes {
+                offset: 0,
+                len: 6 << 30,
+                fua: false,
+                keep: false,
+                fast: false
+            }
+        );
+        assert_eq!(
+            classify(&x(CMD_BLOCK_STATUS, 0, 0, size), size, &EXTENDED),
+            Command::BlockStatus {
+                offset: 0,
+                len: size,
+                one: false
+            }
+        );
+        assert_eq!(
+            classify(&x(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 512), size, &EXTENDED),
+            Command::Write {
+                offset: 0,
+                len: 512,
+                fua: false
+            }
+        );
+        // A WRITE without the flag is taken too (qemu sends them so).
+        assert!(matches!(
+            classify(&x(CMD_WRITE, 0, 0, 512), size, &EXTENDED),
+            Command::Write { len: 512, .. }
+        ));
+        assert_eq!(x(CMD_WRITE, 0, 0, 512).payload_len(true), 512);
+        // Nothing else has a payload here.
+        for r in [
+            x(CMD_READ, CMD_FLAG_PAYLOAD_LEN, 0, 512),
+            x(CMD_READ, 0, 0, 64 << 20),
+        ] {
+            assert!(
+                matches!(
+                    classify(&r, size, &EXTENDED),
+                    Command::Reject { errno: EINVAL, .. }
+                ),
+                "{r:?}"
+            );
+        }
     }
 
     #[test]
@@ -1332,19 +1578,24 @@ mod props {
             kind in 0u16..10, flags in any::<u16>(), offset in any::<u64>(),
             len in any::<u32>(), size in 0u64..(1 << 40)
         ) {
-            let r = Request { flags, kind, handle: 1, offset, len };
+            let r = Request { flags, kind, handle: 1, offset, len: len.into() };
             let b = encode_request(&r);
             prop_assert_eq!(decode_request(&b), Ok(Decoded::Done(r, REQUEST_LEN)));
-            let n = Negotiated { structured: flags & 1 == 0, contexts: usize::from(kind % 2) };
+            let n = Negotiated {
+                structured: flags & 1 == 0,
+                extended: flags & 2 == 0,
+                contexts: usize::from(kind % 2),
+            };
             match classify(&r, size, &n) {
                 Command::Read { offset, len, .. } | Command::Write { offset, len, .. } => {
                     prop_assert!(len <= MAX_REQUEST);
                     prop_assert!(offset + u64::from(len) <= size);
+                    prop_assert_eq!(u64::from(len), r.len);
                 }
                 Command::WriteZeroes { offset, len, .. }
                 | Command::Cache { offset, len }
                 | Command::BlockStatus { offset, len, .. } => {
-                    prop_assert!(offset + u64::from(len) <= size);
+                    prop_assert!(offset + len <= size);
                 }
                 _ => {}
             }

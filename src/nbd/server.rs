@@ -860,8 +860,10 @@ fn find_export(shared: &Shared, name: &[u8]) -> Option<Arc<dyn Export>> {
 /// What one client negotiated for the transmission phase.
 #[derive(Debug, Clone, Default)]
 struct Session {
-    /// Structured replies were negotiated.
+    /// Structured replies (or extended headers) were negotiated.
     structured: bool,
+    /// Extended headers were negotiated.
+    extended: bool,
     /// The metadata contexts selected (id, which: 0 for `base:allocation`,
     /// `i` for the export's `contexts()[i - 1]`), and the export name they
     /// were selected for.
@@ -990,9 +992,22 @@ fn handshake(
                     return Ok(Handshake::StartTls);
                 }
             }
+            ClientOption::StructuredReply if session.extended => {
+                reply(
+                    w,
+                    proto::OPT_STRUCTURED_REPLY,
+                    proto::REP_ERR_EXT_HEADER_REQD,
+                    "extended headers are on already",
+                )?;
+            }
             ClientOption::StructuredReply => {
                 session.structured = true;
                 reply(w, proto::OPT_STRUCTURED_REPLY, proto::REP_ACK, "")?;
+            }
+            ClientOption::ExtendedHeaders => {
+                session.structured = true;
+                session.extended = true;
+                reply(w, proto::OPT_EXTENDED_HEADERS, proto::REP_ACK, "")?;
             }
             ClientOption::MetaContext { set, name, queries } => {
                 let opt = if set {
@@ -1110,6 +1125,7 @@ fn option_code(o: &ClientOption) -> u32 {
         ClientOption::List => proto::OPT_LIST,
         ClientOption::StartTls => proto::OPT_STARTTLS,
         ClientOption::StructuredReply => proto::OPT_STRUCTURED_REPLY,
+        ClientOption::ExtendedHeaders => proto::OPT_EXTENDED_HEADERS,
         ClientOption::MetaContext { set: true, .. } => proto::OPT_SET_META_CONTEXT,
         ClientOption::MetaContext { set: false, .. } => proto::OPT_LIST_META_CONTEXT,
         ClientOption::Info { go: true, .. } => proto::OPT_GO,
@@ -1227,14 +1243,19 @@ impl InFlight {
 /// allocation for the replies of every request), larger ones (an error
 /// message, block status) on the heap.
 enum Head {
-    Inline([u8; proto::HOLE_CHUNK_LEN], u8),
+    Inline([u8; proto::MAX_CHUNK_HEAD_LEN], u8),
     Heap(Vec<u8>),
 }
 
 impl Head {
+    /// A head encoded in place by the codec.
+    fn encoded((bytes, n): proto::Head) -> Head {
+        Head::Inline(bytes, n as u8)
+    }
+
     fn new(bytes: &[u8]) -> Head {
-        if bytes.len() <= proto::HOLE_CHUNK_LEN {
-            let mut b = [0u8; proto::HOLE_CHUNK_LEN];
+        if bytes.len() <= proto::MAX_CHUNK_HEAD_LEN {
+            let mut b = [0u8; proto::MAX_CHUNK_HEAD_LEN];
             b[..bytes.len()].copy_from_slice(bytes);
             Head::Inline(b, bytes.len() as u8)
         } else {
@@ -1265,8 +1286,12 @@ struct Reply {
 
 impl Reply {
     fn new(head: &[u8], data: Option<AlignedBuf>, release: Option<u64>) -> Reply {
+        Reply::with(Head::new(head), data, release)
+    }
+
+    fn with(head: Head, data: Option<AlignedBuf>, release: Option<u64>) -> Reply {
         Reply {
-            head: Head::new(head),
+            head,
             data,
             spans: Vec::new(),
             release,
@@ -1547,35 +1572,49 @@ fn transmission(
     r
 }
 
-/// Answers one request: simple replies, or structured ones (with the
-/// error's message) once they are negotiated.
+/// Answers one request: simple replies, or structured or extended
+/// chunks (with the error's message) once they are negotiated.
 #[derive(Clone)]
 struct Answer {
     replies: Arc<Replies>,
     handle: u64,
-    structured: bool,
+    /// How chunks are framed; None: simple replies.
+    frame: Option<proto::Frame>,
 }
 
 impl Answer {
-    /// Success of a request that returns no data.
+    fn new(replies: &Arc<Replies>, session: &Session, r: &proto::Request) -> Answer {
+        let frame = session.structured.then_some(proto::Frame {
+            handle: r.handle,
+            extended: session.extended.then_some(r.offset),
+        });
+        Answer {
+            replies: replies.clone(),
+            handle: r.handle,
+            frame,
+        }
+    }
+
+    /// Success of a request that returns no data: a simple reply, or with
+    /// extended headers (which have none) a final `NONE` chunk.
     fn ok(&self, release: Option<u64>) {
-        let head = proto::encode_simple_reply(0, self.handle);
-        self.replies.send(Reply::new(&head, None, release));
+        let reply = match self.frame {
+            Some(f) if f.extended.is_some() => {
+                Reply::with(Head::encoded(proto::encode_none_chunk(f)), None, release)
+            }
+            _ => Reply::new(&proto::encode_simple_reply(0, self.handle), None, release),
+        };
+        self.replies.send(reply);
     }
 
     fn error(&self, errno: u32, why: &str, release: Option<u64>) {
-        let reply = if self.structured {
-            Reply::new(
-                &proto::encode_error_chunk(self.handle, errno, why),
-                None,
-                release,
-            )
-        } else {
-            Reply::new(
+        let reply = match self.frame {
+            Some(f) => Reply::new(&proto::encode_error_chunk(f, errno, why), None, release),
+            None => Reply::new(
                 &proto::encode_simple_reply(errno, self.handle),
                 None,
                 release,
-            )
+            ),
         };
         self.replies.send(reply);
     }
@@ -1593,21 +1632,23 @@ impl Answer {
             Ok(data) => data,
             Err(e) => return self.error(proto::errno_of(&e), &e.to_string(), release),
         };
-        let reply = if self.structured {
-            let head = proto::encode_data_chunk(self.handle, offset, data.len() as u32, true);
-            Reply::new(&head, Some(data), release)
-        } else {
-            Reply::new(
+        let reply = match self.frame {
+            Some(f) => {
+                let head = proto::encode_data_chunk(f, offset, data.len() as u32, true);
+                Reply::with(Head::encoded(head), Some(data), release)
+            }
+            None => Reply::new(
                 &proto::encode_simple_reply(0, self.handle),
                 Some(data),
                 release,
-            )
+            ),
         };
         self.replies.send(reply);
     }
 
-    /// A sparse read: a chunk per piece of `layout` (bytes, reads as
-    /// zeroes), data chunks carrying their part of `data`.
+    /// A sparse read (structured replies only): a chunk per piece of
+    /// `layout` (bytes, reads as zeroes), data chunks carrying their part
+    /// of `data`.
     fn sparse(
         &self,
         offset: u64,
@@ -1615,6 +1656,13 @@ impl Answer {
         data: Option<AlignedBuf>,
         release: Option<u64>,
     ) {
+        let Some(f) = self.frame else {
+            return self.error(
+                proto::EIO,
+                "a sparse read needs structured replies",
+                release,
+            );
+        };
         let mut spans = Vec::with_capacity(layout.len());
         let mut pos = 0usize;
         for (i, &(n, zero)) in layout.iter().enumerate() {
@@ -1622,11 +1670,11 @@ impl Answer {
             let at = offset + pos as u64;
             let end = pos + n as usize;
             if zero {
-                let head = proto::encode_hole_chunk(self.handle, at, n, done);
-                spans.push((Head::new(&head), pos..pos));
+                let head = proto::encode_hole_chunk(f, at, n, done);
+                spans.push((Head::encoded(head), pos..pos));
             } else {
-                let head = proto::encode_data_chunk(self.handle, at, n, done);
-                spans.push((Head::new(&head), pos..end));
+                let head = proto::encode_data_chunk(f, at, n, done);
+                spans.push((Head::encoded(head), pos..end));
             }
             pos = end;
         }
@@ -1642,16 +1690,18 @@ impl Answer {
     /// A block status reply: one chunk per context (id, extents), or the
     /// first error.
     fn block_status(&self, results: ContextResults) {
+        let Some(f) = self.frame else {
+            return self.error(
+                proto::EINVAL,
+                "block status needs structured replies",
+                Some(0),
+            );
+        };
         let mut out = Vec::new();
         let last = results.len().saturating_sub(1);
         for (i, (id, r)) in results.into_iter().enumerate() {
             match r {
-                Ok(extents) => out.extend(proto::encode_block_status(
-                    self.handle,
-                    id,
-                    &extents,
-                    i == last,
-                )),
+                Ok(extents) => out.extend(proto::encode_block_status(f, id, &extents, i == last)),
                 Err(e) => return self.error(proto::errno_of(&e), &e.to_string(), Some(0)),
             }
         }
@@ -1661,16 +1711,17 @@ impl Answer {
 
 /// Each selected context's id and extents (length, flags) for one block
 /// status request, or why they are missing.
-type ContextResults = Vec<(u32, io::Result<Vec<(u32, u32)>>)>;
+type ContextResults = Vec<(u32, io::Result<Vec<(u64, u32)>>)>;
 
 /// An export's extents made fit for a block status reply to a request of
 /// `len` bytes: adjacent extents with the same flags merged, none empty,
-/// the total within `len` (a u32, so every length fits), at most
+/// the total within `len` (so each fits the reply's length field: 32 bits
+/// without extended headers, where requests are 32 bits too), at most
 /// [`proto::MAX_EXTENTS`], and only the first with `one`
 /// (`NBD_CMD_FLAG_REQ_ONE`). An export that reported nothing is an error.
-fn fit_extents(extents: Vec<(u64, u32)>, len: u32, one: bool) -> io::Result<Vec<(u32, u32)>> {
-    let mut out: Vec<(u32, u32)> = Vec::new();
-    let mut left = u64::from(len);
+fn fit_extents(extents: Vec<(u64, u32)>, len: u64, one: bool) -> io::Result<Vec<(u64, u32)>> {
+    let mut out: Vec<(u64, u32)> = Vec::new();
+    let mut left = len;
     for (n, flags) in extents {
         let n = n.min(left);
         if n == 0 {
@@ -1678,8 +1729,8 @@ fn fit_extents(extents: Vec<(u64, u32)>, len: u32, one: bool) -> io::Result<Vec<
         }
         left -= n;
         match out.last_mut() {
-            Some((m, f)) if *f == flags => *m += n as u32,
-            _ => out.push((n as u32, flags)),
+            Some((m, f)) if *f == flags => *m += n,
+            _ => out.push((n, flags)),
         }
         if left == 0 {
             break;
@@ -1700,8 +1751,10 @@ fn fit_extents(extents: Vec<(u64, u32)>, len: u32, one: bool) -> io::Result<Vec<
 fn read_layout(extents: io::Result<Vec<(u64, u32)>>, len: u32) -> Vec<(u32, bool)> {
     let mut out: Vec<(u32, bool)> = Vec::new();
     let mut covered = 0u32;
-    if let Ok(fit) = extents.and_then(|e| fit_extents(e, len, false)) {
+    if let Ok(fit) = extents.and_then(|e| fit_extents(e, u64::from(len), false)) {
         for (n, flags) in fit {
+            // Within a read's length: fits 32 bits.
+            let n = n as u32;
             let zero = flags & proto::STATE_ZERO != 0;
             match out.last_mut() {
                 Some((m, z)) if *z == zero => *m += n,
@@ -1730,39 +1783,47 @@ fn requests(
     let read_only = export.read_only();
     let negotiated = proto::Negotiated {
         structured: session.structured,
+        extended: session.extended,
         contexts: session.contexts.len(),
     };
-    let mut header = Vec::with_capacity(proto::REQUEST_LEN);
+    let (decode, header_len) = if session.extended {
+        (
+            proto::decode_extended_request as fn(&[u8]) -> _,
+            proto::EXTENDED_REQUEST_LEN,
+        )
+    } else {
+        (proto::decode_request as fn(&[u8]) -> _, proto::REQUEST_LEN)
+    };
+    let mut header = Vec::with_capacity(header_len);
     // Requests that arrived together reach each disk's ring together: the
     // kernel hears of them when the reader is about to wait for more.
     let plug = crate::volume::queue::Plug::new();
     loop {
-        if reader.buffer().len() < proto::REQUEST_LEN {
+        if reader.buffer().len() < header_len {
             plug.flush();
         }
-        let req = match read_decoded(reader, &mut header, proto::decode_request) {
+        let req = match read_decoded(reader, &mut header, decode) {
             Ok(r) => r,
             // The client went away (or we stopped reading): not an error.
             Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e),
         };
-        let answer = Answer {
-            replies: replies.clone(),
-            handle: req.handle,
-            structured: session.structured,
-        };
+        let answer = Answer::new(replies, session, &req);
+        let payload = req.payload_len(session.extended);
         match proto::classify(&req, size, &negotiated) {
             // The spec: a write to a read-only export fails with EPERM.
             Command::Write { .. } | Command::WriteZeroes { .. } if read_only => {
-                io::copy(
-                    &mut reader.by_ref().take(u64::from(req.payload_len())),
-                    &mut io::sink(),
-                )?;
+                if payload > MAX_DISCARD {
+                    return Err(ConnError::Closed(format!(
+                        "the client sent a {payload}-byte write, too large to skip"
+                    )));
+                }
+                io::copy(&mut reader.by_ref().take(payload), &mut io::sink())?;
                 answer.error(proto::EPERM, "the export is read-only", None);
             }
             Command::Disconnect => return Ok(()),
             Command::Reject { errno, why } => {
-                let skip = u64::from(req.payload_len());
+                let skip = payload;
                 if skip > MAX_DISCARD {
                     return Err(ConnError::Closed(format!(
                         "the client sent a {skip}-byte write, too large to skip"
@@ -1854,7 +1915,7 @@ fn requests(
                 inflight.acquire(0);
                 export.write_zeroes(
                     offset,
-                    u64::from(len),
+                    len,
                     fua,
                     keep,
                     Box::new(move |r| answer.outcome(r, Some(0))),
@@ -1866,11 +1927,7 @@ fn requests(
             }
             Command::Cache { offset, len } => {
                 inflight.acquire(0);
-                export.cache(
-                    offset,
-                    u64::from(len),
-                    Box::new(move |r| answer.outcome(r, Some(0))),
-                );
+                export.cache(offset, len, Box::new(move |r| answer.outcome(r, Some(0))));
             }
             Command::BlockStatus { offset, len, one } => {
                 inflight.acquire(0);
@@ -1886,7 +1943,7 @@ fn block_status(
     export: &Arc<dyn Export>,
     contexts: &[(u32, usize)],
     offset: u64,
-    len: u32,
+    len: u64,
     one: bool,
     answer: Answer,
 ) {
@@ -1907,7 +1964,7 @@ fn block_status(
         export.block_status(
             which,
             offset,
-            u64::from(len),
+            len,
             Box::new(move |r| {
                 let mut g = lock(&gather);
                 g.results[i].1 = r.and_then(|e| fit_extents(e, len, one));
