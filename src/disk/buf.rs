@@ -5,12 +5,48 @@
 use std::alloc::{self, Layout};
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The alignment of buffers the engine allocates: a page, which every
 /// `O_DIRECT` implementation accepts.
 pub const IO_ALIGN: usize = 4096;
 
-/// A zeroed heap buffer with a chosen alignment.
+/// Buffers of [`AlignedBuf::recycled`] come in page-aligned powers of
+/// two from 4 KiB to this, and go back to a pool when dropped.
+const POOL_MAX: usize = 4 << 20;
+const POOL_CLASSES: usize = (POOL_MAX / IO_ALIGN).trailing_zeros() as usize + 1;
+/// Bytes the pool keeps at most, over every size.
+const POOL_BYTES: usize = 64 << 20;
+
+/// Freed buffers waiting for reuse, by size class (4 KiB << class): a
+/// read's buffer is neither zeroed (every byte is overwritten or the read
+/// fails) nor faulted in afresh.
+struct Pool {
+    classes: [Mutex<Vec<NonNull<u8>>>; POOL_CLASSES],
+    bytes: AtomicUsize,
+}
+
+// SAFETY: the pointers are allocations nobody else refers to while they
+// sit in the pool; the mutexes hand each to one taker.
+unsafe impl Sync for Pool {}
+// SAFETY: as above.
+unsafe impl Send for Pool {}
+
+static POOL: Pool = Pool {
+    classes: [const { Mutex::new(Vec::new()) }; POOL_CLASSES],
+    bytes: AtomicUsize::new(0),
+};
+
+/// The pool's size class of a buffer of `layout`, if it has one.
+fn class_of(layout: Layout) -> Option<usize> {
+    let size = layout.size();
+    (layout.align() == IO_ALIGN && size.is_power_of_two() && (IO_ALIGN..=POOL_MAX).contains(&size))
+        .then(|| (size / IO_ALIGN).trailing_zeros() as usize)
+}
+
+/// A heap buffer with a chosen alignment: zeroed when new, or recycled
+/// ([`AlignedBuf::recycled`]).
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -34,6 +70,35 @@ impl AlignedBuf {
             alloc::handle_alloc_error(layout);
         };
         AlignedBuf { ptr, len, layout }
+    }
+
+    /// A page-aligned buffer of `len` bytes for a caller that overwrites
+    /// every byte before anything reads them (a read from a disk, a write's
+    /// payload from a client): taken from the pool of freed buffers when
+    /// one of its size is there, so its bytes are whatever the last user
+    /// left (zeroes for a new one), never uninitialised.
+    pub fn recycled(len: usize) -> AlignedBuf {
+        let size = len.max(IO_ALIGN).next_power_of_two();
+        if size > POOL_MAX {
+            return AlignedBuf::new(len, IO_ALIGN);
+        }
+        let layout = Layout::from_size_align(size, IO_ALIGN).expect("a page-aligned power of two");
+        let class = (size / IO_ALIGN).trailing_zeros() as usize;
+        let taken = POOL.classes[class]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        match taken {
+            Some(ptr) => {
+                POOL.bytes.fetch_sub(size, Ordering::Relaxed);
+                AlignedBuf { ptr, len, layout }
+            }
+            None => {
+                let mut b = AlignedBuf::new(size, IO_ALIGN);
+                b.set_len(len);
+                b
+            }
+        }
     }
 
     /// A page-aligned copy of `data`.
@@ -80,8 +145,20 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from `alloc_zeroed` with this very layout and is
-        // freed only here.
+        if let Some(class) = class_of(self.layout) {
+            let size = self.layout.size();
+            if POOL.bytes.fetch_add(size, Ordering::Relaxed) + size <= POOL_BYTES {
+                POOL.classes[class]
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(self.ptr);
+                return;
+            }
+            POOL.bytes.fetch_sub(size, Ordering::Relaxed);
+        }
+        // SAFETY: `ptr` came from `alloc_zeroed` with this very layout, and
+        // is freed only here (a pooled one is not: it went to the pool
+        // above, and comes out as a new value owning it).
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
     }
 }
@@ -106,5 +183,25 @@ mod tests {
         }
         let c = AlignedBuf::from_slice(b"mirror");
         assert_eq!(&c[..], b"mirror");
+    }
+
+    #[test]
+    fn recycled_buffers_are_aligned_sized_and_reused() {
+        for len in [1, 4096, 5000, 65536, 300_000, 8 << 20] {
+            let b = AlignedBuf::recycled(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % IO_ALIGN, 0);
+            assert!(b.capacity() >= len);
+        }
+        // A buffer of a pooled size comes back for the next of its class
+        // (this test's own size, so other tests do not take it between).
+        let mut b = AlignedBuf::recycled(2 << 20);
+        b.fill(7);
+        let at = b.as_ptr();
+        drop(b);
+        let again = AlignedBuf::recycled((2 << 20) - 100);
+        assert_eq!(again.as_ptr(), at);
+        assert_eq!(again.len(), (2 << 20) - 100);
+        assert!(again.iter().all(|&x| x == 7));
     }
 }

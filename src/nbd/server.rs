@@ -37,7 +37,6 @@ use std::time::{Duration, Instant};
 
 use super::proto::{self, ClientOption, Command, Decoded, ProtoError};
 use crate::disk::AlignedBuf;
-use crate::disk::buf::IO_ALIGN;
 
 /// Requests one connection may have in flight.
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -1881,7 +1880,8 @@ fn requests(
             Command::Write { offset, len, fua } => {
                 let bytes = u64::from(len);
                 inflight.acquire(bytes);
-                let mut data = AlignedBuf::new(len as usize, IO_ALIGN);
+                // Filled whole from the socket, or the connection ends.
+                let mut data = AlignedBuf::recycled(len as usize);
                 if reader.buffer().len() < len as usize {
                     plug.flush();
                 }

@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::disk::buf::IO_ALIGN;
 use crate::disk::{AlignedBuf, Disk};
 
 mod uring;
@@ -318,13 +317,14 @@ impl std::fmt::Debug for DiskQueue {
 
 fn execute(disk: &dyn Disk, op: Op) -> Outcome {
     match op {
+        // Reads fill their buffers whole or fail: recycled ones do.
         Op::Read { offset, len } => {
-            let mut buf = AlignedBuf::new(len, IO_ALIGN);
+            let mut buf = AlignedBuf::recycled(len);
             disk.read_at(&mut buf, offset)?;
             Ok(Some(buf))
         }
         Op::ReadFresh { offset, len } => {
-            let mut buf = AlignedBuf::new(len, IO_ALIGN);
+            let mut buf = AlignedBuf::recycled(len);
             disk.read_fresh(&mut buf, offset)?;
             Ok(Some(buf))
         }

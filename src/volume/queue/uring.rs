@@ -57,7 +57,6 @@ use std::time::Instant;
 use io_uring::{IoUring, opcode, squeue, types};
 
 use super::{DiskQueue, DiskStats, Job, Op, OpKind, Outcome, Ticket};
-use crate::disk::buf::IO_ALIGN;
 use crate::disk::file::RingTarget;
 use crate::disk::{AlignedBuf, Disk};
 
@@ -477,12 +476,13 @@ impl Ring {
         let writes = t.writable && t.direct_align.is_none_or(|a| a <= 512);
         let fits = |len: usize| u32::try_from(len).is_ok();
         let (kind, bytes) = (job.op.kind(), job.op.bytes());
-        // A read is a read into a buffer of its own length.
+        // A read is a read into a buffer of its own length (recycled: the
+        // read overwrites all of it, or fails).
         let op = match job.op {
             Op::Read { offset, len } => Op::ReadInto {
                 offset,
                 len,
-                buf: AlignedBuf::new(len, IO_ALIGN),
+                buf: AlignedBuf::recycled(len),
             },
             op => op,
         };
