@@ -182,6 +182,23 @@ impl Write for NonBlocking<'_> {
     }
 }
 
+/// Bytes of plaintext encrypted at a time before the socket is offered
+/// what is ready.
+const ENCRYPT_PIECE: usize = 64 * 1024;
+
+/// Sends what `c` has encrypted and the socket takes now.
+fn send_some(c: &mut ServerConnection, raw: &Sock) -> io::Result<()> {
+    while c.wants_write() {
+        match c.write_tls(&mut NonBlocking(raw)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Sends everything `conn` has encrypted, waiting for the socket without
 /// holding `conn` (the other direction goes on meanwhile); fails with
 /// `TimedOut` once the client has taken nothing for `stall`.
@@ -227,12 +244,15 @@ pub(super) struct TlsOut {
 impl TlsOut {
     /// Encrypts all of `slices` and sends everything, waiting for the
     /// client as [`send_everything`] does.
+    /// The client gets each piece as soon as it is encrypted (what the
+    /// socket takes at once), so its decryption overlaps the encryption of
+    /// the next.
     pub(super) fn send_all(&self, slices: &[IoSlice<'_>], stall: Duration) -> io::Result<()> {
-        {
-            let mut c = lock(&self.conn);
-            let mut w = c.writer();
-            for s in slices {
-                w.write_all(s)?;
+        for s in slices {
+            for piece in s.chunks(ENCRYPT_PIECE) {
+                let mut c = lock(&self.conn);
+                c.writer().write_all(piece)?;
+                send_some(&mut c, &self.raw)?;
             }
         }
         send_everything(&self.conn, &self.raw, stall)
