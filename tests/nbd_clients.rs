@@ -41,10 +41,22 @@ fn nbdinfo_lists_every_volume_with_size_and_flags() {
             "can_trim",
             "can_zero",
             "can_multi_conn",
+            "can_cache",
+            "can_fast_zero",
+            "can_df",
         ] {
             assert_eq!(e[flag], true, "{flag} of {name}: {e:#}");
         }
         assert_eq!(e["is_read_only"], false);
+        // The metadata contexts it lists (through LIST_META_CONTEXT).
+        let contexts: Vec<&str> = e["contexts"]
+            .as_array()
+            .map(|c| c.iter().filter_map(|x| x.as_str()).collect())
+            .unwrap_or_default();
+        assert!(
+            contexts.contains(&"base:allocation") && contexts.contains(&"mirrorvol:dirty"),
+            "contexts of {name}: {e:#}"
+        );
         assert_eq!(e["block_size_minimum"], 512);
         assert_eq!(e["block_size_preferred"], 4096);
         assert_eq!(e["block_size_maximum"], 32 * MIB);
