@@ -817,6 +817,10 @@ fn structured_replies_and_block_status_tell_holes_data_and_dirty_regions() {
     let (zeroes, nd, _) = c.read_structured(6, 0, 8 * MIB, MIB as u32).unwrap();
     assert_eq!(nd, 0);
     assert!(zeroes.iter().all(|&b| b == 0));
+    // A read of no bytes: the final NONE chunk alone (a content chunk
+    // carries at least one byte).
+    let (empty, nd, nh) = c.read_structured(21, 0, 4 * MIB, 0).unwrap();
+    assert_eq!((empty.len(), nd, nh), (0, 0, 0));
     // A small read is one data chunk.
     let (small, nd, nh) = c.read_structured(7, 0, 4 * MIB, 4096).unwrap();
     assert_eq!((nd, nh), (1, 0));

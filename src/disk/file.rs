@@ -22,6 +22,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::buf::AlignedBuf;
 use super::{Disk, DiskIdentity, check_range, out_of_range};
@@ -96,6 +97,9 @@ pub struct FileDisk {
     /// read-modify-write takes it alone, so two writers of neighbouring
     /// sectors in one aligned block cannot undo each other.
     rmw: RwLock<()>,
+    /// The filesystem refused to punch a hole once: zeroing writes zeroes
+    /// here, which is no faster than writing.
+    no_punch: AtomicBool,
     /// For a loop device: its backing file, held locked as well, so that
     /// a process opening the file and another opening the loop device over
     /// it cannot both drive the disk.
@@ -185,6 +189,7 @@ impl FileDisk {
             read_only: opts.read_only,
             direct_align,
             rmw: RwLock::new(()),
+            no_punch: AtomicBool::new(false),
         })
     }
 
@@ -292,11 +297,15 @@ impl FileDisk {
 
     /// Deallocates the range of a regular file; it reads back as zeroes.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.fallocate(
+        let r = self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
             len,
-        )
+        );
+        if r.as_ref().is_err_and(is_unsupported) {
+            self.no_punch.store(true, Ordering::Relaxed);
+        }
+        r
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
@@ -540,9 +549,10 @@ impl Disk for FileDisk {
     }
 
     fn zeroes_cheaply(&self, keep: bool) -> bool {
-        // A hole is punched in a regular file whatever its size; keeping
-        // the blocks, or zeroing a device, may end up writing zeroes.
-        !keep && !self.block_device
+        // A hole is punched in a regular file whatever its size (where
+        // the filesystem can); keeping the blocks, or zeroing a device, may
+        // end up writing zeroes.
+        !keep && !self.block_device && !self.no_punch.load(Ordering::Relaxed)
     }
 
     fn extent_at(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {

@@ -1636,6 +1636,11 @@ impl Answer {
             Err(e) => return self.error(proto::errno_of(&e), &e.to_string(), release),
         };
         let reply = match self.frame {
+            // A content chunk carries at least one byte: a read of none
+            // is answered with the final NONE chunk alone.
+            Some(f) if data.is_empty() => {
+                Reply::with(Head::encoded(proto::encode_none_chunk(f)), None, release)
+            }
             Some(f) => {
                 let head = proto::encode_data_chunk(f, offset, data.len() as u32, true);
                 Reply::with(Head::encoded(head), Some(data), release)

@@ -162,7 +162,7 @@ pub(super) fn start(
     let (c, r) = (conn.clone(), raw.try_clone()?);
     std::thread::Builder::new()
         .name("nbd-tls-in".into())
-        .spawn(move || inbound(c, r, inner, stall))?;
+        .spawn(move || inbound(c, r, inner))?;
     Ok((Sock::Unix(plain), TlsOut { conn, raw, stall }))
 }
 
@@ -247,12 +247,23 @@ impl TlsOut {
     /// The client gets each piece as soon as it is encrypted (what the
     /// socket takes at once), so its decryption overlaps the encryption of
     /// the next.
+    ///
+    /// What waits encrypted stays within about a piece: when the socket
+    /// is full, the next piece is encrypted only once it takes the last,
+    /// so a reply's bytes are not held twice (plaintext and ciphertext)
+    /// beyond that.
     pub(super) fn send_all(&self, slices: &[IoSlice<'_>], stall: Duration) -> io::Result<()> {
         for s in slices {
             for piece in s.chunks(ENCRYPT_PIECE) {
-                let mut c = lock(&self.conn);
-                c.writer().write_all(piece)?;
-                send_some(&mut c, &self.raw)?;
+                let full = {
+                    let mut c = lock(&self.conn);
+                    c.writer().write_all(piece)?;
+                    send_some(&mut c, &self.raw)?;
+                    c.wants_write()
+                };
+                if full {
+                    send_everything(&self.conn, &self.raw, stall)?;
+                }
             }
         }
         send_everything(&self.conn, &self.raw, stall)
@@ -291,21 +302,22 @@ impl Drop for TlsOut {
 /// (or breaks TLS); then the server reads the end of the stream. What
 /// came with the end of the TLS handshake (a client may send its first
 /// option in the same packet) goes first.
-fn inbound(
-    conn: Arc<Mutex<ServerConnection>>,
-    mut raw: Sock,
-    mut inner: UnixStream,
-    stall: Duration,
-) {
+fn inbound(conn: Arc<Mutex<ServerConnection>>, mut raw: Sock, mut inner: UnixStream) {
     let mut wire = vec![0u8; 64 * 1024];
     let mut plain = Vec::with_capacity(256 * 1024);
     let mut n = 0;
     loop {
         plain.clear();
-        let pumped = pump(&mut lock(&conn), &wire[..n], &mut plain);
-        // Answers of TLS's own (a key update, session tickets; the alert
-        // that says why TLS failed) go out in order with the replies.
-        let sent = send_everything(&conn, &raw, stall).is_ok();
+        let (pumped, sent) = {
+            let mut c = lock(&conn);
+            let pumped = pump(&mut c, &wire[..n], &mut plain);
+            // Answers of TLS's own (a key update, session tickets; the
+            // alert that says why TLS failed) go out in order with the
+            // replies: what the socket takes now; the rest goes with the
+            // writer's next reply. Never waiting here keeps requests
+            // flowing while replies back up.
+            (pumped, send_some(&mut c, &raw).is_ok())
+        };
         let closed = match pumped {
             Ok(closed) => closed,
             Err(e) => {
