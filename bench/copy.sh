@@ -40,20 +40,9 @@ mkdir -p "$dir"
 a="$dir/a.img" b="$dir/b.img" raw="$dir/raw.img" sock="$dir/nbd.sock"
 certs="$dir/certs" results="$dir/results.tsv" random="/dev/shm/mirrorvol-copy-bench.$$"
 : > "$results"
-server_pid=""
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
-  rm -f "$sock"
-}
+# shellcheck source=bench/server.sh
+. bench/server.sh
 trap 'stop_server; rm -f "$a" "$b" "$raw" "$random"' EXIT
-wait_socket() {
-  for _ in $(seq 200); do [ -S "$sock" ] && return 0; sleep 0.05; done
-  echo "server did not come up" >&2; exit 1
-}
 
 # Certificates: a CA, the server (localhost), a client.
 mkdir -p "$certs"

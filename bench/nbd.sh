@@ -51,15 +51,8 @@ if [ -z "$dir" ]; then dir=$(mktemp -d /var/tmp/mirrorvol-nbd-bench.XXXXXX); fi
 mkdir -p "$dir"
 a="$dir/a.img" b="$dir/b.img" sock="$dir/nbd.sock" results="$dir/results.tsv"
 : > "$results"
-server_pid=""
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
-  rm -f "$sock"
-}
+# shellcheck source=bench/server.sh
+. bench/server.sh
 trap 'stop_server; rm -f "$a" "$b"' EXIT
 
 fresh_images() {
@@ -67,10 +60,6 @@ fresh_images() {
   truncate -s "${size_mib}M" "$a" "$b"
 }
 
-wait_socket() {
-  for _ in $(seq 200); do [ -S "$sock" ] && return 0; sleep 0.05; done
-  echo "server did not come up" >&2; exit 1
-}
 
 # The volume is a little smaller than a disk (labels, config); every
 # target is driven over the same byte range.

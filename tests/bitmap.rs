@@ -11,10 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use common::crash::{CrashDisk, Cut};
+use common::crash::{Cut, wrap_group};
 use common::serve;
 use common::*;
-use mirrorvol::disk::Disk;
 use mirrorvol::format::Style;
 use mirrorvol::group::live::LiveGroup;
 use mirrorvol::group::ops::{self, InitOptions};
@@ -95,14 +94,7 @@ fn run_until_cut(paths: &[PathBuf], images: &[Vec<u8>], cut_at: u64, seed: u64) 
         off: AtomicBool::new(false),
     });
     let mut g = assemble(paths);
-    let mut crash = Vec::new();
-    g.wrap_disks(|_, d| {
-        let mut image = vec![0; d.size() as usize];
-        d.read_at(&mut image, 0).unwrap();
-        let c = Arc::new(CrashDisk::new(image, cut.clone()));
-        crash.push(c.clone());
-        c as Arc<dyn Disk>
-    });
+    let crash = wrap_group(&mut g, &cut);
     let mut flushed = vec![0u8; VOL as usize];
     let mut model = flushed.clone();
     let mut later: Vec<(u64, usize)> = Vec::new();

@@ -8,12 +8,10 @@ mod common;
 
 use std::fs;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::crash::{CrashDisk, Cut};
+use common::crash::{Cut, wrap_group};
 use common::{MIB, pattern};
-use mirrorvol::disk::Disk;
 use mirrorvol::format::Style;
 use mirrorvol::group::live::LiveGroup;
 use mirrorvol::group::ops::{self, InitOptions};
@@ -56,14 +54,7 @@ fn a_flush_on_one_connection_makes_writes_of_another_durable() {
     };
     let mut g = Group::assemble(&set, Lookup::Required).unwrap().unwrap();
     let cut = Cut::never();
-    let mut crash = Vec::new();
-    g.wrap_disks(|_, d| {
-        let mut image = vec![0; d.size() as usize];
-        d.read_at(&mut image, 0).unwrap();
-        let c = Arc::new(CrashDisk::new(image, cut.clone()));
-        crash.push(c.clone());
-        c as Arc<dyn Disk>
-    });
+    let crash = wrap_group(&mut g, &cut);
     g.start_bitmaps().unwrap();
     let live = LiveGroup::start(g, Default::default());
     let export = mirrorvol::daemon::volume_export(live.volume("m").unwrap());

@@ -479,54 +479,51 @@ impl Request {
 
 /// Decodes one request header (its WRITE data, if any, follows it).
 pub fn decode_request(buf: &[u8]) -> Result<Decoded<Request>, ProtoError> {
-    if buf.len() < REQUEST_LEN {
-        return Ok(Decoded::NeedMore(REQUEST_LEN));
-    }
-    let magic = be_u32(buf);
-    if magic != REQUEST_MAGIC {
-        return Err(ProtoError::BadRequestMagic(magic));
-    }
-    Ok(Decoded::Done(
-        Request {
-            flags: be_u16(&buf[4..6]),
-            kind: be_u16(&buf[6..8]),
-            handle: be_u64(&buf[8..16]),
-            offset: be_u64(&buf[16..24]),
-            len: u64::from(be_u32(&buf[24..28])),
-        },
-        REQUEST_LEN,
-    ))
+    decode_header(buf, REQUEST_MAGIC, REQUEST_LEN)
 }
 
 /// Decodes one extended request header (its payload, if any, follows).
 pub fn decode_extended_request(buf: &[u8]) -> Result<Decoded<Request>, ProtoError> {
-    if buf.len() < EXTENDED_REQUEST_LEN {
-        return Ok(Decoded::NeedMore(EXTENDED_REQUEST_LEN));
+    decode_header(buf, EXTENDED_REQUEST_MAGIC, EXTENDED_REQUEST_LEN)
+}
+
+/// Both request headers: magic, flags, type, handle, offset, then the
+/// length in what is left of the `n` bytes (32 or 64 bits).
+fn decode_header(buf: &[u8], magic: u32, n: usize) -> Result<Decoded<Request>, ProtoError> {
+    if buf.len() < n {
+        return Ok(Decoded::NeedMore(n));
     }
-    let magic = be_u32(buf);
-    if magic != EXTENDED_REQUEST_MAGIC {
-        return Err(ProtoError::BadRequestMagic(magic));
+    let got = be_u32(buf);
+    if got != magic {
+        return Err(ProtoError::BadRequestMagic(got));
     }
-    Ok(Decoded::Done(
-        Request {
-            flags: be_u16(&buf[4..6]),
-            kind: be_u16(&buf[6..8]),
-            handle: be_u64(&buf[8..16]),
-            offset: be_u64(&buf[16..24]),
-            len: be_u64(&buf[24..32]),
-        },
-        EXTENDED_REQUEST_LEN,
-    ))
+    let len = match n {
+        REQUEST_LEN => u64::from(be_u32(&buf[24..28])),
+        _ => be_u64(&buf[24..32]),
+    };
+    let r = Request {
+        flags: be_u16(&buf[4..6]),
+        kind: be_u16(&buf[6..8]),
+        handle: be_u64(&buf[8..16]),
+        offset: be_u64(&buf[16..24]),
+        len,
+    };
+    Ok(Decoded::Done(r, n))
+}
+
+/// The fields both request headers share, after `magic`.
+fn encode_header(r: &Request, magic: u32, out: &mut [u8]) {
+    out[0..4].copy_from_slice(&magic.to_be_bytes());
+    out[4..6].copy_from_slice(&r.flags.to_be_bytes());
+    out[6..8].copy_from_slice(&r.kind.to_be_bytes());
+    out[8..16].copy_from_slice(&r.handle.to_be_bytes());
+    out[16..24].copy_from_slice(&r.offset.to_be_bytes());
 }
 
 /// Encodes an extended request header.
 pub fn encode_extended_request(r: &Request) -> [u8; EXTENDED_REQUEST_LEN] {
     let mut out = [0u8; EXTENDED_REQUEST_LEN];
-    out[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
-    out[4..6].copy_from_slice(&r.flags.to_be_bytes());
-    out[6..8].copy_from_slice(&r.kind.to_be_bytes());
-    out[8..16].copy_from_slice(&r.handle.to_be_bytes());
-    out[16..24].copy_from_slice(&r.offset.to_be_bytes());
+    encode_header(r, EXTENDED_REQUEST_MAGIC, &mut out);
     out[24..32].copy_from_slice(&r.len.to_be_bytes());
     out
 }
@@ -534,11 +531,7 @@ pub fn encode_extended_request(r: &Request) -> [u8; EXTENDED_REQUEST_LEN] {
 /// Encodes a request header (tests and the fuzzer build streams with it).
 pub fn encode_request(r: &Request) -> [u8; REQUEST_LEN] {
     let mut out = [0u8; REQUEST_LEN];
-    out[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    out[4..6].copy_from_slice(&r.flags.to_be_bytes());
-    out[6..8].copy_from_slice(&r.kind.to_be_bytes());
-    out[8..16].copy_from_slice(&r.handle.to_be_bytes());
-    out[16..24].copy_from_slice(&r.offset.to_be_bytes());
+    encode_header(r, REQUEST_MAGIC, &mut out);
     out[24..28].copy_from_slice(&(r.len as u32).to_be_bytes());
     out
 }

@@ -286,6 +286,16 @@ fn eio(msg: String) -> io::Error {
     io::Error::other(msg)
 }
 
+/// Adds `n` bytes of state `v` to extents, merged with the last one when
+/// it is in the same state; nothing for no bytes.
+fn push_run(out: &mut Vec<(u64, bool)>, n: u64, v: bool) {
+    match out.last_mut() {
+        _ if n == 0 => {}
+        Some((m, was)) if *was == v => *m += n,
+        _ => out.push((n, v)),
+    }
+}
+
 /// The most steps one [`MirrorVolume::allocation`] takes through the
 /// disks' extents; a client asks again from where the answer stops.
 const MAX_ALLOCATION_STEPS: usize = 4096;
@@ -936,10 +946,7 @@ impl MirrorVolume {
                 data |= is_data;
                 run = run.min(n.max(1));
             }
-            match out.last_mut() {
-                Some((n, hole)) if *hole != data => *n += run,
-                _ => out.push((run, !data)),
-            }
+            push_run(&mut out, run, !data);
             pos += run;
         }
         Ok(out)
@@ -959,15 +966,7 @@ impl MirrorVolume {
             None => Vec::new(),
         };
         let mut out: Vec<(u64, bool)> = Vec::new();
-        let mut push = |n: u64, d: bool| {
-            if n == 0 {
-                return;
-            }
-            match out.last_mut() {
-                Some((m, was)) if *was == d => *m += n,
-                _ => out.push((n, d)),
-            }
-        };
+        let mut push = |n: u64, d: bool| push_run(&mut out, n, d);
         let mut pos = offset;
         for r in dirty {
             let (start, end) = (r.start.max(pos), r.end.min(offset + len));

@@ -121,3 +121,17 @@ impl Disk for CrashDisk {
         self.write_at(&vec![0; len as usize], offset)
     }
 }
+
+/// Puts every disk of `g` behind a crash disk holding a copy of what it
+/// holds now, all losing power with `cut`; returns the crash disks.
+pub fn wrap_group(g: &mut mirrorvol::group::Group, cut: &Arc<Cut>) -> Vec<Arc<CrashDisk>> {
+    let mut crash = Vec::new();
+    g.wrap_disks(|_, d| {
+        let mut image = vec![0; d.size() as usize];
+        d.read_at(&mut image, 0).unwrap();
+        let c = Arc::new(CrashDisk::new(image, cut.clone()));
+        crash.push(c.clone());
+        c as Arc<dyn Disk>
+    });
+    crash
+}

@@ -5,6 +5,25 @@
 use std::path::Path;
 use std::process::Command;
 
+/// `openssl req` making a new P-256 key in `key` and, with `more`, what
+/// they ask for (a request, or `-x509` a self-signed certificate).
+fn new_key(dir: &Path, key: &str, subject: &str, more: &[&str]) {
+    let mut args = vec!["req"];
+    args.extend_from_slice(more);
+    args.extend_from_slice(&[
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        key,
+        "-subj",
+        subject,
+    ]);
+    openssl(dir, &args);
+}
+
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .current_dir(dir)
@@ -27,23 +46,7 @@ fn signed(dir: &Path, name: &str, subject: &str, ext: &str) {
         format!("{name}-cert.pem"),
     );
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            subject,
-        ],
-    );
+    new_key(dir, &key, subject, &["-out", &csr]);
     openssl(
         dir,
         &[
@@ -69,25 +72,12 @@ fn signed(dir: &Path, name: &str, subject: &str, ext: &str) {
 /// A CA named `ca` in `dir` (created), with a client certificate it signed.
 pub fn ca_with_client(dir: &Path, ca: &str) {
     std::fs::create_dir_all(dir).unwrap();
-    openssl(
+    let subject = format!("/CN={ca}");
+    new_key(
         dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca-key.pem",
-            "-out",
-            "ca-cert.pem",
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={ca}"),
-        ],
+        "ca-key.pem",
+        &subject,
+        &["-x509", "-out", "ca-cert.pem", "-days", "2"],
     );
     signed(dir, "client", "/CN=client", "extendedKeyUsage=clientAuth\n");
 }
