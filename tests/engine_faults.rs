@@ -385,3 +385,39 @@ fn check_after_states(rig: &mut Rig, live_states: &States) -> mirrorvol::group::
     assert_eq!(on_disk, live_states.without_error_counts());
     g
 }
+
+/// The two plexes of m fail at once, and their reports reach the
+/// controller in the other order than the engine decided them: the engine
+/// took a.img out (b.img was in sync), then kept b.img as the last copy
+/// when its write failed too; the controller hears of b.img first. The
+/// config must still keep b.img's plex in sync (it holds every write the
+/// volume acknowledged) and fail a.img's, so that `reactivate` brings the
+/// volume back from b.img. (Caught as a 1-in-30 failure of the test
+/// above: both plexes were recorded failed, the volume could not return.)
+#[test]
+fn a_last_copy_reported_before_its_twin_keeps_its_state() {
+    use mirrorvol::volume::engine::FailureSink;
+    let disks = &[
+        disk("a.img", "c0"),
+        disk("b.img", "c0"),
+        disk("c.img", "c1"),
+    ];
+    let mut rig = Rig::new(disks, 64, &[("m", VOLUME, &[0, 1])]);
+    let live = rig.start(opts(5000, 20));
+    let eio = std::io::Error::from_raw_os_error(libc::EIO);
+    FailureSink::last_copy_failed(&*live, "m", rig.uuids[1], &eio);
+    FailureSink::plex_failed(&*live, "m", rig.uuids[0], &eio);
+    let s = states(&status_json(&live));
+    assert_eq!(s.volume("m"), "failed", "{s:?}");
+    shut_down(live);
+
+    let mut g = check_after_states(&mut rig, &s);
+    g.start_bitmaps().unwrap();
+    let live = mirrorvol::group::live::LiveGroup::start(g, Default::default());
+    live.reactivate_by_path(&rig.paths[1])
+        .expect("reactivate b");
+    let s = states(&status_json(&live));
+    assert_eq!(s.plex("m", "b.img"), "in-sync", "{s:?}");
+    assert_eq!(s.plex("m", "a.img"), "failed", "{s:?}");
+    assert_eq!(s.volume("m"), "failed-redundancy", "{s:?}");
+}

@@ -533,8 +533,8 @@ impl FailureSink for LiveGroup {
 
     fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
         let why = format!("the last in-sync plex of {volume} failed");
-        let what = error.to_string();
-        self.call(move |c| c.fail_whole_disk(disk, &why, &what, false));
+        let (volume, what) = (volume.to_string(), error.to_string());
+        self.call(move |c| c.last_copy_failed(&volume, disk, &why, &what));
     }
 
     fn read_error(&self, volume: &str, disk: Uuid, error: &io::Error, repaired: bool) {

@@ -434,6 +434,11 @@ impl Controller {
             // service at once, so no commit waits on it.
             tracing::error!(%volume, disk = %path, %error, "the disk as a whole failed");
             self.take_disk_out(disk, hung);
+            // The engine took this plex out, having another in-sync copy:
+            // its decision stands even where the config, not yet told of
+            // that copy's failure (reported from another thread, maybe
+            // first), saw this one as the last.
+            self.group.mark_plex_failed(volume, disk);
         } else {
             tracing::error!(%volume, disk = %path, %error, "plex failed");
             self.group.mark_plex_failed(volume, disk);
@@ -449,13 +454,50 @@ impl Controller {
     /// their data and state), reported, and a hot spare sought. `hung`: the
     /// error is a request past the deadline.
     pub(super) fn fail_whole_disk(&mut self, disk: Uuid, why: &str, error: &str, hung: bool) {
+        self.fail_disk_keeping(disk, why, error, hung, None);
+    }
+
+    /// The engine of `volume` kept its plex on `disk`, the last in-sync
+    /// one, after a write to it failed: the disk is failed and that plex
+    /// keeps its in-sync state, as the engine decided, even where the
+    /// config has not yet heard that the other copies were taken out
+    /// (their reports come from other threads and may arrive after this).
+    pub(super) fn last_copy_failed(&mut self, volume: &str, disk: Uuid, why: &str, error: &str) {
+        self.fail_disk_keeping(disk, why, error, false, Some(volume));
+    }
+
+    fn fail_disk_keeping(
+        &mut self,
+        disk: Uuid,
+        why: &str,
+        error: &str,
+        hung: bool,
+        keep: Option<&str>,
+    ) {
         self.count_error(disk);
         if !self.group.is_online(disk) {
             return;
         }
         let path = self.group.disk_path(disk);
+        // The plex to keep, with its resync reason as it was.
+        let kept = keep.and_then(|name| {
+            let v = self.group.config.volume(name)?;
+            let p = v
+                .plexes
+                .iter()
+                .find(|p| p.disk == disk && p.state == PlexState::InSync)?;
+            Some((name, p.resync_reason.clone()))
+        });
         if !self.take_disk_out(disk, hung) {
             return;
+        }
+        if let Some((name, reason)) = kept
+            && let Some(v) = self.group.config.volume_mut(name)
+        {
+            for p in v.plexes.iter_mut().filter(|p| p.disk == disk) {
+                p.state = PlexState::InSync;
+                p.resync_reason = reason.clone();
+            }
         }
         tracing::error!(disk = %path, %error, "{why}; the disk is taken out of service");
         self.commit(&format!("failed disk {path}"));
