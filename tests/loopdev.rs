@@ -867,17 +867,23 @@ fn a_loop_device_over_a_member_is_used_once_and_a_second_serve_through_it_is_ref
 
     // The first serve holds the files; the second comes through the loop
     // device under another run directory and control socket.
+    // Its control socket, not its NBD socket, says it holds the disks: the
+    // listeners are bound before the disks are opened (a taken address is
+    // refused first), the control socket after the group is started.
     let sock = sb.path("first.sock");
+    let ctl = sb.path("first-ctl.sock");
     let mut first = Command::new(bin())
         .env("MIRRORVOL_RUN_DIR", sb.path("run"))
         .args(["--disks", &files, "serve", "--listen"])
         .arg(format!("unix:{}", sock.display()))
+        .arg("--control")
+        .arg(&ctl)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let started = std::time::Instant::now();
-    while !sock.exists() {
+    while !ctl.exists() {
         assert!(started.elapsed().as_secs() < 20, "serve did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
