@@ -352,8 +352,9 @@ struct Deadlined {
 
 impl Deadlined {
     /// Reads what the socket holds; while the thread's own ring has
-    /// requests in it, waits for the socket in that ring, answering their
-    /// completions meanwhile, rather than in `read`.
+    /// requests in it (or the thread holds replies to send), waits for the
+    /// socket in that ring, answering their completions (and sending the
+    /// replies) meanwhile, rather than in `read`.
     fn read_turning(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let fd = self.sock.raw_fd();
         loop {
@@ -371,11 +372,11 @@ impl Deadlined {
                 _ => return Err(e),
             }
             loop {
-                if !crate::volume::queue::busy_here() {
+                if !crate::volume::queue::busy_here() && !holding() {
                     crate::volume::queue::unplug_now();
                     return self.sock.read(buf);
                 }
-                if crate::volume::queue::turn_here(Some(fd), None) {
+                if turn(Some(fd), None) {
                     break;
                 }
             }
@@ -385,7 +386,7 @@ impl Deadlined {
 
 impl Read for Deadlined {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.deadline.is_none() && crate::volume::queue::busy_here() {
+        if self.deadline.is_none() && (crate::volume::queue::busy_here() || holding()) {
             return self.read_turning(buf);
         }
         if let Some(d) = self.deadline {
@@ -1138,17 +1139,17 @@ fn option_code(o: &ClientOption) -> u32 {
 }
 
 /// Waits on `changed` for what `guard` guards to change; while this
-/// thread's own ring holds requests, turns it instead (what the wait is
-/// for may be one of their replies), looking again every few
-/// milliseconds for what another thread changed.
+/// thread's own ring holds requests (or the thread holds replies), turns
+/// it instead (what the wait is for may be one of their replies), looking
+/// again every few milliseconds for what another thread changed.
 fn wait_turning<'a, T>(
     changed: &Condvar,
     guard: std::sync::MutexGuard<'a, T>,
     mutex: &'a Mutex<T>,
 ) -> std::sync::MutexGuard<'a, T> {
-    if crate::volume::queue::busy_here() {
+    if crate::volume::queue::busy_here() || holding() {
         drop(guard);
-        crate::volume::queue::turn_here(None, Some(Duration::from_millis(5)));
+        turn(None, Some(Duration::from_millis(5)));
         lock(mutex)
     } else {
         // What this thread held back may be what frees the wait.
@@ -1364,10 +1365,57 @@ impl Wire {
 #[derive(Default)]
 struct WireState {
     /// A reply a completion began to send and the socket did not take
-    /// whole: the writer sends the rest before anything else.
+    /// whole: the writer (or the connection's thread, when it `held` it)
+    /// sends the rest before anything else.
     partial: Option<Reply>,
+    /// The partial reply, and the `pending` ones after it, are the
+    /// connection thread's to send as the socket takes them: it waits for
+    /// room in its own ring (see [`Replies::send`]); whoever else takes
+    /// the wire may take them over.
+    held: bool,
+    pending: std::collections::VecDeque<Reply>,
+    /// When the client last took a byte of what is held.
+    since: Option<Instant>,
     /// A write failed: the connection is shut, replies are dropped.
     broken: bool,
+}
+
+impl WireState {
+    /// Everything held, for whoever sends (or drops) it now.
+    fn take_held(&mut self) -> impl Iterator<Item = Reply> + use<> {
+        self.held = false;
+        let pending = std::mem::take(&mut self.pending);
+        self.partial.take().into_iter().chain(pending)
+    }
+}
+
+thread_local! {
+    /// The replies of the connection this thread serves (set for its
+    /// transmission phase): what it holds to send is sent at its waits.
+    static SERVING: std::cell::RefCell<Option<Arc<Replies>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Whether the calling thread holds replies it must wait to send.
+fn holding() -> bool {
+    SERVING.with(|s| s.borrow().as_ref().is_some_and(|r| r.holds()))
+}
+
+/// Turns the calling thread's own ring once (see
+/// [`crate::volume::queue::turn_here`]); while it holds replies, also
+/// until the socket has room for them (or the client's time to take them
+/// runs out), and sends them after. Returns whether `readable` is.
+fn turn(readable: Option<RawFd>, timeout: Option<Duration>) -> bool {
+    let serving = SERVING.with(|s| s.borrow().clone());
+    let (writable, timeout) = match serving.as_ref().and_then(|r| r.progress()) {
+        Some((fd, left)) => (fd, Some(timeout.map_or(left, |t| t.min(left)))),
+        None => (None, timeout),
+    };
+    let ready = crate::volume::queue::turn_here(readable, writable, timeout);
+    if let Some(r) = &serving {
+        r.progress();
+    }
+    ready
 }
 
 /// The writing side of a connection, shared by the completions. A
@@ -1376,15 +1424,181 @@ struct WireState {
 /// queue depth one waits for); otherwise the reply goes to the
 /// connection's writer thread, so the threads that complete I/O never wait
 /// on a client's socket.
+///
+/// On the connection's own thread (with a ring of its own, not under TLS)
+/// a reply the socket does not take whole is held: the thread sends the
+/// rest when its ring says the socket has room, between reading requests
+/// and answering completions, as qemu-nbd's event loop does; a 256 KiB
+/// read's reply is larger than a socket's default buffer, and handing
+/// each to the writer thread cost two thread switches per reply.
 struct Replies {
     /// Replies for the writer thread; `None` only wakes it for a partial.
     tx: crossbeam_channel::Sender<Option<Reply>>,
     wire: Arc<Wire>,
     inflight: Arc<InFlight>,
+    /// How long the client may take no byte of a reply.
+    stall: Duration,
 }
 
 impl Replies {
+    /// Whether this is the calling thread's connection, and it may hold
+    /// replies: a plain socket and a ring to wait in.
+    fn here(&self) -> bool {
+        matches!(self.wire.out, Out::Plain(_))
+            && SERVING.with(|s| {
+                s.borrow()
+                    .as_ref()
+                    .is_some_and(|r| std::ptr::eq(Arc::as_ptr(r), self))
+            })
+            && crate::volume::queue::ring_here()
+    }
+
+    /// Whether the connection's thread holds replies (when another thread
+    /// has the wire at this instant: as if it did, the thread looks again).
+    /// Never without a ring to wait in, nor under TLS (nothing is held).
+    fn holds(&self) -> bool {
+        matches!(self.wire.out, Out::Plain(_))
+            && crate::volume::queue::ring_here()
+            && match self.wire.state.try_lock() {
+                Ok(w) => w.held,
+                Err(_) => true,
+            }
+    }
+
+    /// Sends what the thread holds as far as the socket takes it. While
+    /// some is left: the socket to wait for room in and how long the
+    /// client may still take to read (the socket is cut after that).
+    fn progress(&self) -> Option<(Option<RawFd>, Duration)> {
+        let Ok(mut wire) = self.wire.state.try_lock() else {
+            // Another thread is at the wire (taking over what is held,
+            // or adding a reply to it): look again shortly.
+            return Some((None, Duration::from_millis(1)));
+        };
+        if !wire.held {
+            return None;
+        }
+        let mut done = self.push(&mut wire);
+        let left = if wire.held {
+            let since = wire.since.map_or(Duration::ZERO, |t| t.elapsed());
+            let left = self.stall.saturating_sub(since);
+            if left.is_zero() {
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client read no reply for {} s", self.stall.as_secs()),
+                );
+                self.wire.fail(&mut wire, &e);
+                done.extend(wire.take_held());
+                None
+            } else {
+                match &self.wire.out {
+                    Out::Plain(s) => Some((Some(s.raw_fd()), left)),
+                    Out::Tls(_) => Some((None, left)),
+                }
+            }
+        } else {
+            None
+        };
+        drop(wire);
+        for r in done {
+            r.give_back(&self.inflight);
+        }
+        left
+    }
+
+    /// Sends the held partial reply and those pending after it, as far as
+    /// the socket takes them now; returns the replies wholly sent (or
+    /// dropped, when the socket failed).
+    fn push(&self, wire: &mut WireState) -> Vec<Reply> {
+        const BATCH: usize = 64;
+        let mut done = Vec::new();
+        while wire.held && !wire.broken {
+            let Some(first) = wire.partial.as_ref() else {
+                wire.held = false;
+                break;
+            };
+            let mut slices = Vec::with_capacity(4);
+            first.unsent(&mut slices);
+            for r in wire.pending.iter().take(BATCH) {
+                r.unsent(&mut slices);
+            }
+            let offered: usize = slices.iter().map(|s| s.len()).sum();
+            match self.wire.out.send_now(&slices) {
+                Ok(n) => {
+                    wire.since = Some(Instant::now());
+                    let mut n = n;
+                    while let Some(p) = wire.partial.as_mut() {
+                        let left = p.len() - p.sent;
+                        if n < left {
+                            p.sent += n;
+                            break;
+                        }
+                        n -= left;
+                        done.extend(wire.partial.take());
+                        wire.partial = wire.pending.pop_front();
+                    }
+                    if wire.partial.is_none() {
+                        wire.held = false;
+                    }
+                    if n < offered {
+                        // The socket is full: wait for room.
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.wire.fail(wire, &e);
+                    done.extend(wire.take_held());
+                }
+            }
+        }
+        done
+    }
+
+    /// [`Replies::send`] on the connection's own thread: what the socket
+    /// does not take now is held, behind what is held already.
+    fn send_here(&self, reply: Reply) {
+        let Ok(mut wire) = self.wire.state.try_lock() else {
+            let _ = self.tx.send(Some(reply));
+            return;
+        };
+        if wire.broken {
+            drop(wire);
+            return reply.give_back(&self.inflight);
+        }
+        if wire.held {
+            wire.pending.push_back(reply);
+            return;
+        }
+        if wire.partial.is_some() || !self.tx.is_empty() {
+            // The writer thread has the wire: the reply goes after its.
+            drop(wire);
+            let _ = self.tx.send(Some(reply));
+            return;
+        }
+        wire.partial = Some(reply);
+        wire.held = true;
+        wire.since = Some(Instant::now());
+        let done = self.push(&mut wire);
+        drop(wire);
+        for r in done {
+            r.give_back(&self.inflight);
+        }
+    }
+
     fn send(&self, mut reply: Reply) {
+        if self.here() {
+            return self.send_here(reply);
+        }
+        if let Ok(mut wire) = self.wire.state.try_lock()
+            && wire.held
+            && !wire.broken
+        {
+            // The connection's thread waits for room for what it holds,
+            // and sends this after it.
+            wire.pending.push_back(reply);
+            return;
+        }
         if self.tx.is_empty()
             && let Ok(mut wire) = self.wire.state.try_lock()
             && wire.partial.is_none()
@@ -1443,9 +1657,10 @@ fn write_replies(
             }
         }
         let mut state = wire.state.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = state.partial.take() {
-            batch.insert(0, p);
-        }
+        // A partial reply (and what the connection's thread held after it)
+        // goes first.
+        let before: Vec<Reply> = state.take_held().collect();
+        batch.splice(0..0, before);
         if !state.broken && !batch.is_empty() {
             let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
             for r in &batch {
@@ -1554,6 +1769,7 @@ fn transmission(
         tx,
         wire: wire.clone(),
         inflight: inflight.clone(),
+        stall,
     });
     let released = inflight.clone();
     let writer = std::thread::Builder::new()
@@ -1563,6 +1779,7 @@ fn transmission(
     // The disk requests of the clients' requests go to this thread's own
     // ring, which it turns while it waits (for the socket, for room in
     // flight, for the last replies).
+    SERVING.with(|s| *s.borrow_mut() = Some(replies.clone()));
     let r = crate::volume::queue::run_here(|| {
         let r = requests(&export, &session, &mut reader, &replies, &inflight);
         // Answer everything already accepted before the socket closes: every
@@ -1570,6 +1787,7 @@ fn transmission(
         inflight.drain();
         r
     });
+    SERVING.with(|s| *s.borrow_mut() = None);
     drop(replies);
     let _ = writer.join();
     r

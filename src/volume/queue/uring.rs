@@ -725,8 +725,10 @@ thread_local! {
     static ANSWERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// The `user_data` of the poll for the connection's socket.
+/// The `user_data` of the poll for the connection's socket to read.
 const POLL: u64 = u64::MAX - 2;
+/// The `user_data` of the poll for room in the socket to write.
+const POLL_OUT: u64 = u64::MAX - 3;
 
 /// A thread's own ring: an NBD connection's thread submits the disk
 /// requests of its clients' requests to it and reaps them itself, waiting
@@ -736,8 +738,10 @@ struct Local {
     /// None when the kernel refused this thread a ring: not asked again.
     uring: Option<IoUring>,
     flight: Flight,
-    /// A poll of the socket is in the ring.
+    /// A poll of the socket for reading is in the ring.
     polling: bool,
+    /// A poll of the socket for writing is in the ring.
+    polling_out: bool,
 }
 
 impl Local {
@@ -754,6 +758,7 @@ impl Local {
             uring,
             flight: Flight::new(),
             polling: false,
+            polling_out: false,
         }
     }
 
@@ -772,12 +777,14 @@ impl Local {
         }
     }
 
-    /// Submits what waits, adds a poll of `readable` when asked and none is
-    /// in the ring, and waits (at most `timeout`) for a completion. Returns
-    /// the requests done and whether the socket became readable.
+    /// Submits what waits, adds a poll of `readable` (and of `writable`)
+    /// when asked and none is in the ring, and waits (at most `timeout`)
+    /// for a completion. Returns the requests done and whether the socket
+    /// became readable.
     fn turn(
         &mut self,
         readable: Option<std::os::fd::RawFd>,
+        writable: Option<std::os::fd::RawFd>,
         timeout: Option<std::time::Duration>,
     ) -> (Vec<(Slot, Outcome)>, bool) {
         let Some(uring) = self.uring.as_mut() else {
@@ -796,6 +803,15 @@ impl Local {
                 // own reference to the socket's file until the poll ends
                 // (or the ring goes, with this thread).
                 self.polling = unsafe { sq.push(&poll) }.is_ok();
+            }
+            if let Some(fd) = writable
+                && !self.polling_out
+            {
+                let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
+                    .build()
+                    .user_data(POLL_OUT);
+                // SAFETY: as the poll above.
+                self.polling_out = unsafe { sq.push(&poll) }.is_ok();
             }
         }
         let waited_for = match timeout {
@@ -816,6 +832,12 @@ impl Local {
                 // An error shows at the socket's next read.
                 self.polling = false;
                 ready = true;
+                continue;
+            }
+            if cqe.user_data() == POLL_OUT {
+                // The caller sends what it holds after the turn; an error
+                // shows there.
+                self.polling_out = false;
                 continue;
             }
             finished.extend(self.flight.reap(cqe.user_data(), cqe.result(), None));
@@ -898,6 +920,18 @@ fn route_here(ring: &Arc<Ring>, slot: Slot) -> Option<Slot> {
     slot
 }
 
+/// Whether the calling thread has a ring of its own to wait in (made by
+/// its first request to a disk's ring inside [`run_here`]).
+pub fn ring_here() -> bool {
+    LOCAL
+        .try_with(|l| {
+            l.try_borrow()
+                .map(|l| l.as_ref().is_some_and(|l| l.uring.is_some()))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
 /// Whether the calling thread's own ring holds requests it must turn for.
 pub fn busy_here() -> bool {
     !ANSWERING.get()
@@ -913,9 +947,12 @@ pub fn busy_here() -> bool {
 /// Turns the calling thread's own ring once: submits what waits, waits for
 /// a completion (at most `timeout`), and answers what completed. With
 /// `readable`, a poll of that socket is in the ring too; returns whether
-/// it fired (true also when there is no ring to wait in).
+/// it fired (true also when there is no ring to wait in). With
+/// `writable`, a poll for room in that socket is in the ring too: the
+/// turn ends when it fires (the caller then sends what it holds).
 pub fn turn_here(
     readable: Option<std::os::fd::RawFd>,
+    writable: Option<std::os::fd::RawFd>,
     timeout: Option<std::time::Duration>,
 ) -> bool {
     if ANSWERING.get() {
@@ -925,7 +962,9 @@ pub fn turn_here(
     kick_plugged();
     let turned = LOCAL
         .try_with(|l| match l.try_borrow_mut() {
-            Ok(mut l) => l.as_mut().map(|local| local.turn(readable, timeout)),
+            Ok(mut l) => l
+                .as_mut()
+                .map(|local| local.turn(readable, writable, timeout)),
             Err(_) => None,
         })
         .ok()
@@ -1147,7 +1186,7 @@ mod tests {
     /// Turns this thread's own ring until `rx` has what it waits for.
     fn turned_until<T>(rx: std::sync::mpsc::Receiver<T>) -> T {
         loop {
-            turn_here(None, Some(Duration::from_millis(100)));
+            turn_here(None, None, Some(Duration::from_millis(100)));
             if let Ok(got) = rx.try_recv() {
                 return got;
             }
