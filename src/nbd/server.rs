@@ -875,6 +875,28 @@ struct Session {
     contexts_for: Vec<u8>,
 }
 
+/// Decodes one request header (compact or extended).
+type DecodeRequest = fn(&[u8]) -> Result<Decoded<proto::Request>, ProtoError>;
+
+impl Session {
+    fn negotiated(&self) -> proto::Negotiated {
+        proto::Negotiated {
+            structured: self.structured,
+            extended: self.extended,
+            contexts: self.contexts.len(),
+        }
+    }
+
+    /// The request decoder of the session, and its header's length.
+    fn decoder(&self) -> (DecodeRequest, usize) {
+        if self.extended {
+            (proto::decode_extended_request, proto::EXTENDED_REQUEST_LEN)
+        } else {
+            (proto::decode_request, proto::REQUEST_LEN)
+        }
+    }
+}
+
 /// How the option haggling ended.
 enum Handshake {
     Go(Arc<dyn Export>, Session),
@@ -1998,6 +2020,67 @@ fn read_layout(extents: io::Result<Vec<(u64, u32)>>, len: u32) -> Vec<(u32, bool
     out
 }
 
+/// How a request is handled before it starts.
+enum Plan {
+    /// Answered at once with this error; `skip` bytes of payload (a
+    /// refused write's) are read and dropped.
+    Refuse {
+        errno: u32,
+        why: &'static str,
+        skip: u64,
+    },
+    /// Takes `bytes` of the connection's in-flight share, reads `payload`
+    /// bytes of data (a write's), then starts ([`start`]).
+    Start { bytes: u64, payload: usize },
+    /// The client is done.
+    Disconnect,
+}
+
+/// How `command` (with `payload` bytes after its header) is handled.
+fn plan(command: &Command, export: &dyn Export, payload: u64) -> Plan {
+    match *command {
+        // The spec: a write to a read-only export fails with EPERM.
+        Command::Write { .. } | Command::WriteZeroes { .. } if export.read_only() => Plan::Refuse {
+            errno: proto::EPERM,
+            why: "the export is read-only",
+            skip: payload,
+        },
+        Command::Disconnect => Plan::Disconnect,
+        Command::Reject { errno, why } => Plan::Refuse {
+            errno,
+            why,
+            skip: payload,
+        },
+        Command::WriteZeroes {
+            fast: true, keep, ..
+        } if !export.fast_zero(keep) => Plan::Refuse {
+            errno: proto::ENOTSUP,
+            why: "zeroing this export costs as much as writing zeroes",
+            skip: 0,
+        },
+        // The reply's data counts until it is written to the client.
+        Command::Read { len, .. } => Plan::Start {
+            bytes: u64::from(len),
+            payload: 0,
+        },
+        Command::Write { len, .. } => Plan::Start {
+            bytes: u64::from(len),
+            payload: len as usize,
+        },
+        _ => Plan::Start {
+            bytes: 0,
+            payload: 0,
+        },
+    }
+}
+
+/// Why a refused write's payload is not skipped: too large to read and drop.
+fn too_large_to_skip(skip: u64) -> ConnError {
+    ConnError::Closed(format!(
+        "the client sent a {skip}-byte write, too large to skip"
+    ))
+}
+
 fn requests(
     export: &Arc<dyn Export>,
     session: &Session,
@@ -2005,21 +2088,8 @@ fn requests(
     replies: &Arc<Replies>,
     inflight: &Arc<InFlight>,
 ) -> Result<(), ConnError> {
-    let size = export.size();
-    let read_only = export.read_only();
-    let negotiated = proto::Negotiated {
-        structured: session.structured,
-        extended: session.extended,
-        contexts: session.contexts.len(),
-    };
-    let (decode, header_len) = if session.extended {
-        (
-            proto::decode_extended_request as fn(&[u8]) -> _,
-            proto::EXTENDED_REQUEST_LEN,
-        )
-    } else {
-        (proto::decode_request as fn(&[u8]) -> _, proto::REQUEST_LEN)
-    };
+    let negotiated = session.negotiated();
+    let (decode, header_len) = session.decoder();
     let mut header = Vec::with_capacity(header_len);
     // Requests that arrived together reach each disk's ring together: the
     // kernel hears of them when the reader is about to wait for more.
@@ -2035,131 +2105,121 @@ fn requests(
             Err(e) => return Err(e),
         };
         let answer = Answer::new(replies, session, &req);
-        let payload = req.payload_len(session.extended);
-        match proto::classify(&req, size, &negotiated) {
-            // The spec: a write to a read-only export fails with EPERM.
-            Command::Write { .. } | Command::WriteZeroes { .. } if read_only => {
-                if payload > MAX_DISCARD {
-                    return Err(ConnError::Closed(format!(
-                        "the client sent a {payload}-byte write, too large to skip"
-                    )));
-                }
-                io::copy(&mut reader.by_ref().take(payload), &mut io::sink())?;
-                answer.error(proto::EPERM, "the export is read-only", None);
-            }
-            Command::Disconnect => return Ok(()),
-            Command::Reject { errno, why } => {
-                let skip = payload;
+        let command = proto::classify(&req, export.size(), &negotiated);
+        match plan(&command, &**export, req.payload_len(session.extended)) {
+            Plan::Disconnect => return Ok(()),
+            Plan::Refuse { errno, why, skip } => {
                 if skip > MAX_DISCARD {
-                    return Err(ConnError::Closed(format!(
-                        "the client sent a {skip}-byte write, too large to skip"
-                    )));
+                    return Err(too_large_to_skip(skip));
                 }
                 io::copy(&mut reader.by_ref().take(skip), &mut io::sink())?;
                 answer.error(errno, why, None);
             }
-            Command::Read { offset, len, whole } => {
-                // The reply's data counts until it is written to the client.
-                let bytes = u64::from(len);
+            Plan::Start { bytes, payload } => {
                 inflight.acquire(bytes);
-                if session.structured && !whole && len >= SPARSE_READ_MIN {
-                    let e = export.clone();
-                    export.block_status(
-                        0,
-                        offset,
-                        bytes,
-                        Box::new(move |r| {
-                            let layout = read_layout(r, len);
-                            if layout.iter().all(|&(_, zero)| zero) {
-                                return answer.sparse(offset, &layout, None, Some(bytes));
-                            }
-                            if layout.len() == 1 {
-                                return e.read(
-                                    offset,
-                                    len as usize,
-                                    Box::new(move |r| answer.data(offset, r, Some(bytes))),
-                                );
-                            }
-                            e.read(
+                let mut data = None;
+                if payload > 0 {
+                    // Filled whole from the socket, or the connection ends.
+                    let mut buf = AlignedBuf::recycled(payload);
+                    if reader.buffer().len() < payload {
+                        plug.flush();
+                    }
+                    if let Err(e) = reader.read_exact(&mut buf) {
+                        inflight.release(bytes);
+                        return Err(e.into());
+                    }
+                    data = Some(buf);
+                }
+                start(export, session, command, answer, bytes, data);
+            }
+        }
+    }
+}
+
+/// Starts a request that holds its in-flight share (`bytes`) and, for a
+/// write, its data; the answer comes from its completion.
+fn start(
+    export: &Arc<dyn Export>,
+    session: &Session,
+    command: Command,
+    answer: Answer,
+    bytes: u64,
+    data: Option<AlignedBuf>,
+) {
+    match command {
+        Command::Read { offset, len, whole } => {
+            if session.structured && !whole && len >= SPARSE_READ_MIN {
+                let e = export.clone();
+                export.block_status(
+                    0,
+                    offset,
+                    bytes,
+                    Box::new(move |r| {
+                        let layout = read_layout(r, len);
+                        if layout.iter().all(|&(_, zero)| zero) {
+                            return answer.sparse(offset, &layout, None, Some(bytes));
+                        }
+                        if layout.len() == 1 {
+                            return e.read(
                                 offset,
                                 len as usize,
-                                Box::new(move |r| match r {
-                                    Ok(data) => {
-                                        answer.sparse(offset, &layout, Some(data), Some(bytes))
-                                    }
-                                    Err(e) => answer.error(
-                                        proto::errno_of(&e),
-                                        &e.to_string(),
-                                        Some(bytes),
-                                    ),
-                                }),
+                                Box::new(move |r| answer.data(offset, r, Some(bytes))),
                             );
-                        }),
-                    );
-                } else {
-                    export.read(
-                        offset,
-                        len as usize,
-                        Box::new(move |r| answer.data(offset, r, Some(bytes))),
-                    );
-                }
-            }
-            Command::Write { offset, len, fua } => {
-                let bytes = u64::from(len);
-                inflight.acquire(bytes);
-                // Filled whole from the socket, or the connection ends.
-                let mut data = AlignedBuf::recycled(len as usize);
-                if reader.buffer().len() < len as usize {
-                    plug.flush();
-                }
-                if let Err(e) = reader.read_exact(&mut data) {
-                    inflight.release(bytes);
-                    return Err(e.into());
-                }
-                export.write(
+                        }
+                        e.read(
+                            offset,
+                            len as usize,
+                            Box::new(move |r| match r {
+                                Ok(data) => answer.sparse(offset, &layout, Some(data), Some(bytes)),
+                                Err(e) => {
+                                    answer.error(proto::errno_of(&e), &e.to_string(), Some(bytes))
+                                }
+                            }),
+                        );
+                    }),
+                );
+            } else {
+                export.read(
                     offset,
-                    data,
-                    fua,
-                    Box::new(move |r| answer.outcome(r, Some(bytes))),
+                    len as usize,
+                    Box::new(move |r| answer.data(offset, r, Some(bytes))),
                 );
             }
-            Command::WriteZeroes {
-                fast: true, keep, ..
-            } if !export.fast_zero(keep) => {
-                answer.error(
-                    proto::ENOTSUP,
-                    "zeroing this export costs as much as writing zeroes",
-                    None,
-                );
-            }
-            Command::WriteZeroes {
+        }
+        Command::Write { offset, fua, .. } => match data {
+            Some(data) => export.write(
                 offset,
-                len,
+                data,
                 fua,
-                keep,
-                ..
-            } => {
-                inflight.acquire(0);
-                export.write_zeroes(
-                    offset,
-                    len,
-                    fua,
-                    keep,
-                    Box::new(move |r| answer.outcome(r, Some(0))),
-                );
-            }
-            Command::Flush => {
-                inflight.acquire(0);
-                export.flush(Box::new(move |r| answer.outcome(r, Some(0))));
-            }
-            Command::Cache { offset, len } => {
-                inflight.acquire(0);
-                export.cache(offset, len, Box::new(move |r| answer.outcome(r, Some(0))));
-            }
-            Command::BlockStatus { offset, len, one } => {
-                inflight.acquire(0);
-                block_status(export, &session.contexts, offset, len, one, answer);
-            }
+                Box::new(move |r| answer.outcome(r, Some(bytes))),
+            ),
+            None => answer.error(proto::EINVAL, "a write without its data", Some(bytes)),
+        },
+        Command::WriteZeroes {
+            offset,
+            len,
+            fua,
+            keep,
+            ..
+        } => export.write_zeroes(
+            offset,
+            len,
+            fua,
+            keep,
+            Box::new(move |r| answer.outcome(r, Some(bytes))),
+        ),
+        Command::Flush => export.flush(Box::new(move |r| answer.outcome(r, Some(bytes)))),
+        Command::Cache { offset, len } => export.cache(
+            offset,
+            len,
+            Box::new(move |r| answer.outcome(r, Some(bytes))),
+        ),
+        Command::BlockStatus { offset, len, one } => {
+            block_status(export, &session.contexts, offset, len, one, answer)
+        }
+        // Planned as refusals or the end, never started.
+        Command::Disconnect | Command::Reject { .. } => {
+            answer.error(proto::EINVAL, "not a request to start", Some(bytes))
         }
     }
 }
