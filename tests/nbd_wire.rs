@@ -505,6 +505,58 @@ fn pipelined_requests_each_get_their_reply() {
     assert_eq!(s.stop().0, 0);
 }
 
+/// Replies the socket could not take at once are still sent when the
+/// client says goodbye, refusals included: 20000 reads past the end (each
+/// refused at once) and NBD_CMD_DISC, sent without reading, fill the
+/// server's socket with refusals; then every one of them arrives before
+/// the server closes. (Refusals held no share of the in-flight allowance
+/// before, so the server stopped once nothing else was in flight, with
+/// the refusals it still held unsent; and a client that never read them
+/// grew the server's memory without bound.)
+#[test]
+fn refusals_held_behind_a_full_socket_are_sent_after_the_goodbye() {
+    let (_sb, s) = served(&[]);
+    let (mut c, size) = Client::go(&s.sock, "data");
+    const N: u64 = 20_000;
+    let mut burst = Vec::new();
+    for i in 0..N {
+        let r = Request {
+            flags: 0,
+            kind: proto::CMD_READ,
+            handle: i,
+            offset: size,
+            len: 4096,
+        };
+        burst.extend_from_slice(&proto::encode_request(&r));
+    }
+    let bye = Request {
+        flags: 0,
+        kind: proto::CMD_DISC,
+        handle: N,
+        offset: 0,
+        len: 0,
+    };
+    burst.extend_from_slice(&proto::encode_request(&bye));
+    // The server stops reading while its replies wait: the writing may
+    // block, so it runs aside.
+    let mut w = c.s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&burst).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    // Replies may come in any order.
+    let mut seen: Vec<u64> = (0..N)
+        .map(|_| {
+            let (err, h) = c.reply();
+            assert_eq!(err, proto::EINVAL, "reply to {h}");
+            h
+        })
+        .collect();
+    writer.join().unwrap();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..N).collect::<Vec<_>>());
+    assert!(c.closed(), "the server closes after the goodbye");
+    assert_eq!(s.stop().0, 0);
+}
+
 #[test]
 fn sigterm_answers_writes_in_flight_flushes_and_exits_zero() {
     let sb = Sandbox::new();

@@ -1196,6 +1196,7 @@ fn execute(cli: Cli) -> Result<()> {
                     handshake_timeout: std::time::Duration::from_secs(handshake_timeout),
                     reply_timeout: std::time::Duration::from_secs(client_timeout),
                     total_bytes: max_in_flight.max(1),
+                    loops: crate::nbd::server::loops_for(cli.io_engine),
                 },
                 tls: crate::daemon::TlsOptions {
                     certs: tls_certs,

@@ -36,6 +36,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::proto::{self, ClientOption, Command, Decoded, ProtoError};
+
+mod event_loop;
 use crate::disk::AlignedBuf;
 
 /// Requests one connection may have in flight.
@@ -59,6 +61,22 @@ pub struct Limits {
     pub reply_timeout: Duration,
     /// Request and reply data in flight over all connections.
     pub total_bytes: u64,
+    /// Threads that serve the plain connections after their handshake,
+    /// each turning one io_uring for all of its connections (see
+    /// `event_loop`); 0: every connection keeps a thread of its own (as
+    /// TLS connections always do).
+    pub loops: usize,
+}
+
+/// How many loops `serve` runs its plain connections on with `engine`:
+/// one per CPU (at most 4) on io_uring, where a loop waits for sockets
+/// and disks in one ring; none on worker threads (a thread per
+/// connection, as before), or where the kernel refuses io_uring.
+pub fn loops_for(engine: crate::volume::queue::IoEngine) -> usize {
+    if engine != crate::volume::queue::IoEngine::Uring || !crate::volume::queue::uring_available() {
+        return 0;
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
 impl Default for Limits {
@@ -68,6 +86,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             reply_timeout: Duration::from_secs(30),
             total_bytes: 1024 * 1024 * 1024,
+            loops: 0,
         }
     }
 }
@@ -499,6 +518,8 @@ struct Shared {
     /// TLS, when the server offers it.
     tls: Option<super::tls::Tls>,
     stopping: AtomicBool,
+    /// The loops connections are handed to after their handshake.
+    loops: event_loop::Loops,
     /// Open connections, by id: a handle to shut their reading side, and
     /// the export chosen once the handshake is over.
     conns: Mutex<HashMap<u64, Conn>>,
@@ -552,6 +573,7 @@ impl Server {
                 ),
                 tls,
                 stopping: AtomicBool::new(false),
+                loops: event_loop::Loops::new(limits.loops),
                 conns: Mutex::new(HashMap::new()),
                 idle: Condvar::new(),
                 next_id: AtomicU64::new(0),
@@ -727,8 +749,11 @@ fn accept_loop(shared: Arc<Shared>, bound: Bound) {
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                if let Err(e) = connection(&s, id, sock) {
-                    tracing::info!(connection = id, error = %e, "connection closed");
+                match connection(&s, id, sock) {
+                    // A loop serves it now, and takes it off the list.
+                    Ok(Ended::Handed) => return,
+                    Ok(Ended::Closed) => {}
+                    Err(e) => tracing::info!(connection = id, error = %e, "connection closed"),
                 }
                 let mut conns = lock(&s.conns);
                 conns.remove(&id);
@@ -771,7 +796,14 @@ fn read_decoded<T>(
     }
 }
 
-fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<(), ConnError> {
+/// How a connection's thread ended.
+enum Ended {
+    Closed,
+    /// The connection went on in a loop.
+    Handed,
+}
+
+fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<Ended, ConnError> {
     let mut writer = Out::Plain(sock.try_clone()?);
     // The handshake has a deadline: an idle client holds no thread for long.
     let deadline = Instant::now() + shared.limits.handshake_timeout;
@@ -790,7 +822,7 @@ fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<(), ConnError
     let (export, session) = loop {
         match handshake(shared, &mut reader, &mut writer, flags.no_zeroes, secure)? {
             Handshake::Go(export, session) => break (export, session),
-            Handshake::Abort => return Ok(()),
+            Handshake::Abort => return Ok(Ended::Closed),
             Handshake::StartTls => {
                 // The client waits for the ACK before it starts TLS: a byte
                 // already here is a client that did not.
@@ -826,7 +858,7 @@ fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<(), ConnError
     {
         let mut conns = lock(&shared.conns);
         let Some(c) = conns.get_mut(&id) else {
-            return Ok(());
+            return Ok(Ended::Closed);
         };
         c.export = Some(export.name().to_string());
         // The export went while the client negotiated (under this lock, so
@@ -834,13 +866,26 @@ fn connection(shared: &Arc<Shared>, id: u64, sock: Sock) -> Result<(), ConnError
         // or sees it go): it is not served.
         if !is_exported(shared, export.name()) {
             c.sock.shutdown(Shutdown::Both);
-            return Ok(());
+            return Ok(Ended::Closed);
         }
         if shared.stopping.load(Ordering::SeqCst) {
             c.sock.shutdown(Shutdown::Read);
         }
     }
-    transmission(export, session, reader, writer, shared)
+    if matches!(writer, Out::Plain(_))
+        && let Some(lp) = shared.loops.pick(shared)
+    {
+        let buffered = reader.buffer().to_vec();
+        lp.adopt(event_loop::Adopted {
+            id,
+            sock: reader.into_inner().sock,
+            export,
+            session,
+            buffered,
+        });
+        return Ok(Ended::Handed);
+    }
+    transmission(export, session, reader, writer, shared).map(|()| Ended::Closed)
 }
 
 fn exports(shared: &Shared) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<dyn Export>>> {
@@ -1200,6 +1245,16 @@ impl Budget {
         used.0 += bytes;
     }
 
+    /// Takes `bytes` if they fit now (or nothing else is in flight).
+    fn try_acquire(&self, bytes: u64) -> bool {
+        let mut used = lock(&self.used);
+        if used.0 > 0 && used.0 + bytes > self.limit {
+            return false;
+        }
+        used.0 += bytes;
+        true
+    }
+
     fn release(&self, bytes: u64) {
         let mut used = lock(&self.used);
         used.0 -= bytes;
@@ -1243,6 +1298,27 @@ impl InFlight {
             s.bytes += bytes;
         }
         self.budget.acquire(bytes);
+    }
+
+    /// [`InFlight::acquire`] without waiting: whether the share was taken.
+    fn try_acquire(&self, bytes: u64) -> bool {
+        {
+            let mut s = lock(&self.state);
+            if s.requests > 0
+                && (s.requests >= MAX_IN_FLIGHT || s.bytes + bytes > MAX_IN_FLIGHT_BYTES)
+            {
+                return false;
+            }
+            s.requests += 1;
+            s.bytes += bytes;
+        }
+        if self.budget.try_acquire(bytes) {
+            return true;
+        }
+        let mut s = lock(&self.state);
+        s.requests -= 1;
+        s.bytes -= bytes;
+        false
     }
 
     fn release(&self, bytes: u64) {
@@ -1455,7 +1531,11 @@ fn turn(readable: Option<RawFd>, timeout: Option<Duration>) -> bool {
 /// each to the writer thread cost two thread switches per reply.
 struct Replies {
     /// Replies for the writer thread; `None` only wakes it for a partial.
-    tx: crossbeam_channel::Sender<Option<Reply>>,
+    /// None in a loop.
+    tx: Option<crossbeam_channel::Sender<Option<Reply>>>,
+    /// The loop that serves the connection, if one does: it sends every
+    /// reply, those completed on other threads queued for it.
+    owner: Option<Arc<event_loop::Waker>>,
     wire: Arc<Wire>,
     inflight: Arc<InFlight>,
     /// How long the client may take no byte of a reply.
@@ -1463,6 +1543,42 @@ struct Replies {
 }
 
 impl Replies {
+    /// Sends a reply on to the writer thread.
+    fn to_writer(&self, reply: Reply) {
+        match &self.tx {
+            // Cannot fail: the writer reads until every sender is gone.
+            Some(tx) => {
+                let _ = tx.send(Some(reply));
+            }
+            None => reply.give_back(&self.inflight),
+        }
+    }
+
+    /// Whether the writer thread has replies queued.
+    fn writer_busy(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| !tx.is_empty())
+    }
+
+    /// [`Replies::send`] for a connection a loop serves: on the loop's
+    /// thread as on a connection's own; from elsewhere, queued behind what
+    /// is held, and the loop woken to send it.
+    fn send_to_loop(&self, owner: &event_loop::Waker, reply: Reply) {
+        if owner.here() {
+            // No writer thread: whoever else holds the wire holds it for
+            // a moment.
+            let wire = lock(&self.wire.state);
+            return self.send_held(wire, reply);
+        }
+        let mut wire = lock(&self.wire.state);
+        if !wire.held {
+            wire.held = true;
+            wire.since = Some(Instant::now());
+        }
+        wire.pending.push_back(reply);
+        drop(wire);
+        owner.wake();
+    }
+
     /// Whether this is the calling thread's connection, and it may hold
     /// replies: a plain socket and a ring to wait in.
     fn here(&self) -> bool {
@@ -1499,7 +1615,11 @@ impl Replies {
         if !wire.held {
             return None;
         }
-        let mut done = self.push(&mut wire);
+        let mut done = if wire.broken {
+            wire.take_held().collect()
+        } else {
+            self.push(&mut wire)
+        };
         let left = if wire.held {
             let since = wire.since.map_or(Duration::ZERO, |t| t.elapsed());
             let left = self.stall.saturating_sub(since);
@@ -1534,6 +1654,9 @@ impl Replies {
         const BATCH: usize = 64;
         let mut done = Vec::new();
         while wire.held && !wire.broken {
+            if wire.partial.is_none() {
+                wire.partial = wire.pending.pop_front();
+            }
             let Some(first) = wire.partial.as_ref() else {
                 wire.held = false;
                 break;
@@ -1580,10 +1703,15 @@ impl Replies {
     /// [`Replies::send`] on the connection's own thread: what the socket
     /// does not take now is held, behind what is held already.
     fn send_here(&self, reply: Reply) {
-        let Ok(mut wire) = self.wire.state.try_lock() else {
-            let _ = self.tx.send(Some(reply));
-            return;
+        let Ok(wire) = self.wire.state.try_lock() else {
+            return self.to_writer(reply);
         };
+        self.send_held(wire, reply);
+    }
+
+    /// Sends `reply` on the wire the thread holds, now or, as far as the
+    /// socket does not take it, later (held).
+    fn send_held(&self, mut wire: std::sync::MutexGuard<'_, WireState>, reply: Reply) {
         if wire.broken {
             drop(wire);
             return reply.give_back(&self.inflight);
@@ -1592,11 +1720,10 @@ impl Replies {
             wire.pending.push_back(reply);
             return;
         }
-        if wire.partial.is_some() || !self.tx.is_empty() {
+        if wire.partial.is_some() || self.writer_busy() {
             // The writer thread has the wire: the reply goes after its.
             drop(wire);
-            let _ = self.tx.send(Some(reply));
-            return;
+            return self.to_writer(reply);
         }
         wire.partial = Some(reply);
         wire.held = true;
@@ -1609,6 +1736,9 @@ impl Replies {
     }
 
     fn send(&self, mut reply: Reply) {
+        if let Some(owner) = &self.owner {
+            return self.send_to_loop(owner, reply);
+        }
         if self.here() {
             return self.send_here(reply);
         }
@@ -1621,7 +1751,7 @@ impl Replies {
             wire.pending.push_back(reply);
             return;
         }
-        if self.tx.is_empty()
+        if !self.writer_busy()
             && let Ok(mut wire) = self.wire.state.try_lock()
             && wire.partial.is_none()
             && !wire.broken
@@ -1637,8 +1767,10 @@ impl Replies {
                     reply.sent = n;
                     wire.partial = Some(reply);
                     drop(wire);
-                    // Cannot fail: the writer reads until every sender is gone.
-                    let _ = self.tx.send(None);
+                    if let Some(tx) = &self.tx {
+                        // Cannot fail: the writer reads until every sender is gone.
+                        let _ = tx.send(None);
+                    }
                     return;
                 }
                 Err(e)
@@ -1653,7 +1785,7 @@ impl Replies {
                 }
             }
         }
-        let _ = self.tx.send(Some(reply));
+        self.to_writer(reply);
     }
 }
 
@@ -1788,7 +1920,8 @@ fn transmission(
         state: Mutex::new(WireState::default()),
     });
     let replies = Arc::new(Replies {
-        tx,
+        tx: Some(tx),
+        owner: None,
         wire: wire.clone(),
         inflight: inflight.clone(),
         stall,
@@ -1810,6 +1943,12 @@ fn transmission(
         r
     });
     SERVING.with(|s| *s.borrow_mut() = None);
+    // What the thread still holds (refusals hold no share, so the drain
+    // does not wait for them) goes to the writer, which sends it before it
+    // ends.
+    if let Some(tx) = &replies.tx {
+        let _ = tx.send(None);
+    }
     drop(replies);
     let _ = writer.join();
     r
@@ -2022,8 +2161,9 @@ fn read_layout(extents: io::Result<Vec<(u64, u32)>>, len: u32) -> Vec<(u32, bool
 
 /// How a request is handled before it starts.
 enum Plan {
-    /// Answered at once with this error; `skip` bytes of payload (a
-    /// refused write's) are read and dropped.
+    /// Answered at once with this error (the reply holds a share of no
+    /// bytes: it counts as a request in flight until it is written);
+    /// `skip` bytes of payload (a refused write's) are read and dropped.
     Refuse {
         errno: u32,
         why: &'static str,
@@ -2113,7 +2253,10 @@ fn requests(
                     return Err(too_large_to_skip(skip));
                 }
                 io::copy(&mut reader.by_ref().take(skip), &mut io::sink())?;
-                answer.error(errno, why, None);
+                // A refusal counts in flight as any request: a client that
+                // sends them without reading the replies is held back.
+                inflight.acquire(0);
+                answer.error(errno, why, Some(0));
             }
             Plan::Start { bytes, payload } => {
                 inflight.acquire(bytes);

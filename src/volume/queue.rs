@@ -34,8 +34,8 @@ use crate::disk::{AlignedBuf, Disk};
 
 mod uring;
 pub use uring::{
-    IoEngine, Plug, available as uring_available, busy_here, ring_here, run_here, turn_here,
-    unplug_now,
+    IoEngine, Plug, available as uring_available, busy_here, ensure_ring_here, ring_here, run_here,
+    turn_here, turn_polls, unplug_now,
 };
 
 /// What a queue asks before the first request that changes its disk.

@@ -729,6 +729,14 @@ thread_local! {
 const POLL: u64 = u64::MAX - 2;
 /// The `user_data` of the poll for room in the socket to write.
 const POLL_OUT: u64 = u64::MAX - 3;
+/// The `user_data` of a caller's poll is its token with this bit (and not
+/// the top one) set (see [`turn_polls`]).
+const POLL_TAG: u64 = 1 << 62;
+
+/// Whether `user_data` is a caller's poll, and its token.
+fn polled(user_data: u64) -> Option<u64> {
+    (user_data >> 62 == 1).then_some(user_data & (POLL_TAG - 1))
+}
 
 /// A thread's own ring: an NBD connection's thread submits the disk
 /// requests of its clients' requests to it and reaps them itself, waiting
@@ -742,6 +750,10 @@ struct Local {
     polling: bool,
     /// A poll of the socket for writing is in the ring.
     polling_out: bool,
+    /// The tokens of the callers' polls in the ring ([`turn_polls`]),
+    /// and of those that fired in a turn that was not theirs.
+    armed: std::collections::HashSet<u64>,
+    fired: Vec<u64>,
 }
 
 impl Local {
@@ -759,6 +771,8 @@ impl Local {
             flight: Flight::new(),
             polling: false,
             polling_out: false,
+            armed: std::collections::HashSet::new(),
+            fired: Vec::new(),
         }
     }
 
@@ -840,9 +854,83 @@ impl Local {
                 self.polling_out = false;
                 continue;
             }
+            if let Some(token) = polled(cqe.user_data()) {
+                // Kept for the next turn of the polls.
+                self.armed.remove(&token);
+                self.fired.push(token);
+                continue;
+            }
             finished.extend(self.flight.reap(cqe.user_data(), cqe.result(), None));
         }
         (finished, ready)
+    }
+}
+
+impl Local {
+    /// [`Local::turn`] for the callers' polls: adds those of `polls`
+    /// (descriptor, events, token) not in the ring yet, waits (at most
+    /// `timeout`) for a completion, and returns the requests done and the
+    /// tokens of the polls that fired.
+    fn turn_polls(
+        &mut self,
+        polls: &[(std::os::fd::RawFd, u32, u64)],
+        timeout: Option<std::time::Duration>,
+    ) -> (Vec<(Slot, Outcome)>, Vec<u64>) {
+        let Some(uring) = self.uring.as_mut() else {
+            return (Vec::new(), polls.iter().map(|p| p.2).collect());
+        };
+        for &(fd, events, token) in polls {
+            if self.armed.contains(&token) {
+                continue;
+            }
+            let poll = opcode::PollAdd::new(types::Fd(fd), events)
+                .build()
+                .user_data(POLL_TAG | (token & (POLL_TAG - 1)));
+            // SAFETY: a poll names no memory, and io_uring keeps its own
+            // reference to the descriptor's file until the poll ends (the
+            // caller shuts a socket it is done with, which ends it).
+            let mut pushed = unsafe { uring.submission().push(&poll) }.is_ok();
+            if !pushed {
+                // The queue is full: what is in it goes to the kernel first.
+                if let Err(e) = uring.submit() {
+                    waited("local", &e);
+                }
+                // SAFETY: as above.
+                pushed = unsafe { uring.submission().push(&poll) }.is_ok();
+            }
+            if pushed {
+                self.armed.insert(token);
+            }
+        }
+        self.flight.fill(&mut uring.submission());
+        // Polls that fired in another turn are answered without waiting.
+        let timeout = if self.fired.is_empty() {
+            timeout
+        } else {
+            Some(std::time::Duration::ZERO)
+        };
+        let waited_for = match timeout {
+            None => uring.submit_and_wait(1),
+            Some(t) => {
+                let ts = types::Timespec::from(t);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                uring.submitter().submit_with_args(1, &args)
+            }
+        };
+        if let Err(e) = waited_for {
+            waited("local", &e);
+        }
+        let mut finished = Vec::new();
+        let mut fired = std::mem::take(&mut self.fired);
+        for cqe in uring.completion() {
+            if let Some(token) = polled(cqe.user_data()) {
+                self.armed.remove(&token);
+                fired.push(token);
+                continue;
+            }
+            finished.extend(self.flight.reap(cqe.user_data(), cqe.result(), None));
+        }
+        (finished, fired)
     }
 }
 
@@ -932,6 +1020,62 @@ pub fn ring_here() -> bool {
         .unwrap_or(false)
 }
 
+/// Makes the calling thread's own ring if it has none; whether it has one
+/// (the kernel may refuse it).
+pub fn ensure_ring_here() -> bool {
+    LOCAL
+        .try_with(|l| {
+            l.try_borrow_mut()
+                .map(|mut l| l.get_or_insert_with(Local::new).uring.is_some())
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+/// Turns the calling thread's own ring once, as [`turn_here`], with the
+/// caller's polls in it: `polls` are (descriptor, poll events, token) with
+/// tokens below 2^62; each stays in the ring until it fires, and is added
+/// again only after. Returns the tokens that fired (all of them when there
+/// is no ring to wait in).
+pub fn turn_polls(
+    polls: &[(std::os::fd::RawFd, u32, u64)],
+    timeout: Option<std::time::Duration>,
+) -> Vec<u64> {
+    if ANSWERING.get() {
+        return Vec::new();
+    }
+    kick_plugged();
+    let turned = LOCAL
+        .try_with(|l| match l.try_borrow_mut() {
+            Ok(mut l) => l.as_mut().map(|local| local.turn_polls(polls, timeout)),
+            Err(_) => None,
+        })
+        .ok()
+        .flatten();
+    let Some((finished, fired)) = turned else {
+        return polls.iter().map(|p| p.2).collect();
+    };
+    answer_here(finished);
+    fired
+}
+
+/// Answers the requests a turn of the thread's own ring finished, then
+/// tells the disks' rings what the answers sent on.
+fn answer_here(finished: Vec<(Slot, Outcome)>) {
+    ANSWERING.set(true);
+    for (mut slot, outcome) in finished {
+        if let Some((ring, disk)) = slot.owner.take() {
+            ring.finish(slot, outcome);
+            drop(disk);
+        }
+    }
+    ANSWERING.set(false);
+    // What the answers sent on (a read retried on another plex, a write
+    // the range lock let go) went to the disks' rings: tell them now, this
+    // thread may wait next.
+    kick_plugged();
+}
+
 /// Whether the calling thread's own ring holds requests it must turn for.
 pub fn busy_here() -> bool {
     !ANSWERING.get()
@@ -972,18 +1116,7 @@ pub fn turn_here(
     let Some((finished, ready)) = turned else {
         return true;
     };
-    ANSWERING.set(true);
-    for (mut slot, outcome) in finished {
-        if let Some((ring, disk)) = slot.owner.take() {
-            ring.finish(slot, outcome);
-            drop(disk);
-        }
-    }
-    ANSWERING.set(false);
-    // What the answers sent on (a read retried on another plex, a write
-    // the range lock let go) went to the disks' rings: tell them now, this
-    // thread may wait next.
-    kick_plugged();
+    answer_here(finished);
     ready
 }
 
