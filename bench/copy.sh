@@ -2,15 +2,21 @@
 # Whole-volume copies over NBD (issue 14), mirrorvol against qemu-nbd side
 # by side in one run, on a Unix socket, both with --cache=none:
 #
-#   sparse: nbdcopy --connections=4 of a 4 GiB volume holding 256 MiB (16
-#           extents of 16 MiB) to null: -- what a backup of a mostly empty
-#           volume costs: nbdcopy asks for block status and reads only the
-#           data. mirrorvol's mirror over two sparse files against
-#           qemu-nbd over one raw sparse file with the same data.
+#   sparse: nbdcopy of a 4 GiB volume holding 256 MiB (16 extents of 16
+#           MiB) to null: -- what a backup of a mostly empty volume costs:
+#           nbdcopy asks for block status and reads only the data.
+#           mirrorvol's mirror over two sparse files against qemu-nbd over
+#           one raw sparse file with the same data. Three ways: four
+#           connections on both sides (qemu-nbd --shared=4, so that it
+#           offers multi-conn as mirrorvol does), one connection on both,
+#           and each server as it comes (nbdcopy's defaults: four
+#           connections to mirrorvol, one to a qemu-nbd without --shared,
+#           which does not offer multi-conn).
 #   tls:    the same copy of a fully written 1 GiB volume (reads), and
 #           nbdcopy --connections=4 --flush of 1 GiB of random data from
 #           tmpfs into it (writes), over TLS: mirrorvol serve --tls-certs
-#           against qemu-nbd --tls-creds with the same certificates.
+#           against qemu-nbd --tls-creds --shared=4 with the same
+#           certificates (four connections on both sides).
 #
 # Every figure is the median of --runs runs (wall seconds of the copy);
 # every ratio is taken within a run (peer time / mirrorvol time, so > 1 is
@@ -105,12 +111,18 @@ for run in $(seq "$runs"); do
   mirror 4096
   serve_mirror
   write_extents "$plain"
-  timed "$run" mirrorvol sparse nbdcopy --connections=4 "$plain" null:
+  timed "$run" mirrorvol sparse4 nbdcopy --connections=4 "$plain" null:
+  timed "$run" mirrorvol sparse1 nbdcopy --connections=1 "$plain" null:
+  timed "$run" mirrorvol default nbdcopy "$plain" null:
   stop_server
   rm -f "$raw"; truncate -s 4G "$raw"
-  serve_raw
+  serve_raw --shared=4
   write_extents "$plain"
-  timed "$run" qemu-nbd sparse nbdcopy --connections=4 "$plain" null:
+  timed "$run" qemu-nbd sparse4 nbdcopy --connections=4 "$plain" null:
+  timed "$run" qemu-nbd sparse1 nbdcopy --connections=1 "$plain" null:
+  stop_server
+  serve_raw
+  timed "$run" qemu-nbd default nbdcopy "$plain" null:
   stop_server
 
   mirror 1024
@@ -119,7 +131,7 @@ for run in $(seq "$runs"); do
   timed "$run" mirrorvol tls-read nbdcopy --connections=4 "$tls" null:
   stop_server
   rm -f "$raw"; truncate -s 1G "$raw"
-  serve_raw "${qemu_tls[@]}"
+  serve_raw --shared=4 "${qemu_tls[@]}"
   timed "$run" qemu-nbd tls-write nbdcopy --connections=4 --flush "$random" "$tls"
   timed "$run" qemu-nbd tls-read nbdcopy --connections=4 "$tls" null:
   stop_server
@@ -134,9 +146,12 @@ for line in open(sys.argv[1]):
     run, target, job, secs = line.rstrip("\n").split("\t")
     t[(target, job)][run] = float(secs)
 med = statistics.median
-jobs = [("sparse", "nbdcopy 4 GiB volume holding 256 MiB", 256), ("tls-read", "TLS read 1 GiB", 1024),
-        ("tls-write", "TLS write 1 GiB", 1024)]
-print("Medians of", len(t[("mirrorvol", "sparse")]), "runs:")
+jobs = [("sparse4", "4 GiB volume holding 256 MiB, four connections each", 256),
+        ("sparse1", "the same, one connection each", 256),
+        ("default", "the same, each server as it comes (4 connections to mirrorvol, 1 to qemu-nbd)", 256),
+        ("tls-read", "TLS read 1 GiB, four connections each", 1024),
+        ("tls-write", "TLS write 1 GiB, four connections each", 1024)]
+print("Medians of", len(t[("mirrorvol", "sparse4")]), "runs:")
 print()
 print("| copy | mirrorvol s | qemu-nbd s | mirrorvol MiB/s | qemu-nbd MiB/s | ratio (per-run median, min-max) | target |")
 print("|---|---:|---:|---:|---:|---:|---|")
