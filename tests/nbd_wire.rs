@@ -413,6 +413,8 @@ fn malformed_and_out_of_range_requests_get_errors_and_other_clients_go_on() {
     assert_eq!(other.write(1, 0, &pattern(4096, 1)), 0);
 
     let (mut c, _) = Client::go(&s.sock, "data");
+    // A write of no bytes is a write, not a malformed one.
+    assert_eq!(c.write(9, 0, &[]), 0);
     // Past the end: EINVAL for a read, ENOSPC for writes (the spec's SHOULD).
     assert_eq!(c.read(10, size, 512), Err(proto::EINVAL));
     assert_eq!(c.read(11, u64::MAX - 10, 512), Err(proto::EINVAL));

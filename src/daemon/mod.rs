@@ -50,46 +50,76 @@ pub const BITMAP_CLEAR_PERIOD: std::time::Duration = std::time::Duration::from_s
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
 
 /// A volume of the running engine as an NBD export.
-struct VolumeExport(Arc<MirrorVolume>);
+struct VolumeExport {
+    volume: Arc<MirrorVolume>,
+    /// Block status and CACHE ask the plexes' files directly (`lseek`,
+    /// `posix_fadvise`), outside the disk queues: they run on this
+    /// export's own thread, so a disk slow to answer them holds up those
+    /// requests only, never the NBD loop that serves other clients.
+    aside: crossbeam_channel::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl VolumeExport {
+    fn new(volume: Arc<MirrorVolume>) -> VolumeExport {
+        let (aside, jobs) = crossbeam_channel::unbounded::<Box<dyn FnOnce() + Send>>();
+        let name = format!("nbd-aside-{}", volume.name);
+        // Ends when the export goes (its sender with it).
+        let spawned = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || jobs.iter().for_each(|job| job()));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread for block status; it runs where it is asked");
+        }
+        VolumeExport { volume, aside }
+    }
+
+    /// Runs `job` on the export's own thread (or here, if it has none).
+    fn aside(&self, job: impl FnOnce() + Send + 'static) {
+        if let Err(e) = self.aside.send(Box::new(job)) {
+            (e.into_inner())();
+        }
+    }
+}
 
 /// The NBD export `serve` makes of a volume of the running engine.
 pub fn volume_export(volume: Arc<MirrorVolume>) -> Arc<dyn Export> {
-    Arc::new(VolumeExport(volume))
+    Arc::new(VolumeExport::new(volume))
 }
 
 impl Export for VolumeExport {
     fn name(&self) -> &str {
-        &self.0.name
+        &self.volume.name
     }
 
     fn size(&self) -> u64 {
-        self.0.size()
+        self.volume.size()
     }
 
     fn read(&self, offset: u64, len: usize, done: Done<AlignedBuf>) {
-        self.0.submit_read(offset, len, Run::Queued, done);
+        self.volume.submit_read(offset, len, Run::Queued, done);
     }
 
     fn write(&self, offset: u64, data: AlignedBuf, fua: bool, done: Done<()>) {
-        self.0
+        self.volume
             .submit_write(offset, Arc::new(data), fua, Run::Queued, done);
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, keep: bool, done: Done<()>) {
-        self.0
+        self.volume
             .submit_write_zeroes(offset, len, fua, keep, Run::Queued, done);
     }
 
     fn flush(&self, done: Done<()>) {
-        self.0.submit_flush(Run::Queued, done);
+        self.volume.submit_flush(Run::Queued, done);
     }
 
     fn fast_zero(&self, keep: bool) -> bool {
-        self.0.zeroes_cheaply(keep)
+        self.volume.zeroes_cheaply(keep)
     }
 
     fn cache(&self, offset: u64, len: u64, done: Done<()>) {
-        done(self.0.will_need(offset, len))
+        let volume = self.volume.clone();
+        self.aside(move || done(volume.will_need(offset, len)));
     }
 
     fn contexts(&self) -> &[&'static str] {
@@ -97,22 +127,32 @@ impl Export for VolumeExport {
     }
 
     fn block_status(&self, which: usize, offset: u64, len: u64, done: Done<Vec<(u64, u32)>>) {
-        use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
-        let extents = if which == 0 {
-            self.0.allocation(offset, len).map(|e| {
-                e.into_iter()
-                    .map(|(n, hole)| (n, if hole { STATE_HOLE | STATE_ZERO } else { 0 }))
-                    .collect()
-            })
-        } else {
-            self.0.sync_state(offset, len).map(|(e, degraded)| {
-                let all = if degraded { SYNC_DEGRADED } else { 0 };
-                e.into_iter()
-                    .map(|(n, dirty)| (n, all | if dirty { SYNC_DIRTY } else { 0 }))
-                    .collect()
-            })
-        };
-        done(extents)
+        let volume = self.volume.clone();
+        self.aside(move || done(extents(&volume, which, offset, len)));
+    }
+}
+
+/// The extents of `which` context over a range of `volume`.
+fn extents(
+    volume: &MirrorVolume,
+    which: usize,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<Vec<(u64, u32)>> {
+    use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
+    if which == 0 {
+        volume.allocation(offset, len).map(|e| {
+            e.into_iter()
+                .map(|(n, hole)| (n, if hole { STATE_HOLE | STATE_ZERO } else { 0 }))
+                .collect()
+        })
+    } else {
+        volume.sync_state(offset, len).map(|(e, degraded)| {
+            let all = if degraded { SYNC_DEGRADED } else { 0 };
+            e.into_iter()
+                .map(|(n, dirty)| (n, all | if dirty { SYNC_DIRTY } else { 0 }))
+                .collect()
+        })
     }
 }
 
@@ -508,7 +548,7 @@ fn start_control(
 /// The NBD export of a volume in service.
 fn export(live: &LiveGroup, name: &str) -> Option<Arc<dyn Export>> {
     live.volume(name)
-        .map(|v| Arc::new(VolumeExport(v)) as Arc<dyn Export>)
+        .map(|v| Arc::new(VolumeExport::new(v)) as Arc<dyn Export>)
 }
 
 /// Exports a volume that came into service while serving.

@@ -1446,6 +1446,9 @@ impl Reply {
 struct Wire {
     out: Out,
     state: Mutex<WireState>,
+    /// The writer thread holds `state` while it waits for the client: what
+    /// was held is its own until it lets go.
+    writing: AtomicBool,
 }
 
 impl Wire {
@@ -1599,7 +1602,7 @@ impl Replies {
             && crate::volume::queue::ring_here()
             && match self.wire.state.try_lock() {
                 Ok(w) => w.held,
-                Err(_) => true,
+                Err(_) => !self.wire.writing.load(Ordering::SeqCst),
             }
     }
 
@@ -1608,8 +1611,12 @@ impl Replies {
     /// client may still take to read (the socket is cut after that).
     fn progress(&self) -> Option<(Option<RawFd>, Duration)> {
         let Ok(mut wire) = self.wire.state.try_lock() else {
-            // Another thread is at the wire (taking over what is held,
-            // or adding a reply to it): look again shortly.
+            if self.wire.writing.load(Ordering::SeqCst) {
+                // The writer thread took over what was held.
+                return None;
+            }
+            // Another thread is at the wire (adding a reply to what is
+            // held): look again shortly.
             return Some((None, Duration::from_millis(1)));
         };
         if !wire.held {
@@ -1820,7 +1827,10 @@ fn write_replies(
             for r in &batch {
                 r.unsent(&mut slices);
             }
-            if let Err(e) = wire.out.send_all(&mut slices, stall) {
+            wire.writing.store(true, Ordering::SeqCst);
+            let sent = wire.out.send_all(&mut slices, stall);
+            wire.writing.store(false, Ordering::SeqCst);
+            if let Err(e) = sent {
                 wire.fail(&mut state, &e);
             }
         }
@@ -1918,6 +1928,7 @@ fn transmission(
     let wire = Arc::new(Wire {
         out: writer,
         state: Mutex::new(WireState::default()),
+        writing: AtomicBool::new(false),
     });
     let replies = Arc::new(Replies {
         tx: Some(tx),
@@ -1943,9 +1954,9 @@ fn transmission(
         r
     });
     SERVING.with(|s| *s.borrow_mut() = None);
-    // What the thread still holds (refusals hold no share, so the drain
-    // does not wait for them) goes to the writer, which sends it before it
-    // ends.
+    // What the thread still holds (none once the drain is over, as every
+    // reply holds a share; but should one be left) goes to the writer,
+    // which sends it before it ends.
     if let Some(tx) = &replies.tx {
         let _ = tx.send(None);
     }
@@ -2329,15 +2340,18 @@ fn start(
                 );
             }
         }
-        Command::Write { offset, fua, .. } => match data {
-            Some(data) => export.write(
-                offset,
-                data,
-                fua,
-                Box::new(move |r| answer.outcome(r, Some(bytes))),
-            ),
-            None => answer.error(proto::EINVAL, "a write without its data", Some(bytes)),
-        },
+        // A write of no bytes has no payload to read.
+        Command::Write { offset, fua, len } => {
+            match data.or_else(|| (len == 0).then(|| AlignedBuf::recycled(0))) {
+                Some(data) => export.write(
+                    offset,
+                    data,
+                    fua,
+                    Box::new(move |r| answer.outcome(r, Some(bytes))),
+                ),
+                None => answer.error(proto::EINVAL, "a write without its data", Some(bytes)),
+            }
+        }
         Command::WriteZeroes {
             offset,
             len,

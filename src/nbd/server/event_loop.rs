@@ -10,8 +10,9 @@
 //! meant four threads waking once per event each.
 //!
 //! A loop never blocks: a request header waits in the connection's buffer
-//! while the connection has no room in flight (its socket is then not
-//! polled, so the client is held back by TCP or the Unix socket), a
+//! while the connection has no room in flight (its socket is read only
+//! until that buffer is full, so the client is held back by TCP or the
+//! Unix socket), a
 //! write's payload is read as it comes, and replies completed on other
 //! threads (a read retried on another plex, the workers of the threads
 //! engine) are queued for the loop, which is woken to send them.
@@ -263,6 +264,7 @@ impl LoopConn {
             wire: Arc::new(Wire {
                 out: Out::Plain(a.sock.try_clone()?),
                 state: Mutex::new(WireState::default()),
+                writing: AtomicBool::new(false),
             }),
             inflight: inflight.clone(),
             stall: shared.limits.reply_timeout,
@@ -297,6 +299,13 @@ impl LoopConn {
     /// flight goes.
     fn parse(&mut self) {
         self.blocked = false;
+        if !self.eof && self.replies.wire.state.try_lock().is_ok_and(|w| w.broken) {
+            // The socket failed (or was shut from outside): what is
+            // buffered is not started, and nothing more is read.
+            self.eof = true;
+            self.start = self.end;
+            self.skip = 0;
+        }
         while self.error.is_none() {
             let avail = self.end - self.start;
             if self.skip > 0 {
@@ -307,6 +316,10 @@ impl LoopConn {
                     return;
                 }
                 continue;
+            }
+            if self.eof && self.start == self.end && self.write.is_some() {
+                // Cut off in its payload: never started (see `done`).
+                return;
             }
             if let Some(w) = &mut self.write {
                 let n = avail.min(w.data.len() - w.filled);
@@ -396,7 +409,11 @@ impl LoopConn {
         if !self.wants_input() {
             return;
         }
-        let got = if let Some(w) = self.write.as_mut().filter(|_| self.start == self.end) {
+        let got = if let Some(w) = self
+            .write
+            .as_mut()
+            .filter(|w| self.start == self.end && w.filled < w.data.len())
+        {
             // A payload larger than what is buffered goes straight into its
             // buffer.
             let r = recv(self.fd, &mut w.data[w.filled..]);
@@ -409,6 +426,10 @@ impl LoopConn {
                 self.input.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
+            }
+            if self.end == self.input.len() {
+                // Full: read again once requests have taken some.
+                return;
             }
             let r = recv(self.fd, &mut self.input[self.end..]);
             if let Ok(n) = r {
@@ -442,9 +463,9 @@ impl LoopConn {
             // Cut off in its payload: never started.
             self.inflight.release(w.bytes);
         }
-        // Replies that hold no share (refusals) may still wait behind a
-        // full socket.
-        // (Refusals hold a share too, so nothing held is left after.)
+        // Every reply holds a share until it is written (refusals one of no
+        // bytes), so nothing is held once none is in flight; the second
+        // test only makes sure.
         lock(&self.inflight.state).requests == 0 && !lock(&self.replies.wire.state).held
     }
 
@@ -477,11 +498,30 @@ fn min_timeout(a: Option<Duration>, b: Duration) -> Option<Duration> {
     Some(a.map_or(b, |a| a.min(b)))
 }
 
+/// A loop's connections. Should the loop's thread end without finishing
+/// them (a panic), they are shut and taken off the server's list, so that
+/// nothing waits for them.
+struct Served<'a> {
+    conns: HashMap<u64, LoopConn>,
+    shared: &'a Weak<Shared>,
+}
+
+impl Drop for Served<'_> {
+    fn drop(&mut self) {
+        for (_, c) in self.conns.drain() {
+            c.finish(self.shared);
+        }
+    }
+}
+
 /// A loop's thread: takes the connections handed to it, and turns its ring
 /// until it is stopped with none left.
 fn run(handle: &Arc<Handle>, shared: &Weak<Shared>) {
     let waker = &handle.waker;
-    let mut conns: HashMap<u64, LoopConn> = HashMap::new();
+    let mut served = Served {
+        conns: HashMap::new(),
+        shared,
+    };
     // What this thread starts for the disks' rings goes in one system call
     // per turn.
     let plug = crate::volume::queue::Plug::new();
@@ -497,7 +537,7 @@ fn run(handle: &Arc<Handle>, shared: &Weak<Shared>) {
                 .and_then(|s| LoopConn::new(a, &s, waker));
             match made {
                 Ok(c) => {
-                    conns.insert(id, c);
+                    served.conns.insert(id, c);
                 }
                 Err(e) => {
                     tracing::info!(connection = id, error = %e, "connection closed");
@@ -513,10 +553,13 @@ fn run(handle: &Arc<Handle>, shared: &Weak<Shared>) {
         polls.clear();
         polls.push((waker.fd.as_raw_fd(), libc::POLLIN as u32, WAKE));
         let mut timeout = None;
-        for (id, c) in conns.iter_mut() {
+        for (id, c) in served.conns.iter_mut() {
             if stopping && !c.eof {
                 c.sock.shutdown(Shutdown::Both);
             }
+            // What the socket took since the last turn gives back shares
+            // first: the requests waiting for them start now.
+            c.replies.progress();
             c.parse();
             if c.hot && c.wants_input() {
                 c.read_input();
@@ -539,12 +582,12 @@ fn run(handle: &Arc<Handle>, shared: &Weak<Shared>) {
             }
         }
         for id in ended.drain(..) {
-            if let Some(c) = conns.remove(&id) {
+            if let Some(c) = served.conns.remove(&id) {
                 c.finish(shared);
                 handle.serving.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        if stopping && conns.is_empty() && lock(&handle.inbox).is_empty() {
+        if stopping && served.conns.is_empty() && lock(&handle.inbox).is_empty() {
             return;
         }
         plug.flush();
@@ -552,7 +595,7 @@ fn run(handle: &Arc<Handle>, shared: &Weak<Shared>) {
             if token == WAKE {
                 waker.clear();
             } else if token % 2 == 0
-                && let Some(c) = conns.get_mut(&(token / 2))
+                && let Some(c) = served.conns.get_mut(&(token / 2))
             {
                 c.read_input();
             }

@@ -880,7 +880,9 @@ impl Local {
             return (Vec::new(), polls.iter().map(|p| p.2).collect());
         };
         for &(fd, events, token) in polls {
-            if self.armed.contains(&token) {
+            // Armed, or fired in a turn that was not ours and about to be
+            // returned: not again.
+            if self.armed.contains(&token) || self.fired.contains(&token) {
                 continue;
             }
             let poll = opcode::PollAdd::new(types::Fd(fd), events)
