@@ -371,9 +371,8 @@ struct Deadlined {
 
 impl Deadlined {
     /// Reads what the socket holds; while the thread's own ring has
-    /// requests in it (or the thread holds replies to send), waits for the
-    /// socket in that ring, answering their completions (and sending the
-    /// replies) meanwhile, rather than in `read`.
+    /// requests in it, waits for the socket in that ring, answering their
+    /// completions meanwhile, rather than in `read`.
     fn read_turning(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let fd = self.sock.raw_fd();
         loop {
@@ -391,11 +390,11 @@ impl Deadlined {
                 _ => return Err(e),
             }
             loop {
-                if !crate::volume::queue::busy_here() && !holding() {
+                if !crate::volume::queue::busy_here() {
                     crate::volume::queue::unplug_now();
                     return self.sock.read(buf);
                 }
-                if turn(Some(fd), None) {
+                if crate::volume::queue::turn_here(Some(fd), None) {
                     break;
                 }
             }
@@ -405,7 +404,7 @@ impl Deadlined {
 
 impl Read for Deadlined {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.deadline.is_none() && (crate::volume::queue::busy_here() || holding()) {
+        if self.deadline.is_none() && crate::volume::queue::busy_here() {
             return self.read_turning(buf);
         }
         if let Some(d) = self.deadline {
@@ -1206,17 +1205,17 @@ fn option_code(o: &ClientOption) -> u32 {
 }
 
 /// Waits on `changed` for what `guard` guards to change; while this
-/// thread's own ring holds requests (or the thread holds replies), turns
-/// it instead (what the wait is for may be one of their replies), looking
-/// again every few milliseconds for what another thread changed.
+/// thread's own ring holds requests, turns it instead (what the wait is
+/// for may be one of their replies), looking again every few
+/// milliseconds for what another thread changed.
 fn wait_turning<'a, T>(
     changed: &Condvar,
     guard: std::sync::MutexGuard<'a, T>,
     mutex: &'a Mutex<T>,
 ) -> std::sync::MutexGuard<'a, T> {
-    if crate::volume::queue::busy_here() || holding() {
+    if crate::volume::queue::busy_here() {
         drop(guard);
-        turn(None, Some(Duration::from_millis(5)));
+        crate::volume::queue::turn_here(None, Some(Duration::from_millis(5)));
         lock(mutex)
     } else {
         // What this thread held back may be what frees the wait.
@@ -1446,9 +1445,6 @@ impl Reply {
 struct Wire {
     out: Out,
     state: Mutex<WireState>,
-    /// The writer thread holds `state` while it waits for the client: what
-    /// was held is its own until it lets go.
-    writing: AtomicBool,
 }
 
 impl Wire {
@@ -1461,18 +1457,17 @@ impl Wire {
     }
 }
 
-/// Held by whoever writes to the socket: the writer thread, or a
-/// completion sending its reply itself.
+/// Held by whoever writes to the socket: the writer thread, the loop, or
+/// a completion sending its reply itself.
 #[derive(Default)]
 struct WireState {
-    /// A reply a completion began to send and the socket did not take
-    /// whole: the writer (or the connection's thread, when it `held` it)
-    /// sends the rest before anything else.
+    /// A reply begun and not taken whole by the socket: its sender (the
+    /// writer thread, or the loop when `held`) sends the rest before
+    /// anything else.
     partial: Option<Reply>,
-    /// The partial reply, and the `pending` ones after it, are the
-    /// connection thread's to send as the socket takes them: it waits for
-    /// room in its own ring (see [`Replies::send`]); whoever else takes
-    /// the wire may take them over.
+    /// In a loop: the partial reply, and the `pending` ones after it, wait
+    /// for the loop to send them as the socket takes them (it polls for
+    /// room in its ring; see [`Replies::send_to_loop`]).
     held: bool,
     pending: std::collections::VecDeque<Reply>,
     /// When the client last took a byte of what is held.
@@ -1482,7 +1477,8 @@ struct WireState {
 }
 
 impl WireState {
-    /// Everything held, for whoever sends (or drops) it now.
+    /// The partial reply and what waits behind it, for whoever sends (or
+    /// drops) them now.
     fn take_held(&mut self) -> impl Iterator<Item = Reply> + use<> {
         self.held = false;
         let pending = std::mem::take(&mut self.pending);
@@ -1490,81 +1486,40 @@ impl WireState {
     }
 }
 
-thread_local! {
-    /// The replies of the connection this thread serves (set for its
-    /// transmission phase): what it holds to send is sent at its waits.
-    static SERVING: std::cell::RefCell<Option<Arc<Replies>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Whether the calling thread holds replies it must wait to send.
-fn holding() -> bool {
-    SERVING.with(|s| s.borrow().as_ref().is_some_and(|r| r.holds()))
-}
-
-/// Turns the calling thread's own ring once (see
-/// [`crate::volume::queue::turn_here`]); while it holds replies, also
-/// until the socket has room for them (or the client's time to take them
-/// runs out), and sends them after. Returns whether `readable` is.
-fn turn(readable: Option<RawFd>, timeout: Option<Duration>) -> bool {
-    let serving = SERVING.with(|s| s.borrow().clone());
-    let (writable, timeout) = match serving.as_ref().and_then(|r| r.progress()) {
-        Some((fd, left)) => (fd, Some(timeout.map_or(left, |t| t.min(left)))),
-        None => (None, timeout),
-    };
-    let ready = crate::volume::queue::turn_here(readable, writable, timeout);
-    if let Some(r) = &serving {
-        r.progress();
-    }
-    ready
-}
-
-/// The writing side of a connection, shared by the completions. A
-/// completion sends its reply itself when nothing else is queued and the
-/// socket takes it at once (no wake-up of another thread: what a reply at
-/// queue depth one waits for); otherwise the reply goes to the
-/// connection's writer thread, so the threads that complete I/O never wait
-/// on a client's socket.
+/// The writing side of a connection, shared by the completions.
 ///
-/// On the connection's own thread (with a ring of its own, not under TLS)
-/// a reply the socket does not take whole is held: the thread sends the
-/// rest when its ring says the socket has room, between reading requests
-/// and answering completions, as qemu-nbd's event loop does; a 256 KiB
-/// read's reply is larger than a socket's default buffer, and handing
-/// each to the writer thread cost two thread switches per reply.
+/// With a thread of its own, a completion sends its reply itself when
+/// nothing else is queued and the socket takes it at once (no wake-up of
+/// another thread: what a reply at queue depth one waits for); otherwise
+/// the reply goes to the connection's writer thread, so the threads that
+/// complete I/O never wait on a client's socket.
+///
+/// In a loop, a reply the socket does not take whole is held: the loop
+/// sends the rest when its ring says the socket has room, while it serves
+/// its other connections; a 256 KiB read's reply is larger than a Unix
+/// socket's default buffer, and handing each to a writer thread cost two
+/// thread switches a reply.
 struct Replies {
-    /// Replies for the writer thread; `None` only wakes it for a partial.
-    /// None in a loop.
-    tx: Option<crossbeam_channel::Sender<Option<Reply>>>,
-    /// The loop that serves the connection, if one does: it sends every
-    /// reply, those completed on other threads queued for it.
-    owner: Option<Arc<event_loop::Waker>>,
+    behind: Behind,
     wire: Arc<Wire>,
     inflight: Arc<InFlight>,
     /// How long the client may take no byte of a reply.
     stall: Duration,
 }
 
+/// Who sends the replies a completion does not send itself.
+enum Behind {
+    /// The connection's writer thread (`None` only wakes it for a partial).
+    Writer(crossbeam_channel::Sender<Option<Reply>>),
+    /// The loop that serves the connection: it sends every reply, those
+    /// completed on other threads queued for it.
+    Loop(Arc<event_loop::Waker>),
+}
+
 impl Replies {
-    /// Sends a reply on to the writer thread.
-    fn to_writer(&self, reply: Reply) {
-        match &self.tx {
-            // Cannot fail: the writer reads until every sender is gone.
-            Some(tx) => {
-                let _ = tx.send(Some(reply));
-            }
-            None => reply.give_back(&self.inflight),
-        }
-    }
-
-    /// Whether the writer thread has replies queued.
-    fn writer_busy(&self) -> bool {
-        self.tx.as_ref().is_some_and(|tx| !tx.is_empty())
-    }
-
     /// [`Replies::send`] for a connection a loop serves: on the loop's
-    /// thread as on a connection's own; from elsewhere, queued behind what
-    /// is held, and the loop woken to send it.
+    /// thread, sent now as far as the socket takes it, the rest held; from
+    /// elsewhere, queued behind what is held, and the loop woken.
     fn send_to_loop(&self, owner: &event_loop::Waker, reply: Reply) {
         if owner.here() {
             // No writer thread: whoever else holds the wire holds it for
@@ -1582,39 +1537,11 @@ impl Replies {
         owner.wake();
     }
 
-    /// Whether this is the calling thread's connection, and it may hold
-    /// replies: a plain socket and a ring to wait in.
-    fn here(&self) -> bool {
-        matches!(self.wire.out, Out::Plain(_))
-            && SERVING.with(|s| {
-                s.borrow()
-                    .as_ref()
-                    .is_some_and(|r| std::ptr::eq(Arc::as_ptr(r), self))
-            })
-            && crate::volume::queue::ring_here()
-    }
-
-    /// Whether the connection's thread holds replies (when another thread
-    /// has the wire at this instant: as if it did, the thread looks again).
-    /// Never without a ring to wait in, nor under TLS (nothing is held).
-    fn holds(&self) -> bool {
-        matches!(self.wire.out, Out::Plain(_))
-            && crate::volume::queue::ring_here()
-            && match self.wire.state.try_lock() {
-                Ok(w) => w.held,
-                Err(_) => !self.wire.writing.load(Ordering::SeqCst),
-            }
-    }
-
-    /// Sends what the thread holds as far as the socket takes it. While
+    /// Sends what the loop holds as far as the socket takes it. While
     /// some is left: the socket to wait for room in and how long the
     /// client may still take to read (the socket is cut after that).
     fn progress(&self) -> Option<(Option<RawFd>, Duration)> {
         let Ok(mut wire) = self.wire.state.try_lock() else {
-            if self.wire.writing.load(Ordering::SeqCst) {
-                // The writer thread took over what was held.
-                return None;
-            }
             // Another thread is at the wire (adding a reply to what is
             // held): look again shortly.
             return Some((None, Duration::from_millis(1)));
@@ -1707,16 +1634,7 @@ impl Replies {
         done
     }
 
-    /// [`Replies::send`] on the connection's own thread: what the socket
-    /// does not take now is held, behind what is held already.
-    fn send_here(&self, reply: Reply) {
-        let Ok(wire) = self.wire.state.try_lock() else {
-            return self.to_writer(reply);
-        };
-        self.send_held(wire, reply);
-    }
-
-    /// Sends `reply` on the wire the thread holds, now or, as far as the
+    /// Sends `reply` on the wire the loop holds, now or, as far as the
     /// socket does not take it, later (held).
     fn send_held(&self, mut wire: std::sync::MutexGuard<'_, WireState>, reply: Reply) {
         if wire.broken {
@@ -1726,11 +1644,6 @@ impl Replies {
         if wire.held {
             wire.pending.push_back(reply);
             return;
-        }
-        if wire.partial.is_some() || self.writer_busy() {
-            // The writer thread has the wire: the reply goes after its.
-            drop(wire);
-            return self.to_writer(reply);
         }
         wire.partial = Some(reply);
         wire.held = true;
@@ -1743,22 +1656,11 @@ impl Replies {
     }
 
     fn send(&self, mut reply: Reply) {
-        if let Some(owner) = &self.owner {
-            return self.send_to_loop(owner, reply);
-        }
-        if self.here() {
-            return self.send_here(reply);
-        }
-        if let Ok(mut wire) = self.wire.state.try_lock()
-            && wire.held
-            && !wire.broken
-        {
-            // The connection's thread waits for room for what it holds,
-            // and sends this after it.
-            wire.pending.push_back(reply);
-            return;
-        }
-        if !self.writer_busy()
+        let tx = match &self.behind {
+            Behind::Loop(owner) => return self.send_to_loop(owner, reply),
+            Behind::Writer(tx) => tx,
+        };
+        if tx.is_empty()
             && let Ok(mut wire) = self.wire.state.try_lock()
             && wire.partial.is_none()
             && !wire.broken
@@ -1774,10 +1676,8 @@ impl Replies {
                     reply.sent = n;
                     wire.partial = Some(reply);
                     drop(wire);
-                    if let Some(tx) = &self.tx {
-                        // Cannot fail: the writer reads until every sender is gone.
-                        let _ = tx.send(None);
-                    }
+                    // Cannot fail: the writer reads until every sender is gone.
+                    let _ = tx.send(None);
                     return;
                 }
                 Err(e)
@@ -1792,7 +1692,7 @@ impl Replies {
                 }
             }
         }
-        self.to_writer(reply);
+        let _ = tx.send(Some(reply));
     }
 }
 
@@ -1818,8 +1718,7 @@ fn write_replies(
             }
         }
         let mut state = wire.state.lock().unwrap_or_else(|e| e.into_inner());
-        // A partial reply (and what the connection's thread held after it)
-        // goes first.
+        // A partial reply goes first.
         let before: Vec<Reply> = state.take_held().collect();
         batch.splice(0..0, before);
         if !state.broken && !batch.is_empty() {
@@ -1827,10 +1726,7 @@ fn write_replies(
             for r in &batch {
                 r.unsent(&mut slices);
             }
-            wire.writing.store(true, Ordering::SeqCst);
-            let sent = wire.out.send_all(&mut slices, stall);
-            wire.writing.store(false, Ordering::SeqCst);
-            if let Err(e) = sent {
+            if let Err(e) = wire.out.send_all(&mut slices, stall) {
                 wire.fail(&mut state, &e);
             }
         }
@@ -1928,11 +1824,9 @@ fn transmission(
     let wire = Arc::new(Wire {
         out: writer,
         state: Mutex::new(WireState::default()),
-        writing: AtomicBool::new(false),
     });
     let replies = Arc::new(Replies {
-        tx: Some(tx),
-        owner: None,
+        behind: Behind::Writer(tx),
         wire: wire.clone(),
         inflight: inflight.clone(),
         stall,
@@ -1945,7 +1839,6 @@ fn transmission(
     // The disk requests of the clients' requests go to this thread's own
     // ring, which it turns while it waits (for the socket, for room in
     // flight, for the last replies).
-    SERVING.with(|s| *s.borrow_mut() = Some(replies.clone()));
     let r = crate::volume::queue::run_here(|| {
         let r = requests(&export, &session, &mut reader, &replies, &inflight);
         // Answer everything already accepted before the socket closes: every
@@ -1953,13 +1846,6 @@ fn transmission(
         inflight.drain();
         r
     });
-    SERVING.with(|s| *s.borrow_mut() = None);
-    // What the thread still holds (none once the drain is over, as every
-    // reply holds a share; but should one be left) goes to the writer,
-    // which sends it before it ends.
-    if let Some(tx) = &replies.tx {
-        let _ = tx.send(None);
-    }
     drop(replies);
     let _ = writer.join();
     r

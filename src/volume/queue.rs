@@ -34,8 +34,8 @@ use crate::disk::{AlignedBuf, Disk};
 
 mod uring;
 pub use uring::{
-    IoEngine, Plug, available as uring_available, busy_here, ensure_ring_here, ring_here, run_here,
-    turn_here, turn_polls, unplug_now,
+    IoEngine, Plug, available as uring_available, busy_here, ensure_ring_here, run_here, turn_here,
+    turn_polls, unplug_now,
 };
 
 /// What a queue asks before the first request that changes its disk.
@@ -405,7 +405,7 @@ pub fn received(rx: &std::sync::mpsc::Receiver<Outcome>) -> Outcome {
         match rx.try_recv() {
             Ok(outcome) => return outcome,
             Err(std::sync::mpsc::TryRecvError::Empty) => {
-                turn_here(None, None, Some(std::time::Duration::from_millis(5)));
+                turn_here(None, Some(std::time::Duration::from_millis(5)));
             }
             Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
         }

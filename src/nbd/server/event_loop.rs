@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use super::{
-    Answer, ConnError, DecodeRequest, Export, InFlight, MAX_DISCARD, Out, Plan, Replies, Session,
-    Shared, Sock, Wire, WireState, lock, plan, start, too_large_to_skip,
+    Answer, Behind, ConnError, DecodeRequest, Export, InFlight, MAX_DISCARD, Out, Plan, Replies,
+    Session, Shared, Sock, Wire, WireState, lock, plan, start, too_large_to_skip,
 };
 use crate::disk::AlignedBuf;
 use crate::nbd::proto::{self, Decoded};
@@ -259,12 +259,10 @@ impl LoopConn {
             budget: shared.budget.clone(),
         });
         let replies = Arc::new(Replies {
-            tx: None,
-            owner: Some(waker.clone()),
+            behind: Behind::Loop(waker.clone()),
             wire: Arc::new(Wire {
                 out: Out::Plain(a.sock.try_clone()?),
                 state: Mutex::new(WireState::default()),
-                writing: AtomicBool::new(false),
             }),
             inflight: inflight.clone(),
             stall: shared.limits.reply_timeout,

@@ -725,33 +725,28 @@ thread_local! {
     static ANSWERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// The `user_data` of the poll for the connection's socket to read.
-const POLL: u64 = u64::MAX - 2;
-/// The `user_data` of the poll for room in the socket to write.
-const POLL_OUT: u64 = u64::MAX - 3;
 /// The `user_data` of a caller's poll is its token with this bit (and not
 /// the top one) set (see [`turn_polls`]).
 const POLL_TAG: u64 = 1 << 62;
+/// The token of [`turn_here`]'s poll; the callers of [`turn_polls`] use
+/// tokens below it.
+const READABLE: u64 = POLL_TAG - 2;
 
 /// Whether `user_data` is a caller's poll, and its token.
 fn polled(user_data: u64) -> Option<u64> {
     (user_data >> 62 == 1).then_some(user_data & (POLL_TAG - 1))
 }
 
-/// A thread's own ring: an NBD connection's thread submits the disk
-/// requests of its clients' requests to it and reaps them itself, waiting
-/// for its socket in the same ring, as qemu's event loop does; a request
-/// then costs no hand-off between threads (see [`run_here`]).
+/// A thread's own ring: an NBD loop (or connection thread) submits the
+/// disk requests of its clients' requests to it and reaps them itself,
+/// waiting for its sockets in the same ring, as qemu's event loop does; a
+/// request then costs no hand-off between threads (see [`run_here`]).
 struct Local {
     /// None when the kernel refused this thread a ring: not asked again.
     uring: Option<IoUring>,
     flight: Flight,
-    /// A poll of the socket for reading is in the ring.
-    polling: bool,
-    /// A poll of the socket for writing is in the ring.
-    polling_out: bool,
-    /// The tokens of the callers' polls in the ring ([`turn_polls`]),
-    /// and of those that fired in a turn that was not theirs.
+    /// The tokens of the polls in the ring, and of those that fired in a
+    /// turn that was not their caller's (kept for its next one).
     armed: std::collections::HashSet<u64>,
     fired: Vec<u64>,
 }
@@ -769,8 +764,6 @@ impl Local {
         Local {
             uring,
             flight: Flight::new(),
-            polling: false,
-            polling_out: false,
             armed: std::collections::HashSet::new(),
             fired: Vec::new(),
         }
@@ -791,86 +784,10 @@ impl Local {
         }
     }
 
-    /// Submits what waits, adds a poll of `readable` (and of `writable`)
-    /// when asked and none is in the ring, and waits (at most `timeout`)
-    /// for a completion. Returns the requests done and whether the socket
-    /// became readable.
-    fn turn(
-        &mut self,
-        readable: Option<std::os::fd::RawFd>,
-        writable: Option<std::os::fd::RawFd>,
-        timeout: Option<std::time::Duration>,
-    ) -> (Vec<(Slot, Outcome)>, bool) {
-        let Some(uring) = self.uring.as_mut() else {
-            return (Vec::new(), true);
-        };
-        {
-            let mut sq = uring.submission();
-            self.flight.fill(&mut sq);
-            if let Some(fd) = readable
-                && !self.polling
-            {
-                let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
-                    .build()
-                    .user_data(POLL);
-                // SAFETY: a poll names no memory, and io_uring keeps its
-                // own reference to the socket's file until the poll ends
-                // (or the ring goes, with this thread).
-                self.polling = unsafe { sq.push(&poll) }.is_ok();
-            }
-            if let Some(fd) = writable
-                && !self.polling_out
-            {
-                let poll = opcode::PollAdd::new(types::Fd(fd), libc::POLLOUT as u32)
-                    .build()
-                    .user_data(POLL_OUT);
-                // SAFETY: as the poll above.
-                self.polling_out = unsafe { sq.push(&poll) }.is_ok();
-            }
-        }
-        let waited_for = match timeout {
-            None => uring.submit_and_wait(1),
-            Some(t) => {
-                let ts = types::Timespec::from(t);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                uring.submitter().submit_with_args(1, &args)
-            }
-        };
-        if let Err(e) = waited_for {
-            waited("local", &e);
-        }
-        let mut finished = Vec::new();
-        let mut ready = false;
-        for cqe in uring.completion() {
-            if cqe.user_data() == POLL {
-                // An error shows at the socket's next read.
-                self.polling = false;
-                ready = true;
-                continue;
-            }
-            if cqe.user_data() == POLL_OUT {
-                // The caller sends what it holds after the turn; an error
-                // shows there.
-                self.polling_out = false;
-                continue;
-            }
-            if let Some(token) = polled(cqe.user_data()) {
-                // Kept for the next turn of the polls.
-                self.armed.remove(&token);
-                self.fired.push(token);
-                continue;
-            }
-            finished.extend(self.flight.reap(cqe.user_data(), cqe.result(), None));
-        }
-        (finished, ready)
-    }
-}
-
-impl Local {
-    /// [`Local::turn`] for the callers' polls: adds those of `polls`
-    /// (descriptor, events, token) not in the ring yet, waits (at most
-    /// `timeout`) for a completion, and returns the requests done and the
-    /// tokens of the polls that fired.
+    /// Submits what waits, adds those of `polls` (descriptor, events,
+    /// token) not in the ring yet, waits (at most `timeout`) for a
+    /// completion, and returns the requests done and the tokens of the
+    /// polls that fired.
     fn turn_polls(
         &mut self,
         polls: &[(std::os::fd::RawFd, u32, u64)],
@@ -1010,18 +927,6 @@ fn route_here(ring: &Arc<Ring>, slot: Slot) -> Option<Slot> {
     slot
 }
 
-/// Whether the calling thread has a ring of its own to wait in (made by
-/// its first request to a disk's ring inside [`run_here`]).
-pub fn ring_here() -> bool {
-    LOCAL
-        .try_with(|l| {
-            l.try_borrow()
-                .map(|l| l.as_ref().is_some_and(|l| l.uring.is_some()))
-                .unwrap_or(false)
-        })
-        .unwrap_or(false)
-}
-
 /// Makes the calling thread's own ring if it has none; whether it has one
 /// (the kernel may refuse it).
 pub fn ensure_ring_here() -> bool {
@@ -1036,7 +941,7 @@ pub fn ensure_ring_here() -> bool {
 
 /// Turns the calling thread's own ring once, as [`turn_here`], with the
 /// caller's polls in it: `polls` are (descriptor, poll events, token) with
-/// tokens below 2^62; each stays in the ring until it fires, and is added
+/// tokens below 2^62 - 2; each stays in the ring until it fires, and is added
 /// again only after. Returns the tokens that fired (all of them when there
 /// is no ring to wait in).
 pub fn turn_polls(
@@ -1093,12 +998,10 @@ pub fn busy_here() -> bool {
 /// Turns the calling thread's own ring once: submits what waits, waits for
 /// a completion (at most `timeout`), and answers what completed. With
 /// `readable`, a poll of that socket is in the ring too; returns whether
-/// it fired (true also when there is no ring to wait in). With
-/// `writable`, a poll for room in that socket is in the ring too: the
-/// turn ends when it fires (the caller then sends what it holds).
+/// it fired (true also when there is no ring to wait in). The polls of a
+/// loop ([`turn_polls`]) that fire meanwhile are kept for its next turn.
 pub fn turn_here(
     readable: Option<std::os::fd::RawFd>,
-    writable: Option<std::os::fd::RawFd>,
     timeout: Option<std::time::Duration>,
 ) -> bool {
     if ANSWERING.get() {
@@ -1106,11 +1009,16 @@ pub fn turn_here(
     }
     // What this thread held back for the disks' rings goes before it waits.
     kick_plugged();
+    let poll = readable.map(|fd| (fd, libc::POLLIN as u32, READABLE));
     let turned = LOCAL
         .try_with(|l| match l.try_borrow_mut() {
-            Ok(mut l) => l
-                .as_mut()
-                .map(|local| local.turn(readable, writable, timeout)),
+            Ok(mut l) => l.as_mut().filter(|l| l.uring.is_some()).map(|local| {
+                let (finished, mut fired) = local.turn_polls(poll.as_slice(), timeout);
+                let ready = fired.contains(&READABLE);
+                fired.retain(|&t| t != READABLE);
+                local.fired.extend(fired);
+                (finished, ready)
+            }),
             Err(_) => None,
         })
         .ok()
@@ -1321,7 +1229,7 @@ mod tests {
     /// Turns this thread's own ring until `rx` has what it waits for.
     fn turned_until<T>(rx: std::sync::mpsc::Receiver<T>) -> T {
         loop {
-            turn_here(None, None, Some(Duration::from_millis(100)));
+            turn_here(None, Some(Duration::from_millis(100)));
             if let Ok(got) = rx.try_recv() {
                 return got;
             }
