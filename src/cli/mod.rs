@@ -95,6 +95,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process; `serve`'s many options make its variant large,
+// which costs nothing here.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Label disks for a new group, or add them to the group of --disks.
@@ -332,6 +335,29 @@ pub enum Command {
         /// (port 0: any free port, printed at start). Default: none.
         #[arg(long, value_name = "HOST:PORT")]
         metrics: Option<String>,
+        /// Serve a web view of the group at http://HOST:PORT/ (PORT alone:
+        /// on the loopback; port 0: any free port, printed at start): the
+        /// disks with their volumes drawn across them, the volumes, the
+        /// resyncs and scrubs under way, the events. Read-only unless
+        /// --http-actions. Default: none.
+        #[arg(long, value_name = "HOST:PORT")]
+        http: Option<String>,
+        /// Let the web view act on the group (break, add mirror, remove
+        /// mirror, repair, reactivate, fail, scrub), each confirmed first,
+        /// with a token written to --http-token-file (mode 0600): open the
+        /// page at /?token=TOKEN.
+        #[arg(long, requires = "http")]
+        http_actions: bool,
+        /// Where --http-actions writes its token; default:
+        /// <run dir>/<group uuid>.http-token (run dir: $MIRRORVOL_RUN_DIR or
+        /// /run/mirrorvol). Removed when serve stops.
+        #[arg(long, value_name = "PATH", requires = "http_actions")]
+        http_token_file: Option<PathBuf>,
+        /// Also accept requests for this host (HOST or HOST:PORT, as a
+        /// browser sends it): the name of a reverse proxy in front of the
+        /// web view. Repeatable.
+        #[arg(long, value_name = "HOST", requires = "http")]
+        http_allow: Vec<String>,
         /// auto: a plex that fails is rebuilt onto a hot spare of the group
         /// at once (init --spare), as md does; off: spares wait for `repair`.
         #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
@@ -1160,6 +1186,10 @@ fn execute(cli: Cli) -> Result<()> {
             on_event,
             on_event_timeout,
             metrics,
+            http,
+            http_actions,
+            http_token_file,
+            http_allow,
             hot_spares,
             max_connections,
             handshake_timeout,
@@ -1190,6 +1220,12 @@ fn execute(cli: Cli) -> Result<()> {
                 on_event,
                 on_event_timeout: Some(std::time::Duration::from_secs(on_event_timeout)),
                 metrics,
+                http: http.map(|addr| crate::daemon::HttpOptions {
+                    addr,
+                    actions: http_actions,
+                    token_file: http_token_file,
+                    allow: http_allow,
+                }),
                 hot_spares: hot_spares == "auto",
                 limits: crate::nbd::server::Limits {
                     max_connections: max_connections as usize,

@@ -53,18 +53,23 @@ const DISK_STATES: [&str; 5] = ["online", "online-errors", "missing", "failed", 
 /// does, and binds it with the NBD listeners' code. A taken address is
 /// refused.
 pub fn bind(addr: &str) -> Result<TcpListener> {
-    let refused = |why: &str| Error::refused(format!("cannot serve metrics on {addr}: {why}"));
+    bind_http(addr, "metrics")
+}
+
+/// Binds an HTTP endpoint (`what` names it in errors) as [`bind`] does.
+pub fn bind_http(addr: &str, what: &str) -> Result<TcpListener> {
+    let refused = |why: &str| Error::refused(format!("cannot serve {what} on {addr}: {why}"));
     let listen = Listen::parse(addr).map_err(|e| refused(&e))?;
     if let Listen::Unix(_) = listen {
-        return Err(refused("metrics are served over HTTP: give HOST:PORT"));
+        return Err(refused("it is served over HTTP: give HOST:PORT"));
     }
     match server::bind(&listen) {
         Ok(Bound::Tcp(l)) => Ok(l),
         Ok(Bound::Unix(..)) => unreachable!("a TCP address binds a TCP listener"),
         Err(BindError::InUse(_)) => Err(refused("the address is already in use")),
-        Err(BindError::Other(_, e)) => Err(Error::failed(format!(
-            "cannot serve metrics on {addr}: {e}"
-        ))),
+        Err(BindError::Other(_, e)) => {
+            Err(Error::failed(format!("cannot serve {what} on {addr}: {e}")))
+        }
     }
 }
 
@@ -500,6 +505,8 @@ mod tests {
     fn report() -> StatusReport {
         let plex = |disk: &str, state, pct, rate| PlexStatus {
             disk: disk.into(),
+            offset: 0,
+            length: 16 << 20,
             state,
             resync_percent: pct,
             resync_reason: None,
@@ -513,6 +520,7 @@ mod tests {
             controller: "c0".into(),
             style: "raw".into(),
             size: 64 << 20,
+            data_size: 62 << 20,
             free: 32 << 20,
             errors: 0,
             spare: false,
@@ -543,6 +551,7 @@ mod tests {
                 split_brain: false,
                 clients: None,
                 waiting_on: Vec::new(),
+                scrub: None,
             }],
             split_brain: Vec::new(),
         }

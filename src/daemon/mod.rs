@@ -23,6 +23,7 @@
 
 pub mod control;
 pub mod metrics;
+pub mod web;
 
 use std::io;
 use std::path::PathBuf;
@@ -197,6 +198,8 @@ pub struct ServeOptions {
     pub on_event_timeout: Option<std::time::Duration>,
     /// `HOST:PORT` of the Prometheus metrics endpoint; None: no endpoint.
     pub metrics: Option<String>,
+    /// The web view; None: none.
+    pub http: Option<HttpOptions>,
     /// Rebuild failed plexes onto hot spares without waiting for `repair`.
     pub hot_spares: bool,
     /// What NBD clients may take: connections, time, memory.
@@ -205,6 +208,17 @@ pub struct ServeOptions {
     pub tls: TlsOptions,
     /// Listen beyond loopback without requiring TLS.
     pub insecure_listen: bool,
+}
+
+/// `serve --http`, `--http-actions`, `--http-token-file` and `--http-allow`.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    /// `HOST:PORT` or `PORT`.
+    pub addr: String,
+    pub actions: bool,
+    /// None: `<run dir>/<group uuid>.http-token`.
+    pub token_file: Option<PathBuf>,
+    pub allow: Vec<String>,
 }
 
 /// `serve --tls-certs`, `--tls` and `--tls-verify-peer`.
@@ -334,6 +348,18 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
             return Err(e);
         }
     };
+    let web_listener = match options
+        .http
+        .as_ref()
+        .map(|h| bind_web(&h.addr, options.insecure_listen))
+        .transpose()
+    {
+        Ok(l) => l,
+        Err(e) => {
+            cleanup(&bound);
+            return Err(e);
+        }
+    };
 
     // Set when the claim fences itself: serve stops, and says why.
     let fenced = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -414,7 +440,8 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     let names = live.volume_names();
     let exports: Vec<Arc<dyn Export>> = names.iter().filter_map(|n| export(&live, n)).collect();
     let server = Arc::new(Server::with_tls(exports, options.limits, tls));
-    let control = match start_control(&live, &server, options) {
+    let handler = control_handler(&live, &server);
+    let control = match start_control(&live, handler.clone(), options) {
         Ok(c) => c,
         Err(e) => {
             cleanup(&bound);
@@ -436,6 +463,19 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     if let Some(m) = &metrics {
         eprintln!("metrics on http://{}/metrics", m.addr());
     }
+    let web = match (web_listener, &options.http) {
+        (Some(l), Some(h)) => match start_web(&live, l, handler, events.clone(), h) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                cleanup(&bound);
+                drop(control);
+                drop(metrics);
+                live.stop();
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
     let count = names.len();
     for b in bound {
         let addr = b.describe();
@@ -454,6 +494,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     // No operation starts once the socket is gone.
     drop(control);
     drop(metrics);
+    drop(web);
     server.shutdown();
     // Resyncs stop after recording their checkpoints; the next start resumes.
     live.stop_resyncs();
@@ -499,7 +540,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
 /// costs only the socket, with a warning.
 fn start_control(
     live: &Arc<LiveGroup>,
-    server: &Arc<Server>,
+    handler: control::Handler,
     options: &ServeOptions,
 ) -> Result<Option<control::ControlSocket>> {
     let group = live.with_group(|g| g.config.uuid)?;
@@ -507,13 +548,6 @@ fn start_control(
         .control
         .clone()
         .unwrap_or_else(|| holder::default_socket(group));
-    let me = Arc::downgrade(live);
-    let server = Arc::downgrade(server);
-    let handler: control::Handler =
-        Arc::new(move |request| match (me.upgrade(), server.upgrade()) {
-            (Some(live), Some(server)) => handle(&live, &server, request),
-            _ => control::Response::from_error(&Error::refused("mirrorvol serve is stopping")),
-        });
     let mut sock = match control::ControlSocket::bind(&path, handler) {
         Ok(s) => s,
         Err(e) if options.control.is_none() && !matches!(e, Error::Refused(_)) => {
@@ -543,6 +577,64 @@ fn start_control(
     }
     eprintln!("control socket on {}", path.display());
     Ok(Some(sock))
+}
+
+/// What answers the control socket's requests (and the web view's).
+fn control_handler(live: &Arc<LiveGroup>, server: &Arc<Server>) -> control::Handler {
+    let me = Arc::downgrade(live);
+    let server = Arc::downgrade(server);
+    Arc::new(move |request| match (me.upgrade(), server.upgrade()) {
+        (Some(live), Some(server)) => handle(&live, &server, request),
+        _ => control::Response::from_error(&Error::refused("mirrorvol serve is stopping")),
+    })
+}
+
+/// Binds the web view's address: loopback unless `insecure` (the page
+/// shows the group's layout and, with actions, changes it).
+fn bind_web(addr: &str, insecure: bool) -> Result<std::net::TcpListener> {
+    let listener = metrics::bind_http(addr, "the web view")?;
+    let ip = listener.local_addr().map(|a| a.ip());
+    if !insecure && !ip.is_ok_and(|ip| ip.is_loopback()) {
+        return Err(Error::refused(format!(
+            "serving the web view on {addr} would show the group to anyone on the network: keep it on the loopback and put a proxy with authentication in front (see the README), or say --insecure-listen"
+        )));
+    }
+    Ok(listener)
+}
+
+/// Starts the web view, with its token file next to the control socket
+/// unless named.
+fn start_web(
+    live: &Arc<LiveGroup>,
+    listener: std::net::TcpListener,
+    handler: control::Handler,
+    events: Events,
+    options: &HttpOptions,
+) -> Result<web::WebView> {
+    let group = live.with_group(|g| g.config.uuid)?;
+    let token_file = options
+        .token_file
+        .clone()
+        .unwrap_or_else(|| holder::run_dir().join(format!("{group}.http-token")));
+    let view = web::WebView::start(
+        listener,
+        handler,
+        events,
+        &web::WebOptions {
+            actions: options.actions,
+            token_file: token_file.clone(),
+            allow: options.allow.clone(),
+        },
+    )?;
+    eprintln!("web view on http://{}/", view.addr());
+    if options.actions {
+        eprintln!(
+            "web view actions: open http://{}/?token=TOKEN with the token in {} (mode 0600)",
+            view.addr(),
+            token_file.display()
+        );
+    }
+    Ok(view)
 }
 
 /// The NBD export of a volume in service.

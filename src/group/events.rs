@@ -229,7 +229,20 @@ struct Inner {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Disconnects when the hook thread ends (its sender goes with it).
     ended: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    /// The last [`RECENT_LIMIT`] events, oldest first (the web view shows
+    /// them to a page that has just loaded).
+    recent: Mutex<std::collections::VecDeque<Event>>,
+    /// Whoever watches events as they happen (the web view's live pages).
+    /// A watcher that falls [`WATCH_LIMIT`] events behind misses the
+    /// newer ones; one that is gone is forgotten at the next event.
+    watchers: Mutex<Vec<Sender<Event>>>,
 }
+
+/// Events kept for [`Events::recent`].
+pub const RECENT_LIMIT: usize = 50;
+
+/// Events one watcher may be behind.
+const WATCH_LIMIT: usize = 64;
 
 /// The hook `serve --on-event` runs.
 #[derive(Debug, Clone)]
@@ -268,8 +281,51 @@ impl Events {
                 abort,
                 thread: Mutex::new(thread),
                 ended: Mutex::new(ended),
+                recent: Mutex::new(std::collections::VecDeque::new()),
+                watchers: Mutex::new(Vec::new()),
             }),
         }
+    }
+
+    /// The last events emitted, oldest first.
+    pub fn recent(&self) -> Vec<Event> {
+        let recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.iter().cloned().collect()
+    }
+
+    /// Events from now on, as they are emitted (never blocking the emitter:
+    /// a receiver that falls behind misses events).
+    pub fn watch(&self) -> Receiver<Event> {
+        let (tx, rx) = crossbeam_channel::bounded(WATCH_LIMIT);
+        let mut watchers = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        watchers.push(tx);
+        rx
+    }
+
+    /// Keeps the event for [`Events::recent`] and hands it to the watchers.
+    fn remember(&self, event: &Event) {
+        {
+            let mut recent = self.inner.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == RECENT_LIMIT {
+                recent.pop_front();
+            }
+            recent.push_back(event.clone());
+        }
+        let mut watchers = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        watchers.retain(|w| {
+            !matches!(
+                w.try_send(event.clone()),
+                Err(TrySendError::Disconnected(_))
+            )
+        });
     }
 
     /// Logs the event and queues it for the hook. Never blocks: when the
@@ -277,6 +333,7 @@ impl Events {
     /// the count at shutdown).
     pub fn emit(&self, event: Event) {
         event.log();
+        self.remember(&event);
         let queue = self.inner.queue.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = queue.as_ref() else {
             return;

@@ -222,7 +222,26 @@ impl LiveGroup {
                         let Some(vol) = live.volume(&name) else {
                             continue;
                         };
-                        let result = crate::volume::scrub::scrub(&vol, &opts, &|_| {});
+                        // A volume an admin is scrubbing is left to that scrub.
+                        let tracked =
+                            crate::volume::scrub::ScrubProgress::new(vol.size(), false, true);
+                        let (n, t) = (name.clone(), tracked.clone());
+                        let started = live.ask(move |c| {
+                            if c.scrubbing.contains_key(&n) {
+                                return Ok(false);
+                            }
+                            c.scrubbing.insert(n, t);
+                            Ok(true)
+                        });
+                        if !matches!(started, Ok(true)) {
+                            continue;
+                        }
+                        let result =
+                            crate::volume::scrub::scrub(&vol, &opts, &|done| tracked.set(done));
+                        let n = name.clone();
+                        live.send(move |c| {
+                            c.scrubbing.remove(&n);
+                        });
                         if stopped() {
                             return;
                         }

@@ -5,7 +5,7 @@ use crate::group::ops::human;
 use crate::group::status::StatusReport;
 
 /// Windows' capitalised words for the JSON states.
-fn word(state: &str) -> &str {
+pub(crate) fn word(state: &str) -> &str {
     match state {
         "healthy" => "Healthy",
         "resynching" => "Resynching",
@@ -65,7 +65,7 @@ fn plex_text(p: &super::status::PlexStatus) -> String {
 }
 
 /// "42 s", "3 min 5 s", "2 h 10 min".
-fn show_seconds(s: u64) -> String {
+pub(crate) fn show_seconds(s: u64) -> String {
     match s {
         0..60 => format!("{s} s"),
         60..3600 => format!("{} min {} s", s / 60, s % 60),
@@ -141,6 +141,21 @@ pub fn status_text(r: &StatusReport) -> String {
         }
         if plexes.is_empty() {
             plexes.push("-".into());
+        }
+        if let Some(s) = &v.scrub {
+            let mut text = format!(
+                "({} {:.0}%",
+                if s.repair { "scrub --repair" } else { "scrub" },
+                s.percent
+            );
+            if s.rate > 0 {
+                text.push_str(&format!(", {}/s", human(s.rate)));
+            }
+            if let Some(eta) = s.eta_seconds {
+                text.push_str(&format!(", {} left", show_seconds(eta)));
+            }
+            text.push(')');
+            plexes.push(text);
         }
         for (i, plex) in plexes.into_iter().enumerate() {
             let mut row = if i == 0 {
@@ -231,6 +246,8 @@ mod tests {
     ) -> PlexStatus {
         PlexStatus {
             disk: "b.img".into(),
+            offset: 0,
+            length: 1 << 20,
             state,
             resync_percent: pct,
             resync_reason: None,

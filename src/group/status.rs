@@ -75,6 +75,9 @@ pub struct DiskStatus {
     pub errors: u64,
     /// A hot spare: it holds no plex and waits for a repair to need it.
     pub spare: bool,
+    /// Bytes of the disk's data area, from which plexes are carved (the
+    /// label, config slots and bitmaps take the rest of `size`).
+    pub data_size: u64,
     /// The data generation the disk holds (left out when it has none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
@@ -105,11 +108,32 @@ pub struct VolumeStatus {
     /// volume's last copy is waited for, not failed).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub waiting_on: Vec<String>,
+    /// Under `serve`, while a scrub of the volume runs: how far it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scrub: Option<ScrubStatus>,
+}
+
+/// A scrub under way.
+#[derive(Debug, Serialize)]
+pub struct ScrubStatus {
+    /// `scrub --repair` rather than a check.
+    pub repair: bool,
+    /// Started by `serve --scrub-interval`, not by an admin.
+    pub background: bool,
+    pub percent: f64,
+    /// Bytes/s compared, and the seconds left at that rate.
+    pub rate: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct PlexStatus {
     pub disk: String,
+    /// Where the plex's extent lies in its disk's data area, and how long
+    /// it is (whole MiB, at least the volume's size).
+    pub offset: u64,
+    pub length: u64,
     pub state: &'static str,
     /// 100 when in sync, 0 when stale, the copy's progress while resyncing;
     /// null when the plex is failed or missing.
@@ -152,6 +176,7 @@ impl Group {
                 controller: d.controller.clone(),
                 style: d.style.to_string(),
                 size: d.size,
+                data_size: d.data_size,
                 free: free_bytes(&self.config, d.uuid),
                 errors: errors_on(d.uuid),
                 spare: d.spare,
@@ -200,6 +225,8 @@ impl Group {
                             let state = self.plex_state(p.disk, p.state);
                             PlexStatus {
                                 disk: self.disk_path(p.disk),
+                                offset: p.offset,
+                                length: p.length,
                                 state,
                                 resync_percent: match (state, p.state) {
                                     ("in-sync", _) => Some(100.0),
@@ -223,6 +250,7 @@ impl Group {
                     split_brain: split_affected(v.uuid),
                     clients: None,
                     waiting_on: Vec::new(),
+                    scrub: None,
                 }
             })
             .collect();

@@ -153,8 +153,9 @@ pub(super) struct Controller {
     resyncs: BTreeMap<String, Slot>,
     /// Volumes an admin operation holds: no resync starts on them.
     held: BTreeSet<String>,
-    /// Volumes a `scrub` through the control socket is comparing.
-    pub(super) scrubbing: BTreeSet<String>,
+    /// Volumes being scrubbed (through the control socket or in the
+    /// background), with how far each scrub is.
+    pub(super) scrubbing: BTreeMap<String, Arc<crate::volume::scrub::ScrubProgress>>,
     stopping: bool,
     /// The disk and volume states the events last reported.
     reported: Snapshot,
@@ -193,7 +194,7 @@ impl Controller {
             errors: BTreeMap::new(),
             resyncs: BTreeMap::new(),
             held: BTreeSet::new(),
-            scrubbing: BTreeSet::new(),
+            scrubbing: BTreeMap::new(),
             stopping: false,
             reported,
             resync_opts: ResyncOptions::default(),
@@ -343,6 +344,17 @@ impl Controller {
             if !serving.is_empty() && serving.iter().all(|p| p.queue.stalled()) {
                 v.state = "not-answering";
                 v.waiting_on = serving.iter().map(|p| g.disk_path(p.disk)).collect();
+            }
+        }
+        for v in report.volumes.iter_mut() {
+            if let Some(s) = self.scrubbing.get(&v.name) {
+                v.scrub = Some(crate::group::status::ScrubStatus {
+                    repair: s.repair,
+                    background: s.background,
+                    percent: (s.percent() * 10.0).floor() / 10.0,
+                    rate: s.rate(),
+                    eta_seconds: s.eta_seconds(),
+                });
             }
         }
         report

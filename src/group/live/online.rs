@@ -28,7 +28,7 @@ use crate::group::io::io_refusal;
 use crate::group::ops::{Endpoint, copy_chunks, human, path_io, refuse_smaller};
 use crate::group::scrub::VolumeScrub;
 use crate::volume::engine::{MirrorVolume, Mode};
-use crate::volume::scrub::ScrubOptions;
+use crate::volume::scrub::{ScrubOptions, ScrubProgress};
 use crate::{Error, Result};
 
 /// How long a leaving plex may keep requests in flight (a hung disk's are
@@ -83,7 +83,7 @@ impl LiveGroup {
     fn refuse_scrubbing(&self, name: &str, doing: &str) -> Result<()> {
         let (name, doing) = (name.to_string(), doing.to_string());
         self.ask(move |c| {
-            if c.scrubbing.contains(&name) {
+            if c.scrubbing.contains_key(&name) {
                 return Err(Error::refused(format!(
                     "volume {name} is being scrubbed; {doing} it after the scrub ends"
                 )));
@@ -357,14 +357,17 @@ impl LiveGroup {
         progress: &dyn crate::group::Progress,
     ) -> Result<VolumeScrub> {
         let n = name.to_string();
-        self.ask(move |c| {
+        let tracked = self.ask(move |c| {
             c.group.refuse_unscrubbable(&n)?;
-            if !c.scrubbing.insert(n.clone()) {
+            if c.scrubbing.contains_key(&n) {
                 return Err(Error::refused(format!(
                     "volume {n} is being scrubbed already"
                 )));
             }
-            Ok(())
+            let size = c.group.volume(&n)?.size;
+            let tracked = ScrubProgress::new(size, repair, false);
+            c.scrubbing.insert(n, tracked.clone());
+            Ok(tracked)
         })?;
         struct Unmark<'a>(&'a LiveGroup, String);
         impl Drop for Unmark<'_> {
@@ -386,7 +389,10 @@ impl LiveGroup {
             &format!("{} {name}", if repair { "scrub --repair" } else { "scrub" }),
             engine.size(),
         );
-        let result = crate::volume::scrub::scrub(&engine, &opts, &|done| progress.set(done));
+        let result = crate::volume::scrub::scrub(&engine, &opts, &|done| {
+            tracked.set(done);
+            progress.set(done);
+        });
         progress.finish();
         let n = name.to_string();
         self.ask(move |c| {
