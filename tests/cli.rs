@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use std::fs;
+use std::process::Command;
 
 /// Three disks on three controllers: a.img (gpt), b.img (mbr), c.img (raw).
 fn three_disks(sb: &Sandbox, mib: u64) {
@@ -896,4 +897,72 @@ fn refuses_init_of_a_tiny_disk_and_mbr_over_2tib() {
     assert_eq!(sb.fingerprint_sizes(), before);
     sb.mv_plain(&["init", "/nonexistent/disk.img"])
         .refused("disk.img");
+}
+
+/// Every command in `mirrorvol --help` has a row in the README's command
+/// table and every row names a command that exists; every `--flag` a row
+/// shows is one that command's help lists.
+#[test]
+fn the_readme_command_table_and_the_help_agree() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("\n## Commands\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a Commands section");
+    let rows: Vec<(String, Vec<String>)> = table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .map(|l| {
+            let usage = l.split('`').next().unwrap();
+            let name = usage.split_whitespace().next().unwrap().to_string();
+            let flags = usage
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                .filter(|w| w.starts_with("--") && w.len() > 2)
+                .map(str::to_string)
+                .collect();
+            (name, flags)
+        })
+        .collect();
+    let help =
+        String::from_utf8(Command::new(bin()).arg("--help").output().unwrap().stdout).unwrap();
+    let commands: Vec<String> = help
+        .split("Commands:\n")
+        .nth(1)
+        .unwrap()
+        .split("\n\n")
+        .next()
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_string)
+        .collect();
+    assert!(commands.len() > 15, "{help}");
+    for c in &commands {
+        assert!(
+            rows.iter().any(|(n, _)| n == c),
+            "the README's command table lacks {c}"
+        );
+    }
+    for (name, flags) in &rows {
+        assert!(
+            commands.contains(name),
+            "the README's table names {name}, which is no command"
+        );
+        let sub = Command::new(bin())
+            .args([name.as_str(), "--help"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(sub.stdout).unwrap();
+        for f in flags {
+            assert!(
+                text.contains(&format!("{f} "))
+                    || text.contains(&format!("{f}\n"))
+                    || text.contains(&format!("{f}=")),
+                "the README shows {name} {f}, which its help does not list:\n{text}"
+            );
+        }
+    }
 }

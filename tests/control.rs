@@ -271,3 +271,110 @@ fn reactivate_while_a_client_writes_leaves_the_plexes_equal() {
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["mismatches"], 0, "{r:#}\n{log}");
 }
+
+/// The plex of `data` on `file`, from `status --json`.
+fn plex_on(sb: &Sandbox, file: &str) -> serde_json::Value {
+    let st = sb.status();
+    volume(&st, "data")["plexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["disk"].as_str().unwrap().ends_with(file))
+        .unwrap_or_else(|| panic!("no plex on {file}: {st:#}"))
+        .clone()
+}
+
+/// Waits until the plex of `data` on `file` passes `pred`.
+fn wait_plex(sb: &Sandbox, file: &str, what: &str, pred: impl Fn(&serde_json::Value) -> bool) {
+    let start = Instant::now();
+    loop {
+        let p = plex_on(sb, file);
+        if pred(&p) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{what}: {p:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_resync_is_paused_resumed_rated_and_cancelled_online() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 48);
+    let c = sb.image("c.img", 96);
+    sb.mv(&["init", &c, "--style", "raw"]).ok();
+    sb.mv(&["resync", "data", "--pause"])
+        .refused("no mirrorvol serve holds the group of volume data");
+    let s = Served::start_args(&sb, &["--resync-max-rate", "2M"], &[]);
+    sb.mv(&["resync", "data", "--pause"])
+        .refused("volume data has no copy to resync");
+    sb.mv(&["resync", "data"])
+        .refused("say what to do with the resync of volume data");
+    sb.mv(&["resync", "nosuch", "--rate", "1M"])
+        .refused("nosuch");
+    sb.mv(&["add-mirror", "data", "--disk", &c]).ok();
+    let pct = |p: &serde_json::Value| p["resync_percent"].as_f64().unwrap_or(0.0);
+    wait_plex(&sb, "c.img", "the resync starts", |p| pct(p) > 0.0);
+
+    // Paused: it stops at its checkpoint and stays there.
+    let out = sb.mv(&["resync", "data", "--pause"]).ok().stdout;
+    assert!(out.contains("paused the resync of volume data"), "{out}");
+    sb.mv(&["resync", "data", "--pause"])
+        .refused("paused already");
+    wait_plex(&sb, "c.img", "paused in status", |p| {
+        p["resync_held"] == "paused"
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let held = pct(&plex_on(&sb, "c.img"));
+    std::thread::sleep(Duration::from_secs(2));
+    let p = plex_on(&sb, "c.img");
+    assert_eq!(pct(&p), held, "a paused resync does not move: {p:#}");
+    assert_eq!(p["state"], "resyncing");
+    assert!(held < 100.0);
+    let text = sb.mv(&["status"]).ok().stdout;
+    assert!(text.contains("resync paused)"), "{text}");
+
+    // Resumed at a higher rate, from its checkpoint, to the end.
+    let out = sb
+        .mv(&["resync", "data", "--rate", "64M", "--resume"])
+        .ok()
+        .stdout;
+    assert!(
+        out.contains("run at 64 MiB/s") && out.contains("resumed the resync"),
+        "{out}"
+    );
+    wait_plex(&sb, "c.img", "the resync ends", |p| p["state"] == "in-sync");
+    assert_eq!(volume(&sb.status(), "data")["state"], "healthy");
+    sb.mv(&["resync", "data", "--resume"])
+        .refused("neither paused nor cancelled");
+
+    // Cancelled: recorded, so a restart of serve does not resume it.
+    sb.mv(&["resync", "data", "--rate", "1M"]).ok();
+    sb.mv(&["remove-mirror", "data", "--disk", &c]).ok();
+    sb.mv(&["add-mirror", "data", "--disk", &c]).ok();
+    wait_plex(&sb, "c.img", "the second resync starts", |p| pct(p) > 0.0);
+    let out = sb.mv(&["resync", "data", "--cancel"]).ok().stdout;
+    assert!(out.contains("stay out of sync and are never read"), "{out}");
+    wait_plex(&sb, "c.img", "cancelled in status", |p| {
+        p["resync_held"] == "cancelled"
+    });
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    let s = Served::start_args(&sb, &[], &[]);
+    let before = plex_on(&sb, "c.img");
+    assert_eq!(before["resync_held"], "cancelled", "{before:#}");
+    std::thread::sleep(Duration::from_secs(2));
+    let after = plex_on(&sb, "c.img");
+    assert_eq!(
+        pct(&after),
+        pct(&before),
+        "no resync after the restart: {after:#}"
+    );
+    assert_ne!(after["state"], "in-sync");
+    // remove-mirror frees the copy that was being built.
+    sb.mv(&["remove-mirror", "data", "--disk", &c]).ok();
+    let st = sb.status();
+    assert_eq!(volume(&st, "data")["plexes"].as_array().unwrap().len(), 2);
+    assert_eq!(volume(&st, "data")["state"], "healthy");
+    drop(s);
+}

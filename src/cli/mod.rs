@@ -203,6 +203,30 @@ pub enum Command {
         #[arg(long)]
         keep: PathBuf,
     },
+    /// Pause, resume or cancel the resync of a volume, or set its rate,
+    /// while serve runs (md's sync_action and sync_speed_max). A cancelled
+    /// copy stays out of sync and is never read; --resume resyncs it,
+    /// remove-mirror frees it.
+    Resync {
+        /// The volume whose resync to control.
+        name: String,
+        /// Stop the resync at its next checkpoint; none starts on the volume
+        /// until --resume (or until serve starts again).
+        #[arg(long, conflicts_with_all = ["resume", "cancel"])]
+        pause: bool,
+        /// Go on with a paused or cancelled resync, from its checkpoint.
+        #[arg(long, conflicts_with = "cancel")]
+        resume: bool,
+        /// Stop the resync and record that its copies stay out of sync (a
+        /// restart of serve does not resume it; --resume does).
+        #[arg(long)]
+        cancel: bool,
+        /// Bytes/s (K/M/G suffixes) the volume's resyncs run at, whether or
+        /// not clients are busy; 0: serve's --resync-min-rate and
+        /// --resync-max-rate again.
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+        rate: Option<u64>,
+    },
     /// Grow a simple volume into the free space that follows it.
     Extend {
         /// The simple volume to grow.
@@ -633,6 +657,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Repair { .. } => "repair",
         Command::Reactivate { .. } => "reactivate",
         Command::ResolveSplitBrain { .. } => "resolve-split-brain",
+        Command::Resync { .. } => "resync",
         Command::Extend { .. } => "extend",
         Command::Delete { .. } => "delete",
         Command::Fail { .. } => "fail",
@@ -880,6 +905,22 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             src: absolute_endpoint(src),
             dst: absolute_endpoint(dst),
         },
+        Command::Resync {
+            name,
+            pause,
+            resume,
+            cancel,
+            rate,
+        } => Request::Resync {
+            name,
+            action: match (pause, resume, cancel) {
+                (true, _, _) => Some("pause".into()),
+                (_, true, _) => Some("resume".into()),
+                (_, _, true) => Some("cancel".into()),
+                _ => None,
+            },
+            rate,
+        },
         Command::ResolveSplitBrain { keep } => Request::ResolveSplitBrain {
             keep: absolute(keep),
         },
@@ -1125,6 +1166,11 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Delete { name, force: _ } => {
             let done = through_controller(&disks, |live| live.delete_volume(&name))?;
             print_offline(done);
+        }
+        Command::Resync { name, .. } => {
+            return Err(Error::refused(format!(
+                "no mirrorvol serve holds the group of volume {name}: resyncs run in the background only under serve (offline commands copy in the foreground, and one interrupted resumes from its checkpoint the next time)"
+            )));
         }
         Command::Fail { path, force } => {
             let done = through_controller(&disks, |live| live.fail_disk_by_path(&path, force))?;

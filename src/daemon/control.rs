@@ -14,6 +14,8 @@
 //! {"op": "delete", "name", "force"}      {"op": "copy", "src", "dst"}
 //! {"op": "init", "paths", "style", "controller"?, "group"?, "force", "spare"}
 //!                                        → {"ok": true, "message": "...", "warnings": [...]}
+//! {"op": "resync", "name", "action"?: "pause"|"resume"|"cancel", "rate"?}
+//!                                        → {"ok": true, "message": "..."}
 //! {"op": "scrub", "name", "repair", "rate"?}
 //!                                        → {"ok": true, "report": {...}, "text": "..."}
 //! anything refused or failed             → {"ok": false, "code": 2|1, "error": "sentence"}
@@ -100,6 +102,15 @@ pub enum Request {
     },
     ResolveSplitBrain {
         keep: PathBuf,
+    },
+    /// `resync NAME`: `action` is `pause`, `resume` or `cancel`; `rate`
+    /// (bytes/s, 0: serve's pacing again) may come with it or alone.
+    Resync {
+        name: String,
+        #[serde(default)]
+        action: Option<String>,
+        #[serde(default)]
+        rate: Option<u64>,
     },
     /// `init` of new disks into the group in service.
     Init {

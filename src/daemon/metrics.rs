@@ -512,6 +512,7 @@ mod tests {
             resync_reason: None,
             resync_rate: rate,
             resync_eta_seconds: None,
+            resync_held: None,
         };
         let disk = |path: &str, state| DiskStatus {
             path: path.into(),

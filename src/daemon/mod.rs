@@ -579,6 +579,41 @@ fn start_control(
     Ok(Some(sock))
 }
 
+/// `resync NAME [--pause|--resume|--cancel] [--rate RATE]`: the rate first,
+/// so a resume starts at the new rate.
+fn resync_control(
+    live: &LiveGroup,
+    name: &str,
+    action: Option<String>,
+    rate: Option<u64>,
+) -> Result<control::Response> {
+    use crate::group::live::ResyncControl;
+    let ask = match action.as_deref() {
+        None => None,
+        Some("pause") => Some(ResyncControl::Pause),
+        Some("resume") => Some(ResyncControl::Resume),
+        Some("cancel") => Some(ResyncControl::Cancel),
+        Some(other) => {
+            return Err(Error::refused(format!(
+                "there is no resync action {other}: pause, resume or cancel"
+            )));
+        }
+    };
+    if ask.is_none() && rate.is_none() {
+        return Err(Error::refused(format!(
+            "say what to do with the resync of volume {name}: --pause, --resume, --cancel or --rate RATE"
+        )));
+    }
+    let mut said = Vec::new();
+    if let Some(r) = rate {
+        said.push(live.control_resync(name, ResyncControl::Rate(r))?);
+    }
+    if let Some(a) = ask {
+        said.push(live.control_resync(name, a)?);
+    }
+    Ok(control::Response::message(said.join("\n")))
+}
+
 /// What answers the control socket's requests (and the web view's).
 fn control_handler(live: &Arc<LiveGroup>, server: &Arc<Server>) -> control::Handler {
     let me = Arc::downgrade(live);
@@ -737,6 +772,7 @@ fn handle(live: &Arc<LiveGroup>, server: &Server, request: control::Request) -> 
             .and_then(|()| live.copy(&s, &d, &crate::group::NoProgress))
             .map(|n| Response::message(format!("copied {} from {src} to {dst}", human(n))))
         }
+        Request::Resync { name, action, rate } => resync_control(live, &name, action, rate),
         Request::Scrub { name, repair, rate } => {
             live.scrub(&name, repair, rate, &crate::group::NoProgress).map(|r| Response {
                 ok: true,

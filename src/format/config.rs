@@ -118,6 +118,12 @@ pub struct PlexEntry {
     /// out of sync); a restart resumes the copy here.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub resync_offset: u64,
+    /// An admin cancelled the plex's resync (`resync NAME --cancel`): it
+    /// stays out of sync, is never read, and no resync starts onto it until
+    /// `resync NAME --resume`. Written only when true (older builds ignore
+    /// it, and would resync the plex).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resync_cancelled: bool,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -231,6 +237,7 @@ mod tests {
                 state: PlexState::Resyncing,
                 resync_reason: None,
                 resync_offset: 0,
+                resync_cancelled: false,
             }],
         });
         assert_eq!(c.retire_used_spares(), vec![Uuid::nil()]);

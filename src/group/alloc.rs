@@ -95,6 +95,7 @@ mod tests {
                     state: PlexState::InSync,
                     resync_reason: None,
                     resync_offset: 0,
+                    resync_cancelled: false,
                 }],
             })
             .collect();

@@ -383,6 +383,7 @@ mod tests {
             state: crate::format::PlexState::InSync,
             resync_reason: None,
             resync_offset: 0,
+            resync_cancelled: false,
         };
         let size = (1 << 20) + 512;
         assert_eq!(

@@ -19,6 +19,7 @@ use super::events::{Event, EventKind, Events};
 use super::status::StatusReport;
 
 mod controller;
+pub use controller::ResyncControl;
 mod online;
 use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume};
 use crate::volume::queue::DiskQueue;
@@ -163,6 +164,16 @@ impl LiveGroup {
     /// Status with what the running engines know.
     pub fn status(&self) -> crate::Result<StatusReport> {
         self.ask(|c| Ok(c.status()))
+    }
+
+    /// `resync NAME --pause|--resume|--cancel|--rate` while serving.
+    pub fn control_resync(
+        &self,
+        name: &str,
+        ask: controller::ResyncControl,
+    ) -> crate::Result<String> {
+        let name = name.to_string();
+        self.ask(move |c| c.control_resync(&name, ask))
     }
 
     /// The progress of the background resync of `volume`, if one runs.

@@ -679,6 +679,7 @@ impl Group {
                     state: PlexState::InSync,
                     resync_reason: None,
                     resync_offset: 0,
+                    resync_cancelled: false,
                 })
                 .collect(),
         });
@@ -738,6 +739,7 @@ impl Group {
                 state: PlexState::Resyncing,
                 resync_reason: Some("a new plex".to_string()),
                 resync_offset: 0,
+                resync_cancelled: false,
             });
         self.commit()?;
         Ok(target)
@@ -988,6 +990,7 @@ impl Group {
                 state: PlexState::Resyncing,
                 resync_reason: Some(reason),
                 resync_offset: 0,
+                resync_cancelled: false,
             };
         }
         self.commit()?;

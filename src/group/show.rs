@@ -48,6 +48,14 @@ fn table(rows: &[Vec<String>]) -> String {
 /// A plex in the status table: its disk and state; while it resyncs, the
 /// progress, and under `serve` the rate and the time left.
 fn plex_text(p: &super::status::PlexStatus) -> String {
+    let text = plex_progress(p);
+    match p.resync_held {
+        Some(held) => format!("{}, resync {held})", text.trim_end_matches(')')),
+        None => text,
+    }
+}
+
+fn plex_progress(p: &super::status::PlexStatus) -> String {
     match (p.state, p.resync_percent) {
         ("resyncing", Some(pct)) => {
             let mut text = format!("{} (resyncing {pct:.0}%", p.disk);
@@ -253,6 +261,7 @@ mod tests {
             resync_reason: None,
             resync_rate: rate,
             resync_eta_seconds: eta,
+            resync_held: None,
         }
     }
 

@@ -148,6 +148,10 @@ pub struct PlexStatus {
     pub resync_rate: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resync_eta_seconds: Option<u64>,
+    /// `paused` or `cancelled` when an admin stopped the plex's resync
+    /// (`resync NAME --pause|--cancel`); left out otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync_held: Option<&'static str>,
 }
 
 impl Group {
@@ -244,6 +248,9 @@ impl Group {
                                 resync_reason: p.resync_reason.clone(),
                                 resync_rate: None,
                                 resync_eta_seconds: None,
+                                resync_held: (p.resync_cancelled
+                                    && matches!(state, "resyncing" | "stale"))
+                                .then_some("cancelled"),
                             }
                         })
                         .collect(),

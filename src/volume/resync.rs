@@ -86,6 +86,9 @@ pub struct ResyncProgress {
     /// Bytes/s, a moving average.
     rate: AtomicU64,
     stop: AtomicBool,
+    /// Bytes/s the admin set for this resync (`resync NAME --rate`),
+    /// instead of the pacing options; 0: none set.
+    limit: AtomicU64,
 }
 
 impl ResyncProgress {
@@ -140,6 +143,16 @@ impl ResyncProgress {
 
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    /// Paces the copy at `rate` bytes/s whether or not clients are busy
+    /// (0: by the options again); taken at the next chunk.
+    pub fn set_limit(&self, rate: u64) {
+        self.limit.store(rate, Ordering::Relaxed);
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
     }
 }
 
@@ -256,10 +269,10 @@ pub fn resync(
             // volume that turns idle speeds the resync up at once.
             let base = next.max(started);
             loop {
-                let rate = if activity.busy() && opts.min_rate > 0 {
-                    opts.min_rate
-                } else {
-                    opts.max_rate
+                let rate = match progress.limit() {
+                    0 if activity.busy() && opts.min_rate > 0 => opts.min_rate,
+                    0 => opts.max_rate,
+                    set => set,
                 };
                 if rate == 0 {
                     next = Instant::now();

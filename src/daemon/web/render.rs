@@ -69,6 +69,14 @@ fn tone(state: &str) -> &'static str {
 
 /// A plex's state in Disk Management's words, with its progress.
 fn plex_word(p: &Value) -> String {
+    let words = plex_state_word(p);
+    match p.get("resync_held").and_then(Value::as_str) {
+        Some(held) => format!("{words}, {held}"),
+        None => words,
+    }
+}
+
+fn plex_state_word(p: &Value) -> String {
     let pct = p.get("resync_percent").and_then(Value::as_f64);
     match (text(p, "state"), pct) {
         ("in-sync", _) => "In Sync".into(),

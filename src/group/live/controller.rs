@@ -109,6 +109,16 @@ struct Slot {
     waiters: Vec<Sender<()>>,
 }
 
+/// What an admin asks of a volume's resyncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResyncControl {
+    Pause,
+    Resume,
+    Cancel,
+    /// Bytes/s; 0: the daemon's pacing again.
+    Rate(u64),
+}
+
 /// What a resync worker does after a job ended.
 pub(super) enum Next {
     /// Plan the next plex.
@@ -153,6 +163,11 @@ pub(super) struct Controller {
     resyncs: BTreeMap<String, Slot>,
     /// Volumes an admin operation holds: no resync starts on them.
     held: BTreeSet<String>,
+    /// Volumes whose resync an admin paused (`resync NAME --pause`): none
+    /// starts on them until `--resume` (or `serve` starts again).
+    paused: BTreeSet<String>,
+    /// Bytes/s an admin set for a volume's resyncs (`resync NAME --rate`).
+    rate_limits: BTreeMap<String, u64>,
     /// Volumes being scrubbed (through the control socket or in the
     /// background), with how far each scrub is.
     pub(super) scrubbing: BTreeMap<String, Arc<crate::volume::scrub::ScrubProgress>>,
@@ -194,6 +209,8 @@ impl Controller {
             errors: BTreeMap::new(),
             resyncs: BTreeMap::new(),
             held: BTreeSet::new(),
+            paused: BTreeSet::new(),
+            rate_limits: BTreeMap::new(),
             scrubbing: BTreeMap::new(),
             stopping: false,
             reported,
@@ -344,6 +361,17 @@ impl Controller {
             if !serving.is_empty() && serving.iter().all(|p| p.queue.stalled()) {
                 v.state = "not-answering";
                 v.waiting_on = serving.iter().map(|p| g.disk_path(p.disk)).collect();
+            }
+        }
+        for v in report
+            .volumes
+            .iter_mut()
+            .filter(|v| self.paused.contains(&v.name))
+        {
+            for p in v.plexes.iter_mut() {
+                if p.resync_held.is_none() && matches!(p.state, "resyncing" | "stale") {
+                    p.resync_held = Some("paused");
+                }
             }
         }
         for v in report.volumes.iter_mut() {
@@ -837,7 +865,11 @@ impl Controller {
             .config
             .volumes
             .iter()
-            .filter(|v| !self.resyncs.contains_key(&v.name) && !self.held.contains(&v.name))
+            .filter(|v| {
+                !self.resyncs.contains_key(&v.name)
+                    && !self.held.contains(&v.name)
+                    && !self.paused.contains(&v.name)
+            })
             .filter(|v| next_target(&self.group, &v.name).is_some())
             .map(|v| v.name.clone())
             .collect();
@@ -874,6 +906,146 @@ impl Controller {
     pub(super) fn release(&mut self, name: &str) {
         self.held.remove(name);
         self.resume_resyncs();
+    }
+
+    /// `resync NAME --pause|--resume|--cancel|--rate`: what an admin asks
+    /// of a volume's resyncs while serving. Returns what was done.
+    pub(super) fn control_resync(
+        &mut self,
+        name: &str,
+        ask: ResyncControl,
+    ) -> crate::Result<String> {
+        // The plexes still to resync: disk, cancelled, path.
+        let pending: Vec<(Uuid, bool, String)> = self
+            .group
+            .volume(name)?
+            .plexes
+            .iter()
+            .filter(|p| {
+                matches!(
+                    self.group.plex_state(p.disk, p.state),
+                    "resyncing" | "stale"
+                )
+            })
+            .map(|p| (p.disk, p.resync_cancelled, self.group.disk_path(p.disk)))
+            .collect();
+        let cancelled = pending.iter().any(|p| p.1);
+        let paths = |only_cancelled: bool| -> String {
+            pending
+                .iter()
+                .filter(|p| !only_cancelled || p.1)
+                .map(|p| p.2.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let nothing = || {
+            crate::Error::refused(format!(
+                "volume {name} has no copy to resync: every plex is in sync, failed or missing"
+            ))
+        };
+        match ask {
+            ResyncControl::Rate(rate) => {
+                if rate == 0 {
+                    self.rate_limits.remove(name);
+                } else {
+                    self.rate_limits.insert(name.to_string(), rate);
+                }
+                if let Some((_, p)) = self.resyncs.get(name).and_then(|s| s.copying.as_ref()) {
+                    p.set_limit(rate);
+                }
+                Ok(match rate {
+                    0 => format!(
+                        "resyncs of volume {name} are paced by serve's --resync-min-rate and --resync-max-rate again"
+                    ),
+                    r => format!(
+                        "resyncs of volume {name} run at {}/s, whether or not clients are busy",
+                        crate::group::ops::human(r)
+                    ),
+                })
+            }
+            ResyncControl::Pause => {
+                if pending.is_empty() {
+                    return Err(nothing());
+                }
+                if self.paused.contains(name) {
+                    return Err(crate::Error::refused(format!(
+                        "the resync of volume {name} is paused already"
+                    )));
+                }
+                self.paused.insert(name.to_string());
+                self.stop_slot(name);
+                Ok(format!(
+                    "paused the resync of volume {name} (onto {}); it stops at its next checkpoint, and `mirrorvol resync {name} --resume` goes on from there",
+                    paths(false)
+                ))
+            }
+            ResyncControl::Cancel => {
+                if pending.is_empty() {
+                    return Err(nothing());
+                }
+                if pending.iter().all(|p| p.1) {
+                    return Err(crate::Error::refused(format!(
+                        "the resync of volume {name} is cancelled already"
+                    )));
+                }
+                let disks: Vec<Uuid> = pending.iter().map(|p| p.0).collect();
+                if let Some(vol) = self.group.config.volume_mut(name) {
+                    for p in vol.plexes.iter_mut().filter(|p| disks.contains(&p.disk)) {
+                        p.resync_cancelled = true;
+                    }
+                }
+                self.stop_slot(name);
+                if !self.commit(&format!("cancelling the resync of {name}")) {
+                    return Err(crate::Error::failed(format!(
+                        "the cancelled resync of volume {name} could not be recorded on any disk"
+                    )));
+                }
+                Ok(format!(
+                    "cancelled the resync of volume {name}: the copies on {} stay out of sync and are never read; `mirrorvol resync {name} --resume` resyncs them, `mirrorvol remove-mirror {name} --disk PATH` frees one",
+                    paths(false)
+                ))
+            }
+            ResyncControl::Resume => {
+                if !self.paused.contains(name) && !cancelled {
+                    return Err(crate::Error::refused(format!(
+                        "the resync of volume {name} is neither paused nor cancelled"
+                    )));
+                }
+                self.paused.remove(name);
+                let resumed = paths(cancelled);
+                if cancelled {
+                    if let Some(vol) = self.group.config.volume_mut(name) {
+                        for p in vol.plexes.iter_mut() {
+                            p.resync_cancelled = false;
+                        }
+                    }
+                    if !self.commit(&format!("resuming the resync of {name}")) {
+                        return Err(crate::Error::failed(format!(
+                            "the resumed resync of volume {name} could not be recorded on any disk"
+                        )));
+                    }
+                }
+                self.resume_resyncs();
+                Ok(format!(
+                    "resumed the resync of volume {name} (onto {}) from its checkpoint",
+                    if resumed.is_empty() {
+                        paths(false)
+                    } else {
+                        resumed
+                    }
+                ))
+            }
+        }
+    }
+
+    /// Asks the resync of `name` to stop at its next checkpoint.
+    fn stop_slot(&mut self, name: &str) {
+        if let Some(slot) = self.resyncs.get_mut(name) {
+            slot.pause = true;
+            if let Some((_, p)) = &slot.copying {
+                p.stop();
+            }
+        }
     }
 
     /// Stops every resync at its next checkpoint and the scrub thread;
@@ -978,6 +1150,7 @@ impl Controller {
         };
         let plan = self.group.resync_plan(name, disk).ok()?;
         progress.reset(plan.total, plan.done);
+        progress.set_limit(self.rate_limits.get(name).copied().unwrap_or(0));
         if let Some(slot) = self.resyncs.get_mut(name) {
             slot.copying = Some((disk, progress.clone()));
         }
@@ -1242,6 +1415,7 @@ fn next_target(g: &Group, name: &str) -> Option<Uuid> {
         .iter()
         .find(|p| {
             g.members.contains_key(&p.disk)
+                && !p.resync_cancelled
                 && matches!(g.plex_state(p.disk, p.state), "resyncing" | "stale")
         })
         .map(|p| p.disk)
