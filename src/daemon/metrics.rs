@@ -523,6 +523,7 @@ mod tests {
             size: 64 << 20,
             data_size: 62 << 20,
             free: 32 << 20,
+            largest_free: 32 << 20,
             errors: 0,
             spare: false,
             generation: None,

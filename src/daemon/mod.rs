@@ -659,6 +659,7 @@ fn start_web(
             actions: options.actions,
             token_file: token_file.clone(),
             allow: options.allow.clone(),
+            io_timeout: None,
         },
     )?;
     eprintln!("web view on http://{}/", view.addr());

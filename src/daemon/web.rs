@@ -42,13 +42,18 @@ use crate::{Error, Result};
 
 /// Live streams open at once at most; more are answered 503.
 pub const MAX_LIVE: usize = 16;
+/// How long a client may take to send a request (or a form) and to take
+/// what is sent to it: past it the connection is closed, so a client that
+/// stalls holds a handler thread (or a live stream's) that long at most,
+/// and `serve` stops within it.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Threads answering pages and actions.
 const HANDLERS: usize = 4;
 /// A live stream looks for a change this often.
 const LIVE_TICK: Duration = Duration::from_secs(1);
 /// A live stream with nothing new sends a comment this often, so a client
-/// that went away is noticed.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// that went away is noticed (and its slot freed) soon.
+const KEEP_ALIVE: Duration = Duration::from_secs(3);
 /// The largest action form accepted.
 const MAX_FORM: usize = 16 << 10;
 
@@ -65,6 +70,35 @@ pub struct WebOptions {
     /// More `Host` values (and their `http://`/`https://` origins) to
     /// accept: a reverse proxy's name.
     pub allow: Vec<String>,
+    /// None: [`DEFAULT_IO_TIMEOUT`].
+    pub io_timeout: Option<Duration>,
+}
+
+/// Sets the receive and send timeouts of `listener`'s socket; Linux gives
+/// every connection it accepts the same.
+fn set_timeouts(listener: &TcpListener, timeout: Duration) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: the descriptor is the listener's, open for the call; the
+        // option value is a timeval of the size passed.
+        let r = unsafe {
+            libc::setsockopt(
+                listener.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// What every request handler shares.
@@ -79,6 +113,8 @@ struct Shared {
     origins: Vec<String>,
     stop: AtomicBool,
     live: AtomicUsize,
+    /// A live stream with nothing new sends a comment this often.
+    keep_alive: Duration,
 }
 
 /// The running web view; dropping it stops it and removes the token file.
@@ -139,11 +175,22 @@ fn write_token(path: &Path, token: &str) -> Result<()> {
 /// The `Host` values a browser sends for `addr`: the address itself, and
 /// `localhost` for a loopback one; and `allow`.
 fn hosts_for(addr: SocketAddr, allow: &[String]) -> Vec<String> {
-    let mut hosts = vec![addr.to_string()];
+    let mut hosts = Vec::new();
+    if !addr.ip().is_unspecified() {
+        hosts.push(addr.to_string());
+    }
     if addr.ip().is_loopback() {
         hosts.push(format!("localhost:{}", addr.port()));
     }
     hosts.extend(allow.iter().map(|h| h.to_ascii_lowercase()));
+    // Browsers leave out the default port.
+    if addr.port() == 80 {
+        let bare: Vec<String> = hosts
+            .iter()
+            .filter_map(|h| h.strip_suffix(":80").map(str::to_string))
+            .collect();
+        hosts.extend(bare);
+    }
     hosts
 }
 
@@ -159,6 +206,14 @@ impl WebView {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::io("cannot read the web view's address", e))?;
+        if addr.ip().is_unspecified() && options.allow.is_empty() {
+            return Err(Error::refused(format!(
+                "the web view on {addr} cannot tell its own requests from a rebound name's: name the hosts browsers reach it by with --http-allow"
+            )));
+        }
+        let io_timeout = options.io_timeout.unwrap_or(DEFAULT_IO_TIMEOUT);
+        set_timeouts(&listener, io_timeout)
+            .map_err(|e| Error::io("cannot set the web view's timeouts", e))?;
         let token = options.actions.then(new_token);
         if let Some(t) = &token {
             write_token(&options.token_file, t)?;
@@ -179,6 +234,7 @@ impl WebView {
             origins,
             stop: AtomicBool::new(false),
             live: AtomicUsize::new(0),
+            keep_alive: KEEP_ALIVE.min(io_timeout),
         });
         let threads = (0..HANDLERS)
             .map(|i| {
@@ -271,13 +327,21 @@ impl Shared {
     /// Refuses a request that names another host, or comes from a page of
     /// another origin.
     fn check(&self, request: &tiny_http::Request) -> std::result::Result<(), String> {
+        let hosts = request
+            .headers()
+            .iter()
+            .filter(|h| h.field.equiv("Host"))
+            .count();
+        if hosts > 1 {
+            return Err("refused: the request names more than one host".into());
+        }
         let host = header_value(request, "Host")
             .unwrap_or("")
             .to_ascii_lowercase();
         if !self.hosts.contains(&host) {
             return Err(format!(
                 "refused: the request is for host \"{host}\", not this server ({}); name a reverse proxy's host with --http-allow",
-                self.hosts[0]
+                self.hosts.join(", ")
             ));
         }
         if let Some(origin) = header_value(request, "Origin") {
@@ -386,6 +450,32 @@ fn answer(mut request: tiny_http::Request, shared: &Arc<Shared>) {
         (Method::Get, "/static/style.css") => respond(request, 200, "text/css", STYLE.into()),
         (Method::Get, "/static/live.js") => respond(request, 200, "text/javascript", SCRIPT.into()),
         (Method::Get, "/live") => live(request, shared, token.map(str::to_string)),
+        (Method::Post, "/unlock") => {
+            let form = match read_form(&mut request) {
+                Ok(f) => f,
+                Err(why) => return respond(request, 400, TEXT, format!("{why}\n")),
+            };
+            let offer = shared.offer(param(&form, "token"));
+            let (code, banner) = match offer {
+                Offer::Actions(_) => (200, None),
+                Offer::Off => (
+                    403,
+                    Some((
+                        "bad",
+                        "Actions are off: serve was started without --http-actions.",
+                    )),
+                ),
+                Offer::Locked => (
+                    403,
+                    Some((
+                        "bad",
+                        "That token is not this server's: the page stays read-only.",
+                    )),
+                ),
+            };
+            let page = shared.page(banner, offer);
+            respond(request, code, HTML, page)
+        }
         (Method::Post, "/action") => {
             let form = match read_form(&mut request) {
                 Ok(f) => f,
@@ -394,7 +484,7 @@ fn answer(mut request: tiny_http::Request, shared: &Arc<Shared>) {
             let (code, page) = act(shared, &form);
             respond(request, code, HTML, page)
         }
-        (_, "/" | "/api/status" | "/api/events" | "/live" | "/action") => {
+        (_, "/" | "/api/status" | "/api/events" | "/live" | "/action" | "/unlock") => {
             let why = format!("{} is not allowed on {path}\n", request.method());
             respond(request, 405, TEXT, why)
         }
@@ -565,28 +655,18 @@ fn act(shared: &Arc<Shared>, form: &[(String, String)]) -> (u16, String) {
     if param(form, "confirm") != Some("yes") {
         return (200, confirmation(&action, form, valid));
     }
-    if let Request::Scrub { name, .. } = &action.request {
-        // A scrub runs to its end; its progress shows on the page.
-        let (shared2, request) = (shared.clone(), action.request.clone());
-        let started = std::thread::Builder::new()
-            .name("web-scrub".into())
-            .spawn(move || {
-                let r = (shared2.handler)(request);
-                if let Some(e) = r.error {
-                    tracing::warn!("scrub asked for by the web view: {e}");
-                }
-            });
-        let banner = match started {
-            Ok(_) => format!("Started a scrub of volume {name}; its progress shows below."),
-            Err(e) => format!("The scrub could not start: {e}."),
-        };
-        // Let the scrub register, so the page shows it.
-        std::thread::sleep(Duration::from_millis(200));
-        return (200, shared.page(Some(("ok", &banner)), offer));
-    }
-    let r: Response = (shared.handler)(action.request);
+    let r: Response = match &action.request {
+        Request::Scrub { name, .. } => match scrub(shared, name, action.request.clone()) {
+            Some(r) => r,
+            None => {
+                let banner = format!("Started a scrub of volume {name}; its progress shows below.");
+                return (200, shared.page(Some(("ok", &banner)), offer));
+            }
+        },
+        _ => (shared.handler)(action.request),
+    };
     if r.ok {
-        let mut text = r.message.unwrap_or_else(|| "Done.".into());
+        let mut text = r.message.or(r.text).unwrap_or_else(|| "Done.".into());
         for w in &r.warnings {
             text.push_str(&format!(" Warning: {w}"));
         }
@@ -599,6 +679,47 @@ fn act(shared: &Arc<Shared>, form: &[(String, String)]) -> (u16, String) {
         );
         let code = if r.code == Some(2) { 409 } else { 500 };
         (code, shared.page(Some(("bad", &text)), offer))
+    }
+}
+
+/// Starts a scrub, which runs to its end on a thread of its own: its
+/// answer when it ends (or is refused) at once, None once it shows in the
+/// status as under way.
+fn scrub(shared: &Arc<Shared>, name: &str, request: Request) -> Option<Response> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let runner = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("web-scrub".into())
+        .spawn(move || {
+            let r = (runner.handler)(request);
+            if let Err(crossbeam_channel::SendError(r)) = tx.send(r)
+                && let Some(e) = r.error
+            {
+                tracing::warn!("the scrub asked for on the web view stopped: {e}");
+            }
+        });
+    if let Err(e) = spawned {
+        return Some(Response::from_error(&Error::failed(format!(
+            "the scrub of volume {name} could not start: {e}"
+        ))));
+    }
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = rx.recv_timeout(Duration::from_millis(20)) {
+            return Some(r);
+        }
+        let running = shared.status().ok().is_some_and(|s| {
+            s["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|v| v["name"] == name && v["scrub"].is_object())
+        });
+        if running || started.elapsed() > Duration::from_secs(5) {
+            // The answer goes to the log when it comes.
+            drop(rx);
+            return None;
+        }
     }
 }
 
@@ -672,7 +793,8 @@ fn stream(request: tiny_http::Request, shared: &Shared, token: Option<&str>) {
         let view = shared.view(offer);
         let message = if view != last {
             let mut m = String::from("event: view\n");
-            for line in view.lines() {
+            // A carriage return would end an event's line early.
+            for line in view.replace('\r', " ").lines() {
                 m.push_str("data: ");
                 m.push_str(line);
                 m.push('\n');
@@ -680,7 +802,7 @@ fn stream(request: tiny_http::Request, shared: &Shared, token: Option<&str>) {
             m.push('\n');
             last = view;
             Some(m)
-        } else if sent.elapsed() >= KEEP_ALIVE {
+        } else if sent.elapsed() >= shared.keep_alive {
             Some(": still here\n\n".to_string())
         } else {
             None
@@ -695,8 +817,8 @@ fn stream(request: tiny_http::Request, shared: &Shared, token: Option<&str>) {
             }
             sent = Instant::now();
         }
-        match watch.recv_timeout(LIVE_TICK) {
-            Ok(_) => while watch.try_recv().is_ok() {},
+        match watch.events.recv_timeout(LIVE_TICK) {
+            Ok(_) => while watch.events.try_recv().is_ok() {},
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
         }
@@ -724,7 +846,9 @@ mod tests {
         let b: SocketAddr = "[::1]:81".parse().unwrap();
         assert_eq!(hosts_for(b, &[]), ["[::1]:81", "localhost:81"]);
         let c: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        assert_eq!(hosts_for(c, &[]), ["10.0.0.1:80"]);
+        assert_eq!(hosts_for(c, &[]), ["10.0.0.1:80", "10.0.0.1"]);
+        let d: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        assert_eq!(hosts_for(d, &["nas:8080".into()]), ["nas:8080"]);
     }
 
     #[test]
@@ -845,6 +969,7 @@ mod tests {
                 actions,
                 token_file: dir.path().join("token"),
                 allow: Vec::new(),
+                io_timeout: Some(Duration::from_millis(500)),
             },
         )
         .unwrap();
@@ -882,9 +1007,26 @@ mod tests {
         let (code, body) = http(addr, &format!("GET / HTTP/1.0\r\nHost: {me}\r\n\r\n"));
         assert_eq!(code, 200);
         assert!(
-            body.contains("Read-only") && !body.contains("<form"),
+            body.contains("Read-only") && !body.contains("form class=\"act\""),
             "{body}"
         );
+        // The unlock form: the token in a post, not in the address.
+        let unlock = |t: &str| {
+            let form = format!("token={t}");
+            http(
+                addr,
+                &format!(
+                    "POST /unlock HTTP/1.0\r\nHost: {me}\r\nContent-Length: {}\r\n\r\n{form}",
+                    form.len()
+                ),
+            )
+        };
+        let (code, body) = unlock(token);
+        assert_eq!(code, 200);
+        assert!(body.contains(&format!("data-token=\"{token}\"")), "{body}");
+        let (code, body) = unlock("nope");
+        assert_eq!(code, 403);
+        assert!(body.contains("not this server") && !body.contains("data-token"));
         // DNS rebinding: a name that resolves here, but is not this server.
         let (code, body) = http(addr, "GET / HTTP/1.0\r\nHost: evil.example:80\r\n\r\n");
         assert_eq!(code, 403, "{body}");
@@ -1026,9 +1168,80 @@ mod tests {
             "{text}"
         );
         assert_eq!(live_count(&view), 1);
+        assert_eq!(view.shared.events.watchers(), 1);
         drop(s);
-        // The stream notices its client gone at its next write, at most a
-        // keep-alive later; the view stopping ends it within a tick.
+        // The stream notices its client gone at a keep-alive's write, and
+        // gives back its slot and its watch of the events.
+        let start = Instant::now();
+        while live_count(&view) > 0 || view.shared.events.watchers() > 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the stream outlived its client"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn clients_that_stall_do_not_hold_the_view() {
+        let (view, _dir, _) = running(true);
+        let addr = view.addr();
+        // A stalled body for each handler thread, and a stalled request.
+        let stalled: Vec<std::net::TcpStream> = (0..HANDLERS + 1)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                write!(
+                    s,
+                    "POST /action HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 5000\r\n\r\nop="
+                )
+                .unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        // Answered once the stalled ones time out (500 ms here).
+        let start = Instant::now();
+        let (code, _) = http(addr, &format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n"));
+        assert_eq!(code, 200);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        // And the view stops without waiting for them.
+        let start = Instant::now();
         drop(view);
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        drop(stalled);
+    }
+
+    #[test]
+    fn a_wildcard_address_needs_the_hosts_named_and_two_hosts_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let handler: Handler = Arc::new(|_| Response::message("x"));
+        let options = |allow: Vec<String>| WebOptions {
+            actions: false,
+            token_file: dir.path().join("t"),
+            allow,
+            io_timeout: Some(Duration::from_millis(500)),
+        };
+        let any = TcpListener::bind("0.0.0.0:0").unwrap();
+        let e = WebView::start(any, handler.clone(), Events::start(None), &options(vec![]))
+            .err()
+            .unwrap();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("--http-allow"), "{e}");
+        let (view, _dir, _) = running(false);
+        let addr = view.addr();
+        let (code, body) = http(
+            addr,
+            &format!("GET / HTTP/1.0\r\nHost: {addr}\r\nHost: evil.example\r\n\r\n"),
+        );
+        assert_eq!(code, 403);
+        assert!(body.contains("more than one host"));
     }
 }

@@ -234,8 +234,28 @@ struct Inner {
     recent: Mutex<std::collections::VecDeque<Event>>,
     /// Whoever watches events as they happen (the web view's live pages).
     /// A watcher that falls [`WATCH_LIMIT`] events behind misses the
-    /// newer ones; one that is gone is forgotten at the next event.
-    watchers: Mutex<Vec<Sender<Event>>>,
+    /// newer ones; its [`Watch`] going takes it off.
+    watchers: Mutex<Vec<(u64, Sender<Event>)>>,
+    /// The id of the next watcher.
+    next_watcher: AtomicU64,
+}
+
+/// Events as they are emitted, until it is dropped.
+pub struct Watch {
+    pub events: Receiver<Event>,
+    id: u64,
+    inner: Arc<Inner>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut watchers = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        watchers.retain(|(id, _)| *id != self.id);
+    }
 }
 
 /// Events kept for [`Events::recent`].
@@ -283,6 +303,7 @@ impl Events {
                 ended: Mutex::new(ended),
                 recent: Mutex::new(std::collections::VecDeque::new()),
                 watchers: Mutex::new(Vec::new()),
+                next_watcher: AtomicU64::new(0),
             }),
         }
     }
@@ -295,15 +316,30 @@ impl Events {
 
     /// Events from now on, as they are emitted (never blocking the emitter:
     /// a receiver that falls behind misses events).
-    pub fn watch(&self) -> Receiver<Event> {
+    pub fn watch(&self) -> Watch {
         let (tx, rx) = crossbeam_channel::bounded(WATCH_LIMIT);
+        let id = self.inner.next_watcher.fetch_add(1, Ordering::Relaxed);
         let mut watchers = self
             .inner
             .watchers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        watchers.push(tx);
-        rx
+        watchers.push((id, tx));
+        Watch {
+            events: rx,
+            id,
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Watchers taking events now.
+    pub fn watchers(&self) -> usize {
+        let watchers = self
+            .inner
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        watchers.len()
     }
 
     /// Keeps the event for [`Events::recent`] and hands it to the watchers.
@@ -315,17 +351,14 @@ impl Events {
             }
             recent.push_back(event.clone());
         }
-        let mut watchers = self
+        let watchers = self
             .inner
             .watchers
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        watchers.retain(|w| {
-            !matches!(
-                w.try_send(event.clone()),
-                Err(TrySendError::Disconnected(_))
-            )
-        });
+        for (_, w) in watchers.iter() {
+            let _ = w.try_send(event.clone());
+        }
     }
 
     /// Logs the event and queues it for the hook. Never blocks: when the

@@ -215,10 +215,11 @@ impl LiveGroup {
         let t = std::thread::Builder::new()
             .name("scrub".into())
             .spawn(move || {
-                let opts = crate::volume::scrub::ScrubOptions {
+                let mut opts = crate::volume::scrub::ScrubOptions {
                     repair: false,
                     max_rate: Some(max_rate),
                     stop: Some(stop.clone()),
+                    cancel: None,
                 };
                 let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
                 loop {
@@ -247,6 +248,7 @@ impl LiveGroup {
                         if !matches!(started, Ok(true)) {
                             continue;
                         }
+                        opts.cancel = Some(tracked.cancel_flag());
                         let result =
                             crate::volume::scrub::scrub(&vol, &opts, &|done| tracked.set(done));
                         let n = name.clone();
@@ -255,6 +257,14 @@ impl LiveGroup {
                         });
                         if stopped() {
                             return;
+                        }
+                        // Stopped for an admin's operation: what it found
+                        // so far is reported, a clean part is not.
+                        if tracked.cancelled() {
+                            tracing::info!(volume = %name, "background scrub stopped for an admin operation");
+                            if matches!(&result, Ok(r) if r.mismatches.is_empty()) {
+                                continue;
+                            }
                         }
                         live.report_scrub(name, result);
                     }

@@ -71,6 +71,8 @@ pub struct DiskStatus {
     pub style: String,
     pub size: u64,
     pub free: u64,
+    /// The largest free extent: the largest plex the disk can take.
+    pub largest_free: u64,
     /// I/O errors seen since the group was put in service.
     pub errors: u64,
     /// A hot spare: it holds no plex and waits for a repair to need it.
@@ -182,6 +184,7 @@ impl Group {
                 size: d.size,
                 data_size: d.data_size,
                 free: free_bytes(&self.config, d.uuid),
+                largest_free: super::alloc::largest_free(&self.config, d.uuid),
                 errors: errors_on(d.uuid),
                 spare: d.spare,
                 generation: Some(self.generation_of(d.uuid)).filter(|g| *g > 0),

@@ -49,13 +49,17 @@ pub struct ScrubOptions {
     /// Set to stop between chunks (a daemon shutting down); the report then
     /// covers what was compared so far.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Set to stop this scrub alone between chunks (a background scrub
+    /// making way for an admin's operation).
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl ScrubOptions {
     fn stopped(&self) -> bool {
-        self.stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed))
+        [&self.stop, &self.cancel]
+            .into_iter()
+            .flatten()
+            .any(|s| s.load(Ordering::Relaxed))
     }
 }
 
@@ -133,6 +137,8 @@ pub struct ScrubProgress {
     pub repair: bool,
     /// Run by the daemon on its `--scrub-interval`, not asked for.
     pub background: bool,
+    /// Set to stop it between chunks.
+    cancel: Arc<AtomicBool>,
 }
 
 impl ScrubProgress {
@@ -143,7 +149,22 @@ impl ScrubProgress {
             started: Instant::now(),
             repair,
             background,
+            cancel: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Asks the scrub to stop between chunks.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// What the scrub's options watch for [`ScrubProgress::cancel`].
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
     }
 
     pub fn set(&self, done: u64) {

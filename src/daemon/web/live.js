@@ -9,15 +9,17 @@
     return;
   }
   var token = view.getAttribute("data-token");
-  // A page an action answered: reloading it must not post again.
-  if (location.pathname === "/action") {
-    history.replaceState(null, "", token ? "/?token=" + encodeURIComponent(token) : "/");
+  // A page an action or the unlock form answered: reloading it must not
+  // post again. The token stays out of the address (and the history).
+  if (location.pathname === "/action" || location.pathname === "/unlock") {
+    history.replaceState(null, "", "/");
   }
   var pending = null;
   function busy() {
-    // A list being chosen from is not swapped under the pointer.
+    // A list being chosen from, or a field being typed in, is not swapped
+    // under the pointer.
     var a = document.activeElement;
-    return a && a.tagName === "SELECT" && view.contains(a);
+    return a && (a.tagName === "SELECT" || a.tagName === "INPUT") && view.contains(a);
   }
   function show(html) {
     if (busy()) {
@@ -32,14 +34,27 @@
       setTimeout(function () { if (pending !== null) { show(pending); } }, 0);
     }
   });
-  var source = new EventSource("/live" + (token ? "?token=" + encodeURIComponent(token) : ""));
-  source.addEventListener("view", function (e) {
-    show(e.data);
-    mark.textContent = "Live";
-    mark.className = "on";
-  });
-  source.onerror = function () {
-    mark.textContent = "Reconnecting\u2026";
-    mark.className = "";
-  };
+  var url = "/live" + (token ? "?token=" + encodeURIComponent(token) : "");
+  var wait = 1000;
+  function connect() {
+    var source = new EventSource(url);
+    source.addEventListener("view", function (e) {
+      wait = 1000;
+      show(e.data);
+      mark.textContent = "Live";
+      mark.className = "on";
+    });
+    source.onerror = function () {
+      mark.textContent = "Reconnecting\u2026";
+      mark.className = "";
+      // The browser retries a dropped stream itself, but not one refused
+      // (a 503 when too many pages are open, serve restarting): this does,
+      // waiting longer each time, up to half a minute.
+      if (source.readyState === EventSource.CLOSED) {
+        setTimeout(connect, wait);
+        wait = Math.min(wait * 2, 30000);
+      }
+    };
+  }
+  connect();
 })();

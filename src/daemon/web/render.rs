@@ -293,10 +293,12 @@ fn disk_row(
     for v in list(status, "volumes") {
         let name = text(v, "name");
         for p in list(v, "plexes").iter().filter(|p| text(p, "disk") == path) {
-            let x = number(p, "offset") as f64 / data as f64 * BAR_WIDTH;
+            // At least MIN_PLEX_WIDTH wide, within the bar: a small plex
+            // at the end of a large disk moves left to stay seen.
             let w = (number(p, "length") as f64 / data as f64 * BAR_WIDTH)
-                .max(MIN_PLEX_WIDTH)
-                .min(BAR_WIDTH - x.min(BAR_WIDTH - MIN_PLEX_WIDTH));
+                .clamp(MIN_PLEX_WIDTH, BAR_WIDTH);
+            let x =
+                (number(p, "offset") as f64 / data as f64 * BAR_WIDTH).clamp(0.0, BAR_WIDTH - w);
             let pstate = text(p, "state");
             // A nested svg clips the plex's text to its box.
             let _ = write!(
@@ -515,7 +517,7 @@ fn volume_row(out: &mut String, v: &Value, status: &Value, colours: &[(&str, &st
         let room: Vec<&str> = list(status, "disks")
             .iter()
             .filter(|d| matches!(text(d, "state"), "online" | "online-errors"))
-            .filter(|d| number(d, "free") >= number(v, "size"))
+            .filter(|d| number(d, "largest_free") >= number(v, "size"))
             .map(|d| text(d, "path"))
             .filter(|p| !holding.contains(p))
             .collect();
@@ -592,7 +594,7 @@ pub fn page(title: &str, banner: Option<(&str, &str)>, body: &str, offer: Offer)
     let hint = match offer {
         Offer::Off => "Read-only: actions are off (start serve with --http-actions to allow them).",
         Offer::Locked => {
-            "Read-only: open this page with ?token= and the token from the file serve named at its start to act on the group."
+            "Read-only: to act on the group, paste the token from the file serve named at its start (its --http-token-file)."
         }
         Offer::Actions(_) => "Actions are on: each asks for confirmation first.",
     };
@@ -610,9 +612,15 @@ pub fn page(title: &str, banner: Option<(&str, &str)>, body: &str, offer: Offer)
         })
         .unwrap_or_default();
     format!(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{title}</title><link rel=\"stylesheet\" href=\"/static/style.css\"><script src=\"/static/live.js\" defer></script></head><body><header><h1>mirrorvol</h1><span id=\"live\">Static view: reload to update.</span><p class=\"hint\">{hint}</p></header>{banner}<main id=\"view\"{token}>{body}</main></body></html>\n",
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{title}</title><link rel=\"stylesheet\" href=\"/static/style.css\"><script src=\"/static/live.js\" defer></script></head><body><header><h1>mirrorvol</h1><span id=\"live\">Static view: reload to update.</span><p class=\"hint\">{hint}{unlock}</p></header>{banner}<main id=\"view\"{token}>{body}</main></body></html>\n",
         title = esc(title),
         hint = esc(hint),
+        unlock = match offer {
+            Offer::Locked => {
+                " <form class=\"unlock\" method=\"post\" action=\"/unlock\"><input type=\"password\" name=\"token\" autocomplete=\"off\" aria-label=\"Token\" placeholder=\"token\"><button type=\"submit\">Unlock actions</button></form>"
+            }
+            _ => "",
+        },
     )
 }
 
@@ -626,9 +634,9 @@ mod tests {
             "group": {"name": "g", "uuid": "u", "seqno": 9},
             "disks": [
                 {"path": "/d/a.img", "state": "online", "controller": "c0", "style": "gpt",
-                 "size": 200u64 << 20, "data_size": 100u64 << 20, "free": 50u64 << 20, "errors": 0, "spare": false},
+                 "size": 200u64 << 20, "data_size": 100u64 << 20, "free": 50u64 << 20, "largest_free": 50u64 << 20, "errors": 0, "spare": false},
                 {"path": "/d/<b>.img", "state": "failed", "controller": "c0", "style": "raw",
-                 "size": 200u64 << 20, "data_size": 100u64 << 20, "free": 50u64 << 20, "errors": 3, "spare": false},
+                 "size": 200u64 << 20, "data_size": 100u64 << 20, "free": 50u64 << 20, "largest_free": 50u64 << 20, "errors": 3, "spare": false},
             ],
             "volumes": [{
                 "name": "data", "size": 50u64 << 20, "layout": "mirror", "state": "resynching",

@@ -46,6 +46,9 @@ fn drain(engine: &MirrorVolume, disks: &[Uuid]) {
     }
 }
 
+/// How long an admin operation waits for a background scrub it stopped.
+const SCRUB_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What an online operation did, for the command to print.
 #[derive(Debug, Default)]
 pub struct Done {
@@ -81,15 +84,37 @@ impl LiveGroup {
     }
 
     fn refuse_scrubbing(&self, name: &str, doing: &str) -> Result<()> {
-        let (name, doing) = (name.to_string(), doing.to_string());
-        self.ask(move |c| {
-            if c.scrubbing.contains_key(&name) {
-                return Err(Error::refused(format!(
-                    "volume {name} is being scrubbed; {doing} it after the scrub ends"
+        self.make_way(name, Some(doing))
+    }
+
+    /// Refuses `doing` (None: another scrub) while an admin scrubs `name`;
+    /// a background scrub of it is stopped instead, and waited for.
+    fn make_way(&self, name: &str, doing: Option<&str>) -> Result<()> {
+        let deadline = std::time::Instant::now() + SCRUB_STOP_TIMEOUT;
+        loop {
+            let (n, d) = (name.to_string(), doing.map(str::to_string));
+            let busy = self.ask(move |c| match c.scrubbing.get(&n) {
+                None => Ok(false),
+                Some(s) if s.background => {
+                    s.cancel();
+                    Ok(true)
+                }
+                Some(_) => Err(Error::refused(match d {
+                    Some(d) => format!("volume {n} is being scrubbed; {d} it after the scrub ends"),
+                    None => format!("volume {n} is being scrubbed already"),
+                })),
+            })?;
+            if !busy {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::failed(format!(
+                    "the background scrub of volume {name} did not stop within {} s; try again once its disks answer",
+                    SCRUB_STOP_TIMEOUT.as_secs()
                 )));
             }
-            Ok(())
-        })
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Takes out of the engine of `name` every plex the volume's config no
@@ -357,6 +382,9 @@ impl LiveGroup {
         progress: &dyn crate::group::Progress,
     ) -> Result<VolumeScrub> {
         let n = name.to_string();
+        self.ask(move |c| c.group.refuse_unscrubbable(&n))?;
+        self.make_way(name, None)?;
+        let n = name.to_string();
         let tracked = self.ask(move |c| {
             c.group.refuse_unscrubbable(&n)?;
             if c.scrubbing.contains_key(&n) {
@@ -384,6 +412,7 @@ impl LiveGroup {
             repair,
             max_rate: rate,
             stop: Some(self.scrub_stop.clone()),
+            cancel: None,
         };
         progress.start(
             &format!("{} {name}", if repair { "scrub --repair" } else { "scrub" }),
