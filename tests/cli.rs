@@ -966,3 +966,76 @@ fn the_readme_command_table_and_the_help_agree() {
         }
     }
 }
+
+#[test]
+fn remove_disk_takes_out_empty_and_failed_disks_and_never_takes_them_back() {
+    let sb = Sandbox::new();
+    let paths: Vec<String> = ["a.img", "b.img", "c.img", "d.img"]
+        .iter()
+        .map(|n| sb.image(n, 64))
+        .collect();
+    let (a, b, c, d) = (&paths[0], &paths[1], &paths[2], &paths[3]);
+    sb.mv_plain(&["init", a, b, c, d, "--style", "raw", "--group", "g"])
+        .ok();
+    sb.mv(&[
+        "create", "data", "--size", "16M", "--mirror", "--disk", a, "--disk", b,
+    ])
+    .ok();
+    sb.mv(&["create", "solo", "--size", "8M", "--disk", c]).ok();
+
+    // In service with a copy: refused, nothing changed.
+    refused_unchanged(
+        &sb,
+        &["remove-disk", a],
+        "is in service and holds copies of data",
+    );
+    refused_unchanged(
+        &sb,
+        &["remove-disk", &sb.p("nowhere.img")],
+        "is not a disk of group g",
+    );
+
+    // Empty: it leaves, its labels wiped.
+    let out = sb.mv(&["remove-disk", d]).ok().stdout;
+    assert!(
+        out.contains(&format!("removed disk {d} from group g")),
+        "{out}"
+    );
+    sb.mv(&["examine", d]).refused("not a mirrorvol disk");
+    assert_eq!(sb.status()["disks"].as_array().unwrap().len(), 3);
+
+    // Missing with the only copy of a volume: refused.
+    let aside = sb.path("aside");
+    fs::create_dir_all(&aside).unwrap();
+    fs::rename(c, aside.join("c.img")).unwrap();
+    sb.mv(&["remove-disk", c])
+        .refused("holds the only copy of solo");
+    fs::rename(aside.join("c.img"), c).unwrap();
+
+    // Missing, its copy of data twinned on a.img: it leaves, data goes on
+    // as a simple volume, and when the disk comes back with its labels
+    // and config intact it is not taken in again.
+    fs::rename(b, aside.join("b.img")).unwrap();
+    let out = sb.mv(&["remove-disk", b]).ok().stdout;
+    assert!(out.contains("its copies of data are gone"), "{out}");
+    fs::rename(aside.join("b.img"), b).unwrap();
+    let r = sb.mv(&["status", "--json"]).ok();
+    assert!(
+        r.stderr.contains("was removed from its group"),
+        "{}",
+        r.stderr
+    );
+    let st: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let disks: Vec<&str> = st["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    assert!(!disks.iter().any(|p| p.ends_with("/b.img")), "{disks:?}");
+    let data = volume(&st, "data");
+    assert_eq!(data["layout"], "simple");
+    assert_eq!(data["state"], "healthy");
+    sb.mv(&["add-mirror", "data", "--disk", b])
+        .refused("is not a disk of group g");
+}

@@ -378,3 +378,36 @@ fn a_resync_is_paused_resumed_rated_and_cancelled_online() {
     assert_eq!(volume(&st, "data")["state"], "healthy");
     drop(s);
 }
+
+#[test]
+fn a_failed_disk_is_removed_online_and_the_volume_goes_on_without_it() {
+    if !tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    mirror_group(&sb, 64, 16);
+    let (a, b) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
+    let s = Served::start_args(&sb, &[], &[]);
+    common::serve::qemu_io(&s.uri("data"), &["write -P 0x5a 0 4M", "flush"]);
+    sb.mv(&["remove-disk", &a])
+        .refused("is in service and holds copies of data");
+    sb.mv(&["fail", &b]).ok();
+    let out = sb.mv(&["remove-disk", &b]).ok().stdout;
+    assert!(
+        out.contains("removed disk") && out.contains("its copies of data are gone"),
+        "{out}"
+    );
+    let st = sb.status();
+    assert_eq!(st["disks"].as_array().unwrap().len(), 1, "{st:#}");
+    assert_eq!(volume(&st, "data")["layout"], "simple");
+    assert_eq!(volume(&st, "data")["state"], "healthy");
+    // Clients go on: the data is read back from a.img.
+    common::serve::qemu_io(&s.uri("data"), &["read -P 0x5a 0 4M"]);
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    // Its labels were wiped: a new start does not see it as a member.
+    sb.mv(&["examine", &b]).refused("not a mirrorvol disk");
+    let s = Served::start_args(&sb, &[], &[]);
+    assert_eq!(sb.status()["disks"].as_array().unwrap().len(), 1);
+    drop(s);
+}

@@ -167,6 +167,15 @@ pub enum Command {
         #[arg(long)]
         disk: PathBuf,
     },
+    /// Take a disk out of the group: one that holds no plex, or a failed or
+    /// missing one whose plexes all have an in-sync copy elsewhere (they
+    /// leave their volumes). Its label is wiped when it is here, and the
+    /// group will not take it in again (mdadm --remove, vgreduce
+    /// --removemissing, zpool detach).
+    RemoveDisk {
+        /// The disk to remove: a path it has (or had, when it is missing).
+        path: PathBuf,
+    },
     /// Split the plex on a disk off into a simple volume of its own.
     Break {
         /// The mirrored volume.
@@ -657,6 +666,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Repair { .. } => "repair",
         Command::Reactivate { .. } => "reactivate",
         Command::ResolveSplitBrain { .. } => "resolve-split-brain",
+        Command::RemoveDisk { .. } => "remove-disk",
         Command::Resync { .. } => "resync",
         Command::Extend { .. } => "extend",
         Command::Delete { .. } => "delete",
@@ -904,6 +914,9 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
         Command::Copy { src, dst } => Request::Copy {
             src: absolute_endpoint(src),
             dst: absolute_endpoint(dst),
+        },
+        Command::RemoveDisk { path } => Request::RemoveDisk {
+            path: absolute(path),
         },
         Command::Resync {
             name,
@@ -1165,6 +1178,10 @@ fn execute(cli: Cli) -> Result<()> {
         }
         Command::Delete { name, force: _ } => {
             let done = through_controller(&disks, |live| live.delete_volume(&name))?;
+            print_offline(done);
+        }
+        Command::RemoveDisk { path } => {
+            let done = through_controller(&disks, |live| live.remove_disk(&path))?;
             print_offline(done);
         }
         Command::Resync { name, .. } => {

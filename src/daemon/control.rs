@@ -9,6 +9,7 @@
 //! {"op": "reactivate", "path": P}        → {"ok": true, "message": "reactivated disk P; ..."}
 //! {"op": "create", "name", "size", "copies", "disks"}
 //! {"op": "add-mirror", "name", "disk"?}  {"op": "remove-mirror", "name", "disk"}
+//! {"op": "remove-disk", "path"}
 //! {"op": "break", "name", "disk", "new_name"?, "nokeep"}
 //! {"op": "repair", "name", "disk"?}      {"op": "extend", "name", "size"}
 //! {"op": "delete", "name", "force"}      {"op": "copy", "src", "dst"}
@@ -64,6 +65,9 @@ pub enum Request {
     RemoveMirror {
         name: String,
         disk: PathBuf,
+    },
+    RemoveDisk {
+        path: PathBuf,
     },
     Break {
         name: String,

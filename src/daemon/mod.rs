@@ -739,6 +739,7 @@ fn handle(live: &Arc<LiveGroup>, server: &Server, request: control::Request) -> 
         }),
         Request::AddMirror { name, disk } => live.add_mirror(&name, disk.as_deref()).map(done),
         Request::RemoveMirror { name, disk } => live.remove_mirror(&name, &disk).map(done),
+        Request::RemoveDisk { path } => live.remove_disk(&path).map(done),
         Request::Break {
             name,
             disk,

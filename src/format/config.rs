@@ -21,7 +21,16 @@ pub struct GroupConfig {
     /// that does; its bitmap header records the size it uses.
     #[serde(default)]
     pub region_size: u64,
+    /// Disks taken out of the group with `remove-disk`, oldest first (at
+    /// most [`REMOVED_KEPT`]): one that comes back, its label unwiped, is
+    /// not taken in again. Written only when there are some (older builds
+    /// ignore the field).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<Uuid>,
 }
+
+/// Removed disks a config remembers.
+pub const REMOVED_KEPT: usize = 256;
 
 /// A disk's state as recorded in the config. `online-errors` and `offline`
 /// are runtime states and are never stored.
@@ -223,6 +232,7 @@ mod tests {
             disks: vec![disk(true)],
             volumes: Vec::new(),
             region_size: 0,
+            removed: Vec::new(),
         };
         assert!(c.retire_used_spares().is_empty());
         assert!(c.disks[0].spare);

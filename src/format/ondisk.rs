@@ -103,6 +103,20 @@ pub fn write_labels(disk: &dyn Disk, label: &Label) -> Result<(), FormatError> {
     disk.flush().map_err(io_err("flush the labels", 0))
 }
 
+/// Zeroes both label copies: the disk is no mirrorvol disk any more (its
+/// config slots and data stay, unreadable without a label).
+pub fn wipe_labels(
+    disk: &dyn Disk,
+    layout: &crate::format::layout::Layout,
+) -> Result<(), FormatError> {
+    let zeros = vec![0u8; crate::format::layout::LABEL_SIZE as usize];
+    for at in [layout.primary_label_offset(), layout.backup_label_offset()] {
+        disk.write_at(&zeros, at)
+            .map_err(io_err("wipe a label", at))?;
+    }
+    disk.flush().map_err(io_err("flush the wiped labels", 0))
+}
+
 /// A label as read from a disk, and which of its copies are good.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabelRead {

@@ -118,6 +118,7 @@ mod tests {
             }],
             volumes,
             region_size: 0,
+            removed: Vec::new(),
         };
         (c, disk)
     }

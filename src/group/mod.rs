@@ -636,6 +636,28 @@ impl Group {
             };
         }
 
+        // A disk that a config of the group says was removed (remove-disk)
+        // is not taken in again, whatever config it carries itself.
+        let removed: std::collections::BTreeSet<(Uuid, Uuid)> = found
+            .iter()
+            .filter_map(|f| f.config.as_ref())
+            .flat_map(|c| c.removed.iter().map(|d| (c.uuid, *d)))
+            .collect();
+        found.retain(|f| {
+            let gone = removed.contains(&(f.read.label.group_uuid, f.read.label.disk_uuid));
+            if gone {
+                warnings.push(format!(
+                    "disk {} was removed from its group (remove-disk) and is not taken in again; `mirrorvol init --force` labels it anew",
+                    f.path.display()
+                ));
+            }
+            !gone
+        });
+        if found.is_empty() {
+            return Err(Error::refused(
+                "every disk given was removed from its group (remove-disk); `mirrorvol init --force` labels them anew",
+            ));
+        }
         let mut groups: Vec<Uuid> = found.iter().map(|f| f.read.label.group_uuid).collect();
         groups.sort();
         groups.dedup();

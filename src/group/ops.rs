@@ -66,6 +66,7 @@ pub fn init_with(
                 disks: Vec::new(),
                 volumes: Vec::new(),
                 region_size: opts.region_size,
+                removed: Vec::new(),
             },
             members: Default::default(),
             warnings: Vec::new(),
@@ -1099,6 +1100,78 @@ impl Group {
     /// The refusals of [`Group::fail`], as the config sees the disks: the
     /// disk that `fail PATH` would fail. A running group asks its engines
     /// too (a plex they failed a moment ago may not be recorded yet).
+    /// `remove-disk PATH`: a disk that holds no plex, or one failed or
+    /// missing whose plexes all have an in-sync twin elsewhere, leaves the
+    /// group. Its plexes leave their volumes (a two-way mirror becomes a
+    /// simple volume), its UUID is remembered in the config so that it is
+    /// not taken in again should it come back, and its labels are wiped
+    /// when it is here. Returns the disk's path and the volumes that lost
+    /// a plex.
+    pub fn remove_disk(&mut self, path: &Path) -> Result<(String, Vec<String>)> {
+        let uuid = self.resolve_disk(path)?;
+        let shown = self.disk_path(uuid);
+        let holding: Vec<String> = self
+            .config
+            .volumes
+            .iter()
+            .filter(|v| v.plexes.iter().any(|p| p.disk == uuid))
+            .map(|v| v.name.clone())
+            .collect();
+        if self.disk_state(uuid) == "online" && !holding.is_empty() {
+            return Err(Error::refused(format!(
+                "disk {shown} is in service and holds copies of {}: take them off first (`mirrorvol remove-mirror NAME --disk {shown}`, or `mirrorvol replace {shown} NEW`), or `mirrorvol fail` the disk",
+                holding.join(", ")
+            )));
+        }
+        let last = self.last_copies_on(uuid);
+        if !last.is_empty() {
+            return Err(Error::refused(format!(
+                "disk {shown} holds the only copy of {} (no in-sync copy elsewhere): `mirrorvol reactivate` it to bring the data back, or `mirrorvol delete` {} first",
+                last.join(", "),
+                if last.len() == 1 {
+                    "that volume"
+                } else {
+                    "those volumes"
+                }
+            )));
+        }
+        if !self
+            .config
+            .disks
+            .iter()
+            .any(|d| d.uuid != uuid && self.is_online(d.uuid))
+        {
+            return Err(Error::refused(format!(
+                "disk {shown} is the last disk in service of group {}: removing it would leave no disk to record the group config on",
+                self.config.name
+            )));
+        }
+        for v in &mut self.config.volumes {
+            v.plexes.retain(|p| p.disk != uuid);
+        }
+        self.config.disks.retain(|d| d.uuid != uuid);
+        self.config.removed.push(uuid);
+        let excess = self
+            .config
+            .removed
+            .len()
+            .saturating_sub(crate::format::config::REMOVED_KEPT);
+        self.config.removed.drain(..excess);
+        let member = self.members.remove(&uuid);
+        if let Some(b) = &self.bitmaps {
+            b.remove(uuid);
+        }
+        self.commit()?;
+        if let Some(m) = member
+            && let Err(e) = ondisk::wipe_labels(&*m.disk, &m.label.layout)
+        {
+            self.warnings.push(format!(
+                "the labels of disk {shown} could not be wiped ({e}); it left the group all the same, and is not taken in again should it come back"
+            ));
+        }
+        Ok((shown, holding))
+    }
+
     pub fn check_fail(&self, path: &Path, force: bool) -> Result<Uuid> {
         let uuid = self.resolve_disk(path)?;
         if self.disk_state(uuid) == "failed" {

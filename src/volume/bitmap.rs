@@ -551,6 +551,14 @@ impl BitmapSet {
             .insert(disk, bitmap);
     }
 
+    /// Forgets a disk that left the group: its bitmap is written no more.
+    pub fn remove(&self, disk: Uuid) {
+        self.disks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&disk);
+    }
+
     /// Every disk's bitmap, in disk order.
     pub fn all(&self) -> Vec<(Uuid, Arc<DiskBitmap>)> {
         self.read().iter().map(|(u, b)| (*u, b.clone())).collect()

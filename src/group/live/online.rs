@@ -273,6 +273,31 @@ impl LiveGroup {
         })
     }
 
+    /// `remove-disk` (while serving, or offline through the controller): an
+    /// empty, failed or missing disk leaves the group; the plexes it held
+    /// leave their volumes' engines once no request holds them.
+    pub fn remove_disk(&self, path: &Path) -> Result<Done> {
+        let _op = self.op_lock();
+        let path = path.to_path_buf();
+        let (done, volumes) = self.ask(move |c| {
+            let (shown, volumes) = c.group.remove_disk(&path)?;
+            let mut message = format!("removed disk {shown} from group {}", c.group.config.name);
+            if !volumes.is_empty() {
+                message.push_str(&format!(
+                    "; its copies of {} are gone from those volumes",
+                    volumes.join(", ")
+                ));
+            }
+            c.retire_plexes();
+            c.emit_changes();
+            Ok((Done::new(message, &mut c.group, Vec::new()), volumes))
+        })?;
+        for v in &volumes {
+            self.drain_departed(v);
+        }
+        Ok(done)
+    }
+
     /// `break` while serving: the plex leaves the volume (its clients go
     /// on with the other plexes) and, kept, becomes a volume of its own with
     /// the data of the moment it left. Returns the new volume's name; the
