@@ -1039,3 +1039,155 @@ fn remove_disk_takes_out_empty_and_failed_disks_and_never_takes_them_back() {
     sb.mv(&["add-mirror", "data", "--disk", b])
         .refused("is not a disk of group g");
 }
+
+#[test]
+fn replace_rebuilds_a_disks_copies_on_another_and_the_old_one_leaves() {
+    let sb = Sandbox::new();
+    let paths: Vec<String> = ["a.img", "b.img", "c.img"]
+        .iter()
+        .map(|n| sb.image(n, 64))
+        .collect();
+    let (a, b, c) = (&paths[0], &paths[1], &paths[2]);
+    sb.mv_plain(&["init", a, b, c, "--style", "raw", "--group", "g"])
+        .ok();
+    sb.mv(&[
+        "create", "data", "--size", "16M", "--mirror", "--disk", a, "--disk", b,
+    ])
+    .ok();
+    sb.mv(&["create", "solo", "--size", "8M", "--disk", a]).ok();
+    let (src, want) = sb.data_file("in.bin", 16 << 20, 7);
+    sb.mv(&["copy", &src, "vol:data"]).ok();
+    let (src2, want2) = sb.data_file("in2.bin", 8 << 20, 8);
+    sb.mv(&["copy", &src2, "vol:solo"]).ok();
+
+    refused_unchanged(&sb, &["replace", a, a], "are the same disk");
+    refused_unchanged(
+        &sb,
+        &["replace", a, b],
+        "holds a copy of volume data already",
+    );
+    refused_unchanged(
+        &sb,
+        &["replace", a, &sb.p("new.img")],
+        "is not a disk of group g",
+    );
+    refused_unchanged(&sb, &["replace", a, "--cancel"], "is not being replaced");
+
+    let out = sb.mv(&["replace", a, c]).ok().stdout;
+    assert!(
+        out.contains(&format!("replaced disk {a} by {c}: it left the group")),
+        "{out}"
+    );
+    let st = sb.status();
+    let disks: Vec<&str> = st["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(disks, [b.as_str(), c.as_str()]);
+    let data = volume(&st, "data");
+    assert_eq!(data["state"], "healthy");
+    let on: Vec<&str> = data["plexes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["disk"].as_str().unwrap())
+        .collect();
+    assert_eq!(on, [b.as_str(), c.as_str()]);
+    assert_eq!(volume(&st, "solo")["plexes"][0]["disk"], c.as_str());
+    assert_eq!(sb.read_volume("data"), want);
+    assert_eq!(sb.read_volume("solo"), want2);
+    sb.mv(&["examine", a]).refused("not a mirrorvol disk");
+}
+
+/// contrib/mirrorvol@.service passes `systemd-analyze verify` (no warning
+/// either), and a group file written as contrib/mirrorvol.conf.example
+/// shows starts serve on the disks it lists, as the unit would.
+#[test]
+fn the_systemd_unit_verifies_and_its_group_file_serves() {
+    if !have_tool("systemd-analyze") {
+        return skip_or_fail("systemd-analyze is not installed");
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let unit = fs::read_to_string(format!("{root}/contrib/mirrorvol@.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/mirrorvol serve $SERVE_OPTIONS"));
+    let sb = Sandbox::new();
+    // Verified as installed, the binary where the unit says it is.
+    let at = sb.path("mirrorvol@g.service");
+    fs::write(&at, unit.replace("/usr/local/bin/mirrorvol", bin())).unwrap();
+    let v = Command::new("systemd-analyze")
+        .args(["verify", at.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&v.stderr);
+    assert!(v.status.success() && said.trim().is_empty(), "{said}");
+
+    // The group file: KEY=VALUE lines, as systemd's EnvironmentFile reads.
+    let example = fs::read_to_string(format!("{root}/contrib/mirrorvol.conf.example")).unwrap();
+    let keys: Vec<&str> = example
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+        .map(|l| l.split('=').next().unwrap())
+        .collect();
+    assert_eq!(keys, ["MIRRORVOL_DISKS", "SERVE_OPTIONS"]);
+    let a = sb.image("a.img", 64);
+    let b = sb.image("b.img", 64);
+    sb.mv_plain(&["init", &a, &b, "--style", "raw"]).ok();
+    sb.mv_plain(&[
+        "--disks",
+        &format!("{a},{b}"),
+        "create",
+        "data",
+        "--size",
+        "8M",
+        "--mirror",
+    ])
+    .ok();
+    let conf = format!(
+        "MIRRORVOL_DISKS={a},{b}\nSERVE_OPTIONS=--listen unix:{} --http 127.0.0.1:0\n",
+        sb.p("nbd.sock")
+    );
+    let env: Vec<(String, String)> = conf
+        .lines()
+        .map(|l| l.split_once('=').unwrap())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let options = &env.iter().find(|(k, _)| k == "SERVE_OPTIONS").unwrap().1;
+    let mut serve = Command::new(bin())
+        .env_remove("MIRRORVOL_DISKS")
+        .envs(env.iter().filter(|(k, _)| k != "SERVE_OPTIONS").cloned())
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
+        .arg("serve")
+        .args(options.split(' '))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sb.path("nbd.sock").exists() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "serve did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        volume(
+            &sb.mv_plain(&["--disks", &a, "status", "--json"])
+                .ok()
+                .stdout
+                .parse::<serde_json::Value>()
+                .unwrap(),
+            "data"
+        )["clients"],
+        0
+    );
+    // SIGTERM, as systemctl stop sends.
+    // SAFETY: kill(2) on the pid of the child this test started.
+    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    let out = serve.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("stopped; every volume is flushed"), "{log}");
+}

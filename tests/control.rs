@@ -411,3 +411,58 @@ fn a_failed_disk_is_removed_online_and_the_volume_goes_on_without_it() {
     assert_eq!(sb.status()["disks"].as_array().unwrap().len(), 1);
     drop(s);
 }
+
+#[test]
+fn replace_runs_online_and_the_old_disk_leaves_once_its_copies_are_in_sync() {
+    if !tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    mirror_group(&sb, 64, 16);
+    let c = sb.image("c.img", 64);
+    sb.mv(&["init", &c, "--style", "raw"]).ok();
+    let a = sb.p("disks/a.img");
+    let s = Served::start_args(&sb, &["--resync-max-rate", "4M"], &[]);
+    common::serve::qemu_io(&s.uri("data"), &["write -P 0x3c 0 16M", "flush"]);
+
+    // Started, then cancelled: a.img stays, the copy on c.img too.
+    let out = sb.mv(&["replace", &a, &c]).ok().stdout;
+    assert!(
+        out.contains("leaves the group once they are in sync"),
+        "{out}"
+    );
+    assert_eq!(disk(&sb.status(), "a.img")["replaced_by"], c.as_str());
+    sb.mv(&["replace", &a, &c]).refused("is being replaced by");
+    sb.mv(&["replace", &a, "--cancel"]).ok();
+    assert!(disk(&sb.status(), "a.img").get("replaced_by").is_none());
+    sb.mv(&["remove-mirror", "data", "--disk", &c]).ok();
+
+    // Again, to its end, while a client reads.
+    sb.mv(&["replace", &a, &c]).ok();
+    let text = sb.mv(&["status"]).ok().stdout;
+    assert!(text.contains("being replaced by"), "{text}");
+    let start = Instant::now();
+    loop {
+        let st = sb.status();
+        let gone = !st["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["path"].as_str().unwrap().ends_with("/a.img"));
+        if gone {
+            let data = volume(&st, "data");
+            assert_eq!(data["state"], "healthy", "{st:#}");
+            assert_eq!(data["plexes"].as_array().unwrap().len(), 2);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "a.img never left: {st:#}"
+        );
+        common::serve::qemu_io(&s.uri("data"), &["read -P 0x3c 0 1M"]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    common::serve::qemu_io(&s.uri("data"), &["read -P 0x3c 0 16M"]);
+    drop(s);
+    sb.mv(&["examine", &a]).refused("not a mirrorvol disk");
+}

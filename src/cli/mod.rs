@@ -167,6 +167,20 @@ pub enum Command {
         #[arg(long)]
         disk: PathBuf,
     },
+    /// Replace a disk by another of the group in one step (zpool replace,
+    /// mdadm --replace): its copies are rebuilt on NEW (under serve in the
+    /// background), and it leaves the group once they are all in sync.
+    Replace {
+        /// The disk to replace (in service, failed or missing).
+        path: PathBuf,
+        /// The disk to rebuild its copies on: a disk of the group in service
+        /// (label a new one with `init` first, or `init --spare`).
+        #[arg(required_unless_present = "cancel")]
+        new: Option<PathBuf>,
+        /// Stop replacing PATH: it stays; the copies made on NEW stay too.
+        #[arg(long, conflicts_with = "new")]
+        cancel: bool,
+    },
     /// Take a disk out of the group: one that holds no plex, or a failed or
     /// missing one whose plexes all have an in-sync copy elsewhere (they
     /// leave their volumes). Its label is wiped when it is here, and the
@@ -667,6 +681,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Reactivate { .. } => "reactivate",
         Command::ResolveSplitBrain { .. } => "resolve-split-brain",
         Command::RemoveDisk { .. } => "remove-disk",
+        Command::Replace { .. } => "replace",
         Command::Resync { .. } => "resync",
         Command::Extend { .. } => "extend",
         Command::Delete { .. } => "delete",
@@ -917,6 +932,11 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
         },
         Command::RemoveDisk { path } => Request::RemoveDisk {
             path: absolute(path),
+        },
+        Command::Replace { path, new, cancel } => Request::Replace {
+            path: absolute(path),
+            new: new.map(absolute),
+            cancel,
         },
         Command::Resync {
             name,
@@ -1183,6 +1203,36 @@ fn execute(cli: Cli) -> Result<()> {
         Command::RemoveDisk { path } => {
             let done = through_controller(&disks, |live| live.remove_disk(&path))?;
             print_offline(done);
+        }
+        Command::Replace {
+            path, cancel: true, ..
+        } => {
+            let done = through_controller(&disks, |live| live.cancel_replace(&path))?;
+            print_offline(done);
+        }
+        Command::Replace { path, new, .. } => {
+            let new =
+                new.ok_or_else(|| Error::refused("replace needs the disk to replace by: NEW"))?;
+            let (done, resynced, left) = through_controller(&disks, |live| {
+                let done = live.replace(&path, &new)?;
+                let resynced = live.resync_in_foreground(&bar)?;
+                // The last resync's worker may have finished it already.
+                live.finish_replacements();
+                let old = path.clone();
+                let left = live.with_group(move |g| g.resolve_disk(&old).is_err())?;
+                Ok((done, resynced, left))
+            })?;
+            print_resyncs(&resynced);
+            if left {
+                outln!(
+                    "replaced disk {} by {}: it left the group",
+                    path.display(),
+                    new.display()
+                );
+            } else {
+                outln!("{}", done.message);
+            }
+            warn(&done.warnings);
         }
         Command::Resync { name, .. } => {
             return Err(Error::refused(format!(

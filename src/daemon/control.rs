@@ -9,7 +9,7 @@
 //! {"op": "reactivate", "path": P}        → {"ok": true, "message": "reactivated disk P; ..."}
 //! {"op": "create", "name", "size", "copies", "disks"}
 //! {"op": "add-mirror", "name", "disk"?}  {"op": "remove-mirror", "name", "disk"}
-//! {"op": "remove-disk", "path"}
+//! {"op": "remove-disk", "path"}         {"op": "replace", "path", "new"?, "cancel"}
 //! {"op": "break", "name", "disk", "new_name"?, "nokeep"}
 //! {"op": "repair", "name", "disk"?}      {"op": "extend", "name", "size"}
 //! {"op": "delete", "name", "force"}      {"op": "copy", "src", "dst"}
@@ -68,6 +68,14 @@ pub enum Request {
     },
     RemoveDisk {
         path: PathBuf,
+    },
+    /// `replace PATH NEW`, or `replace PATH --cancel`.
+    Replace {
+        path: PathBuf,
+        #[serde(default)]
+        new: Option<PathBuf>,
+        #[serde(default)]
+        cancel: bool,
     },
     Break {
         name: String,

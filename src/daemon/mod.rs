@@ -431,6 +431,10 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     live.start_bitmap_clearing(BITMAP_CLEAR_PERIOD);
     // Plexes left resyncing or stale are resynced while clients do I/O.
     live.start_resyncs(resync);
+    // A replacement whose copies were all in sync when serve last stopped.
+    for line in live.finish_replacements() {
+        eprintln!("{line}");
+    }
     if options.hot_spares {
         live.enable_hot_spares();
     }
@@ -740,6 +744,20 @@ fn handle(live: &Arc<LiveGroup>, server: &Server, request: control::Request) -> 
         Request::AddMirror { name, disk } => live.add_mirror(&name, disk.as_deref()).map(done),
         Request::RemoveMirror { name, disk } => live.remove_mirror(&name, &disk).map(done),
         Request::RemoveDisk { path } => live.remove_disk(&path).map(done),
+        Request::Replace {
+            path,
+            cancel: true,
+            ..
+        } => live.cancel_replace(&path).map(done),
+        Request::Replace {
+            path,
+            new: Some(new),
+            ..
+        } => live.replace(&path, &new).map(done),
+        Request::Replace { path, .. } => Err(Error::refused(format!(
+            "say what to replace disk {} by (NEW), or --cancel",
+            path.display()
+        ))),
         Request::Break {
             name,
             disk,

@@ -76,6 +76,11 @@ pub struct DiskEntry {
     /// the bitmaps cannot say what it lacks.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub left_generation: u64,
+    /// `replace PATH NEW`: the disk whose copies are being rebuilt onto the
+    /// disk named here; it leaves the group once they are all in sync.
+    /// Written only while set (older builds ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_by: Option<Uuid>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +208,7 @@ mod tests {
             state_seqno: 1,
             spare,
             left_generation: 0,
+            replaced_by: None,
         }
     }
 

@@ -115,6 +115,7 @@ mod tests {
                 state_seqno: 0,
                 spare: false,
                 left_generation: 0,
+                replaced_by: None,
             }],
             volumes,
             region_size: 0,

@@ -49,6 +49,8 @@ pub struct LiveGroup {
     /// Admin operations run one after the other (each is a few messages to
     /// the controller with waits between them).
     ops: Mutex<()>,
+    /// One [`LiveGroup::finish_replacements`] at a time.
+    finishing: Mutex<()>,
     /// Where events go (set by `serve`); unset, they are only logged.
     events: Arc<OnceLock<Events>>,
 }
@@ -85,6 +87,7 @@ impl LiveGroup {
                 scrub_stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 scrub_wake: Mutex::new(None),
                 ops: Mutex::new(()),
+                finishing: Mutex::new(()),
                 events,
             }
         })
@@ -476,6 +479,22 @@ fn resync_worker(me: Weak<LiveGroup>, name: String, opts: ResyncOptions) {
             me.upgrade()
                 .and_then(|live| live.call(move |c| c.end_resync(&name, &job, result)))
         };
+        // A copy in sync may complete a `replace`: finished off this
+        // thread, since taking the old copies off pauses this resync.
+        if let Some(live) = me.upgrade()
+            && live
+                .with_group(|g| !g.ready_replacements().is_empty())
+                .unwrap_or(false)
+        {
+            let me = me.clone();
+            let _ = std::thread::Builder::new()
+                .name("replace".into())
+                .spawn(move || {
+                    if let Some(live) = me.upgrade() {
+                        live.finish_replacements();
+                    }
+                });
+        }
         match ended {
             Some(Next::GoOn) => {}
             Some(Next::FailTarget(error)) => {

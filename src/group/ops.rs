@@ -142,6 +142,7 @@ impl Group {
                 state_seqno: self.config.seqno + 1,
                 spare: opts.spare,
                 left_generation: 0,
+                replaced_by: None,
             });
             self.members.insert(
                 uuid,
@@ -1100,6 +1101,134 @@ impl Group {
     /// The refusals of [`Group::fail`], as the config sees the disks: the
     /// disk that `fail PATH` would fail. A running group asks its engines
     /// too (a plex they failed a moment ago may not be recorded yet).
+    /// `replace OLD NEW`, its first step: checks that the copies on `old`
+    /// can be rebuilt on `new` (a disk of the group in service, with room,
+    /// holding no copy of those volumes; every volume with a source in
+    /// sync), and records that `old` is being replaced. Returns the
+    /// volumes with a copy on `old`.
+    pub fn start_replace(&mut self, old: &Path, new: &Path) -> Result<Vec<String>> {
+        let o = self.resolve_disk(old)?;
+        let n = self.resolve_disk(new).map_err(|_| {
+            Error::refused(format!(
+                "{} is not a disk of group {}: label it into the group first (`mirrorvol init {}`, or `init --spare`)",
+                new.display(),
+                self.config.name,
+                new.display()
+            ))
+        })?;
+        let (os, ns) = (self.disk_path(o), self.disk_path(n));
+        if o == n {
+            return Err(Error::refused(format!(
+                "{os} and {ns} are the same disk: name another disk to replace it by"
+            )));
+        }
+        if let Some(by) = self.config.disk(o).and_then(|d| d.replaced_by) {
+            return Err(Error::refused(format!(
+                "disk {os} is being replaced by {} already; `mirrorvol replace {os} --cancel` first",
+                self.disk_path(by)
+            )));
+        }
+        if !self.is_online(n) {
+            return Err(Error::refused(format!(
+                "disk {ns} is {}: a replacement must be in service",
+                self.disk_state(n)
+            )));
+        }
+        let volumes: Vec<&VolumeEntry> = self
+            .config
+            .volumes
+            .iter()
+            .filter(|v| v.plexes.iter().any(|p| p.disk == o))
+            .collect();
+        for v in &volumes {
+            if v.plexes.iter().any(|p| p.disk == n) {
+                return Err(Error::refused(format!(
+                    "disk {ns} holds a copy of volume {} already: each copy needs a disk of its own",
+                    v.name
+                )));
+            }
+            if !v
+                .plexes
+                .iter()
+                .any(|p| self.plex_state(p.disk, p.state) == "in-sync")
+            {
+                return Err(Error::refused(format!(
+                    "volume {} has no copy in sync to rebuild from",
+                    v.name
+                )));
+            }
+        }
+        let need: u64 = volumes
+            .iter()
+            .flat_map(|v| v.plexes.iter().filter(|p| p.disk == o))
+            .map(|p| p.length)
+            .sum();
+        let room = super::alloc::free_bytes(&self.config, n);
+        if need > room {
+            return Err(Error::refused(format!(
+                "disk {ns} has {} free; the copies on {os} need {}",
+                human(room),
+                human(need)
+            )));
+        }
+        let names: Vec<String> = volumes.iter().map(|v| v.name.clone()).collect();
+        if let Some(d) = self.config.disk_mut(o) {
+            d.replaced_by = Some(n);
+        }
+        self.commit()?;
+        Ok(names)
+    }
+
+    /// `replace OLD --cancel`: OLD stays; the copies already made on its
+    /// replacement stay too, as more copies of their volumes.
+    pub fn cancel_replace(&mut self, old: &Path) -> Result<String> {
+        let o = self.resolve_disk(old)?;
+        let os = self.disk_path(o);
+        let Some(by) = self.config.disk(o).and_then(|d| d.replaced_by) else {
+            return Err(Error::refused(format!("disk {os} is not being replaced")));
+        };
+        if let Some(d) = self.config.disk_mut(o) {
+            d.replaced_by = None;
+        }
+        self.commit()?;
+        Ok(format!(
+            "disk {os} is no longer being replaced by {}; the copies made there stay (`mirrorvol remove-mirror NAME --disk {}` frees one)",
+            self.disk_path(by),
+            self.disk_path(by)
+        ))
+    }
+
+    /// The replacements whose every copy is in sync on the new disk: the
+    /// old disk's path, the new one's, and the volumes to take off the old.
+    pub fn ready_replacements(&self) -> Vec<(String, String, Vec<String>)> {
+        self.config
+            .disks
+            .iter()
+            .filter_map(|d| Some((d.uuid, d.replaced_by?)))
+            .filter(|(_, n)| self.is_online(*n))
+            .filter_map(|(o, n)| {
+                let volumes: Vec<&VolumeEntry> = self
+                    .config
+                    .volumes
+                    .iter()
+                    .filter(|v| v.plexes.iter().any(|p| p.disk == o))
+                    .collect();
+                let ready = volumes.iter().all(|v| {
+                    v.plexes
+                        .iter()
+                        .any(|p| p.disk == n && self.plex_state(p.disk, p.state) == "in-sync")
+                });
+                ready.then(|| {
+                    (
+                        self.disk_path(o),
+                        self.disk_path(n),
+                        volumes.iter().map(|v| v.name.clone()).collect(),
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// `remove-disk PATH`: a disk that holds no plex, or one failed or
     /// missing whose plexes all have an in-sync twin elsewhere, leaves the
     /// group. Its plexes leave their volumes (a two-way mirror becomes a
@@ -1150,6 +1279,12 @@ impl Group {
             v.plexes.retain(|p| p.disk != uuid);
         }
         self.config.disks.retain(|d| d.uuid != uuid);
+        // A replacement under way onto it has nowhere to go.
+        for d in &mut self.config.disks {
+            if d.replaced_by == Some(uuid) {
+                d.replaced_by = None;
+            }
+        }
         self.config.removed.push(uuid);
         let excess = self
             .config

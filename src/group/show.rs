@@ -107,10 +107,10 @@ pub fn status_text(r: &StatusReport) -> String {
     for d in &r.disks {
         disks.push(vec![
             d.path.clone(),
-            if d.spare {
-                format!("{} (hot spare)", word(d.state))
-            } else {
-                word(d.state).to_string()
+            match (&d.replaced_by, d.spare) {
+                (Some(by), _) => format!("{} (being replaced by {by})", word(d.state)),
+                (None, true) => format!("{} (hot spare)", word(d.state)),
+                (None, false) => word(d.state).to_string(),
             },
             d.controller.clone(),
             d.style.clone(),

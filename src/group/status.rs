@@ -77,6 +77,10 @@ pub struct DiskStatus {
     pub errors: u64,
     /// A hot spare: it holds no plex and waits for a repair to need it.
     pub spare: bool,
+    /// `replace`: the disk its copies are being rebuilt on; it leaves the
+    /// group once they are in sync.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaced_by: Option<String>,
     /// Bytes of the disk's data area, from which plexes are carved (the
     /// label, config slots and bitmaps take the rest of `size`).
     pub data_size: u64,
@@ -187,6 +191,7 @@ impl Group {
                 largest_free: super::alloc::largest_free(&self.config, d.uuid),
                 errors: errors_on(d.uuid),
                 spare: d.spare,
+                replaced_by: d.replaced_by.map(|n| self.disk_path(n)),
                 generation: Some(self.generation_of(d.uuid)).filter(|g| *g > 0),
                 io_engine: self
                     .members

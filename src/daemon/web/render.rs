@@ -262,7 +262,11 @@ fn disk_row(
         p = esc(path),
         s = esc(state),
         w = esc(word(state)),
-        spare = if spare { " (hot spare)" } else { "" },
+        spare = match d.get("replaced_by").and_then(Value::as_str) {
+            Some(by) => format!(" (being replaced by {})", esc(by)),
+            None if spare => " (hot spare)".to_string(),
+            None => String::new(),
+        },
         size = human(number(d, "size")),
         style = esc(text(d, "style")),
         ctl = esc(text(d, "controller")),

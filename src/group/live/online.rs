@@ -273,6 +273,78 @@ impl LiveGroup {
         })
     }
 
+    /// `replace OLD NEW`: the copies on OLD are rebuilt on NEW (in the
+    /// background under serve; the caller runs them in the foreground
+    /// offline), and OLD leaves the group once they are all in sync
+    /// ([`LiveGroup::finish_replacements`]).
+    pub fn replace(&self, old: &Path, new: &Path) -> Result<Done> {
+        let _op = self.op_lock();
+        let (old, new) = (old.to_path_buf(), new.to_path_buf());
+        self.ask(move |c| {
+            let volumes = c.changed(|g| g.start_replace(&old, &new))?;
+            let mut warnings = Vec::new();
+            for v in &volumes {
+                c.changed(|g| g.add_resyncing_plex(v, Some(&new)))?;
+                warnings.extend(c.group.mirror_warnings(v));
+            }
+            c.resume_resyncs();
+            let g = &c.group;
+            let (os, ns) = (
+                g.disk_path(g.resolve_disk(&old)?),
+                g.disk_path(g.resolve_disk(&new)?),
+            );
+            let message = if volumes.is_empty() {
+                format!("disk {os} holds no copy: it leaves the group, replaced by {ns}")
+            } else {
+                format!(
+                    "replacing disk {os} by {ns}: the copies of {} are rebuilt on {ns}, and {os} leaves the group once they are in sync",
+                    volumes.join(", ")
+                )
+            };
+            Ok(Done::new(message, &mut c.group, warnings))
+        })
+    }
+
+    /// `replace OLD --cancel`.
+    pub fn cancel_replace(&self, old: &Path) -> Result<Done> {
+        let _op = self.op_lock();
+        let old = old.to_path_buf();
+        self.ask(move |c| {
+            let message = c.changed(|g| g.cancel_replace(&old))?;
+            Ok(Done::new(message, &mut c.group, Vec::new()))
+        })
+    }
+
+    /// Ends every replacement whose copies are all in sync on the new
+    /// disk: the old disk's copies leave their volumes, then the disk
+    /// leaves the group. Returns what was done, a line each.
+    pub fn finish_replacements(&self) -> Vec<String> {
+        let _one = self.finishing.lock().unwrap_or_else(|e| e.into_inner());
+        let ready = self
+            .with_group(|g| g.ready_replacements())
+            .unwrap_or_default();
+        let mut done = Vec::new();
+        'each: for (old, new, volumes) in ready {
+            for v in &volumes {
+                if let Err(e) = self.remove_mirror(v, Path::new(&old)) {
+                    tracing::error!(disk = %old, volume = %v, error = %e, "the replaced disk's copy could not be taken off");
+                    continue 'each;
+                }
+            }
+            match self.remove_disk(Path::new(&old)) {
+                Ok(_) => {
+                    let line = format!("replaced disk {old} by {new}");
+                    tracing::info!("{line}");
+                    done.push(line);
+                }
+                Err(e) => {
+                    tracing::error!(disk = %old, error = %e, "the replaced disk could not leave the group")
+                }
+            }
+        }
+        done
+    }
+
     /// `remove-disk` (while serving, or offline through the controller): an
     /// empty, failed or missing disk leaves the group; the plexes it held
     /// leave their volumes' engines once no request holds them.
