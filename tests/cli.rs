@@ -1154,7 +1154,7 @@ fn the_systemd_unit_verifies_and_its_group_file_serves() {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let options = &env.iter().find(|(k, _)| k == "SERVE_OPTIONS").unwrap().1;
-    let mut serve = Command::new(bin())
+    let serve = Command::new(bin())
         .env_remove("MIRRORVOL_DISKS")
         .envs(env.iter().filter(|(k, _)| k != "SERVE_OPTIONS").cloned())
         .env("MIRRORVOL_RUN_DIR", sb.path("run"))
