@@ -1191,3 +1191,43 @@ fn the_systemd_unit_verifies_and_its_group_file_serves() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("stopped; every volume is flushed"), "{log}");
 }
+
+#[test]
+fn history_records_each_command_that_changed_the_config_with_who_and_where() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&["create", "data", "--size", "8M", "--mirror"]).ok();
+    // A refusal changes nothing, and is not recorded.
+    sb.mv(&["extend", "data", "--size", "16M"])
+        .refused("mirror");
+    sb.mv(&["create", "v2", "--size", "4M"]).ok();
+    let h: serde_json::Value =
+        serde_json::from_str(&sb.mv(&["history", "--json"]).ok().stdout).unwrap();
+    let commands: Vec<&str> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["command"].as_str().unwrap())
+        .collect();
+    assert_eq!(commands.len(), 5, "{h:#}");
+    assert!(commands[0].starts_with("mirrorvol init "), "{commands:?}");
+    assert_eq!(commands[3], "mirrorvol create data --size 8M --mirror");
+    assert_eq!(commands[4], "mirrorvol create v2 --size 4M");
+    let seqnos: Vec<u64> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seqno"].as_u64().unwrap())
+        .collect();
+    assert!(seqnos.windows(2).all(|w| w[0] < w[1]), "{seqnos:?}");
+    let last = &h[4];
+    assert_eq!(last["user"], "root");
+    assert!(!last["host"].as_str().unwrap().is_empty());
+    assert!(last["time"].as_u64().unwrap() > 1_700_000_000);
+    let text = sb.mv(&["history"]).ok().stdout;
+    assert!(text.contains("root@"), "{text}");
+    assert!(
+        text.trim_end().ends_with("mirrorvol create v2 --size 4M"),
+        "{text}"
+    );
+}

@@ -466,3 +466,43 @@ fn replace_runs_online_and_the_old_disk_leaves_once_its_copies_are_in_sync() {
     drop(s);
     sb.mv(&["examine", &a]).refused("not a mirrorvol disk");
 }
+
+#[test]
+fn history_records_requests_through_the_daemon_with_their_caller() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 64, 16);
+    let s = Served::start_args(&sb, &[], &[]);
+    let b = sb.p("disks/b.img");
+    sb.mv(&["fail", &b]).ok();
+    sb.mv(&["fail", &b]).refused("already failed");
+    sb.mv(&["reactivate", &b]).ok();
+    let h: serde_json::Value =
+        serde_json::from_str(&sb.mv(&["history", "--json"]).ok().stdout).unwrap();
+    let commands: Vec<&str> = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["command"].as_str().unwrap())
+        .collect();
+    let n = commands.len();
+    assert_eq!(
+        &commands[n - 2..],
+        [
+            format!("mirrorvol fail {b} (control socket)"),
+            format!("mirrorvol reactivate {b} (control socket)")
+        ],
+        "{h:#}"
+    );
+    assert_eq!(
+        h[n - 1]["user"],
+        "root",
+        "the peer's user, from SO_PEERCRED"
+    );
+    drop(s);
+    // Kept on the disks: read back offline.
+    let text = sb.mv(&["history"]).ok().stdout;
+    assert!(
+        text.contains(&format!("mirrorvol reactivate {b} (control socket)")),
+        "{text}"
+    );
+}

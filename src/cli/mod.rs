@@ -295,6 +295,13 @@ pub enum Command {
         #[arg(long)]
         test: bool,
     },
+    /// Show the configuration changes recorded in the group's config: when,
+    /// which config, who (user@host) and the command (zpool history)
+    History {
+        /// Print JSON: an array of {time, seqno, command, user, host}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the label and config on one disk.
     Examine {
         /// The disk to read.
@@ -570,7 +577,28 @@ pub fn main() -> i32 {
     };
     // Every command logs to stderr what MIRRORVOL_LOG asks for (serve too).
     crate::daemon::start_log();
+    // The config's history records this command line with its first change
+    // (serve's own changes are no command: its requests are recorded one
+    // by one).
+    if !matches!(cli.command, Command::Serve { .. }) {
+        record_command_line();
+    }
     run(cli)
+}
+
+/// Names this process's command line as who changes the config.
+fn record_command_line() {
+    let line: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            if a.is_empty() || a.contains(char::is_whitespace) {
+                format!("'{a}'")
+            } else {
+                a
+            }
+        })
+        .collect();
+    crate::group::history::set_process_actor(format!("mirrorvol {}", line.join(" ")));
 }
 
 /// Writes to stdout for [`out!`] and [`outln!`].
@@ -681,6 +709,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Reactivate { .. } => "reactivate",
         Command::ResolveSplitBrain { .. } => "resolve-split-brain",
         Command::RemoveDisk { .. } => "remove-disk",
+        Command::History { .. } => "history",
         Command::Replace { .. } => "replace",
         Command::Resync { .. } => "resync",
         Command::Extend { .. } => "extend",
@@ -855,6 +884,11 @@ fn print_report(json: bool, value: Option<serde_json::Value>, text: Option<Strin
 fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
     use control::Request;
     let request = match command {
+        Command::History { json } => {
+            let r = ask(h, &Request::History)?;
+            print_report(json, r.report, r.text);
+            return Ok(());
+        }
         Command::Status { json, test } => {
             let r = ask(h, &Request::Status)?;
             let issues = match (test, &r.status) {
@@ -1203,6 +1237,18 @@ fn execute(cli: Cli) -> Result<()> {
         Command::RemoveDisk { path } => {
             let done = through_controller(&disks, |live| live.remove_disk(&path))?;
             print_offline(done);
+        }
+        Command::History { json } => {
+            let g = assemble(&disks)?;
+            let h = &g.config.history;
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::to_string_pretty(h).expect("the history serializes")
+                );
+            } else {
+                out!("{}", crate::group::history::text(h));
+            }
         }
         Command::Replace {
             path, cancel: true, ..

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! {"op": "status"}                       → {"ok": true, "status": {...}, "text": "..."}
+//! {"op": "history"}                      → {"ok": true, "report": [...], "text": "..."}
 //! {"op": "fail", "path": P, "force": B}  → {"ok": true, "message": "marked disk P failed"}
 //! {"op": "reactivate", "path": P}        → {"ok": true, "message": "reactivated disk P; ..."}
 //! {"op": "create", "name", "size", "copies", "disks"}
@@ -42,6 +43,8 @@ use crate::{Error, Result};
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
     Status,
+    /// `history`: the config's record of changes.
+    History,
     Fail {
         path: PathBuf,
         #[serde(default)]
@@ -140,6 +143,99 @@ pub enum Request {
 }
 
 impl Request {
+    /// The command line the request stands for, for the history; None for
+    /// what changes no config (status, history, copy, scrub).
+    pub fn command_line(&self) -> Option<String> {
+        let p = |p: &Path| p.display().to_string();
+        let opt = |flag: &str, v: &Option<String>| {
+            v.as_ref()
+                .map(|v| format!(" {flag} {v}"))
+                .unwrap_or_default()
+        };
+        let optp = |flag: &str, v: &Option<PathBuf>| opt(flag, &v.as_deref().map(p));
+        let on = |flag: &str, b: bool| if b { format!(" {flag}") } else { String::new() };
+        let line = match self {
+            Request::Status | Request::History | Request::Copy { .. } | Request::Scrub { .. } => {
+                return None;
+            }
+            Request::Fail { path, force } => format!("fail {}{}", p(path), on("--force", *force)),
+            Request::Reactivate { path } => format!("reactivate {}", p(path)),
+            Request::Create {
+                name,
+                size,
+                copies,
+                disks,
+            } => format!(
+                "create {name} --size {size}{}{}",
+                if *copies > 1 {
+                    format!(" --mirror --copies {copies}")
+                } else {
+                    String::new()
+                },
+                disks
+                    .iter()
+                    .map(|d| format!(" --disk {}", p(d)))
+                    .collect::<String>()
+            ),
+            Request::AddMirror { name, disk } => {
+                format!("add-mirror {name}{}", optp("--disk", disk))
+            }
+            Request::RemoveMirror { name, disk } => {
+                format!("remove-mirror {name} --disk {}", p(disk))
+            }
+            Request::RemoveDisk { path } => format!("remove-disk {}", p(path)),
+            Request::Replace { path, new, cancel } => format!(
+                "replace {}{}{}",
+                p(path),
+                new.as_deref()
+                    .map(|n| format!(" {}", p(n)))
+                    .unwrap_or_default(),
+                on("--cancel", *cancel)
+            ),
+            Request::Break {
+                name,
+                disk,
+                new_name,
+                nokeep,
+            } => format!(
+                "break {name} --disk {}{}{}",
+                p(disk),
+                opt("--new-name", new_name),
+                on("--nokeep", *nokeep)
+            ),
+            Request::Repair { name, disk } => format!("repair {name}{}", optp("--disk", disk)),
+            Request::Extend { name, size } => format!("extend {name} --size {size}"),
+            Request::Delete { name, force } => format!("delete {name}{}", on("--force", *force)),
+            Request::ResolveSplitBrain { keep } => {
+                format!("resolve-split-brain --keep {}", p(keep))
+            }
+            Request::Resync { name, action, rate } => format!(
+                "resync {name}{}{}",
+                action
+                    .as_ref()
+                    .map(|a| format!(" --{a}"))
+                    .unwrap_or_default(),
+                rate.map(|r| format!(" --rate {r}")).unwrap_or_default()
+            ),
+            Request::Init {
+                paths,
+                style,
+                controller,
+                group,
+                force,
+                spare,
+            } => format!(
+                "init {} --style {style}{}{}{}{}",
+                paths.iter().map(|x| p(x)).collect::<Vec<_>>().join(" "),
+                opt("--controller", controller),
+                opt("--group", group),
+                on("--force", *force),
+                on("--spare", *spare)
+            ),
+        };
+        Some(format!("mirrorvol {line}"))
+    }
+
     /// How long the caller waits for the answer: operations answer at once
     /// (resyncs run in the background), but a config commit under a slow
     /// disk may take a while, and a scrub or copy runs to its end.
@@ -258,8 +354,47 @@ pub struct ControlSocket {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Handles one request.
-pub type Handler = Arc<dyn Fn(Request) -> Response + Send + Sync>;
+/// Handles one request from a caller.
+pub type Handler = Arc<dyn Fn(Request, &Caller) -> Response + Send + Sync>;
+
+/// Who sent a request: the history records them with what they changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The user id of the process on the other end (None: not known).
+    pub uid: Option<u32>,
+    /// How the request came: `control socket` or `web view`.
+    pub via: &'static str,
+}
+
+impl Caller {
+    /// The caller of the web view (who holds the token, if actions).
+    pub fn web() -> Caller {
+        Caller {
+            uid: None,
+            via: "web view",
+        }
+    }
+}
+
+/// The user id of the process on the other end of `conn` (SO_PEERCRED).
+fn peer_uid(conn: &UnixStream) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed ucred is a valid out-parameter.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the descriptor is open for the call, and `cred` is valid for
+    // the length passed.
+    let r = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(cred.uid)
+}
 
 impl ControlSocket {
     /// Binds `path` (creating its directory 0700) and answers each
@@ -323,14 +458,20 @@ impl ControlSocket {
 }
 
 /// Reads one request from a connection and writes the answer.
-fn answer(conn: UnixStream, handler: &(dyn Fn(Request) -> Response + Send + Sync)) {
+fn answer(conn: UnixStream, handler: &(dyn Fn(Request, &Caller) -> Response + Send + Sync)) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     let mut line = String::new();
     if BufReader::new(&conn).read_line(&mut line).is_err() || line.trim().is_empty() {
         return;
     }
     let response = match decode_request(&line) {
-        Ok(request) => handler(request),
+        Ok(request) => handler(
+            request,
+            &Caller {
+                uid: peer_uid(&conn),
+                via: "control socket",
+            },
+        ),
         Err(e) => Response::from_error(&e),
     };
     let _ = (&conn).write_all(encode(&response).as_bytes());
@@ -418,7 +559,7 @@ mod tests {
     fn a_bound_socket_answers_and_is_removed_on_drop() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/ctl.sock");
-        let handler: Handler = Arc::new(|r| match r {
+        let handler: Handler = Arc::new(|r, _| match r {
             Request::Status => Response::message("status"),
             _ => Response::from_error(&Error::refused("not here")),
         });

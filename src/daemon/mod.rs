@@ -622,10 +622,12 @@ fn resync_control(
 fn control_handler(live: &Arc<LiveGroup>, server: &Arc<Server>) -> control::Handler {
     let me = Arc::downgrade(live);
     let server = Arc::downgrade(server);
-    Arc::new(move |request| match (me.upgrade(), server.upgrade()) {
-        (Some(live), Some(server)) => handle(&live, &server, request),
-        _ => control::Response::from_error(&Error::refused("mirrorvol serve is stopping")),
-    })
+    Arc::new(
+        move |request, caller| match (me.upgrade(), server.upgrade()) {
+            (Some(live), Some(server)) => handle(&live, &server, request, caller),
+            _ => control::Response::from_error(&Error::refused("mirrorvol serve is stopping")),
+        },
+    )
 }
 
 /// Binds the web view's address: loopback unless `insecure` (the page
@@ -712,9 +714,41 @@ fn refuse_clients(server: &Server, name: &str, doing: &str) -> Result<()> {
 }
 
 /// Runs one control request on the live group.
-fn handle(live: &Arc<LiveGroup>, server: &Server, request: control::Request) -> control::Response {
+/// Admin requests that change the config run one at a time, so that the
+/// history records each with its own caller.
+static ACTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn handle(
+    live: &Arc<LiveGroup>,
+    server: &Server,
+    request: control::Request,
+    caller: &control::Caller,
+) -> control::Response {
+    let Some(line) = request.command_line() else {
+        return handle_request(live, server, request);
+    };
+    let _acting = ACTING.lock().unwrap_or_else(|e| e.into_inner());
+    let actor = crate::group::history::Actor::peer(format!("{line} ({})", caller.via), caller.uid);
+    live.set_actor(Some(actor));
+    let response = handle_request(live, server, request);
+    // A request refused before its first commit recorded nothing.
+    live.set_actor(None);
+    response
+}
+
+fn handle_request(
+    live: &Arc<LiveGroup>,
+    server: &Server,
+    request: control::Request,
+) -> control::Response {
     use control::{Request, Response};
     let result = match request {
+        Request::History => live.with_group(|g| g.config.history.clone()).map(|h| Response {
+            ok: true,
+            report: Some(serde_json::to_value(&h).expect("the history serializes")),
+            text: Some(crate::group::history::text(&h)),
+            ..Response::default()
+        }),
         Request::Status => {
             let mut report = match live.status() {
                 Ok(r) => r,

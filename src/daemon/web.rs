@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use self::render::{Offer, esc};
-use super::control::{Handler, Request, Response};
+use super::control::{Caller, Handler, Request, Response};
 use crate::group::events::Events;
 use crate::{Error, Result};
 
@@ -366,7 +366,7 @@ impl Shared {
 
     /// The group's status, as `status --json` prints it.
     fn status(&self) -> std::result::Result<Value, String> {
-        let r = (self.handler)(Request::Status);
+        let r = (self.handler)(Request::Status, &Caller::web());
         match (r.ok, r.status) {
             (true, Some(s)) => Ok(s),
             _ => Err(r
@@ -663,7 +663,7 @@ fn act(shared: &Arc<Shared>, form: &[(String, String)]) -> (u16, String) {
                 return (200, shared.page(Some(("ok", &banner)), offer));
             }
         },
-        _ => (shared.handler)(action.request),
+        _ => (shared.handler)(action.request, &Caller::web()),
     };
     if r.ok {
         let mut text = r.message.or(r.text).unwrap_or_else(|| "Done.".into());
@@ -691,7 +691,7 @@ fn scrub(shared: &Arc<Shared>, name: &str, request: Request) -> Option<Response>
     let spawned = std::thread::Builder::new()
         .name("web-scrub".into())
         .spawn(move || {
-            let r = (runner.handler)(request);
+            let r = (runner.handler)(request, &Caller::web());
             if let Err(crossbeam_channel::SendError(r)) = tx.send(r)
                 && let Some(e) = r.error
             {
@@ -942,7 +942,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
-        let handler: Handler = Arc::new(move |r: Request| {
+        let handler: Handler = Arc::new(move |r: Request, _: &Caller| {
             log.lock().unwrap().push(r.clone());
             match r {
                 Request::Status => Response {
@@ -1222,7 +1222,7 @@ mod tests {
     #[test]
     fn a_wildcard_address_needs_the_hosts_named_and_two_hosts_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let handler: Handler = Arc::new(|_| Response::message("x"));
+        let handler: Handler = Arc::new(|_, _| Response::message("x"));
         let options = |allow: Vec<String>| WebOptions {
             actions: false,
             token_file: dir.path().join("t"),

@@ -27,6 +27,22 @@ pub struct GroupConfig {
     /// ignore the field).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<Uuid>,
+    /// The commands that changed the config, oldest first (the last 200;
+    /// see `group::history`). Written only when there are some.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// One recorded configuration change (`mirrorvol history`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Unix seconds.
+    pub time: u64,
+    /// The config seqno the change was written with.
+    pub seqno: u64,
+    pub command: String,
+    pub user: String,
+    pub host: String,
 }
 
 /// Removed disks a config remembers.
@@ -239,6 +255,7 @@ mod tests {
             volumes: Vec::new(),
             region_size: 0,
             removed: Vec::new(),
+            history: Vec::new(),
         };
         assert!(c.retire_used_spares().is_empty());
         assert!(c.disks[0].spare);

@@ -120,6 +120,7 @@ mod tests {
             volumes,
             region_size: 0,
             removed: Vec::new(),
+            history: Vec::new(),
         };
         (c, disk)
     }

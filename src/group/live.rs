@@ -179,6 +179,12 @@ impl LiveGroup {
         self.ask(move |c| c.control_resync(&name, ask))
     }
 
+    /// Who the next config change is recorded as, in the history (None:
+    /// no one, once a request is done).
+    pub fn set_actor(&self, actor: Option<crate::group::history::Actor>) {
+        self.send(move |c| c.group.actor = actor);
+    }
+
     /// The progress of the background resync of `volume`, if one runs.
     pub fn resync_progress(&self, volume: &str) -> Option<Arc<ResyncProgress>> {
         let volume = volume.to_string();

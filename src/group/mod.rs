@@ -30,6 +30,7 @@ pub mod bitmap;
 pub mod claim;
 pub mod events;
 mod generation;
+pub mod history;
 pub mod holder;
 pub mod io;
 pub mod live;
@@ -142,7 +143,14 @@ pub struct Group {
     /// The claim on the disks while this process holds the group for
     /// writing ([`Group::claim`]); released when the group is dropped.
     pub claim: Option<claim::Claim>,
+    /// Who the next commit records in the history (a request of `serve`'s
+    /// control socket); taken by that commit. None: the process's own
+    /// command, once ([`history::process_actor`]).
+    pub actor: Option<history::Actor>,
 }
+
+/// The process's own command is recorded in the history once.
+static PROCESS_RECORDED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// A path given as a disk of the group that could not be read.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -837,6 +845,7 @@ impl Group {
             keeper: None,
             generation_stale: false,
             claim: None,
+            actor: None,
         };
         group.judge_generations();
         Ok(Some(group))
@@ -978,6 +987,15 @@ impl Group {
     pub fn commit(&mut self) -> Result<()> {
         // A spare that received a plex is an active member from this commit on.
         self.config.retire_used_spares();
+        // The command making this change, in the history, once.
+        let actor = self.actor.take().or_else(|| {
+            let process = history::process_actor()?;
+            (!PROCESS_RECORDED.swap(true, std::sync::atomic::Ordering::SeqCst))
+                .then(|| process.clone())
+        });
+        if let Some(a) = actor {
+            history::record(&mut self.config.history, a.entry(self.config.seqno + 1));
+        }
         // Hung disks holding a last copy: not asked again in this commit.
         let mut behind: std::collections::BTreeSet<Uuid> = Default::default();
         loop {

@@ -67,6 +67,7 @@ pub fn init_with(
                 volumes: Vec::new(),
                 region_size: opts.region_size,
                 removed: Vec::new(),
+                history: Vec::new(),
             },
             members: Default::default(),
             warnings: Vec::new(),
@@ -78,6 +79,7 @@ pub fn init_with(
             keeper: None,
             generation_stale: false,
             claim: None,
+            actor: None,
         },
     };
     group.add_disks(disks, opts)?;
