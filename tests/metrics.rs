@@ -369,3 +369,74 @@ fn a_resync_shows_its_progress_and_rate() {
     assert!(find(&m, "mirrorvol_resync_rate_bytes_per_second", &a).is_empty());
     assert_eq!(s.stop().0, 0);
 }
+
+#[test]
+fn iostat_shows_each_disk_and_volume_from_the_daemons_counters() {
+    if !tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    mirror_group(&sb, 64, 16);
+    sb.mv(&["iostat"]).refused("no serve holds the group");
+    let s = Served::start_args(&sb, &[], &[]);
+    sb.mv(&["iostat", "--count", "2"])
+        .refused("--count needs --interval");
+    sb.mv(&["iostat", "--interval", "0"])
+        .refused("out of range");
+    ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 7 0 3M",
+        "-c",
+        "read -P 7 0 1M",
+        &s.uri("data"),
+    ]));
+    let first: serde_json::Value =
+        serde_json::from_str(sb.mv(&["iostat", "--json"]).ok().stdout.trim()).unwrap();
+    assert!(first["interval"].is_null(), "totals first: {first:#}");
+    let vol = &first["volumes"][0];
+    assert_eq!(vol["name"], "data");
+    assert_eq!(vol["written_bytes"], (3u64 << 20) as f64, "{first:#}");
+    assert_eq!(vol["read_bytes"], (1u64 << 20) as f64);
+    for d in first["disks"].as_array().unwrap() {
+        assert!(
+            d["written_bytes"].as_f64().unwrap() >= (3u64 << 20) as f64,
+            "{d:#}"
+        );
+        assert!(d["writes"].as_f64().unwrap() >= 1.0);
+    }
+    // Rates over an interval, while a client writes 8 MiB in it.
+    let out = sb.path("iostat.out");
+    let mut iostat = Command::new(common::bin())
+        .env("MIRRORVOL_DISKS", sb.disks_dir())
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .args(["iostat", "--interval", "2", "--count", "2", "--json"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 8 4M 8M", &s.uri("data")]));
+    assert!(iostat.wait().unwrap().success());
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let rates = &lines[1];
+    let secs = rates["interval"].as_f64().unwrap();
+    assert!((1.9..4.0).contains(&secs), "{rates:#}");
+    let written = rates["volumes"][0]["written_bytes"].as_f64().unwrap() * secs;
+    assert!(
+        (written - (8u64 << 20) as f64).abs() < 1.0,
+        "8 MiB in the interval: {rates:#}"
+    );
+    let text = sb.mv(&["iostat"]).ok().stdout;
+    assert!(text.starts_with("since serve opened the disks:"), "{text}");
+    assert!(
+        text.contains("DISK") && text.contains("VOLUME") && text.contains("data"),
+        "{text}"
+    );
+    drop(s);
+}

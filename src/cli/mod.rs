@@ -39,6 +39,7 @@ macro_rules! outln {
 
 pub mod demo;
 pub mod examine;
+pub mod iostat;
 pub mod test_mirrors;
 
 #[derive(Debug, Parser)]
@@ -294,6 +295,20 @@ pub enum Command {
         /// (as `mdadm --detail --test`), for scripts and monitoring.
         #[arg(long)]
         test: bool,
+    },
+    /// Show the I/O of every disk and volume under serve (iostat): the
+    /// totals since serve opened the disks, then, with --interval, the rates
+    /// over each interval
+    Iostat {
+        /// Seconds between reports (0.1 to 86400); without it, one report.
+        #[arg(long, value_name = "S")]
+        interval: Option<f64>,
+        /// Reports to print, the first included (default: until interrupted).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Print each report as one line of JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the configuration changes recorded in the group's config: when,
     /// which config, who (user@host) and the command (zpool history)
@@ -710,6 +725,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::ResolveSplitBrain { .. } => "resolve-split-brain",
         Command::RemoveDisk { .. } => "remove-disk",
         Command::History { .. } => "history",
+        Command::Iostat { .. } => "iostat",
         Command::Replace { .. } => "replace",
         Command::Resync { .. } => "resync",
         Command::Extend { .. } => "extend",
@@ -884,6 +900,38 @@ fn print_report(json: bool, value: Option<serde_json::Value>, text: Option<Strin
 fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
     use control::Request;
     let request = match command {
+        Command::Iostat {
+            interval,
+            count,
+            json,
+        } => {
+            iostat::check(interval, count)?;
+            let sample = || -> Result<serde_json::Value> {
+                ask(h, &Request::Iostat)?
+                    .report
+                    .ok_or_else(|| Error::failed("the daemon sent no counters"))
+            };
+            let mut earlier: Option<serde_json::Value> = None;
+            let mut printed = 0u64;
+            loop {
+                let now = sample()?;
+                let r = iostat::report(&now, earlier.as_ref());
+                if json {
+                    outln!("{r}");
+                } else {
+                    if printed > 0 {
+                        outln!();
+                    }
+                    out!("{}", iostat::table(&r));
+                }
+                printed += 1;
+                let (Some(every), true) = (interval, count.is_none_or(|c| printed < c)) else {
+                    return Ok(());
+                };
+                earlier = Some(now);
+                std::thread::sleep(std::time::Duration::from_secs_f64(every));
+            }
+        }
         Command::History { json } => {
             let r = ask(h, &Request::History)?;
             print_report(json, r.report, r.text);
@@ -1237,6 +1285,14 @@ fn execute(cli: Cli) -> Result<()> {
         Command::RemoveDisk { path } => {
             let done = through_controller(&disks, |live| live.remove_disk(&path))?;
             print_offline(done);
+        }
+        Command::Iostat {
+            interval, count, ..
+        } => {
+            iostat::check(interval, count)?;
+            return Err(Error::refused(
+                "iostat reads the counters of mirrorvol serve, and no serve holds the group of --disks",
+            ));
         }
         Command::History { json } => {
             let g = assemble(&disks)?;

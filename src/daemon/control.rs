@@ -6,6 +6,7 @@
 //! ```text
 //! {"op": "status"}                       → {"ok": true, "status": {...}, "text": "..."}
 //! {"op": "history"}                      → {"ok": true, "report": [...], "text": "..."}
+//! {"op": "iostat"}                       → {"ok": true, "report": {"time", "disks": [...], "volumes": [...]}}
 //! {"op": "fail", "path": P, "force": B}  → {"ok": true, "message": "marked disk P failed"}
 //! {"op": "reactivate", "path": P}        → {"ok": true, "message": "reactivated disk P; ..."}
 //! {"op": "create", "name", "size", "copies", "disks"}
@@ -45,6 +46,9 @@ pub enum Request {
     Status,
     /// `history`: the config's record of changes.
     History,
+    /// `iostat`: the I/O counters of every disk and volume since `serve`
+    /// opened them.
+    Iostat,
     Fail {
         path: PathBuf,
         #[serde(default)]
@@ -155,7 +159,11 @@ impl Request {
         let optp = |flag: &str, v: &Option<PathBuf>| opt(flag, &v.as_deref().map(p));
         let on = |flag: &str, b: bool| if b { format!(" {flag}") } else { String::new() };
         let line = match self {
-            Request::Status | Request::History | Request::Copy { .. } | Request::Scrub { .. } => {
+            Request::Status
+            | Request::History
+            | Request::Iostat
+            | Request::Copy { .. }
+            | Request::Scrub { .. } => {
                 return None;
             }
             Request::Fail { path, force } => format!("fail {}{}", p(path), on("--force", *force)),

@@ -409,6 +409,67 @@ pub fn scrape(live: &Arc<LiveGroup>, server: &Arc<Server>) -> Scrape {
     })
 }
 
+/// The counters `iostat` reads: every disk's (as the metrics show them) and
+/// every volume's, with the time they were read (Unix seconds).
+pub fn iostat(live: &LiveGroup) -> serde_json::Value {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let status = live.status().ok();
+    let path_of = |uuid: uuid::Uuid, q: &crate::volume::queue::DiskQueue| {
+        status
+            .as_ref()
+            .and_then(|s| s.disks.iter().find(|d| d.uuid == uuid))
+            .map_or_else(|| q.name().to_string(), |d| d.path.clone())
+    };
+    let mut queues = live.disk_queues();
+    // In the order status lists the disks.
+    let rank = |u: &uuid::Uuid| {
+        status
+            .as_ref()
+            .and_then(|s| s.disks.iter().position(|d| d.uuid == *u))
+            .unwrap_or(usize::MAX)
+    };
+    queues.sort_by_key(|(u, _)| rank(u));
+    let disks: Vec<serde_json::Value> = queues
+        .into_iter()
+        .map(|(uuid, q)| {
+            let s = q.stats();
+            serde_json::json!({
+                "path": path_of(uuid, &q),
+                "reads": s.ops(OpKind::Read),
+                "writes": s.ops(OpKind::Write),
+                "flushes": s.ops(OpKind::Flush),
+                "zeroes": s.ops(OpKind::Zeroes),
+                "read_bytes": load(&s.read_bytes),
+                "written_bytes": load(&s.written_bytes),
+                "zeroed_bytes": load(&s.zeroed_bytes),
+                "errors": load(&s.errors),
+                "timeouts": load(&s.timeouts),
+                "read_seconds": s.latency[OpKind::Read as usize].sum(),
+                "write_seconds": s.latency[OpKind::Write as usize].sum(),
+                "in_flight": q.pending(),
+            })
+        })
+        .collect();
+    let volumes: Vec<serde_json::Value> = live
+        .volume_names()
+        .into_iter()
+        .filter_map(|n| live.volume(&n))
+        .map(|v| {
+            serde_json::json!({
+                "name": v.name,
+                "reads": load(&v.io.reads),
+                "writes": load(&v.io.writes),
+                "read_bytes": load(&v.io.read_bytes),
+                "written_bytes": load(&v.io.written_bytes),
+            })
+        })
+        .collect();
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    serde_json::json!({"time": time, "disks": disks, "volumes": volumes})
+}
+
 /// The HTTP endpoint; it stops when dropped.
 pub struct MetricsEndpoint {
     http: Arc<tiny_http::Server>,

@@ -743,6 +743,11 @@ fn handle_request(
 ) -> control::Response {
     use control::{Request, Response};
     let result = match request {
+        Request::Iostat => Ok(Response {
+            ok: true,
+            report: Some(metrics::iostat(live)),
+            ..Response::default()
+        }),
         Request::History => live.with_group(|g| g.config.history.clone()).map(|h| Response {
             ok: true,
             report: Some(serde_json::to_value(&h).expect("the history serializes")),

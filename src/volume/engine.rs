@@ -300,6 +300,16 @@ fn push_run(out: &mut Vec<(u64, bool)>, n: u64, v: bool) {
 /// disks' extents; a client asks again from where the answer stops.
 const MAX_ALLOCATION_STEPS: usize = 4096;
 
+/// Requests the users of a volume submitted (clients, `copy`; a resync's
+/// or a scrub's own I/O is not counted), for `iostat`.
+#[derive(Debug, Default)]
+pub struct VolumeIo {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub written_bytes: AtomicU64,
+}
+
 /// A volume served by the engine.
 pub struct MirrorVolume {
     pub name: String,
@@ -317,6 +327,8 @@ pub struct MirrorVolume {
     /// Requests submitted by users of the volume (not by a resync): a
     /// resync backs off while it moves.
     foreground: AtomicU64,
+    /// What the volume's users asked of it (`iostat`).
+    pub io: VolumeIo,
 }
 
 impl std::fmt::Debug for MirrorVolume {
@@ -347,6 +359,7 @@ impl MirrorVolume {
             rotate: AtomicUsize::new(0),
             intent: std::sync::OnceLock::new(),
             foreground: AtomicU64::new(0),
+            io: VolumeIo::default(),
         })
     }
 
@@ -589,6 +602,8 @@ impl MirrorVolume {
             return done(Err(e));
         }
         let len = data.len() as u64;
+        self.io.writes.fetch_add(1, Ordering::Relaxed);
+        self.io.written_bytes.fetch_add(len, Ordering::Relaxed);
         self.submit_fanned(
             offset,
             len,
@@ -888,6 +903,8 @@ impl MirrorVolume {
         if let Err(e) = self.check(offset, len as u64) {
             return done(Err(e));
         }
+        self.io.reads.fetch_add(1, Ordering::Relaxed);
+        self.io.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
         self.read_from(offset, len, run, Vec::new(), done);
     }
 
