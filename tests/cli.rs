@@ -1099,6 +1099,12 @@ fn replace_rebuilds_a_disks_copies_on_another_and_the_old_one_leaves() {
     assert_eq!(sb.read_volume("data"), want);
     assert_eq!(sb.read_volume("solo"), want2);
     sb.mv(&["examine", a]).refused("not a mirrorvol disk");
+    // A disk with no copy leaves at once.
+    let d = sb.image("d.img", 64);
+    sb.mv(&["init", &d, "--style", "raw"]).ok();
+    let out = sb.mv(&["replace", &d, b]).ok().stdout;
+    assert!(out.contains("it left the group"), "{out}");
+    assert_eq!(sb.status()["disks"].as_array().unwrap().len(), 2);
 }
 
 /// contrib/mirrorvol@.service passes `systemd-analyze verify` (no warning
@@ -1230,4 +1236,43 @@ fn history_records_each_command_that_changed_the_config_with_who_and_where() {
         text.trim_end().ends_with("mirrorvol create v2 --size 4M"),
         "{text}"
     );
+}
+
+#[test]
+fn commands_that_change_things_say_what_they_did_in_json() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    let r = sb
+        .mv(&["create", "data", "--size", "8M", "--mirror", "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("one JSON object");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["command"], "create");
+    assert!(
+        v["messages"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("created mirrored volume data"),
+        "{v:#}"
+    );
+    // The status after the change, in status --json's keys.
+    let data = volume(&v["status"], "data");
+    assert_eq!(data["layout"], "mirror");
+    assert_eq!(data["state"], "healthy");
+    // A refusal: ok false, its exit status and sentence; nothing changed.
+    let before = sb.fingerprint();
+    let r = sb.mv(&["create", "data", "--size", "8M", "--json"]);
+    assert_eq!(r.code, 2);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).expect("one JSON object");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["code"], 2);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("volume data already exists"),
+        "{v:#}"
+    );
+    assert!(r.stderr.contains("error: volume data already exists"));
+    assert_eq!(sb.fingerprint(), before);
 }

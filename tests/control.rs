@@ -392,11 +392,15 @@ fn a_failed_disk_is_removed_online_and_the_volume_goes_on_without_it() {
     sb.mv(&["remove-disk", &a])
         .refused("is in service and holds copies of data");
     sb.mv(&["fail", &b]).ok();
-    let out = sb.mv(&["remove-disk", &b]).ok().stdout;
+    // Through the daemon, with --json: what it did and the status after.
+    let out = sb.mv(&["remove-disk", &b, "--json"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let said = v["messages"][0].as_str().unwrap();
     assert!(
-        out.contains("removed disk") && out.contains("its copies of data are gone"),
-        "{out}"
+        said.contains("removed disk") && said.contains("its copies of data are gone"),
+        "{v:#}"
     );
+    assert_eq!(v["status"]["disks"].as_array().unwrap().len(), 1, "{v:#}");
     let st = sb.status();
     assert_eq!(st["disks"].as_array().unwrap().len(), 1, "{st:#}");
     assert_eq!(volume(&st, "data")["layout"], "simple");

@@ -132,6 +132,12 @@ pub enum Command {
         /// then puts it back in service.
         #[arg(long, conflicts_with_all = ["force", "spare", "group", "region_size", "controller"])]
         restore: bool,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Create a simple or mirrored volume.
     Create {
@@ -149,6 +155,12 @@ pub enum Command {
         /// Put a plex on this disk (repeat for each plex).
         #[arg(long = "disk", id = "disk")]
         disk: Vec<PathBuf>,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Add a plex to a volume and copy the volume onto it.
     AddMirror {
@@ -159,6 +171,12 @@ pub enum Command {
         /// where one has room.
         #[arg(long)]
         disk: Option<PathBuf>,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove the plex on a disk from a mirror and free its space.
     RemoveMirror {
@@ -167,6 +185,12 @@ pub enum Command {
         /// The disk whose plex goes.
         #[arg(long)]
         disk: PathBuf,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Replace a disk by another of the group in one step (zpool replace,
     /// mdadm --replace): its copies are rebuilt on NEW (under serve in the
@@ -181,6 +205,12 @@ pub enum Command {
         /// Stop replacing PATH: it stays; the copies made on NEW stay too.
         #[arg(long, conflicts_with = "new")]
         cancel: bool,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Take a disk out of the group: one that holds no plex, or a failed or
     /// missing one whose plexes all have an in-sync copy elsewhere (they
@@ -190,6 +220,12 @@ pub enum Command {
     RemoveDisk {
         /// The disk to remove: a path it has (or had, when it is missing).
         path: PathBuf,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Split the plex on a disk off into a simple volume of its own.
     Break {
@@ -204,6 +240,12 @@ pub enum Command {
         /// Free the split-off plex instead of keeping it as a volume.
         #[arg(long)]
         nokeep: bool,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Replace failed or missing plexes with new space; resync stale ones.
     Repair {
@@ -213,11 +255,23 @@ pub enum Command {
         /// room and no copy of the volume.
         #[arg(long)]
         disk: Option<PathBuf>,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Bring a returned or failed disk back; its stale plexes resync.
     Reactivate {
         /// The disk to bring back.
         path: PathBuf,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Resolve a split brain: keep the side of the disk at --keep (its
     /// config becomes the group's); the other side's plexes are resynced
@@ -226,6 +280,12 @@ pub enum Command {
         /// A disk of the side to keep.
         #[arg(long)]
         keep: PathBuf,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Pause, resume or cancel the resync of a volume, or set its rate,
     /// while serve runs (md's sync_action and sync_speed_max). A cancelled
@@ -250,6 +310,12 @@ pub enum Command {
         /// --resync-max-rate again.
         #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         rate: Option<u64>,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Grow a simple volume into the free space that follows it.
     Extend {
@@ -259,6 +325,12 @@ pub enum Command {
         /// with a K, M, G or T suffix.
         #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         size: u64,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a volume and free its space.
     Delete {
@@ -268,6 +340,12 @@ pub enum Command {
         /// refusing.
         #[arg(long)]
         force: bool,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Mark a disk failed (maintenance, tests).
     Fail {
@@ -276,6 +354,12 @@ pub enum Command {
         /// Fail it even if it holds a volume's last in-sync plex.
         #[arg(long)]
         force: bool,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Copy between a file or device and a volume (vol:NAME).
     Copy {
@@ -284,6 +368,12 @@ pub enum Command {
         /// Where to write: a file (created when absent) or device, or
         /// vol:NAME for a volume.
         dst: String,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the group, its disks and volumes.
     Status {
@@ -619,6 +709,11 @@ fn record_command_line() {
 /// Writes to stdout for [`out!`] and [`outln!`].
 pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
+    if let Some(g) = GATHER.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        use std::fmt::Write as _;
+        let _ = g.text.write_fmt(args);
+        return;
+    }
     let mut stdout = std::io::stdout().lock();
     let written = stdout.write_fmt(args).and_then(|()| stdout.flush());
     match written {
@@ -633,7 +728,12 @@ pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
 
 /// Runs one parsed command, reporting errors on stderr.
 pub fn run(cli: Cli) -> i32 {
-    match execute(cli) {
+    let result = if json_asked(&cli.command) {
+        execute_json(cli)
+    } else {
+        execute(cli)
+    };
+    match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e}");
@@ -642,7 +742,101 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
+/// Whether a command that changes things was asked for `--json`.
+fn json_asked(command: &Command) -> bool {
+    match command {
+        Command::Init { json, .. }
+        | Command::Create { json, .. }
+        | Command::AddMirror { json, .. }
+        | Command::RemoveMirror { json, .. }
+        | Command::Replace { json, .. }
+        | Command::RemoveDisk { json, .. }
+        | Command::Break { json, .. }
+        | Command::Repair { json, .. }
+        | Command::Reactivate { json, .. }
+        | Command::ResolveSplitBrain { json, .. }
+        | Command::Resync { json, .. }
+        | Command::Extend { json, .. }
+        | Command::Delete { json, .. }
+        | Command::Fail { json, .. }
+        | Command::Copy { json, .. } => *json,
+        _ => false,
+    }
+}
+
+/// What a command prints while its output is gathered for `--json`: its
+/// lines and its warnings.
+#[derive(Default)]
+struct Gathered {
+    text: String,
+    warnings: Vec<String>,
+}
+
+/// Some while a command's output is gathered for `--json`.
+static GATHER: std::sync::Mutex<Option<Gathered>> = std::sync::Mutex::new(None);
+
+/// Runs `f` with its output gathered; returns what it printed.
+fn gathered<T>(f: impl FnOnce() -> T) -> (T, Gathered) {
+    *GATHER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Gathered::default());
+    let r = f();
+    let g = GATHER
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    (r, g)
+}
+
+/// A command that changes things, with `--json`: what it printed becomes
+/// `messages` and `warnings`, and `status` is the group's after it.
+fn execute_json(cli: Cli) -> Result<()> {
+    let name = command_name(&cli.command);
+    let status_cli = Cli {
+        disks: cli.disks.clone(),
+        io_timeout: cli.io_timeout,
+        io_engine: cli.io_engine,
+        force_claim: false,
+        command: Command::Status {
+            json: true,
+            test: false,
+        },
+    };
+    let (result, said) = gathered(|| execute(cli));
+    let object = match &result {
+        Ok(()) => {
+            let (status, shown) = gathered(|| execute(status_cli));
+            let status = status
+                .ok()
+                .and_then(|()| serde_json::from_str::<serde_json::Value>(&shown.text).ok())
+                .unwrap_or(serde_json::Value::Null);
+            serde_json::json!({
+                "ok": true,
+                "command": name,
+                "messages": said.text.lines().collect::<Vec<_>>(),
+                "warnings": said.warnings,
+                "status": status,
+            })
+        }
+        Err(e) => serde_json::json!({
+            "ok": false,
+            "command": name,
+            "code": e.exit_code(),
+            "error": e.to_string(),
+            "warnings": said.warnings,
+        }),
+    };
+    outln!(
+        "{}",
+        serde_json::to_string_pretty(&object).expect("a report serializes")
+    );
+    result
+}
+
 fn warn(lines: &[String]) {
+    if let Some(g) = GATHER.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        g.warnings.extend(lines.iter().cloned());
+        return;
+    }
     for w in lines {
         eprintln!("warning: {w}");
     }
@@ -956,11 +1150,11 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             print_report(json, r.report, r.text);
             return Ok(());
         }
-        Command::Fail { path, force } => Request::Fail {
+        Command::Fail { path, force, .. } => Request::Fail {
             path: absolute(path),
             force,
         },
-        Command::Reactivate { path } => Request::Reactivate {
+        Command::Reactivate { path, .. } => Request::Reactivate {
             path: absolute(path),
         },
         Command::Create {
@@ -969,6 +1163,7 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             mirror,
             copies,
             disk,
+            ..
         } => {
             let copies = if mirror { copies.unwrap_or(2) } else { 1 };
             if mirror && copies < 2 {
@@ -983,11 +1178,11 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
                 disks: disk.into_iter().map(absolute).collect(),
             }
         }
-        Command::AddMirror { name, disk } => Request::AddMirror {
+        Command::AddMirror { name, disk, .. } => Request::AddMirror {
             name,
             disk: disk.map(absolute),
         },
-        Command::RemoveMirror { name, disk } => Request::RemoveMirror {
+        Command::RemoveMirror { name, disk, .. } => Request::RemoveMirror {
             name,
             disk: absolute(disk),
         },
@@ -996,26 +1191,29 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             disk,
             new_name,
             nokeep,
+            ..
         } => Request::Break {
             name,
             disk: absolute(disk),
             new_name,
             nokeep,
         },
-        Command::Repair { name, disk } => Request::Repair {
+        Command::Repair { name, disk, .. } => Request::Repair {
             name,
             disk: disk.map(absolute),
         },
-        Command::Extend { name, size } => Request::Extend { name, size },
-        Command::Delete { name, force } => Request::Delete { name, force },
-        Command::Copy { src, dst } => Request::Copy {
+        Command::Extend { name, size, .. } => Request::Extend { name, size },
+        Command::Delete { name, force, .. } => Request::Delete { name, force },
+        Command::Copy { src, dst, .. } => Request::Copy {
             src: absolute_endpoint(src),
             dst: absolute_endpoint(dst),
         },
-        Command::RemoveDisk { path } => Request::RemoveDisk {
+        Command::RemoveDisk { path, .. } => Request::RemoveDisk {
             path: absolute(path),
         },
-        Command::Replace { path, new, cancel } => Request::Replace {
+        Command::Replace {
+            path, new, cancel, ..
+        } => Request::Replace {
             path: absolute(path),
             new: new.map(absolute),
             cancel,
@@ -1026,6 +1224,7 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             resume,
             cancel,
             rate,
+            ..
         } => Request::Resync {
             name,
             action: match (pause, resume, cancel) {
@@ -1036,7 +1235,7 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             },
             rate,
         },
-        Command::ResolveSplitBrain { keep } => Request::ResolveSplitBrain {
+        Command::ResolveSplitBrain { keep, .. } => Request::ResolveSplitBrain {
             keep: absolute(keep),
         },
         Command::Init {
@@ -1048,6 +1247,7 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             region_size,
             spare,
             restore,
+            ..
         } => {
             if restore {
                 return Err(Error::refused(format!(
@@ -1154,6 +1354,7 @@ fn execute(cli: Cli) -> Result<()> {
             region_size,
             spare,
             restore: _,
+            ..
         } => {
             if let Some(r) = region_size
                 && (r < 4096 || !r.is_power_of_two())
@@ -1204,6 +1405,7 @@ fn execute(cli: Cli) -> Result<()> {
             mirror,
             copies,
             disk,
+            ..
         } => {
             let copies = if mirror { copies.unwrap_or(2) } else { 1 };
             if mirror && copies < 2 {
@@ -1216,7 +1418,7 @@ fn execute(cli: Cli) -> Result<()> {
             })?;
             print_offline(done);
         }
-        Command::AddMirror { name, disk } => {
+        Command::AddMirror { name, disk, .. } => {
             let (done, resynced) = through_controller(&disks, |live| {
                 let done = live.add_mirror(&name, disk.as_deref())?;
                 Ok((done, live.resync_in_foreground(&bar)?))
@@ -1225,7 +1427,7 @@ fn execute(cli: Cli) -> Result<()> {
             print_resyncs(&resynced);
             warn(&done.warnings);
         }
-        Command::RemoveMirror { name, disk } => {
+        Command::RemoveMirror { name, disk, .. } => {
             let done = through_controller(&disks, |live| live.remove_mirror(&name, &disk))?;
             print_offline(done);
         }
@@ -1234,13 +1436,14 @@ fn execute(cli: Cli) -> Result<()> {
             disk,
             new_name,
             nokeep,
+            ..
         } => {
             let (_, done) = through_controller(&disks, |live| {
                 live.break_mirror(&name, &disk, new_name.as_deref(), nokeep)
             })?;
             print_offline(done);
         }
-        Command::Repair { name, disk } => {
+        Command::Repair { name, disk, .. } => {
             let (done, resynced, state) = through_controller(&disks, |live| {
                 let done = live.repair(&name, disk.as_deref())?;
                 let resynced = live.resync_in_foreground(&bar)?;
@@ -1252,7 +1455,7 @@ fn execute(cli: Cli) -> Result<()> {
             print_resyncs(&resynced);
             warn(&done.warnings);
         }
-        Command::Reactivate { path } => {
+        Command::Reactivate { path, .. } => {
             let (done, resynced) = through_controller(&disks, |live| {
                 let done = live.reactivate_by_path(&path)?;
                 Ok((done, live.resync_in_foreground(&bar)?))
@@ -1261,7 +1464,7 @@ fn execute(cli: Cli) -> Result<()> {
             print_resyncs(&resynced);
             warn(&done.warnings);
         }
-        Command::ResolveSplitBrain { keep } => {
+        Command::ResolveSplitBrain { keep, .. } => {
             let mut g = assemble_claimed(&disks, false)?;
             g.keep_split_side(&keep)?;
             let group = g.config.name.clone();
@@ -1274,15 +1477,15 @@ fn execute(cli: Cli) -> Result<()> {
             );
             print_resyncs(&resynced);
         }
-        Command::Extend { name, size } => {
+        Command::Extend { name, size, .. } => {
             let done = through_controller(&disks, |live| live.extend(&name, size))?;
             print_offline(done);
         }
-        Command::Delete { name, force: _ } => {
+        Command::Delete { name, force: _, .. } => {
             let done = through_controller(&disks, |live| live.delete_volume(&name))?;
             print_offline(done);
         }
-        Command::RemoveDisk { path } => {
+        Command::RemoveDisk { path, .. } => {
             let done = through_controller(&disks, |live| live.remove_disk(&path))?;
             print_offline(done);
         }
@@ -1341,11 +1544,11 @@ fn execute(cli: Cli) -> Result<()> {
                 "no mirrorvol serve holds the group of volume {name}: resyncs run in the background only under serve (offline commands copy in the foreground, and one interrupted resumes from its checkpoint the next time)"
             )));
         }
-        Command::Fail { path, force } => {
+        Command::Fail { path, force, .. } => {
             let done = through_controller(&disks, |live| live.fail_disk_by_path(&path, force))?;
             print_offline(done);
         }
-        Command::Copy { src, dst } => {
+        Command::Copy { src, dst, .. } => {
             let (s, d) = (Endpoint::parse(&src), Endpoint::parse(&dst));
             let n = through_controller(&disks, |live| live.copy(&s, &d, &bar))?;
             outln!("copied {} from {src} to {dst}", human(n));

@@ -278,9 +278,9 @@ impl LiveGroup {
     /// offline), and OLD leaves the group once they are all in sync
     /// ([`LiveGroup::finish_replacements`]).
     pub fn replace(&self, old: &Path, new: &Path) -> Result<Done> {
-        let _op = self.op_lock();
+        let op = self.op_lock();
         let (old, new) = (old.to_path_buf(), new.to_path_buf());
-        self.ask(move |c| {
+        let (done, nothing_to_copy) = self.ask(move |c| {
             let volumes = c.changed(|g| g.start_replace(&old, &new))?;
             let mut warnings = Vec::new();
             for v in &volumes {
@@ -301,8 +301,17 @@ impl LiveGroup {
                     volumes.join(", ")
                 )
             };
-            Ok(Done::new(message, &mut c.group, warnings))
-        })
+            Ok((
+                Done::new(message, &mut c.group, warnings),
+                volumes.is_empty(),
+            ))
+        })?;
+        drop(op);
+        // No copy to wait for: it leaves now.
+        if nothing_to_copy {
+            self.finish_replacements();
+        }
+        Ok(done)
     }
 
     /// `replace OLD --cancel`.
