@@ -318,7 +318,7 @@ fn resync_cost(a: &Args) {
         live.remove_mirror("v", &paths[1]).unwrap();
         let t = Instant::now();
         live.add_mirror("v", Some(&paths[1])).unwrap();
-        live.resync_in_foreground(&NoProgress).unwrap();
+        live.resync_in_foreground(&NoProgress, None).unwrap();
         full.push(t.elapsed().as_secs_f64());
     }
     let (r, c, f) = (median(recover), median(clean), median(full));

@@ -88,7 +88,8 @@ fn main() {
     for run in 0..runs {
         live.add_mirror("v", Some(&paths[1])).expect("add-mirror");
         let t = Instant::now();
-        live.resync_in_foreground(&NoProgress).expect("resync");
+        live.resync_in_foreground(&NoProgress, None)
+            .expect("resync");
         engine.push(t.elapsed().as_secs_f64());
         let (src, dst) = live
             .with_group(|g| {

@@ -266,7 +266,7 @@ fn a_plex_failed_by_io_errors_gets_a_full_resync_and_status_says_why() {
     let live = LiveGroup::start(g, Default::default());
     live.reactivate_by_path(&path).unwrap();
     let done = live
-        .resync_in_foreground(&mirrorvol::group::NoProgress)
+        .resync_in_foreground(&mirrorvol::group::NoProgress, None)
         .unwrap();
     assert_eq!(done.len(), 1, "{done:?}");
     assert!(

@@ -1276,3 +1276,37 @@ fn commands_that_change_things_say_what_they_did_in_json() {
     assert!(r.stderr.contains("error: volume data already exists"));
     assert_eq!(sb.fingerprint(), before);
 }
+
+#[test]
+fn a_foreground_resync_keeps_to_the_rate_asked() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 64);
+    sb.mv(&[
+        "create",
+        "data",
+        "--size",
+        "16M",
+        "--disk",
+        &sb.p("disks/a.img"),
+    ])
+    .ok();
+    let (src, want) = sb.data_file("in.bin", 16 << 20, 3);
+    sb.mv(&["copy", &src, "vol:data"]).ok();
+    sb.mv(&["add-mirror", "data", "--rate", "-1M"])
+        .refused("negative");
+    let start = std::time::Instant::now();
+    sb.mv(&[
+        "add-mirror",
+        "data",
+        "--disk",
+        &sb.p("disks/b.img"),
+        "--rate",
+        "4M",
+    ])
+    .ok();
+    // 16 MiB at 4 MiB/s: 4 s (the first chunk goes at once).
+    let took = start.elapsed();
+    assert!(took >= std::time::Duration::from_millis(2500), "{took:?}");
+    assert_eq!(volume(&sb.status(), "data")["state"], "healthy");
+    assert_eq!(sb.read_volume("data"), want);
+}

@@ -367,7 +367,8 @@ fn a_mirror_on_one_controller_fails_with_it_and_comes_back_with_reactivate() {
     let live = mirrorvol::group::live::LiveGroup::start(g, Default::default());
     for i in [0, 1] {
         live.reactivate_by_path(&rig.paths[i]).expect("reactivate");
-        live.resync_in_foreground(&NoProgress).expect("resync");
+        live.resync_in_foreground(&NoProgress, None)
+            .expect("resync");
     }
     let s = states(&status_json(&live));
     assert_eq!(s.volume("m"), "healthy", "{s:?}");

@@ -304,7 +304,7 @@ impl World {
                 let d = disk.map(|d| self.disk(d).to_path_buf());
                 let r = g
                     .add_mirror(&name, d.as_deref())
-                    .and_then(|_| g.resync_in_foreground(&NoProgress))
+                    .and_then(|_| g.resync_in_foreground(&NoProgress, None))
                     .map(|_| ());
                 (format!("add-mirror {name} {d:?}"), r)
             }
@@ -349,7 +349,7 @@ impl World {
                 };
                 let r = g
                     .repair(&name, None)
-                    .and_then(|_| g.resync_in_foreground(&NoProgress))
+                    .and_then(|_| g.resync_in_foreground(&NoProgress, None))
                     .map(|_| ());
                 (format!("repair {name}"), r)
             }
@@ -382,7 +382,7 @@ impl World {
                 let d = self.disk(i).to_path_buf();
                 let r = g
                     .reactivate_by_path(&d)
-                    .and_then(|_| g.resync_in_foreground(&NoProgress))
+                    .and_then(|_| g.resync_in_foreground(&NoProgress, None))
                     .map(|_| ());
                 (format!("reactivate {}", d.display()), r)
             }

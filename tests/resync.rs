@@ -66,7 +66,7 @@ fn live(paths: &[PathBuf]) -> Arc<LiveGroup> {
 /// Runs the resyncs the group needs to their end, as an offline command
 /// does; returns what each printed and copied.
 fn resync_all(paths: &[PathBuf]) -> Vec<Resynced> {
-    live(paths).resync_in_foreground(&NoProgress).unwrap()
+    live(paths).resync_in_foreground(&NoProgress, None).unwrap()
 }
 
 /// The bytes of the plex of `v` on `disk`, read from its image file.

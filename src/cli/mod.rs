@@ -177,6 +177,11 @@ pub enum Command {
         /// {"ok": false, "code", "error"}.
         #[arg(long)]
         json: bool,
+        /// Bytes/s (K/M/G suffixes) the copies it makes run at most; offline
+        /// only they run in the foreground, unthrottled by default (under
+        /// serve: as `resync NAME --rate`).
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+        rate: Option<u64>,
     },
     /// Remove the plex on a disk from a mirror and free its space.
     RemoveMirror {
@@ -211,6 +216,11 @@ pub enum Command {
         /// {"ok": false, "code", "error"}.
         #[arg(long)]
         json: bool,
+        /// Bytes/s (K/M/G suffixes) the copies it makes run at most; offline
+        /// only they run in the foreground, unthrottled by default (under
+        /// serve: as `resync NAME --rate`).
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+        rate: Option<u64>,
     },
     /// Take a disk out of the group: one that holds no plex, or a failed or
     /// missing one whose plexes all have an in-sync copy elsewhere (they
@@ -261,6 +271,11 @@ pub enum Command {
         /// {"ok": false, "code", "error"}.
         #[arg(long)]
         json: bool,
+        /// Bytes/s (K/M/G suffixes) the copies it makes run at most; offline
+        /// only they run in the foreground, unthrottled by default (under
+        /// serve: as `resync NAME --rate`).
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+        rate: Option<u64>,
     },
     /// Bring a returned or failed disk back; its stale plexes resync.
     Reactivate {
@@ -272,6 +287,11 @@ pub enum Command {
         /// {"ok": false, "code", "error"}.
         #[arg(long)]
         json: bool,
+        /// Bytes/s (K/M/G suffixes) the copies it makes run at most; offline
+        /// only they run in the foreground, unthrottled by default (under
+        /// serve: as `resync NAME --rate`).
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+        rate: Option<u64>,
     },
     /// Resolve a split brain: keep the side of the disk at --keep (its
     /// config becomes the group's); the other side's plexes are resynced
@@ -286,6 +306,11 @@ pub enum Command {
         /// {"ok": false, "code", "error"}.
         #[arg(long)]
         json: bool,
+        /// Bytes/s (K/M/G suffixes) the copies it makes run at most; offline
+        /// only they run in the foreground, unthrottled by default (under
+        /// serve: as `resync NAME --rate`).
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+        rate: Option<u64>,
     },
     /// Pause, resume or cancel the resync of a volume, or set its rate,
     /// while serve runs (md's sync_action and sync_speed_max). A cancelled
@@ -1093,6 +1118,60 @@ fn print_report(json: bool, value: Option<serde_json::Value>, text: Option<Strin
 /// offline command prints, except that resyncs run in the background.
 fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
     use control::Request;
+    // --rate: the daemon paces the resyncs of the volumes concerned (as
+    // `resync NAME --rate`), set before the command starts them.
+    let paced: Option<(Vec<String>, u64)> = match &command {
+        Command::AddMirror {
+            name,
+            rate: Some(r),
+            ..
+        }
+        | Command::Repair {
+            name,
+            rate: Some(r),
+            ..
+        } => Some((vec![name.clone()], *r)),
+        Command::Reactivate {
+            path,
+            rate: Some(r),
+            ..
+        }
+        | Command::Replace {
+            path,
+            rate: Some(r),
+            ..
+        } => {
+            let status = ask(h, &Request::Status)?.status.unwrap_or_default();
+            let disk = absolute(path.clone()).display().to_string();
+            let names = status["volumes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|v| {
+                    v["plexes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|p| p["disk"] == disk.as_str())
+                })
+                .filter_map(|v| v["name"].as_str().map(str::to_string))
+                .collect();
+            Some((names, *r))
+        }
+        _ => None,
+    };
+    if let Some((names, rate)) = paced {
+        for name in names {
+            ask(
+                h,
+                &Request::Resync {
+                    name,
+                    action: None,
+                    rate: Some(rate),
+                },
+            )?;
+        }
+    }
     let request = match command {
         Command::Iostat {
             interval,
@@ -1418,10 +1497,12 @@ fn execute(cli: Cli) -> Result<()> {
             })?;
             print_offline(done);
         }
-        Command::AddMirror { name, disk, .. } => {
+        Command::AddMirror {
+            name, disk, rate, ..
+        } => {
             let (done, resynced) = through_controller(&disks, |live| {
                 let done = live.add_mirror(&name, disk.as_deref())?;
-                Ok((done, live.resync_in_foreground(&bar)?))
+                Ok((done, live.resync_in_foreground(&bar, rate)?))
             })?;
             outln!("added a mirror to volume {name}; it is in sync");
             print_resyncs(&resynced);
@@ -1443,10 +1524,12 @@ fn execute(cli: Cli) -> Result<()> {
             })?;
             print_offline(done);
         }
-        Command::Repair { name, disk, .. } => {
+        Command::Repair {
+            name, disk, rate, ..
+        } => {
             let (done, resynced, state) = through_controller(&disks, |live| {
                 let done = live.repair(&name, disk.as_deref())?;
-                let resynced = live.resync_in_foreground(&bar)?;
+                let resynced = live.resync_in_foreground(&bar, rate)?;
                 let n = name.clone();
                 let state = live.with_group(move |g| g.volume(&n).map(|v| g.volume_state(v)))??;
                 Ok((done, resynced, state))
@@ -1455,20 +1538,20 @@ fn execute(cli: Cli) -> Result<()> {
             print_resyncs(&resynced);
             warn(&done.warnings);
         }
-        Command::Reactivate { path, .. } => {
+        Command::Reactivate { path, rate, .. } => {
             let (done, resynced) = through_controller(&disks, |live| {
                 let done = live.reactivate_by_path(&path)?;
-                Ok((done, live.resync_in_foreground(&bar)?))
+                Ok((done, live.resync_in_foreground(&bar, rate)?))
             })?;
             outln!("reactivated disk {}", path.display());
             print_resyncs(&resynced);
             warn(&done.warnings);
         }
-        Command::ResolveSplitBrain { keep, .. } => {
+        Command::ResolveSplitBrain { keep, rate, .. } => {
             let mut g = assemble_claimed(&disks, false)?;
             g.keep_split_side(&keep)?;
             let group = g.config.name.clone();
-            let resynced = through_group(g, |live| live.resync_in_foreground(&bar))?;
+            let resynced = through_group(g, |live| live.resync_in_foreground(&bar, rate))?;
             let copied: u64 = resynced.iter().map(|r| r.bytes).sum();
             outln!(
                 "resolved the split brain of group {group}: kept the side of {}; copied {copied} bytes ({}) onto the other side",
@@ -1515,12 +1598,14 @@ fn execute(cli: Cli) -> Result<()> {
             let done = through_controller(&disks, |live| live.cancel_replace(&path))?;
             print_offline(done);
         }
-        Command::Replace { path, new, .. } => {
+        Command::Replace {
+            path, new, rate, ..
+        } => {
             let new =
                 new.ok_or_else(|| Error::refused("replace needs the disk to replace by: NEW"))?;
             let (done, resynced, left) = through_controller(&disks, |live| {
                 let done = live.replace(&path, &new)?;
-                let resynced = live.resync_in_foreground(&bar)?;
+                let resynced = live.resync_in_foreground(&bar, rate)?;
                 // The last resync's worker may have finished it already.
                 live.finish_replacements();
                 let old = path.clone();

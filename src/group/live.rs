@@ -365,9 +365,11 @@ impl LiveGroup {
     pub fn resync_in_foreground(
         &self,
         progress: &dyn super::Progress,
+        rate: Option<u64>,
     ) -> crate::Result<Vec<Resynced>> {
+        let rate = rate.unwrap_or(0);
         let idle = self
-            .call(|c| c.resync_in_foreground())
+            .call(move |c| c.resync_in_foreground(rate))
             .ok_or_else(|| crate::Error::failed("the group is out of service"))?;
         // The bar is redrawn a few times a second; the end is the channel's.
         let mut shown: Option<String> = None;

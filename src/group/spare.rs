@@ -230,7 +230,7 @@ mod tests {
         );
         // The group's controller resyncs the spare's plex.
         let live = crate::group::live::LiveGroup::start(g, Default::default());
-        let done = live.resync_in_foreground(&NoProgress).unwrap();
+        let done = live.resync_in_foreground(&NoProgress, None).unwrap();
         assert_eq!(done.len(), 1, "one resync");
         assert_eq!(done[0].bytes, 16 * MIB, "{}", done[0].line);
         let states: Vec<PlexState> = live

@@ -1072,9 +1072,14 @@ impl Controller {
 
     /// Runs the resyncs for an offline command: unthrottled, their outcomes
     /// kept for it. Returns what disconnects once none is left.
-    pub(super) fn resync_in_foreground(&mut self) -> Receiver<()> {
+    pub(super) fn resync_in_foreground(&mut self, rate: u64) -> Receiver<()> {
         self.foreground = true;
-        self.set_resync_options(ResyncOptions::unthrottled());
+        // At most `rate` bytes/s when asked (no client is there to yield to).
+        self.set_resync_options(ResyncOptions {
+            min_rate: rate,
+            max_rate: rate,
+            ..ResyncOptions::unthrottled()
+        });
         self.resume_resyncs();
         let (tx, rx) = std::sync::mpsc::channel();
         if !self.resyncs.is_empty() {
