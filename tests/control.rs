@@ -371,7 +371,12 @@ fn a_resync_is_paused_resumed_rated_and_cancelled_online() {
         "no resync after the restart: {after:#}"
     );
     assert_ne!(after["state"], "in-sync");
-    // remove-mirror frees the copy that was being built.
+    // repair resyncs it: a cancel does not outlive the admin's asking.
+    sb.mv(&["repair", "data"]).ok();
+    wait_plex(&sb, "c.img", "repair resyncs the cancelled copy", |p| {
+        p["state"] == "in-sync"
+    });
+    // remove-mirror frees a copy.
     sb.mv(&["remove-mirror", "data", "--disk", &c]).ok();
     let st = sb.status();
     assert_eq!(volume(&st, "data")["plexes"].as_array().unwrap().len(), 2);
@@ -443,6 +448,10 @@ fn replace_runs_online_and_the_old_disk_leaves_once_its_copies_are_in_sync() {
 
     // Again, to its end, while a client reads.
     sb.mv(&["replace", &a, &c]).ok();
+    // A disk being replaced takes no new copy.
+    sb.mv(&["create", "x", "--size", "4M"]).ok();
+    let x = volume(&sb.status(), "x")["plexes"][0]["disk"].clone();
+    assert_ne!(x, a.as_str(), "a new volume on the disk being replaced");
     let text = sb.mv(&["status"]).ok().stdout;
     assert!(text.contains("being replaced by"), "{text}");
     let start = Instant::now();
@@ -489,6 +498,14 @@ fn history_records_requests_through_the_daemon_with_their_caller() {
         .map(|e| e["command"].as_str().unwrap())
         .collect();
     let n = commands.len();
+    assert_eq!(
+        commands
+            .iter()
+            .filter(|c| c.contains("mirrorvol fail"))
+            .count(),
+        1,
+        "the refused fail is not recorded: {h:#}"
+    );
     assert_eq!(
         &commands[n - 2..],
         [

@@ -47,8 +47,14 @@ pub fn report(now: &Value, earlier: Option<&Value>) -> Value {
         let n = d(ops);
         if n > 0.0 { d(time) * 1000.0 / n } else { 0.0 }
     };
+    // A rate needs the same row in the earlier sample (a disk or volume
+    // that came since is left out of that report).
+    let baseline = |list: &str, id: &str, r: &Value| {
+        earlier.map(|e| before(e, list, id, &text(r, id)).is_some())
+    };
     let disks: Vec<Value> = rows(now, "disks")
         .iter()
+        .filter(|r| baseline("disks", "path", r) != Some(false))
         .map(|r| {
             let e = earlier.and_then(|e| before(e, "disks", "path", &text(r, "path")));
             json!({
@@ -66,6 +72,7 @@ pub fn report(now: &Value, earlier: Option<&Value>) -> Value {
         .collect();
     let volumes: Vec<Value> = rows(now, "volumes")
         .iter()
+        .filter(|r| baseline("volumes", "name", r) != Some(false))
         .map(|r| {
             let e = earlier.and_then(|e| before(e, "volumes", "name", &text(r, "name")));
             json!({

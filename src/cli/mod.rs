@@ -816,8 +816,13 @@ fn gathered<T>(f: impl FnOnce() -> T) -> (T, Gathered) {
 /// `messages` and `warnings`, and `status` is the group's after it.
 fn execute_json(cli: Cli) -> Result<()> {
     let name = command_name(&cli.command);
+    // `init` of a new group names its disks itself.
+    let disks = match (&cli.command, cli.disks.is_empty()) {
+        (Command::Init { paths, .. }, true) => paths.clone(),
+        _ => cli.disks.clone(),
+    };
     let status_cli = Cli {
-        disks: cli.disks.clone(),
+        disks,
         io_timeout: cli.io_timeout,
         io_engine: cli.io_engine,
         force_claim: false,
@@ -1119,7 +1124,8 @@ fn print_report(json: bool, value: Option<serde_json::Value>, text: Option<Strin
 fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
     use control::Request;
     // --rate: the daemon paces the resyncs of the volumes concerned (as
-    // `resync NAME --rate`), set before the command starts them.
+    // `resync NAME --rate`), once the command has started them (a refused
+    // command leaves no rate behind).
     let paced: Option<(Vec<String>, u64)> = match &command {
         Command::AddMirror {
             name,
@@ -1160,18 +1166,7 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
         }
         _ => None,
     };
-    if let Some((names, rate)) = paced {
-        for name in names {
-            ask(
-                h,
-                &Request::Resync {
-                    name,
-                    action: None,
-                    rate: Some(rate),
-                },
-            )?;
-        }
-    }
+
     let request = match command {
         Command::Iostat {
             interval,
@@ -1367,6 +1362,18 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
         }
     };
     print_done(ask(h, &request)?);
+    if let Some((names, rate)) = paced {
+        for name in names {
+            ask(
+                h,
+                &Request::Resync {
+                    name,
+                    action: None,
+                    rate: Some(rate),
+                },
+            )?;
+        }
+    }
     Ok(())
 }
 

@@ -608,12 +608,14 @@ fn resync_control(
             "say what to do with the resync of volume {name}: --pause, --resume, --cancel or --rate RATE"
         )));
     }
+    // The action first: when it is refused, no rate is left behind (a
+    // resync it resumes takes the rate at its next chunk).
     let mut said = Vec::new();
-    if let Some(r) = rate {
-        said.push(live.control_resync(name, ResyncControl::Rate(r))?);
-    }
     if let Some(a) = ask {
         said.push(live.control_resync(name, a)?);
+    }
+    if let Some(r) = rate {
+        said.push(live.control_resync(name, ResyncControl::Rate(r))?);
     }
     Ok(control::Response::message(said.join("\n")))
 }
@@ -714,10 +716,6 @@ fn refuse_clients(server: &Server, name: &str, doing: &str) -> Result<()> {
 }
 
 /// Runs one control request on the live group.
-/// Admin requests that change the config run one at a time, so that the
-/// history records each with its own caller.
-static ACTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn handle(
     live: &Arc<LiveGroup>,
     server: &Server,
@@ -727,12 +725,13 @@ fn handle(
     let Some(line) = request.command_line() else {
         return handle_request(live, server, request);
     };
-    let _acting = ACTING.lock().unwrap_or_else(|e| e.into_inner());
-    let actor = crate::group::history::Actor::peer(format!("{line} ({})", caller.via), caller.uid);
-    live.set_actor(Some(actor));
     let response = handle_request(live, server, request);
-    // A request refused before its first commit recorded nothing.
-    live.set_actor(None);
+    // Done: recorded in the history (a refused request is not).
+    if response.ok {
+        let actor =
+            crate::group::history::Actor::peer(format!("{line} ({})", caller.via), caller.uid);
+        live.record_history(actor);
+    }
     response
 }
 

@@ -1,6 +1,8 @@
 //! The group's history of configuration changes (`zpool history`): every
-//! command that changes the config is recorded in it once, at its first
-//! commit, with the time, the command, the user and the host. It lives in
+//! command that changes the config is recorded in it once, with the time,
+//! the command, the user and the host: an offline command at its first
+//! commit (a refused one commits nothing), a request to `serve` once it
+//! has succeeded, with one more commit. It lives in
 //! the config itself (`history`, the last [`HISTORY_KEPT`] entries), so
 //! every disk carries it and it survives what the config survives.
 //!
@@ -103,11 +105,30 @@ fn host_name() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-/// Appends an entry, dropping the oldest past [`HISTORY_KEPT`].
-pub fn record(history: &mut Vec<HistoryEntry>, entry: HistoryEntry) {
+/// The bytes the history may take in the config (its slot holds 1 MiB).
+pub const HISTORY_BYTES: usize = 64 << 10;
+/// A command line longer than this is cut (a long --disks list).
+pub const COMMAND_CHARS: usize = 512;
+
+/// Appends an entry, dropping the oldest past [`HISTORY_KEPT`] entries or
+/// [`HISTORY_BYTES`] bytes of command lines, names and the rest.
+pub fn record(history: &mut Vec<HistoryEntry>, mut entry: HistoryEntry) {
+    if entry.command.chars().count() > COMMAND_CHARS {
+        entry.command = entry
+            .command
+            .chars()
+            .take(COMMAND_CHARS)
+            .collect::<String>()
+            + "...";
+    }
     history.push(entry);
     let excess = history.len().saturating_sub(HISTORY_KEPT);
     history.drain(..excess);
+    let size = |e: &HistoryEntry| e.command.len() + e.user.len() + e.host.len() + 80;
+    let mut total: usize = history.iter().map(size).sum();
+    while total > HISTORY_BYTES && history.len() > 1 {
+        total -= size(&history.remove(0));
+    }
 }
 
 /// The history as `history` prints it: one line per change, oldest first.
@@ -147,5 +168,13 @@ mod tests {
             "{t}"
         );
         assert_eq!(Actor::peer("x".into(), Some(4_000_000)).user, "4000000");
+        // Long command lines are cut, and the bytes kept bounded.
+        let long = Actor::peer("y".repeat(10_000), Some(0));
+        for seqno in 0..500 {
+            record(&mut h, long.entry(seqno));
+        }
+        assert!(h.iter().all(|e| e.command.len() <= COMMAND_CHARS + 3));
+        let bytes: usize = h.iter().map(|e| e.command.len()).sum();
+        assert!(bytes <= HISTORY_BYTES, "{bytes}");
     }
 }

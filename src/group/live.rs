@@ -179,10 +179,14 @@ impl LiveGroup {
         self.ask(move |c| c.control_resync(&name, ask))
     }
 
-    /// Who the next config change is recorded as, in the history (None:
-    /// no one, once a request is done).
-    pub fn set_actor(&self, actor: Option<crate::group::history::Actor>) {
-        self.send(move |c| c.group.actor = actor);
+    /// Records a request that changed the group in its history (one more
+    /// config commit).
+    pub fn record_history(&self, actor: crate::group::history::Actor) {
+        self.send(move |c| {
+            let seqno = c.group.config.seqno + 1;
+            crate::group::history::record(&mut c.group.config.history, actor.entry(seqno));
+            c.commit("the history");
+        });
     }
 
     /// The progress of the background resync of `volume`, if one runs.
@@ -489,7 +493,9 @@ fn resync_worker(me: Weak<LiveGroup>, name: String, opts: ResyncOptions) {
         };
         // A copy in sync may complete a `replace`: finished off this
         // thread, since taking the old copies off pauses this resync.
+        // (An offline command finishes it itself, and waits for it.)
         if let Some(live) = me.upgrade()
+            && !live.call(|c| c.in_foreground()).unwrap_or(true)
             && live
                 .with_group(|g| !g.ready_replacements().is_empty())
                 .unwrap_or(false)

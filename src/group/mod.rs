@@ -143,10 +143,6 @@ pub struct Group {
     /// The claim on the disks while this process holds the group for
     /// writing ([`Group::claim`]); released when the group is dropped.
     pub claim: Option<claim::Claim>,
-    /// Who the next commit records in the history (a request of `serve`'s
-    /// control socket); taken by that commit. None: the process's own
-    /// command, once ([`history::process_actor`]).
-    pub actor: Option<history::Actor>,
 }
 
 /// The process's own command is recorded in the history once.
@@ -845,7 +841,6 @@ impl Group {
             keeper: None,
             generation_stale: false,
             claim: None,
-            actor: None,
         };
         group.judge_generations();
         Ok(Some(group))
@@ -988,8 +983,7 @@ impl Group {
         // A spare that received a plex is an active member from this commit on.
         self.config.retire_used_spares();
         // The command making this change, in the history, once.
-        let actor = self.actor.take().or_else(|| {
-            let process = history::process_actor()?;
+        let actor = history::process_actor().and_then(|process| {
             (!PROCESS_RECORDED.swap(true, std::sync::atomic::Ordering::SeqCst))
                 .then(|| process.clone())
         });

@@ -79,7 +79,6 @@ pub fn init_with(
             keeper: None,
             generation_stale: false,
             claim: None,
-            actor: None,
         },
     };
     group.add_disks(disks, opts)?;
@@ -530,10 +529,19 @@ impl Group {
             };
             chosen.push((uuid, offset));
         }
+        // A disk being replaced takes no new copy (it is leaving; one placed
+        // there would hold its replacement back for good).
         let skip: Vec<Uuid> = exclude
             .iter()
             .copied()
             .chain(chosen.iter().map(|(u, _)| *u))
+            .chain(
+                self.config
+                    .disks
+                    .iter()
+                    .filter(|d| d.replaced_by.is_some())
+                    .map(|d| d.uuid),
+            )
             .collect();
         // Spares are kept for repairs; only a user's --disk puts a plex on
         // one (above). They are named when only they have room.
@@ -759,6 +767,7 @@ impl Group {
                     }
                     if state == PlexState::InSync {
                         p.resync_reason = None;
+                        p.resync_cancelled = false;
                     }
                 }
             }
@@ -953,6 +962,19 @@ impl Group {
             exclude.push(target);
             plan.push((old.disk, target, offset));
         }
+        // A repair resyncs: a cancel of the stale copies no longer holds.
+        let cancelled = self
+            .config
+            .volume(name)
+            .is_some_and(|v| v.plexes.iter().any(|p| p.resync_cancelled));
+        if cancelled && plan.is_empty() {
+            if let Some(v) = self.config.volume_mut(name) {
+                for p in &mut v.plexes {
+                    p.resync_cancelled = false;
+                }
+            }
+            self.commit()?;
+        }
         let targets = self.replace_plexes(name, &plan)?;
         Ok((targets, stale))
     }
@@ -997,6 +1019,12 @@ impl Group {
                 resync_cancelled: false,
             };
         }
+        // A repair resyncs: a cancel no longer holds.
+        if let Some(v) = self.config.volume_mut(name) {
+            for p in &mut v.plexes {
+                p.resync_cancelled = false;
+            }
+        }
         self.commit()?;
         Ok(plan.iter().map(|(_, t, _)| *t).collect())
     }
@@ -1040,6 +1068,10 @@ impl Group {
                 if p.disk == uuid && p.state != PlexState::InSync {
                     p.state = PlexState::Stale;
                     p.resync_reason = reason.clone();
+                }
+                // Reactivated to be resynced: a cancel no longer holds.
+                if p.disk == uuid {
+                    p.resync_cancelled = false;
                 }
             }
         }
@@ -1172,6 +1204,35 @@ impl Group {
                 human(room),
                 human(need)
             )));
+        }
+        // Every new copy must find an extent, planned before anything
+        // is recorded.
+        let mut plan = self.config.clone();
+        for v in &volumes {
+            let len = v
+                .plexes
+                .iter()
+                .find(|p| p.disk == o)
+                .map_or(v.size, |p| p.length);
+            let Some(offset) = first_fit(&plan, n, len) else {
+                return Err(Error::refused(format!(
+                    "disk {ns} has no free extent of {} for the copy of volume {} (largest free extent: {})",
+                    human(len),
+                    v.name,
+                    human(largest_free(&plan, n))
+                )));
+            };
+            if let Some(pv) = plan.volume_mut(&v.name) {
+                pv.plexes.push(PlexEntry {
+                    disk: n,
+                    offset,
+                    length: len,
+                    state: PlexState::Resyncing,
+                    resync_reason: None,
+                    resync_offset: 0,
+                    resync_cancelled: false,
+                });
+            }
         }
         let names: Vec<String> = volumes.iter().map(|v| v.name.clone()).collect();
         if let Some(d) = self.config.disk_mut(o) {

@@ -856,6 +856,17 @@ impl Controller {
     /// copy from, and none running; not for volumes an admin operation
     /// holds, nor once the group stops.
     pub(super) fn resume_resyncs(&mut self) {
+        // A pause ends with what it paused (a copy removed, a volume
+        // deleted), and a rate with its volume.
+        let g = &self.group;
+        self.paused.retain(|n| {
+            g.config.volume(n).is_some_and(|v| {
+                v.plexes
+                    .iter()
+                    .any(|p| matches!(g.plex_state(p.disk, p.state), "resyncing" | "stale"))
+            })
+        });
+        self.rate_limits.retain(|n, _| g.config.volume(n).is_some());
         if self.stopping || !self.resyncs_on {
             return;
         }
@@ -1068,6 +1079,11 @@ impl Controller {
         if self.resyncs.is_empty() {
             self.idle_waiters.clear();
         }
+    }
+
+    /// Whether the resyncs run for an offline command, which waits for them.
+    pub(super) fn in_foreground(&self) -> bool {
+        self.foreground
     }
 
     /// Runs the resyncs for an offline command: unthrottled, their outcomes
