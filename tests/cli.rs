@@ -332,12 +332,7 @@ fn repair_replaces_a_failed_plex_on_another_disk() {
     let s = sb.status();
     let m = volume(&s, "m");
     assert_eq!(m["state"], "healthy");
-    let disks: Vec<&str> = m["plexes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["disk"].as_str().unwrap())
-        .collect();
+    let disks: Vec<&str> = strings(&m["plexes"], "disk");
     assert!(disks.iter().any(|d| d.ends_with("c.img")), "{disks:?}");
     assert!(!disks.iter().any(|d| d.ends_with("b.img")), "{disks:?}");
     // The repaired plex alone holds the data.
@@ -1026,12 +1021,7 @@ fn remove_disk_takes_out_empty_and_failed_disks_and_never_takes_them_back() {
         r.stderr
     );
     let st: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    let disks: Vec<&str> = st["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let disks: Vec<&str> = strings(&st["disks"], "path");
     assert!(!disks.iter().any(|p| p.ends_with("/b.img")), "{disks:?}");
     let data = volume(&st, "data");
     assert_eq!(data["layout"], "simple");
@@ -1079,21 +1069,11 @@ fn replace_rebuilds_a_disks_copies_on_another_and_the_old_one_leaves() {
         "{out}"
     );
     let st = sb.status();
-    let disks: Vec<&str> = st["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let disks: Vec<&str> = strings(&st["disks"], "path");
     assert_eq!(disks, [b.as_str(), c.as_str()]);
     let data = volume(&st, "data");
     assert_eq!(data["state"], "healthy");
-    let on: Vec<&str> = data["plexes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["disk"].as_str().unwrap())
-        .collect();
+    let on: Vec<&str> = strings(&data["plexes"], "disk");
     assert_eq!(on, [b.as_str(), c.as_str()]);
     assert_eq!(volume(&st, "solo")["plexes"][0]["disk"], c.as_str());
     assert_eq!(sb.read_volume("data"), want);
@@ -1209,12 +1189,7 @@ fn history_records_each_command_that_changed_the_config_with_who_and_where() {
     sb.mv(&["create", "v2", "--size", "4M"]).ok();
     let h: serde_json::Value =
         serde_json::from_str(&sb.mv(&["history", "--json"]).ok().stdout).unwrap();
-    let commands: Vec<&str> = h
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["command"].as_str().unwrap())
-        .collect();
+    let commands: Vec<&str> = strings(&h, "command");
     assert_eq!(commands.len(), 5, "{h:#}");
     assert!(commands[0].starts_with("mirrorvol init "), "{commands:?}");
     assert_eq!(commands[3], "mirrorvol create data --size 8M --mirror");

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::serve::{Served, fio_passed, fio_verify, mirror_group, mv, mv_ok, run, status, tools};
-use common::{Sandbox, bin, disk, volume};
+use common::{Sandbox, bin, disk, strings, volume};
 
 /// `serve` with its control socket at `SANDBOX/ctl.sock` and its pid file
 /// in `SANDBOX/run`.
@@ -491,12 +491,7 @@ fn history_records_requests_through_the_daemon_with_their_caller() {
     sb.mv(&["reactivate", &b]).ok();
     let h: serde_json::Value =
         serde_json::from_str(&sb.mv(&["history", "--json"]).ok().stdout).unwrap();
-    let commands: Vec<&str> = h
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["command"].as_str().unwrap())
-        .collect();
+    let commands: Vec<&str> = strings(&h, "command");
     let n = commands.len();
     assert_eq!(
         commands

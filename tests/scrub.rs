@@ -253,12 +253,7 @@ fn a_read_error_stops_the_scrub_with_exit_1_and_fails_that_plex() {
     let s = sb.status();
     let m = volume(&s, "m");
     assert_eq!(m["state"], "failed-redundancy");
-    let states: Vec<&str> = m["plexes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["state"].as_str().unwrap())
-        .collect();
+    let states: Vec<&str> = strings(&m["plexes"], "state");
     assert_eq!(states, ["in-sync", "failed"]);
 }
 

@@ -525,7 +525,8 @@ impl Drop for MetricsEndpoint {
     }
 }
 
-fn header(name: &str, value: &str) -> tiny_http::Header {
+/// An HTTP header of this crate's own making (always valid).
+pub(super) fn header(name: &str, value: &str) -> tiny_http::Header {
     tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("a valid header")
 }
 

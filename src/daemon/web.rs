@@ -37,6 +37,7 @@ use serde_json::Value;
 
 use self::render::{Offer, esc};
 use super::control::{Caller, Handler, Request, Response};
+use super::metrics::header;
 use crate::group::events::Events;
 use crate::{Error, Result};
 
@@ -279,10 +280,6 @@ impl Drop for WebView {
             let _ = std::fs::remove_file(f);
         }
     }
-}
-
-fn header(name: &str, value: &str) -> tiny_http::Header {
-    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("a valid header")
 }
 
 /// The headers every answer carries: nothing from elsewhere runs or loads
@@ -705,7 +702,7 @@ fn scrub(shared: &Arc<Shared>, name: &str, request: Request) -> Option<Response>
     }
     let started = Instant::now();
     loop {
-        if let Ok(r) = rx.recv_timeout(Duration::from_millis(20)) {
+        if let Ok(r) = rx.recv_timeout(Duration::from_millis(100)) {
             return Some(r);
         }
         let running = shared.status().ok().is_some_and(|s| {

@@ -1132,9 +1132,6 @@ impl Group {
         self.commit()
     }
 
-    /// The refusals of [`Group::fail`], as the config sees the disks: the
-    /// disk that `fail PATH` would fail. A running group asks its engines
-    /// too (a plex they failed a moment ago may not be recorded yet).
     /// `replace OLD NEW`, its first step: checks that the copies on `old`
     /// can be rebuilt on `new` (a disk of the group in service, with room,
     /// holding no copy of those volumes; every volume with a source in
@@ -1327,12 +1324,7 @@ impl Group {
                 }
             )));
         }
-        if !self
-            .config
-            .disks
-            .iter()
-            .any(|d| d.uuid != uuid && self.is_online(d.uuid))
-        {
+        if !self.others_online(uuid) {
             return Err(Error::refused(format!(
                 "disk {shown} is the last disk in service of group {}: removing it would leave no disk to record the group config on",
                 self.config.name
@@ -1370,6 +1362,18 @@ impl Group {
         Ok((shown, holding))
     }
 
+    /// Whether a disk other than `uuid` is in service: one the config can
+    /// still be written to once `uuid` leaves.
+    fn others_online(&self, uuid: Uuid) -> bool {
+        self.config
+            .disks
+            .iter()
+            .any(|d| d.uuid != uuid && self.is_online(d.uuid))
+    }
+
+    /// The refusals of [`Group::fail`], as the config sees the disks: the
+    /// disk that `fail PATH` would fail. A running group asks its engines
+    /// too (a plex they failed a moment ago may not be recorded yet).
     pub fn check_fail(&self, path: &Path, force: bool) -> Result<Uuid> {
         let uuid = self.resolve_disk(path)?;
         if self.disk_state(uuid) == "failed" {
@@ -1380,12 +1384,7 @@ impl Group {
         }
         // The config records the failure on the disks that stay online; with
         // none left, there is nowhere to record it.
-        if !self
-            .config
-            .disks
-            .iter()
-            .any(|d| d.uuid != uuid && self.is_online(d.uuid))
-        {
+        if !self.others_online(uuid) {
             return Err(Error::refused(format!(
                 "disk {} is the last online disk of group {}; failing it would leave no disk to record the group config on",
                 path.display(),

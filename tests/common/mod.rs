@@ -249,6 +249,16 @@ pub fn volume<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::
         .unwrap_or_else(|| panic!("volume {name} in status: {status:#}"))
 }
 
+/// The string `key` of every object of a JSON array: the disks of a
+/// volume's plexes, the paths of a report's disks, the history's commands.
+pub fn strings<'a>(list: &'a serde_json::Value, key: &str) -> Vec<&'a str> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("an array: {list:#}"))
+        .iter()
+        .map(|o| o[key].as_str().unwrap_or_else(|| panic!("{key} in {o:#}")))
+        .collect()
+}
+
 /// The disk whose path ends with `file` in a status report.
 pub fn disk<'a>(status: &'a serde_json::Value, file: &str) -> &'a serde_json::Value {
     status["disks"]
