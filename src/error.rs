@@ -8,6 +8,10 @@
 //!   Io      ──► 1   a disk operation failed (with path/offset context)
 //!   Corrupt ──► 1   metadata is damaged beyond what the copies can heal
 //!   Failed  ──► 1   the operation could not be completed for another reason
+//!   Unhealthy ► 3   `status --test` or `-x`: a volume lacks redundancy or a
+//!                   disk is out of service, but every volume serves its data
+//!             ► 4   the same, and a volume serves no data (failed, split
+//!                   brain, or waiting on its disks)
 //! ```
 
 use std::io;
@@ -34,6 +38,10 @@ pub enum Error {
     /// Any other failure of an operation that was accepted.
     #[error("{0}")]
     Failed(String),
+    /// What `status --test` found: the report was printed; this names what
+    /// needs attention.
+    #[error("{}: {}", if *.failed { "failed" } else { "degraded" }, .problems.join("; "))]
+    Unhealthy { failed: bool, problems: Vec<String> },
 }
 
 impl Error {
@@ -66,6 +74,8 @@ impl Error {
         match self {
             Error::Refused(_) => 2,
             Error::Io { .. } | Error::Corrupt(_) | Error::Failed(_) => 1,
+            Error::Unhealthy { failed: false, .. } => 3,
+            Error::Unhealthy { failed: true, .. } => 4,
         }
     }
 }

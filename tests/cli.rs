@@ -647,12 +647,15 @@ fn a_disk_locked_by_another_process_is_refused_naming_its_pid_and_command() {
     let pid = holder.id();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let r = loop {
-        let r = sb.mv(&["status"]);
+        let r = sb.mv(&["scrub", "m"]);
         if r.code == 2 || std::time::Instant::now() > deadline {
             break r;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
+    // status only looks: it reads the disks without their lock.
+    let seen = sb.mv(&["status"]).ok();
+    assert!(seen.stdout.contains("VOLUME"), "{}", seen.stdout);
     let _ = holder.kill();
     let _ = holder.wait();
     let want = format!(
@@ -665,27 +668,78 @@ fn a_disk_locked_by_another_process_is_refused_naming_its_pid_and_command() {
 }
 
 #[test]
-fn status_test_exits_1_naming_what_needs_attention() {
+fn status_test_and_x_exit_3_when_degraded_and_4_when_failed() {
     let sb = Sandbox::new();
     three_disks(&sb, 64);
     sb.mv(&["create", "m", "--size", "8M", "--mirror"]).ok();
+    sb.mv(&[
+        "create",
+        "s",
+        "--size",
+        "4M",
+        "--disk",
+        &sb.p("disks/c.img"),
+    ])
+    .ok();
     let r = sb.mv(&["status", "--test"]).ok();
     assert!(r.stderr.is_empty(), "{}", r.stderr);
+    let r = sb.mv(&["status", "-x"]).ok();
+    assert_eq!(r.stdout, "all volumes healthy\n");
     let b = sb.p("disks/b.img");
+    let m_on_b = strings(&volume(&sb.status(), "m")["plexes"], "disk").contains(&b.as_str());
+    assert!(m_on_b, "m has a plex on b.img");
     sb.mv(&["fail", &b]).ok();
     let r = sb.mv(&["status", "--test"]);
-    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.code, 3, "degraded: {}", r.stderr);
     assert!(
         r.stdout.contains("VOLUME"),
         "the report is printed: {}",
         r.stdout
     );
     assert!(
-        r.stderr.contains(&format!("disk {b} is failed")),
+        r.stderr.starts_with("degraded: ")
+            && r.stderr
+                .contains(&format!("volume m is failed-redundancy ({b}: failed)"))
+            && r.stderr.contains(&format!("disk {b} is failed")),
         "{}",
         r.stderr
     );
-    // Without --test, a degraded group is still status 0.
+    // -x: only what is wrong, each with what deals with it.
+    let r = sb.mv(&["status", "-x"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(!r.stdout.contains("VOLUME"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("    mirrorvol repair m\n"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(&format!(
+            "    mirrorvol reactivate {b}, or mirrorvol replace {b} NEW"
+        )),
+        "{}",
+        r.stdout
+    );
+    // A volume that serves nothing: its only disk failed (forced).
+    let c = sb.p("disks/c.img");
+    sb.mv(&["fail", &c, "--force"]).ok();
+    let r = sb.mv(&["status", "-x", "--json"]);
+    assert_eq!(r.code, 4, "failed: {}", r.stderr);
+    let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(doc["state"], "failed", "{doc:#}");
+    assert!(
+        doc["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["failed"] == true
+                && p["what"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("volume s is failed")),
+        "{doc:#}"
+    );
+    // Without --test or -x, a degraded group is still status 0.
     sb.mv(&["status"]).ok();
 }
 
@@ -1270,18 +1324,64 @@ fn a_foreground_resync_keeps_to_the_rate_asked() {
     sb.mv(&["add-mirror", "data", "--rate", "-1M"])
         .refused("negative");
     let start = std::time::Instant::now();
-    sb.mv(&[
-        "add-mirror",
-        "data",
-        "--disk",
-        &sb.p("disks/b.img"),
-        "--rate",
-        "4M",
-    ])
-    .ok();
+    let adding = std::process::Command::new(bin())
+        .env("MIRRORVOL_DISKS", sb.disks_dir())
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
+        .args(["add-mirror", "data", "--disk", &sb.p("disks/b.img")])
+        .args(["--rate", "4M"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // status from another shell, while add-mirror holds the disks: who
+    // holds them and how far it is, from the holder's claim renewals.
+    let seen = loop {
+        let s = sb.status();
+        let p = &s["group"]["holder_progress"];
+        if p["done"].as_u64().is_some_and(|d| d > 0) && p["rate"].as_u64().is_some_and(|r| r > 0) {
+            break s;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(3),
+            "no progress shown: {s:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let (held, p) = (&seen["group"]["held_by"], &seen["group"]["holder_progress"]);
+    assert!(
+        held.as_str()
+            .unwrap()
+            .starts_with("mirrorvol add-mirror (pid "),
+        "{seen:#}"
+    );
+    assert_eq!(
+        p["what"],
+        format!("resync data onto {}", sb.p("disks/b.img"))
+    );
+    assert_eq!(p["total"], 16 << 20);
+    let pct = p["percent"].as_f64().unwrap();
+    assert!(pct > 0.0 && pct < 100.0, "{p}");
+    // Paced at 4 MiB/s: the rate shown is about that.
+    let rate = p["rate"].as_u64().unwrap();
+    assert!((1 << 20..12 << 20).contains(&rate), "{p}");
+    assert!(p["eta_seconds"].as_u64().is_some_and(|e| e < 30), "{p}");
+    let text = sb.mv(&["status"]).ok().stdout;
+    assert!(
+        text.contains("Held by mirrorvol add-mirror") && text.contains("  resync data onto "),
+        "{text}"
+    );
+    let out = adding.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // 16 MiB at 4 MiB/s: 4 s (the first chunk goes at once).
     let took = start.elapsed();
     assert!(took >= std::time::Duration::from_millis(2500), "{took:?}");
-    assert_eq!(volume(&sb.status(), "data")["state"], "healthy");
+    let after = sb.status();
+    assert_eq!(volume(&after, "data")["state"], "healthy");
+    assert!(after["group"].get("held_by").is_none(), "{after:#}");
     assert_eq!(sb.read_volume("data"), want);
 }

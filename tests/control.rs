@@ -151,7 +151,7 @@ fn status_test_tells_a_script_when_the_live_group_needs_attention() {
     let b = sb.p("disks/b.img");
     mv_ok(&sb, &["fail", &b]);
     let (code, out, err) = mv(&sb, &["status", "--test", "--json"]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 3, "{err}");
     assert!(
         out.contains("\"volumes\""),
         "the report is printed too: {out}"
@@ -521,4 +521,72 @@ fn history_records_requests_through_the_daemon_with_their_caller() {
         text.contains(&format!("mirrorvol reactivate {b} (control socket)")),
         "{text}"
     );
+}
+
+#[test]
+fn a_copy_through_serve_shows_its_progress_in_status_and_on_a_terminal() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 32);
+    let _s = serve(&sb);
+    let (src, want) = sb.data_file("in.bin", 16 << 20, 5);
+    // Run as an admin runs it, on a terminal (script(1) gives it one):
+    // 16 MiB at 4 MiB/s, so that it is seen under way.
+    let start = Instant::now();
+    let copying = Command::new("script")
+        .args([
+            "-qefc",
+            &format!("{} copy {src} vol:data --rate 4M", bin()),
+            "/dev/null",
+        ])
+        .env("MIRRORVOL_DISKS", sb.disks_dir())
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux");
+    // status from another shell shows the copy on the volume it writes.
+    let seen = loop {
+        let s = status(&sb);
+        let c = &volume(&s, "data")["copy"];
+        if c["done"].as_u64().is_some_and(|d| d > 0) {
+            break c.clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "no copy shown: {s:#}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(seen["from"], src, "{seen}");
+    assert_eq!(seen["to"], "volume data", "{seen}");
+    assert_eq!(seen["total"], 16 << 20, "{seen}");
+    let pct = seen["percent"].as_f64().unwrap();
+    assert!(pct > 0.0 && pct < 100.0, "{seen}");
+    let text = mv_ok(&sb, &["status"]);
+    assert!(
+        text.contains(&format!("(copy {src} to volume data ")),
+        "{text}"
+    );
+    let out = copying.wait_with_output().unwrap();
+    let took = start.elapsed();
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{transcript}");
+    // The bar was drawn from the daemon's status, then the line it prints.
+    assert!(
+        transcript.contains(&format!("copy {src} to volume data [")),
+        "no progress bar: {transcript:?}"
+    );
+    assert!(
+        transcript.contains(&format!("copied 16 MiB from {src} to vol:data")),
+        "{transcript:?}"
+    );
+    // The rate was kept: four chunks of 4 MiB, three waits of a second.
+    assert!(took >= Duration::from_millis(2900), "{took:?}");
+    assert!(volume(&status(&sb), "data").get("copy").is_none());
+    // And the bytes are the volume's: copied back out through serve.
+    let back = sb.p("back.bin");
+    mv_ok(&sb, &["copy", "vol:data", &back]);
+    assert_eq!(&std::fs::read(&back).unwrap()[..16 << 20], &want[..]);
 }

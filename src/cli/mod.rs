@@ -39,6 +39,7 @@ macro_rules! outln {
 
 pub mod demo;
 pub mod examine;
+pub mod health;
 pub mod iostat;
 pub mod test_mirrors;
 
@@ -393,6 +394,10 @@ pub enum Command {
         /// Where to write: a file (created when absent) or device, or
         /// vol:NAME for a volume.
         dst: String,
+        /// Bytes/s (K/M/G suffixes) the copy runs at most, so that it
+        /// leaves the disks to the volumes' clients; unthrottled by default.
+        #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
+        rate: Option<u64>,
         /// Print what the command did as one JSON object on stdout:
         /// {"ok", "command", "messages", "warnings", "status"} (status:
         /// as `status --json` after the change); a refusal or failure is
@@ -405,11 +410,17 @@ pub enum Command {
         /// Print one JSON object instead of tables.
         #[arg(long)]
         json: bool,
-        /// After the report, exit with status 1 and name what needs
-        /// attention when a volume is not healthy or a disk is not online
-        /// (as `mdadm --detail --test`), for scripts and monitoring.
+        /// After the report, name what needs attention on stderr and exit
+        /// with status 3 when the group is degraded (a volume without full
+        /// redundancy, a disk out of service or with errors) or 4 when a
+        /// volume serves no data (as `mdadm --detail --test`).
         #[arg(long)]
         test: bool,
+        /// Show only what is unhealthy, a line each with the command that
+        /// deals with it, or "all volumes healthy" (as `zpool status -x`);
+        /// exit statuses as --test.
+        #[arg(short = 'x', long = "problems")]
+        problems: bool,
     },
     /// Show the I/O of every disk and volume under serve (iostat): the
     /// totals since serve opened the disks, then, with --interval, the rates
@@ -665,6 +676,7 @@ impl Bar {
 
 impl Progress for Bar {
     fn start(&self, what: &str, total: u64) {
+        crate::group::claim::activity::begin(what, total);
         let target = if std::io::stderr().is_terminal() {
             ProgressDrawTarget::stderr()
         } else {
@@ -683,12 +695,14 @@ impl Progress for Bar {
     }
 
     fn set(&self, done: u64) {
+        crate::group::claim::activity::advance(done);
         if let Some(bar) = &*self.0.lock().unwrap_or_else(|e| e.into_inner()) {
             bar.set_position(done);
         }
     }
 
     fn finish(&self) {
+        crate::group::claim::activity::end();
         if let Some(bar) = self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
             bar.finish_and_clear();
         }
@@ -760,6 +774,11 @@ pub fn run(cli: Cli) -> i32 {
     };
     match result {
         Ok(()) => 0,
+        // The report was printed; this is its verdict, not a failure.
+        Err(e @ Error::Unhealthy { .. }) => {
+            eprintln!("{e}");
+            e.exit_code()
+        }
         Err(e) => {
             eprintln!("error: {e}");
             e.exit_code()
@@ -829,6 +848,7 @@ fn execute_json(cli: Cli) -> Result<()> {
         command: Command::Status {
             json: true,
             test: false,
+            problems: false,
         },
     };
     let (result, said) = gathered(|| execute(cli));
@@ -916,6 +936,14 @@ impl Disks {
         )?;
         Ok(self.set.get_or_init(|| set).clone())
     }
+
+    /// The set opened to look only: read-only, without the lock, so that a
+    /// command holding the disks does not keep `status` out.
+    fn shared_set(&self) -> Result<DiskSet> {
+        let mut set = self.set()?;
+        set.open.shared = true;
+        Ok(set)
+    }
 }
 
 /// Assembles the group of `--disks`, or refuses when none was given.
@@ -927,6 +955,17 @@ fn assemble(disks: &Disks) -> Result<Group> {
     }
     let set = disks.set()?;
     let mut group = Group::assemble(&set, Lookup::Required)?.expect("required");
+    flush_warnings(&mut group);
+    Ok(group)
+}
+
+/// Assembles the group of `--disks` to look at it only (see
+/// [`Disks::shared_set`]).
+fn assemble_shared(disks: &Disks) -> Result<Group> {
+    if disks.paths.is_empty() {
+        return assemble(disks);
+    }
+    let mut group = Group::assemble(&disks.shared_set()?, Lookup::Required)?.expect("required");
     flush_warnings(&mut group);
     Ok(group)
 }
@@ -1076,35 +1115,25 @@ fn print_done(r: control::Response) {
 }
 
 /// Prints a report the daemon made: as JSON, or as text.
-/// What in a `status --json` report needs attention: volumes not
-/// healthy, disks not online (errors seen count too).
-fn attention(status: &serde_json::Value) -> Vec<String> {
-    let mut issues = Vec::new();
-    for (list, what, id, fine) in [
-        ("volumes", "volume", "name", "healthy"),
-        ("disks", "disk", "path", "online"),
-    ] {
-        for item in status[list].as_array().into_iter().flatten() {
-            let state = item["state"].as_str().unwrap_or("unknown");
-            if state != fine {
-                let id = item[id].as_str().unwrap_or("?");
-                issues.push(format!("{what} {id} is {state}"));
-            }
-        }
+/// Prints a `status` report (as JSON or as text, or with `-x` only its
+/// problems) and, with `--test` or `-x`, its verdict as the exit status.
+fn show_status(
+    report: serde_json::Value,
+    text: String,
+    json: bool,
+    test: bool,
+    only: bool,
+) -> Result<()> {
+    let found = health::problems(&report);
+    if only {
+        out!("{}", health::only_problems(&found, json));
+    } else {
+        print_report(json, Some(report), Some(text));
     }
-    issues
-}
-
-/// `status --test`: status 1, naming what needs attention, when anything
-/// does (`issues` is empty without `--test`).
-fn tested(issues: Vec<String>) -> Result<()> {
-    if !issues.is_empty() {
-        return Err(Error::failed(format!(
-            "the group needs attention: {}",
-            issues.join("; ")
-        )));
+    match test || only {
+        true => health::verdict(&found),
+        false => Ok(()),
     }
-    Ok(())
 }
 
 fn print_report(json: bool, value: Option<serde_json::Value>, text: Option<String>) {
@@ -1205,14 +1234,19 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             print_report(json, r.report, r.text);
             return Ok(());
         }
-        Command::Status { json, test } => {
+        Command::Status {
+            json,
+            test,
+            problems,
+        } => {
             let r = ask(h, &Request::Status)?;
-            let issues = match (test, &r.status) {
-                (true, Some(status)) => attention(status),
-                _ => Vec::new(),
-            };
-            print_report(json, r.status, r.text);
-            return tested(issues);
+            return show_status(
+                r.status.unwrap_or_default(),
+                r.text.unwrap_or_default(),
+                json,
+                test,
+                problems,
+            );
         }
         Command::Scrub {
             name,
@@ -1278,9 +1312,10 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
         },
         Command::Extend { name, size, .. } => Request::Extend { name, size },
         Command::Delete { name, force, .. } => Request::Delete { name, force },
-        Command::Copy { src, dst, .. } => Request::Copy {
+        Command::Copy { src, dst, rate, .. } => Request::Copy {
             src: absolute_endpoint(src),
             dst: absolute_endpoint(dst),
+            rate,
         },
         Command::RemoveDisk { path, .. } => Request::RemoveDisk {
             path: absolute(path),
@@ -1361,7 +1396,18 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             )));
         }
     };
-    print_done(ask(h, &request)?);
+    // A copy shows its progress bar, as offline, from the daemon's status.
+    let copied = match &request {
+        Request::Copy { src, dst, .. } => dst.strip_prefix("vol:").or(src.strip_prefix("vol:")),
+        _ => None,
+    };
+    let done = match copied {
+        Some(volume) if std::io::stderr().is_terminal() => {
+            with_copy_bar(h, volume, &Bar::new(), || ask(h, &request))
+        }
+        _ => ask(h, &request),
+    };
+    print_done(done?);
     if let Some((names, rate)) = paced {
         for name in names {
             ask(
@@ -1375,6 +1421,60 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs `call` (a copy through the daemon) while `bar` shows the copy of
+/// `volume` that the daemon's status reports, polled a few times a second.
+fn with_copy_bar<T>(
+    h: &holder::Holder,
+    volume: &str,
+    bar: &(dyn crate::group::Progress + Sync),
+    call: impl FnOnce() -> T,
+) -> T {
+    let (stop, wake) = (Mutex::new(false), std::sync::Condvar::new());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut shown = false;
+            let mut stopped = stop.lock().unwrap_or_else(|e| e.into_inner());
+            while !*stopped {
+                drop(stopped);
+                let copy = ask(h, &control::Request::Status)
+                    .ok()
+                    .and_then(|r| r.status)
+                    .and_then(|s| {
+                        let list = s["volumes"].as_array()?;
+                        let v = list.iter().find(|v| v["name"] == volume)?;
+                        Some(v["copy"].clone()).filter(|c| c.is_object())
+                    });
+                if let Some(c) = copy {
+                    if !shown {
+                        let what = format!(
+                            "copy {} to {}",
+                            c["from"].as_str().unwrap_or("?"),
+                            c["to"].as_str().unwrap_or("?")
+                        );
+                        bar.start(&what, c["total"].as_u64().unwrap_or(0));
+                        shown = true;
+                    }
+                    bar.set(c["done"].as_u64().unwrap_or(0));
+                }
+                stopped = stop.lock().unwrap_or_else(|e| e.into_inner());
+                if !*stopped {
+                    stopped = wake
+                        .wait_timeout(stopped, std::time::Duration::from_millis(200))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+            if shown {
+                bar.finish();
+            }
+        });
+        let out = call();
+        *stop.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        wake.notify_all();
+        out
+    })
 }
 
 fn execute(cli: Cli) -> Result<()> {
@@ -1588,7 +1688,7 @@ fn execute(cli: Cli) -> Result<()> {
             ));
         }
         Command::History { json } => {
-            let g = assemble(&disks)?;
+            let g = assemble_shared(&disks)?;
             let h = &g.config.history;
             if json {
                 outln!(
@@ -1640,28 +1740,26 @@ fn execute(cli: Cli) -> Result<()> {
             let done = through_controller(&disks, |live| live.fail_disk_by_path(&path, force))?;
             print_offline(done);
         }
-        Command::Copy { src, dst, .. } => {
+        Command::Copy { src, dst, rate, .. } => {
             let (s, d) = (Endpoint::parse(&src), Endpoint::parse(&dst));
-            let n = through_controller(&disks, |live| live.copy(&s, &d, &bar))?;
+            let n = through_controller(&disks, |live| live.copy(&s, &d, rate, &bar))?;
             outln!("copied {} from {src} to {dst}", human(n));
         }
-        Command::Status { json, test } => {
-            let g = assemble(&disks)?;
+        Command::Status {
+            json,
+            test,
+            problems,
+        } => {
+            let g = assemble_shared(&disks)?;
             let mut report = g.status();
-            report.group.held_by = g.held_by_on_disks();
-            let issues = match test {
-                true => attention(&serde_json::to_value(&report).expect("status serializes")),
-                false => Vec::new(),
-            };
-            if json {
-                outln!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("status serializes")
-                );
-            } else {
-                out!("{}", crate::group::show::status_text(&report));
+            if let Some((who, doing)) = g.held_by_on_disks() {
+                report.group.held_by = Some(who);
+                report.group.holder_progress =
+                    doing.as_ref().map(crate::group::status::HolderProgress::of);
             }
-            tested(issues)?;
+            let text = crate::group::show::status_text(&report);
+            let report = serde_json::to_value(&report).expect("status serializes");
+            show_status(report, text, json, test, problems)?;
         }
         Command::Examine { path, json } => examine::examine(&path, json)?,
         Command::Scrub {

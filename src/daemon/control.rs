@@ -111,6 +111,9 @@ pub enum Request {
     Copy {
         src: String,
         dst: String,
+        /// Bytes/s at most (`copy --rate`).
+        #[serde(default)]
+        rate: Option<u64>,
     },
     Scrub {
         name: String,

@@ -597,6 +597,7 @@ mod tests {
             group: GroupStatus {
                 generation: None,
                 held_by: None,
+                holder_progress: None,
                 name: "g".into(),
                 uuid: uuid::Uuid::new_v4(),
                 seqno: 7,
@@ -617,6 +618,7 @@ mod tests {
                 clients: None,
                 waiting_on: Vec::new(),
                 scrub: None,
+                copy: None,
             }],
             split_brain: Vec::new(),
         }

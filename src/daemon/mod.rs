@@ -371,6 +371,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
                 threads: disk_threads,
                 timeout: options.io_timeout,
                 engine: options.io_engine,
+                shared: false,
             },
         )?;
         let mut group = crate::group::claim::claim_assembled(
@@ -820,14 +821,14 @@ fn handle_request(
             })
             .map(done),
         Request::Delete { name, force } => delete(live, server, &name, force),
-        Request::Copy { src, dst } => {
+        Request::Copy { src, dst, rate } => {
             use crate::group::ops::{Endpoint, human};
             let (s, d) = (Endpoint::parse(&src), Endpoint::parse(&dst));
             match &d {
                 Endpoint::Volume(n) => refuse_clients(server, n, "copying onto it"),
                 Endpoint::Path(_) => Ok(()),
             }
-            .and_then(|()| live.copy(&s, &d, &crate::group::NoProgress))
+            .and_then(|()| live.copy(&s, &d, rate, &crate::group::NoProgress))
             .map(|n| Response::message(format!("copied {} from {src} to {dst}", human(n))))
         }
         Request::Resync { name, action, rate } => resync_control(live, &name, action, rate),

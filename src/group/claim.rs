@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::{Group, holder};
-use crate::format::state::{ClaimBlock, Read, now_secs};
+use crate::format::state::{Activity, ClaimBlock, Read, now_secs};
 use crate::format::{DiskState, ondisk};
 use crate::volume::generation::GenerationDisk;
 use crate::volume::queue::{DiskQueue, WriteGate};
@@ -529,21 +529,24 @@ impl Group {
     }
 
     /// Who holds the group's claim, as its disks say (offline `status`):
-    /// the holder named on the disks in service, unless it is gone.
-    pub fn held_by_on_disks(&self) -> Option<String> {
+    /// the holder named on the disks in service, unless it is gone, with
+    /// the progress its newest renewal shows.
+    pub fn held_by_on_disks(&self) -> Option<(String, Option<Activity>)> {
         if self.claim.is_some() {
-            return self.held_by();
+            return self.held_by().map(|h| (h, None));
         }
         let me = Identity::here().ok()?;
+        let mut newest: Option<ClaimBlock> = None;
         for d in self.claim_disks().values() {
             if let Ok(read) = ondisk::read_claim(&*d.disk, &d.layout)
-                && let Read::Good(c) = &read
                 && !matches!(look(&read, &me), Seen::Free)
+                && let Read::Good(c) = read
+                && newest.as_ref().is_none_or(|n| c.seq > n.seq)
             {
-                return Some(describe(c, &me));
+                newest = Some(c);
             }
         }
-        None
+        newest.map(|c| (describe(&c, &me), c.activity))
     }
 
     /// Claims the group for writing (see the module's top), or refuses.
@@ -654,6 +657,7 @@ impl Group {
             hostname: me.hostname.clone(),
             command: opts.command.clone(),
             started: started(me.pid).unwrap_or(0),
+            activity: None,
         };
         let started = Instant::now();
         let inner = Arc::new(Inner {
@@ -780,6 +784,73 @@ fn write_everywhere(
     })
 }
 
+/// What this process shows other processes of its progress: a command's
+/// progress bar reports here, and each renewal of the claim carries it, so
+/// that `status` from another shell, which cannot take the disks, shows it
+/// (as `/proc/mdstat` shows a resync whoever runs it).
+pub mod activity {
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    use crate::format::state::Activity;
+
+    struct Shown {
+        what: String,
+        done: u64,
+        total: u64,
+        /// The first position reported and when (a resync resumed from a
+        /// checkpoint starts past zero): the rate is measured from there.
+        first: Option<(u64, Instant)>,
+    }
+
+    static SHOWN: Mutex<Option<Shown>> = Mutex::new(None);
+
+    fn shown() -> std::sync::MutexGuard<'static, Option<Shown>> {
+        SHOWN.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A task of `total` bytes begins.
+    pub fn begin(what: &str, total: u64) {
+        *shown() = Some(Shown {
+            what: what.to_string(),
+            done: 0,
+            total,
+            first: None,
+        });
+    }
+
+    /// `done` bytes of it are done.
+    pub fn advance(done: u64) {
+        if let Some(s) = shown().as_mut() {
+            s.done = done;
+            s.first.get_or_insert((done, Instant::now()));
+        }
+    }
+
+    /// It ended.
+    pub fn end() {
+        *shown() = None;
+    }
+
+    /// What the next renewal writes.
+    pub fn current() -> Option<Activity> {
+        let s = shown();
+        let s = s.as_ref().filter(|s| s.total > 0)?;
+        let rate = match s.first {
+            Some((from, at)) if at.elapsed().as_secs_f64() > 0.5 => {
+                (s.done.saturating_sub(from) as f64 / at.elapsed().as_secs_f64()) as u64
+            }
+            _ => 0,
+        };
+        Some(Activity {
+            what: s.what.clone(),
+            done: s.done.min(s.total),
+            total: s.total,
+            rate,
+        })
+    }
+}
+
 /// The holder's heartbeat: renews the claim on every disk each interval
 /// (a disk still busy with the previous renewal is skipped), and fences
 /// the group when no majority renewed within the fence time.
@@ -799,6 +870,7 @@ fn heartbeat(inner: Arc<Inner>, interval: Duration) {
             let mut b = inner.block.lock().unwrap_or_else(|e| e.into_inner());
             b.seq += 1;
             b.written_at = now_secs();
+            b.activity = activity::current();
             b.clone()
         };
         let now = Instant::now();
@@ -918,6 +990,7 @@ impl Claim {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         block.held = false;
+        block.activity = None;
         block.seq += 1;
         block.written_at = now_secs();
         let disks = self.inner.disks();
@@ -989,6 +1062,7 @@ mod tests {
             hostname: "h".into(),
             command: "serve".into(),
             started: started(1).unwrap_or(0),
+            activity: None,
         };
         // pid 1 of this boot lives: refused by name.
         assert!(matches!(look(&Read::Good(c.clone()), &me), Seen::Local(_)));

@@ -167,6 +167,9 @@ pub struct DiskOpen {
     pub timeout: std::time::Duration,
     /// What runs the disks' data requests (`--io-engine`).
     pub engine: crate::volume::queue::IoEngine,
+    /// Read-only and without the lock: a look at a group another process
+    /// may hold (`status`, `history`); every write is refused.
+    pub shared: bool,
 }
 
 impl Default for DiskOpen {
@@ -176,6 +179,7 @@ impl Default for DiskOpen {
             threads: 4,
             timeout: DEFAULT_IO_TIMEOUT,
             engine: crate::volume::queue::IoEngine::from_env(),
+            shared: false,
         }
     }
 }
@@ -336,9 +340,9 @@ pub fn open_disk_with(path: &Path, how: &DiskOpen) -> Result<Arc<QueuedDisk>> {
         )
     };
     let mut opts = OpenOptions {
-        lock: true,
+        lock: !how.shared,
+        read_only: how.shared,
         direct: how.direct,
-        ..OpenOptions::default()
     };
     if how.direct {
         match FileDisk::open(path, opts) {

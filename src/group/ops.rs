@@ -1523,19 +1523,26 @@ pub(crate) fn path_io(
 }
 
 /// Copies `size` bytes a chunk at a time: `step` moves the chunk at `pos`
-/// (reads it into the buffer, then writes it out).
+/// (reads it into the buffer, then writes it out); with a `rate` (bytes/s,
+/// 0 for none), no faster than that, sleeping between chunks.
 pub(crate) fn copy_chunks(
     size: u64,
     progress: &dyn Progress,
+    rate: u64,
     mut step: impl FnMut(u64, &mut [u8]) -> Result<()>,
 ) -> Result<()> {
     let mut buf = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
     let mut pos = 0;
+    let started = std::time::Instant::now();
     while pos < size {
         let n = (size - pos).min(COPY_CHUNK as u64) as usize;
         step(pos, &mut buf[..n])?;
         pos += n as u64;
         progress.set(pos);
+        if rate > 0 && pos < size {
+            let due = std::time::Duration::from_secs_f64(pos as f64 / rate as f64);
+            std::thread::sleep(due.saturating_sub(started.elapsed()));
+        }
     }
     Ok(())
 }

@@ -72,6 +72,19 @@ fn plex_progress(p: &super::status::PlexStatus) -> String {
     }
 }
 
+/// A task under way on a volume: "(scrub 42%, 35 MiB/s, 3 s left)".
+fn task_text(what: &str, percent: f64, rate: u64, eta: Option<u64>) -> String {
+    let mut text = format!("({what} {percent:.0}%");
+    if rate > 0 {
+        text.push_str(&format!(", {}/s", human(rate)));
+    }
+    if let Some(eta) = eta {
+        text.push_str(&format!(", {} left", show_seconds(eta)));
+    }
+    text.push(')');
+    text
+}
+
 /// "42 s", "3 min 5 s", "2 h 10 min".
 pub(crate) fn show_seconds(s: u64) -> String {
     match s {
@@ -94,6 +107,23 @@ pub fn status_text(r: &StatusReport) -> String {
     );
     if let Some(h) = &r.group.held_by {
         out.push_str(&format!("Held by {h}\n"));
+    }
+    if let Some(p) = &r.group.holder_progress {
+        let mut line = format!(
+            "  {}: {:.1}% ({} of {}",
+            p.what,
+            p.percent,
+            human(p.done),
+            human(p.total)
+        );
+        if p.rate > 0 {
+            line.push_str(&format!(", {}/s", human(p.rate)));
+        }
+        if let Some(eta) = p.eta_seconds {
+            line.push_str(&format!(", {} left", show_seconds(eta)));
+        }
+        out.push_str(&line);
+        out.push_str(")\n");
     }
     out.push('\n');
     let mut disks = vec![vec![
@@ -151,19 +181,12 @@ pub fn status_text(r: &StatusReport) -> String {
             plexes.push("-".into());
         }
         if let Some(s) = &v.scrub {
-            let mut text = format!(
-                "({} {:.0}%",
-                if s.repair { "scrub --repair" } else { "scrub" },
-                s.percent
-            );
-            if s.rate > 0 {
-                text.push_str(&format!(", {}/s", human(s.rate)));
-            }
-            if let Some(eta) = s.eta_seconds {
-                text.push_str(&format!(", {} left", show_seconds(eta)));
-            }
-            text.push(')');
-            plexes.push(text);
+            let what = if s.repair { "scrub --repair" } else { "scrub" };
+            plexes.push(task_text(what, s.percent, s.rate, s.eta_seconds));
+        }
+        if let Some(c) = &v.copy {
+            let what = format!("copy {} to {}", c.from, c.to);
+            plexes.push(task_text(&what, c.percent, c.rate, c.eta_seconds));
         }
         for (i, plex) in plexes.into_iter().enumerate() {
             let mut row = if i == 0 {

@@ -60,6 +60,36 @@ pub struct GroupStatus {
     /// on host H"), when someone does.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held_by: Option<String>,
+    /// The progress of the command holding the group, as its claim shows
+    /// it (offline `status` while another command runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holder_progress: Option<HolderProgress>,
+}
+
+/// What the process holding the group is doing.
+#[derive(Debug, Serialize)]
+pub struct HolderProgress {
+    pub what: String,
+    pub done: u64,
+    pub total: u64,
+    pub percent: f64,
+    /// Bytes per second since it began.
+    pub rate: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<u64>,
+}
+
+impl HolderProgress {
+    pub fn of(a: &crate::format::state::Activity) -> HolderProgress {
+        HolderProgress {
+            what: a.what.clone(),
+            done: a.done,
+            total: a.total,
+            percent: (a.done as f64 * 1000.0 / a.total.max(1) as f64).floor() / 10.0,
+            rate: a.rate,
+            eta_seconds: (a.rate > 0).then(|| (a.total - a.done.min(a.total)).div_ceil(a.rate)),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -117,6 +147,24 @@ pub struct VolumeStatus {
     /// Under `serve`, while a scrub of the volume runs: how far it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scrub: Option<ScrubStatus>,
+    /// Under `serve`, while `copy` writes the volume or reads it: how far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyStatus>,
+}
+
+/// A copy under way.
+#[derive(Debug, Serialize)]
+pub struct CopyStatus {
+    /// "volume data", or a path.
+    pub from: String,
+    pub to: String,
+    pub done: u64,
+    pub total: u64,
+    pub percent: f64,
+    /// Bytes/s copied, and the seconds left at that rate.
+    pub rate: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<u64>,
 }
 
 /// A scrub under way.
@@ -266,6 +314,7 @@ impl Group {
                     clients: None,
                     waiting_on: Vec::new(),
                     scrub: None,
+                    copy: None,
                 }
             })
             .collect();
@@ -305,6 +354,7 @@ impl Group {
                     .or_else(|| self.assembled_generation().map(|g| g.counter))
                     .filter(|g| *g > 0),
                 held_by: self.held_by(),
+                holder_progress: None,
             },
             disks,
             volumes,

@@ -12,6 +12,7 @@ pub mod bitmap;
 pub mod engine;
 pub mod error;
 pub mod generation;
+pub mod meter;
 pub mod queue;
 pub mod range_lock;
 pub mod resync;

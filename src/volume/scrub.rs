@@ -20,6 +20,7 @@
 //! can run it in the background; it sleeps between chunks, never while it
 //! holds a range.
 
+use super::meter::Meter;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,15 +125,12 @@ pub enum ScrubError {
     },
 }
 
-/// How far a scrub under way has come, for `status`: shared between the
-/// scrub's thread, which moves it on, and whoever reports it.
+/// How far a scrub under way has come, for `status` (its [`Meter`]), and
+/// what it is.
 #[derive(Debug)]
 pub struct ScrubProgress {
-    /// Bytes the scrub covers (the volume's size).
-    total: u64,
-    /// Bytes compared so far.
-    done: std::sync::atomic::AtomicU64,
-    started: Instant,
+    /// Bytes of the volume compared so far.
+    meter: Meter,
     /// A `scrub --repair`, not a check.
     pub repair: bool,
     /// Run by the daemon on its `--scrub-interval`, not asked for.
@@ -141,12 +139,17 @@ pub struct ScrubProgress {
     cancel: Arc<AtomicBool>,
 }
 
+impl std::ops::Deref for ScrubProgress {
+    type Target = Meter;
+    fn deref(&self) -> &Meter {
+        &self.meter
+    }
+}
+
 impl ScrubProgress {
     pub fn new(total: u64, repair: bool, background: bool) -> Arc<ScrubProgress> {
         Arc::new(ScrubProgress {
-            total,
-            done: Default::default(),
-            started: Instant::now(),
+            meter: Meter::new(total),
             repair,
             background,
             cancel: Arc::new(AtomicBool::new(false)),
@@ -165,37 +168,6 @@ impl ScrubProgress {
     /// What the scrub's options watch for [`ScrubProgress::cancel`].
     pub fn cancel_flag(&self) -> Arc<AtomicBool> {
         self.cancel.clone()
-    }
-
-    pub fn set(&self, done: u64) {
-        self.done.store(done.min(self.total), Ordering::Relaxed);
-    }
-
-    pub fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
-    }
-
-    pub fn percent(&self) -> f64 {
-        match self.total {
-            0 => 100.0,
-            t => (self.done() as f64 * 100.0 / t as f64).min(100.0),
-        }
-    }
-
-    /// Bytes/s since the scrub started (a scrub is paced evenly, so the
-    /// average is its rate); 0 in its first half second.
-    pub fn rate(&self) -> u64 {
-        let secs = self.started.elapsed().as_secs_f64();
-        if secs < 0.5 {
-            return 0;
-        }
-        (self.done() as f64 / secs) as u64
-    }
-
-    /// Seconds left at that rate; `None` before a rate is known.
-    pub fn eta_seconds(&self) -> Option<u64> {
-        let rate = self.rate();
-        (rate > 0).then(|| self.total.saturating_sub(self.done()).div_ceil(rate))
     }
 }
 

@@ -171,6 +171,9 @@ pub(super) struct Controller {
     /// Volumes being scrubbed (through the control socket or in the
     /// background), with how far each scrub is.
     pub(super) scrubbing: BTreeMap<String, Arc<crate::volume::scrub::ScrubProgress>>,
+    /// Copies to or from a volume (`copy` through the control socket), by
+    /// the volume's name, with how far each is.
+    pub(super) copies: BTreeMap<String, Arc<super::online::CopyProgress>>,
     stopping: bool,
     /// The disk and volume states the events last reported.
     reported: Snapshot,
@@ -212,6 +215,7 @@ impl Controller {
             paused: BTreeSet::new(),
             rate_limits: BTreeMap::new(),
             scrubbing: BTreeMap::new(),
+            copies: BTreeMap::new(),
             stopping: false,
             reported,
             resync_opts: ResyncOptions::default(),
@@ -382,6 +386,17 @@ impl Controller {
                     percent: (s.percent() * 10.0).floor() / 10.0,
                     rate: s.rate(),
                     eta_seconds: s.eta_seconds(),
+                });
+            }
+            if let Some(c) = self.copies.get(&v.name) {
+                v.copy = Some(crate::group::status::CopyStatus {
+                    from: c.from.clone(),
+                    to: c.to.clone(),
+                    done: c.done(),
+                    total: c.total(),
+                    percent: (c.percent() * 10.0).floor() / 10.0,
+                    rate: c.rate(),
+                    eta_seconds: c.eta_seconds(),
                 });
             }
         }

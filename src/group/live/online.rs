@@ -600,7 +600,13 @@ impl LiveGroup {
     /// `copy` while serving: through the running engines, so clients of a
     /// source volume go on (the caller refuses a target volume with
     /// clients).
-    pub fn copy(&self, src: &Endpoint, dst: &Endpoint, progress: &dyn Progress) -> Result<u64> {
+    pub fn copy(
+        &self,
+        src: &Endpoint,
+        dst: &Endpoint,
+        rate: Option<u64>,
+        progress: &dyn Progress,
+    ) -> Result<u64> {
         enum Side {
             Path(std::path::PathBuf, FileDisk),
             Volume(Arc<MirrorVolume>),
@@ -651,11 +657,38 @@ impl LiveGroup {
             Side::Volume(e) => format!("volume {}", e.name),
             Side::Path(p, _) => p.display().to_string(),
         };
-        progress.start(
-            &format!("copy {} to {}", describe(&source), describe(&target)),
-            size,
-        );
-        copy_chunks(size, progress, |pos, chunk| {
+        let (from, to) = (describe(&source), describe(&target));
+        progress.start(&format!("copy {from} to {to}"), size);
+        // Shown in `status` on the volume written, or else the one read.
+        let tracked = Arc::new(CopyProgress {
+            meter: crate::volume::meter::Meter::new(size),
+            from,
+            to,
+        });
+        // (refuse_pair refused a copy between two paths).
+        let shown_on = match (&target, &source) {
+            (Side::Volume(e), _) | (_, Side::Volume(e)) => e.name.clone(),
+            (Side::Path(..), Side::Path(..)) => String::new(),
+        };
+        let (n, t) = (shown_on.clone(), tracked.clone());
+        self.send(move |c| {
+            c.copies.insert(n, t);
+        });
+        struct Unmark<'a>(&'a LiveGroup, String, Arc<CopyProgress>);
+        impl Drop for Unmark<'_> {
+            fn drop(&mut self) {
+                let (n, t) = (std::mem::take(&mut self.1), self.2.clone());
+                self.0.send(move |c| {
+                    // Another copy of the same volume may have come since.
+                    if c.copies.get(&n).is_some_and(|x| Arc::ptr_eq(x, &t)) {
+                        c.copies.remove(&n);
+                    }
+                });
+            }
+        }
+        let _unmark = Unmark(self, shown_on, tracked.clone());
+        let shown = Tracked(progress, &tracked);
+        copy_chunks(size, &shown, rate.unwrap_or(0), |pos, chunk| {
             io(&source, pos, chunk, false)?;
             io(&target, pos, chunk, true)
         })?;
@@ -665,6 +698,37 @@ impl LiveGroup {
         }
         progress.finish();
         Ok(size)
+    }
+}
+
+/// A copy under way (`copy` through the control socket), for `status`.
+#[derive(Debug)]
+pub struct CopyProgress {
+    meter: crate::volume::meter::Meter,
+    pub from: String,
+    pub to: String,
+}
+
+impl std::ops::Deref for CopyProgress {
+    type Target = crate::volume::meter::Meter;
+    fn deref(&self) -> &crate::volume::meter::Meter {
+        &self.meter
+    }
+}
+
+/// A progress sink that also moves a copy's meter on.
+struct Tracked<'a>(&'a dyn Progress, &'a CopyProgress);
+
+impl Progress for Tracked<'_> {
+    fn start(&self, what: &str, total: u64) {
+        self.0.start(what, total);
+    }
+    fn set(&self, done: u64) {
+        self.1.set(done);
+        self.0.set(done);
+    }
+    fn finish(&self) {
+        self.0.finish();
     }
 }
 
