@@ -509,7 +509,11 @@ fn completions_and_the_manual_page_print_without_a_group() {
     }
     sb.mv(&["completions", "tcsh"]).refused("tcsh");
     let page = sb.mv(&["manpage"]).ok().stdout;
-    assert!(page.contains(".TH mirrorvol 1"), "{page}");
+    assert!(page.contains(".TH mirrorvol 8"), "{page}");
+    assert!(
+        page.contains(".SH \"MIRRORVOL ADD\\-MIRROR\""),
+        "a section per command"
+    );
     assert!(page.contains("add\\-mirror"), "lists the commands: {page}");
 }
 

@@ -41,6 +41,7 @@ pub mod demo;
 pub mod examine;
 pub mod health;
 pub mod iostat;
+pub mod manpage;
 pub mod test_mirrors;
 
 #[derive(Debug, Parser)]
@@ -601,8 +602,8 @@ pub enum Command {
         /// The shell: bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
-    /// Print the manual page, in roff (`mirrorvol manpage > mirrorvol.1;
-    /// man ./mirrorvol.1`).
+    /// Print the manual page mirrorvol(8), in roff, with a section per
+    /// command (`mirrorvol manpage > mirrorvol.8; man ./mirrorvol.8`).
     Manpage,
 }
 
@@ -1862,10 +1863,7 @@ fn execute(cli: Cli) -> Result<()> {
             out!("{}", String::from_utf8_lossy(&script));
         }
         Command::Manpage => {
-            let mut page = Vec::new();
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
-                .render(&mut page)
-                .map_err(|e| Error::io("render the manual page", e))?;
+            let page = manpage::render().map_err(|e| Error::io("render the manual page", e))?;
             out!("{}", String::from_utf8_lossy(&page));
         }
     }
