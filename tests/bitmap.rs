@@ -193,11 +193,15 @@ fn a_crash_at_every_write_and_flush_leaves_equal_plexes_with_every_flushed_write
     assert!(cuts > 100, "only {cuts} cut points were tried");
 }
 
-/// The `resynced N bytes` figure of a line, or 0.
+/// The exact byte count of `resynced 8 MiB (8388608 bytes) ...` lines
+/// (`resynced 512 bytes ...` below a KiB), summed; 0 without any.
 fn resynced_bytes(text: &str) -> u64 {
     text.lines()
         .filter_map(|l| l.split("resynced ").nth(1))
-        .filter_map(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+        .filter_map(|rest| {
+            let exact = rest.split_once(" (").map_or(rest, |(_, r)| r);
+            exact.split(' ').next()?.parse::<u64>().ok()
+        })
         .sum()
 }
 

@@ -96,8 +96,10 @@ impl Group {
         let (compared, copied) = self.resync_dirty_regions()?;
         if copied > 0 {
             let line = format!(
-                "resynced {compared} bytes of dirty regions after an unclean stop of group {}: {copied} bytes differed between the plexes and were copied",
-                self.config.name
+                "resynced {} of dirty regions after an unclean stop of group {}: {} differed between the plexes and were copied",
+                super::ops::human_exact(compared),
+                self.config.name,
+                super::ops::human_exact(copied)
             );
             tracing::warn!("{line}");
             self.warnings.push(line);

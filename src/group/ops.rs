@@ -448,6 +448,15 @@ pub fn check_size(name: &str, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// A byte count in human units with the exact count after it, for lines
+/// scripts read too: "64 MiB (67108864 bytes)", "512 bytes".
+pub fn human_exact(bytes: u64) -> String {
+    match bytes {
+        0..1024 => format!("{bytes} bytes"),
+        _ => format!("{} ({bytes} bytes)", human(bytes)),
+    }
+}
+
 /// Renders a byte count for messages: "64 MiB", "1.5 GiB", "4096 bytes".
 pub fn human(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];

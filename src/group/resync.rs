@@ -119,15 +119,18 @@ pub(super) fn resynced_line(
     plan: &ResyncPlan,
     why: &str,
 ) -> String {
+    // Human units, with the exact count for scripts: "64 MiB (67108864 bytes)".
+    let amount = super::ops::human_exact(copied);
     match (plan.full, plan.resumed_at) {
         (true, None) => {
-            format!("resynced {copied} bytes of volume {name} onto {path} (full resync: {why})")
+            format!("resynced {amount} of volume {name} onto {path} (full resync: {why})")
         }
         (true, Some(at)) => format!(
-            "resynced {copied} bytes of volume {name} onto {path} (full resync: {why}; resumed from the checkpoint at offset {at})"
+            "resynced {amount} of volume {name} onto {path} (full resync: {why}; resumed from the checkpoint at {})",
+            super::ops::human(at)
         ),
         (false, _) => format!(
-            "resynced {copied} bytes of volume {name} onto {path} ({} dirty region{} from the write-intent bitmaps)",
+            "resynced {amount} of volume {name} onto {path} ({} dirty region{} from the write-intent bitmaps)",
             plan.ranges.len(),
             if plan.ranges.len() == 1 { "" } else { "s" }
         ),
