@@ -133,6 +133,7 @@ pub fn status_text(r: &StatusReport) -> String {
         "STYLE".into(),
         "SIZE".into(),
         "FREE".into(),
+        "ERRORS".into(),
     ]];
     for d in &r.disks {
         disks.push(vec![
@@ -146,6 +147,7 @@ pub fn status_text(r: &StatusReport) -> String {
             d.style.clone(),
             human(d.size),
             human(d.free),
+            d.errors.to_string(),
         ]);
     }
     out.push_str(&table(&disks));
