@@ -954,6 +954,60 @@ fn an_online_fail_returns_within_the_deadline_while_another_disk_hangs() {
     assert_eq!(vol_state(&st, "m2"), "failed-redundancy", "{st:#}");
 }
 
+/// `remove-disk` of a disk that hangs: its labels are wiped after it has
+/// left the group, on the request's thread, so the group answers everyone
+/// else meanwhile (`status` at once, not after the disk's deadline), and
+/// the command ends within the deadline saying the labels stay.
+#[test]
+fn remove_disk_of_a_hung_disk_leaves_the_group_answering() {
+    if !rig_available(&[]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    plain(&sb, &["a.img", "c.img"]);
+    let b = faulty_disk(&sb, "b.img", 64);
+    init_all(&sb, &["a.img", "b.img", "c.img"]);
+    mirror(&sb, "m", 8, &["a.img", "c.img"]);
+    let _s = serve(&sb);
+    let _resume = b.resume_on_drop();
+    b.pause();
+    let removing = {
+        let sb_disks = sb.disks_dir();
+        let run = sb.path("run");
+        let path = sb.p("disks/b.img");
+        std::thread::spawn(move || {
+            let out = Command::new(bin())
+                .env("MIRRORVOL_DISKS", sb_disks)
+                .env("MIRRORVOL_RUN_DIR", run)
+                .args(["remove-disk", &path])
+                .output()
+                .expect("run mirrorvol");
+            (Instant::now(), out)
+        })
+    };
+    // The wipe waits on b for the deadline (2 s); status answers now.
+    std::thread::sleep(Duration::from_millis(400));
+    let asked = Instant::now();
+    let st = status_t(&sb);
+    let answered = Instant::now();
+    let gone = st["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| !d["path"].as_str().unwrap().ends_with("b.img"));
+    let (ended, out) = removing.join().unwrap();
+    assert!(gone, "b left the group before its wipe: {st:#}");
+    assert!(
+        answered < ended,
+        "status ({:?}) waited for the wipe of the hung disk",
+        answered - asked
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("could not be wiped"), "{stderr}");
+    assert_eq!(vol_state(&status_t(&sb), "m"), "healthy");
+}
+
 /// A simple volume whose only copy sits on a disk that hangs under `serve`:
 /// a write to a region it never wrote (its write-intent bit must be made
 /// durable on that disk first) waits for the disk, as its data would, since

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 use super::alloc::{extent_len, first_fit, free_after, largest_free};
-use super::{Group, Progress, open_disk_with};
+use super::{Group, Member, Progress, open_disk_with};
 use crate::disk::AlignedBuf;
 use crate::disk::buf::IO_ALIGN;
 use crate::disk::{Disk, FileDisk, OpenOptions};
@@ -446,6 +446,16 @@ pub fn check_size(name: &str, size: u64) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Wipes the labels of a disk that left the group (`remove-disk`), so that
+/// nothing takes it for a member; returns a warning when it cannot.
+pub fn wipe_departed(m: &Member, shown: &str) -> Option<String> {
+    ondisk::wipe_labels(&*m.disk, &m.label.layout).err().map(|e| {
+        format!(
+            "the labels of disk {shown} could not be wiped ({e}); it left the group all the same, and is not taken in again should it come back"
+        )
+    })
 }
 
 /// A byte count in human units with the exact count after it, for lines
@@ -1302,10 +1312,11 @@ impl Group {
     /// missing whose plexes all have an in-sync twin elsewhere, leaves the
     /// group. Its plexes leave their volumes (a two-way mirror becomes a
     /// simple volume), its UUID is remembered in the config so that it is
-    /// not taken in again should it come back, and its labels are wiped
-    /// when it is here. Returns the disk's path and the volumes that lost
-    /// a plex.
-    pub fn remove_disk(&mut self, path: &Path) -> Result<(String, Vec<String>)> {
+    /// not taken in again should it come back. Returns the disk's path,
+    /// the volumes that lost a plex, and the disk when it is here, for the
+    /// caller to wipe its labels ([`wipe_departed`]) off the controller's
+    /// thread (a disk that hangs holds that thread up to its deadline).
+    pub fn remove_disk(&mut self, path: &Path) -> Result<(String, Vec<String>, Option<Member>)> {
         let uuid = self.resolve_disk(path)?;
         let shown = self.disk_path(uuid);
         let holding: Vec<String> = self
@@ -1361,14 +1372,7 @@ impl Group {
             b.remove(uuid);
         }
         self.commit()?;
-        if let Some(m) = member
-            && let Err(e) = ondisk::wipe_labels(&*m.disk, &m.label.layout)
-        {
-            self.warnings.push(format!(
-                "the labels of disk {shown} could not be wiped ({e}); it left the group all the same, and is not taken in again should it come back"
-            ));
-        }
-        Ok((shown, holding))
+        Ok((shown, holding, member))
     }
 
     /// Whether a disk other than `uuid` is in service: one the config can

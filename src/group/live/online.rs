@@ -360,8 +360,8 @@ impl LiveGroup {
     pub fn remove_disk(&self, path: &Path) -> Result<Done> {
         let _op = self.op_lock();
         let path = path.to_path_buf();
-        let (done, volumes) = self.ask(move |c| {
-            let (shown, volumes) = c.group.remove_disk(&path)?;
+        let (mut done, volumes, departed) = self.ask(move |c| {
+            let (shown, volumes, member) = c.group.remove_disk(&path)?;
             let mut message = format!("removed disk {shown} from group {}", c.group.config.name);
             if !volumes.is_empty() {
                 message.push_str(&format!(
@@ -371,8 +371,15 @@ impl LiveGroup {
             }
             c.retire_plexes();
             c.emit_changes();
-            Ok((Done::new(message, &mut c.group, Vec::new()), volumes))
+            let done = Done::new(message, &mut c.group, Vec::new());
+            Ok((done, volumes, member.map(|m| (m, shown))))
         })?;
+        // Here, not on the controller's thread: a disk that hangs holds
+        // this request only.
+        if let Some((m, shown)) = departed {
+            done.warnings
+                .extend(super::super::ops::wipe_departed(&m, &shown));
+        }
         for v in &volumes {
             self.drain_departed(v);
         }
