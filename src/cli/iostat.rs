@@ -34,7 +34,14 @@ fn before<'a>(earlier: &'a Value, list: &str, id: &str, name: &str) -> Option<&'
 
 /// A report: totals (no earlier sample) or rates since `earlier`.
 pub fn report(now: &Value, earlier: Option<&Value>) -> Value {
-    let secs = earlier.map(|e| (num(now, "time") - num(e, "time")).max(1e-3));
+    // The daemon's monotonic clock, where both samples carry it.
+    let clock = match earlier.is_some_and(|e| e.get("monotonic").is_some())
+        && now.get("monotonic").is_some()
+    {
+        true => "monotonic",
+        false => "time",
+    };
+    let secs = earlier.map(|e| (num(now, clock) - num(e, clock)).max(1e-3));
     let per = |r: &Value, e: Option<&Value>, key: &str| -> f64 {
         match (e, secs) {
             (Some(e), Some(s)) => ((num(r, key) - num(e, key)).max(0.0)) / s,
@@ -241,6 +248,19 @@ mod tests {
         assert!(t.starts_with("over 2.0 s:"), "{t}");
         assert!(t.contains("1 MiB/s") && t.contains("100.0"), "{t}");
         assert!(table(&first).contains("since serve opened the disks"));
+    }
+
+    #[test]
+    fn intervals_are_measured_on_the_daemons_monotonic_clock() {
+        let mut a = sample(100.0, 10, 0, 0.0);
+        let mut b = sample(40.0, 210, 0, 0.0);
+        // The wall clock went back a minute between the samples; the
+        // monotonic one moved on 2 s.
+        a["monotonic"] = json!(5.0);
+        b["monotonic"] = json!(7.0);
+        let r = report(&b, Some(&a));
+        assert_eq!(r["interval"], 2.0);
+        assert_eq!(r["disks"][0]["reads"], 100.0);
     }
 
     #[test]

@@ -467,7 +467,14 @@ pub fn iostat(live: &LiveGroup) -> serde_json::Value {
     let time = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
-    serde_json::json!({"time": time, "disks": disks, "volumes": volumes})
+    // Intervals are measured on the monotonic clock: a wall clock set
+    // back or forward between two samples would make rates up.
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let monotonic = BASE
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64();
+    serde_json::json!({"time": time, "monotonic": monotonic, "disks": disks, "volumes": volumes})
 }
 
 /// The HTTP endpoint; it stops when dropped.
