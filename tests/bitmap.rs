@@ -199,7 +199,13 @@ fn resynced_bytes(text: &str) -> u64 {
     text.lines()
         .filter_map(|l| l.split("resynced ").nth(1))
         .filter_map(|rest| {
-            let exact = rest.split_once(" (").map_or(rest, |(_, r)| r);
+            let mut words = rest.split(' ');
+            let (n, unit) = (words.next()?, words.next()?);
+            if unit == "bytes" {
+                return n.parse::<u64>().ok();
+            }
+            // "8 MiB (8388608 bytes)": the exact count in parentheses.
+            let (_, exact) = rest.split_once(" (")?;
             exact.split(' ').next()?.parse::<u64>().ok()
         })
         .sum()

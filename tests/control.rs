@@ -528,9 +528,9 @@ fn a_copy_through_serve_shows_its_progress_in_status_and_on_a_terminal() {
     let sb = Sandbox::new();
     mirror_group(&sb, 96, 32);
     let _s = serve(&sb);
-    let (src, want) = sb.data_file("in.bin", 16 << 20, 5);
+    let (src, want) = sb.data_file("in.bin", 32 << 20, 5);
     // Run as an admin runs it, on a terminal (script(1) gives it one):
-    // 16 MiB at 4 MiB/s, so that it is seen under way.
+    // 32 MiB at 4 MiB/s (8 s), so that it is seen under way.
     let start = Instant::now();
     let copying = Command::new("script")
         .args([
@@ -561,7 +561,7 @@ fn a_copy_through_serve_shows_its_progress_in_status_and_on_a_terminal() {
     };
     assert_eq!(seen["from"], src, "{seen}");
     assert_eq!(seen["to"], "volume data", "{seen}");
-    assert_eq!(seen["total"], 16 << 20, "{seen}");
+    assert_eq!(seen["total"], 32 << 20, "{seen}");
     let pct = seen["percent"].as_f64().unwrap();
     assert!(pct > 0.0 && pct < 100.0, "{seen}");
     let text = mv_ok(&sb, &["status"]);
@@ -579,14 +579,50 @@ fn a_copy_through_serve_shows_its_progress_in_status_and_on_a_terminal() {
         "no progress bar: {transcript:?}"
     );
     assert!(
-        transcript.contains(&format!("copied 16 MiB from {src} to vol:data")),
+        transcript.contains(&format!("copied 32 MiB from {src} to vol:data")),
         "{transcript:?}"
     );
-    // The rate was kept: four chunks of 4 MiB, three waits of a second.
-    assert!(took >= Duration::from_millis(2900), "{took:?}");
+    // The rate was kept: 32 MiB in chunks of 1 MiB, a quarter second each.
+    assert!(took >= Duration::from_secs(7), "{took:?}");
     assert!(volume(&status(&sb), "data").get("copy").is_none());
     // And the bytes are the volume's: copied back out through serve.
     let back = sb.p("back.bin");
     mv_ok(&sb, &["copy", "vol:data", &back]);
-    assert_eq!(&std::fs::read(&back).unwrap()[..16 << 20], &want[..]);
+    assert_eq!(&std::fs::read(&back).unwrap()[..32 << 20], &want[..]);
+}
+
+#[test]
+fn a_copy_through_serve_stops_when_its_client_is_killed() {
+    let sb = Sandbox::new();
+    mirror_group(&sb, 96, 32);
+    let _s = serve(&sb);
+    let (src, _) = sb.data_file("in.bin", 32 << 20, 6);
+    let mut client = Command::new(bin())
+        .env("MIRRORVOL_DISKS", sb.disks_dir())
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .args(["copy", &src, "vol:data", "--rate", "1M"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while volume(&status(&sb), "data").get("copy").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the copy never showed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    client.kill().unwrap();
+    client.wait().unwrap();
+    // The daemon notices between chunks (a quarter second's worth) and
+    // stops: a paced copy of 32 s does not go on for nobody.
+    let killed = Instant::now();
+    while let Some(c) = volume(&status(&sb), "data").get("copy").cloned() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "the copy went on after its client was killed: {c}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -49,6 +49,8 @@ fn the_readme_names_its_walk_through_blocks() {
 fn clean_up(tour: &Path, run_dir: &Path) {
     let data = tour.join("mnt/data");
     let nbd = tour.join("mnt/nbd");
+    // A break that failed may have left the filesystem frozen.
+    let _ = Command::new("fsfreeze").arg("-u").arg(&data).output();
     let _ = Command::new("umount").arg(&data).status();
     // The loop device over the FUSE file, found by its backing file.
     if let Ok(o) = Command::new("losetup")
@@ -105,7 +107,11 @@ fn the_readme_walk_through_runs_as_written() {
     let sb = Sandbox::new();
     let (home, root, run_dir) = (sb.path("home"), sb.path("cargo-root"), sb.path("run"));
     std::fs::create_dir_all(&home).unwrap();
-    let mut script = String::from("set -euo pipefail\n");
+    // On any exit (a failed step, or the time limit's TERM) the background
+    // jobs (serve, nbdfuse) go too, so that nothing outlives the script.
+    let mut script = String::from(
+        "set -euo pipefail\ntrap 'exit 143' TERM\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n",
+    );
     for block in walk_through(&readme) {
         script.push_str(&block);
         script.push('\n');
@@ -125,8 +131,13 @@ fn the_readme_walk_through_runs_as_written() {
     );
     // A clean environment, as a user's shell: what cargo test sets for
     // tests (CARGO_*, RUST*) would make cargo install rebuild.
-    let out = Command::new("bash")
-        .args(["-c", &script])
+    // Output to files, not pipes: a background job that outlived a failed
+    // step would hold a pipe open and the test would wait for it forever.
+    let (out_file, err_file) = (sb.path("walk.out"), sb.path("walk.err"));
+    let status = Command::new("timeout")
+        .args(["600", "bash", "-c", &script])
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(std::fs::File::create(&err_file).unwrap())
         .current_dir(&manifest)
         .env_clear()
         .env("HOME", &home)
@@ -136,18 +147,15 @@ fn the_readme_walk_through_runs_as_written() {
         .env("PATH", path)
         .env("MIRRORVOL_RUN_DIR", &run_dir)
         .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
-        .output()
-        .expect("bash");
+        .status()
+        .expect("timeout(1) and bash");
     let tour = home.join("mirrorvol-tour");
     clean_up(&tour, &run_dir);
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
+    let stdout = std::fs::read_to_string(&out_file).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_file).unwrap_or_default();
     assert!(
-        out.status.success(),
-        "the walk-through failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
+        status.success(),
+        "the walk-through failed ({status}; 124: it ran past 10 minutes):\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
     // What the comments say happened.
     assert!(stdout.contains("snap holds the data"), "{stdout}");

@@ -43,6 +43,9 @@ Where this host's id is kept (default \fI/var/lib/mirrorvol/host\-id\fR).
 \fBMIRRORVOL_IO_ENGINE\fR
 \fBuring\fR or \fBthreads\fR, as \fB\-\-io\-engine\fR.
 .TP
+\fBMIRRORVOL_IO_TIMEOUT\fR
+As \fB\-\-io\-timeout\fR: how long a request to a disk may take before the disk is failed.
+.TP
 \fBMIRRORVOL_LOG\fR
 What is logged on standard error, as a tracing filter (for example \fBinfo\fR or \fBmirrorvol=debug\fR).
 "#;
@@ -107,6 +110,8 @@ pub fn render() -> std::io::Result<Vec<u8>> {
     let cli = Cli::command();
     let top = clap_mangen::Man::new(cli.clone())
         .section("8")
+        .date(concat!("version ", env!("CARGO_PKG_VERSION")))
+        .source("mirrorvol")
         .manual("System Administration");
     let mut page = Vec::new();
     top.render_title(&mut page)?;

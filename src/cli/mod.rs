@@ -1241,13 +1241,10 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             problems,
         } => {
             let r = ask(h, &Request::Status)?;
-            return show_status(
-                r.status.unwrap_or_default(),
-                r.text.unwrap_or_default(),
-                json,
-                test,
-                problems,
-            );
+            let report = r.status.ok_or_else(|| {
+                Error::failed(format!("{} answered without a status", h.describe()))
+            })?;
+            return show_status(report, r.text.unwrap_or_default(), json, test, problems);
         }
         Command::Scrub {
             name,
@@ -1743,7 +1740,7 @@ fn execute(cli: Cli) -> Result<()> {
         }
         Command::Copy { src, dst, rate, .. } => {
             let (s, d) = (Endpoint::parse(&src), Endpoint::parse(&dst));
-            let n = through_controller(&disks, |live| live.copy(&s, &d, rate, &bar))?;
+            let n = through_controller(&disks, |live| live.copy(&s, &d, rate, &|| false, &bar))?;
             outln!("copied {} from {src} to {dst}", human(n));
         }
         Command::Status {
@@ -1753,10 +1750,12 @@ fn execute(cli: Cli) -> Result<()> {
         } => {
             let g = assemble_shared(&disks)?;
             let mut report = g.status();
-            if let Some((who, doing)) = g.held_by_on_disks() {
-                report.group.held_by = Some(who);
-                report.group.holder_progress =
-                    doing.as_ref().map(crate::group::status::HolderProgress::of);
+            if let Some(h) = g.held_by_on_disks() {
+                report.group.held_by = Some(h.who);
+                report.group.holder_progress = h
+                    .doing
+                    .as_ref()
+                    .map(|a| crate::group::status::HolderProgress::of(a, h.late));
             }
             let text = crate::group::show::status_text(&report);
             let report = serde_json::to_value(&report).expect("status serializes");

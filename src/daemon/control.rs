@@ -375,6 +375,9 @@ pub struct Caller {
     pub uid: Option<u32>,
     /// How the request came: `control socket` or `web view`.
     pub via: &'static str,
+    /// The connection the request came on, while it is answered (None for
+    /// the web view): a long request stops when its client goes.
+    peer: Option<std::os::fd::RawFd>,
 }
 
 impl Caller {
@@ -383,7 +386,26 @@ impl Caller {
         Caller {
             uid: None,
             via: "web view",
+            peer: None,
         }
+    }
+}
+
+impl Caller {
+    /// Whether the client hung up (killed, or ^C) while its request runs.
+    pub fn gone(&self) -> bool {
+        let Some(fd) = self.peer else {
+            return false;
+        };
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the descriptor is the connection that
+        // `answer` holds open while the handler (our caller) runs.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 }
 
@@ -481,6 +503,7 @@ fn answer(conn: UnixStream, handler: &(dyn Fn(Request, &Caller) -> Response + Se
             &Caller {
                 uid: peer_uid(&conn),
                 via: "control socket",
+                peer: Some(std::os::fd::AsRawFd::as_raw_fd(&conn)),
             },
         ),
         Err(e) => Response::from_error(&e),

@@ -724,9 +724,9 @@ fn handle(
     caller: &control::Caller,
 ) -> control::Response {
     let Some(line) = request.command_line() else {
-        return handle_request(live, server, request);
+        return handle_request(live, server, request, caller);
     };
-    let response = handle_request(live, server, request);
+    let response = handle_request(live, server, request, caller);
     // Done: recorded in the history (a refused request is not).
     if response.ok {
         let actor =
@@ -740,6 +740,7 @@ fn handle_request(
     live: &Arc<LiveGroup>,
     server: &Server,
     request: control::Request,
+    caller: &control::Caller,
 ) -> control::Response {
     use control::{Request, Response};
     let result = match request {
@@ -828,7 +829,7 @@ fn handle_request(
                 Endpoint::Volume(n) => refuse_clients(server, n, "copying onto it"),
                 Endpoint::Path(_) => Ok(()),
             }
-            .and_then(|()| live.copy(&s, &d, rate, &crate::group::NoProgress))
+            .and_then(|()| live.copy(&s, &d, rate, &|| caller.gone(), &crate::group::NoProgress))
             .map(|n| Response::message(format!("copied {} from {src} to {dst}", human(n))))
         }
         Request::Resync { name, action, rate } => resync_control(live, &name, action, rate),

@@ -41,8 +41,8 @@
 //!     process can show it: bytes done    (8)
 //! 200   bytes in all; 0 when it shows none (8)
 //! 208   bytes per second since it began   (8)
-//! 216   what, NUL padded ("resync data")  (64)
-//! 280 reserved, zero
+//! 216   what, NUL padded ("resync data onto /dev/sdb")  (256)
+//! 472 reserved, zero
 //! 508 crc32c of bytes [0, 508)                (4)
 //! ```
 //!
@@ -174,7 +174,7 @@ impl ClaimBlock {
             buf[192..200].copy_from_slice(&a.done.to_le_bytes());
             buf[200..208].copy_from_slice(&a.total.to_le_bytes());
             buf[208..216].copy_from_slice(&a.rate.to_le_bytes());
-            put_text(&mut buf, 216, 64, &a.what);
+            put_text(&mut buf, 216, 256, &a.what);
         }
         seal(&mut buf);
         buf
@@ -207,7 +207,7 @@ impl ClaimBlock {
             activity: match u64_at(buf, 200) {
                 0 => None,
                 total => Some(Activity {
-                    what: text_at(buf, 216, 64),
+                    what: text_at(buf, 216, 256),
                     done: u64_at(buf, 192).min(total),
                     total,
                     rate: u64_at(buf, 208),
@@ -315,7 +315,7 @@ mod tests {
             rate: 1 << 20,
         });
         let buf = c.encode();
-        assert!(buf[280..].iter().take(228).all(|&b| b == 0));
+        assert!(buf[472..508].iter().all(|&b| b == 0));
         assert_eq!(ClaimBlock::decode(&buf), Read::Good(c.clone()));
         // Nothing in all is no progress: a block written before this field
         // existed (zeros there) decodes with none.

@@ -244,6 +244,17 @@ fn describe(c: &ClaimBlock, me: &Identity) -> String {
     format!("mirrorvol {} (pid {}) {host}", c.command, c.pid)
 }
 
+/// Who holds a group, as its disks' claim blocks say.
+#[derive(Debug, Clone)]
+pub struct Holding {
+    /// "mirrorvol add-mirror (pid N) on this host".
+    pub who: String,
+    /// Its progress, when it shows one.
+    pub doing: Option<Activity>,
+    /// Seconds since its newest renewal, when that is late.
+    pub late: Option<u64>,
+}
+
 /// One disk the claim is written to: its state-block writer, and its
 /// queue for the heartbeat's renewals (answered by their completions).
 #[derive(Clone)]
@@ -530,10 +541,17 @@ impl Group {
 
     /// Who holds the group's claim, as its disks say (offline `status`):
     /// the holder named on the disks in service, unless it is gone, with
-    /// the progress its newest renewal shows.
-    pub fn held_by_on_disks(&self) -> Option<(String, Option<Activity>)> {
+    /// the progress its newest renewal shows and how many seconds ago that
+    /// renewal was written when it is later than three intervals (a holder
+    /// on another host, or of an earlier boot, that stopped: its progress
+    /// is not moving; the clocks of two hosts are compared for this only).
+    pub fn held_by_on_disks(&self) -> Option<Holding> {
         if self.claim.is_some() {
-            return self.held_by().map(|h| (h, None));
+            return self.held_by().map(|who| Holding {
+                who,
+                doing: None,
+                late: None,
+            });
         }
         let me = Identity::here().ok()?;
         let mut newest: Option<ClaimBlock> = None;
@@ -546,7 +564,15 @@ impl Group {
                 newest = Some(c);
             }
         }
-        newest.map(|c| (describe(&c, &me), c.activity))
+        newest.map(|c| {
+            let age = now_secs().saturating_sub(c.written_at);
+            let late = age > 3 * u64::from(c.interval_ms).div_ceil(1000).max(1);
+            Holding {
+                who: describe(&c, &me),
+                doing: c.activity.clone(),
+                late: late.then_some(age),
+            }
+        })
     }
 
     /// Claims the group for writing (see the module's top), or refuses.

@@ -1537,27 +1537,41 @@ pub(crate) fn path_io(
 
 /// Copies `size` bytes a chunk at a time: `step` moves the chunk at `pos`
 /// (reads it into the buffer, then writes it out); with a `rate` (bytes/s,
-/// 0 for none), no faster than that, sleeping between chunks.
+/// 0 for none), no faster than that, in chunks of about a quarter second's
+/// worth, sleeping between them. Stops between chunks once `stop` says so,
+/// returning where (`None`: it copied everything).
 pub(crate) fn copy_chunks(
     size: u64,
     progress: &dyn Progress,
     rate: u64,
+    stop: &dyn Fn() -> bool,
     mut step: impl FnMut(u64, &mut [u8]) -> Result<()>,
-) -> Result<()> {
-    let mut buf = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
+) -> Result<Option<u64>> {
+    let chunk = match rate {
+        0 => COPY_CHUNK as u64,
+        r => (r / 4).clamp(64 << 10, COPY_CHUNK as u64) / (64 << 10) * (64 << 10),
+    };
+    let mut buf = AlignedBuf::new(chunk as usize, IO_ALIGN);
     let mut pos = 0;
     let started = std::time::Instant::now();
     while pos < size {
-        let n = (size - pos).min(COPY_CHUNK as u64) as usize;
+        if stop() {
+            return Ok(Some(pos));
+        }
+        let n = (size - pos).min(chunk) as usize;
         step(pos, &mut buf[..n])?;
         pos += n as u64;
         progress.set(pos);
         if rate > 0 && pos < size {
             let due = std::time::Duration::from_secs_f64(pos as f64 / rate as f64);
-            std::thread::sleep(due.saturating_sub(started.elapsed()));
+            // In slices, so that a stop is seen within 100 ms.
+            while started.elapsed() < due && !stop() {
+                let left = due.saturating_sub(started.elapsed());
+                std::thread::sleep(left.min(std::time::Duration::from_millis(100)));
+            }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Refuses to copy `size` bytes of `what` onto the volume `name` of

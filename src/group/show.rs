@@ -122,6 +122,12 @@ pub fn status_text(r: &StatusReport) -> String {
         if let Some(eta) = p.eta_seconds {
             line.push_str(&format!(", {} left", show_seconds(eta)));
         }
+        if let Some(age) = p.not_renewed_for {
+            line.push_str(&format!(
+                "; its claim was last renewed {} ago",
+                show_seconds(age)
+            ));
+        }
         out.push_str(&line);
         out.push_str(")\n");
     }

@@ -77,17 +77,23 @@ pub struct HolderProgress {
     pub rate: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<u64>,
+    /// Seconds since the holder last renewed its claim, when that is late
+    /// (it may have stopped): no rate or time left is shown then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_renewed_for: Option<u64>,
 }
 
 impl HolderProgress {
-    pub fn of(a: &crate::format::state::Activity) -> HolderProgress {
+    pub fn of(a: &crate::format::state::Activity, late: Option<u64>) -> HolderProgress {
+        let rate = if late.is_some() { 0 } else { a.rate };
         HolderProgress {
             what: a.what.clone(),
             done: a.done,
             total: a.total,
             percent: (a.done as f64 * 1000.0 / a.total.max(1) as f64).floor() / 10.0,
-            rate: a.rate,
-            eta_seconds: (a.rate > 0).then(|| (a.total - a.done.min(a.total)).div_ceil(a.rate)),
+            rate,
+            eta_seconds: (rate > 0).then(|| (a.total - a.done.min(a.total)).div_ceil(rate)),
+            not_renewed_for: late,
         }
     }
 }
@@ -361,5 +367,29 @@ impl Group {
             split_brain,
             unreadable: self.unreadable.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::state::Activity;
+
+    #[test]
+    fn a_holder_late_to_renew_shows_where_it_was_without_a_rate() {
+        let a = Activity {
+            what: "resync data onto c.img".into(),
+            done: 12 << 20,
+            total: 256 << 20,
+            rate: 14 << 20,
+        };
+        let live = HolderProgress::of(&a, None);
+        assert_eq!(live.rate, 14 << 20);
+        assert_eq!(live.eta_seconds, Some(18));
+        assert_eq!(live.percent, 4.6);
+        let late = HolderProgress::of(&a, Some(42));
+        assert_eq!((late.rate, late.eta_seconds), (0, None));
+        assert_eq!(late.not_renewed_for, Some(42));
+        assert_eq!(late.done, 12 << 20);
     }
 }

@@ -12,6 +12,9 @@ pub struct Meter {
     /// Bytes done so far.
     done: AtomicU64,
     started: Instant,
+    /// The first position reported, and when: the rate is measured from
+    /// there (a paced task's first chunk goes at once).
+    first: std::sync::OnceLock<(u64, Instant)>,
 }
 
 impl Meter {
@@ -20,10 +23,13 @@ impl Meter {
             total,
             done: AtomicU64::new(0),
             started: Instant::now(),
+            first: std::sync::OnceLock::new(),
         }
     }
 
     pub fn set(&self, done: u64) {
+        self.first
+            .get_or_init(|| (done.min(self.total), Instant::now()));
         self.done.store(done.min(self.total), Ordering::Relaxed);
     }
 
@@ -42,14 +48,18 @@ impl Meter {
         }
     }
 
-    /// Bytes/s since the task started (scrubs and copies run evenly, so
-    /// the average is their rate); 0 in its first half second.
+    /// Bytes/s since the first position was reported (scrubs and copies
+    /// run evenly, so the average is their rate); 0 before half a second
+    /// has passed since the task started and since that first position.
     pub fn rate(&self) -> u64 {
-        let secs = self.started.elapsed().as_secs_f64();
-        if secs < 0.5 {
+        let Some((from, at)) = self.first.get() else {
+            return 0;
+        };
+        let secs = at.elapsed().as_secs_f64();
+        if secs < 0.5 || self.started.elapsed().as_secs_f64() < 0.5 {
             return 0;
         }
-        (self.done() as f64 / secs) as u64
+        (self.done().saturating_sub(*from) as f64 / secs) as u64
     }
 
     /// Seconds left at that rate; `None` before a rate is known.

@@ -612,6 +612,7 @@ impl LiveGroup {
         src: &Endpoint,
         dst: &Endpoint,
         rate: Option<u64>,
+        gone: &dyn Fn() -> bool,
         progress: &dyn Progress,
     ) -> Result<u64> {
         enum Side {
@@ -695,10 +696,19 @@ impl LiveGroup {
         }
         let _unmark = Unmark(self, shown_on, tracked.clone());
         let shown = Tracked(progress, &tracked);
-        copy_chunks(size, &shown, rate.unwrap_or(0), |pos, chunk| {
+        let stopped = copy_chunks(size, &shown, rate.unwrap_or(0), gone, |pos, chunk| {
             io(&source, pos, chunk, false)?;
             io(&target, pos, chunk, true)
         })?;
+        if let Some(at) = stopped {
+            progress.finish();
+            return Err(Error::failed(format!(
+                "the copy from {} to {} stopped after {}: its client went away",
+                describe(&source),
+                describe(&target),
+                crate::group::ops::human(at)
+            )));
+        }
         match &target {
             Side::Volume(e) => e.flush().map_err(|err| io_refusal(&e.name, err))?,
             Side::Path(p, d) => d.flush().map_err(|e| Error::io_path("flush", p, e))?,
