@@ -21,6 +21,7 @@ pub mod cursor;
 pub mod faulty;
 pub mod file;
 pub mod memory;
+pub mod nbd;
 
 pub use buf::AlignedBuf;
 pub use cursor::DiskCursor;

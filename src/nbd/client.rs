@@ -1,22 +1,52 @@
 //! A small blocking NBD client: fixed newstyle handshake with `NBD_OPT_GO`
-//! over a Unix socket, then one READ at a time with simple replies.
+//! over a Unix socket or TCP, then one request at a time with simple
+//! replies.
 //!
 //! `test-mirrors` reads each plex through it, so a plex is checked as any
 //! client would see it: through the handshake, the export's advertised size
-//! and flags, and the server's replies. Requests are built with
+//! and flags, and the server's replies; [`crate::disk::nbd`] keeps a few of
+//! them to use an export as a disk. Requests are built with
 //! [`proto::encode_request`]; the few server messages a client reads are
 //! decoded here.
 
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
 use super::proto::{self, Request, be_u16, be_u32, be_u64};
 
+/// The connection under a client.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A connection in the transmission phase.
 pub struct Client {
-    sock: UnixStream,
+    sock: Stream,
     size: u64,
     flags: u16,
     next_handle: u64,
@@ -33,6 +63,34 @@ impl Client {
         let sock = UnixStream::connect(path)?;
         sock.set_read_timeout(Some(timeout))?;
         sock.set_write_timeout(Some(timeout))?;
+        Client::start(Stream::Unix(sock), export)
+    }
+
+    /// Connects to the server at `host:port` over TCP (within `timeout`)
+    /// and enters transmission with `export`, as [`Client::connect_unix`].
+    pub fn connect_tcp(
+        host: &str,
+        port: u16,
+        export: &str,
+        timeout: Duration,
+    ) -> io::Result<Client> {
+        use std::net::ToSocketAddrs;
+        let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
+        for addr in (host, port).to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(sock) => {
+                    sock.set_read_timeout(Some(timeout))?;
+                    sock.set_write_timeout(Some(timeout))?;
+                    sock.set_nodelay(true)?;
+                    return Client::start(Stream::Tcp(sock), export);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn start(sock: Stream, export: &str) -> io::Result<Client> {
         let mut c = Client {
             sock,
             size: 0,
@@ -119,6 +177,11 @@ impl Client {
         self.size
     }
 
+    /// The transmission flags the server advertised (`NBD_FLAG_*`).
+    pub fn flags(&self) -> u16 {
+        self.flags
+    }
+
     /// True when the server advertised `NBD_FLAG_READ_ONLY`.
     pub fn read_only(&self) -> bool {
         self.flags & proto::FLAG_READ_ONLY != 0
@@ -128,28 +191,50 @@ impl Client {
     /// [`proto::MAX_REQUEST`] bytes. An error reply becomes an
     /// `io::Error` naming the NBD error value.
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self.read_answered(offset, buf)? {
+            0 => Ok(()),
+            errno => Err(io::Error::other(format!(
+                "the server answered a read of {} bytes at offset {offset} with NBD error {errno}",
+                buf.len()
+            ))),
+        }
+    }
+
+    /// [`Client::read`] that returns the NBD error value of the first
+    /// part answered with one (0: all of `buf` was read); an `Err` is the
+    /// connection's failure.
+    pub fn read_answered(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<u32> {
         for (i, part) in buf.chunks_mut(proto::MAX_REQUEST as usize).enumerate() {
             let at = offset + (i as u64) * u64::from(proto::MAX_REQUEST);
             let errno = self.request(proto::CMD_READ, at, part.len() as u32, &[])?;
             if errno != 0 {
-                return Err(io::Error::other(format!(
-                    "the server answered a read of {} bytes at offset {at} with NBD error {errno}",
-                    part.len()
-                )));
+                return Ok(errno);
             }
             self.sock.read_exact(part)?;
         }
-        Ok(())
+        Ok(0)
     }
 
     /// Sends one request (with `data` for a WRITE) and reads its reply
     /// header; returns the NBD error value (0: success). A READ's data
     /// follows on the socket.
     pub fn request(&mut self, kind: u16, offset: u64, len: u32, data: &[u8]) -> io::Result<u32> {
+        self.request_with(kind, 0, offset, len, data)
+    }
+
+    /// [`Client::request`] with command flags (`NBD_CMD_FLAG_*`).
+    pub fn request_with(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> io::Result<u32> {
         let handle = self.next_handle;
         self.next_handle += 1;
         let mut out = proto::encode_request(&Request {
-            flags: 0,
+            flags,
             kind,
             handle,
             offset,

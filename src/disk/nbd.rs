@@ -1,0 +1,436 @@
+//! A disk that is an NBD export on this machine or another: served by
+//! qemu-nbd, nbdkit (any plugin) or another mirrorvol, named by a URI as
+//! the NBD URI specification writes them:
+//!
+//! ```text
+//! nbd://HOST[:PORT]/EXPORT            TCP (port 10809 by default)
+//! nbd+unix:///EXPORT?socket=PATH      a Unix socket
+//! ```
+//!
+//! Each request borrows a connection and gives it back when its reply
+//! came; a connection that failed is dropped and the next request makes a
+//! new one. Several connections serve at once only when the server
+//! advertises `NBD_FLAG_CAN_MULTI_CONN`: without it, a flush on one
+//! connection need not cover writes made on another (and servers such as
+//! qemu-nbd take one client unless told more), so there is one. An export that cannot flush is refused: a mirror's
+//! bitmap and config must be durable before the writes they cover are
+//! acknowledged, and such an export could only promise that by lying.
+//! A read-only export is refused too.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use super::{Disk, DiskIdentity};
+use crate::nbd::client::Client;
+use crate::nbd::proto;
+
+/// Where an export is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddress {
+    Tcp { host: String, port: u16 },
+    Unix { socket: PathBuf },
+}
+
+/// An NBD URI, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    pub address: NbdAddress,
+    pub export: String,
+}
+
+/// The port NBD servers listen on unless told otherwise.
+pub const DEFAULT_PORT: u16 = 10809;
+
+impl NbdUri {
+    /// Whether `s` is written as an NBD URI (whether or not it parses).
+    pub fn is_uri(s: &str) -> bool {
+        s.starts_with("nbd://") || s.starts_with("nbd+unix://") || s.starts_with("nbds")
+    }
+
+    /// Parses `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`;
+    /// the error is a sentence naming what is wrong.
+    pub fn parse(s: &str) -> Result<NbdUri, String> {
+        let decode = |part: &str, what: &str| {
+            percent_decode(part).ok_or_else(|| format!("NBD URI {s:?} has a malformed {what}"))
+        };
+        if s.starts_with("nbds") {
+            return Err(format!(
+                "NBD URI {s:?} asks for TLS, which disks over NBD do not speak yet: use nbd:// or nbd+unix://"
+            ));
+        }
+        if let Some(rest) = s.strip_prefix("nbd+unix://") {
+            let (path, query) = rest
+                .split_once('?')
+                .ok_or_else(|| format!("NBD URI {s:?} names no socket: add ?socket=PATH"))?;
+            if !path.is_empty() && !path.starts_with('/') {
+                return Err(format!(
+                    "NBD URI {s:?} names a host; a Unix socket URI is nbd+unix:///EXPORT?socket=PATH"
+                ));
+            }
+            let socket = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .ok_or_else(|| format!("NBD URI {s:?} names no socket: add ?socket=PATH"))?;
+            let socket = decode(socket, "socket path")?;
+            if socket.is_empty() {
+                return Err(format!("NBD URI {s:?} has an empty socket path"));
+            }
+            return Ok(NbdUri {
+                address: NbdAddress::Unix {
+                    socket: PathBuf::from(socket),
+                },
+                export: decode(path.strip_prefix('/').unwrap_or(path), "export name")?,
+            });
+        }
+        let rest = s
+            .strip_prefix("nbd://")
+            .ok_or_else(|| format!("{s:?} is not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)"))?;
+        if rest.contains('?') {
+            return Err(format!(
+                "NBD URI {s:?} has a query, which nbd:// URIs do not take"
+            ));
+        }
+        let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = match authority.strip_prefix('[') {
+            // [IPv6]:PORT
+            Some(v6) => {
+                let (host, after) = v6
+                    .split_once(']')
+                    .ok_or_else(|| format!("NBD URI {s:?} has an unclosed [ in its host"))?;
+                (host, after.strip_prefix(':'))
+            }
+            None => match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            },
+        };
+        if host.is_empty() {
+            return Err(format!("NBD URI {s:?} names no host"));
+        }
+        let port = match port {
+            None => DEFAULT_PORT,
+            Some(p) => p
+                .parse::<u16>()
+                .map_err(|_| format!("NBD URI {s:?} has a port {p:?} that is not 0 to 65535"))?,
+        };
+        Ok(NbdUri {
+            address: NbdAddress::Tcp {
+                host: host.to_string(),
+                port,
+            },
+            export: decode(export, "export name")?,
+        })
+    }
+
+    /// Opens one connection to the export.
+    fn connect(&self, timeout: Duration) -> io::Result<Client> {
+        match &self.address {
+            NbdAddress::Unix { socket } => Client::connect_unix(socket, &self.export, timeout),
+            NbdAddress::Tcp { host, port } => {
+                Client::connect_tcp(host, *port, &self.export, timeout)
+            }
+        }
+    }
+
+    /// The I/O path: the server's host, or the socket's machine.
+    fn controller(&self) -> String {
+        match &self.address {
+            NbdAddress::Tcp { host, port } => format!("nbd:{host}:{port}"),
+            NbdAddress::Unix { socket } => format!("nbd:{}", socket.display()),
+        }
+    }
+}
+
+/// `%XX` escapes decoded; None when one is malformed or the result is not
+/// UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// An NBD export used as a disk.
+pub struct NbdDisk {
+    uri: NbdUri,
+    shown: String,
+    size: u64,
+    flags: u16,
+    timeout: Duration,
+    /// Connections free for the next request, and how many are open.
+    pool: Mutex<Pool>,
+    returned: Condvar,
+    /// The most connections open at once.
+    most: usize,
+}
+
+struct Pool {
+    idle: Vec<Client>,
+    open: usize,
+}
+
+/// Connections to an export that can take several (multi-conn).
+const MULTI_CONN: usize = 4;
+
+impl std::fmt::Debug for NbdDisk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NbdDisk({}, {} bytes)", self.shown, self.size)
+    }
+}
+
+impl NbdDisk {
+    /// Connects to the export `uri` names; every request waits at most
+    /// `timeout` for the server. Refuses an export that is read-only,
+    /// cannot flush, or is not a whole number of 512-byte sectors.
+    pub fn open(shown: &str, timeout: Duration) -> io::Result<NbdDisk> {
+        let uri =
+            NbdUri::parse(shown).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let first = uri.connect(timeout)?;
+        let (size, flags) = (first.size(), first.flags());
+        let refuse = |why: String| Err(io::Error::new(io::ErrorKind::Unsupported, why));
+        if first.read_only() {
+            return refuse(format!("the NBD export {shown} is read-only"));
+        }
+        if flags & proto::FLAG_SEND_FLUSH == 0 {
+            return refuse(format!(
+                "the NBD export {shown} cannot flush (no NBD_FLAG_SEND_FLUSH), so nothing written to it could be known durable"
+            ));
+        }
+        if !size.is_multiple_of(512) {
+            return refuse(format!(
+                "the NBD export {shown} is {size} bytes, not a whole number of 512-byte sectors"
+            ));
+        }
+        Ok(NbdDisk {
+            uri,
+            shown: shown.to_string(),
+            size,
+            flags,
+            timeout,
+            pool: Mutex::new(Pool {
+                idle: vec![first],
+                open: 1,
+            }),
+            returned: Condvar::new(),
+            most: if flags & proto::FLAG_CAN_MULTI_CONN != 0 {
+                MULTI_CONN
+            } else {
+                1
+            },
+        })
+    }
+
+    /// Runs `op` on a free connection (a new one when none is free), and
+    /// keeps the connection for the next request unless it failed.
+    fn with<T>(&self, op: impl FnOnce(&mut Client) -> io::Result<T>) -> io::Result<T> {
+        let lock = || self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = lock();
+        let free = loop {
+            if let Some(c) = pool.idle.pop() {
+                break Some(c);
+            }
+            if pool.open < self.most {
+                pool.open += 1;
+                break None;
+            }
+            pool = self.returned.wait(pool).unwrap_or_else(|e| e.into_inner());
+        };
+        drop(pool);
+        let mut c = match free {
+            Some(c) => c,
+            None => match self.uri.connect(self.timeout) {
+                Ok(c) => c,
+                Err(e) => {
+                    lock().open -= 1;
+                    self.returned.notify_one();
+                    return Err(e);
+                }
+            },
+        };
+        // `op` fails only when the connection did (an error reply is an
+        // answer, in step): such a connection is not used again.
+        let r = op(&mut c);
+        let mut pool = lock();
+        match r.is_ok() {
+            true => pool.idle.push(c),
+            false => pool.open -= 1,
+        }
+        drop(pool);
+        self.returned.notify_one();
+        r
+    }
+
+    /// The most connections it opens at once: 4 to a multi-conn export,
+    /// else 1.
+    pub fn max_connections(&self) -> usize {
+        self.most
+    }
+
+    fn can(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Sends `kind` over `[offset, offset + len)` in requests the server
+    /// takes, each answered before the next.
+    fn ranged(&self, kind: u16, flags: u16, offset: u64, len: u64) -> io::Result<()> {
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(u64::from(proto::MAX_REQUEST)) as u32;
+            reply(self.with(|c| c.request_with(kind, flags, at, n, &[]))?)?;
+            at += u64::from(n);
+        }
+        Ok(())
+    }
+}
+
+/// An NBD error reply as the errno it stands for (the protocol's values
+/// are Linux's): kept raw, as a file's would be, so that a full export
+/// (ENOSPC) fails the whole disk as a full filesystem does.
+fn reply(errno: u32) -> io::Result<()> {
+    match errno {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e as i32)),
+    }
+}
+
+impl Disk for NbdDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        reply(self.with(|c| c.read_answered(offset, buf))?)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        for (i, part) in buf.chunks(proto::MAX_REQUEST as usize).enumerate() {
+            let at = offset + (i as u64) * u64::from(proto::MAX_REQUEST);
+            let len = part.len() as u32;
+            reply(self.with(|c| c.request_with(proto::CMD_WRITE, 0, at, len, part))?)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        reply(self.with(|c| c.request(proto::CMD_FLUSH, 0, 0, &[]))?)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.can(proto::FLAG_SEND_WRITE_ZEROES) {
+            return self.ranged(proto::CMD_WRITE_ZEROES, 0, offset, len);
+        }
+        let zeroes = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeroes.len() as u64) as usize;
+            self.write_at(&zeroes[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.can(proto::FLAG_SEND_WRITE_ZEROES) {
+            return self.ranged(
+                proto::CMD_WRITE_ZEROES,
+                proto::CMD_FLAG_NO_HOLE,
+                offset,
+                len,
+            );
+        }
+        self.write_zeroes(offset, len)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.can(proto::FLAG_SEND_TRIM) {
+            return self.ranged(proto::CMD_TRIM, 0, offset, len);
+        }
+        Ok(())
+    }
+
+    fn zeroes_cheaply(&self, _keep: bool) -> bool {
+        self.can(proto::FLAG_SEND_FAST_ZERO)
+    }
+
+    fn identity(&self) -> DiskIdentity {
+        DiskIdentity {
+            controller: Some(self.uri.controller()),
+            rotational: Some(self.can(proto::FLAG_ROTATIONAL)),
+            model: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse_as_the_nbd_uri_specification_writes_them() {
+        let u = NbdUri::parse("nbd://example.com/disk0").unwrap();
+        assert_eq!(
+            u.address,
+            NbdAddress::Tcp {
+                host: "example.com".into(),
+                port: DEFAULT_PORT
+            }
+        );
+        assert_eq!(u.export, "disk0");
+        let u = NbdUri::parse("nbd://10.0.0.2:10810/").unwrap();
+        assert_eq!(
+            u.address,
+            NbdAddress::Tcp {
+                host: "10.0.0.2".into(),
+                port: 10810
+            }
+        );
+        assert_eq!(u.export, "");
+        let u = NbdUri::parse("nbd://[fe80::1]:7000/a%20b").unwrap();
+        assert_eq!(
+            u.address,
+            NbdAddress::Tcp {
+                host: "fe80::1".into(),
+                port: 7000
+            }
+        );
+        assert_eq!(u.export, "a b");
+        let u = NbdUri::parse("nbd+unix:///data?socket=/run/x%2Cy.sock").unwrap();
+        assert_eq!(
+            u.address,
+            NbdAddress::Unix {
+                socket: "/run/x,y.sock".into()
+            }
+        );
+        assert_eq!(u.export, "data");
+        assert!(NbdUri::is_uri("nbd+unix:///?socket=/s"));
+        assert!(!NbdUri::is_uri("/dev/sdb"));
+    }
+
+    #[test]
+    fn malformed_uris_are_refused_naming_what_is_wrong() {
+        for (uri, says) in [
+            ("nbd+unix:///data", "names no socket"),
+            ("nbd+unix:///data?sock=/x", "names no socket"),
+            ("nbd://:10809/x", "names no host"),
+            ("nbd://h:99999/x", "not 0 to 65535"),
+            ("nbd://h/x?socket=/s", "do not take"),
+            ("nbds://h/x", "TLS"),
+            ("nbd://h/%zz", "malformed export name"),
+            ("nbd://[::1/x", "unclosed"),
+            ("http://h/x", "not an NBD URI"),
+        ] {
+            let e = NbdUri::parse(uri).unwrap_err();
+            assert!(e.contains(says), "{uri}: {e}");
+        }
+    }
+}
