@@ -264,3 +264,125 @@ fn a_volume_served_by_another_mirrorvol_is_a_disk_on_several_connections() {
         assert_eq!(&v[at..at + (1 << 20)], &pattern(1 << 20, 20 + t)[..]);
     }
 }
+
+/// `mirrorvol` run with the sandbox's run directory and `disks` as its
+/// group's disks.
+fn mv_disks(sb: &Sandbox, disks: &str, args: &[&str]) -> std::process::Output {
+    Command::new(common::bin())
+        .env("MIRRORVOL_DISKS", disks)
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
+        .args(args)
+        .output()
+        .expect("run mirrorvol")
+}
+
+#[track_caller]
+fn ok(o: std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A mirror with one plex on a local file and one on an NBD export (the
+/// URI given wherever a disk path goes): the export's server killed under
+/// `serve` fails that disk and the client sees no error; back, the disk is
+/// reactivated and resynced, and holds the volume alone.
+#[test]
+fn a_mirror_with_a_plex_on_an_nbd_export_survives_its_server_and_takes_it_back() {
+    if !tools() || !have_tool("qemu-io") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let local = sb.image("a.img", 64);
+    let remote = image(&sb, 64);
+    let sock = sb.path("nbd.sock");
+    let server = QemuNbd::unix(&remote, &sock, &[]);
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let disks = format!("{local},{uri}");
+    ok(mv_disks(
+        &sb,
+        &disks,
+        &["init", &local, &uri, "--style", "raw"],
+    ));
+    ok(mv_disks(
+        &sb,
+        &disks,
+        &["create", "data", "--size", "16M", "--mirror"],
+    ));
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(mv_disks(&sb, &disks, &["status", "--json"]))).unwrap();
+    let d = common::disk(&st, &uri);
+    assert_eq!(d["state"], "online", "{st:#}");
+    assert_eq!(d["controller"], format!("nbd:{}", sock.display()), "{st:#}");
+    assert_eq!(common::volume(&st, "data")["duplexed"], true, "{st:#}");
+    let (src, want) = sb.data_file("in.bin", 16 << 20, 4);
+    ok(mv_disks(&sb, &disks, &["copy", &src, "vol:data"]));
+
+    let vol = sb.path("vol.sock");
+    let mut serve = Command::new(common::bin())
+        .env("MIRRORVOL_DISKS", &disks)
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
+        .args(["serve", "--io-timeout", "3", "--listen"])
+        .arg(format!("unix:{}", vol.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !vol.exists() || mv_disks(&sb, &disks, &["status"]).status.code() != Some(0) {
+        assert!(start.elapsed() < TIMEOUT, "serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let served = format!("nbd+unix:///data?socket={}", vol.display());
+    let qemu_io = |cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        let o = c.arg(&served).output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success() && !text.contains("failed") && !text.contains("error"),
+            "qemu-io {cmds:?}: {text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    qemu_io(&["write -P 0x5a 0 1M"]);
+    // The remote server dies: the next write fails that disk, not the
+    // client's request.
+    drop(server);
+    qemu_io(&[
+        "write -P 0x5b 1M 1M",
+        "read -P 0x5a 0 1M",
+        "read -P 0x5b 1M 1M",
+    ]);
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(mv_disks(&sb, &disks, &["status", "--json"]))).unwrap();
+    assert_eq!(common::disk(&st, &uri)["state"], "failed", "{st:#}");
+    assert_eq!(common::volume(&st, "data")["state"], "failed-redundancy");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
+    assert!(serve.wait().unwrap().success());
+
+    // Back: reactivated, resynced, and alone it holds the volume.
+    let _back = QemuNbd::unix(&remote, &sock, &[]);
+    let out = ok(mv_disks(&sb, &disks, &["reactivate", &uri]));
+    assert!(out.contains("reactivated disk nbd+unix://"), "{out}");
+    ok(mv_disks(&sb, &disks, &["status", "-x"]));
+    let copy = sb.p("remote-only.bin");
+    ok(mv_disks(&sb, &uri, &["copy", "vol:data", &copy]));
+    let mut expect = want;
+    expect[..1 << 20].fill(0x5a);
+    expect[1 << 20..2 << 20].fill(0x5b);
+    assert!(
+        std::fs::read(&copy).unwrap() == expect,
+        "the remote plex holds the volume"
+    );
+}

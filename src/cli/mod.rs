@@ -1041,6 +1041,9 @@ fn ask(h: &holder::Holder, request: &control::Request) -> Result<control::Respon
 /// A path as the daemon must see it: absolute (its working directory is
 /// not ours).
 fn absolute(p: PathBuf) -> PathBuf {
+    if crate::group::is_nbd(&p) {
+        return p;
+    }
     std::path::absolute(&p).unwrap_or(p)
 }
 

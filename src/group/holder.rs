@@ -107,6 +107,12 @@ pub fn alive(pid: u32) -> bool {
 
 /// The group UUID in a disk's label, read without the disk's lock.
 pub fn group_of(path: &Path) -> Option<Uuid> {
+    if super::is_nbd(path) {
+        let shown = path.display().to_string();
+        let disk =
+            crate::disk::nbd::NbdDisk::open(&shown, std::time::Duration::from_secs(5)).ok()?;
+        return Some(ondisk::read_label(&disk).ok()??.label.group_uuid);
+    }
     let disk = FileDisk::open(
         path,
         OpenOptions {

@@ -239,6 +239,9 @@ pub fn within<T: Send + 'static>(
 /// The canonical form of `path`, looked up within `timeout`; the path as
 /// given, made absolute, when it has none (absent) or does not answer.
 pub fn canonical(path: &Path, timeout: std::time::Duration) -> PathBuf {
+    if is_nbd(path) {
+        return path.to_path_buf();
+    }
     let p = path.to_path_buf();
     within(timeout, move || fs::canonicalize(&p).ok())
         .flatten()
@@ -257,8 +260,17 @@ enum PathKind {
     Hung,
 }
 
-/// Looks `path` up (one stat, and its canonical form) within `timeout`.
+/// Whether a disk path is an NBD URI (an export as a disk).
+pub fn is_nbd(path: &Path) -> bool {
+    path.to_str().is_some_and(crate::disk::nbd::NbdUri::is_uri)
+}
+
+/// Looks `path` up (one stat, and its canonical form) within `timeout`;
+/// an NBD URI is as given (it is looked up when opened).
 fn look_up(path: &Path, timeout: std::time::Duration) -> PathKind {
+    if is_nbd(path) {
+        return PathKind::Present(path.to_path_buf());
+    }
     let p = path.to_path_buf();
     within(timeout, move || match fs::metadata(&p) {
         Ok(meta) if meta.is_dir() => PathKind::Directory,
@@ -339,6 +351,17 @@ pub fn open_disk_with(path: &Path, how: &DiskOpen) -> Result<Arc<QueuedDisk>> {
             how.engine,
         )
     };
+    if is_nbd(path) {
+        return open_nbd(path, how).map(|d| {
+            QueuedDisk::start_on(
+                &path.display().to_string(),
+                Arc::new(d),
+                how.threads,
+                how.timeout,
+                how.engine,
+            )
+        });
+    }
     let mut opts = OpenOptions {
         lock: !how.shared,
         read_only: how.shared,
@@ -377,6 +400,21 @@ pub fn open_disk_with(path: &Path, how: &DiskOpen) -> Result<Arc<QueuedDisk>> {
         }
         Err(e) => Err(Error::io_path("open", path, e)),
     }
+}
+
+/// Opens the NBD export `path` names as a disk. It has no lock: the
+/// group's claim on its disks keeps two writers apart.
+fn open_nbd(path: &Path, how: &DiskOpen) -> Result<crate::disk::nbd::NbdDisk> {
+    let shown = path.display().to_string();
+    crate::disk::nbd::NbdDisk::open(&shown, how.timeout).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported => {
+            Error::refused(format!("disk {shown}: {e}"))
+        }
+        std::io::ErrorKind::NotFound => Error::refused(format!(
+            "disk {shown} does not exist (the server has no such export, or its socket is not there)"
+        )),
+        _ => Error::io(format!("cannot reach disk {shown}"), e),
+    })
 }
 
 /// A disk found with a label, before grouping.
