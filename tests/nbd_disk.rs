@@ -288,101 +288,196 @@ fn ok(o: std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// A mirror with one plex on a local file and one on an NBD export (the
-/// URI given wherever a disk path goes): the export's server killed under
-/// `serve` fails that disk and the client sees no error; back, the disk is
-/// reactivated and resynced, and holds the volume alone.
+/// A group of a local file and a qemu-nbd export (the URI given wherever a
+/// disk path goes) with a 16 MiB mirror `data` holding a pattern.
+struct Remote {
+    server: Option<QemuNbd>,
+    remote: std::path::PathBuf,
+    sock: std::path::PathBuf,
+    uri: String,
+    disks: String,
+    want: Vec<u8>,
+}
+
+fn remote_mirror(sb: &Sandbox) -> Remote {
+    let local = sb.image("a.img", 64);
+    let remote = image(sb, 64);
+    let sock = sb.path("nbd.sock");
+    let server = QemuNbd::unix(&remote, &sock, &[]);
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let disks = format!("{local},{uri}");
+    ok(mv_disks(
+        sb,
+        &disks,
+        &["init", &local, &uri, "--style", "raw"],
+    ));
+    ok(mv_disks(
+        sb,
+        &disks,
+        &["create", "data", "--size", "16M", "--mirror"],
+    ));
+    let (src, want) = sb.data_file("in.bin", 16 << 20, 4);
+    ok(mv_disks(sb, &disks, &["copy", &src, "vol:data"]));
+    Remote {
+        server: Some(server),
+        remote,
+        sock,
+        uri,
+        disks,
+        want,
+    }
+}
+
+/// `serve` of the group on `SANDBOX/vol.sock`, stopped (SIGTERM, exit 0
+/// checked) when dropped.
+struct Serving(std::process::Child);
+
+impl Serving {
+    fn start(sb: &Sandbox, disks: &str, extra: &[&str]) -> (Serving, String) {
+        let vol = sb.path("vol.sock");
+        let child = Command::new(common::bin())
+            .env("MIRRORVOL_DISKS", disks)
+            .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+            .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
+            .arg("serve")
+            .args(extra)
+            .arg("--listen")
+            .arg(format!("unix:{}", vol.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let serving = Serving(child);
+        let start = Instant::now();
+        while !vol.exists() || mv_disks(sb, disks, &["status"]).status.code() != Some(0) {
+            assert!(start.elapsed() < TIMEOUT, "serve did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (
+            serving,
+            format!("nbd+unix:///data?socket={}", vol.display()),
+        )
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        assert!(self.0.wait().unwrap().success(), "serve exits 0");
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// qemu-io commands on `uri`, which must all succeed.
+#[track_caller]
+fn qemu_io(uri: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let o = c.arg(uri).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success() && !text.contains("failed") && !text.contains("error"),
+        "qemu-io {cmds:?}: {text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn status_of(sb: &Sandbox, disks: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(mv_disks(sb, disks, &["status", "--json"]))).unwrap()
+}
+
+/// A mirror with one plex on a local file and one on an NBD export: the
+/// export's server killed under `serve` fails that disk and the client
+/// sees no error; back, the disk is reactivated and resynced, and holds
+/// the volume alone.
 #[test]
 fn a_mirror_with_a_plex_on_an_nbd_export_survives_its_server_and_takes_it_back() {
     if !tools() || !have_tool("qemu-io") {
         return;
     }
     let sb = Sandbox::new();
-    let local = sb.image("a.img", 64);
-    let remote = image(&sb, 64);
-    let sock = sb.path("nbd.sock");
-    let server = QemuNbd::unix(&remote, &sock, &[]);
-    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
-    let disks = format!("{local},{uri}");
-    ok(mv_disks(
-        &sb,
-        &disks,
-        &["init", &local, &uri, "--style", "raw"],
-    ));
-    ok(mv_disks(
-        &sb,
-        &disks,
-        &["create", "data", "--size", "16M", "--mirror"],
-    ));
-    let st: serde_json::Value =
-        serde_json::from_str(&ok(mv_disks(&sb, &disks, &["status", "--json"]))).unwrap();
-    let d = common::disk(&st, &uri);
+    let mut r = remote_mirror(&sb);
+    let st = status_of(&sb, &r.disks);
+    let d = common::disk(&st, &r.uri);
     assert_eq!(d["state"], "online", "{st:#}");
-    assert_eq!(d["controller"], format!("nbd:{}", sock.display()), "{st:#}");
+    assert_eq!(
+        d["controller"],
+        format!("nbd:{}", r.sock.display()),
+        "{st:#}"
+    );
     assert_eq!(common::volume(&st, "data")["duplexed"], true, "{st:#}");
-    let (src, want) = sb.data_file("in.bin", 16 << 20, 4);
-    ok(mv_disks(&sb, &disks, &["copy", &src, "vol:data"]));
 
-    let vol = sb.path("vol.sock");
-    let mut serve = Command::new(common::bin())
-        .env("MIRRORVOL_DISKS", &disks)
-        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
-        .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
-        .args(["serve", "--io-timeout", "3", "--listen"])
-        .arg(format!("unix:{}", vol.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !vol.exists() || mv_disks(&sb, &disks, &["status"]).status.code() != Some(0) {
-        assert!(start.elapsed() < TIMEOUT, "serve did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let served = format!("nbd+unix:///data?socket={}", vol.display());
-    let qemu_io = |cmds: &[&str]| {
-        let mut c = Command::new("qemu-io");
-        c.args(["-f", "raw"]);
-        for cmd in cmds {
-            c.args(["-c", cmd]);
-        }
-        let o = c.arg(&served).output().unwrap();
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(
-            o.status.success() && !text.contains("failed") && !text.contains("error"),
-            "qemu-io {cmds:?}: {text}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    qemu_io(&["write -P 0x5a 0 1M"]);
+    let (serving, served) = Serving::start(&sb, &r.disks, &["--io-timeout", "3"]);
+    qemu_io(&served, &["write -P 0x5a 0 1M"]);
     // The remote server dies: the next write fails that disk, not the
     // client's request.
-    drop(server);
-    qemu_io(&[
-        "write -P 0x5b 1M 1M",
-        "read -P 0x5a 0 1M",
-        "read -P 0x5b 1M 1M",
-    ]);
-    let st: serde_json::Value =
-        serde_json::from_str(&ok(mv_disks(&sb, &disks, &["status", "--json"]))).unwrap();
-    assert_eq!(common::disk(&st, &uri)["state"], "failed", "{st:#}");
+    drop(r.server.take());
+    qemu_io(
+        &served,
+        &[
+            "write -P 0x5b 1M 1M",
+            "read -P 0x5a 0 1M",
+            "read -P 0x5b 1M 1M",
+        ],
+    );
+    let st = status_of(&sb, &r.disks);
+    assert_eq!(common::disk(&st, &r.uri)["state"], "failed", "{st:#}");
     assert_eq!(common::volume(&st, "data")["state"], "failed-redundancy");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(serve.id() as i32, libc::SIGTERM) };
-    assert!(serve.wait().unwrap().success());
+    serving.stop();
 
     // Back: reactivated, resynced, and alone it holds the volume.
-    let _back = QemuNbd::unix(&remote, &sock, &[]);
-    let out = ok(mv_disks(&sb, &disks, &["reactivate", &uri]));
+    let _back = QemuNbd::unix(&r.remote, &r.sock, &[]);
+    let out = ok(mv_disks(&sb, &r.disks, &["reactivate", &r.uri]));
     assert!(out.contains("reactivated disk nbd+unix://"), "{out}");
-    ok(mv_disks(&sb, &disks, &["status", "-x"]));
+    ok(mv_disks(&sb, &r.disks, &["status", "-x"]));
     let copy = sb.p("remote-only.bin");
-    ok(mv_disks(&sb, &uri, &["copy", "vol:data", &copy]));
-    let mut expect = want;
+    ok(mv_disks(&sb, &r.uri, &["copy", "vol:data", &copy]));
+    let mut expect = std::mem::take(&mut r.want);
     expect[..1 << 20].fill(0x5a);
     expect[1 << 20..2 << 20].fill(0x5b);
     assert!(
         std::fs::read(&copy).unwrap() == expect,
         "the remote plex holds the volume"
     );
+}
+
+/// A remote server that hangs (SIGSTOP) is failed on the remote deadline
+/// (5 s by default), not the local one (30 s): a client's write waits at
+/// most two of them (its region's bit, then its data, as for a local disk
+/// that hangs: measured 11.2 s here), and succeeds on the local plex.
+#[test]
+fn a_hung_export_is_failed_within_the_remote_deadline() {
+    if !tools() || !have_tool("qemu-io") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let r = remote_mirror(&sb);
+    let (serving, served) = Serving::start(&sb, &r.disks, &[]);
+    qemu_io(&served, &["write -P 0x11 0 1M"]);
+    let pid = r.server.as_ref().unwrap().0.id() as i32;
+    // SAFETY: kill(2) on our own child; it is continued below (and killed
+    // when dropped).
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let start = Instant::now();
+    qemu_io(&served, &["write -P 0x22 1M 1M", "read -P 0x22 1M 1M"]);
+    let took = start.elapsed();
+    eprintln!("the write with the export hung took {took:?}");
+    let st = status_of(&sb, &r.disks);
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        took < Duration::from_secs(16),
+        "the write waited {took:?}: the remote deadline is 5 s (the local 30 s)"
+    );
+    assert_eq!(common::disk(&st, &r.uri)["state"], "failed", "{st:#}");
+    assert_eq!(common::volume(&st, "data")["state"], "failed-redundancy");
+    serving.stop();
 }

@@ -46,6 +46,9 @@ Where this host's id is kept (default \fI/var/lib/mirrorvol/host\-id\fR).
 \fBMIRRORVOL_IO_TIMEOUT\fR
 As \fB\-\-io\-timeout\fR: how long a request to a disk may take before the disk is failed.
 .TP
+\fBMIRRORVOL_REMOTE_IO_TIMEOUT\fR
+As \fB\-\-remote\-io\-timeout\fR: the same for disks that are NBD exports (5 s by default).
+.TP
 \fBMIRRORVOL_LOG\fR
 What is logged on standard error, as a tracing filter (for example \fBinfo\fR or \fBmirrorvol=debug\fR).
 "#;

@@ -71,6 +71,20 @@ pub struct Cli {
     )]
     pub io_timeout: std::time::Duration,
 
+    /// The same for disks that are NBD exports (nbd:// URIs), shorter: a
+    /// far disk that stops answering (a link cut, a server hung) is failed
+    /// within this and the group goes on with the others (md's failfast);
+    /// never longer than --io-timeout.
+    #[arg(
+        long,
+        env = "MIRRORVOL_REMOTE_IO_TIMEOUT",
+        global = true,
+        value_name = "DURATION",
+        default_value = "5s",
+        value_parser = parse_duration
+    )]
+    pub remote_io_timeout: std::time::Duration,
+
     /// What runs the disks' reads, writes and flushes: io_uring (a ring
     /// per disk with one thread, and one per NBD connection; worker threads
     /// where the kernel refuses io_uring), or worker threads alone.
@@ -844,6 +858,7 @@ fn execute_json(cli: Cli) -> Result<()> {
     let status_cli = Cli {
         disks,
         io_timeout: cli.io_timeout,
+        remote_io_timeout: cli.remote_io_timeout,
         io_engine: cli.io_engine,
         force_claim: false,
         command: Command::Status {
@@ -898,6 +913,8 @@ fn warn(lines: &[String]) {
 pub struct Disks {
     pub paths: Vec<PathBuf>,
     pub timeout: std::time::Duration,
+    /// The deadline of disks that are NBD exports.
+    pub remote_timeout: std::time::Duration,
     pub engine: crate::volume::queue::IoEngine,
     /// How a command that writes claims the group.
     pub claim: crate::group::claim::ClaimOptions,
@@ -909,13 +926,14 @@ pub struct Disks {
 impl Disks {
     fn new(
         paths: Vec<PathBuf>,
-        timeout: std::time::Duration,
+        (timeout, remote_timeout): (std::time::Duration, std::time::Duration),
         engine: crate::volume::queue::IoEngine,
         claim: crate::group::claim::ClaimOptions,
     ) -> Disks {
         Disks {
             paths,
             timeout,
+            remote_timeout,
             engine,
             claim,
             set: std::sync::OnceLock::new(),
@@ -931,6 +949,7 @@ impl Disks {
             &self.paths,
             crate::group::DiskOpen {
                 timeout: self.timeout,
+                remote_timeout: self.remote_timeout,
                 engine: self.engine,
                 ..Default::default()
             },
@@ -1482,7 +1501,7 @@ fn execute(cli: Cli) -> Result<()> {
     let bar = Bar::new();
     let disks = Disks::new(
         cli.disks.clone(),
-        cli.io_timeout,
+        (cli.io_timeout, cli.remote_io_timeout),
         cli.io_engine,
         crate::group::claim::ClaimOptions {
             force: cli.force_claim,
@@ -1571,6 +1590,7 @@ fn execute(cli: Cli) -> Result<()> {
             let joined = existing.is_some();
             let open = crate::group::DiskOpen {
                 timeout: disks.timeout,
+                remote_timeout: disks.remote_timeout,
                 engine: disks.engine,
                 ..Default::default()
             };
@@ -1818,6 +1838,7 @@ fn execute(cli: Cli) -> Result<()> {
                 direct: cache == "none",
                 disk_threads: disk_threads.into(),
                 io_timeout: cli.io_timeout,
+                remote_io_timeout: cli.remote_io_timeout,
                 io_engine: cli.io_engine,
                 resync: crate::volume::resync::ResyncOptions {
                     min_rate: resync_min_rate,

@@ -182,6 +182,8 @@ pub struct ServeOptions {
     pub disk_threads: usize,
     /// How long any request to a disk may take before the disk is failed.
     pub io_timeout: std::time::Duration,
+    /// The same for disks that are NBD exports.
+    pub remote_io_timeout: std::time::Duration,
     /// What runs the disks' data requests.
     pub io_engine: crate::volume::queue::IoEngine,
     /// Pacing of the background resyncs.
@@ -370,6 +372,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
                 direct,
                 threads: disk_threads,
                 timeout: options.io_timeout,
+                remote_timeout: options.remote_io_timeout,
                 engine: options.io_engine,
                 shared: false,
             },

@@ -22,6 +22,10 @@ use crate::format::state::{Generation, Read};
 use crate::format::{DiskState, GroupConfig, Label, PlexState, VolumeEntry};
 use crate::volume::generation::{GenerationKeeper, VersionRaise};
 use crate::volume::queue::{DEFAULT_IO_TIMEOUT, QueuedDisk};
+
+/// How long a request to a disk that is an NBD export may take before the
+/// disk is failed, unless `--remote-io-timeout` says otherwise.
+pub const REMOTE_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 use crate::{Error, Result};
 
 pub mod alloc;
@@ -165,6 +169,9 @@ pub struct DiskOpen {
     /// How long any request to a disk may take before the disk is failed
     /// (`--io-timeout`).
     pub timeout: std::time::Duration,
+    /// The deadline of disks that are NBD exports (`--remote-io-timeout`;
+    /// the shorter of the two applies).
+    pub remote_timeout: std::time::Duration,
     /// What runs the disks' data requests (`--io-engine`).
     pub engine: crate::volume::queue::IoEngine,
     /// Read-only and without the lock: a look at a group another process
@@ -178,6 +185,7 @@ impl Default for DiskOpen {
             direct: false,
             threads: 4,
             timeout: DEFAULT_IO_TIMEOUT,
+            remote_timeout: REMOTE_IO_TIMEOUT,
             engine: crate::volume::queue::IoEngine::from_env(),
             shared: false,
         }
@@ -352,12 +360,14 @@ pub fn open_disk_with(path: &Path, how: &DiskOpen) -> Result<Arc<QueuedDisk>> {
         )
     };
     if is_nbd(path) {
-        return open_nbd(path, how).map(|d| {
+        // A far disk is failed sooner than a local one (md's failfast).
+        let deadline = how.remote_timeout.min(how.timeout);
+        return open_nbd(path, deadline).map(|d| {
             QueuedDisk::start_on(
                 &path.display().to_string(),
                 Arc::new(d),
                 how.threads,
-                how.timeout,
+                deadline,
                 how.engine,
             )
         });
@@ -404,9 +414,9 @@ pub fn open_disk_with(path: &Path, how: &DiskOpen) -> Result<Arc<QueuedDisk>> {
 
 /// Opens the NBD export `path` names as a disk. It has no lock: the
 /// group's claim on its disks keeps two writers apart.
-fn open_nbd(path: &Path, how: &DiskOpen) -> Result<crate::disk::nbd::NbdDisk> {
+fn open_nbd(path: &Path, deadline: std::time::Duration) -> Result<crate::disk::nbd::NbdDisk> {
     let shown = path.display().to_string();
-    crate::disk::nbd::NbdDisk::open(&shown, how.timeout).map_err(|e| match e.kind() {
+    crate::disk::nbd::NbdDisk::open(&shown, deadline).map_err(|e| match e.kind() {
         std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported => {
             Error::refused(format!("disk {shown}: {e}"))
         }
