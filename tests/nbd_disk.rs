@@ -207,7 +207,7 @@ fn a_read_only_or_absent_export_is_refused() {
 }
 
 #[test]
-fn a_server_that_went_away_fails_requests_and_one_back_serves_the_next() {
+fn a_connection_that_broke_breaks_the_disk_and_a_new_open_reads_the_export_again() {
     if !tools() {
         return;
     }
@@ -220,6 +220,7 @@ fn a_server_that_went_away_fails_requests_and_one_back_serves_the_next() {
     let data = pattern(64 << 10, 3);
     d.write_at(&data, 0).unwrap();
     d.flush().unwrap();
+    assert!(d.health().is_ok());
     drop(server);
     let start = Instant::now();
     let mut back = vec![0u8; data.len()];
@@ -228,9 +229,18 @@ fn a_server_that_went_away_fails_requests_and_one_back_serves_the_next() {
         start.elapsed() < TIMEOUT,
         "failed at once, not at the deadline"
     );
-    let _again = QemuNbd::unix(&file, &sock, &[]);
-    d.read_at(&mut back, 0).unwrap();
-    assert_eq!(back, data, "a new connection to the server back");
+    // Whatever answers at that address now (here another export: a swapped
+    // image) is not taken for the disk: no reconnection behind the group.
+    let other = sb.path("other.img");
+    std::fs::write(&other, vec![0x77u8; 8 << 20]).unwrap();
+    let _swapped = QemuNbd::unix(&other, &sock, &[]);
+    let e = d.read_at(&mut back, 0).unwrap_err();
+    assert!(e.to_string().contains("is not reconnected"), "{e}");
+    assert!(d.health().is_err(), "the group sees the disk broken");
+    // Opened again (as reactivate does), it is the export there now.
+    let again = NbdDisk::open(&uri, TIMEOUT).unwrap();
+    again.read_at(&mut back, 0).unwrap();
+    assert!(back.iter().all(|&b| b == 0x77));
 }
 
 #[test]
@@ -432,6 +442,14 @@ fn a_mirror_with_a_plex_on_an_nbd_export_survives_its_server_and_takes_it_back()
     assert_eq!(common::disk(&st, &r.uri)["state"], "failed", "{st:#}");
     assert_eq!(common::volume(&st, "data")["state"], "failed-redundancy");
     serving.stop();
+    // With its server down (and its socket gone) the group opens without
+    // it, as without a file that is absent.
+    let st = status_of(&sb, &r.disks);
+    assert!(
+        st["unreadable"][0]["path"] == r.uri.as_str(),
+        "the export is reported, not fatal: {st:#}"
+    );
+    assert_eq!(common::volume(&st, "data")["state"], "failed-redundancy");
 
     // Back: reactivated, resynced, and alone it holds the volume.
     let _back = QemuNbd::unix(&r.remote, &r.sock, &[]);

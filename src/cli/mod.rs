@@ -1034,15 +1034,19 @@ fn find_daemon(disks: &Disks) -> Option<holder::Holder> {
     let set = disks.set().ok()?;
     // A disk that does not answer is passed over: the next one names the
     // group as well.
-    let group = set
+    // Local disks first: an NBD server that takes one client (qemu-nbd's
+    // default) and is held by serve would make the look wait its deadline.
+    let mut paths: Vec<&PathBuf> = set
         .explicit
         .iter()
         .chain(set.scanned.iter())
         .filter(|p| !set.hung.contains(p))
-        .find_map(|p| {
-            let p = p.clone();
-            crate::group::within(disks.timeout, move || holder::group_of(&p)).flatten()
-        })?;
+        .collect();
+    paths.sort_by_key(|p| crate::group::is_nbd(p));
+    let group = paths.into_iter().find_map(|p| {
+        let p = p.clone();
+        crate::group::within(disks.timeout, move || holder::group_of(&p)).flatten()
+    })?;
     let h = holder::recorded(group)?;
     if h.pid.is_some_and(|pid| !holder::alive(pid)) {
         return None;

@@ -7,12 +7,18 @@
 //! nbd+unix:///EXPORT?socket=PATH      a Unix socket
 //! ```
 //!
-//! Each request borrows a connection and gives it back when its reply
-//! came; a connection that failed is dropped and the next request makes a
-//! new one. Several connections serve at once only when the server
-//! advertises `NBD_FLAG_CAN_MULTI_CONN`: without it, a flush on one
-//! connection need not cover writes made on another (and servers such as
-//! qemu-nbd take one client unless told more), so there is one. An export that cannot flush is refused: a mirror's
+//! The connections are made when the disk is opened, all to the export
+//! whose label assembly then reads: several only when the server
+//! advertises `NBD_FLAG_CAN_MULTI_CONN` (without it, a flush on one
+//! connection need not cover writes made on another, and servers such as
+//! qemu-nbd take one client unless told more). Each request borrows one
+//! and gives it back when its reply came. A connection that fails breaks
+//! the disk for good: every later request fails and [`Disk::health`] says
+//! so, and the group fails the disk. It never reconnects by itself: what
+//! answers at the same address later may be another export, and writes
+//! acknowledged before the break may not have been made durable; the
+//! disk comes back by being opened again (`reactivate` offline, or a new
+//! `serve`), which reads its label and generation like any disk's. An export that cannot flush is refused: a mirror's
 //! bitmap and config must be durable before the writes they cover are
 //! acknowledged, and such an export could only promise that by lying.
 //! A read-only export is refused too.
@@ -46,7 +52,10 @@ pub const DEFAULT_PORT: u16 = 10809;
 impl NbdUri {
     /// Whether `s` is written as an NBD URI (whether or not it parses).
     pub fn is_uri(s: &str) -> bool {
-        s.starts_with("nbd://") || s.starts_with("nbd+unix://") || s.starts_with("nbds")
+        let scheme = s
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase());
+        scheme.is_some_and(|s| s == "nbd" || s.starts_with("nbd+") || s.starts_with("nbds"))
     }
 
     /// Parses `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`;
@@ -55,12 +64,21 @@ impl NbdUri {
         let decode = |part: &str, what: &str| {
             percent_decode(part).ok_or_else(|| format!("NBD URI {s:?} has a malformed {what}"))
         };
-        if s.starts_with("nbds") {
+        let scheme = s
+            .split_once("://")
+            .map_or(String::new(), |(x, _)| x.to_ascii_lowercase());
+        if scheme.starts_with("nbds") {
             return Err(format!(
                 "NBD URI {s:?} asks for TLS, which disks over NBD do not speak yet: use nbd:// or nbd+unix://"
             ));
         }
-        if let Some(rest) = s.strip_prefix("nbd+unix://") {
+        if scheme != "nbd" && scheme != "nbd+unix" {
+            return Err(format!(
+                "NBD URI {s:?} has the scheme {scheme}://, which disks do not speak: use nbd:// or nbd+unix://"
+            ));
+        }
+        let rest = &s[scheme.len() + 3..];
+        if scheme == "nbd+unix" {
             let (path, query) = rest
                 .split_once('?')
                 .ok_or_else(|| format!("NBD URI {s:?} names no socket: add ?socket=PATH"))?;
@@ -74,8 +92,10 @@ impl NbdUri {
                 .find_map(|kv| kv.strip_prefix("socket="))
                 .ok_or_else(|| format!("NBD URI {s:?} names no socket: add ?socket=PATH"))?;
             let socket = decode(socket, "socket path")?;
-            if socket.is_empty() {
-                return Err(format!("NBD URI {s:?} has an empty socket path"));
+            if !socket.starts_with('/') {
+                return Err(format!(
+                    "NBD URI {s:?} names the socket {socket:?}, not an absolute path: the group finds its disks from any directory"
+                ));
             }
             return Ok(NbdUri {
                 address: NbdAddress::Unix {
@@ -84,22 +104,32 @@ impl NbdUri {
                 export: decode(path.strip_prefix('/').unwrap_or(path), "export name")?,
             });
         }
-        let rest = s
-            .strip_prefix("nbd://")
-            .ok_or_else(|| format!("{s:?} is not an NBD URI (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)"))?;
         if rest.contains('?') {
             return Err(format!(
                 "NBD URI {s:?} has a query, which nbd:// URIs do not take"
             ));
         }
         let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
+        if authority.contains('@') || rest.contains('#') {
+            return Err(format!(
+                "NBD URI {s:?} has a user or a fragment, which NBD URIs do not take"
+            ));
+        }
         let (host, port) = match authority.strip_prefix('[') {
             // [IPv6]:PORT
             Some(v6) => {
                 let (host, after) = v6
                     .split_once(']')
                     .ok_or_else(|| format!("NBD URI {s:?} has an unclosed [ in its host"))?;
+                if !after.is_empty() && !after.starts_with(':') {
+                    return Err(format!("NBD URI {s:?} has {after:?} after its IPv6 host"));
+                }
                 (host, after.strip_prefix(':'))
+            }
+            None if authority.matches(':').count() > 1 => {
+                return Err(format!(
+                    "NBD URI {s:?} has an IPv6 host without brackets: write nbd://[ADDRESS]:PORT/EXPORT"
+                ));
             }
             None => match authority.rsplit_once(':') {
                 Some((h, p)) => (h, Some(p)),
@@ -151,6 +181,9 @@ fn percent_decode(s: &str) -> Option<String> {
     while let Some(b) = bytes.next() {
         if b == b'%' {
             let hex = [bytes.next()?, bytes.next()?];
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
             out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
         } else {
             out.push(b);
@@ -165,17 +198,16 @@ pub struct NbdDisk {
     shown: String,
     size: u64,
     flags: u16,
-    timeout: Duration,
-    /// Connections free for the next request, and how many are open.
+    /// Connections free for the next request; `broken` once one failed.
     pool: Mutex<Pool>,
     returned: Condvar,
-    /// The most connections open at once.
+    /// The connections made at open.
     most: usize,
 }
 
 struct Pool {
     idle: Vec<Client>,
-    open: usize,
+    broken: Option<String>,
 }
 
 /// Connections to an export that can take several (multi-conn).
@@ -210,63 +242,93 @@ impl NbdDisk {
                 "the NBD export {shown} is {size} bytes, not a whole number of 512-byte sectors"
             ));
         }
+        let most = if flags & proto::FLAG_CAN_MULTI_CONN != 0 {
+            MULTI_CONN
+        } else {
+            1
+        };
+        // All made now, to the export just checked: none is made later.
+        let mut idle = vec![first];
+        while idle.len() < most {
+            let c = uri.connect(timeout)?;
+            if (c.size(), c.flags()) != (size, flags) {
+                return refuse(format!(
+                    "the NBD export {shown} changed between two connections"
+                ));
+            }
+            idle.push(c);
+        }
         Ok(NbdDisk {
             uri,
             shown: shown.to_string(),
             size,
             flags,
-            timeout,
-            pool: Mutex::new(Pool {
-                idle: vec![first],
-                open: 1,
-            }),
+            pool: Mutex::new(Pool { idle, broken: None }),
             returned: Condvar::new(),
-            most: if flags & proto::FLAG_CAN_MULTI_CONN != 0 {
-                MULTI_CONN
-            } else {
-                1
-            },
+            most,
         })
     }
 
-    /// Runs `op` on a free connection (a new one when none is free), and
-    /// keeps the connection for the next request unless it failed.
+    /// Runs `op` on a free connection and gives it back; when `op` fails
+    /// (the connection did: an error reply is an answer, in step) or
+    /// panics, the disk is broken for good.
     fn with<T>(&self, op: impl FnOnce(&mut Client) -> io::Result<T>) -> io::Result<T> {
         let lock = || self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let mut pool = lock();
-        let free = loop {
-            if let Some(c) = pool.idle.pop() {
-                break Some(c);
+        let c = loop {
+            if let Some(why) = &pool.broken {
+                return Err(self.broken(why));
             }
-            if pool.open < self.most {
-                pool.open += 1;
-                break None;
+            if let Some(c) = pool.idle.pop() {
+                break c;
             }
             pool = self.returned.wait(pool).unwrap_or_else(|e| e.into_inner());
         };
         drop(pool);
-        let mut c = match free {
-            Some(c) => c,
-            None => match self.uri.connect(self.timeout) {
-                Ok(c) => c,
-                Err(e) => {
-                    lock().open -= 1;
-                    self.returned.notify_one();
-                    return Err(e);
-                }
-            },
-        };
-        // `op` fails only when the connection did (an error reply is an
-        // answer, in step): such a connection is not used again.
-        let r = op(&mut c);
-        let mut pool = lock();
-        match r.is_ok() {
-            true => pool.idle.push(c),
-            false => pool.open -= 1,
+        /// Gives the connection back, or breaks the disk when it is not
+        /// given back (a failure, or a panic in between).
+        struct Lent<'a> {
+            disk: &'a NbdDisk,
+            conn: Option<Client>,
+            why: String,
         }
-        drop(pool);
-        self.returned.notify_one();
+        impl Drop for Lent<'_> {
+            fn drop(&mut self) {
+                let mut pool = self.disk.pool.lock().unwrap_or_else(|e| e.into_inner());
+                match self.conn.take() {
+                    Some(c) if pool.broken.is_none() => pool.idle.push(c),
+                    Some(_) => {}
+                    None => {
+                        pool.broken.get_or_insert(std::mem::take(&mut self.why));
+                    }
+                }
+                drop(pool);
+                self.disk.returned.notify_all();
+            }
+        }
+        let mut lent = Lent {
+            disk: self,
+            conn: Some(c),
+            why: "a request did not finish".into(),
+        };
+        let conn = lent.conn.as_mut().expect("lent above");
+        let r = op(conn);
+        if let Err(e) = &r {
+            lent.why = e.to_string();
+            lent.conn = None;
+        }
         r
+    }
+
+    /// The error of every request once the disk is broken.
+    fn broken(&self, why: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            format!(
+                "the connection to the NBD export {} broke ({why}); it is not reconnected: `mirrorvol reactivate` opens it again",
+                self.shown
+            ),
+        )
     }
 
     /// The most connections it opens at once: 4 to a multi-conn export,
@@ -358,8 +420,12 @@ impl Disk for NbdDisk {
         Ok(())
     }
 
-    fn zeroes_cheaply(&self, _keep: bool) -> bool {
-        self.can(proto::FLAG_SEND_FAST_ZERO)
+    fn health(&self) -> io::Result<()> {
+        let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        match &pool.broken {
+            Some(why) => Err(self.broken(why)),
+            None => Ok(()),
+        }
     }
 
     fn identity(&self) -> DiskIdentity {
@@ -404,6 +470,8 @@ mod tests {
             }
         );
         assert_eq!(u.export, "a b");
+        let u = NbdUri::parse("NBD://h").unwrap();
+        assert_eq!(u.export, "");
         let u = NbdUri::parse("nbd+unix:///data?socket=/run/x%2Cy.sock").unwrap();
         assert_eq!(
             u.address,
@@ -413,7 +481,11 @@ mod tests {
         );
         assert_eq!(u.export, "data");
         assert!(NbdUri::is_uri("nbd+unix:///?socket=/s"));
+        assert!(NbdUri::is_uri("NBD://h/x"));
+        assert!(NbdUri::is_uri("nbd+vsock:///x"));
         assert!(!NbdUri::is_uri("/dev/sdb"));
+        assert!(!NbdUri::is_uri("nbdstore.img"), "a file named nbd...");
+        assert!(!NbdUri::is_uri("disks/nbds.img"));
     }
 
     #[test]
@@ -427,7 +499,14 @@ mod tests {
             ("nbds://h/x", "TLS"),
             ("nbd://h/%zz", "malformed export name"),
             ("nbd://[::1/x", "unclosed"),
-            ("http://h/x", "not an NBD URI"),
+            ("http://h/x", "which disks do not speak"),
+            ("nbd+vsock:///x", "which disks do not speak"),
+            ("nbd+unix:///x?socket=s.sock", "not an absolute path"),
+            ("nbd://user@h/x", "a user or a fragment"),
+            ("nbd://h/x#y", "a user or a fragment"),
+            ("nbd://[::1]junk/x", "after its IPv6 host"),
+            ("nbd://::1/x", "without brackets"),
+            ("nbd://h/%+1", "malformed export name"),
         ] {
             let e = NbdUri::parse(uri).unwrap_err();
             assert!(e.contains(says), "{uri}: {e}");

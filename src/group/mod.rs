@@ -614,6 +614,13 @@ impl Group {
                     unreadable.push(unreadable_because(format!("cannot be opened: {source}")));
                     continue;
                 }
+                // An export that is not there (its server down, its socket
+                // gone) or cannot be a disk is a disk the group goes on
+                // without, as a file that is absent.
+                Err(e) if is_nbd(path) => {
+                    unreadable.push(unreadable_because(format!("cannot be opened: {e}")));
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
             let read = match ondisk::read_label(&*disk) {
