@@ -294,6 +294,11 @@ impl NbdDisk {
         }
         impl Drop for Lent<'_> {
             fn drop(&mut self) {
+                // A panic mid-request may have left the connection out of
+                // step with the server's replies.
+                if std::thread::panicking() {
+                    self.conn = None;
+                }
                 let mut pool = self.disk.pool.lock().unwrap_or_else(|e| e.into_inner());
                 match self.conn.take() {
                     Some(c) if pool.broken.is_none() => pool.idle.push(c),
