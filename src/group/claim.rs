@@ -816,40 +816,28 @@ fn write_everywhere(
 /// (as `/proc/mdstat` shows a resync whoever runs it).
 pub mod activity {
     use std::sync::Mutex;
-    use std::time::Instant;
 
     use crate::format::state::Activity;
+    use crate::volume::meter::Meter;
 
-    struct Shown {
-        what: String,
-        done: u64,
-        total: u64,
-        /// The first position reported and when (a resync resumed from a
-        /// checkpoint starts past zero): the rate is measured from there.
-        first: Option<(u64, Instant)>,
-    }
+    /// What is shown, and how far it is (its rate measured from the first
+    /// position reported: a resync resumed from a checkpoint starts past
+    /// zero).
+    static SHOWN: Mutex<Option<(String, Meter)>> = Mutex::new(None);
 
-    static SHOWN: Mutex<Option<Shown>> = Mutex::new(None);
-
-    fn shown() -> std::sync::MutexGuard<'static, Option<Shown>> {
+    fn shown() -> std::sync::MutexGuard<'static, Option<(String, Meter)>> {
         SHOWN.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A task of `total` bytes begins.
     pub fn begin(what: &str, total: u64) {
-        *shown() = Some(Shown {
-            what: what.to_string(),
-            done: 0,
-            total,
-            first: None,
-        });
+        *shown() = Some((what.to_string(), Meter::new(total)));
     }
 
     /// `done` bytes of it are done.
     pub fn advance(done: u64) {
-        if let Some(s) = shown().as_mut() {
-            s.done = done;
-            s.first.get_or_insert((done, Instant::now()));
+        if let Some((_, m)) = shown().as_ref() {
+            m.set(done);
         }
     }
 
@@ -861,18 +849,12 @@ pub mod activity {
     /// What the next renewal writes.
     pub fn current() -> Option<Activity> {
         let s = shown();
-        let s = s.as_ref().filter(|s| s.total > 0)?;
-        let rate = match s.first {
-            Some((from, at)) if at.elapsed().as_secs_f64() > 0.5 => {
-                (s.done.saturating_sub(from) as f64 / at.elapsed().as_secs_f64()) as u64
-            }
-            _ => 0,
-        };
+        let (what, m) = s.as_ref().filter(|(_, m)| m.total() > 0)?;
         Some(Activity {
-            what: s.what.clone(),
-            done: s.done.min(s.total),
-            total: s.total,
-            rate,
+            what: what.clone(),
+            done: m.done(),
+            total: m.total(),
+            rate: m.rate(),
         })
     }
 }

@@ -16,37 +16,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::proto::{self, Request, be_u16, be_u32, be_u64};
-
-/// The connection under a client.
-enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+use super::server::Sock;
 
 /// A connection in the transmission phase.
 pub struct Client {
-    sock: Stream,
+    sock: Sock,
     size: u64,
     flags: u16,
     next_handle: u64,
@@ -63,7 +37,7 @@ impl Client {
         let sock = UnixStream::connect(path)?;
         sock.set_read_timeout(Some(timeout))?;
         sock.set_write_timeout(Some(timeout))?;
-        Client::start(Stream::Unix(sock), export)
+        Client::start(Sock::Unix(sock), export)
     }
 
     /// Connects to the server at `host:port` over TCP (within `timeout`)
@@ -82,7 +56,7 @@ impl Client {
                     sock.set_read_timeout(Some(timeout))?;
                     sock.set_write_timeout(Some(timeout))?;
                     sock.set_nodelay(true)?;
-                    return Client::start(Stream::Tcp(sock), export);
+                    return Client::start(Sock::Tcp(sock), export);
                 }
                 Err(e) => last = e,
             }
@@ -90,7 +64,7 @@ impl Client {
         Err(last)
     }
 
-    fn start(sock: Stream, export: &str) -> io::Result<Client> {
+    fn start(sock: Sock, export: &str) -> io::Result<Client> {
         let mut c = Client {
             sock,
             size: 0,
