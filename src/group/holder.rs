@@ -109,8 +109,7 @@ pub fn alive(pid: u32) -> bool {
 pub fn group_of(path: &Path) -> Option<Uuid> {
     if super::is_nbd(path) {
         let shown = path.display().to_string();
-        let disk =
-            crate::disk::nbd::NbdDisk::open(&shown, std::time::Duration::from_secs(5)).ok()?;
+        let disk = crate::disk::nbd::NbdDisk::open(&shown, super::REMOTE_IO_TIMEOUT).ok()?;
         return Some(ondisk::read_label(&disk).ok()??.label.group_uuid);
     }
     let disk = FileDisk::open(

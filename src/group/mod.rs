@@ -22,11 +22,11 @@ use crate::format::state::{Generation, Read};
 use crate::format::{DiskState, GroupConfig, Label, PlexState, VolumeEntry};
 use crate::volume::generation::{GenerationKeeper, VersionRaise};
 use crate::volume::queue::{DEFAULT_IO_TIMEOUT, QueuedDisk};
+use crate::{Error, Result};
 
 /// How long a request to a disk that is an NBD export may take before the
 /// disk is failed, unless `--remote-io-timeout` says otherwise.
 pub const REMOTE_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-use crate::{Error, Result};
 
 pub mod alloc;
 mod attach;
@@ -350,28 +350,21 @@ pub fn open_disk(path: &Path) -> Result<Arc<QueuedDisk>> {
 /// refuses `O_DIRECT` (tmpfs), through the page cache, with a warning in
 /// the log.
 pub fn open_disk_with(path: &Path, how: &DiskOpen) -> Result<Arc<QueuedDisk>> {
-    let queued = |d: FileDisk| {
+    let queued_within = |d: Arc<dyn Disk>, deadline| {
         QueuedDisk::start_on(
             &path.display().to_string(),
-            Arc::new(d),
+            d,
             how.threads,
-            how.timeout,
+            deadline,
             how.engine,
         )
     };
     if is_nbd(path) {
         // A far disk is failed sooner than a local one (md's failfast).
         let deadline = how.remote_timeout.min(how.timeout);
-        return open_nbd(path, deadline).map(|d| {
-            QueuedDisk::start_on(
-                &path.display().to_string(),
-                Arc::new(d),
-                how.threads,
-                deadline,
-                how.engine,
-            )
-        });
+        return open_nbd(path, deadline).map(|d| queued_within(Arc::new(d), deadline));
     }
+    let queued = |d: FileDisk| queued_within(Arc::new(d), how.timeout);
     let mut opts = OpenOptions {
         lock: !how.shared,
         read_only: how.shared,

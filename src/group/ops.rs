@@ -308,25 +308,26 @@ fn check_new_disks(
         // Looked up under the deadline: a FUSE or network file hangs even
         // a stat.
         let p = path.clone();
-        let nbd = super::is_nbd(path);
-        let c = super::within(open.timeout, move || match nbd {
-            true => Ok(p),
-            false => fs::canonicalize(&p),
-        })
-        .ok_or_else(|| {
-            Error::failed(format!(
-                "disk {} did not answer within {} s",
-                path.display(),
-                open.timeout.as_secs_f64()
-            ))
-        })?
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Error::refused(format!("disk {} does not exist", path.display()))
-            } else {
-                Error::io_path("open", path, e)
-            }
-        })?;
+        let c = if super::is_nbd(path) {
+            // An export is named by its URI; it is reached when opened.
+            p
+        } else {
+            super::within(open.timeout, move || fs::canonicalize(&p))
+                .ok_or_else(|| {
+                    Error::failed(format!(
+                        "disk {} did not answer within {} s",
+                        path.display(),
+                        open.timeout.as_secs_f64()
+                    ))
+                })?
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Error::refused(format!("disk {} does not exist", path.display()))
+                    } else {
+                        Error::io_path("open", path, e)
+                    }
+                })?
+        };
         if canon.contains(&c) {
             return Err(Error::refused(format!(
                 "disk {} is named twice",
