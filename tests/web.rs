@@ -166,25 +166,71 @@ impl Browser {
 
     /// Waits until `expr` is true in the page.
     fn wait_for(&mut self, expr: &str, what: &str) {
-        let start = Instant::now();
-        while self.eval(expr) != Some(json!(true)) {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{what}: not true after 30 s: {expr}\npage: {:?}",
-                self.eval("document.body ? document.body.innerText : ''")
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        assert!(
+            self.wait_until(expr, Duration::from_secs(30)),
+            "{what}: not true after 30 s: {expr}\npage: {:?}",
+            self.eval("document.body ? document.body.innerText : ''")
+        );
     }
 
-    /// Loads `url` and waits for it to be complete.
+    /// Whether `expr` becomes true in the page within `limit`.
+    fn wait_until(&mut self, expr: &str, limit: Duration) -> bool {
+        let start = Instant::now();
+        while self.eval(expr) != Some(json!(true)) {
+            if start.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+
+    /// Loads `url` and waits for it to be complete. A navigation Chromium
+    /// gives up on (its `errorText`) or that does not finish is tried
+    /// again, twice at most; what each try saw is in the failure message,
+    /// with whether the server answers the same page to a plain request,
+    /// which tells a browser's hiccup from a server that does not answer.
     fn open(&mut self, url: &str) {
-        self.call("Page.navigate", json!({"url": url}));
         let want = serde_json::to_string(url).unwrap();
-        self.wait_for(
-            &format!("document.readyState === 'complete' && location.href === {want}"),
-            "the page loads",
-        );
+        let done = format!("document.readyState === 'complete' && location.href === {want}");
+        let mut tries = Vec::new();
+        for _ in 0..3 {
+            let started = Instant::now();
+            let r = self.call("Page.navigate", json!({"url": url}));
+            if let Some(e) = r.get("errorText").and_then(|e| e.as_str()) {
+                tries.push(format!("navigation failed: {e}"));
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            if self.wait_until(&done, Duration::from_secs(20)) {
+                if !tries.is_empty() {
+                    eprintln!("{url} loaded after {tries:?}");
+                }
+                return;
+            }
+            tries.push(format!(
+                "not loaded after {:?}: readyState {:?}, href {:?}",
+                started.elapsed(),
+                self.eval("document.readyState"),
+                self.eval("location.href")
+            ));
+        }
+        let direct = url
+            .strip_prefix("http://")
+            .and_then(|rest| rest.split_once('/'))
+            .map(|(addr, path)| {
+                let started = Instant::now();
+                let (code, body) = http(
+                    addr,
+                    &format!("GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+                );
+                format!(
+                    "HTTP {code}, {} bytes in {:?}",
+                    body.len(),
+                    started.elapsed()
+                )
+            });
+        panic!("{url} does not load: {tries:?}; a plain request: {direct:?}");
     }
 
     fn number(&mut self, expr: &str) -> f64 {
@@ -229,6 +275,7 @@ fn web_addr(s: &Served) -> String {
 /// One raw HTTP/1.0 exchange: the status code and the body.
 fn http(addr: &str, head: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     s.write_all(head.as_bytes()).unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
