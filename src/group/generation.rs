@@ -62,7 +62,8 @@ impl Group {
             // The disks agree: the group goes on from there.
             Some(g) if held.iter().all(|h| *h == g) => g,
             // They do not (a stale disk now recorded so, a split brain
-            // resolved): a new generation, written to every disk below.
+            // resolved): a new generation, written to every disk by the
+            // first write or commit.
             Some(g) => Generation {
                 counter: g.counter + 1,
                 id: Uuid::new_v4(),
@@ -86,18 +87,20 @@ impl Group {
             .collect();
         let keeper = GenerationKeeper::new(current, known, IDLE_BEFORE_NEW_GENERATION);
         self.keeper = Some(keeper.clone());
-        self.sync_generation_disks();
+        keeper.start_disks(self.generation_disks());
         keeper
     }
 
     /// Tells the keeper which disks are in service (after every commit).
     pub(super) fn sync_generation_disks(&self) {
         let Some(keeper) = &self.keeper else { return };
-        let disks: BTreeMap<Uuid, GenerationDisk> = self
-            .members_in_service()
+        keeper.set_disks(self.generation_disks());
+    }
+
+    fn generation_disks(&self) -> BTreeMap<Uuid, GenerationDisk> {
+        self.members_in_service()
             .map(|(u, m)| (u, m.state_disk()))
-            .collect();
-        keeper.set_disks(disks);
+            .collect()
     }
 
     /// Records, for each disk that leaves service in the commit at `seqno`,

@@ -175,6 +175,18 @@ impl GenerationKeeper {
     /// back, or its plexes were found stale and are now recorded so) is
     /// given it now: from here on the config says what it lacks.
     pub fn set_disks(&self, disks: BTreeMap<Uuid, GenerationDisk>) {
+        self.serve_disks(disks, true);
+    }
+
+    /// The disks in service when the group starts. A disk behind the
+    /// current generation is not written yet: the first write raises the
+    /// generation on every disk, and the first commit gives the current one
+    /// to those behind (so a command refused after assembly writes none).
+    pub fn start_disks(&self, disks: BTreeMap<Uuid, GenerationDisk>) {
+        self.serve_disks(disks, false);
+    }
+
+    fn serve_disks(&self, disks: BTreeMap<Uuid, GenerationDisk>, catch_up: bool) {
         let _raising = self.raising.lock().unwrap_or_else(|e| e.into_inner());
         let (current, behind) = {
             let mut s = self.lock();
@@ -187,7 +199,7 @@ impl GenerationKeeper {
                 .collect();
             (s.current, behind)
         };
-        if current.counter == 0 || behind.is_empty() {
+        if !catch_up || current.counter == 0 || behind.is_empty() {
             return;
         }
         let _ = self.write_all(&current, &behind);
