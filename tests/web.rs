@@ -191,6 +191,13 @@ impl Browser {
     /// with whether the server answers the same page to a plain request,
     /// which tells a browser's hiccup from a server that does not answer.
     fn open(&mut self, url: &str) {
+        if let Err(e) = self.try_open(url) {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Browser::open`], with what went wrong as the error.
+    fn try_open(&mut self, url: &str) -> Result<(), String> {
         let want = serde_json::to_string(url).unwrap();
         let done = format!("document.readyState === 'complete' && location.href === {want}");
         let mut tries = Vec::new();
@@ -206,7 +213,7 @@ impl Browser {
                 if !tries.is_empty() {
                     eprintln!("{url} loaded after {tries:?}");
                 }
-                return;
+                return Ok(());
             }
             tries.push(format!(
                 "not loaded after {:?}: readyState {:?}, href {:?}",
@@ -220,17 +227,24 @@ impl Browser {
             .and_then(|rest| rest.split_once('/'))
             .map(|(addr, path)| {
                 let started = Instant::now();
-                let (code, body) = http(
-                    addr,
-                    &format!("GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
-                );
-                format!(
-                    "HTTP {code}, {} bytes in {:?}",
-                    body.len(),
-                    started.elapsed()
-                )
+                match std::net::TcpStream::connect(addr) {
+                    Err(e) => format!("cannot connect: {e}"),
+                    Ok(_) => {
+                        let (code, body) = http(
+                            addr,
+                            &format!("GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+                        );
+                        format!(
+                            "HTTP {code}, {} bytes in {:?}",
+                            body.len(),
+                            started.elapsed()
+                        )
+                    }
+                }
             });
-        panic!("{url} does not load: {tries:?}; a plain request: {direct:?}");
+        Err(format!(
+            "{url} does not load: {tries:?}; a plain request: {direct:?}"
+        ))
     }
 
     fn number(&mut self, expr: &str) -> f64 {
@@ -331,7 +345,9 @@ fn a_browser_sees_the_disks_watches_a_resync_and_breaks_a_mirror() {
         "Emulation.setScriptExecutionDisabled",
         json!({"value": true}),
     );
-    b.open(&format!("http://{addr}/"));
+    if let Err(e) = b.try_open(&format!("http://{addr}/")) {
+        panic!("{e}\nserve's log:\n{}", s.stderr());
+    }
     assert_eq!(
         b.number("document.querySelectorAll('#disks .disk').length"),
         3.0

@@ -124,7 +124,31 @@ pub struct WebView {
     addr: SocketAddr,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// Keeps accept(2) waiting (see [`keep_accepting`]); dropping the
+    /// sender stops it.
+    wake: Option<(std::sync::mpsc::Sender<()>, JoinHandle<()>)>,
     token_file: Option<PathBuf>,
+}
+
+/// tiny_http's accept thread ends at its first error, and the listener's
+/// receive timeout (set there so that every accepted connection inherits
+/// it) bounds accept(2) too: after that long without a connection, accept
+/// fails with EAGAIN and the view would never answer again. A connection
+/// to itself every quarter of the timeout keeps accept waiting; tiny_http
+/// reads nothing from it and closes it.
+fn keep_accepting(addr: SocketAddr, every: Duration, stop: std::sync::mpsc::Receiver<()>) {
+    let mut to = addr;
+    if addr.ip().is_unspecified() {
+        to.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(every) {
+        if let Err(e) = std::net::TcpStream::connect_timeout(&to, every) {
+            tracing::warn!(%to, error = %e, "the web view cannot reach itself");
+        }
+    }
 }
 
 /// A token no one can guess: 256 random bits (two v4 UUIDs, from the
@@ -242,22 +266,34 @@ impl WebView {
                 let (http, shared) = (http.clone(), shared.clone());
                 std::thread::Builder::new()
                     .name(format!("web-{i}"))
-                    .spawn(move || {
-                        while let Ok(request) = http.recv() {
-                            if shared.stop.load(Ordering::Relaxed) {
+                    .spawn(move || loop {
+                        let request = http.recv();
+                        if shared.stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        match request {
+                            Ok(request) => answer(request, &shared),
+                            Err(e) => {
+                                tracing::error!(error = %e, "the web view stopped accepting connections");
                                 return;
                             }
-                            answer(request, &shared);
                         }
                     })
                     .map_err(|e| Error::io("cannot start the web view's threads", e))
             })
             .collect::<Result<Vec<_>>>()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let every = io_timeout / 4;
+        let waker = std::thread::Builder::new()
+            .name("web-wake".into())
+            .spawn(move || keep_accepting(addr, every, rx))
+            .map_err(|e| Error::io("cannot start the web view's threads", e))?;
         Ok(WebView {
             http,
             addr,
             shared,
             threads,
+            wake: Some((tx, waker)),
             token_file: options.actions.then(|| options.token_file.clone()),
         })
     }
@@ -270,6 +306,10 @@ impl WebView {
 impl Drop for WebView {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some((tx, waker)) = self.wake.take() {
+            drop(tx);
+            let _ = waker.join();
+        }
         for _ in &self.threads {
             self.http.unblock();
         }
@@ -1106,6 +1146,23 @@ mod tests {
             !dir.path().join("token").exists(),
             "the token goes with the view"
         );
+    }
+
+    /// With nobody connecting for longer than the I/O timeout (which also
+    /// bounds accept), the view still answers: it died there once.
+    #[test]
+    fn the_view_answers_after_a_quiet_spell_longer_than_its_timeout() {
+        let (view, _dir, _) = running(false);
+        let addr = view.addr();
+        let me = addr.to_string();
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(1300));
+            let (code, _) = http(
+                addr,
+                &format!("GET /api/status HTTP/1.0\r\nHost: {me}\r\n\r\n"),
+            );
+            assert_eq!(code, 200);
+        }
     }
 
     #[test]
