@@ -682,21 +682,68 @@ pub fn loop_backing_file(meta: &fs::Metadata) -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// Takes `flock(LOCK_EX | LOCK_NB)`; the lock goes with the descriptor.
+/// How long a lock left by a process that has exited may take to go.
+const DEAD_HOLDER_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Takes `flock(LOCK_EX | LOCK_NB)`; the lock goes with the descriptor. A
+/// lock whose holder has exited is waited for a moment: its descriptor
+/// can outlive the process (an io_uring instance's teardown closes its
+/// files after the process is reaped), as when `serve` restarts at once.
 fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
-    // SAFETY: flock only takes integers; `file` owns the descriptor.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
+    let start = std::time::Instant::now();
+    loop {
+        // SAFETY: flock only takes integers; `file` owns the descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        let holder_gone =
+            lock_holder(path).is_some_and(|(pid, _)| !Path::new(&format!("/proc/{pid}")).exists());
+        if !holder_gone || start.elapsed() > DEAD_HOLDER_GRACE {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is in use by another mirrorvol process", path.display()),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Err(io::Error::new(
-            io::ErrorKind::WouldBlock,
-            format!("{} is in use by another mirrorvol process", path.display()),
-        ));
-    }
-    Err(e)
+}
+
+/// The process holding the `flock` on the file at `path`, from
+/// `/proc/locks`, and its command line: what a refused disk lock names when
+/// no daemon recorded itself (an offline command such as a long
+/// `add-mirror`).
+pub fn lock_holder(path: &Path) -> Option<(u32, String)> {
+    let meta = fs::metadata(path).ok()?;
+    let dev = meta.dev();
+    let locks = fs::read_to_string("/proc/locks").ok()?;
+    let pid = locks_holder(&locks, libc::major(dev), libc::minor(dev), meta.ino())?;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let words: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    Some((pid, words.join(" ")))
+}
+
+/// The pid of the FLOCK in `locks` (the text of `/proc/locks`) on the file
+/// with device `major:minor` and inode `ino`. Lines read `1: FLOCK
+/// ADVISORY WRITE 4242 fe:01:131 0 EOF` (major and minor in hex).
+fn locks_holder(locks: &str, major: u32, minor: u32, ino: u64) -> Option<u32> {
+    let want = format!("{major:02x}:{minor:02x}:{ino}");
+    locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // A waiter's line has "->" after the index: not the holder.
+        match fields.as_slice() {
+            [_, "FLOCK", _, _, pid, file, ..] if *file == want => pid.parse().ok(),
+            _ => None,
+        }
+    })
 }
 
 // <linux/fs.h> ioctls that libc does not define. `_IO(0x12, nr)` has no
@@ -920,6 +967,39 @@ fn numbered(part: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_holder_of_a_lock_is_found_in_proc_locks_text() {
+        let text = "1: POSIX  ADVISORY  WRITE 10 fe:01:131 0 EOF\n\
+                    2: FLOCK  ADVISORY  WRITE 4242 fe:01:131 0 EOF\n\
+                    2: -> FLOCK  ADVISORY  WRITE 77 fe:01:131 0 EOF\n\
+                    3: FLOCK  ADVISORY  WRITE 99 08:10:131 0 EOF\n";
+        assert_eq!(locks_holder(text, 0xfe, 1, 131), Some(4242));
+        assert_eq!(locks_holder(text, 8, 16, 131), Some(99));
+        assert_eq!(locks_holder(text, 8, 16, 132), None);
+    }
+
+    #[test]
+    fn the_holder_of_a_real_flock_is_this_process() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let file = fs::File::open(f.path()).unwrap();
+        // SAFETY: flock takes integers; `file` owns the descriptor.
+        assert_eq!(
+            unsafe {
+                libc::flock(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    libc::LOCK_EX | libc::LOCK_NB,
+                )
+            },
+            0
+        );
+        let (pid, cmdline) = lock_holder(f.path()).expect("the lock is listed");
+        assert_eq!(pid, std::process::id());
+        assert!(!cmdline.is_empty());
+        drop(file);
+        assert_eq!(lock_holder(f.path()), None, "gone with the descriptor");
+    }
+
     use std::process::Command;
 
     fn sized_tempfile(len: u64) -> tempfile::NamedTempFile {
