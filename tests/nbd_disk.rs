@@ -235,12 +235,38 @@ fn a_connection_that_broke_breaks_the_disk_and_a_new_open_reads_the_export_again
     std::fs::write(&other, vec![0x77u8; 8 << 20]).unwrap();
     let _swapped = QemuNbd::unix(&other, &sock, &[]);
     let e = d.read_at(&mut back, 0).unwrap_err();
-    assert!(e.to_string().contains("is not reconnected"), "{e}");
+    assert!(e.to_string().contains("broke"), "{e}");
     assert!(d.health().is_err(), "the group sees the disk broken");
-    // Opened again (as reactivate does), it is the export there now.
-    let again = NbdDisk::open(&uri, TIMEOUT).unwrap();
-    again.read_at(&mut back, 0).unwrap();
+    // Reconnected only when asked, and only when what answers passes the
+    // check (the group's: label, config, generation; here a byte).
+    let first_byte = |disk: &dyn Disk| {
+        let mut b = vec![0u8; 512];
+        disk.read_at(&mut b, 0).map(|()| b[0])
+    };
+    let refuse = |disk: &dyn Disk| match first_byte(disk)? {
+        0x77 => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not the disk that left",
+        )),
+        _ => Ok(()),
+    };
+    let e = d.reconnect(&refuse).unwrap().unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{e}");
+    assert!(d.health().is_err(), "refused: still broken");
+    assert!(d.read_at(&mut back, 0).is_err());
+    // Accepted, it serves from the new connections.
+    d.reconnect(&|disk| first_byte(disk).map(drop))
+        .unwrap()
+        .unwrap();
+    assert!(d.health().is_ok());
+    d.read_at(&mut back, 0).unwrap();
     assert!(back.iter().all(|&b| b == 0x77));
+    // A disk whose connection is whole is only checked.
+    assert_eq!(
+        d.reconnect(&refuse).unwrap().unwrap_err().kind(),
+        std::io::ErrorKind::InvalidData
+    );
+    assert!(d.health().is_ok(), "a refused check breaks nothing");
 }
 
 #[test]
@@ -338,26 +364,29 @@ fn remote_mirror(sb: &Sandbox) -> Remote {
     }
 }
 
-/// `serve` of the group on `SANDBOX/vol.sock`, stopped (SIGTERM, exit 0
-/// checked) when dropped.
-struct Serving(std::process::Child);
+/// `serve` of the group on `SANDBOX/vol.sock`, its log in
+/// `SANDBOX/serve.log`, stopped (SIGTERM, exit 0 checked) by `stop`, killed
+/// when dropped.
+struct Serving(std::process::Child, std::path::PathBuf);
 
 impl Serving {
     fn start(sb: &Sandbox, disks: &str, extra: &[&str]) -> (Serving, String) {
         let vol = sb.path("vol.sock");
+        let log = sb.path("serve.log");
         let child = Command::new(common::bin())
             .env("MIRRORVOL_DISKS", disks)
             .env("MIRRORVOL_RUN_DIR", sb.path("run"))
             .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
+            .env("MIRRORVOL_LOG", "warn")
             .arg("serve")
             .args(extra)
             .arg("--listen")
             .arg(format!("unix:{}", vol.display()))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let serving = Serving(child);
+        let serving = Serving(child, log);
         let start = Instant::now();
         while !vol.exists() || mv_disks(sb, disks, &["status"]).status.code() != Some(0) {
             assert!(start.elapsed() < TIMEOUT, "serve did not start");
@@ -372,7 +401,43 @@ impl Serving {
     fn stop(mut self) {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        assert!(self.0.wait().unwrap().success(), "serve exits 0");
+        assert!(
+            self.0.wait().unwrap().success(),
+            "serve exits 0:\n{}",
+            self.log()
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+
+    /// The resyncs of volume `data` onto `disk` it reported.
+    fn resyncs_onto(&self, disk: &str) -> Vec<(u64, bool)> {
+        common::resyncs_in_log(&self.log(), "data", disk)
+    }
+}
+
+/// Polls `status --json` until `done` holds (at most `secs`).
+#[track_caller]
+fn wait_status(
+    sb: &Sandbox,
+    disks: &str,
+    secs: u64,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let st = status_of(sb, disks);
+        if done(&st) {
+            return st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{what}: not after {secs} s:\n{st:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -497,5 +562,109 @@ fn a_hung_export_is_failed_within_the_remote_deadline() {
     );
     assert_eq!(common::disk(&st, &r.uri)["state"], "failed", "{st:#}");
     assert_eq!(common::volume(&st, "data")["state"], "failed-redundancy");
+    serving.stop();
+}
+
+/// The export's server killed under `serve` and started again: the disk is
+/// failed with no error to the client, shown as a link lost, reconnected by
+/// itself once the server is back, checked (label, config, generation),
+/// reactivated, and only the regions the bitmaps name are copied onto it:
+/// not the 16 MiB volume.
+#[test]
+fn a_remote_disk_whose_server_returns_is_taken_back_and_resynced_from_the_bitmaps() {
+    if !tools() || !have_tool("qemu-io") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut r = remote_mirror(&sb);
+    let (serving, served) = Serving::start(&sb, &r.disks, &[]);
+    qemu_io(&served, &["write -P 0x5a 0 1M"]);
+    drop(r.server.take());
+    qemu_io(&served, &["write -P 0x5b 8M 1M", "read -P 0x5b 8M 1M"]);
+    let st = wait_status(&sb, &r.disks, 30, "the export is failed", |st| {
+        common::disk(st, &r.uri)["state"] == "failed"
+    });
+    let link = common::disk(&st, &r.uri)["link"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(link.starts_with("lost "), "{link}");
+    assert_eq!(common::disk(&st, "a.img")["link"], serde_json::Value::Null);
+    // Written while it is away.
+    qemu_io(&served, &["write -P 0x5c 12M 2M"]);
+
+    let _back = QemuNbd::unix(&r.remote, &r.sock, &[]);
+    let st = wait_status(&sb, &r.disks, 60, "the export is back in sync", |st| {
+        common::volume(st, "data")["state"] == "healthy"
+    });
+    assert_eq!(common::disk(&st, &r.uri)["state"], "online", "{st:#}");
+    assert_eq!(common::disk(&st, &r.uri)["link"], "connected", "{st:#}");
+    let log = serving.log();
+    assert!(
+        log.contains("the remote disk answers again"),
+        "the return is logged:\n{log}"
+    );
+    let resyncs = serving.resyncs_onto(&r.uri);
+    assert_eq!(resyncs.len(), 1, "{log}");
+    let (bytes, from_bitmaps) = resyncs[0];
+    assert!(from_bitmaps, "{log}");
+    // What was written while it was away (3 MiB), and at most the regions
+    // written just before, whose bits were still set: not the volume.
+    assert!(
+        (3 << 20..=4 << 20).contains(&bytes),
+        "{bytes} bytes resynced:\n{log}"
+    );
+    serving.stop();
+    // Alone, the export holds the volume.
+    let copy = sb.p("remote-only.bin");
+    ok(mv_disks(&sb, &r.uri, &["copy", "vol:data", &copy]));
+    let mut expect = std::mem::take(&mut r.want);
+    expect[..1 << 20].fill(0x5a);
+    expect[8 << 20..9 << 20].fill(0x5b);
+    expect[12 << 20..14 << 20].fill(0x5c);
+    assert!(
+        std::fs::read(&copy).unwrap() == expect,
+        "the remote plex holds the volume"
+    );
+}
+
+/// The export swapped behind the same address (another image with the
+/// same label: a copy taken before the writes) is not taken back: status
+/// says why, and it stays failed.
+#[test]
+fn an_export_that_is_not_the_disk_that_left_is_not_taken_back() {
+    if !tools() || !have_tool("qemu-io") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut r = remote_mirror(&sb);
+    let (serving, served) = Serving::start(&sb, &r.disks, &[]);
+    let old = sb.path("old-copy.img");
+    // A copy of the export as it is now; the writes below make it old.
+    std::fs::copy(&r.remote, &old).unwrap();
+    qemu_io(&served, &["write -P 0x5a 0 1M"]);
+    drop(r.server.take());
+    qemu_io(&served, &["write -P 0x5b 8M 1M"]);
+    wait_status(&sb, &r.disks, 30, "the export is failed", |st| {
+        common::disk(st, &r.uri)["state"] == "failed"
+    });
+    let _other = QemuNbd::unix(&old, &r.sock, &[]);
+    let st = wait_status(&sb, &r.disks, 60, "the old copy is refused", |st| {
+        common::disk(st, &r.uri)["link"]
+            .as_str()
+            .is_some_and(|l| l.contains("not taken back"))
+    });
+    let link = common::disk(&st, &r.uri)["link"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(link.contains("data generation"), "{link}");
+    assert_eq!(common::disk(&st, &r.uri)["state"], "failed", "{st:#}");
+    assert_eq!(common::volume(&st, "data")["state"], "failed-redundancy");
+    let text = ok(mv_disks(&sb, &r.disks, &["status"]));
+    assert!(
+        text.contains(&format!("Link of {}: answers, but", r.uri)),
+        "{text}"
+    );
     serving.stop();
 }

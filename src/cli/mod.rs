@@ -572,6 +572,12 @@ pub enum Command {
         /// at once (init --spare), as md does; off: spares wait for `repair`.
         #[arg(long, default_value = "auto", value_parser = ["auto", "off"])]
         hot_spares: String,
+        /// auto: a disk that is an NBD export and lost its connection is
+        /// reconnected with backoff and, once it shows it is the disk that
+        /// left, reactivated (its plexes resync from the bitmaps); manual:
+        /// it is reconnected and waits for `reactivate`.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "manual"])]
+        remote_return: String,
         /// NBD connections open at once; one more is closed when accepted.
         #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
         max_connections: u32,
@@ -1826,6 +1832,7 @@ fn execute(cli: Cli) -> Result<()> {
             http_token_file,
             http_allow,
             hot_spares,
+            remote_return,
             max_connections,
             handshake_timeout,
             client_timeout,
@@ -1863,6 +1870,11 @@ fn execute(cli: Cli) -> Result<()> {
                     allow: http_allow,
                 }),
                 hot_spares: hot_spares == "auto",
+                remote_return: if remote_return == "auto" {
+                    crate::group::live::RemoteReturn::Auto
+                } else {
+                    crate::group::live::RemoteReturn::Manual
+                },
                 limits: crate::nbd::server::Limits {
                     max_connections: max_connections as usize,
                     handshake_timeout: std::time::Duration::from_secs(handshake_timeout),

@@ -598,6 +598,7 @@ mod tests {
             replaced_by: None,
             generation: None,
             io_engine: Some("uring"),
+            link: None,
         };
         StatusReport {
             unreadable: Vec::new(),

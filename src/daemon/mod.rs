@@ -204,6 +204,8 @@ pub struct ServeOptions {
     pub http: Option<HttpOptions>,
     /// Rebuild failed plexes onto hot spares without waiting for `repair`.
     pub hot_spares: bool,
+    /// What becomes of a remote disk whose connection returns.
+    pub remote_return: crate::group::live::RemoteReturn,
     /// What NBD clients may take: connections, time, memory.
     pub limits: crate::nbd::server::Limits,
     /// TLS for NBD clients.
@@ -442,6 +444,7 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     if options.hot_spares {
         live.enable_hot_spares();
     }
+    live.set_remote_return(options.remote_return);
     if let Some(every) = options.scrub_interval {
         live.start_scrubs(every, options.scrub_rate);
     }

@@ -134,6 +134,14 @@ pub trait Disk: Send + Sync + fmt::Debug {
     fn health(&self) -> io::Result<()> {
         Ok(())
     }
+
+    /// A disk reached over connections that broke (an NBD export):
+    /// connects again and, once `check` accepted what the new connections
+    /// read, serves requests on them. `None`: this disk has no connection
+    /// to make again.
+    fn reconnect(&self, _check: &dyn Fn(&dyn Disk) -> io::Result<()>) -> Option<io::Result<()>> {
+        None
+    }
 }
 
 impl<D: Disk + ?Sized> Disk for Arc<D> {
@@ -184,6 +192,9 @@ impl<D: Disk + ?Sized> Disk for Arc<D> {
     }
     fn health(&self) -> io::Result<()> {
         (**self).health()
+    }
+    fn reconnect(&self, check: &dyn Fn(&dyn Disk) -> io::Result<()>) -> Option<io::Result<()>> {
+        (**self).reconnect(check)
     }
 }
 

@@ -13,12 +13,13 @@
 //! connection need not cover writes made on another, and servers such as
 //! qemu-nbd take one client unless told more). Each request borrows one
 //! and gives it back when its reply came. A connection that fails breaks
-//! the disk for good: every later request fails and [`Disk::health`] says
-//! so, and the group fails the disk. It never reconnects by itself: what
-//! answers at the same address later may be another export, and writes
-//! acknowledged before the break may not have been made durable; the
-//! disk comes back by being opened again (`reactivate` offline, or a new
-//! `serve`), which reads its label and generation like any disk's. An export that cannot flush is refused: a mirror's
+//! the disk: every later request fails and [`Disk::health`] says so, and
+//! the group fails the disk. Only [`Disk::reconnect`] mends it: it
+//! connects again and puts the new connections in service only once the
+//! caller has read what they reach (the group checks the label, config
+//! and generation: what answers at the same address later may be another
+//! export, or this one rolled back). Connections lent before a break are
+//! never given back to the pool after it. An export that cannot flush is refused: a mirror's
 //! bitmap and config must be durable before the writes they cover are
 //! acknowledged, and such an export could only promise that by lying.
 //! A read-only export is refused too.
@@ -203,11 +204,16 @@ pub struct NbdDisk {
     returned: Condvar,
     /// The connections made at open.
     most: usize,
+    /// What each request (and each connection attempt) waits at most.
+    timeout: Duration,
 }
 
 struct Pool {
     idle: Vec<Client>,
     broken: Option<String>,
+    /// Raised by every reconnection: a connection lent before it is not
+    /// taken back.
+    epoch: u64,
 }
 
 /// Connections to an export that can take several (multi-conn).
@@ -226,7 +232,8 @@ impl NbdDisk {
     pub fn open(shown: &str, timeout: Duration) -> io::Result<NbdDisk> {
         let uri =
             NbdUri::parse(shown).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let first = uri.connect(timeout)?;
+        let connect = || uri.connect(timeout).map_err(|e| no_answer(e, timeout));
+        let first = connect()?;
         let (size, flags) = (first.size(), first.flags());
         let refuse = |why: String| Err(io::Error::new(io::ErrorKind::Unsupported, why));
         if first.read_only() {
@@ -250,7 +257,7 @@ impl NbdDisk {
         // All made now, to the export just checked: none is made later.
         let mut idle = vec![first];
         while idle.len() < most {
-            let c = uri.connect(timeout)?;
+            let c = connect()?;
             if (c.size(), c.flags()) != (size, flags) {
                 return refuse(format!(
                     "the NBD export {shown} changed between two connections"
@@ -263,10 +270,51 @@ impl NbdDisk {
             shown: shown.to_string(),
             size,
             flags,
-            pool: Mutex::new(Pool { idle, broken: None }),
+            pool: Mutex::new(Pool {
+                idle,
+                broken: None,
+                epoch: 0,
+            }),
             returned: Condvar::new(),
             most,
+            timeout,
         })
+    }
+
+    /// Connects again to a broken disk's export and, once `check` accepted
+    /// what the new connections read (`Err`: they are closed, the disk stays
+    /// broken), puts them in service. An export that changed size or
+    /// flags is refused before `check` runs. A disk that is not broken is
+    /// only checked, on its own connections.
+    fn mend(&self, check: &dyn Fn(&dyn Disk) -> io::Result<()>) -> io::Result<()> {
+        if self
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .broken
+            .is_none()
+        {
+            return check(self);
+        }
+        let fresh = NbdDisk::open(&self.shown, self.timeout)?;
+        if (fresh.size, fresh.flags) != (self.size, self.flags) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the NBD export {} answers again with another size or other flags ({} bytes, flags {:#x}; it had {} bytes, flags {:#x}): not the disk that left",
+                    self.shown, fresh.size, fresh.flags, self.size, self.flags
+                ),
+            ));
+        }
+        check(&fresh)?;
+        let conns = std::mem::take(&mut fresh.pool.lock().unwrap_or_else(|e| e.into_inner()).idle);
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        pool.epoch += 1;
+        pool.idle = conns;
+        pool.broken = None;
+        drop(pool);
+        self.returned.notify_all();
+        Ok(())
     }
 
     /// Runs `op` on a free connection and gives it back; when `op` fails
@@ -284,13 +332,16 @@ impl NbdDisk {
             }
             pool = self.returned.wait(pool).unwrap_or_else(|e| e.into_inner());
         };
+        let epoch = pool.epoch;
         drop(pool);
         /// Gives the connection back, or breaks the disk when it is not
-        /// given back (a failure, or a panic in between).
+        /// given back (a failure, or a panic in between). A connection lent
+        /// before a reconnection is dropped, whatever became of it.
         struct Lent<'a> {
             disk: &'a NbdDisk,
             conn: Option<Client>,
             why: String,
+            epoch: u64,
         }
         impl Drop for Lent<'_> {
             fn drop(&mut self) {
@@ -301,6 +352,7 @@ impl NbdDisk {
                 }
                 let mut pool = self.disk.pool.lock().unwrap_or_else(|e| e.into_inner());
                 match self.conn.take() {
+                    _ if pool.epoch != self.epoch => {}
                     Some(c) if pool.broken.is_none() => pool.idle.push(c),
                     Some(_) => {}
                     None => {
@@ -315,9 +367,10 @@ impl NbdDisk {
             disk: self,
             conn: Some(c),
             why: "a request did not finish".into(),
+            epoch,
         };
         let conn = lent.conn.as_mut().expect("lent above");
-        let r = op(conn);
+        let r = op(conn).map_err(|e| no_answer(e, self.timeout));
         if let Err(e) = &r {
             lent.why = e.to_string();
             lent.conn = None;
@@ -330,7 +383,7 @@ impl NbdDisk {
         io::Error::new(
             io::ErrorKind::BrokenPipe,
             format!(
-                "the connection to the NBD export {} broke ({why}); it is not reconnected: `mirrorvol reactivate` opens it again",
+                "the connection to the NBD export {} broke ({why})",
                 self.shown
             ),
         )
@@ -357,6 +410,20 @@ impl NbdDisk {
             at += u64::from(n);
         }
         Ok(())
+    }
+}
+
+/// A socket's timeout says EAGAIN: the server did not answer in time,
+/// which the group reads as a disk past its deadline (and, for a remote
+/// one, a lost link), as it reads the queue's own deadline.
+fn no_answer(e: io::Error, timeout: Duration) -> io::Error {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no answer within {} s", timeout.as_secs_f64()),
+        )
+    } else {
+        e
     }
 }
 
@@ -431,6 +498,10 @@ impl Disk for NbdDisk {
             Some(why) => Err(self.broken(why)),
             None => Ok(()),
         }
+    }
+
+    fn reconnect(&self, check: &dyn Fn(&dyn Disk) -> io::Result<()>) -> Option<io::Result<()>> {
+        Some(self.mend(check))
     }
 
     fn identity(&self) -> DiskIdentity {

@@ -310,13 +310,13 @@ struct Inner {
     stop: Mutex<bool>,
     wake: Condvar,
     on_fence: Mutex<Vec<Box<dyn Fn() + Send>>>,
-    /// Told when a disk fails a claim write (disk, error, timed out): the
-    /// group takes it out of service as after any failed write.
+    /// Told when a disk fails a claim write: the group takes it out of
+    /// service as after any failed write.
     on_disk_error: Mutex<Option<DiskErrorHook>>,
 }
 
 /// What the group does with a disk that failed a claim write.
-pub type DiskErrorHook = Box<dyn Fn(Uuid, String, bool) + Send>;
+pub type DiskErrorHook = Box<dyn Fn(Uuid, &io::Error) + Send>;
 
 /// A claim held on a group's disks: checked when made, written to the
 /// disks before the first write to any of them (so that a command refused
@@ -341,7 +341,7 @@ impl WriteGate for Gate {
 impl Inner {
     fn disk_failed(&self, disk: Uuid, e: &io::Error) {
         if let Some(hook) = &*self.on_disk_error.lock().unwrap_or_else(|e| e.into_inner()) {
-            hook(disk, e.to_string(), e.kind() == io::ErrorKind::TimedOut);
+            hook(disk, e);
         }
     }
 

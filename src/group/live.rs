@@ -21,11 +21,14 @@ use super::status::StatusReport;
 mod controller;
 pub use controller::ResyncControl;
 mod online;
+mod reconnect;
+
 use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume};
 use crate::volume::queue::DiskQueue;
 use crate::volume::resync::{ResyncOptions, ResyncProgress, resync};
-use controller::{Chore, Controller, Engines, Job, Next, ON_CONTROLLER};
+use controller::{Chore, Controller, Engines, Fault, Job, Next, ON_CONTROLLER};
 pub use online::Done;
+pub use reconnect::RemoteReturn;
 
 /// A resync an offline command ran to its end: the line it prints and the
 /// bytes it copied.
@@ -67,10 +70,11 @@ impl LiveGroup {
             // failed write.
             if let Some(claim) = &group.claim {
                 let me = me.clone();
-                claim.on_disk_error(Box::new(move |disk, error, hung| {
+                claim.on_disk_error(Box::new(move |disk, error| {
+                    let fault = Fault::of(error);
                     if let Some(live) = me.upgrade() {
                         live.send(move |c| {
-                            c.fail_whole_disk(disk, "it failed a claim write", &error, hung)
+                            c.fail_whole_disk(disk, "it failed a claim write", &fault)
                         });
                     }
                 }));
@@ -357,6 +361,7 @@ impl LiveGroup {
     /// plexes stale; the background resyncs bring them in sync. Returns at
     /// once, saying whether a resync started.
     pub fn reactivate_by_path(&self, path: &std::path::Path) -> crate::Result<Done> {
+        self.reconnect_for_admin(path)?;
         let path = path.to_path_buf();
         self.ask(move |c| c.reactivate_by_path(&path))
     }
@@ -535,19 +540,19 @@ fn housekeeper(me: Weak<LiveGroup>, chores: Receiver<Chore>) {
                 (*uuid, rx)
             })
             .collect();
-        let failed: Vec<(Uuid, String, bool)> = answers
+        let failed: Vec<(Uuid, Fault)> = answers
             .into_iter()
             .filter_map(|(uuid, rx)| {
                 crate::volume::queue::received(&rx)
                     .err()
-                    .map(|e| (uuid, e.to_string(), e.kind() == io::ErrorKind::TimedOut))
+                    .map(|e| (uuid, Fault::of(&e)))
             })
             .collect();
         controller::clear_bits(chore.clear, false);
         let Some(live) = me.upgrade() else { return };
         live.send(move |c| {
-            for (uuid, error, hung) in failed {
-                c.fail_whole_disk(uuid, "the disk failed its check", &error, hung);
+            for (uuid, fault) in failed {
+                c.fail_whole_disk(uuid, "the disk failed its check", &fault);
             }
             c.chore_done();
         });
@@ -598,16 +603,15 @@ impl LiveGroup {
 impl FailureSink for LiveGroup {
     fn plex_failed(&self, volume: &str, disk: Uuid, error: &io::Error) -> bool {
         let wide = crate::volume::error::disk_wide(error);
-        let hung = error.kind() == io::ErrorKind::TimedOut;
-        let (volume, what) = (volume.to_string(), error.to_string());
-        self.call(move |c| c.plex_failed(&volume, disk, wide, hung, &what))
+        let (volume, fault) = (volume.to_string(), Fault::of(error));
+        self.call(move |c| c.plex_failed(&volume, disk, wide, &fault))
             .unwrap_or(false)
     }
 
     fn last_copy_failed(&self, volume: &str, disk: Uuid, error: &io::Error) {
         let why = format!("the last in-sync plex of {volume} failed");
-        let (volume, what) = (volume.to_string(), error.to_string());
-        self.call(move |c| c.last_copy_failed(&volume, disk, &why, &what));
+        let (volume, fault) = (volume.to_string(), Fault::of(error));
+        self.call(move |c| c.last_copy_failed(&volume, disk, &why, &fault));
     }
 
     fn read_error(&self, volume: &str, disk: Uuid, error: &io::Error, repaired: bool) {

@@ -1222,16 +1222,18 @@ impl Group {
         Ok(())
     }
 
-    /// Records one plex of a volume as failed (after an I/O error): its data
-    /// cannot be trusted, so it gets a full resync when it returns.
-    pub fn mark_plex_failed(&mut self, volume: &str, disk: Uuid) {
+    /// Records one plex of a volume as failed. `io_error` says why, when an
+    /// I/O error did it: its data cannot be trusted then, so it gets a full
+    /// resync when it returns (a remote disk whose link was lost returns by
+    /// its bitmaps).
+    pub fn mark_plex_failed(&mut self, volume: &str, disk: Uuid, io_error: Option<&str>) {
         if let Some(v) = self.config.volume_mut(volume) {
             for p in &mut v.plexes {
                 if p.disk == disk {
                     p.state = PlexState::Failed;
-                    p.resync_reason.get_or_insert_with(|| {
-                        "it failed an I/O, so its data cannot be trusted".to_string()
-                    });
+                    if let Some(why) = io_error {
+                        p.resync_reason.get_or_insert_with(|| why.to_string());
+                    }
                 }
             }
         }

@@ -157,6 +157,11 @@ pub fn status_text(r: &StatusReport) -> String {
         ]);
     }
     out.push_str(&table(&disks));
+    for d in &r.disks {
+        if let Some(link) = d.link.as_ref().filter(|l| *l != "connected") {
+            out.push_str(&format!("Link of {}: {link}\n", d.path));
+        }
+    }
     for u in &r.unreadable {
         out.push_str(&format!("Unreadable: {} ({})\n", u.path, u.reason));
     }

@@ -127,6 +127,10 @@ pub struct DiskStatus {
     /// it is open.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<&'static str>,
+    /// An NBD export's connection: `connected`, or (under `serve`) how it
+    /// was lost and is being tried again. Left out for local disks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -223,6 +227,20 @@ impl Group {
     /// disk with errors is `online-errors`, and a volume whose in-sync plex
     /// sits on such a disk is `failed-redundancy-at-risk` (a plex already
     /// failed puts nothing more at risk).
+    /// An NBD disk's connection as this process holds it: `connected`,
+    /// `lost (...)` once it broke, `not connected` when absent.
+    fn link_of(&self, disk: Uuid) -> Option<String> {
+        if !super::is_nbd(std::path::Path::new(&self.disk_path(disk))) {
+            return None;
+        }
+        let backend = self.members.get(&disk).and_then(|m| m.disk.queue().disk());
+        Some(match backend.map(|d| d.health()) {
+            Some(Ok(())) => "connected".to_string(),
+            Some(Err(e)) => format!("lost ({e})"),
+            None => "not connected".to_string(),
+        })
+    }
+
     pub fn status_with(&self, errors: &BTreeMap<Uuid, u64>) -> StatusReport {
         let errors_on = |disk: Uuid| errors.get(&disk).copied().unwrap_or(0);
         let split_affected = |v: Uuid| self.split.as_ref().is_some_and(|s| s.is_affected(v));
@@ -251,6 +269,7 @@ impl Group {
                     .members
                     .get(&d.uuid)
                     .map(|m| m.disk.queue().engine().name()),
+                link: self.link_of(d.uuid),
             })
             .collect();
         let volumes = self

@@ -72,7 +72,28 @@ pub fn disk_wide(e: &io::Error) -> bool {
             | io::ErrorKind::ReadOnlyFilesystem
             | io::ErrorKind::UnexpectedEof
             | io::ErrorKind::NotFound
-    )
+    ) || link_lost(e)
+}
+
+/// Whether an error says the connection to a disk was lost (cut, reset,
+/// closed by the server, or no answer within the deadline) rather than
+/// that the disk failed an I/O. For a remote disk this is its link, not
+/// its media: what it held stays good, and what it missed while away is
+/// named by the write-intent bitmaps.
+pub fn link_lost(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::NetworkDown
+    ) || os_error(e) == Some(libc::ESHUTDOWN)
 }
 
 #[cfg(test)]
@@ -95,6 +116,12 @@ mod tests {
         assert!(e.to_string().contains("write at offset 4096 of volume v"));
         assert!(disk_wide(&e));
         assert!(!disk_wide(&io::Error::from_raw_os_error(libc::EIO)));
+        let cut = io::Error::new(io::ErrorKind::BrokenPipe, "the connection broke");
+        assert!(disk_wide(&cut) && link_lost(&cut));
+        assert!(link_lost(&io::Error::from(io::ErrorKind::TimedOut)));
+        assert!(link_lost(&io::Error::from_raw_os_error(libc::ESHUTDOWN)));
+        assert!(!link_lost(&io::Error::from_raw_os_error(libc::EIO)));
+        assert!(!link_lost(&io::Error::from_raw_os_error(libc::ENOSPC)));
         assert_eq!(os_error(&io::Error::other("plain")), None);
     }
 }

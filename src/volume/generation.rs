@@ -212,7 +212,13 @@ impl GenerationKeeper {
 
     /// The counter `disk` last recorded, as far as this process knows.
     pub fn known(&self, disk: Uuid) -> Option<u64> {
-        self.lock().known.get(&disk).map(|(c, _)| *c)
+        self.known_generation(disk).map(|(c, _)| c)
+    }
+
+    /// The generation (counter, id) `disk` last recorded, as far as this
+    /// process knows.
+    pub fn known_generation(&self, disk: Uuid) -> Option<(u64, Uuid)> {
+        self.lock().known.get(&disk).copied()
     }
 
     /// Counts a write in; before the first write after an open or an idle

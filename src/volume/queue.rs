@@ -571,6 +571,19 @@ impl DiskQueue {
         self.timed_out.load(Ordering::Relaxed)
     }
 
+    /// The disk answers again (its connection was made anew): once no
+    /// request of before is in flight, none is stuck in it any more.
+    pub fn answered_again(&self) {
+        if self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            self.timed_out.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// Books a request in: it counts as pending, and the watchdog's clock
     /// for it starts now, not when a worker takes it (behind workers stuck in
     /// a hung disk, a queued request must time out too).
@@ -1080,6 +1093,19 @@ impl Disk for QueuedDisk {
 
     fn health(&self) -> io::Result<()> {
         self.run(Op::Check).map(|_| ())
+    }
+
+    /// On the backend itself, not through the queue (whose workers may
+    /// still be waiting out the broken connections).
+    fn reconnect(
+        &self,
+        check: &dyn Fn(&dyn crate::disk::Disk) -> io::Result<()>,
+    ) -> Option<io::Result<()>> {
+        let r = self.queue.disk()?.reconnect(check)?;
+        if r.is_ok() {
+            self.queue.answered_again();
+        }
+        Some(r)
     }
 
     fn write_all_then_flush(&self, writes: &[(u64, &[u8])], flush: bool) -> io::Result<()> {

@@ -327,3 +327,27 @@ pub fn corrupt(sb: &Sandbox, file: &str, name: &str, at: u64, len: usize) -> Vec
     f.write_all_at(&bad, start + at).unwrap();
     bad
 }
+
+/// The resyncs of `volume` onto `disk` a `serve` log reports, in order:
+/// the bytes each copied, and whether from the write-intent bitmaps. The
+/// lines read "resynced 4 MiB (4194304 bytes) of volume V onto D (...)",
+/// or "resynced 0 bytes of ...".
+#[allow(dead_code)]
+pub fn resyncs_in_log(log: &str, volume: &str, disk: &str) -> Vec<(u64, bool)> {
+    log.lines()
+        .filter(|l| {
+            l.starts_with("resynced ") && l.contains(&format!(" of volume {volume} onto {disk} ("))
+        })
+        .map(|l| {
+            let amount = l["resynced ".len()..].split(" of volume").next().unwrap();
+            let bytes = amount
+                .rsplit_once('(')
+                .map_or(amount, |(_, n)| n)
+                .trim_end_matches(')')
+                .trim_end_matches(" bytes")
+                .parse()
+                .unwrap_or_else(|_| panic!("no byte count in {l}"));
+            (bytes, l.contains("from the write-intent bitmaps"))
+        })
+        .collect()
+}

@@ -87,6 +87,31 @@ pub(super) type Engines = Arc<BTreeMap<String, Arc<MirrorVolume>>>;
 /// A piece of work for the controller.
 pub(super) type Job = Box<dyn FnOnce(&mut Controller) + Send>;
 
+/// An error that takes a disk (or a plex) out of service, as the controller
+/// records it.
+#[derive(Debug, Clone)]
+pub(crate) struct Fault {
+    pub error: String,
+    /// A request past the deadline.
+    pub hung: bool,
+    /// The connection was lost rather than an I/O failed (see
+    /// [`crate::volume::error::link_lost`]).
+    pub lost: bool,
+}
+
+impl Fault {
+    pub(crate) fn of(e: &io::Error) -> Fault {
+        Fault {
+            error: e.to_string(),
+            hung: e.kind() == io::ErrorKind::TimedOut,
+            lost: crate::volume::error::link_lost(e),
+        }
+    }
+}
+
+/// Why a plex that failed an I/O gets a full resync when it returns.
+const IO_FAILED: &str = "it failed an I/O, so its data cannot be trusted";
+
 /// How often the housekeeper asks every disk whether it is still the one
 /// opened.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -174,7 +199,11 @@ pub(super) struct Controller {
     /// Copies to or from a volume (`copy` through the control socket), by
     /// the volume's name, with how far each is.
     pub(super) copies: BTreeMap<String, Arc<super::online::CopyProgress>>,
-    stopping: bool,
+    pub(super) stopping: bool,
+    /// Remote disks away since their connection was lost, tried again
+    /// while `remote_return` is set (see [`super::reconnect`]).
+    pub(super) away: BTreeMap<Uuid, super::reconnect::Away>,
+    pub(super) remote_return: Option<super::RemoteReturn>,
     /// The disk and volume states the events last reported.
     reported: Snapshot,
     resync_opts: ResyncOptions,
@@ -191,7 +220,7 @@ pub(super) struct Controller {
     /// Resync workers and the scrub thread, joined at stop.
     pub(super) workers: Vec<std::thread::JoinHandle<()>>,
     opts: EngineOptions,
-    live: Weak<LiveGroup>,
+    pub(super) live: Weak<LiveGroup>,
     events: Arc<OnceLock<Events>>,
     timer: Option<Timer>,
 }
@@ -217,6 +246,8 @@ impl Controller {
             scrubbing: BTreeMap::new(),
             copies: BTreeMap::new(),
             stopping: false,
+            away: BTreeMap::new(),
+            remote_return: None,
             reported,
             resync_opts: ResyncOptions::default(),
             resyncs_on: false,
@@ -325,6 +356,12 @@ impl Controller {
     pub(super) fn status(&self) -> StatusReport {
         let g = &self.group;
         let mut report = g.status_with(&self.errors);
+        for (disk, link) in self.links() {
+            let path = g.disk_path(disk);
+            if let Some(d) = report.disks.iter_mut().find(|d| d.path == path) {
+                d.link = Some(link);
+            }
+        }
         for (name, slot) in &self.resyncs {
             let Some((disk, progress)) = &slot.copying else {
                 continue;
@@ -478,25 +515,26 @@ impl Controller {
         volume: &str,
         disk: Uuid,
         disk_wide: bool,
-        hung: bool,
-        error: &str,
+        fault: &Fault,
     ) -> bool {
         self.count_error(disk);
         let path = self.group.disk_path(disk);
+        let error = &fault.error;
+        let why = self.full_resync_why(disk, fault);
         if disk_wide {
-            // A hung, full, read-only or vanished disk fails every plex on
-            // it next, config writes included: the whole disk goes out of
-            // service at once, so no commit waits on it.
+            // A hung, full, read-only, vanished or unreachable disk fails
+            // every plex on it next, config writes included: the whole disk
+            // goes out of service at once, so no commit waits on it.
             tracing::error!(%volume, disk = %path, %error, "the disk as a whole failed");
-            self.take_disk_out(disk, hung);
+            self.take_disk_out(disk, fault);
             // The engine took this plex out, having another in-sync copy:
             // its decision stands even where the config, not yet told of
             // that copy's failure (reported from another thread, maybe
             // first), saw this one as the last.
-            self.group.mark_plex_failed(volume, disk);
+            self.group.mark_plex_failed(volume, disk, why);
         } else {
             tracing::error!(%volume, disk = %path, %error, "plex failed");
-            self.group.mark_plex_failed(volume, disk);
+            self.group.mark_plex_failed(volume, disk, why);
         }
         let ok = self.commit(&format!("the failed plex of {volume} on {path}"));
         self.emit_changes();
@@ -506,10 +544,9 @@ impl Controller {
 
     /// Takes a disk in service out of service for an error that is the
     /// whole disk's: recorded in the config (its last in-sync plexes keep
-    /// their data and state), reported, and a hot spare sought. `hung`: the
-    /// error is a request past the deadline.
-    pub(super) fn fail_whole_disk(&mut self, disk: Uuid, why: &str, error: &str, hung: bool) {
-        self.fail_disk_keeping(disk, why, error, hung, None);
+    /// their data and state), reported, and a hot spare sought.
+    pub(super) fn fail_whole_disk(&mut self, disk: Uuid, why: &str, fault: &Fault) {
+        self.fail_disk_keeping(disk, why, fault, None);
     }
 
     /// The engine of `volume` kept its plex on `disk`, the last in-sync
@@ -517,18 +554,16 @@ impl Controller {
     /// keeps its in-sync state, as the engine decided, even where the
     /// config has not yet heard that the other copies were taken out
     /// (their reports come from other threads and may arrive after this).
-    pub(super) fn last_copy_failed(&mut self, volume: &str, disk: Uuid, why: &str, error: &str) {
-        self.fail_disk_keeping(disk, why, error, false, Some(volume));
+    pub(super) fn last_copy_failed(&mut self, volume: &str, disk: Uuid, why: &str, fault: &Fault) {
+        let fault = Fault {
+            hung: false,
+            ..fault.clone()
+        };
+        self.fail_disk_keeping(disk, why, &fault, Some(volume));
     }
 
-    fn fail_disk_keeping(
-        &mut self,
-        disk: Uuid,
-        why: &str,
-        error: &str,
-        hung: bool,
-        keep: Option<&str>,
-    ) {
+    fn fail_disk_keeping(&mut self, disk: Uuid, why: &str, fault: &Fault, keep: Option<&str>) {
+        let error = &fault.error;
         self.count_error(disk);
         if !self.group.is_online(disk) {
             return;
@@ -543,7 +578,7 @@ impl Controller {
                 .find(|p| p.disk == disk && p.state == PlexState::InSync)?;
             Some((name, p.resync_reason.clone()))
         });
-        if !self.take_disk_out(disk, hung) {
+        if !self.take_disk_out(disk, fault) {
             return;
         }
         if let Some((name, reason)) = kept
@@ -566,10 +601,11 @@ impl Controller {
     /// so its requests wait for the disk (`not-answering` in status) and go
     /// on when it returns; the disk's other plexes fail, so their volumes go
     /// on without it. Returns whether anything changed.
-    fn take_disk_out(&mut self, disk: Uuid, hung: bool) -> bool {
+    fn take_disk_out(&mut self, disk: Uuid, fault: &Fault) -> bool {
         let last = self.group.last_copies_on(disk);
-        if !hung || last.is_empty() {
-            self.fail_disk(disk);
+        let why = self.full_resync_why(disk, fault);
+        if !fault.hung || last.is_empty() {
+            self.group.mark_disk_failed(disk, why);
             return true;
         }
         let others: Vec<String> = self
@@ -586,7 +622,7 @@ impl Controller {
             .map(|v| v.name.clone())
             .collect();
         for name in &others {
-            self.group.mark_plex_failed(name, disk);
+            self.group.mark_plex_failed(name, disk, why);
         }
         if !others.is_empty() {
             tracing::error!(
@@ -599,11 +635,17 @@ impl Controller {
         !others.is_empty()
     }
 
-    fn fail_disk(&mut self, disk: Uuid) {
-        self.group.mark_disk_failed(
-            disk,
-            Some("it failed an I/O, so its data cannot be trusted"),
-        );
+    /// Why the plexes of `disk`, failed by `fault`, need a full resync
+    /// when they return: none when a remote disk's connection was lost (what
+    /// it held stays good, and the bitmaps, kept while it is away, name
+    /// what it misses, as md's failfast legs come back by their bitmap).
+    fn full_resync_why(&mut self, disk: Uuid, fault: &Fault) -> Option<&'static str> {
+        let remote = crate::group::is_nbd(std::path::Path::new(&self.group.disk_path(disk)));
+        if fault.lost && remote {
+            self.link_lost(disk);
+            return None;
+        }
+        Some(IO_FAILED)
     }
 
     /// `fail PATH [--force]`: the disk is failed in the config (refused as
@@ -616,6 +658,8 @@ impl Controller {
     ) -> crate::Result<Done> {
         let uuid = self.group.check_fail(path, force)?;
         self.take_out_of_engines(uuid, force, path)?;
+        // The admin's word: not taken back when its link returns.
+        self.away.remove(&uuid);
         self.group.mark_disk_failed(uuid, None);
         self.group.commit()?;
         let done = Done::new(
@@ -1341,6 +1385,9 @@ impl Controller {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        if self.timer.as_ref().is_some_and(|t| now >= t.next_check) {
+            self.try_returns();
+        }
         let Some(t) = self.timer.as_mut() else { return };
         let check = now >= t.next_check;
         let clear = now >= t.next_clear;

@@ -1,0 +1,363 @@
+//! Remote disks that come back. A disk reached over NBD whose connection
+//! was lost (cut, reset, a server killed or hung: not an I/O error the
+//! export answered, nor a disk an admin failed) is failed like any disk,
+//! and then tried again under `serve`, with backoff: 1 s after it left,
+//! then 2, 4, 8, 16 and every 30 s. Each attempt connects anew, on a thread
+//! of its own, and reads what answers before anything is written to it:
+//! the label of the disk that left, no config the group did not write
+//! (another host wrote it meanwhile: a split brain), and the data
+//! generation the group last gave it (another export behind the same
+//! address, or this one rolled back, holds another). What fails these is
+//! not taken back, and says why in `status`; an unreachable export is
+//! tried again.
+//!
+//! Taken back, the disk is reactivated at once (`--remote-return auto`,
+//! the default, as DRBD reconnects its peer) or waits for `reactivate`
+//! (`manual`, as md waits for a re-add). Either way its plexes are
+//! resynced from the write-intent bitmaps only: the bits of a volume with
+//! a plex away are kept, so they name every region written meanwhile.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::LiveGroup;
+use super::controller::Controller;
+use crate::disk::Disk;
+use crate::format::ondisk;
+use crate::format::state::{Generation, Read};
+use crate::volume::queue::QueuedDisk;
+
+/// The first attempt after a disk left; each next one waits twice as long,
+/// up to [`LAST_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const LAST_RETRY: Duration = Duration::from_secs(30);
+
+/// What happens to a remote disk that answers again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RemoteReturn {
+    /// Reactivated at once; its plexes resync from the bitmaps.
+    #[default]
+    Auto,
+    /// Connected, and left for `reactivate`.
+    Manual,
+}
+
+/// A remote disk away since its connection was lost.
+#[derive(Debug)]
+pub(super) struct Away {
+    since: Instant,
+    attempts: u32,
+    next: Instant,
+    /// An attempt is under way.
+    trying: bool,
+    /// Why the last attempt failed.
+    last: Option<String>,
+    /// What answered is not the disk that left: no more attempts.
+    refused: Option<String>,
+    /// Connected again (manual policy): waits for `reactivate`.
+    back: bool,
+}
+
+impl Away {
+    fn new() -> Away {
+        let now = Instant::now();
+        Away {
+            since: now,
+            attempts: 0,
+            next: now + FIRST_RETRY,
+            trying: false,
+            last: None,
+            refused: None,
+            back: false,
+        }
+    }
+
+    /// The link's state, as `status` shows it.
+    pub(super) fn shown(&self) -> String {
+        let away = self.since.elapsed().as_secs();
+        if let Some(why) = &self.refused {
+            return format!("answers, but is not taken back: {why}");
+        }
+        if self.back {
+            return "connected again; `mirrorvol reactivate` takes it back".to_string();
+        }
+        match &self.last {
+            Some(e) => format!(
+                "lost {away} s ago; {} attempts to reconnect, the last: {e}",
+                self.attempts
+            ),
+            None => format!("lost {away} s ago; reconnecting"),
+        }
+    }
+}
+
+/// What a remote disk must show to be taken back.
+pub(super) struct ReturnCheck {
+    path: String,
+    disk: Uuid,
+    group: Uuid,
+    /// The newest config the group wrote to it.
+    seqno: u64,
+    /// The data generations it may hold (counter, id): the one the group
+    /// last gave it, or the one being given when it left. Empty: any (an
+    /// admin's `reactivate`; one older than it left with gets a full
+    /// resync).
+    generations: Vec<(u64, Uuid)>,
+    /// The generation it holds, once read.
+    seen: Mutex<Option<Read<Generation>>>,
+}
+
+/// What answers is not the disk that left.
+fn not_it(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+impl ReturnCheck {
+    fn check(&self, d: &dyn Disk) -> io::Result<()> {
+        let path = &self.path;
+        let read = match ondisk::read_label(d) {
+            Ok(Some(read)) => read,
+            Ok(None) => return Err(not_it(format!("{path} holds no mirrorvol label"))),
+            Err(ondisk::FormatError::Io { source, .. }) => return Err(source),
+            Err(e) => return Err(not_it(format!("the label of {path} cannot be read: {e}"))),
+        };
+        let l = &read.label;
+        if l.disk_uuid != self.disk || l.group_uuid != self.group {
+            return Err(not_it(format!(
+                "{path} now holds disk {} of group {}, not the disk that left",
+                l.disk_uuid, l.group_uuid
+            )));
+        }
+        let seqno = ondisk::read_config(d, l)
+            .map_err(|e| not_it(format!("the config of {path} cannot be read: {e}")))?
+            .newest
+            .map_or(0, |(_, slot)| slot.seqno);
+        if seqno > self.seqno {
+            return Err(not_it(format!(
+                "{path} holds config {seqno}, written after the group's last ({}) by another host: a split brain; stop mirrorvol serve and settle it with resolve-split-brain",
+                self.seqno
+            )));
+        }
+        let generation = ondisk::read_generation(d, &l.layout)
+            .unwrap_or(Read::Damaged("the generation slots cannot be read"));
+        if !self.generations.is_empty() {
+            let held = match &generation {
+                Read::Good(g) => Some((g.counter, g.id)),
+                _ => None,
+            };
+            if !held.is_some_and(|h| self.generations.contains(&h)) {
+                let (want, _) = self.generations[0];
+                return Err(not_it(format!(
+                    "{path} holds data generation {}, not {want} it left with: another copy of the disk, or this one rolled back; `mirrorvol reactivate` takes it back with a full resync",
+                    held.map_or("none".to_string(), |(c, _)| c.to_string())
+                )));
+            }
+        }
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(generation);
+        Ok(())
+    }
+}
+
+/// Connects `disk` again and checks what answers (on the caller's thread:
+/// it waits up to the disk's deadline for each connection). A disk whose
+/// connection is whole is only checked. Returns the generation it holds.
+pub(super) fn reconnect(disk: &QueuedDisk, check: &ReturnCheck) -> io::Result<Read<Generation>> {
+    match disk.reconnect(&|d| check.check(d)) {
+        Some(r) => r?,
+        None => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the disk has no connection to make again",
+            ));
+        }
+    }
+    let seen = check.seen.lock().unwrap_or_else(|e| e.into_inner()).take();
+    Ok(seen.unwrap_or(Read::Empty))
+}
+
+impl Controller {
+    /// From now on remote disks whose connection is lost are tried again
+    /// (`serve`; an offline command's group never is).
+    pub(super) fn set_remote_return(&mut self, policy: RemoteReturn) {
+        self.remote_return = Some(policy);
+    }
+
+    /// A remote disk lost its connection and was failed: it is tried
+    /// again.
+    pub(super) fn link_lost(&mut self, disk: Uuid) {
+        self.away.entry(disk).or_insert_with(Away::new);
+    }
+
+    /// What `disk` must show to be taken back; `strict`: the generation it
+    /// left with.
+    pub(super) fn return_check(
+        &self,
+        disk: Uuid,
+        strict: bool,
+    ) -> Option<(Arc<QueuedDisk>, ReturnCheck)> {
+        let g = &self.group;
+        let m = g.members.get(&disk)?;
+        let mut generations = Vec::new();
+        if strict {
+            let known = g.keeper.as_ref().and_then(|k| k.known_generation(disk));
+            match (known, &m.generation) {
+                (Some(known), _) => generations.push(known),
+                (None, Read::Good(at_open)) => generations.push((at_open.counter, at_open.id)),
+                (None, _) => {}
+            }
+            if let Some(k) = &g.keeper {
+                let current = k.current();
+                generations.push((current.counter, current.id));
+            }
+        }
+        Some((
+            m.disk.clone(),
+            ReturnCheck {
+                path: g.disk_path(disk),
+                disk,
+                group: g.config.uuid,
+                seqno: m.seqno,
+                generations,
+                seen: Mutex::new(None),
+            },
+        ))
+    }
+
+    /// The housekeeper's second: starts the attempts that are due, each on
+    /// a thread of its own.
+    pub(super) fn try_returns(&mut self) {
+        if self.remote_return.is_none() || self.stopping {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<Uuid> = self
+            .away
+            .iter()
+            .filter(|(_, a)| !a.trying && !a.back && a.refused.is_none() && now >= a.next)
+            .map(|(u, _)| *u)
+            .collect();
+        for disk in due {
+            // Back in service by other means, or gone from the group.
+            if self.group.is_online(disk) || self.group.config.disk(disk).is_none() {
+                self.away.remove(&disk);
+                continue;
+            }
+            let Some((queued, check)) = self.return_check(disk, true) else {
+                continue;
+            };
+            let live = self.live.clone();
+            let started = std::thread::Builder::new()
+                .name("reconnect".into())
+                .spawn(move || {
+                    let r = reconnect(&queued, &check);
+                    if let Some(live) = live.upgrade() {
+                        live.send(move |c| c.attempted(disk, r));
+                    }
+                });
+            if let Some(a) = self.away.get_mut(&disk) {
+                a.trying = started.is_ok();
+            }
+        }
+    }
+
+    /// An attempt ended.
+    fn attempted(&mut self, disk: Uuid, r: io::Result<Read<Generation>>) {
+        let path = self.group.disk_path(disk);
+        let Some(a) = self.away.get_mut(&disk) else {
+            return;
+        };
+        a.trying = false;
+        match r {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                tracing::error!(disk = %path, error = %e, "the remote disk answers again but is not taken back");
+                a.refused = Some(e.to_string());
+            }
+            Err(e) => {
+                a.attempts += 1;
+                let wait = FIRST_RETRY
+                    .saturating_mul(1 << a.attempts.min(5))
+                    .min(LAST_RETRY);
+                a.next = Instant::now() + wait;
+                if a.attempts.is_power_of_two() {
+                    tracing::warn!(disk = %path, error = %e, attempts = a.attempts, "the remote disk does not answer yet");
+                }
+                a.last = Some(e.to_string());
+            }
+            Ok(generation) => {
+                if let Some(m) = self.group.members.get_mut(&disk) {
+                    m.generation = generation;
+                }
+                if self.remote_return == Some(RemoteReturn::Manual) {
+                    a.back = true;
+                    tracing::warn!(disk = %path, "the remote disk answers again; `mirrorvol reactivate` takes it back");
+                    return;
+                }
+                match self.reactivate_by_path(std::path::Path::new(&path)) {
+                    Ok(done) => {
+                        tracing::warn!(disk = %path, "the remote disk answers again: {}", done.message);
+                        self.away.remove(&disk);
+                    }
+                    Err(e) => {
+                        tracing::error!(disk = %path, error = %e, "the remote disk answers again but cannot be reactivated");
+                        if let Some(a) = self.away.get_mut(&disk) {
+                            a.refused = Some(e.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The link state of every remote disk away, for `status`.
+    pub(super) fn links(&self) -> Vec<(Uuid, String)> {
+        self.away.iter().map(|(u, a)| (*u, a.shown())).collect()
+    }
+}
+
+impl LiveGroup {
+    /// `serve --remote-return`: remote disks whose connection was lost are
+    /// tried again from now on.
+    pub fn set_remote_return(&self, policy: RemoteReturn) {
+        self.send(move |c| c.set_remote_return(policy));
+    }
+
+    /// Before an admin's `reactivate` of a remote disk whose connection
+    /// broke: connects it again, on the caller's thread, and checks that
+    /// it is the disk that left (any generation: an older one gets a full
+    /// resync). Nothing to do for other disks.
+    pub(super) fn reconnect_for_admin(&self, path: &std::path::Path) -> crate::Result<()> {
+        let path = path.to_path_buf();
+        let plan = self
+            .call(move |c| {
+                let disk = c.group.resolve_disk(&path).ok()?;
+                let (queued, check) = c.return_check(disk, false)?;
+                let broken = queued.queue().disk().is_some_and(|d| d.health().is_err());
+                broken.then_some((disk, queued, check))
+            })
+            .flatten();
+        let Some((disk, queued, check)) = plan else {
+            return Ok(());
+        };
+        match reconnect(&queued, &check) {
+            Ok(generation) => {
+                self.call(move |c| {
+                    if let Some(m) = c.group.members.get_mut(&disk) {
+                        m.generation = generation;
+                    }
+                    c.away.remove(&disk);
+                });
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                Err(crate::Error::refused(e.to_string()))
+            }
+            Err(e) => Err(crate::Error::io(
+                format!("cannot reach disk {}", check.path),
+                e,
+            )),
+        }
+    }
+}
