@@ -668,3 +668,43 @@ fn an_export_that_is_not_the_disk_that_left_is_not_taken_back() {
     );
     serving.stop();
 }
+
+/// A fresh group whose export's server dies before anything was written
+/// (the disk never held a data generation) takes it back too: it left
+/// with none, and holds none.
+#[test]
+fn an_export_lost_before_the_first_write_is_taken_back() {
+    if !tools() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let local = sb.image("a.img", 64);
+    let remote = image(&sb, 64);
+    let sock = sb.path("nbd.sock");
+    let server = QemuNbd::unix(&remote, &sock, &[]);
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let disks = format!("{local},{uri}");
+    ok(mv_disks(
+        &sb,
+        &disks,
+        &["init", &local, &uri, "--style", "raw"],
+    ));
+    ok(mv_disks(
+        &sb,
+        &disks,
+        &["create", "data", "--size", "8M", "--mirror"],
+    ));
+    let (serving, _) = Serving::start(&sb, &disks, &[]);
+    drop(server);
+    // The claim's renewal, once a second, meets the dead connection.
+    wait_status(&sb, &disks, 30, "the export is failed", |st| {
+        common::disk(st, &uri)["state"] == "failed"
+    });
+    let _back = QemuNbd::unix(&remote, &sock, &[]);
+    let st = wait_status(&sb, &disks, 60, "the export is taken back", |st| {
+        common::volume(st, "data")["state"] == "healthy"
+    });
+    assert_eq!(common::disk(&st, &uri)["link"], "connected", "{st:#}");
+    assert_eq!(serving.resyncs_onto(&uri), [(0, true)], "{}", serving.log());
+    serving.stop();
+}

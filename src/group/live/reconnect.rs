@@ -86,8 +86,9 @@ impl Away {
         }
         match &self.last {
             Some(e) => format!(
-                "lost {away} s ago; {} attempts to reconnect, the last: {e}",
-                self.attempts
+                "lost {away} s ago; reconnecting ({} attempt{} failed, the last: {e})",
+                self.attempts,
+                if self.attempts == 1 { "" } else { "s" }
             ),
             None => format!("lost {away} s ago; reconnecting"),
         }
@@ -101,11 +102,11 @@ pub(super) struct ReturnCheck {
     group: Uuid,
     /// The newest config the group wrote to it.
     seqno: u64,
-    /// The data generations it may hold (counter, id): the one the group
-    /// last gave it, or the one being given when it left. Empty: any (an
-    /// admin's `reactivate`; one older than it left with gets a full
-    /// resync).
-    generations: Vec<(u64, Uuid)>,
+    /// The data generations it may hold (counter, id; `None`: none at
+    /// all, a disk never given one): the one it left with, or the one
+    /// being given when it left. `None`: any (an admin's `reactivate`; one
+    /// older than it left with gets a full resync).
+    generations: Option<Vec<Option<(u64, Uuid)>>>,
     /// The generation it holds, once read.
     seen: Mutex<Option<Read<Generation>>>,
 }
@@ -143,16 +144,22 @@ impl ReturnCheck {
         }
         let generation = ondisk::read_generation(d, &l.layout)
             .unwrap_or(Read::Damaged("the generation slots cannot be read"));
-        if !self.generations.is_empty() {
+        if let Some(allowed) = &self.generations {
             let held = match &generation {
-                Read::Good(g) => Some((g.counter, g.id)),
-                _ => None,
+                Read::Good(g) => Some(Some((g.counter, g.id))),
+                Read::Empty => Some(None),
+                Read::Damaged(_) => None,
             };
-            if !held.is_some_and(|h| self.generations.contains(&h)) {
-                let (want, _) = self.generations[0];
+            if !held.is_some_and(|h| allowed.contains(&h)) {
+                let shown = |g: Option<Option<(u64, Uuid)>>| match g {
+                    Some(Some((c, _))) => c.to_string(),
+                    Some(None) => "none".to_string(),
+                    None => "unreadable".to_string(),
+                };
                 return Err(not_it(format!(
-                    "{path} holds data generation {}, not {want} it left with: another copy of the disk, or this one rolled back; `mirrorvol reactivate` takes it back with a full resync",
-                    held.map_or("none".to_string(), |(c, _)| c.to_string())
+                    "{path} holds data generation {}, not {} it left with: another copy of the disk, or this one rolled back; `mirrorvol reactivate` takes it back with a full resync",
+                    shown(held),
+                    shown(allowed.first().copied())
                 )));
             }
         }
@@ -200,19 +207,22 @@ impl Controller {
     ) -> Option<(Arc<QueuedDisk>, ReturnCheck)> {
         let g = &self.group;
         let m = g.members.get(&disk)?;
-        let mut generations = Vec::new();
-        if strict {
+        let generations = strict.then(|| {
+            // What it left with: what the keeper last gave it, else what
+            // it held when opened (none, for a disk never given one).
             let known = g.keeper.as_ref().and_then(|k| k.known_generation(disk));
-            match (known, &m.generation) {
-                (Some(known), _) => generations.push(known),
-                (None, Read::Good(at_open)) => generations.push((at_open.counter, at_open.id)),
-                (None, _) => {}
-            }
+            let left_with = match (known, &m.generation) {
+                (Some(known), _) => Some(known),
+                (None, Read::Good(at_open)) => Some((at_open.counter, at_open.id)),
+                (None, _) => None,
+            };
+            let mut allowed = vec![left_with];
             if let Some(k) = &g.keeper {
                 let current = k.current();
-                generations.push((current.counter, current.id));
+                allowed.push(Some((current.counter, current.id)));
             }
-        }
+            allowed
+        });
         Some((
             m.disk.clone(),
             ReturnCheck {
