@@ -242,6 +242,11 @@ impl Controller {
         if self.remote_return.is_none() || self.stopping {
             return;
         }
+        // Back in service by other means (an admin's reactivate, a new
+        // disk in its place), or gone from the group: no longer away.
+        let g = &self.group;
+        self.away
+            .retain(|u, a| a.trying || (g.config.disk(*u).is_some() && !g.is_online(*u)));
         let now = Instant::now();
         let due: Vec<Uuid> = self
             .away
@@ -250,11 +255,6 @@ impl Controller {
             .map(|(u, _)| *u)
             .collect();
         for disk in due {
-            // Back in service by other means, or gone from the group.
-            if self.group.is_online(disk) || self.group.config.disk(disk).is_none() {
-                self.away.remove(&disk);
-                continue;
-            }
             let Some((queued, check)) = self.return_check(disk, true) else {
                 continue;
             };
@@ -323,7 +323,11 @@ impl Controller {
 
     /// The link state of every remote disk away, for `status`.
     pub(super) fn links(&self) -> Vec<(Uuid, String)> {
-        self.away.iter().map(|(u, a)| (*u, a.shown())).collect()
+        self.away
+            .iter()
+            .filter(|(u, _)| !self.group.is_online(**u))
+            .map(|(u, a)| (*u, a.shown()))
+            .collect()
     }
 }
 
