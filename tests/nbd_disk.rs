@@ -261,12 +261,13 @@ fn a_connection_that_broke_breaks_the_disk_and_a_new_open_reads_the_export_again
     assert!(d.health().is_ok());
     d.read_at(&mut back, 0).unwrap();
     assert!(back.iter().all(|&b| b == 0x77));
-    // A disk whose connection is whole is only checked.
+    // Asked again, it drops the connections it has for new ones, checked:
+    // refused, it is broken.
     assert_eq!(
         d.reconnect(&refuse).unwrap().unwrap_err().kind(),
         std::io::ErrorKind::InvalidData
     );
-    assert!(d.health().is_ok(), "a refused check breaks nothing");
+    assert!(d.health().is_err(), "never back on unchecked connections");
 }
 
 #[test]

@@ -26,6 +26,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -198,7 +199,7 @@ pub struct NbdDisk {
     uri: NbdUri,
     shown: String,
     size: u64,
-    flags: u16,
+    flags: AtomicU16,
     /// Connections free for the next request; `broken` once one failed.
     pool: Mutex<Pool>,
     returned: Condvar,
@@ -214,6 +215,8 @@ struct Pool {
     /// Raised by every reconnection: a connection lent before it is not
     /// taken back.
     epoch: u64,
+    /// Connections lent out now (a request on each).
+    lent: usize,
 }
 
 /// Connections to an export that can take several (multi-conn).
@@ -269,11 +272,12 @@ impl NbdDisk {
             uri,
             shown: shown.to_string(),
             size,
-            flags,
+            flags: flags.into(),
             pool: Mutex::new(Pool {
                 idle,
                 broken: None,
                 epoch: 0,
+                lent: 0,
             }),
             returned: Condvar::new(),
             most,
@@ -281,28 +285,48 @@ impl NbdDisk {
         })
     }
 
-    /// Connects again to a broken disk's export and, once `check` accepted
-    /// what the new connections read (`Err`: they are closed, the disk stays
-    /// broken), puts them in service. An export that changed size or
-    /// flags is refused before `check` runs. A disk that is not broken is
-    /// only checked, on its own connections.
+    /// Connects again to the export and, once `check` accepted what the
+    /// new connections read (`Err`: they are closed, the disk stays
+    /// broken), puts them in service. Always on new connections: the old
+    /// ones are dropped (reset), and the disk stays broken until every
+    /// request made on them has ended, so that none lands after the disk is
+    /// taken back. An export that changed size is refused before `check`
+    /// runs; what else it offers (zeroes, trim) is taken as it is now.
     fn mend(&self, check: &dyn Fn(&dyn Disk) -> io::Result<()>) -> io::Result<()> {
-        if self
-            .pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .broken
-            .is_none()
         {
-            return check(self);
+            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            pool.broken
+                .get_or_insert_with(|| "reconnecting".to_string());
+            for c in pool.idle.drain(..) {
+                c.abort();
+            }
+            // Requests on lent connections end within the socket's timeout.
+            let limit = std::time::Instant::now() + 2 * self.timeout;
+            while pool.lent > 0 {
+                let left = limit.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "{} requests made before the connection broke have not ended",
+                            pool.lent
+                        ),
+                    ));
+                }
+                pool = self
+                    .returned
+                    .wait_timeout(pool, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
         }
         let fresh = NbdDisk::open(&self.shown, self.timeout)?;
-        if (fresh.size, fresh.flags) != (self.size, self.flags) {
+        if fresh.size != self.size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!(
-                    "the NBD export {} answers again with another size or other flags ({} bytes, flags {:#x}; it had {} bytes, flags {:#x}): not the disk that left",
-                    self.shown, fresh.size, fresh.flags, self.size, self.flags
+                    "the NBD export {} answers again with {} bytes, where it had {}: not the disk that left",
+                    self.shown, fresh.size, self.size
                 ),
             ));
         }
@@ -312,9 +336,14 @@ impl NbdDisk {
         pool.epoch += 1;
         pool.idle = conns;
         pool.broken = None;
+        self.flags.store(fresh.flags(), Ordering::Relaxed);
         drop(pool);
         self.returned.notify_all();
         Ok(())
+    }
+
+    fn flags(&self) -> u16 {
+        self.flags.load(Ordering::Relaxed)
     }
 
     /// Runs `op` on a free connection and gives it back; when `op` fails
@@ -333,6 +362,7 @@ impl NbdDisk {
             pool = self.returned.wait(pool).unwrap_or_else(|e| e.into_inner());
         };
         let epoch = pool.epoch;
+        pool.lent += 1;
         drop(pool);
         /// Gives the connection back, or breaks the disk when it is not
         /// given back (a failure, or a panic in between). A connection lent
@@ -351,10 +381,12 @@ impl NbdDisk {
                     self.conn = None;
                 }
                 let mut pool = self.disk.pool.lock().unwrap_or_else(|e| e.into_inner());
+                pool.lent -= 1;
                 match self.conn.take() {
-                    _ if pool.epoch != self.epoch => {}
+                    Some(c) if pool.epoch != self.epoch => c.abort(),
                     Some(c) if pool.broken.is_none() => pool.idle.push(c),
-                    Some(_) => {}
+                    Some(c) => c.abort(),
+                    None if pool.epoch != self.epoch => {}
                     None => {
                         pool.broken.get_or_insert(std::mem::take(&mut self.why));
                     }
@@ -373,7 +405,9 @@ impl NbdDisk {
         let r = op(conn).map_err(|e| no_answer(e, self.timeout));
         if let Err(e) = &r {
             lent.why = e.to_string();
-            lent.conn = None;
+            if let Some(c) = lent.conn.take() {
+                c.abort();
+            }
         }
         r
     }
@@ -396,7 +430,7 @@ impl NbdDisk {
     }
 
     fn can(&self, flag: u16) -> bool {
-        self.flags & flag != 0
+        self.flags() & flag != 0
     }
 
     /// Sends `kind` over `[offset, offset + len)` in requests the server
@@ -406,7 +440,7 @@ impl NbdDisk {
         let end = offset + len;
         while at < end {
             let n = (end - at).min(u64::from(proto::MAX_REQUEST)) as u32;
-            reply(self.with(|c| c.request_with(kind, flags, at, n, &[]))?)?;
+            reply(self.with(|c| shut(c.request_with(kind, flags, at, n, &[])))?)?;
             at += u64::from(n);
         }
         Ok(())
@@ -427,6 +461,16 @@ fn no_answer(e: io::Error, timeout: Duration) -> io::Error {
     }
 }
 
+/// A reply of `NBD_ESHUTDOWN` (the server is going away) ends the
+/// connection, as a broken one does: kept, it would hold the server up
+/// and fail every request after.
+fn shut(r: io::Result<u32>) -> io::Result<u32> {
+    match r {
+        Ok(e) if e == libc::ESHUTDOWN as u32 => Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)),
+        r => r,
+    }
+}
+
 /// An NBD error reply as the errno it stands for (the protocol's values
 /// are Linux's): kept raw, as a file's would be, so that a full export
 /// (ENOSPC) fails the whole disk as a full filesystem does.
@@ -443,20 +487,20 @@ impl Disk for NbdDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        reply(self.with(|c| c.read_answered(offset, buf))?)
+        reply(self.with(|c| shut(c.read_answered(offset, buf)))?)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         for (i, part) in buf.chunks(proto::MAX_REQUEST as usize).enumerate() {
             let at = offset + (i as u64) * u64::from(proto::MAX_REQUEST);
             let len = part.len() as u32;
-            reply(self.with(|c| c.request_with(proto::CMD_WRITE, 0, at, len, part))?)?;
+            reply(self.with(|c| shut(c.request_with(proto::CMD_WRITE, 0, at, len, part)))?)?;
         }
         Ok(())
     }
 
     fn flush(&self) -> io::Result<()> {
-        reply(self.with(|c| c.request(proto::CMD_FLUSH, 0, 0, &[]))?)
+        reply(self.with(|c| shut(c.request(proto::CMD_FLUSH, 0, 0, &[])))?)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {

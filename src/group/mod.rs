@@ -78,7 +78,8 @@ pub struct Member {
     /// A label copy or config slot is damaged; the next commit heals it.
     pub damaged: Vec<String>,
     /// The data generation the disk held when it was opened (format 3;
-    /// `Empty` before), never updated: what it says of the disk's past.
+    /// `Empty` before), or when a remote disk reconnected: what it says of
+    /// the disk's past.
     pub generation: Read<Generation>,
     /// Raises the disk's labels to the current format version before the
     /// first write of anything that version adds.

@@ -601,6 +601,14 @@ impl DiskQueue {
         (id, ticket, now)
     }
 
+    /// Whether request `id` still waits for its answer (not timed out).
+    fn is_in_flight(&self, id: u64) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&id)
+    }
+
     /// Books a request out, whoever completes it.
     fn end(&self, id: u64) {
         self.in_flight
@@ -830,6 +838,16 @@ impl DiskQueue {
 /// pays for a look-up of it.
 fn worker(q: Weak<DiskQueue>, disk: Arc<dyn Disk>, stats: Arc<DiskStats>, rx: Receiver<Job>) {
     while let Ok(job) = rx.recv() {
+        // Timed out while it waited behind a stuck request: its caller has
+        // its answer (an error) and went on, so it is not made now (a write
+        // landing after the disk was failed and taken back would undo what
+        // the resync copied).
+        if let Some(queue) = q.upgrade()
+            && !queue.is_in_flight(job.id)
+        {
+            queue.end(job.id);
+            continue;
+        }
         let outcome = execute_counted(&*disk, &stats, job.op, job.submitted);
         if let Some(queue) = q.upgrade() {
             queue.end(job.id);

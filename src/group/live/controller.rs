@@ -656,10 +656,23 @@ impl Controller {
         path: &std::path::Path,
         force: bool,
     ) -> crate::Result<Done> {
+        // A remote disk away since its link was lost: failed already, it is
+        // no longer tried again (the admin's word).
+        if let Ok(uuid) = self.group.resolve_disk(path)
+            && !self.group.is_online(uuid)
+            && self.away.remove(&uuid).is_some()
+        {
+            return Ok(Done::new(
+                format!(
+                    "disk {} stays failed: it is no longer reconnected",
+                    self.group.disk_path(uuid)
+                ),
+                &mut self.group,
+                Vec::new(),
+            ));
+        }
         let uuid = self.group.check_fail(path, force)?;
         self.take_out_of_engines(uuid, force, path)?;
-        // The admin's word: not taken back when its link returns.
-        self.away.remove(&uuid);
         self.group.mark_disk_failed(uuid, None);
         self.group.commit()?;
         let done = Done::new(
@@ -766,6 +779,7 @@ impl Controller {
             Err(e) => g.attach(path).map_err(|_| e)?,
         };
         let (_, vols) = g.reactivate_config(path)?;
+        self.away.remove(&uuid);
         // The errors that failed it are behind it now (md forgets a
         // re-added member's errors as well): counted again from zero, the
         // disk is `online`, not `online-errors`, once back in sync.

@@ -100,8 +100,10 @@ pub(super) struct ReturnCheck {
     path: String,
     disk: Uuid,
     group: Uuid,
-    /// The newest config the group wrote to it.
-    seqno: u64,
+    /// The seqno of the commit that recorded it out of service: a config
+    /// on it this new or newer was written by someone else (a config write
+    /// of before whose answer was lost in the cut is older).
+    left_at: u64,
     /// The data generations it may hold (counter, id; `None`: none at
     /// all, a disk never given one): the one it left with, or the one
     /// being given when it left. `None`: any (an admin's `reactivate`; one
@@ -111,9 +113,26 @@ pub(super) struct ReturnCheck {
     seen: Mutex<Option<Read<Generation>>>,
 }
 
-/// What answers is not the disk that left.
+/// What answers is not the disk that left (or not as it left): no more
+/// attempts, unlike an error reaching it.
+#[derive(Debug)]
+struct NotIt(String);
+
+impl std::fmt::Display for NotIt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotIt {}
+
 fn not_it(why: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, why)
+    io::Error::new(io::ErrorKind::InvalidData, NotIt(why))
+}
+
+/// Whether `e` says what answered is not the disk that left.
+fn is_not_it(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<NotIt>())
 }
 
 impl ReturnCheck {
@@ -132,18 +151,22 @@ impl ReturnCheck {
                 l.disk_uuid, l.group_uuid
             )));
         }
-        let seqno = ondisk::read_config(d, l)
-            .map_err(|e| not_it(format!("the config of {path} cannot be read: {e}")))?
-            .newest
-            .map_or(0, |(_, slot)| slot.seqno);
-        if seqno > self.seqno {
+        let seqno = match ondisk::read_config(d, l) {
+            Ok(slots) => slots.newest.map_or(0, |(_, slot)| slot.seqno),
+            Err(ondisk::FormatError::Io { source, .. }) => return Err(source),
+            Err(e) => return Err(not_it(format!("the config of {path} cannot be read: {e}"))),
+        };
+        if seqno >= self.left_at {
             return Err(not_it(format!(
-                "{path} holds config {seqno}, written after the group's last ({}) by another host: a split brain; stop mirrorvol serve and settle it with resolve-split-brain",
-                self.seqno
+                "{path} holds config {seqno}, written after it left the group at {} by someone else: a split brain; stop mirrorvol serve and settle it with resolve-split-brain",
+                self.left_at
             )));
         }
-        let generation = ondisk::read_generation(d, &l.layout)
-            .unwrap_or(Read::Damaged("the generation slots cannot be read"));
+        let generation = match ondisk::read_generation(d, &l.layout) {
+            Ok(g) => g,
+            Err(ondisk::FormatError::Io { source, .. }) => return Err(source),
+            Err(_) => Read::Damaged("the generation slots cannot be read"),
+        };
         if let Some(allowed) = &self.generations {
             let held = match &generation {
                 Read::Good(g) => Some(Some((g.counter, g.id))),
@@ -195,7 +218,7 @@ impl Controller {
     /// A remote disk lost its connection and was failed: it is tried
     /// again.
     pub(super) fn link_lost(&mut self, disk: Uuid) {
-        self.away.entry(disk).or_insert_with(Away::new);
+        self.away.insert(disk, Away::new());
     }
 
     /// What `disk` must show to be taken back; `strict`: the generation it
@@ -229,7 +252,7 @@ impl Controller {
                 path: g.disk_path(disk),
                 disk,
                 group: g.config.uuid,
-                seqno: m.seqno,
+                left_at: g.config.disk(disk).map_or(0, |d| d.state_seqno),
                 generations,
                 seen: Mutex::new(None),
             },
@@ -276,12 +299,16 @@ impl Controller {
     /// An attempt ended.
     fn attempted(&mut self, disk: Uuid, r: io::Result<Read<Generation>>) {
         let path = self.group.disk_path(disk);
+        let stopping = self.stopping;
         let Some(a) = self.away.get_mut(&disk) else {
             return;
         };
         a.trying = false;
+        if stopping {
+            return;
+        }
         match r {
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+            Err(e) if is_not_it(&e) => {
                 tracing::error!(disk = %path, error = %e, "the remote disk answers again but is not taken back");
                 a.refused = Some(e.to_string());
             }
@@ -310,10 +337,20 @@ impl Controller {
                         tracing::warn!(disk = %path, "the remote disk answers again: {}", done.message);
                         self.away.remove(&disk);
                     }
+                    // Back by other means meanwhile.
+                    Err(_) if self.group.is_online(disk) => {
+                        self.away.remove(&disk);
+                    }
                     Err(e) => {
                         tracing::error!(disk = %path, error = %e, "the remote disk answers again but cannot be reactivated");
                         if let Some(a) = self.away.get_mut(&disk) {
-                            a.refused = Some(e.to_string());
+                            if matches!(e, crate::Error::Refused(_)) {
+                                a.refused = Some(e.to_string());
+                            } else {
+                                a.attempts += 1;
+                                a.next = Instant::now() + LAST_RETRY;
+                                a.last = Some(e.to_string());
+                            }
                         }
                     }
                 }
@@ -343,6 +380,9 @@ impl LiveGroup {
     /// it is the disk that left (any generation: an older one gets a full
     /// resync). Nothing to do for other disks.
     pub(super) fn reconnect_for_admin(&self, path: &std::path::Path) -> crate::Result<()> {
+        if !crate::group::is_nbd(path) {
+            return Ok(());
+        }
         let path = path.to_path_buf();
         let plan = self
             .call(move |c| {
@@ -365,9 +405,7 @@ impl LiveGroup {
                 });
                 Ok(())
             }
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                Err(crate::Error::refused(e.to_string()))
-            }
+            Err(e) if is_not_it(&e) => Err(crate::Error::refused(e.to_string())),
             Err(e) => Err(crate::Error::io(
                 format!("cannot reach disk {}", check.path),
                 e,
