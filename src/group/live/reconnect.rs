@@ -252,7 +252,13 @@ impl Controller {
                 path: g.disk_path(disk),
                 disk,
                 group: g.config.uuid,
-                left_at: g.config.disk(disk).map_or(0, |d| d.state_seqno),
+                // A disk still in service (one that hung holding a last
+                // copy) left at none: only a config past the group's is
+                // someone else's.
+                left_at: match g.config.disk(disk) {
+                    Some(d) if !g.is_online(disk) => d.state_seqno,
+                    _ => g.config.seqno + 1,
+                },
                 generations,
                 seen: Mutex::new(None),
             },
