@@ -94,20 +94,6 @@ fresh_images() {
 
 vol_mib=$((size_mib - 64))
 
-fio_job() { # JOB RUN TARGET [fio args...]
-  local job="$1" run="$2" target="$3"; shift 3
-  fio --name="$job" --ioengine=nbd "--uri=nbd+unix:///data?socket=$sock" --size="${vol_mib}M" \
-    --time_based --runtime="$seconds" --output-format=json --group_reporting --randrepeat=0 \
-    "$@" --output="$dir/job.json" >/dev/null
-  python3 - "$dir/job.json" "$run" "$target" "$job" >> "$results" <<'EOF'
-import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]
-side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
-p50 = side["clat_ns"].get("percentile", {}).get("50.000000", 0) / 1000
-print(sys.argv[2], sys.argv[3], sys.argv[4], f'{side["iops"]:.0f}', f'{side["bw"] / 1024:.1f}', f"{p50:.1f}", sep="\t")
-EOF
-  tail -n 1 "$results" | awk -F'\t' '{printf "  run %s %-12s %-10s %9s IOPS %8s MiB/s  p50 %8s us\n", $1, $2, $3, $4, $5, $6}'
-}
 
 workloads() { # RUN TARGET
   fio_job fresh "$1" "$2" --rw=randwrite --bs=4k --iodepth=32

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::serve::{qemu_io, status_on, wait_status_on};
 use common::{Sandbox, have_tool, pattern, skip_or_fail};
 use mirrorvol::disk::Disk;
 use mirrorvol::disk::nbd::NbdDisk;
@@ -302,29 +303,6 @@ fn a_volume_served_by_another_mirrorvol_is_a_disk_on_several_connections() {
     }
 }
 
-/// `mirrorvol` run with the sandbox's run directory and `disks` as its
-/// group's disks.
-fn mv_disks(sb: &Sandbox, disks: &str, args: &[&str]) -> std::process::Output {
-    Command::new(common::bin())
-        .env("MIRRORVOL_DISKS", disks)
-        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
-        .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
-        .args(args)
-        .output()
-        .expect("run mirrorvol")
-}
-
-#[track_caller]
-fn ok(o: std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// A group of a local file and a qemu-nbd export (the URI given wherever a
 /// disk path goes) with a 16 MiB mirror `data` holding a pattern.
 struct Remote {
@@ -343,18 +321,12 @@ fn remote_mirror(sb: &Sandbox) -> Remote {
     let server = QemuNbd::unix(&remote, &sock, &[]);
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
     let disks = format!("{local},{uri}");
-    ok(mv_disks(
-        sb,
-        &disks,
-        &["init", &local, &uri, "--style", "raw"],
-    ));
-    ok(mv_disks(
-        sb,
-        &disks,
-        &["create", "data", "--size", "16M", "--mirror"],
-    ));
+    sb.mv_on(&disks, &["init", &local, &uri, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "16M", "--mirror"])
+        .ok();
     let (src, want) = sb.data_file("in.bin", 16 << 20, 4);
-    ok(mv_disks(sb, &disks, &["copy", &src, "vol:data"]));
+    sb.mv_on(&disks, &["copy", &src, "vol:data"]).ok();
     Remote {
         server: Some(server),
         remote,
@@ -389,7 +361,7 @@ impl Serving {
             .unwrap();
         let serving = Serving(child, log);
         let start = Instant::now();
-        while !vol.exists() || mv_disks(sb, disks, &["status"]).status.code() != Some(0) {
+        while !vol.exists() || sb.mv_on(disks, &["status"]).code != 0 {
             assert!(start.elapsed() < TIMEOUT, "serve did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -419,55 +391,11 @@ impl Serving {
     }
 }
 
-/// Polls `status --json` until `done` holds (at most `secs`).
-#[track_caller]
-fn wait_status(
-    sb: &Sandbox,
-    disks: &str,
-    secs: u64,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let st = status_of(sb, disks);
-        if done(&st) {
-            return st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "{what}: not after {secs} s:\n{st:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 impl Drop for Serving {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// qemu-io commands on `uri`, which must all succeed.
-#[track_caller]
-fn qemu_io(uri: &str, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    let o = c.arg(uri).output().unwrap();
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(
-        o.status.success() && !text.contains("failed") && !text.contains("error"),
-        "qemu-io {cmds:?}: {text}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn status_of(sb: &Sandbox, disks: &str) -> serde_json::Value {
-    serde_json::from_str(&ok(mv_disks(sb, disks, &["status", "--json"]))).unwrap()
 }
 
 /// A mirror with one plex on a local file and one on an NBD export: the
@@ -481,7 +409,7 @@ fn a_mirror_with_a_plex_on_an_nbd_export_survives_its_server_and_takes_it_back()
     }
     let sb = Sandbox::new();
     let mut r = remote_mirror(&sb);
-    let st = status_of(&sb, &r.disks);
+    let st = status_on(&sb, &r.disks);
     let d = common::disk(&st, &r.uri);
     assert_eq!(d["state"], "online", "{st:#}");
     assert_eq!(
@@ -504,13 +432,13 @@ fn a_mirror_with_a_plex_on_an_nbd_export_survives_its_server_and_takes_it_back()
             "read -P 0x5b 1M 1M",
         ],
     );
-    let st = status_of(&sb, &r.disks);
+    let st = status_on(&sb, &r.disks);
     assert_eq!(common::disk(&st, &r.uri)["state"], "failed", "{st:#}");
     assert_eq!(common::volume(&st, "data")["state"], "failed-redundancy");
     serving.stop();
     // With its server down (and its socket gone) the group opens without
     // it, as without a file that is absent.
-    let st = status_of(&sb, &r.disks);
+    let st = status_on(&sb, &r.disks);
     assert!(
         st["unreadable"][0]["path"] == r.uri.as_str(),
         "the export is reported, not fatal: {st:#}"
@@ -519,11 +447,11 @@ fn a_mirror_with_a_plex_on_an_nbd_export_survives_its_server_and_takes_it_back()
 
     // Back: reactivated, resynced, and alone it holds the volume.
     let _back = QemuNbd::unix(&r.remote, &r.sock, &[]);
-    let out = ok(mv_disks(&sb, &r.disks, &["reactivate", &r.uri]));
+    let out = sb.mv_on(&r.disks, &["reactivate", &r.uri]).ok().stdout;
     assert!(out.contains("reactivated disk nbd+unix://"), "{out}");
-    ok(mv_disks(&sb, &r.disks, &["status", "-x"]));
+    sb.mv_on(&r.disks, &["status", "-x"]).ok();
     let copy = sb.p("remote-only.bin");
-    ok(mv_disks(&sb, &r.uri, &["copy", "vol:data", &copy]));
+    sb.mv_on(&r.uri, &["copy", "vol:data", &copy]).ok();
     let mut expect = std::mem::take(&mut r.want);
     expect[..1 << 20].fill(0x5a);
     expect[1 << 20..2 << 20].fill(0x5b);
@@ -554,7 +482,7 @@ fn a_hung_export_is_failed_within_the_remote_deadline() {
     qemu_io(&served, &["write -P 0x22 1M 1M", "read -P 0x22 1M 1M"]);
     let took = start.elapsed();
     eprintln!("the write with the export hung took {took:?}");
-    let st = status_of(&sb, &r.disks);
+    let st = status_on(&sb, &r.disks);
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert!(
@@ -582,7 +510,7 @@ fn a_remote_disk_whose_server_returns_is_taken_back_and_resynced_from_the_bitmap
     qemu_io(&served, &["write -P 0x5a 0 1M"]);
     drop(r.server.take());
     qemu_io(&served, &["write -P 0x5b 8M 1M", "read -P 0x5b 8M 1M"]);
-    let st = wait_status(&sb, &r.disks, 30, "the export is failed", |st| {
+    let st = wait_status_on(&sb, &r.disks, 30, "the export is failed", |st| {
         common::disk(st, &r.uri)["state"] == "failed"
     });
     let link = common::disk(&st, &r.uri)["link"]
@@ -595,7 +523,7 @@ fn a_remote_disk_whose_server_returns_is_taken_back_and_resynced_from_the_bitmap
     qemu_io(&served, &["write -P 0x5c 12M 2M"]);
 
     let _back = QemuNbd::unix(&r.remote, &r.sock, &[]);
-    let st = wait_status(&sb, &r.disks, 60, "the export is back in sync", |st| {
+    let st = wait_status_on(&sb, &r.disks, 60, "the export is back in sync", |st| {
         common::volume(st, "data")["state"] == "healthy"
     });
     assert_eq!(common::disk(&st, &r.uri)["state"], "online", "{st:#}");
@@ -618,7 +546,7 @@ fn a_remote_disk_whose_server_returns_is_taken_back_and_resynced_from_the_bitmap
     serving.stop();
     // Alone, the export holds the volume.
     let copy = sb.p("remote-only.bin");
-    ok(mv_disks(&sb, &r.uri, &["copy", "vol:data", &copy]));
+    sb.mv_on(&r.uri, &["copy", "vol:data", &copy]).ok();
     let mut expect = std::mem::take(&mut r.want);
     expect[..1 << 20].fill(0x5a);
     expect[8 << 20..9 << 20].fill(0x5b);
@@ -646,11 +574,11 @@ fn an_export_that_is_not_the_disk_that_left_is_not_taken_back() {
     qemu_io(&served, &["write -P 0x5a 0 1M"]);
     drop(r.server.take());
     qemu_io(&served, &["write -P 0x5b 8M 1M"]);
-    wait_status(&sb, &r.disks, 30, "the export is failed", |st| {
+    wait_status_on(&sb, &r.disks, 30, "the export is failed", |st| {
         common::disk(st, &r.uri)["state"] == "failed"
     });
     let _other = QemuNbd::unix(&old, &r.sock, &[]);
-    let st = wait_status(&sb, &r.disks, 60, "the old copy is refused", |st| {
+    let st = wait_status_on(&sb, &r.disks, 60, "the old copy is refused", |st| {
         common::disk(st, &r.uri)["link"]
             .as_str()
             .is_some_and(|l| l.contains("not taken back"))
@@ -662,7 +590,7 @@ fn an_export_that_is_not_the_disk_that_left_is_not_taken_back() {
     assert!(link.contains("data generation"), "{link}");
     assert_eq!(common::disk(&st, &r.uri)["state"], "failed", "{st:#}");
     assert_eq!(common::volume(&st, "data")["state"], "failed-redundancy");
-    let text = ok(mv_disks(&sb, &r.disks, &["status"]));
+    let text = sb.mv_on(&r.disks, &["status"]).ok().stdout;
     assert!(
         text.contains(&format!("Link of {}: answers, but", r.uri)),
         "{text}"
@@ -685,24 +613,18 @@ fn an_export_lost_before_the_first_write_is_taken_back() {
     let server = QemuNbd::unix(&remote, &sock, &[]);
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
     let disks = format!("{local},{uri}");
-    ok(mv_disks(
-        &sb,
-        &disks,
-        &["init", &local, &uri, "--style", "raw"],
-    ));
-    ok(mv_disks(
-        &sb,
-        &disks,
-        &["create", "data", "--size", "8M", "--mirror"],
-    ));
+    sb.mv_on(&disks, &["init", &local, &uri, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "8M", "--mirror"])
+        .ok();
     let (serving, _) = Serving::start(&sb, &disks, &[]);
     drop(server);
     // The claim's renewal, once a second, meets the dead connection.
-    wait_status(&sb, &disks, 30, "the export is failed", |st| {
+    wait_status_on(&sb, &disks, 30, "the export is failed", |st| {
         common::disk(st, &uri)["state"] == "failed"
     });
     let _back = QemuNbd::unix(&remote, &sock, &[]);
-    let st = wait_status(&sb, &disks, 60, "the export is taken back", |st| {
+    let st = wait_status_on(&sb, &disks, 60, "the export is taken back", |st| {
         common::volume(st, "data")["state"] == "healthy"
     });
     assert_eq!(common::disk(&st, &uri)["link"], "connected", "{st:#}");

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::serve::{qemu_io, wait_status_on};
 use common::{Sandbox, have_tool, skip_or_fail};
 
 /// A network namespace with one end of a veth pair; this namespace holds
@@ -49,7 +50,7 @@ impl Link {
             ns: format!("mvt-{pid}"),
             near: format!("mvn{pid}"),
             far: format!("mvf{pid}"),
-            remote: format!("10.{a}.{b}.2", b = b),
+            remote: format!("10.{a}.{b}.2"),
         };
         let local = format!("10.{a}.{b}.1/30");
         ip(&["netns", "add", &link.ns])?;
@@ -96,53 +97,6 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn mv(sb: &Sandbox, disks: &str, args: &[&str]) -> std::process::Output {
-    Command::new(common::bin())
-        .env("MIRRORVOL_DISKS", disks)
-        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
-        .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
-        .args(args)
-        .output()
-        .expect("run mirrorvol")
-}
-
-#[track_caller]
-fn ok(o: std::process::Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn status(sb: &Sandbox, disks: &str) -> serde_json::Value {
-    serde_json::from_str(&ok(mv(sb, disks, &["status", "--json"]))).unwrap()
-}
-
-#[track_caller]
-fn wait_status(
-    sb: &Sandbox,
-    disks: &str,
-    secs: u64,
-    what: &str,
-    done: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    loop {
-        let st = status(sb, disks);
-        if done(&st) {
-            return st;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "{what}: not after {secs} s:\n{st:#}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -212,17 +166,12 @@ fn fio_verifies_through_a_link_cut_and_the_remote_plex_comes_back_by_its_bitmaps
         std::thread::sleep(Duration::from_millis(50));
     }
     let disks = format!("{local},{uri}");
-    ok(mv(&sb, &disks, &["init", &local, &uri, "--style", "raw"]));
-    ok(mv(
-        &sb,
-        &disks,
-        &["create", "data", "--size", "64M", "--mirror"],
-    ));
-    ok(mv(
-        &sb,
-        &disks,
-        &["create", "logs", "--size", "32M", "--mirror"],
-    ));
+    sb.mv_on(&disks, &["init", &local, &uri, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "64M", "--mirror"])
+        .ok();
+    sb.mv_on(&disks, &["create", "logs", "--size", "32M", "--mirror"])
+        .ok();
 
     let vol = sb.path("vol.sock");
     let log = sb.path("serve.log");
@@ -239,36 +188,19 @@ fn fio_verifies_through_a_link_cut_and_the_remote_plex_comes_back_by_its_bitmaps
             .spawn()
             .unwrap(),
     );
-    wait_status(&sb, &disks, 20, "serve starts", |st| {
+    wait_status_on(&sb, &disks, 20, "serve starts", |st| {
         common::volume(st, "data")["clients"].is_number()
     });
     let served = format!("nbd+unix:///data?socket={}", vol.display());
 
     // 16 MiB of 4 KiB writes at 400/s (about 10 s), then read back and
     // verified, while the link is cut from 2 s to 10 s.
-    let fio = Command::new("fio")
-        .args([
-            "--name=across",
-            "--ioengine=nbd",
-            &format!("--uri={served}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=8",
-            "--size=16M",
-            "--rate_iops=400",
-            "--verify=crc32c",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--do_verify=1",
-            "--randrepeat=0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let fio = common::serve::fio_verify_command(&served, 16, 8, 400)
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     link.cut();
-    let st = wait_status(&sb, &disks, 30, "the remote disk is failed", |st| {
+    let st = wait_status_on(&sb, &disks, 30, "the remote disk is failed", |st| {
         common::disk(st, &uri)["state"] == "failed"
     });
     let why = common::disk(&st, &uri)["link"]
@@ -293,7 +225,7 @@ fn fio_verifies_through_a_link_cut_and_the_remote_plex_comes_back_by_its_bitmaps
             .iter()
             .all(|v| common::volume(st, v)["state"] == "healthy")
     };
-    wait_status(
+    wait_status_on(
         &sb,
         &disks,
         90,
@@ -313,18 +245,12 @@ fn fio_verifies_through_a_link_cut_and_the_remote_plex_comes_back_by_its_bitmaps
     // Away while 2 MiB of logs are written.
     link.cut();
     let logs = format!("nbd+unix:///logs?socket={}", vol.display());
-    let o = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x61 8M 2M"])
-        .arg(&logs)
-        .output()
-        .unwrap();
-    let t = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(o.status.success() && !t.contains("failed"), "{t}");
-    wait_status(&sb, &disks, 30, "the remote disk is failed again", |st| {
+    qemu_io(&logs, &["write -P 0x61 8M 2M"]);
+    wait_status_on(&sb, &disks, 30, "the remote disk is failed again", |st| {
         common::disk(st, &uri)["state"] == "failed"
     });
     link.mend();
-    wait_status(&sb, &disks, 90, "back in sync again", healthy);
+    wait_status_on(&sb, &disks, 90, "back in sync again", healthy);
     let second = resyncs_onto(&log, "logs", &uri);
     eprintln!(
         "resynced onto the remote disk: data {first:?}, then logs {:?}",
@@ -341,7 +267,7 @@ fn fio_verifies_through_a_link_cut_and_the_remote_plex_comes_back_by_its_bitmaps
     assert!(serve.0.wait().unwrap().success());
     // The remote plex alone holds what was written.
     let copy = sb.p("remote-only.bin");
-    ok(mv(&sb, &uri, &["copy", "vol:logs", &copy]));
+    sb.mv_on(&uri, &["copy", "vol:logs", &copy]).ok();
     let got = std::fs::read(&copy).unwrap();
     assert!(got[8 << 20..10 << 20].iter().all(|&b| b == 0x61));
     assert!(

@@ -153,6 +153,20 @@ impl Sandbox {
         )
     }
 
+    /// Runs `mirrorvol ARGS` with `disks` (paths or NBD URIs, comma
+    /// separated) as the group's disks.
+    pub fn mv_on(&self, disks: &str, args: &[&str]) -> Run {
+        Run::from(
+            Command::new(bin())
+                .env("MIRRORVOL_DISKS", disks)
+                .env("MIRRORVOL_RUN_DIR", self.path("run"))
+                .env("MIRRORVOL_HOST_ID_FILE", self.path("host-id"))
+                .args(args)
+                .output()
+                .expect("run mirrorvol"),
+        )
+    }
+
     /// Runs `mirrorvol ARGS` with no environment for disks.
     pub fn mv_plain(&self, args: &[&str]) -> Run {
         Run::from(

@@ -356,10 +356,43 @@ pub fn fio_passed(fio: Child) {
     );
 }
 
-/// `qemu-io -f raw URI -c CMD...`, which must succeed; returns stdout.
+/// `qemu-io -f raw URI -c CMD...`, which must succeed, every command of
+/// it (qemu-io exits 0 after a failed command, saying so); returns stdout.
 #[track_caller]
 pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    ok(Command::new("qemu-io")
+    let out = ok(Command::new("qemu-io")
         .args(["-f", "raw", uri])
-        .args(cmds.iter().flat_map(|c| ["-c", c])))
+        .args(cmds.iter().flat_map(|c| ["-c", c])));
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io {cmds:?}: {out}"
+    );
+    out
+}
+
+/// `status --json` of the group whose disks are `disks`, parsed.
+#[track_caller]
+pub fn status_on(sb: &Sandbox, disks: &str) -> serde_json::Value {
+    serde_json::from_str(&sb.mv_on(disks, &["status", "--json"]).ok().stdout)
+        .expect("status --json is JSON")
+}
+
+/// Polls [`status_on`] every 200 ms until `pred` holds, for at most `secs`
+/// seconds; returns that status.
+#[track_caller]
+pub fn wait_status_on(
+    sb: &Sandbox,
+    disks: &str,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    poll_status(
+        secs,
+        Duration::from_millis(200),
+        what,
+        || status_on(sb, disks),
+        pred,
+        String::new,
+    )
 }
