@@ -486,8 +486,8 @@ fn a_hung_export_is_failed_within_the_remote_deadline() {
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert!(
-        took < Duration::from_secs(16),
-        "the write waited {took:?}: the remote deadline is 5 s (the local 30 s)"
+        took < Duration::from_secs(9),
+        "the write waited {took:?}: one remote deadline is 5 s (the local 30 s)"
     );
     assert_eq!(common::disk(&st, &r.uri)["state"], "failed", "{st:#}");
     assert_eq!(common::volume(&st, "data")["state"], "failed-redundancy");
@@ -630,4 +630,270 @@ fn an_export_lost_before_the_first_write_is_taken_back() {
     assert_eq!(common::disk(&st, &uri)["link"], "connected", "{st:#}");
     assert_eq!(serving.resyncs_onto(&uri), [(0, true)], "{}", serving.log());
     serving.stop();
+}
+
+/// nbdkit on a Unix socket with `filters`, then `plugin` (the plugin, its
+/// arguments and the filters' settings), logging every request to `log`;
+/// killed when dropped.
+struct Nbdkit(Child);
+
+impl Nbdkit {
+    fn start(
+        sb: &Sandbox,
+        filters: &[&str],
+        plugin: &[String],
+    ) -> (Nbdkit, String, std::path::PathBuf) {
+        let sock = sb.path("kit.sock");
+        let log = sb.path("kit.log");
+        let pidfile = sb.path("kit.pid");
+        let mut cmd = Command::new("nbdkit");
+        cmd.arg("-f").arg("-U").arg(&sock).arg("-P").arg(&pidfile);
+        for f in filters.iter().chain(&["log"]) {
+            cmd.arg(format!("--filter={f}"));
+        }
+        let child = cmd
+            .args(plugin)
+            .arg(format!("logfile={}", log.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nbdkit");
+        let kit = Nbdkit(child);
+        let start = Instant::now();
+        while !pidfile.exists() {
+            assert!(start.elapsed() < TIMEOUT, "nbdkit did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (kit, format!("nbd+unix:///?socket={}", sock.display()), log)
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The request lines of nbdkit's log of `kind` (Write, Flush, ...).
+fn logged(log: &Path, kind: &str) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&format!(" {kind} id=")))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn many_requests_are_in_flight_on_one_connection_at_once() {
+    if !have_tool("nbdkit") {
+        return skip_or_fail("nbdkit is not installed");
+    }
+    let sb = Sandbox::new();
+    // One connection (no multi-conn), every write 300 ms late: 16 writes
+    // one after another would take 4.8 s.
+    let (_kit, uri, log) = Nbdkit::start(
+        &sb,
+        &["multi-conn", "delay"],
+        &strings(&[
+            "memory",
+            "64M",
+            "multi-conn-mode=disable",
+            "delay-write=300ms",
+        ]),
+    );
+    let disk = NbdDisk::open(&uri, TIMEOUT).unwrap();
+    assert_eq!(disk.max_connections(), 1);
+    assert!(disk.structured(), "nbdkit offers structured replies");
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for i in 0..16u64 {
+            let disk = &disk;
+            s.spawn(move || disk.write_at(&pattern(4096, i), i * 65536).unwrap());
+        }
+    });
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2400),
+        "16 delayed writes took {took:?}"
+    );
+    for i in 0..16u64 {
+        let mut buf = vec![0u8; 4096];
+        disk.read_at(&mut buf, i * 65536).unwrap();
+        assert_eq!(buf, pattern(4096, i), "write {i}");
+    }
+    // A read of a hole comes back as zeroes (a hole chunk, where offered).
+    let mut buf = vec![1u8; 8192];
+    disk.read_at(&mut buf, 32 << 20).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    assert_eq!(logged(&log, "Write").len(), 16);
+}
+
+#[test]
+fn metadata_written_then_flushed_goes_out_with_fua_where_the_export_takes_it() {
+    if !have_tool("nbdkit") {
+        return skip_or_fail("nbdkit is not installed");
+    }
+    let a = pattern(4096, 1);
+    let b = pattern(512, 2);
+    for fua in [true, false] {
+        let sb = Sandbox::new();
+        let plugin = if fua {
+            strings(&["memory", "64M"])
+        } else {
+            // nbdkit's eval plugin over a file, saying it cannot do FUA.
+            let img = image(&sb, 64);
+            let f = img.display();
+            vec![
+                "eval".into(),
+                "get_size=echo 67108864".into(),
+                format!(
+                    "pread=dd if={f} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none"
+                ),
+                format!("pwrite=dd of={f} seek=$4 conv=notrunc oflag=seek_bytes status=none"),
+                "can_write=exit 0".into(),
+                "can_flush=exit 0".into(),
+                "flush=exit 0".into(),
+                "can_fua=echo none".into(),
+            ]
+        };
+        let (_kit, uri, log) = Nbdkit::start(&sb, &[], &plugin);
+        let disk = NbdDisk::open(&uri, TIMEOUT).unwrap();
+        disk.write_all_then_flush(&[(8192, &a[..]), (65536, &b[..])], true)
+            .unwrap();
+        let writes = logged(&log, "Write");
+        let flushes = logged(&log, "Flush");
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        if fua {
+            assert!(writes.iter().all(|w| w.contains("fua=1")), "{writes:?}");
+            assert!(flushes.is_empty(), "no flush needed: {flushes:?}");
+        } else {
+            assert!(writes.iter().all(|w| w.contains("fua=0")), "{writes:?}");
+            assert_eq!(flushes.len(), 1, "one flush after both writes");
+        }
+        let mut got = vec![0u8; 4096];
+        disk.read_at(&mut got, 8192).unwrap();
+        assert_eq!(got, a);
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+/// A partition: the host serving the mirror loses its remote plex and
+/// goes on writing; meanwhile the remote host serves its own disk alone
+/// (another host, its claim forced) and writes too. When the export
+/// answers again, the return is refused as a split brain, and once serve
+/// stops, status names both sides with what each changed.
+#[test]
+fn both_sides_of_a_partition_written_is_a_split_brain_with_what_each_changed() {
+    if !tools() || !have_tool("qemu-io") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut r = remote_mirror(&sb);
+    // A short deadline: the other host waits for this one's claim to lapse
+    // (the deadline and five renewals) before it takes the disk.
+    let (serving, served) = Serving::start(&sb, &r.disks, &["--io-timeout", "3s"]);
+    qemu_io(&served, &["write -P 0x5a 0 1M"]);
+    drop(r.server.take());
+    // This side writes 2 MiB with the remote disk away.
+    qemu_io(&served, &["write -P 0x5b 4M 2M"]);
+    wait_status_on(&sb, &r.disks, 30, "the export is failed", |st| {
+        common::disk(st, &r.uri)["state"] == "failed"
+    });
+
+    // The other host serves its disk alone and writes 3 MiB.
+    let remote = r.remote.display().to_string();
+    let other_sock = sb.path("other.sock");
+    let mut other = Command::new(common::bin())
+        .env("MIRRORVOL_DISKS", &remote)
+        .env("MIRRORVOL_RUN_DIR", sb.path("other-run"))
+        .env("MIRRORVOL_HOST_ID_FILE", sb.path("other-host-id"))
+        .env("MIRRORVOL_FORCE_CLAIM", "1")
+        .args(["serve", "--listen"])
+        .arg(format!("unix:{}", other_sock.display()))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(sb.path("other.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !other_sock.exists() {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the other host's serve did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    qemu_io(
+        &format!("nbd+unix:///data?socket={}", other_sock.display()),
+        &["write -P 0xb3 10M 3M"],
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(other.id() as i32, libc::SIGTERM) };
+    assert!(
+        other.wait().unwrap().success(),
+        "{}",
+        std::fs::read_to_string(sb.path("other.log")).unwrap()
+    );
+
+    // The link is back: the export answers, and is not taken back, on
+    // its own or by an admin.
+    let _back = QemuNbd::unix(&r.remote, &r.sock, &[]);
+    let asked = sb.mv_on(&r.disks, &["reactivate", &r.uri]);
+    assert_eq!(asked.code, 2, "{}{}", asked.stdout, asked.stderr);
+    assert!(asked.stderr.contains("split brain"), "{}", asked.stderr);
+    let st = wait_status_on(&sb, &r.disks, 60, "the return is refused", |st| {
+        common::disk(st, &r.uri)["link"]
+            .as_str()
+            .is_some_and(|l| l.contains("split brain"))
+    });
+    assert_eq!(common::disk(&st, &r.uri)["state"], "failed", "{st:#}");
+    serving.stop();
+    assert!(
+        common::resyncs_in_log(
+            &std::fs::read_to_string(sb.path("serve.log")).unwrap(),
+            "data",
+            &r.uri
+        )
+        .is_empty(),
+        "nothing was copied over either side"
+    );
+
+    let st = sb.mv_on(&r.disks, &["status", "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&st.stdout).unwrap();
+    let sides = st["split_brain"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no split brain in status: {st:#}"));
+    assert_eq!(sides.len(), 2, "{st:#}");
+    let changed = |disk: &str| -> u64 {
+        let side = sides
+            .iter()
+            .find(|s| {
+                s["disks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|d| d.as_str().unwrap().contains(disk))
+            })
+            .unwrap_or_else(|| panic!("no side holds {disk}: {st:#}"));
+        side["volumes"][0]["bytes"].as_u64().unwrap()
+    };
+    // What each side wrote alone, and at most the 1 MiB written together
+    // just before the cut, whose bits were still set.
+    let (here, there) = (changed("a.img"), changed("disk?socket="));
+    assert!(
+        (2 << 20..=3 << 20).contains(&here),
+        "this side changed {here} bytes: {st:#}"
+    );
+    assert!(
+        (3 << 20..=4 << 20).contains(&there),
+        "the other changed {there} bytes: {st:#}"
+    );
+    // Writes are refused until an admin keeps one side.
+    let refused = sb.mv_on(&r.disks, &["create", "more", "--size", "1M"]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+    assert!(refused.stderr.contains("is split"), "{}", refused.stderr);
 }

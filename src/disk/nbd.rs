@@ -11,28 +11,33 @@
 //! whose label assembly then reads: several only when the server
 //! advertises `NBD_FLAG_CAN_MULTI_CONN` (without it, a flush on one
 //! connection need not cover writes made on another, and servers such as
-//! qemu-nbd take one client unless told more). Each request borrows one
-//! and gives it back when its reply came. A connection that fails breaks
-//! the disk: every later request fails and [`Disk::health`] says so, and
-//! the group fails the disk. Only [`Disk::reconnect`] mends it: it
-//! connects again and puts the new connections in service only once the
-//! caller has read what they reach (the group checks the label, config
-//! and generation: what answers at the same address later may be another
-//! export, or this one rolled back). Connections lent before a break are
-//! never given back to the pool after it. An export that cannot flush is refused: a mirror's
+//! qemu-nbd take one client unless told more). Each connection carries
+//! many requests at once ([`Session`]: pipelined, answered in any order,
+//! structured replies when the server offers them, so a read of a hole
+//! sends no zeroes), and the disk's queue workers share them. A
+//! connection that fails breaks the disk: every connection is dropped,
+//! every later request fails and [`Disk::health`] says so (also when a
+//! connection ended while idle), and the group fails the disk. Only
+//! [`Disk::reconnect`] mends it: it connects again and puts the new
+//! connections in service only once the caller has read what they reach
+//! (the group checks the label, config and generation: what answers at
+//! the same address later may be another export, or this one rolled
+//! back). A failure of a request made before a reconnection does not
+//! break the connections made after it. An export that cannot flush is refused: a mirror's
 //! bitmap and config must be durable before the writes they cover are
 //! acknowledged, and such an export could only promise that by lying.
 //! A read-only export is refused too.
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::{Disk, DiskIdentity};
 use crate::nbd::client::Client;
 use crate::nbd::proto;
+use crate::nbd::session::{Answer, Session};
 
 /// Where an export is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,9 +164,11 @@ impl NbdUri {
     /// Opens one connection to the export.
     fn connect(&self, timeout: Duration) -> io::Result<Client> {
         match &self.address {
-            NbdAddress::Unix { socket } => Client::connect_unix(socket, &self.export, timeout),
+            NbdAddress::Unix { socket } => {
+                Client::connect_unix_with(socket, &self.export, timeout, true)
+            }
             NbdAddress::Tcp { host, port } => {
-                Client::connect_tcp(host, *port, &self.export, timeout)
+                Client::connect_tcp_with(host, *port, &self.export, timeout, true)
             }
         }
     }
@@ -200,22 +207,24 @@ pub struct NbdDisk {
     shown: String,
     size: u64,
     flags: AtomicU16,
-    /// Connections free for the next request; `broken` once one failed.
+    /// The connections in service; `broken` once one failed.
     pool: Mutex<Pool>,
     returned: Condvar,
     /// The connections made at open.
     most: usize,
+    /// Which connection the next request goes on.
+    next: AtomicUsize,
     /// What each request (and each connection attempt) waits at most.
     timeout: Duration,
 }
 
 struct Pool {
-    idle: Vec<Client>,
+    sessions: Vec<Arc<Session>>,
     broken: Option<String>,
-    /// Raised by every reconnection: a connection lent before it is not
-    /// taken back.
+    /// Raised by every reconnection: a failure of a request made before it
+    /// does not break the connections made after.
     epoch: u64,
-    /// Connections lent out now (a request on each).
+    /// Requests being made now (any number on each connection).
     lent: usize,
 }
 
@@ -227,6 +236,10 @@ impl std::fmt::Debug for NbdDisk {
         write!(f, "NbdDisk({}, {} bytes)", self.shown, self.size)
     }
 }
+
+/// One request of a batch: (command, command flags, offset, length, a
+/// write's bytes).
+type Ask<'a> = (u16, u16, u64, u32, &'a [u8]);
 
 impl NbdDisk {
     /// Connects to the export `uri` names; every request waits at most
@@ -258,29 +271,34 @@ impl NbdDisk {
             1
         };
         // All made now, to the export just checked: none is made later.
-        let mut idle = vec![first];
-        while idle.len() < most {
+        let mut clients = vec![first];
+        while clients.len() < most {
             let c = connect()?;
             if (c.size(), c.flags()) != (size, flags) {
                 return refuse(format!(
                     "the NBD export {shown} changed between two connections"
                 ));
             }
-            idle.push(c);
+            clients.push(c);
         }
+        let sessions = clients
+            .into_iter()
+            .map(|c| Session::start(c, timeout).map(Arc::new))
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(NbdDisk {
             uri,
             shown: shown.to_string(),
             size,
             flags: flags.into(),
             pool: Mutex::new(Pool {
-                idle,
+                sessions,
                 broken: None,
                 epoch: 0,
                 lent: 0,
             }),
             returned: Condvar::new(),
             most,
+            next: AtomicUsize::new(0),
             timeout,
         })
     }
@@ -294,13 +312,14 @@ impl NbdDisk {
     /// runs; what else it offers (zeroes, trim) is taken as it is now.
     fn mend(&self, check: &dyn Fn(&dyn Disk) -> io::Result<()>) -> io::Result<()> {
         {
-            let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pool = self.lock();
             pool.broken
                 .get_or_insert_with(|| "reconnecting".to_string());
-            for c in pool.idle.drain(..) {
-                c.abort();
+            for s in pool.sessions.drain(..) {
+                s.abort();
             }
-            // Requests on lent connections end within the socket's timeout.
+            // Every request on an aborted connection fails at once, but its
+            // sender may still be writing: that ends within the timeout.
             let limit = std::time::Instant::now() + 2 * self.timeout;
             while pool.lent > 0 {
                 let left = limit.saturating_duration_since(std::time::Instant::now());
@@ -331,10 +350,10 @@ impl NbdDisk {
             ));
         }
         check(&fresh)?;
-        let conns = std::mem::take(&mut fresh.pool.lock().unwrap_or_else(|e| e.into_inner()).idle);
-        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = std::mem::take(&mut fresh.lock().sessions);
+        let mut pool = self.lock();
         pool.epoch += 1;
-        pool.idle = conns;
+        pool.sessions = sessions;
         pool.broken = None;
         self.flags.store(fresh.flags(), Ordering::Relaxed);
         drop(pool);
@@ -342,53 +361,55 @@ impl NbdDisk {
         Ok(())
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn flags(&self) -> u16 {
         self.flags.load(Ordering::Relaxed)
     }
 
-    /// Runs `op` on a free connection and gives it back; when `op` fails
-    /// (the connection did: an error reply is an answer, in step) or
-    /// panics, the disk is broken for good.
-    fn with<T>(&self, op: impl FnOnce(&mut Client) -> io::Result<T>) -> io::Result<T> {
-        let lock = || self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        let mut pool = lock();
-        let c = loop {
+    /// Sends every request of `asks` on one connection, all before the
+    /// first answer is waited for, and returns their answers in order.
+    /// When the connection fails (an error reply is an answer, not a
+    /// failure), or a request panics, the disk is broken until
+    /// [`NbdDisk::mend`]: every connection is dropped, since what the
+    /// failed one left undone is not known.
+    fn exchange(&self, asks: &[Ask<'_>]) -> io::Result<Vec<Answer>> {
+        let (session, epoch) = {
+            let mut pool = self.lock();
             if let Some(why) = &pool.broken {
                 return Err(self.broken(why));
             }
-            if let Some(c) = pool.idle.pop() {
-                break c;
+            if pool.sessions.is_empty() {
+                return Err(self.broken("no connection"));
             }
-            pool = self.returned.wait(pool).unwrap_or_else(|e| e.into_inner());
+            let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.sessions.len();
+            pool.lent += 1;
+            (pool.sessions[i].clone(), pool.epoch)
         };
-        let epoch = pool.epoch;
-        pool.lent += 1;
-        drop(pool);
-        /// Gives the connection back, or breaks the disk when it is not
-        /// given back (a failure, or a panic in between). A connection lent
-        /// before a reconnection is dropped, whatever became of it.
+        /// Counts the request out, and breaks the disk when it failed
+        /// (`why` set, or a panic in between).
         struct Lent<'a> {
             disk: &'a NbdDisk,
-            conn: Option<Client>,
-            why: String,
+            why: Option<String>,
             epoch: u64,
         }
         impl Drop for Lent<'_> {
             fn drop(&mut self) {
-                // A panic mid-request may have left the connection out of
-                // step with the server's replies.
-                if std::thread::panicking() {
-                    self.conn = None;
-                }
-                let mut pool = self.disk.pool.lock().unwrap_or_else(|e| e.into_inner());
+                let failed = if std::thread::panicking() {
+                    Some("a request did not finish".to_string())
+                } else {
+                    self.why.take()
+                };
+                let mut pool = self.disk.lock();
                 pool.lent -= 1;
-                match self.conn.take() {
-                    Some(c) if pool.epoch != self.epoch => c.abort(),
-                    Some(c) if pool.broken.is_none() => pool.idle.push(c),
-                    Some(c) => c.abort(),
-                    None if pool.epoch != self.epoch => {}
-                    None => {
-                        pool.broken.get_or_insert(std::mem::take(&mut self.why));
+                if let Some(why) = failed
+                    && pool.epoch == self.epoch
+                {
+                    pool.broken.get_or_insert(why);
+                    for s in &pool.sessions {
+                        s.abort();
                     }
                 }
                 drop(pool);
@@ -397,17 +418,29 @@ impl NbdDisk {
         }
         let mut lent = Lent {
             disk: self,
-            conn: Some(c),
-            why: "a request did not finish".into(),
+            why: None,
             epoch,
         };
-        let conn = lent.conn.as_mut().expect("lent above");
-        let r = op(conn).map_err(|e| no_answer(e, self.timeout));
+        let r = (|| {
+            let tickets = asks
+                .iter()
+                .map(|&(kind, flags, at, len, data)| session.send(kind, flags, at, len, data))
+                .collect::<io::Result<Vec<_>>>()?;
+            tickets
+                .into_iter()
+                .map(|t| {
+                    let a = t.wait()?;
+                    // NBD_ESHUTDOWN: the server is going away. Kept, the
+                    // connection would hold it up and fail every request.
+                    if a.errno == libc::ESHUTDOWN as u32 {
+                        return Err(io::Error::from_raw_os_error(libc::ESHUTDOWN));
+                    }
+                    Ok(a)
+                })
+                .collect::<io::Result<Vec<_>>>()
+        })();
         if let Err(e) = &r {
-            lent.why = e.to_string();
-            if let Some(c) = lent.conn.take() {
-                c.abort();
-            }
+            lent.why = Some(e.to_string());
         }
         r
     }
@@ -429,22 +462,43 @@ impl NbdDisk {
         self.most
     }
 
+    /// Whether its connections use structured replies.
+    pub fn structured(&self) -> bool {
+        self.lock().sessions.iter().all(|s| s.structured())
+    }
+
     fn can(&self, flag: u16) -> bool {
         self.flags() & flag != 0
     }
 
     /// Sends `kind` over `[offset, offset + len)` in requests the server
-    /// takes, each answered before the next.
+    /// takes, all in flight at once.
     fn ranged(&self, kind: u16, flags: u16, offset: u64, len: u64) -> io::Result<()> {
-        let mut at = offset;
-        let end = offset + len;
-        while at < end {
-            let n = (end - at).min(u64::from(proto::MAX_REQUEST)) as u32;
-            reply(self.with(|c| shut(c.request_with(kind, flags, at, n, &[])))?)?;
-            at += u64::from(n);
-        }
-        Ok(())
+        let asks: Vec<Ask<'_>> = parts(offset, len)
+            .map(|(at, n)| (kind, flags, at, n, &[][..]))
+            .collect();
+        self.exchange(&asks)?
+            .iter()
+            .try_for_each(|a| reply(a.errno))
     }
+}
+
+impl Drop for NbdDisk {
+    fn drop(&mut self) {
+        for s in &self.lock().sessions {
+            s.disconnect();
+        }
+    }
+}
+
+/// `[offset, offset + len)` cut into requests of at most
+/// [`proto::MAX_REQUEST`] bytes: (offset, length).
+fn parts(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
+    let most = u64::from(proto::MAX_REQUEST);
+    (0..len.div_ceil(most)).map(move |i| {
+        let at = offset + i * most;
+        (at, (offset + len - at).min(most) as u32)
+    })
 }
 
 /// A socket's timeout says EAGAIN: the server did not answer in time,
@@ -458,16 +512,6 @@ fn no_answer(e: io::Error, timeout: Duration) -> io::Error {
         )
     } else {
         e
-    }
-}
-
-/// A reply of `NBD_ESHUTDOWN` (the server is going away) ends the
-/// connection, as a broken one does: kept, it would hold the server up
-/// and fail every request after.
-fn shut(r: io::Result<u32>) -> io::Result<u32> {
-    match r {
-        Ok(e) if e == libc::ESHUTDOWN as u32 => Err(io::Error::from_raw_os_error(libc::ESHUTDOWN)),
-        r => r,
     }
 }
 
@@ -487,20 +531,68 @@ impl Disk for NbdDisk {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        reply(self.with(|c| shut(c.read_answered(offset, buf)))?)
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        for (i, part) in buf.chunks(proto::MAX_REQUEST as usize).enumerate() {
-            let at = offset + (i as u64) * u64::from(proto::MAX_REQUEST);
-            let len = part.len() as u32;
-            reply(self.with(|c| shut(c.request_with(proto::CMD_WRITE, 0, at, len, part)))?)?;
+        let asks: Vec<Ask<'_>> = parts(offset, buf.len() as u64)
+            .map(|(at, n)| (proto::CMD_READ, 0, at, n, &[][..]))
+            .collect();
+        let answers = self.exchange(&asks)?;
+        for (a, part) in answers
+            .into_iter()
+            .zip(buf.chunks_mut(proto::MAX_REQUEST as usize))
+        {
+            reply(a.errno)?;
+            match a.data {
+                Some(d) if d.len() == part.len() => part.copy_from_slice(&d),
+                _ => return Err(io::Error::other("a read was answered without its data")),
+            }
         }
         Ok(())
     }
 
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let asks: Vec<Ask<'_>> = parts(offset, buf.len() as u64)
+            .zip(buf.chunks(proto::MAX_REQUEST as usize))
+            .map(|((at, n), part)| (proto::CMD_WRITE, 0, at, n, part))
+            .collect();
+        self.exchange(&asks)?
+            .iter()
+            .try_for_each(|a| reply(a.errno))
+    }
+
     fn flush(&self) -> io::Result<()> {
-        reply(self.with(|c| shut(c.request(proto::CMD_FLUSH, 0, 0, &[])))?)
+        let answers = self.exchange(&[(proto::CMD_FLUSH, 0, 0, 0, &[])])?;
+        reply(answers[0].errno)
+    }
+
+    /// All in flight at once. Made durable by FUA on each write where the
+    /// export takes it: one round trip, where writes and then a flush
+    /// (which covers only writes already answered) take two.
+    fn write_all_then_flush(&self, writes: &[(u64, &[u8])], flush: bool) -> io::Result<()> {
+        let overlap = writes.iter().enumerate().any(|(i, (a, da))| {
+            writes[i + 1..]
+                .iter()
+                .any(|(b, db)| *a < b + db.len() as u64 && *b < a + da.len() as u64)
+        });
+        if overlap {
+            // In order, as the trait says: one at a time.
+            for (offset, data) in writes {
+                self.write_at(data, *offset)?;
+            }
+            return if flush { self.flush() } else { Ok(()) };
+        }
+        let fua = flush && self.can(proto::FLAG_SEND_FUA);
+        let flags = if fua { proto::CMD_FLAG_FUA } else { 0 };
+        let asks: Vec<Ask<'_>> = writes
+            .iter()
+            .flat_map(|(offset, data)| {
+                parts(*offset, data.len() as u64)
+                    .zip(data.chunks(proto::MAX_REQUEST as usize))
+                    .map(move |((at, n), part)| (proto::CMD_WRITE, flags, at, n, part))
+            })
+            .collect();
+        self.exchange(&asks)?
+            .iter()
+            .try_for_each(|a| reply(a.errno))?;
+        if flush && !fua { self.flush() } else { Ok(()) }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -536,8 +628,19 @@ impl Disk for NbdDisk {
         Ok(())
     }
 
+    /// Broken once a request failed, and once a connection ended on its
+    /// own (the server closed it or stopped answering while idle): the
+    /// group asks every second, so a server gone is seen without a write.
     fn health(&self) -> io::Result<()> {
-        let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pool = self.lock();
+        if pool.broken.is_none()
+            && let Some(e) = pool.sessions.iter().find_map(|s| s.ended())
+        {
+            pool.broken = Some(e.to_string());
+            for s in &pool.sessions {
+                s.abort();
+            }
+        }
         match &pool.broken {
             Some(why) => Err(self.broken(why)),
             None => Ok(()),

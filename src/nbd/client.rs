@@ -1,6 +1,7 @@
 //! A small blocking NBD client: fixed newstyle handshake with `NBD_OPT_GO`
 //! over a Unix socket or TCP, then one request at a time with simple
-//! replies.
+//! replies; or, handed to a [`super::session::Session`], many at once
+//! (with structured replies when the handshake asked for them).
 //!
 //! `test-mirrors` reads each plex through it, so a plex is checked as any
 //! client would see it: through the handshake, the export's advertised size
@@ -24,6 +25,11 @@ pub struct Client {
     size: u64,
     flags: u16,
     next_handle: u64,
+    /// Structured replies were negotiated (only for a [`Session`]'s
+    /// reader: this client's own requests read simple replies).
+    ///
+    /// [`Session`]: super::session::Session
+    structured: bool,
 }
 
 fn bad(what: impl Into<String>) -> io::Error {
@@ -34,10 +40,21 @@ impl Client {
     /// Connects to the server on the Unix socket at `path` and enters
     /// transmission with `export`. Every read waits at most `timeout`.
     pub fn connect_unix(path: &Path, export: &str, timeout: Duration) -> io::Result<Client> {
+        Client::connect_unix_with(path, export, timeout, false)
+    }
+
+    /// [`Client::connect_unix`], asking for structured replies when
+    /// `structured` (for a [`super::session::Session`]).
+    pub fn connect_unix_with(
+        path: &Path,
+        export: &str,
+        timeout: Duration,
+        structured: bool,
+    ) -> io::Result<Client> {
         let sock = UnixStream::connect(path)?;
         sock.set_read_timeout(Some(timeout))?;
         sock.set_write_timeout(Some(timeout))?;
-        Client::start(Sock::Unix(sock), export)
+        Client::start(Sock::Unix(sock), export, structured)
     }
 
     /// Connects to the server at `host:port` over TCP (within `timeout`)
@@ -48,6 +65,18 @@ impl Client {
         export: &str,
         timeout: Duration,
     ) -> io::Result<Client> {
+        Client::connect_tcp_with(host, port, export, timeout, false)
+    }
+
+    /// [`Client::connect_tcp`], asking for structured replies when
+    /// `structured`.
+    pub fn connect_tcp_with(
+        host: &str,
+        port: u16,
+        export: &str,
+        timeout: Duration,
+        structured: bool,
+    ) -> io::Result<Client> {
         use std::net::ToSocketAddrs;
         let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
         for addr in (host, port).to_socket_addrs()? {
@@ -56,7 +85,7 @@ impl Client {
                     sock.set_read_timeout(Some(timeout))?;
                     sock.set_write_timeout(Some(timeout))?;
                     sock.set_nodelay(true)?;
-                    return Client::start(Sock::Tcp(sock), export);
+                    return Client::start(Sock::Tcp(sock), export, structured);
                 }
                 Err(e) => last = e,
             }
@@ -64,18 +93,51 @@ impl Client {
         Err(last)
     }
 
-    fn start(sock: Sock, export: &str) -> io::Result<Client> {
+    fn start(sock: Sock, export: &str, structured: bool) -> io::Result<Client> {
         let mut c = Client {
             sock,
             size: 0,
             flags: 0,
             next_handle: 1,
+            structured: false,
         };
-        c.handshake(export)?;
+        c.handshake(export, structured)?;
         Ok(c)
     }
 
-    fn handshake(&mut self, export: &str) -> io::Result<()> {
+    /// The connection and what the handshake settled: (socket, size,
+    /// flags, structured replies).
+    pub(super) fn into_parts(self) -> (Sock, u64, u16, bool) {
+        (self.sock, self.size, self.flags, self.structured)
+    }
+
+    /// Sends option `opt` with `data`.
+    fn option(&mut self, opt: u32, data: &[u8]) -> io::Result<()> {
+        let mut out = proto::IHAVEOPT.to_be_bytes().to_vec();
+        out.extend_from_slice(&opt.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        self.sock.write_all(&out)
+    }
+
+    /// Reads one option reply to `opt`: (reply type, body).
+    fn option_reply(&mut self, opt: u32) -> io::Result<(u32, Vec<u8>)> {
+        let mut h = [0u8; 20];
+        self.sock.read_exact(&mut h)?;
+        if be_u64(&h[0..8]) != proto::REPLY_MAGIC || be_u32(&h[8..12]) != opt {
+            return Err(bad("the server sent a malformed option reply"));
+        }
+        let kind = be_u32(&h[12..16]);
+        let len = be_u32(&h[16..20]);
+        if len > proto::MAX_OPTION_LEN {
+            return Err(bad(format!("the server sent a {len}-byte option reply")));
+        }
+        let mut body = vec![0u8; len as usize];
+        self.sock.read_exact(&mut body)?;
+        Ok((kind, body))
+    }
+
+    fn handshake(&mut self, export: &str, structured: bool) -> io::Result<()> {
         let mut greeting = [0u8; proto::HANDSHAKE_LEN];
         self.sock.read_exact(&mut greeting)?;
         if be_u64(&greeting[0..8]) != proto::NBDMAGIC || be_u64(&greeting[8..16]) != proto::IHAVEOPT
@@ -94,27 +156,31 @@ impl Client {
         data.extend_from_slice(&(export.len() as u32).to_be_bytes());
         data.extend_from_slice(export.as_bytes());
         data.extend_from_slice(&0u16.to_be_bytes());
-        let mut out = flags.to_be_bytes().to_vec();
-        out.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-        out.extend_from_slice(&proto::OPT_GO.to_be_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        out.extend_from_slice(&data);
-        self.sock.write_all(&out)?;
+        self.sock.write_all(&flags.to_be_bytes())?;
+        if structured {
+            // Any refusal (an old server) leaves simple replies.
+            self.option(proto::OPT_STRUCTURED_REPLY, &[])?;
+            let mut answered = false;
+            // Informational replies may come before the answer, a few.
+            for _ in 0..16 {
+                let (kind, _) = self.option_reply(proto::OPT_STRUCTURED_REPLY)?;
+                self.structured = kind == proto::REP_ACK;
+                if kind == proto::REP_ACK || kind & (1 << 31) != 0 {
+                    answered = true;
+                    break;
+                }
+            }
+            if !answered {
+                return Err(bad(
+                    "the server never answered the option for structured replies",
+                ));
+            }
+        }
+        self.option(proto::OPT_GO, &data)?;
 
         let mut export_info = None;
         loop {
-            let mut h = [0u8; 20];
-            self.sock.read_exact(&mut h)?;
-            if be_u64(&h[0..8]) != proto::REPLY_MAGIC || be_u32(&h[8..12]) != proto::OPT_GO {
-                return Err(bad("the server sent a malformed option reply"));
-            }
-            let kind = be_u32(&h[12..16]);
-            let len = be_u32(&h[16..20]);
-            if len > proto::MAX_OPTION_LEN {
-                return Err(bad(format!("the server sent a {len}-byte option reply")));
-            }
-            let mut body = vec![0u8; len as usize];
-            self.sock.read_exact(&mut body)?;
+            let (kind, body) = self.option_reply(proto::OPT_GO)?;
             match kind {
                 proto::REP_INFO if body.len() >= 12 && be_u16(&body) == proto::INFO_EXPORT => {
                     export_info = Some((be_u64(&body[2..10]), be_u16(&body[10..12])));

@@ -5,4 +5,5 @@
 pub mod client;
 pub mod proto;
 pub mod server;
+pub mod session;
 pub mod tls;

@@ -411,7 +411,16 @@ impl LiveGroup {
                 });
                 Ok(())
             }
-            Err(e) if is_not_it(&e) => Err(crate::Error::refused(e.to_string())),
+            Err(e) if is_not_it(&e) => {
+                // Said in status too, as an attempt of its own would.
+                let why = e.to_string();
+                self.call(move |c| {
+                    if let Some(a) = c.away.get_mut(&disk) {
+                        a.refused = Some(why);
+                    }
+                });
+                Err(crate::Error::refused(e.to_string()))
+            }
             Err(e) => Err(crate::Error::io(
                 format!("cannot reach disk {}", check.path),
                 e,

@@ -1,0 +1,891 @@
+//! Many requests in flight on one NBD connection.
+//!
+//! A [`Session`] takes a connection out of the handshake ([`Client`]) and
+//! lets any number of threads send requests on it at once: each request
+//! gets its own handle and goes out whole under the writing side's lock;
+//! one reader thread per connection reads the replies as they come, in
+//! whatever order the server sends them, and hands each to the thread
+//! waiting for it. Structured replies are read when the handshake
+//! negotiated them: a read's data may then come in chunks, holes as
+//! zeroes, and an error chunk carries the errno.
+//!
+//! Everything the server sends is checked before it is believed: a reply
+//! to a handle that was not asked, a chunk outside its request, a read
+//! whose chunks do not cover it exactly, an unknown reply type: each ends
+//! the connection with `InvalidData`, never a panic. A connection that
+//! ends (EOF, reset, a protocol error, or no answer to its oldest request
+//! within the timeout) fails every request on it, and every one after.
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::client::Client;
+use super::proto::{self, Request, be_u16, be_u32, be_u64};
+use super::server::Sock;
+
+/// What a request was answered with.
+#[derive(Debug)]
+pub struct Answer {
+    /// The NBD error value (0: success).
+    pub errno: u32,
+    /// A successful read's bytes.
+    pub data: Option<Vec<u8>>,
+}
+
+/// A request sent and not yet answered: [`Ticket::wait`] for its answer.
+pub struct Ticket {
+    rx: Receiver<io::Result<Answer>>,
+    session: Arc<Inner>,
+}
+
+impl Ticket {
+    /// Waits for the answer; an `Err` is the connection's failure.
+    pub fn wait(self) -> io::Result<Answer> {
+        match self.rx.recv() {
+            Ok(r) => r,
+            // The reader is gone without answering (it cannot be, but a
+            // request must not wait for ever on it).
+            Err(_) => Err(self.session.failure()),
+        }
+    }
+}
+
+/// One connection in the transmission phase, shared by many threads.
+pub struct Session {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The writing side: one whole request at a time.
+    writer: Mutex<Sock>,
+    /// A handle on the socket to shut it down from any thread.
+    control: Sock,
+    state: Mutex<State>,
+    structured: bool,
+    timeout: Duration,
+    size: u64,
+    flags: u16,
+}
+
+struct State {
+    next_handle: u64,
+    pending: HashMap<u64, Pending>,
+    /// Why the connection ended, once it has: (kind, message).
+    ended: Option<(io::ErrorKind, String)>,
+}
+
+struct Pending {
+    kind: u16,
+    offset: u64,
+    len: u32,
+    sent: Instant,
+    /// A read's buffer; out of the map while the reader fills it.
+    data: Option<Vec<u8>>,
+    /// The ranges (offset within the request, length) its chunks covered.
+    covered: Vec<(u64, u64)>,
+    /// The first error a chunk reported.
+    errno: u32,
+    tx: Sender<io::Result<Answer>>,
+}
+
+fn bad(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+/// The longest non-data structured chunk a reply may carry: an error's
+/// message is at most 4096 bytes by the specification.
+const MAX_CHUNK: u32 = 4096 + 64;
+
+impl Session {
+    /// Starts the reader of `client`'s connection; requests wait at most
+    /// `timeout` for the server (an older one unanswered ends the
+    /// connection).
+    pub fn start(client: Client, timeout: Duration) -> io::Result<Session> {
+        let (sock, size, flags, structured) = client.into_parts();
+        // The reader wakes this often to see whether a request is overdue.
+        let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let reading = sock.try_clone()?;
+        reading.set_read_timeout(Some(tick))?;
+        let control = sock.try_clone()?;
+        sock.set_write_timeout(Some(timeout))?;
+        let inner = Arc::new(Inner {
+            writer: Mutex::new(sock),
+            control,
+            state: Mutex::new(State {
+                next_handle: 1,
+                pending: HashMap::new(),
+                ended: None,
+            }),
+            structured,
+            timeout,
+            size,
+            flags,
+        });
+        let reader = Reader {
+            sock: reading,
+            inner: inner.clone(),
+        };
+        std::thread::Builder::new()
+            .name("mv-nbd-reply".into())
+            .spawn(move || reader.run())?;
+        Ok(Session { inner })
+    }
+
+    /// The export's size as the server advertised it.
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// The transmission flags the server advertised.
+    pub fn flags(&self) -> u16 {
+        self.inner.flags
+    }
+
+    /// Whether the handshake negotiated structured replies.
+    pub fn structured(&self) -> bool {
+        self.inner.structured
+    }
+
+    /// Requests sent and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.inner.lock().pending.len()
+    }
+
+    /// Why the connection ended, if it has.
+    pub fn ended(&self) -> Option<io::Error> {
+        let state = self.inner.lock();
+        state
+            .ended
+            .as_ref()
+            .map(|(kind, why)| io::Error::new(*kind, why.clone()))
+    }
+
+    /// Sends one request (`data`: a WRITE's bytes, `len` long) and returns
+    /// at once; the answer comes through the ticket.
+    pub fn send(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> io::Result<Ticket> {
+        let inner = &self.inner;
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let handle = {
+            let mut state = inner.lock();
+            if let Some((kind, why)) = &state.ended {
+                return Err(io::Error::new(*kind, why.clone()));
+            }
+            let handle = state.next_handle;
+            state.next_handle += 1;
+            let data = (kind == proto::CMD_READ).then(|| vec![0u8; len as usize]);
+            state.pending.insert(
+                handle,
+                Pending {
+                    kind,
+                    offset,
+                    len,
+                    sent: Instant::now(),
+                    data,
+                    covered: Vec::new(),
+                    errno: 0,
+                    tx,
+                },
+            );
+            handle
+        };
+        let header = proto::encode_request(&Request {
+            flags,
+            kind,
+            handle,
+            offset,
+            len: len.into(),
+        });
+        let sent = {
+            let mut w = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+            // Nothing goes out once the connection ended (an abort before a
+            // reconnection): the request has failed already.
+            if inner.lock().ended.is_some() {
+                Ok(())
+            } else {
+                write_all_vectored(&mut w, &[&header, data])
+            }
+        };
+        if let Err(e) = sent {
+            // Half a request may be on the wire: the connection is done.
+            inner.end(e.kind(), format!("sending a request failed: {e}"));
+        }
+        Ok(Ticket {
+            rx,
+            session: inner.clone(),
+        })
+    }
+
+    /// [`Session::send`] and [`Ticket::wait`].
+    pub fn call(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+    ) -> io::Result<Answer> {
+        self.send(kind, flags, offset, len, data)?.wait()
+    }
+
+    /// Ends the connection now: every request on it fails, and over TCP it
+    /// is reset once the last descriptor closes (`SO_LINGER` 0), so that a
+    /// write still queued to send is thrown away rather than delivered
+    /// later.
+    pub fn abort(&self) {
+        self.inner.reset_on_close();
+        self.inner
+            .end(io::ErrorKind::ConnectionAborted, "closed".into());
+    }
+
+    /// Ends the session politely (`NBD_CMD_DISC`) when it is still up.
+    pub fn disconnect(&self) {
+        if self.ended().is_some() {
+            return;
+        }
+        let r = proto::encode_request(&Request {
+            flags: 0,
+            kind: proto::CMD_DISC,
+            handle: 0,
+            offset: 0,
+            len: 0,
+        });
+        let _ = self
+            .inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_all(&r);
+        self.inner
+            .end(io::ErrorKind::NotConnected, "disconnected".into());
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The reader holds the connection too: it must be told.
+        self.inner.end(io::ErrorKind::NotConnected, "closed".into());
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn failure(&self) -> io::Error {
+        gone(&self.lock())
+    }
+
+    fn reset_on_close(&self) {
+        if let Sock::Tcp(_) = &self.control {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: the descriptor is this connection's, open for the
+            // call; the value is a linger of the size passed.
+            unsafe {
+                libc::setsockopt(
+                    self.control.raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+
+    /// Ends the connection: records why (the first reason stays), fails
+    /// every request still waiting, and wakes the reader (shutting the
+    /// reading side only: shutting the writing side would send what is
+    /// still queued, and a FIN after it).
+    fn end(&self, kind: io::ErrorKind, why: String) {
+        let pending = {
+            let mut state = self.lock();
+            state.ended.get_or_insert((kind, why));
+            std::mem::take(&mut state.pending)
+        };
+        let (kind, why) = self.lock().ended.clone().expect("set above");
+        for (_, p) in pending {
+            let _ = p.tx.send(Err(io::Error::new(kind, why.clone())));
+        }
+        self.control.shutdown(Shutdown::Read);
+    }
+}
+
+impl State {
+    /// The request in flight under `handle`; an error once the connection
+    /// ended (which fails them all).
+    fn get(&mut self, handle: u64) -> io::Result<&mut Pending> {
+        match self.pending.get_mut(&handle) {
+            Some(p) => Ok(p),
+            None => Err(match &self.ended {
+                Some((kind, why)) => io::Error::new(*kind, why.clone()),
+                None => bad(format!("no request in flight has handle {handle}")),
+            }),
+        }
+    }
+}
+
+/// Why requests on the connection fail: it ended (or its reader stopped).
+fn gone(state: &State) -> io::Error {
+    match &state.ended {
+        Some((kind, why)) => io::Error::new(*kind, why.clone()),
+        None => io::Error::new(io::ErrorKind::BrokenPipe, "the connection's reader stopped"),
+    }
+}
+
+/// Writes all of `parts` (a header and a payload) in as few system calls
+/// as the socket takes.
+fn write_all_vectored(w: &mut Sock, parts: &[&[u8]]) -> io::Result<()> {
+    let mut bufs: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    while !bufs.is_empty() {
+        let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
+        let n = match w.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the server took no data within the timeout",
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        let mut n = n;
+        while n > 0 {
+            if n >= bufs[0].len() {
+                n -= bufs[0].len();
+                bufs.remove(0);
+            } else {
+                bufs[0] = &bufs[0][n..];
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The reading side: one thread per connection.
+struct Reader {
+    sock: Sock,
+    inner: Arc<Inner>,
+}
+
+impl Reader {
+    fn run(mut self) {
+        let err = loop {
+            if let Err(e) = self.one() {
+                break e;
+            }
+        };
+        self.inner.end(err.kind(), err.to_string());
+    }
+
+    /// Fills `buf` from the socket. Waiting for the start of a reply
+    /// (`between`), the connection is given up once its oldest request is
+    /// older than the timeout; in the middle of one, once no byte came for
+    /// that long.
+    fn fill(&mut self, buf: &mut [u8], between: bool) -> io::Result<()> {
+        let mut at = 0;
+        let mut last = Instant::now();
+        while at < buf.len() {
+            match self.sock.read(&mut buf[at..]) {
+                Ok(0) => {
+                    return Err(match self.inner.lock().ended.clone() {
+                        Some((kind, why)) => io::Error::new(kind, why),
+                        None => io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the server closed the connection",
+                        ),
+                    });
+                }
+                Ok(n) => {
+                    at += n;
+                    last = Instant::now();
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let state = self.inner.lock();
+                    if let Some((kind, why)) = &state.ended {
+                        return Err(io::Error::new(*kind, why.clone()));
+                    }
+                    let waited = if between && at == 0 {
+                        state.pending.values().map(|p| p.sent.elapsed()).max()
+                    } else {
+                        Some(last.elapsed())
+                    };
+                    if waited.is_some_and(|w| w > self.inner.timeout) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no answer within {} s", self.inner.timeout.as_secs_f64()),
+                        ));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one reply, or one chunk of a structured one.
+    fn one(&mut self) -> io::Result<()> {
+        let mut magic = [0u8; 4];
+        self.fill(&mut magic, true)?;
+        match be_u32(&magic) {
+            proto::SIMPLE_REPLY_MAGIC => self.simple(),
+            proto::STRUCTURED_REPLY_MAGIC if self.inner.structured => self.chunk(),
+            m => Err(bad(format!("the server sent a reply with magic {m:#x}"))),
+        }
+    }
+
+    /// Checks that `handle` names a request in flight.
+    fn asked(&self, handle: u64) -> io::Result<()> {
+        if self.inner.lock().pending.contains_key(&handle) {
+            Ok(())
+        } else {
+            Err(bad(format!(
+                "the server answered handle {handle}, which no request in flight has"
+            )))
+        }
+    }
+
+    fn simple(&mut self) -> io::Result<()> {
+        let mut h = [0u8; proto::SIMPLE_REPLY_LEN - 4];
+        self.fill(&mut h, false)?;
+        let (errno, handle) = (be_u32(&h[0..4]), be_u64(&h[4..12]));
+        self.asked(handle)?;
+        let removed = self.inner.lock().pending.remove(&handle);
+        let mut p = removed.ok_or_else(|| self.inner.failure())?;
+        if p.kind == proto::CMD_READ && errno == 0 {
+            if self.inner.structured {
+                return Err(bad(
+                    "the server answered a read with a simple reply after agreeing to structured replies",
+                ));
+            }
+            let mut data = p
+                .data
+                .take()
+                .ok_or_else(|| bad("a read's buffer is missing"))?;
+            self.fill(&mut data, false)?;
+            p.data = Some(data);
+        }
+        finish(p, errno);
+        Ok(())
+    }
+
+    fn chunk(&mut self) -> io::Result<()> {
+        // flags, type, handle, length: the structured reply header after its magic.
+        let mut h = [0u8; 16];
+        self.fill(&mut h, false)?;
+        let flags = be_u16(&h[0..2]);
+        let kind = be_u16(&h[2..4]);
+        let handle = be_u64(&h[4..12]);
+        let length = be_u32(&h[12..16]);
+        self.asked(handle)?;
+        let (req_kind, req_offset, req_len) = {
+            let state = self.inner.lock();
+            let p = state.pending.get(&handle).ok_or_else(|| gone(&state))?;
+            (p.kind, p.offset, u64::from(p.len))
+        };
+        // Where a chunk of `n` bytes at `offset` lies in its request.
+        let place = |offset: u64, n: u64| -> io::Result<u64> {
+            match offset.checked_sub(req_offset) {
+                Some(rel) if req_kind == proto::CMD_READ && rel.saturating_add(n) <= req_len => {
+                    Ok(rel)
+                }
+                _ => Err(bad(format!(
+                    "the server sent a chunk of {n} bytes at offset {offset} for a request of {req_len} bytes at {req_offset}"
+                ))),
+            }
+        };
+        match kind {
+            proto::REPLY_TYPE_OFFSET_DATA => {
+                if length < 8 || u64::from(length) - 8 > req_len {
+                    return Err(bad(format!(
+                        "the server sent a data chunk of {length} bytes"
+                    )));
+                }
+                let mut off = [0u8; 8];
+                self.fill(&mut off, false)?;
+                let n = u64::from(length) - 8;
+                let rel = place(be_u64(&off), n)?;
+                let mut data = self.take_buffer(handle)?;
+                let r = self.fill(&mut data[rel as usize..(rel + n) as usize], false);
+                self.put_back(handle, data, rel, n);
+                r?;
+            }
+            proto::REPLY_TYPE_OFFSET_HOLE => {
+                if length != 12 {
+                    return Err(bad(format!(
+                        "the server sent a hole chunk of {length} bytes"
+                    )));
+                }
+                let mut b = [0u8; 12];
+                self.fill(&mut b, false)?;
+                let n = u64::from(be_u32(&b[8..12]));
+                let rel = place(be_u64(&b[0..8]), n)?;
+                // The buffer starts zeroed: a hole needs no bytes.
+                let mut state = self.inner.lock();
+                let p = state.get(handle)?;
+                p.covered.push((rel, n));
+            }
+            proto::REPLY_TYPE_NONE => {
+                if length != 0 || flags & proto::REPLY_FLAG_DONE == 0 {
+                    return Err(bad("the server sent a malformed NONE chunk"));
+                }
+            }
+            k if k & 0x8000 != 0 => {
+                if !(6..=MAX_CHUNK).contains(&length) {
+                    return Err(bad(format!(
+                        "the server sent an error chunk of {length} bytes"
+                    )));
+                }
+                let mut body = vec![0u8; length as usize];
+                self.fill(&mut body, false)?;
+                let errno = match be_u32(&body[0..4]) {
+                    // An error chunk must carry an error.
+                    0 => proto::EIO,
+                    e => e,
+                };
+                let mut state = self.inner.lock();
+                let p = state.get(handle)?;
+                if p.errno == 0 {
+                    p.errno = errno;
+                }
+            }
+            k => {
+                return Err(bad(format!(
+                    "the server sent a structured reply chunk of unknown type {k}"
+                )));
+            }
+        }
+        if flags & proto::REPLY_FLAG_DONE != 0 {
+            let removed = self.inner.lock().pending.remove(&handle);
+            let p = removed.ok_or_else(|| self.inner.failure())?;
+            if p.kind == proto::CMD_READ && p.errno == 0 && !tiles(&p.covered, req_len) {
+                return Err(bad(format!(
+                    "the server's chunks for a read of {req_len} bytes at {req_offset} do not cover it exactly"
+                )));
+            }
+            let errno = p.errno;
+            finish(p, errno);
+        }
+        Ok(())
+    }
+
+    fn take_buffer(&self, handle: u64) -> io::Result<Vec<u8>> {
+        let mut state = self.inner.lock();
+        let p = state.get(handle)?;
+        p.data
+            .take()
+            .ok_or_else(|| bad("a read's buffer is missing"))
+    }
+
+    fn put_back(&self, handle: u64, data: Vec<u8>, rel: u64, n: u64) {
+        let mut state = self.inner.lock();
+        // An abort may have failed the request meanwhile.
+        if let Some(p) = state.pending.get_mut(&handle) {
+            p.data = Some(data);
+            p.covered.push((rel, n));
+        }
+    }
+}
+
+/// Whether `ranges` cover `[0, len)` exactly, without overlap.
+fn tiles(ranges: &[(u64, u64)], len: u64) -> bool {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable();
+    let mut at = 0;
+    for (off, n) in sorted {
+        if off != at {
+            return false;
+        }
+        at += n;
+    }
+    at == len
+}
+
+fn finish(mut p: Pending, errno: u32) {
+    let data = if errno == 0 { p.data.take() } else { None };
+    let _ = p.tx.send(Ok(Answer { errno, data }));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+    use std::path::Path;
+
+    use super::*;
+    use crate::disk::AlignedBuf;
+    use crate::nbd::server::{self, Done, Export, Listen, Server};
+
+    /// Bytes in memory, with reads slowed so that many are in flight.
+    struct Mem {
+        data: Vec<u8>,
+    }
+
+    impl Export for Mem {
+        fn name(&self) -> &str {
+            "mem"
+        }
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read(&self, offset: u64, len: usize, done: Done<AlignedBuf>) {
+            let o = offset as usize;
+            done(Ok(AlignedBuf::from_slice(&self.data[o..o + len])));
+        }
+        fn write(&self, _: u64, _: AlignedBuf, _: bool, done: Done<()>) {
+            done(Ok(()))
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool, done: Done<()>) {
+            done(Ok(()))
+        }
+        fn flush(&self, done: Done<()>) {
+            done(Ok(()))
+        }
+    }
+
+    #[test]
+    fn many_threads_share_one_connection_and_each_gets_its_own_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        let server = Server::new(vec![Arc::new(Mem { data: data.clone() })]);
+        server.serve(server::bind(&Listen::Unix(sock.clone())).unwrap());
+        let t = Duration::from_secs(10);
+        let c = Client::connect_unix_with(&sock, "mem", t, true).unwrap();
+        let s = Arc::new(Session::start(c, t).unwrap());
+        assert!(s.structured(), "our server offers structured replies");
+        std::thread::scope(|scope| {
+            for k in 0..8u64 {
+                let (s, data) = (s.clone(), &data);
+                scope.spawn(move || {
+                    for i in 0..200u64 {
+                        let offset = (k * 7919 + i * 4099) % (1024 * 1024 - 8192) / 512 * 512;
+                        // Several requests out before the first answer is read.
+                        let tickets: Vec<_> = (0..4u64)
+                            .map(|j| {
+                                s.send(proto::CMD_READ, 0, offset + j * 512, 1536, &[])
+                                    .unwrap()
+                            })
+                            .collect();
+                        for (j, t) in tickets.into_iter().enumerate() {
+                            let a = t.wait().unwrap();
+                            assert_eq!(a.errno, 0);
+                            let at = (offset + j as u64 * 512) as usize;
+                            assert_eq!(a.data.unwrap(), data[at..at + 1536]);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(s.in_flight(), 0);
+        let a = s.call(proto::CMD_FLUSH, 0, 0, 0, &[]).unwrap();
+        assert_eq!(a.errno, 0);
+        s.disconnect();
+        assert!(s.send(proto::CMD_FLUSH, 0, 0, 0, &[]).is_err());
+        server.shutdown();
+    }
+
+    /// A server that shakes hands (offering structured replies), reads
+    /// one request, and answers it with `reply(handle, offset)`'s bytes.
+    fn scripted(
+        dir: &Path,
+        reply: impl Fn(u64, u64) -> Vec<u8> + Send + 'static,
+    ) -> (Session, std::thread::JoinHandle<()>) {
+        let path = dir.join("scripted.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            c.write_all(&proto::encode_greeting()).unwrap();
+            let mut flags = [0u8; 4];
+            c.read_exact(&mut flags).unwrap();
+            loop {
+                let mut h = [0u8; 16];
+                c.read_exact(&mut h).unwrap();
+                let opt = be_u32(&h[8..12]);
+                let mut body = vec![0u8; be_u32(&h[12..16]) as usize];
+                c.read_exact(&mut body).unwrap();
+                if opt == proto::OPT_GO {
+                    c.write_all(&proto::encode_info_export(
+                        opt,
+                        1 << 20,
+                        proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH,
+                    ))
+                    .unwrap();
+                    c.write_all(&proto::encode_option_reply(opt, proto::REP_ACK, &[]))
+                        .unwrap();
+                    break;
+                }
+                c.write_all(&proto::encode_option_reply(opt, proto::REP_ACK, &[]))
+                    .unwrap();
+            }
+            let mut r = [0u8; proto::REQUEST_LEN];
+            c.read_exact(&mut r).unwrap();
+            let (handle, offset) = (be_u64(&r[8..16]), be_u64(&r[16..24]));
+            let _ = c.write_all(&reply(handle, offset));
+            // Hold the connection until the client ends it.
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+        });
+        let t = Duration::from_millis(400);
+        let c = Client::connect_unix_with(&path, "", t, true).unwrap();
+        (Session::start(c, t).unwrap(), server)
+    }
+
+    fn chunk(flags: u16, kind: u16, handle: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = proto::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&handle.to_be_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn data_chunk(done: bool, handle: u64, offset: u64, bytes: &[u8]) -> Vec<u8> {
+        let mut p = offset.to_be_bytes().to_vec();
+        p.extend_from_slice(bytes);
+        chunk(done as u16, proto::REPLY_TYPE_OFFSET_DATA, handle, &p)
+    }
+
+    fn hole_chunk(done: bool, handle: u64, offset: u64, len: u32) -> Vec<u8> {
+        let mut p = offset.to_be_bytes().to_vec();
+        p.extend_from_slice(&len.to_be_bytes());
+        chunk(done as u16, proto::REPLY_TYPE_OFFSET_HOLE, handle, &p)
+    }
+
+    /// A read of 1024 bytes at 4096 answered by `reply`.
+    fn read_answered(reply: impl Fn(u64, u64) -> Vec<u8> + Send + 'static) -> io::Result<Answer> {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, server) = scripted(dir.path(), reply);
+        let r = s.call(proto::CMD_READ, 0, 4096, 1024, &[]);
+        drop(s);
+        server.join().unwrap();
+        r
+    }
+
+    #[test]
+    fn a_read_in_chunks_and_holes_comes_back_whole() {
+        let a = read_answered(|h, o| {
+            let mut out = hole_chunk(false, h, o + 512, 512);
+            out.extend(data_chunk(true, h, o, &[7u8; 512]));
+            out
+        })
+        .unwrap();
+        assert_eq!(a.errno, 0);
+        let mut want = vec![7u8; 512];
+        want.extend([0u8; 512]);
+        assert_eq!(a.data.unwrap(), want);
+    }
+
+    #[test]
+    fn an_error_chunk_is_the_answer() {
+        let a = read_answered(|h, o| {
+            let mut out = data_chunk(false, h, o, &[7u8; 512]);
+            let mut p = proto::EIO.to_be_bytes().to_vec();
+            p.extend_from_slice(&4u16.to_be_bytes());
+            p.extend_from_slice(b"oops");
+            out.extend(chunk(1, proto::REPLY_TYPE_ERROR, h, &p));
+            out
+        })
+        .unwrap();
+        assert_eq!(a.errno, proto::EIO);
+        assert!(a.data.is_none());
+    }
+
+    #[test]
+    fn what_the_server_must_not_send_ends_the_connection_without_a_panic() {
+        type Script = fn(u64, u64) -> Vec<u8>;
+        let cases: [(&str, Script); 9] = [
+            ("a handle not asked", |h, o| {
+                data_chunk(true, h + 1, o, &[0; 1024])
+            }),
+            ("data before the request", |h, o| {
+                data_chunk(true, h, o - 512, &[0; 1024])
+            }),
+            ("data past the request", |h, o| {
+                data_chunk(true, h, o + 512, &[0; 1024])
+            }),
+            ("a gap", |h, o| data_chunk(true, h, o, &[0; 512])),
+            ("an overlap", |h, o| {
+                let mut out = data_chunk(false, h, o, &[0; 1024]);
+                out.extend(hole_chunk(true, h, o, 512));
+                out
+            }),
+            ("an unknown type", |h, _| chunk(1, 77, h, &[])),
+            ("a huge error", |h, _| {
+                let mut out = chunk(1, proto::REPLY_TYPE_ERROR, h, &[]);
+                out.truncate(16);
+                out.extend_from_slice(&u32::MAX.to_be_bytes());
+                out
+            }),
+            ("bad magic", |_, _| vec![0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0]),
+            ("a simple reply with data", |h, _| {
+                let mut out = proto::encode_simple_reply(0, h).to_vec();
+                out.extend_from_slice(&[0; 1024]);
+                out
+            }),
+        ];
+        for (what, script) in cases {
+            let e = read_answered(script).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_server_that_stops_answering_fails_the_request_within_the_timeout() {
+        let started = Instant::now();
+        let e = read_answered(|_, _| Vec::new()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        // The timeout is 400 ms; the reader looks every 100 ms.
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_request_after_the_connection_ended_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, server) = scripted(dir.path(), |h, _| proto::encode_simple_reply(0, h).to_vec());
+        assert_eq!(s.call(proto::CMD_FLUSH, 0, 0, 0, &[]).unwrap().errno, 0);
+        s.abort();
+        let e = s.send(proto::CMD_FLUSH, 0, 0, 0, &[]).err().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+        drop(s);
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn chunks_tile_a_read_only_when_they_cover_it_once() {
+        assert!(tiles(&[(0, 4096)], 4096));
+        assert!(tiles(&[(4096, 4096), (0, 4096)], 8192));
+        assert!(!tiles(&[(0, 4096)], 8192), "a gap at the end");
+        assert!(!tiles(&[(0, 4096), (2048, 4096)], 6144), "an overlap");
+        assert!(!tiles(&[(0, 2048), (0, 2048), (2048, 2048)], 4096));
+        assert!(tiles(&[], 0));
+    }
+}
