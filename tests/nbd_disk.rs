@@ -897,3 +897,84 @@ fn both_sides_of_a_partition_written_is_a_split_brain_with_what_each_changed() {
     assert_eq!(refused.code, 2, "{}", refused.stderr);
     assert!(refused.stderr.contains("is split"), "{}", refused.stderr);
 }
+
+/// Bytes read from each disk under serve since it opened them (iostat).
+fn read_bytes(sb: &Sandbox, disks: &str) -> std::collections::HashMap<String, f64> {
+    let st: serde_json::Value =
+        serde_json::from_str(sb.mv_on(disks, &["iostat", "--json"]).ok().stdout.trim()).unwrap();
+    st["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["path"].as_str().unwrap().to_string(),
+                d["read_bytes"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// md's write-mostly on the far disk: every write reaches it, no read goes
+/// to it while the local plex is in sync; turned off under serve, reads
+/// spread over both; with the local disk failed, it serves them alone.
+#[test]
+fn a_write_mostly_remote_disk_takes_writes_but_serves_reads_only_when_alone() {
+    if !tools() || !have_tool("qemu-io") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let r = remote_mirror(&sb);
+    let set = sb.mv_on(&r.disks, &["set-disk", &r.uri, "--write-mostly", "on"]);
+    assert!(set.ok().stdout.contains("is write-mostly"));
+    let st = status_on(&sb, &r.disks);
+    assert_eq!(common::disk(&st, &r.uri)["write_mostly"], true, "{st:#}");
+    assert_eq!(common::disk(&st, "a.img")["write_mostly"], false);
+    let text = sb.mv_on(&r.disks, &["status"]).ok().stdout;
+    assert!(text.contains("Online (write-mostly)"), "{text}");
+    // Refusals name what is wrong and change nothing.
+    let none = sb.mv_on(&r.disks, &["set-disk", &r.uri]);
+    assert_eq!(none.code, 2);
+    assert!(none.stderr.contains("names no setting"), "{}", none.stderr);
+    let unknown = sb.mv_on(
+        &r.disks,
+        &["set-disk", "/nonexistent.img", "--write-mostly", "on"],
+    );
+    assert_eq!(unknown.code, 2, "{}", unknown.stderr);
+
+    let (serving, served) = Serving::start(&sb, &r.disks, &[]);
+    let reads: Vec<String> = (0..16).map(|i| format!("read {}k 64k", i * 1024)).collect();
+    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+    let before = read_bytes(&sb, &r.disks);
+    qemu_io(&served, &["write -P 0x77 0 2M"]);
+    qemu_io(&served, &reads);
+    let after = read_bytes(&sb, &r.disks);
+    let local = sb.path("disks/a.img").display().to_string();
+    assert_eq!(
+        after[&r.uri] - before[&r.uri],
+        0.0,
+        "no read went to the write-mostly disk"
+    );
+    assert!(
+        after[&local] - before[&local] >= (1 << 20) as f64,
+        "{after:?}"
+    );
+
+    // Off under serve: reads spread again.
+    sb.mv_on(&r.disks, &["set-disk", &r.uri, "--write-mostly", "off"])
+        .ok();
+    let before = read_bytes(&sb, &r.disks);
+    qemu_io(&served, &reads);
+    let after = read_bytes(&sb, &r.disks);
+    assert!(after[&r.uri] > before[&r.uri], "{before:?} {after:?}");
+
+    // On again, and the local disk failed: the far one serves alone, with
+    // what was written.
+    sb.mv_on(&r.disks, &["set-disk", &r.uri, "--write-mostly", "on"])
+        .ok();
+    sb.mv_on(&r.disks, &["fail", &local]).ok();
+    qemu_io(&served, &["read -P 0x77 0 2M"]);
+    let history = sb.mv_on(&r.disks, &["history"]).ok().stdout;
+    assert!(history.contains("set-disk"), "{history}");
+    serving.stop();
+}

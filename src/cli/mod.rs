@@ -389,6 +389,24 @@ pub enum Command {
         json: bool,
     },
     /// Mark a disk failed (maintenance, tests).
+    /// Change a disk's settings. --write-mostly on keeps reads off its
+    /// plexes while another in-sync plex can serve them (md's write-mostly,
+    /// for a slow or far disk: an NBD export on another machine); writes
+    /// still go to every plex. Kept in the config; under serve it applies
+    /// at once
+    SetDisk {
+        /// The disk (a path or an NBD URI of the group).
+        path: PathBuf,
+        /// on: its plexes serve reads only when no other in-sync plex can.
+        #[arg(long, value_parser = ["on", "off"])]
+        write_mostly: Option<String>,
+        /// Print what the command did as one JSON object on stdout:
+        /// {"ok", "command", "messages", "warnings", "status"} (status:
+        /// as `status --json` after the change); a refusal or failure is
+        /// {"ok": false, "code", "error"}.
+        #[arg(long)]
+        json: bool,
+    },
     Fail {
         /// The disk to mark failed.
         path: PathBuf,
@@ -824,6 +842,7 @@ fn json_asked(command: &Command) -> bool {
         | Command::Extend { json, .. }
         | Command::Delete { json, .. }
         | Command::Fail { json, .. }
+        | Command::SetDisk { json, .. }
         | Command::Copy { json, .. } => *json,
         _ => false,
     }
@@ -1020,6 +1039,7 @@ fn command_name(command: &Command) -> &'static str {
         Command::Extend { .. } => "extend",
         Command::Delete { .. } => "delete",
         Command::Fail { .. } => "fail",
+        Command::SetDisk { .. } => "set-disk",
         Command::Copy { .. } => "copy",
         Command::Status { .. } => "status",
         Command::Examine { .. } => "examine",
@@ -1291,6 +1311,12 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
         Command::Fail { path, force, .. } => Request::Fail {
             path: absolute(path),
             force,
+        },
+        Command::SetDisk {
+            path, write_mostly, ..
+        } => Request::SetDisk {
+            write_mostly: write_mostly_wanted(&path, write_mostly)?,
+            path: absolute(path),
         },
         Command::Reactivate { path, .. } => Request::Reactivate {
             path: absolute(path),
@@ -1771,6 +1797,13 @@ fn execute(cli: Cli) -> Result<()> {
             let done = through_controller(&disks, |live| live.fail_disk_by_path(&path, force))?;
             print_offline(done);
         }
+        Command::SetDisk {
+            path, write_mostly, ..
+        } => {
+            let on = write_mostly_wanted(&path, write_mostly)?;
+            let done = through_controller(&disks, |live| live.set_write_mostly_by_path(&path, on))?;
+            print_offline(done);
+        }
         Command::Copy { src, dst, rate, .. } => {
             let (s, d) = (Endpoint::parse(&src), Endpoint::parse(&dst));
             let n = through_controller(&disks, |live| live.copy(&s, &d, rate, &|| false, &bar))?;
@@ -1907,6 +1940,17 @@ fn execute(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `set-disk`'s `--write-mostly on|off`; refused when no setting is given.
+fn write_mostly_wanted(path: &std::path::Path, v: Option<String>) -> Result<bool> {
+    match v.as_deref() {
+        Some(v) => Ok(v == "on"),
+        None => Err(Error::refused(format!(
+            "set-disk {} names no setting to change (--write-mostly on|off)",
+            path.display()
+        ))),
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! {"op": "iostat"}                       → {"ok": true, "report": {"time", "disks": [...], "volumes": [...]}}
 //! {"op": "fail", "path": P, "force": B}  → {"ok": true, "message": "marked disk P failed"}
 //! {"op": "reactivate", "path": P}        → {"ok": true, "message": "reactivated disk P; ..."}
+//! {"op": "set-disk", "path": P, "write_mostly": B}
 //! {"op": "create", "name", "size", "copies", "disks"}
 //! {"op": "add-mirror", "name", "disk"?}  {"op": "remove-mirror", "name", "disk"}
 //! {"op": "remove-disk", "path"}         {"op": "replace", "path", "new"?, "cancel"}
@@ -56,6 +57,11 @@ pub enum Request {
     },
     Reactivate {
         path: PathBuf,
+    },
+    /// `set-disk PATH --write-mostly on|off`.
+    SetDisk {
+        path: PathBuf,
+        write_mostly: bool,
     },
     Create {
         name: String,
@@ -171,6 +177,11 @@ impl Request {
             }
             Request::Fail { path, force } => format!("fail {}{}", p(path), on("--force", *force)),
             Request::Reactivate { path } => format!("reactivate {}", p(path)),
+            Request::SetDisk { path, write_mostly } => format!(
+                "set-disk {} --write-mostly {}",
+                p(path),
+                if *write_mostly { "on" } else { "off" }
+            ),
             Request::Create {
                 name,
                 size,

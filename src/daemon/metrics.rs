@@ -595,6 +595,7 @@ mod tests {
             largest_free: 32 << 20,
             errors: 0,
             spare: false,
+            write_mostly: false,
             replaced_by: None,
             generation: None,
             io_engine: Some("uring"),

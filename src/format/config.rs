@@ -97,6 +97,11 @@ pub struct DiskEntry {
     /// Written only while set (older builds ignore it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaced_by: Option<Uuid>,
+    /// Write-mostly (md's): its plexes take every write but serve reads
+    /// only when no other in-sync plex can, for a slow or far disk.
+    /// Written only when true (older builds ignore it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub write_mostly: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +230,7 @@ mod tests {
             spare,
             left_generation: 0,
             replaced_by: None,
+            write_mostly: false,
         }
     }
 

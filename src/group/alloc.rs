@@ -116,6 +116,7 @@ mod tests {
                 spare: false,
                 left_generation: 0,
                 replaced_by: None,
+                write_mostly: false,
             }],
             volumes,
             region_size: 0,

@@ -38,12 +38,15 @@ impl Group {
                     "resyncing" => Mode::WriteOnly,
                     _ => return None,
                 };
-                Some(EnginePlex::new(
-                    p.disk,
-                    m.disk.queue().clone(),
-                    m.label.layout.data_offset() + p.offset,
-                    mode,
-                ))
+                Some(
+                    EnginePlex::new(
+                        p.disk,
+                        m.disk.queue().clone(),
+                        m.label.layout.data_offset() + p.offset,
+                        mode,
+                    )
+                    .write_mostly(self.is_write_mostly(p.disk)),
+                )
             })
             .collect();
         let engine = MirrorVolume::new(&v.name, v.size, plexes, sink, opts);

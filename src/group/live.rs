@@ -349,6 +349,16 @@ impl LiveGroup {
         });
     }
 
+    /// `set-disk PATH --write-mostly on|off`, offline or under serve.
+    pub fn set_write_mostly_by_path(
+        &self,
+        path: &std::path::Path,
+        on: bool,
+    ) -> crate::Result<Done> {
+        let path = path.to_path_buf();
+        self.ask(move |c| c.set_write_mostly(&path, on))
+    }
+
     /// `fail PATH [--force]` while serving: the disk is failed in the
     /// config (refused as offline when it holds a last in-sync plex, unless
     /// `force`) and its plexes leave every engine; a resync onto it stops.

@@ -941,6 +941,15 @@ impl Group {
         self.disk_state(uuid) == "online"
     }
 
+    /// Whether the disk is write-mostly: its plexes serve reads only when
+    /// no other in-sync plex can.
+    pub fn is_write_mostly(&self, uuid: Uuid) -> bool {
+        self.config
+            .disks
+            .iter()
+            .any(|d| d.uuid == uuid && d.write_mostly)
+    }
+
     /// A plex's state as users see it: its recorded state, unless its disk
     /// is not in service.
     pub fn plex_state(&self, disk: Uuid, recorded: PlexState) -> &'static str {

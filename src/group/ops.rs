@@ -144,6 +144,7 @@ impl Group {
                 spare: opts.spare,
                 left_generation: 0,
                 replaced_by: None,
+                write_mostly: false,
             });
             self.members.insert(
                 uuid,

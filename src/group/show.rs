@@ -147,6 +147,7 @@ pub fn status_text(r: &StatusReport) -> String {
             match (&d.replaced_by, d.spare) {
                 (Some(by), _) => format!("{} (being replaced by {by})", word(d.state)),
                 (None, true) => format!("{} (hot spare)", word(d.state)),
+                (None, false) if d.write_mostly => format!("{} (write-mostly)", word(d.state)),
                 (None, false) => word(d.state).to_string(),
             },
             d.controller.clone(),

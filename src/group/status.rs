@@ -113,6 +113,9 @@ pub struct DiskStatus {
     pub errors: u64,
     /// A hot spare: it holds no plex and waits for a repair to need it.
     pub spare: bool,
+    /// Write-mostly (`set-disk --write-mostly on`): its plexes serve reads
+    /// only when no other in-sync plex can.
+    pub write_mostly: bool,
     /// `replace`: the disk its copies are being rebuilt on; it leaves the
     /// group once they are in sync.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -263,6 +266,7 @@ impl Group {
                 largest_free: super::alloc::largest_free(&self.config, d.uuid),
                 errors: errors_on(d.uuid),
                 spare: d.spare,
+                write_mostly: d.write_mostly,
                 replaced_by: d.replaced_by.map(|n| self.disk_path(n)),
                 generation: Some(self.generation_of(d.uuid)).filter(|g| *g > 0),
                 io_engine: self

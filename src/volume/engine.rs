@@ -24,7 +24,7 @@
 //!   fail both and lose what each alone had taken.
 
 use std::io;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use uuid::Uuid;
@@ -185,6 +185,8 @@ pub struct EnginePlex {
     mode: AtomicU8,
     last_read_end: AtomicU64,
     read_errors: AtomicU64,
+    /// Reads go elsewhere while another in-sync plex can serve them.
+    write_mostly: AtomicBool,
     /// Dropped with the plex: its receiver learns that nothing holds the
     /// plex any more ([`EnginePlex::on_release`]).
     released: Mutex<Option<std::sync::mpsc::Sender<()>>>,
@@ -199,8 +201,25 @@ impl EnginePlex {
             mode: AtomicU8::new(mode as u8),
             last_read_end: AtomicU64::new(u64::MAX),
             read_errors: AtomicU64::new(0),
+            write_mostly: AtomicBool::new(false),
             released: Mutex::new(None),
         }
+    }
+
+    /// [`EnginePlex::new`], write-mostly when `on`.
+    pub fn write_mostly(self, on: bool) -> EnginePlex {
+        self.set_write_mostly(on);
+        self
+    }
+
+    /// Keeps reads off the plex while another in-sync plex can serve them
+    /// (md's write-mostly), or no longer.
+    pub fn set_write_mostly(&self, on: bool) {
+        self.write_mostly.store(on, Ordering::Relaxed);
+    }
+
+    pub fn is_write_mostly(&self) -> bool {
+        self.write_mostly.load(Ordering::Relaxed)
     }
 
     /// A receiver that disconnects when the plex is dropped, that is when
@@ -1020,16 +1039,31 @@ impl MirrorVolume {
     }
 
     /// The in-sync plex to read from: the one whose last read ended at
-    /// `offset`, else one of those with the fewest requests pending, in turn.
-    /// Runs on every read, so it allocates nothing.
+    /// `offset`, else one of those with the fewest requests pending, in turn;
+    /// a write-mostly plex only when no other can. Runs on every read, so
+    /// it allocates nothing.
     fn pick_reader(
         &self,
         offset: u64,
         tried: &[(Arc<EnginePlex>, io::Error)],
     ) -> Option<Arc<EnginePlex>> {
+        self.pick_reader_among(offset, tried, false)
+            .or_else(|| self.pick_reader_among(offset, tried, true))
+    }
+
+    /// [`MirrorVolume::pick_reader`] among the plexes that are not
+    /// write-mostly, or (`mostly`) among all.
+    fn pick_reader_among(
+        &self,
+        offset: u64,
+        tried: &[(Arc<EnginePlex>, io::Error)],
+        mostly: bool,
+    ) -> Option<Arc<EnginePlex>> {
         let plexes = self.plexes.read().unwrap_or_else(|e| e.into_inner());
         let usable = |p: &&Arc<EnginePlex>| {
-            p.mode() == Mode::InSync && !tried.iter().any(|(t, _)| Arc::ptr_eq(t, p))
+            p.mode() == Mode::InSync
+                && (mostly || !p.is_write_mostly())
+                && !tried.iter().any(|(t, _)| Arc::ptr_eq(t, p))
         };
         let mut least = usize::MAX;
         let mut ties = 0;

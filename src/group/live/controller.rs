@@ -325,12 +325,15 @@ impl Controller {
         mode: Mode,
     ) -> Option<Arc<EnginePlex>> {
         let m = self.group.members.get(&entry.disk)?;
-        engine.add_plex(EnginePlex::new(
-            entry.disk,
-            m.disk.queue().clone(),
-            m.label.layout.data_offset() + entry.offset,
-            mode,
-        ));
+        engine.add_plex(
+            EnginePlex::new(
+                entry.disk,
+                m.disk.queue().clone(),
+                m.label.layout.data_offset() + entry.offset,
+                mode,
+            )
+            .write_mostly(self.group.is_write_mostly(entry.disk)),
+        );
         engine.plex(entry.disk)
     }
 
@@ -651,6 +654,62 @@ impl Controller {
     /// `fail PATH [--force]`: the disk is failed in the config (refused as
     /// offline when it holds a last in-sync plex, unless `force`) and its
     /// plexes leave every engine; a resync onto it stops.
+    /// `set-disk PATH --write-mostly on|off`: recorded in the config, and
+    /// the disk's plexes in every engine follow at once.
+    pub(super) fn set_write_mostly(
+        &mut self,
+        path: &std::path::Path,
+        on: bool,
+    ) -> crate::Result<Done> {
+        let uuid = self.group.resolve_disk(path)?;
+        let shown = self.group.disk_path(uuid);
+        let word = if on {
+            "write-mostly"
+        } else {
+            "not write-mostly"
+        };
+        if self.group.is_write_mostly(uuid) == on {
+            return Ok(Done::new(
+                format!("disk {shown} is {word} already"),
+                &mut self.group,
+                Vec::new(),
+            ));
+        }
+        let mut warnings = Vec::new();
+        if on {
+            // Every volume it holds whose only other copies are not in sync
+            // still reads from it: say so rather than refuse.
+            for v in &self.group.config.volumes {
+                let others = v.plexes.iter().filter(|p| {
+                    p.disk != uuid
+                        && !self.group.is_write_mostly(p.disk)
+                        && self.group.plex_state(p.disk, p.state) == "in-sync"
+                });
+                if v.plexes.iter().any(|p| p.disk == uuid) && others.count() == 0 {
+                    warnings.push(format!(
+                        "volume {} has no other in-sync plex that is not write-mostly: its reads still go to {shown}",
+                        v.name
+                    ));
+                }
+            }
+        }
+        if let Some(d) = self.group.config.disks.iter_mut().find(|d| d.uuid == uuid) {
+            d.write_mostly = on;
+        }
+        self.group.commit()?;
+        for engine in self.engines.values() {
+            if let Some(p) = engine.plex(uuid) {
+                p.set_write_mostly(on);
+            }
+        }
+        tracing::info!(disk = %shown, write_mostly = on, "disk settings changed");
+        Ok(Done::new(
+            format!("disk {shown} is {word}"),
+            &mut self.group,
+            warnings,
+        ))
+    }
+
     pub(super) fn fail_by_path(
         &mut self,
         path: &std::path::Path,
