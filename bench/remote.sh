@@ -8,7 +8,11 @@
 # the median of --runs runs; ratios are taken within a run.
 #
 #   bash bench/remote.sh [--dir DIR] [--size MIB] [--seconds S] [--runs N]
-#                        [--delay MS]
+#                        [--delay MS] [--away MIB] [--write-behind N]
+#
+# With --write-behind N, mirrorvol runs a second time with the far disk
+# write-mostly and N writes behind (md's write-mostly/write-behind), as
+# target mirrorvol-wb.
 #
 # Each run, for each target, in this order:
 #   1. fresh:     new sparse files, a new volume, random 4 KiB writes QD32
@@ -33,6 +37,7 @@ seconds=5
 runs=3
 delay=0
 away=64
+write_behind=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) dir="$2"; shift 2 ;;
@@ -41,7 +46,8 @@ while [ $# -gt 0 ]; do
     --runs) runs="$2"; shift 2 ;;
     --delay) delay="$2"; shift 2 ;;
     --away) away="$2"; shift 2 ;;
-    *) echo "usage: $0 [--dir DIR] [--size MIB] [--seconds S] [--runs N] [--delay MS] [--away MIB]" >&2; exit 2 ;;
+    --write-behind) write_behind="$2"; shift 2 ;;
+    *) echo "usage: $0 [--dir DIR] [--size MIB] [--seconds S] [--runs N] [--delay MS] [--away MIB] [--write-behind N]" >&2; exit 2 ;;
   esac
 done
 for t in fio qemu-nbd qemu-io nbdkit python3; do
@@ -117,6 +123,18 @@ for run in $(seq "$runs"); do
   wait_socket
   workloads "$run" mirrorvol
   stop_server
+  if [ "$write_behind" != 0 ]; then
+    fresh_images
+    MIRRORVOL_DISKS="$disks" "$bin" init "$a" "$(far_uri)" --style raw --group bench >/dev/null
+    MIRRORVOL_DISKS="$disks" "$bin" create data --size "${vol_mib}M" --mirror >/dev/null 2>&1
+    MIRRORVOL_DISKS="$disks" "$bin" set-disk "$(far_uri)" --write-mostly on \
+      --write-behind "$write_behind" >/dev/null
+    MIRRORVOL_DISKS="$disks" "$bin" serve --listen "unix:$sock" 2>"$dir/serve.log" &
+    server_pid=$!
+    wait_socket
+    workloads "$run" mirrorvol-wb
+    stop_server
+  fi
   # The link cut, on a new volume (the random writes above leave bits set
   # all over this one for a while): the far server stops, --away MiB are
   # written, it comes back; time until the volume is healthy, bytes
@@ -178,12 +196,14 @@ print(f"Medians of {len(rows[('mirrorvol', 'fresh')])} runs, far leg over loopba
 print()
 print("| target | fresh randwrite IOPS | randwrite IOPS | randread IOPS | QD1 randwrite p50 µs |")
 print("|---|---:|---:|---:|---:|")
-for t in ["mirrorvol", "quorum", "local-raw"]:
+for t in ["mirrorvol", "mirrorvol-wb", "quorum", "local-raw"]:
+    if not rows[(t, "fresh")]:
+        continue
     print(f"| {t} | {fig(t,'fresh',0):.0f} | {fig(t,'randwrite',0):.0f} | {fig(t,'randread',0):.0f} | {fig(t,'qd1',2):.0f} |")
 print()
-def ratio(job, k, peer, invert=False):
+def ratio(job, k, peer, invert=False, ours="mirrorvol"):
     r = []
-    for run, v in rows[("mirrorvol", job)].items():
+    for run, v in rows[(ours, job)].items():
         w = rows[(peer, job)].get(run)
         if w and v[k] > 0 and w[k] > 0:
             r.append(w[k] / v[k] if invert else v[k] / w[k])
@@ -193,6 +213,12 @@ for what, job, k, inv in [("fresh randwrite", "fresh", 0, False), ("warm randwri
                           ("randread", "randread", 0, False), ("QD1 p50, quorum/ours", "qd1", 2, True)]:
     r, lo, hi = ratio(job, k, "quorum", inv)
     print(f"  {what:22} {r:5.2f}x  ({lo:.2f}-{hi:.2f})")
+if rows[("mirrorvol-wb", "fresh")]:
+    print("mirrorvol, far disk write-mostly with write-behind, against quorum:")
+    for what, job, k, inv in [("fresh randwrite", "fresh", 0, False), ("warm randwrite", "randwrite", 0, False),
+                              ("randread", "randread", 0, False), ("QD1 p50, quorum/ours", "qd1", 2, True)]:
+        r, lo, hi = ratio(job, k, "quorum", inv, ours="mirrorvol-wb")
+        print(f"  {what:22} {r:5.2f}x  ({lo:.2f}-{hi:.2f})")
 ret = rows[("mirrorvol", "return")]
 if ret:
     print()

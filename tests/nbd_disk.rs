@@ -978,3 +978,93 @@ fn a_write_mostly_remote_disk_takes_writes_but_serves_reads_only_when_alone() {
     assert!(history.contains("set-disk"), "{history}");
     serving.stop();
 }
+
+/// md's write-behind on a far disk 20 ms away (nbdkit's delay filter):
+/// writes are answered once the local plex has them, so 48 of them one
+/// after another take a fraction of what they take when each waits for
+/// the far disk; every one lands there all the same.
+#[test]
+fn write_behind_answers_before_a_slow_far_disk_and_every_write_lands_there() {
+    if !have_tool("nbdkit") || !have_tool("qemu-io") {
+        return skip_or_fail("nbdkit or qemu-io is not installed");
+    }
+    let sb = Sandbox::new();
+    let local = sb.image("a.img", 64);
+    let far = image(&sb, 64);
+    let (_kit, uri, _log) = Nbdkit::start(
+        &sb,
+        &["delay"],
+        &strings(&[
+            "file",
+            &far.display().to_string(),
+            "delay-write=20ms",
+            "delay-zero=20ms",
+        ]),
+    );
+    let disks = format!("{local},{uri}");
+    sb.mv_on(&disks, &["init", &local, &uri, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "8M", "--mirror"])
+        .ok();
+    let set = sb.mv_on(
+        &disks,
+        &[
+            "set-disk",
+            &uri,
+            "--write-mostly",
+            "on",
+            "--write-behind",
+            "64",
+        ],
+    );
+    assert!(set.ok().stdout.contains("up to 64 writes behind"));
+    let st = status_on(&sb, &disks);
+    assert_eq!(common::disk(&st, &uri)["write_behind"], 64, "{st:#}");
+    // Write-behind without write-mostly is refused, and changes nothing.
+    let alone = sb.mv_on(&disks, &["set-disk", &local, "--write-behind", "8"]);
+    assert_eq!(alone.code, 2, "{}", alone.stderr);
+    assert!(
+        alone.stderr.contains("not write-mostly"),
+        "{}",
+        alone.stderr
+    );
+
+    let (serving, served) = Serving::start(&sb, &disks, &[]);
+    // 48 writes of 4 KiB, one after another, none overlapping.
+    let writes = |base: u64, byte: u8| -> Vec<String> {
+        (0..48u64)
+            .map(|i| format!("write -P {byte} {} 4k", base + i * 4096))
+            .collect()
+    };
+    let timed = |cmds: &[String]| {
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        let start = Instant::now();
+        qemu_io(&served, &cmds);
+        start.elapsed()
+    };
+    let behind = timed(&writes(0, 0x41));
+    sb.mv_on(&disks, &["set-disk", &uri, "--write-behind", "0"])
+        .ok();
+    let waited = timed(&writes(2 << 20, 0x42));
+    eprintln!("48 writes: {behind:?} with write-behind, {waited:?} waiting for the far disk");
+    assert!(
+        waited >= Duration::from_millis(48 * 20),
+        "{waited:?}: the far disk is slow"
+    );
+    assert!(
+        behind * 3 < waited,
+        "{behind:?} with write-behind, {waited:?} without"
+    );
+    serving.stop();
+
+    // Every write reached the far disk: alone, it holds them all.
+    let copy = sb.p("far-only.bin");
+    sb.mv_on(&uri, &["copy", "vol:data", &copy]).ok();
+    let got = std::fs::read(&copy).unwrap();
+    assert!(got[..48 * 4096].iter().all(|&b| b == 0x41));
+    assert!(
+        got[2 << 20..(2 << 20) + 48 * 4096]
+            .iter()
+            .all(|&b| b == 0x42)
+    );
+}

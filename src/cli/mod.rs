@@ -400,6 +400,12 @@ pub enum Command {
         /// on: its plexes serve reads only when no other in-sync plex can.
         #[arg(long, value_parser = ["on", "off"])]
         write_mostly: Option<String>,
+        /// Write-behind on a write-mostly disk (md's): a write is answered
+        /// once the other plexes have it, and up to N writes (64 MiB at
+        /// most) to this disk may still be on their way; their regions stay
+        /// dirty in the bitmaps until they land. 0: off.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=16384))]
+        write_behind: Option<u32>,
         /// Print what the command did as one JSON object on stdout:
         /// {"ok", "command", "messages", "warnings", "status"} (status:
         /// as `status --json` after the change); a refusal or failure is
@@ -1313,9 +1319,12 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             force,
         },
         Command::SetDisk {
-            path, write_mostly, ..
+            path,
+            write_mostly,
+            write_behind,
+            ..
         } => Request::SetDisk {
-            write_mostly: write_mostly_wanted(&path, write_mostly)?,
+            set: disk_settings(&path, write_mostly, write_behind)?,
             path: absolute(path),
         },
         Command::Reactivate { path, .. } => Request::Reactivate {
@@ -1798,10 +1807,13 @@ fn execute(cli: Cli) -> Result<()> {
             print_offline(done);
         }
         Command::SetDisk {
-            path, write_mostly, ..
+            path,
+            write_mostly,
+            write_behind,
+            ..
         } => {
-            let on = write_mostly_wanted(&path, write_mostly)?;
-            let done = through_controller(&disks, |live| live.set_write_mostly_by_path(&path, on))?;
+            let set = disk_settings(&path, write_mostly, write_behind)?;
+            let done = through_controller(&disks, |live| live.set_disk_by_path(&path, set))?;
             print_offline(done);
         }
         Command::Copy { src, dst, rate, .. } => {
@@ -1942,15 +1954,22 @@ fn execute(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// `set-disk`'s `--write-mostly on|off`; refused when no setting is given.
-fn write_mostly_wanted(path: &std::path::Path, v: Option<String>) -> Result<bool> {
-    match v.as_deref() {
-        Some(v) => Ok(v == "on"),
-        None => Err(Error::refused(format!(
-            "set-disk {} names no setting to change (--write-mostly on|off)",
+/// `set-disk`'s settings; refused when none is given.
+fn disk_settings(
+    path: &std::path::Path,
+    write_mostly: Option<String>,
+    write_behind: Option<u32>,
+) -> Result<crate::group::live::DiskSettings> {
+    if write_mostly.is_none() && write_behind.is_none() {
+        return Err(Error::refused(format!(
+            "set-disk {} names no setting to change (--write-mostly on|off, --write-behind N)",
             path.display()
-        ))),
+        )));
     }
+    Ok(crate::group::live::DiskSettings {
+        write_mostly: write_mostly.map(|v| v == "on"),
+        write_behind,
+    })
 }
 
 #[cfg(test)]

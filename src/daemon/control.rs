@@ -9,7 +9,7 @@
 //! {"op": "iostat"}                       → {"ok": true, "report": {"time", "disks": [...], "volumes": [...]}}
 //! {"op": "fail", "path": P, "force": B}  → {"ok": true, "message": "marked disk P failed"}
 //! {"op": "reactivate", "path": P}        → {"ok": true, "message": "reactivated disk P; ..."}
-//! {"op": "set-disk", "path": P, "write_mostly": B}
+//! {"op": "set-disk", "path": P, "write_mostly"?: B, "write_behind"?: N}
 //! {"op": "create", "name", "size", "copies", "disks"}
 //! {"op": "add-mirror", "name", "disk"?}  {"op": "remove-mirror", "name", "disk"}
 //! {"op": "remove-disk", "path"}         {"op": "replace", "path", "new"?, "cancel"}
@@ -58,10 +58,11 @@ pub enum Request {
     Reactivate {
         path: PathBuf,
     },
-    /// `set-disk PATH --write-mostly on|off`.
+    /// `set-disk PATH [--write-mostly on|off] [--write-behind N]`.
     SetDisk {
         path: PathBuf,
-        write_mostly: bool,
+        #[serde(flatten)]
+        set: crate::group::live::DiskSettings,
     },
     Create {
         name: String,
@@ -177,10 +178,15 @@ impl Request {
             }
             Request::Fail { path, force } => format!("fail {}{}", p(path), on("--force", *force)),
             Request::Reactivate { path } => format!("reactivate {}", p(path)),
-            Request::SetDisk { path, write_mostly } => format!(
-                "set-disk {} --write-mostly {}",
+            Request::SetDisk { path, set } => format!(
+                "set-disk {}{}{}",
                 p(path),
-                if *write_mostly { "on" } else { "off" }
+                opt(
+                    "--write-mostly",
+                    &set.write_mostly
+                        .map(|on| if on { "on" } else { "off" }.to_string())
+                ),
+                opt("--write-behind", &set.write_behind.map(|n| n.to_string()))
             ),
             Request::Create {
                 name,

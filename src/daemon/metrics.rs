@@ -596,6 +596,7 @@ mod tests {
             errors: 0,
             spare: false,
             write_mostly: false,
+            write_behind: 0,
             replaced_by: None,
             generation: None,
             io_engine: Some("uring"),

@@ -778,9 +778,7 @@ fn handle_request(
         }
         Request::Fail { path, force } => live.fail_disk_by_path(&path, force).map(done),
         Request::Reactivate { path } => live.reactivate_by_path(&path).map(done),
-        Request::SetDisk { path, write_mostly } => {
-            live.set_write_mostly_by_path(&path, write_mostly).map(done)
-        }
+        Request::SetDisk { path, set } => live.set_disk_by_path(&path, set).map(done),
         Request::Create {
             name,
             size,

@@ -102,6 +102,15 @@ pub struct DiskEntry {
     /// Written only when true (older builds ignore it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub write_mostly: bool,
+    /// Write-behind (md's) on a write-mostly disk: up to this many writes
+    /// to its plexes may be outstanding once the other plexes have them.
+    /// 0: off. Written only when set.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub write_behind: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +240,7 @@ mod tests {
             left_generation: 0,
             replaced_by: None,
             write_mostly: false,
+            write_behind: 0,
         }
     }
 

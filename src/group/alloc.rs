@@ -117,6 +117,7 @@ mod tests {
                 left_generation: 0,
                 replaced_by: None,
                 write_mostly: false,
+                write_behind: 0,
             }],
             volumes,
             region_size: 0,

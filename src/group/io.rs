@@ -45,7 +45,8 @@ impl Group {
                         m.label.layout.data_offset() + p.offset,
                         mode,
                     )
-                    .write_mostly(self.is_write_mostly(p.disk)),
+                    .write_mostly(self.is_write_mostly(p.disk))
+                    .write_behind(self.write_behind(p.disk)),
                 )
             })
             .collect();

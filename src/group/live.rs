@@ -349,14 +349,14 @@ impl LiveGroup {
         });
     }
 
-    /// `set-disk PATH --write-mostly on|off`, offline or under serve.
-    pub fn set_write_mostly_by_path(
+    /// `set-disk PATH ...`, offline or under serve.
+    pub fn set_disk_by_path(
         &self,
         path: &std::path::Path,
-        on: bool,
+        set: DiskSettings,
     ) -> crate::Result<Done> {
         let path = path.to_path_buf();
-        self.ask(move |c| c.set_write_mostly(&path, on))
+        self.ask(move |c| c.set_disk(&path, set))
     }
 
     /// `fail PATH [--force]` while serving: the disk is failed in the
@@ -653,4 +653,13 @@ impl Drop for LiveGroup {
             let _ = t.join();
         }
     }
+}
+
+/// What `set-disk` changes; `None`: left as it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_mostly: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_behind: Option<u32>,
 }

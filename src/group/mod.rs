@@ -941,6 +941,15 @@ impl Group {
         self.disk_state(uuid) == "online"
     }
 
+    /// The write-behind backlog of the disk's plexes (0: none).
+    pub fn write_behind(&self, uuid: Uuid) -> usize {
+        self.config
+            .disks
+            .iter()
+            .find(|d| d.uuid == uuid)
+            .map_or(0, |d| d.write_behind as usize)
+    }
+
     /// Whether the disk is write-mostly: its plexes serve reads only when
     /// no other in-sync plex can.
     pub fn is_write_mostly(&self, uuid: Uuid) -> bool {

@@ -145,6 +145,7 @@ impl Group {
                 left_generation: 0,
                 replaced_by: None,
                 write_mostly: false,
+                write_behind: 0,
             });
             self.members.insert(
                 uuid,

@@ -147,6 +147,11 @@ pub fn status_text(r: &StatusReport) -> String {
             match (&d.replaced_by, d.spare) {
                 (Some(by), _) => format!("{} (being replaced by {by})", word(d.state)),
                 (None, true) => format!("{} (hot spare)", word(d.state)),
+                (None, false) if d.write_behind > 0 => format!(
+                    "{} (write-mostly, write-behind {})",
+                    word(d.state),
+                    d.write_behind
+                ),
                 (None, false) if d.write_mostly => format!("{} (write-mostly)", word(d.state)),
                 (None, false) => word(d.state).to_string(),
             },

@@ -116,6 +116,9 @@ pub struct DiskStatus {
     /// Write-mostly (`set-disk --write-mostly on`): its plexes serve reads
     /// only when no other in-sync plex can.
     pub write_mostly: bool,
+    /// Write-behind: writes to its plexes that may be outstanding once the
+    /// others have them (0: none).
+    pub write_behind: u32,
     /// `replace`: the disk its copies are being rebuilt on; it leaves the
     /// group once they are in sync.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -267,6 +270,7 @@ impl Group {
                 errors: errors_on(d.uuid),
                 spare: d.spare,
                 write_mostly: d.write_mostly,
+                write_behind: d.write_behind,
                 replaced_by: d.replaced_by.map(|n| self.disk_path(n)),
                 generation: Some(self.generation_of(d.uuid)).filter(|g| *g > 0),
                 io_engine: self

@@ -133,6 +133,10 @@ fn cold_waits() -> &'static crossbeam_channel::Sender<Box<dyn FnOnce() + Send>> 
 /// writes moving.
 const COLD_WAITERS: usize = 8;
 
+/// The most bytes of writes a write-behind plex may have outstanding,
+/// whatever its backlog in writes.
+pub const WRITE_BEHIND_BYTES: u64 = 64 << 20;
+
 /// Ends a marked write when dropped.
 pub struct IntentGuard(#[allow(dead_code)] Box<dyn Send>);
 
@@ -187,6 +191,13 @@ pub struct EnginePlex {
     read_errors: AtomicU64,
     /// Reads go elsewhere while another in-sync plex can serve them.
     write_mostly: AtomicBool,
+    /// Write-behind (md's, on a write-mostly plex): up to this many writes
+    /// to it may be outstanding once the other plexes have them; 0: off.
+    write_behind: AtomicUsize,
+    /// Writes (and their bytes) answered to the client and still on their
+    /// way to this plex.
+    behind: AtomicUsize,
+    behind_bytes: AtomicU64,
     /// Dropped with the plex: its receiver learns that nothing holds the
     /// plex any more ([`EnginePlex::on_release`]).
     released: Mutex<Option<std::sync::mpsc::Sender<()>>>,
@@ -202,6 +213,9 @@ impl EnginePlex {
             last_read_end: AtomicU64::new(u64::MAX),
             read_errors: AtomicU64::new(0),
             write_mostly: AtomicBool::new(false),
+            write_behind: AtomicUsize::new(0),
+            behind: AtomicUsize::new(0),
+            behind_bytes: AtomicU64::new(0),
             released: Mutex::new(None),
         }
     }
@@ -220,6 +234,56 @@ impl EnginePlex {
 
     pub fn is_write_mostly(&self) -> bool {
         self.write_mostly.load(Ordering::Relaxed)
+    }
+
+    /// [`EnginePlex::new`] with write-behind of up to `most` writes.
+    pub fn write_behind(self, most: usize) -> EnginePlex {
+        self.set_write_behind(most);
+        self
+    }
+
+    /// Lets up to `most` writes to this plex be outstanding once the other
+    /// plexes have them (0: every write waits for it). Only a write-mostly
+    /// plex writes behind.
+    pub fn set_write_behind(&self, most: usize) {
+        self.write_behind.store(most, Ordering::Relaxed);
+    }
+
+    /// Writes answered to their client and not yet landed on this plex.
+    pub fn behind(&self) -> usize {
+        self.behind.load(Ordering::Acquire)
+    }
+
+    /// Takes a place in the write-behind backlog for a write of `len`
+    /// bytes; false when the plex does not write behind or its backlog is
+    /// full (in writes or in [`WRITE_BEHIND_BYTES`]): the write then waits
+    /// for this plex as for any other.
+    fn take_behind(&self, len: u64) -> bool {
+        let most = self.write_behind.load(Ordering::Relaxed);
+        if most == 0 || !self.is_write_mostly() {
+            return false;
+        }
+        if self
+            .behind
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < most).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return false;
+        }
+        let bytes = self.behind_bytes.fetch_add(len, Ordering::AcqRel) + len;
+        if bytes > WRITE_BEHIND_BYTES && bytes != len {
+            self.landed(len);
+            return false;
+        }
+        true
+    }
+
+    /// A write behind landed (or failed).
+    fn landed(&self, len: u64) {
+        self.behind_bytes.fetch_sub(len, Ordering::AcqRel);
+        self.behind.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// A receiver that disconnects when the plex is dropped, that is when
@@ -763,13 +827,59 @@ impl MirrorVolume {
                 .into_iter()
                 .filter(|p| p.mode() != Mode::Out)
                 .collect();
-            let ops: Vec<Op> = targets.iter().map(|p| op(p)).collect();
+            // Write-behind needs another in-sync plex that waits for the
+            // write: the client's answer stands on it.
+            let anchored = targets
+                .iter()
+                .any(|p| p.mode() == Mode::InSync && !p.is_write_mostly());
+            let (behind, now): (Vec<_>, Vec<_>) = targets
+                .into_iter()
+                .partition(|p| anchored && p.take_behind(len));
+            if behind.is_empty() {
+                let ops: Vec<Op> = now.iter().map(|p| op(p)).collect();
+                let after = this.clone();
+                this.fan_out(now, ops, run, move |results| {
+                    let r = after.settle_writes(results, "write", offset);
+                    drop(intent);
+                    after.lock.release(guard);
+                    done(r);
+                });
+                return;
+            }
+            // The client is answered once the plexes in `now` have the
+            // write; the bits stay set and the range stays locked until the
+            // plexes behind have it too, so a crash or a cut never loses
+            // track of it and an overlapping write reaches them after it.
+            let held = Arc::new(Mutex::new(Some((intent, guard))));
+            let halves = Arc::new(AtomicUsize::new(2));
+            let end_half = {
+                let (this, held, halves) = (this.clone(), held.clone(), halves.clone());
+                move || {
+                    if halves.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        let taken = held.lock().unwrap_or_else(|e| e.into_inner()).take();
+                        if let Some((intent, guard)) = taken {
+                            drop(intent);
+                            this.lock.release(guard);
+                        }
+                    }
+                }
+            };
+            let behind_ops: Vec<Op> = behind.iter().map(|p| op(p)).collect();
+            let (after, end) = (this.clone(), end_half.clone());
+            this.fan_out(behind, behind_ops, Run::Queued, move |results| {
+                for (p, _) in &results {
+                    p.landed(len);
+                }
+                // A failure fails the plex; its client was answered already.
+                let _ = after.settle_writes(results, "write", offset);
+                end();
+            });
+            let ops: Vec<Op> = now.iter().map(|p| op(p)).collect();
             let after = this.clone();
-            this.fan_out(targets, ops, run, move |results| {
+            this.fan_out(now, ops, run, move |results| {
                 let r = after.settle_writes(results, "write", offset);
-                drop(intent);
-                after.lock.release(guard);
                 done(r);
+                end_half();
             });
         });
     }
@@ -1063,6 +1173,8 @@ impl MirrorVolume {
         let usable = |p: &&Arc<EnginePlex>| {
             p.mode() == Mode::InSync
                 && (mostly || !p.is_write_mostly())
+                // Writes behind not landed yet: stale where they go.
+                && p.behind() == 0
                 && !tried.iter().any(|(t, _)| Arc::ptr_eq(t, p))
         };
         let mut least = usize::MAX;
@@ -1384,6 +1496,61 @@ mod tests {
         let mut buf = vec![0; SIZE as usize];
         r.disks[i].read_at(&mut buf, i as u64 * 4096).unwrap();
         buf
+    }
+
+    #[test]
+    fn a_write_behind_is_answered_first_and_holds_its_range_and_reads_until_it_lands() {
+        let r = rig(2, EngineOptions::default());
+        let far = r.vol.plexes()[1].clone();
+        far.set_write_mostly(true);
+        far.set_write_behind(4);
+        r.disks[1].hang();
+        // Answered with the far disk hung: the near plex has it.
+        r.vol.write(0, &[7u8; 4096]).unwrap();
+        assert_eq!(far.behind(), 1);
+        assert_eq!(plex_bytes(&r, 0)[..4096], [7u8; 4096]);
+        // With the near plex out, the far one does not serve the read it
+        // has not landed: the read fails rather than return old data.
+        let near = r.vol.plexes()[0].clone();
+        near.set_mode(Mode::Out);
+        let mut buf = vec![0u8; 4096];
+        assert!(r.vol.read(0, &mut buf).is_err());
+        near.set_mode(Mode::InSync);
+        // An overlapping write waits for the one behind to land.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vol = r.vol.clone();
+        std::thread::spawn(move || tx.send(vol.write(0, &[8u8; 4096])).unwrap());
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "it waits"
+        );
+        r.disks[1].release();
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        let start = Instant::now();
+        while far.behind() > 0 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Both writes reached both plexes, in order.
+        assert_eq!(plex_bytes(&r, 1)[..4096], [8u8; 4096]);
+        assert_eq!(plex_bytes(&r, 0)[..4096], [8u8; 4096]);
+        // The backlog is bounded: with the far disk hung, the fifth write
+        // waits for it as if nothing were behind.
+        r.disks[1].hang();
+        for i in 0..4u64 {
+            r.vol.write((i + 1) << 16, &[9u8; 4096]).unwrap();
+        }
+        assert_eq!(far.behind(), 4);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vol = r.vol.clone();
+        std::thread::spawn(move || tx.send(vol.write(1 << 20, &[9u8; 4096])).unwrap());
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the fifth waits"
+        );
+        r.disks[1].release();
+        rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        assert!(r.record.failed.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -71,7 +71,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::{Done, LiveGroup, ResyncJob};
+use super::{DiskSettings, Done, LiveGroup, ResyncJob};
 use crate::format::PlexState;
 use crate::group::Group;
 use crate::group::events::{Event, EventKind, Events, Snapshot};
@@ -332,7 +332,8 @@ impl Controller {
                 m.label.layout.data_offset() + entry.offset,
                 mode,
             )
-            .write_mostly(self.group.is_write_mostly(entry.disk)),
+            .write_mostly(self.group.is_write_mostly(entry.disk))
+            .write_behind(self.group.write_behind(entry.disk)),
         );
         engine.plex(entry.disk)
     }
@@ -654,31 +655,48 @@ impl Controller {
     /// `fail PATH [--force]`: the disk is failed in the config (refused as
     /// offline when it holds a last in-sync plex, unless `force`) and its
     /// plexes leave every engine; a resync onto it stops.
-    /// `set-disk PATH --write-mostly on|off`: recorded in the config, and
-    /// the disk's plexes in every engine follow at once.
-    pub(super) fn set_write_mostly(
+    /// `set-disk PATH [--write-mostly on|off] [--write-behind N]`:
+    /// recorded in the config, and the disk's plexes in every engine follow
+    /// at once. Write-behind needs write-mostly (as md's); write-mostly
+    /// off turns it off too.
+    pub(super) fn set_disk(
         &mut self,
         path: &std::path::Path,
-        on: bool,
+        set: DiskSettings,
     ) -> crate::Result<Done> {
         let uuid = self.group.resolve_disk(path)?;
         let shown = self.group.disk_path(uuid);
-        let word = if on {
-            "write-mostly"
-        } else {
-            "not write-mostly"
+        let was = (
+            self.group.is_write_mostly(uuid),
+            self.group.write_behind(uuid) as u32,
+        );
+        let mostly = set.write_mostly.unwrap_or(was.0);
+        let behind = match (mostly, set.write_behind) {
+            (false, Some(n)) if n > 0 => {
+                return Err(crate::Error::refused(format!(
+                    "disk {shown} is not write-mostly: write-behind applies to write-mostly disks only (add --write-mostly on)"
+                )));
+            }
+            (false, _) => 0,
+            (true, n) => n.unwrap_or(was.1),
         };
-        if self.group.is_write_mostly(uuid) == on {
+        let describe = |(m, b): (bool, u32)| match (m, b) {
+            (false, _) => "not write-mostly".to_string(),
+            (true, 0) => "write-mostly".to_string(),
+            (true, n) => format!("write-mostly, with up to {n} writes behind"),
+        };
+        if (mostly, behind) == was {
             return Ok(Done::new(
-                format!("disk {shown} is {word} already"),
+                format!("disk {shown} is {} already", describe(was)),
                 &mut self.group,
                 Vec::new(),
             ));
         }
         let mut warnings = Vec::new();
-        if on {
+        if mostly {
             // Every volume it holds whose only other copies are not in sync
-            // still reads from it: say so rather than refuse.
+            // still reads from it, and writes nothing behind: say so rather
+            // than refuse.
             for v in &self.group.config.volumes {
                 let others = v.plexes.iter().filter(|p| {
                     p.disk != uuid
@@ -687,24 +705,26 @@ impl Controller {
                 });
                 if v.plexes.iter().any(|p| p.disk == uuid) && others.count() == 0 {
                     warnings.push(format!(
-                        "volume {} has no other in-sync plex that is not write-mostly: its reads still go to {shown}",
+                        "volume {} has no other in-sync plex that is not write-mostly: its reads still go to {shown}, and its writes wait for it",
                         v.name
                     ));
                 }
             }
         }
         if let Some(d) = self.group.config.disks.iter_mut().find(|d| d.uuid == uuid) {
-            d.write_mostly = on;
+            d.write_mostly = mostly;
+            d.write_behind = behind;
         }
         self.group.commit()?;
         for engine in self.engines.values() {
             if let Some(p) = engine.plex(uuid) {
-                p.set_write_mostly(on);
+                p.set_write_mostly(mostly);
+                p.set_write_behind(behind as usize);
             }
         }
-        tracing::info!(disk = %shown, write_mostly = on, "disk settings changed");
+        tracing::info!(disk = %shown, write_mostly = mostly, write_behind = behind, "disk settings changed");
         Ok(Done::new(
-            format!("disk {shown} is {word}"),
+            format!("disk {shown} is {}", describe((mostly, behind))),
             &mut self.group,
             warnings,
         ))
