@@ -76,7 +76,7 @@ start_far() {
   if [ "$delay" != 0 ]; then
     nbdkit --exit-with-parent -f -i 127.0.0.1 -p "$front_port" --filter=delay nbd \
       hostname=127.0.0.1 port="$far_port" export=disk \
-      delay-read="${delay}ms" delay-write="${delay}ms" delay-flush="${delay}ms" \
+      delay-read="${delay}ms" delay-write="${delay}ms" \
       delay-zero="${delay}ms" &
     front_pid=$!
     for _ in $(seq 200); do nbdinfo "nbd://127.0.0.1:$front_port/" >/dev/null 2>&1 && break; sleep 0.05; done

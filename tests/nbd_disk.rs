@@ -646,6 +646,9 @@ impl Nbdkit {
         let sock = sb.path("kit.sock");
         let log = sb.path("kit.log");
         let pidfile = sb.path("kit.pid");
+        // Left by one killed before.
+        let _ = std::fs::remove_file(&sock);
+        let _ = std::fs::remove_file(&pidfile);
         let mut cmd = Command::new("nbdkit");
         cmd.arg("-f").arg("-U").arg(&sock).arg("-P").arg(&pidfile);
         for f in filters.iter().chain(&["log"]) {
@@ -655,13 +658,17 @@ impl Nbdkit {
             .args(plugin)
             .arg(format!("logfile={}", log.display()))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(sb.path("kit.err")).unwrap())
             .spawn()
             .expect("nbdkit");
         let kit = Nbdkit(child);
         let start = Instant::now();
         while !pidfile.exists() {
-            assert!(start.elapsed() < TIMEOUT, "nbdkit did not start");
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "nbdkit did not start: {}",
+                std::fs::read_to_string(sb.path("kit.err")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         (kit, format!("nbd+unix:///?socket={}", sock.display()), log)
@@ -1067,4 +1074,137 @@ fn write_behind_answers_before_a_slow_far_disk_and_every_write_lands_there() {
             .iter()
             .all(|&b| b == 0x42)
     );
+}
+
+/// A write that waits in the far server past the deadline fails the far
+/// disk; the disk is not taken back (and nothing is resynced onto it)
+/// before the server has done that write, so the resync's newer data is
+/// not overwritten by it afterwards. The far server is nbdkit's eval
+/// plugin over a file, taking 6 s for any write whose data starts with
+/// 0x44.
+#[test]
+fn a_write_still_in_the_far_server_lands_before_the_disk_is_taken_back() {
+    if !have_tool("nbdkit") || !have_tool("qemu-io") {
+        return skip_or_fail("nbdkit or qemu-io is not installed");
+    }
+    let sb = Sandbox::new();
+    let local = sb.image("a.img", 64);
+    let far = image(&sb, 64);
+    let f = far.display().to_string();
+    let plugin = vec![
+        "eval".to_string(),
+        "thread_model=echo parallel".into(),
+        "get_size=echo 67108864".into(),
+        format!("pread=dd if={f} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none"),
+        format!(
+            "pwrite=t=$(mktemp); cat > $t; if [ \"$(head -c1 $t | od -An -tx1 | tr -d ' ')\" = 44 ]; then sleep 6; fi; dd if=$t of={f} seek=$4 conv=notrunc oflag=seek_bytes status=none; rm -f $t"
+        ),
+        "can_write=exit 0".into(),
+        "can_flush=exit 0".into(),
+        "flush=exit 0".into(),
+        "can_fua=echo emulate".into(),
+    ];
+    let (_kit, uri, _log) = Nbdkit::start(&sb, &[], &plugin);
+    let disks = format!("{local},{uri}");
+    sb.mv_on(&disks, &["init", &local, &uri, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "8M", "--mirror"])
+        .ok();
+    let (serving, served) = Serving::start(&sb, &disks, &["--remote-io-timeout", "2s"]);
+    // Answered from the local plex once the far one timed out.
+    let slow = Instant::now();
+    qemu_io(&served, &["write -P 0x44 0 64k"]);
+    wait_status_on(&sb, &disks, 30, "the far disk is failed", |st| {
+        common::disk(st, &uri)["state"] == "failed"
+    });
+    qemu_io(&served, &["write -P 0x66 0 64k"]);
+    wait_status_on(&sb, &disks, 60, "the far disk is back in sync", |st| {
+        common::volume(st, "data")["state"] == "healthy"
+    });
+    // Long enough for the slow write to have landed, whenever it did.
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(slow.elapsed()));
+    serving.stop();
+    let copy = sb.p("far-only.bin");
+    sb.mv_on(&uri, &["copy", "vol:data", &copy]).ok();
+    let got = std::fs::read(&copy).unwrap();
+    assert!(
+        got[..65536].iter().all(|&b| b == 0x66),
+        "the far plex holds the newest write, not the late one: {:#x}",
+        got[0]
+    );
+}
+
+/// After an unclean stop, the dirty regions are copied from a plex that
+/// is not write-behind, even when the write-behind one is listed first:
+/// it may lack writes that were answered. The far disk is a file behind
+/// nbdkit's delay filter (every write 3 s late); the host and the far
+/// server are killed while a write is still on its way there.
+#[test]
+fn after_a_crash_a_write_behind_plex_is_not_the_source_of_the_resync() {
+    if !have_tool("nbdkit") || !have_tool("qemu-io") {
+        return skip_or_fail("nbdkit or qemu-io is not installed");
+    }
+    let sb = Sandbox::new();
+    let remote = image(&sb, 64);
+    let r = remote.display().to_string();
+    let (kit, uri, _log) = Nbdkit::start(&sb, &[], &strings(&["file", &r]));
+    let local = sb.image("a.img", 64);
+    // The far disk first.
+    let disks = format!("{uri},{local}");
+    sb.mv_on(&disks, &["init", &uri, &local, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "8M", "--mirror"])
+        .ok();
+    sb.mv_on(
+        &disks,
+        &[
+            "set-disk",
+            &uri,
+            "--write-mostly",
+            "on",
+            "--write-behind",
+            "16",
+        ],
+    )
+    .ok();
+    // From now on every write to the far disk is 3 s late.
+    drop(kit);
+    let (kit, _, _) = Nbdkit::start(
+        &sb,
+        &["delay"],
+        &strings(&["file", &r, "delay-write=3000ms"]),
+    );
+    let (mut serving, served) = Serving::start(&sb, &disks, &["--remote-io-timeout", "20s"]);
+    qemu_io(&served, &["write -P 0x11 0 64k"]);
+    // Landed on the far disk too.
+    std::thread::sleep(Duration::from_secs(4));
+    let start = Instant::now();
+    qemu_io(&served, &["write -P 0x22 0 64k"]);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "answered before the far disk has it"
+    );
+    // The host crashes, and the far server with the write in hand.
+    serving.0.kill().unwrap();
+    serving.0.wait().unwrap();
+    drop(kit);
+    let (_back, uri2, _) = Nbdkit::start(&sb, &[], &strings(&["file", &r]));
+    assert_eq!(uri2, uri);
+    // serve again: the dirty regions are resynced first.
+    let (serving, _) = Serving::start(&sb, &disks, &[]);
+    serving.stop();
+    let log = std::fs::read_to_string(sb.path("serve.log")).unwrap();
+    assert!(log.contains("after an unclean stop"), "{log}");
+    // Each plex alone holds it (the resync after the crash went from the
+    // local plex to the far one).
+    for (alone, name) in [(&uri, "far"), (&local, "local")] {
+        let copy = sb.p(&format!("{name}.bin"));
+        sb.mv_on(alone, &["copy", "vol:data", &copy]).ok();
+        let got = std::fs::read(&copy).unwrap();
+        assert!(
+            got[..65536].iter().all(|&b| b == 0x22),
+            "the answered write survives the crash on the {name} plex: {:#x}",
+            got[0]
+        );
+    }
 }

@@ -388,7 +388,6 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Mark a disk failed (maintenance, tests).
     /// Change a disk's settings. --write-mostly on keeps reads off its
     /// plexes while another in-sync plex can serve them (md's write-mostly,
     /// for a slow or far disk: an NBD export on another machine); writes
@@ -404,7 +403,7 @@ pub enum Command {
         /// once the other plexes have it, and up to N writes (64 MiB at
         /// most) to this disk may still be on their way; their regions stay
         /// dirty in the bitmaps until they land. 0: off.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=16384))]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=16383))]
         write_behind: Option<u32>,
         /// Print what the command did as one JSON object on stdout:
         /// {"ok", "command", "messages", "warnings", "status"} (status:
@@ -413,6 +412,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Mark a disk failed (maintenance, tests).
     Fail {
         /// The disk to mark failed.
         path: PathBuf,

@@ -220,12 +220,27 @@ pub struct NbdDisk {
 
 struct Pool {
     sessions: Vec<Arc<Session>>,
+    /// Connections given up on that the server may still owe answers:
+    /// the disk is not taken back until they are drained.
+    draining: Vec<Arc<Session>>,
     broken: Option<String>,
     /// Raised by every reconnection: a failure of a request made before it
     /// does not break the connections made after.
     epoch: u64,
     /// Requests being made now (any number on each connection).
     lent: usize,
+}
+
+impl Pool {
+    /// Gives every connection in service up: their requests fail now, and
+    /// they drain (the server's answers still owed are read) out of
+    /// service.
+    fn give_up(&mut self) {
+        for s in self.sessions.drain(..) {
+            s.abandon();
+            self.draining.push(s);
+        }
+    }
 }
 
 /// Connections to an export that can take several (multi-conn).
@@ -292,6 +307,7 @@ impl NbdDisk {
             flags: flags.into(),
             pool: Mutex::new(Pool {
                 sessions,
+                draining: Vec::new(),
                 broken: None,
                 epoch: 0,
                 lent: 0,
@@ -315,10 +331,8 @@ impl NbdDisk {
             let mut pool = self.lock();
             pool.broken
                 .get_or_insert_with(|| "reconnecting".to_string());
-            for s in pool.sessions.drain(..) {
-                s.abort();
-            }
-            // Every request on an aborted connection fails at once, but its
+            pool.give_up();
+            // Every request on a connection given up fails at once, but its
             // sender may still be writing: that ends within the timeout.
             let limit = std::time::Instant::now() + 2 * self.timeout;
             while pool.lent > 0 {
@@ -338,6 +352,25 @@ impl NbdDisk {
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
             }
+            // What the server has in hand may still be done (a write that
+            // waited in a hung server): nothing new is checked or written
+            // before every old connection is drained, or closed by the
+            // server.
+            while pool.draining.iter().any(|s| !s.drained()) {
+                if std::time::Instant::now() >= limit {
+                    let owed: usize = pool.draining.iter().map(|s| s.owed()).sum();
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the server has not answered {owed} requests made before the connection broke; it is not taken back before it has (or has closed those connections)"
+                        ),
+                    ));
+                }
+                drop(pool);
+                std::thread::sleep(Duration::from_millis(20));
+                pool = self.lock();
+            }
+            pool.draining.clear();
         }
         let fresh = NbdDisk::open(&self.shown, self.timeout)?;
         if fresh.size != self.size {
@@ -408,9 +441,7 @@ impl NbdDisk {
                     && pool.epoch == self.epoch
                 {
                     pool.broken.get_or_insert(why);
-                    for s in &pool.sessions {
-                        s.abort();
-                    }
+                    pool.give_up();
                 }
                 drop(pool);
                 self.disk.returned.notify_all();
@@ -579,7 +610,7 @@ impl Disk for NbdDisk {
             }
             return if flush { self.flush() } else { Ok(()) };
         }
-        let fua = flush && self.can(proto::FLAG_SEND_FUA);
+        let fua = flush && !writes.is_empty() && self.can(proto::FLAG_SEND_FUA);
         let flags = if fua { proto::CMD_FLAG_FUA } else { 0 };
         let asks: Vec<Ask<'_>> = writes
             .iter()
@@ -637,9 +668,7 @@ impl Disk for NbdDisk {
             && let Some(e) = pool.sessions.iter().find_map(|s| s.ended())
         {
             pool.broken = Some(e.to_string());
-            for s in &pool.sessions {
-                s.abort();
-            }
+            pool.give_up();
         }
         match &pool.broken {
             Some(why) => Err(self.broken(why)),

@@ -149,16 +149,21 @@ impl Group {
 
     /// After an unclean stop: in every mirror with two or more in-sync
     /// plexes at hand, makes the dirty regions of the others equal to the
-    /// first in-sync plex. Returns the volume bytes compared and copied.
+    /// first in-sync plex that is not write-mostly (a write-behind plex
+    /// may lack writes there that were answered; it is the source only
+    /// when every plex is write-mostly). Returns the volume bytes compared
+    /// and copied.
     fn resync_dirty_regions(&mut self) -> Result<(u64, u64)> {
         let (mut compared, mut copied) = (0, 0);
         for v in self.config.volumes.clone() {
-            let in_sync: Vec<Uuid> = v
+            let mut in_sync: Vec<Uuid> = v
                 .plexes
                 .iter()
                 .filter(|p| self.plex_state(p.disk, p.state) == "in-sync")
                 .map(|p| p.disk)
                 .collect();
+            // Stable: config order among equals.
+            in_sync.sort_by_key(|d| self.is_write_mostly(*d));
             if in_sync.len() < 2 {
                 continue;
             }

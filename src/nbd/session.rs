@@ -15,10 +15,17 @@
 //! the connection with `InvalidData`, never a panic. A connection that
 //! ends (EOF, reset, a protocol error, or no answer to its oldest request
 //! within the timeout) fails every request on it, and every one after.
+//!
+//! A connection given up on ([`Session::abandon`]: the disk failed) fails
+//! its requests at once but goes on reading what the server still owes:
+//! a write the server has in hand may yet be done, and the caller must
+//! not take the disk back before it is ([`Session::drained`]: every
+//! request answered, or the server closed the connection).
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -66,6 +73,8 @@ struct Inner {
     /// A handle on the socket to shut it down from any thread.
     control: Sock,
     state: Mutex<State>,
+    /// The reader thread has stopped.
+    reader_done: std::sync::atomic::AtomicBool,
     structured: bool,
     timeout: Duration,
     size: u64,
@@ -77,6 +86,8 @@ struct State {
     pending: HashMap<u64, Pending>,
     /// Why the connection ended, once it has: (kind, message).
     ended: Option<(io::ErrorKind, String)>,
+    /// Given up on, still reading the answers the server owes.
+    abandoned: bool,
 }
 
 struct Pending {
@@ -90,6 +101,8 @@ struct Pending {
     covered: Vec<(u64, u64)>,
     /// The first error a chunk reported.
     errno: u32,
+    /// Its waiter was failed already (the connection was abandoned).
+    failed_early: bool,
     tx: Sender<io::Result<Answer>>,
 }
 
@@ -113,6 +126,9 @@ impl Session {
         reading.set_read_timeout(Some(tick))?;
         let control = sock.try_clone()?;
         sock.set_write_timeout(Some(timeout))?;
+        if let Sock::Tcp(t) = &sock {
+            keepalive(t, timeout);
+        }
         let inner = Arc::new(Inner {
             writer: Mutex::new(sock),
             control,
@@ -120,7 +136,9 @@ impl Session {
                 next_handle: 1,
                 pending: HashMap::new(),
                 ended: None,
+                abandoned: false,
             }),
+            reader_done: std::sync::atomic::AtomicBool::new(false),
             structured,
             timeout,
             size,
@@ -195,6 +213,7 @@ impl Session {
                     data,
                     covered: Vec::new(),
                     errno: 0,
+                    failed_early: false,
                     tx,
                 },
             );
@@ -209,17 +228,31 @@ impl Session {
         });
         let sent = {
             let mut w = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-            // Nothing goes out once the connection ended (an abort before a
-            // reconnection): the request has failed already.
-            if inner.lock().ended.is_some() {
-                Ok(())
-            } else {
-                write_all_vectored(&mut w, &[&header, data])
+            // Nothing goes out once the connection ended (given up on
+            // before a reconnection): the request is not made at all.
+            let ended = {
+                let mut state = inner.lock();
+                let ended = state.ended.clone();
+                if ended.is_some() {
+                    state.pending.remove(&handle);
+                }
+                ended
+            };
+            if let Some((kind, why)) = ended {
+                return Err(io::Error::new(kind, why));
             }
+            write_all_vectored(&mut w, &[&header, data])
         };
-        if let Err(e) = sent {
+        match sent {
+            // Its clock starts once it is all out: a request queued behind
+            // a long write is not late for that.
+            Ok(()) => {
+                if let Some(p) = inner.lock().pending.get_mut(&handle) {
+                    p.sent = Instant::now();
+                }
+            }
             // Half a request may be on the wire: the connection is done.
-            inner.end(e.kind(), format!("sending a request failed: {e}"));
+            Err(e) => inner.end(e.kind(), format!("sending a request failed: {e}")),
         }
         Ok(Ticket {
             rx,
@@ -239,14 +272,28 @@ impl Session {
         self.send(kind, flags, offset, len, data)?.wait()
     }
 
-    /// Ends the connection now: every request on it fails, and over TCP it
-    /// is reset once the last descriptor closes (`SO_LINGER` 0), so that a
-    /// write still queued to send is thrown away rather than delivered
-    /// later.
-    pub fn abort(&self) {
+    /// Gives the connection up: every request on it fails now and no new
+    /// one is made, but the reader goes on reading the answers the server
+    /// owes, until [`Session::drained`]. Over TCP, the connection is reset
+    /// once the last descriptor closes (`SO_LINGER` 0).
+    pub fn abandon(&self) {
         self.inner.reset_on_close();
         self.inner
-            .end(io::ErrorKind::ConnectionAborted, "closed".into());
+            .abandon(io::ErrorKind::ConnectionAborted, "closed".into());
+    }
+
+    /// True once nothing sent on the connection can still be done by the
+    /// server: every request was answered, or the connection is closed.
+    pub fn drained(&self) -> bool {
+        self.inner.reader_done.load(Ordering::Acquire) || {
+            let state = self.inner.lock();
+            state.ended.is_some() && state.pending.is_empty()
+        }
+    }
+
+    /// Requests the server has not answered (abandoned ones included).
+    pub fn owed(&self) -> usize {
+        self.inner.lock().pending.len()
     }
 
     /// Ends the session politely (`NBD_CMD_DISC`) when it is still up.
@@ -288,6 +335,27 @@ impl Inner {
         gone(&self.lock())
     }
 
+    /// [`Session::abandon`] for `why` (the first reason stays).
+    fn abandon(&self, kind: io::ErrorKind, why: String) {
+        let empty = {
+            let mut state = self.lock();
+            state.ended.get_or_insert((kind, why));
+            state.abandoned = true;
+            let why = state.ended.clone().expect("set above");
+            for p in state.pending.values_mut() {
+                if !p.failed_early {
+                    p.failed_early = true;
+                    let _ = p.tx.try_send(Err(io::Error::new(why.0, why.1.clone())));
+                }
+            }
+            state.pending.is_empty()
+        };
+        if empty {
+            // Nothing is owed: the reader may go.
+            self.control.shutdown(Shutdown::Read);
+        }
+    }
+
     fn reset_on_close(&self) {
         if let Sock::Tcp(_) = &self.control {
             let linger = libc::linger {
@@ -320,7 +388,7 @@ impl Inner {
         };
         let (kind, why) = self.lock().ended.clone().expect("set above");
         for (_, p) in pending {
-            let _ = p.tx.send(Err(io::Error::new(kind, why.clone())));
+            let _ = p.tx.try_send(Err(io::Error::new(kind, why.clone())));
         }
         self.control.shutdown(Shutdown::Read);
     }
@@ -389,11 +457,39 @@ struct Reader {
 impl Reader {
     fn run(mut self) {
         let err = loop {
-            if let Err(e) = self.one() {
+            if let Err(e) = self.one().and_then(|()| self.after_reply()) {
                 break e;
             }
         };
         self.inner.end(err.kind(), err.to_string());
+        self.inner.reader_done.store(true, Ordering::Release);
+    }
+
+    /// After each reply: an abandoned connection that is owed nothing more
+    /// is done; a live one whose oldest request is overdue is given up
+    /// (replies to others that keep coming do not hide it).
+    fn after_reply(&self) -> io::Result<()> {
+        let state = self.inner.lock();
+        if let Some((kind, why)) = &state.ended {
+            if state.abandoned && !state.pending.is_empty() {
+                return Ok(());
+            }
+            return Err(io::Error::new(*kind, why.clone()));
+        }
+        let oldest = state.pending.values().map(|p| p.sent.elapsed()).max();
+        drop(state);
+        if oldest.is_some_and(|w| w > self.inner.timeout) {
+            self.give_up();
+        }
+        Ok(())
+    }
+
+    /// The oldest request is overdue: its waiters fail now, but what the
+    /// server has in hand may still be done, so the answers it owes are
+    /// still read ([`Session::drained`] waits for them).
+    fn give_up(&self) {
+        let e = no_answer(self.inner.timeout);
+        self.inner.abandon(e.kind(), e.to_string());
     }
 
     /// Fills `buf` from the socket. Waiting for the start of a reply
@@ -426,18 +522,23 @@ impl Reader {
                 {
                     let state = self.inner.lock();
                     if let Some((kind, why)) = &state.ended {
+                        // Given up on, it waits for what the server owes, as
+                        // long as it takes (or until the server closes).
+                        if state.abandoned && !state.pending.is_empty() {
+                            continue;
+                        }
                         return Err(io::Error::new(*kind, why.clone()));
                     }
-                    let waited = if between && at == 0 {
-                        state.pending.values().map(|p| p.sent.elapsed()).max()
-                    } else {
-                        Some(last.elapsed())
-                    };
-                    if waited.is_some_and(|w| w > self.inner.timeout) {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("no answer within {} s", self.inner.timeout.as_secs_f64()),
-                        ));
+                    if between && at == 0 {
+                        let oldest = state.pending.values().map(|p| p.sent.elapsed()).max();
+                        drop(state);
+                        if oldest.is_some_and(|w| w > self.inner.timeout) {
+                            self.give_up();
+                        }
+                    } else if last.elapsed() > self.inner.timeout {
+                        // Stuck in the middle of a reply: the stream cannot
+                        // be followed any more.
+                        return Err(no_answer(self.inner.timeout));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -626,8 +727,56 @@ fn tiles(ranges: &[(u64, u64)], len: u64) -> bool {
 }
 
 fn finish(mut p: Pending, errno: u32) {
+    if p.failed_early {
+        return;
+    }
     let data = if errno == 0 { p.data.take() } else { None };
-    let _ = p.tx.send(Ok(Answer { errno, data }));
+    let _ = p.tx.try_send(Ok(Answer { errno, data }));
+}
+
+fn no_answer(timeout: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("no answer within {} s", timeout.as_secs_f64()),
+    )
+}
+
+/// TCP keepalive probes after `timeout` idle, then every second, five
+/// times: a server that vanished (its host rebooted, the link down for
+/// good) ends the connection even while nothing is sent on it (and so an
+/// abandoned connection stops waiting for it).
+fn keepalive(sock: &std::net::TcpStream, timeout: Duration) {
+    use std::os::unix::io::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let set = |level: i32, name: i32, value: i32| {
+        // SAFETY: the descriptor is open for the call; the value is an int
+        // of the size passed.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            );
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPIDLE,
+        timeout.as_secs().max(1) as i32,
+    );
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 5);
+    // Data not acknowledged for this long (the link down, the host gone)
+    // ends the connection too, rather than after TCP's quarter of an hour.
+    let user = timeout.saturating_mul(6).max(Duration::from_secs(30));
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_USER_TIMEOUT,
+        user.as_millis().min(i32::MAX as u128) as i32,
+    );
 }
 
 #[cfg(test)]
@@ -872,7 +1021,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (s, server) = scripted(dir.path(), |h, _| proto::encode_simple_reply(0, h).to_vec());
         assert_eq!(s.call(proto::CMD_FLUSH, 0, 0, 0, &[]).unwrap().errno, 0);
-        s.abort();
+        s.abandon();
+        assert!(s.drained(), "nothing was owed");
         let e = s.send(proto::CMD_FLUSH, 0, 0, 0, &[]).err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
         drop(s);

@@ -388,7 +388,8 @@ impl DiskBitmap {
                 .collect();
             // With fault points, the bits go out first on their own, so a
             // crash can fall between them and the header and flush.
-            if cfg!(feature = "failpoints") && !writes.is_empty() {
+            let split = cfg!(feature = "failpoints") && !writes.is_empty();
+            if split {
                 disk.write_all_then_flush(&writes, false)?;
                 crate::crash_point!("bitmap-mid-write");
                 writes.clear();
@@ -396,8 +397,12 @@ impl DiskBitmap {
             if let Some(h) = &header {
                 writes.push((self.area, &h[..]));
             }
-            // Otherwise one request: the blocks, the header, the flush.
+            // Otherwise one request: the blocks, the header, the flush
+            // (which may make only these writes durable: FUA).
             disk.write_all_then_flush(&writes, true)?;
+            if split {
+                disk.flush()?;
+            }
             self.writes
                 .fetch_add(blocks.len() as u64, Ordering::Relaxed);
             Ok(())

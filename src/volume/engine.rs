@@ -609,6 +609,19 @@ impl MirrorVolume {
         self.plex(disk).is_some_and(|p| p.mode() == Mode::InSync) && self.in_sync() <= 1
     }
 
+    /// [`MirrorVolume::last_in_sync`] for an admin's take-out: also true
+    /// while every other in-sync plex still has writes behind (answered,
+    /// not landed there): taken out now, the plex would take them along.
+    pub fn holds_writes_alone(&self, disk: Uuid) -> bool {
+        let plexes = self.plexes.read().unwrap_or_else(|e| e.into_inner());
+        plexes
+            .iter()
+            .any(|p| p.disk == disk && p.mode() == Mode::InSync)
+            && !plexes
+                .iter()
+                .any(|p| p.disk != disk && p.mode() == Mode::InSync && p.behind() == 0)
+    }
+
     fn in_sync(&self) -> usize {
         self.plexes
             .read()
@@ -829,9 +842,11 @@ impl MirrorVolume {
                 .collect();
             // Write-behind needs another in-sync plex that waits for the
             // write: the client's answer stands on it.
-            let anchored = targets
-                .iter()
-                .any(|p| p.mode() == Mode::InSync && !p.is_write_mostly());
+            // And a write-intent bitmap, to keep its regions dirty.
+            let anchored = this.intent.get().is_some()
+                && targets
+                    .iter()
+                    .any(|p| p.mode() == Mode::InSync && !p.is_write_mostly());
             let (behind, now): (Vec<_>, Vec<_>) = targets
                 .into_iter()
                 .partition(|p| anchored && p.take_behind(len));
@@ -867,12 +882,15 @@ impl MirrorVolume {
             let behind_ops: Vec<Op> = behind.iter().map(|p| op(p)).collect();
             let (after, end) = (this.clone(), end_half.clone());
             this.fan_out(behind, behind_ops, Run::Queued, move |results| {
-                for (p, _) in &results {
-                    p.landed(len);
-                }
+                let plexes: Vec<Arc<EnginePlex>> = results.iter().map(|(p, _)| p.clone()).collect();
                 // A failure fails the plex; its client was answered already.
                 let _ = after.settle_writes(results, "write", offset);
                 end();
+                // Counted out last: once `behind()` is 0, its bits and range
+                // are let go too.
+                for p in plexes {
+                    p.landed(len);
+                }
             });
             let ops: Vec<Op> = now.iter().map(|p| op(p)).collect();
             let after = this.clone();
@@ -1498,9 +1516,29 @@ mod tests {
         buf
     }
 
+    /// A write-intent stand-in that counts the writes marked and not over.
+    struct Marks(Arc<AtomicUsize>);
+
+    struct Unmark(Arc<AtomicUsize>);
+
+    impl Drop for Unmark {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    impl WriteIntent for Marks {
+        fn mark(&self, _: &[Arc<EnginePlex>], _: u64, _: u64) -> io::Result<IntentGuard> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(IntentGuard::new(Unmark(self.0.clone())))
+        }
+    }
+
     #[test]
     fn a_write_behind_is_answered_first_and_holds_its_range_and_reads_until_it_lands() {
         let r = rig(2, EngineOptions::default());
+        let marked = Arc::new(AtomicUsize::new(0));
+        r.vol.set_intent(Arc::new(Marks(marked.clone())));
         let far = r.vol.plexes()[1].clone();
         far.set_write_mostly(true);
         far.set_write_behind(4);
@@ -1508,6 +1546,7 @@ mod tests {
         // Answered with the far disk hung: the near plex has it.
         r.vol.write(0, &[7u8; 4096]).unwrap();
         assert_eq!(far.behind(), 1);
+        assert_eq!(marked.load(Ordering::SeqCst), 1, "its bits stay set");
         assert_eq!(plex_bytes(&r, 0)[..4096], [7u8; 4096]);
         // With the near plex out, the far one does not serve the read it
         // has not landed: the read fails rather than return old data.
@@ -1531,6 +1570,11 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(10));
             std::thread::sleep(Duration::from_millis(5));
         }
+        assert_eq!(
+            marked.load(Ordering::SeqCst),
+            0,
+            "landed: the bits may clear"
+        );
         // Both writes reached both plexes, in order.
         assert_eq!(plex_bytes(&r, 1)[..4096], [8u8; 4096]);
         assert_eq!(plex_bytes(&r, 0)[..4096], [8u8; 4096]);

@@ -74,6 +74,9 @@ use uuid::Uuid;
 use super::{DiskSettings, Done, LiveGroup, ResyncJob};
 use crate::format::PlexState;
 use crate::group::Group;
+
+/// The largest write-behind backlog `set-disk` takes (md's limit).
+pub const MAX_WRITE_BEHIND: u32 = 16383;
 use crate::group::events::{Event, EventKind, Events, Snapshot};
 use crate::group::status::StatusReport;
 use crate::volume::bitmap::DiskBitmap;
@@ -652,9 +655,6 @@ impl Controller {
         Some(IO_FAILED)
     }
 
-    /// `fail PATH [--force]`: the disk is failed in the config (refused as
-    /// offline when it holds a last in-sync plex, unless `force`) and its
-    /// plexes leave every engine; a resync onto it stops.
     /// `set-disk PATH [--write-mostly on|off] [--write-behind N]`:
     /// recorded in the config, and the disk's plexes in every engine follow
     /// at once. Write-behind needs write-mostly (as md's); write-mostly
@@ -664,6 +664,13 @@ impl Controller {
         path: &std::path::Path,
         set: DiskSettings,
     ) -> crate::Result<Done> {
+        if let Some(n) = set.write_behind
+            && n > MAX_WRITE_BEHIND
+        {
+            return Err(crate::Error::refused(format!(
+                "write-behind of {n} writes is more than the {MAX_WRITE_BEHIND} allowed"
+            )));
+        }
         let uuid = self.group.resolve_disk(path)?;
         let shown = self.group.disk_path(uuid);
         let was = (
@@ -730,6 +737,9 @@ impl Controller {
         ))
     }
 
+    /// `fail PATH [--force]`: the disk is failed in the config (refused as
+    /// offline when it holds a last in-sync plex, unless `force`) and its
+    /// plexes leave every engine; a resync onto it stops.
     pub(super) fn fail_by_path(
         &mut self,
         path: &std::path::Path,
@@ -798,6 +808,13 @@ impl Controller {
                 v.name
             )));
         }
+        if !force && let Some(v) = volumes.iter().find(|v| v.holds_writes_alone(disk)) {
+            return Err(crate::Error::refused(format!(
+                "disk {} holds writes to volume {} that its write-behind plexes have not received yet; try again once they have landed, or use --force",
+                path.display(),
+                v.name
+            )));
+        }
         for v in &volumes {
             if let Some(p) = v.plex(disk) {
                 p.set_mode(Mode::Out);
@@ -833,7 +850,7 @@ impl Controller {
         let _decision = engine.as_ref().map(|e| e.decision());
         if !config_last
             && let Some(e) = &engine
-            && e.last_in_sync(uuid)
+            && (e.last_in_sync(uuid) || e.holds_writes_alone(uuid))
         {
             return Err(crate::Error::refused(format!(
                 "the plex of volume {name} on {} is its last in-sync plex (its other plexes failed and are being recorded); {doing} is refused",
