@@ -55,9 +55,17 @@ impl Ticket {
     pub fn wait(self) -> io::Result<Answer> {
         match self.rx.recv() {
             Ok(r) => r,
-            // The reader is gone without answering (it cannot be, but a
-            // request must not wait for ever on it).
-            Err(_) => Err(self.session.failure()),
+            // Dropped unanswered by a reader that is ending the connection:
+            // it says why in a moment.
+            Err(_) => {
+                let start = Instant::now();
+                while self.session.lock().ended.is_none()
+                    && start.elapsed() < Duration::from_secs(1)
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(self.session.failure())
+            }
         }
     }
 }
@@ -587,7 +595,10 @@ impl Reader {
                 .data
                 .take()
                 .ok_or_else(|| bad("a read's buffer is missing"))?;
-            self.fill(&mut data, false)?;
+            if let Err(e) = self.fill(&mut data, false) {
+                fail(&p, &e);
+                return Err(e);
+            }
             p.data = Some(data);
         }
         finish(p, errno);
@@ -684,9 +695,11 @@ impl Reader {
             let removed = self.inner.lock().pending.remove(&handle);
             let p = removed.ok_or_else(|| self.inner.failure())?;
             if p.kind == proto::CMD_READ && p.errno == 0 && !tiles(&p.covered, req_len) {
-                return Err(bad(format!(
+                let e = bad(format!(
                     "the server's chunks for a read of {req_len} bytes at {req_offset} do not cover it exactly"
-                )));
+                ));
+                fail(&p, &e);
+                return Err(e);
             }
             let errno = p.errno;
             finish(p, errno);
@@ -724,6 +737,13 @@ fn tiles(ranges: &[(u64, u64)], len: u64) -> bool {
         at += n;
     }
     at == len
+}
+
+/// Fails `p`'s waiter with `e` (the connection ends for it too).
+fn fail(p: &Pending, e: &io::Error) {
+    if !p.failed_early {
+        let _ = p.tx.try_send(Err(io::Error::new(e.kind(), e.to_string())));
+    }
 }
 
 fn finish(mut p: Pending, errno: u32) {
