@@ -294,29 +294,6 @@ impl Client {
         Ok(be_u32(&h[4..8]))
     }
 
-    /// Drops the connection at once: over TCP with a reset (`SO_LINGER`
-    /// 0), so that what is still queued to send (a write the server never
-    /// acknowledged) is thrown away rather than delivered later.
-    pub fn abort(self) {
-        if let Sock::Tcp(_) = &self.sock {
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: the descriptor is this connection's, open for the
-            // call; the value is a linger of the size passed.
-            unsafe {
-                libc::setsockopt(
-                    self.sock.raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                );
-            }
-        }
-    }
-
     /// Ends the session politely (`NBD_CMD_DISC`).
     pub fn disconnect(mut self) {
         let r = proto::encode_request(&Request {
@@ -331,17 +308,17 @@ impl Client {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::Arc;
 
     use super::*;
     use crate::disk::AlignedBuf;
     use crate::nbd::server::{self, Done, Export, Listen, Server};
 
-    /// Bytes in memory, read-only or not.
-    struct Mem {
-        data: Vec<u8>,
-        read_only: bool,
+    /// Bytes in memory, read-only or not (the session's tests use it too).
+    pub(in crate::nbd) struct Mem {
+        pub(in crate::nbd) data: Vec<u8>,
+        pub(in crate::nbd) read_only: bool,
     }
 
     impl Export for Mem {

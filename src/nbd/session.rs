@@ -805,42 +805,18 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::disk::AlignedBuf;
-    use crate::nbd::server::{self, Done, Export, Listen, Server};
-
-    /// Bytes in memory, with reads slowed so that many are in flight.
-    struct Mem {
-        data: Vec<u8>,
-    }
-
-    impl Export for Mem {
-        fn name(&self) -> &str {
-            "mem"
-        }
-        fn size(&self) -> u64 {
-            self.data.len() as u64
-        }
-        fn read(&self, offset: u64, len: usize, done: Done<AlignedBuf>) {
-            let o = offset as usize;
-            done(Ok(AlignedBuf::from_slice(&self.data[o..o + len])));
-        }
-        fn write(&self, _: u64, _: AlignedBuf, _: bool, done: Done<()>) {
-            done(Ok(()))
-        }
-        fn write_zeroes(&self, _: u64, _: u64, _: bool, _: bool, done: Done<()>) {
-            done(Ok(()))
-        }
-        fn flush(&self, done: Done<()>) {
-            done(Ok(()))
-        }
-    }
+    use crate::nbd::client::tests::Mem;
+    use crate::nbd::server::{self, Listen, Server};
 
     #[test]
     fn many_threads_share_one_connection_and_each_gets_its_own_answer() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("s.sock");
         let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
-        let server = Server::new(vec![Arc::new(Mem { data: data.clone() })]);
+        let server = Server::new(vec![Arc::new(Mem {
+            data: data.clone(),
+            read_only: false,
+        })]);
         server.serve(server::bind(&Listen::Unix(sock.clone())).unwrap());
         let t = Duration::from_secs(10);
         let c = Client::connect_unix_with(&sock, "mem", t, true).unwrap();
