@@ -1208,3 +1208,159 @@ fn after_a_crash_a_write_behind_plex_is_not_the_source_of_the_resync() {
         );
     }
 }
+
+/// The export's server is down when `serve` starts (with --force-claim: one
+/// disk of two is no majority): the group goes on without it, status says
+/// it is not reached yet, and once the server is up the disk is opened,
+/// checked, taken back and resynced from the bitmaps: only what was
+/// written meanwhile.
+#[test]
+fn an_export_not_reached_when_serve_starts_is_taken_back_once_it_answers() {
+    if !tools() || !have_tool("qemu-io") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut r = remote_mirror(&sb);
+    drop(r.server.take());
+    let (serving, served) = Serving::start(&sb, &r.disks, &["--force-claim"]);
+    let st = wait_status_on(&sb, &r.disks, 30, "the export is tried", |st| {
+        common::disk(st, &r.uri)["link"]
+            .as_str()
+            .is_some_and(|l| l.contains("not reached since serve started"))
+    });
+    assert_eq!(common::volume(&st, "data")["state"], "failed-redundancy");
+    qemu_io(&served, &["write -P 0x5a 4M 1M"]);
+
+    let _back = QemuNbd::unix(&r.remote, &r.sock, &[]);
+    let st = wait_status_on(&sb, &r.disks, 60, "the export is back in sync", |st| {
+        common::volume(st, "data")["state"] == "healthy"
+    });
+    assert_eq!(common::disk(&st, &r.uri)["state"], "online", "{st:#}");
+    assert_eq!(
+        st["unreadable"].as_array().map_or(0, |u| u.len()),
+        0,
+        "{st:#}"
+    );
+    assert_eq!(
+        serving.resyncs_onto(&r.uri),
+        [(1 << 20, true)],
+        "only the region written meanwhile:\n{}",
+        serving.log()
+    );
+    serving.stop();
+    let copy = sb.p("remote-only.bin");
+    sb.mv_on(&r.uri, &["copy", "vol:data", &copy]).ok();
+    let mut expect = std::mem::take(&mut r.want);
+    expect[4 << 20..5 << 20].fill(0x5a);
+    assert!(
+        std::fs::read(&copy).unwrap() == expect,
+        "the remote plex holds the volume"
+    );
+}
+
+/// A remote disk lost under `serve`, which then restarts while the export
+/// is still down: the config remembers that its link was lost, so the new
+/// `serve` reconnects it too, and what both wrote meanwhile comes from the
+/// bitmaps.
+#[test]
+fn a_remote_disk_lost_before_serve_restarts_is_reconnected_by_the_next_serve() {
+    if !tools() || !have_tool("qemu-io") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut r = remote_mirror(&sb);
+    let (serving, served) = Serving::start(&sb, &r.disks, &[]);
+    drop(r.server.take());
+    qemu_io(&served, &["write -P 0x5b 8M 1M"]);
+    wait_status_on(&sb, &r.disks, 30, "the export is failed", |st| {
+        common::disk(st, &r.uri)["state"] == "failed"
+    });
+    serving.stop();
+
+    let (serving, served) = Serving::start(&sb, &r.disks, &["--force-claim"]);
+    let st = wait_status_on(&sb, &r.disks, 30, "the export is tried again", |st| {
+        common::disk(st, &r.uri)["link"]
+            .as_str()
+            .is_some_and(|l| l.contains("reconnecting"))
+    });
+    assert_eq!(common::disk(&st, &r.uri)["state"], "failed", "{st:#}");
+    qemu_io(&served, &["write -P 0x5c 12M 1M"]);
+    let _back = QemuNbd::unix(&r.remote, &r.sock, &[]);
+    wait_status_on(&sb, &r.disks, 60, "the export is back in sync", |st| {
+        common::volume(st, "data")["state"] == "healthy"
+    });
+    let resyncs = serving.resyncs_onto(&r.uri);
+    assert_eq!(resyncs.len(), 1, "{}", serving.log());
+    let (bytes, from_bitmaps) = resyncs[0];
+    assert!(from_bitmaps, "{}", serving.log());
+    assert!(
+        (2 << 20..=3 << 20).contains(&bytes),
+        "{bytes} bytes resynced: the 2 MiB written while it was away, not the volume:\n{}",
+        serving.log()
+    );
+    serving.stop();
+    let copy = sb.p("remote-only.bin");
+    sb.mv_on(&r.uri, &["copy", "vol:data", &copy]).ok();
+    let mut expect = std::mem::take(&mut r.want);
+    expect[8 << 20..9 << 20].fill(0x5b);
+    expect[12 << 20..13 << 20].fill(0x5c);
+    assert!(
+        std::fs::read(&copy).unwrap() == expect,
+        "the remote plex holds the volume"
+    );
+}
+
+/// A hot spare leaves a remote disk being reconnected alone for
+/// --remote-spare-delay: a server back within it keeps its plex (resynced
+/// from the bitmaps, the spare unused); one that stays away longer has its
+/// plex rebuilt onto the spare.
+#[test]
+fn a_hot_spare_waits_for_a_remote_disk_being_reconnected() {
+    if !tools() || !have_tool("qemu-io") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut r = remote_mirror(&sb);
+    let spare = sb.image("s.img", 64);
+    let disks = format!("{},{spare}", r.disks);
+    sb.mv_on(&disks, &["init", &spare, "--style", "raw", "--spare"])
+        .ok();
+    let (serving, served) = Serving::start(&sb, &disks, &["--remote-spare-delay", "4"]);
+    let spare_is_spare = |st: &serde_json::Value| common::disk(st, &spare)["spare"] == true;
+
+    // Back within the delay: the spare stays a spare.
+    drop(r.server.take());
+    qemu_io(&served, &["write -P 0x5a 0 1M"]);
+    let st = wait_status_on(&sb, &disks, 30, "the export is failed", |st| {
+        common::disk(st, &r.uri)["state"] == "failed"
+    });
+    assert!(spare_is_spare(&st), "{st:#}");
+    r.server = Some(QemuNbd::unix(&r.remote, &r.sock, &[]));
+    let st = wait_status_on(&sb, &disks, 60, "the export is back in sync", |st| {
+        common::volume(st, "data")["state"] == "healthy"
+    });
+    assert!(spare_is_spare(&st), "the spare was not used: {st:#}");
+
+    // Away past the delay: the spare takes its plex.
+    drop(r.server.take());
+    qemu_io(&served, &["write -P 0x5b 1M 1M"]);
+    let lost = Instant::now();
+    wait_status_on(&sb, &disks, 30, "the export is failed", |st| {
+        common::disk(st, &r.uri)["state"] == "failed"
+    });
+    let st = wait_status_on(&sb, &disks, 60, "the spare takes the plex", |st| {
+        common::volume(st, "data")["state"] == "healthy"
+    });
+    let took = lost.elapsed();
+    assert!(
+        took >= Duration::from_secs(4),
+        "the spare waited the delay, took over after {took:?}"
+    );
+    assert!(!spare_is_spare(&st), "{st:#}");
+    let plexes = common::volume(&st, "data")["plexes"].to_string();
+    assert!(
+        plexes.contains("s.img") && !plexes.contains(&r.uri),
+        "{plexes}"
+    );
+    serving.stop();
+}

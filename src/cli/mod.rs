@@ -602,6 +602,12 @@ pub enum Command {
         /// it is reconnected and waits for `reactivate`.
         #[arg(long, default_value = "auto", value_parser = ["auto", "manual"])]
         remote_return: String,
+        /// A remote disk that lost its connection (or was not reached at
+        /// start) keeps its plexes this long while it is reconnected before
+        /// a hot spare takes them over; 0: at once. One that answers but is
+        /// refused (not the disk that left) is replaced at once.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        remote_spare_delay: u64,
         /// NBD connections open at once; one more is closed when accepted.
         #[arg(long, value_name = "N", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
         max_connections: u32,
@@ -1878,6 +1884,7 @@ fn execute(cli: Cli) -> Result<()> {
             http_allow,
             hot_spares,
             remote_return,
+            remote_spare_delay,
             max_connections,
             handshake_timeout,
             client_timeout,
@@ -1920,6 +1927,7 @@ fn execute(cli: Cli) -> Result<()> {
                 } else {
                     crate::group::live::RemoteReturn::Manual
                 },
+                remote_spare_delay: std::time::Duration::from_secs(remote_spare_delay),
                 limits: crate::nbd::server::Limits {
                     max_connections: max_connections as usize,
                     handshake_timeout: std::time::Duration::from_secs(handshake_timeout),

@@ -206,6 +206,9 @@ pub struct ServeOptions {
     pub hot_spares: bool,
     /// What becomes of a remote disk whose connection returns.
     pub remote_return: crate::group::live::RemoteReturn,
+    /// How long a remote disk being reconnected keeps its plexes before a
+    /// hot spare takes them over.
+    pub remote_spare_delay: std::time::Duration,
     /// What NBD clients may take: connections, time, memory.
     pub limits: crate::nbd::server::Limits,
     /// TLS for NBD clients.
@@ -441,10 +444,12 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
     for line in live.finish_replacements() {
         eprintln!("{line}");
     }
-    if options.hot_spares {
-        live.enable_hot_spares();
-    }
+    // Remote disks to reconnect are known before spares are looked for:
+    // those get a grace first.
     live.set_remote_return(options.remote_return);
+    if options.hot_spares {
+        live.enable_hot_spares(options.remote_spare_delay);
+    }
     if let Some(every) = options.scrub_interval {
         live.start_scrubs(every, options.scrub_rate);
     }

@@ -107,6 +107,12 @@ pub struct DiskEntry {
     /// 0: off. Written only when set.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub write_behind: u32,
+    /// A disk reached over NBD that left service because its connection
+    /// was lost (not an I/O error, not an admin): `serve` keeps trying to
+    /// connect it again, also after a restart. Cleared once it is back in
+    /// service. Written only while set (older builds ignore it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub link_lost: bool,
 }
 
 fn is_zero_u32(n: &u32) -> bool {
@@ -241,6 +247,7 @@ mod tests {
             replaced_by: None,
             write_mostly: false,
             write_behind: 0,
+            link_lost: false,
         }
     }
 

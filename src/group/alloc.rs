@@ -118,6 +118,7 @@ mod tests {
                 replaced_by: None,
                 write_mostly: false,
                 write_behind: 0,
+                link_lost: false,
             }],
             volumes,
             region_size: 0,

@@ -4,11 +4,13 @@
 //! `reactivate` can bring it back without stopping `serve`.
 
 use std::path::Path;
+use std::sync::Arc;
 use uuid::Uuid;
 
 use super::{Group, Member, open_disk_with, read_found};
 use crate::format::DiskState;
 use crate::format::ondisk::{self, FormatError};
+use crate::volume::queue::QueuedDisk;
 use crate::{Error, Result};
 
 impl Group {
@@ -19,6 +21,12 @@ impl Group {
     /// which only `resolve-split-brain` (offline) settles.
     pub fn attach(&mut self, path: &Path) -> Result<Uuid> {
         let disk = open_disk_with(path, &self.open)?;
+        self.attach_disk(path, disk)
+    }
+
+    /// [`Group::attach`] of a disk opened already (a remote disk reached
+    /// again, opened off the controller's thread).
+    pub fn attach_disk(&mut self, path: &Path, disk: Arc<QueuedDisk>) -> Result<Uuid> {
         let read = match ondisk::read_label(&*disk) {
             Ok(Some(read)) => read,
             Ok(None) => {
@@ -77,6 +85,9 @@ impl Group {
         let mut found = found;
         found.path = path.to_path_buf();
         self.members.insert(uuid, Member::from_found(found));
+        // Read now: no longer reported unreadable.
+        let shown = path.display().to_string();
+        self.unreadable.retain(|u| u.path != shown);
         if let Some(set) = self.bitmaps.clone()
             && let Err(e) = self.load_bitmap(&set, uuid)
         {

@@ -1070,6 +1070,10 @@ impl Group {
                     d.state = DiskState::Missing;
                     d.state_seqno = seqno;
                 }
+                // Back in service: no longer a connection to make again.
+                if d.state == DiskState::Online {
+                    d.link_lost = false;
+                }
             }
             self.record_left_generations(seqno);
             let mut config = self.config.clone();
@@ -1163,10 +1167,25 @@ impl Group {
                     behind.insert(uuid);
                     continue;
                 }
-                self.warnings.push(format!(
-                    "disk {path} failed a config write ({e}) and is marked failed"
-                ));
-                self.mark_disk_failed(uuid, Some("its disk failed a config write"));
+                // A remote disk whose connection broke under the write
+                // lost no data: it is tried again under `serve`, and its
+                // plexes come back by the bitmaps.
+                let lost = is_nbd(Path::new(&path))
+                    && matches!(&e, FormatError::Io { source, .. } if crate::volume::error::link_lost(source));
+                if lost {
+                    self.warnings.push(format!(
+                        "disk {path} lost its connection during a config write ({e}) and is marked failed until it answers again"
+                    ));
+                    self.mark_disk_failed(uuid, None);
+                    if let Some(d) = self.config.disk_mut(uuid) {
+                        d.link_lost = true;
+                    }
+                } else {
+                    self.warnings.push(format!(
+                        "disk {path} failed a config write ({e}) and is marked failed"
+                    ));
+                    self.mark_disk_failed(uuid, Some("its disk failed a config write"));
+                }
                 changed = true;
             }
             if !changed {

@@ -146,6 +146,7 @@ impl Group {
                 replaced_by: None,
                 write_mostly: false,
                 write_behind: 0,
+                link_lost: false,
             });
             self.members.insert(
                 uuid,
@@ -1665,5 +1666,70 @@ mod tests {
         assert_eq!(g.config.disks, disks);
         assert_eq!(g.members.len(), members);
         assert_eq!(g.config.seqno, seqno, "nothing was committed");
+    }
+}
+
+#[cfg(test)]
+mod link_tests {
+    use std::fs;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::MIB;
+    use crate::disk::FaultyDisk;
+
+    /// A disk that stops answering during a config write: a remote one
+    /// (its path an NBD URI) lost its connection and comes back by the
+    /// bitmaps (no resync reason, marked for reconnection); a local one
+    /// failed, and its plexes get a full resync.
+    #[test]
+    fn a_remote_disk_lost_during_a_config_write_is_marked_for_reconnection() {
+        for remote in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let image = |name: &str| {
+                let p = dir.path().join(name);
+                fs::File::create(&p).unwrap().set_len(40 * MIB).unwrap();
+                p
+            };
+            let opts = InitOptions {
+                style: Style::Raw,
+                controller: None,
+                group: Some("g".into()),
+                force: false,
+                region_size: 0,
+                spare: false,
+            };
+            let paths = [image("a.img"), image("b.img"), image("c.img")];
+            let mut g = init(None, &paths, &opts).unwrap();
+            g.create("m", 8 * MIB, 2, &paths[..2]).unwrap();
+            let b = g.resolve_disk(&paths[1]).unwrap();
+            // b hangs behind a short deadline: its config write times out.
+            let hung = Arc::new(FaultyDisk::new(g.members[&b].disk.clone()));
+            hung.hang();
+            let queued = QueuedDisk::start("b", hung.clone(), 1, Duration::from_millis(200));
+            let shown = if remote {
+                "nbd+unix:///b?socket=/nonexistent/b.sock".to_string()
+            } else {
+                paths[1].display().to_string()
+            };
+            let m = g.members.get_mut(&b).unwrap();
+            m.disk = queued;
+            m.path = PathBuf::from(&shown);
+            g.config.disk_mut(b).unwrap().path = shown.clone();
+            g.commit().unwrap();
+            hung.release();
+            let d = g.config.disk(b).unwrap();
+            assert_eq!(d.state, DiskState::Failed, "{shown}");
+            assert_eq!(d.link_lost, remote, "{shown}");
+            let p = g
+                .volume("m")
+                .unwrap()
+                .plexes
+                .iter()
+                .find(|p| p.disk == b)
+                .unwrap();
+            assert_eq!(p.state, crate::format::PlexState::Failed);
+            assert_eq!(p.resync_reason.is_some(), !remote, "{shown}: {p:?}");
+        }
     }
 }

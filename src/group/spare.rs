@@ -101,10 +101,20 @@ impl Group {
     /// resyncs the new plex. Returns the spare and the disk of the plex it
     /// replaces, or None when the volume has no failed or missing plex or no
     /// spare fits. Refused when the volume does not exist or has no in-sync
-    /// plex to resync from.
-    pub fn repair_onto_spare(&mut self, volume: &str) -> Result<Option<(Uuid, Uuid)>> {
+    /// plex to resync from. A plex on a disk in `waiting` (a remote disk
+    /// being reconnected, within its grace) is left alone.
+    pub fn repair_onto_spare(
+        &mut self,
+        volume: &str,
+        waiting: &[Uuid],
+    ) -> Result<Option<(Uuid, Uuid)>> {
         let v = self.volume(volume)?;
-        let Some(old) = v.plexes.iter().find(|p| self.plex_lost(p)).map(|p| p.disk) else {
+        let Some(old) = v
+            .plexes
+            .iter()
+            .find(|p| self.plex_lost(p) && !waiting.contains(&p.disk))
+            .map(|p| p.disk)
+        else {
             return Ok(None);
         };
         let Some((spare, offset)) = self.spare_extent_for(volume) else {
@@ -203,10 +213,17 @@ mod tests {
     fn repair_onto_spare_replaces_one_failed_plex_and_retires_the_spare() {
         let dir = tempfile::tempdir().unwrap();
         let (mut g, [_, b, _, s1, _]) = group(dir.path());
-        assert_eq!(g.repair_onto_spare("m").unwrap(), None, "nothing failed");
+        assert_eq!(
+            g.repair_onto_spare("m", &[]).unwrap(),
+            None,
+            "nothing failed"
+        );
         let seqno = g.config.seqno;
         g.fail(&dir.path().join("b.img"), false).unwrap();
-        assert_eq!(g.repair_onto_spare("m").unwrap(), Some((s1, b)));
+        // A disk waited for (a remote one reconnecting) keeps its plex.
+        assert_eq!(g.repair_onto_spare("m", &[b]).unwrap(), None);
+        assert!(g.is_spare(s1));
+        assert_eq!(g.repair_onto_spare("m", &[]).unwrap(), Some((s1, b)));
         assert!(g.config.seqno > seqno + 1, "the repair committed");
         assert!(!g.is_spare(s1));
         let v = g.volume("m").unwrap();
@@ -224,7 +241,7 @@ mod tests {
             )
         );
         assert_eq!(
-            g.repair_onto_spare("m").unwrap(),
+            g.repair_onto_spare("m", &[]).unwrap(),
             None,
             "no failed plex left"
         );
@@ -255,8 +272,8 @@ mod tests {
         }
         g.fail(&dir.path().join("b.img"), false).unwrap();
         let seqno = g.config.seqno;
-        assert_eq!(g.repair_onto_spare("m").unwrap(), None);
+        assert_eq!(g.repair_onto_spare("m", &[]).unwrap(), None);
         assert_eq!(g.config.seqno, seqno, "nothing committed");
-        assert!(g.repair_onto_spare("nope").is_err());
+        assert!(g.repair_onto_spare("nope", &[]).is_err());
     }
 }

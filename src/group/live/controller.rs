@@ -220,6 +220,9 @@ pub(super) struct Controller {
     /// Dropped when the last resync slot goes ([`Controller::when_idle`]).
     idle_waiters: Vec<Sender<()>>,
     hot_spares: bool,
+    /// How long a remote disk being reconnected keeps its plexes before a
+    /// hot spare takes them over.
+    pub(super) spare_delay: std::time::Duration,
     /// Resync workers and the scrub thread, joined at stop.
     pub(super) workers: Vec<std::thread::JoinHandle<()>>,
     opts: EngineOptions,
@@ -258,6 +261,7 @@ impl Controller {
             outcomes: Vec::new(),
             idle_waiters: Vec::new(),
             hot_spares: false,
+            spare_delay: std::time::Duration::ZERO,
             workers: Vec::new(),
             opts,
             live,
@@ -745,12 +749,20 @@ impl Controller {
         path: &std::path::Path,
         force: bool,
     ) -> crate::Result<Done> {
-        // A remote disk away since its link was lost: failed already, it is
-        // no longer tried again (the admin's word).
+        // A remote disk away since its link was lost (or missing since
+        // `serve` started): out of service already, it is no longer tried
+        // again (the admin's word, kept in the config).
         if let Ok(uuid) = self.group.resolve_disk(path)
             && !self.group.is_online(uuid)
             && self.away.remove(&uuid).is_some()
         {
+            if let Some(d) = self.group.config.disk_mut(uuid) {
+                d.link_lost = false;
+                // Its seqno stays the one it left at: the split-brain
+                // check compares with that.
+                d.state = crate::format::DiskState::Failed;
+            }
+            self.group.commit()?;
             return Ok(Done::new(
                 format!(
                     "disk {} stays failed: it is no longer reconnected",
@@ -954,8 +966,9 @@ impl Controller {
 
     // ---- hot spares ----
 
-    pub(super) fn enable_hot_spares(&mut self) {
+    pub(super) fn enable_hot_spares(&mut self, remote_delay: std::time::Duration) {
         self.hot_spares = true;
+        self.spare_delay = remote_delay;
         self.use_spares();
     }
 
@@ -985,7 +998,8 @@ impl Controller {
         }
         for name in self.volume_names() {
             loop {
-                match self.changed(|g| g.repair_onto_spare(&name)) {
+                let waiting = self.spare_waits_for();
+                match self.changed(|g| g.repair_onto_spare(&name, &waiting)) {
                     Ok(Some((spare, old))) => {
                         let line = format!(
                             "hot spare {} replaces the plex of volume {name} on {}; it resyncs in the background",

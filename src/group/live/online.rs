@@ -754,8 +754,8 @@ impl Progress for Tracked<'_> {
 impl LiveGroup {
     /// Rebuilds failed plexes onto spares from now on, resynced with
     /// `resync`; and at once, for plexes failed or missing already.
-    pub fn enable_hot_spares(&self) {
-        self.send(|c| c.enable_hot_spares());
+    pub fn enable_hot_spares(&self, remote_delay: std::time::Duration) {
+        self.send(move |c| c.enable_hot_spares(remote_delay));
     }
 
     /// Rebuilds what it can onto spares (on the thread the controller

@@ -26,6 +26,7 @@ use uuid::Uuid;
 use super::LiveGroup;
 use super::controller::Controller;
 use crate::disk::Disk;
+use crate::format::DiskState;
 use crate::format::ondisk;
 use crate::format::state::{Generation, Read};
 use crate::volume::queue::QueuedDisk;
@@ -45,10 +46,11 @@ pub enum RemoteReturn {
     Manual,
 }
 
-/// A remote disk away since its connection was lost.
+/// A remote disk away since its connection was lost (or not reached when
+/// `serve` started).
 #[derive(Debug)]
 pub(super) struct Away {
-    since: Instant,
+    pub(super) since: Instant,
     attempts: u32,
     next: Instant,
     /// An attempt is under way.
@@ -59,19 +61,27 @@ pub(super) struct Away {
     refused: Option<String>,
     /// Connected again (manual policy): waits for `reactivate`.
     back: bool,
+    /// Not reached since `serve` started (missing when the group was
+    /// assembled), rather than lost under it.
+    missing: bool,
+    /// Hot spares were looked for once its grace ended.
+    spares_asked: bool,
 }
 
 impl Away {
-    fn new() -> Away {
+    fn new(missing: bool) -> Away {
         let now = Instant::now();
         Away {
             since: now,
             attempts: 0,
-            next: now + FIRST_RETRY,
+            // A disk missing since the start is tried at once.
+            next: if missing { now } else { now + FIRST_RETRY },
             trying: false,
             last: None,
             refused: None,
             back: false,
+            missing,
+            spares_asked: false,
         }
     }
 
@@ -84,13 +94,18 @@ impl Away {
         if self.back {
             return "connected again; `mirrorvol reactivate` takes it back".to_string();
         }
+        let lost = if self.missing {
+            format!("not reached since serve started {away} s ago")
+        } else {
+            format!("lost {away} s ago")
+        };
         match &self.last {
             Some(e) => format!(
-                "lost {away} s ago; reconnecting ({} attempt{} failed, the last: {e})",
+                "{lost}; reconnecting ({} attempt{} failed, the last: {e})",
                 self.attempts,
                 if self.attempts == 1 { "" } else { "s" }
             ),
-            None => format!("lost {away} s ago; reconnecting"),
+            None => format!("{lost}; reconnecting"),
         }
     }
 }
@@ -104,13 +119,49 @@ pub(super) struct ReturnCheck {
     /// on it this new or newer was written by someone else (a config write
     /// of before whose answer was lost in the cut is older).
     left_at: u64,
-    /// The data generations it may hold (counter, id; `None`: none at
-    /// all, a disk never given one): the one it left with, or the one
-    /// being given when it left. `None`: any (an admin's `reactivate`; one
-    /// older than it left with gets a full resync).
-    generations: Option<Vec<Option<(u64, Uuid)>>>,
+    /// The data generations it may hold.
+    generations: Allowed,
     /// The generation it holds, once read.
     seen: Mutex<Option<Read<Generation>>>,
+}
+
+/// The data generations a returning disk may hold.
+enum Allowed {
+    /// Any (an admin's `reactivate`: one older than it left with gets a
+    /// full resync).
+    Any,
+    /// One of these (counter, id; `None`: none at all, a disk never given
+    /// one): the one it left with, or the one being given when it left.
+    Exactly(Vec<Option<(u64, Uuid)>>),
+    /// The counter the config recorded when it left (a disk not reached
+    /// since `serve` started: the id it holds was never seen).
+    Counter(u64),
+}
+
+impl Allowed {
+    fn admits(&self, held: &Read<Generation>) -> bool {
+        match (self, held) {
+            (Allowed::Any, _) => true,
+            (Allowed::Exactly(list), Read::Good(g)) => list.contains(&Some((g.counter, g.id))),
+            (Allowed::Exactly(list), Read::Empty) => list.contains(&None),
+            (Allowed::Counter(c), Read::Good(g)) => g.counter == *c,
+            (Allowed::Counter(c), Read::Empty) => *c == 0,
+            (_, Read::Damaged(_)) => false,
+        }
+    }
+
+    /// The generation it left with, as shown.
+    fn shown(&self) -> String {
+        match self {
+            Allowed::Exactly(list) => match list.first() {
+                Some(Some((c, _))) => c.to_string(),
+                _ => "none".to_string(),
+            },
+            Allowed::Counter(0) => "none".to_string(),
+            Allowed::Counter(c) => c.to_string(),
+            Allowed::Any => "any".to_string(),
+        }
+    }
 }
 
 /// What answers is not the disk that left (or not as it left): no more
@@ -167,27 +218,48 @@ impl ReturnCheck {
             Err(ondisk::FormatError::Io { source, .. }) => return Err(source),
             Err(_) => Read::Damaged("the generation slots cannot be read"),
         };
-        if let Some(allowed) = &self.generations {
+        if !self.generations.admits(&generation) {
             let held = match &generation {
-                Read::Good(g) => Some(Some((g.counter, g.id))),
-                Read::Empty => Some(None),
-                Read::Damaged(_) => None,
+                Read::Good(g) => g.counter.to_string(),
+                Read::Empty => "none".to_string(),
+                Read::Damaged(_) => "unreadable".to_string(),
             };
-            if !held.is_some_and(|h| allowed.contains(&h)) {
-                let shown = |g: Option<Option<(u64, Uuid)>>| match g {
-                    Some(Some((c, _))) => c.to_string(),
-                    Some(None) => "none".to_string(),
-                    None => "unreadable".to_string(),
-                };
-                return Err(not_it(format!(
-                    "{path} holds data generation {}, not {} it left with: another copy of the disk, or this one rolled back; `mirrorvol reactivate` takes it back with a full resync",
-                    shown(held),
-                    shown(allowed.first().copied())
-                )));
-            }
+            return Err(not_it(format!(
+                "{path} holds data generation {held}, not {} it left with: another copy of the disk, or this one rolled back; `mirrorvol reactivate` takes it back with a full resync",
+                self.generations.shown()
+            )));
         }
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(generation);
         Ok(())
+    }
+}
+
+/// How an attempt reaches the disk.
+pub(super) enum Reach {
+    /// A member whose connection broke: connected again.
+    Again(Arc<QueuedDisk>),
+    /// A disk not reached since `serve` started: opened.
+    Open(std::path::PathBuf, crate::group::DiskOpen),
+}
+
+/// Reaches `disk` and checks what answers (on the caller's thread: it waits
+/// up to the disk's deadline for each connection). Returns the disk opened
+/// (for [`Reach::Open`]) and the generation it holds.
+fn attempt(
+    reach: &Reach,
+    check: &ReturnCheck,
+) -> io::Result<(Option<Arc<QueuedDisk>>, Read<Generation>)> {
+    match reach {
+        Reach::Again(disk) => Ok((None, reconnect(disk, check)?)),
+        Reach::Open(path, how) => {
+            let disk = crate::group::open_disk_with(path, how).map_err(|e| match e {
+                crate::Error::Io { source, .. } => source,
+                other => io::Error::other(other.to_string()),
+            })?;
+            check.check(&*disk)?;
+            let seen = check.seen.lock().unwrap_or_else(|e| e.into_inner()).take();
+            Ok((Some(disk), seen.unwrap_or(Read::Empty)))
+        }
     }
 }
 
@@ -213,23 +285,60 @@ impl Controller {
     /// (`serve`; an offline command's group never is).
     pub(super) fn set_remote_return(&mut self, policy: RemoteReturn) {
         self.remote_return = Some(policy);
+        self.find_away();
     }
 
     /// A remote disk lost its connection and was failed: it is tried
-    /// again.
+    /// again (and after a restart of `serve`, by the mark in the config).
     pub(super) fn link_lost(&mut self, disk: Uuid) {
-        self.away.insert(disk, Away::new());
+        if let Some(d) = self.group.config.disk_mut(disk) {
+            d.link_lost = true;
+        }
+        self.away.insert(disk, Away::new(false));
+    }
+
+    /// Remote disks out of service that are to be tried: those whose
+    /// connection was lost (marked in the config, so also those lost
+    /// before this `serve` started) and those missing (not reached when
+    /// the group was assembled).
+    fn find_away(&mut self) {
+        let g = &self.group;
+        let found: Vec<(Uuid, bool)> = g
+            .config
+            .disks
+            .iter()
+            .filter(|d| !g.is_online(d.uuid) && !self.away.contains_key(&d.uuid))
+            .filter(|d| {
+                d.link_lost || (d.state == DiskState::Missing && !g.members.contains_key(&d.uuid))
+            })
+            .filter(|d| crate::group::is_nbd(std::path::Path::new(&d.path)))
+            .map(|d| (d.uuid, !d.link_lost))
+            .collect();
+        for (disk, missing) in found {
+            self.away.insert(disk, Away::new(missing));
+        }
     }
 
     /// What `disk` must show to be taken back; `strict`: the generation it
     /// left with.
-    pub(super) fn return_check(
-        &self,
-        disk: Uuid,
-        strict: bool,
-    ) -> Option<(Arc<QueuedDisk>, ReturnCheck)> {
+    pub(super) fn return_check(&self, disk: Uuid, strict: bool) -> Option<(Reach, ReturnCheck)> {
         let g = &self.group;
-        let m = g.members.get(&disk)?;
+        let Some(m) = g.members.get(&disk) else {
+            // Not reached since `serve` started: opened anew, and it must
+            // hold the generation the config says it left with.
+            let entry = g.config.disk(disk)?;
+            return Some((
+                Reach::Open(entry.path.clone().into(), g.open),
+                ReturnCheck {
+                    path: entry.path.clone(),
+                    disk,
+                    group: g.config.uuid,
+                    left_at: entry.state_seqno,
+                    generations: Allowed::Counter(entry.left_generation),
+                    seen: Mutex::new(None),
+                },
+            ));
+        };
         let generations = strict.then(|| {
             // What it left with: what the keeper last gave it, else what
             // it held when opened (none, for a disk never given one).
@@ -244,10 +353,10 @@ impl Controller {
                 let current = k.current();
                 allowed.push(Some((current.counter, current.id)));
             }
-            allowed
+            Allowed::Exactly(allowed)
         });
         Some((
-            m.disk.clone(),
+            Reach::Again(m.disk.clone()),
             ReturnCheck {
                 path: g.disk_path(disk),
                 disk,
@@ -259,7 +368,7 @@ impl Controller {
                     Some(d) if !g.is_online(disk) => d.state_seqno,
                     _ => g.config.seqno + 1,
                 },
-                generations,
+                generations: generations.unwrap_or(Allowed::Any),
                 seen: Mutex::new(None),
             },
         ))
@@ -271,11 +380,24 @@ impl Controller {
         if self.remote_return.is_none() || self.stopping {
             return;
         }
+        self.find_away();
         // Back in service by other means (an admin's reactivate, a new
         // disk in its place), or gone from the group: no longer away.
         let g = &self.group;
         self.away
             .retain(|u, a| a.trying || (g.config.disk(*u).is_some() && !g.is_online(*u)));
+        // A disk's grace ended: a hot spare may take its plexes now.
+        let delay = self.spare_delay;
+        let mut graced = false;
+        for a in self.away.values_mut() {
+            if !a.spares_asked && a.since.elapsed() >= delay {
+                a.spares_asked = true;
+                graced = true;
+            }
+        }
+        if graced {
+            self.use_spares();
+        }
         let now = Instant::now();
         let due: Vec<Uuid> = self
             .away
@@ -284,14 +406,14 @@ impl Controller {
             .map(|(u, _)| *u)
             .collect();
         for disk in due {
-            let Some((queued, check)) = self.return_check(disk, true) else {
+            let Some((reach, check)) = self.return_check(disk, true) else {
                 continue;
             };
             let live = self.live.clone();
             let started = std::thread::Builder::new()
                 .name("reconnect".into())
                 .spawn(move || {
-                    let r = reconnect(&queued, &check);
+                    let r = attempt(&reach, &check);
                     if let Some(live) = live.upgrade() {
                         live.send(move |c| c.attempted(disk, r));
                     }
@@ -303,7 +425,11 @@ impl Controller {
     }
 
     /// An attempt ended.
-    fn attempted(&mut self, disk: Uuid, r: io::Result<Read<Generation>>) {
+    fn attempted(
+        &mut self,
+        disk: Uuid,
+        r: io::Result<(Option<Arc<QueuedDisk>>, Read<Generation>)>,
+    ) {
         let path = self.group.disk_path(disk);
         let stopping = self.stopping;
         let Some(a) = self.away.get_mut(&disk) else {
@@ -317,6 +443,8 @@ impl Controller {
             Err(e) if is_not_it(&e) => {
                 tracing::error!(disk = %path, error = %e, "the remote disk answers again but is not taken back");
                 a.refused = Some(e.to_string());
+                // Not coming back by itself: a hot spare may take over.
+                self.use_spares();
             }
             Err(e) => {
                 a.attempts += 1;
@@ -329,13 +457,25 @@ impl Controller {
                 }
                 a.last = Some(e.to_string());
             }
-            Ok(generation) => {
+            Ok((opened, generation)) => {
                 if let Some(m) = self.group.members.get_mut(&disk) {
                     m.generation = generation;
                 }
                 if self.remote_return == Some(RemoteReturn::Manual) {
                     a.back = true;
                     tracing::warn!(disk = %path, "the remote disk answers again; `mirrorvol reactivate` takes it back");
+                    return;
+                }
+                // Reached for the first time since `serve` started: a
+                // member from now on.
+                if let Some(queued) = opened
+                    && !self.group.members.contains_key(&disk)
+                    && let Err(e) = self.group.attach_disk(std::path::Path::new(&path), queued)
+                {
+                    tracing::error!(disk = %path, error = %e, "the remote disk answers but cannot be taken back");
+                    if let Some(a) = self.away.get_mut(&disk) {
+                        a.refused = Some(e.to_string());
+                    }
                     return;
                 }
                 match self.reactivate_by_path(std::path::Path::new(&path)) {
@@ -362,6 +502,16 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// The remote disks whose plexes no hot spare takes yet: being
+    /// reconnected (not refused), lost less than the spare delay ago.
+    pub(super) fn spare_waits_for(&self) -> Vec<Uuid> {
+        self.away
+            .iter()
+            .filter(|(_, a)| a.refused.is_none() && a.since.elapsed() < self.spare_delay)
+            .map(|(u, _)| *u)
+            .collect()
     }
 
     /// The link state of every remote disk away, for `status`.
@@ -393,7 +543,10 @@ impl LiveGroup {
         let plan = self
             .call(move |c| {
                 let disk = c.group.resolve_disk(&path).ok()?;
-                let (queued, check) = c.return_check(disk, false)?;
+                let (Reach::Again(queued), check) = c.return_check(disk, false)? else {
+                    // Not a member: `reactivate` opens it.
+                    return None;
+                };
                 let broken = queued.queue().disk().is_some_and(|d| d.health().is_err());
                 broken.then_some((disk, queued, check))
             })
