@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod crash;
+pub mod ext4;
 pub mod faulty;
 pub mod serve;
 pub mod tls;
