@@ -1364,3 +1364,78 @@ fn a_hot_spare_waits_for_a_remote_disk_being_reconnected() {
     );
     serving.stop();
 }
+
+/// A plex on an export that qemu-nbd serves only over TLS, with client
+/// certificates (verify-peer): named `nbds+unix://…&tls-certificates=DIR`,
+/// it takes the mirror's writes, comes back over TLS after its server is
+/// killed and started again, and holds the volume alone. The same export
+/// named without TLS, or with certificates from another CA, is not read.
+#[test]
+fn an_export_served_over_tls_is_a_disk_with_nbds() {
+    if !tools() || !have_tool("qemu-io") || !have_tool("openssl") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let certs = sb.path("tls");
+    common::tls::certificates(&certs);
+    let other = sb.path("other-ca");
+    common::tls::ca_with_client(&other, "another-ca");
+    let local = sb.image("a.img", 64);
+    let remote = image(&sb, 64);
+    let sock = sb.path("nbd.sock");
+    let creds = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on",
+        certs.display()
+    );
+    let tls_args = ["--object", &creds, "--tls-creds", "tls0"];
+    let mut server = Some(QemuNbd::unix(&remote, &sock, &tls_args));
+    let uri = format!(
+        "nbds+unix:///disk?socket={}&tls-certificates={}",
+        sock.display(),
+        certs.display()
+    );
+    let disks = format!("{local},{uri}");
+    sb.mv_on(&disks, &["init", &local, &uri, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "16M", "--mirror"])
+        .ok();
+    let (serving, served) = Serving::start(&sb, &disks, &[]);
+    qemu_io(&served, &["write -P 0x5a 0 1M"]);
+    // Killed and back: reconnected over TLS.
+    drop(server.take());
+    qemu_io(&served, &["write -P 0x5b 4M 1M"]);
+    wait_status_on(&sb, &disks, 30, "the export is failed", |st| {
+        common::disk(st, &uri)["state"] == "failed"
+    });
+    server = Some(QemuNbd::unix(&remote, &sock, &tls_args));
+    wait_status_on(&sb, &disks, 60, "the export is back in sync", |st| {
+        common::volume(st, "data")["state"] == "healthy"
+    });
+    assert_eq!(serving.resyncs_onto(&uri).len(), 1, "{}", serving.log());
+    serving.stop();
+
+    let copy = sb.p("remote-only.bin");
+    sb.mv_on(&uri, &["copy", "vol:data", &copy]).ok();
+    let mut want = vec![0u8; 16 << 20];
+    want[..1 << 20].fill(0x5a);
+    want[4 << 20..5 << 20].fill(0x5b);
+    assert!(
+        std::fs::read(&copy).unwrap() == want,
+        "the remote plex, read over TLS, holds the volume"
+    );
+
+    // Without TLS, and with another CA: the export is not read.
+    let plain = format!("nbd+unix:///disk?socket={}", sock.display());
+    let r = sb.mv_on(&plain, &["status"]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stderr.contains("the server requires TLS"), "{}", r.stderr);
+    let wrong = format!(
+        "nbds+unix:///disk?socket={}&tls-certificates={}",
+        sock.display(),
+        other.display()
+    );
+    let r = sb.mv_on(&wrong, &["status"]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stderr.contains("TLS"), "{}", r.stderr);
+    drop(server);
+}

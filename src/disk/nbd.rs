@@ -5,7 +5,17 @@
 //! ```text
 //! nbd://HOST[:PORT]/EXPORT            TCP (port 10809 by default)
 //! nbd+unix:///EXPORT?socket=PATH      a Unix socket
+//! nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR
+//! nbds+unix:///EXPORT?socket=PATH&tls-certificates=DIR
 //! ```
+//!
+//! `nbds` asks the server for TLS (`NBD_OPT_STARTTLS`) before anything
+//! else, and never talks in the clear to one that refuses. `DIR` holds
+//! the certificates as qemu and libnbd keep a client's: `ca-cert.pem`
+//! (the CA the server's certificate must chain to) and, for a server that
+//! asks for one, `client-cert.pem` and `client-key.pem`. The server's
+//! certificate must name the URI's host (`localhost` for a Unix socket),
+//! or `tls-hostname=NAME`.
 //!
 //! The connections are made when the disk is opened, all to the export
 //! whose label assembly then reads: several only when the server
@@ -36,6 +46,7 @@ use std::time::Duration;
 
 use super::{Disk, DiskIdentity};
 use crate::nbd::client::Client;
+use crate::nbd::conn::ClientTls;
 use crate::nbd::proto;
 use crate::nbd::session::{Answer, Session};
 
@@ -51,6 +62,8 @@ pub enum NbdAddress {
 pub struct NbdUri {
     pub address: NbdAddress,
     pub export: String,
+    /// `nbds`: TLS, with these certificates.
+    pub tls: Option<ClientTls>,
 }
 
 /// The port NBD servers listen on unless told otherwise.
@@ -74,31 +87,78 @@ impl NbdUri {
         let scheme = s
             .split_once("://")
             .map_or(String::new(), |(x, _)| x.to_ascii_lowercase());
-        if scheme.starts_with("nbds") {
-            return Err(format!(
-                "NBD URI {s:?} asks for TLS, which disks over NBD do not speak yet: use nbd:// or nbd+unix://"
-            ));
-        }
-        if scheme != "nbd" && scheme != "nbd+unix" {
-            return Err(format!(
-                "NBD URI {s:?} has the scheme {scheme}://, which disks do not speak: use nbd:// or nbd+unix://"
-            ));
-        }
-        let rest = &s[scheme.len() + 3..];
-        if scheme == "nbd+unix" {
-            let (path, query) = rest
-                .split_once('?')
-                .ok_or_else(|| format!("NBD URI {s:?} names no socket: add ?socket=PATH"))?;
-            if !path.is_empty() && !path.starts_with('/') {
+        let tls = match scheme.as_str() {
+            "nbd" | "nbd+unix" => false,
+            "nbds" | "nbds+unix" => true,
+            _ => {
                 return Err(format!(
-                    "NBD URI {s:?} names a host; a Unix socket URI is nbd+unix:///EXPORT?socket=PATH"
+                    "NBD URI {s:?} has the scheme {scheme}://, which disks do not speak: use nbd://, nbds://, nbd+unix:// or nbds+unix://"
                 ));
             }
-            let socket = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("socket="))
-                .ok_or_else(|| format!("NBD URI {s:?} names no socket: add ?socket=PATH"))?;
-            let socket = decode(socket, "socket path")?;
+        };
+        let unix = scheme.ends_with("+unix");
+        let rest = &s[scheme.len() + 3..];
+        if rest.contains('#') {
+            return Err(format!(
+                "NBD URI {s:?} has a fragment, which NBD URIs do not take"
+            ));
+        }
+        let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+        // The query: socket= (Unix), tls-certificates= and tls-hostname=
+        // (nbds); nothing else.
+        let mut socket = None;
+        let mut certificates = None;
+        let mut hostname = None;
+        for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let slot = match k {
+                "socket" if unix => &mut socket,
+                "tls-certificates" if tls => &mut certificates,
+                "tls-hostname" if tls => &mut hostname,
+                _ => {
+                    let takes = match (unix, tls) {
+                        (true, true) => "socket, tls-certificates and tls-hostname",
+                        (true, false) => "socket",
+                        (false, true) => "tls-certificates and tls-hostname",
+                        (false, false) => "none",
+                    };
+                    return Err(format!(
+                        "NBD URI {s:?} has the query parameter {k:?}; {scheme}:// URIs of disks take {takes}"
+                    ));
+                }
+            };
+            *slot = Some(decode(v, k)?);
+        }
+        let tls = if tls {
+            let Some(dir) = certificates else {
+                return Err(format!(
+                    "NBD URI {s:?} asks for TLS but names no certificates: add tls-certificates=DIR (a directory holding ca-cert.pem, and client-cert.pem with client-key.pem if the server asks for a client certificate)"
+                ));
+            };
+            if !dir.starts_with('/') {
+                return Err(format!(
+                    "NBD URI {s:?} names the certificates directory {dir:?}, not an absolute path: the group finds its disks from any directory"
+                ));
+            }
+            Some((PathBuf::from(dir), hostname))
+        } else {
+            None
+        };
+        let client_tls = |default_host: &str| {
+            tls.clone().map(|(certificates, hostname)| ClientTls {
+                certificates,
+                hostname: hostname.unwrap_or_else(|| default_host.to_string()),
+            })
+        };
+        if unix {
+            let path = rest;
+            if !path.is_empty() && !path.starts_with('/') {
+                return Err(format!(
+                    "NBD URI {s:?} names a host; a Unix socket URI is {scheme}:///EXPORT?socket=PATH"
+                ));
+            }
+            let socket =
+                socket.ok_or_else(|| format!("NBD URI {s:?} names no socket: add ?socket=PATH"))?;
             if !socket.starts_with('/') {
                 return Err(format!(
                     "NBD URI {s:?} names the socket {socket:?}, not an absolute path: the group finds its disks from any directory"
@@ -109,17 +169,13 @@ impl NbdUri {
                     socket: PathBuf::from(socket),
                 },
                 export: decode(path.strip_prefix('/').unwrap_or(path), "export name")?,
+                tls: client_tls("localhost"),
             });
         }
-        if rest.contains('?') {
-            return Err(format!(
-                "NBD URI {s:?} has a query, which nbd:// URIs do not take"
-            ));
-        }
         let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
-        if authority.contains('@') || rest.contains('#') {
+        if authority.contains('@') {
             return Err(format!(
-                "NBD URI {s:?} has a user or a fragment, which NBD URIs do not take"
+                "NBD URI {s:?} has a user, which NBD URIs do not take"
             ));
         }
         let (host, port) = match authority.strip_prefix('[') {
@@ -158,6 +214,7 @@ impl NbdUri {
                 port,
             },
             export: decode(export, "export name")?,
+            tls: client_tls(host),
         })
     }
 
@@ -165,10 +222,10 @@ impl NbdUri {
     fn connect(&self, timeout: Duration) -> io::Result<Client> {
         match &self.address {
             NbdAddress::Unix { socket } => {
-                Client::connect_unix_with(socket, &self.export, timeout, true)
+                Client::connect_unix_tls(socket, &self.export, timeout, true, self.tls.as_ref())
             }
             NbdAddress::Tcp { host, port } => {
-                Client::connect_tcp_with(host, *port, &self.export, timeout, true)
+                Client::connect_tcp_tls(host, *port, &self.export, timeout, true, self.tls.as_ref())
             }
         }
     }
@@ -732,6 +789,28 @@ mod tests {
             }
         );
         assert_eq!(u.export, "data");
+        assert_eq!(u.tls, None);
+        let u = NbdUri::parse("nbds://h.example:7000/x?tls-certificates=/etc/pki/c").unwrap();
+        assert_eq!(
+            u.tls,
+            Some(ClientTls {
+                certificates: "/etc/pki/c".into(),
+                hostname: "h.example".into()
+            })
+        );
+        let u = NbdUri::parse(
+            "nbds+unix:///x?socket=/s&tls-certificates=/c&tls-hostname=server.example",
+        )
+        .unwrap();
+        assert_eq!(
+            u.address,
+            NbdAddress::Unix {
+                socket: "/s".into()
+            }
+        );
+        assert_eq!(u.tls.unwrap().hostname, "server.example");
+        let u = NbdUri::parse("nbds+unix:///x?tls-certificates=/c&socket=/s").unwrap();
+        assert_eq!(u.tls.unwrap().hostname, "localhost");
         assert!(NbdUri::is_uri("nbd+unix:///?socket=/s"));
         assert!(NbdUri::is_uri("NBD://h/x"));
         assert!(NbdUri::is_uri("nbd+vsock:///x"));
@@ -744,18 +823,21 @@ mod tests {
     fn malformed_uris_are_refused_naming_what_is_wrong() {
         for (uri, says) in [
             ("nbd+unix:///data", "names no socket"),
-            ("nbd+unix:///data?sock=/x", "names no socket"),
+            ("nbd+unix:///data?sock=/x", "query parameter \"sock\""),
             ("nbd://:10809/x", "names no host"),
             ("nbd://h:99999/x", "not 0 to 65535"),
-            ("nbd://h/x?socket=/s", "do not take"),
-            ("nbds://h/x", "TLS"),
+            ("nbd://h/x?socket=/s", "take none"),
+            ("nbds://h/x", "names no certificates"),
+            ("nbds://h/x?tls-certificates=certs", "not an absolute path"),
+            ("nbd://h/x?tls-certificates=/c", "take none"),
+            ("nbds+unix:///x?tls-certificates=/c", "names no socket"),
             ("nbd://h/%zz", "malformed export name"),
             ("nbd://[::1/x", "unclosed"),
             ("http://h/x", "which disks do not speak"),
             ("nbd+vsock:///x", "which disks do not speak"),
             ("nbd+unix:///x?socket=s.sock", "not an absolute path"),
-            ("nbd://user@h/x", "a user or a fragment"),
-            ("nbd://h/x#y", "a user or a fragment"),
+            ("nbd://user@h/x", "a user"),
+            ("nbd://h/x#y", "a fragment"),
             ("nbd://[::1]junk/x", "after its IPv6 host"),
             ("nbd://::1/x", "without brackets"),
             ("nbd://h/%+1", "malformed export name"),

@@ -16,12 +16,13 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use super::conn::{ClientTls, Conn, TlsStream};
 use super::proto::{self, Request, be_u16, be_u32, be_u64};
 use super::server::Sock;
 
 /// A connection in the transmission phase.
 pub struct Client {
-    sock: Sock,
+    sock: Conn,
     size: u64,
     flags: u16,
     next_handle: u64,
@@ -51,10 +52,22 @@ impl Client {
         timeout: Duration,
         structured: bool,
     ) -> io::Result<Client> {
+        Client::connect_unix_tls(path, export, timeout, structured, None)
+    }
+
+    /// [`Client::connect_unix_with`], with TLS (`NBD_OPT_STARTTLS` first)
+    /// when `tls` is given.
+    pub fn connect_unix_tls(
+        path: &Path,
+        export: &str,
+        timeout: Duration,
+        structured: bool,
+        tls: Option<&ClientTls>,
+    ) -> io::Result<Client> {
         let sock = UnixStream::connect(path)?;
         sock.set_read_timeout(Some(timeout))?;
         sock.set_write_timeout(Some(timeout))?;
-        Client::start(Sock::Unix(sock), export, structured)
+        Client::start(Sock::Unix(sock), export, structured, tls)
     }
 
     /// Connects to the server at `host:port` over TCP (within `timeout`)
@@ -77,6 +90,18 @@ impl Client {
         timeout: Duration,
         structured: bool,
     ) -> io::Result<Client> {
+        Client::connect_tcp_tls(host, port, export, timeout, structured, None)
+    }
+
+    /// [`Client::connect_tcp_with`], with TLS when `tls` is given.
+    pub fn connect_tcp_tls(
+        host: &str,
+        port: u16,
+        export: &str,
+        timeout: Duration,
+        structured: bool,
+        tls: Option<&ClientTls>,
+    ) -> io::Result<Client> {
         use std::net::ToSocketAddrs;
         let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host} has no address"));
         for addr in (host, port).to_socket_addrs()? {
@@ -85,7 +110,7 @@ impl Client {
                     sock.set_read_timeout(Some(timeout))?;
                     sock.set_write_timeout(Some(timeout))?;
                     sock.set_nodelay(true)?;
-                    return Client::start(Sock::Tcp(sock), export, structured);
+                    return Client::start(Sock::Tcp(sock), export, structured, tls);
                 }
                 Err(e) => last = e,
             }
@@ -93,21 +118,26 @@ impl Client {
         Err(last)
     }
 
-    fn start(sock: Sock, export: &str, structured: bool) -> io::Result<Client> {
+    fn start(
+        sock: Sock,
+        export: &str,
+        structured: bool,
+        tls: Option<&ClientTls>,
+    ) -> io::Result<Client> {
         let mut c = Client {
-            sock,
+            sock: Conn::Plain(sock),
             size: 0,
             flags: 0,
             next_handle: 1,
             structured: false,
         };
-        c.handshake(export, structured)?;
+        c.handshake(export, structured, tls)?;
         Ok(c)
     }
 
     /// The connection and what the handshake settled: (socket, size,
     /// flags, structured replies).
-    pub(super) fn into_parts(self) -> (Sock, u64, u16, bool) {
+    pub(super) fn into_parts(self) -> (Conn, u64, u16, bool) {
         (self.sock, self.size, self.flags, self.structured)
     }
 
@@ -137,7 +167,12 @@ impl Client {
         Ok((kind, body))
     }
 
-    fn handshake(&mut self, export: &str, structured: bool) -> io::Result<()> {
+    fn handshake(
+        &mut self,
+        export: &str,
+        structured: bool,
+        tls: Option<&ClientTls>,
+    ) -> io::Result<()> {
         let mut greeting = [0u8; proto::HANDSHAKE_LEN];
         self.sock.read_exact(&mut greeting)?;
         if be_u64(&greeting[0..8]) != proto::NBDMAGIC || be_u64(&greeting[8..16]) != proto::IHAVEOPT
@@ -157,6 +192,9 @@ impl Client {
         data.extend_from_slice(export.as_bytes());
         data.extend_from_slice(&0u16.to_be_bytes());
         self.sock.write_all(&flags.to_be_bytes())?;
+        if let Some(tls) = tls {
+            self.start_tls(tls)?;
+        }
         if structured {
             // Any refusal (an old server) leaves simple replies.
             self.option(proto::OPT_STRUCTURED_REPLY, &[])?;
@@ -187,6 +225,12 @@ impl Client {
                 }
                 proto::REP_INFO => {}
                 proto::REP_ACK => break,
+                proto::REP_ERR_TLS_REQD => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "the server requires TLS: name the export nbds://… or nbds+unix://… with tls-certificates=DIR",
+                    ));
+                }
                 _ => {
                     // Only "unknown export" means the export is not there.
                     let why = if kind == proto::REP_ERR_UNKNOWN {
@@ -209,6 +253,26 @@ impl Client {
         })?;
         self.size = size;
         self.flags = flags;
+        Ok(())
+    }
+
+    /// `NBD_OPT_STARTTLS`, then the TLS handshake; the rest of the
+    /// connection runs over TLS. A server that refuses is not talked to
+    /// in the clear.
+    fn start_tls(&mut self, tls: &ClientTls) -> io::Result<()> {
+        self.option(proto::OPT_STARTTLS, &[])?;
+        let (kind, body) = self.option_reply(proto::OPT_STARTTLS)?;
+        if kind != proto::REP_ACK {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "the server refused TLS (reply type {kind:#x}: {})",
+                    String::from_utf8_lossy(&body)
+                ),
+            ));
+        }
+        let raw = self.sock.sock().try_clone()?;
+        self.sock = Conn::Tls(std::sync::Arc::new(TlsStream::handshake(raw, tls)?));
         Ok(())
     }
 

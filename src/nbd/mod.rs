@@ -3,6 +3,7 @@
 //! it serves anything that implements [`server::Export`].
 
 pub mod client;
+pub mod conn;
 pub mod proto;
 pub mod server;
 pub mod session;

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::client::Client;
+use super::conn::Conn;
 use super::proto::{self, Request, be_u16, be_u32, be_u64};
 use super::server::Sock;
 
@@ -77,9 +78,9 @@ pub struct Session {
 
 struct Inner {
     /// The writing side: one whole request at a time.
-    writer: Mutex<Sock>,
+    writer: Mutex<Conn>,
     /// A handle on the socket to shut it down from any thread.
-    control: Sock,
+    control: Conn,
     state: Mutex<State>,
     /// The reader thread has stopped.
     reader_done: std::sync::atomic::AtomicBool,
@@ -134,7 +135,7 @@ impl Session {
         reading.set_read_timeout(Some(tick))?;
         let control = sock.try_clone()?;
         sock.set_write_timeout(Some(timeout))?;
-        if let Sock::Tcp(t) = &sock {
+        if let Sock::Tcp(t) = sock.sock() {
             keepalive(t, timeout);
         }
         let inner = Arc::new(Inner {
@@ -365,7 +366,7 @@ impl Inner {
     }
 
     fn reset_on_close(&self) {
-        if let Sock::Tcp(_) = &self.control {
+        if let Sock::Tcp(_) = self.control.sock() {
             let linger = libc::linger {
                 l_onoff: 1,
                 l_linger: 0,
@@ -426,7 +427,7 @@ fn gone(state: &State) -> io::Error {
 
 /// Writes all of `parts` (a header and a payload) in as few system calls
 /// as the socket takes.
-fn write_all_vectored(w: &mut Sock, parts: &[&[u8]]) -> io::Result<()> {
+fn write_all_vectored(w: &mut Conn, parts: &[&[u8]]) -> io::Result<()> {
     let mut bufs: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
     while !bufs.is_empty() {
         let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
@@ -458,7 +459,7 @@ fn write_all_vectored(w: &mut Sock, parts: &[&[u8]]) -> io::Result<()> {
 
 /// The reading side: one thread per connection.
 struct Reader {
-    sock: Sock,
+    sock: Conn,
     inner: Arc<Inner>,
 }
 
