@@ -1232,6 +1232,9 @@ impl MirrorVolume {
         done: Done<AlignedBuf>,
     ) {
         let Some(plex) = self.pick_reader(offset, &tried) else {
+            if let Some(p) = self.behind_reader(&tried) {
+                return self.read_after_behind(offset, len, p, tried, done);
+            }
             let e = match tried.pop() {
                 Some((p, e)) => IoFailure {
                     op: "read",
@@ -1277,6 +1280,57 @@ impl MirrorVolume {
                 }
             }),
         );
+    }
+
+    /// An in-sync plex with writes behind, not tried yet: the only kind
+    /// left to read from when [`MirrorVolume::pick_reader`] finds none.
+    fn behind_reader(&self, tried: &[(Arc<EnginePlex>, io::Error)]) -> Option<Arc<EnginePlex>> {
+        self.plexes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|p| p.mode() == Mode::InSync && !tried.iter().any(|(t, _)| Arc::ptr_eq(t, p)))
+            .cloned()
+    }
+
+    /// Reads from `plex`, which has writes behind, once it has every write
+    /// to the range: a write behind holds its range until it lands there,
+    /// so the read waits for the range (the volume's last copy is on its
+    /// way, not lost: the read waits for it rather than fail).
+    fn read_after_behind(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        plex: Arc<EnginePlex>,
+        mut tried: Vec<(Arc<EnginePlex>, io::Error)>,
+        done: Done<AlignedBuf>,
+    ) {
+        let this = self.clone();
+        self.lock
+            .acquire(offset..offset + len as u64, move |guard| {
+                let (p, after) = (plex.clone(), this.clone());
+                // Started on the thread that released the range, maybe:
+                // through the queue.
+                plex.queue.dispatch(
+                    Run::Queued,
+                    Op::Read {
+                        offset: plex.offset + offset,
+                        len,
+                    },
+                    false,
+                    Box::new(move |outcome| {
+                        after.lock.release(guard);
+                        match outcome {
+                            Ok(buf) => done(Ok(buf.unwrap_or_else(|| AlignedBuf::new(0, 1)))),
+                            Err(e) => {
+                                p.read_errors.fetch_add(1, Ordering::Relaxed);
+                                tried.push((p, e));
+                                after.read_from(offset, len, Run::Queued, tried, done);
+                            }
+                        }
+                    }),
+                );
+            });
     }
 
     /// Rewrites a range that failed to read on some plexes from the plex
@@ -1548,13 +1602,36 @@ mod tests {
         assert_eq!(far.behind(), 1);
         assert_eq!(marked.load(Ordering::SeqCst), 1, "its bits stay set");
         assert_eq!(plex_bytes(&r, 0)[..4096], [7u8; 4096]);
-        // With the near plex out, the far one does not serve the read it
-        // has not landed: the read fails rather than return old data.
+        // With the near plex out, the far one serves the read once the
+        // write behind has landed there: not before (old data), and not
+        // an error (the data is on its way).
         let near = r.vol.plexes()[0].clone();
         near.set_mode(Mode::Out);
-        let mut buf = vec![0u8; 4096];
-        assert!(r.vol.read(0, &mut buf).is_err());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vol = r.vol.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            tx.send(vol.read(0, &mut buf).map(|_| buf)).unwrap()
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the read waits for the write behind"
+        );
+        r.disks[1].release();
+        let got = rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+        assert!(
+            got == [7u8; 4096],
+            "the write behind, read from the far plex"
+        );
         near.set_mode(Mode::InSync);
+        let start = Instant::now();
+        while far.behind() > 0 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        r.disks[1].hang();
+        r.vol.write(0, &[7u8; 4096]).unwrap();
+        assert_eq!(far.behind(), 1);
         // An overlapping write waits for the one behind to land.
         let (tx, rx) = std::sync::mpsc::channel();
         let vol = r.vol.clone();
