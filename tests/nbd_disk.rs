@@ -1439,3 +1439,84 @@ fn an_export_served_over_tls_is_a_disk_with_nbds() {
     assert!(r.stderr.contains("TLS"), "{}", r.stderr);
     drop(server);
 }
+
+/// A remote disk slower than its deadline (every write 1.5 s late through
+/// nbdkit's delay filter, the deadline 1 s): `serve` starts without it
+/// (its bitmap's first write times out: the disk is failed, not the
+/// group), and it answers the checks of its return and is lost again at
+/// its first writes: each time in a row it
+/// waits four times longer before the next attempt (4 s, 16 s, ...), so
+/// it is not reconnected and resynced every few seconds, and status says
+/// it flaps.
+#[test]
+fn a_remote_disk_lost_again_soon_after_each_return_is_tried_less_and_less_often() {
+    if !have_tool("nbdkit") || !have_tool("qemu-io") {
+        return skip_or_fail("nbdkit or qemu-io is not installed");
+    }
+    let sb = Sandbox::new();
+    let local = sb.image("a.img", 64);
+    let far = image(&sb, 64);
+    let file = far.display().to_string();
+    let (kit, uri, _log) = Nbdkit::start(&sb, &[], &strings(&["file", &file]));
+    let disks = format!("{local},{uri}");
+    sb.mv_on(&disks, &["init", &local, &uri, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "8M", "--mirror"])
+        .ok();
+    drop(kit);
+    let (_kit, _, _) = Nbdkit::start(
+        &sb,
+        &["delay"],
+        &strings(&["file", &file, "delay-write=1500ms", "delay-zero=1500ms"]),
+    );
+    let (serving, served) =
+        Serving::start(&sb, &disks, &["--force-claim", "--remote-io-timeout", "1s"]);
+    let start = Instant::now();
+    // A client writing twice a second all along.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                qemu_io(
+                    &served,
+                    &[&format!(
+                        "write -P 0x{:x} {}K 4K",
+                        i % 255 + 1,
+                        i % 2048 * 4
+                    )],
+                );
+                i += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let st = wait_status_on(&sb, &disks, 40, "the disk flaps", |st| {
+        common::disk(st, &uri)["link"]
+            .as_str()
+            .is_some_and(|l| l.contains("in a row soon after it came back"))
+    });
+    let link = common::disk(&st, &uri)["link"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Watched for 14 s from the start: lost at once, back after 1 s, lost
+    // at its first writes, back 4 s later, lost again, next try 16 s on.
+    // Without the growing wait it would come back every 2-3 s.
+    std::thread::sleep(Duration::from_secs(14).saturating_sub(start.elapsed()));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let log = serving.log();
+    let returns = log.matches("the remote disk answers again").count();
+    eprintln!("{returns} returns in 14 s; status: {link}");
+    assert!(
+        (1..=3).contains(&returns),
+        "{returns} returns in 14 s:\n{log}"
+    );
+    assert!(
+        log.contains("the remote disk was lost again soon after it came back"),
+        "{log}"
+    );
+    serving.stop();
+}

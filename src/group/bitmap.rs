@@ -87,8 +87,17 @@ impl Group {
         }
         let set = BitmapSet::default();
         let uuids: Vec<Uuid> = self.members.keys().copied().collect();
+        let mut failed = false;
         for uuid in uuids {
-            self.load_bitmap(&set, uuid)?;
+            // A disk that fails here (or hangs past its deadline) is
+            // failed as on any other I/O; the group goes on without it.
+            if let Err(e) = self.load_bitmap(&set, uuid) {
+                self.bitmap_failed(uuid, e);
+                failed = true;
+            }
+        }
+        if failed {
+            self.commit()?;
         }
         let keeper = self.start_generations();
         set.set_keeper(keeper);
@@ -112,6 +121,28 @@ impl Group {
         }
         self.clean_bitmaps(true);
         Ok(())
+    }
+
+    /// A disk whose bitmap could not be loaded: failed (a remote disk
+    /// whose connection was lost is tried again under `serve`, and its
+    /// plexes come back by the bitmaps of the others; any other gets a
+    /// full resync).
+    fn bitmap_failed(&mut self, uuid: Uuid, e: Error) {
+        let path = self.disk_path(uuid);
+        let lost = super::is_nbd(std::path::Path::new(&path))
+            && matches!(&e, Error::Io { source, .. } if crate::volume::error::link_lost(source));
+        let line = format!(
+            "disk {path} failed as its write-intent bitmap was read ({e}); the group goes on without it"
+        );
+        tracing::error!("{line}");
+        self.warnings.push(line);
+        self.mark_disk_failed(
+            uuid,
+            (!lost).then_some("its write-intent bitmap could not be read"),
+        );
+        if lost && let Some(d) = self.config.disk_mut(uuid) {
+            d.link_lost = true;
+        }
     }
 
     /// The format version of `disk`'s labels as they stand on it: raised to

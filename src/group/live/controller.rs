@@ -206,6 +206,10 @@ pub(super) struct Controller {
     /// Remote disks away since their connection was lost, tried again
     /// while `remote_return` is set (see [`super::reconnect`]).
     pub(super) away: BTreeMap<Uuid, super::reconnect::Away>,
+    /// Remote disks taken back: when, and how many times in a row each
+    /// was lost again soon after (a flapping link, a disk slower than its
+    /// deadline): the next wait grows with that count.
+    pub(super) returned: BTreeMap<Uuid, (std::time::Instant, u32)>,
     pub(super) remote_return: Option<super::RemoteReturn>,
     /// The disk and volume states the events last reported.
     reported: Snapshot,
@@ -253,6 +257,7 @@ impl Controller {
             copies: BTreeMap::new(),
             stopping: false,
             away: BTreeMap::new(),
+            returned: BTreeMap::new(),
             remote_return: None,
             reported,
             resync_opts: ResyncOptions::default(),

@@ -36,6 +36,14 @@ use crate::volume::queue::QueuedDisk;
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const LAST_RETRY: Duration = Duration::from_secs(30);
 
+/// A disk lost again within this long of being taken back flaps: its
+/// first attempt waits [`FIRST_RETRY`] times 4 to the power of the times
+/// in a row it did so, up to [`FLAP_HOLD`], so a link that keeps breaking
+/// (or a disk slower than its deadline) does not cost a reconnection and
+/// a resync every few seconds.
+const FLAP_WINDOW: Duration = Duration::from_secs(60);
+const FLAP_HOLD: Duration = Duration::from_secs(300);
+
 /// What happens to a remote disk that answers again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RemoteReturn {
@@ -66,22 +74,32 @@ pub(super) struct Away {
     missing: bool,
     /// Hot spares were looked for once its grace ended.
     spares_asked: bool,
+    /// Times in a row it was lost again soon after it came back.
+    flaps: u32,
 }
 
 impl Away {
-    fn new(missing: bool) -> Away {
+    fn new(missing: bool, flaps: u32) -> Away {
         let now = Instant::now();
+        let first = if flaps == 0 {
+            FIRST_RETRY
+        } else {
+            FIRST_RETRY
+                .saturating_mul(4u32.saturating_pow(flaps))
+                .min(FLAP_HOLD)
+        };
         Away {
             since: now,
             attempts: 0,
             // A disk missing since the start is tried at once.
-            next: if missing { now } else { now + FIRST_RETRY },
+            next: if missing { now } else { now + first },
             trying: false,
             last: None,
             refused: None,
             back: false,
             missing,
             spares_asked: false,
+            flaps,
         }
     }
 
@@ -96,9 +114,19 @@ impl Away {
         }
         let lost = if self.missing {
             format!("not reached since serve started {away} s ago")
+        } else if self.flaps > 0 {
+            format!(
+                "lost {away} s ago, {} time{} in a row soon after it came back",
+                self.flaps,
+                if self.flaps == 1 { "" } else { "s" }
+            )
         } else {
             format!("lost {away} s ago")
         };
+        let next = self.next.saturating_duration_since(Instant::now());
+        if self.last.is_none() && !self.trying && next >= Duration::from_secs(2) {
+            return format!("{lost}; reconnecting in {} s", next.as_secs());
+        }
         match &self.last {
             Some(e) => format!(
                 "{lost}; reconnecting ({} attempt{} failed, the last: {e})",
@@ -294,7 +322,27 @@ impl Controller {
         if let Some(d) = self.group.config.disk_mut(disk) {
             d.link_lost = true;
         }
-        self.away.insert(disk, Away::new(false));
+        let away = self.lost_away(disk);
+        self.away.insert(disk, away);
+    }
+
+    /// The away entry of a disk whose link was lost now: lost again soon
+    /// after it came back, it waits longer.
+    fn lost_away(&self, disk: Uuid) -> Away {
+        let flaps = match self.returned.get(&disk) {
+            Some((at, n)) if at.elapsed() < FLAP_WINDOW => n + 1,
+            _ => 0,
+        };
+        let away = Away::new(false, flaps);
+        if flaps > 0 {
+            tracing::warn!(
+                disk = %self.group.disk_path(disk),
+                flaps,
+                wait_seconds = away.next.saturating_duration_since(Instant::now()).as_secs(),
+                "the remote disk was lost again soon after it came back; the next attempt waits longer"
+            );
+        }
+        away
     }
 
     /// Remote disks out of service that are to be tried: those whose
@@ -315,7 +363,12 @@ impl Controller {
             .map(|d| (d.uuid, !d.link_lost))
             .collect();
         for (disk, missing) in found {
-            self.away.insert(disk, Away::new(missing));
+            let away = if missing {
+                Away::new(true, 0)
+            } else {
+                self.lost_away(disk)
+            };
+            self.away.insert(disk, away);
         }
     }
 
@@ -436,6 +489,7 @@ impl Controller {
             return;
         };
         a.trying = false;
+        let flaps = a.flaps;
         if stopping {
             return;
         }
@@ -482,6 +536,7 @@ impl Controller {
                     Ok(done) => {
                         tracing::warn!(disk = %path, "the remote disk answers again: {}", done.message);
                         self.away.remove(&disk);
+                        self.returned.insert(disk, (Instant::now(), flaps));
                     }
                     // Back by other means meanwhile.
                     Err(_) if self.group.is_online(disk) => {
