@@ -1520,3 +1520,36 @@ fn a_remote_disk_lost_again_soon_after_each_return_is_tried_less_and_less_often(
     );
     serving.stop();
 }
+
+/// One export named by two URIs (its socket and a link to it): the same
+/// disk UUID answers twice, which mirrorvol cannot tell from a copy of the
+/// disk: refused, both named, the case said, nothing written.
+#[test]
+fn one_export_named_twice_is_refused_naming_both() {
+    if !tools() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut r = remote_mirror(&sb);
+    // Both names connected at once (qemu-nbd takes one client unless
+    // told more; each disk opens up to four).
+    drop(r.server.take());
+    let _server = QemuNbd::unix(&r.remote, &r.sock, &["--shared=16"]);
+    let link = sb.path("link.sock");
+    std::os::unix::fs::symlink(&r.sock, &link).unwrap();
+    let again = format!("nbd+unix:///disk?socket={}", link.display());
+    let before = std::fs::read(&r.remote).unwrap();
+    let out = sb.mv_on(&format!("{},{again}", r.disks), &["status"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&r.uri)
+            && out.stderr.contains(&again)
+            && out.stderr.contains("both name the same export"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        std::fs::read(&r.remote).unwrap() == before,
+        "nothing written"
+    );
+}

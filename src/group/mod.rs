@@ -745,8 +745,15 @@ impl Group {
                 .iter()
                 .find(|k| k.read.label.disk_uuid == f.read.label.disk_uuid)
             {
+                // Two addresses of one export cannot be told from an export
+                // and its copy: either way, one of them is given.
+                let how = if is_nbd(&k.path) || is_nbd(&f.path) {
+                    "one is a copy of the other, or both name the same export"
+                } else {
+                    "one is a copy of the other"
+                };
                 return Err(Error::refused(format!(
-                    "{} and {} are two disks with the same disk UUID {} (one is a copy of the other); give only the one that belongs to the group",
+                    "{} and {} are two disks with the same disk UUID {} ({how}); give only the one that belongs to the group",
                     k.path.display(),
                     f.path.display(),
                     f.read.label.disk_uuid
