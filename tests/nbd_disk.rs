@@ -1372,7 +1372,7 @@ fn a_hot_spare_waits_for_a_remote_disk_being_reconnected() {
 /// named without TLS, or with certificates from another CA, is not read.
 #[test]
 fn an_export_served_over_tls_is_a_disk_with_nbds() {
-    if !tools() || !have_tool("qemu-io") || !have_tool("openssl") {
+    if !tools() || !have_tool("qemu-io") || !have_tool("openssl") || !have_tool("nbdcopy") {
         return;
     }
     let sb = Sandbox::new();
@@ -1412,13 +1412,30 @@ fn an_export_served_over_tls_is_a_disk_with_nbds() {
         common::volume(st, "data")["state"] == "healthy"
     });
     assert_eq!(serving.resyncs_onto(&uri).len(), 1, "{}", serving.log());
+    // Reads from the remote plex only (the local one write-mostly), many
+    // large ones at once: TLS records arrive faster than they are read.
+    sb.mv_on(&disks, &["set-disk", &local, "--write-mostly", "on"])
+        .ok();
+    let through = sb.p("through.bin");
+    let out = Command::new("nbdcopy")
+        .args(["--requests=64", "--request-size=65536", &served, &through])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = status_on(&sb, &disks);
+    assert_eq!(common::disk(&st, &uri)["state"], "online", "{st:#}");
     serving.stop();
-
-    let copy = sb.p("remote-only.bin");
-    sb.mv_on(&uri, &["copy", "vol:data", &copy]).ok();
     let mut want = vec![0u8; 16 << 20];
     want[..1 << 20].fill(0x5a);
     want[4 << 20..5 << 20].fill(0x5b);
+    assert!(std::fs::read(&through).unwrap() == want, "read over TLS");
+
+    let copy = sb.p("remote-only.bin");
+    sb.mv_on(&uri, &["copy", "vol:data", &copy]).ok();
     assert!(
         std::fs::read(&copy).unwrap() == want,
         "the remote plex, read over TLS, holds the volume"
@@ -1552,4 +1569,91 @@ fn one_export_named_twice_is_refused_naming_both() {
         std::fs::read(&r.remote).unwrap() == before,
         "nothing written"
     );
+}
+
+/// `fail` of a remote disk whose link was lost, given while no `serve`
+/// runs, is kept: the next `serve` does not reconnect it, even with its
+/// server back.
+#[test]
+fn an_offline_fail_of_a_disk_whose_link_was_lost_stops_its_reconnection() {
+    if !tools() || !have_tool("qemu-io") {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut r = remote_mirror(&sb);
+    let (serving, served) = Serving::start(&sb, &r.disks, &[]);
+    drop(r.server.take());
+    qemu_io(&served, &["write -P 0x5b 8M 1M"]);
+    wait_status_on(&sb, &r.disks, 30, "the export is failed", |st| {
+        common::disk(st, &r.uri)["state"] == "failed"
+    });
+    serving.stop();
+    let out = sb.mv_on(&r.disks, &["fail", &r.uri]).ok().stdout;
+    assert!(out.contains("no longer reconnected"), "{out}");
+    let _back = QemuNbd::unix(&r.remote, &r.sock, &[]);
+    let (serving, _) = Serving::start(&sb, &r.disks, &["--force-claim"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let st = status_on(&sb, &r.disks);
+    assert_eq!(common::disk(&st, &r.uri)["state"], "failed", "{st:#}");
+    assert!(
+        !serving.log().contains("the remote disk answers again"),
+        "{}",
+        serving.log()
+    );
+    serving.stop();
+}
+
+/// A disk's own deadline (`set-disk --timeout`) holds in place of the
+/// group's: a far disk whose writes take 1.5 s (nbdkit's delay filter)
+/// stays in service under `--remote-io-timeout 1s` once given 4 s, and
+/// takes the writes; status shows the deadline.
+#[test]
+fn a_disk_with_a_deadline_of_its_own_is_waited_for_that_long() {
+    if !have_tool("nbdkit") || !have_tool("qemu-io") {
+        return skip_or_fail("nbdkit or qemu-io is not installed");
+    }
+    let sb = Sandbox::new();
+    let local = sb.image("a.img", 64);
+    let far = image(&sb, 64);
+    let file = far.display().to_string();
+    let (kit, uri, _log) = Nbdkit::start(&sb, &[], &strings(&["file", &file]));
+    let disks = format!("{local},{uri}");
+    sb.mv_on(&disks, &["init", &local, &uri, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "8M", "--mirror"])
+        .ok();
+    let out = sb
+        .mv_on(&disks, &["set-disk", &uri, "--timeout", "4s"])
+        .ok()
+        .stdout;
+    assert!(out.contains("has a deadline of 4 s"), "{out}");
+    let r = sb.mv_on(&disks, &["set-disk", &uri, "--timeout", "10ms"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("too short"), "{}", r.stderr);
+    drop(kit);
+    let (_kit, _, _) = Nbdkit::start(
+        &sb,
+        &["delay"],
+        &strings(&["file", &file, "delay-write=1500ms", "delay-zero=1500ms"]),
+    );
+    let (serving, served) = Serving::start(&sb, &disks, &["--remote-io-timeout", "1s"]);
+    qemu_io(&served, &["write -P 0x5a 0 64K", "write -P 0x5b 1M 64K"]);
+    let st = status_on(&sb, &disks);
+    let d = common::disk(&st, &uri);
+    assert_eq!(d["state"], "online", "{st:#}");
+    assert_eq!(d["timeout_ms"], 4000, "{st:#}");
+    assert_eq!(common::volume(&st, "data")["state"], "healthy", "{st:#}");
+    let text = sb.mv_on(&disks, &["status"]).ok().stdout;
+    assert!(text.contains("(deadline 4 s)"), "{text}");
+    // Back to the group's: 1 s, which its writes outlast.
+    let out = sb
+        .mv_on(&disks, &["set-disk", &uri, "--timeout", "0"])
+        .ok()
+        .stdout;
+    assert!(out.contains("the group's deadline again (1 s)"), "{out}");
+    qemu_io(&served, &["write -P 0x5c 2M 64K"]);
+    wait_status_on(&sb, &disks, 30, "the slow disk is failed", |st| {
+        common::disk(st, &uri)["state"] == "failed"
+    });
+    serving.stop();
 }

@@ -405,6 +405,12 @@ pub enum Command {
         /// dirty in the bitmaps until they land. 0: off.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=16383))]
         write_behind: Option<u32>,
+        /// This disk's deadline: how long a request to it may take before
+        /// the disk is failed, in place of --io-timeout (and, for an NBD
+        /// export, --remote-io-timeout): seconds, or a number with ms, s or
+        /// m. 0: back to those.
+        #[arg(long, value_name = "DURATION", value_parser = parse_deadline)]
+        timeout: Option<std::time::Duration>,
         /// Print what the command did as one JSON object on stdout:
         /// {"ok", "command", "messages", "warnings", "status"} (status:
         /// as `status --json` after the change); a refusal or failure is
@@ -689,6 +695,14 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 
 /// Parses a duration: seconds (`30`, `2.5`), or a number with `ms`, `s` or
 /// `m`; it must be more than zero.
+/// `set-disk --timeout`: a duration, or 0 for the group's.
+fn parse_deadline(s: &str) -> std::result::Result<std::time::Duration, String> {
+    if s.trim() == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    parse_duration(s)
+}
+
 pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
     let t = s.trim();
     let split = t
@@ -1328,9 +1342,10 @@ fn execute_online(h: &holder::Holder, command: Command) -> Result<()> {
             path,
             write_mostly,
             write_behind,
+            timeout,
             ..
         } => Request::SetDisk {
-            set: disk_settings(&path, write_mostly, write_behind)?,
+            set: disk_settings(&path, write_mostly, write_behind, timeout)?,
             path: absolute(path),
         },
         Command::Reactivate { path, .. } => Request::Reactivate {
@@ -1816,9 +1831,10 @@ fn execute(cli: Cli) -> Result<()> {
             path,
             write_mostly,
             write_behind,
+            timeout,
             ..
         } => {
-            let set = disk_settings(&path, write_mostly, write_behind)?;
+            let set = disk_settings(&path, write_mostly, write_behind, timeout)?;
             let done = through_controller(&disks, |live| live.set_disk_by_path(&path, set))?;
             print_offline(done);
         }
@@ -1967,16 +1983,29 @@ fn disk_settings(
     path: &std::path::Path,
     write_mostly: Option<String>,
     write_behind: Option<u32>,
+    timeout: Option<std::time::Duration>,
 ) -> Result<crate::group::live::DiskSettings> {
-    if write_mostly.is_none() && write_behind.is_none() {
+    if write_mostly.is_none() && write_behind.is_none() && timeout.is_none() {
         return Err(Error::refused(format!(
-            "set-disk {} names no setting to change (--write-mostly on|off, --write-behind N)",
+            "set-disk {} names no setting to change (--write-mostly on|off, --write-behind N, --timeout DURATION)",
             path.display()
         )));
     }
+    let timeout_ms = match timeout {
+        Some(t) if !t.is_zero() && t < std::time::Duration::from_millis(100) => {
+            return Err(Error::refused(format!(
+                "a deadline of {} ms for disk {} is too short to tell a slow disk from a dead one: give 100 ms or more, or 0 for the group's",
+                t.as_millis(),
+                path.display()
+            )));
+        }
+        Some(t) => Some(t.as_millis().min(u64::MAX as u128) as u64),
+        None => None,
+    };
     Ok(crate::group::live::DiskSettings {
         write_mostly: write_mostly.map(|v| v == "on"),
         write_behind,
+        timeout_ms,
     })
 }
 

@@ -597,6 +597,8 @@ mod tests {
             spare: false,
             write_mostly: false,
             write_behind: 0,
+            timeout_ms: 30_000,
+            own_timeout: false,
             replaced_by: None,
             generation: None,
             io_engine: Some("uring"),

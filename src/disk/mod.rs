@@ -142,6 +142,10 @@ pub trait Disk: Send + Sync + fmt::Debug {
     fn reconnect(&self, _check: &dyn Fn(&dyn Disk) -> io::Result<()>) -> Option<io::Result<()>> {
         None
     }
+
+    /// The disk's deadline changed (`set-disk --io-timeout`): a backend
+    /// with deadlines of its own (an NBD export's connections) follows.
+    fn set_timeout(&self, _timeout: std::time::Duration) {}
 }
 
 impl<D: Disk + ?Sized> Disk for Arc<D> {
@@ -195,6 +199,9 @@ impl<D: Disk + ?Sized> Disk for Arc<D> {
     }
     fn reconnect(&self, check: &dyn Fn(&dyn Disk) -> io::Result<()>) -> Option<io::Result<()>> {
         (**self).reconnect(check)
+    }
+    fn set_timeout(&self, timeout: std::time::Duration) {
+        (**self).set_timeout(timeout)
     }
 }
 

@@ -271,8 +271,9 @@ pub struct NbdDisk {
     most: usize,
     /// Which connection the next request goes on.
     next: AtomicUsize,
-    /// What each request (and each connection attempt) waits at most.
-    timeout: Duration,
+    /// What each request (and each connection attempt) waits at most:
+    /// nanoseconds (`set-disk --io-timeout` changes it).
+    timeout: std::sync::atomic::AtomicU64,
 }
 
 struct Pool {
@@ -372,7 +373,9 @@ impl NbdDisk {
             returned: Condvar::new(),
             most,
             next: AtomicUsize::new(0),
-            timeout,
+            timeout: std::sync::atomic::AtomicU64::new(
+                timeout.as_nanos().min(u64::MAX as u128) as u64
+            ),
         })
     }
 
@@ -391,7 +394,7 @@ impl NbdDisk {
             pool.give_up();
             // Every request on a connection given up fails at once, but its
             // sender may still be writing: that ends within the timeout.
-            let limit = std::time::Instant::now() + 2 * self.timeout;
+            let limit = std::time::Instant::now() + 2 * self.timeout();
             while pool.lent > 0 {
                 let left = limit.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() {
@@ -429,7 +432,7 @@ impl NbdDisk {
             }
             pool.draining.clear();
         }
-        let fresh = NbdDisk::open(&self.shown, self.timeout)?;
+        let fresh = NbdDisk::open(&self.shown, self.timeout())?;
         if fresh.size != self.size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -613,7 +616,23 @@ fn reply(errno: u32) -> io::Result<()> {
     }
 }
 
+impl NbdDisk {
+    fn timeout(&self) -> Duration {
+        Duration::from_nanos(self.timeout.load(Ordering::Relaxed))
+    }
+}
+
 impl Disk for NbdDisk {
+    fn set_timeout(&self, timeout: Duration) {
+        self.timeout.store(
+            timeout.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+        for s in &self.lock().sessions {
+            s.set_timeout(timeout);
+        }
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

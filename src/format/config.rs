@@ -113,6 +113,12 @@ pub struct DiskEntry {
     /// service. Written only while set (older builds ignore it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub link_lost: bool,
+    /// The disk's own deadline in milliseconds (`set-disk --timeout`): how
+    /// long a request to it may take before it is failed, in place of
+    /// `--io-timeout` / `--remote-io-timeout`. 0: those. Written only when
+    /// set (older builds ignore it).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeout_ms: u64,
 }
 
 fn is_zero_u32(n: &u32) -> bool {
@@ -248,6 +254,7 @@ mod tests {
             write_mostly: false,
             write_behind: 0,
             link_lost: false,
+            timeout_ms: 0,
         }
     }
 

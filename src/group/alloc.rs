@@ -119,6 +119,7 @@ mod tests {
                 write_mostly: false,
                 write_behind: 0,
                 link_lost: false,
+                timeout_ms: 0,
             }],
             volumes,
             region_size: 0,

@@ -85,6 +85,7 @@ impl Group {
         let mut found = found;
         found.path = path.to_path_buf();
         self.members.insert(uuid, Member::from_found(found));
+        self.apply_deadlines();
         // Read now: no longer reported unreadable.
         let shown = path.display().to_string();
         self.unreadable.retain(|u| u.path != shown);

@@ -123,6 +123,35 @@ impl Group {
         Ok(())
     }
 
+    /// A member without a bitmap in the set (its load failed when the
+    /// group started) gets a fresh one before it is back in service: its
+    /// old bits say nothing of the writes it missed the tracking of, so
+    /// the new one tracks from now on (a disk that left before now comes
+    /// back by a full resync where this one is its source).
+    pub(super) fn ensure_bitmap(&mut self, uuid: Uuid) -> Result<()> {
+        let Some(set) = self.bitmaps.clone() else {
+            return Ok(());
+        };
+        let Some(m) = self.members.get(&uuid) else {
+            return Ok(());
+        };
+        if set.get(uuid).is_some() {
+            return Ok(());
+        }
+        let b = DiskBitmap::fresh(
+            m.disk.clone(),
+            &m.label.layout,
+            self.config.region_size,
+            self.config.seqno,
+        )
+        .map_err(|e| Error::io(format!("cannot read the bitmap of {}", m.path.display()), e))?;
+        b.set_patient(m.disk.queue());
+        b.set_version_raise(m.raise.clone());
+        self.bitmap_found.insert(uuid, Found::Valid);
+        set.insert(uuid, Arc::new(b));
+        Ok(())
+    }
+
     /// A disk whose bitmap could not be loaded: failed (a remote disk
     /// whose connection was lost is tried again under `serve`, and its
     /// plexes come back by the bitmaps of the others; any other gets a

@@ -662,4 +662,7 @@ pub struct DiskSettings {
     pub write_mostly: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_behind: Option<u32>,
+    /// The disk's own deadline in milliseconds; 0: the group's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }

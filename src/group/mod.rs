@@ -903,6 +903,7 @@ impl Group {
             claim: None,
         };
         group.judge_generations();
+        group.apply_deadlines();
         Ok(Some(group))
     }
 
@@ -1026,6 +1027,35 @@ impl Group {
             path.display(),
             self.config.name
         )))
+    }
+
+    /// The deadline of `disk`'s requests: its own (`set-disk --timeout`),
+    /// else `--remote-io-timeout` for an NBD export (where shorter), else
+    /// `--io-timeout`.
+    pub fn deadline_of(&self, disk: Uuid) -> std::time::Duration {
+        if let Some(ms) = self
+            .config
+            .disk(disk)
+            .map(|d| d.timeout_ms)
+            .filter(|ms| *ms > 0)
+        {
+            return std::time::Duration::from_millis(ms);
+        }
+        if is_nbd(Path::new(&self.disk_path(disk))) {
+            self.open.remote_timeout.min(self.open.timeout)
+        } else {
+            self.open.timeout
+        }
+    }
+
+    /// Gives every member's queue (and its backend) its deadline.
+    pub fn apply_deadlines(&self) {
+        for (uuid, m) in &self.members {
+            let want = self.deadline_of(*uuid);
+            if m.disk.queue().timeout() != want {
+                m.disk.queue().set_timeout(want);
+            }
+        }
     }
 
     /// The path to show for a disk.

@@ -147,6 +147,7 @@ impl Group {
                 write_mostly: false,
                 write_behind: 0,
                 link_lost: false,
+                timeout_ms: 0,
             });
             self.members.insert(
                 uuid,
@@ -1074,6 +1075,8 @@ impl Group {
                 path.display()
             )));
         }
+        // Its writes are tracked from before it is back in service.
+        self.ensure_bitmap(uuid)?;
         // Decided before the config changes: the seqno at which the disk
         // left is what its twins' bitmaps must cover.
         let mut full: Vec<(String, Option<String>)> = Vec::new();
@@ -1677,6 +1680,52 @@ mod link_tests {
     use super::*;
     use crate::MIB;
     use crate::disk::FaultyDisk;
+
+    /// A disk whose bitmap cannot be read when the group starts is failed,
+    /// not the group; reactivated, it gets a fresh bitmap tracking from
+    /// then on (its old bits missed what was written meanwhile), so a disk
+    /// that left before cannot come back by it.
+    #[test]
+    fn a_disk_whose_bitmap_fails_at_start_is_failed_and_comes_back_with_a_fresh_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = |name: &str| {
+            let p = dir.path().join(name);
+            fs::File::create(&p).unwrap().set_len(40 * MIB).unwrap();
+            p
+        };
+        let opts = InitOptions {
+            style: Style::Raw,
+            controller: None,
+            group: Some("g".into()),
+            force: false,
+            region_size: 0,
+            spare: false,
+        };
+        let paths = [image("a.img"), image("b.img"), image("c.img")];
+        let mut g = init(None, &paths, &opts).unwrap();
+        g.create("m", 8 * MIB, 2, &paths[..2]).unwrap();
+        let b = g.resolve_disk(&paths[1]).unwrap();
+        let area = g.members[&b].label.layout.bitmap_offset();
+        let bad = Arc::new(FaultyDisk::new(g.members[&b].disk.clone()));
+        bad.fail_reads(area..area + 4096);
+        let m = g.members.get_mut(&b).unwrap();
+        m.disk = QueuedDisk::start("b", bad.clone(), 1, Duration::from_secs(5));
+        g.start_bitmaps().unwrap();
+        assert_eq!(g.config.disk(b).unwrap().state, DiskState::Failed);
+        assert!(g.bitmaps.as_ref().unwrap().get(b).is_none());
+        assert!(
+            g.warnings.iter().any(|w| w.contains("write-intent bitmap")),
+            "{:?}",
+            g.warnings
+        );
+        bad.clear();
+        g.reactivate_config(&paths[1]).unwrap();
+        let fresh = g.bitmaps.as_ref().unwrap().get(b).expect("a bitmap now");
+        assert!(
+            fresh.header().since >= g.config.seqno - 1,
+            "tracks from its return on"
+        );
+    }
 
     /// A disk that stops answering during a config write: a remote one
     /// (its path an NBD URI) lost its connection and comes back by the

@@ -154,6 +154,13 @@ pub fn status_text(r: &StatusReport) -> String {
                 ),
                 (None, false) if d.write_mostly => format!("{} (write-mostly)", word(d.state)),
                 (None, false) => word(d.state).to_string(),
+            } + &if d.own_timeout {
+                format!(
+                    " (deadline {})",
+                    crate::group::show_duration(std::time::Duration::from_millis(d.timeout_ms))
+                )
+            } else {
+                String::new()
             },
             d.controller.clone(),
             d.style.clone(),

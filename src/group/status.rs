@@ -119,6 +119,11 @@ pub struct DiskStatus {
     /// Write-behind: writes to its plexes that may be outstanding once the
     /// others have them (0: none).
     pub write_behind: u32,
+    /// The deadline of its requests in milliseconds, and whether it is the
+    /// disk's own (`set-disk --timeout`) rather than the group's.
+    pub timeout_ms: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub own_timeout: bool,
     /// `replace`: the disk its copies are being rebuilt on; it leaves the
     /// group once they are in sync.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -271,6 +276,8 @@ impl Group {
                 spare: d.spare,
                 write_mostly: d.write_mostly,
                 write_behind: d.write_behind,
+                timeout_ms: self.deadline_of(d.uuid).as_millis() as u64,
+                own_timeout: d.timeout_ms > 0,
                 replaced_by: d.replaced_by.map(|n| self.disk_path(n)),
                 generation: Some(self.generation_of(d.uuid)).filter(|g| *g > 0),
                 io_engine: self

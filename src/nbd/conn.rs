@@ -77,7 +77,20 @@ impl ClientTls {
             .map_err(|e| invalid(format!("TLS set-up failed: {e}")))?
             .with_root_certificates(roots);
         let (cert, key) = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
-        let config = if cert.exists() && key.exists() {
+        if cert.exists() != key.exists() {
+            let (has, lacks) = if cert.exists() {
+                (&cert, &key)
+            } else {
+                (&key, &cert)
+            };
+            return Err(invalid(format!(
+                "{} holds {} but not {}: a client certificate needs both",
+                dir.display(),
+                has.display(),
+                lacks.display()
+            )));
+        }
+        let config = if cert.exists() {
             let k = PrivateKeyDer::from_pem_file(&key).map_err(|e| {
                 invalid(format!(
                     "cannot read a private key from {}: {e}",
@@ -108,13 +121,42 @@ impl ClientTls {
 /// A TLS connection over a socket.
 pub(super) struct TlsStream {
     raw: Sock,
-    tls: Mutex<ClientConnection>,
+    tls: Mutex<TlsState>,
     /// Held from sealing records until they are on the socket.
     sending: Mutex<()>,
 }
 
+struct TlsState {
+    conn: ClientConnection,
+    /// Bytes read from the socket that rustls did not take yet (it takes
+    /// no more while it holds 16 KiB of plaintext not read).
+    pending: Vec<u8>,
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl TlsState {
+    /// Hands rustls what it takes of the bytes pending and opens them;
+    /// returns whether it took any.
+    fn feed(&mut self) -> io::Result<bool> {
+        let mut rest = &self.pending[..];
+        while !rest.is_empty() && self.conn.wants_read() {
+            if self.conn.read_tls(&mut rest)? == 0 {
+                // The server said it closes (close_notify): what follows
+                // it is not read.
+                rest = &[];
+                break;
+            }
+            self.conn
+                .process_new_packets()
+                .map_err(|e| tls_error(format!("TLS with the server failed: {e}")))?;
+        }
+        let used = self.pending.len() - rest.len();
+        self.pending.drain(..used);
+        Ok(used > 0)
+    }
 }
 
 impl TlsStream {
@@ -125,13 +167,16 @@ impl TlsStream {
         let conn = ClientConnection::new(config, name).map_err(tls_error)?;
         let s = TlsStream {
             raw,
-            tls: Mutex::new(conn),
+            tls: Mutex::new(TlsState {
+                conn,
+                pending: Vec::new(),
+            }),
             sending: Mutex::new(()),
         };
         loop {
             let (handshaking, wants_read) = {
-                let c = lock(&s.tls);
-                (c.is_handshaking(), c.wants_read())
+                let st = lock(&s.tls);
+                (st.conn.is_handshaking(), st.conn.wants_read())
             };
             s.send_pending()?;
             if !handshaking {
@@ -148,21 +193,22 @@ impl TlsStream {
 
     /// Writes what the TLS state has sealed.
     fn send_pending(&self) -> io::Result<()> {
-        let mut c = lock(&self.tls);
+        let mut st = lock(&self.tls);
         let mut out = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut out)?;
+        while st.conn.wants_write() {
+            st.conn.write_tls(&mut out)?;
         }
         if out.is_empty() {
             return Ok(());
         }
         let _order = lock(&self.sending);
-        drop(c);
+        drop(st);
         (&self.raw).write_all(&out)
     }
 
-    /// Reads from the socket once and decrypts it; returns the bytes read
-    /// (0: the server closed the socket).
+    /// Reads from the socket once (not holding the state) and opens what
+    /// rustls takes of it; returns the bytes read (0: the server closed
+    /// the socket).
     fn receive(&self) -> io::Result<usize> {
         let mut buf = vec![0u8; 16 << 10];
         let n = (&self.raw).read(&mut buf)?;
@@ -170,13 +216,9 @@ impl TlsStream {
             return Ok(0);
         }
         {
-            let mut c = lock(&self.tls);
-            let mut rest = &buf[..n];
-            while !rest.is_empty() {
-                c.read_tls(&mut rest)?;
-                c.process_new_packets()
-                    .map_err(|e| tls_error(format!("TLS with the server failed: {e}")))?;
-            }
+            let mut st = lock(&self.tls);
+            st.pending.extend_from_slice(&buf[..n]);
+            st.feed()?;
         }
         // Alerts, key updates: what the state answers goes out.
         self.send_pending()?;
@@ -185,10 +227,17 @@ impl TlsStream {
 
     fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            match lock(&self.tls).reader().read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+            {
+                let mut st = lock(&self.tls);
+                match st.conn.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                // Bytes read earlier that it had no room for: taken now.
+                if st.feed()? {
+                    continue;
+                }
             }
             if self.receive()? == 0 {
                 return Ok(0);
@@ -197,14 +246,14 @@ impl TlsStream {
     }
 
     fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        let mut c = lock(&self.tls);
-        let n = c.writer().write_vectored(bufs)?;
+        let mut st = lock(&self.tls);
+        let n = st.conn.writer().write_vectored(bufs)?;
         let mut out = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut out)?;
+        while st.conn.wants_write() {
+            st.conn.write_tls(&mut out)?;
         }
         let _order = lock(&self.sending);
-        drop(c);
+        drop(st);
         (&self.raw).write_all(&out)?;
         Ok(n)
     }

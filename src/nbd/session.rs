@@ -85,7 +85,8 @@ struct Inner {
     /// The reader thread has stopped.
     reader_done: std::sync::atomic::AtomicBool,
     structured: bool,
-    timeout: Duration,
+    /// How long a request may wait for its answer: nanoseconds.
+    timeout: std::sync::atomic::AtomicU64,
     size: u64,
     flags: u16,
 }
@@ -149,7 +150,7 @@ impl Session {
             }),
             reader_done: std::sync::atomic::AtomicBool::new(false),
             structured,
-            timeout,
+            timeout: std::sync::atomic::AtomicU64::new(nanos(timeout)),
             size,
             flags,
         });
@@ -285,6 +286,18 @@ impl Session {
     /// one is made, but the reader goes on reading the answers the server
     /// owes, until [`Session::drained`]. Over TCP, the connection is reset
     /// once the last descriptor closes (`SO_LINGER` 0).
+    /// A new deadline for the requests waiting and to come (the disk's
+    /// was changed); the socket's send timeout and keepalive follow.
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.inner
+            .timeout
+            .store(nanos(timeout), std::sync::atomic::Ordering::Relaxed);
+        let _ = self.inner.control.set_write_timeout(Some(timeout));
+        if let Sock::Tcp(t) = self.inner.control.sock() {
+            keepalive(t, timeout);
+        }
+    }
+
     pub fn abandon(&self) {
         self.inner.reset_on_close();
         self.inner
@@ -403,6 +416,16 @@ impl Inner {
     }
 }
 
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+impl Inner {
+    fn timeout(&self) -> Duration {
+        Duration::from_nanos(self.timeout.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 impl State {
     /// The request in flight under `handle`; an error once the connection
     /// ended (which fails them all).
@@ -487,7 +510,7 @@ impl Reader {
         }
         let oldest = state.pending.values().map(|p| p.sent.elapsed()).max();
         drop(state);
-        if oldest.is_some_and(|w| w > self.inner.timeout) {
+        if oldest.is_some_and(|w| w > self.inner.timeout()) {
             self.give_up();
         }
         Ok(())
@@ -497,7 +520,7 @@ impl Reader {
     /// server has in hand may still be done, so the answers it owes are
     /// still read ([`Session::drained`] waits for them).
     fn give_up(&self) {
-        let e = no_answer(self.inner.timeout);
+        let e = no_answer(self.inner.timeout());
         self.inner.abandon(e.kind(), e.to_string());
     }
 
@@ -541,13 +564,13 @@ impl Reader {
                     if between && at == 0 {
                         let oldest = state.pending.values().map(|p| p.sent.elapsed()).max();
                         drop(state);
-                        if oldest.is_some_and(|w| w > self.inner.timeout) {
+                        if oldest.is_some_and(|w| w > self.inner.timeout()) {
                             self.give_up();
                         }
-                    } else if last.elapsed() > self.inner.timeout {
+                    } else if last.elapsed() > self.inner.timeout() {
                         // Stuck in the middle of a reply: the stream cannot
                         // be followed any more.
-                        return Err(no_answer(self.inner.timeout));
+                        return Err(no_answer(self.inner.timeout()));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

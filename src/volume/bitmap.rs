@@ -133,9 +133,34 @@ impl DiskBitmap {
         wanted_region: u64,
         since: u64,
     ) -> io::Result<(DiskBitmap, Found)> {
+        DiskBitmap::load_or_fresh(disk, layout, wanted_region, since, true)
+    }
+
+    /// A fresh bitmap for the disk, tracking from `since` on, whatever its
+    /// area holds (written over at its first write): for a disk whose
+    /// writes went untracked for a while, whose old bits and header would
+    /// claim more than they cover.
+    pub fn fresh(
+        disk: Arc<dyn Disk>,
+        layout: &Layout,
+        wanted_region: u64,
+        since: u64,
+    ) -> io::Result<DiskBitmap> {
+        DiskBitmap::load_or_fresh(disk, layout, wanted_region, since, false).map(|(b, _)| b)
+    }
+
+    fn load_or_fresh(
+        disk: Arc<dyn Disk>,
+        layout: &Layout,
+        wanted_region: u64,
+        since: u64,
+        read: bool,
+    ) -> io::Result<(DiskBitmap, Found)> {
         let area = layout.bitmap_offset();
         let mut head = vec![0u8; BITMAP_BLOCK as usize];
-        disk.read_at(&mut head, area)?;
+        if read {
+            disk.read_at(&mut head, area)?;
+        }
         let fresh = BitmapHeader::new(layout.data_size, wanted_region, since);
         let (header, found) = match BitmapHeader::decode(&head) {
             Ok(Some(h)) if h.regions == layout.data_size.div_ceil(h.region_size) => {

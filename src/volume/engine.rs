@@ -1052,12 +1052,14 @@ impl MirrorVolume {
         }
         self.io.reads.fetch_add(1, Ordering::Relaxed);
         self.io.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
-        self.read_from(offset, len, run, Vec::new(), done);
+        self.read_from(offset, len, run, Vec::new(), false, done);
     }
 
     /// Reads for a resync, and waits: as [`MirrorVolume::read`]
     /// (fallback to another in-sync plex, repair of the one that failed),
-    /// but not counted as foreground I/O.
+    /// but not counted as foreground I/O. The caller holds the range: a
+    /// plex with writes behind elsewhere has every write to it, and may
+    /// serve it.
     pub fn read_for_resync(self: &Arc<Self>, offset: u64, len: usize) -> io::Result<AlignedBuf> {
         self.check(offset, len as u64)?;
         // On the disks' workers, not this thread: a plex that hangs is timed
@@ -1069,6 +1071,7 @@ impl MirrorVolume {
                 len,
                 Run::Queued,
                 Vec::new(),
+                true,
                 Box::new(move |r| cb(r.map(Some))),
             )
         }))
@@ -1229,9 +1232,15 @@ impl MirrorVolume {
         len: usize,
         run: Run,
         mut tried: Vec<(Arc<EnginePlex>, io::Error)>,
+        range_held: bool,
         done: Done<AlignedBuf>,
     ) {
-        let Some(plex) = self.pick_reader(offset, &tried) else {
+        // With the range held by the caller, every write behind to it has
+        // landed: a plex with writes behind elsewhere serves it as it is.
+        let picked = self
+            .pick_reader(offset, &tried)
+            .or_else(|| range_held.then(|| self.behind_reader(&tried)).flatten());
+        let Some(plex) = picked else {
             if let Some(p) = self.behind_reader(&tried) {
                 return self.read_after_behind(offset, len, p, tried, done);
             }
@@ -1276,7 +1285,7 @@ impl MirrorVolume {
                     tried.push((p, e));
                     // Retries go through the queues: this may be the
                     // watchdog's thread.
-                    this.read_from(offset, len, Run::Queued, tried, done);
+                    this.read_from(offset, len, Run::Queued, tried, range_held, done);
                 }
             }),
         );
@@ -1302,32 +1311,38 @@ impl MirrorVolume {
         offset: u64,
         len: usize,
         plex: Arc<EnginePlex>,
-        mut tried: Vec<(Arc<EnginePlex>, io::Error)>,
+        tried: Vec<(Arc<EnginePlex>, io::Error)>,
         done: Done<AlignedBuf>,
     ) {
         let this = self.clone();
         self.lock
             .acquire(offset..offset + len as u64, move |guard| {
-                let (p, after) = (plex.clone(), this.clone());
-                // Started on the thread that released the range, maybe:
-                // through the queue.
-                plex.queue.dispatch(
+                // A write behind that failed took the plex out before it
+                // let the range go: it lacks that write.
+                if plex.mode() != Mode::InSync {
+                    this.lock.release(guard);
+                    let mut tried = tried;
+                    tried.push((
+                        plex,
+                        eio(
+                            "the plex left the volume while the read waited for its writes behind"
+                                .into(),
+                        ),
+                    ));
+                    return this.read_from(offset, len, Run::Queued, tried, false, done);
+                }
+                // Held, the range is the caller's: the read goes the usual
+                // way (deadline, fallback, repair), then lets it go.
+                let lock = this.clone();
+                this.read_from(
+                    offset,
+                    len,
                     Run::Queued,
-                    Op::Read {
-                        offset: plex.offset + offset,
-                        len,
-                    },
-                    false,
-                    Box::new(move |outcome| {
-                        after.lock.release(guard);
-                        match outcome {
-                            Ok(buf) => done(Ok(buf.unwrap_or_else(|| AlignedBuf::new(0, 1)))),
-                            Err(e) => {
-                                p.read_errors.fetch_add(1, Ordering::Relaxed);
-                                tried.push((p, e));
-                                after.read_from(offset, len, Run::Queued, tried, done);
-                            }
-                        }
+                    tried,
+                    true,
+                    Box::new(move |r| {
+                        lock.lock.release(guard);
+                        done(r);
                     }),
                 );
             });
@@ -1586,6 +1601,74 @@ mod tests {
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok(IntentGuard::new(Unmark(self.0.clone())))
         }
+    }
+
+    /// The read that waited for a write behind whose landing failed does
+    /// not read the plex that lacks it: it fails, rather than return the
+    /// data from before an answered write.
+    #[test]
+    fn a_read_waiting_for_a_write_behind_that_fails_does_not_return_old_data() {
+        let r = rig(2, EngineOptions::default());
+        r.vol
+            .set_intent(Arc::new(Marks(Arc::new(AtomicUsize::new(0)))));
+        let far = r.vol.plexes()[1].clone();
+        far.set_write_mostly(true);
+        far.set_write_behind(4);
+        r.disks[1].hang();
+        r.vol.write(0, &[7u8; 4096]).unwrap();
+        assert_eq!(far.behind(), 1);
+        r.vol.plexes()[0].set_mode(Mode::Out);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vol = r.vol.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            tx.send(vol.read(0, &mut buf).map(|_| buf)).unwrap()
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "it waits"
+        );
+        r.disks[1].fail_writes(0..SIZE * 4);
+        r.disks[1].release();
+        let got = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(got.is_err(), "old data returned: {:?}", got.map(|b| b[0]));
+    }
+
+    /// A resync holds its range and reads: a plex with writes behind
+    /// elsewhere serves it at once (its writes to the range have landed),
+    /// rather than wait for the range the caller holds.
+    #[test]
+    fn a_read_for_a_resync_holding_its_range_reads_a_plex_with_writes_behind_elsewhere() {
+        let r = rig(2, EngineOptions::default());
+        r.vol
+            .set_intent(Arc::new(Marks(Arc::new(AtomicUsize::new(0)))));
+        let far = r.vol.plexes()[1].clone();
+        far.set_write_mostly(true);
+        far.set_write_behind(4);
+        r.vol.write(0, &[5u8; 4096]).unwrap();
+        let start = Instant::now();
+        while far.behind() > 0 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Behind elsewhere: a write to 64 KiB hangs on the far disk.
+        r.disks[1].hang();
+        r.vol.write(1 << 16, &[6u8; 4096]).unwrap();
+        assert_eq!(far.behind(), 1);
+        r.vol.plexes()[0].set_mode(Mode::Out);
+        let hold = r.vol.hold_range(0..4096);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vol = r.vol.clone();
+        std::thread::spawn(move || tx.send(vol.read_for_resync(0, 4096).map(|b| b[0])).unwrap());
+        // The hung disk holds reads too: let it go once the read is under
+        // way (waiting for the range it would never get, before the fix).
+        std::thread::sleep(Duration::from_millis(100));
+        r.disks[1].release();
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("no deadlock");
+        assert_eq!(got.unwrap(), 5);
+        drop(hold);
     }
 
     #[test]

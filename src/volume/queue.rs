@@ -298,8 +298,8 @@ pub struct DiskQueue {
     gate: std::sync::OnceLock<Arc<dyn WriteGate>>,
     gate_open: AtomicBool,
     /// How long a request with a deadline may take before it is completed
-    /// with `TimedOut` (`--io-timeout`).
-    timeout: Duration,
+    /// with `TimedOut` (`--io-timeout`, or the disk's own): nanoseconds.
+    timeout: AtomicU64,
     workers: Mutex<Vec<JoinHandle<()>>>,
     /// The io_uring backend, when the queue runs on one: data requests it
     /// takes go there, the rest to the workers.
@@ -478,7 +478,7 @@ impl DiskQueue {
             fenced: AtomicBool::new(false),
             gate: std::sync::OnceLock::new(),
             gate_open: AtomicBool::new(false),
-            timeout,
+            timeout: AtomicU64::new(timeout.as_nanos().min(u64::MAX as u128) as u64),
             workers: Mutex::new(Vec::new()),
             ring: std::sync::OnceLock::new(),
             stats: stats.clone(),
@@ -523,7 +523,20 @@ impl DiskQueue {
 
     /// The deadline of this queue's requests.
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        Duration::from_nanos(self.timeout.load(Ordering::Relaxed))
+    }
+
+    /// A new deadline, from the next look of the watchdog on (which is
+    /// woken: a shorter one holds at once); the backend follows.
+    pub fn set_timeout(&self, timeout: Duration) {
+        self.timeout.store(
+            timeout.as_nanos().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+        if let Some(d) = self.disk() {
+            d.set_timeout(timeout);
+        }
+        watchdog().thread.unpark();
     }
 
     pub fn name(&self) -> &str {
@@ -558,7 +571,7 @@ impl DiskQueue {
     /// not answered: one without a deadline (a volume's last copy, which is
     /// waited for rather than failed), or one the watchdog has yet to see.
     pub fn stalled(&self) -> bool {
-        let timeout = self.timeout;
+        let timeout = self.timeout();
         self.in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -756,7 +769,7 @@ impl DiskQueue {
     /// logged, each with the error to complete it with (by the caller, who
     /// may hold locks the completions must not run under).
     fn take_expired(&self) -> Vec<(Arc<Ticket>, io::Error)> {
-        let timeout = self.timeout;
+        let timeout = self.timeout();
         let now = Instant::now();
         let expired: Vec<Arc<Ticket>> = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
@@ -883,7 +896,7 @@ fn watchdog() -> &'static Watchdog {
                         let mut tick: Option<Duration> = None;
                         for q in queues.iter().filter_map(Weak::upgrade) {
                             expired.extend(q.take_expired());
-                            let t = q.timeout / 4;
+                            let t = q.timeout() / 4;
                             tick = Some(tick.map_or(t, |m| m.min(t)));
                         }
                         (expired, tick.map(|t| t.max(Duration::from_millis(5))))

@@ -682,6 +682,38 @@ impl Controller {
         }
         let uuid = self.group.resolve_disk(path)?;
         let shown = self.group.disk_path(uuid);
+        let timeout_note = match set.timeout_ms {
+            Some(ms) if self.group.config.disk(uuid).map(|d| d.timeout_ms) != Some(ms) => {
+                if let Some(d) = self.group.config.disk_mut(uuid) {
+                    d.timeout_ms = ms;
+                }
+                self.group.commit()?;
+                self.group.apply_deadlines();
+                let now = self.group.deadline_of(uuid);
+                tracing::info!(disk = %shown, timeout_ms = now.as_millis() as u64, "disk deadline changed");
+                Some(if ms == 0 {
+                    format!(
+                        "disk {shown} has the group's deadline again ({})",
+                        crate::group::show_duration(now)
+                    )
+                } else {
+                    format!(
+                        "disk {shown} has a deadline of {}",
+                        crate::group::show_duration(now)
+                    )
+                })
+            }
+            _ => None,
+        };
+        if set.write_mostly.is_none() && set.write_behind.is_none() {
+            let message = timeout_note.unwrap_or_else(|| {
+                format!(
+                    "disk {shown} has a deadline of {} already",
+                    crate::group::show_duration(self.group.deadline_of(uuid))
+                )
+            });
+            return Ok(Done::new(message, &mut self.group, Vec::new()));
+        }
         let was = (
             self.group.is_write_mostly(uuid),
             self.group.write_behind(uuid) as u32,
@@ -701,9 +733,13 @@ impl Controller {
             (true, 0) => "write-mostly".to_string(),
             (true, n) => format!("write-mostly, with up to {n} writes behind"),
         };
+        let with_note = |m: String| match &timeout_note {
+            Some(n) => format!("{n}; {m}"),
+            None => m,
+        };
         if (mostly, behind) == was {
             return Ok(Done::new(
-                format!("disk {shown} is {} already", describe(was)),
+                with_note(format!("disk {shown} is {} already", describe(was))),
                 &mut self.group,
                 Vec::new(),
             ));
@@ -740,7 +776,7 @@ impl Controller {
         }
         tracing::info!(disk = %shown, write_mostly = mostly, write_behind = behind, "disk settings changed");
         Ok(Done::new(
-            format!("disk {shown} is {}", describe((mostly, behind))),
+            with_note(format!("disk {shown} is {}", describe((mostly, behind)))),
             &mut self.group,
             warnings,
         ))
@@ -759,7 +795,8 @@ impl Controller {
         // again (the admin's word, kept in the config).
         if let Ok(uuid) = self.group.resolve_disk(path)
             && !self.group.is_online(uuid)
-            && self.away.remove(&uuid).is_some()
+            && (self.away.remove(&uuid).is_some()
+                || self.group.config.disk(uuid).is_some_and(|d| d.link_lost))
         {
             if let Some(d) = self.group.config.disk_mut(uuid) {
                 d.link_lost = false;
@@ -1003,6 +1040,8 @@ impl Controller {
         }
         for name in self.volume_names() {
             loop {
+                // A link lost in a commit just now is away already.
+                self.find_away();
                 let waiting = self.spare_waits_for();
                 match self.changed(|g| g.repair_onto_spare(&name, &waiting)) {
                     Ok(Some((spare, old))) => {

@@ -349,7 +349,7 @@ impl Controller {
     /// connection was lost (marked in the config, so also those lost
     /// before this `serve` started) and those missing (not reached when
     /// the group was assembled).
-    fn find_away(&mut self) {
+    pub(super) fn find_away(&mut self) {
         let g = &self.group;
         let found: Vec<(Uuid, bool)> = g
             .config
@@ -528,7 +528,15 @@ impl Controller {
                 {
                     tracing::error!(disk = %path, error = %e, "the remote disk answers but cannot be taken back");
                     if let Some(a) = self.away.get_mut(&disk) {
-                        a.refused = Some(e.to_string());
+                        // Not this disk: no more attempts. An error reaching
+                        // it (the link lost again, a read timing out): later.
+                        if matches!(e, crate::Error::Refused(_)) {
+                            a.refused = Some(e.to_string());
+                        } else {
+                            a.attempts += 1;
+                            a.next = Instant::now() + LAST_RETRY.min(FIRST_RETRY * 4);
+                            a.last = Some(e.to_string());
+                        }
                     }
                     return;
                 }
