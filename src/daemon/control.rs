@@ -380,6 +380,10 @@ pub struct ControlSocket {
     remove: Vec<PathBuf>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The listening socket, to wake its accepting thread by a shutdown
+    /// when its path is gone (removed by hand, or by a cleaner of the run
+    /// directory): a connection to the path can no longer reach it.
+    waker: Option<UnixListener>,
 }
 
 /// Handles one request from a caller.
@@ -472,6 +476,7 @@ impl ControlSocket {
         let listener =
             UnixListener::bind(path).map_err(|e| Error::io_path("bind control socket", path, e))?;
         let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        let waker = listener.try_clone().ok();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
@@ -494,6 +499,7 @@ impl ControlSocket {
             remove: Vec::new(),
             stop,
             thread: Some(thread),
+            waker,
         })
     }
 
@@ -531,7 +537,16 @@ fn answer(conn: UnixStream, handler: &(dyn Fn(Request, &Caller) -> Response + Se
 impl Drop for ControlSocket {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wakes the accepting thread so that it sees the flag.
+        // Wakes the accepting thread so that it sees the flag: a shutdown
+        // of the listening socket ends its accept (EINVAL), and a connection
+        // wakes it where that would not.
+        if let Some(w) = &self.waker {
+            // SAFETY: the descriptor is the listener's clone, open until
+            // `self` is dropped; shutdown takes no pointer.
+            unsafe {
+                libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(w), libc::SHUT_RDWR);
+            }
+        }
         let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -546,6 +561,24 @@ impl Drop for ControlSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A control socket whose path was removed under it (a cleaner of the
+    /// run directory) still lets serve stop: it hung in the join before.
+    #[test]
+    fn a_control_socket_whose_path_is_gone_still_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let handler: Handler = Arc::new(|_, _| Response::from_error(&Error::refused("no")));
+        let socket = ControlSocket::bind(&path, handler).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(socket);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the control socket stops without its path");
+    }
 
     #[test]
     fn requests_decode_from_their_documented_lines() {
