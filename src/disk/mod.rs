@@ -146,6 +146,13 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// The disk's deadline changed (`set-disk --io-timeout`): a backend
     /// with deadlines of its own (an NBD export's connections) follows.
     fn set_timeout(&self, _timeout: std::time::Duration) {}
+
+    /// The NBD export this disk is, with nothing wrapped around it: its
+    /// queue sends data requests on its connections without a worker
+    /// waiting for each answer.
+    fn as_nbd_disk(&self) -> Option<&nbd::NbdDisk> {
+        None
+    }
 }
 
 impl<D: Disk + ?Sized> Disk for Arc<D> {
@@ -202,6 +209,9 @@ impl<D: Disk + ?Sized> Disk for Arc<D> {
     }
     fn set_timeout(&self, timeout: std::time::Duration) {
         (**self).set_timeout(timeout)
+    }
+    fn as_nbd_disk(&self) -> Option<&nbd::NbdDisk> {
+        (**self).as_nbd_disk()
     }
 }
 

@@ -48,7 +48,7 @@ use super::{Disk, DiskIdentity};
 use crate::nbd::client::Client;
 use crate::nbd::conn::ClientTls;
 use crate::nbd::proto;
-use crate::nbd::session::{Answer, Session};
+use crate::nbd::session::{Answer, Finished, Session};
 
 /// Where an export is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,9 +264,12 @@ pub struct NbdDisk {
     shown: String,
     size: u64,
     flags: AtomicU16,
-    /// The connections in service; `broken` once one failed.
-    pool: Mutex<Pool>,
-    returned: Condvar,
+    /// The connections in service and the requests made on them.
+    lender: Arc<Lender>,
+    /// Where the answers of requests sent by [`NbdDisk::send_then`] go, with
+    /// what runs with them: a thread of the disk's own runs them
+    /// ([`completer`]).
+    finished: crossbeam_channel::Sender<Finished>,
     /// The connections made at open.
     most: usize,
     /// Which connection the next request goes on.
@@ -274,6 +277,44 @@ pub struct NbdDisk {
     /// What each request (and each connection attempt) waits at most:
     /// nanoseconds (`set-disk --io-timeout` changes it).
     timeout: std::sync::atomic::AtomicU64,
+}
+
+/// The connections in service (`broken` once one failed), and told when
+/// a request made on them ends.
+struct Lender {
+    pool: Mutex<Pool>,
+    returned: Condvar,
+}
+
+impl Lender {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a request made at `epoch` out; `why`: it failed, which breaks
+    /// the disk (unless the disk was mended since).
+    fn end(&self, epoch: u64, why: Option<String>) {
+        let mut pool = self.lock();
+        pool.lent -= 1;
+        if let Some(why) = why
+            && pool.epoch == epoch
+        {
+            pool.broken.get_or_insert(why);
+            pool.give_up();
+        }
+        drop(pool);
+        self.returned.notify_all();
+    }
+}
+
+/// The thread that runs what comes with the answers of a disk's requests
+/// sent by [`NbdDisk::send_then`]: never a connection's reader (a request
+/// ended there may wait for another answer that reader must read), nor the
+/// sender. It ends once the disk and every request made on it are gone.
+fn completer(rx: crossbeam_channel::Receiver<Finished>) {
+    for f in rx {
+        f.run();
+    }
 }
 
 struct Pool {
@@ -312,7 +353,7 @@ impl std::fmt::Debug for NbdDisk {
 
 /// One request of a batch: (command, command flags, offset, length, a
 /// write's bytes).
-type Ask<'a> = (u16, u16, u64, u32, &'a [u8]);
+pub type Ask<'a> = (u16, u16, u64, u32, &'a [u8]);
 
 impl NbdDisk {
     /// Connects to the export `uri` names; every request waits at most
@@ -358,19 +399,26 @@ impl NbdDisk {
             .into_iter()
             .map(|c| Session::start(c, timeout).map(Arc::new))
             .collect::<io::Result<Vec<_>>>()?;
+        let (finished, rx) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name("mv-nbd-done".into())
+            .spawn(move || completer(rx))?;
         Ok(NbdDisk {
             uri,
             shown: shown.to_string(),
             size,
             flags: flags.into(),
-            pool: Mutex::new(Pool {
-                sessions,
-                draining: Vec::new(),
-                broken: None,
-                epoch: 0,
-                lent: 0,
+            lender: Arc::new(Lender {
+                pool: Mutex::new(Pool {
+                    sessions,
+                    draining: Vec::new(),
+                    broken: None,
+                    epoch: 0,
+                    lent: 0,
+                }),
+                returned: Condvar::new(),
             }),
-            returned: Condvar::new(),
+            finished,
             most,
             next: AtomicUsize::new(0),
             timeout: std::sync::atomic::AtomicU64::new(
@@ -407,6 +455,7 @@ impl NbdDisk {
                     ));
                 }
                 pool = self
+                    .lender
                     .returned
                     .wait_timeout(pool, left)
                     .unwrap_or_else(|e| e.into_inner())
@@ -450,12 +499,12 @@ impl NbdDisk {
         pool.broken = None;
         self.flags.store(fresh.flags(), Ordering::Relaxed);
         drop(pool);
-        self.returned.notify_all();
+        self.lender.returned.notify_all();
         Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+        self.lender.lock()
     }
 
     fn flags(&self) -> u16 {
@@ -495,16 +544,7 @@ impl NbdDisk {
                 } else {
                     self.why.take()
                 };
-                let mut pool = self.disk.lock();
-                pool.lent -= 1;
-                if let Some(why) = failed
-                    && pool.epoch == self.epoch
-                {
-                    pool.broken.get_or_insert(why);
-                    pool.give_up();
-                }
-                drop(pool);
-                self.disk.returned.notify_all();
+                self.disk.lender.end(self.epoch, failed);
             }
         }
         let mut lent = Lent {
@@ -534,6 +574,57 @@ impl NbdDisk {
             lent.why = Some(e.to_string());
         }
         r
+    }
+
+    /// Sends one request without waiting for its answer; `then` runs with
+    /// the answer (an error: the connection failed, or the server is going
+    /// away) on the disk's completer thread, after the request is counted
+    /// out. A request that fails so breaks the disk, as in
+    /// [`NbdDisk::exchange`].
+    pub fn send_then(
+        &self,
+        (kind, flags, offset, len, data): Ask<'_>,
+        then: Box<dyn FnOnce(io::Result<Answer>) + Send>,
+    ) {
+        let lent = {
+            let mut pool = self.lock();
+            match (&pool.broken, pool.sessions.is_empty()) {
+                (Some(why), _) => Err(self.broken(why)),
+                (None, true) => Err(self.broken("no connection")),
+                (None, false) => {
+                    let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.sessions.len();
+                    pool.lent += 1;
+                    Ok((pool.sessions[i].clone(), pool.epoch))
+                }
+            }
+        };
+        let (session, epoch) = match lent {
+            Ok(l) => l,
+            Err(e) => return then(Err(e)),
+        };
+        let lender = self.lender.clone();
+        let counted: Box<dyn FnOnce(io::Result<Answer>) + Send> = Box::new(move |answer| {
+            // NBD_ESHUTDOWN: the server is going away (see `exchange`).
+            let answer = match answer {
+                Ok(a) if a.errno == libc::ESHUTDOWN as u32 => {
+                    Err(io::Error::from_raw_os_error(libc::ESHUTDOWN))
+                }
+                other => other,
+            };
+            lender.end(epoch, answer.as_ref().err().map(|e| e.to_string()));
+            then(answer)
+        });
+        session.send_then((kind, flags, offset, len, data), &self.finished, counted);
+    }
+
+    /// Whether the export takes NBD_CMD_FLAG_FUA on writes.
+    pub fn can_fua(&self) -> bool {
+        self.can(proto::FLAG_SEND_FUA)
+    }
+
+    /// Whether the export takes NBD_CMD_WRITE_ZEROES.
+    pub fn can_write_zeroes(&self) -> bool {
+        self.can(proto::FLAG_SEND_WRITE_ZEROES)
     }
 
     /// The error of every request once the disk is broken.
@@ -754,6 +845,10 @@ impl Disk for NbdDisk {
 
     fn reconnect(&self, check: &dyn Fn(&dyn Disk) -> io::Result<()>) -> Option<io::Result<()>> {
         Some(self.mend(check))
+    }
+
+    fn as_nbd_disk(&self) -> Option<&NbdDisk> {
+        Some(self)
     }
 
     fn identity(&self) -> DiskIdentity {

@@ -113,7 +113,48 @@ struct Pending {
     errno: u32,
     /// Its waiter was failed already (the connection was abandoned).
     failed_early: bool,
-    tx: Sender<io::Result<Answer>>,
+    reply: Reply,
+}
+
+/// What runs with a request's answer ([`Session::send_then`]).
+pub type Then = Box<dyn FnOnce(io::Result<Answer>) + Send>;
+
+/// A request's answer with what runs with it, for the thread that runs it.
+pub struct Finished {
+    then: Then,
+    answer: io::Result<Answer>,
+}
+
+impl Finished {
+    pub fn run(self) {
+        (self.then)(self.answer)
+    }
+}
+
+/// Where a request's answer goes: to the thread waiting on its ticket, or
+/// with its continuation to a channel another thread empties. Either way
+/// the reader only sends: nothing runs on it, and a send never blocks (it
+/// may be made under the connection's lock).
+enum Reply {
+    Wait(Sender<io::Result<Answer>>),
+    Then(Sender<Finished>, Option<Then>),
+}
+
+impl Reply {
+    fn give(&mut self, answer: io::Result<Answer>) {
+        match self {
+            Reply::Wait(tx) => {
+                let _ = tx.try_send(answer);
+            }
+            Reply::Then(tx, then) => {
+                if let Some(then) = then.take() {
+                    // The channel outlives its senders' requests: each
+                    // request holds one, so this never finds it closed.
+                    let _ = tx.send(Finished { then, answer });
+                }
+            }
+        }
+    }
 }
 
 fn bad(what: impl Into<String>) -> io::Error {
@@ -157,6 +198,9 @@ impl Session {
         let reader = Reader {
             sock: reading,
             inner: inner.clone(),
+            buffered: vec![0; READ_AHEAD],
+            at: 0,
+            end: 0,
         };
         std::thread::Builder::new()
             .name("mv-nbd-reply".into())
@@ -203,12 +247,54 @@ impl Session {
         len: u32,
         data: &[u8],
     ) -> io::Result<Ticket> {
-        let inner = &self.inner;
         let (tx, rx) = crossbeam_channel::bounded(1);
+        self.make(kind, flags, offset, len, data, Reply::Wait(tx))
+            .map_err(|(e, _)| e)?;
+        Ok(Ticket {
+            rx,
+            session: self.inner.clone(),
+        })
+    }
+
+    /// Sends one request and returns at once; `then` runs with its answer
+    /// (or the connection's failure, also when it cannot be sent), on the
+    /// thread that empties `to`: never on the caller's, never on the
+    /// reader's.
+    pub fn send_then(
+        &self,
+        (kind, flags, offset, len, data): (u16, u16, u64, u32, &[u8]),
+        to: &Sender<Finished>,
+        then: Then,
+    ) {
+        if let Err((e, reply)) = self.make(
+            kind,
+            flags,
+            offset,
+            len,
+            data,
+            Reply::Then(to.clone(), Some(then)),
+        ) {
+            let mut reply = reply;
+            reply.give(Err(e));
+        }
+    }
+
+    /// Books a request in and writes it out; a request that cannot be made
+    /// comes back with its reply, unanswered.
+    fn make(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        data: &[u8],
+        reply: Reply,
+    ) -> Result<(), (io::Error, Reply)> {
+        let inner = &self.inner;
         let handle = {
             let mut state = inner.lock();
             if let Some((kind, why)) = &state.ended {
-                return Err(io::Error::new(*kind, why.clone()));
+                return Err((io::Error::new(*kind, why.clone()), reply));
             }
             let handle = state.next_handle;
             state.next_handle += 1;
@@ -224,7 +310,7 @@ impl Session {
                     covered: Vec::new(),
                     errno: 0,
                     failed_early: false,
-                    tx,
+                    reply,
                 },
             );
             handle
@@ -242,14 +328,13 @@ impl Session {
             // before a reconnection): the request is not made at all.
             let ended = {
                 let mut state = inner.lock();
-                let ended = state.ended.clone();
-                if ended.is_some() {
-                    state.pending.remove(&handle);
+                match state.ended.clone() {
+                    Some(why) => state.pending.remove(&handle).map(|p| (why, p.reply)),
+                    None => None,
                 }
-                ended
             };
-            if let Some((kind, why)) = ended {
-                return Err(io::Error::new(kind, why));
+            if let Some(((kind, why), reply)) = ended {
+                return Err((io::Error::new(kind, why), reply));
             }
             write_all_vectored(&mut w, &[&header, data])
         };
@@ -264,10 +349,7 @@ impl Session {
             // Half a request may be on the wire: the connection is done.
             Err(e) => inner.end(e.kind(), format!("sending a request failed: {e}")),
         }
-        Ok(Ticket {
-            rx,
-            session: inner.clone(),
-        })
+        Ok(())
     }
 
     /// [`Session::send`] and [`Ticket::wait`].
@@ -367,7 +449,7 @@ impl Inner {
             for p in state.pending.values_mut() {
                 if !p.failed_early {
                     p.failed_early = true;
-                    let _ = p.tx.try_send(Err(io::Error::new(why.0, why.1.clone())));
+                    p.reply.give(Err(io::Error::new(why.0, why.1.clone())));
                 }
             }
             state.pending.is_empty()
@@ -409,8 +491,8 @@ impl Inner {
             std::mem::take(&mut state.pending)
         };
         let (kind, why) = self.lock().ended.clone().expect("set above");
-        for (_, p) in pending {
-            let _ = p.tx.try_send(Err(io::Error::new(kind, why.clone())));
+        for (_, mut p) in pending {
+            p.reply.give(Err(io::Error::new(kind, why.clone())));
         }
         self.control.shutdown(Shutdown::Read);
     }
@@ -484,9 +566,39 @@ fn write_all_vectored(w: &mut Conn, parts: &[&[u8]]) -> io::Result<()> {
 struct Reader {
     sock: Conn,
     inner: Arc<Inner>,
+    /// What one read from the socket brought beyond what was asked:
+    /// `buffered[at..end]`. Replies come in bursts, and one system call
+    /// takes many (two per reply before: its magic, then the rest).
+    buffered: Vec<u8>,
+    at: usize,
+    end: usize,
 }
 
+/// Bytes the reader asks the socket for at once.
+const READ_AHEAD: usize = 64 << 10;
+
 impl Reader {
+    /// Reads into `out` what is buffered, else from the socket: straight
+    /// into `out` when it is at least as large as the buffer (a read's
+    /// data), else into the buffer first.
+    fn read_some(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.at == self.end {
+            if out.len() >= self.buffered.len() {
+                return self.sock.read(out);
+            }
+            let n = self.sock.read(&mut self.buffered)?;
+            self.at = 0;
+            self.end = n;
+            if n == 0 {
+                return Ok(0);
+            }
+        }
+        let n = out.len().min(self.end - self.at);
+        out[..n].copy_from_slice(&self.buffered[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+
     fn run(mut self) {
         let err = loop {
             if let Err(e) = self.one().and_then(|()| self.after_reply()) {
@@ -532,7 +644,7 @@ impl Reader {
         let mut at = 0;
         let mut last = Instant::now();
         while at < buf.len() {
-            match self.sock.read(&mut buf[at..]) {
+            match self.read_some(&mut buf[at..]) {
                 Ok(0) => {
                     return Err(match self.inner.lock().ended.clone() {
                         Some((kind, why)) => io::Error::new(kind, why),
@@ -620,7 +732,7 @@ impl Reader {
                 .take()
                 .ok_or_else(|| bad("a read's buffer is missing"))?;
             if let Err(e) = self.fill(&mut data, false) {
-                fail(&p, &e);
+                fail(&mut p, &e);
                 return Err(e);
             }
             p.data = Some(data);
@@ -717,12 +829,12 @@ impl Reader {
         }
         if flags & proto::REPLY_FLAG_DONE != 0 {
             let removed = self.inner.lock().pending.remove(&handle);
-            let p = removed.ok_or_else(|| self.inner.failure())?;
+            let mut p = removed.ok_or_else(|| self.inner.failure())?;
             if p.kind == proto::CMD_READ && p.errno == 0 && !tiles(&p.covered, req_len) {
                 let e = bad(format!(
                     "the server's chunks for a read of {req_len} bytes at {req_offset} do not cover it exactly"
                 ));
-                fail(&p, &e);
+                fail(&mut p, &e);
                 return Err(e);
             }
             let errno = p.errno;
@@ -764,9 +876,9 @@ fn tiles(ranges: &[(u64, u64)], len: u64) -> bool {
 }
 
 /// Fails `p`'s waiter with `e` (the connection ends for it too).
-fn fail(p: &Pending, e: &io::Error) {
+fn fail(p: &mut Pending, e: &io::Error) {
     if !p.failed_early {
-        let _ = p.tx.try_send(Err(io::Error::new(e.kind(), e.to_string())));
+        p.reply.give(Err(io::Error::new(e.kind(), e.to_string())));
     }
 }
 
@@ -775,7 +887,7 @@ fn finish(mut p: Pending, errno: u32) {
         return;
     }
     let data = if errno == 0 { p.data.take() } else { None };
-    let _ = p.tx.try_send(Ok(Answer { errno, data }));
+    p.reply.give(Ok(Answer { errno, data }));
 }
 
 fn no_answer(timeout: Duration) -> io::Error {

@@ -32,6 +32,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::disk::{AlignedBuf, Disk};
 
+mod nbd;
 mod uring;
 pub use uring::{
     IoEngine, Plug, available as uring_available, busy_here, ensure_ring_here, run_here, turn_here,
@@ -495,6 +496,20 @@ impl DiskQueue {
             }
         }
         let mut workers = Vec::new();
+        // An NBD export's data requests go to its sender thread, which
+        // hands the workers only what it cannot send without waiting.
+        let rx = if disk.as_nbd_disk().is_some() {
+            let (fallback, workers_rx) = crossbeam_channel::unbounded::<Job>();
+            let (q, disk, stats) = (Arc::downgrade(&q), disk.clone(), stats.clone());
+            let handle = std::thread::Builder::new()
+                .name("mv-nbd-send".into())
+                .spawn(move || nbd::sender(q, disk, stats, rx, fallback))
+                .expect("spawn an NBD disk's sender");
+            workers.push(handle);
+            workers_rx
+        } else {
+            rx
+        };
         let lanes = (0..threads.max(1))
             .map(|i| (format!("mv-disk-{i}"), rx.clone()))
             .chain(std::iter::once(("mv-disk-meta".to_string(), meta_rx)));
