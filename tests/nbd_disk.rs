@@ -1176,13 +1176,28 @@ fn after_a_crash_a_write_behind_plex_is_not_the_source_of_the_resync() {
     );
     let (mut serving, served) = Serving::start(&sb, &disks, &["--remote-io-timeout", "20s"]);
     qemu_io(&served, &["write -P 0x11 0 64k"]);
-    // Landed on the far disk too.
-    std::thread::sleep(Duration::from_secs(4));
+    // Landed on the far disk too (after its write-intent bit there, each
+    // 3 s late, which the answer did not wait for).
+    let landed = vec![0x11u8; 65536];
+    let waited = Instant::now();
+    while !std::fs::read(&remote)
+        .unwrap()
+        .windows(landed.len())
+        .step_by(4096)
+        .any(|w| w == &landed[..])
+    {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the write behind never reached the far image"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let start = Instant::now();
     qemu_io(&served, &["write -P 0x22 0 64k"]);
     assert!(
         start.elapsed() < Duration::from_secs(2),
-        "answered before the far disk has it"
+        "answered before the far disk has it (took {:?})",
+        start.elapsed()
     );
     // The host crashes, and the far server with the write in hand.
     serving.0.kill().unwrap();

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use super::engine::{Begun, EnginePlex, IntentGuard, WriteIntent};
+use super::engine::{Begun, Deferred, EnginePlex, IntentGuard, Later, WriteIntent};
 use super::generation::{GenerationKeeper, GenerationTicket, VersionRaise};
 use crate::disk::Disk;
 use crate::format::Layout;
@@ -110,6 +110,23 @@ pub struct DiskBitmap {
     /// Raises the disk's labels to the current format version before the
     /// first bitmap write ([`DiskBitmap::set_version_raise`]).
     raise: std::sync::OnceLock<Arc<VersionRaise>>,
+    /// Writes waiting for their bits without a thread each
+    /// ([`DiskBitmap::when_durable`]).
+    waiters: Mutex<Waiters>,
+}
+
+/// What waits for a generation of a bitmap to be durable: (generation,
+/// what runs then); `writing` while a job writes them out.
+#[derive(Default)]
+struct Waiters {
+    list: Vec<(u64, Later)>,
+    writing: bool,
+}
+
+impl std::fmt::Debug for Waiters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Waiters({}, writing: {})", self.list.len(), self.writing)
+    }
 }
 
 /// The bitmap's writer while it writes; dropping it lets the next one in.
@@ -210,6 +227,7 @@ impl DiskBitmap {
             writes: AtomicU64::new(0),
             hot_set: AtomicU64::new(HOT_SET_BYTES),
             raise: std::sync::OnceLock::new(),
+            waiters: Mutex::new(Waiters::default()),
         };
         if found != Found::Valid {
             // A fresh bitmap replaces whatever was there, bits included.
@@ -323,6 +341,62 @@ impl DiskBitmap {
     /// Whether generation `need` still has to be written out.
     fn needs_write(&self, need: u64) -> bool {
         need > self.durable.load(Ordering::Acquire)
+    }
+
+    /// Runs `then` once generation `need` is durable, without holding a
+    /// thread meanwhile: one job at a time writes out every generation
+    /// waited for (group commit) on the threads that wait for cold bits,
+    /// and runs what waited; on an error, what waited gets it.
+    pub fn when_durable(self: &Arc<Self>, need: u64, then: Later) {
+        if !self.needs_write(need) {
+            return then(Ok(()));
+        }
+        let start = {
+            let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            w.list.push((need, then));
+            !std::mem::replace(&mut w.writing, true)
+        };
+        if start {
+            let this = self.clone();
+            super::engine::off_thread(Box::new(move || this.write_for_waiters()));
+        }
+    }
+
+    /// The job of [`DiskBitmap::when_durable`]: writes out until nothing
+    /// waits.
+    fn write_for_waiters(&self) {
+        loop {
+            let need = {
+                let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                match w.list.iter().map(|(n, _)| *n).max() {
+                    Some(n) => n,
+                    None => {
+                        w.writing = false;
+                        return;
+                    }
+                }
+            };
+            let r = if self.needs_write(need) {
+                self.persist(need, false)
+            } else {
+                Ok(())
+            };
+            let ready: Vec<(u64, Later)> = {
+                let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                let list = std::mem::take(&mut w.list);
+                let (ready, later): (Vec<_>, Vec<_>) = list
+                    .into_iter()
+                    .partition(|(n, _)| r.is_err() || !self.needs_write(*n));
+                w.list = later;
+                ready
+            };
+            for (_, then) in ready {
+                then(match &r {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                });
+            }
+        }
     }
 
     /// Ends writes to `regions` that [`DiskBitmap::mark`] began.
@@ -618,6 +692,31 @@ struct Mark {
     regions: Range<u64>,
     need: u64,
     patient: bool,
+    /// A write-behind plex's bits: not waited for before the write is let
+    /// go; its own write to that plex waits for them
+    /// ([`IntentGuard::with_deferred`]).
+    deferred: bool,
+}
+
+impl Mark {
+    /// Whether the write waits for this disk's bits before it goes at all.
+    fn waited(&self) -> bool {
+        !self.deferred && self.bitmap.needs_write(self.need)
+    }
+}
+
+/// The bits the write does not wait for, each waited for by its plex's
+/// write alone.
+fn deferred_of(marks: &[Mark]) -> Vec<(Uuid, Deferred)> {
+    marks
+        .iter()
+        .filter(|m| m.deferred && m.bitmap.needs_write(m.need))
+        .map(|m| {
+            let (bitmap, need) = (m.bitmap.clone(), m.need);
+            let bits: Deferred = Box::new(move |then| bitmap.when_durable(need, then));
+            (m.plex.disk, bits)
+        })
+        .collect()
 }
 
 /// Waits until every disk's bits of a marked write are durable (all disks
@@ -636,19 +735,17 @@ fn finish_mark(
         }
         return Err(e);
     }
-    let outcomes: Vec<io::Result<Range<u64>>> = if marks
-        .iter()
-        .filter(|m| m.bitmap.needs_write(m.need))
-        .count()
-        > 1
-    {
+    let deferred = deferred_of(&marks);
+    let wait = |m: &Mark| {
+        if m.deferred {
+            Ok(m.regions.clone())
+        } else {
+            m.bitmap.make_durable(m.regions.clone(), m.need, m.patient)
+        }
+    };
+    let outcomes: Vec<io::Result<Range<u64>>> = if marks.iter().filter(|m| m.waited()).count() > 1 {
         std::thread::scope(|scope| {
-            let waits: Vec<_> = marks
-                .iter()
-                .map(|m| {
-                    scope.spawn(move || m.bitmap.make_durable(m.regions.clone(), m.need, m.patient))
-                })
-                .collect();
+            let waits: Vec<_> = marks.iter().map(|m| scope.spawn(move || wait(m))).collect();
             waits
                 .into_iter()
                 .map(|w| {
@@ -659,10 +756,7 @@ fn finish_mark(
                 .collect()
         })
     } else {
-        marks
-            .iter()
-            .map(|m| m.bitmap.make_durable(m.regions.clone(), m.need, m.patient))
-            .collect()
+        marks.iter().map(wait).collect()
     };
     let mut marked = Marked(Vec::with_capacity(marks.len()));
     let mut first_error = None;
@@ -679,7 +773,7 @@ fn finish_mark(
     }
     match first_error {
         Some(e) if marked.0.is_empty() => Err(e),
-        _ => Ok(IntentGuard::new((marked, ticket))),
+        _ => Ok(IntentGuard::new((marked, ticket)).with_deferred(deferred)),
     }
 }
 
@@ -731,6 +825,12 @@ impl WriteIntent for BitmapSet {
             .iter()
             .filter(|p| p.mode() == crate::volume::engine::Mode::InSync)
             .count();
+        // A write-behind plex's bits are not waited for: its write waits
+        // for them on its own, and the client's answer stands on the
+        // others (whose bits cover the write until it lands there).
+        let anchored = plexes
+            .iter()
+            .any(|p| p.mode() == crate::volume::engine::Mode::InSync && !p.is_write_mostly());
         let disks = self.read();
         // Bits first, in memory, on every disk; then every disk that must
         // write them out does so at once (a cold region costs one bitmap
@@ -747,13 +847,17 @@ impl WriteIntent for BitmapSet {
                     regions,
                     need,
                     patient: in_sync == 1 && p.mode() == crate::volume::engine::Mode::InSync,
+                    deferred: anchored && p.writes_behind(),
                 })
             })
             .collect();
         drop(disks);
-        if !raise && marks.iter().all(|m| !m.bitmap.needs_write(m.need)) {
+        if !raise && marks.iter().all(|m| !m.waited()) {
+            let deferred = deferred_of(&marks);
             let marked = Marked(marks.into_iter().map(|m| (m.bitmap, m.regions)).collect());
-            return Ok(Begun::Ready(IntentGuard::new((marked, ticket))));
+            return Ok(Begun::Ready(
+                IntentGuard::new((marked, ticket)).with_deferred(deferred),
+            ));
         }
         let patient = marks.iter().any(|m| m.patient);
         Ok(Begun::Pending {

@@ -137,12 +137,42 @@ const COLD_WAITERS: usize = 8;
 /// whatever its backlog in writes.
 pub const WRITE_BEHIND_BYTES: u64 = 64 << 20;
 
+/// What runs once a plex's deferred write-intent bits are durable, or
+/// could not be made so (the plex's write then fails with that error).
+pub type Later = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// Runs its [`Later`] once the bits it stands for are durable.
+pub type Deferred = Box<dyn FnOnce(Later) + Send>;
+
 /// Ends a marked write when dropped.
-pub struct IntentGuard(#[allow(dead_code)] Box<dyn Send>);
+pub struct IntentGuard {
+    #[allow(dead_code)]
+    inner: Box<dyn Send>,
+    /// Plexes whose bits were not waited for before the write was let go
+    /// (a write-behind plex's, whose write waits for them on its own): a
+    /// plex's write goes to it only once its bits are durable.
+    deferred: Vec<(Uuid, Deferred)>,
+}
 
 impl IntentGuard {
     pub fn new(inner: impl Send + 'static) -> IntentGuard {
-        IntentGuard(Box::new(inner))
+        IntentGuard {
+            inner: Box::new(inner),
+            deferred: Vec::new(),
+        }
+    }
+
+    /// With the bits of `deferred`'s plexes still on their way.
+    pub fn with_deferred(mut self, deferred: Vec<(Uuid, Deferred)>) -> IntentGuard {
+        self.deferred = deferred;
+        self
+    }
+}
+
+/// Runs `job` on one of the threads that wait for write-intent bits.
+pub(crate) fn off_thread(job: Box<dyn FnOnce() + Send>) {
+    if let Err(job) = cold_waits().send(job) {
+        (job.0)();
     }
 }
 
@@ -247,6 +277,11 @@ impl EnginePlex {
     /// plex writes behind.
     pub fn set_write_behind(&self, most: usize) {
         self.write_behind.store(most, Ordering::Relaxed);
+    }
+
+    /// Whether the plex writes behind (write-mostly, with a backlog).
+    pub fn writes_behind(&self) -> bool {
+        self.write_behind.load(Ordering::Relaxed) > 0 && self.is_write_mostly()
     }
 
     /// Writes answered to their client and not yet landed on this plex.
@@ -827,6 +862,11 @@ impl MirrorVolume {
     ) {
         let this = self.clone();
         let caller = std::thread::current().id();
+        let mut intent = intent;
+        let deferred = intent
+            .as_mut()
+            .map(|g| std::mem::take(&mut g.deferred))
+            .unwrap_or_default();
         self.lock.acquire(offset..offset + len, move |guard| {
             // A write that waited for an overlapping one starts on the thread
             // that released the range: never do I/O there.
@@ -850,10 +890,11 @@ impl MirrorVolume {
             let (behind, now): (Vec<_>, Vec<_>) = targets
                 .into_iter()
                 .partition(|p| anchored && p.take_behind(len));
+            let mut deferred = deferred;
             if behind.is_empty() {
                 let ops: Vec<Op> = now.iter().map(|p| op(p)).collect();
                 let after = this.clone();
-                this.fan_out(now, ops, run, move |results| {
+                this.fan_out_after(now, ops, run, &mut deferred, move |results| {
                     let r = after.settle_writes(results, "write", offset);
                     drop(intent);
                     after.lock.release(guard);
@@ -881,20 +922,27 @@ impl MirrorVolume {
             };
             let behind_ops: Vec<Op> = behind.iter().map(|p| op(p)).collect();
             let (after, end) = (this.clone(), end_half.clone());
-            this.fan_out(behind, behind_ops, Run::Queued, move |results| {
-                let plexes: Vec<Arc<EnginePlex>> = results.iter().map(|(p, _)| p.clone()).collect();
-                // A failure fails the plex; its client was answered already.
-                let _ = after.settle_writes(results, "write", offset);
-                end();
-                // Counted out last: once `behind()` is 0, its bits and range
-                // are let go too.
-                for p in plexes {
-                    p.landed(len);
-                }
-            });
+            this.fan_out_after(
+                behind,
+                behind_ops,
+                Run::Queued,
+                &mut deferred,
+                move |results| {
+                    let plexes: Vec<Arc<EnginePlex>> =
+                        results.iter().map(|(p, _)| p.clone()).collect();
+                    // A failure fails the plex; its client was answered already.
+                    let _ = after.settle_writes(results, "write", offset);
+                    end();
+                    // Counted out last: once `behind()` is 0, its bits and range
+                    // are let go too.
+                    for p in plexes {
+                        p.landed(len);
+                    }
+                },
+            );
             let ops: Vec<Op> = now.iter().map(|p| op(p)).collect();
             let after = this.clone();
-            this.fan_out(now, ops, run, move |results| {
+            this.fan_out_after(now, ops, run, &mut deferred, move |results| {
                 let r = after.settle_writes(results, "write", offset);
                 done(r);
                 end_half();
@@ -927,6 +975,20 @@ impl MirrorVolume {
         run: Run,
         all_done: impl FnOnce(Outcomes) + Send + 'static,
     ) {
+        self.fan_out_after(targets, ops, run, &mut Vec::new(), all_done)
+    }
+
+    /// [`Engine::fan_out`], where a target whose write-intent bits are
+    /// still on their way (in `deferred`, taken from it) gets its request
+    /// once they are durable, and fails with the error when they cannot be.
+    fn fan_out_after(
+        &self,
+        targets: Vec<Arc<EnginePlex>>,
+        ops: Vec<Op>,
+        run: Run,
+        deferred: &mut Vec<(Uuid, Deferred)>,
+        all_done: impl FnOnce(Outcomes) + Send + 'static,
+    ) {
         if targets.is_empty() {
             return all_done(Vec::new());
         }
@@ -945,30 +1007,35 @@ impl MirrorVolume {
         for (i, (plex, op)) in targets.into_iter().zip(ops).enumerate() {
             let fan = fan.clone();
             let p = plex.clone();
-            plex.queue.dispatch(
-                if i == last { run } else { Run::Queued },
-                op,
-                deadline,
-                Box::new(move |outcome| {
-                    fan.results
+            let done: super::queue::Callback = Box::new(move |outcome| {
+                fan.results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((p, outcome));
+                if fan.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    let results =
+                        std::mem::take(&mut *fan.results.lock().unwrap_or_else(|e| e.into_inner()));
+                    let cb = fan
+                        .all_done
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .push((p, outcome));
-                    if fan.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                        let results = std::mem::take(
-                            &mut *fan.results.lock().unwrap_or_else(|e| e.into_inner()),
-                        );
-                        let cb = fan
-                            .all_done
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .take();
-                        if let Some(cb) = cb {
-                            cb(results);
-                        }
+                        .take();
+                    if let Some(cb) = cb {
+                        cb(results);
                     }
-                }),
-            );
+                }
+            });
+            let run = if i == last { run } else { Run::Queued };
+            match deferred.iter().position(|(d, _)| *d == plex.disk) {
+                None => plex.queue.dispatch(run, op, deadline, done),
+                Some(at) => {
+                    let (_, bits) = deferred.swap_remove(at);
+                    bits(Box::new(move |durable| match durable {
+                        Ok(()) => plex.queue.dispatch(Run::Queued, op, deadline, done),
+                        Err(e) => done(Err(e)),
+                    }));
+                }
+            }
         }
     }
 
