@@ -9,6 +9,7 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::serve::{qemu_io, status_on, wait_status_on};
@@ -735,6 +736,97 @@ fn many_requests_are_in_flight_on_one_connection_at_once() {
     disk.read_at(&mut buf, 32 << 20).unwrap();
     assert!(buf.iter().all(|&b| b == 0));
     assert_eq!(logged(&log, "Write").len(), 16);
+}
+
+/// Through a disk queue with 2 workers, 64 writes (a FUA one among them),
+/// then 64 reads and a flush, are all in flight on the export at once:
+/// the workers send and go on, the answers complete them. A worker
+/// waiting for each answer took 32 delays of 300 ms (9.6 s) for the
+/// writes alone.
+#[test]
+fn a_disk_queue_keeps_more_requests_in_flight_on_an_export_than_it_has_workers() {
+    use mirrorvol::disk::AlignedBuf;
+    use mirrorvol::volume::queue::{DiskQueue, Op, read_data, wait};
+    if !have_tool("nbdkit") {
+        return skip_or_fail("nbdkit is not installed");
+    }
+    let sb = Sandbox::new();
+    let (_kit, uri, log) = Nbdkit::start(
+        &sb,
+        &["multi-conn", "delay"],
+        &strings(&[
+            "memory",
+            "64M",
+            "multi-conn-mode=disable",
+            "delay-write=300ms",
+            "delay-read=300ms",
+        ]),
+    );
+    let disk: Arc<dyn Disk> = Arc::new(NbdDisk::open(&uri, TIMEOUT).unwrap());
+    let queue = DiskQueue::start(&uri, disk, 2, TIMEOUT);
+    let started = Instant::now();
+    let answers: Vec<_> = (0..64u64)
+        .map(|i| {
+            let (done, rx) = mirrorvol::volume::queue::channel();
+            let mut data = AlignedBuf::recycled(4096);
+            data.copy_from_slice(&pattern(4096, i));
+            let op = Op::Write {
+                offset: i * 65536,
+                data: Arc::new(data),
+                fua: i == 7,
+            };
+            queue.submit(op, true, done);
+            rx
+        })
+        .collect();
+    for (i, rx) in answers.into_iter().enumerate() {
+        rx.recv()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("write {i}: {e}"));
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "64 delayed writes took {took:?}"
+    );
+    let started = Instant::now();
+    let reads: Vec<_> = (0..64u64)
+        .map(|i| {
+            let (done, rx) = mirrorvol::volume::queue::channel();
+            queue.submit(
+                Op::Read {
+                    offset: i * 65536,
+                    len: 4096,
+                },
+                true,
+                done,
+            );
+            rx
+        })
+        .collect();
+    for (i, rx) in reads.into_iter().enumerate() {
+        let got = read_data(rx.recv().unwrap()).unwrap();
+        assert_eq!(&got[..], &pattern(4096, i as u64)[..], "read {i}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "64 delayed reads took {took:?}"
+    );
+    wait(|done| queue.submit(Op::Flush, true, done)).unwrap();
+    // Each went out as one request; the FUA write with its flag.
+    assert_eq!(logged(&log, "Write").len(), 64);
+    assert_eq!(logged(&log, "Read").len(), 64);
+    assert!(
+        logged(&log, "Write")
+            .iter()
+            .filter(|l| l.contains("fua=1"))
+            .count()
+            == 1,
+        "{:?}",
+        logged(&log, "Write")
+    );
+    queue.close();
 }
 
 #[test]
