@@ -1078,6 +1078,170 @@ fn a_write_mostly_remote_disk_takes_writes_but_serves_reads_only_when_alone() {
     serving.stop();
 }
 
+/// serve stopped right after answering writes still behind (each 1 s on
+/// its way to the far disk) lets them land before its last flush: the far
+/// image alone holds them, and the next start finds no dirty region to
+/// resync (the stop was clean).
+#[test]
+fn a_stop_lets_the_writes_behind_land_and_is_clean() {
+    if !have_tool("nbdkit") || !have_tool("qemu-io") {
+        return skip_or_fail("nbdkit or qemu-io is not installed");
+    }
+    let sb = Sandbox::new();
+    let local = sb.image("a.img", 64);
+    let far = image(&sb, 64);
+    let f = far.display().to_string();
+    let (kit, uri, _log) = Nbdkit::start(&sb, &[], &strings(&["file", &f]));
+    let disks = format!("{local},{uri}");
+    sb.mv_on(&disks, &["init", &local, &uri, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "8M", "--mirror"])
+        .ok();
+    sb.mv_on(
+        &disks,
+        &[
+            "set-disk",
+            &uri,
+            "--write-mostly",
+            "on",
+            "--write-behind",
+            "16",
+        ],
+    )
+    .ok();
+    drop(kit);
+    let (_kit, _, _) = Nbdkit::start(
+        &sb,
+        &["delay"],
+        &strings(&["file", &f, "delay-write=1000ms"]),
+    );
+    let (serving, served) = Serving::start(&sb, &disks, &["--remote-io-timeout", "20s"]);
+    // The first write raises the data generation on every disk, the far
+    // one included (waited for).
+    qemu_io(&served, &["write -P 0x5b 0 4k"]);
+    let started = Instant::now();
+    qemu_io(&served, &["write -P 0x5c 1M 64k", "write -P 0x5d 2M 64k"]);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "answered before the far disk has them ({:?})",
+        started.elapsed()
+    );
+    serving.stop();
+    let copy = sb.p("far-only.bin");
+    sb.mv_on(&uri, &["copy", "vol:data", &copy]).ok();
+    let got = std::fs::read(&copy).unwrap();
+    assert!(got[1 << 20..(1 << 20) + 65536].iter().all(|&b| b == 0x5c));
+    assert!(got[2 << 20..(2 << 20) + 65536].iter().all(|&b| b == 0x5d));
+    let (again, _) = Serving::start(&sb, &disks, &[]);
+    let log = again.log();
+    again.stop();
+    assert!(!log.contains("unclean stop"), "{log}");
+}
+
+/// Waits (30 s at most) until the image at `path` holds `bytes` at a 4 KiB
+/// boundary: a write behind reached it.
+fn wait_for_bytes(path: &Path, bytes: &[u8]) {
+    let waited = Instant::now();
+    while !std::fs::read(path)
+        .unwrap()
+        .windows(bytes.len())
+        .step_by(4096)
+        .any(|w| w == bytes)
+    {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the write behind never reached {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A client's flush is answered once the plexes that do not write behind
+/// are flushed: the far disk's flush (3 s here: nbdkit's eval plugin over
+/// a file, sleeping in its flush once told to) goes on behind, as its
+/// writes do. With write-behind off, the same flush waits for it.
+#[test]
+fn a_clients_flush_does_not_wait_for_a_write_behind_disk() {
+    if !have_tool("nbdkit") || !have_tool("qemu-io") {
+        return skip_or_fail("nbdkit or qemu-io is not installed");
+    }
+    let sb = Sandbox::new();
+    let local = sb.image("a.img", 64);
+    let far = image(&sb, 64);
+    let slow = sb.path("slow-flush");
+    let f = far.display().to_string();
+    let (_kit, uri, _log) = Nbdkit::start(
+        &sb,
+        &[],
+        &strings(&[
+            "eval",
+            &format!("get_size=stat -L -c %s {f}"),
+            &format!("pread=dd if={f} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none"),
+            &format!("pwrite=dd of={f} seek=$4 conv=notrunc oflag=seek_bytes status=none"),
+            &format!(
+                "flush=if [ -e {} ]; then sleep 3; fi; exit 0",
+                slow.display()
+            ),
+            // FUA done by the write itself (the claim's and the bitmap's
+            // writes), not by a flush.
+            "can_fua=echo native",
+        ]),
+    );
+    let disks = format!("{local},{uri}");
+    sb.mv_on(&disks, &["init", &local, &uri, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "8M", "--mirror"])
+        .ok();
+    sb.mv_on(
+        &disks,
+        &[
+            "set-disk",
+            &uri,
+            "--write-mostly",
+            "on",
+            "--write-behind",
+            "16",
+        ],
+    )
+    .ok();
+    // Flushes one after another on the far disk stay within its deadline.
+    let (serving, served) = Serving::start(&sb, &disks, &["--remote-io-timeout", "20s"]);
+    // The first write raises the data generation on every disk and sets
+    // its bits; it lands on the far disk before the flushes turn slow (an
+    // overlapping write would wait for it).
+    qemu_io(&served, &["write -P 0x31 0 64k", "flush"]);
+    wait_for_bytes(&far, &[0x31; 65536]);
+    std::fs::write(&slow, b"").unwrap();
+    let timed = |byte: u8| {
+        let start = Instant::now();
+        qemu_io(&served, &[&format!("write -P {byte} 0 4k"), "flush"]);
+        start.elapsed()
+    };
+    let behind = timed(0x32);
+    sb.mv_on(&disks, &["set-disk", &uri, "--write-behind", "0"])
+        .ok();
+    let waited = timed(0x33);
+    eprintln!("write and flush: {behind:?} with write-behind, {waited:?} without");
+    assert!(
+        waited >= Duration::from_secs(3),
+        "{waited:?}: the far disk's flush is slow: {}",
+        std::fs::read_to_string(sb.path("serve.log")).unwrap()
+    );
+    assert!(
+        behind < Duration::from_secs(2),
+        "{behind:?}: the flush waited for the write-behind disk"
+    );
+    std::fs::remove_file(&slow).unwrap();
+    serving.stop();
+    // Both writes reached the far disk all the same.
+    let copy = sb.p("far-only.bin");
+    sb.mv_on(&uri, &["copy", "vol:data", &copy]).ok();
+    let got = std::fs::read(&copy).unwrap();
+    assert!(got[..4096].iter().all(|&b| b == 0x33));
+    assert!(got[4096..65536].iter().all(|&b| b == 0x31));
+}
+
 /// md's write-behind on a far disk 20 ms away (nbdkit's delay filter):
 /// writes are answered once the local plex has them, so 48 of them one
 /// after another take a fraction of what they take when each waits for
@@ -1270,20 +1434,7 @@ fn after_a_crash_a_write_behind_plex_is_not_the_source_of_the_resync() {
     qemu_io(&served, &["write -P 0x11 0 64k"]);
     // Landed on the far disk too (after its write-intent bit there, each
     // 3 s late, which the answer did not wait for).
-    let landed = vec![0x11u8; 65536];
-    let waited = Instant::now();
-    while !std::fs::read(&remote)
-        .unwrap()
-        .windows(landed.len())
-        .step_by(4096)
-        .any(|w| w == &landed[..])
-    {
-        assert!(
-            waited.elapsed() < Duration::from_secs(30),
-            "the write behind never reached the far image"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_bytes(&remote, &[0x11; 65536]);
     let start = Instant::now();
     qemu_io(&served, &["write -P 0x22 0 64k"]);
     assert!(

@@ -111,7 +111,7 @@ impl Export for VolumeExport {
     }
 
     fn flush(&self, done: Done<()>) {
-        self.volume.submit_flush(Run::Queued, done);
+        self.volume.submit_client_flush(Run::Queued, done);
     }
 
     fn fast_zero(&self, keep: bool) -> bool {
@@ -523,6 +523,10 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
             eprintln!("warning: volume {n} is failed: nothing of it to flush");
             continue;
         }
+        // Writes still behind (answered, on their way to a write-behind
+        // plex) land first, so the flush covers them and the stop is
+        // clean; each within its disk's deadline.
+        v.wait_idle();
         if let Err(e) = v.flush() {
             failed.push(format!("{n}: {e}"));
         }

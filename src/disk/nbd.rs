@@ -312,10 +312,30 @@ impl Lender {
 /// ended there may wait for another answer that reader must read), nor the
 /// sender. It ends once the disk and every request made on it are gone.
 fn completer(rx: crossbeam_channel::Receiver<Finished>) {
+    ON_COMPLETER.set(true);
     for f in rx {
-        f.run();
+        // A continuation that panics loses its own answer, not every one
+        // after it.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.run())).is_err() {
+            tracing::error!("a request's completion panicked");
+        }
     }
 }
+
+thread_local! {
+    static ON_COMPLETER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is an NBD disk's completer: what waits for an NBD
+/// disk's requests to be answered must not wait here.
+pub fn on_completer() -> bool {
+    ON_COMPLETER.get()
+}
+
+/// Requests a disk's sender keeps in flight at most: 512 at 5 ms a round
+/// trip is 100000 a second, and the oldest of a deep burst is answered
+/// well within any deadline (each request's clock starts when it is sent).
+const MOST_IN_FLIGHT: usize = 512;
 
 struct Pool {
     sessions: Vec<Arc<Session>>,
@@ -576,11 +596,11 @@ impl NbdDisk {
         r
     }
 
-    /// Sends one request without waiting for its answer; `then` runs with
-    /// the answer (an error: the connection failed, or the server is going
-    /// away) on the disk's completer thread, after the request is counted
-    /// out. A request that fails so breaks the disk, as in
-    /// [`NbdDisk::exchange`].
+    /// Sends one request without waiting for its answer (once fewer than
+    /// [`MOST_IN_FLIGHT`] are); `then` runs with the answer (an error: the
+    /// connection failed, or the server is going away) on the disk's
+    /// completer thread, after the request is counted out. A request that
+    /// fails so breaks the disk, as in [`NbdDisk::exchange`].
     pub fn send_then(
         &self,
         (kind, flags, offset, len, data): Ask<'_>,
@@ -588,6 +608,13 @@ impl NbdDisk {
     ) {
         let lent = {
             let mut pool = self.lock();
+            while pool.lent >= MOST_IN_FLIGHT && pool.broken.is_none() {
+                pool = self
+                    .lender
+                    .returned
+                    .wait(pool)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
             match (&pool.broken, pool.sessions.is_empty()) {
                 (Some(why), _) => Err(self.broken(why)),
                 (None, true) => Err(self.broken("no connection")),
@@ -600,7 +627,12 @@ impl NbdDisk {
         };
         let (session, epoch) = match lent {
             Ok(l) => l,
-            Err(e) => return then(Err(e)),
+            // Run by the completer too, never by the sender: what runs
+            // then may wait (a failure report).
+            Err(e) => {
+                let _ = self.finished.send(Finished::new(then, Err(e)));
+                return;
+            }
         };
         let lender = self.lender.clone();
         let counted: Box<dyn FnOnce(io::Result<Answer>) + Send> = Box::new(move |answer| {

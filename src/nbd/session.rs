@@ -126,6 +126,11 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// `then` with `answer`, for the thread that runs it.
+    pub fn new(then: Then, answer: io::Result<Answer>) -> Finished {
+        Finished { then, answer }
+    }
+
     pub fn run(self) {
         (self.then)(self.answer)
     }
@@ -138,6 +143,20 @@ impl Finished {
 enum Reply {
     Wait(Sender<io::Result<Answer>>),
     Then(Sender<Finished>, Option<Then>),
+}
+
+/// A request dropped unanswered (a path that forgot to answer it) still
+/// runs what waits for its answer, with an error: a continuation left
+/// unrun would leave its request counted in for good.
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Reply::Then(_, Some(_)) = self {
+            self.give(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the request was dropped unanswered",
+            )));
+        }
+    }
 }
 
 impl Reply {
@@ -723,9 +742,11 @@ impl Reader {
         let mut p = removed.ok_or_else(|| self.inner.failure())?;
         if p.kind == proto::CMD_READ && errno == 0 {
             if self.inner.structured {
-                return Err(bad(
+                let e = bad(
                     "the server answered a read with a simple reply after agreeing to structured replies",
-                ));
+                );
+                fail(&mut p, &e);
+                return Err(e);
             }
             let mut data = p
                 .data
@@ -1132,6 +1153,28 @@ mod tests {
         for (what, script) in cases {
             let e = read_answered(script).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}: {e}");
+            // Sent with a continuation, it runs with the error, on the
+            // thread that empties the channel (before, a simple reply to
+            // a read dropped it unrun).
+            let dir = tempfile::tempdir().unwrap();
+            let (s, server) = scripted(dir.path(), script);
+            let (to, finished) = crossbeam_channel::unbounded::<Finished>();
+            let (tx, rx) = std::sync::mpsc::channel();
+            s.send_then(
+                (proto::CMD_READ, 0, 4096, 1024, &[]),
+                &to,
+                Box::new(move |a| {
+                    let _ = tx.send(a.map(|_| ()));
+                }),
+            );
+            finished
+                .recv_timeout(Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("{what}: the continuation came"))
+                .run();
+            let e = rx.recv().unwrap().unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}: {e}");
+            drop(s);
+            server.join().unwrap();
         }
     }
 

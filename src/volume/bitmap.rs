@@ -362,10 +362,11 @@ impl DiskBitmap {
         }
     }
 
-    /// The job of [`DiskBitmap::when_durable`]: writes out until nothing
-    /// waits.
-    fn write_for_waiters(&self) {
-        loop {
+    /// The job of [`DiskBitmap::when_durable`]: writes out what is waited
+    /// for, runs the waiters, and goes to the back of the pool's queue while
+    /// more wait (a far disk's bits never hold a waiting thread for good).
+    fn write_for_waiters(self: Arc<Self>) {
+        {
             let need = {
                 let mut w = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
                 match w.list.iter().map(|(n, _)| *n).max() {
@@ -397,6 +398,7 @@ impl DiskBitmap {
                 });
             }
         }
+        super::engine::off_thread(Box::new(move || self.write_for_waiters()));
     }
 
     /// Ends writes to `regions` that [`DiskBitmap::mark`] began.
@@ -758,6 +760,13 @@ fn finish_mark(
     } else {
         marks.iter().map(wait).collect()
     };
+    // The write goes once a disk it is not deferred on has its bits: then
+    // a crash before the deferred ones are durable finds the region dirty
+    // there. With none, it does not go at all.
+    let anchored = marks
+        .iter()
+        .zip(&outcomes)
+        .any(|(m, o)| !m.deferred && o.is_ok());
     let mut marked = Marked(Vec::with_capacity(marks.len()));
     let mut first_error = None;
     for (m, outcome) in marks.into_iter().zip(outcomes) {
@@ -772,7 +781,8 @@ fn finish_mark(
         }
     }
     match first_error {
-        Some(e) if marked.0.is_empty() => Err(e),
+        // `marked` lets the deferred regions go when dropped.
+        Some(e) if !anchored => Err(e),
         _ => Ok(IntentGuard::new((marked, ticket)).with_deferred(deferred)),
     }
 }
@@ -807,11 +817,22 @@ impl WriteIntent for BitmapSet {
         merged
     }
 
+    /// Blocks until every disk's bits are durable, the deferred ones too
+    /// (a caller of `mark` does not wait for them itself).
     fn mark(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<IntentGuard> {
-        match self.begin(plexes, offset, len)? {
-            Begun::Ready(g) => Ok(g),
-            Begun::Pending { wait, .. } => wait(),
+        let mut guard = match self.begin(plexes, offset, len)? {
+            Begun::Ready(g) => g,
+            Begun::Pending { wait, .. } => wait()?,
+        };
+        for bits in guard.take_deferred() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            bits(Box::new(move |r| {
+                let _ = tx.send(r);
+            }));
+            rx.recv()
+                .unwrap_or_else(|_| Err(io::Error::other("a write-intent bit writer went away")))?;
         }
+        Ok(guard)
     }
 
     fn begin(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> io::Result<Begun> {
@@ -828,10 +849,12 @@ impl WriteIntent for BitmapSet {
         // A write-behind plex's bits are not waited for: its write waits
         // for them on its own, and the client's answer stands on the
         // others (whose bits cover the write until it lands there).
-        let anchored = plexes
-            .iter()
-            .any(|p| p.mode() == crate::volume::engine::Mode::InSync && !p.is_write_mostly());
         let disks = self.read();
+        let anchored = plexes.iter().any(|p| {
+            p.mode() == crate::volume::engine::Mode::InSync
+                && !p.is_write_mostly()
+                && disks.contains_key(&p.disk)
+        });
         // Bits first, in memory, on every disk; then every disk that must
         // write them out does so at once (a cold region costs one bitmap
         // write and flush, not one per disk in turn).
@@ -887,6 +910,86 @@ mod tests {
 
     fn pass(b: &DiskBitmap) -> u64 {
         b.clear_idle(false, &|_| false).unwrap()
+    }
+
+    /// A near plex and a write-behind far one, each with a bitmap on a
+    /// disk of its own that can fail or hang.
+    fn near_and_far() -> (
+        BitmapSet,
+        Vec<Arc<EnginePlex>>,
+        [Arc<crate::disk::faulty::FaultyDisk>; 2],
+    ) {
+        use crate::disk::faulty::FaultyDisk;
+        use crate::volume::engine::Mode;
+        use crate::volume::queue::DiskQueue;
+        let layout = Layout::for_member(0, 64 * MIB).unwrap();
+        let set = BitmapSet::default();
+        let mut plexes = Vec::new();
+        let mut disks = Vec::new();
+        for i in 0..2 {
+            let faulty = Arc::new(FaultyDisk::new(Arc::new(MemDisk::new(64 * MIB))));
+            let disk: Arc<dyn Disk> = faulty.clone();
+            let uuid = Uuid::new_v4();
+            let b = DiskBitmap::load(disk.clone(), &layout, MIB, 1).unwrap().0;
+            set.insert(uuid, Arc::new(b));
+            let queue = DiskQueue::start(
+                &format!("d{i}"),
+                disk,
+                1,
+                std::time::Duration::from_secs(10),
+            );
+            let plex = EnginePlex::new(uuid, queue, layout.data_offset(), Mode::InSync);
+            if i == 1 {
+                plex.set_write_mostly(true);
+                plex.set_write_behind(8);
+            }
+            plexes.push(Arc::new(plex));
+            disks.push(faulty);
+        }
+        let [near, far]: [Arc<FaultyDisk>; 2] = disks.try_into().unwrap();
+        (set, plexes, [near, far])
+    }
+
+    fn begun(set: &BitmapSet, plexes: &[Arc<EnginePlex>]) -> io::Result<IntentGuard> {
+        match set.begin(plexes, 0, 4096)? {
+            Begun::Ready(g) => Ok(g),
+            Begun::Pending { wait, .. } => wait(),
+        }
+    }
+
+    /// The far plex's bits are not waited for: the write goes once the
+    /// near bits are durable, and what waits for the far ones runs once
+    /// they are (its disk hung meanwhile).
+    #[test]
+    fn a_write_behind_plexs_bits_are_waited_for_by_its_write_alone() {
+        let (set, plexes, [_near, far]) = near_and_far();
+        far.hang();
+        let mut guard = begun(&set, &plexes).unwrap();
+        let far_bits = set.get(plexes[1].disk).unwrap();
+        assert_eq!(far_bits.writes.load(Ordering::Relaxed), 0);
+        let mut deferred = guard.take_deferred();
+        assert_eq!(deferred.len(), 1, "the far plex's bits");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let bits = far_bits.clone();
+        (deferred.pop().unwrap())(Box::new(move |r| {
+            let _ = tx.send(r.map(|()| bits.writes.load(Ordering::Relaxed)));
+        }));
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err()
+        );
+        far.release();
+        let written = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert!(written.unwrap() > 0, "durable before what waited ran");
+    }
+
+    /// When no disk but the deferred ones could take the bits, the write
+    /// does not go: nothing durable would cover it after a crash.
+    #[test]
+    fn a_write_whose_only_durable_bits_would_be_deferred_ones_fails() {
+        let (set, plexes, [near, _far]) = near_and_far();
+        near.fail_writes(0..64 * MIB);
+        assert!(begun(&set, &plexes).is_err());
     }
 
     #[test]

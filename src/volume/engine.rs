@@ -167,6 +167,14 @@ impl IntentGuard {
         self.deferred = deferred;
         self
     }
+
+    /// What waits for the deferred bits, taken out of the guard.
+    pub fn take_deferred(&mut self) -> Vec<Deferred> {
+        std::mem::take(&mut self.deferred)
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect()
+    }
 }
 
 /// Runs `job` on one of the threads that wait for write-intent bits.
@@ -952,15 +960,45 @@ impl MirrorVolume {
 
     /// Flushes every writable plex.
     pub fn submit_flush(self: &Arc<Self>, run: Run, done: Done<()>) {
+        self.flush_with(run, false, done)
+    }
+
+    /// A client's flush: answered once every plex that does not write
+    /// behind is flushed. A write-behind plex's flush goes on behind, as
+    /// its writes do (answered before they land there): its failure fails
+    /// the plex. Without another in-sync plex, or a write-intent bitmap, it
+    /// waits for every plex, as [`Engine::submit_flush`] (what `serve`
+    /// does before it stops) always does.
+    pub fn submit_client_flush(self: &Arc<Self>, run: Run, done: Done<()>) {
+        self.flush_with(run, true, done)
+    }
+
+    fn flush_with(self: &Arc<Self>, run: Run, client: bool, done: Done<()>) {
         self.foreground.fetch_add(1, Ordering::Relaxed);
         let targets: Vec<Arc<EnginePlex>> = self
             .plexes()
             .into_iter()
             .filter(|p| p.mode() != Mode::Out)
             .collect();
-        let ops = targets.iter().map(|_| Op::Flush).collect();
+        let anchored = client
+            && self.intent.get().is_some()
+            && targets
+                .iter()
+                .any(|p| p.mode() == Mode::InSync && !p.is_write_mostly());
+        let (behind, now): (Vec<_>, Vec<_>) = targets
+            .into_iter()
+            .partition(|p| anchored && p.writes_behind());
+        if !behind.is_empty() {
+            let ops = behind.iter().map(|_| Op::Flush).collect();
+            let this = self.clone();
+            self.fan_out(behind, ops, Run::Queued, move |results| {
+                // Its client was answered already; a failure fails the plex.
+                let _ = this.settle_writes(results, "flush", 0);
+            });
+        }
+        let ops = now.iter().map(|_| Op::Flush).collect();
         let this = self.clone();
-        self.fan_out(targets, ops, run, move |results| {
+        self.fan_out(now, ops, run, move |results| {
             done(this.settle_writes(results, "flush", 0))
         });
     }

@@ -527,6 +527,15 @@ impl DiskQueue {
         q
     }
 
+    /// Whether its data requests go to an NBD export's sender.
+    fn nbd_sender(&self) -> bool {
+        self.disk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|d| d.as_nbd_disk().is_some())
+    }
+
     /// The backend its data requests run on.
     pub fn engine(&self) -> IoEngine {
         if self.ring.get().is_some() {
@@ -856,6 +865,16 @@ impl DiskQueue {
             // cannot wait for itself.
             if w.thread().id() != me {
                 let _ = w.join();
+            }
+        }
+        // An NBD export's sender has sent what was queued; their answers
+        // come on other threads: waited for (within the deadline), so that
+        // closing the disk does not cut off writes the server is doing.
+        // Not on the completer, which brings those answers.
+        if self.nbd_sender() && !crate::disk::nbd::on_completer() {
+            let started = Instant::now();
+            while self.pending() > 0 && started.elapsed() < self.timeout() {
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
     }

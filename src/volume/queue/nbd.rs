@@ -16,7 +16,13 @@
 //! write-zeroes where the export takes them, each of at most one NBD
 //! request. The rest (longer transfers, FUA without the flag, health
 //! checks) goes on to the workers, which run it as before; metadata keeps
-//! its own lane. The queue's
+//! its own lane. At most 512 requests are in flight on the export (the
+//! sender waits for room); a queue that stops waits, within its deadline,
+//! for the answers still owed. The completer runs one completion at a
+//! time, as an io_uring disk's ring thread does: one that waits (a
+//! failure report waits for the group's config commit) holds up the
+//! disk's others meanwhile, never the answers of the config write itself,
+//! which wait on their own tickets. The queue's
 //! bookkeeping is the same as a worker's: a request that timed out while
 //! queued is never sent, and one answered after the watchdog gave up on it
 //! finds its ticket already completed.
