@@ -197,3 +197,109 @@ fn the_readme_walk_through_runs_as_written() {
         String::from_utf8_lossy(&fsck.stdout)
     );
 }
+
+/// The block after `<!-- netns walk-through` in the README.
+fn netns_walk_through(readme: &str) -> String {
+    let mut lines = readme.lines();
+    lines
+        .by_ref()
+        .find(|l| l.starts_with("<!-- netns walk-through"))
+        .expect("the README has a netns walk-through");
+    assert_eq!(lines.next(), Some("```sh"));
+    lines
+        .take_while(|l| *l != "```")
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The README's mirror across two network namespaces runs as written, with
+/// a namespace, veth names and a /30 of this process's own: the writes
+/// made while the link is cut get no error, the far disk comes back by
+/// itself, and afterwards the far image alone holds every write.
+#[test]
+fn the_readme_walk_through_across_two_namespaces_runs_as_written() {
+    if !is_root() {
+        skip_or_fail("the namespace walk-through needs root (ip netns)");
+        return;
+    }
+    for tool in ["ip", "qemu-nbd", "qemu-io", "nbdinfo"] {
+        if !have_tool(tool) {
+            skip_or_fail(&format!("the namespace walk-through needs {tool}"));
+            return;
+        }
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let pid = std::process::id();
+    let (ns, near, far) = (
+        format!("mwt-{pid}"),
+        format!("mwn{pid}"),
+        format!("mwf{pid}"),
+    );
+    let net = format!("172.{}.{}.", 16 + pid % 16, (pid / 16) % 63 * 4);
+    let block = netns_walk_through(&readme)
+        .replace("mirror-far", &ns)
+        .replace("mvnear0", &near)
+        .replace("mvfar0", &far)
+        .replace("10.77.0.", &net);
+    let sb = Sandbox::new();
+    let home = sb.path("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_mirrorvol"));
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = format!(
+        "set -euo pipefail\ntrap 'exit 143' TERM\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n{block}\n"
+    );
+    let (out_file, err_file) = (sb.path("walk.out"), sb.path("walk.err"));
+    let status = Command::new("timeout")
+        .args(["180", "bash", "-c", &script])
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(std::fs::File::create(&err_file).unwrap())
+        .env("HOME", &home)
+        .env("PATH", path)
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
+        .status()
+        .expect("timeout(1) and bash");
+    // What the block made, by the names given it.
+    let _ = Command::new("ip").args(["link", "del", &near]).output();
+    let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+    let stdout = std::fs::read_to_string(&out_file).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_file).unwrap_or_default();
+    assert!(
+        status.success(),
+        "the namespace walk-through failed ({status}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    assert!(stdout.contains("exit 3: degraded"), "{stdout}");
+    assert!(
+        stdout.contains("resynced 48 MiB (50331648 bytes) of volume data onto nbd://"),
+        "only what was written while away: {stdout}"
+    );
+    // The far image alone: the write before the cut and the one made
+    // while the link was down.
+    let dir = home.join("mirrorvol-far");
+    let copy = sb.path("far-alone.bin");
+    let copied = Command::new(&bin)
+        .args(["copy", "vol:data", &copy.display().to_string()])
+        .current_dir(&dir)
+        .env("MIRRORVOL_DISKS", "far.img")
+        .env("MIRRORVOL_RUN_DIR", sb.path("run"))
+        .env("MIRRORVOL_HOST_ID_FILE", sb.path("host-id"))
+        .output()
+        .unwrap();
+    assert!(
+        copied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    let got = std::fs::read(&copy).unwrap();
+    assert!(got[..16 << 20].iter().all(|&b| b == 1), "the first write");
+    assert!(
+        got[16 << 20..48 << 20].iter().all(|&b| b == 2),
+        "the write made while the link was cut"
+    );
+}
