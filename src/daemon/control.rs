@@ -384,6 +384,9 @@ pub struct ControlSocket {
     /// when its path is gone (removed by hand, or by a cleaner of the run
     /// directory): a connection to the path can no longer reach it.
     waker: Option<UnixListener>,
+    /// (device, inode) of the socket file it bound: a path that another
+    /// serve has bound since (ours removed meanwhile) is left to it.
+    bound: Option<(u64, u64)>,
 }
 
 /// Handles one request from a caller.
@@ -500,6 +503,7 @@ impl ControlSocket {
             stop,
             thread: Some(thread),
             waker,
+            bound: file_id(path),
         })
     }
 
@@ -511,6 +515,14 @@ impl ControlSocket {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// (device, inode) of the file at `path`, if there is one.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Reads one request from a connection and writes the answer.
@@ -551,6 +563,12 @@ impl Drop for ControlSocket {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        // Its files go with it, unless another serve has bound the path
+        // since (they are that one's now).
+        match (file_id(&self.path), self.bound) {
+            (Some(now), Some(bound)) if now != bound => return,
+            _ => {}
+        }
         let _ = std::fs::remove_file(&self.path);
         for f in &self.remove {
             let _ = std::fs::remove_file(f);
@@ -561,6 +579,28 @@ impl Drop for ControlSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket whose path another serve has bound since (the first one's
+    /// removed under it) leaves that path, and the files it would remove,
+    /// to the other: before, it removed them as it stopped.
+    #[test]
+    fn a_control_socket_leaves_a_path_another_has_bound_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        let pid = dir.path().join("c.pid");
+        let handler: Handler = Arc::new(|_, _| Response::from_error(&Error::refused("no")));
+        let mut first = ControlSocket::bind(&path, handler.clone()).unwrap();
+        first.remove_with(pid.clone());
+        std::fs::remove_file(&path).unwrap();
+        let second = ControlSocket::bind(&path, handler).unwrap();
+        std::fs::write(&pid, b"2").unwrap();
+        drop(first);
+        assert!(path.exists(), "the second socket's path stays");
+        assert!(pid.exists(), "so do the files it goes with");
+        assert!(UnixStream::connect(&path).is_ok());
+        drop(second);
+        assert!(!path.exists());
+    }
 
     /// A control socket whose path was removed under it (a cleaner of the
     /// run directory) still lets serve stop: it hung in the join before.
