@@ -952,8 +952,11 @@ impl MirrorVolume {
             let after = this.clone();
             this.fan_out_after(now, ops, run, &mut deferred, move |results| {
                 let r = after.settle_writes(results, "write", offset);
-                done(r);
+                // Let go of this half before answering: once the client
+                // has its answer and `behind()` is 0, the bits and the
+                // range are let go (as on the path without write-behind).
                 end_half();
+                done(r);
             });
         });
     }
