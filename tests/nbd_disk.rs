@@ -1915,3 +1915,94 @@ fn a_disk_with_a_deadline_of_its_own_is_waited_for_that_long() {
     });
     serving.stop();
 }
+
+/// An export asked where its holes are (NBD_CMD_BLOCK_STATUS,
+/// `base:allocation`): qemu-nbd over a sparse file says hole (reads as
+/// zeroes) up to the first MiB written, data over it, hole after.
+#[test]
+fn an_export_says_where_its_holes_are() {
+    if !tools() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let file = image(&sb, 16);
+    let sock = sb.path("nbd.sock");
+    let _server = QemuNbd::unix(&file, &sock, &[]);
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let d = NbdDisk::open(&uri, TIMEOUT).unwrap();
+    assert_eq!(d.extent_at(0, 16 << 20).unwrap(), (false, 16 << 20));
+    d.write_at(&pattern(1 << 20, 5), 4 << 20).unwrap();
+    d.flush().unwrap();
+    assert_eq!(d.extent_at(0, 16 << 20).unwrap(), (false, 4 << 20));
+    assert_eq!(d.extent_at(4 << 20, 12 << 20).unwrap(), (true, 1 << 20));
+    assert_eq!(d.extent_at(5 << 20, 11 << 20).unwrap(), (false, 11 << 20));
+    // Asked for less than the extent: that much.
+    assert_eq!(d.extent_at(4 << 20, 4096).unwrap(), (true, 4096));
+}
+
+/// The bytes read from the data area of an export (from `from` on), as
+/// nbdkit's log of it says.
+fn read_from(log: &Path, from: u64) -> u64 {
+    let hex = |l: &str, key: &str| {
+        let at = l.find(key).unwrap() + key.len();
+        let end = l[at..].find(' ').map_or(l.len(), |e| at + e);
+        u64::from_str_radix(l[at..end].trim_start_matches("0x"), 16).unwrap()
+    };
+    logged(log, "Read")
+        .iter()
+        .filter(|l| hex(l, "offset=") >= from)
+        .map(|l| hex(l, "count="))
+        .sum()
+}
+
+/// A resync whose only source is an NBD export asks it where its holes
+/// are and reads only its data: repairing a 40 MiB mirror that holds 4 MiB
+/// onto a new local disk reads those 4 MiB from the export's data area,
+/// not 40 (before: 40), and the new copy alone holds the volume.
+#[test]
+fn a_resync_from_an_export_reads_only_where_it_holds_data() {
+    if !have_tool("nbdkit") {
+        return skip_or_fail("nbdkit is not installed");
+    }
+    let sb = Sandbox::new();
+    let local = sb.image("a.img", 64);
+    let spare = sb.image("c.img", 64);
+    let remote = image(&sb, 64);
+    let (_kit, uri, log) = Nbdkit::start(
+        &sb,
+        &[],
+        &["file".to_string(), remote.display().to_string()],
+    );
+    let disks = format!("{local},{uri},{spare}");
+    sb.mv_on(&disks, &["init", &local, &uri, &spare, "--style", "raw"])
+        .ok();
+    sb.mv_on(
+        &disks,
+        &[
+            "create", "data", "--size", "40M", "--mirror", "--disk", &local, "--disk", &uri,
+        ],
+    )
+    .ok();
+    let (src, want) = sb.data_file("in.bin", 4 << 20, 6);
+    sb.mv_on(&disks, &["copy", &src, "vol:data"]).ok();
+    sb.mv_on(&disks, &["fail", &local]).ok();
+    // The plex's data area starts after the metadata, at 8 MiB.
+    let before = read_from(&log, 8 << 20);
+    let out = sb.mv_on(&disks, &["repair", "data"]).ok().stdout;
+    assert!(out.contains("c.img"), "{out}");
+    let read = read_from(&log, 8 << 20) - before;
+    assert!(
+        (4 << 20..=8 << 20).contains(&read),
+        "read {read} bytes of the export's data area for 4 MiB written"
+    );
+    assert!(
+        !logged(&log, "Extents").is_empty(),
+        "block status was asked"
+    );
+    let copy = sb.p("c-only.bin");
+    sb.mv_on(&spare, &["copy", "vol:data", &copy]).ok();
+    let got = std::fs::read(&copy).unwrap();
+    assert_eq!(got.len(), 40 << 20);
+    assert!(got[..4 << 20] == want[..], "the data, from the export");
+    assert!(got[4 << 20..].iter().all(|&b| b == 0), "zeroes after it");
+}

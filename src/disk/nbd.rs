@@ -851,6 +851,37 @@ impl Disk for NbdDisk {
         self.write_zeroes(offset, len)
     }
 
+    /// Asks the export (NBD_CMD_BLOCK_STATUS, `base:allocation`, one
+    /// extent) where its holes are, when the server agreed to say: a hole
+    /// is what reads as zeroes (`NBD_STATE_ZERO`; a hole alone may not).
+    /// A server that cannot tell, or answers with an error, says data.
+    fn extent_at(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let knows = self.lock().sessions.iter().all(|s| s.knows_allocation());
+        if !knows || len == 0 {
+            return Ok((true, len.max(1)));
+        }
+        let end = offset.saturating_add(len).min(self.size);
+        if end <= offset {
+            return Ok((true, len.max(1)));
+        }
+        let n = (end - offset).min(u64::from(proto::MAX_REQUEST)) as u32;
+        let answers = self.exchange(&[(
+            proto::CMD_BLOCK_STATUS,
+            proto::CMD_FLAG_REQ_ONE,
+            offset,
+            n,
+            &[],
+        )])?;
+        let a = &answers[0];
+        match a.extents.first() {
+            Some(&(bytes, flags)) if a.errno == 0 => {
+                let bytes = bytes.clamp(1, u64::from(n));
+                Ok((flags & proto::STATE_ZERO == 0, bytes))
+            }
+            _ => Ok((true, u64::from(n))),
+        }
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.can(proto::FLAG_SEND_TRIM) {
             return self.ranged(proto::CMD_TRIM, 0, offset, len);

@@ -31,7 +31,14 @@ pub struct Client {
     ///
     /// [`Session`]: super::session::Session
     structured: bool,
+    /// The id the server gave the `base:allocation` metadata context,
+    /// when it agreed to it (structured replies only): block status
+    /// requests may then ask where the export's holes are.
+    allocation: Option<u32>,
 }
+
+/// The metadata context that says where an export's holes are.
+const ALLOCATION: &str = "base:allocation";
 
 fn bad(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
@@ -130,15 +137,22 @@ impl Client {
             flags: 0,
             next_handle: 1,
             structured: false,
+            allocation: None,
         };
         c.handshake(export, structured, tls)?;
         Ok(c)
     }
 
     /// The connection and what the handshake settled: (socket, size,
-    /// flags, structured replies).
-    pub(super) fn into_parts(self) -> (Conn, u64, u16, bool) {
-        (self.sock, self.size, self.flags, self.structured)
+    /// flags, structured replies, the `base:allocation` context's id).
+    pub(super) fn into_parts(self) -> (Conn, u64, u16, bool, Option<u32>) {
+        (
+            self.sock,
+            self.size,
+            self.flags,
+            self.structured,
+            self.allocation,
+        )
     }
 
     /// Sends option `opt` with `data`.
@@ -213,6 +227,9 @@ impl Client {
                     "the server never answered the option for structured replies",
                 ));
             }
+            if self.structured {
+                self.allocation = self.set_allocation_context(export)?;
+            }
         }
         self.option(proto::OPT_GO, &data)?;
 
@@ -254,6 +271,39 @@ impl Client {
         self.size = size;
         self.flags = flags;
         Ok(())
+    }
+
+    /// `NBD_OPT_SET_META_CONTEXT` for `base:allocation` on `export`: the
+    /// id the server gave it, or None when it refused the option or chose
+    /// no context (block status is then not asked; every byte counts as
+    /// data).
+    fn set_allocation_context(&mut self, export: &str) -> io::Result<Option<u32>> {
+        let mut data = Vec::with_capacity(8 + export.len() + 4 + ALLOCATION.len());
+        data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&1u32.to_be_bytes());
+        data.extend_from_slice(&(ALLOCATION.len() as u32).to_be_bytes());
+        data.extend_from_slice(ALLOCATION.as_bytes());
+        self.option(proto::OPT_SET_META_CONTEXT, &data)?;
+        let mut id = None;
+        // One REP_META_CONTEXT per context chosen (one asked), then ACK;
+        // or an error, which leaves block status unused.
+        for _ in 0..16 {
+            let (kind, body) = self.option_reply(proto::OPT_SET_META_CONTEXT)?;
+            match kind {
+                proto::REP_META_CONTEXT
+                    if body.len() >= 4 && &body[4..] == ALLOCATION.as_bytes() =>
+                {
+                    id = Some(be_u32(&body[0..4]));
+                }
+                proto::REP_ACK => return Ok(id),
+                k if k & (1 << 31) != 0 => return Ok(None),
+                _ => {}
+            }
+        }
+        Err(bad(
+            "the server never finished answering the option for metadata contexts",
+        ))
     }
 
     /// `NBD_OPT_STARTTLS`, then the TLS handshake; the rest of the

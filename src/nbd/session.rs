@@ -43,6 +43,9 @@ pub struct Answer {
     pub errno: u32,
     /// A successful read's bytes.
     pub data: Option<Vec<u8>>,
+    /// A block status's extents of `base:allocation`: (length, flags),
+    /// in order from the request's offset.
+    pub extents: Vec<(u64, u32)>,
 }
 
 /// A request sent and not yet answered: [`Ticket::wait`] for its answer.
@@ -85,6 +88,8 @@ struct Inner {
     /// The reader thread has stopped.
     reader_done: std::sync::atomic::AtomicBool,
     structured: bool,
+    /// The `base:allocation` context's id, when the server agreed to it.
+    allocation: Option<u32>,
     /// How long a request may wait for its answer: nanoseconds.
     timeout: std::sync::atomic::AtomicU64,
     size: u64,
@@ -109,6 +114,8 @@ struct Pending {
     data: Option<Vec<u8>>,
     /// The ranges (offset within the request, length) its chunks covered.
     covered: Vec<(u64, u64)>,
+    /// A block status's extents, as they came.
+    extents: Vec<(u64, u32)>,
     /// The first error a chunk reported.
     errno: u32,
     /// Its waiter was failed already (the connection was abandoned).
@@ -180,6 +187,10 @@ fn bad(what: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.into())
 }
 
+/// The longest block status chunk taken: 64 Ki extents (a server may
+/// answer a long range with many).
+const MAX_STATUS: u32 = 4 + 8 * 65536;
+
 /// The longest non-data structured chunk a reply may carry: an error's
 /// message is at most 4096 bytes by the specification.
 const MAX_CHUNK: u32 = 4096 + 64;
@@ -189,7 +200,7 @@ impl Session {
     /// `timeout` for the server (an older one unanswered ends the
     /// connection).
     pub fn start(client: Client, timeout: Duration) -> io::Result<Session> {
-        let (sock, size, flags, structured) = client.into_parts();
+        let (sock, size, flags, structured, allocation) = client.into_parts();
         // The reader wakes this often to see whether a request is overdue.
         let tick = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let reading = sock.try_clone()?;
@@ -210,6 +221,7 @@ impl Session {
             }),
             reader_done: std::sync::atomic::AtomicBool::new(false),
             structured,
+            allocation,
             timeout: std::sync::atomic::AtomicU64::new(nanos(timeout)),
             size,
             flags,
@@ -240,6 +252,13 @@ impl Session {
     /// Whether the handshake negotiated structured replies.
     pub fn structured(&self) -> bool {
         self.inner.structured
+    }
+
+    /// Whether the server agreed to say where the export's holes are
+    /// (`base:allocation`): an NBD_CMD_BLOCK_STATUS is answered with its
+    /// extents in [`Answer::extents`].
+    pub fn knows_allocation(&self) -> bool {
+        self.inner.allocation.is_some()
     }
 
     /// Requests sent and not yet answered.
@@ -327,6 +346,7 @@ impl Session {
                     sent: Instant::now(),
                     data,
                     covered: Vec::new(),
+                    extents: Vec::new(),
                     errno: 0,
                     failed_early: false,
                     reply,
@@ -818,6 +838,38 @@ impl Reader {
                 let p = state.get(handle)?;
                 p.covered.push((rel, n));
             }
+            proto::REPLY_TYPE_BLOCK_STATUS => {
+                // Context id, then descriptors of (length, flags).
+                if req_kind != proto::CMD_BLOCK_STATUS
+                    || length < 12
+                    || !(length - 4).is_multiple_of(8)
+                    || length > MAX_STATUS
+                {
+                    return Err(bad(format!(
+                        "the server sent a block status chunk of {length} bytes for a request of type {req_kind}"
+                    )));
+                }
+                let mut body = vec![0u8; length as usize];
+                self.fill(&mut body, false)?;
+                // Only the context asked for is kept (a server may send
+                // others it was asked for on another connection: none here).
+                if Some(be_u32(&body[0..4])) == self.inner.allocation {
+                    let mut state = self.inner.lock();
+                    let p = state.get(handle)?;
+                    if !p.extents.is_empty() {
+                        return Err(bad(
+                            "the server sent two block status chunks for one context",
+                        ));
+                    }
+                    for d in body[4..].chunks_exact(8) {
+                        let n = u64::from(be_u32(&d[0..4]));
+                        if n == 0 {
+                            return Err(bad("the server sent a block status extent of no bytes"));
+                        }
+                        p.extents.push((n, be_u32(&d[4..8])));
+                    }
+                }
+            }
             proto::REPLY_TYPE_NONE => {
                 if length != 0 || flags & proto::REPLY_FLAG_DONE == 0 {
                     return Err(bad("the server sent a malformed NONE chunk"));
@@ -908,7 +960,12 @@ fn finish(mut p: Pending, errno: u32) {
         return;
     }
     let data = if errno == 0 { p.data.take() } else { None };
-    p.reply.give(Ok(Answer { errno, data }));
+    let extents = std::mem::take(&mut p.extents);
+    p.reply.give(Ok(Answer {
+        errno,
+        data,
+        extents,
+    }));
 }
 
 fn no_answer(timeout: Duration) -> io::Error {
@@ -1040,6 +1097,17 @@ mod tests {
                         .unwrap();
                     break;
                 }
+                if opt == proto::OPT_SET_META_CONTEXT {
+                    // base:allocation, as context 7.
+                    let mut ctx = 7u32.to_be_bytes().to_vec();
+                    ctx.extend_from_slice(b"base:allocation");
+                    c.write_all(&proto::encode_option_reply(
+                        opt,
+                        proto::REP_META_CONTEXT,
+                        &ctx,
+                    ))
+                    .unwrap();
+                }
                 c.write_all(&proto::encode_option_reply(opt, proto::REP_ACK, &[]))
                     .unwrap();
             }
@@ -1086,6 +1154,47 @@ mod tests {
         drop(s);
         server.join().unwrap();
         r
+    }
+
+    fn status_chunk(handle: u64, context: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+        let mut p = context.to_be_bytes().to_vec();
+        for (n, f) in extents {
+            p.extend_from_slice(&n.to_be_bytes());
+            p.extend_from_slice(&f.to_be_bytes());
+        }
+        chunk(1, proto::REPLY_TYPE_BLOCK_STATUS, handle, &p)
+    }
+
+    /// The handshake agrees to `base:allocation` (context 7 here), and a
+    /// block status answer carries its extents; those of a context not
+    /// asked for are left out; a block status chunk answering a read, or
+    /// an extent of no bytes, ends the connection.
+    #[test]
+    fn a_block_status_answer_carries_the_extents_of_base_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, server) = scripted(dir.path(), |h, _| {
+            let mut out = status_chunk(h, 9, &[(512, 0)]);
+            out[5] = 0; // flags: not the last chunk
+            out.extend(status_chunk(h, 7, &[(4096, 3), (8192, 0)]));
+            out
+        });
+        assert!(s.knows_allocation());
+        let a = s.call(proto::CMD_BLOCK_STATUS, 0, 0, 65536, &[]).unwrap();
+        assert_eq!(a.errno, 0);
+        assert_eq!(a.extents, [(4096, 3), (8192, 0)]);
+        drop(s);
+        server.join().unwrap();
+
+        let e = read_answered(|h, _| status_chunk(h, 7, &[(1024, 0)])).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let (s, server) = scripted(dir.path(), |h, _| status_chunk(h, 7, &[(0, 0)]));
+        let e = s
+            .call(proto::CMD_BLOCK_STATUS, 0, 0, 65536, &[])
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        drop(s);
+        server.join().unwrap();
     }
 
     #[test]

@@ -304,7 +304,8 @@ pub fn resync(
 /// A chunk's write to the target, in flight.
 struct Inflight {
     write: std::sync::mpsc::Receiver<Outcome>,
-    buf: Arc<AlignedBuf>,
+    /// The data read (none for a hole).
+    buf: Option<Arc<AlignedBuf>>,
     start: u64,
     end: u64,
 }
@@ -328,7 +329,7 @@ fn settle(
         })?;
     progress.done.fetch_add(f.end - f.start, Ordering::Relaxed);
     progress.position.store(f.end, Ordering::Relaxed);
-    if let Ok(b) = Arc::try_unwrap(f.buf) {
+    if let Some(Ok(b)) = f.buf.map(Arc::try_unwrap) {
         pool.push(b);
     }
     Ok(())
@@ -358,6 +359,26 @@ fn start_chunk(
             offset: pos,
             error: io::Error::other("the plex left service during the resync"),
         });
+    }
+    // Where every in-sync plex has a hole (a sparse file's, an NBD
+    // export's block status), the chunk reads as zeroes: the target gets
+    // them without the source being read.
+    let hole = volume
+        .allocation(pos, n as u64)
+        .is_ok_and(|e| matches!(e[..], [(bytes, true)] if bytes >= n as u64));
+    if hole {
+        return Ok(submit_write(
+            target,
+            Op::WriteZeroes {
+                offset: target.offset + pos,
+                len: n as u64,
+                fua: false,
+                keep: false,
+            },
+            None,
+            hold,
+            pos..pos + n as u64,
+        ));
     }
     let buf = match pool.pop() {
         Some(b) if b.capacity() >= n => b,
@@ -406,6 +427,24 @@ fn start_chunk(
             fua: false,
         }
     };
+    Ok(submit_write(
+        target,
+        op,
+        Some(buf),
+        hold,
+        pos..pos + n as u64,
+    ))
+}
+
+/// Submits a chunk's write to the target; `hold` (its range) is let go
+/// once the write completes.
+fn submit_write(
+    target: &EnginePlex,
+    op: Op,
+    buf: Option<Arc<AlignedBuf>>,
+    hold: impl Send + 'static,
+    range: std::ops::Range<u64>,
+) -> Inflight {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Outcome>(1);
     target.queue.submit(
         op,
@@ -415,12 +454,12 @@ fn start_chunk(
             let _ = tx.send(o);
         }),
     );
-    Ok(Inflight {
+    Inflight {
         write: rx,
         buf,
-        start: pos,
-        end: pos + n as u64,
-    })
+        start: range.start,
+        end: range.end,
+    }
 }
 
 fn flush_target(target: &EnginePlex, pos: u64) -> Result<(), ResyncError> {

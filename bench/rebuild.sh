@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Rebuild cost against what a volume holds: `add-mirror` of a 4 GiB volume on
+# a sparse image file holding 64 MiB, against the same volume full, and
+# against dd copying the 64 MiB (issue 13's rebuild targets: <= 0.05x the
+# full one, >= 0.8x dd). The resync skips chunks where every in-sync plex
+# has a hole (SEEK_DATA on files, block status on NBD exports).
+#   bash bench/rebuild.sh [--runs N] [--dir DIR] [--gib N] [--written-mib N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=3
+dir=/var/tmp
+gib=4
+written=64
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --runs) runs=$2; shift 2 ;;
+    --dir) dir=$2; shift 2 ;;
+    --gib) gib=$2; shift 2 ;;
+    --written-mib) written=$2; shift 2 ;;
+    *) echo "usage: $0 [--runs N] [--dir DIR] [--gib N] [--written-mib N]" >&2; exit 2 ;;
+    esac
+done
+cargo build --release --quiet
+mv_bin=$PWD/target/release/mirrorvol
+work=$(mktemp -d "$dir/mv-rebuild.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+export MIRRORVOL_RUN_DIR=$work/run MIRRORVOL_HOST_ID_FILE=$work/host-id
+# Room for the metadata (8 MiB), the checksum area and the tail.
+disk_mib=$((gib * 1024 + gib * 2 + 16))
+{ yes mirrorvol-rebuild || true; } | head -c $((gib << 30)) >full.bin
+head -c $((written << 20)) full.bin >part.bin
+
+now() { date +%s.%N; }
+
+# One run: a new group, a volume holding $1, add-mirror timed; prints seconds.
+rebuild() {
+    rm -f a.img b.img
+    truncate -s "${disk_mib}M" a.img b.img
+    export MIRRORVOL_DISKS=$work/a.img,$work/b.img
+    "$mv_bin" init a.img b.img --style raw >/dev/null
+    "$mv_bin" create v --size "${gib}G" --disk a.img >/dev/null
+    "$mv_bin" copy "$1" vol:v >/dev/null 2>&1
+    sync
+    echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+    local t0 t1
+    t0=$(now)
+    "$mv_bin" add-mirror v --disk b.img >/dev/null 2>&1
+    t1=$(now)
+    echo "$t1 - $t0" | bc -l
+}
+
+ddcopy() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+    local t0 t1
+    t0=$(now)
+    dd if=a.img of=c.img bs=4M count=$((written / 4)) skip=2 seek=2 \
+        iflag=direct oflag=direct conv=notrunc status=none
+    t1=$(now)
+    echo "$t1 - $t0" | bc -l
+}
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+
+declare -a sparse full dds ratio_full ratio_dd
+for i in $(seq 1 "$runs"); do
+    s=$(rebuild part.bin)
+    f=$(rebuild full.bin)
+    truncate -s "${disk_mib}M" c.img
+    d=$(ddcopy)
+    rm -f c.img
+    sparse+=("$s") full+=("$f") dds+=("$d")
+    ratio_full+=("$(echo "$s / $f" | bc -l)")
+    ratio_dd+=("$(echo "$d / $s" | bc -l)")
+    printf 'run %d: holding %d MiB %.3f s, full %.3f s, dd of %d MiB %.3f s\n' \
+        "$i" "$written" "$s" "$f" "$written" "$d"
+done
+ms=$(printf '%s\n' "${sparse[@]}" | median)
+mf=$(printf '%s\n' "${full[@]}" | median)
+md=$(printf '%s\n' "${dds[@]}" | median)
+rf=$(printf '%s\n' "${ratio_full[@]}" | median)
+rd=$(printf '%s\n' "${ratio_dd[@]}" | median)
+printf 'add-mirror of a %d GiB volume: holding %d MiB %.3f s, full %.3f s, dd of the %d MiB %.3f s (medians of %d runs)\n' \
+    "$gib" "$written" "$ms" "$mf" "$written" "$md" "$runs"
+printf 'holding/full %.3fx (target <= 0.05x); dd/holding %.2fx (target >= 0.8x), medians of the per-run ratios\n' \
+    "$rf" "$rd"
