@@ -30,6 +30,8 @@ fn each_engine_serves_fio_verify_and_status_names_it() {
                 "--iodepth=16",
                 "--size=32M",
                 "--verify=crc32c",
+                // No verify state file left in the working directory.
+                "--verify_state_save=0",
                 "--do_verify=1",
                 "--randrepeat=0",
             ])
