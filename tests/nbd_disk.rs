@@ -1570,8 +1570,11 @@ fn a_remote_disk_lost_before_serve_restarts_is_reconnected_by_the_next_serve() {
 
 /// A hot spare leaves a remote disk being reconnected alone for
 /// --remote-spare-delay: a server back within it keeps its plex (resynced
-/// from the bitmaps, the spare unused); one that stays away longer has its
-/// plex rebuilt onto the spare.
+/// from the bitmaps, the spare unused), also when it is back after the
+/// last attempt the backoff made before the delay ended (attempts 1, 3, 7
+/// and 15 s after the loss: back at 9 s of 12, it is tried once more at
+/// 12 s before the spare takes over; before, the spare took it); one that
+/// stays away longer has its plex rebuilt onto the spare.
 #[test]
 fn a_hot_spare_waits_for_a_remote_disk_being_reconnected() {
     if !tools() || !have_tool("qemu-io") {
@@ -1583,16 +1586,19 @@ fn a_hot_spare_waits_for_a_remote_disk_being_reconnected() {
     let disks = format!("{},{spare}", r.disks);
     sb.mv_on(&disks, &["init", &spare, "--style", "raw", "--spare"])
         .ok();
-    let (serving, served) = Serving::start(&sb, &disks, &["--remote-spare-delay", "4"]);
+    let (serving, served) = Serving::start(&sb, &disks, &["--remote-spare-delay", "12"]);
     let spare_is_spare = |st: &serde_json::Value| common::disk(st, &spare)["spare"] == true;
 
-    // Back within the delay: the spare stays a spare.
+    // Back within the delay, after the backoff's last attempt in it: the
+    // spare stays a spare.
     drop(r.server.take());
+    let lost = Instant::now();
     qemu_io(&served, &["write -P 0x5a 0 1M"]);
     let st = wait_status_on(&sb, &disks, 30, "the export is failed", |st| {
         common::disk(st, &r.uri)["state"] == "failed"
     });
     assert!(spare_is_spare(&st), "{st:#}");
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(lost.elapsed()));
     r.server = Some(QemuNbd::unix(&r.remote, &r.sock, &[]));
     let st = wait_status_on(&sb, &disks, 60, "the export is back in sync", |st| {
         common::volume(st, "data")["state"] == "healthy"
@@ -1611,7 +1617,7 @@ fn a_hot_spare_waits_for_a_remote_disk_being_reconnected() {
     });
     let took = lost.elapsed();
     assert!(
-        took >= Duration::from_secs(4),
+        took >= Duration::from_secs(12),
         "the spare waited the delay, took over after {took:?}"
     );
     assert!(!spare_is_spare(&st), "{st:#}");

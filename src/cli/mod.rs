@@ -610,8 +610,9 @@ pub enum Command {
         remote_return: String,
         /// A remote disk that lost its connection (or was not reached at
         /// start) keeps its plexes this long while it is reconnected before
-        /// a hot spare takes them over; 0: at once. One that answers but is
-        /// refused (not the disk that left) is replaced at once.
+        /// a hot spare takes them over (after one more attempt when it
+        /// ends); 0: at once. One that answers but is refused (not the
+        /// disk that left) is replaced at once.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         remote_spare_delay: u64,
         /// NBD connections open at once; one more is closed when accepted.

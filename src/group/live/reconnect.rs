@@ -74,6 +74,8 @@ pub(super) struct Away {
     missing: bool,
     /// Hot spares were looked for once its grace ended.
     spares_asked: bool,
+    /// The attempt made when its grace ended was started.
+    last_chance: bool,
     /// Times in a row it was lost again soon after it came back.
     flaps: u32,
 }
@@ -99,6 +101,7 @@ impl Away {
             back: false,
             missing,
             spares_asked: false,
+            last_chance: false,
             flaps,
         }
     }
@@ -439,19 +442,32 @@ impl Controller {
         let g = &self.group;
         self.away
             .retain(|u, a| a.trying || (g.config.disk(*u).is_some() && !g.is_online(*u)));
-        // A disk's grace ended: a hot spare may take its plexes now.
+        // A disk's grace ended: a hot spare may take its plexes now, once
+        // one more attempt failed (the backoff may have made the last one
+        // long before the end: a server back at 8 s of a 10 s grace is
+        // tried at 15 s) or showed it is not the disk that left.
         let delay = self.spare_delay;
+        let now = Instant::now();
         let mut graced = false;
         for a in self.away.values_mut() {
-            if !a.spares_asked && a.since.elapsed() >= delay {
-                a.spares_asked = true;
-                graced = true;
+            if a.spares_asked || a.since.elapsed() < delay {
+                continue;
             }
+            let decided = a.refused.is_some() || a.back || delay.is_zero();
+            if !decided && a.trying {
+                continue;
+            }
+            if !decided && !a.last_chance {
+                a.last_chance = true;
+                a.next = now;
+                continue;
+            }
+            a.spares_asked = true;
+            graced = true;
         }
         if graced {
             self.use_spares();
         }
-        let now = Instant::now();
         let due: Vec<Uuid> = self
             .away
             .iter()
@@ -568,11 +584,17 @@ impl Controller {
     }
 
     /// The remote disks whose plexes no hot spare takes yet: being
-    /// reconnected (not refused), lost less than the spare delay ago.
+    /// reconnected (not refused), in their grace (lost less than the spare
+    /// delay ago) or in the attempt made when it ended.
     pub(super) fn spare_waits_for(&self) -> Vec<Uuid> {
         self.away
             .iter()
-            .filter(|(_, a)| a.refused.is_none() && a.since.elapsed() < self.spare_delay)
+            .filter(|(_, a)| {
+                // Without reconnection (not under serve) nothing ends
+                // the last chance: the grace alone counts.
+                let tried = self.remote_return.is_some() && !a.spares_asked;
+                a.refused.is_none() && (a.since.elapsed() < self.spare_delay || tried)
+            })
             .map(|(u, _)| *u)
             .collect()
     }
