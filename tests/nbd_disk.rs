@@ -2012,3 +2012,42 @@ fn a_resync_from_an_export_reads_only_where_it_holds_data() {
     assert!(got[..4 << 20] == want[..], "the data, from the export");
     assert!(got[4 << 20..].iter().all(|&b| b == 0), "zeroes after it");
 }
+
+/// Where a volume holds data is asked of its local plexes first: a read
+/// long enough to be checked for holes (1 MiB) where the local plex holds
+/// data sends no block status to the far export; one in a hole asks it
+/// too (a hole must be a hole on every plex), and reads as zeroes.
+#[test]
+fn a_read_where_the_local_plex_holds_data_asks_the_far_export_nothing() {
+    if !have_tool("nbdkit") || !have_tool("qemu-io") {
+        return skip_or_fail("nbdkit or qemu-io is not installed");
+    }
+    let sb = Sandbox::new();
+    let local = sb.image("a.img", 64);
+    let remote = image(&sb, 64);
+    let (_kit, uri, log) = Nbdkit::start(
+        &sb,
+        &[],
+        &["file".to_string(), remote.display().to_string()],
+    );
+    let disks = format!("{local},{uri}");
+    sb.mv_on(&disks, &["init", &local, &uri, "--style", "raw"])
+        .ok();
+    sb.mv_on(&disks, &["create", "data", "--size", "16M", "--mirror"])
+        .ok();
+    let (serving, served) = Serving::start(&sb, &disks, &[]);
+    qemu_io(&served, &["write -P 0x3c 0 2M"]);
+    let asked = logged(&log, "Extents").len();
+    qemu_io(&served, &["read -P 0x3c 0 1M", "read -P 0x3c 1M 1M"]);
+    assert_eq!(
+        logged(&log, "Extents").len(),
+        asked,
+        "the local plex's data answered"
+    );
+    qemu_io(&served, &["read -P 0 8M 1M"]);
+    assert!(
+        logged(&log, "Extents").len() > asked,
+        "a hole is asked of every plex"
+    );
+    serving.stop();
+}

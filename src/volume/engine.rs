@@ -1191,16 +1191,23 @@ impl MirrorVolume {
     /// covering `len` bytes or a first part of them. A range is a hole only
     /// where every in-sync plex has one (then every plex that may serve a
     /// read there returns zeroes); a plex whose disk cannot tell, or fails
-    /// to, counts as data. Asks the disks directly (`lseek`), not through
-    /// their queues.
+    /// to, counts as data. Asks the disks directly (`lseek`, an NBD
+    /// export's block status), not through their queues: local disks
+    /// first, and an export only where they all have a hole (data on one
+    /// plex is data, wherever the others are: a read or resync on a volume
+    /// with a far plex pays its round trip only to confirm a hole). Each
+    /// disk is asked again only past the extent it last answered.
     pub fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
         self.check(offset, len)?;
-        let disks: Vec<(Arc<dyn Disk>, u64)> = self
+        let mut disks: Vec<(Arc<dyn Disk>, u64)> = self
             .plexes()
             .iter()
             .filter(|p| p.mode() == Mode::InSync)
             .filter_map(|p| p.queue.disk().map(|d| (d, p.offset)))
             .collect();
+        disks.sort_by_key(|(d, _)| d.as_nbd_disk().is_some());
+        // Per disk, its last answer: data or not, up to where.
+        let mut known: Vec<Option<(bool, u64)>> = vec![None; disks.len()];
         if disks.is_empty() {
             return Err(eio(format!(
                 "volume {} has no in-sync plex to ask where its data is",
@@ -1216,10 +1223,23 @@ impl MirrorVolume {
             }
             let mut run = end - pos;
             let mut data = false;
-            for (disk, base) in &disks {
-                let (is_data, n) = disk.extent_at(base + pos, run).unwrap_or((true, run));
-                data |= is_data;
-                run = run.min(n.max(1));
+            for ((disk, base), known) in disks.iter().zip(known.iter_mut()) {
+                let (is_data, until) = match *known {
+                    Some((d, until)) if until > pos => (d, until),
+                    _ => {
+                        let left = end - pos;
+                        let (d, n) = disk.extent_at(base + pos, left).unwrap_or((true, left));
+                        *known = Some((d, pos + n.clamp(1, left)));
+                        (d, pos + n.clamp(1, left))
+                    }
+                };
+                if is_data {
+                    // Data here is data, whatever the others hold.
+                    data = true;
+                    run = until - pos;
+                    break;
+                }
+                run = run.min(until - pos);
             }
             push_run(&mut out, run, !data);
             pos += run;
