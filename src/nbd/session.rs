@@ -1187,12 +1187,44 @@ mod tests {
 
         let e = read_answered(|h, _| status_chunk(h, 7, &[(1024, 0)])).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        type Script = fn(u64, u64) -> Vec<u8>;
+        let bad: [(&str, Script); 4] = [
+            ("an extent of no bytes", |h, _| {
+                status_chunk(h, 7, &[(0, 0)])
+            }),
+            ("half a descriptor", |h, _| {
+                let mut out = status_chunk(h, 7, &[(512, 0)]);
+                out[19] -= 4; // length 8: the context and half of one
+                out.truncate(out.len() - 4);
+                out
+            }),
+            ("no descriptor", |h, _| status_chunk(h, 7, &[])),
+            ("two chunks for one context", |h, _| {
+                let mut out = status_chunk(h, 7, &[(512, 0)]);
+                out[5] = 0;
+                out.extend(status_chunk(h, 7, &[(512, 0)]));
+                out
+            }),
+        ];
+        for (what, script) in bad {
+            let dir = tempfile::tempdir().unwrap();
+            let (s, server) = scripted(dir.path(), script);
+            let e = s
+                .call(proto::CMD_BLOCK_STATUS, 0, 0, 65536, &[])
+                .unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}: {e}");
+            drop(s);
+            server.join().unwrap();
+        }
+        // An error chunk is the answer: no extents.
         let dir = tempfile::tempdir().unwrap();
-        let (s, server) = scripted(dir.path(), |h, _| status_chunk(h, 7, &[(0, 0)]));
-        let e = s
-            .call(proto::CMD_BLOCK_STATUS, 0, 0, 65536, &[])
-            .unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        let (s, server) = scripted(dir.path(), |h, _| {
+            let mut p = proto::EINVAL.to_be_bytes().to_vec();
+            p.extend_from_slice(&0u16.to_be_bytes());
+            chunk(1, proto::REPLY_TYPE_ERROR, h, &p)
+        });
+        let a = s.call(proto::CMD_BLOCK_STATUS, 0, 0, 65536, &[]).unwrap();
+        assert_eq!((a.errno, a.extents.len()), (proto::EINVAL, 0));
         drop(s);
         server.join().unwrap();
     }

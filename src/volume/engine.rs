@@ -1191,21 +1191,51 @@ impl MirrorVolume {
     /// covering `len` bytes or a first part of them. A range is a hole only
     /// where every in-sync plex has one (then every plex that may serve a
     /// read there returns zeroes); a plex whose disk cannot tell, or fails
-    /// to, counts as data. Asks the disks directly (`lseek`, an NBD
-    /// export's block status), not through their queues: local disks
-    /// first, and an export only where they all have a hole (data on one
-    /// plex is data, wherever the others are: a read or resync on a volume
-    /// with a far plex pays its round trip only to confirm a hole). Each
-    /// disk is asked again only past the extent it last answered.
+    /// to, counts as data; so does a plex on an NBD export (asking it
+    /// would put a round trip, and a far server's stall, in front of a
+    /// client's read or block status: see [`MirrorVolume::allocation_asking_exports`]).
+    /// Asks the disks directly (`lseek`), not through their queues.
     pub fn allocation(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        self.allocation_with(offset, len, false)
+    }
+
+    /// [`MirrorVolume::allocation`], asking NBD exports too (block status,
+    /// with the disk's deadline; a failure breaks that disk as any failed
+    /// request does), for a resync: local disks first, and an export only
+    /// where they all have a hole (data on one plex is data, wherever the
+    /// others are), so its round trip is paid only to confirm a hole.
+    pub fn allocation_asking_exports(&self, offset: u64, len: u64) -> io::Result<Vec<(u64, bool)>> {
+        self.allocation_with(offset, len, true)
+    }
+
+    fn allocation_with(
+        &self,
+        offset: u64,
+        len: u64,
+        exports: bool,
+    ) -> io::Result<Vec<(u64, bool)>> {
         self.check(offset, len)?;
-        let mut disks: Vec<(Arc<dyn Disk>, u64)> = self
+        let in_sync: Vec<Arc<EnginePlex>> = self
             .plexes()
-            .iter()
+            .into_iter()
             .filter(|p| p.mode() == Mode::InSync)
-            .filter_map(|p| p.queue.disk().map(|d| (d, p.offset)))
             .collect();
+        let mut disks: Vec<(Arc<dyn Disk>, u64)> = Vec::with_capacity(in_sync.len());
+        for p in &in_sync {
+            match p.queue.disk() {
+                Some(d) if exports || d.as_nbd_disk().is_none() => disks.push((d, p.offset)),
+                // Not asked (an export), or no disk to ask (its queue
+                // closed under it): data, as a disk that cannot tell.
+                _ => {
+                    let mut out = Vec::new();
+                    push_run(&mut out, len, false);
+                    return Ok(out);
+                }
+            }
+        }
         disks.sort_by_key(|(d, _)| d.as_nbd_disk().is_some());
+        // Each disk is asked again only past the extent it last answered:
+        // its last answer, data or not, up to where.
         // Per disk, its last answer: data or not, up to where.
         let mut known: Vec<Option<(bool, u64)>> = vec![None; disks.len()];
         if disks.is_empty() {

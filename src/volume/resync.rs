@@ -364,7 +364,7 @@ fn start_chunk(
     // export's block status), the chunk reads as zeroes: the target gets
     // them without the source being read.
     let hole = volume
-        .allocation(pos, n as u64)
+        .allocation_asking_exports(pos, n as u64)
         .is_ok_and(|e| matches!(e[..], [(bytes, true)] if bytes >= n as u64));
     if hole {
         return Ok(submit_write(

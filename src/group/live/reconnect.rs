@@ -455,6 +455,9 @@ impl Controller {
             }
             let decided = a.refused.is_some() || a.back || delay.is_zero();
             if !decided && a.trying {
+                // An attempt under way when the grace ends is its last
+                // chance.
+                a.last_chance = true;
                 continue;
             }
             if !decided && !a.last_chance {
@@ -592,7 +595,8 @@ impl Controller {
             .filter(|(_, a)| {
                 // Without reconnection (not under serve) nothing ends
                 // the last chance: the grace alone counts.
-                let tried = self.remote_return.is_some() && !a.spares_asked;
+                let tried =
+                    self.remote_return.is_some() && !a.spares_asked && !self.spare_delay.is_zero();
                 a.refused.is_none() && (a.since.elapsed() < self.spare_delay || tried)
             })
             .map(|(u, _)| *u)
