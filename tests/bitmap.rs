@@ -159,7 +159,36 @@ fn a_crash_at_every_write_and_flush_leaves_equal_plexes_with_every_flushed_write
         .iter()
         .map(|p| g.members[&p.disk].path.clone())
         .collect();
+    let layouts: Vec<mirrorvol::format::Layout> = g
+        .volume("m")
+        .unwrap()
+        .plexes
+        .iter()
+        .map(|p| g.members[&p.disk].label.layout)
+        .collect();
     drop(g);
+    // Every block of a plex that holds anything but zeroes is in its
+    // disk's written map as the crash left it: a written bit is durable
+    // before the first write to its region reaches the disk.
+    let written_covers = |seed: u64, cut_at: u64| {
+        for (i, path) in order.iter().enumerate() {
+            let disk: Arc<dyn mirrorvol::disk::Disk> =
+                Arc::new(mirrorvol::disk::FileDisk::open(path, Default::default()).unwrap());
+            let layout = &layouts[i];
+            let (map, _) =
+                mirrorvol::volume::bitmap::DiskBitmap::load(disk, layout, 4096, 0).unwrap();
+            assert!(map.has_written_map());
+            let base = offsets[i] - layout.data_offset();
+            let data = read_range(path, offsets[i], VOL as usize);
+            for (k, block) in data.chunks(4096).enumerate() {
+                let at = base + k as u64 * 4096;
+                assert!(
+                    block.iter().all(|&x| x == 0) || map.any_written(at, at + 4096),
+                    "seed {seed}, cut at op {cut_at}: block {k} of plex {i} holds data its written map lacks"
+                );
+            }
+        }
+    };
     let mut cuts = 0;
     for seed in [1u64, 2] {
         let mut cut_at = 0;
@@ -168,9 +197,11 @@ fn a_crash_at_every_write_and_flush_leaves_equal_plexes_with_every_flushed_write
             for (p, img) in paths.iter().zip(&crashed) {
                 fs::write(p, img).unwrap();
             }
+            written_covers(seed, cut_at);
             let mut g = assemble(&paths);
             g.start_bitmaps().unwrap();
             drop(g);
+            written_covers(seed, cut_at);
             let plex = |i: usize| read_range(&order[i], offsets[i], VOL as usize);
             let (a, b) = (plex(0), plex(1));
             assert!(a == b, "seed {seed}, cut at op {cut_at}: plexes differ");
@@ -374,4 +405,61 @@ fn a_refused_command_on_a_degraded_mirror_writes_nothing_to_any_disk() {
     let before = mtimes();
     refused_unchanged(&sb, &["extend", "nothing", "--size", "32M"], "nothing");
     assert_eq!(mtimes(), before, "a refused command wrote to a disk");
+}
+
+/// The `written` of volume `data` in a status report, in bytes.
+#[track_caller]
+fn written_of(s: &serde_json::Value) -> u64 {
+    volume(s, "data")["written"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no written in {s:#}"))
+}
+
+/// A TRIM, or zeroes a client lets become holes, return the regions they
+/// cover whole to unwritten; zeroes the client wants kept allocated
+/// (NO_HOLE) leave them written. The written map says so at once under
+/// `serve`, on the disks after a clean stop, and a rebuild copies only
+/// what is left written.
+#[test]
+fn trimmed_regions_become_unwritten_and_stay_so() {
+    if !serve::tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    serve::mirror_group(&sb, 64, 32);
+    let s = serve::Served::start(&sb, &[], &[]);
+    let uri = s.uri("data");
+    serve::qemu_io(&uri, &["write -P 0x5a 0 8M"]);
+    assert_eq!(written_of(&serve::status(&sb)), 8 * MIB);
+    // Whole regions (64 KiB) only: 2 MiB and the 64 KiB inside a sliver.
+    serve::qemu_io(&uri, &["discard 0 2M", "discard 6143k 66k"]);
+    assert_eq!(written_of(&serve::status(&sb)), 6 * MIB - 64 * 1024);
+    serve::qemu_io(&uri, &["write -z 2M 1M"]);
+    assert_eq!(written_of(&serve::status(&sb)), 6 * MIB - 64 * 1024);
+    serve::qemu_io(&uri, &["write -z -u 3M 1M"]);
+    assert_eq!(written_of(&serve::status(&sb)), 5 * MIB - 64 * 1024);
+    serve::qemu_io(
+        &uri,
+        &[
+            "read -P 0 0 4M",
+            "read -P 0x5a 4M 2047k",
+            "read -P 0 6143k 66k",
+            "read -P 0x5a 6209k 1983k",
+        ],
+    );
+    let (code, err) = s.stop();
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(written_of(&serve::status(&sb)), 5 * MIB - 64 * 1024);
+    // A rebuild copies what is left written, and zeroes the rest.
+    sb.mv(&["fail", &sb.p("disks/a.img")]).ok();
+    sb.image("c.img", 64);
+    sb.mv(&["init", &sb.p("disks/c.img")]).ok();
+    let out = sb.mv(&["repair", "data"]).ok().stdout;
+    assert!(out.contains("c.img"), "{out}");
+    sb.mv(&["fail", &sb.p("disks/b.img")]).ok();
+    let got = sb.read_volume("data");
+    let mut want = vec![0u8; 32 << 20];
+    want[4 << 20..8 << 20].fill(0x5a);
+    want[(6 << 20) - 1024..(6 << 20) + 65 * 1024].fill(0);
+    assert!(got == want, "the volume from the rebuilt copy alone");
 }

@@ -3,7 +3,7 @@
 //! mirror across a GPT and an MBR disk, and a simple volume on a raw disk,
 //! each filled with a pattern that names its sectors.
 //!
-//! The v2 and v3 images come from `generate_format_images` below (ignored; run it
+//! The v2, v3 and v4 images come from `generate_format_images` below (ignored; run it
 //! with `MIRRORVOL_COMPAT_OUT=tests/data cargo test --test compat --
 //! --ignored generate` on a build whose FORMAT_VERSION is the new one).
 
@@ -12,6 +12,9 @@ mod common;
 use common::*;
 use std::fs;
 use std::process::Command;
+
+/// The format version this build writes, as `examine --json` shows it.
+const CURRENT: u64 = mirrorvol::format::FORMAT_VERSION as u64;
 
 /// The pattern the v1 images were filled with: each 512-byte sector repeats
 /// "mirrorvol v1 NAME sector NNNNNNNN\n".
@@ -115,11 +118,11 @@ fn a_v1_disk_is_raised_to_the_current_version_when_first_written() {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["generation"], serde_json::Value::Null, "{v:#}");
     assert_eq!(v["claim"]["state"], "absent", "{v:#}");
-    // The first change writes the claim: every disk of the group says 3
-    // from then on (a v1 or v2 build refuses them).
+    // The first change writes the claim: every disk of the group says the
+    // current version from then on (an older build refuses them).
     sb.mv(&["delete", "simple"]).ok();
     for style in ["gpt", "mbr", "raw"] {
-        assert_eq!(label_version(&sb, &format!("v1-{style}.img")), 3);
+        assert_eq!(label_version(&sb, &format!("v1-{style}.img")), CURRENT);
     }
     let (data, bytes) = sb.data_file("w.bin", 1 << 20, 7);
     sb.mv(&["copy", &data, "vol:mirror"]).ok();
@@ -204,7 +207,7 @@ fn a_v2_group_takes_a_hot_spare_and_repairs_onto_it() {
         sector_pattern_of(2, "mirror", 2 << 20)
     );
     for style in ["gpt", "mbr", "raw"] {
-        assert_eq!(label_version(&sb, &format!("v2-{style}.img")), 3);
+        assert_eq!(label_version(&sb, &format!("v2-{style}.img")), CURRENT);
     }
 }
 
@@ -228,6 +231,8 @@ fn format_v3_images_open_with_their_generation_and_a_released_claim() {
         assert!(v["generation"]["counter"].as_u64() >= Some(1), "{v:#}");
     }
     assert_eq!(volume(&s, "mirror")["state"], "healthy");
+    // No written map before format 4: what is written is not known.
+    assert!(volume(&s, "mirror").get("written").is_none(), "{s:#}");
     assert_eq!(
         sb.read_volume("mirror"),
         sector_pattern_of(3, "mirror", 2 << 20)
@@ -241,6 +246,45 @@ fn format_v3_images_open_with_their_generation_and_a_released_claim() {
     assert_eq!(
         sb.read_volume("mirror"),
         sector_pattern_of(3, "mirror", 2 << 20)
+    );
+}
+
+#[test]
+fn format_v4_images_open_with_their_written_maps() {
+    let sb = Sandbox::new();
+    unpack(&sb, 4);
+    let s = sb.status();
+    for style in ["gpt", "mbr", "raw"] {
+        assert_eq!(disk(&s, &format!("v4-{style}.img"))["state"], "online");
+        assert_eq!(label_version(&sb, &format!("v4-{style}.img")), 4);
+    }
+    // The mirror was written whole (2 MiB): its map says so, on each disk.
+    assert_eq!(volume(&s, "mirror")["state"], "healthy");
+    assert_eq!(volume(&s, "mirror")["written"], 2u64 << 20, "{s:#}");
+    for style in ["gpt", "mbr"] {
+        let r = sb
+            .mv_plain(&["examine", &sb.p(&format!("disks/v4-{style}.img")), "--json"])
+            .ok();
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(v["written"]["bytes"], 2u64 << 20, "{v:#}");
+        assert_eq!(v["written"]["region_size"], 64u64 << 10, "{v:#}");
+    }
+    assert_eq!(
+        sb.read_volume("mirror"),
+        sector_pattern_of(4, "mirror", 2 << 20)
+    );
+    assert_eq!(
+        sb.read_volume("simple"),
+        sector_pattern_of(4, "simple", 1 << 20)
+    );
+    // A new mirror of the simple volume copies what its map holds.
+    let extra = sb.image("d.img", 16);
+    sb.mv(&["init", &extra, "--controller", "c3"]).ok();
+    sb.mv(&["add-mirror", "simple", "--disk", &extra]).ok();
+    sb.mv(&["fail", &sb.p("disks/v4-raw.img")]).ok();
+    assert_eq!(
+        sb.read_volume("simple"),
+        sector_pattern_of(4, "simple", 1 << 20)
     );
 }
 

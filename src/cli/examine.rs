@@ -74,6 +74,15 @@ pub fn examine(path: &Path, json: bool) -> Result<()> {
         Ok(Read::Empty) => json!({ "state": "absent" }),
         Err(e) => json!({ "state": "damaged", "damaged": e.to_string() }),
     };
+    let written = match crate::format::written::read(&disk, layout) {
+        Ok(Read::Good(w)) => json!({
+            "region_size": w.header.region_size,
+            "bytes": w.written_bytes(layout.data_size),
+        }),
+        Ok(Read::Damaged(why)) => json!({ "damaged": why }),
+        Ok(Read::Empty) => serde_json::Value::Null,
+        Err(e) => json!({ "damaged": e.to_string() }),
+    };
     let ok = |b: bool| if b { "ok" } else { "damaged" };
     let slot = |i: usize| match (slots.valid[i], slots.empty[i]) {
         (true, _) => "ok",
@@ -104,6 +113,7 @@ pub fn examine(path: &Path, json: bool) -> Result<()> {
         },
         "generation": generation,
         "claim": claim,
+        "written": written,
         "seqno": seqno,
         "config": config,
     });
@@ -143,6 +153,17 @@ pub fn examine(path: &Path, json: bool) -> Result<()> {
             "  data generation {} (id {})",
             g["counter"],
             g["id"].as_str().unwrap_or("?")
+        ),
+    }
+    match &report["written"] {
+        serde_json::Value::Null => {
+            outln!("  written map: none (format 3 or older: every region counts as written)")
+        }
+        w if w.get("damaged").is_some() => outln!("  written map: damaged ({})", w["damaged"]),
+        w => outln!(
+            "  written map: {} written, in regions of {}",
+            crate::group::ops::human_exact(w["bytes"].as_u64().unwrap_or(0)),
+            crate::group::ops::human(w["region_size"].as_u64().unwrap_or(0))
         ),
     }
     let c = &report["claim"];

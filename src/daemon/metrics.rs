@@ -631,6 +631,7 @@ mod tests {
                 waiting_on: Vec::new(),
                 scrub: None,
                 copy: None,
+                written: None,
             }],
             split_brain: Vec::new(),
         }

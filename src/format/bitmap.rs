@@ -79,12 +79,17 @@ pub enum BitmapError {
 /// for `wanted` (0: the default): `wanted`, or the next power of two that
 /// lets every region fit in the bitmap area.
 pub fn region_size_for(data_size: u64, wanted: u64) -> u64 {
+    region_size_within(data_size, wanted, MAX_REGIONS)
+}
+
+/// [`region_size_for`] for an area that holds at most `max_regions` bits.
+pub fn region_size_within(data_size: u64, wanted: u64, max_regions: u64) -> u64 {
     let mut r = if wanted == 0 {
         DEFAULT_REGION_SIZE
     } else {
         wanted
     };
-    while data_size.div_ceil(r) > MAX_REGIONS {
+    while data_size.div_ceil(r) > max_regions {
         r = (r + 1).next_power_of_two();
     }
     r
@@ -107,8 +112,14 @@ impl BitmapHeader {
     }
 
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_as(BITMAP_MAGIC)
+    }
+
+    /// The header block with `magic` (the written map's header has the
+    /// same fields, `since` unused).
+    pub fn encode_as(&self, magic: &[u8; 8]) -> Vec<u8> {
         let mut buf = vec![0u8; BITMAP_BLOCK as usize];
-        buf[..8].copy_from_slice(BITMAP_MAGIC);
+        buf[..8].copy_from_slice(magic);
         buf[8..12].copy_from_slice(&BITMAP_VERSION.to_le_bytes());
         buf[REGION..REGION + 8].copy_from_slice(&self.region_size.to_le_bytes());
         buf[REGIONS..REGIONS + 8].copy_from_slice(&self.regions.to_le_bytes());
@@ -120,13 +131,23 @@ impl BitmapHeader {
 
     /// `Ok(None)` for an all-zero header (no bitmap yet).
     pub fn decode(buf: &[u8]) -> Result<Option<BitmapHeader>, BitmapError> {
+        Self::decode_as(buf, BITMAP_MAGIC, MAX_REGIONS)
+    }
+
+    /// Decodes a header block of `magic` whose area holds at most
+    /// `max_regions` bits.
+    pub fn decode_as(
+        buf: &[u8],
+        magic: &[u8; 8],
+        max_regions: u64,
+    ) -> Result<Option<BitmapHeader>, BitmapError> {
         let buf = &buf[..HEADER_LEN];
         if buf.iter().all(|&b| b == 0) {
             return Ok(None);
         }
         let u64_at = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().expect("8"));
         let crc = u32::from_le_bytes(buf[CRC..HEADER_LEN].try_into().expect("4"));
-        if &buf[..8] != BITMAP_MAGIC || crc32c::crc32c(&buf[..CRC]) != crc {
+        if &buf[..8] != magic || crc32c::crc32c(&buf[..CRC]) != crc {
             return Err(BitmapError::BadChecksum);
         }
         let version = u32::from_le_bytes(buf[8..12].try_into().expect("4"));
@@ -141,7 +162,7 @@ impl BitmapHeader {
         if h.region_size < 4096 || !h.region_size.is_power_of_two() {
             return Err(BitmapError::Inconsistent("region size"));
         }
-        if h.regions > MAX_REGIONS {
+        if h.regions > max_regions {
             return Err(BitmapError::Inconsistent(
                 "more regions than the area holds",
             ));

@@ -8,7 +8,8 @@
 //!             │ label (primary), 4 KiB                       │
 //!  4 KiB ─────┼──────────────────────────────────────────────┤
 //!             │ state blocks (format 3: claim, generations,  │
-//!             │ see [`super::state`]); reserved, zero        │
+//!             │ see [`super::state`]); from 64 KiB the       │
+//!             │ written map (format 4, [`super::written`])   │
 //!  1 MiB ─────┼──────────────────────────────────────────────┤
 //!             │ config slot A, 1 MiB                         │
 //!  2 MiB ─────┼──────────────────────────────────────────────┤
@@ -101,6 +102,11 @@ impl Layout {
 
     pub fn bitmap_offset(&self) -> u64 {
         self.member_offset + BITMAP_OFFSET
+    }
+
+    /// Offset of the written map ([`super::written`]).
+    pub fn written_offset(&self) -> u64 {
+        self.member_offset + super::written::WRITTEN_OFFSET
     }
 
     pub fn data_offset(&self) -> u64 {

@@ -13,6 +13,7 @@ pub mod partition;
 pub mod probe;
 pub mod slot;
 pub mod state;
+pub mod written;
 
 pub use config::{DiskEntry, DiskState, GroupConfig, PlexEntry, PlexState, VolumeEntry};
 pub use label::Label;
@@ -35,13 +36,19 @@ pub use partition::Style;
 ///   anything of format 3 is first written to it: the claim of the first
 ///   command that writes, or the first bitmap or generation write.
 ///
+/// - 4: the written map ([`written`]) between the state blocks and config
+///   slot A, from 64 KiB (zero before). A disk of version 3 or older opens
+///   as it is, without a written map (every region counts as written), and
+///   is raised to 4 with its first bitmap write, so that an older build,
+///   which would write without setting the map's bits, refuses it.
+///
 /// Not bumped for the hot-spare mark (`DiskEntry::spare`): it is written
 /// only when true, so a group without spares keeps its exact config text,
 /// and an older build that meets it ignores it (serde keeps unknown fields
 /// out) and sees an ordinary empty disk: it may place a plex there and
 /// drops the mark at its next commit, but loses no data. Refusing the whole
 /// group to older builds for that would cost more than it saves.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 #[cfg(test)]
 mod test_tools;

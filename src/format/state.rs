@@ -9,7 +9,7 @@
 //!  8 KiB   generation slot 0 (even counters)                4 KiB
 //!  12 KiB  generation slot 1 (odd counters)                 4 KiB
 //!  16 KiB  reserved for the block-checksum state, zero     48 KiB
-//!  64 KiB  reserved, zero                            up to 1 MiB
+//!  64 KiB  the written map (format 4, see [`super::written`])   960 KiB
 //! ```
 //!
 //! Every block carries its meaning in its first 512 bytes (one sector, so

@@ -47,6 +47,69 @@ pub(super) fn to_volume(plex: &PlexEntry, size: u64, ranges: &[Range<u64>]) -> V
 }
 
 impl Group {
+    /// Bytes of volume `v` that some in-sync plex records as written in its
+    /// disk's written map; `None` when one of them cannot tell (its disk
+    /// has no written map, or cannot be read). From the bitmaps when they
+    /// are loaded; read from the disks only for a look at the group
+    /// (`status` without `serve`), never while the group runs (a hung disk
+    /// must not hold up its status).
+    pub(super) fn written_bytes(&self, v: &crate::format::VolumeEntry) -> Option<u64> {
+        if self.bitmaps.is_none() && !self.open.shared {
+            return None;
+        }
+        let mut ranges = Vec::new();
+        let mut any = false;
+        for p in &v.plexes {
+            if self.plex_state(p.disk, p.state) != "in-sync" {
+                continue;
+            }
+            let b = match self.bitmaps.as_ref().and_then(|set| set.get(p.disk)) {
+                Some(b) => b,
+                None => {
+                    let m = self.members.get(&p.disk)?;
+                    let (b, _) = DiskBitmap::load(
+                        m.disk.clone(),
+                        &m.label.layout,
+                        self.config.region_size,
+                        self.config.seqno,
+                    )
+                    .ok()?;
+                    Arc::new(b)
+                }
+            };
+            if !b.has_written_map() {
+                return None;
+            }
+            any = true;
+            let on_disk = b.written_ranges(p.offset, p.offset + v.size);
+            ranges.extend(to_volume(p, v.size, &on_disk));
+        }
+        any.then(|| merge(ranges).iter().map(|r| r.end - r.start).sum())
+    }
+
+    /// Without write-intent bitmaps no write sets a written bit: a group
+    /// run that way first wipes every disk's written map, so that all of
+    /// each disk counts as written from then on (a map left behind would
+    /// tell a later rebuild that regions written now hold zeroes).
+    pub fn forget_written_maps(&self) {
+        for m in self.members.values() {
+            let layout = &m.label.layout;
+            match crate::format::written::read(&*m.disk, layout) {
+                Ok(crate::format::state::Read::Empty) => continue,
+                Ok(_) => {}
+                // What cannot be read is not trusted when read later
+                // either: it is wiped all the same.
+                Err(_) => {}
+            }
+            let zero = vec![0u8; crate::format::bitmap::BITMAP_BLOCK as usize];
+            let disk: &dyn crate::disk::Disk = &*m.disk;
+            if let Err(e) = disk.write_all_then_flush(&[(layout.written_offset(), &zero[..])], true)
+            {
+                tracing::warn!(disk = %m.path.display(), error = %e, "cannot wipe the written map");
+            }
+        }
+    }
+
     /// Loads the bitmap of member `uuid` into `set` (warning when it is
     /// damaged; an older disk's labels are raised to the current format just
     /// before its first bit is written, so an older binary refuses the disk).

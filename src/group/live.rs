@@ -62,6 +62,9 @@ impl LiveGroup {
     /// Puts an assembled group in service: its controller, and an engine
     /// for every volume.
     pub fn start(group: Group, opts: EngineOptions) -> Arc<LiveGroup> {
+        if group.bitmaps.is_none() && !group.open.shared {
+            group.forget_written_maps();
+        }
         let engines = Arc::new(RwLock::new(Engines::default()));
         let events = Arc::new(OnceLock::new());
         let (tx, rx) = std::sync::mpsc::channel::<Job>();

@@ -118,6 +118,9 @@ impl Group {
             )
             .map_err(|e| Error::io(format!("cannot read the bitmap of {}", path.display()), e))?;
             bitmap.set_patient(disk.queue());
+            // Its written map starts empty: a plex is born zeroed (create)
+            // or filled by a resync that writes all of it.
+            bitmap.start_written_map(self.config.region_size);
             bitmap.persist_header().map_err(|e| {
                 Error::io(format!("cannot write the bitmap of {}", path.display()), e)
             })?;
@@ -705,6 +708,7 @@ impl Group {
         let chosen = self.choose_disks(name, copies, len, disks, &[])?;
         for (disk, offset) in &chosen {
             self.zero_extent(*disk, *offset, len)?;
+            self.forget_written(*disk, *offset, len)?;
         }
         self.config.volumes.push(VolumeEntry {
             name: name.to_string(),
@@ -725,6 +729,20 @@ impl Group {
         });
         self.commit()?;
         Ok(self.mirror_warnings(name))
+    }
+
+    /// Records a zeroed extent of a disk's data area as never written
+    /// (a plex that lay there before left its regions marked).
+    fn forget_written(&self, disk: Uuid, offset: u64, len: u64) -> Result<()> {
+        let Some(b) = self.bitmaps.as_ref().and_then(|set| set.get(disk)) else {
+            return Ok(());
+        };
+        b.clear_written(offset, offset + len).map_err(|e| {
+            Error::io(
+                format!("cannot write the written map of {}", self.disk_path(disk)),
+                e,
+            )
+        })
     }
 
     fn zero_extent(&self, disk: Uuid, offset: u64, len: u64) -> Result<()> {
@@ -1140,6 +1158,7 @@ impl Group {
                 )));
             }
             self.zero_extent(plex.disk, plex.offset + plex.length, extra)?;
+            self.forget_written(plex.disk, plex.offset + plex.length, extra)?;
         }
         let v = self.config.volume_mut(name).expect("checked");
         v.size = size;

@@ -116,11 +116,24 @@ pub(super) fn resynced_line(
     name: &str,
     path: &str,
     copied: u64,
+    zeroed: u64,
     plan: &ResyncPlan,
     why: &str,
 ) -> String {
     // Human units, with the exact count for scripts: "64 MiB (67108864 bytes)".
     let amount = super::ops::human_exact(copied);
+    let line = resynced_what(name, path, &amount, plan, why);
+    match zeroed.min(copied) {
+        0 => line,
+        z => format!(
+            "{line}; {} of it read and copied, {} never written (or a hole on every copy) given as zeroes",
+            super::ops::human(copied - z),
+            super::ops::human(z)
+        ),
+    }
+}
+
+fn resynced_what(name: &str, path: &str, amount: &str, plan: &ResyncPlan, why: &str) -> String {
     match (plan.full, plan.resumed_at) {
         (true, None) => {
             format!("resynced {amount} of volume {name} onto {path} (full resync: {why})")

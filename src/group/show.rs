@@ -214,6 +214,9 @@ pub fn status_text(r: &StatusReport) -> String {
             let what = format!("copy {} to {}", c.from, c.to);
             plexes.push(task_text(&what, c.percent, c.rate, c.eta_seconds));
         }
+        if let Some(w) = v.written.filter(|_| v.layout == "mirror") {
+            plexes.push(format!("written: {} (what a rebuild copies)", human(w)));
+        }
         for (i, plex) in plexes.into_iter().enumerate() {
             let mut row = if i == 0 {
                 vec![

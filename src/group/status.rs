@@ -171,6 +171,11 @@ pub struct VolumeStatus {
     /// Under `serve`, while `copy` writes the volume or reads it: how far.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub copy: Option<CopyStatus>,
+    /// Bytes some in-sync plex records as written (the written maps):
+    /// what a rebuild copies. Absent where a disk has no written map
+    /// (formatted before format 4) or none can be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub written: Option<u64>,
 }
 
 /// A copy under way.
@@ -355,6 +360,7 @@ impl Group {
                     waiting_on: Vec::new(),
                     scrub: None,
                     copy: None,
+                    written: self.written_bytes(v),
                 }
             })
             .collect();

@@ -32,6 +32,8 @@ use crate::format::Layout;
 use crate::format::bitmap::{
     BITMAP_BLOCK, BITS_PER_BLOCK, BitmapError, BitmapHeader, bit, set_bit,
 };
+use crate::format::state::Read;
+use crate::format::written;
 
 /// Clearing passes an idle region of the hot set keeps its bit: with
 /// `serve`'s 5 s period, a minute.
@@ -72,6 +74,89 @@ struct Use {
     set_gen: u64,
 }
 
+/// The disk's written map in memory ([`crate::format::written`]).
+#[derive(Debug)]
+struct Written {
+    header: BitmapHeader,
+    header_dirty: bool,
+    bits: Vec<u8>,
+    /// Bit blocks changed since they were last written.
+    dirty: BTreeSet<u64>,
+    /// The bitmap generation that last set a bit of each block: a write
+    /// finding its bit set waits until that generation is durable.
+    set_gen: Vec<u64>,
+    /// Regions returned to unwritten in memory whose zeroes may not be
+    /// durable yet, with the [`Written::epoch`] of their clearing: on disk
+    /// their bits stay set until a flush has made the zeroes durable
+    /// ([`DiskBitmap::settle_unwritten`]).
+    pending: BTreeMap<u64, u64>,
+    epoch: u64,
+}
+
+impl Written {
+    /// A map of `header` with every bit `on`, all of it to be written.
+    fn filled(header: BitmapHeader, on: bool) -> Written {
+        let blocks = header.blocks();
+        let mut bits = vec![0u8; (blocks * BITMAP_BLOCK) as usize];
+        if on {
+            for i in 0..header.regions {
+                set_bit(&mut bits, i, true);
+            }
+        }
+        Written {
+            header,
+            header_dirty: true,
+            bits,
+            dirty: (0..blocks).collect(),
+            set_gen: vec![0; blocks as usize],
+            pending: BTreeMap::new(),
+            epoch: 0,
+        }
+    }
+
+    /// Copies of bit blocks `which` as they go to the disk: with the bits
+    /// of the regions whose clearing is not durable yet still set.
+    fn blocks_out(&self, which: BTreeSet<u64>) -> Vec<(u64, Vec<u8>)> {
+        let mut out = copy_blocks(&self.bits, which);
+        for (b, data) in &mut out {
+            let first = *b * BITS_PER_BLOCK;
+            for (&i, _) in self.pending.range(first..first + BITS_PER_BLOCK) {
+                set_bit(data, i - first, true);
+            }
+        }
+        out
+    }
+
+    /// Sets bit `i`; true when it was clear.
+    fn set(&mut self, i: u64, generation: u64) -> bool {
+        self.pending.remove(&i);
+        if bit(&self.bits, i) {
+            return false;
+        }
+        set_bit(&mut self.bits, i, true);
+        self.dirty.insert(i / BITS_PER_BLOCK);
+        self.set_gen[(i / BITS_PER_BLOCK) as usize] = generation;
+        true
+    }
+
+    /// Data-area ranges within `[start, end)` whose bits are set, merged.
+    fn ranges(&self, start: u64, end: u64) -> Vec<Range<u64>> {
+        let r = self.header.region_size;
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for i in self.header.regions_of(start, end) {
+            if !bit(&self.bits, i) {
+                continue;
+            }
+            let (a, b) = ((i * r).max(start), ((i + 1) * r).min(end));
+            match out.last_mut() {
+                Some(last) if last.end == a => last.end = b,
+                _ => out.push(a..b),
+            }
+        }
+        out
+    }
+}
+
 #[derive(Debug)]
 struct State {
     header: BitmapHeader,
@@ -82,6 +167,9 @@ struct State {
     generation: u64,
     /// Bit blocks changed since they were last written.
     dirty: BTreeSet<u64>,
+    /// The written map; `None` on a disk without one (formatted before
+    /// format 4): every region counts as written.
+    written: Option<Written>,
 }
 
 /// One disk's bitmap.
@@ -90,8 +178,12 @@ pub struct DiskBitmap {
     pub disk: Arc<dyn Disk>,
     /// Absolute offset of the bitmap area.
     area: u64,
+    /// Absolute offset of the written map's area.
+    written_area: u64,
     /// Absolute offset of the data area.
     pub data_offset: u64,
+    /// Bytes of the data area.
+    data_size: u64,
     state: Mutex<State>,
     /// Serializes writing out: true while a caller writes ([`Writing`]).
     io: Mutex<bool>,
@@ -208,10 +300,13 @@ impl DiskBitmap {
                 }
             }
         }
+        let written = DiskBitmap::load_written(&*disk, layout, wanted_region, read)?;
         let b = DiskBitmap {
             disk,
             area,
+            written_area: layout.written_offset(),
             data_offset: layout.data_offset(),
+            data_size: layout.data_size,
             state: Mutex::new(State {
                 header,
                 header_dirty: found != Found::Valid,
@@ -219,6 +314,7 @@ impl DiskBitmap {
                 uses,
                 generation: 0,
                 dirty: BTreeSet::new(),
+                written,
             }),
             io: Mutex::new(false),
             io_done: std::sync::Condvar::new(),
@@ -236,6 +332,53 @@ impl DiskBitmap {
             s.dirty = (0..header.blocks()).collect();
         }
         Ok((b, found))
+    }
+
+    /// The written map of the disk: `None` when its area is all zero (a
+    /// disk formatted before format 4); a damaged one, or one of a `fresh`
+    /// bitmap (`read` false: writes may have gone untracked), counts every
+    /// region as written until it is written out anew.
+    fn load_written(
+        disk: &dyn Disk,
+        layout: &Layout,
+        wanted_region: u64,
+        read: bool,
+    ) -> io::Result<Option<Written>> {
+        let full = written::new_header(layout.data_size, wanted_region);
+        if !read {
+            return Ok(Some(Written::filled(full, true)));
+        }
+        match written::read(disk, layout)? {
+            Read::Empty => Ok(None),
+            Read::Good(w) => Ok(Some(Written {
+                set_gen: vec![0; w.header.blocks() as usize],
+                header: w.header,
+                header_dirty: false,
+                bits: w.bits,
+                dirty: BTreeSet::new(),
+                pending: BTreeMap::new(),
+                epoch: 0,
+            })),
+            Read::Damaged(why) => {
+                tracing::warn!(
+                    offset = layout.written_offset(),
+                    "a disk's written map is damaged ({why}): every region of it counts as written"
+                );
+                Ok(Some(Written::filled(full, true)))
+            }
+        }
+    }
+
+    /// Gives a newly formatted disk an empty written map (no plex lies on
+    /// it yet; plexes are born zeroed or resynced), written out in full
+    /// with the next bitmap write so that its blocks are allocated from
+    /// the start (a full filesystem under a sparse image does not refuse a
+    /// bit later).
+    pub fn start_written_map(&self, wanted_region: u64) {
+        let header = written::new_header(self.data_size, wanted_region);
+        let mut s = self.lock();
+        s.written = Some(Written::filled(header, false));
+        s.generation += 1;
     }
 
     /// Has the disk's labels raised by `raise` before the first bitmap write
@@ -314,6 +457,19 @@ impl DiskBitmap {
                     },
                 );
                 need = gen_now;
+            }
+            // The written map's bits, set before the first write to a
+            // region goes to this disk, with the same bitmap write.
+            let st = &mut *s;
+            if let Some(w) = st.written.as_mut() {
+                for i in w.header.regions_of(start, end) {
+                    if !bit(&w.bits, i) && !bumped {
+                        st.generation += 1;
+                        bumped = true;
+                    }
+                    w.set(i, st.generation);
+                    need = need.max(w.set_gen[(i / BITS_PER_BLOCK) as usize]);
+                }
             }
             regions
         };
@@ -465,27 +621,37 @@ impl DiskBitmap {
         if self.durable.load(Ordering::Acquire) >= need {
             return Ok(());
         }
-        let (header, blocks, snap) = {
+        let (header, blocks, written_header, written_blocks, snap) = {
             let mut s = self.lock();
             let header = s.header_dirty.then(|| s.header.encode());
             s.header_dirty = false;
             let dirty = std::mem::take(&mut s.dirty);
-            let blocks: Vec<(u64, Vec<u8>)> = dirty
-                .into_iter()
-                .map(|b| {
-                    let at = (b * BITMAP_BLOCK) as usize;
-                    (b, s.bits[at..at + BITMAP_BLOCK as usize].to_vec())
-                })
-                .collect();
-            (header, blocks, s.generation)
+            let blocks = copy_blocks(&s.bits, dirty);
+            let (written_header, written_blocks) = match s.written.as_mut() {
+                Some(w) => {
+                    let header = w.header_dirty.then(|| written::encode(&w.header));
+                    w.header_dirty = false;
+                    let which = std::mem::take(&mut w.dirty);
+                    (header, w.blocks_out(which))
+                }
+                None => (None, Vec::new()),
+            };
+            (header, blocks, written_header, written_blocks, s.generation)
         };
         let r = (|| {
             if let Some(raise) = self.raise.get() {
                 raise.ensure()?;
             }
+            // The written map's blocks before its header: a new map's
+            // header says it knows only once its bits are there.
             let mut writes: Vec<(u64, &[u8])> = blocks
                 .iter()
                 .map(|(b, data)| (self.area + (b + 1) * BITMAP_BLOCK, &data[..]))
+                .chain(
+                    written_blocks
+                        .iter()
+                        .map(|(b, data)| (self.written_area + (b + 1) * BITMAP_BLOCK, &data[..])),
+                )
                 .collect();
             // With fault points, the bits go out first on their own, so a
             // crash can fall between them and the header and flush.
@@ -497,6 +663,9 @@ impl DiskBitmap {
             }
             if let Some(h) = &header {
                 writes.push((self.area, &h[..]));
+            }
+            if let Some(h) = &written_header {
+                writes.push((self.written_area, &h[..]));
             }
             // Otherwise one request: the blocks, the header, the flush
             // (which may make only these writes durable: FUA).
@@ -517,6 +686,10 @@ impl DiskBitmap {
                 let mut s = self.lock();
                 s.dirty.extend(blocks.iter().map(|(b, _)| *b));
                 s.header_dirty |= header.is_some();
+                if let Some(w) = s.written.as_mut() {
+                    w.dirty.extend(written_blocks.iter().map(|(b, _)| *b));
+                    w.header_dirty |= written_header.is_some();
+                }
                 Err(e)
             }
         }
@@ -544,6 +717,16 @@ impl DiskBitmap {
     /// or `pinned(data-area range)` says so. With `now`, every idle region
     /// goes at once (clean shutdown). Returns the regions cleared.
     pub fn clear_idle(&self, now: bool, pinned: &dyn Fn(Range<u64>) -> bool) -> io::Result<u64> {
+        // Unwritten regions not on disk yet go out too (a clean stop
+        // leaves none behind).
+        let pending = self
+            .lock()
+            .written
+            .as_ref()
+            .is_some_and(|w| !w.pending.is_empty());
+        if pending {
+            self.settle_unwritten();
+        }
         let candidates: Vec<u64> = {
             let mut s = self.lock();
             let r = s.header.region_size;
@@ -610,6 +793,170 @@ impl DiskBitmap {
         Ok(need.1)
     }
 
+    /// Whether the disk has a written map (a disk formatted before format 4
+    /// has none: every region of it counts as written).
+    pub fn has_written_map(&self) -> bool {
+        self.lock().written.is_some()
+    }
+
+    /// The written map's region size, when the disk has one.
+    pub fn written_region(&self) -> Option<u64> {
+        self.lock().written.as_ref().map(|w| w.header.region_size)
+    }
+
+    /// Data-area ranges within `[start, end)` that were ever written,
+    /// merged and in order; all of it on a disk without a written map.
+    pub fn written_ranges(&self, start: u64, end: u64) -> Vec<Range<u64>> {
+        match &self.lock().written {
+            Some(w) => w.ranges(start, end),
+            None if start < end => std::iter::once(start..end).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Whether any byte of data-area `[start, end)` was ever written (true
+    /// on a disk without a written map).
+    pub fn any_written(&self, start: u64, end: u64) -> bool {
+        match &self.lock().written {
+            Some(w) => w.header.regions_of(start, end).any(|i| bit(&w.bits, i)),
+            None => start < end,
+        }
+    }
+
+    /// Records data-area `ranges` as written and returns once that is
+    /// durable: a resync's target, before the regions its sources hold
+    /// are copied to it. Nothing to do on a disk without a written map.
+    pub fn set_written(&self, ranges: &[Range<u64>]) -> io::Result<()> {
+        let need = {
+            let mut s = self.lock();
+            let st = &mut *s;
+            let Some(w) = st.written.as_mut() else {
+                return Ok(());
+            };
+            let next = st.generation + 1;
+            let mut changed = false;
+            for r in ranges {
+                for i in w.header.regions_of(r.start, r.end) {
+                    // A write finding the bit set waits for `next` too.
+                    changed |= w.set(i, next);
+                }
+            }
+            if !changed {
+                return Ok(());
+            }
+            st.generation = next;
+            next
+        };
+        self.persist(need, false)
+    }
+
+    /// Records the regions that lie wholly inside data-area `[start, end)`
+    /// as never written, once the caller made their zeroes durable on the
+    /// disk (`create` zeroes a new plex's extent).
+    pub fn clear_written(&self, start: u64, end: u64) -> io::Result<()> {
+        let need = {
+            let mut s = self.lock();
+            let st = &mut *s;
+            let Some(w) = st.written.as_mut() else {
+                return Ok(());
+            };
+            let r = w.header.region_size;
+            let mut changed = false;
+            for i in start.div_ceil(r)..(end / r).min(w.header.regions) {
+                if bit(&w.bits, i) {
+                    set_bit(&mut w.bits, i, false);
+                    w.dirty.insert(i / BITS_PER_BLOCK);
+                    changed = true;
+                }
+            }
+            if !changed {
+                return Ok(());
+            }
+            st.generation += 1;
+            st.generation
+        };
+        self.persist(need, false)
+    }
+
+    /// After zeroes that may leave holes completed on this disk over
+    /// data-area `[start, end)`, their write still counted in: the written
+    /// regions wholly inside it that no other write has marked become
+    /// unwritten, in memory at once (reads and resyncs see zeroes there),
+    /// on disk once a flush made the zeroes durable. Returns the regions.
+    pub fn unwrite(self: &Arc<Self>, start: u64, end: u64) -> u64 {
+        let cleared = {
+            let mut s = self.lock();
+            let st = &mut *s;
+            let Some(w) = st.written.as_mut() else {
+                return 0;
+            };
+            let r = w.header.region_size;
+            w.epoch += 1;
+            let mut n = 0;
+            for i in start.div_ceil(r)..(end / r).min(w.header.regions) {
+                if !bit(&w.bits, i) {
+                    continue;
+                }
+                // The zeroing write counts 1 in each of its intent regions;
+                // more is another write, which keeps the region written.
+                let busy = st
+                    .header
+                    .regions_of(i * r, (i + 1) * r)
+                    .any(|j| st.uses.get(&j).is_some_and(|u| u.inflight > 1));
+                if busy {
+                    continue;
+                }
+                set_bit(&mut w.bits, i, false);
+                w.pending.insert(i, w.epoch);
+                n += 1;
+            }
+            n
+        };
+        if cleared > 0 {
+            let this = self.clone();
+            super::engine::off_thread(Box::new(move || this.settle_unwritten()));
+        }
+        cleared
+    }
+
+    /// Writes out the clearings of [`DiskBitmap::unwrite`] made so far,
+    /// after a flush of the disk makes their zeroes durable (a failure
+    /// leaves the bits set on disk: the regions count as written there).
+    fn settle_unwritten(&self) {
+        let Some(epoch) = self.lock().written.as_ref().map(|w| w.epoch) else {
+            return;
+        };
+        if let Err(e) = self.disk.flush() {
+            tracing::warn!(error = %e, "a flush before clearing written bits failed; they stay set");
+            return;
+        }
+        let need = {
+            let mut s = self.lock();
+            let st = &mut *s;
+            let Some(w) = st.written.as_mut() else {
+                return;
+            };
+            let done: Vec<u64> = w
+                .pending
+                .iter()
+                .filter(|(_, e)| **e <= epoch)
+                .map(|(i, _)| *i)
+                .collect();
+            if done.is_empty() {
+                return;
+            }
+            for i in done {
+                w.pending.remove(&i);
+                w.dirty.insert(i / BITS_PER_BLOCK);
+            }
+            st.generation += 1;
+            st.generation
+        };
+        if let Err(e) = self.persist(need, false) {
+            tracing::warn!(error = %e, "cannot write cleared written bits; they stay set");
+        }
+    }
+
     /// Clears the bits of data-area bytes `[start, end)` after a resync made
     /// them equal everywhere (the caller flushed the copies). Offline use:
     /// no write may be in flight.
@@ -627,6 +974,17 @@ impl DiskBitmap {
         };
         self.persist(need, false)
     }
+}
+
+/// Copies of the 4 KiB blocks `which` of `bits`.
+fn copy_blocks(bits: &[u8], which: BTreeSet<u64>) -> Vec<(u64, Vec<u8>)> {
+    which
+        .into_iter()
+        .map(|b| {
+            let at = (b * BITMAP_BLOCK) as usize;
+            (b, bits[at..at + BITMAP_BLOCK as usize].to_vec())
+        })
+        .collect()
 }
 
 /// The bitmaps of a group's disks: the engine's [`WriteIntent`].
@@ -768,10 +1126,14 @@ fn finish_mark(
         .zip(&outcomes)
         .any(|(m, o)| !m.deferred && o.is_ok());
     let mut marked = Marked(Vec::with_capacity(marks.len()));
+    let mut counted = Vec::with_capacity(marks.len());
     let mut first_error = None;
     for (m, outcome) in marks.into_iter().zip(outcomes) {
         match outcome {
-            Ok(regions) => marked.0.push((m.bitmap, regions)),
+            Ok(regions) => {
+                counted.push(m.plex.disk);
+                marked.0.push((m.bitmap, regions));
+            }
             // That disk's data write will likely fail too and fail its
             // plex; the bits on the other disks cover the region.
             Err(e) => {
@@ -783,7 +1145,9 @@ fn finish_mark(
     match first_error {
         // `marked` lets the deferred regions go when dropped.
         Some(e) if !anchored => Err(e),
-        _ => Ok(IntentGuard::new((marked, ticket)).with_deferred(deferred)),
+        _ => Ok(IntentGuard::new((marked, ticket))
+            .with_deferred(deferred)
+            .with_counted(counted)),
     }
 }
 
@@ -815,6 +1179,57 @@ impl WriteIntent for BitmapSet {
             }
         }
         merged
+    }
+
+    fn unwritten(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> bool {
+        let disks = self.read();
+        !plexes.is_empty()
+            && plexes.iter().all(|p| {
+                disks.get(&p.disk).is_some_and(|b| {
+                    let start = p.offset - b.data_offset + offset;
+                    !b.any_written(start, start + len)
+                })
+            })
+    }
+
+    fn unwrite(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) {
+        let disks = self.read();
+        for p in plexes {
+            if let Some(b) = disks.get(&p.disk) {
+                let start = p.offset - b.data_offset + offset;
+                b.unwrite(start, start + len);
+            }
+        }
+    }
+
+    fn cover_written(
+        &self,
+        target: &EnginePlex,
+        sources: &[Arc<EnginePlex>],
+        len: u64,
+    ) -> io::Result<()> {
+        let disks = self.read();
+        let Some(t) = disks.get(&target.disk).cloned() else {
+            return Ok(());
+        };
+        let tshift = target.offset - t.data_offset;
+        let mut ranges: Vec<Range<u64>> = Vec::new();
+        for p in sources {
+            match disks.get(&p.disk) {
+                Some(b) => {
+                    let shift = p.offset - b.data_offset;
+                    ranges.extend(
+                        b.written_ranges(shift, shift + len)
+                            .into_iter()
+                            .map(|r| r.start - shift + tshift..r.end - shift + tshift),
+                    );
+                }
+                // A source whose disk has no bitmap here cannot tell.
+                None => ranges.push(tshift..tshift + len),
+            }
+        }
+        drop(disks);
+        t.set_written(&ranges)
     }
 
     /// Blocks until every disk's bits are durable, the deferred ones too
@@ -877,9 +1292,12 @@ impl WriteIntent for BitmapSet {
         drop(disks);
         if !raise && marks.iter().all(|m| !m.waited()) {
             let deferred = deferred_of(&marks);
+            let counted = marks.iter().map(|m| m.plex.disk).collect();
             let marked = Marked(marks.into_iter().map(|m| (m.bitmap, m.regions)).collect());
             return Ok(Begun::Ready(
-                IntentGuard::new((marked, ticket)).with_deferred(deferred),
+                IntentGuard::new((marked, ticket))
+                    .with_deferred(deferred)
+                    .with_counted(counted),
             ));
         }
         let patient = marks.iter().any(|m| m.patient);
@@ -891,6 +1309,7 @@ impl WriteIntent for BitmapSet {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use crate::disk::MemDisk;
@@ -910,6 +1329,158 @@ mod tests {
 
     fn pass(b: &DiskBitmap) -> u64 {
         b.clear_idle(false, &|_| false).unwrap()
+    }
+
+    /// A new disk's bitmap with an empty written map, written out, and a
+    /// way to read back what its disk holds.
+    fn new_disk() -> (Arc<dyn Disk>, Layout, DiskBitmap) {
+        let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(64 * MIB));
+        let layout = Layout::for_member(0, 64 * MIB).unwrap();
+        let b = DiskBitmap::load(disk.clone(), &layout, 65536, 1).unwrap().0;
+        b.start_written_map(65536);
+        b.persist_header().unwrap();
+        (disk, layout, b)
+    }
+
+    fn reload(disk: &Arc<dyn Disk>, layout: &Layout) -> DiskBitmap {
+        DiskBitmap::load(disk.clone(), layout, 65536, 1).unwrap().0
+    }
+
+    #[test]
+    fn a_write_sets_its_written_bit_durably_and_it_outlives_the_intent_bit() {
+        let (disk, layout, b) = new_disk();
+        assert!(b.has_written_map());
+        assert!(b.written_ranges(0, 8 * MIB).is_empty());
+        // A 4 KiB write in the middle of a region, and one over two.
+        let r = b.mark(MIB + 4096, MIB + 8192).unwrap();
+        b.done(r);
+        let r = b.mark(3 * MIB - 4096, 3 * MIB + 4096).unwrap();
+        b.done(r);
+        let regions = vec![MIB..MIB + 65536, 3 * MIB - 65536..3 * MIB + 65536];
+        assert_eq!(b.written_ranges(0, 8 * MIB), regions);
+        // Durable: a reload (after a crash) finds them.
+        assert_eq!(reload(&disk, &layout).written_ranges(0, 8 * MIB), regions);
+        // Clearing idle write-intent bits leaves the written map alone.
+        b.clear_idle(true, &|_| false).unwrap();
+        assert_eq!(b.dirty_count(), 0);
+        let back = reload(&disk, &layout);
+        assert_eq!(back.dirty_count(), 0);
+        assert_eq!(back.written_ranges(0, 8 * MIB), regions);
+        assert!(back.any_written(MIB, MIB + 1));
+        assert!(!back.any_written(MIB + 65536, 2 * MIB));
+    }
+
+    #[test]
+    fn a_second_writer_waits_for_a_written_bit_another_is_writing_out() {
+        let (_disk, _layout, b) = new_disk();
+        // The first writer set the bit in memory; it is not durable yet.
+        let (r1, need1) = b.mark_in_memory(0, 4096);
+        assert!(b.needs_write(need1));
+        // A second write to the same region must wait for it as well,
+        // though its bit is already set in memory.
+        let (r2, need2) = b.mark_in_memory(8192, 12288);
+        assert!(need2 >= need1 && b.needs_write(need2));
+        b.make_durable(r1, need1, false).unwrap();
+        assert!(!b.needs_write(need2));
+        b.done(r2);
+    }
+
+    #[test]
+    fn zeroes_unwrite_whole_regions_no_other_write_holds_and_the_disk_learns_it_after_a_flush() {
+        let (disk, layout, b) = new_disk();
+        let b = Arc::new(b);
+        // A zeroing write over the first MiB (16 regions), still counted
+        // in, and another write in its third region, not done yet.
+        let zeroes = b.mark(0, MIB).unwrap();
+        let other = b.mark(2 * 65536, 2 * 65536 + 4096).unwrap();
+        assert_eq!(b.written_ranges(0, MIB), vec![0..MIB]);
+        // Only whole regions of the range, and not the one still written.
+        assert_eq!(b.unwrite(4096, MIB), 14);
+        assert_eq!(
+            b.written_ranges(0, MIB),
+            vec![0..65536, 2 * 65536..3 * 65536]
+        );
+        b.done(other);
+        b.done(zeroes);
+        // On disk once flushed (off this thread).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let back = reload(&disk, &layout).written_ranges(0, MIB);
+            if back == vec![0..65536, 2 * 65536..3 * 65536] {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "on disk: {back:?}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // A write there makes it written again, durably.
+        let r = b.mark(5 * 65536, 5 * 65536 + 1).unwrap();
+        b.done(r);
+        assert!(reload(&disk, &layout).any_written(5 * 65536, 5 * 65536 + 1));
+    }
+
+    #[test]
+    fn a_clearing_not_yet_durable_goes_out_as_still_written() {
+        let mut w = Written::filled(written::new_header(64 * MIB, 65536), true);
+        w.dirty.clear();
+        set_bit(&mut w.bits, 3, false);
+        w.pending.insert(3, 1);
+        set_bit(&mut w.bits, 4, false);
+        let out = w.blocks_out([0].into());
+        assert!(bit(&out[0].1, 3), "pending: still set on disk");
+        assert!(!bit(&out[0].1, 4), "cleared for good");
+        assert!(!bit(&w.bits, 3), "unwritten in memory");
+        // Written again before it settled: no longer pending.
+        assert!(w.set(3, 7));
+        assert!(w.pending.is_empty());
+    }
+
+    #[test]
+    fn set_and_clear_written_are_durable_and_clear_only_whole_regions() {
+        let (disk, layout, b) = new_disk();
+        b.set_written(&[0..MIB]).unwrap();
+        assert_eq!(
+            reload(&disk, &layout).written_ranges(0, 4 * MIB),
+            vec![0..MIB]
+        );
+        // Only the regions wholly inside go.
+        b.clear_written(4096, MIB - 4096).unwrap();
+        let left = vec![0..65536, MIB - 65536..MIB];
+        assert_eq!(b.written_ranges(0, 4 * MIB), left);
+        assert_eq!(reload(&disk, &layout).written_ranges(0, 4 * MIB), left);
+    }
+
+    #[test]
+    fn a_disk_without_a_written_map_counts_all_as_written_and_a_fresh_one_too() {
+        // An older disk: nothing in the written map's area.
+        let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(64 * MIB));
+        let layout = Layout::for_member(0, 64 * MIB).unwrap();
+        let old = DiskBitmap::load(disk.clone(), &layout, 65536, 1).unwrap().0;
+        assert!(!old.has_written_map());
+        assert_eq!(old.written_ranges(4096, MIB), vec![4096..MIB]);
+        assert!(old.any_written(0, 1));
+        // Writes do not make one up.
+        let r = old.mark(0, 4096).unwrap();
+        old.done(r);
+        assert!(!reload(&disk, &layout).has_written_map());
+        // A fresh bitmap (writes may have gone untracked) knows nothing:
+        // all of it written, and so on its disk after its first write.
+        let (disk, layout, _b) = new_disk();
+        let fresh = DiskBitmap::fresh(disk.clone(), &layout, 65536, 1).unwrap();
+        assert_eq!(fresh.written_ranges(0, 2 * MIB), vec![0..2 * MIB]);
+        let r = fresh.mark(0, 4096).unwrap();
+        fresh.done(r);
+        let back = reload(&disk, &layout);
+        assert_eq!(
+            back.written_ranges(0, layout.data_size),
+            vec![0..layout.data_size]
+        );
+        // A damaged header: the same.
+        let mut junk = vec![0u8; 4096];
+        junk[..8].copy_from_slice(crate::format::written::WRITTEN_MAGIC);
+        disk.write_at(&junk, layout.written_offset()).unwrap();
+        let back = reload(&disk, &layout);
+        assert!(back.has_written_map());
+        assert_eq!(back.written_ranges(0, MIB), vec![0..MIB]);
     }
 
     /// A near plex and a write-behind far one, each with a bitmap on a

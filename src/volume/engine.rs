@@ -90,6 +90,30 @@ pub trait WriteIntent: Send + Sync {
     ) -> Vec<std::ops::Range<u64>> {
         Vec::new()
     }
+
+    /// Whether volume bytes `[offset, offset + len)` were never written on
+    /// the disk of every one of `plexes` (their written maps: zeroes
+    /// there). False wherever a disk cannot tell.
+    fn unwritten(&self, _plexes: &[Arc<EnginePlex>], _offset: u64, _len: u64) -> bool {
+        false
+    }
+
+    /// After zeroes that may leave holes landed on every one of `plexes`
+    /// (the write still counted in): the regions they cover whole become
+    /// unwritten where no other write to them is marked.
+    fn unwrite(&self, _plexes: &[Arc<EnginePlex>], _offset: u64, _len: u64) {}
+
+    /// Records on the disk of `target` as written every volume byte below
+    /// `len` that the disk of any of `sources` records as written (all of
+    /// them where one cannot tell); returns once that is durable.
+    fn cover_written(
+        &self,
+        _target: &EnginePlex,
+        _sources: &[Arc<EnginePlex>],
+        _len: u64,
+    ) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// What [`WriteIntent::begin`] found.
@@ -152,6 +176,8 @@ pub struct IntentGuard {
     /// (a write-behind plex's, whose write waits for them on its own): a
     /// plex's write goes to it only once its bits are durable.
     deferred: Vec<(Uuid, Deferred)>,
+    /// The disks whose bitmaps count this write in until the guard drops.
+    counted: Vec<Uuid>,
 }
 
 impl IntentGuard {
@@ -159,7 +185,19 @@ impl IntentGuard {
         IntentGuard {
             inner: Box::new(inner),
             deferred: Vec::new(),
+            counted: Vec::new(),
         }
+    }
+
+    /// With the disks whose bitmaps count the write in.
+    pub fn with_counted(mut self, counted: Vec<Uuid>) -> IntentGuard {
+        self.counted = counted;
+        self
+    }
+
+    /// Whether the bitmap of `disk` counts the write in.
+    pub fn counts(&self, disk: Uuid) -> bool {
+        self.counted.contains(&disk)
     }
 
     /// With the bits of `deferred`'s plexes still on their way.
@@ -747,6 +785,7 @@ impl MirrorVolume {
             offset,
             len,
             run,
+            false,
             move |p| Op::Write {
                 offset: p.offset + offset,
                 data: data.clone(),
@@ -771,10 +810,13 @@ impl MirrorVolume {
         if let Err(e) = self.check(offset, len) {
             return done(Err(e));
         }
+        // Zeroes that may leave holes return the regions they cover whole
+        // to unwritten (a TRIM, a WRITE_ZEROES without NO_HOLE).
         self.submit_fanned(
             offset,
             len,
             run,
+            !keep,
             move |p| Op::WriteZeroes {
                 offset: p.offset + offset,
                 len,
@@ -790,6 +832,7 @@ impl MirrorVolume {
         offset: u64,
         len: u64,
         run: Run,
+        unwrites: bool,
         op: impl Fn(&EnginePlex) -> Op + Send + 'static,
         done: Done<()>,
     ) {
@@ -816,8 +859,10 @@ impl MirrorVolume {
             None => None,
         };
         match begun {
-            None => self.write_locked(None, offset, len, run, op, done),
-            Some(Begun::Ready(g)) => self.write_locked(Some(g), offset, len, run, op, done),
+            None => self.write_locked(None, offset, len, run, unwrites, op, done),
+            Some(Begun::Ready(g)) => {
+                self.write_locked(Some(g), offset, len, run, unwrites, op, done)
+            }
             Some(Begun::Pending {
                 wait,
                 patient: true,
@@ -825,7 +870,7 @@ impl MirrorVolume {
                 // Requests this thread held back go before it waits.
                 super::queue::unplug_now();
                 match wait() {
-                    Ok(g) => self.write_locked(Some(g), offset, len, run, op, done),
+                    Ok(g) => self.write_locked(Some(g), offset, len, run, unwrites, op, done),
                     Err(e) => done(Err(self.intent_failure(offset, e))),
                 }
             }
@@ -835,7 +880,9 @@ impl MirrorVolume {
             }) => {
                 let this = self.clone();
                 let job: Box<dyn FnOnce() + Send> = Box::new(move || match wait() {
-                    Ok(g) => this.write_locked(Some(g), offset, len, Run::Queued, op, done),
+                    Ok(g) => {
+                        this.write_locked(Some(g), offset, len, Run::Queued, unwrites, op, done)
+                    }
                     Err(e) => done(Err(this.intent_failure(offset, e))),
                 });
                 if let Err(job) = cold_waits().send(job) {
@@ -859,12 +906,14 @@ impl MirrorVolume {
 
     /// The second half of a write, once its bits are durable: the range
     /// lock, then the write to every writable plex.
+    #[allow(clippy::too_many_arguments)]
     fn write_locked(
         self: &Arc<Self>,
         intent: Option<IntentGuard>,
         offset: u64,
         len: u64,
         run: Run,
+        unwrites: bool,
         op: impl Fn(&EnginePlex) -> Op + Send + 'static,
         done: Done<()>,
     ) {
@@ -904,6 +953,19 @@ impl MirrorVolume {
                 let after = this.clone();
                 this.fan_out_after(now, ops, run, &mut deferred, move |results| {
                     let r = after.settle_writes(results, "write", offset);
+                    // While its own bits are still counted in (a write
+                    // marked meanwhile keeps its regions written).
+                    if unwrites
+                        && r.is_ok()
+                        && let (Some(i), Some(g)) = (after.intent.get(), &intent)
+                    {
+                        let plexes: Vec<Arc<EnginePlex>> = after
+                            .plexes()
+                            .into_iter()
+                            .filter(|p| p.mode() != Mode::Out && g.counts(p.disk))
+                            .collect();
+                        i.unwrite(&plexes, offset, len);
+                    }
                     drop(intent);
                     after.lock.release(guard);
                     done(r);
@@ -1220,6 +1282,13 @@ impl MirrorVolume {
             .into_iter()
             .filter(|p| p.mode() == Mode::InSync)
             .collect();
+        // Never written on any in-sync plex (their written maps): zeroes
+        // on every plex, whatever their disks hold around it.
+        if !in_sync.is_empty() && self.unwritten_on(&in_sync, offset, len) {
+            let mut out = Vec::new();
+            push_run(&mut out, len, true);
+            return Ok(out);
+        }
         let mut disks: Vec<(Arc<dyn Disk>, u64)> = Vec::with_capacity(in_sync.len());
         for p in &in_sync {
             match p.queue.disk() {
@@ -1275,6 +1344,31 @@ impl MirrorVolume {
             pos += run;
         }
         Ok(out)
+    }
+
+    /// Whether volume bytes `[offset, offset + len)` were never written on
+    /// the disk of any of `plexes`, by their written maps (false without
+    /// a bitmap, or where a disk has no written map).
+    fn unwritten_on(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> bool {
+        self.intent
+            .get()
+            .is_some_and(|i| i.unwritten(plexes, offset, len))
+    }
+
+    /// Before a resync copies onto `target`: records on its disk's written
+    /// map every region an in-sync plex records as written (durably), so
+    /// that once in sync it knows all that the volume holds, as its
+    /// sources did.
+    pub fn cover_written(&self, target: &EnginePlex) -> io::Result<()> {
+        let Some(intent) = self.intent.get() else {
+            return Ok(());
+        };
+        let sources: Vec<Arc<EnginePlex>> = self
+            .plexes()
+            .into_iter()
+            .filter(|p| p.mode() == Mode::InSync && p.disk != target.disk)
+            .collect();
+        intent.cover_written(target, &sources, self.size())
     }
 
     /// What the write-intent bitmaps say of `[offset, offset + len)`:

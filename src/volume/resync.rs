@@ -89,6 +89,9 @@ pub struct ResyncProgress {
     /// Bytes/s the admin set for this resync (`resync NAME --rate`),
     /// instead of the pacing options; 0: none set.
     limit: AtomicU64,
+    /// Bytes of `done` given to the target as zeroes without being read
+    /// (never written, or a hole on every in-sync plex).
+    zeroed: AtomicU64,
 }
 
 impl ResyncProgress {
@@ -101,6 +104,7 @@ impl ResyncProgress {
 
     /// Starts over with a new plan.
     pub fn reset(&self, total: u64, done: u64) {
+        self.zeroed.store(0, Ordering::Relaxed);
         self.total.store(total, Ordering::Relaxed);
         self.done.store(done.min(total), Ordering::Relaxed);
         self.rate.store(0, Ordering::Relaxed);
@@ -116,6 +120,11 @@ impl ResyncProgress {
 
     pub fn position(&self) -> u64 {
         self.position.load(Ordering::Relaxed)
+    }
+
+    /// Bytes given as zeroes without a read (see the field).
+    pub fn zeroed(&self) -> u64 {
+        self.zeroed.load(Ordering::Relaxed)
     }
 
     /// Bytes/s, averaged over the last seconds; 0 before the first second.
@@ -202,6 +211,15 @@ pub fn resync(
     checkpoint: &mut dyn FnMut(u64) -> io::Result<()>,
     on_chunk: &dyn Fn(&ResyncProgress),
 ) -> Result<u64, ResyncError> {
+    // The target's written map first: once in sync, it records all that
+    // its sources do (a copy whose map lacked a region would give a later
+    // rebuild from it zeroes there).
+    volume
+        .cover_written(target)
+        .map_err(|error| ResyncError::Target {
+            offset: ranges.first().map_or(0, |r| r.start),
+            error,
+        })?;
     let mut activity = Activity {
         volume,
         seen: volume.foreground_requests(),
@@ -328,6 +346,11 @@ fn settle(
             error,
         })?;
     progress.done.fetch_add(f.end - f.start, Ordering::Relaxed);
+    if f.buf.is_none() {
+        progress
+            .zeroed
+            .fetch_add(f.end - f.start, Ordering::Relaxed);
+    }
     progress.position.store(f.end, Ordering::Relaxed);
     if let Some(Ok(b)) = f.buf.map(Arc::try_unwrap) {
         pool.push(b);

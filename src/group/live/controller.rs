@@ -1462,7 +1462,12 @@ impl Controller {
                 if self.commit(&format!("the end of the resync of {name}")) {
                     job.target.promote();
                     let line = crate::group::resync::resynced_line(
-                        name, &path, copied, &job.plan, &job.why,
+                        name,
+                        &path,
+                        copied,
+                        job.progress.zeroed(),
+                        &job.plan,
+                        &job.why,
                     );
                     tracing::info!("{line}");
                     if self.foreground {
