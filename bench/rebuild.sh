@@ -28,15 +28,16 @@ done
 cargo build --release --quiet
 mv_bin=$PWD/target/release/mirrorvol
 work=$(mktemp -d "$dir/mv-rebuild.XXXXXX")
-# Loop devices this run attached (found by their backing files, which are
-# this run's own), detached at the end; runs attach in subshells.
-loops=()
+# Loop devices this run attached are found by their backing files (this
+# run's own) and detached before those files go, and at the end.
+detach_all() {
+    [ "$loop" = 1 ] || return 0
+    for f in a.img b.img c.img; do
+        losetup -j "$work/$f" 2>/dev/null | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null || true
+    done
+}
 cleanup() {
-    if [ "$loop" = 1 ]; then
-        for f in a.img b.img c.img; do
-            losetup -j "$work/$f" 2>/dev/null | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null || true
-        done
-    fi
+    detach_all
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -52,22 +53,15 @@ now() { date +%s.%N; }
 # The disk over image file $1: the file, or (--loop) a loop device over it.
 disk_of() {
     if [ "$loop" = 1 ]; then
-        local dev
-        dev=$(losetup --find --show "$work/$1")
-        loops+=("$dev")
-        echo "$dev"
+        losetup --find --show "$work/$1"
     else
         echo "$work/$1"
     fi
 }
 
-detach_all() {
-    for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null || true; done
-    loops=()
-}
-
 # One run: a new group, a volume holding $1, add-mirror timed; prints seconds.
 rebuild() {
+    detach_all
     rm -f a.img b.img
     truncate -s "${disk_mib}M" a.img b.img
     local a b
@@ -109,6 +103,7 @@ for i in $(seq 1 "$runs"); do
     f=$(rebuild full.bin)
     truncate -s "${disk_mib}M" c.img
     d=$(ddcopy)
+    detach_all
     rm -f c.img
     sparse+=("$s") full+=("$f") dds+=("$d")
     ratio_full+=("$(echo "$s / $f" | bc -l)")

@@ -1395,3 +1395,49 @@ fn a_foreground_resync_keeps_to_the_rate_asked() {
     assert!(after["group"].get("held_by").is_none(), "{after:#}");
     assert_eq!(sb.read_volume("data"), want);
 }
+
+/// The rate paces what a resync reads and copies, not the zeroes it gives
+/// where nothing was written: a 64 MiB volume holding 4 MiB gets its mirror
+/// at 1 MiB/s in about 4 s (paced on all of it, a minute), and the copy
+/// alone holds the volume.
+#[test]
+fn a_resync_at_a_rate_is_paced_by_what_was_written() {
+    let sb = Sandbox::new();
+    three_disks(&sb, 128);
+    sb.mv(&[
+        "create",
+        "data",
+        "--size",
+        "64M",
+        "--disk",
+        &sb.p("disks/a.img"),
+    ])
+    .ok();
+    let (src, want) = sb.data_file("in.bin", 4 << 20, 5);
+    sb.mv(&["copy", &src, "vol:data"]).ok();
+    let start = std::time::Instant::now();
+    let out = sb
+        .mv(&[
+            "add-mirror",
+            "data",
+            "--disk",
+            &sb.p("disks/b.img"),
+            "--rate",
+            "1M",
+        ])
+        .ok()
+        .stdout;
+    let took = start.elapsed();
+    assert!(
+        took > std::time::Duration::from_secs(3) && took < std::time::Duration::from_secs(20),
+        "add-mirror took {took:?}: {out}"
+    );
+    assert!(
+        out.contains("4 MiB of it read and copied, 60 MiB never written"),
+        "{out}"
+    );
+    sb.mv(&["fail", &sb.p("disks/a.img")]).ok();
+    let got = sb.read_volume("data");
+    assert!(got[..4 << 20] == want[..], "the data, from the new copy");
+    assert!(got[4 << 20..].iter().all(|&b| b == 0), "zeroes after it");
+}

@@ -301,6 +301,9 @@ fn wait_plex(sb: &Sandbox, file: &str, what: &str, pred: impl Fn(&serde_json::Va
 fn a_resync_is_paused_resumed_rated_and_cancelled_online() {
     let sb = Sandbox::new();
     mirror_group(&sb, 96, 48);
+    // Written whole: a resync reads (and is paced by) what was written.
+    let (fill, _) = sb.data_file("fill.bin", 48 << 20, 3);
+    sb.mv(&["copy", &fill, "vol:data"]).ok();
     let c = sb.image("c.img", 96);
     sb.mv(&["init", &c, "--style", "raw"]).ok();
     sb.mv(&["resync", "data", "--pause"])

@@ -947,7 +947,6 @@ fn a_rebuild_on_block_devices_reads_only_what_was_written() {
     let s = status(&sb, &group);
     assert_eq!(in_sync_on(&s, "data"), sorted(&group));
     assert_eq!(volume(&s, "data")["written"], 64u64 << 20, "{s:#}");
-
     // The new copy itself (its device, past the 8 MiB of metadata of a
     // raw disk): the data, and zeroes elsewhere (sampled: it is 4 GiB).
     let plex = volume(&s, "data")["plexes"]

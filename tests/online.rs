@@ -653,6 +653,9 @@ fn a_resync_under_way_is_paused_for_a_break_and_stopped_by_a_remove() {
     let sb = Sandbox::new();
     three_disks(&sb);
     let (b, c) = (sb.p("disks/b.img"), sb.p("disks/c.img"));
+    // Written whole: a resync reads only what was written.
+    let (fill, _) = sb.data_file("fill.bin", 32 << 20, 3);
+    mv_ok(&sb, &["copy", &fill, "vol:data"]);
     // Resyncs crawl at 2 MiB/s: a 32 MiB plex takes 16 s.
     let s = Served::start_args(
         &sb,

@@ -257,7 +257,8 @@ pub fn resync(
             } as u64;
             let n = (r.end - pos).min(chunk);
             let started = Instant::now();
-            let chunk = match start_chunk(volume, target, pos, n as usize, &mut pool) {
+            let most = (r.end - pos).min(ZERO_RUN);
+            let chunk = match start_chunk(volume, target, pos, n as usize, most, &mut pool) {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = settle(&mut inflight, progress, &mut pool);
@@ -265,10 +266,15 @@ pub fn resync(
                 }
             };
             settle(&mut inflight, progress, &mut pool)?;
+            // A run given as zeroes may be longer than a chunk, and is not
+            // paced: the rate is what the copy reads and writes.
+            let (n, paced) = (chunk.end - chunk.start, chunk.buf.is_some());
             inflight = Some(chunk);
             pos += n;
             copied += n;
-            meter.1 += n;
+            if paced {
+                meter.1 += n;
+            }
             let span = meter.0.elapsed();
             if span >= Duration::from_millis(500) {
                 let now_rate = (meter.1 as f64 / span.as_secs_f64()) as u64;
@@ -286,22 +292,24 @@ pub fn resync(
             // volume's activity allows now; re-decided while waiting, so a
             // volume that turns idle speeds the resync up at once.
             let base = next.max(started);
-            loop {
-                let rate = match progress.limit() {
-                    0 if activity.busy() && opts.min_rate > 0 => opts.min_rate,
-                    0 => opts.max_rate,
-                    set => set,
-                };
-                if rate == 0 {
-                    next = Instant::now();
-                    break;
+            if paced {
+                loop {
+                    let rate = match progress.limit() {
+                        0 if activity.busy() && opts.min_rate > 0 => opts.min_rate,
+                        0 => opts.max_rate,
+                        set => set,
+                    };
+                    if rate == 0 {
+                        next = Instant::now();
+                        break;
+                    }
+                    next = base + Duration::from_secs_f64(n as f64 / rate as f64);
+                    let now = Instant::now();
+                    if now >= next || progress.stopping() {
+                        break;
+                    }
+                    std::thread::sleep((next - now).min(Duration::from_millis(20)));
                 }
-                next = base + Duration::from_secs_f64(n as f64 / rate as f64);
-                let now = Instant::now();
-                if now >= next || progress.stopping() {
-                    break;
-                }
-                std::thread::sleep((next - now).min(Duration::from_millis(20)));
             }
             if last_checkpoint.elapsed() >= opts.checkpoint_every {
                 settle(&mut inflight, progress, &mut pool)?;
@@ -318,6 +326,10 @@ pub fn resync(
     flush_target(target, pos)?;
     Ok(copied)
 }
+
+/// The most a resync gives as zeroes in one request (and holds in the
+/// range lock meanwhile): a hole punched or BLKZEROOUT of it is quick.
+const ZERO_RUN: u64 = 64 << 20;
 
 /// A chunk's write to the target, in flight.
 struct Inflight {
@@ -374,34 +386,46 @@ fn start_chunk(
     target: &EnginePlex,
     pos: u64,
     n: usize,
+    most: u64,
     pool: &mut Vec<AlignedBuf>,
 ) -> Result<Inflight, ResyncError> {
-    let hold = volume.hold_range(pos..pos + n as u64);
+    // Where no in-sync plex holds data (never written, by the written
+    // maps; or a hole on every one: a sparse file's, an NBD export's block
+    // status), the volume reads as zeroes: the target gets them without
+    // the source being read, up to `most` bytes at once. Decided again
+    // with the range held, so no write lands there in between.
+    let hole_from = |len: u64| match volume.allocation_asking_exports(pos, len).as_deref() {
+        Ok([(bytes, true), ..]) => *bytes,
+        _ => 0,
+    };
+    let run = match hole_from(most) {
+        h if h >= n as u64 => h.min(most),
+        _ => n as u64,
+    };
+    let mut hold = volume.hold_range(pos..pos + run);
     if target.mode() != Mode::WriteOnly {
         return Err(ResyncError::Target {
             offset: pos,
             error: io::Error::other("the plex left service during the resync"),
         });
     }
-    // Where every in-sync plex has a hole (a sparse file's, an NBD
-    // export's block status), the chunk reads as zeroes: the target gets
-    // them without the source being read.
-    let hole = volume
-        .allocation_asking_exports(pos, n as u64)
-        .is_ok_and(|e| matches!(e[..], [(bytes, true)] if bytes >= n as u64));
-    if hole {
+    if hole_from(run) >= run {
         return Ok(submit_write(
             target,
             Op::WriteZeroes {
                 offset: target.offset + pos,
-                len: n as u64,
+                len: run,
                 fua: false,
                 keep: false,
             },
             None,
             hold,
-            pos..pos + n as u64,
+            pos..pos + run,
         ));
+    }
+    if run > n as u64 {
+        drop(hold);
+        hold = volume.hold_range(pos..pos + n as u64);
     }
     let buf = match pool.pop() {
         Some(b) if b.capacity() >= n => b,
