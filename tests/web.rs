@@ -309,6 +309,9 @@ fn a_browser_sees_the_disks_watches_a_resync_and_breaks_a_mirror() {
         .ok();
     sb.mv(&["create", "logs", "--size", "16M", "--disk", &c])
         .ok();
+    // Written whole: a resync reads (and is paced by) what was written.
+    let (fill, _) = sb.data_file("fill.bin", 64 << 20, 3);
+    sb.mv(&["copy", &fill, "vol:data"]).ok();
     let s = Served::start_args(
         &sb,
         &[
