@@ -32,6 +32,7 @@ work=$(mktemp -d "$dir/mv-rebuild.XXXXXX")
 # run's own) and detached before those files go, and at the end.
 detach_all() {
     [ "$loop" = 1 ] || return 0
+    local f
     for f in a.img b.img c.img; do
         losetup -j "$work/$f" 2>/dev/null | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null || true
     done

@@ -77,14 +77,45 @@ pub struct Stored {
 impl Stored {
     /// Data-area bytes whose regions are marked written.
     pub fn written_bytes(&self, data_size: u64) -> u64 {
-        (0..self.header.regions)
-            .filter(|&i| super::bitmap::bit(&self.bits, i))
-            .map(|i| {
-                let start = i * self.header.region_size;
-                (start + self.header.region_size).min(data_size) - start
-            })
-            .sum()
+        self.bytes_within(0, data_size)
     }
+
+    /// Bytes of data-area `[start, end)` whose regions are marked written.
+    pub fn bytes_within(&self, start: u64, end: u64) -> u64 {
+        bytes_within(&self.header, &self.bits, start, end)
+    }
+}
+
+/// Bytes of data-area `[start, end)` whose regions are set in `bits` (a
+/// map of `header`), counted a byte of bits at a time.
+pub fn bytes_within(header: &BitmapHeader, bits: &[u8], start: u64, end: u64) -> u64 {
+    let regions = header.regions_of(start, end);
+    if regions.is_empty() {
+        return 0;
+    }
+    let r = header.region_size;
+    let mut set = 0u64;
+    let mut i = regions.start;
+    while i < regions.end {
+        if i.is_multiple_of(8) && i + 8 <= regions.end {
+            set += u64::from(bits[(i / 8) as usize].count_ones());
+            i += 8;
+        } else {
+            set += u64::from(super::bitmap::bit(bits, i));
+            i += 1;
+        }
+    }
+    // The first and last regions count only their part inside.
+    let mut bytes = set * r;
+    let first = regions.start;
+    let last = regions.end - 1;
+    if super::bitmap::bit(bits, first) {
+        bytes -= start - first * r;
+    }
+    if super::bitmap::bit(bits, last) {
+        bytes -= (last + 1) * r - end.min((last + 1) * r);
+    }
+    bytes
 }
 
 /// Reads the written map of a disk with `layout`: `Empty` when it has none.
@@ -127,6 +158,17 @@ mod tests {
             assert_eq!(decode(&encode(&h)).unwrap(), Some(h));
         }
         assert_eq!(decode(&[0u8; 4096]).unwrap(), None);
+        // Counting: regions 1, 3..=12 set; parts of the edge ones.
+        let h = new_header(MIB, 0);
+        let mut bits = vec![0u8; 4096];
+        for i in [1u64, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12] {
+            super::super::bitmap::set_bit(&mut bits, i, true);
+        }
+        let r = 64 * KIB;
+        assert_eq!(bytes_within(&h, &bits, 0, MIB), 11 * r);
+        assert_eq!(bytes_within(&h, &bits, r + 100, 4 * r), (r - 100) + r);
+        assert_eq!(bytes_within(&h, &bits, 3 * r, 12 * r + 10), 9 * r + 10);
+        assert_eq!(bytes_within(&h, &bits, 5, 5), 0);
         // A write-intent bitmap's header is not a written map's.
         let h = new_header(MIB, 0);
         assert!(decode(&h.encode()).is_err());

@@ -57,34 +57,25 @@ impl Group {
         if self.bitmaps.is_none() && !self.open.shared {
             return None;
         }
-        let mut ranges = Vec::new();
-        let mut any = false;
+        let mut most = None;
         for p in &v.plexes {
             if self.plex_state(p.disk, p.state) != "in-sync" {
                 continue;
             }
-            let b = match self.bitmaps.as_ref().and_then(|set| set.get(p.disk)) {
-                Some(b) => b,
+            let (start, end) = (p.offset, p.offset + v.size);
+            let n = match self.bitmaps.as_ref().and_then(|set| set.get(p.disk)) {
+                Some(b) => b.written_bytes(start, end)?,
                 None => {
                     let m = self.members.get(&p.disk)?;
-                    let (b, _) = DiskBitmap::load(
-                        m.disk.clone(),
-                        &m.label.layout,
-                        self.config.region_size,
-                        self.config.seqno,
-                    )
-                    .ok()?;
-                    Arc::new(b)
+                    match crate::format::written::read(&*m.disk, &m.label.layout).ok()? {
+                        crate::format::state::Read::Good(w) => w.bytes_within(start, end),
+                        _ => return None,
+                    }
                 }
             };
-            if !b.has_written_map() {
-                return None;
-            }
-            any = true;
-            let on_disk = b.written_ranges(p.offset, p.offset + v.size);
-            ranges.extend(to_volume(p, v.size, &on_disk));
+            most = Some(most.map_or(n, |m: u64| m.max(n)));
         }
-        any.then(|| merge(ranges).iter().map(|r| r.end - r.start).sum())
+        most
     }
 
     /// Without write-intent bitmaps no write sets a written bit: a group
@@ -210,6 +201,9 @@ impl Group {
         .map_err(|e| Error::io(format!("cannot read the bitmap of {}", m.path.display()), e))?;
         b.set_patient(m.disk.queue());
         b.set_version_raise(m.raise.clone());
+        // Its written map (all of it written: what went untracked is not
+        // known) goes out with its first bitmap write, which the first
+        // write to it and a resync onto it wait for.
         self.bitmap_found.insert(uuid, Found::Valid);
         set.insert(uuid, Arc::new(b));
         Ok(())
@@ -332,6 +326,22 @@ impl Group {
         };
         let (src, src_at, src_path) = at(from)?;
         let (dst, dst_at, dst_path) = at(to)?;
+        // What is copied becomes written on the target first (its written
+        // map must hold all the data its plex holds).
+        let dst_map = self.bitmaps.as_ref().and_then(|set| set.get(to));
+        let dst_data = self
+            .members
+            .get(&to)
+            .map_or(0, |m| m.label.layout.data_offset());
+        let mark = |pos: u64, n: usize| -> std::io::Result<()> {
+            match &dst_map {
+                Some(b) => {
+                    let at = dst_at - dst_data + pos;
+                    b.set_written(std::slice::from_ref(&(at..at + n as u64)))
+                }
+                None => Ok(()),
+            }
+        };
         let cannot = |verb: &str, path: &str, e| {
             Error::io(format!("resync of volume {name}: cannot {verb} {path}"), e)
         };
@@ -349,7 +359,7 @@ impl Group {
         let results: Vec<Result<(u64, u64)>> = std::thread::scope(|s| {
             let lanes: Vec<_> = (0..AT_ONCE)
                 .map(|lane| {
-                    let (chunks, src, dst, cannot) = (&chunks, &src, &dst, &cannot);
+                    let (chunks, src, dst, cannot, mark) = (&chunks, &src, &dst, &cannot, &mark);
                     let (src_path, dst_path) = (&src_path, &dst_path);
                     s.spawn(move || -> Result<(u64, u64)> {
                         let mut want = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
@@ -361,6 +371,7 @@ impl Group {
                             dst.read_at(&mut have[..n], dst_at + pos)
                                 .map_err(|e| cannot("read", dst_path, e))?;
                             if want[..n] != have[..n] {
+                                mark(pos, n).map_err(|e| cannot("mark as written", dst_path, e))?;
                                 dst.write_at(&want[..n], dst_at + pos)
                                     .map_err(|e| cannot("write", dst_path, e))?;
                                 copied += n as u64;

@@ -82,9 +82,13 @@ struct Written {
     bits: Vec<u8>,
     /// Bit blocks changed since they were last written.
     dirty: BTreeSet<u64>,
-    /// The bitmap generation that last set a bit of each block: a write
-    /// finding its bit set waits until that generation is durable.
-    set_gen: Vec<u64>,
+    /// The bitmap generation that set each bit not yet known durable: a
+    /// write finding its bit set waits until that generation is durable
+    /// (pruned as generations become durable).
+    set_gen: HashMap<u64, u64>,
+    /// A map made anew in memory (all written, or a new disk's empty one)
+    /// is durable once this generation is: every write waits for it.
+    floor: u64,
     /// Regions returned to unwritten in memory whose zeroes may not be
     /// durable yet, with the [`Written::epoch`] of their clearing: on disk
     /// their bits stay set until a flush has made the zeroes durable
@@ -108,7 +112,8 @@ impl Written {
             header_dirty: true,
             bits,
             dirty: (0..blocks).collect(),
-            set_gen: vec![0; blocks as usize],
+            set_gen: HashMap::new(),
+            floor: 0,
             pending: BTreeMap::new(),
             epoch: 0,
         }
@@ -135,7 +140,7 @@ impl Written {
         }
         set_bit(&mut self.bits, i, true);
         self.dirty.insert(i / BITS_PER_BLOCK);
-        self.set_gen[(i / BITS_PER_BLOCK) as usize] = generation;
+        self.set_gen.insert(i, generation);
         true
     }
 
@@ -325,11 +330,20 @@ impl DiskBitmap {
             raise: std::sync::OnceLock::new(),
             waiters: Mutex::new(Waiters::default()),
         };
-        if found != Found::Valid {
-            // A fresh bitmap replaces whatever was there, bits included.
+        {
             let mut s = b.lock();
-            s.generation = 1;
-            s.dirty = (0..header.blocks()).collect();
+            if found != Found::Valid {
+                // A fresh bitmap replaces whatever was there, bits included.
+                s.generation = 1;
+                s.dirty = (0..header.blocks()).collect();
+            }
+            // A written map made anew (all written) must be on the disk
+            // before any write relies on it.
+            let st = &mut *s;
+            if let Some(w) = st.written.as_mut().filter(|w| w.header_dirty) {
+                st.generation = st.generation.max(1);
+                w.floor = st.generation;
+            }
         }
         Ok((b, found))
     }
@@ -351,7 +365,8 @@ impl DiskBitmap {
         match written::read(disk, layout)? {
             Read::Empty => Ok(None),
             Read::Good(w) => Ok(Some(Written {
-                set_gen: vec![0; w.header.blocks() as usize],
+                set_gen: HashMap::new(),
+                floor: 0,
                 header: w.header,
                 header_dirty: false,
                 bits: w.bits,
@@ -377,8 +392,10 @@ impl DiskBitmap {
     pub fn start_written_map(&self, wanted_region: u64) {
         let header = written::new_header(self.data_size, wanted_region);
         let mut s = self.lock();
-        s.written = Some(Written::filled(header, false));
         s.generation += 1;
+        let mut w = Written::filled(header, false);
+        w.floor = s.generation;
+        s.written = Some(w);
     }
 
     /// Has the disk's labels raised by `raise` before the first bitmap write
@@ -468,8 +485,11 @@ impl DiskBitmap {
                         bumped = true;
                     }
                     w.set(i, st.generation);
-                    need = need.max(w.set_gen[(i / BITS_PER_BLOCK) as usize]);
+                    if let Some(g) = w.set_gen.get(&i) {
+                        need = need.max(*g);
+                    }
                 }
+                need = need.max(w.floor);
             }
             regions
         };
@@ -680,6 +700,11 @@ impl DiskBitmap {
         match r {
             Ok(()) => {
                 self.durable.store(snap, Ordering::Release);
+                if !written_blocks.is_empty()
+                    && let Some(w) = self.lock().written.as_mut()
+                {
+                    w.set_gen.retain(|_, g| *g > snap);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -814,6 +839,14 @@ impl DiskBitmap {
         }
     }
 
+    /// Bytes of data-area `[start, end)` whose regions are written; `None`
+    /// on a disk without a written map.
+    pub fn written_bytes(&self, start: u64, end: u64) -> Option<u64> {
+        let s = self.lock();
+        let w = s.written.as_ref()?;
+        Some(written::bytes_within(&w.header, &w.bits, start, end))
+    }
+
     /// Whether any byte of data-area `[start, end)` was ever written (true
     /// on a disk without a written map).
     pub fn any_written(&self, start: u64, end: u64) -> bool {
@@ -835,19 +868,26 @@ impl DiskBitmap {
             };
             let next = st.generation + 1;
             let mut changed = false;
+            // Bits set already may not be durable yet either.
+            let mut need = w.floor;
             for r in ranges {
                 for i in w.header.regions_of(r.start, r.end) {
                     // A write finding the bit set waits for `next` too.
                     changed |= w.set(i, next);
+                    if let Some(g) = w.set_gen.get(&i) {
+                        need = need.max(*g);
+                    }
                 }
             }
-            if !changed {
-                return Ok(());
+            if changed {
+                st.generation = next;
             }
-            st.generation = next;
-            next
+            need
         };
-        self.persist(need, false)
+        if self.needs_write(need) {
+            self.persist(need, false)?;
+        }
+        Ok(())
     }
 
     /// Records the regions that lie wholly inside data-area `[start, end)`
@@ -882,9 +922,12 @@ impl DiskBitmap {
     /// data-area `[start, end)`, their write still counted in: the written
     /// regions wholly inside it that no other write has marked become
     /// unwritten, in memory at once (reads and resyncs see zeroes there),
-    /// on disk once a flush made the zeroes durable. Returns the regions.
-    pub fn unwrite(self: &Arc<Self>, start: u64, end: u64) -> u64 {
-        let cleared = {
+    /// on disk with the next clearing pass, after its flush made the
+    /// zeroes durable ([`DiskBitmap::clear_idle`]; a flush per TRIM would
+    /// cost a filesystem mounted with `discard` dearly). Returns the
+    /// regions.
+    pub fn unwrite(&self, start: u64, end: u64) -> u64 {
+        {
             let mut s = self.lock();
             let st = &mut *s;
             let Some(w) = st.written.as_mut() else {
@@ -911,12 +954,7 @@ impl DiskBitmap {
                 n += 1;
             }
             n
-        };
-        if cleared > 0 {
-            let this = self.clone();
-            super::engine::off_thread(Box::new(move || this.settle_unwritten()));
         }
-        cleared
     }
 
     /// Writes out the clearings of [`DiskBitmap::unwrite`] made so far,
@@ -1126,18 +1164,21 @@ fn finish_mark(
         .zip(&outcomes)
         .any(|(m, o)| !m.deferred && o.is_ok());
     let mut marked = Marked(Vec::with_capacity(marks.len()));
-    let mut counted = Vec::with_capacity(marks.len());
+    let mut unmarked = Vec::new();
     let mut first_error = None;
     for (m, outcome) in marks.into_iter().zip(outcomes) {
         match outcome {
-            Ok(regions) => {
-                counted.push(m.plex.disk);
-                marked.0.push((m.bitmap, regions));
-            }
-            // That disk's data write will likely fail too and fail its
-            // plex; the bits on the other disks cover the region.
+            Ok(regions) => marked.0.push((m.bitmap, regions)),
+            // The bits on the other disks cover the region; that disk's
+            // plex is taken out before the write goes (its written map
+            // would lack the write).
             Err(e) => {
                 tracing::error!(disk = %m.plex.queue.name(), error = %e, "cannot set a write-intent bit");
+                let copy = match e.raw_os_error() {
+                    Some(code) => io::Error::from_raw_os_error(code),
+                    None => io::Error::new(e.kind(), e.to_string()),
+                };
+                unmarked.push((m.plex.disk, copy));
                 first_error.get_or_insert(e);
             }
         }
@@ -1147,7 +1188,7 @@ fn finish_mark(
         Some(e) if !anchored => Err(e),
         _ => Ok(IntentGuard::new((marked, ticket))
             .with_deferred(deferred)
-            .with_counted(counted)),
+            .with_unmarked(unmarked)),
     }
 }
 
@@ -1292,12 +1333,9 @@ impl WriteIntent for BitmapSet {
         drop(disks);
         if !raise && marks.iter().all(|m| !m.waited()) {
             let deferred = deferred_of(&marks);
-            let counted = marks.iter().map(|m| m.plex.disk).collect();
             let marked = Marked(marks.into_iter().map(|m| (m.bitmap, m.regions)).collect());
             return Ok(Begun::Ready(
-                IntentGuard::new((marked, ticket))
-                    .with_deferred(deferred)
-                    .with_counted(counted),
+                IntentGuard::new((marked, ticket)).with_deferred(deferred),
             ));
         }
         let patient = marks.iter().any(|m| m.patient);
@@ -1388,7 +1426,6 @@ mod tests {
     #[test]
     fn zeroes_unwrite_whole_regions_no_other_write_holds_and_the_disk_learns_it_after_a_flush() {
         let (disk, layout, b) = new_disk();
-        let b = Arc::new(b);
         // A zeroing write over the first MiB (16 regions), still counted
         // in, and another write in its third region, not done yet.
         let zeroes = b.mark(0, MIB).unwrap();
@@ -1402,20 +1439,105 @@ mod tests {
         );
         b.done(other);
         b.done(zeroes);
-        // On disk once flushed (off this thread).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let back = reload(&disk, &layout).written_ranges(0, MIB);
-            if back == vec![0..65536, 2 * 65536..3 * 65536] {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "on disk: {back:?}");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        // On disk only with the next clearing pass, after its flush.
+        assert_eq!(reload(&disk, &layout).written_ranges(0, MIB), vec![0..MIB]);
+        pass(&b);
+        assert_eq!(
+            reload(&disk, &layout).written_ranges(0, MIB),
+            vec![0..65536, 2 * 65536..3 * 65536]
+        );
         // A write there makes it written again, durably.
         let r = b.mark(5 * 65536, 5 * 65536 + 1).unwrap();
         b.done(r);
         assert!(reload(&disk, &layout).any_written(5 * 65536, 5 * 65536 + 1));
+    }
+
+    /// A write to a region written long ago does not wait for another
+    /// write's first bit elsewhere in the same bit block of the map.
+    #[test]
+    fn a_hot_write_does_not_wait_for_an_unrelated_first_write() {
+        let (_disk, _layout, b) = new_disk();
+        let r = b.mark(0, 4096).unwrap();
+        b.done(r);
+        // Another writer's first write 10 MiB away, not written out yet.
+        let (r1, need1) = b.mark_in_memory(10 * MIB, 10 * MIB + 4096);
+        assert!(b.needs_write(need1));
+        let (r2, need2) = b.mark_in_memory(0, 4096);
+        assert!(!b.needs_write(need2), "the hot write goes at once");
+        b.done(r1);
+        b.done(r2);
+    }
+
+    /// A fresh bitmap's map (all written) is not on the disk yet: marking
+    /// a resync target's regions, already set in memory, writes it out.
+    #[test]
+    fn set_written_on_a_fresh_bitmap_writes_its_map_out() {
+        let (disk, layout, b) = new_disk();
+        drop(b);
+        let fresh = DiskBitmap::fresh(disk.clone(), &layout, 65536, 1).unwrap();
+        fresh.set_written(&[4 * MIB..5 * MIB]).unwrap();
+        assert!(reload(&disk, &layout).any_written(4 * MIB, 5 * MIB));
+        // And a write to it waits for the map as well.
+        let (disk, layout, b) = new_disk();
+        drop(b);
+        let fresh = DiskBitmap::fresh(disk, &layout, 65536, 1).unwrap();
+        let (r, need) = fresh.mark_in_memory(6 * MIB, 6 * MIB + 1);
+        assert!(fresh.needs_write(need));
+        fresh.done(r);
+    }
+
+    /// A disk whose bits cannot be written does not get the data: its
+    /// plex is taken out (another disk's bits let the write go), so its
+    /// written map never lacks what its plex holds.
+    #[test]
+    fn a_disk_that_cannot_write_its_bits_is_taken_out_before_the_data() {
+        use crate::disk::faulty::FaultyDisk;
+        use crate::volume::engine::{EngineOptions, FailureSink, MirrorVolume, Mode, NoSink};
+        use crate::volume::queue::DiskQueue;
+        let layout = Layout::for_member(0, 64 * MIB).unwrap();
+        let set = Arc::new(BitmapSet::default());
+        let (mut plexes, mut mems, mut faulties) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..2 {
+            let mem = Arc::new(MemDisk::new(64 * MIB));
+            let faulty = Arc::new(FaultyDisk::new(mem.clone()));
+            let disk: Arc<dyn Disk> = faulty.clone();
+            let b = DiskBitmap::load(disk.clone(), &layout, 65536, 1).unwrap().0;
+            b.start_written_map(65536);
+            b.persist_header().unwrap();
+            let uuid = Uuid::new_v4();
+            set.insert(uuid, Arc::new(b));
+            let q = DiskQueue::start(
+                &format!("d{i}"),
+                disk,
+                1,
+                std::time::Duration::from_secs(10),
+            );
+            plexes.push(EnginePlex::new(uuid, q, layout.data_offset(), Mode::InSync));
+            mems.push(mem);
+            faulties.push(faulty);
+        }
+        let sink: Arc<dyn FailureSink> = Arc::new(NoSink);
+        let vol = MirrorVolume::new(
+            "v",
+            16 * MIB,
+            plexes,
+            Arc::downgrade(&sink),
+            EngineOptions::default(),
+        );
+        vol.set_intent(set.clone());
+        faulties[1]
+            .fail_writes(layout.written_offset()..layout.written_offset() + written::WRITTEN_SIZE);
+        vol.write(4 * MIB, &[0x5au8; 4096]).unwrap();
+        assert_eq!(vol.plexes()[1].mode(), Mode::Out, "plex 1 is taken out");
+        let mut got = vec![1u8; 4096];
+        mems[1]
+            .read_at(&mut got, layout.data_offset() + 4 * MIB)
+            .unwrap();
+        assert_eq!(got, vec![0u8; 4096], "the data did not reach disk 1");
+        mems[0]
+            .read_at(&mut got, layout.data_offset() + 4 * MIB)
+            .unwrap();
+        assert_eq!(got, vec![0x5au8; 4096], "disk 0 has it");
     }
 
     #[test]

@@ -176,8 +176,10 @@ pub struct IntentGuard {
     /// (a write-behind plex's, whose write waits for them on its own): a
     /// plex's write goes to it only once its bits are durable.
     deferred: Vec<(Uuid, Deferred)>,
-    /// The disks whose bitmaps count this write in until the guard drops.
-    counted: Vec<Uuid>,
+    /// The disks whose bits could not be made durable, with the error:
+    /// their plexes must not take the write (their written maps would
+    /// lack it).
+    unmarked: Vec<(Uuid, io::Error)>,
 }
 
 impl IntentGuard {
@@ -185,19 +187,23 @@ impl IntentGuard {
         IntentGuard {
             inner: Box::new(inner),
             deferred: Vec::new(),
-            counted: Vec::new(),
+            unmarked: Vec::new(),
         }
     }
 
-    /// With the disks whose bitmaps count the write in.
-    pub fn with_counted(mut self, counted: Vec<Uuid>) -> IntentGuard {
-        self.counted = counted;
+    /// With the disks whose bits could not be made durable.
+    pub fn with_unmarked(mut self, unmarked: Vec<(Uuid, io::Error)>) -> IntentGuard {
+        self.unmarked = unmarked;
         self
     }
 
-    /// Whether the bitmap of `disk` counts the write in.
-    pub fn counts(&self, disk: Uuid) -> bool {
-        self.counted.contains(&disk)
+    /// Why the bits of the write on `disk` could not be made durable, if
+    /// they could not.
+    pub fn unmarked(&self, disk: Uuid) -> Option<&io::Error> {
+        self.unmarked
+            .iter()
+            .find(|(d, _)| *d == disk)
+            .map(|(_, e)| e)
     }
 
     /// With the bits of `deferred`'s plexes still on their way.
@@ -870,7 +876,10 @@ impl MirrorVolume {
                 // Requests this thread held back go before it waits.
                 super::queue::unplug_now();
                 match wait() {
-                    Ok(g) => self.write_locked(Some(g), offset, len, run, unwrites, op, done),
+                    Ok(g) => {
+                        self.fail_unmarked(&g);
+                        self.write_locked(Some(g), offset, len, run, unwrites, op, done)
+                    }
                     Err(e) => done(Err(self.intent_failure(offset, e))),
                 }
             }
@@ -881,6 +890,7 @@ impl MirrorVolume {
                 let this = self.clone();
                 let job: Box<dyn FnOnce() + Send> = Box::new(move || match wait() {
                     Ok(g) => {
+                        this.fail_unmarked(&g);
                         this.write_locked(Some(g), offset, len, Run::Queued, unwrites, op, done)
                     }
                     Err(e) => done(Err(this.intent_failure(offset, e))),
@@ -888,6 +898,23 @@ impl MirrorVolume {
                 if let Err(job) = cold_waits().send(job) {
                     (job.0)();
                 }
+            }
+        }
+    }
+
+    /// Takes out the plexes whose disks could not make the write's bits
+    /// durable (another disk did): the write must not reach a disk whose
+    /// written map may lack it. A plex the engine may not take out (a last
+    /// copy) stays and takes the write.
+    fn fail_unmarked(&self, g: &IntentGuard) {
+        for p in self.plexes() {
+            if p.mode() == Mode::Out {
+                continue;
+            }
+            if let Some(e) = g.unmarked(p.disk) {
+                // The error as the disk gave it (a lost link stays a lost
+                // link: the disk comes back by the bitmaps).
+                self.fail_plex(p.disk, e);
             }
         }
     }
@@ -962,7 +989,7 @@ impl MirrorVolume {
                         let plexes: Vec<Arc<EnginePlex>> = after
                             .plexes()
                             .into_iter()
-                            .filter(|p| p.mode() != Mode::Out && g.counts(p.disk))
+                            .filter(|p| p.mode() != Mode::Out && g.unmarked(p.disk).is_none())
                             .collect();
                         i.unwrite(&plexes, offset, len);
                     }
