@@ -140,6 +140,21 @@ fn run_until_cut(paths: &[PathBuf], images: &[Vec<u8>], cut_at: u64, seed: u64) 
     (out, flushed, later, completed)
 }
 
+/// Where each plex of volume m lies: its disk's path, the plex's absolute
+/// offset on it, and the disk's layout.
+fn plex_places(g: &Group) -> (Vec<PathBuf>, Vec<u64>, Vec<mirrorvol::format::Layout>) {
+    let plexes = &g.volume("m").unwrap().plexes;
+    let member = |p: &mirrorvol::format::PlexEntry| &g.members[&p.disk];
+    (
+        plexes.iter().map(|p| member(p).path.clone()).collect(),
+        plexes
+            .iter()
+            .map(|p| member(p).label.layout.data_offset() + p.offset)
+            .collect(),
+        plexes.iter().map(|p| member(p).label.layout).collect(),
+    )
+}
+
 /// The first block of a plex (disk at `order[i]`, plex at absolute
 /// `offsets[i]`) that holds anything but zeroes and is not in its disk's
 /// written map: a written bit is durable before the first write to its
@@ -173,29 +188,7 @@ fn uncovered(
 fn a_crash_at_every_write_and_flush_leaves_equal_plexes_with_every_flushed_write() {
     let dir = tempfile::tempdir().unwrap();
     let (paths, images) = crash_group(dir.path());
-    let g = assemble(&paths);
-    let offsets: Vec<u64> = g
-        .volume("m")
-        .unwrap()
-        .plexes
-        .iter()
-        .map(|p| g.members[&p.disk].label.layout.data_offset() + p.offset)
-        .collect();
-    let order: Vec<PathBuf> = g
-        .volume("m")
-        .unwrap()
-        .plexes
-        .iter()
-        .map(|p| g.members[&p.disk].path.clone())
-        .collect();
-    let layouts: Vec<mirrorvol::format::Layout> = g
-        .volume("m")
-        .unwrap()
-        .plexes
-        .iter()
-        .map(|p| g.members[&p.disk].label.layout)
-        .collect();
-    drop(g);
+    let (order, offsets, layouts) = plex_places(&assemble(&paths));
     let written_covers = |seed: u64, cut_at: u64| {
         if let Some(e) = uncovered(&order, &offsets, &layouts) {
             panic!("seed {seed}, cut at op {cut_at}: {e}");
@@ -491,20 +484,9 @@ fn a_crash_with_a_write_behind_plex_leaves_every_block_in_its_written_map() {
     d.write_mostly = true;
     d.write_behind = 8;
     g.commit().unwrap();
-    let plexes = g.volume("m").unwrap().plexes.clone();
-    let offsets: Vec<u64> = plexes
-        .iter()
-        .map(|p| g.members[&p.disk].label.layout.data_offset() + p.offset)
-        .collect();
-    let names: Vec<std::ffi::OsString> = plexes
-        .iter()
-        .map(|p| g.members[&p.disk].path.file_name().unwrap().to_owned())
-        .collect();
-    let layouts: Vec<mirrorvol::format::Layout> = plexes
-        .iter()
-        .map(|p| g.members[&p.disk].label.layout)
-        .collect();
+    let (order, offsets, layouts) = plex_places(&g);
     drop(g);
+    let names: Vec<&std::ffi::OsStr> = order.iter().map(|p| p.file_name().unwrap()).collect();
     let images: Vec<Vec<u8>> = paths.iter().map(|p| fs::read(p).unwrap()).collect();
     let mut cuts = 0;
     for seed in [1u64, 2] {

@@ -170,6 +170,13 @@ impl BitmapHeader {
         Ok(Some(h))
     }
 
+    /// The regions that lie wholly inside data-area bytes `[start, end)`.
+    pub fn regions_within(&self, start: u64, end: u64) -> std::ops::Range<u64> {
+        let r = self.region_size;
+        let first = start.div_ceil(r);
+        first..(end / r).min(self.regions).max(first)
+    }
+
     /// The regions that data-area bytes `[start, end)` touch.
     pub fn regions_of(&self, start: u64, end: u64) -> std::ops::Range<u64> {
         if end <= start {
@@ -226,5 +233,8 @@ mod tests {
         assert_eq!(h.regions_of(65535, 65537), 0..2);
         assert_eq!(h.regions_of(65536, 131072), 1..2);
         assert_eq!(h.regions_of(5, 5), 0..0);
+        assert_eq!(h.regions_within(1, 3 * 65536 + 5), 1..3);
+        assert_eq!(h.regions_within(65536, 2 * 65536), 1..2);
+        assert!(h.regions_within(5, 65535).is_empty());
     }
 }

@@ -98,25 +98,34 @@ struct Written {
 }
 
 impl Written {
-    /// A map of `header` with every bit `on`, all of it to be written.
-    fn filled(header: BitmapHeader, on: bool) -> Written {
-        let blocks = header.blocks();
-        let mut bits = vec![0u8; (blocks * BITMAP_BLOCK) as usize];
-        if on {
-            for i in 0..header.regions {
-                set_bit(&mut bits, i, true);
-            }
-        }
+    /// A map of `header` holding `bits`: as read from the disk, or made
+    /// anew (`fresh`: all of it, header and blocks, to be written).
+    fn new(header: BitmapHeader, bits: Vec<u8>, fresh: bool) -> Written {
         Written {
             header,
-            header_dirty: true,
+            header_dirty: fresh,
             bits,
-            dirty: (0..blocks).collect(),
+            dirty: if fresh {
+                (0..header.blocks()).collect()
+            } else {
+                BTreeSet::new()
+            },
             set_gen: HashMap::new(),
             floor: 0,
             pending: BTreeMap::new(),
             epoch: 0,
         }
+    }
+
+    /// A map of `header` with every bit `on`, all of it to be written.
+    fn filled(header: BitmapHeader, on: bool) -> Written {
+        let mut bits = vec![0u8; (header.blocks() * BITMAP_BLOCK) as usize];
+        if on {
+            for i in 0..header.regions {
+                set_bit(&mut bits, i, true);
+            }
+        }
+        Written::new(header, bits, true)
     }
 
     /// Copies of bit blocks `which` as they go to the disk: with the bits
@@ -364,16 +373,7 @@ impl DiskBitmap {
         }
         match written::read(disk, layout)? {
             Read::Empty => Ok(None),
-            Read::Good(w) => Ok(Some(Written {
-                set_gen: HashMap::new(),
-                floor: 0,
-                header: w.header,
-                header_dirty: false,
-                bits: w.bits,
-                dirty: BTreeSet::new(),
-                pending: BTreeMap::new(),
-                epoch: 0,
-            })),
+            Read::Good(w) => Ok(Some(Written::new(w.header, w.bits, false))),
             Read::Damaged(why) => {
                 tracing::warn!(
                     offset = layout.written_offset(),
@@ -824,11 +824,6 @@ impl DiskBitmap {
         self.lock().written.is_some()
     }
 
-    /// The written map's region size, when the disk has one.
-    pub fn written_region(&self) -> Option<u64> {
-        self.lock().written.as_ref().map(|w| w.header.region_size)
-    }
-
     /// Data-area ranges within `[start, end)` that were ever written,
     /// merged and in order; all of it on a disk without a written map.
     pub fn written_ranges(&self, start: u64, end: u64) -> Vec<Range<u64>> {
@@ -900,9 +895,8 @@ impl DiskBitmap {
             let Some(w) = st.written.as_mut() else {
                 return Ok(());
             };
-            let r = w.header.region_size;
             let mut changed = false;
-            for i in start.div_ceil(r)..(end / r).min(w.header.regions) {
+            for i in w.header.regions_within(start, end) {
                 if bit(&w.bits, i) {
                     set_bit(&mut w.bits, i, false);
                     w.dirty.insert(i / BITS_PER_BLOCK);
@@ -936,7 +930,7 @@ impl DiskBitmap {
             let r = w.header.region_size;
             w.epoch += 1;
             let mut n = 0;
-            for i in start.div_ceil(r)..(end / r).min(w.header.regions) {
+            for i in w.header.regions_within(start, end) {
                 if !bit(&w.bits, i) {
                     continue;
                 }
