@@ -3,7 +3,7 @@
 //! mirror across a GPT and an MBR disk, and a simple volume on a raw disk,
 //! each filled with a pattern that names its sectors.
 //!
-//! The v2, v3 and v4 images come from `generate_format_images` below (ignored; run it
+//! The v2 to v5 images come from `generate_format_images` below (ignored; run it
 //! with `MIRRORVOL_COMPAT_OUT=tests/data cargo test --test compat --
 //! --ignored generate` on a build whose FORMAT_VERSION is the new one).
 
@@ -285,6 +285,55 @@ fn format_v4_images_open_with_their_written_maps() {
     assert_eq!(
         sb.read_volume("simple"),
         sector_pattern_of(4, "simple", 1 << 20)
+    );
+}
+
+/// A format-4 group has no block checksums: `scrub --repair` hashes the
+/// blocks where its copies agree (and raises the disks to the current
+/// format); from then on a flipped copy is found by the read that meets it
+/// and mended from the other.
+#[test]
+fn format_v4_images_get_checksums_from_scrub_repair() {
+    let sb = Sandbox::new();
+    unpack(&sb, 4);
+    let want = sector_pattern_of(4, "mirror", 2 << 20);
+    let out = sb.mv(&["scrub", "mirror", "--repair"]).ok().stdout;
+    assert!(out.contains("identical"), "{out}");
+    for style in ["gpt", "mbr"] {
+        assert_eq!(label_version(&sb, &format!("v4-{style}.img")), CURRENT);
+    }
+    corrupt(&sb, "v4-gpt.img", "mirror", 4096, 4096);
+    corrupt(&sb, "v4-mbr.img", "mirror", 1 << 20, 100);
+    assert!(sb.read_volume("mirror") == want);
+    assert!(plex_read(&sb, "v4-gpt.img", "mirror", 4096, 4096) == want[4096..8192]);
+    assert!(
+        plex_read(&sb, "v4-mbr.img", "mirror", 1 << 20, 4096) == want[1 << 20..(1 << 20) + 4096]
+    );
+}
+
+#[test]
+fn format_v5_images_open_with_their_block_checksums() {
+    let sb = Sandbox::new();
+    unpack(&sb, 5);
+    let s = sb.status();
+    assert_eq!(volume(&s, "mirror")["state"], "healthy");
+    for style in ["gpt", "mbr", "raw"] {
+        assert_eq!(label_version(&sb, &format!("v5-{style}.img")), 5);
+    }
+    let want = sector_pattern_of(5, "mirror", 2 << 20);
+    corrupt(&sb, "v5-gpt.img", "mirror", 8192, 512);
+    assert!(sb.read_volume("mirror") == want);
+    // Whether the reads met it or not, the bad copy is mended by now or
+    // by a scrub that knows it is the bad one.
+    let out = sb.mv(&["scrub", "mirror", "--repair"]).ok().stdout;
+    assert!(
+        out.contains("identical") || out.contains("do not match the block checksums"),
+        "{out}"
+    );
+    assert!(plex_read(&sb, "v5-gpt.img", "mirror", 8192, 512) == want[8192..8704]);
+    assert_eq!(
+        sb.read_volume("simple"),
+        sector_pattern_of(5, "simple", 1 << 20)
     );
 }
 

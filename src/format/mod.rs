@@ -5,6 +5,7 @@
 //! to the group layer to decide which copy of the config is current.
 
 pub mod bitmap;
+pub mod checksum;
 pub mod config;
 pub mod label;
 pub mod layout;
@@ -42,13 +43,20 @@ pub use partition::Style;
 ///   is raised to 4 with its first bitmap write, so that an older build,
 ///   which would write without setting the map's bits, refuses it.
 ///
+/// - 5: the checksum area holds block checksums ([`checksum`]), kept
+///   consistent with the data by the write-intent bitmap. A disk of
+///   version 4 or older opens with every checksum unknown; its checksum
+///   area is zeroed and it is raised to 5 with its first bitmap write, so
+///   that an older build, which would write data without its checksums,
+///   refuses it. `scrub --repair` hashes what was written before.
+///
 /// Not bumped for the hot-spare mark (`DiskEntry::spare`): it is written
 /// only when true, so a group without spares keeps its exact config text,
 /// and an older build that meets it ignores it (serde keeps unknown fields
 /// out) and sees an ordinary empty disk: it may place a plex there and
 /// drops the mark at its next commit, but loses no data. Refusing the whole
 /// group to older builds for that would cost more than it saves.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 #[cfg(test)]
 mod test_tools;

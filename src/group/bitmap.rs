@@ -114,6 +114,10 @@ impl Group {
         )
         .map_err(|e| Error::io(format!("cannot read the bitmap of {}", m.path.display()), e))?;
         b.set_patient(m.disk.queue());
+        if m.label.version < 5 || !crate::volume::sums::enabled() {
+            // Its checksum area holds nothing yet (format 5).
+            b.sums.distrust();
+        }
         if let Found::Damaged(e) = &found {
             self.warnings.push(format!(
                 "disk {}: its write-intent bitmap is damaged ({e}); its mirrors are resynced in full",
@@ -342,6 +346,17 @@ impl Group {
                 None => Ok(()),
             }
         };
+        // The checksums of both copies there are not trusted after an
+        // unclean stop (written lazily, maybe torn): rehashed from what
+        // both hold now ([`crate::format::checksum`]).
+        let src_map = self.bitmaps.as_ref().and_then(|set| set.get(from));
+        let rehash = |pos: u64, data: &[u8]| {
+            for (map, at) in [(&src_map, src_at), (&dst_map, dst_at)] {
+                if let Some(b) = map {
+                    b.rehash(at - b.data_offset + pos, data);
+                }
+            }
+        };
         let cannot = |verb: &str, path: &str, e| {
             Error::io(format!("resync of volume {name}: cannot {verb} {path}"), e)
         };
@@ -359,7 +374,8 @@ impl Group {
         let results: Vec<Result<(u64, u64)>> = std::thread::scope(|s| {
             let lanes: Vec<_> = (0..AT_ONCE)
                 .map(|lane| {
-                    let (chunks, src, dst, cannot, mark) = (&chunks, &src, &dst, &cannot, &mark);
+                    let (chunks, src, dst, cannot, mark, rehash) =
+                        (&chunks, &src, &dst, &cannot, &mark, &rehash);
                     let (src_path, dst_path) = (&src_path, &dst_path);
                     s.spawn(move || -> Result<(u64, u64)> {
                         let mut want = AlignedBuf::new(COPY_CHUNK, IO_ALIGN);
@@ -370,6 +386,7 @@ impl Group {
                                 .map_err(|e| cannot("read", src_path, e))?;
                             dst.read_at(&mut have[..n], dst_at + pos)
                                 .map_err(|e| cannot("read", dst_path, e))?;
+                            rehash(pos, &want[..n]);
                             if want[..n] != have[..n] {
                                 mark(pos, n).map_err(|e| cannot("mark as written", dst_path, e))?;
                                 dst.write_at(&want[..n], dst_at + pos)

@@ -47,6 +47,7 @@ pub enum EventKind {
     ResyncProgress,
     ResyncFinished,
     ScrubMismatch,
+    ChecksumMismatch,
     SplitBrain,
 }
 
@@ -62,6 +63,7 @@ impl EventKind {
             EventKind::ResyncProgress => "resync-progress",
             EventKind::ResyncFinished => "resync-finished",
             EventKind::ScrubMismatch => "scrub-mismatch",
+            EventKind::ChecksumMismatch => "checksum-mismatch",
             EventKind::SplitBrain => "split-brain",
         }
     }
@@ -198,7 +200,7 @@ impl Event {
             EventKind::DiskFailed | EventKind::SplitBrain => {
                 tracing::error!(event = self.kind.name(), "{line}")
             }
-            EventKind::VolumeDegraded | EventKind::ScrubMismatch => {
+            EventKind::VolumeDegraded | EventKind::ScrubMismatch | EventKind::ChecksumMismatch => {
                 tracing::warn!(event = self.kind.name(), "{line}")
             }
             _ => tracing::info!(event = self.kind.name(), "{line}"),

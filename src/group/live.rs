@@ -336,7 +336,8 @@ impl LiveGroup {
                     .with("length", m.length)
                     .with("plexes", [vec![kept.clone()], outvoted.clone()].concat())
                     .with("kept", kept)
-                    .with("outvoted", outvoted);
+                    .with("outvoted", outvoted)
+                    .with("verdict", m.verdict.name());
                 c.emit(event);
             }
         });
@@ -629,6 +630,23 @@ impl FailureSink for LiveGroup {
 
     fn read_error(&self, volume: &str, disk: Uuid, error: &io::Error, repaired: bool) {
         tracing::warn!(%volume, %disk, %error, repaired, "read error");
+        if let Some(m) = crate::volume::engine::ChecksumMismatch::of(error) {
+            let (volume, offset) = (volume.to_string(), m.offset);
+            let events = self.events.clone();
+            self.send(move |c| {
+                let g = &c.group;
+                let event = Event::new(EventKind::ChecksumMismatch)
+                    .with("group", g.config.name.as_str())
+                    .with("volume", volume.as_str())
+                    .with("disk", g.disk_path(disk))
+                    .with("offset", offset)
+                    .with("repaired", if repaired { "yes" } else { "no" });
+                match events.get() {
+                    Some(events) => events.emit(event),
+                    None => event.log(),
+                }
+            });
+        }
         self.send(move |c| c.count_error(disk));
     }
 }

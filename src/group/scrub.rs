@@ -20,6 +20,8 @@ pub struct ScrubRange {
     /// The plexes whose copy differs from the winning one.
     pub outvoted: Vec<String>,
     pub repaired: bool,
+    /// What decided ([`crate::volume::scrub::Verdict`]).
+    pub verdict: scrub::Verdict,
 }
 
 impl ScrubRange {
@@ -115,6 +117,7 @@ impl Group {
                     kept: path(m.kept),
                     outvoted: m.outvoted.iter().map(|u| path(*u)).collect(),
                     repaired: m.repaired,
+                    verdict: m.verdict,
                 })
                 .collect(),
         })
@@ -145,13 +148,45 @@ pub fn scrub_text(r: &VolumeScrub) -> String {
         out.push_str("; run with --repair to make them equal\n");
     }
     for m in &r.ranges {
+        let outvoted = super::show::and_list(&m.outvoted);
+        let (copy, does) = if m.outvoted.len() == 1 {
+            ("copy", "does")
+        } else {
+            ("copies", "do")
+        };
+        let why = match m.verdict {
+            scrub::Verdict::Checksum => format!(
+                "the {copy} on {outvoted} {does} not match the block checksums, the copy on {} does",
+                m.kept
+            ),
+            scrub::Verdict::Entry => format!(
+                "the copies agree; the block checksums on {outvoted} are damaged, not the data"
+            ),
+            scrub::Verdict::Majority => format!(
+                "no block checksum is known here; most plexes hold the copy on {}",
+                m.kept
+            ),
+            scrub::Verdict::First => format!(
+                "no block checksum is known here and no majority; the copy on {} is the first plex's",
+                m.kept
+            ),
+        };
+        let what = if m.verdict == scrub::Verdict::Entry {
+            "checksums differ"
+        } else {
+            "plexes differ"
+        };
         out.push_str(&format!(
-            "mismatch at offset {}, {} bytes: plexes on {} differ",
+            "mismatch at offset {}, {} bytes: {what} on {} ({why})",
             m.offset,
             m.length,
             super::show::and_list(&m.plexes())
         ));
-        if m.repaired {
+        if m.repaired && m.verdict == scrub::Verdict::Entry {
+            out.push_str(&format!(
+                "; repaired: the checksums on {outvoted} were rewritten\n"
+            ));
+        } else if m.repaired {
             out.push_str(&format!(
                 "; repaired: the copy on {} was written to {}\n",
                 m.kept,
@@ -182,6 +217,7 @@ pub fn scrub_json(r: &VolumeScrub) -> Value {
             "kept": m.kept,
             "outvoted": m.outvoted,
             "repaired": m.repaired,
+            "verdict": m.verdict.name(),
         })).collect::<Vec<_>>(),
     })
 }

@@ -25,13 +25,15 @@ use std::sync::{Arc, Mutex};
 
 use uuid::Uuid;
 
-use super::engine::{Begun, Deferred, EnginePlex, IntentGuard, Later, WriteIntent};
+use super::engine::{Begun, Deferred, EnginePlex, IntentGuard, Later, NewSums, WriteIntent};
 use super::generation::{GenerationKeeper, GenerationTicket, VersionRaise};
+use super::sums::DiskSums;
 use crate::disk::Disk;
 use crate::format::Layout;
 use crate::format::bitmap::{
     BITMAP_BLOCK, BITS_PER_BLOCK, BitmapError, BitmapHeader, bit, set_bit,
 };
+use crate::format::checksum::{UNKNOWN, zero_sum};
 use crate::format::state::Read;
 use crate::format::written;
 
@@ -184,6 +186,10 @@ struct State {
     /// The written map; `None` on a disk without one (formatted before
     /// format 4): every region counts as written.
     written: Option<Written>,
+    /// Regions whose checksums are not trusted: dirty when the disk was
+    /// opened, not rehashed whole since. Their entries count as unknown,
+    /// and are made so on disk before their bits are cleared.
+    untrusted: BTreeSet<u64>,
 }
 
 /// One disk's bitmap.
@@ -219,6 +225,9 @@ pub struct DiskBitmap {
     /// Writes waiting for their bits without a thread each
     /// ([`DiskBitmap::when_durable`]).
     waiters: Mutex<Waiters>,
+    /// The disk's block checksums ([`crate::format::checksum`]): written
+    /// out by the clearing pass before the bits of their regions go.
+    pub sums: DiskSums,
 }
 
 /// What waits for a generation of a bitmap to be durable: (generation,
@@ -315,6 +324,18 @@ impl DiskBitmap {
             }
         }
         let written = DiskBitmap::load_written(&*disk, layout, wanted_region, read)?;
+        // The checksums are trusted where the bitmap and the written map
+        // tell what they cover: both read whole (the caller distrusts a
+        // disk of an older format).
+        let trusted = found == Found::Valid && written.as_ref().is_some_and(|w| !w.header_dirty);
+        let sums = DiskSums::new(layout, trusted);
+        // Regions dirty at the last stop: their entries may lag their data
+        // (or be torn); unknown until rehashed whole.
+        let untrusted = if trusted {
+            uses.keys().copied().collect()
+        } else {
+            BTreeSet::new()
+        };
         let b = DiskBitmap {
             disk,
             area,
@@ -329,6 +350,7 @@ impl DiskBitmap {
                 generation: 0,
                 dirty: BTreeSet::new(),
                 written,
+                untrusted,
             }),
             io: Mutex::new(false),
             io_done: std::sync::Condvar::new(),
@@ -338,6 +360,7 @@ impl DiskBitmap {
             hot_set: AtomicU64::new(HOT_SET_BYTES),
             raise: std::sync::OnceLock::new(),
             waiters: Mutex::new(Waiters::default()),
+            sums,
         };
         {
             let mut s = b.lock();
@@ -479,12 +502,17 @@ impl DiskBitmap {
             // region goes to this disk, with the same bitmap write.
             let st = &mut *s;
             if let Some(w) = st.written.as_mut() {
+                let r = w.header.region_size;
                 for i in w.header.regions_of(start, end) {
                     if !bit(&w.bits, i) && !bumped {
                         st.generation += 1;
                         bumped = true;
                     }
-                    w.set(i, st.generation);
+                    if w.set(i, st.generation) {
+                        // Never written: zeroes, whatever its entries said
+                        // (set under the lock, before any write to it).
+                        self.sums.fill(&*self.disk, i * r, (i + 1) * r, zero_sum());
+                    }
                     if let Some(g) = w.set_gen.get(&i) {
                         need = need.max(*g);
                     }
@@ -659,6 +687,9 @@ impl DiskBitmap {
             (header, blocks, written_header, written_blocks, s.generation)
         };
         let r = (|| {
+            // An area of untrusted checksums is zeroed before the disk
+            // may be taken for one of format 5.
+            self.sums.wipe_if_needed(disk)?;
             if let Some(raise) = self.raise.get() {
                 raise.ensure()?;
             }
@@ -732,6 +763,21 @@ impl DiskBitmap {
         self.persist(need, false)
     }
 
+    /// Writes out the checksums changed in memory (without a flush); an
+    /// untrusted area is zeroed and the disk raised to format 5 first.
+    fn write_sums(&self) -> io::Result<()> {
+        if !self.sums.has_dirty() {
+            return Ok(());
+        }
+        let _writing = self.begin_write(false)?;
+        self.sums.wipe_if_needed(&*self.disk)?;
+        if let Some(raise) = self.raise.get() {
+            raise.ensure()?;
+        }
+        self.sums.write_out(&*self.disk)?;
+        Ok(())
+    }
+
     /// Sets the bytes of the hot set (see [`HOT_SET_BYTES`]).
     pub fn set_hot_set(&self, bytes: u64) {
         self.hot_set.store(bytes, Ordering::Relaxed);
@@ -788,6 +834,14 @@ impl DiskBitmap {
             }
             out
         };
+        if candidates.is_empty() && !self.sums.has_dirty() {
+            return Ok(0);
+        }
+        self.settle_untrusted(&candidates);
+        // The checksums of the regions chosen are final (a write since
+        // makes its region hot again): they go out now, and the flush
+        // makes them durable with the data before the bits go.
+        self.write_sums()?;
         if candidates.is_empty() {
             return Ok(0);
         }
@@ -816,6 +870,70 @@ impl DiskBitmap {
         };
         self.persist(need.0, false)?;
         Ok(need.1)
+    }
+
+    /// The checksum entries of `n` blocks from block-aligned data-area
+    /// offset `first`: unknown in regions never written (they read as
+    /// zeroes whatever their entries say).
+    pub fn sums_of(&self, first: u64, n: u64) -> Vec<u32> {
+        let mut v = self.sums.get(&*self.disk, first, n);
+        let s = self.lock();
+        if !s.untrusted.is_empty() {
+            let r = s.header.region_size;
+            for (j, e) in v.iter_mut().enumerate() {
+                let i = (first + j as u64 * crate::format::checksum::DATA_BLOCK) / r;
+                if s.untrusted.contains(&i) {
+                    *e = UNKNOWN;
+                }
+            }
+        }
+        if let Some(w) = s.written.as_ref() {
+            let r = w.header.region_size;
+            for (j, e) in v.iter_mut().enumerate() {
+                let i = (first + j as u64 * crate::format::checksum::DATA_BLOCK) / r;
+                if i >= w.header.regions || !bit(&w.bits, i) {
+                    *e = UNKNOWN;
+                }
+            }
+        }
+        v
+    }
+
+    /// Records the checksums of `data`, now at data-area offset `start`
+    /// (whole blocks only).
+    pub fn rehash(&self, start: u64, data: &[u8]) {
+        let (first, sums) = crate::format::checksum::sums_of(start, data);
+        self.sums.set_read(&*self.disk, first, &sums);
+        self.trust_within(start, start + data.len() as u64);
+    }
+
+    /// The regions wholly inside data-area `[start, end)` got every
+    /// checksum anew: trusted from now on.
+    pub fn trust_within(&self, start: u64, end: u64) {
+        let mut s = self.lock();
+        if s.untrusted.is_empty() {
+            return;
+        }
+        for i in s.header.regions_within(start, end) {
+            s.untrusted.remove(&i);
+        }
+    }
+
+    /// Makes the entries of untrusted regions among `regions` unknown, in
+    /// memory and (with the next write-out) on disk, before their bits go.
+    fn settle_untrusted(&self, regions: &[u64]) {
+        let (r, which): (u64, Vec<u64>) = {
+            let mut s = self.lock();
+            let which = regions
+                .iter()
+                .copied()
+                .filter(|i| s.untrusted.remove(i))
+                .collect();
+            (s.header.region_size, which)
+        };
+        for i in which {
+            self.sums.fill(&*self.disk, i * r, (i + 1) * r, UNKNOWN);
+        }
     }
 
     /// Whether the disk has a written map (a disk formatted before format 4
@@ -993,6 +1111,14 @@ impl DiskBitmap {
     /// them equal everywhere (the caller flushed the copies). Offline use:
     /// no write may be in flight.
     pub fn clear_range(&self, start: u64, end: u64) -> io::Result<()> {
+        // The checksums rehashed there are durable before the bits go
+        // (those not rehashed become unknown).
+        let regions: Vec<u64> = self.lock().header.regions_of(start, end).collect();
+        self.settle_untrusted(&regions);
+        if self.sums.has_dirty() {
+            self.write_sums()?;
+            self.disk.flush()?;
+        }
         let need = {
             let mut s = self.lock();
             for i in s.header.regions_of(start, end) {
@@ -1235,6 +1361,49 @@ impl WriteIntent for BitmapSet {
                 b.unwrite(start, start + len);
             }
         }
+    }
+
+    fn record_sums(&self, plexes: &[Arc<EnginePlex>], sums: &NewSums) {
+        use crate::format::checksum::DATA_BLOCK;
+        if !super::sums::enabled() {
+            return;
+        }
+        let disks = self.read();
+        for p in plexes {
+            let Some(b) = disks.get(&p.disk) else {
+                continue;
+            };
+            let shift = p.offset - b.data_offset;
+            match sums {
+                NewSums::Each(first, v) => {
+                    b.sums.set(&*b.disk, shift + first, v);
+                    let start = shift + first;
+                    b.trust_within(start, start + v.len() as u64 * DATA_BLOCK);
+                }
+                NewSums::Zeroes(offset, len) => {
+                    b.trust_within(shift + offset, shift + offset + len);
+                    let (start, end) = (shift + offset, shift + offset + len);
+                    b.sums.fill(&*b.disk, start, end, zero_sum());
+                    // Blocks covered in part: their other bytes unread.
+                    let head = start / DATA_BLOCK * DATA_BLOCK;
+                    let tail = end / DATA_BLOCK * DATA_BLOCK;
+                    if head != start {
+                        b.sums.set(&*b.disk, head, &[UNKNOWN]);
+                    }
+                    if tail != end && tail != head {
+                        b.sums.set(&*b.disk, tail, &[UNKNOWN]);
+                    }
+                }
+            }
+        }
+    }
+
+    fn sums(&self, plex: &EnginePlex, first: u64, n: u64) -> Option<Vec<u32>> {
+        if !super::sums::enabled() {
+            return None;
+        }
+        let b = self.read().get(&plex.disk)?.clone();
+        Some(b.sums_of(plex.offset - b.data_offset + first, n))
     }
 
     fn cover_written(

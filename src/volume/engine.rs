@@ -103,6 +103,15 @@ pub trait WriteIntent: Send + Sync {
     /// unwritten where no other write to them is marked.
     fn unwrite(&self, _plexes: &[Arc<EnginePlex>], _offset: u64, _len: u64) {}
 
+    /// Sets the block checksums of `plexes` ([`crate::format::checksum`]).
+    fn record_sums(&self, _plexes: &[Arc<EnginePlex>], _sums: &NewSums) {}
+
+    /// The block checksums of `plex` for `n` blocks from block-aligned
+    /// volume offset `first` (0: unknown); `None` when its disk keeps none.
+    fn sums(&self, _plex: &EnginePlex, _first: u64, _n: u64) -> Option<Vec<u32>> {
+        None
+    }
+
     /// Records on the disk of `target` as written every volume byte below
     /// `len` that the disk of any of `sources` records as written (all of
     /// them where one cannot tell); returns once that is durable.
@@ -113,6 +122,41 @@ pub trait WriteIntent: Send + Sync {
         _len: u64,
     ) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Block checksums a write leaves on the plexes it goes to.
+#[derive(Debug, Clone)]
+pub enum NewSums {
+    /// From block-aligned volume offset `.0`, one entry per block (0:
+    /// unknown).
+    Each(u64, Vec<u32>),
+    /// Zeroes over volume bytes `.0 .. .0 + .1`: the zero block's entry
+    /// for the blocks covered whole, unknown for those covered in part.
+    Zeroes(u64, u64),
+}
+
+impl NewSums {
+    /// The entries a write of `data` at volume offset `offset` leaves: the
+    /// blocks it covers whole get theirs, those it covers in part become
+    /// unknown (their other bytes were not read).
+    pub fn of_write(offset: u64, data: &[u8]) -> NewSums {
+        use crate::format::checksum::{DATA_BLOCK, UNKNOWN, sum};
+        let len = data.len() as u64;
+        let first = offset / DATA_BLOCK * DATA_BLOCK;
+        let end = (offset + len).div_ceil(DATA_BLOCK) * DATA_BLOCK;
+        let mut v = Vec::with_capacity(((end - first) / DATA_BLOCK) as usize);
+        let mut b = first;
+        while b < end {
+            if b >= offset && b + DATA_BLOCK <= offset + len {
+                let i = (b - offset) as usize;
+                v.push(sum(&data[i..i + DATA_BLOCK as usize]));
+            } else {
+                v.push(UNKNOWN);
+            }
+            b += DATA_BLOCK;
+        }
+        NewSums::Each(first, v)
     }
 }
 
@@ -452,6 +496,37 @@ type FanDone = Box<dyn FnOnce(Outcomes) + Send>;
 /// Every plex's outcome of one fanned-out request.
 type Outcomes = Vec<(Arc<EnginePlex>, Outcome)>;
 
+/// A copy that does not match its block checksum (the error of a read
+/// from it, with what it read).
+#[derive(Debug)]
+pub struct ChecksumMismatch {
+    /// The disk's name.
+    pub disk: String,
+    /// Volume offset of the first block that differs.
+    pub offset: u64,
+    /// What the read returned.
+    pub data: AlignedBuf,
+}
+
+impl ChecksumMismatch {
+    /// The mismatch an I/O error carries, if it is one.
+    pub fn of(e: &io::Error) -> Option<&ChecksumMismatch> {
+        e.get_ref()?.downcast_ref::<ChecksumMismatch>()
+    }
+}
+
+impl std::fmt::Display for ChecksumMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the copy on disk {} does not match its checksum at volume offset {}",
+            self.disk, self.offset
+        )
+    }
+}
+
+impl std::error::Error for ChecksumMismatch {}
+
 fn eio(msg: String) -> io::Error {
     io::Error::other(msg)
 }
@@ -787,11 +862,17 @@ impl MirrorVolume {
         let len = data.len() as u64;
         self.io.writes.fetch_add(1, Ordering::Relaxed);
         self.io.written_bytes.fetch_add(len, Ordering::Relaxed);
+        let sums = self
+            .intent
+            .get()
+            .filter(|_| super::sums::enabled())
+            .map(|_| NewSums::of_write(offset, &data));
         self.submit_fanned(
             offset,
             len,
             run,
             false,
+            sums,
             move |p| Op::Write {
                 offset: p.offset + offset,
                 data: data.clone(),
@@ -823,6 +904,7 @@ impl MirrorVolume {
             len,
             run,
             !keep,
+            Some(NewSums::Zeroes(offset, len)),
             move |p| Op::WriteZeroes {
                 offset: p.offset + offset,
                 len,
@@ -833,12 +915,14 @@ impl MirrorVolume {
         );
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn submit_fanned(
         self: &Arc<Self>,
         offset: u64,
         len: u64,
         run: Run,
         unwrites: bool,
+        sums: Option<NewSums>,
         op: impl Fn(&EnginePlex) -> Op + Send + 'static,
         done: Done<()>,
     ) {
@@ -865,9 +949,9 @@ impl MirrorVolume {
             None => None,
         };
         match begun {
-            None => self.write_locked(None, offset, len, run, unwrites, op, done),
+            None => self.write_locked(None, offset, len, run, unwrites, sums, op, done),
             Some(Begun::Ready(g)) => {
-                self.write_locked(Some(g), offset, len, run, unwrites, op, done)
+                self.write_locked(Some(g), offset, len, run, unwrites, sums, op, done)
             }
             Some(Begun::Pending {
                 wait,
@@ -878,7 +962,7 @@ impl MirrorVolume {
                 match wait() {
                     Ok(g) => {
                         self.fail_unmarked(&g);
-                        self.write_locked(Some(g), offset, len, run, unwrites, op, done)
+                        self.write_locked(Some(g), offset, len, run, unwrites, sums, op, done)
                     }
                     Err(e) => done(Err(self.intent_failure(offset, e))),
                 }
@@ -891,7 +975,16 @@ impl MirrorVolume {
                 let job: Box<dyn FnOnce() + Send> = Box::new(move || match wait() {
                     Ok(g) => {
                         this.fail_unmarked(&g);
-                        this.write_locked(Some(g), offset, len, Run::Queued, unwrites, op, done)
+                        this.write_locked(
+                            Some(g),
+                            offset,
+                            len,
+                            Run::Queued,
+                            unwrites,
+                            sums,
+                            op,
+                            done,
+                        )
                     }
                     Err(e) => done(Err(this.intent_failure(offset, e))),
                 });
@@ -941,6 +1034,7 @@ impl MirrorVolume {
         len: u64,
         run: Run,
         unwrites: bool,
+        sums: Option<NewSums>,
         op: impl Fn(&EnginePlex) -> Op + Send + 'static,
         done: Done<()>,
     ) {
@@ -964,6 +1058,12 @@ impl MirrorVolume {
                 .into_iter()
                 .filter(|p| p.mode() != Mode::Out)
                 .collect();
+            // The new checksums, in the order the range lock gives the
+            // writes (a read racing this write may see either: it checks
+            // again under the range lock before it calls a copy bad).
+            if let (Some(i), Some(sums)) = (this.intent.get(), &sums) {
+                i.record_sums(&targets, sums);
+            }
             // Write-behind needs another in-sync plex that waits for the
             // write: the client's answer stands on it.
             // And a write-intent bitmap, to keep its regions dirty.
@@ -1523,6 +1623,15 @@ impl MirrorVolume {
             if let Some(p) = self.behind_reader(&tried) {
                 return self.read_after_behind(offset, len, p, tried, done);
             }
+            if let Some(data) = self.merged_copy(&tried, offset) {
+                return done(Ok(data));
+            }
+            // Copies that failed their checksums, none of them good.
+            for (p, e) in &tried {
+                if ChecksumMismatch::of(e).is_some() {
+                    self.with_sink(|s| s.read_error(&self.name, p.disk, e, false));
+                }
+            }
             let e = match tried.pop() {
                 Some((p, e)) => IoFailure {
                     op: "read",
@@ -1552,12 +1661,17 @@ impl MirrorVolume {
             deadline,
             Box::new(move |outcome| match outcome {
                 Ok(buf) => {
+                    let buf = buf.unwrap_or_else(|| AlignedBuf::new(0, 1));
+                    if let Some(block) = this.mismatch(&p, offset, &buf) {
+                        return this
+                            .checksum_failed(offset, len, p, buf, block, tried, range_held, done);
+                    }
                     p.last_read_end
                         .store(offset + len as u64, Ordering::Relaxed);
                     if !tried.is_empty() {
                         this.repair_after_read(offset, len, p, tried);
                     }
-                    done(Ok(buf.unwrap_or_else(|| AlignedBuf::new(0, 1))));
+                    done(Ok(buf));
                 }
                 Err(e) => {
                     p.read_errors.fetch_add(1, Ordering::Relaxed);
@@ -1568,6 +1682,223 @@ impl MirrorVolume {
                 }
             }),
         );
+    }
+
+    /// The block checksums of `plex` for `n` blocks from block-aligned
+    /// volume offset `first` (0: unknown); `None` without any.
+    pub fn block_sums(&self, plex: &EnginePlex, first: u64, n: u64) -> Option<Vec<u32>> {
+        self.intent.get()?.sums(plex, first, n)
+    }
+
+    /// Whether `data`, read from `plex` at volume `offset`, matches its
+    /// block checksums where they are known.
+    pub fn matches_sums(&self, plex: &EnginePlex, offset: u64, data: &[u8]) -> bool {
+        self.mismatch(plex, offset, data).is_none()
+    }
+
+    /// Records the block checksums a write left on the plex on `disk`
+    /// (one the engine did not make: a resync's copy).
+    pub fn record_sums(&self, disk: Uuid, sums: &NewSums) {
+        if let (Some(i), Some(p)) = (self.intent.get(), self.plex(disk)) {
+            i.record_sums(&[p], sums);
+        }
+    }
+
+    /// The first block of `data`, read from `plex` at volume `offset`,
+    /// whose checksum is known and differs; blocks read in part are not
+    /// checked.
+    fn mismatch(&self, plex: &EnginePlex, offset: u64, data: &[u8]) -> Option<u64> {
+        use crate::format::checksum::{DATA_BLOCK, UNKNOWN, sum, whole_blocks};
+        let intent = self.intent.get()?;
+        let (first, n) = whole_blocks(offset, data.len() as u64);
+        if n == 0 {
+            return None;
+        }
+        let sums = intent.sums(plex, first, n)?;
+        let skip = (first - offset) as usize;
+        sums.iter().enumerate().find_map(|(j, e)| {
+            let at = skip + j * DATA_BLOCK as usize;
+            (*e != UNKNOWN && sum(&data[at..at + DATA_BLOCK as usize]) != *e)
+                .then_some(first + j as u64 * DATA_BLOCK)
+        })
+    }
+
+    /// A read from `plex` that does not match its checksums. Read again
+    /// with the range held (a write racing the read may have changed the
+    /// data or its checksum in between); if it still differs the copy is
+    /// bad there: the read goes to another plex, which repairs this one
+    /// as after a read error ([`MirrorVolume::repair_after_read`]).
+    #[allow(clippy::too_many_arguments)]
+    fn checksum_failed(
+        self: &Arc<Self>,
+        offset: u64,
+        len: usize,
+        plex: Arc<EnginePlex>,
+        data: AlignedBuf,
+        block: u64,
+        mut tried: Vec<(Arc<EnginePlex>, io::Error)>,
+        range_held: bool,
+        done: Done<AlignedBuf>,
+    ) {
+        if range_held {
+            plex.read_errors.fetch_add(1, Ordering::Relaxed);
+            let e = ChecksumMismatch {
+                disk: plex.queue.name().to_string(),
+                offset: block,
+                data,
+            };
+            tried.push((plex, io::Error::new(io::ErrorKind::InvalidData, e)));
+            return self.read_from(offset, len, Run::Queued, tried, true, done);
+        }
+        drop(data);
+        let this = self.clone();
+        self.lock
+            .acquire(offset..offset + len as u64, move |guard| {
+                let (lock, p) = (this.clone(), plex.clone());
+                let done: Done<AlignedBuf> = Box::new(move |r| {
+                    lock.lock.release(guard);
+                    done(r);
+                });
+                let again = this.clone();
+                let deadline = this.in_sync() > 1;
+                plex.queue.dispatch(
+                    Run::Queued,
+                    Op::Read {
+                        offset: plex.offset + offset,
+                        len,
+                    },
+                    deadline,
+                    Box::new(move |outcome| match outcome {
+                        Ok(buf) => {
+                            let buf = buf.unwrap_or_else(|| AlignedBuf::new(0, 1));
+                            match again.mismatch(&p, offset, &buf) {
+                                None => {
+                                    if !tried.is_empty() {
+                                        again.repair_after_read(offset, len, p, tried);
+                                    }
+                                    done(Ok(buf))
+                                }
+                                Some(block) => again
+                                    .checksum_failed(offset, len, p, buf, block, tried, true, done),
+                            }
+                        }
+                        Err(e) => {
+                            p.read_errors.fetch_add(1, Ordering::Relaxed);
+                            tried.push((p, e));
+                            again.read_from(offset, len, Run::Queued, tried, true, done);
+                        }
+                    }),
+                );
+            });
+    }
+
+    /// Every in-sync plex failed the read, some or all by checksum: the
+    /// copies that were read whole (each bad somewhere) are merged block
+    /// by block. A block comes from a copy that matches its checksum
+    /// there; where none does but every copy read agrees, from them (their
+    /// checksums are what is wrong: independent disks do not go bad
+    /// alike). The merged data is served, and written back, under the
+    /// range lock, to every plex that tried and differs from it. `None`
+    /// when some block has no such copy: nothing can tell which is right.
+    fn merged_copy(
+        self: &Arc<Self>,
+        tried: &[(Arc<EnginePlex>, io::Error)],
+        offset: u64,
+    ) -> Option<AlignedBuf> {
+        use crate::format::checksum::{DATA_BLOCK, UNKNOWN, sum};
+        let copies: Vec<(&Arc<EnginePlex>, &ChecksumMismatch)> = tried
+            .iter()
+            .filter_map(|(p, e)| Some((p, ChecksumMismatch::of(e)?)))
+            .collect();
+        let (_, first) = copies.first()?;
+        let len = first.data.len();
+        let mut out = AlignedBuf::from_slice(&first.data);
+        let end = offset + len as u64;
+        let mut b = offset / DATA_BLOCK * DATA_BLOCK;
+        while b < end {
+            let (lo, hi) = (b.max(offset), (b + DATA_BLOCK).min(end));
+            let r = (lo - offset) as usize..(hi - offset) as usize;
+            let whole = lo == b && hi == b + DATA_BLOCK;
+            let good = copies.iter().find(|(p, m)| {
+                whole
+                    && self
+                        .block_sums(p, b, 1)
+                        .is_some_and(|e| e[0] != UNKNOWN && sum(&m.data[r.clone()]) == e[0])
+            });
+            let chosen = match good {
+                Some((_, m)) => &m.data,
+                None if copies.len() >= 2
+                    && copies
+                        .iter()
+                        .all(|(_, m)| m.data[r.clone()] == first.data[r.clone()]) =>
+                {
+                    &first.data
+                }
+                // Unchecked (read in part) and not agreed: the first copy,
+                // as a mirror without checksums serves one.
+                None if !whole => &first.data,
+                None => return None,
+            };
+            out[r.clone()].copy_from_slice(&chosen[r]);
+            b += DATA_BLOCK;
+        }
+        let merged = Arc::new(AlignedBuf::from_slice(&out));
+        // The errors as reported (a mismatch stays one, without its data).
+        let reported = |p: &EnginePlex, e: &io::Error| match ChecksumMismatch::of(e) {
+            Some(m) => io::Error::new(
+                io::ErrorKind::InvalidData,
+                ChecksumMismatch {
+                    disk: m.disk.clone(),
+                    offset: m.offset,
+                    data: AlignedBuf::new(0, 1),
+                },
+            ),
+            None => io::Error::new(e.kind(), format!("{} on disk {}", e, p.queue.name())),
+        };
+        let fix: Vec<(Arc<EnginePlex>, io::Error)> = tried
+            .iter()
+            .filter(|(_, e)| ChecksumMismatch::of(e).is_none_or(|m| m.data[..] != merged[..]))
+            .map(|(p, e)| (p.clone(), reported(p, e)))
+            .collect();
+        let agreed_errors: Vec<io::Error> = tried
+            .iter()
+            .filter(|(_, e)| ChecksumMismatch::of(e).is_some_and(|m| m.data[..] == merged[..]))
+            .map(|(p, e)| reported(p, e))
+            .collect();
+        let agreed: Vec<Arc<EnginePlex>> = tried
+            .iter()
+            .filter(|(_, e)| ChecksumMismatch::of(e).is_some_and(|m| m.data[..] == merged[..]))
+            .map(|(p, _)| p.clone())
+            .collect();
+        // Copies that hold the merged data already: their checksums are
+        // what was wrong.
+        if let Some(i) = self.intent.get()
+            && !agreed.is_empty()
+        {
+            i.record_sums(&agreed, &NewSums::of_write(offset, &merged));
+        }
+        tracing::warn!(
+            volume = %self.name,
+            offset,
+            len,
+            "no single copy matched its checksums over the whole read: served block by block from the copies that do"
+        );
+        let this = self.clone();
+        self.lock.acquire(offset..end, move |guard| {
+            std::thread::spawn(move || {
+                for (plex, error) in fix {
+                    // A write since the read may have failed the plex.
+                    let repaired = plex.mode() == Mode::InSync
+                        && this.write_back(&plex, offset, merged.clone()).is_ok();
+                    this.with_sink(|s| s.read_error(&this.name, plex.disk, &error, repaired));
+                }
+                for (plex, e) in agreed.iter().zip(&agreed_errors) {
+                    this.with_sink(|s| s.read_error(&this.name, plex.disk, e, true));
+                }
+                this.lock.release(guard);
+            });
+        });
+        Some(out)
     }
 
     /// An in-sync plex with writes behind, not tried yet: the only kind
@@ -1674,9 +2005,6 @@ impl MirrorVolume {
         offset: u64,
         len: usize,
     ) -> io::Result<()> {
-        // A file truncated under the plex must not be grown back by the
-        // repair, with holes that read as zeroes where its data was.
-        wait(|cb| bad.queue.submit(Op::Check, true, cb))?;
         // With a deadline: a source that hangs now must not hold the range
         // (and every write to it) forever.
         let data = Arc::new(read_data(wait(|cb| {
@@ -1689,6 +2017,16 @@ impl MirrorVolume {
                 cb,
             )
         }))?);
+        self.write_back(bad, offset, data)
+    }
+
+    /// Writes `data` over volume `offset` of `bad` and checks it reads
+    /// back equal; its checksums there become those of `data`.
+    fn write_back(&self, bad: &EnginePlex, offset: u64, data: Arc<AlignedBuf>) -> io::Result<()> {
+        let len = data.len();
+        // A file truncated under the plex must not be grown back by the
+        // repair, with holes that read as zeroes where its data was.
+        wait(|cb| bad.queue.submit(Op::Check, true, cb))?;
         wait(|cb| {
             bad.queue.submit(
                 Op::Write {
@@ -1715,6 +2053,11 @@ impl MirrorVolume {
                 "disk {} read back other data than was rewritten at offset {offset}",
                 bad.queue.name()
             )));
+        }
+        // The copy is good now, and so are its checksums (a damaged
+        // checksum block is mended this way too).
+        if let (Some(i), Some(plex)) = (self.intent.get(), self.plex(bad.disk)) {
+            i.record_sums(&[plex], &NewSums::of_write(offset, &data));
         }
         Ok(())
     }

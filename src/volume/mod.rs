@@ -17,6 +17,7 @@ pub mod queue;
 pub mod range_lock;
 pub mod resync;
 pub mod scrub;
+pub mod sums;
 
 /// Bytes moved per step by volume copies.
 pub const COPY_CHUNK: usize = 4 << 20;

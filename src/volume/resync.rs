@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::engine::{EnginePlex, MirrorVolume, Mode};
+use super::engine::{EnginePlex, MirrorVolume, Mode, NewSums};
 use super::queue::{Op, Outcome, wait};
 use crate::disk::AlignedBuf;
 
@@ -410,6 +410,7 @@ fn start_chunk(
         });
     }
     if hole_from(run) >= run {
+        volume.record_sums(target.disk, &NewSums::Zeroes(pos, run));
         return Ok(submit_write(
             target,
             Op::WriteZeroes {
@@ -440,7 +441,9 @@ fn start_chunk(
         .first()
         .map(|p| p.queue.read_into(p.offset + pos, n, buf, true));
     let buf = match direct {
-        Some(Ok(buf)) => buf,
+        // A copy that does not match its checksums is read the engine's
+        // way instead: from another plex, and this one repaired.
+        Some(Ok(buf)) if volume.matches_sums(&in_sync[0], pos, &buf[..n]) => buf,
         // The only copy hangs: nothing to fall back on, and the range must
         // not stay held.
         Some(Err(error)) if error.kind() == io::ErrorKind::TimedOut && in_sync.len() < 2 => {
@@ -458,6 +461,9 @@ fn start_chunk(
             .read_for_resync(pos, n)
             .map_err(|error| ResyncError::Source { offset: pos, error })?,
     };
+    // The target's checksums are those of what it gets, set before its
+    // write lands (the range is held: nothing reads it meanwhile).
+    volume.record_sums(target.disk, &NewSums::of_write(pos, &buf[..n]));
     // Zeroes cost no data transfer (a hole in a file, BLKZEROOUT).
     let buf = Arc::new(buf);
     let op = if buf.iter().all(|&b| b == 0) {

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::engine::{EnginePlex, MirrorVolume, Mode};
+use super::engine::{EnginePlex, MirrorVolume, Mode, NewSums};
 use super::queue::{Op, QueuedDisk, channel, read_data, received};
 use crate::disk::AlignedBuf;
 use crate::disk::Disk;
@@ -76,6 +76,35 @@ pub struct Mismatch {
     pub outvoted: Vec<Uuid>,
     /// The winning copy was written to the outvoted plexes and read back.
     pub repaired: bool,
+    /// What decided.
+    pub verdict: Verdict,
+}
+
+/// What decides which copy of a range is right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The kept copy matches its block checksums; the outvoted ones differ
+    /// from it, and from their own checksums where those are known.
+    Checksum,
+    /// The copies agree, but the checksums on the outvoted plexes do not
+    /// match them: their checksum entries are damaged, not their data.
+    Entry,
+    /// No checksum is known there: the copy most plexes hold.
+    Majority,
+    /// No checksum is known there and no majority: the first plex's copy.
+    First,
+}
+
+impl Verdict {
+    /// As `scrub --json` and the events name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Checksum => "checksum",
+            Verdict::Entry => "checksum-entry",
+            Verdict::Majority => "majority",
+            Verdict::First => "first-plex",
+        }
+    }
 }
 
 /// What a scrub found.
@@ -228,7 +257,8 @@ pub fn scrub(
                     if last.offset + last.length == m.offset
                         && last.kept == m.kept
                         && last.outvoted == m.outvoted
-                        && last.repaired == m.repaired =>
+                        && last.repaired == m.repaired
+                        && last.verdict == m.verdict =>
                 {
                     last.length += m.length
                 }
@@ -256,6 +286,79 @@ struct Run {
     len: usize,
     kept: usize,
     outvoted: Vec<usize>,
+    verdict: Verdict,
+}
+
+/// Per plex, per 4 KiB block of a chunk: whether its copy matches its
+/// checksum (`None`: not known).
+fn block_checks(
+    volume: &MirrorVolume,
+    plexes: &[Arc<EnginePlex>],
+    bufs: &[AlignedBuf],
+    pos: u64,
+    n: usize,
+) -> Vec<Vec<Option<bool>>> {
+    use crate::format::checksum::{DATA_BLOCK, UNKNOWN, sum};
+    let blocks = n / DATA_BLOCK as usize;
+    plexes
+        .iter()
+        .zip(bufs)
+        .map(|(p, b)| match volume.block_sums(p, pos, blocks as u64) {
+            None => vec![None; blocks],
+            Some(sums) => sums
+                .iter()
+                .enumerate()
+                .map(|(j, e)| {
+                    (*e != UNKNOWN).then(|| {
+                        sum(&b[j * DATA_BLOCK as usize..(j + 1) * DATA_BLOCK as usize]) == *e
+                    })
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Who wins sector `s`: by the block checksums where a copy matches its
+/// own, else by [`winner`]. `class` as [`classes`] gives it (`None`: the
+/// copies agree there, and only a damaged entry can be found).
+fn decide(
+    class: Option<&[usize]>,
+    checks: &[Vec<Option<bool>>],
+    s: usize,
+) -> Option<(usize, Vec<usize>, Verdict)> {
+    let b = s / crate::format::checksum::DATA_BLOCK as usize;
+    let ok = |i: usize| checks[i].get(b).copied().flatten();
+    let n = checks.len();
+    let Some(class) = class else {
+        let bad: Vec<usize> = (0..n).filter(|&i| ok(i) == Some(false)).collect();
+        if bad.is_empty() {
+            return None;
+        }
+        let kept = (0..n).find(|i| !bad.contains(i)).unwrap_or(0);
+        return Some((kept, bad, Verdict::Entry));
+    };
+    let votes = |c: usize| class.iter().filter(|&&x| x == c).count();
+    let verified = (0..n)
+        .filter(|&i| ok(i) == Some(true))
+        .map(|i| class[i])
+        .max_by_key(|&c| (votes(c), std::cmp::Reverse(c)));
+    let (kept, verdict) = match verified {
+        Some(c) => (c, Verdict::Checksum),
+        None => {
+            let c = winner(class);
+            let tie = (0..n).any(|i| class[i] == i && i != c && votes(i) == votes(c));
+            (
+                c,
+                if tie {
+                    Verdict::First
+                } else {
+                    Verdict::Majority
+                },
+            )
+        }
+    };
+    let outvoted = (0..n).filter(|&i| class[i] != class[kept]).collect();
+    Some((kept, outvoted, verdict))
 }
 
 /// Per sector, the index of the first plex holding the same content as
@@ -340,19 +443,43 @@ fn scrub_chunk(
     if let Some((p, e)) = failed {
         return Err(fail(p, "reading", e));
     }
-    if bufs[1..].iter().all(|b| b[..n] == bufs[0][..n]) {
+    let checks = block_checks(volume, plexes, bufs, pos, n);
+    let equal = bufs[1..].iter().all(|b| b[..n] == bufs[0][..n]);
+    let entries_ok = checks.iter().flatten().all(|c| *c != Some(false));
+    if equal && entries_ok {
+        if repair {
+            // Blocks whose checksums are not known yet (written before
+            // format 5, or dirty at a crash) get them: the copies agree.
+            for (p, b) in plexes.iter().zip(bufs.iter()) {
+                volume.record_sums(p.disk, &NewSums::of_write(pos, &b[..n]));
+            }
+        }
         return Ok(Vec::new());
     }
 
+    // Blocks equal on every plex: only there can a checksum that does not
+    // match be the entry's fault rather than the data's.
+    let block = crate::format::checksum::DATA_BLOCK as usize;
+    let block_equal = |s: usize| {
+        let (a, b) = (s / block * block, (s / block * block + block).min(n));
+        bufs[1..].iter().all(|x| x[a..b] == bufs[0][a..b])
+    };
     let mut runs: Vec<Run> = Vec::new();
     for s in (0..n).step_by(SCRUB_SECTOR) {
-        let Some(class) = classes(bufs, s) else {
+        let class = if equal { None } else { classes(bufs, s) };
+        if class.is_none() && !equal && !block_equal(s) {
+            continue;
+        }
+        let Some((kept, outvoted, verdict)) = decide(class.as_deref(), &checks, s) else {
             continue;
         };
-        let kept = winner(&class);
-        let outvoted: Vec<usize> = (0..class.len()).filter(|&i| class[i] != kept).collect();
         match runs.last_mut() {
-            Some(r) if r.start + r.len == s && r.kept == kept && r.outvoted == outvoted => {
+            Some(r)
+                if r.start + r.len == s
+                    && r.kept == kept
+                    && r.outvoted == outvoted
+                    && r.verdict == verdict =>
+            {
                 r.len += SCRUB_SECTOR
             }
             _ => runs.push(Run {
@@ -360,13 +487,19 @@ fn scrub_chunk(
                 len: SCRUB_SECTOR,
                 kept,
                 outvoted,
+                verdict,
             }),
         }
     }
 
     if repair {
         for (i, p) in plexes.iter().enumerate() {
-            let mine: Vec<&Run> = runs.iter().filter(|r| r.outvoted.contains(&i)).collect();
+            // A damaged entry needs no data written: its checksums are
+            // set again from the copy below.
+            let mine: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.outvoted.contains(&i) && r.verdict != Verdict::Entry)
+                .collect();
             if mine.is_empty() {
                 continue;
             }
@@ -412,6 +545,11 @@ fn scrub_chunk(
                 }
             }
         }
+        // Every copy of the chunk is now the one kept: its checksums are
+        // set from it (mending damaged entries, hashing unknown ones).
+        for (p, b) in plexes.iter().zip(bufs.iter()) {
+            volume.record_sums(p.disk, &NewSums::of_write(pos, &b[..n]));
+        }
     }
 
     Ok(runs
@@ -422,6 +560,7 @@ fn scrub_chunk(
             kept: plexes[r.kept].disk,
             outvoted: r.outvoted.iter().map(|&i| plexes[i].disk).collect(),
             repaired: repair,
+            verdict: r.verdict,
         })
         .collect())
 }
@@ -511,6 +650,7 @@ mod tests {
                     kept: ids[0],
                     outvoted: vec![ids[2]],
                     repaired: false,
+                    verdict: Verdict::Majority,
                 },
                 Mismatch {
                     offset: (1 << 20) + 4096,
@@ -518,6 +658,7 @@ mod tests {
                     kept: ids[0],
                     outvoted: vec![ids[1]],
                     repaired: false,
+                    verdict: Verdict::Majority,
                 },
             ]
         );
@@ -540,6 +681,8 @@ mod tests {
         let rep = scrub(&r.vol, &opts, &|_| {}).unwrap();
         assert_eq!(rep.mismatches.len(), 2);
         assert_eq!(rep.repaired(), 2);
+        assert_eq!(rep.mismatches[0].verdict, Verdict::Majority);
+        assert_eq!(rep.mismatches[1].verdict, Verdict::First);
         let a = plex_bytes(&r, 0);
         assert_eq!(a, plex_bytes(&r, 1));
         assert_eq!(a, plex_bytes(&r, 2));

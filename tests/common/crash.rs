@@ -14,6 +14,10 @@ pub struct Cut {
     pub ops: AtomicU64,
     pub at: u64,
     pub off: AtomicBool,
+    /// Unflushed writes reach the platters sector by sector (512 bytes),
+    /// each sector or not by the coin: a write torn as a raw device or an
+    /// image file may tear it.
+    pub tear: bool,
 }
 
 impl Cut {
@@ -65,12 +69,24 @@ impl CrashDisk {
 
     pub fn after_crash(&self, seed: &mut u64) -> Vec<u8> {
         let mut image = self.durable.lock().unwrap().clone();
-        for (at, data) in self.pending.lock().unwrap().iter() {
+        let mut coin = || {
             *seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            if *seed >> 63 == 1 {
-                image[*at as usize..*at as usize + data.len()].copy_from_slice(data);
+            *seed >> 63 == 1
+        };
+        for (at, data) in self.pending.lock().unwrap().iter() {
+            let at = *at as usize;
+            if !self.cut.tear {
+                if coin() {
+                    image[at..at + data.len()].copy_from_slice(data);
+                }
+                continue;
+            }
+            for (k, sector) in data.chunks(512).enumerate() {
+                if coin() {
+                    image[at + k * 512..at + k * 512 + sector.len()].copy_from_slice(sector);
+                }
             }
         }
         image
@@ -84,6 +100,7 @@ impl Cut {
             ops: AtomicU64::new(0),
             at: u64::MAX,
             off: AtomicBool::new(false),
+            tear: false,
         })
     }
 }

@@ -548,7 +548,8 @@ impl LiveGroup {
                     .with("plexes", r.plexes())
                     .with("kept", r.kept.as_str())
                     .with("outvoted", r.outvoted.clone())
-                    .with("repaired", if r.repaired { "yes" } else { "no" });
+                    .with("repaired", if r.repaired { "yes" } else { "no" })
+                    .with("verdict", r.verdict.name());
                 c.emit(event);
             }
             Ok(report)

@@ -1,0 +1,314 @@
+//! One disk's block checksums in memory ([`crate::format::checksum`]): the
+//! blocks of its checksum area that were used lately, changed in memory by
+//! writes and written out lazily, by the bitmap's clearing pass, before the
+//! bits of the regions they cover are cleared ([`super::bitmap`]).
+//!
+//! Offsets here are data-area offsets of the disk.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Mutex;
+
+use crate::disk::Disk;
+use crate::format::Layout;
+use crate::format::checksum::{BLOCKS_PER_SUM_BLOCK, DATA_BLOCK, SUM_BLOCK, UNKNOWN};
+
+/// Whether block checksums are kept and verified: always, unless the
+/// environment sets `MIRRORVOL_NO_CHECKSUMS=1`, which exists to measure
+/// what they cost (`bench/checksums.sh`). Without them every disk's
+/// checksums are forgotten (zeroed before its next bitmap write), so a
+/// later run with them finds them unknown, never wrong.
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MIRRORVOL_NO_CHECKSUMS").is_none_or(|v| v != "1"))
+}
+
+/// Checksum blocks kept in memory at most (64 MiB, for 64 GiB of data);
+/// past that, unchanged ones are dropped and read again when needed.
+const MAX_CACHED: usize = 16 * 1024;
+
+#[derive(Debug)]
+struct Cached {
+    sums: Box<[u32]>,
+    /// Read from the disk (or known without: an untrusted area). A block
+    /// only set so far is not: writes never wait for a read of the disk
+    /// (a hung or far one would stall them); the entries not set are
+    /// read when the block is first needed whole.
+    loaded: bool,
+    /// Entries set while not loaded, one bit each.
+    set: [u64; BLOCKS_PER_SUM_BLOCK as usize / 64],
+    /// Changed since it was last written out.
+    dirty: bool,
+    /// Bumped on every change.
+    version: u64,
+}
+
+impl Cached {
+    fn put(&mut self, j: usize, v: u32) {
+        if !self.loaded {
+            self.set[j / 64] |= 1 << (j % 64);
+        } else if self.sums[j] == v {
+            return;
+        }
+        self.sums[j] = v;
+        self.dirty = true;
+        self.version += 1;
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// Whether the area on disk may be read: false on a disk formatted
+    /// before format 5 (or whose writes went untracked), until its area is
+    /// zeroed ([`DiskSums::wipe_if_needed`]).
+    trusted: bool,
+    /// The area must be zeroed before anything relies on it.
+    wipe: bool,
+    cache: HashMap<u64, Cached>,
+}
+
+/// One disk's checksums.
+#[derive(Debug)]
+pub struct DiskSums {
+    /// Absolute offset of the checksum area.
+    area: u64,
+    /// Bytes of the checksum area.
+    size: u64,
+    /// Data blocks covered.
+    blocks: u64,
+    state: Mutex<State>,
+}
+
+impl DiskSums {
+    /// The checksums of a disk with `layout`; `trusted`: its area holds
+    /// valid entries (format 5).
+    pub fn new(layout: &Layout, trusted: bool) -> DiskSums {
+        DiskSums {
+            area: layout.checksum_offset(),
+            size: layout.checksum_size,
+            blocks: layout.data_size / DATA_BLOCK,
+            state: Mutex::new(State {
+                trusted,
+                wipe: !trusted,
+                cache: HashMap::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets every entry: the area is zeroed before it is next relied on
+    /// (a disk of an older format, or one written without checksums).
+    pub fn distrust(&self) {
+        let mut s = self.lock();
+        s.trusted = false;
+        s.wipe = true;
+        s.cache.clear();
+    }
+
+    /// The cached checksum block `k`, read from `disk` unless there
+    /// already (`load`: read whole).
+    fn block<'a>(&self, s: &'a mut State, disk: &dyn Disk, k: u64, load: bool) -> &'a mut Cached {
+        if !s.cache.contains_key(&k) {
+            if s.cache.len() >= MAX_CACHED {
+                let clean: Vec<u64> = s
+                    .cache
+                    .iter()
+                    .filter(|(_, c)| !c.dirty)
+                    .map(|(k, _)| *k)
+                    .take(MAX_CACHED / 8)
+                    .collect();
+                for c in clean {
+                    s.cache.remove(&c);
+                }
+            }
+            s.cache.insert(
+                k,
+                Cached {
+                    sums: vec![UNKNOWN; BLOCKS_PER_SUM_BLOCK as usize].into_boxed_slice(),
+                    loaded: false,
+                    set: [0; BLOCKS_PER_SUM_BLOCK as usize / 64],
+                    dirty: false,
+                    version: 0,
+                },
+            );
+        }
+        let trusted = s.trusted;
+        let c = s.cache.get_mut(&k).expect("inserted above");
+        if load && !c.loaded {
+            if trusted {
+                let mut raw = vec![0u8; SUM_BLOCK as usize];
+                match disk.read_at(&mut raw, self.area + k * SUM_BLOCK) {
+                    Ok(()) => {
+                        for (j, b) in raw.chunks_exact(4).enumerate() {
+                            if c.set[j / 64] & (1 << (j % 64)) == 0 {
+                                c.sums[j] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                            }
+                        }
+                    }
+                    // Unknown, never bad: the read error itself shows on
+                    // the disk's data soon enough.
+                    Err(e) => tracing::warn!(error = %e, "cannot read a checksum block"),
+                }
+            }
+            c.loaded = true;
+        }
+        c
+    }
+
+    /// The entries of `n` blocks from block-aligned data-area offset
+    /// `first` (unknown past the end of the area).
+    pub fn get(&self, disk: &dyn Disk, first: u64, n: u64) -> Vec<u32> {
+        let mut s = self.lock();
+        let first = first / DATA_BLOCK;
+        (first..first + n)
+            .map(|b| {
+                if b >= self.blocks {
+                    return UNKNOWN;
+                }
+                let c = self.block(&mut s, disk, b / BLOCKS_PER_SUM_BLOCK, true);
+                c.sums[(b % BLOCKS_PER_SUM_BLOCK) as usize]
+            })
+            .collect()
+    }
+
+    /// Sets the entries of the blocks from block-aligned data-area offset
+    /// `first`, one per value of `sums`, without reading the disk.
+    pub fn set(&self, disk: &dyn Disk, first: u64, sums: &[u32]) {
+        self.set_with(disk, first, sums, false)
+    }
+
+    /// [`DiskSums::set`], reading the blocks first: entries that do not
+    /// change are not written out again (a rehash of equal data writes
+    /// nothing).
+    pub fn set_read(&self, disk: &dyn Disk, first: u64, sums: &[u32]) {
+        self.set_with(disk, first, sums, true)
+    }
+
+    fn set_with(&self, disk: &dyn Disk, first: u64, sums: &[u32], load: bool) {
+        let mut s = self.lock();
+        let first = first / DATA_BLOCK;
+        for (b, v) in (first..).zip(sums) {
+            if b >= self.blocks {
+                break;
+            }
+            let c = self.block(&mut s, disk, b / BLOCKS_PER_SUM_BLOCK, load);
+            c.put((b % BLOCKS_PER_SUM_BLOCK) as usize, *v);
+        }
+    }
+
+    /// Sets every entry of the whole blocks within data-area bytes
+    /// `[start, end)` to `value`.
+    pub fn fill(&self, disk: &dyn Disk, start: u64, end: u64, value: u32) {
+        let (first, n) = crate::format::checksum::whole_blocks(start, end.saturating_sub(start));
+        let mut s = self.lock();
+        let first = first / DATA_BLOCK;
+        for b in first..(first + n).min(self.blocks) {
+            let c = self.block(&mut s, disk, b / BLOCKS_PER_SUM_BLOCK, false);
+            c.put((b % BLOCKS_PER_SUM_BLOCK) as usize, value);
+        }
+    }
+
+    /// Whether entries changed in memory are still to be written out.
+    pub fn has_dirty(&self) -> bool {
+        self.lock().cache.values().any(|c| c.dirty)
+    }
+
+    /// Zeroes the area on `disk`, durably, when its entries are not to be
+    /// trusted; before the disk is raised to format 5, and before any
+    /// entry is written there.
+    pub fn wipe_if_needed(&self, disk: &dyn Disk) -> io::Result<()> {
+        if !self.lock().wipe {
+            return Ok(());
+        }
+        disk.write_zeroes(self.area, self.size)?;
+        disk.flush()?;
+        let mut s = self.lock();
+        s.wipe = false;
+        s.trusted = true;
+        Ok(())
+    }
+
+    /// Writes every changed checksum block to `disk`, without a flush (the
+    /// caller flushes before it relies on them). Returns the blocks
+    /// written.
+    pub fn write_out(&self, disk: &dyn Disk) -> io::Result<usize> {
+        if !self.has_dirty() {
+            return Ok(0);
+        }
+        self.wipe_if_needed(disk)?;
+        let out: Vec<(u64, u64, Vec<u8>)> = {
+            let mut s = self.lock();
+            // Blocks only set so far get their other entries first.
+            let partial: Vec<u64> = s
+                .cache
+                .iter()
+                .filter(|(_, c)| c.dirty && !c.loaded)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in partial {
+                self.block(&mut s, disk, k, true);
+            }
+            s.cache
+                .iter()
+                .filter(|(_, c)| c.dirty)
+                .map(|(k, c)| {
+                    let mut raw = Vec::with_capacity(SUM_BLOCK as usize);
+                    for e in c.sums.iter() {
+                        raw.extend_from_slice(&e.to_le_bytes());
+                    }
+                    (*k, c.version, raw)
+                })
+                .collect()
+        };
+        if out.is_empty() {
+            return Ok(0);
+        }
+        let writes: Vec<(u64, &[u8])> = out
+            .iter()
+            .map(|(k, _, raw)| (self.area + k * SUM_BLOCK, &raw[..]))
+            .collect();
+        disk.write_all_then_flush(&writes, false)?;
+        let mut s = self.lock();
+        for (k, version, _) in &out {
+            if let Some(c) = s.cache.get_mut(k)
+                && c.version == *version
+            {
+                c.dirty = false;
+            }
+        }
+        Ok(out.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::MemDisk;
+    use crate::format::checksum::sum;
+
+    #[test]
+    fn entries_go_out_when_written_and_come_back() {
+        let layout = Layout::for_member(0, 64 << 20).unwrap();
+        let disk = MemDisk::new(64 << 20);
+        disk.write_at(&[0xAB; 4096], layout.checksum_offset())
+            .unwrap();
+        // An untrusted area reads as unknown and is zeroed before use.
+        let s = DiskSums::new(&layout, false);
+        assert_eq!(s.get(&disk, 0, 2), vec![UNKNOWN, UNKNOWN]);
+        s.set(&disk, 4 << 20, &[sum(&[1; 4096]), 7]);
+        assert_eq!(s.write_out(&disk).unwrap(), 1);
+        assert!(!s.has_dirty());
+        let again = DiskSums::new(&layout, true);
+        assert_eq!(again.get(&disk, 0, 1), vec![UNKNOWN]);
+        assert_eq!(
+            again.get(&disk, 4 << 20, 3),
+            vec![sum(&[1; 4096]), 7, UNKNOWN]
+        );
+        again.fill(&disk, 4 << 20, (4 << 20) + 8192, UNKNOWN);
+        assert_eq!(again.get(&disk, 4 << 20, 2), vec![UNKNOWN, UNKNOWN]);
+        assert!(again.has_dirty());
+    }
+}

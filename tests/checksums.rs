@@ -1,0 +1,253 @@
+//! Block checksums on image files: bytes flipped in one plex's data area
+//! (or in its checksum area) behind mirrorvol's back, offline and while
+//! `serve` runs, are found by the reads that meet them, served from the
+//! copy that matches its checksums, and repaired on disk; copies that are
+//! both bad fail the read rather than return either.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+
+use common::serve::{self, Served};
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// Where the checksum of volume offset `at` of `name`'s plex on `file`
+/// lies in that file.
+fn sum_at(sb: &Sandbox, file: &str, name: &str, at: u64) -> u64 {
+    let r = sb
+        .mv_plain(&["examine", &sb.p(&format!("disks/{file}")), "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let data = v["label"]["data_offset"].as_u64().unwrap();
+    let sums = v["label"]["checksum_offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("checksum_offset in {v:#}"));
+    let plex = plex_start(sb, file, name) - data;
+    sums + (plex + at) / 4096 * 4
+}
+
+fn entry(sb: &Sandbox, file: &str, at: u64) -> u32 {
+    let b = read_range(&sb.path("disks").join(file), at, 4);
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn poke(sb: &Sandbox, file: &str, at: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(sb.path("disks").join(file))
+        .unwrap();
+    f.write_all_at(bytes, at).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// A two-way mirror `data` of 16 MiB on a.img and b.img, filled with a
+/// pattern through mirrorvol; returns the pattern.
+fn filled(sb: &Sandbox) -> Vec<u8> {
+    serve::mirror_group(sb, 64, 16);
+    let (src, data) = sb.data_file("fill.bin", (16 * MIB) as usize, 7);
+    sb.mv(&["copy", &src, "vol:data"]).ok();
+    data
+}
+
+/// The `scrub --json` report of volume `data`.
+fn scrub_json(sb: &Sandbox, repair: bool) -> serde_json::Value {
+    let mut args = vec!["scrub", "data", "--json"];
+    if repair {
+        args.push("--repair");
+    }
+    let r = sb.mv(&args).ok();
+    serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+}
+
+/// A copy flipped in two places, one on each plex, offline: the volume
+/// reads back right whichever plex each read goes to; `scrub` names, for
+/// each flipped range, the plex whose copy fails its checksums (the first
+/// plex as often as the second: no guess), and `--repair` mends exactly
+/// those from the good copy.
+#[test]
+fn flipped_bytes_on_either_copy_are_read_right_and_scrub_names_the_bad_copy() {
+    let sb = Sandbox::new();
+    let data = filled(&sb);
+    // Checksums are on disk after the command's clean stop.
+    let at = sum_at(&sb, "a.img", "data", MIB);
+    assert_eq!(
+        entry(&sb, "a.img", at),
+        crc32c::crc32c(&data[MIB as usize..MIB as usize + 4096])
+    );
+    corrupt(&sb, "a.img", "data", MIB + 100, 10);
+    corrupt(&sb, "b.img", "data", 9 * MIB, 4096);
+    assert!(plex_read(&sb, "a.img", "data", MIB, 4096) != data[MIB as usize..][..4096]);
+    let got = sb.read_volume("data");
+    assert!(got == data, "the volume reads back as written");
+    // What the reads did not meet (a read repairs what it meets), scrub
+    // finds, naming the bad copy by its checksums.
+    let report = scrub_json(&sb, false);
+    for r in report["ranges"].as_array().unwrap() {
+        assert_eq!(r["verdict"], "checksum", "{report:#}");
+        let off = r["offset"].as_u64().unwrap();
+        let bad = if off < 4 * MIB { "a.img" } else { "b.img" };
+        let outvoted = r["outvoted"][0].as_str().unwrap();
+        assert!(outvoted.ends_with(bad), "{report:#}");
+    }
+    let report = scrub_json(&sb, true);
+    assert!(
+        report["mismatches"].as_u64() == report["repaired"].as_u64(),
+        "{report:#}"
+    );
+    assert!(plex_read(&sb, "a.img", "data", 0, data.len()) == data);
+    assert!(plex_read(&sb, "b.img", "data", 0, data.len()) == data);
+    assert_eq!(scrub_json(&sb, false)["mismatches"], 0);
+}
+
+/// `scrub --repair` keeps the copy that matches its checksums even where
+/// the old rule (ties to the first plex) would have copied the bad one
+/// over it: the first plex is the one flipped.
+#[test]
+fn scrub_repair_never_copies_the_bad_copy_over_the_good_one() {
+    let sb = Sandbox::new();
+    let data = filled(&sb);
+    corrupt(&sb, "a.img", "data", 5 * MIB, 4096);
+    let report = scrub_json(&sb, true);
+    let ranges = report["ranges"].as_array().unwrap();
+    assert_eq!(ranges.len(), 1, "{report:#}");
+    assert_eq!(ranges[0]["verdict"], "checksum");
+    assert!(
+        ranges[0]["kept"].as_str().unwrap().ends_with("b.img"),
+        "{report:#}"
+    );
+    assert!(plex_read(&sb, "a.img", "data", 0, data.len()) == data);
+    assert!(plex_read(&sb, "b.img", "data", 0, data.len()) == data);
+    let text = sb.mv(&["scrub", "data"]).ok().stdout;
+    assert!(text.contains("identical"), "{text}");
+}
+
+/// A damaged checksum block: the data of that plex is right and matches
+/// its twin. Reads serve it as it is (whichever copy they go to), `scrub`
+/// says the checksum is what is wrong, and `--repair` rewrites it without
+/// writing data.
+#[test]
+fn a_damaged_checksum_entry_is_found_and_rewritten_from_the_data() {
+    let sb = Sandbox::new();
+    let data = filled(&sb);
+    let at = sum_at(&sb, "a.img", "data", 5 * MIB);
+    let good = entry(&sb, "a.img", at);
+    poke(&sb, "a.img", at, &(!good).to_le_bytes());
+    let got = sb.read_volume("data");
+    assert!(got == data);
+    // A read that met it mended it already; else scrub finds it.
+    if entry(&sb, "a.img", at) != good {
+        let report = scrub_json(&sb, false);
+        let ranges = report["ranges"].as_array().unwrap();
+        assert_eq!(ranges.len(), 1, "{report:#}");
+        assert_eq!(ranges[0]["verdict"], "checksum-entry");
+        assert_eq!(ranges[0]["offset"], 5 * MIB);
+        assert_eq!(ranges[0]["length"], 4096);
+        assert!(
+            ranges[0]["outvoted"][0]
+                .as_str()
+                .unwrap()
+                .ends_with("a.img")
+        );
+        let before = plex_read(&sb, "a.img", "data", 0, data.len());
+        let text = sb.mv(&["scrub", "data", "--repair"]).ok().stdout;
+        assert!(text.contains("the checksums on"), "{text}");
+        assert!(plex_read(&sb, "a.img", "data", 0, data.len()) == before);
+    }
+    assert_eq!(entry(&sb, "a.img", at), good, "the entry was mended");
+    assert!(plex_read(&sb, "a.img", "data", 0, data.len()) == data);
+}
+
+/// Both copies of one block flipped, differently: no copy can be trusted
+/// there, so the read fails (as a disk's unreadable sector would) rather
+/// than return either; the rest of the volume still reads.
+#[test]
+fn a_block_bad_on_every_copy_fails_its_read_and_no_other() {
+    if !serve::tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let data = filled(&sb);
+    corrupt(&sb, "a.img", "data", 3 * MIB, 512);
+    corrupt(&sb, "b.img", "data", 3 * MIB + 1024, 512);
+    let events = sb.path("events.jsonl");
+    let hook = format!("cat >> {}", events.display());
+    let s = Served::start_args(&sb, &["--on-event", &hook], &[]);
+    let uri = s.uri("data");
+    let (code, out, err) = serve::run(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "read 3M 4k",
+    ]));
+    assert!(
+        out.contains("Input/output error") || err.contains("Input/output error"),
+        "{code} {out} {err}"
+    );
+    let out = serve::qemu_io(&uri, &["read -v 0 4k"]);
+    assert!(out.contains("read 4096/4096"), "{out}");
+    let before = &data[(3 * MIB - 4096) as usize..(3 * MIB) as usize];
+    assert!(plex_read(&sb, "a.img", "data", 3 * MIB - 4096, 4096) == before);
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    let text = std::fs::read_to_string(&events).unwrap_or_default();
+    let bad: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"checksum-mismatch\"") && l.contains("\"repaired\":\"no\""))
+        .collect();
+    assert!(bad.len() >= 2, "events: {text}\nlog: {log}");
+}
+
+/// While `serve` runs: bytes flipped under it are served right through a
+/// real NBD client, the copy is repaired, the error is counted, and a
+/// `checksum-mismatch` event goes to the hook.
+#[test]
+fn flipped_bytes_under_serve_are_served_right_repaired_and_reported() {
+    if !serve::tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    serve::mirror_group(&sb, 64, 16);
+    let events = sb.path("events.jsonl");
+    let hook = format!("cat >> {}", events.display());
+    let s = Served::start_args(&sb, &["--on-event", &hook], &[]);
+    let uri = s.uri("data");
+    serve::qemu_io(&uri, &["write -P 0x5a 0 8M", "flush"]);
+    // Each copy flipped once, at places the reads below cover whole.
+    corrupt(&sb, "a.img", "data", 2 * MIB, 4096);
+    corrupt(&sb, "b.img", "data", 6 * MIB + 4096, 8);
+    // Reads bypass the page cache of the files (O_DIRECT): they see the
+    // flipped bytes, and the answer is still right.
+    serve::qemu_io(&uri, &["read -P 0x5a 0 8M"]);
+    // The repair follows the answer, under the range lock.
+    for (file, at) in [("a.img", 2 * MIB), ("b.img", 6 * MIB + 4096)] {
+        let t = std::time::Instant::now();
+        while plex_read(&sb, file, "data", at, 4096) != vec![0x5a; 4096] {
+            assert!(t.elapsed().as_secs() < 10, "{file} not repaired at {at}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let st = serve::status(&sb);
+    let errors: u64 = st["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["errors"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(errors >= 2, "errors counted: {st:#}");
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    let text = std::fs::read_to_string(&events).unwrap_or_default();
+    let mismatches: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"checksum-mismatch\""))
+        .collect();
+    assert!(mismatches.len() >= 2, "events: {text}\nlog: {log}");
+    assert!(
+        mismatches.iter().any(|l| l.contains("a.img"))
+            && mismatches.iter().any(|l| l.contains("b.img")),
+        "{text}"
+    );
+}
