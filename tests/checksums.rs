@@ -251,3 +251,109 @@ fn flipped_bytes_under_serve_are_served_right_repaired_and_reported() {
         "{text}"
     );
 }
+
+/// Where only one copy's checksum is known and it fails, the other copy
+/// (unknown) is kept, never the one known bad; where every copy fails its
+/// checksum, scrub says no copy is good and `--repair` leaves both alone.
+#[test]
+fn scrub_never_keeps_a_copy_known_bad_and_leaves_a_block_bad_everywhere() {
+    let sb = Sandbox::new();
+    let data = filled(&sb);
+    // a's copy at 2 MiB is bad; b's checksum there is unknown.
+    corrupt(&sb, "a.img", "data", 2 * MIB, 4096);
+    poke(&sb, "b.img", sum_at(&sb, "b.img", "data", 2 * MIB), &[0; 4]);
+    // Both copies at 7 MiB are bad, differently.
+    corrupt(&sb, "a.img", "data", 7 * MIB, 512);
+    corrupt(&sb, "b.img", "data", 7 * MIB + 2048, 512);
+    let before_b = plex_read(&sb, "b.img", "data", 7 * MIB, 4096);
+    let report = scrub_json(&sb, true);
+    let ranges = report["ranges"].as_array().unwrap();
+    let at = |off: u64| {
+        ranges
+            .iter()
+            .find(|r| r["offset"].as_u64().unwrap() / 4096 == off / 4096)
+            .unwrap_or_else(|| panic!("a range at {off}: {report:#}"))
+    };
+    assert!(
+        at(2 * MIB)["kept"].as_str().unwrap().ends_with("b.img"),
+        "{report:#}"
+    );
+    assert_eq!(at(2 * MIB)["repaired"], true);
+    assert!(plex_read(&sb, "a.img", "data", 2 * MIB, 4096) == data[(2 * MIB) as usize..][..4096]);
+    assert_eq!(at(7 * MIB)["verdict"], "no-good-copy", "{report:#}");
+    assert_eq!(at(7 * MIB)["repaired"], false);
+    assert!(plex_read(&sb, "b.img", "data", 7 * MIB, 4096) == before_b);
+    let text = sb.mv(&["scrub", "data"]).ok().stdout;
+    assert!(text.contains("none is known good"), "{text}");
+}
+
+/// With checksums off (MIRRORVOL_NO_CHECKSUMS=1, for benchmarks) the disks'
+/// checksums are forgotten, not left stale: a later run with them reads
+/// everything written meanwhile without an error.
+#[test]
+fn a_run_without_checksums_leaves_none_stale() {
+    if !serve::tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let data = filled(&sb);
+    let s = Served::start(&sb, &[], &[("MIRRORVOL_NO_CHECKSUMS", "1")]);
+    serve::qemu_io(
+        &s.uri("data"),
+        &["write -P 0x3c 1M 2M", "write -P 0x11 12M 64k", "flush"],
+    );
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    let mut want = data.clone();
+    want[MIB as usize..(3 * MIB) as usize].fill(0x3c);
+    want[(12 * MIB) as usize..(12 * MIB) as usize + 65536].fill(0x11);
+    let events = sb.path("events.jsonl");
+    let hook = format!("cat >> {}", events.display());
+    let s = Served::start_args(&sb, &["--on-event", &hook], &[]);
+    serve::qemu_io(
+        &s.uri("data"),
+        &["read -P 0x3c 1M 2M", "read -P 0x11 12M 64k"],
+    );
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    let text = std::fs::read_to_string(&events).unwrap_or_default();
+    assert!(!text.contains("checksum-mismatch"), "{text}");
+    assert!(sb.read_volume("data") == want);
+    assert_eq!(scrub_json(&sb, false)["mismatches"], 0);
+}
+
+/// A write of less than 4 KiB gets its block's checksum from a verified
+/// read of the rest of the block (a read-modify-write): the entries on both
+/// disks are those of the blocks as they end up, and a later flip in such
+/// a block is named by the checksums, not by the first-plex rule.
+#[test]
+fn a_write_smaller_than_a_block_keeps_its_block_checksummed() {
+    if !serve::tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut data = filled(&sb);
+    let s = Served::start(&sb, &[], &[]);
+    serve::qemu_io(
+        &s.uri("data"),
+        &["write -P 0x77 4608 512", "write -P 0x78 3M 1536", "flush"],
+    );
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    data[4608..5120].fill(0x77);
+    data[(3 * MIB) as usize..(3 * MIB) as usize + 1536].fill(0x78);
+    for file in ["a.img", "b.img"] {
+        for at in [4096, 3 * MIB] {
+            let want = crc32c::crc32c(&data[at as usize..at as usize + 4096]);
+            assert_eq!(
+                entry(&sb, file, sum_at(&sb, file, "data", at)),
+                want,
+                "{file} at {at}"
+            );
+        }
+    }
+    corrupt(&sb, "a.img", "data", 4096 + 2048, 512);
+    let report = scrub_json(&sb, true);
+    assert_eq!(report["ranges"][0]["verdict"], "checksum", "{report:#}");
+    assert!(plex_read(&sb, "a.img", "data", 0, data.len()) == data);
+}

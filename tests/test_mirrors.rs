@@ -209,7 +209,7 @@ fn fsck_passes_on_each_plex_and_a_corrupted_copy_fails_naming_its_disk() {
 }
 
 #[test]
-fn comparison_names_the_mismatch_offset_and_the_outvoted_plex() {
+fn comparison_names_the_mismatch_offset_and_the_copy_its_checksums_call_bad() {
     let sb = Sandbox::new();
     three_disks(&sb);
     mirror_on(&sb, "two", "8M", &["a.img", "b.img"]);
@@ -219,30 +219,36 @@ fn comparison_names_the_mismatch_offset_and_the_outvoted_plex() {
     sb.mv(&["copy", &src, "vol:three"]).ok();
     let at = 5 * MIB + 4096;
 
-    // Two copies: the range is named, and nothing says which one is right.
+    // Two copies: the range is named, and the block checksums say which
+    // copy is right (no majority could).
     corrupt(&sb, "b.img", "two", at, 512);
+    let (a, b) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
     let before = sb.fingerprint();
     let r = sb.mv(&["test-mirrors", "two"]);
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
     assert!(
-        r.stdout
-            .contains(&format!("mismatch at offset {at}, 512 bytes")),
+        r.stdout.contains(&format!(
+            "mismatch at offset {at}, 512 bytes: the copy on {b} does not match the block checksums; the copy on {a} does"
+        )),
         "{}",
         r.stdout
     );
-    assert!(r.stdout.contains("no majority"), "{}", r.stdout);
     let j = json(&sb.mv(&["test-mirrors", "two", "--json"]));
     assert_eq!(j["mismatches"][0]["offset"], at);
     assert_eq!(j["mismatches"][0]["length"], 512);
-    assert_eq!(j["mismatches"][0]["outvoted"], serde_json::json!([]));
-    for d in ["a.img", "b.img"] {
-        let (res, why) = result(&j, d);
-        assert_eq!(res, "fail");
-        assert!(why.contains(&format!("offset {at}")), "{why}");
-    }
+    assert_eq!(j["mismatches"][0]["outvoted"], serde_json::json!([b]));
+    assert_eq!(j["mismatches"][0]["verdict"], "checksum");
+    assert_eq!(result(&j, "a.img").0, "pass");
+    let (res, why) = result(&j, "b.img");
+    assert_eq!(res, "fail");
+    assert!(
+        why.contains("does not match the block checksums") && why.contains(&format!("offset {at}")),
+        "{why}"
+    );
     assert_eq!(sb.fingerprint(), before);
 
-    // Three copies: the majority outvotes the corrupted one.
+    // Three copies: the corrupted one is named by its checksums too, and
+    // the two others hold the majority besides.
     corrupt(&sb, "c.img", "three", at, 1000);
     let before3 = sb.fingerprint();
     let r = sb.mv(&["test-mirrors", "three"]);
@@ -250,7 +256,7 @@ fn comparison_names_the_mismatch_offset_and_the_outvoted_plex() {
     let c = sb.p("disks/c.img");
     assert!(
         r.stdout.contains(&format!(
-            "mismatch at offset {at}, 1024 bytes: the plex on {c} is outvoted"
+            "mismatch at offset {at}, 1024 bytes: the copy on {c} does not match the block checksums; the copy on {a} and {b} does"
         )),
         "{}",
         r.stdout
@@ -261,7 +267,7 @@ fn comparison_names_the_mismatch_offset_and_the_outvoted_plex() {
     let (res, why) = result(&j, "c.img");
     assert_eq!(res, "fail");
     assert!(
-        why.contains("outvoted") && why.contains(&format!("offset {at}")),
+        why.contains("does not match the block checksums") && why.contains(&format!("offset {at}")),
         "{why}"
     );
     assert_eq!(j["mismatches"][0]["outvoted"], serde_json::json!([c]));

@@ -60,6 +60,20 @@ struct Plex {
     io: Arc<dyn Disk>,
     /// Absolute offset of the plex's extent on its disk.
     base: u64,
+    /// The disk's block checksums (read only), and the plex's offset in
+    /// its data area: `None` on a disk without any.
+    sums: Option<(Arc<crate::volume::bitmap::DiskBitmap>, u64)>,
+}
+
+impl Plex {
+    /// Whether the 4 KiB block at volume offset `at`, as read (`block`),
+    /// matches the plex's checksum (`None`: not known).
+    fn check(&self, at: u64, block: &[u8]) -> Option<bool> {
+        use crate::format::checksum::{UNKNOWN, sum};
+        let (map, offset) = self.sums.as_ref()?;
+        let e = map.sums_of(offset + at, 1)[0];
+        (e != UNKNOWN).then(|| sum(block) == e)
+    }
 }
 
 /// What happened to one plex.
@@ -81,6 +95,9 @@ pub struct Mismatch {
     pub majority: Vec<String>,
     /// The plexes the majority outvotes (empty when there is none).
     pub outvoted: Vec<String>,
+    /// `majority` holds the copy that matches its block checksums (not a
+    /// count of votes).
+    pub checksum: bool,
 }
 
 /// What `test-mirrors` found.
@@ -347,11 +364,26 @@ fn test_mirrors(
         let disk = group.disk_path(p.disk);
         match group.members.get(&p.disk) {
             Some(m) if state == "in-sync" => {
+                // Read only: loading writes nothing. A disk before format
+                // 5 has no checksums to go by.
+                let sums = (m.label.version >= 5)
+                    .then(|| {
+                        crate::volume::bitmap::DiskBitmap::load(
+                            m.disk.clone(),
+                            &m.label.layout,
+                            group.config.region_size,
+                            group.config.seqno,
+                        )
+                        .ok()
+                    })
+                    .flatten()
+                    .map(|(b, _)| (Arc::new(b), p.offset));
                 plexes.push(Plex {
                     index: i + 1,
                     disk: disk.clone(),
                     io: m.disk.clone(),
                     base: m.label.layout.data_offset() + p.offset,
+                    sums,
                 });
                 tested.push(i);
                 outcomes.push((disk, state.to_string(), Outcome::Pass));
@@ -474,8 +506,11 @@ fn connect(exported: &Exported, volume: &str, size: u64) -> std::result::Result<
 struct Verdict {
     /// The compared plexes (by index), one group per distinct content.
     groups: Vec<Vec<usize>>,
-    /// The group holding a strict majority, if any.
+    /// The group holding a strict majority, if any; or, with `checksum`,
+    /// the group whose copy matches its block checksums.
     majority: Option<usize>,
+    /// Decided by the block checksums, not by votes.
+    checksum: bool,
 }
 
 impl Verdict {
@@ -489,7 +524,32 @@ impl Verdict {
                 .map(|g| g.into_iter().map(|i| ids[i]).collect())
                 .collect(),
             majority: self.majority,
+            checksum: self.checksum,
         }
+    }
+
+    /// The verdict with the block checksums deciding where a copy matches
+    /// its own: `ok[i]` for position `i` (`None`: not known). A copy known
+    /// bad never holds the majority.
+    fn by_checksums(mut self, ok: &[Option<bool>]) -> Verdict {
+        let good = self
+            .groups
+            .iter()
+            .position(|g| g.iter().any(|&i| ok[i] == Some(true)));
+        match good {
+            Some(g) => {
+                self.majority = Some(g);
+                self.checksum = true;
+            }
+            None => {
+                if let Some(m) = self.majority
+                    && self.groups[m].iter().any(|&i| ok[i] == Some(false))
+                {
+                    self.majority = None;
+                }
+            }
+        }
+        self
     }
 
     /// The verdict over the same plexes but `k`, as [`verdict`] would
@@ -507,7 +567,11 @@ impl Verdict {
         groups.sort_by_key(|g| g[0]);
         let total: usize = groups.iter().map(Vec::len).sum();
         let majority = groups.iter().position(|g| g.len() * 2 > total);
-        Some(Verdict { groups, majority })
+        Some(Verdict {
+            groups,
+            majority,
+            checksum: self.checksum,
+        })
     }
 }
 
@@ -524,7 +588,11 @@ fn verdict<K: PartialEq>(keys: &[K]) -> Option<Verdict> {
         return None;
     }
     let majority = groups.iter().position(|g| g.len() * 2 > keys.len());
-    Some(Verdict { groups, majority })
+    Some(Verdict {
+        groups,
+        majority,
+        checksum: false,
+    })
 }
 
 /// Builds mismatching ranges from consecutive blocks and their verdicts.
@@ -573,6 +641,8 @@ struct Loss {
     length: u64,
     /// A majority outvoted it (false: no majority).
     decided: bool,
+    /// The block checksums did (its copy does not match them).
+    checksum: bool,
     /// The other plexes that differ here.
     others: Vec<String>,
 }
@@ -634,13 +704,26 @@ fn compare(
         if alive.len() < 2 || all_equal(&data(0, len)) {
             ranges.block(start, end, None);
         } else {
+            const BLOCK: usize = crate::format::checksum::DATA_BLOCK as usize;
             for a in (0..len).step_by(SECTOR) {
                 let b = (a + SECTOR).min(len);
                 let keys = data(a, b);
                 let v = if all_equal(&keys) {
                     None
                 } else {
-                    verdict(&keys).map(|v| v.relabel(&ids))
+                    // The block checksums of the 4 KiB block around it.
+                    let blk = a / BLOCK * BLOCK;
+                    let ok: Vec<Option<bool>> = alive
+                        .iter()
+                        .map(|(k, _, buf)| {
+                            (blk + BLOCK <= len)
+                                .then(|| {
+                                    plexes[*k].check(start + blk as u64, &buf[blk..blk + BLOCK])
+                                })
+                                .flatten()
+                        })
+                        .collect();
+                    verdict(&keys).map(|v| v.by_checksums(&ok).relabel(&ids))
                 };
                 ranges.block(start + a as u64, start + b as u64, v);
             }
@@ -671,6 +754,7 @@ fn compare(
                 offset: start,
                 length: end - start,
                 decided: v.majority.is_some(),
+                checksum: v.checksum,
                 others,
             });
         }
@@ -686,6 +770,7 @@ fn compare(
             } else {
                 Vec::new()
             },
+            checksum: v.checksum,
         });
     }
     for &plex in &compared {
@@ -701,7 +786,11 @@ fn compare(
             human(bytes),
             first.offset
         );
-        outcomes[plex] = if mine.iter().all(|l| l.decided) {
+        outcomes[plex] = if mine.iter().all(|l| l.decided && l.checksum) {
+            Outcome::Fail(format!(
+                "its copy does not match the block checksums in {summary}"
+            ))
+        } else if mine.iter().all(|l| l.decided) {
             Outcome::Fail(format!(
                 "outvoted by the majority of the plexes in {summary}"
             ))
@@ -742,6 +831,12 @@ pub fn report_text(r: &Report) -> String {
             out.push_str(&format!(
                 "the plexes on {} differ and no majority decides\n",
                 crate::group::show::and_list(&m.plexes)
+            ));
+        } else if m.checksum {
+            out.push_str(&format!(
+                "the copy on {} does not match the block checksums; the copy on {} does\n",
+                crate::group::show::and_list(&m.outvoted),
+                crate::group::show::and_list(&m.majority),
             ));
         } else {
             out.push_str(&format!(
@@ -806,6 +901,13 @@ pub fn report_json(r: &Report) -> Value {
                         "plexes": m.plexes,
                         "majority": m.majority,
                         "outvoted": m.outvoted,
+                        "verdict": if m.checksum {
+                            "checksum"
+                        } else if m.outvoted.is_empty() {
+                            "none"
+                        } else {
+                            "majority"
+                        },
                     })
                 })
                 .collect()
@@ -878,11 +980,31 @@ mod tests {
             verdict(&[1, 2, 1]),
             Some(Verdict {
                 groups: vec![vec![0, 2], vec![1]],
-                majority: Some(0)
+                majority: Some(0),
+                checksum: false,
             })
         );
         assert_eq!(verdict(&[1, 2]).unwrap().majority, None);
         assert_eq!(verdict(&[1, 2, 3]).unwrap().majority, None);
+    }
+
+    #[test]
+    fn checksums_decide_over_votes_and_a_copy_known_bad_never_wins() {
+        // Two plexes: the second matches its checksum, the first fails it.
+        let v = verdict(&[1, 2])
+            .unwrap()
+            .by_checksums(&[Some(false), Some(true)]);
+        assert_eq!((v.majority, v.checksum), (Some(1), true));
+        // Three: the majority fails its checksum, nothing is known good.
+        let v = verdict(&[1, 1, 2])
+            .unwrap()
+            .by_checksums(&[Some(false), None, None]);
+        assert_eq!((v.majority, v.checksum), (None, false));
+        // Nothing known: the votes stand.
+        let v = verdict(&[1, 1, 2])
+            .unwrap()
+            .by_checksums(&[None, None, None]);
+        assert_eq!((v.majority, v.checksum), (Some(0), false));
     }
 
     #[test]

@@ -742,6 +742,14 @@ impl Group {
                 format!("cannot write the written map of {}", self.disk_path(disk)),
                 e,
             )
+        })?;
+        // The checksums `clear_written` gave the zeroed blocks of regions
+        // it shares with a neighbour (they stay written), durably.
+        b.persist_sums().map_err(|e| {
+            Error::io(
+                format!("cannot write the checksums of {}", self.disk_path(disk)),
+                e,
+            )
         })
     }
 

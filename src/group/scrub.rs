@@ -170,6 +170,9 @@ pub fn scrub_text(r: &VolumeScrub) -> String {
                 "no block checksum is known here and no majority; the copy on {} is the first plex's",
                 m.kept
             ),
+            scrub::Verdict::NoGoodCopy => {
+                "every copy fails its block checksums: none is known good".to_string()
+            }
         };
         let what = if m.verdict == scrub::Verdict::Entry {
             "checksums differ"
@@ -182,7 +185,9 @@ pub fn scrub_text(r: &VolumeScrub) -> String {
             m.length,
             super::show::and_list(&m.plexes())
         ));
-        if m.repaired && m.verdict == scrub::Verdict::Entry {
+        if m.verdict == scrub::Verdict::NoGoodCopy {
+            out.push_str("; left as it is: restore this range from a backup\n");
+        } else if m.repaired && m.verdict == scrub::Verdict::Entry {
             out.push_str(&format!(
                 "; repaired: the checksums on {outvoted} were rewritten\n"
             ));

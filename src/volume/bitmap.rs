@@ -419,6 +419,8 @@ impl DiskBitmap {
         let mut w = Written::filled(header, false);
         w.floor = s.generation;
         s.written = Some(w);
+        drop(s);
+        self.sums.trust_fresh();
     }
 
     /// Has the disk's labels raised by `raise` before the first bitmap write
@@ -511,7 +513,7 @@ impl DiskBitmap {
                     if w.set(i, st.generation) {
                         // Never written: zeroes, whatever its entries said
                         // (set under the lock, before any write to it).
-                        self.sums.fill(&*self.disk, i * r, (i + 1) * r, zero_sum());
+                        self.sums.fill(i * r, (i + 1) * r, zero_sum());
                     }
                     if let Some(g) = w.set_gen.get(&i) {
                         need = need.max(*g);
@@ -778,6 +780,17 @@ impl DiskBitmap {
         Ok(())
     }
 
+    /// Makes the checksums changed in memory durable now (write, then
+    /// flush): before a resync's checkpoint or the end of a copy, whose
+    /// target has no bits that would keep them untrusted after a crash.
+    pub fn persist_sums(&self) -> io::Result<()> {
+        if self.sums.has_dirty() {
+            self.write_sums()?;
+            self.disk.flush()?;
+        }
+        Ok(())
+    }
+
     /// Sets the bytes of the hot set (see [`HOT_SET_BYTES`]).
     pub fn set_hot_set(&self, bytes: u64) {
         self.hot_set.store(bytes, Ordering::Relaxed);
@@ -834,7 +847,12 @@ impl DiskBitmap {
             }
             out
         };
-        if candidates.is_empty() && !self.sums.has_dirty() {
+        // Checksums changed in clean regions (a read's repair) go out with
+        // the next pass that clears a bit: a pass with nothing to clear
+        // writes nothing (a command that changes nothing leaves every disk
+        // as it was). A resync's target has its own made durable at each
+        // checkpoint ([`DiskBitmap::persist_sums`]).
+        if candidates.is_empty() {
             return Ok(0);
         }
         self.settle_untrusted(&candidates);
@@ -842,9 +860,6 @@ impl DiskBitmap {
         // makes its region hot again): they go out now, and the flush
         // makes them durable with the data before the bits go.
         self.write_sums()?;
-        if candidates.is_empty() {
-            return Ok(0);
-        }
         // Every write that finished before the pass is made durable before
         // its bit may go; writes since then make their region hot again.
         self.disk.flush()?;
@@ -923,16 +938,22 @@ impl DiskBitmap {
     /// memory and (with the next write-out) on disk, before their bits go.
     fn settle_untrusted(&self, regions: &[u64]) {
         let (r, which): (u64, Vec<u64>) = {
-            let mut s = self.lock();
+            let s = self.lock();
             let which = regions
                 .iter()
                 .copied()
-                .filter(|i| s.untrusted.remove(i))
+                .filter(|i| s.untrusted.contains(i))
                 .collect();
             (s.header.region_size, which)
         };
+        // Unknown first, trusted after: a read between sees one or the
+        // other, never a stale entry as trusted.
+        for i in &which {
+            self.sums.fill(i * r, (i + 1) * r, UNKNOWN);
+        }
+        let mut s = self.lock();
         for i in which {
-            self.sums.fill(&*self.disk, i * r, (i + 1) * r, UNKNOWN);
+            s.untrusted.remove(&i);
         }
     }
 
@@ -1014,13 +1035,25 @@ impl DiskBitmap {
                 return Ok(());
             };
             let mut changed = false;
-            for i in w.header.regions_within(start, end) {
+            let whole = w.header.regions_within(start, end);
+            for i in whole.clone() {
                 if bit(&w.bits, i) {
                     set_bit(&mut w.bits, i, false);
                     w.dirty.insert(i / BITS_PER_BLOCK);
                     changed = true;
                 }
             }
+            // The zeroed blocks of regions shared with a neighbour (still
+            // written): their checksums are the zero block's, not those of
+            // what was there before (the caller makes them durable).
+            let r = w.header.region_size;
+            let (a, b) = if whole.is_empty() {
+                (end, end)
+            } else {
+                (whole.start * r, whole.end * r)
+            };
+            self.sums.fill(start, a.min(end), zero_sum());
+            self.sums.fill(b.max(start), end, zero_sum());
             if !changed {
                 return Ok(());
             }
@@ -1383,7 +1416,7 @@ impl WriteIntent for BitmapSet {
                 NewSums::Zeroes(offset, len) => {
                     b.trust_within(shift + offset, shift + offset + len);
                     let (start, end) = (shift + offset, shift + offset + len);
-                    b.sums.fill(&*b.disk, start, end, zero_sum());
+                    b.sums.fill(start, end, zero_sum());
                     // Blocks covered in part: their other bytes unread.
                     let head = start / DATA_BLOCK * DATA_BLOCK;
                     let tail = end / DATA_BLOCK * DATA_BLOCK;
@@ -1395,6 +1428,13 @@ impl WriteIntent for BitmapSet {
                     }
                 }
             }
+        }
+    }
+
+    fn persist_sums(&self, plex: &EnginePlex) -> io::Result<()> {
+        match self.read().get(&plex.disk).cloned() {
+            Some(b) => b.persist_sums(),
+            None => Ok(()),
         }
     }
 

@@ -112,6 +112,12 @@ pub trait WriteIntent: Send + Sync {
         None
     }
 
+    /// Makes the checksums of `plex`'s disk that changed in memory durable
+    /// (a resync's target, before a checkpoint says it holds them).
+    fn persist_sums(&self, _plex: &EnginePlex) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Records on the disk of `target` as written every volume byte below
     /// `len` that the disk of any of `sources` records as written (all of
     /// them where one cannot tell); returns once that is durable.
@@ -124,6 +130,10 @@ pub trait WriteIntent: Send + Sync {
         Ok(())
     }
 }
+
+/// A block a write covers in part: its volume offset, where the write's
+/// bytes start in it, and those bytes.
+pub type Edge = (u64, usize, Vec<u8>);
 
 /// Block checksums a write leaves on the plexes it goes to.
 #[derive(Debug, Clone)]
@@ -140,6 +150,28 @@ impl NewSums {
     /// The entries a write of `data` at volume offset `offset` leaves: the
     /// blocks it covers whole get theirs, those it covers in part become
     /// unknown (their other bytes were not read).
+    /// The blocks a write of `data` at volume `offset` covers in part:
+    /// (block offset, where in the block, the new bytes), for the verified
+    /// read-modify-write that gives them checksums.
+    pub fn edges_of(offset: u64, data: &[u8]) -> Vec<Edge> {
+        use crate::format::checksum::DATA_BLOCK;
+        let end = offset + data.len() as u64;
+        let head = offset / DATA_BLOCK * DATA_BLOCK;
+        let tail = end / DATA_BLOCK * DATA_BLOCK;
+        let mut out = Vec::new();
+        if data.is_empty() {
+            return out;
+        }
+        if head != offset || (tail == head && !end.is_multiple_of(DATA_BLOCK)) {
+            let n = ((head + DATA_BLOCK).min(end) - offset) as usize;
+            out.push((head, (offset - head) as usize, data[..n].to_vec()));
+        }
+        if !end.is_multiple_of(DATA_BLOCK) && tail != head {
+            out.push((tail, 0, data[(tail - offset) as usize..].to_vec()));
+        }
+        out
+    }
+
     pub fn of_write(offset: u64, data: &[u8]) -> NewSums {
         use crate::format::checksum::{DATA_BLOCK, UNKNOWN, sum};
         let len = data.len() as u64;
@@ -866,7 +898,12 @@ impl MirrorVolume {
             .intent
             .get()
             .filter(|_| super::sums::enabled())
-            .map(|_| NewSums::of_write(offset, &data));
+            .map(|_| {
+                (
+                    NewSums::of_write(offset, &data),
+                    NewSums::edges_of(offset, &data),
+                )
+            });
         self.submit_fanned(
             offset,
             len,
@@ -904,7 +941,7 @@ impl MirrorVolume {
             len,
             run,
             !keep,
-            Some(NewSums::Zeroes(offset, len)),
+            Some((NewSums::Zeroes(offset, len), Vec::new())),
             move |p| Op::WriteZeroes {
                 offset: p.offset + offset,
                 len,
@@ -922,7 +959,7 @@ impl MirrorVolume {
         len: u64,
         run: Run,
         unwrites: bool,
-        sums: Option<NewSums>,
+        sums: Option<(NewSums, Vec<Edge>)>,
         op: impl Fn(&EnginePlex) -> Op + Send + 'static,
         done: Done<()>,
     ) {
@@ -1034,10 +1071,11 @@ impl MirrorVolume {
         len: u64,
         run: Run,
         unwrites: bool,
-        sums: Option<NewSums>,
+        sums: Option<(NewSums, Vec<Edge>)>,
         op: impl Fn(&EnginePlex) -> Op + Send + 'static,
         done: Done<()>,
     ) {
+        use crate::format::checksum::DATA_BLOCK;
         let this = self.clone();
         let caller = std::thread::current().id();
         let mut intent = intent;
@@ -1045,7 +1083,19 @@ impl MirrorVolume {
             .as_mut()
             .map(|g| std::mem::take(&mut g.deferred))
             .unwrap_or_default();
-        self.lock.acquire(offset..offset + len, move |guard| {
+        let (sums, edges) = match sums {
+            Some((s, e)) => (Some(s), e),
+            None => (None, Vec::new()),
+        };
+        // A write that covers blocks in part holds them whole: their
+        // checksums come from a read of the rest of them, which no other
+        // write may change meanwhile.
+        let locked = if edges.is_empty() {
+            offset..offset + len
+        } else {
+            offset / DATA_BLOCK * DATA_BLOCK..(offset + len).div_ceil(DATA_BLOCK) * DATA_BLOCK
+        };
+        self.lock.acquire(locked, move |guard| {
             // A write that waited for an overlapping one starts on the thread
             // that released the range: never do I/O there.
             let run = if std::thread::current().id() == caller {
@@ -1053,6 +1103,81 @@ impl MirrorVolume {
             } else {
                 Run::Queued
             };
+            if edges.is_empty() {
+                return this.write_held(
+                    guard, offset, len, run, unwrites, sums, intent, deferred, op, done,
+                );
+            }
+            // The read-modify-write reads and waits: off this thread.
+            let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+                let sums = this.merge_edges(sums, edges);
+                this.write_held(
+                    guard,
+                    offset,
+                    len,
+                    Run::Queued,
+                    unwrites,
+                    sums,
+                    intent,
+                    deferred,
+                    op,
+                    done,
+                )
+            });
+            off_thread(job);
+        });
+    }
+
+    /// The checksums of the blocks a write covers in part (`edges`): the
+    /// rest of each block read, verified, from the volume (the caller
+    /// holds the blocks whole), with the write's bytes laid over it. A
+    /// block whose read fails stays unknown.
+    fn merge_edges(self: &Arc<Self>, sums: Option<NewSums>, edges: Vec<Edge>) -> Option<NewSums> {
+        use crate::format::checksum::{DATA_BLOCK, sum};
+        let Some(NewSums::Each(first, mut v)) = sums else {
+            return sums;
+        };
+        for (block, at, bytes) in edges {
+            let got = read_data(wait(|cb| {
+                self.read_from(
+                    block,
+                    DATA_BLOCK as usize,
+                    Run::Queued,
+                    Vec::new(),
+                    true,
+                    Box::new(move |r| cb(r.map(Some))),
+                )
+            }));
+            let i = ((block - first) / DATA_BLOCK) as usize;
+            if let Ok(mut b) = got
+                && b.len() == DATA_BLOCK as usize
+                && at + bytes.len() <= b.len()
+                && i < v.len()
+            {
+                b[at..at + bytes.len()].copy_from_slice(&bytes);
+                v[i] = sum(&b);
+            }
+        }
+        Some(NewSums::Each(first, v))
+    }
+
+    /// [`MirrorVolume::write_locked`] with the range held.
+    #[allow(clippy::too_many_arguments)]
+    fn write_held(
+        self: &Arc<Self>,
+        guard: super::range_lock::RangeGuard,
+        offset: u64,
+        len: u64,
+        run: Run,
+        unwrites: bool,
+        sums: Option<NewSums>,
+        intent: Option<IntentGuard>,
+        deferred: Vec<(Uuid, Deferred)>,
+        op: impl Fn(&EnginePlex) -> Op + Send + 'static,
+        done: Done<()>,
+    ) {
+        let this = self.clone();
+        {
             let targets: Vec<Arc<EnginePlex>> = this
                 .plexes()
                 .into_iter()
@@ -1147,7 +1272,7 @@ impl MirrorVolume {
                 end_half();
                 done(r);
             });
-        });
+        }
     }
 
     /// Flushes every writable plex.
@@ -1623,8 +1748,13 @@ impl MirrorVolume {
             if let Some(p) = self.behind_reader(&tried) {
                 return self.read_after_behind(offset, len, p, tried, done);
             }
-            if let Some(data) = self.merged_copy(&tried, offset) {
-                return done(Ok(data));
+            if let Some((data, repair)) = self.merged_copy(&tried, offset) {
+                // Blocking I/O, off the disks' completion threads.
+                std::thread::spawn(move || {
+                    repair();
+                    done(Ok(data));
+                });
+                return;
             }
             // Copies that failed their checksums, none of them good.
             for (p, e) in &tried {
@@ -1682,6 +1812,14 @@ impl MirrorVolume {
                 }
             }),
         );
+    }
+
+    /// Makes the checksums of the disk of the plex on `disk` durable.
+    pub fn persist_sums(&self, disk: Uuid) -> io::Result<()> {
+        match (self.intent.get(), self.plex(disk)) {
+            (Some(i), Some(p)) => i.persist_sums(&p),
+            _ => Ok(()),
+        }
     }
 
     /// The block checksums of `plex` for `n` blocks from block-aligned
@@ -1797,14 +1935,16 @@ impl MirrorVolume {
     /// by block. A block comes from a copy that matches its checksum
     /// there; where none does but every copy read agrees, from them (their
     /// checksums are what is wrong: independent disks do not go bad
-    /// alike). The merged data is served, and written back, under the
-    /// range lock, to every plex that tried and differs from it. `None`
-    /// when some block has no such copy: nothing can tell which is right.
+    /// alike). Returns the merged data and the repair that writes it back
+    /// to every plex that tried and differs from it, to run before the
+    /// read answers (the caller holds the range). `None` when some block
+    /// has no such copy: nothing can tell which is right.
+    #[allow(clippy::type_complexity)]
     fn merged_copy(
         self: &Arc<Self>,
         tried: &[(Arc<EnginePlex>, io::Error)],
         offset: u64,
-    ) -> Option<AlignedBuf> {
+    ) -> Option<(AlignedBuf, Box<dyn FnOnce() + Send>)> {
         use crate::format::checksum::{DATA_BLOCK, UNKNOWN, sum};
         let copies: Vec<(&Arc<EnginePlex>, &ChecksumMismatch)> = tried
             .iter()
@@ -1883,22 +2023,25 @@ impl MirrorVolume {
             len,
             "no single copy matched its checksums over the whole read: served block by block from the copies that do"
         );
+        // Repaired before the read answers, while its range is still held
+        // (a write waiting for the range must land after the repair, never
+        // under it).
         let this = self.clone();
-        self.lock.acquire(offset..end, move |guard| {
-            std::thread::spawn(move || {
-                for (plex, error) in fix {
-                    // A write since the read may have failed the plex.
-                    let repaired = plex.mode() == Mode::InSync
-                        && this.write_back(&plex, offset, merged.clone()).is_ok();
-                    this.with_sink(|s| s.read_error(&this.name, plex.disk, &error, repaired));
-                }
-                for (plex, e) in agreed.iter().zip(&agreed_errors) {
-                    this.with_sink(|s| s.read_error(&this.name, plex.disk, e, true));
-                }
-                this.lock.release(guard);
-            });
+        let repair = Box::new(move || {
+            for (plex, error) in fix {
+                // A write since may have failed the plex; a hung one is
+                // not waited for again.
+                let repaired = plex.mode() == Mode::InSync
+                    && error.kind() != io::ErrorKind::TimedOut
+                    && this.write_back(&plex, offset, merged.clone()).is_ok();
+                this.with_sink(|s| s.read_error(&this.name, plex.disk, &error, repaired));
+            }
+            for (plex, e) in agreed.iter().zip(&agreed_errors) {
+                let repaired = this.persist_sums(plex.disk).is_ok();
+                this.with_sink(|s| s.read_error(&this.name, plex.disk, e, repaired));
+            }
         });
-        Some(out)
+        Some((out, repair))
     }
 
     /// An in-sync plex with writes behind, not tried yet: the only kind
@@ -2055,9 +2198,11 @@ impl MirrorVolume {
             )));
         }
         // The copy is good now, and so are its checksums (a damaged
-        // checksum block is mended this way too).
+        // checksum block is mended this way too), durably: a clean region
+        // has no bit that would keep them untrusted.
         if let (Some(i), Some(plex)) = (self.intent.get(), self.plex(bad.disk)) {
-            i.record_sums(&[plex], &NewSums::of_write(offset, &data));
+            i.record_sums(std::slice::from_ref(&plex), &NewSums::of_write(offset, &data));
+            i.persist_sums(&plex)?;
         }
         Ok(())
     }

@@ -242,7 +242,7 @@ pub fn resync(
         while pos < r.end {
             if progress.stopping() {
                 settle(&mut inflight, progress, &mut pool)?;
-                flush_target(target, pos)?;
+                flush_target(volume, target, pos)?;
                 checkpoint(pos).map_err(|error| ResyncError::Checkpoint {
                     position: pos,
                     error,
@@ -313,7 +313,7 @@ pub fn resync(
             }
             if last_checkpoint.elapsed() >= opts.checkpoint_every {
                 settle(&mut inflight, progress, &mut pool)?;
-                flush_target(target, pos)?;
+                flush_target(volume, target, pos)?;
                 checkpoint(pos).map_err(|error| ResyncError::Checkpoint {
                     position: pos,
                     error,
@@ -323,7 +323,7 @@ pub fn resync(
         }
     }
     settle(&mut inflight, progress, &mut pool)?;
-    flush_target(target, pos)?;
+    flush_target(volume, target, pos)?;
     Ok(copied)
 }
 
@@ -515,7 +515,13 @@ fn submit_write(
     }
 }
 
-fn flush_target(target: &EnginePlex, pos: u64) -> Result<(), ResyncError> {
+fn flush_target(volume: &MirrorVolume, target: &EnginePlex, pos: u64) -> Result<(), ResyncError> {
+    // The target's checksums too: it has no write-intent bits that would
+    // keep them untrusted after a crash, and a checkpoint says it holds
+    // what lies below it.
+    volume
+        .persist_sums(target.disk)
+        .map_err(|error| ResyncError::Target { offset: pos, error })?;
     run_on(target, Op::Flush).map_err(|error| ResyncError::Target { offset: pos, error })
 }
 

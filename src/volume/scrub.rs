@@ -9,12 +9,12 @@
 //! undo a write. Mismatches are found per 512-byte sector and reported as
 //! merged byte ranges in volume offsets.
 //!
-//! Which copy wins a repair, per sector: the content held by the most in-sync
-//! plexes; on a tie, the content of the first in-sync plex, in config order,
-//! among those tied. With two plexes that is always the first one (md's
-//! `repair` likewise copies from the first device). Without checksums this is
-//! a guess, and a stated one: the integrity work will let block checksums
-//! decide instead.
+//! Which copy wins a repair is decided per 4 KiB block by the block
+//! checksums ([`Verdict`]): the copy that matches its own. Where none is
+//! known, the content held by the most in-sync plexes, never one known bad;
+//! on a tie, the first in-sync plex's in config order (md's `repair` copies
+//! from the first device), and the verdict says it was the rule. Where every
+//! copy fails its checksum, nothing is repaired.
 //!
 //! A scrub can run throttled ([`ScrubOptions::max_rate`]) so that the daemon
 //! can run it in the background; it sleeps between chunks, never while it
@@ -93,6 +93,9 @@ pub enum Verdict {
     Majority,
     /// No checksum is known there and no majority: the first plex's copy.
     First,
+    /// Every copy there fails its checksum: none is known good, and a
+    /// repair leaves them as they are.
+    NoGoodCopy,
 }
 
 impl Verdict {
@@ -103,6 +106,7 @@ impl Verdict {
             Verdict::Entry => "checksum-entry",
             Verdict::Majority => "majority",
             Verdict::First => "first-plex",
+            Verdict::NoGoodCopy => "no-good-copy",
         }
     }
 }
@@ -276,6 +280,15 @@ pub fn scrub(
             }
         }
     }
+    // What a repair set (mended and newly hashed checksums of clean
+    // regions, which no bit keeps untrusted) is made durable now.
+    if opts.repair {
+        for p in &plexes {
+            if let Err(e) = volume.persist_sums(p.disk) {
+                tracing::warn!(disk = %p.queue.name(), error = %e, "cannot write the checksums a scrub set");
+            }
+        }
+    }
     Ok(report)
 }
 
@@ -319,7 +332,8 @@ fn block_checks(
 }
 
 /// Who wins sector `s`: by the block checksums where a copy matches its
-/// own, else by [`winner`]. `class` as [`classes`] gives it (`None`: the
+/// own, else by the most votes (ties to the first plex in order) among
+/// the copies not known bad. `class` as [`classes`] gives it (`None`: the
 /// copies agree there, and only a damaged entry can be found).
 fn decide(
     class: Option<&[usize]>,
@@ -345,16 +359,27 @@ fn decide(
     let (kept, verdict) = match verified {
         Some(c) => (c, Verdict::Checksum),
         None => {
-            let c = winner(class);
-            let tie = (0..n).any(|i| class[i] == i && i != c && votes(i) == votes(c));
-            (
-                c,
-                if tie {
-                    Verdict::First
-                } else {
-                    Verdict::Majority
-                },
-            )
+            // Without a copy known good, a copy known bad never wins: the
+            // rule picks among the others.
+            let clean = |c: usize| (0..n).all(|i| class[i] != c || ok(i) != Some(false));
+            let best = (0..n)
+                .filter(|&c| class[c] == c && clean(c))
+                .max_by_key(|&c| (votes(c), std::cmp::Reverse(c)));
+            match best {
+                None => (0, Verdict::NoGoodCopy),
+                Some(c) => {
+                    let tie =
+                        (0..n).any(|i| class[i] == i && i != c && clean(i) && votes(i) == votes(c));
+                    (
+                        c,
+                        if tie {
+                            Verdict::First
+                        } else {
+                            Verdict::Majority
+                        },
+                    )
+                }
+            }
         }
     };
     let outvoted = (0..n).filter(|&i| class[i] != class[kept]).collect();
@@ -376,15 +401,6 @@ fn classes(bufs: &[AlignedBuf], s: usize) -> Option<Vec<usize>> {
         class.push(c);
     }
     Some(class)
-}
-
-/// The winning class: the most votes, ties to the first plex in order.
-fn winner(class: &[usize]) -> usize {
-    let votes = |c: usize| class.iter().filter(|&&x| x == c).count();
-    (0..class.len())
-        .filter(|&i| class[i] == i)
-        .max_by_key(|&c| (votes(c), std::cmp::Reverse(c)))
-        .expect("plex 0 is always a class")
 }
 
 /// Compares one chunk of every plex; returns its mismatches in volume
@@ -498,7 +514,10 @@ fn scrub_chunk(
             // set again from the copy below.
             let mine: Vec<&Run> = runs
                 .iter()
-                .filter(|r| r.outvoted.contains(&i) && r.verdict != Verdict::Entry)
+                .filter(|r| {
+                    r.outvoted.contains(&i)
+                        && !matches!(r.verdict, Verdict::Entry | Verdict::NoGoodCopy)
+                })
                 .collect();
             if mine.is_empty() {
                 continue;
@@ -546,9 +565,32 @@ fn scrub_chunk(
             }
         }
         // Every copy of the chunk is now the one kept: its checksums are
-        // set from it (mending damaged entries, hashing unknown ones).
+        // set from it (mending damaged entries, hashing unknown ones),
+        // except in blocks where no copy is good, whose checksums still
+        // say so.
+        let bad: Vec<std::ops::Range<usize>> = runs
+            .iter()
+            .filter(|r| r.verdict == Verdict::NoGoodCopy)
+            .map(|r| r.start / block * block..(r.start + r.len).div_ceil(block) * block)
+            .collect();
+        let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut at = 0;
+        for r in &bad {
+            if r.start > at {
+                spans.push(at..r.start);
+            }
+            at = at.max(r.end);
+        }
+        if at < n {
+            spans.push(at..n);
+        }
         for (p, b) in plexes.iter().zip(bufs.iter()) {
-            volume.record_sums(p.disk, &NewSums::of_write(pos, &b[..n]));
+            for r in &spans {
+                volume.record_sums(
+                    p.disk,
+                    &NewSums::of_write(pos + r.start as u64, &b[r.clone()]),
+                );
+            }
         }
     }
 
@@ -559,7 +601,7 @@ fn scrub_chunk(
             length: r.len as u64,
             kept: plexes[r.kept].disk,
             outvoted: r.outvoted.iter().map(|&i| plexes[i].disk).collect(),
-            repaired: repair,
+            repaired: repair && r.verdict != Verdict::NoGoodCopy,
             verdict: r.verdict,
         })
         .collect())

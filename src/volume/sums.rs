@@ -99,6 +99,15 @@ impl DiskSums {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A disk whose written map starts empty (a new disk): no entry is
+    /// consulted before its region is first written, which sets them all,
+    /// so its area needs no zeroing.
+    pub fn trust_fresh(&self) {
+        let mut s = self.lock();
+        s.trusted = true;
+        s.wipe = false;
+    }
+
     /// Forgets every entry: the area is zeroed before it is next relied on
     /// (a disk of an older format, or one written without checksums).
     pub fn distrust(&self) {
@@ -108,9 +117,9 @@ impl DiskSums {
         s.cache.clear();
     }
 
-    /// The cached checksum block `k`, read from `disk` unless there
-    /// already (`load`: read whole).
-    fn block<'a>(&self, s: &'a mut State, disk: &dyn Disk, k: u64, load: bool) -> &'a mut Cached {
+    /// The cached checksum block `k` (entries not set unknown until it is
+    /// loaded, [`DiskSums::load`]).
+    fn block<'a>(&self, s: &'a mut State, k: u64) -> &'a mut Cached {
         if !s.cache.contains_key(&k) {
             if s.cache.len() >= MAX_CACHED {
                 let clean: Vec<u64> = s
@@ -135,40 +144,76 @@ impl DiskSums {
                 },
             );
         }
-        let trusted = s.trusted;
-        let c = s.cache.get_mut(&k).expect("inserted above");
-        if load && !c.loaded {
-            if trusted {
-                let mut raw = vec![0u8; SUM_BLOCK as usize];
+        s.cache.get_mut(&k).expect("inserted above")
+    }
+
+    /// Makes checksum blocks `ks` whole in memory, reading from `disk`
+    /// those not loaded yet, without holding the lock meanwhile (a slow
+    /// disk stalls only its caller, never a writer setting entries).
+    fn load(&self, disk: &dyn Disk, ks: impl Iterator<Item = u64>) {
+        let (want, trusted): (Vec<u64>, bool) = {
+            let s = self.lock();
+            let want = ks
+                .filter(|k| !s.cache.get(k).is_some_and(|c| c.loaded))
+                .collect();
+            (want, s.trusted)
+        };
+        for k in want {
+            let mut raw = vec![0u8; SUM_BLOCK as usize];
+            let got = if trusted {
                 match disk.read_at(&mut raw, self.area + k * SUM_BLOCK) {
-                    Ok(()) => {
-                        for (j, b) in raw.chunks_exact(4).enumerate() {
-                            if c.set[j / 64] & (1 << (j % 64)) == 0 {
-                                c.sums[j] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                            }
-                        }
-                    }
+                    Ok(()) => true,
                     // Unknown, never bad: the read error itself shows on
                     // the disk's data soon enough.
-                    Err(e) => tracing::warn!(error = %e, "cannot read a checksum block"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read a checksum block");
+                        false
+                    }
+                }
+            } else {
+                false
+            };
+            let mut s = self.lock();
+            // Distrusted (and wiped) meanwhile: what was read is void.
+            let got = got && s.trusted;
+            let c = self.block(&mut s, k);
+            if c.loaded {
+                continue;
+            }
+            if got {
+                for (j, b) in raw.chunks_exact(4).enumerate() {
+                    if c.set[j / 64] & (1 << (j % 64)) == 0 {
+                        c.sums[j] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    }
                 }
             }
             c.loaded = true;
         }
-        c
     }
 
     /// The entries of `n` blocks from block-aligned data-area offset
     /// `first` (unknown past the end of the area).
     pub fn get(&self, disk: &dyn Disk, first: u64, n: u64) -> Vec<u32> {
-        let mut s = self.lock();
         let first = first / DATA_BLOCK;
+        let end = (first + n).min(self.blocks);
+        if !enabled() || first >= end {
+            return vec![UNKNOWN; n as usize];
+        }
+        self.load(
+            disk,
+            first / BLOCKS_PER_SUM_BLOCK..(end - 1) / BLOCKS_PER_SUM_BLOCK + 1,
+        );
+        let mut s = self.lock();
         (first..first + n)
             .map(|b| {
                 if b >= self.blocks {
                     return UNKNOWN;
                 }
-                let c = self.block(&mut s, disk, b / BLOCKS_PER_SUM_BLOCK, true);
+                let c = self.block(&mut s, b / BLOCKS_PER_SUM_BLOCK);
+                // Evicted or not loaded (a failed read): unknown.
+                if !c.loaded {
+                    return UNKNOWN;
+                }
                 c.sums[(b % BLOCKS_PER_SUM_BLOCK) as usize]
             })
             .collect()
@@ -188,25 +233,38 @@ impl DiskSums {
     }
 
     fn set_with(&self, disk: &dyn Disk, first: u64, sums: &[u32], load: bool) {
-        let mut s = self.lock();
+        if !enabled() || sums.is_empty() {
+            return;
+        }
         let first = first / DATA_BLOCK;
+        if load {
+            let last = (first + sums.len() as u64 - 1).min(self.blocks.saturating_sub(1));
+            self.load(
+                disk,
+                first / BLOCKS_PER_SUM_BLOCK..last / BLOCKS_PER_SUM_BLOCK + 1,
+            );
+        }
+        let mut s = self.lock();
         for (b, v) in (first..).zip(sums) {
             if b >= self.blocks {
                 break;
             }
-            let c = self.block(&mut s, disk, b / BLOCKS_PER_SUM_BLOCK, load);
+            let c = self.block(&mut s, b / BLOCKS_PER_SUM_BLOCK);
             c.put((b % BLOCKS_PER_SUM_BLOCK) as usize, *v);
         }
     }
 
     /// Sets every entry of the whole blocks within data-area bytes
     /// `[start, end)` to `value`.
-    pub fn fill(&self, disk: &dyn Disk, start: u64, end: u64, value: u32) {
+    pub fn fill(&self, start: u64, end: u64, value: u32) {
+        if !enabled() {
+            return;
+        }
         let (first, n) = crate::format::checksum::whole_blocks(start, end.saturating_sub(start));
         let mut s = self.lock();
         let first = first / DATA_BLOCK;
         for b in first..(first + n).min(self.blocks) {
-            let c = self.block(&mut s, disk, b / BLOCKS_PER_SUM_BLOCK, false);
+            let c = self.block(&mut s, b / BLOCKS_PER_SUM_BLOCK);
             c.put((b % BLOCKS_PER_SUM_BLOCK) as usize, value);
         }
     }
@@ -214,6 +272,12 @@ impl DiskSums {
     /// Whether entries changed in memory are still to be written out.
     pub fn has_dirty(&self) -> bool {
         self.lock().cache.values().any(|c| c.dirty)
+    }
+
+    /// Whether the area waits to be zeroed (written out only with the
+    /// first entry: a command that writes none leaves the disk as it is).
+    pub fn wipe_pending(&self) -> bool {
+        self.lock().wipe
     }
 
     /// Zeroes the area on `disk`, durably, when its entries are not to be
@@ -239,21 +303,20 @@ impl DiskSums {
             return Ok(0);
         }
         self.wipe_if_needed(disk)?;
+        // Blocks only set so far get their other entries first.
+        let partial: Vec<u64> = self
+            .lock()
+            .cache
+            .iter()
+            .filter(|(_, c)| c.dirty && !c.loaded)
+            .map(|(k, _)| *k)
+            .collect();
+        self.load(disk, partial.into_iter());
         let out: Vec<(u64, u64, Vec<u8>)> = {
-            let mut s = self.lock();
-            // Blocks only set so far get their other entries first.
-            let partial: Vec<u64> = s
-                .cache
-                .iter()
-                .filter(|(_, c)| c.dirty && !c.loaded)
-                .map(|(k, _)| *k)
-                .collect();
-            for k in partial {
-                self.block(&mut s, disk, k, true);
-            }
+            let s = self.lock();
             s.cache
                 .iter()
-                .filter(|(_, c)| c.dirty)
+                .filter(|(_, c)| c.dirty && c.loaded)
                 .map(|(k, c)| {
                     let mut raw = Vec::with_capacity(SUM_BLOCK as usize);
                     for e in c.sums.iter() {
@@ -307,7 +370,7 @@ mod tests {
             again.get(&disk, 4 << 20, 3),
             vec![sum(&[1; 4096]), 7, UNKNOWN]
         );
-        again.fill(&disk, 4 << 20, (4 << 20) + 8192, UNKNOWN);
+        again.fill(4 << 20, (4 << 20) + 8192, UNKNOWN);
         assert_eq!(again.get(&disk, 4 << 20, 2), vec![UNKNOWN, UNKNOWN]);
         assert!(again.has_dirty());
     }
