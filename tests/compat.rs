@@ -297,11 +297,16 @@ fn format_v4_images_get_checksums_from_scrub_repair() {
     let sb = Sandbox::new();
     unpack(&sb, 4);
     let want = sector_pattern_of(4, "mirror", 2 << 20);
+    let s = sb.status();
+    assert_eq!(disk(&s, "v4-gpt.img")["checksums"], false, "{s:#}");
+    let text = sb.mv(&["status"]).ok().stdout;
+    assert!(text.contains("none yet (format 4)"), "{text}");
     let out = sb.mv(&["scrub", "mirror", "--repair"]).ok().stdout;
     assert!(out.contains("identical"), "{out}");
     for style in ["gpt", "mbr"] {
         assert_eq!(label_version(&sb, &format!("v4-{style}.img")), CURRENT);
     }
+    assert_eq!(disk(&sb.status(), "v4-gpt.img")["checksums"], true);
     corrupt(&sb, "v4-gpt.img", "mirror", 4096, 4096);
     corrupt(&sb, "v4-mbr.img", "mirror", 1 << 20, 100);
     assert!(sb.read_volume("mirror") == want);

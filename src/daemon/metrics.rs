@@ -591,6 +591,8 @@ mod tests {
             style: "raw".into(),
             size: 64 << 20,
             data_size: 62 << 20,
+            checksums: Some(true),
+            format: Some(5),
             free: 32 << 20,
             largest_free: 32 << 20,
             errors: 0,

@@ -175,6 +175,13 @@ pub fn status_text(r: &StatusReport) -> String {
             out.push_str(&format!("Link of {}: {link}\n", d.path));
         }
     }
+    for d in r.disks.iter().filter(|d| d.checksums == Some(false)) {
+        out.push_str(&format!(
+            "Checksums of {}: none yet (format {}); `mirrorvol scrub VOLUME --repair` adds them\n",
+            d.path,
+            d.format.unwrap_or(0)
+        ));
+    }
     for u in &r.unreadable {
         out.push_str(&format!("Unreadable: {} ({})\n", u.path, u.reason));
     }

@@ -131,6 +131,14 @@ pub struct DiskStatus {
     /// Bytes of the disk's data area, from which plexes are carved (the
     /// label, config slots and bitmaps take the rest of `size`).
     pub data_size: u64,
+    /// Whether the disk keeps block checksums (format 5; false for an
+    /// older disk until its checksums are first written; left out for a
+    /// disk not present).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checksums: Option<bool>,
+    /// The format version its labels hold now (with `checksums` false).
+    #[serde(skip)]
+    pub format: Option<u32>,
     /// The data generation the disk holds (left out when it has none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
@@ -275,6 +283,10 @@ impl Group {
                 style: d.style.to_string(),
                 size: d.size,
                 data_size: d.data_size,
+                checksums: self
+                    .label_version(d.uuid)
+                    .map(|v| v >= 5 && crate::volume::sums::enabled()),
+                format: self.label_version(d.uuid),
                 free: free_bytes(&self.config, d.uuid),
                 largest_free: super::alloc::largest_free(&self.config, d.uuid),
                 errors: errors_on(d.uuid),

@@ -2201,7 +2201,10 @@ impl MirrorVolume {
         // checksum block is mended this way too), durably: a clean region
         // has no bit that would keep them untrusted.
         if let (Some(i), Some(plex)) = (self.intent.get(), self.plex(bad.disk)) {
-            i.record_sums(std::slice::from_ref(&plex), &NewSums::of_write(offset, &data));
+            i.record_sums(
+                std::slice::from_ref(&plex),
+                &NewSums::of_write(offset, &data),
+            );
             i.persist_sums(&plex)?;
         }
         Ok(())
