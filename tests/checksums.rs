@@ -357,3 +357,29 @@ fn a_write_smaller_than_a_block_keeps_its_block_checksummed() {
     assert_eq!(report["ranges"][0]["verdict"], "checksum", "{report:#}");
     assert!(plex_read(&sb, "a.img", "data", 0, data.len()) == data);
 }
+
+/// Scrub, `test-mirrors` and reads honour the written map: a region the
+/// volume never wrote reads as zeroes whatever a disk holds there (here,
+/// bytes planted behind mirrorvol's back), scrub does not read it (and
+/// says how much it skipped), and each plex tested alone serves it as
+/// zeroes too.
+#[test]
+fn never_written_regions_read_as_zeroes_and_scrub_and_test_mirrors_skip_them() {
+    let sb = Sandbox::new();
+    serve::mirror_group(&sb, 64, 32);
+    let (src, data) = sb.data_file("fill.bin", (4 * MIB) as usize, 9);
+    sb.mv(&["copy", &src, "vol:data"]).ok();
+    // Garbage where the volume never wrote, on one copy only.
+    corrupt(&sb, "b.img", "data", 20 * MIB, 65536);
+    assert!(plex_read(&sb, "b.img", "data", 20 * MIB, 4096) != vec![0u8; 4096]);
+    let mut want = vec![0u8; (32 * MIB) as usize];
+    want[..data.len()].copy_from_slice(&data);
+    assert!(sb.read_volume("data") == want);
+    let report = scrub_json(&sb, false);
+    assert_eq!(report["mismatches"], 0, "{report:#}");
+    assert_eq!(report["unwritten_bytes"], 28 * MIB, "{report:#}");
+    let text = sb.mv(&["scrub", "data"]).ok().stdout;
+    assert!(text.contains("28 MiB of it never written"), "{text}");
+    let r = sb.mv(&["test-mirrors", "data"]).ok();
+    assert!(r.stdout.contains("2 passed, 0 failed"), "{}", r.stdout);
+}

@@ -498,6 +498,10 @@ fn scrub_and_repair_online_while_a_client_writes() {
     }
     let sb = Sandbox::new();
     three_disks(&sb);
+    // The volume is written whole first (a never-written region reads as
+    // zeroes without reading a disk, and scrub does not read it either).
+    let (src, _) = sb.data_file("fill.bin", 32 << 20, 5);
+    sb.mv(&["copy", &src, "vol:data"]).ok();
     // Corrupt 64 KiB of the plex on b before serving: raw disks keep their
     // data area at 8 MiB, and data is the first volume on each.
     let b = sb.path("disks/b.img");

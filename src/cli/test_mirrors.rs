@@ -130,6 +130,9 @@ struct PlexExport {
     size: u64,
     base: u64,
     disk: Arc<dyn Disk>,
+    /// The disk's written map, and the plex's offset in its data area: a
+    /// region never written reads as zeroes, as the volume serves it.
+    map: Option<(Arc<crate::volume::bitmap::DiskBitmap>, u64)>,
 }
 
 impl Export for PlexExport {
@@ -143,7 +146,20 @@ impl Export for PlexExport {
 
     fn read(&self, offset: u64, len: usize, done: Done<AlignedBuf>) {
         let mut buf = AlignedBuf::new(len, IO_ALIGN);
-        done(self.disk.read_at(&mut buf, self.base + offset).map(|_| buf));
+        let r = self.disk.read_at(&mut buf, self.base + offset);
+        if r.is_ok()
+            && let Some((map, at)) = &self.map
+        {
+            // Zeroes wherever the map says the volume never wrote.
+            let start = at + offset;
+            let mut pos = start;
+            for w in map.written_ranges(start, start + len as u64) {
+                buf[(pos - start) as usize..(w.start - start) as usize].fill(0);
+                pos = w.end;
+            }
+            buf[(pos - start) as usize..].fill(0);
+        }
+        done(r.map(|_| buf))
     }
 
     // The server refuses writes to a read-only export before they get
@@ -184,6 +200,7 @@ fn export_plex(dir: &Path, volume: &str, size: u64, p: &Plex) -> Result<Exported
         size,
         base: p.base,
         disk: p.io.clone(),
+        map: p.sums.clone(),
     };
     let sock = dir.join(format!("plex-{}.sock", p.index));
     let bound = server::bind(&Listen::Unix(sock.clone()))
@@ -365,19 +382,21 @@ fn test_mirrors(
         match group.members.get(&p.disk) {
             Some(m) if state == "in-sync" => {
                 // Read only: loading writes nothing. A disk before format
-                // 5 has no checksums to go by.
-                let sums = (m.label.version >= 5)
-                    .then(|| {
-                        crate::volume::bitmap::DiskBitmap::load(
-                            m.disk.clone(),
-                            &m.label.layout,
-                            group.config.region_size,
-                            group.config.seqno,
-                        )
-                        .ok()
-                    })
-                    .flatten()
-                    .map(|(b, _)| (Arc::new(b), p.offset));
+                // 5 has no checksums to go by (its written map, if any,
+                // still counts).
+                let sums = crate::volume::bitmap::DiskBitmap::load(
+                    m.disk.clone(),
+                    &m.label.layout,
+                    group.config.region_size,
+                    group.config.seqno,
+                )
+                .ok()
+                .map(|(b, _)| {
+                    if m.label.version < 5 {
+                        b.sums.distrust();
+                    }
+                    (Arc::new(b), p.offset)
+                });
                 plexes.push(Plex {
                     index: i + 1,
                     disk: disk.clone(),

@@ -42,6 +42,8 @@ pub struct VolumeScrub {
     /// The disks of the in-sync plexes compared, in config order.
     pub compared: Vec<String>,
     pub checked_bytes: u64,
+    /// Of them, never written: not read.
+    pub unwritten_bytes: u64,
     pub ranges: Vec<ScrubRange>,
 }
 
@@ -108,6 +110,7 @@ impl Group {
             repair: opts.repair,
             compared: report.compared.iter().map(|u| path(*u)).collect(),
             checked_bytes: report.checked_bytes,
+            unwritten_bytes: report.unwritten_bytes,
             ranges: report
                 .mismatches
                 .iter()
@@ -132,6 +135,12 @@ pub fn scrub_text(r: &VolumeScrub) -> String {
         human(r.checked_bytes),
         super::show::and_list(&r.compared)
     );
+    if r.unwritten_bytes > 0 {
+        out.push_str(&format!(
+            " ({} of it never written: zeroes on every copy, not read)",
+            human(r.unwritten_bytes)
+        ));
+    }
     if r.ranges.is_empty() {
         out.push_str("; they are identical\n");
         return out;
@@ -211,6 +220,7 @@ pub fn scrub_json(r: &VolumeScrub) -> Value {
     json!({
         "volume": r.volume,
         "checked_bytes": r.checked_bytes,
+        "unwritten_bytes": r.unwritten_bytes,
         "mismatches": r.ranges.len(),
         "repaired": r.repaired(),
         "mismatched_bytes": r.mismatched_bytes(),

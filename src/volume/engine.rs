@@ -1474,6 +1474,18 @@ impl MirrorVolume {
         }
         self.io.reads.fetch_add(1, Ordering::Relaxed);
         self.io.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        // Never written on any in-sync plex: zeroes, whatever the disks
+        // hold there (as block status and scrub have it).
+        if self.intent.get().is_some() {
+            let in_sync: Vec<Arc<EnginePlex>> = self
+                .plexes()
+                .into_iter()
+                .filter(|p| p.mode() == Mode::InSync)
+                .collect();
+            if !in_sync.is_empty() && self.unwritten_on(&in_sync, offset, len as u64) {
+                return done(Ok(AlignedBuf::new(len, crate::disk::buf::IO_ALIGN)));
+            }
+        }
         self.read_from(offset, len, run, Vec::new(), false, done);
     }
 
@@ -1605,6 +1617,12 @@ impl MirrorVolume {
         self.intent
             .get()
             .is_some_and(|i| i.unwritten(plexes, offset, len))
+    }
+
+    /// Whether volume bytes `[offset, offset + len)` were never written on
+    /// any of `plexes` (their written maps): they read as zeroes.
+    pub fn never_written(&self, plexes: &[Arc<EnginePlex>], offset: u64, len: u64) -> bool {
+        self.unwritten_on(plexes, offset, len)
     }
 
     /// Before a resync copies onto `target`: records on its disk's written

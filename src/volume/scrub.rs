@@ -117,6 +117,9 @@ pub struct ScrubReport {
     /// The in-sync plexes compared, in config order.
     pub compared: Vec<Uuid>,
     pub checked_bytes: u64,
+    /// Of `checked_bytes`, those never written on any compared plex (by
+    /// their written maps): zeroes on every copy, not read.
+    pub unwritten_bytes: u64,
     pub mismatches: Vec<Mismatch>,
 }
 
@@ -234,6 +237,7 @@ pub fn scrub(
     let mut pos = 0u64;
     while pos < volume.size() && !opts.stopped() {
         let n = (volume.size() - pos).min(SCRUB_CHUNK as u64) as usize;
+        let mut unwritten = false;
         let found = volume.with_range_locked(pos..pos + n as u64, || {
             // A plex failed by a write since the last chunk lacks that write:
             // comparing it would report a false mismatch, and it must never
@@ -241,6 +245,12 @@ pub fn scrub(
             plexes.retain(|p| p.mode() == Mode::InSync);
             if plexes.len() < 2 {
                 return Ok(None);
+            }
+            // Never written on any plex: the volume reads zeroes there
+            // without reading a disk, whatever the disks hold.
+            if volume.never_written(&plexes, pos, n as u64) {
+                unwritten = true;
+                return Ok(Some(Vec::new()));
             }
             bufs.truncate(plexes.len());
             scrub_chunk(volume, &plexes, &mut bufs, pos, n, opts.repair).map(Some)
@@ -271,6 +281,9 @@ pub fn scrub(
         }
         pos += n as u64;
         report.checked_bytes = pos;
+        if unwritten {
+            report.unwritten_bytes += n as u64;
+        }
         progress(pos);
         if let Some(rate) = opts.max_rate.filter(|r| *r > 0) {
             let due = Duration::from_secs_f64(pos as f64 / rate as f64);
