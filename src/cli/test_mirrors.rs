@@ -60,9 +60,9 @@ struct Plex {
     io: Arc<dyn Disk>,
     /// Absolute offset of the plex's extent on its disk.
     base: u64,
-    /// The disk's block checksums (read only), and the plex's offset in
-    /// its data area: `None` on a disk without any.
-    sums: Option<(Arc<crate::volume::bitmap::DiskBitmap>, u64)>,
+    /// The disk's bitmap (read only: its block checksums and written map),
+    /// and the plex's offset in its data area.
+    map: Option<(Arc<crate::volume::bitmap::DiskBitmap>, u64)>,
 }
 
 impl Plex {
@@ -70,7 +70,7 @@ impl Plex {
     /// matches the plex's checksum (`None`: not known).
     fn check(&self, at: u64, block: &[u8]) -> Option<bool> {
         use crate::format::checksum::{UNKNOWN, sum};
-        let (map, offset) = self.sums.as_ref()?;
+        let (map, offset) = self.map.as_ref()?;
         let e = map.sums_of(offset + at, 1)[0];
         (e != UNKNOWN).then(|| sum(block) == e)
     }
@@ -200,7 +200,7 @@ fn export_plex(dir: &Path, volume: &str, size: u64, p: &Plex) -> Result<Exported
         size,
         base: p.base,
         disk: p.io.clone(),
-        map: p.sums.clone(),
+        map: p.map.clone(),
     };
     let sock = dir.join(format!("plex-{}.sock", p.index));
     let bound = server::bind(&Listen::Unix(sock.clone()))
@@ -384,7 +384,7 @@ fn test_mirrors(
                 // Read only: loading writes nothing. A disk before format
                 // 5 has no checksums to go by (its written map, if any,
                 // still counts).
-                let sums = crate::volume::bitmap::DiskBitmap::load(
+                let map = crate::volume::bitmap::DiskBitmap::load(
                     m.disk.clone(),
                     &m.label.layout,
                     group.config.region_size,
@@ -402,7 +402,7 @@ fn test_mirrors(
                     disk: disk.clone(),
                     io: m.disk.clone(),
                     base: m.label.layout.data_offset() + p.offset,
-                    sums,
+                    map,
                 });
                 tested.push(i);
                 outcomes.push((disk, state.to_string(), Outcome::Pass));

@@ -1797,6 +1797,24 @@ impl MirrorVolume {
             };
             return done(Err(e));
         };
+        self.read_plex(plex, offset, len, run, tried, range_held, done);
+    }
+
+    /// Reads from `plex` (one [`MirrorVolume::read_from`] picked, or the
+    /// one [`MirrorVolume::checksum_failed`] reads again) and checks the
+    /// data against its checksums; on an error, or data that does not
+    /// match them, the read goes on as `read_from` decides.
+    #[allow(clippy::too_many_arguments)]
+    fn read_plex(
+        self: &Arc<Self>,
+        plex: Arc<EnginePlex>,
+        offset: u64,
+        len: usize,
+        run: Run,
+        mut tried: Vec<(Arc<EnginePlex>, io::Error)>,
+        range_held: bool,
+        done: Done<AlignedBuf>,
+    ) {
         let this = self.clone();
         let p = plex.clone();
         let deadline = self.in_sync() > 1;
@@ -1910,41 +1928,12 @@ impl MirrorVolume {
         let this = self.clone();
         self.lock
             .acquire(offset..offset + len as u64, move |guard| {
-                let (lock, p) = (this.clone(), plex.clone());
+                let lock = this.clone();
                 let done: Done<AlignedBuf> = Box::new(move |r| {
                     lock.lock.release(guard);
                     done(r);
                 });
-                let again = this.clone();
-                let deadline = this.in_sync() > 1;
-                plex.queue.dispatch(
-                    Run::Queued,
-                    Op::Read {
-                        offset: plex.offset + offset,
-                        len,
-                    },
-                    deadline,
-                    Box::new(move |outcome| match outcome {
-                        Ok(buf) => {
-                            let buf = buf.unwrap_or_else(|| AlignedBuf::new(0, 1));
-                            match again.mismatch(&p, offset, &buf) {
-                                None => {
-                                    if !tried.is_empty() {
-                                        again.repair_after_read(offset, len, p, tried);
-                                    }
-                                    done(Ok(buf))
-                                }
-                                Some(block) => again
-                                    .checksum_failed(offset, len, p, buf, block, tried, true, done),
-                            }
-                        }
-                        Err(e) => {
-                            p.read_errors.fetch_add(1, Ordering::Relaxed);
-                            tried.push((p, e));
-                            again.read_from(offset, len, Run::Queued, tried, true, done);
-                        }
-                    }),
-                );
+                this.read_plex(plex, offset, len, Run::Queued, tried, true, done);
             });
     }
 

@@ -244,13 +244,16 @@ impl DiskSums {
                 first / BLOCKS_PER_SUM_BLOCK..last / BLOCKS_PER_SUM_BLOCK + 1,
             );
         }
+        self.put_all(first, sums.iter().copied());
+    }
+
+    /// Sets the entries of blocks `first..`, one per value, up to the end
+    /// of the area.
+    fn put_all(&self, first: u64, values: impl Iterator<Item = u32>) {
         let mut s = self.lock();
-        for (b, v) in (first..).zip(sums) {
-            if b >= self.blocks {
-                break;
-            }
+        for (b, v) in (first..self.blocks).zip(values) {
             let c = self.block(&mut s, b / BLOCKS_PER_SUM_BLOCK);
-            c.put((b % BLOCKS_PER_SUM_BLOCK) as usize, *v);
+            c.put((b % BLOCKS_PER_SUM_BLOCK) as usize, v);
         }
     }
 
@@ -261,12 +264,7 @@ impl DiskSums {
             return;
         }
         let (first, n) = crate::format::checksum::whole_blocks(start, end.saturating_sub(start));
-        let mut s = self.lock();
-        let first = first / DATA_BLOCK;
-        for b in first..(first + n).min(self.blocks) {
-            let c = self.block(&mut s, b / BLOCKS_PER_SUM_BLOCK);
-            c.put((b % BLOCKS_PER_SUM_BLOCK) as usize, value);
-        }
+        self.put_all(first / DATA_BLOCK, std::iter::repeat_n(value, n as usize));
     }
 
     /// Whether entries changed in memory are still to be written out.
