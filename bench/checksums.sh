@@ -3,6 +3,9 @@
 # with them (the default) and without (MIRRORVOL_NO_CHECKSUMS=1), driven by
 # fio over NBD on a Unix socket, side by side in one run. Each run, for
 # each side, on new sparse image files and a new mirrored volume:
+#   0. fresh:     random 4 KiB writes QD32 on the new volume (every
+#                 write-intent bit clear, nothing written: what a user
+#                 meets first);
 #   1. fill:      sequential 1 MiB writes over the whole volume (every
 #                 block then has a checksum; not reported);
 #   2. randwrite: random 4 KiB writes QD32 (warm);
@@ -59,6 +62,7 @@ for run in $(seq "$runs"); do
       --listen "unix:$sock" 2>"$dir/serve.log" &
     server_pid=$!
     wait_socket
+    fio_job fresh "$run" "$side" --rw=randwrite --bs=4k --iodepth=32
     fio_job fill "$run" "$side" --rw=write --bs=1M --iodepth=8 --time_based=0 --runtime=300 --end_fsync=1
     fio_job randwrite "$run" "$side" --rw=randwrite --bs=4k --iodepth=32 --ramp_time=1
     fio_job randread "$run" "$side" --rw=randread --bs=4k --iodepth=32 --ramp_time=1
@@ -79,12 +83,13 @@ med = lambda xs: statistics.median(xs) if xs else float("nan")
 fig = lambda side, job, k: med([v[k] for v in rows[(side, job)].values()])
 print("Medians of", len(rows[("checksums", "randwrite")]), "runs:")
 print()
-print("| build | randwrite 4K QD32 IOPS | randread 4K QD32 IOPS | QD1 randwrite p50 µs |")
-print("|---|---:|---:|---:|")
+print("| build | fresh randwrite 4K QD32 IOPS | randwrite 4K QD32 IOPS | randread 4K QD32 IOPS | QD1 randwrite p50 µs |")
+print("|---|---:|---:|---:|---:|")
 for side in ["checksums", "none"]:
-    print(f"| {side} | {fig(side,'randwrite',0):.0f} | {fig(side,'randread',0):.0f} | {fig(side,'qd1',2):.0f} |")
+    print(f"| {side} | {fig(side,'fresh',0):.0f} | {fig(side,'randwrite',0):.0f} | {fig(side,'randread',0):.0f} | {fig(side,'qd1',2):.0f} |")
 print()
-for what, job, k, inv in [("randwrite IOPS", "randwrite", 0, False), ("randread IOPS", "randread", 0, False),
+for what, job, k, inv in [("fresh randwrite IOPS", "fresh", 0, False),
+                          ("randwrite IOPS", "randwrite", 0, False), ("randread IOPS", "randread", 0, False),
                           ("QD1 p50 latency, none/checksums", "qd1", 2, True)]:
     per_run = []
     for run, v in rows[("checksums", job)].items():
