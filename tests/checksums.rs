@@ -383,3 +383,61 @@ fn never_written_regions_read_as_zeroes_and_scrub_and_test_mirrors_skip_them() {
     let r = sb.mv(&["test-mirrors", "data"]).ok();
     assert!(r.stdout.contains("2 passed, 0 failed"), "{}", r.stdout);
 }
+
+/// A rebuild gives the new copy no checksum entries where the volume was
+/// never written (the write that first makes a region written fills them):
+/// stale entries a disk carries there from an earlier life are never
+/// taken for the truth. A write smaller than a block into such a region,
+/// after the rebuild, reads back right, leaves right entries, and scrub
+/// and `test-mirrors` find both copies good.
+#[test]
+fn a_rebuilt_copy_with_stale_entries_where_nothing_was_written_stays_right() {
+    if !serve::tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    serve::mirror_group(&sb, 64, 32);
+    let (src, data) = sb.data_file("fill.bin", (4 * MIB) as usize, 11);
+    sb.mv(&["copy", &src, "vol:data"]).ok();
+    sb.mv(&["remove-mirror", "data", "--disk", &sb.p("disks/b.img")])
+        .ok();
+    // Garbage over b.img's whole checksum area (64 KiB covers 64 MiB).
+    let r = sb
+        .mv_plain(&["examine", &sb.p("disks/b.img"), "--json"])
+        .ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let area = v["label"]["checksum_offset"].as_u64().unwrap();
+    poke(&sb, "b.img", area, &[0xAB; 65536]);
+    let r = sb
+        .mv(&["add-mirror", "data", "--disk", &sb.p("disks/b.img")])
+        .ok();
+    assert!(r.stdout.contains("given as zeroes"), "{}", r.stdout);
+    // The written copy's entries are right on the rebuilt disk.
+    let at = sum_at(&sb, "b.img", "data", 0);
+    assert_eq!(entry(&sb, "b.img", at), crc32c::crc32c(&data[..4096]));
+    // Where nothing was written, the stale entries stayed (not rewritten).
+    let stale = sum_at(&sb, "b.img", "data", 20 * MIB);
+    assert_eq!(entry(&sb, "b.img", stale), 0xABAB_ABAB);
+    let s = Served::start(&sb, &[], &[]);
+    serve::qemu_io(&s.uri("data"), &["write -P 0x5a 20971904 512", "flush"]);
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+    let mut want = vec![0u8; (32 * MIB) as usize];
+    want[..data.len()].copy_from_slice(&data);
+    want[20971904..20971904 + 512].fill(0x5a);
+    assert!(sb.read_volume("data") == want);
+    // Every entry of the region now written is that of what b.img holds.
+    for block in 0..16u64 {
+        let off = 20 * MIB + block * 4096;
+        let want_sum = crc32c::crc32c(&want[off as usize..off as usize + 4096]);
+        assert_eq!(
+            entry(&sb, "b.img", sum_at(&sb, "b.img", "data", off)),
+            want_sum,
+            "b.img's entry for volume offset {off}"
+        );
+    }
+    let report = scrub_json(&sb, false);
+    assert_eq!(report["mismatches"], 0, "{report:#}");
+    let r = sb.mv(&["test-mirrors", "data"]).ok();
+    assert!(r.stdout.contains("2 passed, 0 failed"), "{}", r.stdout);
+}

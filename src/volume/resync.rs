@@ -236,7 +236,7 @@ pub fn resync(
     // The write of the previous chunk, still in flight while this one is
     // read: the copy keeps the source and the target busy at once.
     let mut inflight: Option<Inflight> = None;
-    let mut pool: Vec<AlignedBuf> = Vec::new();
+    let mut pool = Pool::default();
     for r in ranges {
         pos = pos.max(r.start);
         while pos < r.end {
@@ -340,12 +340,42 @@ struct Inflight {
     end: u64,
 }
 
+/// What a resync keeps from one chunk to the next.
+#[derive(Default)]
+struct Pool {
+    /// Buffers used again and again (a fresh 4 MiB buffer per chunk costs
+    /// a thousand page faults, a quarter of the copy's time on this
+    /// project's VMs); one is free again once its write has dropped it.
+    bufs: Vec<Arc<AlignedBuf>>,
+    /// The source's checksums are loaded up to this volume offset.
+    sums_until: u64,
+    /// Some in-sync plex holds data (not a hole) up to this volume offset:
+    /// no need to ask again there (data stays data, or becomes a hole that
+    /// reads as zeroes: either way reading it is right).
+    data_until: u64,
+}
+
+impl Pool {
+    /// A free buffer of at least `n` bytes.
+    fn take(&mut self, n: usize) -> AlignedBuf {
+        if let Some(i) = self
+            .bufs
+            .iter()
+            .position(|b| Arc::strong_count(b) == 1 && b.capacity() >= n)
+            && let Ok(b) = Arc::try_unwrap(self.bufs.swap_remove(i))
+        {
+            return b;
+        }
+        AlignedBuf::new(n, crate::disk::buf::IO_ALIGN)
+    }
+}
+
 /// Waits for the chunk in flight, if any, counts it done, and gives its
 /// buffer back to `pool`.
 fn settle(
     inflight: &mut Option<Inflight>,
     progress: &ResyncProgress,
-    pool: &mut Vec<AlignedBuf>,
+    pool: &mut Pool,
 ) -> Result<(), ResyncError> {
     let Some(f) = inflight.take() else {
         return Ok(());
@@ -364,8 +394,11 @@ fn settle(
             .fetch_add(f.end - f.start, Ordering::Relaxed);
     }
     progress.position.store(f.end, Ordering::Relaxed);
-    if let Some(Ok(b)) = f.buf.map(Arc::try_unwrap) {
-        pool.push(b);
+    // The queue may hold its clone a moment longer: taken again once free.
+    if let Some(b) = f.buf
+        && pool.bufs.len() < 4
+    {
+        pool.bufs.push(b);
     }
     Ok(())
 }
@@ -376,9 +409,7 @@ fn settle(
 /// copy never puts older data over a newer write.
 ///
 /// The read goes to the first in-sync plex's disk queue, under the hang
-/// watchdog, into a buffer used again and again (a fresh 4 MiB buffer per
-/// chunk costs a thousand page faults, a quarter of the copy's time on this
-/// project's VMs); on an error the engine reads instead, with its fallback
+/// watchdog, into a buffer of `pool`; on an error the engine reads instead, with its fallback
 /// to another plex and repair of the one that failed. A source that hangs
 /// costs the watchdog's timeout, never a range held for good.
 fn start_chunk(
@@ -387,7 +418,7 @@ fn start_chunk(
     pos: u64,
     n: usize,
     most: u64,
-    pool: &mut Vec<AlignedBuf>,
+    pool: &mut Pool,
 ) -> Result<Inflight, ResyncError> {
     // Where no in-sync plex holds data (never written, by the written
     // maps; or a hole on every one: a sparse file's, an NBD export's block
@@ -398,10 +429,20 @@ fn start_chunk(
         Ok([(bytes, true), ..]) => *bytes,
         _ => 0,
     };
-    let run = match hole_from(most) {
-        h if h >= n as u64 => h.min(most),
-        _ => n as u64,
+    let run = if pos + n as u64 <= pool.data_until {
+        n as u64
+    } else {
+        match volume.allocation_asking_exports(pos, most).as_deref() {
+            Ok([(bytes, true), ..]) if *bytes >= n as u64 => *bytes.min(&most),
+            Ok([(bytes, false), ..]) => {
+                pool.data_until = pos + bytes;
+                n as u64
+            }
+            _ => n as u64,
+        }
     };
+    // A hole seen: decided again below with the range held.
+    let hole = run > n as u64 || pos + n as u64 > pool.data_until;
     let mut hold = volume.hold_range(pos..pos + run);
     if target.mode() != Mode::WriteOnly {
         return Err(ResyncError::Target {
@@ -409,7 +450,7 @@ fn start_chunk(
             error: io::Error::other("the plex left service during the resync"),
         });
     }
-    if hole_from(run) >= run {
+    if hole && hole_from(run) >= run {
         volume.record_sums(target.disk, &NewSums::Zeroes(pos, run));
         return Ok(submit_write(
             target,
@@ -428,15 +469,23 @@ fn start_chunk(
         drop(hold);
         hold = volume.hold_range(pos..pos + n as u64);
     }
-    let buf = match pool.pop() {
-        Some(b) if b.capacity() >= n => b,
-        _ => AlignedBuf::new(n, crate::disk::buf::IO_ALIGN),
-    };
+    let buf = pool.take(n);
     let in_sync: Vec<Arc<EnginePlex>> = volume
         .plexes()
         .into_iter()
         .filter(|p| p.mode() == Mode::InSync)
         .collect();
+    // The source's checksums ahead, in one read: loaded a block (4 MiB of
+    // data) at a time, each a seek to the end of the disk, they cost a
+    // cold copy more than its data.
+    if let Some(p) = in_sync.first()
+        && pos >= pool.sums_until
+    {
+        use crate::format::checksum::DATA_BLOCK;
+        let from = pos / DATA_BLOCK * DATA_BLOCK;
+        let _ = volume.block_sums(p, from, most.max(n as u64).div_ceil(DATA_BLOCK));
+        pool.sums_until = from + most.max(n as u64);
+    }
     let direct = in_sync
         .first()
         .map(|p| p.queue.read_into(p.offset + pos, n, buf, true));

@@ -27,6 +27,24 @@ pub fn enabled() -> bool {
 /// past that, unchanged ones are dropped and read again when needed.
 const MAX_CACHED: usize = 16 * 1024;
 
+/// Checksum blocks read or written in one request at most (1 MiB).
+const MAX_RUN: u64 = 256;
+
+/// `ks` (ascending or not) as runs of consecutive blocks, each at most
+/// `max` long.
+fn runs(mut ks: Vec<u64>, max: u64) -> impl Iterator<Item = std::ops::Range<u64>> {
+    ks.sort_unstable();
+    ks.dedup();
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    for k in ks {
+        match out.last_mut() {
+            Some(r) if r.end == k && r.end - r.start < max => r.end += 1,
+            _ => out.push(k..k + 1),
+        }
+    }
+    out.into_iter()
+}
+
 #[derive(Debug)]
 struct Cached {
     sums: Box<[u32]>,
@@ -47,6 +65,11 @@ impl Cached {
     fn put(&mut self, j: usize, v: u32) {
         if !self.loaded {
             self.set[j / 64] |= 1 << (j % 64);
+            // Every entry set: what the disk holds would all be
+            // overwritten, so it need not be read.
+            if self.set[j / 64] == u64::MAX && self.set.iter().all(|w| *w == u64::MAX) {
+                self.loaded = true;
+            }
         } else if self.sums[j] == v {
             return;
         }
@@ -158,10 +181,12 @@ impl DiskSums {
                 .collect();
             (want, s.trusted)
         };
-        for k in want {
-            let mut raw = vec![0u8; SUM_BLOCK as usize];
+        // Adjacent blocks are read in one request (a resync's target
+        // loads a thousand of them at its end).
+        for run in runs(want, MAX_RUN) {
+            let mut raw = vec![0u8; (run.end - run.start) as usize * SUM_BLOCK as usize];
             let got = if trusted {
-                match disk.read_at(&mut raw, self.area + k * SUM_BLOCK) {
+                match disk.read_at(&mut raw, self.area + run.start * SUM_BLOCK) {
                     Ok(()) => true,
                     // Unknown, never bad: the read error itself shows on
                     // the disk's data soon enough.
@@ -176,18 +201,20 @@ impl DiskSums {
             let mut s = self.lock();
             // Distrusted (and wiped) meanwhile: what was read is void.
             let got = got && s.trusted;
-            let c = self.block(&mut s, k);
-            if c.loaded {
-                continue;
-            }
-            if got {
-                for (j, b) in raw.chunks_exact(4).enumerate() {
-                    if c.set[j / 64] & (1 << (j % 64)) == 0 {
-                        c.sums[j] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            for (k, raw) in run.zip(raw.chunks_exact(SUM_BLOCK as usize)) {
+                let c = self.block(&mut s, k);
+                if c.loaded {
+                    continue;
+                }
+                if got {
+                    for (j, b) in raw.chunks_exact(4).enumerate() {
+                        if c.set[j / 64] & (1 << (j % 64)) == 0 {
+                            c.sums[j] = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
                     }
                 }
+                c.loaded = true;
             }
-            c.loaded = true;
         }
     }
 
@@ -204,19 +231,24 @@ impl DiskSums {
             first / BLOCKS_PER_SUM_BLOCK..(end - 1) / BLOCKS_PER_SUM_BLOCK + 1,
         );
         let mut s = self.lock();
-        (first..first + n)
-            .map(|b| {
-                if b >= self.blocks {
-                    return UNKNOWN;
-                }
-                let c = self.block(&mut s, b / BLOCKS_PER_SUM_BLOCK);
-                // Evicted or not loaded (a failed read): unknown.
-                if !c.loaded {
-                    return UNKNOWN;
-                }
-                c.sums[(b % BLOCKS_PER_SUM_BLOCK) as usize]
-            })
-            .collect()
+        let mut out = Vec::with_capacity(n as usize);
+        let mut b = first;
+        while b < end {
+            let k = b / BLOCKS_PER_SUM_BLOCK;
+            let to = ((k + 1) * BLOCKS_PER_SUM_BLOCK).min(end);
+            let c = self.block(&mut s, k);
+            let at = (b % BLOCKS_PER_SUM_BLOCK) as usize;
+            let len = (to - b) as usize;
+            // Evicted or not loaded (a failed read): unknown.
+            if c.loaded {
+                out.extend_from_slice(&c.sums[at..at + len]);
+            } else {
+                out.resize(out.len() + len, UNKNOWN);
+            }
+            b = to;
+        }
+        out.resize(n as usize, UNKNOWN);
+        out
     }
 
     /// Sets the entries of the blocks from block-aligned data-area offset
@@ -251,9 +283,18 @@ impl DiskSums {
     /// of the area.
     fn put_all(&self, first: u64, values: impl Iterator<Item = u32>) {
         let mut s = self.lock();
-        for (b, v) in (first..self.blocks).zip(values) {
-            let c = self.block(&mut s, b / BLOCKS_PER_SUM_BLOCK);
-            c.put((b % BLOCKS_PER_SUM_BLOCK) as usize, v);
+        let mut values = values.peekable();
+        let mut b = first;
+        // One lookup per checksum block, not per entry (a resync sets a
+        // million entries of a 4 GiB target).
+        while b < self.blocks && values.peek().is_some() {
+            let k = b / BLOCKS_PER_SUM_BLOCK;
+            let c = self.block(&mut s, k);
+            let end = ((k + 1) * BLOCKS_PER_SUM_BLOCK).min(self.blocks);
+            for (b, v) in (b..end).zip(values.by_ref()) {
+                c.put((b % BLOCKS_PER_SUM_BLOCK) as usize, v);
+            }
+            b = end;
         }
     }
 
@@ -310,37 +351,48 @@ impl DiskSums {
             .map(|(k, _)| *k)
             .collect();
         self.load(disk, partial.into_iter());
-        let out: Vec<(u64, u64, Vec<u8>)> = {
+        // Adjacent blocks go out in one write each run.
+        // (block, version) of each block written, and the writes.
+        type Out = (Vec<(u64, u64)>, Vec<(u64, Vec<u8>)>);
+        let (versions, bufs): Out = {
             let s = self.lock();
-            s.cache
+            let mut ks: Vec<u64> = s
+                .cache
                 .iter()
                 .filter(|(_, c)| c.dirty && c.loaded)
-                .map(|(k, c)| {
-                    let mut raw = Vec::with_capacity(SUM_BLOCK as usize);
-                    for e in c.sums.iter() {
-                        raw.extend_from_slice(&e.to_le_bytes());
+                .map(|(k, _)| *k)
+                .collect();
+            ks.sort_unstable();
+            let versions = ks.iter().map(|k| (*k, s.cache[k].version)).collect();
+            let bufs = runs(ks, MAX_RUN)
+                .map(|run| {
+                    let mut raw =
+                        Vec::with_capacity((run.end - run.start) as usize * SUM_BLOCK as usize);
+                    let at = self.area + run.start * SUM_BLOCK;
+                    for k in run {
+                        for e in s.cache[&k].sums.iter() {
+                            raw.extend_from_slice(&e.to_le_bytes());
+                        }
                     }
-                    (*k, c.version, raw)
+                    (at, raw)
                 })
-                .collect()
+                .collect();
+            (versions, bufs)
         };
-        if out.is_empty() {
+        if versions.is_empty() {
             return Ok(0);
         }
-        let writes: Vec<(u64, &[u8])> = out
-            .iter()
-            .map(|(k, _, raw)| (self.area + k * SUM_BLOCK, &raw[..]))
-            .collect();
+        let writes: Vec<(u64, &[u8])> = bufs.iter().map(|(at, raw)| (*at, &raw[..])).collect();
         disk.write_all_then_flush(&writes, false)?;
         let mut s = self.lock();
-        for (k, version, _) in &out {
+        for (k, version) in &versions {
             if let Some(c) = s.cache.get_mut(k)
                 && c.version == *version
             {
                 c.dirty = false;
             }
         }
-        Ok(out.len())
+        Ok(versions.len())
     }
 }
 
@@ -349,6 +401,81 @@ mod tests {
     use super::*;
     use crate::disk::MemDisk;
     use crate::format::checksum::sum;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A disk that counts the requests it gets.
+    #[derive(Debug)]
+    struct Counting {
+        disk: MemDisk,
+        reads: AtomicUsize,
+        writes: AtomicUsize,
+    }
+
+    impl Disk for Counting {
+        fn size(&self) -> u64 {
+            self.disk.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.disk.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            self.disk.write_at(buf, offset)
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.disk.flush()
+        }
+        fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+            self.disk.write_zeroes(offset, len)
+        }
+    }
+
+    #[test]
+    fn adjacent_blocks_go_out_and_come_in_one_request_each_run() {
+        let layout = Layout::for_member(0, 64 << 20).unwrap();
+        let disk = Counting {
+            disk: MemDisk::new(64 << 20),
+            reads: AtomicUsize::new(0),
+            writes: AtomicUsize::new(0),
+        };
+        // Stale entries on the disk under what is set.
+        disk.disk
+            .write_at(&[0xAB; 3 * 4096], layout.checksum_offset())
+            .unwrap();
+        let s = DiskSums::new(&layout, true);
+        let per = BLOCKS_PER_SUM_BLOCK as usize;
+        // Checksum blocks 0 and 1 set whole, block 2 in part.
+        let whole: Vec<u32> = (1..=2 * per as u32).collect();
+        s.set(&disk, 0, &whole);
+        s.set(&disk, 2 * per as u64 * DATA_BLOCK, &[9]);
+        assert_eq!(s.write_out(&disk).unwrap(), 3);
+        // Only block 2 was read (for its other entries), and the three
+        // went out in one write.
+        assert_eq!(disk.reads.load(Ordering::Relaxed), 1);
+        assert_eq!(disk.writes.load(Ordering::Relaxed), 1);
+        let again = DiskSums::new(&layout, true);
+        let got = again.get(&disk, 0, 2 * per as u64 + 2);
+        assert_eq!(
+            disk.reads.load(Ordering::Relaxed),
+            2,
+            "one read for three blocks"
+        );
+        assert_eq!(&got[..2 * per], &whole[..]);
+        assert_eq!(got[2 * per], 9);
+        assert_eq!(got[2 * per + 1], 0xABAB_ABAB, "an entry not set kept");
+        // Two runs: blocks 0 and 2 are not adjacent.
+        let s = DiskSums::new(&layout, true);
+        s.set(&disk, 0, &[5]);
+        s.set(&disk, 2 * per as u64 * DATA_BLOCK, &[6]);
+        let writes = disk.writes.load(Ordering::Relaxed);
+        assert_eq!(s.write_out(&disk).unwrap(), 2);
+        assert_eq!(disk.writes.load(Ordering::Relaxed), writes + 2);
+        assert_eq!(
+            runs(vec![7, 3, 4, 5, 9], 2).collect::<Vec<_>>(),
+            vec![3..5, 5..6, 7..8, 9..10]
+        );
+    }
 
     #[test]
     fn entries_go_out_when_written_and_come_back() {
