@@ -71,6 +71,17 @@ fn checksum(header: &[u8], text: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&header[..CRC]), text)
 }
 
+/// The text length a slot's header (the first bytes of `buf`) gives,
+/// when it carries the slot magic: how much more of the slot to read.
+pub fn text_len(buf: &[u8]) -> Option<u64> {
+    let header = buf.get(..SLOT_HEADER_LEN)?;
+    (&header[MAGIC..VERSION] == SLOT_MAGIC).then(|| {
+        u64::from(u32::from_le_bytes(
+            header[TEXT_LEN..SEQNO].try_into().expect("4 bytes"),
+        ))
+    })
+}
+
 impl ConfigSlot {
     /// Encodes the slot for a slot area of `slot_size` bytes. The result is
     /// the header and text, zero-padded to whole 4 KiB (never more than
