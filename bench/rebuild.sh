@@ -100,7 +100,9 @@ rebuild() {
 }
 
 # dd of the written bytes from a.img's data area to a new c.img, with
-# caches $1 cold; prints seconds.
+# caches $1 cold, made durable as a rebuild is (conv=fsync: O_DIRECT alone
+# leaves a sparse file's new extents, and a loop device's whole write, in
+# the page cache); prints seconds.
 ddcopy() {
     local a c t0 t1
     a=$(disk_of a.img)
@@ -108,7 +110,7 @@ ddcopy() {
     cold "$1" "$a" "$c" "$work/a.img" "$work/c.img"
     t0=$(now)
     dd if="$a" of="$c" bs=4M count=$((written / 4)) skip=2 seek=2 \
-        iflag=direct oflag=direct conv=notrunc status=none
+        iflag=direct oflag=direct conv=notrunc,fsync status=none
     t1=$(now)
     detach_all
     echo "$t1 - $t0" | bc -l
