@@ -1416,13 +1416,11 @@ impl WriteIntent for BitmapSet {
                 NewSums::Zeroes(offset, len) => {
                     b.trust_within(shift + offset, shift + offset + len);
                     let (start, end) = (shift + offset, shift + offset + len);
-                    // Regions never written keep no entries: the write
-                    // that first makes one written fills them, under the
-                    // lock (a rebuild of a 4 GiB volume holding 64 MiB
-                    // writes 64 KiB of checksums, not 4 MiB).
-                    for r in b.written_ranges(start, end) {
-                        b.sums.fill(r.start, r.end, zero_sum());
-                    }
+                    // Never-written regions too: not every path that makes
+                    // one written fills its entries (`set_written`, before
+                    // a resync that copies only part of a larger written
+                    // region), so they must be right already.
+                    b.sums.fill(start, end, zero_sum());
                     // Blocks covered in part: their other bytes unread.
                     let head = start / DATA_BLOCK * DATA_BLOCK;
                     let tail = end / DATA_BLOCK * DATA_BLOCK;

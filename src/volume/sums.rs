@@ -183,11 +183,19 @@ impl DiskSums {
         };
         // Adjacent blocks are read in one request (a resync's target
         // loads a thousand of them at its end).
-        for run in runs(want, MAX_RUN) {
+        let mut todo: Vec<std::ops::Range<u64>> = runs(want, MAX_RUN).collect();
+        todo.reverse();
+        while let Some(run) = todo.pop() {
             let mut raw = vec![0u8; (run.end - run.start) as usize * SUM_BLOCK as usize];
             let got = if trusted {
                 match disk.read_at(&mut raw, self.area + run.start * SUM_BLOCK) {
                     Ok(()) => true,
+                    // A run that fails is read again a block at a time:
+                    // one bad sector costs the entries of one block.
+                    Err(_) if run.end - run.start > 1 => {
+                        todo.extend((run.start..run.end).rev().map(|k| k..k + 1));
+                        continue;
+                    }
                     // Unknown, never bad: the read error itself shows on
                     // the disk's data soon enough.
                     Err(e) => {
@@ -409,6 +417,8 @@ mod tests {
         disk: MemDisk,
         reads: AtomicUsize,
         writes: AtomicUsize,
+        /// A read covering this offset fails.
+        bad: Option<u64>,
     }
 
     impl Disk for Counting {
@@ -417,6 +427,12 @@ mod tests {
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
             self.reads.fetch_add(1, Ordering::Relaxed);
+            if self
+                .bad
+                .is_some_and(|b| (offset..offset + buf.len() as u64).contains(&b))
+            {
+                return Err(io::Error::other("a bad sector"));
+            }
             self.disk.read_at(buf, offset)
         }
         fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -438,6 +454,7 @@ mod tests {
             disk: MemDisk::new(64 << 20),
             reads: AtomicUsize::new(0),
             writes: AtomicUsize::new(0),
+            bad: None,
         };
         // Stale entries on the disk under what is set.
         disk.disk
@@ -474,6 +491,23 @@ mod tests {
         assert_eq!(
             runs(vec![7, 3, 4, 5, 9], 2).collect::<Vec<_>>(),
             vec![3..5, 5..6, 7..8, 9..10]
+        );
+        // A bad sector in the middle block of a run: that block's entries
+        // are unknown, its neighbours' are read one by one.
+        let bad = Counting {
+            disk: disk.disk,
+            reads: AtomicUsize::new(0),
+            writes: AtomicUsize::new(0),
+            bad: Some(layout.checksum_offset() + SUM_BLOCK + 100),
+        };
+        let got = DiskSums::new(&layout, true).get(&bad, 0, 3 * per as u64);
+        assert_eq!(got[0], 5);
+        assert!(got[per..2 * per].iter().all(|e| *e == UNKNOWN));
+        assert_eq!(got[2 * per], 6);
+        assert_eq!(
+            bad.reads.load(Ordering::Relaxed),
+            4,
+            "the run, then each block"
         );
     }
 
