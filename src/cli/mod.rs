@@ -1003,6 +1003,7 @@ impl Disks {
                 timeout: self.timeout,
                 remote_timeout: self.remote_timeout,
                 engine: self.engine,
+                devices_direct: true,
                 ..Default::default()
             },
         )?;

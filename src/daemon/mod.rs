@@ -375,6 +375,8 @@ pub fn serve(disks: &[PathBuf], options: &ServeOptions) -> Result<()> {
             disks,
             crate::group::DiskOpen {
                 direct,
+                // --cache decides, for devices as for files.
+                devices_direct: false,
                 threads: disk_threads,
                 timeout: options.io_timeout,
                 remote_timeout: options.remote_io_timeout,
