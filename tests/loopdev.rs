@@ -973,3 +973,38 @@ fn a_rebuild_on_block_devices_reads_only_what_was_written() {
         assert!(chunk.iter().all(|&x| x == 0), "zeroes at {off}");
     }
 }
+
+/// Offline commands open block devices `O_DIRECT` (`devices_direct`): a
+/// rebuild onto a loop device does not go through the device's own page
+/// cache as well as its file's. Image files keep the page cache, and
+/// without `devices_direct` (`serve --cache writeback`) devices do too.
+#[test]
+fn offline_opens_take_block_devices_direct_and_leave_files_cached() {
+    use mirrorvol::group::{DiskOpen, open_disk_with};
+    let Some(l) = Loop::new(16) else { return };
+    let direct_of = |path: &Path, devices_direct: bool| {
+        let q = open_disk_with(
+            path,
+            &DiskOpen {
+                devices_direct,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        let disk = q.queue().disk().expect("an open queue");
+        let file = disk.as_file_disk().expect("a file disk");
+        file.ring_target().direct_align.is_some()
+    };
+    let dev = PathBuf::from(&l.dev);
+    assert!(
+        direct_of(&dev, true),
+        "{} opened through the page cache",
+        l.dev
+    );
+    assert!(!direct_of(&dev, false), "{} opened O_DIRECT unasked", l.dev);
+    // An image file on a filesystem that takes O_DIRECT stays cached.
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let img = dir.path().join("f.img");
+    fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    assert!(!direct_of(&img, true), "an image file opened O_DIRECT");
+}
