@@ -341,7 +341,8 @@ impl Group {
             match &dst_map {
                 Some(b) => {
                     let at = dst_at - dst_data + pos;
-                    b.set_written(std::slice::from_ref(&(at..at + n as u64)))
+                    // Rehashed just before: those entries are kept.
+                    b.set_written(std::slice::from_ref(&(at..at + n as u64)), true)
                 }
                 None => Ok(()),
             }

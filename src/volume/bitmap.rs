@@ -993,7 +993,14 @@ impl DiskBitmap {
     /// Records data-area `ranges` as written and returns once that is
     /// durable: a resync's target, before the regions its sources hold
     /// are copied to it. Nothing to do on a disk without a written map.
-    pub fn set_written(&self, ranges: &[Range<u64>]) -> io::Result<()> {
+    ///
+    /// A region newly marked held zeroes on this disk (never written): its
+    /// checksum entries become the zero block's, as a write's first mark
+    /// makes them, so that stale entries of an earlier life are never
+    /// trusted where the caller does not copy (a resync copying only part
+    /// of a region larger than a write-intent region). With `hashed`, the
+    /// caller already set the entries within `ranges`; those are kept.
+    pub fn set_written(&self, ranges: &[Range<u64>], hashed: bool) -> io::Result<()> {
         let need = {
             let mut s = self.lock();
             let st = &mut *s;
@@ -1004,10 +1011,20 @@ impl DiskBitmap {
             let mut changed = false;
             // Bits set already may not be durable yet either.
             let mut need = w.floor;
+            let size = w.header.region_size;
             for r in ranges {
                 for i in w.header.regions_of(r.start, r.end) {
                     // A write finding the bit set waits for `next` too.
-                    changed |= w.set(i, next);
+                    if w.set(i, next) {
+                        changed = true;
+                        let (a, b) = (i * size, (i + 1) * size);
+                        if hashed {
+                            self.sums.fill(a, r.start.clamp(a, b), zero_sum());
+                            self.sums.fill(r.end.clamp(a, b), b, zero_sum());
+                        } else {
+                            self.sums.fill(a, b, zero_sum());
+                        }
+                    }
                     if let Some(g) = w.set_gen.get(&i) {
                         need = need.max(*g);
                     }
@@ -1416,10 +1433,9 @@ impl WriteIntent for BitmapSet {
                 NewSums::Zeroes(offset, len) => {
                     b.trust_within(shift + offset, shift + offset + len);
                     let (start, end) = (shift + offset, shift + offset + len);
-                    // Never-written regions too: not every path that makes
-                    // one written fills its entries (`set_written`, before
-                    // a resync that copies only part of a larger written
-                    // region), so they must be right already.
+                    // Never-written regions too: a rebuild writes its
+                    // target's whole checksum area, over whatever an
+                    // earlier life left there.
                     b.sums.fill(start, end, zero_sum());
                     // Blocks covered in part: their other bytes unread.
                     let head = start / DATA_BLOCK * DATA_BLOCK;
@@ -1477,7 +1493,7 @@ impl WriteIntent for BitmapSet {
             }
         }
         drop(disks);
-        t.set_written(&ranges)
+        t.set_written(&ranges, false)
     }
 
     /// Blocks until every disk's bits are durable, the deferred ones too
@@ -1682,7 +1698,7 @@ mod tests {
         let (disk, layout, b) = new_disk();
         drop(b);
         let fresh = DiskBitmap::fresh(disk.clone(), &layout, 65536, 1).unwrap();
-        fresh.set_written(&[4 * MIB..5 * MIB]).unwrap();
+        fresh.set_written(&[4 * MIB..5 * MIB], false).unwrap();
         assert!(reload(&disk, &layout).any_written(4 * MIB, 5 * MIB));
         // And a write to it waits for the map as well.
         let (disk, layout, b) = new_disk();
@@ -1764,9 +1780,28 @@ mod tests {
     }
 
     #[test]
+    fn regions_newly_marked_written_get_zero_checksums_but_what_was_hashed() {
+        let (disk, _layout, b) = new_disk();
+        // Stale entries over the first two regions (64 KiB each).
+        b.sums.set(&*disk, 0, &[0xABAB_ABAB; 32]);
+        b.set_written(&[0..4096], false).unwrap();
+        assert!(b.sums_of(0, 16).iter().all(|e| *e == zero_sum()));
+        // The caller rehashed two blocks of the second region first.
+        b.sums.set(&*disk, 65536, &[7, 7]);
+        b.set_written(&[65536..65536 + 8192], true).unwrap();
+        let got = b.sums_of(65536, 16);
+        assert_eq!(&got[..2], &[7, 7]);
+        assert!(got[2..].iter().all(|e| *e == zero_sum()), "{got:x?}");
+        // A region written already keeps its entries.
+        b.sums.set(&*disk, 0, &[9]);
+        b.set_written(&[0..65536], false).unwrap();
+        assert_eq!(b.sums_of(0, 1), vec![9]);
+    }
+
+    #[test]
     fn set_and_clear_written_are_durable_and_clear_only_whole_regions() {
         let (disk, layout, b) = new_disk();
-        b.set_written(&[0..MIB]).unwrap();
+        b.set_written(&[0..MIB], false).unwrap();
         assert_eq!(
             reload(&disk, &layout).written_ranges(0, 4 * MIB),
             vec![0..MIB]
