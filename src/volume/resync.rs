@@ -409,9 +409,10 @@ fn settle(
 /// copy never puts older data over a newer write.
 ///
 /// The read goes to the first in-sync plex's disk queue, under the hang
-/// watchdog, into a buffer of `pool`; on an error the engine reads instead, with its fallback
-/// to another plex and repair of the one that failed. A source that hangs
-/// costs the watchdog's timeout, never a range held for good.
+/// watchdog, into a buffer of `pool`; on an error the engine reads
+/// instead, with its fallback to another plex and repair of the one that
+/// failed. A source that hangs costs the watchdog's timeout, never a range
+/// held for good.
 fn start_chunk(
     volume: &Arc<MirrorVolume>,
     target: &EnginePlex,

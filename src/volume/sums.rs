@@ -359,18 +359,17 @@ impl DiskSums {
             .map(|(k, _)| *k)
             .collect();
         self.load(disk, partial.into_iter());
-        // Adjacent blocks go out in one write each run.
-        // (block, version) of each block written, and the writes.
+        // The (block, version) of each block written, and the writes: one
+        // per run of adjacent blocks.
         type Out = (Vec<(u64, u64)>, Vec<(u64, Vec<u8>)>);
         let (versions, bufs): Out = {
             let s = self.lock();
-            let mut ks: Vec<u64> = s
+            let ks: Vec<u64> = s
                 .cache
                 .iter()
                 .filter(|(_, c)| c.dirty && c.loaded)
                 .map(|(k, _)| *k)
                 .collect();
-            ks.sort_unstable();
             let versions = ks.iter().map(|k| (*k, s.cache[k].version)).collect();
             let bufs = runs(ks, MAX_RUN)
                 .map(|run| {
