@@ -1433,10 +1433,15 @@ impl WriteIntent for BitmapSet {
                 NewSums::Zeroes(offset, len) => {
                     b.trust_within(shift + offset, shift + offset + len);
                     let (start, end) = (shift + offset, shift + offset + len);
-                    // Never-written regions too: a rebuild writes its
-                    // target's whole checksum area, over whatever an
-                    // earlier life left there.
-                    b.sums.fill(start, end, zero_sum());
+                    // Written regions only: entries of never-written
+                    // ones are never used (they read as zeroes), and the
+                    // first mark of a region gives it the zero block's
+                    // ([`DiskBitmap::set_written`], the writes' mark).
+                    // A rebuild of a volume holding little writes little
+                    // of its target's checksum area.
+                    for r in b.written_ranges(start, end) {
+                        b.sums.fill(r.start, r.end, zero_sum());
+                    }
                     // Blocks covered in part: their other bytes unread.
                     let head = start / DATA_BLOCK * DATA_BLOCK;
                     let tail = end / DATA_BLOCK * DATA_BLOCK;
