@@ -443,3 +443,45 @@ fn a_rebuilt_copy_with_stale_entries_where_nothing_was_written_gets_them_right()
     let r = sb.mv(&["test-mirrors", "data"]).ok();
     assert!(r.stdout.contains("2 passed, 0 failed"), "{}", r.stdout);
 }
+
+/// A rebuild whose source copy was flipped behind mirrorvol's back: the
+/// copy's checksums (computed once, for the check and for the target's
+/// entries) catch it, the chunk is read from the other copy instead, the
+/// flipped copy is repaired, and the new copy gets the right data and the
+/// right entries (not those of the flipped bytes).
+#[test]
+fn a_rebuild_from_a_flipped_copy_copies_and_hashes_the_good_one() {
+    let sb = Sandbox::new();
+    let data = filled(&sb);
+    let r = sb.mv(&["status", "--json"]).ok();
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let first = v["volumes"][0]["plexes"][0]["disk"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let source = if first.ends_with("a.img") {
+        "a.img"
+    } else {
+        "b.img"
+    };
+    corrupt(&sb, source, "data", 3 * MIB + 8192, 4096);
+    sb.image("c.img", 64);
+    sb.mv(&["init", &sb.p("disks/c.img")]).ok();
+    let out = sb
+        .mv(&["add-mirror", "data", "--disk", &sb.p("disks/c.img")])
+        .ok()
+        .stdout;
+    assert!(out.contains("in sync"), "{out}");
+    for file in ["a.img", "b.img", "c.img"] {
+        assert!(
+            plex_read(&sb, file, "data", 0, data.len()) == data,
+            "{file} holds the data written"
+        );
+    }
+    for off in [0, 3 * MIB + 8192, 15 * MIB] {
+        let want = crc32c::crc32c(&data[off as usize..off as usize + 4096]);
+        let at = sum_at(&sb, "c.img", "data", off);
+        assert_eq!(entry(&sb, "c.img", at), want, "c.img's entry at {off}");
+    }
+    assert_eq!(scrub_json(&sb, false)["mismatches"], 0);
+}

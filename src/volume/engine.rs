@@ -1870,6 +1870,21 @@ impl MirrorVolume {
         self.mismatch(plex, offset, data).is_none()
     }
 
+    /// Whether `sums`, the checksums of whole blocks read from `plex` at
+    /// block-aligned volume offset `first`, agree with its entries (an
+    /// entry not known agrees).
+    pub fn agrees_with_sums(&self, plex: &EnginePlex, first: u64, sums: &[u32]) -> bool {
+        use crate::format::checksum::UNKNOWN;
+        let Some(known) = self
+            .intent
+            .get()
+            .and_then(|i| i.sums(plex, first, sums.len() as u64))
+        else {
+            return true;
+        };
+        known.iter().zip(sums).all(|(e, s)| *e == UNKNOWN || e == s)
+    }
+
     /// Records the block checksums a write left on the plex on `disk`
     /// (one the engine did not make: a resync's copy).
     pub fn record_sums(&self, disk: Uuid, sums: &NewSums) {

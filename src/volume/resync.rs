@@ -490,10 +490,33 @@ fn start_chunk(
     let direct = in_sync
         .first()
         .map(|p| p.queue.read_into(p.offset + pos, n, buf, true));
+    // The checksums of what was read, computed once: checked against the
+    // source's entries, and the target's entries once written.
+    let hashed = |buf: &[u8]| {
+        use crate::format::checksum::{DATA_BLOCK, sums_of};
+        let whole = pos.is_multiple_of(DATA_BLOCK) && (n as u64).is_multiple_of(DATA_BLOCK);
+        (whole && super::sums::enabled()).then(|| sums_of(pos, &buf[..n]).1)
+    };
+    let mut sums = None;
     let buf = match direct {
-        // A copy that does not match its checksums is read the engine's
-        // way instead: from another plex, and this one repaired.
-        Some(Ok(buf)) if volume.matches_sums(&in_sync[0], pos, &buf[..n]) => buf,
+        Some(Ok(buf)) => {
+            let v = hashed(&buf);
+            let good = match &v {
+                Some(v) => volume.agrees_with_sums(&in_sync[0], pos, v),
+                None => volume.matches_sums(&in_sync[0], pos, &buf[..n]),
+            };
+            if good {
+                sums = v;
+                buf
+            } else {
+                // A copy that does not match its checksums is read the
+                // engine's way instead: from another plex, and this one
+                // repaired.
+                volume
+                    .read_for_resync(pos, n)
+                    .map_err(|error| ResyncError::Source { offset: pos, error })?
+            }
+        }
         // The only copy hangs: nothing to fall back on, and the range must
         // not stay held.
         Some(Err(error)) if error.kind() == io::ErrorKind::TimedOut && in_sync.len() < 2 => {
@@ -513,7 +536,14 @@ fn start_chunk(
     };
     // The target's checksums are those of what it gets, set before its
     // write lands (the range is held: nothing reads it meanwhile).
-    volume.record_sums(target.disk, &NewSums::of_write(pos, &buf[..n]));
+    if super::sums::enabled() {
+        let new = match sums {
+            // Whole blocks from `pos` (see `hashed`).
+            Some(v) => NewSums::Each(pos, v),
+            None => NewSums::of_write(pos, &buf[..n]),
+        };
+        volume.record_sums(target.disk, &new);
+    }
     // Zeroes cost no data transfer (a hole in a file, BLKZEROOUT).
     let buf = Arc::new(buf);
     let op = if buf.iter().all(|&b| b == 0) {
