@@ -38,6 +38,18 @@ static POOL: Pool = Pool {
     bytes: AtomicUsize::new(0),
 };
 
+/// Buffers at least this large (and aligned at most to a page) are mapped
+/// from the kernel, which hands out zeroed pages as they are first
+/// touched: the allocator zeroes a page-aligned allocation by hand, a
+/// millisecond and a half for each 4 MiB buffer of a resync before its
+/// read overwrites every byte.
+const MAP_MIN: usize = 1 << 20;
+
+/// Whether a buffer of `layout` is a mapping of its own.
+fn mapped(layout: Layout) -> bool {
+    layout.size() >= MAP_MIN && layout.align() <= IO_ALIGN
+}
+
 /// The pool's size class of a buffer of `layout`, if it has one.
 fn class_of(layout: Layout) -> Option<usize> {
     let size = layout.size();
@@ -64,8 +76,28 @@ impl AlignedBuf {
     pub fn new(len: usize, align: usize) -> AlignedBuf {
         let layout = Layout::from_size_align(len.max(1), align.max(1))
             .expect("buffer alignment is a power of two and the size fits");
-        // SAFETY: the layout has a non-zero size (`len.max(1)`).
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let raw = if mapped(layout) {
+            // SAFETY: a new private anonymous mapping of a non-zero size,
+            // at an address the kernel picks: it overlaps nothing.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    layout.size(),
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                std::ptr::null_mut()
+            } else {
+                p.cast::<u8>()
+            }
+        } else {
+            // SAFETY: the layout has a non-zero size (`len.max(1)`).
+            unsafe { alloc::alloc_zeroed(layout) }
+        };
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout);
         };
@@ -156,6 +188,13 @@ impl Drop for AlignedBuf {
             }
             POOL.bytes.fetch_sub(size, Ordering::Relaxed);
         }
+        if mapped(self.layout) {
+            // SAFETY: `ptr` is the start of a mapping of `layout.size()`
+            // bytes made in `new` for this layout, unmapped only here (a
+            // pooled one is not: it went to the pool above).
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.layout.size()) };
+            return;
+        }
         // SAFETY: `ptr` came from `alloc_zeroed` with this very layout, and
         // is freed only here (a pooled one is not: it went to the pool
         // above, and comes out as a new value owning it).
@@ -175,7 +214,8 @@ mod tests {
 
     #[test]
     fn buffers_are_aligned_zeroed_and_sized() {
-        for len in [0, 1, 512, 4096, 12345] {
+        // Both kinds: from the allocator, and mapped (1 MiB and more).
+        for len in [0, 1, 512, 4096, 12345, MAP_MIN, 4 << 20, (4 << 20) + 1] {
             let b = AlignedBuf::new(len, IO_ALIGN);
             assert_eq!(b.len(), len);
             assert_eq!(b.as_ptr() as usize % IO_ALIGN, 0);
