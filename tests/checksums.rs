@@ -384,12 +384,12 @@ fn never_written_regions_read_as_zeroes_and_scrub_and_test_mirrors_skip_them() {
     assert!(r.stdout.contains("2 passed, 0 failed"), "{}", r.stdout);
 }
 
-/// A rebuild gives the new copy the zero block's checksum where the
-/// volume was never written, over stale entries a disk carries there from
-/// an earlier life (a resync that later copies part of a larger written
-/// region relies on them). A write smaller than a block into such a
-/// region, after the rebuild, reads back right, leaves right entries, and
-/// scrub and `test-mirrors` find both copies good.
+/// A rebuild leaves alone the stale entries a disk carries from an
+/// earlier life where the volume was never written (never used: those
+/// regions read as zeroes, and a region's first mark gives it the zero
+/// block's). A write smaller than a block into such a region, after the
+/// rebuild, reads back right, leaves right entries for its whole region,
+/// and scrub and `test-mirrors` find both copies good.
 #[test]
 fn a_rebuilt_copy_with_stale_entries_where_nothing_was_written_gets_them_right() {
     if !serve::tools(&["qemu-io"]) {

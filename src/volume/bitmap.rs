@@ -336,6 +336,28 @@ impl DiskBitmap {
         } else {
             BTreeSet::new()
         };
+        // A written region larger than an intent region (a data area over
+        // 478 GiB): the first write to it filled the entries of the whole
+        // written region with the zero block's in memory, durable only with
+        // the next clearing pass, while its bit went out with the intent
+        // bit of the part written. The intent regions beside a dirty one
+        // in its written region may still hold an earlier life's entries
+        // on disk: unknown now, and written out before the dirty bit goes.
+        if let Some(w) = written
+            .as_ref()
+            .filter(|w| trusted && w.header.region_size > header.region_size)
+        {
+            let (ir, wr) = (header.region_size, w.header.region_size);
+            let beside: BTreeSet<u64> = uses
+                .keys()
+                .flat_map(|&i| w.header.regions_of(i * ir, (i + 1) * ir))
+                .flat_map(|j| header.regions_of(j * wr, (j + 1) * wr))
+                .filter(|i| !uses.contains_key(i))
+                .collect();
+            for i in beside {
+                sums.fill(i * ir, ((i + 1) * ir).min(layout.data_size), UNKNOWN);
+            }
+        }
         let b = DiskBitmap {
             disk,
             area,
@@ -1033,10 +1055,16 @@ impl DiskBitmap {
             if changed {
                 st.generation = next;
             }
-            need
+            (need, changed)
         };
-        if self.needs_write(need) {
-            self.persist(need, false)?;
+        // The zero block's entries first: no intent bit covers a region
+        // marked here, so a crash between would leave its bit set over an
+        // earlier life's entries, trusted.
+        if need.1 {
+            self.persist_sums()?;
+        }
+        if self.needs_write(need.0) {
+            self.persist(need.0, false)?;
         }
         Ok(())
     }
@@ -1801,6 +1829,54 @@ mod tests {
         b.sums.set(&*disk, 0, &[9]);
         b.set_written(&[0..65536], false).unwrap();
         assert_eq!(b.sums_of(0, 1), vec![9]);
+    }
+
+    /// A disk whose written map has 128 KiB regions over 64 KiB intent
+    /// regions (as a data area over 478 GiB has), with stale entries
+    /// durable over its first 128 KiB.
+    fn wide_written_disk() -> (Arc<dyn Disk>, Layout, DiskBitmap) {
+        let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(64 * MIB));
+        let layout = Layout::for_member(0, 64 * MIB).unwrap();
+        let b = DiskBitmap::load(disk.clone(), &layout, 65536, 1).unwrap().0;
+        b.start_written_map(131072);
+        b.persist_header().unwrap();
+        b.sums.set(&*disk, 0, &[0xABAB_ABAB; 32]);
+        b.persist_sums().unwrap();
+        (disk, layout, b)
+    }
+
+    #[test]
+    fn after_a_crash_the_entries_beside_a_dirty_region_in_its_written_region_are_not_trusted() {
+        let (disk, layout, b) = wide_written_disk();
+        // The first write to the written region [0, 128K) fills its
+        // entries in memory; its bits are durable, its entries not yet.
+        let r = b.mark(0, 4096).unwrap();
+        b.done(r);
+        assert!(b.sums_of(16, 16).iter().all(|e| *e == zero_sum()));
+        // A crash: the second intent region has no bit, its written
+        // region is written, and its stale entries must not be trusted.
+        let back = reload(&disk, &layout);
+        assert!(back.any_written(65536, 65537));
+        let got = back.sums_of(65536, 16);
+        assert!(got.iter().all(|e| *e == UNKNOWN), "{got:x?}");
+        // Unknown on disk too once the dirty bit is cleared: a clean
+        // load later trusts what is there.
+        back.clear_idle(true, &|_| false).unwrap();
+        assert_eq!(back.dirty_count(), 0);
+        let again = reload(&disk, &layout).sums_of(65536, 16);
+        assert!(again.iter().all(|e| *e == UNKNOWN), "{again:x?}");
+    }
+
+    #[test]
+    fn set_written_makes_the_zero_entries_durable_before_the_bits() {
+        let (disk, layout, b) = wide_written_disk();
+        // A resync's target marks the written region of its first 4 KiB
+        // (no intent bit covers it); then a crash.
+        b.set_written(&[0..4096], false).unwrap();
+        let back = reload(&disk, &layout);
+        assert!(back.any_written(65536, 65537));
+        let got = back.sums_of(0, 32);
+        assert!(got.iter().all(|e| *e == zero_sum()), "{got:x?}");
     }
 
     #[test]
