@@ -485,3 +485,38 @@ fn a_rebuild_from_a_flipped_copy_copies_and_hashes_the_good_one() {
     }
     assert_eq!(scrub_json(&sb, false)["mismatches"], 0);
 }
+
+/// A read smaller than a block (512 bytes, as a client with 512-byte
+/// sectors sends) is checked against its whole block's checksum: bytes
+/// flipped in the same 4 KiB block, past the 512 read, are found, the
+/// answer comes from the good copy, and the bad one is repaired.
+#[test]
+fn a_read_smaller_than_a_block_checks_the_whole_block_and_repairs_it() {
+    if !serve::tools(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    serve::mirror_group(&sb, 64, 16);
+    let s = Served::start(&sb, &[], &[]);
+    let uri = s.uri("data");
+    serve::qemu_io(&uri, &["write -P 0x5a 0 4M", "flush"]);
+    corrupt(&sb, "a.img", "data", 2 * MIB + 1000, 10);
+    // Reads rotate between the copies: a.img serves some of them.
+    let read = format!("read -P 0x5a {} 512", 2 * MIB);
+    serve::qemu_io(&uri, &[read.as_str(); 4]);
+    let t = std::time::Instant::now();
+    while plex_read(&sb, "a.img", "data", 2 * MIB, 4096) != vec![0x5a; 4096] {
+        assert!(t.elapsed().as_secs() < 10, "a.img's block not repaired");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let st = serve::status(&sb);
+    let a = st["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["path"].as_str().is_some_and(|p| p.ends_with("a.img")))
+        .unwrap_or_else(|| panic!("a.img in {st:#}"));
+    assert!(a["errors"].as_u64().unwrap_or(0) >= 1, "{st:#}");
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "{log}");
+}

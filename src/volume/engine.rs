@@ -1486,7 +1486,43 @@ impl MirrorVolume {
                 return done(Ok(AlignedBuf::new(len, crate::disk::buf::IO_ALIGN)));
             }
         }
+        // Blocks the read covers in part are read whole, so that they are
+        // checked against their checksums too (an entry covers a whole
+        // 4 KiB block): a 512-byte read is verified like a 4 KiB one.
+        if let Some(whole) = self.widened(offset, len) {
+            let skip = (offset - whole.start) as usize;
+            let wide = (whole.end - whole.start) as usize;
+            return self.read_from(
+                whole.start,
+                wide,
+                run,
+                Vec::new(),
+                false,
+                Box::new(move |r| {
+                    done(r.map(|buf| {
+                        let mut out = AlignedBuf::recycled(len);
+                        out.copy_from_slice(&buf[skip..skip + len]);
+                        out
+                    }))
+                }),
+            );
+        }
         self.read_from(offset, len, run, Vec::new(), false, done);
+    }
+
+    /// The whole blocks around volume bytes `[offset, offset + len)` when
+    /// it covers a block in part and the plexes keep checksums (the last
+    /// block of a volume whose size is not a multiple of a block stays
+    /// short: it has no entry).
+    fn widened(&self, offset: u64, len: usize) -> Option<std::ops::Range<u64>> {
+        use crate::format::checksum::DATA_BLOCK;
+        if len == 0 || self.intent.get().is_none() || !super::sums::enabled() {
+            return None;
+        }
+        let end = offset + len as u64;
+        let whole =
+            offset / DATA_BLOCK * DATA_BLOCK..end.next_multiple_of(DATA_BLOCK).min(self.size());
+        (whole.start != offset || whole.end != end).then_some(whole)
     }
 
     /// Reads for a resync, and waits: as [`MirrorVolume::read`]
