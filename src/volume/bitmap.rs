@@ -1023,22 +1023,28 @@ impl DiskBitmap {
     /// of a region larger than a write-intent region). With `hashed`, the
     /// caller already set the entries within `ranges`; those are kept.
     pub fn set_written(&self, ranges: &[Range<u64>], hashed: bool) -> io::Result<()> {
-        let need = {
-            let mut s = self.lock();
-            let st = &mut *s;
-            let Some(w) = st.written.as_mut() else {
-                return Ok(());
-            };
-            let next = st.generation + 1;
-            let mut changed = false;
-            // Bits set already may not be durable yet either.
-            let mut need = w.floor;
-            let size = w.header.region_size;
-            for r in ranges {
-                for i in w.header.regions_of(r.start, r.end) {
-                    // A write finding the bit set waits for `next` too.
-                    if w.set(i, next) {
-                        changed = true;
+        // No intent bit covers a region marked here: the zero block's
+        // entries of the regions not marked yet are made durable before
+        // their bits are set at all (in memory too, where any write-out of
+        // the map would take them), so that no crash leaves a bit over an
+        // earlier life's entries, trusted. Unmarked, the entries are not
+        // used. A region found unmarked again (a TRIM in between) and not
+        // filled yet goes round once more.
+        let mut filled: BTreeSet<u64> = BTreeSet::new();
+        let need = loop {
+            let fresh = {
+                let s = self.lock();
+                let Some(w) = s.written.as_ref() else {
+                    return Ok(());
+                };
+                let size = w.header.region_size;
+                let mut fresh = false;
+                for r in ranges {
+                    for i in w.header.regions_of(r.start, r.end) {
+                        if bit(&w.bits, i) || !filled.insert(i) {
+                            continue;
+                        }
+                        fresh = true;
                         let (a, b) = (i * size, (i + 1) * size);
                         if hashed {
                             self.sums.fill(a, r.start.clamp(a, b), zero_sum());
@@ -1047,6 +1053,30 @@ impl DiskBitmap {
                             self.sums.fill(a, b, zero_sum());
                         }
                     }
+                }
+                fresh
+            };
+            if fresh {
+                self.persist_sums()?;
+            }
+            let mut s = self.lock();
+            let st = &mut *s;
+            let Some(w) = st.written.as_mut() else {
+                return Ok(());
+            };
+            let next = st.generation + 1;
+            let mut changed = false;
+            let mut again = false;
+            // Bits set already may not be durable yet either.
+            let mut need = w.floor;
+            for r in ranges {
+                for i in w.header.regions_of(r.start, r.end) {
+                    if !bit(&w.bits, i) && !filled.contains(&i) {
+                        again = true;
+                        continue;
+                    }
+                    // A write finding the bit set waits for `next` too.
+                    changed |= w.set(i, next);
                     if let Some(g) = w.set_gen.get(&i) {
                         need = need.max(*g);
                     }
@@ -1055,16 +1085,12 @@ impl DiskBitmap {
             if changed {
                 st.generation = next;
             }
-            (need, changed)
+            if !again {
+                break need;
+            }
         };
-        // The zero block's entries first: no intent bit covers a region
-        // marked here, so a crash between would leave its bit set over an
-        // earlier life's entries, trusted.
-        if need.1 {
-            self.persist_sums()?;
-        }
-        if self.needs_write(need.0) {
-            self.persist(need.0, false)?;
+        if self.needs_write(need) {
+            self.persist(need, false)?;
         }
         Ok(())
     }
