@@ -1759,7 +1759,10 @@ impl MirrorVolume {
         let mut least = usize::MAX;
         let mut ties = 0;
         for p in plexes.iter().filter(usable) {
-            if p.last_read_end.load(Ordering::Relaxed) == offset {
+            // Where its last read ended: a read widened to whole blocks
+            // starts up to a block before the end of the one before it.
+            let last = p.last_read_end.load(Ordering::Relaxed);
+            if last >= offset && last - offset <= crate::format::checksum::DATA_BLOCK {
                 return Some(p.clone());
             }
             let load = p.queue.pending();
@@ -2735,6 +2738,28 @@ mod tests {
         assert_eq!(r.vol.plexes()[1].mode(), Mode::Out);
         r.vol.write(4096, &[6u8; 4096]).unwrap();
         r.disks[1].release();
+    }
+
+    /// Reads that do not start on a block are widened to whole blocks (to
+    /// be checked against their checksums): a sequential stream of them
+    /// still stays on one plex.
+    #[test]
+    fn sequential_reads_off_the_block_grid_stay_on_one_plex() {
+        let r = rig(2, EngineOptions::default());
+        r.vol
+            .set_intent(Arc::new(Marks(Arc::new(AtomicUsize::new(0)))));
+        let before: Vec<u64> = r.disks.iter().map(|d| d.reads()).collect();
+        let mut buf = vec![0; 4096];
+        for i in 0..32 {
+            r.vol.read(512 + i * 4096, &mut buf).unwrap();
+        }
+        let reads: Vec<u64> = r
+            .disks
+            .iter()
+            .zip(&before)
+            .map(|(d, b)| d.reads() - b)
+            .collect();
+        assert!(reads.contains(&32) && reads.contains(&0), "{reads:?}");
     }
 
     #[test]
