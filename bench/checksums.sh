@@ -41,13 +41,16 @@ done
 cargo build --release --quiet
 bin="${CARGO_TARGET_DIR:-target}/release/mirrorvol"
 
-if [ -z "$dir" ]; then dir=$(mktemp -d /var/tmp/mirrorvol-sums-bench.XXXXXX); fi
+# A directory of its own is removed at the end; one given with --dir keeps
+# its results and logs.
+made=""
+if [ -z "$dir" ]; then dir=$(mktemp -d /var/tmp/mirrorvol-sums-bench.XXXXXX); made=1; fi
 mkdir -p "$dir"
 a="$dir/a.img" b="$dir/b.img" sock="$dir/nbd.sock" results="$dir/results.tsv"
 : > "$results"
 # shellcheck source=bench/server.sh
 . bench/server.sh
-trap 'stop_server; rm -f "$a" "$b"' EXIT
+trap 'stop_server; rm -f "$a" "$b"; if [ -n "$made" ]; then rm -rf "$dir"; fi' EXIT
 vol_mib=$((size_mib - 64))
 
 for run in $(seq "$runs"); do
