@@ -1903,12 +1903,6 @@ impl MirrorVolume {
         self.intent.get()?.sums(plex, first, n)
     }
 
-    /// Whether `data`, read from `plex` at volume `offset`, matches its
-    /// block checksums where they are known.
-    pub fn matches_sums(&self, plex: &EnginePlex, offset: u64, data: &[u8]) -> bool {
-        self.mismatch(plex, offset, data).is_none()
-    }
-
     /// Whether `sums`, the checksums of whole blocks read from `plex` at
     /// block-aligned volume offset `first`, agree with its entries (an
     /// entry not known agrees).

@@ -490,23 +490,18 @@ fn start_chunk(
     let direct = in_sync
         .first()
         .map(|p| p.queue.read_into(p.offset + pos, n, buf, true));
-    // The checksums of what was read, computed once: checked against the
-    // source's entries, and the target's entries once written.
-    let hashed = |buf: &[u8]| {
-        use crate::format::checksum::{DATA_BLOCK, sums_of};
-        let whole = pos.is_multiple_of(DATA_BLOCK) && (n as u64).is_multiple_of(DATA_BLOCK);
-        (whole && super::sums::enabled()).then(|| sums_of(pos, &buf[..n]).1)
-    };
+    // The checksums of the whole blocks read, computed once: checked
+    // against the source's entries, and the target's entries once written.
     let mut sums = None;
     let buf = match direct {
         Some(Ok(buf)) => {
-            let v = hashed(&buf);
-            let good = match &v {
-                Some(v) => volume.agrees_with_sums(&in_sync[0], pos, v),
-                None => volume.matches_sums(&in_sync[0], pos, &buf[..n]),
-            };
+            let hashed =
+                super::sums::enabled().then(|| crate::format::checksum::sums_of(pos, &buf[..n]));
+            let good = hashed
+                .as_ref()
+                .is_none_or(|(first, v)| volume.agrees_with_sums(&in_sync[0], *first, v));
             if good {
-                sums = v;
+                sums = hashed;
                 buf
             } else {
                 // A copy that does not match its checksums is read the
@@ -537,10 +532,13 @@ fn start_chunk(
     // The target's checksums are those of what it gets, set before its
     // write lands (the range is held: nothing reads it meanwhile).
     if super::sums::enabled() {
+        use crate::format::checksum::DATA_BLOCK;
         let new = match sums {
-            // Whole blocks from `pos` (see `hashed`).
-            Some(v) => NewSums::Each(pos, v),
-            None => NewSums::of_write(pos, &buf[..n]),
+            // The chunk is whole blocks (it is, but at a volume's end).
+            Some((first, v)) if first == pos && v.len() as u64 * DATA_BLOCK == n as u64 => {
+                NewSums::Each(pos, v)
+            }
+            _ => NewSums::of_write(pos, &buf[..n]),
         };
         volume.record_sums(target.disk, &new);
     }
