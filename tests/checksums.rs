@@ -51,6 +51,16 @@ fn filled(sb: &Sandbox) -> Vec<u8> {
     data
 }
 
+/// Waits (10 s at most) until the block at volume offset `at` of `data`'s
+/// plex on `file` holds 0x5a again: a read's repair follows its answer.
+fn wait_repaired(sb: &Sandbox, file: &str, at: u64) {
+    let t = std::time::Instant::now();
+    while plex_read(sb, file, "data", at, 4096) != vec![0x5a; 4096] {
+        assert!(t.elapsed().as_secs() < 10, "{file} not repaired at {at}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The `scrub --json` report of volume `data`.
 fn scrub_json(sb: &Sandbox, repair: bool) -> serde_json::Value {
     let mut args = vec!["scrub", "data", "--json"];
@@ -223,11 +233,7 @@ fn flipped_bytes_under_serve_are_served_right_repaired_and_reported() {
     serve::qemu_io(&uri, &["read -P 0x5a 0 8M"]);
     // The repair follows the answer, under the range lock.
     for (file, at) in [("a.img", 2 * MIB), ("b.img", 6 * MIB + 4096)] {
-        let t = std::time::Instant::now();
-        while plex_read(&sb, file, "data", at, 4096) != vec![0x5a; 4096] {
-            assert!(t.elapsed().as_secs() < 10, "{file} not repaired at {at}");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        wait_repaired(&sb, file, at);
     }
     let st = serve::status(&sb);
     let errors: u64 = st["disks"]
@@ -504,11 +510,7 @@ fn a_read_smaller_than_a_block_checks_the_whole_block_and_repairs_it() {
     // Reads rotate between the copies: a.img serves some of them.
     let read = format!("read -P 0x5a {} 512", 2 * MIB);
     serve::qemu_io(&uri, &[read.as_str(); 4]);
-    let t = std::time::Instant::now();
-    while plex_read(&sb, "a.img", "data", 2 * MIB, 4096) != vec![0x5a; 4096] {
-        assert!(t.elapsed().as_secs() < 10, "a.img's block not repaired");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_repaired(&sb, "a.img", 2 * MIB);
     // The error is counted once the repair is read back.
     serve::wait_status(&sb, &s, 10, "an error counted on a.img", |st| {
         st["disks"].as_array().is_some_and(|disks| {

@@ -1654,10 +1654,16 @@ mod tests {
     /// A new disk's bitmap with an empty written map, written out, and a
     /// way to read back what its disk holds.
     fn new_disk() -> (Arc<dyn Disk>, Layout, DiskBitmap) {
+        new_disk_with(65536)
+    }
+
+    /// [`new_disk`] with written regions of `written_region` bytes (64 KiB
+    /// intent regions).
+    fn new_disk_with(written_region: u64) -> (Arc<dyn Disk>, Layout, DiskBitmap) {
         let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(64 * MIB));
         let layout = Layout::for_member(0, 64 * MIB).unwrap();
         let b = DiskBitmap::load(disk.clone(), &layout, 65536, 1).unwrap().0;
-        b.start_written_map(65536);
+        b.start_written_map(written_region);
         b.persist_header().unwrap();
         (disk, layout, b)
     }
@@ -1861,11 +1867,7 @@ mod tests {
     /// regions (as a data area over 478 GiB has), with stale entries
     /// durable over its first 128 KiB.
     fn wide_written_disk() -> (Arc<dyn Disk>, Layout, DiskBitmap) {
-        let disk: Arc<dyn Disk> = Arc::new(MemDisk::new(64 * MIB));
-        let layout = Layout::for_member(0, 64 * MIB).unwrap();
-        let b = DiskBitmap::load(disk.clone(), &layout, 65536, 1).unwrap().0;
-        b.start_written_map(131072);
-        b.persist_header().unwrap();
+        let (disk, layout, b) = new_disk_with(131072);
         b.sums.set(&*disk, 0, &[0xABAB_ABAB; 32]);
         b.persist_sums().unwrap();
         (disk, layout, b)

@@ -2742,34 +2742,35 @@ mod tests {
         let r = rig(2, EngineOptions::default());
         r.vol
             .set_intent(Arc::new(Marks(Arc::new(AtomicUsize::new(0)))));
+        let reads = reads_of(&r, |vol| {
+            let mut buf = vec![0; 4096];
+            for i in 0..32 {
+                vol.read(512 + i * 4096, &mut buf).unwrap();
+            }
+        });
+        assert!(reads.contains(&32) && reads.contains(&0), "{reads:?}");
+    }
+
+    /// The reads each disk of `r` served while `f` ran.
+    fn reads_of(r: &Rig, f: impl FnOnce(&Arc<MirrorVolume>)) -> Vec<u64> {
         let before: Vec<u64> = r.disks.iter().map(|d| d.reads()).collect();
-        let mut buf = vec![0; 4096];
-        for i in 0..32 {
-            r.vol.read(512 + i * 4096, &mut buf).unwrap();
-        }
-        let reads: Vec<u64> = r
-            .disks
+        f(&r.vol);
+        r.disks
             .iter()
             .zip(&before)
             .map(|(d, b)| d.reads() - b)
-            .collect();
-        assert!(reads.contains(&32) && reads.contains(&0), "{reads:?}");
+            .collect()
     }
 
     #[test]
     fn sequential_reads_stay_on_one_plex() {
         let r = rig(2, EngineOptions::default());
-        let before: Vec<u64> = r.disks.iter().map(|d| d.reads()).collect();
-        let mut buf = vec![0; 4096];
-        for i in 0..64 {
-            r.vol.read(i * 4096, &mut buf).unwrap();
-        }
-        let reads: Vec<u64> = r
-            .disks
-            .iter()
-            .zip(&before)
-            .map(|(d, b)| d.reads() - b)
-            .collect();
+        let reads = reads_of(&r, |vol| {
+            let mut buf = vec![0; 4096];
+            for i in 0..64 {
+                vol.read(i * 4096, &mut buf).unwrap();
+            }
+        });
         assert!(reads.contains(&64) && reads.contains(&0), "{reads:?}");
     }
 }
