@@ -1008,3 +1008,54 @@ fn offline_opens_take_block_devices_direct_and_leave_files_cached() {
     fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
     assert!(!direct_of(&img, true), "an image file opened O_DIRECT");
 }
+
+/// Bytes the filesystem holds for a file (its allocated blocks).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn zeroing_a_thin_loop_device_keeps_it_thin() {
+    // Loop devices over sparse files are thin: a zeroing that keeps the
+    // blocks mapped (BLKZEROOUT) allocates the whole backing range. What
+    // mirrorvol zeroes (a new mirror's plexes, a rebuild's never-written
+    // regions, a trim) is unmapped instead where the device can.
+    let Some(a) = Loop::new(384) else { return };
+    let Some(b) = Loop::new(384) else { return };
+    let g = [&a, &b];
+    let sb = Sandbox::new();
+    mv(&sb, &g, &["init", a.path(), b.path(), "--style", "raw"]).ok();
+    let (before_a, before_b) = (allocated(&a.backing), allocated(&b.backing));
+    mv(
+        &sb,
+        &g,
+        &["create", "v", "--size", "320M", "--disk", a.path()],
+    )
+    .ok();
+    let (src, data) = sb.data_file("in.bin", 4 * MIB as usize, 5);
+    mv(&sb, &g, &["copy", &src, "vol:v"]).ok();
+    mv(&sb, &g, &["add-mirror", "v", "--disk", b.path()]).ok();
+    let s = status(&sb, &g);
+    assert_eq!(in_sync_on(&s, "v"), sorted(&[&a, &b]));
+    // The data, and the metadata mirrorvol writes, are a few MiB; 900 MiB
+    // of zeroes are not there.
+    for (l, before) in [(&a, before_a), (&b, before_b)] {
+        let grew = allocated(&l.backing) - before;
+        assert!(
+            grew < 32 * MIB,
+            "{} ({}) grew by {grew} bytes for 4 MiB of data",
+            l.path(),
+            l.backing.display()
+        );
+    }
+    // The new plex alone holds the data, and zeroes past it.
+    mv(
+        &sb,
+        &g,
+        &["break", "v", "--disk", b.path(), "--new-name", "half"],
+    )
+    .ok();
+    assert_holds(&read_volume(&sb, &g, "half"), &data, 320 * MIB);
+    assert_holds(&read_volume(&sb, &g, "v"), &data, 320 * MIB);
+}

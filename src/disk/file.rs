@@ -504,6 +504,15 @@ impl Disk for FileDisk {
             return Ok(());
         }
         if self.block_device {
+            // A punch on a device is the kernel's zeroout that may unmap
+            // and never falls back to writing zeroes: a thin device (a loop
+            // device over a sparse file) stays thin, and it is quick.
+            // BLKZEROOUT keeps the blocks mapped (a loop device allocates
+            // its whole backing range for it), and may write zeroes where
+            // the device cannot zero by itself.
+            if !self.no_punch.load(Ordering::Relaxed) && self.punch_hole(offset, len).is_ok() {
+                return Ok(());
+            }
             match self.device_range_ioctl(BLKZEROOUT, offset, len) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
