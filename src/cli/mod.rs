@@ -1085,6 +1085,10 @@ fn command_name(command: &Command) -> &'static str {
 /// without its lock; a socket nobody answers on is ignored (the command
 /// then runs here, and meets the disks' locks if something holds them).
 fn find_daemon(disks: &Disks) -> Option<holder::Holder> {
+    // No daemon recorded at all: no disk is read to learn the group.
+    if !holder::any_recorded() {
+        return None;
+    }
     let set = disks.set().ok()?;
     // A disk that does not answer is passed over: the next one names the
     // group as well.

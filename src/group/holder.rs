@@ -98,6 +98,26 @@ pub fn recorded(group: Uuid) -> Option<Holder> {
     })
 }
 
+/// Whether any daemon recorded itself in the run directory (a pid file or
+/// a socket at its default path): where none did, no disk need be read to
+/// learn which group's daemon to look for.
+pub fn any_recorded() -> bool {
+    any_recorded_in(&run_dir())
+}
+
+fn any_recorded_in(dir: &Path) -> bool {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries.flatten().any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.ends_with(".pid") || name.ends_with(".sock")
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        // Unreadable: look the long way.
+        Err(_) => true,
+    }
+}
+
 /// Whether a process with this pid exists.
 pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
@@ -134,6 +154,21 @@ pub use crate::disk::file::lock_holder;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_directory_records_a_daemon_by_its_pid_file_or_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!any_recorded_in(&dir.path().join("absent")));
+        assert!(!any_recorded_in(dir.path()));
+        fs::write(dir.path().join("notes.txt"), "x").unwrap();
+        assert!(!any_recorded_in(dir.path()));
+        let group = Uuid::new_v4();
+        fs::write(dir.path().join(format!("{group}.sock")), "").unwrap();
+        assert!(any_recorded_in(dir.path()));
+        fs::remove_file(dir.path().join(format!("{group}.sock"))).unwrap();
+        fs::write(dir.path().join(format!("{group}.pid")), "1\n/x.sock\n").unwrap();
+        assert!(any_recorded_in(dir.path()));
+    }
 
     #[test]
     fn pid_file_round_trips() {
