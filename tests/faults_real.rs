@@ -893,6 +893,56 @@ fn a_disk_hung_before_serve_starts_does_not_stop_the_group_from_serving() {
 }
 
 #[test]
+fn disks_that_hang_cost_a_command_the_deadline_once_not_once_each() {
+    if !rig_available(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    plain(&sb, &["a.img"]);
+    let b = faulty_disk(&sb, "b.img", 64);
+    let c = faulty_disk(&sb, "c.img", 64);
+    init_all(&sb, &["a.img", "b.img", "c.img"]);
+    let disks: Vec<String> = ["a.img", "b.img", "c.img"]
+        .iter()
+        .map(|n| sb.p(&format!("disks/{n}")))
+        .collect();
+    let mut args = vec![
+        "create", "data", "--size", "16M", "--mirror", "--copies", "3",
+    ];
+    for d in &disks {
+        args.extend(["--disk", d.as_str()]);
+    }
+    sb.mv(&args).ok();
+    fill(&sb, "data", 4 * MIB as usize, 13);
+    b.pause();
+    let _resume_b = b.resume_on_drop();
+    c.pause();
+    let _resume_c = c.resume_on_drop();
+
+    // The disks are looked up, opened and read all at once: two that hang
+    // cost one deadline (one at a time, each cost it in turn).
+    let r = mvt(&sb, &["status", "--json"]);
+    assert_eq!(r.code, 0, "status with two hung disks:\n{}", r.stderr);
+    assert!(
+        r.took < Duration::from_secs(2 * IO_TIMEOUT_SECS),
+        "status took {:?} with two disks hung (deadline {IO_TIMEOUT_SECS} s)\n{}",
+        r.took,
+        r.stderr
+    );
+    let st: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    for d in ["b.img", "c.img"] {
+        assert!(
+            out_of_service(&disk_state(&st, d)),
+            "{d} hung is out of service: {st:#}"
+        );
+    }
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+    // No second command here: its open of a FUSE file whose page a read
+    // of this one left locked waits in the kernel, where no signal ends
+    // it, until the disk answers.
+}
+
+#[test]
 fn a_disk_hanging_under_fio_is_failed_within_the_deadline() {
     if !rig_available(&["fio"]) {
         return;

@@ -160,7 +160,18 @@ fn read_copy(disk: &dyn Disk, at: u64) -> Result<Copy, FormatError> {
 /// there, or the GPT partition is ours, but no copy decodes.
 pub fn read_label(disk: &dyn Disk) -> Result<Option<LabelRead>, FormatError> {
     let size = disk.size();
-    let table = partition::find_member(disk);
+    let table = match partition::find_member(disk) {
+        // A disk that does not answer its partition table's reads does not
+        // answer the label's either: its deadline is paid once, not twice.
+        Err(PartitionError::Io { offset, source }) if source.kind() == io::ErrorKind::TimedOut => {
+            return Err(FormatError::Io {
+                op: "read the partition table",
+                offset,
+                source,
+            });
+        }
+        table => table,
+    };
     let ours_by_table = matches!(table, Ok(Some((Style::Gpt, _, _))));
     // (position, is_primary): where a label copy may be.
     let mut places = Vec::new();

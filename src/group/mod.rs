@@ -284,20 +284,131 @@ pub fn is_nbd(path: &Path) -> bool {
 
 /// Looks `path` up (one stat, and its canonical form) within `timeout`;
 /// an NBD URI is as given (it is looked up when opened).
-fn look_up(path: &Path, timeout: std::time::Duration) -> PathKind {
-    if is_nbd(path) {
-        return PathKind::Present(path.to_path_buf());
+/// What `path` is, looked up on the calling thread (an NBD URI is taken
+/// as present: its server is asked when it is opened).
+fn kind_of(p: &Path) -> PathKind {
+    if is_nbd(p) {
+        return PathKind::Present(p.to_path_buf());
     }
-    let p = path.to_path_buf();
-    within(timeout, move || match fs::metadata(&p) {
+    match fs::metadata(p) {
         Ok(meta) if meta.is_dir() => PathKind::Directory,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => PathKind::Absent,
         // Anything else is left to the open, which names the error.
         _ => PathKind::Present(
-            fs::canonicalize(&p).unwrap_or_else(|_| std::path::absolute(&p).unwrap_or(p)),
+            fs::canonicalize(p)
+                .unwrap_or_else(|_| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
         ),
-    })
-    .unwrap_or(PathKind::Hung)
+    }
+}
+
+/// What `path` is and, when present, the storage behind it (see
+/// [`storage_id`]), looked up on the calling thread.
+fn identify(path: &Path) -> (PathKind, Option<(u64, u64)>) {
+    let kind = kind_of(path);
+    let id = match &kind {
+        PathKind::Present(canonical) if !is_nbd(path) => storage_id(canonical),
+        _ => None,
+    };
+    (kind, id)
+}
+
+/// Runs each job on a thread of its own, all at once, and waits for each
+/// at most `timeout` from now (see [`within`]); None for a job that did not
+/// answer in time.
+fn all_within<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
+    timeout: std::time::Duration,
+    jobs: Vec<F>,
+) -> Vec<Option<T>> {
+    let deadline = std::time::Instant::now() + timeout;
+    let waits: Vec<_> = jobs
+        .into_iter()
+        .map(|f| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            std::thread::Builder::new()
+                .name("mv-lookup".into())
+                .spawn(move || {
+                    let _ = tx.send(f());
+                })
+                .ok()
+                .map(|_| rx)
+        })
+        .collect();
+    waits
+        .into_iter()
+        .map(|rx| {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            rx?.recv_timeout(left).ok()
+        })
+        .collect()
+}
+
+/// A disk being opened and read (label, config, generation) on a thread
+/// of its own, so that a group's disks are read at once.
+struct Reading {
+    /// The open's outcome, first.
+    opened: Option<std::sync::mpsc::Receiver<Result<()>>>,
+    /// Then, once opened, what its label and metadata gave.
+    read: std::sync::mpsc::Receiver<std::result::Result<Option<Found>, FormatError>>,
+}
+
+impl Reading {
+    fn start(path: &Path, canonical: PathBuf, open: DiskOpen) -> Reading {
+        let (open_tx, opened) = std::sync::mpsc::sync_channel(1);
+        let (read_tx, read) = std::sync::mpsc::sync_channel(1);
+        let p = path.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("mv-lookup".into())
+            .spawn(move || match open_disk_with(&p, &open) {
+                Err(e) => {
+                    let _ = open_tx.send(Err(e));
+                }
+                Ok(disk) => {
+                    // Past the deadline nobody listens: the disk is
+                    // closed again, unread.
+                    if open_tx.send(Ok(())).is_err() {
+                        return;
+                    }
+                    let found = ondisk::read_label(&*disk)
+                        .map(|read| read.map(|read| read_found(&p, canonical, disk, read)));
+                    let _ = read_tx.send(found);
+                }
+            });
+        Reading {
+            opened: spawned.ok().map(|_| opened),
+            read,
+        }
+    }
+
+    /// Waits for the open until `by` (the deadline `timeout` names), then
+    /// for the reads, which the disk's queue times out on its own.
+    fn finish(
+        self,
+        by: std::time::Instant,
+        timeout: std::time::Duration,
+    ) -> Result<std::result::Result<Option<Found>, FormatError>> {
+        let left = by.saturating_duration_since(std::time::Instant::now());
+        let opened = self.opened.and_then(|rx| rx.recv_timeout(left).ok());
+        match opened {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(Error::io(
+                    "open",
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("it did not answer within {}", show_duration(timeout)),
+                    ),
+                ));
+            }
+        }
+        Ok(self.read.recv().unwrap_or_else(|_| {
+            Err(FormatError::Io {
+                op: "read the label",
+                offset: 0,
+                source: std::io::Error::other("the reader stopped"),
+            })
+        }))
+    }
 }
 
 impl DiskSet {
@@ -310,22 +421,43 @@ impl DiskSet {
             open,
             ..DiskSet::default()
         };
-        for entry in entries {
-            let kind = look_up(entry, open.timeout);
+        // Every entry looked up at once (see `Group::assemble`).
+        let kinds = all_within(
+            open.timeout,
+            entries
+                .iter()
+                .map(|entry| {
+                    let p = entry.clone();
+                    move || kind_of(&p)
+                })
+                .collect(),
+        );
+        for (entry, kind) in entries.iter().zip(kinds) {
+            let kind = kind.unwrap_or(PathKind::Hung);
             if matches!(kind, PathKind::Hung) {
                 set.hung.push(entry.clone());
             }
             if matches!(kind, PathKind::Directory) {
                 let mut found = Vec::new();
                 let dir = fs::read_dir(entry).map_err(|e| Error::io_path("read", entry, e))?;
-                for item in dir.flatten() {
-                    let path = item.path();
-                    let p = path.clone();
-                    let kind = within(open.timeout, move || {
-                        use std::os::unix::fs::FileTypeExt;
-                        fs::metadata(&p)
-                            .map(|meta| meta.is_file() || meta.file_type().is_block_device())
-                    });
+                let items: Vec<PathBuf> = dir.flatten().map(|item| item.path()).collect();
+                // All at once: files that hang cost the deadline once.
+                let kinds = all_within(
+                    open.timeout,
+                    items
+                        .iter()
+                        .map(|path| {
+                            let p = path.clone();
+                            move || {
+                                use std::os::unix::fs::FileTypeExt;
+                                fs::metadata(&p).map(|meta| {
+                                    meta.is_file() || meta.file_type().is_block_device()
+                                })
+                            }
+                        })
+                        .collect(),
+                );
+                for (path, kind) in items.into_iter().zip(kinds) {
                     match kind {
                         Some(Ok(true)) => found.push(path),
                         None => {
@@ -542,34 +674,52 @@ impl Group {
         let mut seen = Vec::new();
         let mut damaged_labels = Vec::new();
         let mut unreadable: Vec<Unreadable> = Vec::new();
-        let candidates = set
+        let candidates: Vec<(&PathBuf, bool)> = set
             .explicit
             .iter()
             .map(|p| (p, true))
-            .chain(set.scanned.iter().map(|p| (p, false)));
+            .chain(set.scanned.iter().map(|p| (p, false)))
+            .collect();
         let timeout = set.open.timeout;
         let mut blank: Vec<(PathBuf, bool)> = Vec::new();
         // Paths named in --disks that do not exist: a member's is reported
         // missing below; any other is named too, not passed over in silence.
         let mut absent_named: Vec<PathBuf> = Vec::new();
         let mut seen_storage: Vec<((u64, u64), PathBuf)> = Vec::new();
-        for (path, explicit) in candidates {
-            let unreadable_because = |reason: String| Unreadable {
-                path: path.display().to_string(),
-                reason,
-            };
-            let kind = if set.hung.contains(path) {
-                PathKind::Hung
+        // Every path is looked up at once, and every disk kept is opened
+        // and read at once: a group's disks cost the slowest one's time,
+        // not the sum (a far disk's round trips, a cold disk's reads), and
+        // paths that hang cost the deadline once. What they gave is taken
+        // in the order given, as one at a time would.
+        let looked = all_within(
+            timeout,
+            candidates
+                .iter()
+                .filter(|(path, _)| !set.hung.contains(path))
+                .map(|(path, _)| {
+                    let p = (*path).clone();
+                    move || identify(&p)
+                })
+                .collect(),
+        );
+        let mut looked = looked.into_iter();
+        let mut to_open: Vec<(&PathBuf, bool, PathBuf)> = Vec::new();
+        for &(path, explicit) in &candidates {
+            let (kind, id) = if set.hung.contains(path) {
+                (PathKind::Hung, None)
             } else {
-                look_up(path, timeout)
+                looked
+                    .next()
+                    .expect("one lookup per path not known hung")
+                    .unwrap_or((PathKind::Hung, None))
             };
             let canonical = match kind {
                 PathKind::Present(canonical) => canonical,
                 PathKind::Hung => {
-                    unreadable.push(unreadable_because(format!(
-                        "it did not answer within {}",
-                        show_duration(timeout)
-                    )));
+                    unreadable.push(Unreadable {
+                        path: path.display().to_string(),
+                        reason: format!("it did not answer within {}", show_duration(timeout)),
+                    });
                     continue;
                 }
                 // An absent disk: reported as missing once the config is
@@ -588,10 +738,6 @@ impl Group {
             seen.push(canonical.clone());
             // Another path to storage already taken (a loop device over an
             // image file given too, a second device node): used once.
-            let id = {
-                let c = canonical.clone();
-                within(timeout, move || storage_id(&c)).flatten()
-            };
             if let Some(id) = id {
                 if let Some((_, first)) = seen_storage.iter().find(|(s, _)| *s == id) {
                     warnings.push(format!(
@@ -604,18 +750,20 @@ impl Group {
                 }
                 seen_storage.push((id, path.clone()));
             }
-            let (p, open) = (path.clone(), set.open);
-            let opened = within(timeout, move || open_disk_with(&p, &open)).unwrap_or_else(|| {
-                Err(Error::io(
-                    "open",
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("it did not answer within {}", show_duration(timeout)),
-                    ),
-                ))
-            });
-            let disk = match opened {
-                Ok(disk) => disk,
+            to_open.push((path, explicit, canonical));
+        }
+        let reading: Vec<Reading> = to_open
+            .iter()
+            .map(|(path, _, canonical)| Reading::start(path, canonical.clone(), set.open))
+            .collect();
+        let opened_by = std::time::Instant::now() + timeout;
+        for ((path, explicit, _), reading) in to_open.into_iter().zip(reading) {
+            let unreadable_because = |reason: String| Unreadable {
+                path: path.display().to_string(),
+                reason,
+            };
+            let read = match reading.finish(opened_by, timeout) {
+                Ok(read) => read,
                 // A path that exists but cannot be opened (an I/O error, a
                 // device gone bad) says nothing of which disk it is.
                 Err(Error::Io { source, .. }) => {
@@ -631,8 +779,13 @@ impl Group {
                 }
                 Err(e) => return Err(e),
             };
-            let read = match ondisk::read_label(&*disk) {
-                Ok(read) => read,
+            match read {
+                Ok(Some(f)) => found.push(f),
+                // Blank: a wiped member, or a disk never initialised. Named
+                // with --disks, or where the config last saw a member, it is
+                // reported once the config is known; the group goes on
+                // without it.
+                Ok(None) => blank.push((path.clone(), explicit && lookup == Lookup::Required)),
                 // A member whose every label copy is damaged cannot say which
                 // disk it is: it is treated as absent, so the group (and the
                 // other plexes of its mirrors) keeps working without it.
@@ -642,7 +795,6 @@ impl Group {
                         path.display()
                     ));
                     damaged_labels.push(path.display().to_string());
-                    continue;
                 }
                 // A disk that fails or does not answer its label reads: the
                 // group goes on without it, as without an absent disk.
@@ -650,7 +802,6 @@ impl Group {
                     unreadable.push(unreadable_because(format!(
                         "its label cannot be read: {source}"
                     )));
-                    continue;
                 }
                 Err(e) => {
                     return Err(Error::corrupt(format!(
@@ -658,14 +809,6 @@ impl Group {
                         path.display()
                     )));
                 }
-            };
-            match read {
-                Some(read) => found.push(read_found(path, canonical, disk, read)),
-                // Blank: a wiped member, or a disk never initialised. Named
-                // with --disks, or where the config last saw a member, it is
-                // reported once the config is known; the group goes on
-                // without it.
-                None => blank.push((path.clone(), explicit && lookup == Lookup::Required)),
             }
         }
         if found.is_empty()
