@@ -1038,7 +1038,7 @@ fn zeroing_a_thin_loop_device_keeps_it_thin() {
     mv(&sb, &g, &["add-mirror", "v", "--disk", b.path()]).ok();
     let s = status(&sb, &g);
     assert_eq!(in_sync_on(&s, "v"), sorted(&[&a, &b]));
-    // The data, and the metadata mirrorvol writes, are a few MiB; 900 MiB
+    // The data, and the metadata mirrorvol writes, are a few MiB; 320 MiB
     // of zeroes are not there.
     for (l, before) in [(&a, before_a), (&b, before_b)] {
         let grew = allocated(&l.backing) - before;

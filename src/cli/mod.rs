@@ -973,6 +973,8 @@ pub struct Disks {
     /// The expansion, made once: a path that does not answer costs the
     /// deadline once per command.
     set: std::sync::OnceLock<DiskSet>,
+    /// Paths that did not answer since, when asked which group they hold.
+    hung: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl Disks {
@@ -989,11 +991,32 @@ impl Disks {
             engine,
             claim,
             set: std::sync::OnceLock::new(),
+            hung: Default::default(),
         }
+    }
+
+    /// Records that `path` did not answer: it is not asked again.
+    fn hung(&self, path: &std::path::Path) {
+        self.hung
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path.to_path_buf());
     }
 
     /// The disks to look at, opened with the deadline.
     fn set(&self) -> Result<DiskSet> {
+        let mut set = self.expanded()?;
+        set.hung.extend(
+            self.hung
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
+        Ok(set)
+    }
+
+    fn expanded(&self) -> Result<DiskSet> {
         if let Some(set) = self.set.get() {
             return Ok(set.clone());
         }
@@ -1101,9 +1124,20 @@ fn find_daemon(disks: &Disks) -> Option<holder::Holder> {
         .filter(|p| !set.hung.contains(p))
         .collect();
     paths.sort_by_key(|p| crate::group::is_nbd(p));
+    // One at a time, until one answers: the others are left alone (a disk
+    // `serve` is reading may hold its pages locked). One that does not
+    // answer in time is not opened again by this command: a read left
+    // hanging on it (a FUSE file whose server stopped) would make that
+    // open wait in the kernel for good, and cost the deadline again.
     let group = paths.into_iter().find_map(|p| {
-        let p = p.clone();
-        crate::group::within(disks.timeout, move || holder::group_of(&p)).flatten()
+        let path = p.clone();
+        match crate::group::within(disks.timeout, move || holder::group_of(&path)) {
+            None => {
+                disks.hung(p);
+                None
+            }
+            Some(found) => found,
+        }
     })?;
     let h = holder::recorded(group)?;
     if h.pid.is_some_and(|pid| !holder::alive(pid)) {

@@ -312,16 +312,29 @@ fn identify(path: &Path) -> (PathKind, Option<(u64, u64)>) {
     (kind, id)
 }
 
-/// Runs each job on a thread of its own, all at once, and waits for each
-/// at most `timeout` from now (see [`within`]); None for a job that did not
-/// answer in time.
+/// Runs each job on a thread of its own, up to 32 at once, and waits for
+/// each at most `timeout` from its batch's start (see [`within`]); None for
+/// a job that did not answer in time.
 fn all_within<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
     timeout: std::time::Duration,
     jobs: Vec<F>,
 ) -> Vec<Option<T>> {
+    const AT_ONCE: usize = 32;
+    let mut out = Vec::with_capacity(jobs.len());
+    let mut jobs = jobs.into_iter().peekable();
+    while jobs.peek().is_some() {
+        out.extend(within_each(timeout, jobs.by_ref().take(AT_ONCE)));
+    }
+    out
+}
+
+/// [`all_within`] of one batch, all at once.
+fn within_each<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
+    timeout: std::time::Duration,
+    jobs: impl Iterator<Item = F>,
+) -> Vec<Option<T>> {
     let deadline = std::time::Instant::now() + timeout;
     let waits: Vec<_> = jobs
-        .into_iter()
         .map(|f| {
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             std::thread::Builder::new()
@@ -345,6 +358,8 @@ fn all_within<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
 /// A disk being opened and read (label, config, generation) on a thread
 /// of its own, so that a group's disks are read at once.
 struct Reading {
+    /// When the open started: it is waited for `timeout` from then.
+    started: std::time::Instant,
     /// The open's outcome, first.
     opened: Option<std::sync::mpsc::Receiver<Result<()>>>,
     /// Then, once opened, what its label and metadata gave.
@@ -374,19 +389,19 @@ impl Reading {
                 }
             });
         Reading {
+            started: std::time::Instant::now(),
             opened: spawned.ok().map(|_| opened),
             read,
         }
     }
 
-    /// Waits for the open until `by` (the deadline `timeout` names), then
-    /// for the reads, which the disk's queue times out on its own.
+    /// Waits for the open at most `timeout` from its start, then for the
+    /// reads, which the disk's queue times out on its own.
     fn finish(
         self,
-        by: std::time::Instant,
         timeout: std::time::Duration,
     ) -> Result<std::result::Result<Option<Found>, FormatError>> {
-        let left = by.saturating_duration_since(std::time::Instant::now());
+        let left = (self.started + timeout).saturating_duration_since(std::time::Instant::now());
         let opened = self.opened.and_then(|rx| rx.recv_timeout(left).ok());
         match opened {
             Some(Ok(())) => {}
@@ -703,7 +718,14 @@ impl Group {
                 .collect(),
         );
         let mut looked = looked.into_iter();
-        let mut to_open: Vec<(&PathBuf, bool, PathBuf)> = Vec::new();
+        // What each path gave, in the order given: reported in that order
+        // once the disks kept are read.
+        enum Step<'a> {
+            Unreadable(Unreadable),
+            Warning(String),
+            Open(&'a PathBuf, bool, PathBuf),
+        }
+        let mut steps: Vec<Step> = Vec::new();
         for &(path, explicit) in &candidates {
             let (kind, id) = if set.hung.contains(path) {
                 (PathKind::Hung, None)
@@ -716,10 +738,10 @@ impl Group {
             let canonical = match kind {
                 PathKind::Present(canonical) => canonical,
                 PathKind::Hung => {
-                    unreadable.push(Unreadable {
+                    steps.push(Step::Unreadable(Unreadable {
                         path: path.display().to_string(),
                         reason: format!("it did not answer within {}", show_duration(timeout)),
-                    });
+                    }));
                     continue;
                 }
                 // An absent disk: reported as missing once the config is
@@ -740,29 +762,56 @@ impl Group {
             // image file given too, a second device node): used once.
             if let Some(id) = id {
                 if let Some((_, first)) = seen_storage.iter().find(|(s, _)| *s == id) {
-                    warnings.push(format!(
+                    steps.push(Step::Warning(format!(
                         "{} and {} are the same disk; it is used once, as {}",
                         first.display(),
                         path.display(),
                         first.display()
-                    ));
+                    )));
                     continue;
                 }
                 seen_storage.push((id, path.clone()));
             }
-            to_open.push((path, explicit, canonical));
+            steps.push(Step::Open(path, explicit, canonical));
         }
-        let reading: Vec<Reading> = to_open
+        // At most this many disks opened and read at once (a directory of
+        // many devices must not open them all, each with its queue's
+        // threads), the next started as each is taken.
+        const AT_ONCE: usize = 16;
+        let opens: Vec<(&PathBuf, PathBuf)> = steps
             .iter()
-            .map(|(path, _, canonical)| Reading::start(path, canonical.clone(), set.open))
+            .filter_map(|s| match s {
+                Step::Open(path, _, canonical) => Some((*path, canonical.clone())),
+                _ => None,
+            })
             .collect();
-        let opened_by = std::time::Instant::now() + timeout;
-        for ((path, explicit, _), reading) in to_open.into_iter().zip(reading) {
+        let mut to_start = opens.into_iter();
+        let mut reading: std::collections::VecDeque<Reading> = to_start
+            .by_ref()
+            .take(AT_ONCE)
+            .map(|(path, canonical)| Reading::start(path, canonical, set.open))
+            .collect();
+        for step in steps {
+            let (path, explicit) = match step {
+                Step::Unreadable(u) => {
+                    unreadable.push(u);
+                    continue;
+                }
+                Step::Warning(w) => {
+                    warnings.push(w);
+                    continue;
+                }
+                Step::Open(path, explicit, _) => (path, explicit),
+            };
+            let reading_now = reading.pop_front().expect("a reading per disk to open");
+            if let Some((path, canonical)) = to_start.next() {
+                reading.push_back(Reading::start(path, canonical, set.open));
+            }
             let unreadable_because = |reason: String| Unreadable {
                 path: path.display().to_string(),
                 reason,
             };
-            let read = match reading.finish(opened_by, timeout) {
+            let read = match reading_now.finish(timeout) {
                 Ok(read) => read,
                 // A path that exists but cannot be opened (an I/O error, a
                 // device gone bad) says nothing of which disk it is.
@@ -1469,5 +1518,40 @@ impl Group {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn hang<T>() -> T {
+        std::thread::sleep(Duration::from_secs(5));
+        panic!("a hung job was waited for");
+    }
+
+    #[test]
+    fn all_within_waits_the_deadline_once_and_keeps_the_order() {
+        let start = Instant::now();
+        let jobs: Vec<Box<dyn FnOnce() -> u32 + Send>> = (0..40u32)
+            .map(|i| -> Box<dyn FnOnce() -> u32 + Send> {
+                if i % 10 == 3 {
+                    Box::new(hang)
+                } else {
+                    Box::new(move || i)
+                }
+            })
+            .collect();
+        let got = all_within(Duration::from_millis(300), jobs);
+        let want: Vec<Option<u32>> = (0..40).map(|i| (i % 10 != 3).then_some(i)).collect();
+        assert_eq!(got, want);
+        // Two batches (32, then 8), each with a job that hangs: two
+        // deadlines, not four.
+        assert!(
+            start.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }
