@@ -378,8 +378,11 @@ fn init_all(sb: &Sandbox, names: &[&str]) {
 /// A mirrored volume `name` of `mib` MiB on the named disks.
 fn mirror(sb: &Sandbox, name: &str, mib: u64, on: &[&str]) {
     let size = format!("{mib}M");
+    let copies = on.len().to_string();
     let paths: Vec<String> = on.iter().map(|n| sb.p(&format!("disks/{n}"))).collect();
-    let mut args = vec!["create", name, "--size", &size, "--mirror"];
+    let mut args = vec![
+        "create", name, "--size", &size, "--mirror", "--copies", &copies,
+    ];
     for p in &paths {
         args.extend(["--disk", p.as_str()]);
     }
@@ -902,17 +905,7 @@ fn disks_that_hang_cost_a_command_the_deadline_once_not_once_each() {
     let b = faulty_disk(&sb, "b.img", 64);
     let c = faulty_disk(&sb, "c.img", 64);
     init_all(&sb, &["a.img", "b.img", "c.img"]);
-    let disks: Vec<String> = ["a.img", "b.img", "c.img"]
-        .iter()
-        .map(|n| sb.p(&format!("disks/{n}")))
-        .collect();
-    let mut args = vec![
-        "create", "data", "--size", "16M", "--mirror", "--copies", "3",
-    ];
-    for d in &disks {
-        args.extend(["--disk", d.as_str()]);
-    }
-    sb.mv(&args).ok();
+    mirror(&sb, "data", 16, &["a.img", "b.img", "c.img"]);
     fill(&sb, "data", 4 * MIB as usize, 13);
     b.pause();
     let _resume_b = b.resume_on_drop();

@@ -241,16 +241,7 @@ pub fn within<T: Send + 'static>(
     timeout: std::time::Duration,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Option<T> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let spawned = std::thread::Builder::new()
-        .name("mv-lookup".into())
-        .spawn(move || {
-            let _ = tx.send(f());
-        });
-    match spawned {
-        Ok(_) => rx.recv_timeout(timeout).ok(),
-        Err(_) => None,
-    }
+    within_each(timeout, std::iter::once(f)).pop().flatten()
 }
 
 /// The canonical form of `path`, looked up within `timeout`; the path as
@@ -282,10 +273,9 @@ pub fn is_nbd(path: &Path) -> bool {
     path.to_str().is_some_and(crate::disk::nbd::NbdUri::is_uri)
 }
 
-/// Looks `path` up (one stat, and its canonical form) within `timeout`;
-/// an NBD URI is as given (it is looked up when opened).
-/// What `path` is, looked up on the calling thread (an NBD URI is taken
-/// as present: its server is asked when it is opened).
+/// What `path` is (one stat, and its canonical form), looked up on the
+/// calling thread; an NBD URI is taken as present (its server is asked
+/// when it is opened).
 fn kind_of(p: &Path) -> PathKind {
     if is_nbd(p) {
         return PathKind::Present(p.to_path_buf());
@@ -326,6 +316,31 @@ fn all_within<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
         out.extend(within_each(timeout, jobs.by_ref().take(AT_ONCE)));
     }
     out
+}
+
+/// `f` of each path, on threads as [`all_within`] runs them.
+fn each_path_within<T: Send + 'static>(
+    timeout: std::time::Duration,
+    paths: &[&PathBuf],
+    f: fn(&Path) -> T,
+) -> Vec<Option<T>> {
+    all_within(
+        timeout,
+        paths
+            .iter()
+            .map(|p| {
+                let p = (*p).clone();
+                move || f(&p)
+            })
+            .collect(),
+    )
+}
+
+/// Whether `path` is a file or a block device (what a directory given as
+/// disks stands for).
+fn is_file_or_device(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    fs::metadata(path).map(|meta| meta.is_file() || meta.file_type().is_block_device())
 }
 
 /// [`all_within`] of one batch, all at once.
@@ -437,16 +452,7 @@ impl DiskSet {
             ..DiskSet::default()
         };
         // Every entry looked up at once (see `Group::assemble`).
-        let kinds = all_within(
-            open.timeout,
-            entries
-                .iter()
-                .map(|entry| {
-                    let p = entry.clone();
-                    move || kind_of(&p)
-                })
-                .collect(),
-        );
+        let kinds = each_path_within(open.timeout, &entries.iter().collect::<Vec<_>>(), kind_of);
         for (entry, kind) in entries.iter().zip(kinds) {
             let kind = kind.unwrap_or(PathKind::Hung);
             if matches!(kind, PathKind::Hung) {
@@ -457,20 +463,10 @@ impl DiskSet {
                 let dir = fs::read_dir(entry).map_err(|e| Error::io_path("read", entry, e))?;
                 let items: Vec<PathBuf> = dir.flatten().map(|item| item.path()).collect();
                 // All at once: files that hang cost the deadline once.
-                let kinds = all_within(
+                let kinds = each_path_within(
                     open.timeout,
-                    items
-                        .iter()
-                        .map(|path| {
-                            let p = path.clone();
-                            move || {
-                                use std::os::unix::fs::FileTypeExt;
-                                fs::metadata(&p).map(|meta| {
-                                    meta.is_file() || meta.file_type().is_block_device()
-                                })
-                            }
-                        })
-                        .collect(),
+                    &items.iter().collect::<Vec<_>>(),
+                    is_file_or_device,
                 );
                 for (path, kind) in items.into_iter().zip(kinds) {
                     match kind {
@@ -706,17 +702,12 @@ impl Group {
         // not the sum (a far disk's round trips, a cold disk's reads), and
         // paths that hang cost the deadline once. What they gave is taken
         // in the order given, as one at a time would.
-        let looked = all_within(
-            timeout,
-            candidates
-                .iter()
-                .filter(|(path, _)| !set.hung.contains(path))
-                .map(|(path, _)| {
-                    let p = (*path).clone();
-                    move || identify(&p)
-                })
-                .collect(),
-        );
+        let asked: Vec<&PathBuf> = candidates
+            .iter()
+            .map(|(path, _)| *path)
+            .filter(|path| !set.hung.contains(path))
+            .collect();
+        let looked = each_path_within(timeout, &asked, identify);
         let mut looked = looked.into_iter();
         // What each path gave, in the order given: reported in that order
         // once the disks kept are read.
