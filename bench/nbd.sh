@@ -18,8 +18,11 @@
 #               latency);
 #   3. clients: four connections at once (numjobs 4, QD8 each), random
 #               4 KiB writes.
-# qemu-nbd runs with --cache=none|writeback --aio=io_uring; mirrorvol with
-# --cache=none|writeback and each --io-engine of --engines.
+# qemu-nbd runs with --cache=none|writeback --aio=io_uring --shared=4
+# (without --shared it serves one connection at a time: the four clients
+# would run one after another and fio would add up four single-client
+# rates); mirrorvol with --cache=none|writeback and each --io-engine of
+# --engines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -96,14 +99,14 @@ for run in $(seq "$runs"); do
     done
 
     fresh_images
-    qemu-nbd -t -k "$sock" -x data --cache="$cache" --aio=io_uring --image-opts "$quorum" &
+    qemu-nbd -t --shared=4 -k "$sock" -x data --cache="$cache" --aio=io_uring --image-opts "$quorum" &
     server_pid=$!
     wait_socket
     workloads "$run" "quorum-$cache"
     stop_server
 
     fresh_images
-    qemu-nbd -t -k "$sock" -x data --cache="$cache" --aio=io_uring -f raw "$a" &
+    qemu-nbd -t --shared=4 -k "$sock" -x data --cache="$cache" --aio=io_uring -f raw "$a" &
     server_pid=$!
     wait_socket
     workloads "$run" "raw-$cache"

@@ -24,9 +24,19 @@ wait_socket() {
 # JSON).
 fio_job() {
   local job="$1" run="$2" target="$3"; shift 3
+  local started=$EPOCHREALTIME
   fio --name="$job" --ioengine=nbd "--uri=nbd+unix:///data?socket=$sock" --size="${vol_mib}M" \
     --time_based --runtime="$seconds" --output-format=json --group_reporting --randrepeat=0 \
     "$@" --output="$dir/job.json" >/dev/null
+  # Jobs of several clients must have run at once: a server that takes one
+  # connection at a time serves them one after another, and fio then adds
+  # up single-client rates as if they had been concurrent.
+  if [[ " $* " == *" --numjobs="* ]] &&
+    python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) - float(sys.argv[2]) > 2 * $seconds + 5 else 1)" \
+      "$EPOCHREALTIME" "$started"; then
+    echo "fio job $job against $target took over twice its $seconds s: its clients were not served at once" >&2
+    exit 1
+  fi
   python3 - "$dir/job.json" "$run" "$target" "$job" >> "$results" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
