@@ -779,6 +779,10 @@ impl Local {
             return;
         };
         self.flight.fill(&mut uring.submission());
+        if uring.submission().is_empty() {
+            // Nothing to tell the kernel: no system call.
+            return;
+        }
         if let Err(e) = uring.submit() {
             waited("local", &e);
         }
@@ -1031,7 +1035,7 @@ pub fn turn_here(
 }
 
 /// Submits what waits in the calling thread's own ring, without waiting.
-fn submit_here() {
+pub fn submit_here() {
     if ANSWERING.get() {
         return;
     }
