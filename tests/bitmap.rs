@@ -500,7 +500,10 @@ fn trimmed_regions_become_unwritten_and_stay_so() {
         return;
     }
     let sb = Sandbox::new();
-    serve::mirror_group(&sb, 64, 32);
+    sb.image("a.img", 64);
+    sb.image("b.img", 64);
+    // 64 KiB regions, so that the slivers below hold whole ones.
+    serve::mirror_group_with(&sb, 32, &["--region-size", "64K"]);
     let s = serve::Served::start(&sb, &[], &[]);
     let uri = s.uri("data");
     serve::qemu_io(&uri, &["write -P 0x5a 0 8M"]);

@@ -69,7 +69,10 @@ fn copied_bytes(stdout: &str) -> u64 {
 /// 1 MiB of 0xa1 at 4 MiB, b.img 2 MiB of 0xb2 at 16 MiB. Returns the base
 /// data.
 fn split_group(sb: &Sandbox) -> (String, Vec<u8>) {
-    serve::mirror_group(sb, 80, VOL_MIB);
+    // 64 KiB regions: the sides' sizes below are counted in them.
+    sb.image("a.img", 80);
+    sb.image("b.img", 80);
+    serve::mirror_group_with(sb, VOL_MIB, &["--region-size", "64K"]);
     let (base, want) = sb.data_file("base.bin", (VOL_MIB * MIB) as usize, 1);
     sb.mv(&["copy", &base, "vol:data"]).ok();
 

@@ -135,7 +135,7 @@ pub enum Command {
         #[arg(long)]
         force: bool,
         /// Bytes of data one write-intent bitmap bit covers, for a new group
-        /// (a power of two, at least 4K; default 64K).
+        /// (a power of two, at least 4K; default 1M).
         #[arg(long, value_parser = parse_size, allow_hyphen_values = true)]
         region_size: Option<u64>,
         /// Add the disks to the group of --disks as hot spares: they hold no

@@ -49,7 +49,7 @@ pub const BITS_PER_BLOCK: u64 = BITMAP_BLOCK * 8;
 /// The most regions one disk's bitmap area can hold.
 pub const MAX_REGIONS: u64 = (BITMAP_SIZE - BITMAP_BLOCK) / BITMAP_BLOCK * BITS_PER_BLOCK;
 /// The default region size: see the README ("Write-intent bitmap").
-pub const DEFAULT_REGION_SIZE: u64 = 64 * 1024;
+pub const DEFAULT_REGION_SIZE: u64 = 1024 * 1024;
 
 const REGION: usize = 16;
 const REGIONS: usize = 24;
@@ -209,7 +209,7 @@ mod tests {
     fn header_round_trips_and_zero_means_absent() {
         let h = BitmapHeader::new(100 * MIB, 0, 7);
         assert_eq!(h.region_size, DEFAULT_REGION_SIZE);
-        assert_eq!(h.regions, 1600);
+        assert_eq!(h.regions, 100);
         assert_eq!(BitmapHeader::decode(&h.encode()), Ok(Some(h)));
         assert_eq!(BitmapHeader::decode(&[0u8; 4096]), Ok(None));
         let mut bad = h.encode();
@@ -219,16 +219,20 @@ mod tests {
 
     #[test]
     fn large_data_areas_get_larger_regions_that_fit() {
-        // 64 KiB regions cover 2.6 TB in the 5 MiB area; 4 TiB needs 128 KiB.
-        assert_eq!(region_size_for(2 << 40, 0), 64 << 10);
-        assert_eq!(region_size_for(4 << 40, 0), 128 << 10);
+        // 1 MiB regions cover almost 40 TiB in the 5 MiB area; 40 TiB
+        // needs 2 MiB.
+        assert_eq!(region_size_for(39 << 40, 0), 1 << 20);
+        assert_eq!(region_size_for(40 << 40, 0), 2 << 20);
+        // Asked for: 64 KiB regions cover 2.6 TB; 4 TiB needs 128 KiB.
+        assert_eq!(region_size_for(2 << 40, 64 << 10), 64 << 10);
+        assert_eq!(region_size_for(4 << 40, 64 << 10), 128 << 10);
         assert!((64u64 << 40).div_ceil(region_size_for(64 << 40, 0)) <= MAX_REGIONS);
         assert_eq!(region_size_for(MIB, 4096), 4096);
     }
 
     #[test]
     fn regions_of_covers_partial_regions() {
-        let h = BitmapHeader::new(MIB, 0, 0);
+        let h = BitmapHeader::new(MIB, 65536, 0);
         assert_eq!(h.regions_of(0, 1), 0..1);
         assert_eq!(h.regions_of(65535, 65537), 0..2);
         assert_eq!(h.regions_of(65536, 131072), 1..2);

@@ -21,9 +21,16 @@ pub fn mirror_group(sb: &Sandbox, disk_mib: u64, vol_mib: u64) {
 /// The group of [`mirror_group`] on the disks `a.img` and `b.img` already
 /// in the disks directory (ordinary files or real faulty disks).
 pub fn mirror_group_on(sb: &Sandbox, vol_mib: u64) {
+    mirror_group_with(sb, vol_mib, &[]);
+}
+
+/// [`mirror_group_on`] with more arguments for `init` (`--region-size 64K`
+/// for a test that counts regions of writes smaller than the default's).
+pub fn mirror_group_with(sb: &Sandbox, vol_mib: u64, init: &[&str]) {
     let (a, b) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
-    sb.mv(&["init", &a, &b, "--style", "raw", "--group", "g"])
-        .ok();
+    let mut args = vec!["init", &a, &b, "--style", "raw", "--group", "g"];
+    args.extend_from_slice(init);
+    sb.mv(&args).ok();
     sb.mv(&[
         "create",
         "data",
