@@ -48,8 +48,13 @@ pub const BITMAP_BLOCK: u64 = 4096;
 pub const BITS_PER_BLOCK: u64 = BITMAP_BLOCK * 8;
 /// The most regions one disk's bitmap area can hold.
 pub const MAX_REGIONS: u64 = (BITMAP_SIZE - BITMAP_BLOCK) / BITMAP_BLOCK * BITS_PER_BLOCK;
-/// The default region size: see the README ("Write-intent bitmap").
+/// The region size a new group records: see the README ("Write-intent
+/// bitmap").
 pub const DEFAULT_REGION_SIZE: u64 = 1024 * 1024;
+/// What a group's recorded region size of 0 stands for: the default of
+/// groups made before 2026-12-05, which recorded none. Their new disks get
+/// it too, so that a group keeps one region size.
+pub const LEGACY_REGION_SIZE: u64 = 64 * 1024;
 
 const REGION: usize = 16;
 const REGIONS: usize = 24;
@@ -76,8 +81,8 @@ pub enum BitmapError {
 }
 
 /// The region size a data area of `data_size` bytes gets when the group asks
-/// for `wanted` (0: the default): `wanted`, or the next power of two that
-/// lets every region fit in the bitmap area.
+/// for `wanted` (0: [`LEGACY_REGION_SIZE`]): `wanted`, or the next power of
+/// two that lets every region fit in the bitmap area.
 pub fn region_size_for(data_size: u64, wanted: u64) -> u64 {
     region_size_within(data_size, wanted, MAX_REGIONS)
 }
@@ -85,7 +90,7 @@ pub fn region_size_for(data_size: u64, wanted: u64) -> u64 {
 /// [`region_size_for`] for an area that holds at most `max_regions` bits.
 pub fn region_size_within(data_size: u64, wanted: u64, max_regions: u64) -> u64 {
     let mut r = if wanted == 0 {
-        DEFAULT_REGION_SIZE
+        LEGACY_REGION_SIZE
     } else {
         wanted
     };
@@ -207,9 +212,11 @@ mod tests {
 
     #[test]
     fn header_round_trips_and_zero_means_absent() {
-        let h = BitmapHeader::new(100 * MIB, 0, 7);
-        assert_eq!(h.region_size, DEFAULT_REGION_SIZE);
+        let h = BitmapHeader::new(100 * MIB, DEFAULT_REGION_SIZE, 7);
         assert_eq!(h.regions, 100);
+        let h = BitmapHeader::new(100 * MIB, 0, 7);
+        assert_eq!(h.region_size, LEGACY_REGION_SIZE);
+        assert_eq!(h.regions, 1600);
         assert_eq!(BitmapHeader::decode(&h.encode()), Ok(Some(h)));
         assert_eq!(BitmapHeader::decode(&[0u8; 4096]), Ok(None));
         let mut bad = h.encode();
@@ -221,18 +228,18 @@ mod tests {
     fn large_data_areas_get_larger_regions_that_fit() {
         // 1 MiB regions cover almost 40 TiB in the 5 MiB area; 40 TiB
         // needs 2 MiB.
-        assert_eq!(region_size_for(39 << 40, 0), 1 << 20);
-        assert_eq!(region_size_for(40 << 40, 0), 2 << 20);
-        // Asked for: 64 KiB regions cover 2.6 TB; 4 TiB needs 128 KiB.
-        assert_eq!(region_size_for(2 << 40, 64 << 10), 64 << 10);
-        assert_eq!(region_size_for(4 << 40, 64 << 10), 128 << 10);
+        assert_eq!(region_size_for(39 << 40, DEFAULT_REGION_SIZE), 1 << 20);
+        assert_eq!(region_size_for(40 << 40, DEFAULT_REGION_SIZE), 2 << 20);
+        // An older group's 64 KiB regions cover 2.6 TB; 4 TiB needs 128 KiB.
+        assert_eq!(region_size_for(2 << 40, 0), 64 << 10);
+        assert_eq!(region_size_for(4 << 40, 0), 128 << 10);
         assert!((64u64 << 40).div_ceil(region_size_for(64 << 40, 0)) <= MAX_REGIONS);
         assert_eq!(region_size_for(MIB, 4096), 4096);
     }
 
     #[test]
     fn regions_of_covers_partial_regions() {
-        let h = BitmapHeader::new(MIB, 65536, 0);
+        let h = BitmapHeader::new(MIB, 0, 0);
         assert_eq!(h.regions_of(0, 1), 0..1);
         assert_eq!(h.regions_of(65535, 65537), 0..2);
         assert_eq!(h.regions_of(65536, 131072), 1..2);

@@ -65,7 +65,12 @@ pub fn init_with(
                 seqno: 0,
                 disks: Vec::new(),
                 volumes: Vec::new(),
-                region_size: opts.region_size,
+                // Recorded: a later default does not change this group's.
+                region_size: if opts.region_size == 0 {
+                    crate::format::bitmap::DEFAULT_REGION_SIZE
+                } else {
+                    opts.region_size
+                },
                 removed: Vec::new(),
                 history: Vec::new(),
             },
@@ -1696,6 +1701,49 @@ mod tests {
         assert_eq!(g.config.disks, disks);
         assert_eq!(g.members.len(), members);
         assert_eq!(g.config.seqno, seqno, "nothing was committed");
+    }
+
+    /// A new group records the default region size; a group made before it
+    /// did (0 recorded) gives a disk that joins it the 64 KiB regions its
+    /// disks have, so that a group keeps one region size.
+    #[test]
+    fn a_group_keeps_the_region_size_it_was_made_with() {
+        use crate::format::bitmap::{DEFAULT_REGION_SIZE, LEGACY_REGION_SIZE};
+        let dir = tempfile::tempdir().unwrap();
+        let image = |name: &str| {
+            let p = dir.path().join(name);
+            fs::File::create(&p).unwrap().set_len(40 * MIB).unwrap();
+            p
+        };
+        let opts = InitOptions {
+            style: Style::Raw,
+            controller: None,
+            group: Some("g".into()),
+            force: false,
+            region_size: 0,
+            spare: false,
+        };
+        // What the disk's bitmap header says (4 KiB, neither size, would be
+        // a header not found).
+        let region_of = |g: &Group, path: &Path| {
+            let m = g
+                .members
+                .values()
+                .find(|m| m.path == path)
+                .expect("a member");
+            let disk: Arc<dyn crate::disk::Disk> = m.disk.clone();
+            let (b, _) =
+                crate::volume::bitmap::DiskBitmap::load(disk, &m.label.layout, 4096, 0).unwrap();
+            b.header().region_size
+        };
+        let (a, b) = (image("a.img"), image("b.img"));
+        let mut g = init(None, std::slice::from_ref(&a), &opts).unwrap();
+        assert_eq!(g.config.region_size, DEFAULT_REGION_SIZE);
+        assert_eq!(region_of(&g, &a), DEFAULT_REGION_SIZE);
+        // As a group made before 2026-12-05 records it.
+        g.config.region_size = 0;
+        let g = init(Some(g), std::slice::from_ref(&b), &opts).unwrap();
+        assert_eq!(region_of(&g, &b), LEGACY_REGION_SIZE);
     }
 }
 
