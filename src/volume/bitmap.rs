@@ -337,7 +337,8 @@ impl DiskBitmap {
             BTreeSet::new()
         };
         // A written region larger than an intent region (a data area over
-        // 478 GiB): the first write to it filled the entries of the whole
+        // 7.4 TiB with 1 MiB regions, over 478 GiB with 64 KiB ones): the
+        // first write to it filled the entries of the whole
         // written region with the zero block's in memory, durable only with
         // the next clearing pass, while its bit went out with the intent
         // bit of the part written. The intent regions beside a dirty one
@@ -1864,8 +1865,8 @@ mod tests {
     }
 
     /// A disk whose written map has 128 KiB regions over 64 KiB intent
-    /// regions (as a data area over 478 GiB has), with stale entries
-    /// durable over its first 128 KiB.
+    /// regions (as a data area over 478 GiB in a group with 64 KiB
+    /// regions has), with stale entries durable over its first 128 KiB.
     fn wide_written_disk() -> (Arc<dyn Disk>, Layout, DiskBitmap) {
         let (disk, layout, b) = new_disk_with(131072);
         b.sums.set(&*disk, 0, &[0xABAB_ABAB; 32]);
