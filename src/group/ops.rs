@@ -1660,31 +1660,49 @@ impl Endpoint {
     }
 }
 
+/// What the tests of this file set a group up with.
 #[cfg(test)]
-mod tests {
-    use std::fs;
+mod test_group {
+    use std::path::{Path, PathBuf};
 
-    use super::*;
+    use super::InitOptions;
     use crate::MIB;
-    use crate::disk::FaultyDisk;
-    use crate::group::open_disk;
+    use crate::format::Style;
 
-    #[test]
-    fn a_join_that_fails_part_way_leaves_the_group_as_it_was() {
-        let dir = tempfile::tempdir().unwrap();
-        let image = |name: &str| {
-            let p = dir.path().join(name);
-            fs::File::create(&p).unwrap().set_len(40 * MIB).unwrap();
-            p
-        };
-        let opts = InitOptions {
+    /// A new 40 MiB image file `name` in `dir`.
+    pub(super) fn image_in(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::File::create(&p)
+            .unwrap()
+            .set_len(40 * MIB)
+            .unwrap();
+        p
+    }
+
+    /// `init` of a raw group `g` with the default region size.
+    pub(super) fn raw() -> InitOptions {
+        InitOptions {
             style: Style::Raw,
             controller: None,
             group: Some("g".into()),
             force: false,
             region_size: 0,
             spare: false,
-        };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::FaultyDisk;
+    use crate::group::open_disk;
+
+    #[test]
+    fn a_join_that_fails_part_way_leaves_the_group_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = |name: &str| test_group::image_in(dir.path(), name);
+        let opts = test_group::raw();
         let mut g = init(None, &[image("a.img")], &opts).unwrap();
         let (disks, members, seqno) = (g.config.disks.clone(), g.members.len(), g.config.seqno);
         // The second new disk fails its first write: the first one is
@@ -1710,19 +1728,8 @@ mod tests {
     fn a_group_keeps_the_region_size_it_was_made_with() {
         use crate::format::bitmap::{DEFAULT_REGION_SIZE, LEGACY_REGION_SIZE};
         let dir = tempfile::tempdir().unwrap();
-        let image = |name: &str| {
-            let p = dir.path().join(name);
-            fs::File::create(&p).unwrap().set_len(40 * MIB).unwrap();
-            p
-        };
-        let opts = InitOptions {
-            style: Style::Raw,
-            controller: None,
-            group: Some("g".into()),
-            force: false,
-            region_size: 0,
-            spare: false,
-        };
+        let image = |name: &str| test_group::image_in(dir.path(), name);
+        let opts = test_group::raw();
         // What the disk's bitmap header says (4 KiB, neither size, would be
         // a header not found).
         let region_of = |g: &Group, path: &Path| {
@@ -1763,19 +1770,8 @@ mod link_tests {
     #[test]
     fn a_disk_whose_bitmap_fails_at_start_is_failed_and_comes_back_with_a_fresh_one() {
         let dir = tempfile::tempdir().unwrap();
-        let image = |name: &str| {
-            let p = dir.path().join(name);
-            fs::File::create(&p).unwrap().set_len(40 * MIB).unwrap();
-            p
-        };
-        let opts = InitOptions {
-            style: Style::Raw,
-            controller: None,
-            group: Some("g".into()),
-            force: false,
-            region_size: 0,
-            spare: false,
-        };
+        let image = |name: &str| test_group::image_in(dir.path(), name);
+        let opts = test_group::raw();
         let paths = [image("a.img"), image("b.img"), image("c.img")];
         let mut g = init(None, &paths, &opts).unwrap();
         g.create("m", 8 * MIB, 2, &paths[..2]).unwrap();
