@@ -145,6 +145,12 @@ for run in $(seq "$runs"); do
   MIRRORVOL_DISKS="$disks" "$bin" serve --listen "unix:$sock" 2>"$dir/serve.log" &
   server_pid=$!
   wait_socket
+  # serve binds its socket before it opens the disks: the far server goes
+  # only once the volume is served with both (stopped while serve still
+  # read the far disk, serve saw 1 of 2 disks and, rightly, would not
+  # claim the group: it could be one side of a partition).
+  for _ in $(seq 300); do [ "$(status_state)" = healthy ] && break; sleep 0.1; done
+  [ "$(status_state)" = healthy ] || { echo "the new mirror did not come up healthy (see $dir/serve.log)" >&2; exit 1; }
   stop_far
   qemu-io -f raw -c "write -P 7 0 ${away}M" "nbd+unix:///data?socket=$sock" >/dev/null
   for _ in $(seq 300); do [ "$(status_state)" = failed-redundancy ] && break; sleep 0.1; done

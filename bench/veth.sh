@@ -11,7 +11,12 @@
 #   remote     the far export alone, fio straight at its nbd:// URI;
 #   mirror     mirrorvol serve of a two-way mirror of the two;
 #   mirror-wb  the same with the far disk write-mostly, 256 writes behind
-#              (set-disk --write-mostly on --write-behind 256).
+#              (set-disk --write-mostly on --write-behind 256);
+#   both       the local file alone and the far export alone at once, one
+#              fio each (QD32 only): what this machine gives two legs
+#              served side by side with nothing between them. A mirror
+#              makes both writes (and its far server's work shares these
+#              CPUs), so the lower of the two is a ceiling for it here.
 #
 # Each run, for each delay, for each target in this order, on new sparse
 # files (a new volume, a new far image): random 4 KiB writes QD32 with
@@ -171,11 +176,21 @@ serve_mirror() {
 # "${vol_mib}M" of URI for "$seconds" s; appends delay, run, target, job,
 # IOPS and p50 completion latency (µs) to "$results".
 fio_on() {
-  local uri="$1" job="$2" run="$3" target="$4"; shift 4
+  fio_run "$@"
+  fio_record "$2" "$3" "$4"
+}
+# fio_run URI JOB RUN TARGET [fio args...]: the job alone, its figures in
+# "$dir/job-TARGET.json".
+fio_run() {
+  local uri="$1" job="$2" target="$4"; shift 4
   fio --name="$job" --ioengine=nbd "--uri=$uri" --size="${vol_mib}M" \
     --time_based --runtime="$seconds" --output-format=json --group_reporting --randrepeat=0 \
-    "$@" --output="$dir/job.json" >/dev/null
-  python3 - "$dir/job.json" "$delay" "$run" "$target" "$job" >> "$results" <<'EOF'
+    "$@" --output="$dir/job-$target.json" >/dev/null
+}
+# fio_record JOB RUN TARGET: appends the figures of fio_run's job.
+fio_record() {
+  local job="$1" run="$2" target="$3"
+  python3 - "$dir/job-$target.json" "$delay" "$run" "$target" "$job" >> "$results" <<'EOF'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
@@ -183,6 +198,25 @@ p50 = side["clat_ns"].get("percentile", {}).get("50.000000", 0) / 1000
 print(*sys.argv[2:6], f'{side["iops"]:.0f}', f"{p50:.1f}", sep="\t")
 EOF
   tail -n 1 "$results" | awk -F'\t' '{printf "  delay %s ms run %s %-10s %-9s %8s IOPS  p50 %8s us\n", $1, $2, $3, $4, $5, $6}'
+}
+# both_at_once RUN: fresh and warm QD32 random writes against the local
+# file alone (qemu-nbd, as "local") and the far export alone at once.
+both_at_once() {
+  local job pid
+  qemu-nbd -t -k "$sock" -x data --cache=none --aio=io_uring -f raw "$a" &
+  server_pid=$!
+  wait_socket
+  for job in fresh warm; do
+    local ramp=()
+    [ "$job" = warm ] && ramp=(--ramp_time=1)
+    fio_run "$vol_uri" "$job" "$1" both-local --rw=randwrite --bs=4k --iodepth=32 "${ramp[@]}" &
+    pid=$!
+    fio_run "$(far_uri)" "$job" "$1" both-remote --rw=randwrite --bs=4k --iodepth=32 "${ramp[@]}"
+    wait "$pid"
+    fio_record "$job" "$1" both-local
+    fio_record "$job" "$1" both-remote
+  done
+  stop_server
 }
 workloads() { # URI RUN TARGET
   fio_on "$1" fresh "$2" "$3" --rw=randwrite --bs=4k --iodepth=32
@@ -212,6 +246,9 @@ for delay in $delays; do
     serve_mirror 256
     workloads "$vol_uri" "$run" mirror-wb
     stop_server
+
+    fresh_images
+    both_at_once "$run"
   done
 done
 
@@ -300,6 +337,9 @@ for d in sorted({k[0] for k in rows}):
     for t in targets:
         if rows[(d, t, "fresh")]:
             print(f"| {t} | {fig(d,t,'fresh',0):.0f} | {fig(d,t,'warm',0):.0f} | {fig(d,t,'qd1',1):.0f} |")
+    if rows[(d, "both-local", "fresh")]:
+        print(f"| both at once: local / remote | {fig(d,'both-local','fresh',0):.0f} / {fig(d,'both-remote','fresh',0):.0f}"
+              f" | {fig(d,'both-local','warm',0):.0f} / {fig(d,'both-remote','warm',0):.0f} | |")
     print()
     def ratio(f):
         r = []
@@ -317,6 +357,12 @@ for d in sorted({k[0] for k in rows}):
          lambda g: g("mirror-wb", "qd1", 1) / max(g("local", "qd1", 1), g("remote", "qd1", 1)), None, None),
         ("mirror-wb fresh QD32 IOPS / local", lambda g: g("mirror-wb", "fresh", 0) / g("local", "fresh", 0), ">=", 0.9),
         ("mirror-wb warm QD32 IOPS / local", lambda g: g("mirror-wb", "warm", 0) / g("local", "warm", 0), ">=", 0.9),
+        ("mirror-wb fresh QD32 IOPS / both at once (lower)",
+         lambda g: g("mirror-wb", "fresh", 0) / min(g("both-local", "fresh", 0), g("both-remote", "fresh", 0)), None, None),
+        ("mirror-wb warm QD32 IOPS / both at once (lower)",
+         lambda g: g("mirror-wb", "warm", 0) / min(g("both-local", "warm", 0), g("both-remote", "warm", 0)), None, None),
+        ("both at once, lower / local alone (warm)",
+         lambda g: min(g("both-local", "warm", 0), g("both-remote", "warm", 0)) / g("local", "warm", 0), None, None),
         ("mirror fresh QD32 IOPS / local", lambda g: g("mirror", "fresh", 0) / g("local", "fresh", 0), None, None),
         ("mirror warm QD32 IOPS / local", lambda g: g("mirror", "warm", 0) / g("local", "warm", 0), None, None),
     ]
@@ -327,7 +373,7 @@ for d in sorted({k[0] for k in rows}):
         if op:
             ok = r <= goal if op == "<=" else r >= goal
             verdict = f"  target {op} {goal}: {'met' if ok else 'MISSED'}"
-        print(f"  {what:48} {r:5.2f}x  ({lo:.2f}-{hi:.2f}){verdict}")
+        print(f"  {what:52} {r:5.2f}x  ({lo:.2f}-{hi:.2f}){verdict}")
     print()
 if cuts:
     print(f"Link cut for 10 s (delay 0) while {sys.argv[2]} MiB are written through serve, on a new {sys.argv[3]} MiB volume:")
