@@ -13,10 +13,11 @@
 #   mirror-wb  the same with the far disk write-mostly, 256 writes behind
 #              (set-disk --write-mostly on --write-behind 256);
 #   both       the local file alone and the far export alone at once, one
-#              fio each (QD32 only): what this machine gives two legs
-#              served side by side with nothing between them. A mirror
-#              makes both writes (and its far server's work shares these
-#              CPUs), so the lower of the two is a ceiling for it here.
+#              fio each, the far one with 256 in flight as mirror-wb may
+#              have (fresh and warm only): what this machine gives two
+#              legs served side by side with nothing between them. A
+#              mirror makes both writes (and its far server's work shares
+#              these CPUs), so the lower of the two is a ceiling for it.
 #
 # Each run, for each delay, for each target in this order, on new sparse
 # files (a new volume, a new far image): random 4 KiB writes QD32 with
@@ -199,8 +200,9 @@ print(*sys.argv[2:6], f'{side["iops"]:.0f}', f"{p50:.1f}", sep="\t")
 EOF
   tail -n 1 "$results" | awk -F'\t' '{printf "  delay %s ms run %s %-10s %-9s %8s IOPS  p50 %8s us\n", $1, $2, $3, $4, $5, $6}'
 }
-# both_at_once RUN: fresh and warm QD32 random writes against the local
-# file alone (qemu-nbd, as "local") and the far export alone at once.
+# both_at_once RUN: fresh and warm random writes against the local file
+# alone (qemu-nbd, as "local", QD32) and the far export alone (QD256) at
+# once.
 both_at_once() {
   local job pid
   qemu-nbd -t -k "$sock" -x data --cache=none --aio=io_uring -f raw "$a" &
@@ -211,7 +213,7 @@ both_at_once() {
     [ "$job" = warm ] && ramp=(--ramp_time=1)
     fio_run "$vol_uri" "$job" "$1" both-local --rw=randwrite --bs=4k --iodepth=32 "${ramp[@]}" &
     pid=$!
-    fio_run "$(far_uri)" "$job" "$1" both-remote --rw=randwrite --bs=4k --iodepth=32 "${ramp[@]}"
+    fio_run "$(far_uri)" "$job" "$1" both-remote --rw=randwrite --bs=4k --iodepth=256 "${ramp[@]}"
     wait "$pid"
     fio_record "$job" "$1" both-local
     fio_record "$job" "$1" both-remote
