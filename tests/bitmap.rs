@@ -500,10 +500,8 @@ fn trimmed_regions_become_unwritten_and_stay_so() {
         return;
     }
     let sb = Sandbox::new();
-    sb.image("a.img", 64);
-    sb.image("b.img", 64);
     // 64 KiB regions, so that the slivers below hold whole ones.
-    serve::mirror_group_with(&sb, 32, &["--region-size", "64K"]);
+    serve::mirror_group_64k(&sb, 64, 32);
     let s = serve::Served::start(&sb, &[], &[]);
     let uri = s.uri("data");
     serve::qemu_io(&uri, &["write -P 0x5a 0 8M"]);

@@ -70,9 +70,7 @@ fn copied_bytes(stdout: &str) -> u64 {
 /// data.
 fn split_group(sb: &Sandbox) -> (String, Vec<u8>) {
     // 64 KiB regions: the sides' sizes below are counted in them.
-    sb.image("a.img", 80);
-    sb.image("b.img", 80);
-    serve::mirror_group_with(sb, VOL_MIB, &["--region-size", "64K"]);
+    serve::mirror_group_64k(sb, 80, VOL_MIB);
     let (base, want) = sb.data_file("base.bin", (VOL_MIB * MIB) as usize, 1);
     sb.mv(&["copy", &base, "vol:data"]).ok();
 

@@ -24,8 +24,15 @@ pub fn mirror_group_on(sb: &Sandbox, vol_mib: u64) {
     mirror_group_with(sb, vol_mib, &[]);
 }
 
-/// [`mirror_group_on`] with more arguments for `init` (`--region-size 64K`
-/// for a test that counts regions of writes smaller than the default's).
+/// [`mirror_group`] with 64 KiB write-intent regions, for a test that
+/// counts regions of writes smaller than the default's 1 MiB.
+pub fn mirror_group_64k(sb: &Sandbox, disk_mib: u64, vol_mib: u64) {
+    sb.image("a.img", disk_mib);
+    sb.image("b.img", disk_mib);
+    mirror_group_with(sb, vol_mib, &["--region-size", "64K"]);
+}
+
+/// [`mirror_group_on`] with more arguments for `init`.
 pub fn mirror_group_with(sb: &Sandbox, vol_mib: u64, init: &[&str]) {
     let (a, b) = (sb.p("disks/a.img"), sb.p("disks/b.img"));
     let mut args = vec!["init", &a, &b, "--style", "raw", "--group", "g"];
