@@ -11,13 +11,20 @@
 # Each run, for each server and cache mode, in this order:
 #   1. fresh:   new sparse files, a new volume, random 4 KiB writes QD32
 #               over the whole volume with nothing written before (every
-#               write-intent bit clear): what a user meets first;
+#               write-intent bit clear): what a user meets first. As many
+#               writes for every server (half the volume's size), not as
+#               many seconds: the jobs after it then start from files
+#               written alike, where a faster server used to leave more
+#               blocks scattered over the files for the sequential writes
+#               to write back;
 #   2. warm:    sequential 1 MiB writes QD8 over the volume (end_fsync=1,
 #               so the page cache is paid for), random 4 KiB writes QD32,
 #               random 4 KiB reads QD32, random 4 KiB writes QD1 (p50
 #               latency);
 #   3. clients: four connections at once (numjobs 4, QD8 each), random
 #               4 KiB writes.
+# Between two jobs the image files are synced (`sync FILE`), so that under
+# --cache writeback no job waits behind the dirty pages of the one before.
 # qemu-nbd runs with --cache=none|writeback --aio=io_uring --shared=4
 # (without --shared it serves one connection at a time: the four clients
 # would run one after another and fio would add up four single-client
@@ -69,13 +76,28 @@ fresh_images() {
 vol_mib=$((size_mib - 64))
 
 
+# Writes back what the last job left dirty in the page cache (--cache
+# writeback), so that no job pays for the one before: a server that took
+# more random writes in the fresh job left more for the sequential writes
+# to wait behind (writeback and dirty throttling), and their end_fsync
+# wrote it back too. Nothing is dirty under --cache none.
+settle() {
+  sync "$a" "$b"
+}
+
 workloads() { # RUN TARGET
   local run="$1" target="$2"
-  fio_job fresh "$run" "$target" --rw=randwrite --bs=4k --iodepth=32
+  fio_job fresh "$run" "$target" --rw=randwrite --bs=4k --iodepth=32 \
+    --time_based=0 --runtime=120 --io_size="$((vol_mib / 2))M"
+  settle
   fio_job seqwrite "$run" "$target" --rw=write --bs=1M --iodepth=8 --end_fsync=1 --time_based=0 --runtime=120
+  settle
   fio_job randwrite "$run" "$target" --rw=randwrite --bs=4k --iodepth=32 --ramp_time=1
+  settle
   fio_job randread "$run" "$target" --rw=randread --bs=4k --iodepth=32 --ramp_time=1
+  settle
   fio_job qd1 "$run" "$target" --rw=randwrite --bs=4k --iodepth=1 --ramp_time=1
+  settle
   fio_job clients "$run" "$target" --rw=randwrite --bs=4k --iodepth=8 --numjobs=4 --ramp_time=1
 }
 
