@@ -971,6 +971,41 @@ fn a_disk_hanging_under_fio_is_failed_within_the_deadline() {
     assert_eq!(code, 0, "serve's exit status:\n{log}");
 }
 
+/// Through the page cache at queue depth 1 a mirrored write's two writes go
+/// to the connection's own ring (not the disks' ring threads): the one to
+/// the hung disk waits in a kernel worker of that ring, and the connection
+/// must go on answering regardless.
+#[test]
+fn a_disk_hanging_under_page_cache_writes_at_queue_depth_1_is_failed_within_the_deadline() {
+    if !rig_available(&["fio"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (b, _) = faulty_b(&sb);
+    let ctl = sb.p("ctl.sock");
+    let s = Served::start_with(
+        &sb,
+        &IO_TIMEOUT,
+        &["--control", &ctl, "--cache", "writeback"],
+        &[],
+    );
+    let _resume = b.resume_on_drop();
+    let mut fio = fio_start(&s.uri("data"), 16, 1, 400, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    still_running(&mut fio);
+    b.pause();
+    fio_clean(fio, request_limit());
+    let st = status_t(&sb);
+    assert!(
+        out_of_service(&disk_state(&st, "b.img")),
+        "the hung disk is out of service: {st:#}"
+    );
+    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
+    b.resume();
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "serve's exit status:\n{log}");
+}
+
 #[test]
 fn an_online_fail_returns_within_the_deadline_while_another_disk_hangs() {
     if !rig_available(&["qemu-io"]) {
