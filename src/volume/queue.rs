@@ -735,7 +735,9 @@ impl DiskQueue {
             ticket: ticket.clone(),
         };
         if let Some(ring) = ring {
-            match ring.take(job) {
+            // Counted in `begin`: this request alone is pending.
+            let alone = self.pending() <= 1;
+            match ring.take(job, alone) {
                 Ok(()) => return,
                 Err(back) => job = back,
             }

@@ -21,8 +21,8 @@
 //! completes; what the thread submits while it answers completions, or
 //! outside `run_here`, goes to the disk's ring as before, so no callback
 //! waits on a ring that only its own thread turns. A write through the
-//! page cache goes there only while the thread's ring holds few requests
-//! (see `route_here`). A thread that waits
+//! page cache goes there only when no other request of its disk is
+//! pending (see `route_here`). A thread that waits
 //! ([`super::received`], the NBD server's in-flight limits) turns its ring
 //! meanwhile.
 //!
@@ -64,10 +64,6 @@ use crate::disk::{AlignedBuf, Disk};
 
 /// Requests in one disk's ring at once; more wait in its backlog.
 pub const DEPTH: u32 = 128;
-
-/// A connection's ring takes a write through the page cache while it holds
-/// fewer requests than this (see `route_here`).
-const BUFFERED_HERE: usize = 2;
 
 /// How a disk queue runs its data requests (`--io-engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -326,11 +322,6 @@ impl Flight {
         self.free.len() == DEPTH as usize && self.backlog.is_empty()
     }
 
-    /// Requests in the ring or waiting for room in it.
-    fn held(&self) -> usize {
-        DEPTH as usize - self.free.len() + self.backlog.len()
-    }
-
     /// Moves waiting requests into the submission queue while both have
     /// room.
     fn fill(&mut self, sq: &mut squeue::SubmissionQueue<'_>) {
@@ -479,8 +470,9 @@ impl Ring {
     }
 
     /// Takes `job` for the ring, or gives it back when the ring does not
-    /// run that request (see the module's comment).
-    pub(super) fn take(self: &Arc<Self>, job: Job) -> Result<(), Job> {
+    /// run that request (see the module's comment). `alone`: no other
+    /// request of the disk is pending.
+    pub(super) fn take(self: &Arc<Self>, job: Job, alone: bool) -> Result<(), Job> {
         let t = &self.target;
         // Writes of a disk whose O_DIRECT granularity is above a sector may
         // take FileDisk's read-modify-write path: all of them stay there.
@@ -542,7 +534,7 @@ impl Ring {
             owner: None,
             fd: types::Fd(t.fd),
         };
-        let Some(slot) = route_here(self, slot) else {
+        let Some(slot) = route_here(self, slot, alone) else {
             return Ok(());
         };
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -906,9 +898,10 @@ pub fn run_here<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Puts `slot` in the calling thread's own ring when it runs inside
-/// [`run_here`] and may (not while answering, not for a closed disk);
-/// else gives it back.
-fn route_here(ring: &Arc<Ring>, slot: Slot) -> Option<Slot> {
+/// [`run_here`] and may (not while answering, not for a closed disk, not a
+/// write through the page cache unless it is `alone` on its disk); else
+/// gives it back.
+fn route_here(ring: &Arc<Ring>, slot: Slot, alone: bool) -> Option<Slot> {
     if !HERE.get() || ANSWERING.get() || ring.closed.load(std::sync::atomic::Ordering::SeqCst) {
         return Some(slot);
     }
@@ -929,13 +922,14 @@ fn route_here(ring: &Arc<Ring>, slot: Slot) -> Option<Slot> {
             return;
         }
         // A write through the page cache goes to a kernel worker either
-        // way (ext4 cannot start one without blocking). From the disk's
-        // ring, random writes at QD 32 measured 1.5-2x the IOPS of the
-        // connection's own ring under dirty-page throttling; but alone, it
-        // costs two more wake-ups (the disk's ring thread, going and
-        // coming back). So the connection's ring takes it only when it
-        // holds few requests.
-        if buffered_write && local.flight.held() >= BUFFERED_HERE {
+        // way (ext4 cannot start one without blocking). The disk's ring
+        // has one set of workers, which runs one write of a file at a time;
+        // from many threads' rings they would fight over the file's lock
+        // instead (random writes at QD 32 measured 1.5-2x the IOPS from
+        // the disk's ring). But for a write alone on its disk the disk's
+        // ring thread costs two more wake-ups, going and coming back, so
+        // the thread's own ring takes it then.
+        if buffered_write && !alone {
             return;
         }
         if let Some(mut mine) = slot.take() {
@@ -1383,7 +1377,7 @@ mod tests {
     }
 
     #[test]
-    fn page_cache_writes_go_to_a_threads_own_ring_only_while_it_holds_few() {
+    fn a_page_cache_write_goes_to_a_threads_own_ring_only_alone_on_its_disk() {
         let f = file(4 * MIB);
         let q = ring_queue(f.path(), false).unwrap();
         let me = std::thread::current().id();
@@ -1393,30 +1387,26 @@ mod tests {
             data: data.clone(),
             fua: false,
         };
-        // The first two (a mirrored write's two plexes at queue depth 1)
-        // go to this thread's ring, where no other thread is woken.
-        let here: Vec<_> = (0..BUFFERED_HERE as u64)
-            .map(|i| submit_here_with_thread(&q, write(i)))
-            .collect();
+        // Alone on its disk (a mirrored write at queue depth 1 is, on each
+        // of its disks): this thread's ring, where no other thread wakes.
+        let first = submit_here_with_thread(&q, write(0));
         assert!(busy_here(), "in this thread's ring");
-        // With that many held, the next goes to the disk's ring and is
-        // answered there (see `route_here`), without this thread turning
-        // its ring.
-        let there = submit_here_with_thread(&q, write(BUFFERED_HERE as u64));
-        let (outcome, on) = there.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(q.pending(), 1);
+        // With another pending, the disk's ring, answered by its thread
+        // (see `route_here`) without this one turning its ring.
+        let second = submit_here_with_thread(&q, write(1));
+        let (outcome, on) = second.recv_timeout(Duration::from_secs(10)).unwrap();
         outcome.unwrap();
         assert_ne!(on, me);
-        for done in here {
-            let (outcome, on) = turned_until(done);
-            outcome.unwrap();
-            assert_eq!(on, me);
-        }
+        let (outcome, on) = turned_until(first);
+        outcome.unwrap();
+        assert_eq!(on, me);
         assert!(!busy_here());
-        // Reads go to the thread's own ring too.
+        // Reads go to the thread's own ring whatever is pending.
         let got = submit_here_with_thread(
             &q,
             Op::Read {
-                offset: 0,
+                offset: 4096,
                 len: 4096,
             },
         );
@@ -1424,7 +1414,7 @@ mod tests {
         let (outcome, on) = turned_until(got);
         assert_eq!(on, me);
         assert_eq!(&read_data(outcome).unwrap()[..], &data[..]);
-        assert_eq!(q.stats().ops(OpKind::Write), BUFFERED_HERE as u64 + 1);
+        assert_eq!(q.stats().ops(OpKind::Write), 2);
         q.close();
     }
 
