@@ -971,10 +971,10 @@ fn a_disk_hanging_under_fio_is_failed_within_the_deadline() {
     assert_eq!(code, 0, "serve's exit status:\n{log}");
 }
 
-/// Through the page cache at queue depth 1 a mirrored write's two writes go
-/// to the connection's own ring (not the disks' ring threads): the one to
-/// the hung disk waits in a kernel worker of that ring, and the connection
-/// must go on answering regardless.
+/// Through the page cache (`--cache writeback`) a write waits in a kernel
+/// worker of its disk's ring: one to a disk that hangs there at queue depth
+/// 1 is given up at the deadline, the disk failed, and the client sees no
+/// error.
 #[test]
 fn a_disk_hanging_under_page_cache_writes_at_queue_depth_1_is_failed_within_the_deadline() {
     if !rig_available(&["fio"]) {

@@ -735,9 +735,7 @@ impl DiskQueue {
             ticket: ticket.clone(),
         };
         if let Some(ring) = ring {
-            // Counted in `begin`: this request alone is pending.
-            let alone = self.pending() <= 1;
-            match ring.take(job, alone) {
+            match ring.take(job) {
                 Ok(()) => return,
                 Err(back) => job = back,
             }
