@@ -194,13 +194,15 @@ fn wait_status(
 /// `serve` with `--io-timeout 2`, the page cache off (O_DIRECT, the
 /// default), brisk resyncs, and the control socket in the sandbox.
 fn serve(sb: &Sandbox) -> Served {
+    serve_with(sb, &[])
+}
+
+/// [`serve`] with `extra` arguments.
+fn serve_with(sb: &Sandbox, extra: &[&str]) -> Served {
     let ctl = sb.p("ctl.sock");
-    Served::start_with(
-        sb,
-        &IO_TIMEOUT,
-        &["--control", &ctl, "--resync-min-rate", "200M"],
-        &[],
-    )
+    let mut args = vec!["--control", &ctl, "--resync-min-rate", "200M"];
+    args.extend_from_slice(extra);
+    Served::start_with(sb, &IO_TIMEOUT, &args, &[])
 }
 
 /// A disk's state in a status report.
@@ -948,27 +950,7 @@ fn disks_that_hang_cost_a_command_the_deadline_once_not_once_each() {
 
 #[test]
 fn a_disk_hanging_under_fio_is_failed_within_the_deadline() {
-    if !rig_available(&["fio"]) {
-        return;
-    }
-    let sb = Sandbox::new();
-    let (b, _) = faulty_b(&sb);
-    let s = serve(&sb);
-    let _resume = b.resume_on_drop();
-    let mut fio = fio_start(&s.uri("data"), 16, 8, 800, &[]);
-    std::thread::sleep(Duration::from_millis(1500));
-    still_running(&mut fio);
-    b.pause();
-    fio_clean(fio, request_limit());
-    let st = status_t(&sb);
-    assert!(
-        out_of_service(&disk_state(&st, "b.img")),
-        "the hung disk is out of service: {st:#}"
-    );
-    assert_eq!(vol_state(&st, "data"), "failed-redundancy", "{st:#}");
-    b.resume();
-    let (code, log) = s.stop();
-    assert_eq!(code, 0, "serve's exit status:\n{log}");
+    hung_under_fio_is_failed(&[], 8, 800);
 }
 
 /// Through the page cache (`--cache writeback`) a write waits in a kernel
@@ -977,20 +959,22 @@ fn a_disk_hanging_under_fio_is_failed_within_the_deadline() {
 /// error.
 #[test]
 fn a_disk_hanging_under_page_cache_writes_at_queue_depth_1_is_failed_within_the_deadline() {
+    hung_under_fio_is_failed(&["--cache", "writeback"], 1, 400);
+}
+
+/// Serves a mirror with `serve_extra`, writes to it with fio (`iodepth`
+/// deep, at most `iops` a second), hangs disk b under it: fio sees no
+/// error and no request beyond the limit, b is out of service, the volume
+/// goes on without redundancy, and serve stops clean.
+fn hung_under_fio_is_failed(serve_extra: &[&str], iodepth: u32, iops: u32) {
     if !rig_available(&["fio"]) {
         return;
     }
     let sb = Sandbox::new();
     let (b, _) = faulty_b(&sb);
-    let ctl = sb.p("ctl.sock");
-    let s = Served::start_with(
-        &sb,
-        &IO_TIMEOUT,
-        &["--control", &ctl, "--cache", "writeback"],
-        &[],
-    );
+    let s = serve_with(&sb, serve_extra);
     let _resume = b.resume_on_drop();
-    let mut fio = fio_start(&s.uri("data"), 16, 1, 400, &[]);
+    let mut fio = fio_start(&s.uri("data"), 16, iodepth, iops, &[]);
     std::thread::sleep(Duration::from_millis(1500));
     still_running(&mut fio);
     b.pause();

@@ -1266,13 +1266,18 @@ mod tests {
         );
     }
 
+    /// Options that take the disk's lock.
+    fn locking() -> OpenOptions {
+        OpenOptions {
+            lock: true,
+            ..OpenOptions::default()
+        }
+    }
+
     #[test]
     fn locked_disk_refuses_a_second_locker() {
         let f = sized_tempfile(8192);
-        let locked = OpenOptions {
-            lock: true,
-            ..OpenOptions::default()
-        };
+        let locked = locking();
         let first = FileDisk::open(f.path(), locked).unwrap();
         let err = FileDisk::open(f.path(), locked).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
@@ -1290,10 +1295,7 @@ mod tests {
     #[test]
     fn a_lock_this_process_lets_go_of_within_the_grace_is_waited_for() {
         let f = sized_tempfile(8192);
-        let locked = OpenOptions {
-            lock: true,
-            ..OpenOptions::default()
-        };
+        let locked = locking();
         let first = FileDisk::open(f.path(), locked).unwrap();
         let closer = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(300));
