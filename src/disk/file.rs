@@ -714,10 +714,8 @@ fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
         if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
             return Err(e);
         }
-        let holder_going = lock_holder(path).is_some_and(|(pid, _)| {
-            pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists()
-        });
-        if !holder_going || start.elapsed() > DEAD_HOLDER_GRACE {
+        let holder = lock_holder(path).map(|(pid, _)| pid);
+        if !holder_may_let_go(holder) || start.elapsed() > DEAD_HOLDER_GRACE {
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
                 format!("{} is in use by another mirrorvol process", path.display()),
@@ -725,6 +723,15 @@ fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// Whether a lock refused to us is worth trying again for a moment, given
+/// its holder as `/proc/locks` names it: this process (closing the disk),
+/// a process that has exited, or none at all (it let go between our try
+/// and the read; a holder that never shows is refused after the grace).
+fn holder_may_let_go(holder: Option<u32>) -> bool {
+    holder
+        .is_none_or(|pid| pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// The process holding the `flock` on the file at `path`, from
@@ -1305,6 +1312,19 @@ mod tests {
         FileDisk::open(f.path(), locked).unwrap();
         assert!(start.elapsed() >= std::time::Duration::from_millis(250));
         closer.join().unwrap();
+    }
+
+    #[test]
+    fn a_lock_gone_before_its_holder_is_read_is_tried_again() {
+        // The race CI met: the holder let go after our flock failed and
+        // before /proc/locks was read, which then names nobody.
+        assert!(holder_may_let_go(None));
+        assert!(holder_may_let_go(Some(std::process::id())));
+        // A live other process (our parent) is refused at once.
+        let parent = std::os::unix::process::parent_id();
+        assert!(!holder_may_let_go(Some(parent)));
+        // A pid no process has.
+        assert!(holder_may_let_go(Some(u32::MAX - 1)));
     }
 
     #[test]
