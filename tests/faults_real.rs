@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::faulty::{RealFaultyDisk, faulty_disk, mounted, rig_available, unmount};
 use common::serve::{Served, fio_verify_command};
-use common::{MIB, Sandbox, bin, disk, pattern, volume};
+use common::{MIB, Sandbox, bin, disk, pattern, plex_read, volume};
 
 // ---- the deadline ----
 
@@ -953,13 +953,82 @@ fn a_disk_hanging_under_fio_is_failed_within_the_deadline() {
     hung_under_fio_is_failed(&[], 8, 800);
 }
 
-/// Through the page cache (`--cache writeback`) a write waits in a kernel
-/// worker of its disk's ring: one to a disk that hangs there at queue depth
-/// 1 is given up at the deadline, the disk failed, and the client sees no
-/// error.
+/// Through the page cache (`--cache writeback`) at queue depth 1 a write
+/// waits in its disk's ring thread (which writes a lone write itself): one
+/// to a disk that hangs there is given up at the deadline, the disk
+/// failed, and the client sees no error.
 #[test]
 fn a_disk_hanging_under_page_cache_writes_at_queue_depth_1_is_failed_within_the_deadline() {
     hung_under_fio_is_failed(&["--cache", "writeback"], 1, 400);
+}
+
+/// Through the page cache at QD 1 the ring's thread of a disk writes a
+/// lone write itself; when b hangs in one, the writes that come after it
+/// wait for that thread and time out with it. Once b returns they are not
+/// made: b was failed, and a write landing after it had been taken back
+/// would undo what its resync copied.
+#[test]
+fn writes_timed_out_behind_a_hung_page_cache_write_are_not_made_when_it_returns() {
+    if !rig_available(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (b, _) = faulty_b(&sb);
+    let s = serve_with(&sb, &["--cache", "writeback"]);
+    let _resume = b.resume_on_drop();
+    let uri = s.uri("data");
+    // One at a time: each disk's ring thread takes to writing them itself.
+    // The regions written below get their write-intent bits now (a write
+    // to a clean region would wait for its bit on b, not reach b's ring).
+    qemu_io_t(
+        &uri,
+        &[
+            "write -P 0x01 0 4k",
+            "write -P 0x02 1M 4k",
+            "write -P 0x03 2M 4k",
+            "write -P 0x04 3M 4k",
+        ],
+    );
+    b.pause();
+    // The first hangs in b's ring thread; the two after it reach b's queue
+    // 300 ms later, and all three time out there.
+    qemu_io_t(
+        &uri,
+        &[
+            "aio_write -P 0x11 1M 4k",
+            "sleep 300",
+            "aio_write -P 0x22 2M 4k",
+            "aio_write -P 0x33 3M 4k",
+            "aio_flush",
+        ],
+    );
+    let st = status_t(&sb);
+    assert!(
+        out_of_service(&disk_state(&st, "b.img")),
+        "the hung disk is out of service: {st:#}"
+    );
+    b.resume();
+    // The hung write goes on and lands; b's ring thread then has the two
+    // that waited behind it.
+    let landed = Instant::now();
+    while plex_read(&sb, "b.img", "data", MIB, 4096) != vec![0x11; 4096] {
+        assert!(
+            landed.elapsed() < Duration::from_secs(10),
+            "the write b hung in did not land after it returned"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for (at, byte) in [(2 * MIB, 0x22u8), (3 * MIB, 0x33)] {
+        assert_ne!(
+            plex_read(&sb, "b.img", "data", at, 4096),
+            vec![byte; 4096],
+            "the write at {at} timed out on b and was made after b returned"
+        );
+    }
+    qemu_io_t(&uri, &["read -P 0x22 2M 4k", "read -P 0x33 3M 4k"]);
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "serve's exit status:\n{log}");
 }
 
 /// Serves a mirror with `serve_extra`, writes to it with fio (`iodepth`
