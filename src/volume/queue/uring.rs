@@ -34,6 +34,10 @@
 //! which must not race a write of the same block in the ring). Metadata
 //! keeps its own lane and thread (see the queue's `meta_tx`).
 //!
+//! A write through the page cache that comes alone (see
+//! [`Ring::alone_through_page_cache`]) is written by the ring's thread
+//! itself, without the kernel worker io_uring would hand it to.
+//!
 //! No `IOSQE_IO_DRAIN`: the engine submits a flush only once the writes it
 //! covers have completed, so an `fdatasync` issued then covers them. Short
 //! reads and writes are resubmitted for the rest. At most [`DEPTH`]
