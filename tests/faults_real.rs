@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use common::faulty::{RealFaultyDisk, faulty_disk, mounted, rig_available, unmount};
 use common::serve::{Served, fio_verify_command};
 use common::{MIB, Sandbox, bin, disk, pattern, plex_read, volume};
+use mirrorvol::volume::queue::IoEngine;
 
 // ---- the deadline ----
 
@@ -972,7 +973,7 @@ fn writes_timed_out_behind_a_hung_page_cache_write_are_not_made_when_it_returns(
     if !rig_available(&["qemu-io"]) {
         return;
     }
-    if std::env::var("MIRRORVOL_IO_ENGINE").as_deref() == Ok("threads") {
+    if IoEngine::from_env() == IoEngine::Threads {
         // The worker threads start each write as it comes, each on a
         // worker of its own: those already in `pwrite` when the disk hung
         // land when it returns, on either engine. Only the ring's thread

@@ -609,16 +609,16 @@ impl Ring {
         let mut wake_armed = false;
         let mut stopping = false;
         let mut alone = 0u32;
-        let mut new;
         let mut wrote_here = false;
         let disk = self.disk.lock().unwrap_or_else(|e| e.into_inner()).clone();
         loop {
-            {
+            let new = {
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                new = st.incoming.len();
-                flight.backlog.extend(st.incoming.drain(..));
                 stopping |= st.stopping;
-            }
+                let taken = st.incoming.len();
+                flight.backlog.extend(st.incoming.drain(..));
+                taken
+            };
             if std::mem::take(&mut wrote_here) {
                 // This thread was in a write of its own, which a hung disk
                 // may have held past the deadline: what timed out meanwhile
@@ -1241,6 +1241,12 @@ mod tests {
         wait(|cb| q.submit(op, true, cb)).unwrap();
     }
 
+    /// How many writes `q`'s ring thread wrote itself.
+    fn written_here(q: &DiskQueue) -> u64 {
+        let ring = q.ring.get().expect("a ring");
+        ring.written_here.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn read(q: &DiskQueue, offset: u64, len: usize) -> AlignedBuf {
         read_data(wait(|cb| q.submit(Op::Read { offset, len }, true, cb))).unwrap()
     }
@@ -1286,16 +1292,14 @@ mod tests {
     fn lone_page_cache_writes_after_a_streak_are_written_by_the_rings_thread() {
         let f = file(4 * MIB);
         let q = ring_queue(f.path(), false).unwrap();
-        let ring = q.ring.get().expect("a ring").clone();
         let n = 8u64;
         for i in 0..n {
             // One at a time, as a client at QD 1 sends them; every other
             // one FUA (`RWF_DSYNC`).
             write(&q, i * 8192, &pattern(4096, i as u8), i % 2 == 1);
         }
-        let here = ring.written_here.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(
-            here,
+            written_here(&q),
             n - u64::from(ALONE_STREAK),
             "the first ones go to the ring"
         );
@@ -1309,7 +1313,7 @@ mod tests {
         assert_eq!(stats.ops(OpKind::Write), n);
         assert_eq!(q.pending(), 0);
         // Many at once: none is written by the thread while others wait.
-        let before = ring.written_here.load(std::sync::atomic::Ordering::Relaxed);
+        let before = written_here(&q);
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let _plug = Plug::new();
@@ -1326,10 +1330,7 @@ mod tests {
         for _ in 0..64 {
             rx.recv().unwrap().unwrap();
         }
-        assert_eq!(
-            ring.written_here.load(std::sync::atomic::Ordering::Relaxed),
-            before
-        );
+        assert_eq!(written_here(&q), before);
         q.close();
     }
 
@@ -1339,14 +1340,10 @@ mod tests {
         let Some(q) = ring_queue(f.path(), true) else {
             return;
         };
-        let ring = q.ring.get().expect("a ring").clone();
         for i in 0..8u64 {
             write(&q, i * 8192, &pattern(4096, i as u8), false);
         }
-        assert_eq!(
-            ring.written_here.load(std::sync::atomic::Ordering::Relaxed),
-            0
-        );
+        assert_eq!(written_here(&q), 0);
         q.close();
     }
 
