@@ -1040,6 +1040,97 @@ fn writes_timed_out_behind_a_hung_page_cache_write_are_not_made_when_it_returns(
     assert_eq!(code, 0, "serve's exit status:\n{log}");
 }
 
+/// A write b hung in is still in the kernel after b was failed on its
+/// deadline. Until it returns, b is not taken back: `reactivate` says why,
+/// naming b, and changes nothing, so the late write can never land over
+/// what a resync copied there. Once b answers, the write lands, and
+/// `reactivate` resyncs b over it with what the volume holds.
+#[test]
+fn a_disk_with_a_write_still_in_the_kernel_is_not_taken_back_until_it_returns() {
+    if !rig_available(&["qemu-io"]) {
+        return;
+    }
+    let sb = Sandbox::new();
+    let (b, _) = faulty_b(&sb);
+    let b_path = b.display();
+    let s = serve(&sb);
+    let _resume = b.resume_on_drop();
+    let uri = s.uri("data");
+    qemu_io_t(&uri, &["write -P 0x01 1M 4k"]);
+    b.pause();
+    // Hangs on b, answered from a once b is failed on its deadline; then
+    // the same block again, to a alone.
+    qemu_io_t(&uri, &["write -P 0x11 1M 4k"]);
+    let st = status_t(&sb);
+    assert!(
+        out_of_service(&disk_state(&st, "b.img")),
+        "the hung disk is out of service: {st:#}"
+    );
+    qemu_io_t(&uri, &["write -P 0x22 1M 4k"]);
+
+    let before = status_t(&sb);
+    let r = mvt(&sb, &["reactivate", &b_path]);
+    assert_eq!(
+        r.code, 1,
+        "reactivate while b's write is stuck:\n{}{}",
+        r.stdout, r.stderr
+    );
+    let errors: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    assert!(
+        errors.len() == 1
+            && errors[0].contains("b.img")
+            && errors[0].contains("has not answered")
+            && errors[0].contains("it hung in"),
+        "one error naming b and the request it has not returned: {}",
+        r.stderr
+    );
+    assert_eq!(
+        status_t(&sb)["disks"],
+        before["disks"],
+        "a refused reactivate changed the disks' states"
+    );
+
+    b.resume();
+    // The stuck write lands on b once it answers; reactivate then takes b
+    // back and copies what the volume holds over it.
+    let landed = Instant::now();
+    while plex_read(&sb, "b.img", "data", MIB, 4096) != vec![0x11; 4096] {
+        assert!(
+            landed.elapsed() < Duration::from_secs(10),
+            "the write b hung in did not land after it returned"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let taken = Instant::now();
+    loop {
+        let r = mvt(&sb, &["reactivate", &b_path]);
+        if r.code == 0 {
+            break;
+        }
+        assert!(
+            taken.elapsed() < Duration::from_secs(10),
+            "reactivate after b returned:\n{}{}",
+            r.stdout,
+            r.stderr
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_status(&sb, 20, "b back in sync", |st| {
+        vol_state(st, "data") == "healthy"
+    });
+    assert_eq!(
+        plex_read(&sb, "b.img", "data", MIB, 4096),
+        vec![0x22; 4096],
+        "b holds the volume's last write after its resync"
+    );
+    let (code, log) = s.stop();
+    assert_eq!(code, 0, "serve's exit status:\n{log}");
+}
+
 /// Serves a mirror with `serve_extra`, writes to it with fio (`iodepth`
 /// deep, at most `iops` a second), hangs disk b under it: fio sees no
 /// error and no request beyond the limit, b is out of service, the volume

@@ -603,6 +603,16 @@ impl DiskQueue {
             .any(|(start, _, _)| start.elapsed() > timeout)
     }
 
+    /// Requests the watchdog gave up on that have not ended: each is still
+    /// in the disk (a write stuck in the kernel on a disk that hung), or
+    /// queued behind one that is, and a write among them may yet land.
+    /// The disk is not taken back while any is owed (see the controller's
+    /// `reactivate_by_path`).
+    pub fn owed(&self) -> usize {
+        let in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        self.pending().saturating_sub(in_flight.len())
+    }
+
     /// True once a request on this disk has timed out.
     pub fn has_timed_out(&self) -> bool {
         self.timed_out.load(Ordering::Relaxed)
@@ -629,12 +639,12 @@ impl DiskQueue {
             callback: Mutex::new(Some(done)),
         });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.pending.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, (now, deadline, ticket.clone()));
+        // Counted under the lock of `in_flight`, so that [`Self::owed`]
+        // reads the two together.
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        in_flight.insert(id, (now, deadline, ticket.clone()));
         (id, ticket, now)
     }
 
@@ -648,10 +658,8 @@ impl DiskQueue {
 
     /// Books a request out, whoever completes it.
     fn end(&self, id: u64) {
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        in_flight.remove(&id);
         self.pending.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -1318,8 +1326,18 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(q.has_timed_out());
         assert_eq!(q.stats().timeouts.load(Ordering::Relaxed), 1);
+        // Given up on, but still in the disk: owed until it returns.
+        assert_eq!(q.owed(), 1);
         disk.release();
-        std::thread::sleep(Duration::from_millis(50));
+        let returned = Instant::now();
+        while q.owed() > 0 {
+            assert!(
+                returned.elapsed() < Duration::from_secs(5),
+                "the request the disk hung in never ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(q.pending(), 0);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 

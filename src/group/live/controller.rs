@@ -928,6 +928,19 @@ impl Controller {
             Ok(_) => g.attach(path)?,
             Err(e) => g.attach(path).map_err(|_| e)?,
         };
+        // A request the disk hung in and has not returned may still land
+        // (a write stuck in the kernel): taken back now, the disk could
+        // take that write after its resync copied the block, and hold old
+        // data as in sync. md keeps a faulty member until its last request
+        // has ended, for the same reason.
+        let owed = g.members.get(&uuid).map_or(0, |m| m.disk.queue().owed());
+        if owed > 0 {
+            return Err(crate::Error::failed(format!(
+                "disk {} has not answered {owed} request{} it hung in; a late write would land over its resync, so it can be reactivated only once the disk answers",
+                path.display(),
+                if owed == 1 { "" } else { "s" }
+            )));
+        }
         let (_, vols) = g.reactivate_config(path)?;
         self.away.remove(&uuid);
         // The errors that failed it are behind it now (md forgets a
