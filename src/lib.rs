@@ -4,7 +4,7 @@
 //!
 //! - [`disk`]: the [`disk::Disk`] trait and its backends (files, block devices,
 //!   memory, fault injection).
-//! - [`format`]: partition tables, labels, config slots: encode and decode.
+//! - [`format`](mod@format): partition tables, labels, config slots: encode and decode.
 //! - [`volume`]: the mirror I/O engine: fan-out writes, reads with fallback, copy.
 //! - [`group`]: the group config, extent allocation and the operations on it.
 //! - [`nbd`]: the NBD protocol codec and server (knows nothing of mirrors).

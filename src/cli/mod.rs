@@ -557,7 +557,7 @@ pub enum Command {
         #[arg(long, value_parser = parse_size, allow_hyphen_values = true, default_value = "32M")]
         scrub_rate: u64,
         /// The control socket other mirrorvol commands reach the daemon
-        /// through. Default: $MIRRORVOL_RUN_DIR/<group-uuid>.sock, the run
+        /// through. Default: $MIRRORVOL_RUN_DIR/GROUP-UUID.sock, the run
         /// directory defaulting to /run/mirrorvol.
         #[arg(long)]
         control: Option<PathBuf>,
@@ -589,7 +589,7 @@ pub enum Command {
         #[arg(long, requires = "http")]
         http_actions: bool,
         /// Where --http-actions writes its token; default:
-        /// <run dir>/<group uuid>.http-token (run dir: $MIRRORVOL_RUN_DIR or
+        /// RUN-DIR/GROUP-UUID.http-token (RUN-DIR: $MIRRORVOL_RUN_DIR or
         /// /run/mirrorvol). Removed when serve stops.
         #[arg(long, value_name = "PATH", requires = "http_actions")]
         http_token_file: Option<PathBuf>,

@@ -597,10 +597,10 @@ impl NbdDisk {
     }
 
     /// Sends one request without waiting for its answer (once fewer than
-    /// [`MOST_IN_FLIGHT`] are); `then` runs with the answer (an error: the
+    /// `MOST_IN_FLIGHT` are); `then` runs with the answer (an error: the
     /// connection failed, or the server is going away) on the disk's
     /// completer thread, after the request is counted out. A request that
-    /// fails so breaks the disk, as in [`NbdDisk::exchange`].
+    /// fails so breaks the disk, as in `NbdDisk::exchange`.
     pub fn send_then(
         &self,
         (kind, flags, offset, len, data): Ask<'_>,

@@ -64,7 +64,7 @@ pub const GPT_NAME: &str = "mirrorvol";
 /// partitioning tool aligns today.
 pub const MEMBER_START: u64 = MIB;
 
-/// The smallest member area with a layout (see [`Layout::for_member`]):
+/// The smallest member area with a layout (see [`Layout::for_member`](super::layout::Layout::for_member)):
 /// metadata, the smallest data area, its checksum MiB and the tail.
 pub const MIN_MEMBER_SIZE: u64 = DATA_OFFSET + MIN_DATA_SIZE + MIB + TAIL_SIZE;
 

@@ -27,7 +27,7 @@ fn has(disk: &dyn Disk, offset: u64, magic: &[u8]) -> io::Result<bool> {
 }
 
 /// A short description of what `disk` already holds ("an ext4 filesystem"),
-/// for "PATH holds <description>; use --force to overwrite it". `None` when
+/// for `PATH holds <description>; use --force to overwrite it`. `None` when
 /// nothing known is found (an all-zero disk, say).
 pub fn probe(disk: &dyn Disk) -> io::Result<Option<String>> {
     let found = |s: &str| Ok(Some(s.to_string()));

@@ -1,7 +1,7 @@
 //! The NBD server: listeners, the handshake, and the transmission phase.
 //!
 //! Each connection has one reader thread. It decodes requests with
-//! [`proto`](super::proto) and submits them to the export's asynchronous
+//! [`proto`] and submits them to the export's asynchronous
 //! calls, so requests pipeline; each completion writes its reply through the
 //! connection's writer lock, so replies go out in completion order. A
 //! connection keeps at most [`MAX_IN_FLIGHT`] requests and

@@ -9,7 +9,7 @@
 //! as it reads a plain client's socket (limits and deadlines hold
 //! unchanged). Replies go to the connection's writer thread, which
 //! encrypts them straight from their buffers onto the client's socket
-//! ([`TlsOut`]), so encryption runs beside the thread that reads requests
+//! (`TlsOut`), so encryption runs beside the thread that reads requests
 //! and completes their I/O, and a client that takes nothing for the stall
 //! time is cut as a plain one is. The kernel here has no kTLS, which
 //! would spare the copy into the pair.

@@ -786,7 +786,7 @@ impl MirrorVolume {
     /// The volume's decision lock: whoever holds it sees the plexes' modes
     /// as they are and may change them, one decision at a time. The one
     /// rule, that the last in-sync plex is never failed, is applied under
-    /// it ([`MirrorVolume::take_out`], [`MirrorVolume::last_in_sync`]), by
+    /// it (`MirrorVolume::take_out`, [`MirrorVolume::last_in_sync`]), by
     /// the engine and by admin operations alike.
     pub fn decision(&self) -> std::sync::MutexGuard<'_, ()> {
         self.decide.lock().unwrap_or_else(|e| e.into_inner())
@@ -797,7 +797,7 @@ impl MirrorVolume {
     /// before the config says so). The caller holds [`MirrorVolume::decision`].
     /// This is the one test of the rule that the last in-sync plex is never
     /// failed nor taken away: the engine's own failures
-    /// ([`MirrorVolume::take_out`]) and every admin operation that takes a
+    /// (`MirrorVolume::take_out`) and every admin operation that takes a
     /// plex out of service (`fail`, `break`, `remove-mirror`) ask it.
     pub fn last_in_sync(&self, disk: Uuid) -> bool {
         self.plex(disk).is_some_and(|p| p.mode() == Mode::InSync) && self.in_sync() <= 1
@@ -1284,7 +1284,7 @@ impl MirrorVolume {
     /// behind is flushed. A write-behind plex's flush goes on behind, as
     /// its writes do (answered before they land there): its failure fails
     /// the plex. Without another in-sync plex, or a write-intent bitmap, it
-    /// waits for every plex, as [`Engine::submit_flush`] (what `serve`
+    /// waits for every plex, as [`MirrorVolume::submit_flush`] (what `serve`
     /// does before it stops) always does.
     pub fn submit_client_flush(self: &Arc<Self>, run: Run, done: Done<()>) {
         self.flush_with(run, true, done)

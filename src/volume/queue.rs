@@ -669,7 +669,7 @@ impl DiskQueue {
         self.send(&self.tx, self.ring.get(), op, deadline, done)
     }
 
-    /// Queues `op` on the metadata lane (see [`DiskQueue::meta_tx`]).
+    /// Queues `op` on the metadata lane (see `DiskQueue::meta_tx`).
     pub fn submit_meta(&self, op: Op, deadline: bool, done: Callback) {
         self.send(&self.meta_tx, None, op, deadline, done)
     }
