@@ -115,6 +115,10 @@ impl Fault {
 /// Why a plex that failed an I/O gets a full resync when it returns.
 const IO_FAILED: &str = "it failed an I/O, so its data cannot be trusted";
 
+/// How long `reactivate` waits for a disk out of service to answer the
+/// requests made before it left (see `reactivate_by_path`).
+const REACTIVATE_DRAIN: Duration = Duration::from_secs(1);
+
 /// How often the housekeeper asks every disk whether it is still the one
 /// opened.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -928,18 +932,28 @@ impl Controller {
             Ok(_) => g.attach(path)?,
             Err(e) => g.attach(path).map_err(|_| e)?,
         };
-        // A request the disk hung in and has not returned may still land
-        // (a write stuck in the kernel): taken back now, the disk could
-        // take that write after its resync copied the block, and hold old
-        // data as in sync. md keeps a faulty member until its last request
-        // has ended, for the same reason.
-        let owed = g.members.get(&uuid).map_or(0, |m| m.disk.queue().owed());
-        if owed > 0 {
-            return Err(crate::Error::failed(format!(
-                "disk {} has not answered {owed} request{} it hung in; a late write would land over its resync, so it can be reactivated only once the disk answers",
-                path.display(),
-                if owed == 1 { "" } else { "s" }
-            )));
+        // A request made before the disk went out of service may still
+        // land (a write stuck in the kernel on a disk that hung, or one
+        // still on its way when another request failed it): taken back now,
+        // the disk could take that write after its resync copied the
+        // block, and hold old data as in sync. md keeps a faulty member
+        // until its last request has ended, for the same reason. What is
+        // merely slow is waited for a moment.
+        if !g.is_online(uuid)
+            && let Some(queue) = g.members.get(&uuid).map(|m| m.disk.queue().clone())
+        {
+            let until = Instant::now() + REACTIVATE_DRAIN;
+            while queue.pending() > 0 && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let left = queue.pending();
+            if left > 0 {
+                return Err(crate::Error::failed(format!(
+                    "disk {} still has {left} unanswered request{}; a write among them landing late would undo its resync, so it can be reactivated only once the disk answers",
+                    path.display(),
+                    if left == 1 { "" } else { "s" }
+                )));
+            }
         }
         let (_, vols) = g.reactivate_config(path)?;
         self.away.remove(&uuid);
