@@ -1151,11 +1151,11 @@ fn states(st: &serde_json::Value) -> [Vec<(String, String)>; 2] {
 
 /// An online `copy` into the volume writes from the command's thread,
 /// through that thread's own ring. When b hangs in one of its writes, the
-/// write times out, b is failed, and the copy ends on a; the thread then
-/// ends with the write still in its ring. Once b answers (within a few
-/// seconds), that write is seen to end and counted out, so `reactivate`
-/// takes b back: a thread that ended does not leave b owing a request for
-/// good.
+/// write times out, b is failed, and the copy ends on a; the command's
+/// thread then ends with the write still in its ring, and `reactivate` is
+/// refused. Once b answers (within a few seconds), that write is seen to
+/// end and counted out, so `reactivate` takes b back: a thread that ended
+/// does not leave b owing a request for good.
 #[test]
 fn a_write_left_in_an_ended_threads_ring_is_counted_out_when_the_disk_answers() {
     if !rig_available(&["qemu-io"]) {
@@ -1175,6 +1175,15 @@ fn a_write_left_in_an_ended_threads_ring_is_counted_out_when_the_disk_answers() 
     assert!(
         out_of_service(&disk_state(&status_t(&sb), "b.img")),
         "b was failed under the copy"
+    );
+    // The write is still in b (in the ended thread's ring; under
+    // --io-engine threads, in a worker): b is not taken back yet.
+    let r = mvt(&sb, &["reactivate", &b_path]);
+    assert!(
+        r.code == 1 && r.stderr.contains("unanswered request"),
+        "reactivate while b's write is stuck:\n{}{}",
+        r.stdout,
+        r.stderr
     );
     b.resume();
     let taken = Instant::now();

@@ -493,7 +493,12 @@ impl ControlSocket {
                     let handler = handler.clone();
                     let _ = std::thread::Builder::new()
                         .name("control-request".into())
-                        .spawn(move || answer(conn, &*handler));
+                        .spawn(move || {
+                            answer(conn, &*handler);
+                            // An online copy's requests a hung disk still
+                            // has are seen to end if it answers soon.
+                            crate::volume::queue::drain_here(crate::volume::queue::LEFTOVER_WAIT);
+                        });
                 }
             })
             .map_err(|e| Error::io("cannot start the control socket thread", e))?;

@@ -27,6 +27,11 @@ use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume
 use crate::volume::queue::DiskQueue;
 use crate::volume::resync::{ResyncOptions, ResyncProgress, resync};
 use controller::{Chore, Controller, Engines, Fault, Job, Next, ON_CONTROLLER};
+
+/// How long `reactivate` waits for a disk out of service to answer the
+/// requests it was sent before it refuses it (see
+/// [`LiveGroup::reactivate_by_path`]).
+const REACTIVATE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 pub use online::Done;
 pub use reconnect::RemoteReturn;
 
@@ -376,6 +381,22 @@ impl LiveGroup {
     /// once, saying whether a resync started.
     pub fn reactivate_by_path(&self, path: &std::path::Path) -> crate::Result<Done> {
         self.reconnect_for_admin(path)?;
+        // What a disk out of service is merely slow to answer is waited for
+        // here, on the caller's thread, not on the controller's (which
+        // refuses the disk while anything is left; see its
+        // `reactivate_by_path`).
+        let asked = path.to_path_buf();
+        let queue = self.with_group(move |g| {
+            let uuid = g.resolve_disk(&asked).ok()?;
+            let member = g.members.get(&uuid).filter(|_| !g.is_online(uuid))?;
+            Some(member.disk.queue().clone())
+        })?;
+        if let Some(queue) = queue {
+            let until = std::time::Instant::now() + REACTIVATE_DRAIN;
+            while queue.pending() > 0 && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
         let path = path.to_path_buf();
         self.ask(move |c| c.reactivate_by_path(&path))
     }

@@ -779,6 +779,11 @@ fn accept_loop(shared: Arc<Shared>, bound: Bound) {
                 let mut conns = lock(&s.conns);
                 conns.remove(&id);
                 s.idle.notify_all();
+                drop(conns);
+                // Off the list (nothing waits for it): what a hung disk
+                // still has in this thread's ring is seen to end if it
+                // answers soon.
+                crate::volume::queue::drain_here(crate::volume::queue::LEFTOVER_WAIT);
             });
         if spawned.is_err() {
             lock(&shared.conns).remove(&id);

@@ -35,8 +35,8 @@ use crate::disk::{AlignedBuf, Disk};
 mod nbd;
 mod uring;
 pub use uring::{
-    IoEngine, Plug, available as uring_available, busy_here, ensure_ring_here, run_here,
-    submit_here, turn_here, turn_polls, unplug_now,
+    IoEngine, LEFTOVER_WAIT, Plug, available as uring_available, busy_here, drain_here,
+    ensure_ring_here, run_here, submit_here, turn_here, turn_polls, unplug_now,
 };
 
 /// What a queue asks before the first request that changes its disk.

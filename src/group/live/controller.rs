@@ -115,10 +115,6 @@ impl Fault {
 /// Why a plex that failed an I/O gets a full resync when it returns.
 const IO_FAILED: &str = "it failed an I/O, so its data cannot be trusted";
 
-/// How long `reactivate` waits for a disk out of service to answer the
-/// requests made before it left (see `reactivate_by_path`).
-const REACTIVATE_DRAIN: Duration = Duration::from_secs(1);
-
 /// How often the housekeeper asks every disk whether it is still the one
 /// opened.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -932,21 +928,22 @@ impl Controller {
             Ok(_) => g.attach(path)?,
             Err(e) => g.attach(path).map_err(|_| e)?,
         };
-        // A request made before the disk went out of service may still
-        // land (a write stuck in the kernel on a disk that hung, or one
-        // still on its way when another request failed it): taken back now,
-        // the disk could take that write after its resync copied the
-        // block, and hold old data as in sync. md keeps a faulty member
-        // until its last request has ended, for the same reason. What is
-        // merely slow is waited for a moment.
-        if !g.is_online(uuid)
-            && let Some(queue) = g.members.get(&uuid).map(|m| m.disk.queue().clone())
-        {
-            let until = Instant::now() + REACTIVATE_DRAIN;
-            while queue.pending() > 0 && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let left = queue.pending();
+        // A request the disk was sent and has not answered may still land
+        // (a write stuck in the kernel on a disk that hung, or one on its
+        // way when another request failed it): taken back now, the disk
+        // could take that write after its resync copied the block, and
+        // hold old data as in sync. md keeps a faulty member until its last
+        // request has ended, for the same reason. A disk out of service
+        // must have answered everything (what is merely slow was waited
+        // for on the caller's thread, `LiveGroup::reactivate_by_path`); one
+        // still online (a hung last copy, kept) must have answered what
+        // the watchdog gave up on.
+        if let Some(queue) = g.members.get(&uuid).map(|m| m.disk.queue()) {
+            let left = if g.is_online(uuid) {
+                queue.owed()
+            } else {
+                queue.pending()
+            };
             if left > 0 {
                 return Err(crate::Error::failed(format!(
                     "disk {} still has {left} unanswered request{}; a write among them landing late would undo its resync, so it can be reactivated only once the disk answers",

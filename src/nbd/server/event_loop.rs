@@ -205,6 +205,9 @@ fn start_loop(shared: Weak<Shared>) -> io::Result<Arc<Handle>> {
             }
             let _ = ready_tx.send(true);
             crate::volume::queue::run_here(|| run(&h, &shared));
+            // What a hung disk still has in the loop's ring is seen to end
+            // if it answers soon (nothing joins a loop).
+            crate::volume::queue::drain_here(crate::volume::queue::LEFTOVER_WAIT);
         })?;
     match ready_rx.recv() {
         Ok(true) => Ok(handle),

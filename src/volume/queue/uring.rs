@@ -1010,24 +1010,6 @@ impl Drop for Local {
                 ring.finish(slot, Err(closed));
             }
         }
-        // Requests a slow or hung disk still has: waited for a while (only
-        // this thread may turn the ring), so that they are counted out of
-        // their queues when they end. One never seen ending keeps its queue
-        // owing it, and its disk is not reactivated before `serve` starts
-        // anew (see the controller's `reactivate_by_path`).
-        let until = std::time::Instant::now() + LEFTOVER_WAIT;
-        while !self.flight.idle() {
-            let now = std::time::Instant::now();
-            if now >= until || self.uring.is_none() {
-                break;
-            }
-            let (finished, _) = self.turn_polls(&[], Some((until - now).min(LEFTOVER_TURN)));
-            for (mut slot, outcome) in finished {
-                if let Some((ring, _disk)) = slot.owner.take() {
-                    ring.finish(slot, outcome);
-                }
-            }
-        }
         if !self.flight.idle() {
             // Requests of a hung disk are still in the ring.
             self.flight.abandon();
@@ -1036,12 +1018,31 @@ impl Drop for Local {
     }
 }
 
-/// How long a thread that ends waits for the requests still in its own
-/// ring (a disk that hangs past its deadline has them) before it leaves
-/// them to the kernel.
-const LEFTOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a thread about to end waits for the requests still in its own
+/// ring (see [`drain_here`]).
+pub const LEFTOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// One wait of that, at most.
+/// Turns the calling thread's own ring until nothing is left in it, for at
+/// most `within`: what a thread that used it calls before it ends. A
+/// request a slow or hung disk still has is then seen to end, and counted
+/// out of its queue, if the disk answers meanwhile; one left in the ring
+/// when the thread ends is given to the kernel for good (its buffers kept)
+/// and keeps its queue owing it, so its disk is not reactivated before
+/// `serve` starts anew (see the controller's `reactivate_by_path`). Done
+/// here, before the thread's locals are torn down, not when its ring is
+/// dropped: a completion may log, or use other locals that are gone then.
+pub fn drain_here(within: std::time::Duration) {
+    let until = std::time::Instant::now() + within;
+    while busy_here() {
+        let now = std::time::Instant::now();
+        if now >= until {
+            break;
+        }
+        turn_here(None, Some((until - now).min(LEFTOVER_TURN)));
+    }
+}
+
+/// One wait of [`drain_here`], at most.
 const LEFTOVER_TURN: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Runs `f` with the ring requests it submits going to the calling
