@@ -27,13 +27,13 @@ use crate::volume::engine::{EngineOptions, EnginePlex, FailureSink, MirrorVolume
 use crate::volume::queue::DiskQueue;
 use crate::volume::resync::{ResyncOptions, ResyncProgress, resync};
 use controller::{Chore, Controller, Engines, Fault, Job, Next, ON_CONTROLLER};
+pub use online::Done;
+pub use reconnect::RemoteReturn;
 
 /// How long `reactivate` waits for a disk out of service to answer the
 /// requests it was sent before it refuses it (see
 /// [`LiveGroup::reactivate_by_path`]).
 const REACTIVATE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
-pub use online::Done;
-pub use reconnect::RemoteReturn;
 
 /// A resync an offline command ran to its end: the line it prints and the
 /// bytes it copied.
