@@ -743,11 +743,7 @@ fn with_a_dead_disk_every_command_answers_and_reactivate_brings_it_back() {
         "reactivate of a dead disk:\n{}{}",
         r.stdout, r.stderr
     );
-    let errors: Vec<&str> = r
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("error:"))
-        .collect();
+    let errors = error_lines(&r.stderr);
     assert!(
         errors.len() == 1
             && errors[0].contains("b.img")
@@ -1075,11 +1071,7 @@ fn a_disk_with_a_write_still_in_the_kernel_is_not_taken_back_until_it_returns() 
         "reactivate while b's write is stuck:\n{}{}",
         r.stdout, r.stderr
     );
-    let errors: Vec<&str> = r
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("error:"))
-        .collect();
+    let errors = error_lines(&r.stderr);
     assert!(
         errors.len() == 1
             && errors[0].contains("b.img")
@@ -1105,23 +1097,7 @@ fn a_disk_with_a_write_still_in_the_kernel_is_not_taken_back_until_it_returns() 
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let taken = Instant::now();
-    loop {
-        let r = mvt(&sb, &["reactivate", &b_path]);
-        if r.code == 0 {
-            break;
-        }
-        assert!(
-            taken.elapsed() < Duration::from_secs(10),
-            "reactivate after b returned:\n{}{}",
-            r.stdout,
-            r.stderr
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    wait_status(&sb, 20, "b back in sync", |st| {
-        vol_state(st, "data") == "healthy"
-    });
+    reactivate_once_answered(&sb, &b_path);
     assert_eq!(
         plex_read(&sb, "b.img", "data", MIB, 4096),
         vec![0x22; 4096],
@@ -1129,6 +1105,35 @@ fn a_disk_with_a_write_still_in_the_kernel_is_not_taken_back_until_it_returns() 
     );
     let (code, log) = s.stop();
     assert_eq!(code, 0, "serve's exit status:\n{log}");
+}
+
+/// `reactivate PATH`, tried again until it is taken (the disk may still
+/// be counting out the requests it just answered), for at most 10 s; then
+/// waits for volume `data` to be back in sync.
+#[track_caller]
+fn reactivate_once_answered(sb: &Sandbox, path: &str) {
+    let taken = Instant::now();
+    loop {
+        let r = mvt(sb, &["reactivate", path]);
+        if r.code == 0 {
+            break;
+        }
+        assert!(
+            taken.elapsed() < Duration::from_secs(10),
+            "reactivate after the disk answered:\n{}{}",
+            r.stdout,
+            r.stderr
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_status(sb, 20, "the disk back in sync", |st| {
+        vol_state(st, "data") == "healthy"
+    });
+}
+
+/// The `error:` lines of a command's stderr.
+fn error_lines(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.starts_with("error:")).collect()
 }
 
 /// The disks' states and the plexes' of volume `data`, from a status
@@ -1186,23 +1191,7 @@ fn a_write_left_in_an_ended_threads_ring_is_counted_out_when_the_disk_answers() 
         r.stderr
     );
     b.resume();
-    let taken = Instant::now();
-    loop {
-        let r = mvt(&sb, &["reactivate", &b_path]);
-        if r.code == 0 {
-            break;
-        }
-        assert!(
-            taken.elapsed() < Duration::from_secs(10),
-            "reactivate after b answered:\n{}{}",
-            r.stdout,
-            r.stderr
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    wait_status(&sb, 20, "b back in sync", |st| {
-        vol_state(st, "data") == "healthy"
-    });
+    reactivate_once_answered(&sb, &b_path);
     assert_eq!(
         plex_read(&sb, "b.img", "data", 0, data.len()),
         data,
